@@ -1,0 +1,99 @@
+"""second: second-order optimization for PyTorch.
+
+Curvature-vector products (:func:`hvp`, :func:`gvp`, :func:`jvp`), exact dense
+curvature for small models, matrix-free curvature operators, inverse-curvature
+solvers that report failure honestly, spectral tools, and the applications built on
+them.
+
+``from second import *`` gives the seed notebook's names with their signatures.
+"""
+
+from ._errors import (
+    ConvergenceWarning,
+    NegativeCurvatureWarning,
+    NonDeterministicDataError,
+    NonFiniteError,
+)
+from .compat import clip_grad_norm, conjugate_gradient, fixed_point, neumann
+from .func import (
+    exact_fisher,
+    exact_ggn,
+    exact_hessian,
+    gvp,
+    hvp,
+    jvp,
+    parameters_to_vector,
+    vector_to_parameters,
+    vjp,
+)
+from .metrics import cosine_similarity, relative_error
+from .operators import (
+    CallableOperator,
+    CurvatureOperator,
+    DampedOperator,
+    DenseOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    IdentityOperator,
+    LinearOperator,
+    ScaledOperator,
+    SumOperator,
+    aslinearoperator,
+)
+from .solvers import LowRankInverse, SolveResult, cg, dense, lissa, lowrank, minres, solve
+from .spectral import diagonal, eigsh, spectral_density, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # seed API
+    "hvp",
+    "gvp",
+    "jvp",
+    "vjp",
+    "parameters_to_vector",
+    "vector_to_parameters",
+    "exact_hessian",
+    "exact_ggn",
+    "exact_fisher",
+    "conjugate_gradient",
+    "neumann",
+    "fixed_point",
+    "clip_grad_norm",
+    # metrics
+    "relative_error",
+    "cosine_similarity",
+    # operators
+    "LinearOperator",
+    "DenseOperator",
+    "CallableOperator",
+    "IdentityOperator",
+    "SumOperator",
+    "ScaledOperator",
+    "DampedOperator",
+    "aslinearoperator",
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
+    # solvers
+    "solve",
+    "SolveResult",
+    "cg",
+    "minres",
+    "lissa",
+    "lowrank",
+    "dense",
+    "LowRankInverse",
+    # spectral
+    "eigsh",
+    "trace",
+    "diagonal",
+    "spectral_density",
+    # errors
+    "ConvergenceWarning",
+    "NegativeCurvatureWarning",
+    "NonFiniteError",
+    "NonDeterministicDataError",
+]

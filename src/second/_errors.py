@@ -1,0 +1,32 @@
+"""Exceptions and warnings raised by ``second``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConvergenceWarning",
+    "NegativeCurvatureWarning",
+    "NonDeterministicDataError",
+    "NonFiniteError",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method stopped before meeting its tolerance, or diverged."""
+
+
+class NegativeCurvatureWarning(UserWarning):
+    """A method that needs a positive-definite operator met non-positive curvature."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A curvature product or solver produced NaN or Inf."""
+
+
+class NonDeterministicDataError(RuntimeError):
+    """The data iterable, or the model, gave different results on two passes.
+
+    Dataset-level curvature products traverse the data once per product. If the
+    batches change between passes (a shuffling ``DataLoader``) or the model is
+    stochastic (dropout in training mode), the "operator" is a different matrix
+    on every call and iterative solvers silently produce garbage.
+    """

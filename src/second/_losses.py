@@ -1,0 +1,115 @@
+r"""What the library needs to know about a loss function.
+
+The curvature of a dataset objective depends on how the loss reduces over the
+batch. We write a batch loss as :math:`L_b = w_b \sum_{i \in b} \ell_i` with the
+per-example loss :math:`\ell_i` defined as the loss of a batch of one, so that
+``reduction="mean"`` gives :math:`w_b = 1/n_b` and ``"sum"`` gives :math:`w_b = 1`.
+For ``nn.MSELoss(reduction="mean")`` on ``C`` outputs, :math:`\ell_i` is therefore the
+mean over the ``C`` outputs of example ``i``.
+
+For the Monte-Carlo Fisher we also need the likelihood the loss is a scaled negative
+log-likelihood of: :math:`\ell = a \cdot \mathrm{NLL}` with
+
+* MSE: Gaussian with variance 1/2 per output (``NLL = ||f - y||^2``), ``a = 1/C`` for mean reduction;
+* cross-entropy: categorical over dimension 1, ``a = 1`` (``1/d`` with ``d`` extra spatial positions);
+* BCE-with-logits: independent Bernoulli, ``a = 1/C`` for mean reduction.
+
+Then :math:`\mathbb{E}_{\tilde y}[\nabla_f \ell\, \nabla_f \ell^\top] / a = \nabla^2_f \ell`, so the
+MC Fisher is an unbiased estimate of the GGN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["loss_kind", "reduction_of", "per_sample_losses", "sample_targets", "nll_scale"]
+
+
+def loss_kind(loss_fn: Callable) -> str | None:
+    """``"mse"``, ``"ce"``, ``"bce"`` for the supported ``torch.nn`` losses, else ``None``."""
+    if isinstance(loss_fn, nn.MSELoss):
+        return "mse"
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return "ce"
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return "bce"
+    return None
+
+
+def reduction_of(loss_fn: Callable, reduction: str | None = None) -> str:
+    """The batch reduction: the explicit argument, else ``loss_fn.reduction``, else ``"mean"``."""
+    red = reduction if reduction is not None else getattr(loss_fn, "reduction", "mean")
+    if red not in ("mean", "sum"):
+        raise ValueError(
+            f"the loss must reduce to a scalar with reduction 'mean' or 'sum', got {red!r}"
+        )
+    return red
+
+
+def _check_plain(loss_fn: nn.Module) -> None:
+    if getattr(loss_fn, "weight", None) is not None or getattr(loss_fn, "pos_weight", None) is not None:
+        raise NotImplementedError("weighted losses (weight=/pos_weight=) are not supported here")
+    if getattr(loss_fn, "label_smoothing", 0.0):
+        raise NotImplementedError("label smoothing is not supported here")
+
+
+def per_sample_losses(loss_fn: Callable, output: Tensor, target: Tensor, reduction: str) -> Tensor:
+    r"""The vector :math:`(\ell_i)` of per-example losses (see the module docstring)."""
+    kind = loss_kind(loss_fn)
+    n = output.shape[0]
+    if kind is not None:
+        _check_plain(loss_fn)
+        if kind == "mse":
+            el = nn.functional.mse_loss(output, target, reduction="none")
+        elif kind == "bce":
+            el = nn.functional.binary_cross_entropy_with_logits(output, target, reduction="none")
+        else:
+            ii = getattr(loss_fn, "ignore_index", -100)
+            el = nn.functional.cross_entropy(output, target, reduction="none", ignore_index=ii)
+        el = el.reshape(n, -1)
+        return el.mean(1) if reduction == "mean" else el.sum(1)
+
+    def one(o, t):
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+    return torch.func.vmap(one)(output, target)
+
+
+def nll_scale(loss_fn: Callable, output: Tensor, reduction: str) -> float:
+    """The factor ``a`` with ``loss = a * NLL`` per example (see the module docstring)."""
+    kind = loss_kind(loss_fn)
+    if kind is None:
+        raise NotImplementedError(
+            f"the Monte-Carlo Fisher needs a likelihood; {type(loss_fn).__name__} is not one of "
+            "MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (use fisher='empirical' or the GGN)"
+        )
+    if reduction == "sum":
+        return 1.0
+    per_example = output[0].numel()
+    if kind == "ce":
+        return 1.0 / (per_example // output.shape[1])
+    return 1.0 / per_example
+
+
+def sample_targets(
+    loss_fn: Callable, output: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Targets drawn from the model's predictive distribution (for the MC Fisher)."""
+    kind = loss_kind(loss_fn)
+    f = output.detach()
+    if kind == "mse":
+        eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+        return f + eps * (0.5**0.5)
+    if kind == "bce":
+        u = torch.rand(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+        return (u < torch.sigmoid(f)).to(f.dtype)
+    if kind == "ce":
+        probs = torch.softmax(f, dim=1).movedim(1, -1).reshape(-1, f.shape[1])
+        idx = torch.multinomial(probs, 1, generator=generator).reshape(-1)
+        shape = (f.shape[0], *f.shape[2:])
+        return idx.reshape(shape)
+    nll_scale(loss_fn, output, "mean")  # raises the explanatory error
+    raise AssertionError

@@ -1,0 +1,198 @@
+"""The seed notebook's functional API, as thin entry points over the real solvers.
+
+``conjugate_gradient``, ``neumann`` (seed form), ``fixed_point`` and
+``clip_grad_norm`` keep the seed module's call signatures so the notebook runs
+unchanged, but they are safe: they stop at convergence, detect negative
+curvature and divergence, and warn instead of returning garbage silently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._errors import NegativeCurvatureWarning
+from .func.vectors import parameters_to_vector
+from .solvers import _neumann as _neumann_mod
+from .solvers._cg import cg
+from .solvers._minres import minres
+
+__all__ = ["conjugate_gradient", "neumann", "fixed_point", "clip_grad_norm"]
+
+
+def _flat(vector) -> Tensor:
+    return vector if isinstance(vector, Tensor) else parameters_to_vector(vector)
+
+
+def _matvec(mvp: Callable) -> Callable[[Tensor], Tensor]:
+    def f(v: Tensor) -> Tensor:
+        out = mvp(v)
+        return out if isinstance(out, Tensor) else parameters_to_vector(out)
+
+    return f
+
+
+def conjugate_gradient(
+    mvp: Callable[[Tensor], Tensor],
+    vector: Tensor | Sequence[Tensor],
+    parameters: Sequence[Tensor] | None = None,
+    cg_iter: int = 10,
+    eps: float = 0.0,
+    *,
+    tol: float = 1e-10,
+    fallback: str | None = "minres",
+) -> Tensor:
+    r"""Approximate :math:`A^{-1} v` by conjugate gradient (the seed's signature).
+
+    Runs :func:`second.cg` for at most ``cg_iter`` iterations from zero, stopping early at
+    relative residual ``tol``. CG is only valid for positive-definite ``A``: when it meets
+    non-positive curvature (a Hessian away from a minimum, as in the seed notebook) it
+    warns and, with ``fallback="minres"`` (default), solves with :func:`second.minres`
+    instead (up to ``max(cg_iter, 4 n)`` iterations), which handles indefinite systems.
+    With ``fallback=None`` it returns CG's last iterate.
+
+    Args:
+        mvp: the matrix-vector product, e.g. ``lambda v: hvp(loss, params, v)``.
+        vector: the right-hand side (flat or parameter-shaped).
+        parameters: unused; kept for the seed's signature.
+        cg_iter: maximum number of CG iterations.
+        eps: added to the denominators' safety margin in the seed; here a Tikhonov damping
+            ``(A + eps I)`` (0 by default, as in the seed).
+        tol: relative residual at which to stop.
+        fallback: ``"minres"`` or ``None``.
+
+    Returns:
+        The flat solution vector.
+    """
+    del parameters
+    b = _flat(vector).detach()
+    f = _matvec(mvp)
+    res = cg(f, b, maxiter=cg_iter, tol=tol, damping=eps, warn=False)
+    if res.negative_curvature and fallback == "minres":
+        warnings.warn(
+            "conjugate_gradient: the matrix is not positive definite (p^T A p <= 0); "
+            "solving with MINRES instead", NegativeCurvatureWarning, stacklevel=2,
+        )
+        res = minres(f, b, maxiter=max(cg_iter, 4 * b.numel()), tol=tol, damping=eps)
+    elif not res.converged:
+        warnings.warn(f"conjugate_gradient: {res.message}", _warning_for(res), stacklevel=2)
+    return res.x
+
+
+def _warning_for(res):
+    from ._errors import ConvergenceWarning
+
+    return NegativeCurvatureWarning if res.negative_curvature else ConvergenceWarning
+
+
+def neumann(A, *args, **kwargs):
+    r"""Neumann-series inverse: the seed's ``neumann(mvp, parameters, vector, truncate_iter=10)``
+    or the solver ``neumann(A, b, *, scale=None, damping=0, tol=1e-6, ...)``.
+
+    The seed form (recognized by a ``parameters`` sequence before ``vector``, or the
+    ``vector``/``truncate_iter`` keywords) returns the flat sum
+    :math:`\sum_{i=0}^{K} (I - A/s)^i v` with ``K = truncate_iter`` and ``s = scale``
+    (default 1, the seed's), stopping early when converged and warning when the series
+    diverges (an indefinite matrix, or :math:`\lambda_{\max} > 2s`), in which case it
+    returns the best partial sum. The solver form returns a
+    :class:`~second.SolveResult`; see :func:`second.solvers.neumann`.
+    """
+    seed_call = (
+        "truncate_iter" in kwargs
+        or "vector" in kwargs
+        or "parameters" in kwargs
+        or (len(args) >= 2 and _is_param_seq(args[0]))
+    )
+    if not seed_call:
+        return _neumann_mod.neumann(A, *args, **kwargs)
+    names = ["parameters", "vector", "truncate_iter"]
+    bound = dict(zip(names, args))
+    overlap = set(bound) & set(kwargs)
+    if overlap:
+        raise TypeError(f"neumann() got multiple values for {sorted(overlap)}")
+    bound.update(kwargs)
+    vector = bound.pop("vector", None)
+    if vector is None:
+        raise TypeError("neumann() seed form needs a vector")
+    truncate_iter = int(bound.pop("truncate_iter", 10))
+    bound.pop("parameters", None)
+    scale = bound.pop("scale", 1.0)
+    if bound:
+        raise TypeError(f"neumann() got unexpected arguments {sorted(bound)}")
+    b = _flat(vector).detach()
+    res = _neumann_mod.neumann(_matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False)
+    if res.diverged:
+        warnings.warn(f"neumann: {res.message}", NegativeCurvatureWarning, stacklevel=2)
+    return res.x
+
+
+def _is_param_seq(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
+
+
+def fixed_point(
+    mvp: Callable[[Tensor], Tensor],
+    vector: Tensor | Sequence[Tensor],
+    num_iter: int = 20,
+    lr: float = 1.0,
+) -> Tensor:
+    r"""Richardson fixed-point iteration for :math:`A^{-1} v` (the seed's signature).
+
+    Iterates :math:`u_{k+1} = u_k - \mathrm{lr}\, A u_k + v` from :math:`u_0 = v` and returns
+    :math:`\mathrm{lr}\, u_K`, which tends to :math:`A^{-1}v` when :math:`0 < \mathrm{lr} <
+    2/\lambda_{\max}` and ``A`` is positive definite: a Neumann series with scale ``1/lr``.
+    Divergence is detected and warned about.
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    b = _flat(vector).detach()
+    res = _neumann_mod.neumann(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
+    if res.diverged:
+        warnings.warn(f"fixed_point: {res.message}", NegativeCurvatureWarning, stacklevel=2)
+    return res.x
+
+
+def clip_grad_norm(
+    gradients: Sequence[Tensor], max_norm: float, norm_type: float = 2.0
+) -> tuple[list[Tensor], Tensor]:
+    """Scale gradients so their joint ``norm_type``-norm is at most ``max_norm`` (seed API).
+
+    Unlike :func:`torch.nn.utils.clip_grad_norm_` it returns new tensors (differentiable)
+    rather than modifying ``.grad`` in place.
+
+    Returns:
+        ``(clipped_gradients, total_norm)``.
+
+    Raises:
+        ValueError: for ``max_norm <= 0`` or an empty list.
+        NonFiniteError: when the total norm is NaN or Inf.
+
+    Example:
+        >>> g, n = clip_grad_norm([torch.tensor([3.0, 4.0])], max_norm=1.0)
+        >>> n
+        tensor(5.)
+        >>> torch.allclose(g[0], torch.tensor([0.6, 0.8]))
+        True
+    """
+    from .func.products import check_finite
+
+    gradients = list(gradients)
+    if not gradients:
+        raise ValueError("clip_grad_norm got no gradients")
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    norm_type = float(norm_type)
+    if norm_type == float("inf"):
+        total = torch.stack([g.detach().abs().max() for g in gradients]).max()
+    else:
+        total = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.detach(), norm_type) for g in gradients]), norm_type
+        )
+    check_finite(total, "gradient norm")
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1:
+        gradients = [g * coef for g in gradients]
+    return gradients, total

@@ -1,0 +1,198 @@
+r"""Exact dense curvature matrices for small models (also the tests' oracle).
+
+Each matrix is built column-block by column-block with batched (``vmap``)
+products against the identity: ``chunk_size`` columns per backward pass instead
+of one Python-level backward per parameter. Memory is ``O(chunk_size * P)`` on
+top of the ``P x P`` result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .products import (
+    GGNGraph,
+    as_params,
+    check_finite,
+    check_scalar_loss,
+    grad_checked,
+    gradient_with_graph,
+    hvp_from_gradient,
+)
+from .vectors import vector_to_parameters
+
+__all__ = ["exact_hessian", "exact_ggn", "exact_fisher", "dense_from_matmat"]
+
+
+def dense_from_matmat(
+    matmat: Callable[[Tensor], Tensor],
+    matvec: Callable[[Tensor], Tensor] | None,
+    n: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Assemble an ``n x n`` matrix from a batched product ``matmat(E) -> A E`` (``E`` is ``n x k``).
+
+    Falls back to ``matvec`` column by column (with a warning) if the batched
+    product is not supported by some operation in the graph.
+    """
+    chunk = n if chunk_size is None else max(1, min(chunk_size, n))
+    out = torch.empty((n, n), dtype=dtype, device=device)
+    try:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            eye = torch.zeros((n, stop - start), dtype=dtype, device=device)
+            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            out[:, start:stop] = matmat(eye)
+    except RuntimeError as err:
+        if matvec is None or "batch" not in str(err).lower() and "vmap" not in str(err).lower():
+            raise
+        warnings.warn(
+            f"batched product failed ({err}); assembling the matrix column by column", stacklevel=3
+        )
+        for i in range(n):
+            e = torch.zeros(n, dtype=dtype, device=device)
+            e[i] = 1
+            out[:, i] = matvec(e)
+    return out
+
+
+def _columns_to_param_batches(E: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    k = E.shape[1]
+    out, offset = [], 0
+    for p in params:
+        n = p.numel()
+        out.append(E[offset : offset + n].T.reshape(k, *p.shape))
+        offset += n
+    return out
+
+
+def _param_batches_to_columns(ts: Sequence[Tensor]) -> Tensor:
+    k = ts[0].shape[0]
+    return torch.cat([t.reshape(k, -1) for t in ts], dim=1).T
+
+
+def exact_hessian(
+    loss: Tensor, parameters: Tensor | Sequence[Tensor], *, chunk_size: int | None = 256
+) -> Tensor:
+    r"""The dense Hessian :math:`\nabla^2_\theta L` (``P x P``), for small models.
+
+    Args:
+        loss: scalar loss with its autograd graph.
+        parameters: tensors to differentiate with respect to.
+        chunk_size: columns per batched backward pass (default 256); ``None`` for all.
+
+    Returns:
+        The symmetric ``P x P`` Hessian in the parameters' dtype, ordered as
+        :func:`parameters_to_vector` orders the parameters.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> exact_hessian((w[0] * w[1]) ** 2, [w])
+        tensor([[8., 8.],
+                [8., 2.]])
+    """
+    params = as_params(parameters)
+    check_scalar_loss(loss)
+    grads = gradient_with_graph(loss, params)
+    n = sum(p.numel() for p in params)
+
+    def matmat(E: Tensor) -> Tensor:
+        vs = _columns_to_param_batches(E, params)
+        return _param_batches_to_columns(hvp_from_gradient(grads, params, vs, batched=True))
+
+    def matvec(e: Tensor) -> Tensor:
+        vs = vector_to_parameters(e, params)
+        return torch.cat([t.reshape(-1) for t in hvp_from_gradient(grads, params, vs)])
+
+    H = dense_from_matmat(
+        matmat, matvec, n, dtype=params[0].dtype, device=params[0].device, chunk_size=chunk_size
+    )
+    return check_finite(H, "Hessian")
+
+
+def exact_ggn(
+    loss: Tensor,
+    output: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    *,
+    chunk_size: int | None = 256,
+) -> Tensor:
+    r"""The dense generalized Gauss-Newton matrix :math:`J^\top (\nabla^2_f L) J`.
+
+    Args:
+        loss: scalar loss computed from ``output``.
+        output: the network output (with its graph).
+        parameters: tensors to differentiate with respect to.
+        chunk_size: columns per batched product.
+
+    Returns:
+        The symmetric ``P x P`` GGN.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> f = (w * torch.tensor([1.0, 3.0])).sum()
+        >>> exact_ggn(0.5 * f ** 2, f, [w])   # J = [1, 3], d2L/df2 = 1
+        tensor([[1., 3.],
+                [3., 9.]])
+    """
+    params = as_params(parameters)
+    check_scalar_loss(loss)
+    graph = GGNGraph(loss, output, params)
+    n = sum(p.numel() for p in params)
+
+    def matmat(E: Tensor) -> Tensor:
+        vs = _columns_to_param_batches(E, params)
+        return _param_batches_to_columns(graph.gvp(vs, batched=True))
+
+    def matvec(e: Tensor) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in graph.gvp(vector_to_parameters(e, params))])
+
+    G = dense_from_matmat(
+        matmat, matvec, n, dtype=params[0].dtype, device=params[0].device, chunk_size=chunk_size
+    )
+    return check_finite(G, "GGN")
+
+
+def exact_fisher(
+    losses: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    *,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""The dense empirical Fisher :math:`w \sum_i \nabla \ell_i \nabla \ell_i^\top`.
+
+    Args:
+        losses: the vector of per-example losses ``[N]`` (e.g. a loss with
+            ``reduction='none'``, summed over non-batch dimensions), with its graph.
+        parameters: tensors to differentiate with respect to.
+        reduction: ``"mean"`` (``w = 1/N``, the default, matching a mean-reduced
+            training loss) or ``"sum"`` (``w = 1``).
+
+    Returns:
+        The ``P x P`` empirical Fisher.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> exact_fisher(X @ w, [w])          # per-example gradients are the rows of X
+        tensor([[0.5000, 0.0000],
+                [0.0000, 0.5000]])
+    """
+    params = as_params(parameters)
+    if losses.dim() != 1:
+        raise ValueError(f"losses must be a vector of per-example losses, got {tuple(losses.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    N = losses.shape[0]
+    eye = torch.eye(N, dtype=losses.dtype, device=losses.device)
+    per_example = grad_checked(losses, params, eye, retain_graph=True, is_grads_batched=True)
+    Gm = torch.cat([g.reshape(N, -1) for g in per_example], dim=1)
+    w = 1.0 / N if reduction == "mean" else 1.0
+    return check_finite(w * Gm.T @ Gm, "empirical Fisher")

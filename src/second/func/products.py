@@ -1,0 +1,425 @@
+r"""Curvature-vector products on an autograd graph (the seed's functional API).
+
+All functions take a loss (or outputs) that still carry their autograd graph and
+the parameters to differentiate with respect to, and return a flat vector (or a
+tuple of parameter-shaped tensors with ``flatten=False``).
+
+Conventions: :math:`g = \nabla_\theta L`, :math:`H = \nabla^2_\theta L`,
+:math:`J = \partial f / \partial \theta` for a network output :math:`f`, and
+:math:`G = J^\top (\nabla^2_f L) J` the generalized Gauss-Newton matrix.
+
+Speed: the gradient graph of a loss (``create_graph=True``) is built once and
+reused by later calls on the same loss object, so every further :func:`hvp`
+costs a single extra backward pass (the first costs two).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._errors import NonFiniteError
+from .vectors import as_tensor_list, parameters_to_vector
+
+__all__ = ["hvp", "gvp", "jvp", "vjp"]
+
+_CACHE_SIZE = 8
+_graph_cache: OrderedDict[tuple, tuple[weakref.ref, tuple[Tensor, ...]]] = OrderedDict()
+
+
+# ----------------------------------------------------------------------------- validation
+def as_params(parameters: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Validate and return parameters as a tuple of tensors that require grad."""
+    if isinstance(parameters, Tensor):
+        params = (parameters,)
+    elif isinstance(parameters, dict):
+        params = tuple(parameters.values())
+    else:
+        params = tuple(parameters)
+    if not params:
+        raise ValueError("no parameters given (an empty sequence, or a model without parameters)")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameter {i} is a {type(p).__name__}, not a torch.Tensor")
+        if not p.requires_grad:
+            raise ValueError(
+                f"parameter {i} (shape {tuple(p.shape)}) does not require grad; "
+                "curvature is taken with respect to tensors with requires_grad=True"
+            )
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1:
+        raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}")
+    return params
+
+
+def check_scalar_loss(loss: Tensor) -> None:
+    """Raise a clear error unless ``loss`` is a scalar tensor with a graph."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss must be a scalar, got shape {tuple(loss.shape)} "
+            "(reduce it with .mean() or .sum(), or use a loss with reduction='mean')"
+        )
+    if not loss.requires_grad:
+        raise ValueError("loss does not require grad: it was computed without an autograd graph")
+    if not torch.isfinite(loss).all():
+        raise NonFiniteError(f"loss is not finite ({loss.item()})")
+
+
+def check_finite(t: Tensor, what: str) -> Tensor:
+    """Return ``t``, raising :class:`NonFiniteError` if it has NaN or Inf entries."""
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{what} has {n_bad} non-finite entries (NaN or Inf)")
+    return t
+
+
+def grad_checked(
+    outputs: Tensor | Sequence[Tensor],
+    params: Sequence[Tensor],
+    grad_outputs=None,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+    is_grads_batched: bool = False,
+    zeros_for_unused: bool = False,
+) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad`` with clear errors for parameters that are not in the graph.
+
+    With ``zeros_for_unused`` a parameter the outputs do not depend on gets a zero
+    (used for second derivatives, where a gradient independent of a parameter is
+    legitimate); otherwise it is an error naming the parameter.
+    """
+    out = torch.autograd.grad(
+        outputs,
+        params,
+        grad_outputs=grad_outputs,
+        create_graph=create_graph,
+        retain_graph=retain_graph,
+        allow_unused=True,
+        is_grads_batched=is_grads_batched,
+    )
+    result = []
+    for i, (g, p) in enumerate(zip(out, params)):
+        if g is None:
+            if not zeros_for_unused:
+                raise ValueError(
+                    f"parameter {i} (shape {tuple(p.shape)}) is not in the graph of the loss; "
+                    "remove it from the parameters or check the forward pass"
+                )
+            if is_grads_batched:
+                k = _batch_size(grad_outputs)
+                g = p.new_zeros((k, *p.shape))
+            else:
+                g = torch.zeros_like(p)
+        result.append(g)
+    return tuple(result)
+
+
+def _batch_size(grad_outputs) -> int:
+    first = grad_outputs[0] if isinstance(grad_outputs, (list, tuple)) else grad_outputs
+    return first.shape[0]
+
+
+# ----------------------------------------------------------------------------- graph cache
+def _cached(key_tensor: Tensor, params: Sequence[Tensor], tag: str, build, keep: bool):
+    """Memoize ``build()`` (tensors with graph) for the lifetime of ``key_tensor``."""
+    if not keep:
+        return build()
+    key = (tag, id(key_tensor), tuple(id(p) for p in params))
+    entry = _graph_cache.get(key)
+    if entry is not None and entry[0]() is key_tensor:
+        _graph_cache.move_to_end(key)
+        return entry[1]
+    value = build()
+    _graph_cache[key] = (weakref.ref(key_tensor), value)
+    weakref.finalize(key_tensor, _graph_cache.pop, key, None)
+    while len(_graph_cache) > _CACHE_SIZE:
+        _graph_cache.popitem(last=False)
+    return value
+
+
+def clear_cache() -> None:
+    """Drop every memoized gradient graph (frees their memory at once)."""
+    _graph_cache.clear()
+
+
+def gradient_with_graph(loss: Tensor, params: Sequence[Tensor], keep: bool = True):
+    """The gradient of ``loss`` with its graph (``create_graph=True``), memoized per loss."""
+    return _cached(
+        loss, params, "grad", lambda: grad_checked(loss, params, create_graph=True), keep
+    )
+
+
+# ----------------------------------------------------------------------------- cores
+def hvp_from_gradient(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    *,
+    retain_graph: bool = True,
+    batched: bool = False,
+) -> tuple[Tensor, ...]:
+    """Differentiate ``sum(g * v)`` once more: one backward pass through the gradient graph."""
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    if not live:  # the loss is linear in the parameters: H = 0
+        return tuple(torch.zeros_like(v) for v in vs)
+    return grad_checked(
+        [grads[i] for i in live],
+        params,
+        [vs[i] for i in live],
+        retain_graph=retain_graph,
+        is_grads_batched=batched,
+        zeros_for_unused=True,
+    )
+
+
+class GGNGraph:
+    """The graphs a Gauss-Newton product needs, built once per (loss, output) pair.
+
+    ``u = J^T w`` with a dummy ``w`` (double-vjp trick for forward-mode ``J v``) and
+    ``g_f = dL/df`` with its graph (for ``(d^2 L / d f^2) u``).
+    """
+
+    def __init__(self, loss: Tensor, output: Tensor, params: Sequence[Tensor]):
+        self.output = output
+        self.params = tuple(params)
+        self.dummy = torch.zeros_like(output, requires_grad=True)
+        self.u = grad_checked(output, self.params, self.dummy, create_graph=True)
+        (self.g_out,) = torch.autograd.grad(loss, output, create_graph=True)
+
+    def jvp(self, vs: Sequence[Tensor], batched: bool = False) -> Tensor:
+        """``J v`` (shaped like the output; a leading batch dimension when ``batched``)."""
+        live = [i for i, u in enumerate(self.u) if u.requires_grad]
+        shape = (vs[0].shape[0], *self.output.shape) if batched else self.output.shape
+        if not live:
+            return self.output.new_zeros(shape)
+        (jv,) = torch.autograd.grad(
+            [self.u[i] for i in live],
+            self.dummy,
+            [vs[i] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return self.output.new_zeros(shape) if jv is None else jv
+
+    def output_hessian_product(self, t: Tensor, batched: bool = False) -> Tensor:
+        """``(d^2 L / d f^2) t``."""
+        if not self.g_out.requires_grad:  # loss linear in the output
+            return torch.zeros_like(t)
+        (h,) = torch.autograd.grad(
+            self.g_out, self.output, t, retain_graph=True, allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return torch.zeros_like(t) if h is None else h
+
+    def vjp(self, t: Tensor, batched: bool = False) -> tuple[Tensor, ...]:
+        """``J^T t``."""
+        return grad_checked(
+            self.output, self.params, t, retain_graph=True, is_grads_batched=batched,
+            zeros_for_unused=True,
+        )
+
+    def gvp(self, vs: Sequence[Tensor], batched: bool = False) -> tuple[Tensor, ...]:
+        """``J^T (d^2 L/d f^2) J v``: two backward passes (``J v`` and ``J^T``)."""
+        return self.vjp(self.output_hessian_product(self.jvp(vs, batched), batched), batched)
+
+
+def _finish(out: Sequence[Tensor], flatten: bool, what: str):
+    flat = parameters_to_vector(out)
+    check_finite(flat, what)
+    return flat if flatten else tuple(out)
+
+
+# ----------------------------------------------------------------------------- public API
+def hvp(
+    loss: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+    flatten: bool = True,
+) -> Tensor | tuple[Tensor, ...]:
+    r"""Hessian-vector product :math:`H v` with :math:`H = \nabla^2_\theta L`.
+
+    The gradient graph of ``loss`` is built on the first call and kept while
+    ``loss`` is alive, so repeated products with the same loss (as inside a CG
+    loop) cost one backward pass each.
+
+    Args:
+        loss: scalar loss with its autograd graph.
+        parameters: tensors (``requires_grad=True``) to differentiate with respect to.
+        vector: flat vector of length ``P`` or parameter-shaped tensors.
+        retain_graph: keep the graphs for further products (default ``True``).
+            With ``False`` nothing is memoized and the graph is freed.
+        flatten: return a flat vector (default) or a tuple shaped like ``parameters``.
+
+    Returns:
+        :math:`H v`, flat or parameter-shaped.
+
+    Raises:
+        ValueError: non-scalar loss, a parameter without grad or not in the graph,
+            a vector of the wrong size or device.
+        TypeError: a vector of the wrong dtype.
+        NonFiniteError: the loss or the product is NaN/Inf.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> loss = (w ** 3).sum()            # H = diag(6 w)
+        >>> hvp(loss, [w], torch.tensor([1.0, 1.0]))
+        tensor([ 6., 12.])
+    """
+    params = as_params(parameters)
+    check_scalar_loss(loss)
+    vs = as_tensor_list(vector, params)
+    grads = gradient_with_graph(loss, params, keep=retain_graph)
+    out = hvp_from_gradient(grads, params, vs, retain_graph=retain_graph)
+    return _finish(out, flatten, "Hessian-vector product")
+
+
+def gvp(
+    loss: Tensor,
+    logit: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+    flatten: bool = True,
+) -> Tensor | tuple[Tensor, ...]:
+    r"""Generalized Gauss-Newton-vector product :math:`G v = J^\top (\nabla^2_f L) J v`.
+
+    ``J`` is the Jacobian of the network output ``logit`` with respect to the
+    parameters and :math:`\nabla^2_f L` the Hessian of the loss with respect to
+    that output. ``G`` is positive semi-definite whenever the loss is convex in
+    the output (MSE, cross-entropy, BCE-with-logits), unlike the Hessian.
+
+    Args:
+        loss: scalar loss computed from ``logit``.
+        logit: the network output the loss was computed from.
+        parameters: tensors to differentiate with respect to.
+        vector: flat or parameter-shaped.
+        retain_graph: keep and memoize the graphs (default ``True``).
+        flatten: flat result (default) or parameter-shaped.
+
+    Returns:
+        :math:`G v`.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> f = w * 3.0                       # J = 3 I
+        >>> loss = (f ** 2).sum()             # d2L/df2 = 2 I, so G = 18 I
+        >>> gvp(loss, f, [w], torch.tensor([1.0, 0.0]))
+        tensor([18.,  0.])
+    """
+    params = as_params(parameters)
+    check_scalar_loss(loss)
+    if not isinstance(logit, Tensor) or not logit.requires_grad:
+        raise ValueError("logit must be the network output tensor, with its autograd graph")
+    vs = as_tensor_list(vector, params)
+    graph = _cached(
+        loss, (*params, logit), "ggn", lambda: GGNGraph(loss, logit, params), keep=retain_graph
+    )
+    out = graph.gvp(vs)
+    return _finish(out, flatten, "Gauss-Newton-vector product")
+
+
+def jvp(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    create_graph: bool = False,
+    retain_graph: bool = True,
+    flatten: bool = True,
+    **deprecated,
+) -> Tensor | tuple[Tensor, ...]:
+    r"""Jacobian-vector product :math:`J v`, :math:`J = \partial\,\mathrm{outputs} / \partial\,\mathrm{inputs}`.
+
+    Forward-mode by the double-vjp trick on the existing graph: two backward passes,
+    no re-evaluation of the function. ``jvp(gradient, parameters, v)`` is a
+    Hessian-vector product.
+
+    Args:
+        outputs: a tensor or a sequence of tensors, with their graph.
+        inputs: tensors they depend on.
+        vector: flat or input-shaped tangent.
+        create_graph: make the result differentiable.
+        retain_graph: keep the graph of ``outputs`` (default ``True``). The seed's
+            misspelt ``retrain_graph`` keyword is accepted with a ``DeprecationWarning``.
+        flatten: return one flat vector (default) or tensors shaped like ``outputs``.
+
+    Returns:
+        :math:`J v`.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> jvp(x ** 2, [x], torch.tensor([1.0, 1.0]))   # J = diag(2x)
+        tensor([2., 4.])
+    """
+    if "retrain_graph" in deprecated:
+        warnings.warn(
+            "jvp(retrain_graph=...) is deprecated, use retain_graph= (removal in 0.3.0)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        retain_graph = deprecated.pop("retrain_graph")
+    if deprecated:
+        raise TypeError(f"jvp() got unexpected keyword arguments {sorted(deprecated)}")
+    params = as_params(inputs)
+    vs = as_tensor_list(vector, params)
+    outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+    dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in outs)
+    u = grad_checked(outs, params, dummies, create_graph=True, retain_graph=True)
+    live = [i for i, t in enumerate(u) if t.requires_grad]
+    if live:
+        jv = torch.autograd.grad(
+            [u[i] for i in live], dummies, [vs[i] for i in live],
+            retain_graph=retain_graph, create_graph=create_graph, allow_unused=True,
+        )
+    else:
+        jv = (None,) * len(outs)
+    jv = tuple(torch.zeros_like(o) if t is None else t for o, t in zip(outs, jv))
+    if flatten:
+        return parameters_to_vector(jv)
+    return jv[0] if isinstance(outputs, Tensor) else jv
+
+
+def vjp(
+    outputs: Tensor,
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor,
+    retain_graph: bool = True,
+    create_graph: bool = False,
+    flatten: bool = True,
+) -> Tensor | tuple[Tensor, ...]:
+    r"""Vector-Jacobian product :math:`J^\top v`: one backward pass.
+
+    Args:
+        outputs: a tensor with its graph.
+        inputs: tensors it depends on.
+        vector: cotangent shaped like ``outputs``.
+        retain_graph: keep the graph (default ``True``).
+        create_graph: make the result differentiable.
+        flatten: flat result (default) or input-shaped.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> vjp(x ** 2, [x], torch.tensor([1.0, 1.0]))
+        tensor([2., 4.])
+    """
+    params = as_params(inputs)
+    if vector.shape != outputs.shape:
+        raise ValueError(
+            f"vector has shape {tuple(vector.shape)} but outputs have {tuple(outputs.shape)}"
+        )
+    out = grad_checked(
+        outputs, params, vector, retain_graph=retain_graph, create_graph=create_graph
+    )
+    return parameters_to_vector(out) if flatten else out

@@ -1,0 +1,116 @@
+"""Conversions between flat vectors and parameter-shaped tensor lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["parameters_to_vector", "vector_to_parameters", "as_tensor_list"]
+
+
+def parameters_to_vector(parameters: Iterable[Tensor] | Tensor) -> Tensor:
+    """Flatten and concatenate tensors into one vector.
+
+    Unlike :func:`torch.nn.utils.parameters_to_vector` this keeps the autograd
+    graph, accepts ``None`` entries (treated as zeros is *not* done: ``None`` is
+    an error, because a missing gradient means the parameter is not in the graph)
+    and accepts a single tensor.
+
+    Args:
+        parameters: a tensor or an iterable of tensors.
+
+    Returns:
+        A 1-D tensor of length ``sum(p.numel())``.
+
+    Raises:
+        ValueError: if the iterable is empty or holds ``None``.
+
+    Example:
+        >>> parameters_to_vector([torch.ones(2, 2), torch.zeros(3)])
+        tensor([1., 1., 1., 1., 0., 0., 0.])
+    """
+    if isinstance(parameters, Tensor):
+        return parameters.reshape(-1)
+    tensors = list(parameters)
+    if not tensors:
+        raise ValueError("parameters_to_vector got an empty sequence of tensors")
+    for i, t in enumerate(tensors):
+        if t is None:
+            raise ValueError(
+                f"entry {i} is None: a gradient is None when its parameter is not in the "
+                "graph of the loss (pass allow_unused=True to autograd, or drop that parameter)"
+            )
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def vector_to_parameters(vector: Tensor, parameters: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Split a flat vector into tensors shaped like ``parameters``.
+
+    This *returns* views of ``vector`` (it does not write into the parameters, as
+    :func:`torch.nn.utils.vector_to_parameters` does), so it is differentiable.
+
+    Args:
+        vector: a 1-D tensor with ``sum(p.numel() for p in parameters)`` entries.
+        parameters: tensors whose shapes are used.
+
+    Returns:
+        A tuple of tensors, one per parameter, with the parameter's shape.
+
+    Raises:
+        ValueError: if the sizes do not match.
+
+    Example:
+        >>> a, b = vector_to_parameters(torch.arange(5.0), [torch.empty(2, 2), torch.empty(1)])
+        >>> a.shape, b
+        (torch.Size([2, 2]), tensor([4.]))
+    """
+    parameters = list(parameters)
+    if vector.dim() != 1:
+        raise ValueError(f"vector must be 1-D, got shape {tuple(vector.shape)}")
+    total = sum(p.numel() for p in parameters)
+    if vector.numel() != total:
+        raise ValueError(
+            f"vector has {vector.numel()} entries but the parameters have {total} in total"
+        )
+    out = []
+    offset = 0
+    for p in parameters:
+        n = p.numel()
+        out.append(vector[offset : offset + n].view_as(p))
+        offset += n
+    return tuple(out)
+
+
+def as_tensor_list(vector: Tensor | Sequence[Tensor], parameters: Sequence[Tensor]) -> list[Tensor]:
+    """Return ``vector`` as a list of parameter-shaped tensors, validating it.
+
+    Args:
+        vector: a flat tensor, or a sequence of tensors shaped like ``parameters``.
+        parameters: the reference tensors.
+
+    Raises:
+        ValueError: on a size or shape mismatch.
+        TypeError: on a dtype mismatch.
+    """
+    if isinstance(vector, Tensor):
+        _check_like(vector, parameters[0], "vector")
+        return list(vector_to_parameters(vector, parameters))
+    vs = list(vector)
+    if len(vs) != len(parameters):
+        raise ValueError(f"vector has {len(vs)} tensors but there are {len(parameters)} parameters")
+    for i, (v, p) in enumerate(zip(vs, parameters)):
+        if v.shape != p.shape:
+            raise ValueError(
+                f"vector entry {i} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}"
+            )
+        _check_like(v, p, f"vector entry {i}")
+    return vs
+
+
+def _check_like(v: Tensor, p: Tensor, what: str) -> None:
+    if v.dtype != p.dtype:
+        raise TypeError(f"{what} has dtype {v.dtype} but the parameters have {p.dtype}")
+    if v.device != p.device:
+        raise ValueError(f"{what} is on {v.device} but the parameters are on {p.device}")

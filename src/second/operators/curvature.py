@@ -1,0 +1,489 @@
+r"""Dataset-level curvature operators: Hessian, generalized Gauss-Newton, Fisher.
+
+Each operator is built from ``(model, loss_fn, data, params=None)``. ``data`` is
+one ``(X, y)`` batch or any iterable of batches (a ``DataLoader``). The product is
+the curvature of the dataset objective
+
+.. math:: L(\theta) = \sum_b \frac{n_b}{N} L_b(\theta) \quad(\text{mean reduction}),
+          \qquad L(\theta) = \sum_b L_b(\theta) \quad(\text{sum reduction}),
+
+so splitting a dataset into batches does not change the operator.
+
+Speed: on a single batch the operator builds the gradient graph once, and every
+product is one further backward pass through it (vmap-batched for a matrix of
+columns). Over an iterable each product re-traverses the data.
+
+Data parallel: when a ``torch.distributed`` process group is initialized, every
+rank holds a shard of the data and products, gradients and batch counts are
+all-reduced, so the result equals the single-process product on all the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._errors import NonDeterministicDataError
+from .._losses import nll_scale, per_sample_losses, reduction_of, sample_targets
+from ..func.products import (
+    GGNGraph,
+    as_params,
+    check_finite,
+    check_scalar_loss,
+    grad_checked,
+    hvp_from_gradient,
+)
+from .base import LinearOperator
+
+__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "iterate_batches"]
+
+
+def _is_batch(data) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and (isinstance(data[0], Tensor) or _is_tensor_tuple(data[0]))
+        and isinstance(data[1], Tensor)
+    )
+
+
+def _is_tensor_tuple(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
+
+
+def _to(x, device):
+    if isinstance(x, Tensor):
+        return x.to(device)
+    return tuple(t.to(device) for t in x)
+
+
+def _batch_size(X) -> int:
+    return (X if isinstance(X, Tensor) else X[0]).shape[0]
+
+
+def iterate_batches(data, device: torch.device | None = None):
+    """Yield ``(X, y)`` batches from one batch or an iterable of batches, with checks."""
+    if _is_batch(data):
+        batches: Iterable = [data]
+    else:
+        try:
+            batches = iter(data)
+        except TypeError:
+            raise TypeError(
+                "data must be an (X, y) batch of tensors or an iterable of such batches, "
+                f"got {type(data).__name__}"
+            ) from None
+    count = 0
+    for batch in batches:
+        if not _is_batch(batch):
+            raise TypeError(
+                f"each batch must be an (X, y) pair of tensors, got {type(batch).__name__}"
+            )
+        X, y = batch
+        if _batch_size(X) == 0:
+            continue
+        if _batch_size(X) != y.shape[0]:
+            raise ValueError(
+                f"batch inputs have {_batch_size(X)} examples but targets have {y.shape[0]}"
+            )
+        count += 1
+        yield (_to(X, device), y.to(device)) if device is not None else (X, y)
+    if count == 0:
+        raise ValueError("the data is empty: it yielded no (non-empty) batch")
+
+
+def _dist_active(distributed: bool | None) -> bool:
+    if distributed is False:
+        return False
+    active = dist.is_available() and dist.is_initialized()
+    if distributed and not active:
+        raise RuntimeError("distributed=True but no torch.distributed process group is initialized")
+    return active
+
+
+def _stochastic_modules(model: nn.Module) -> list[str]:
+    if not model.training:
+        return []
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+    ]
+
+
+class CurvatureOperator(LinearOperator):
+    """Base class of the dataset-level curvature operators.
+
+    Subclasses implement ``_batch_state(X, y)`` (graphs for one batch) and
+    ``_batch_product(state, vs, batched)`` (the batch-level product, reduced like
+    the loss). The base class handles parameters, data traversal and weighting,
+    determinism checks, distributed reduction and caching.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model(X), y)`` returns a scalar.
+        data: one ``(X, y)`` batch or an iterable of batches.
+        params: tensors to take curvature with respect to (default: every
+            parameter of ``model`` with ``requires_grad``).
+        reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` or ``"mean"``.
+        check_deterministic: verify that an iterable yields the same batches on every
+            pass and that the model is not stochastic (dropout in training mode).
+        distributed: all-reduce over the process group (default: when one is initialized).
+        progressbar: show a tqdm bar over batches for each product.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data,
+        params: Sequence[Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+        check_deterministic: bool = True,
+        distributed: bool | None = None,
+        progressbar: bool = False,
+    ):
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("the model has no parameters that require grad")
+        self.params = as_params(params)
+        p0 = self.params[0]
+        super().__init__(sum(p.numel() for p in self.params), p0.dtype, p0.device)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.reduction = reduction_of(loss_fn, reduction)
+        self.check_deterministic = check_deterministic
+        self.distributed = distributed
+        self.progressbar = progressbar
+        self.single_batch = _is_batch(data)
+        if check_deterministic:
+            stochastic = _stochastic_modules(model)
+            if stochastic:
+                raise NonDeterministicDataError(
+                    f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
+                    "every product would see a different matrix. Call model.eval() first, "
+                    "or pass check_deterministic=False if you mean it."
+                )
+        self._state = None  # single-batch graphs, built lazily
+        self._fingerprints: list[tuple] | None = None
+        self._num_data: int | None = None
+
+    # -- subclass hooks ------------------------------------------------------------------
+    def _batch_state(self, X, y):
+        raise NotImplementedError
+
+    def _batch_product(self, state, vs: list[Tensor], batched: bool) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------
+    def _forward(self, X, y) -> tuple[Tensor, Tensor]:
+        out = self.model(X) if isinstance(X, Tensor) else self.model(*X)
+        loss = self.loss_fn(out, y)
+        check_scalar_loss(loss)
+        return out, loss
+
+    def _split(self, V: Tensor, batched: bool) -> list[Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            if batched:
+                out.append(V[offset : offset + n].T.reshape(V.shape[1], *p.shape))
+            else:
+                out.append(V[offset : offset + n].view_as(p))
+            offset += n
+        return out
+
+    def _join(self, ts: Sequence[Tensor], batched: bool) -> Tensor:
+        if batched:
+            k = ts[0].shape[0]
+            return torch.cat([t.reshape(k, -1) for t in ts], dim=1).T
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    def _weight(self, n_b: int) -> float:
+        return float(n_b) if self.reduction == "mean" else 1.0
+
+    def _batches(self):
+        """Batches with their example counts, checking the data is the same on every pass."""
+        it = iterate_batches(self.data, self.device)
+        if self.progressbar and not self.single_batch:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=type(self).__name__, leave=False)
+        seen = []
+        for i, (X, y) in enumerate(it):
+            if self.check_deterministic and not self.single_batch:
+                fp = _fingerprint(X, y)
+                if self._fingerprints is not None:
+                    if i >= len(self._fingerprints) or fp != self._fingerprints[i]:
+                        raise NonDeterministicDataError(
+                            f"batch {i} differs from the one seen on the first pass over the data "
+                            "(a shuffling DataLoader or random augmentation?). A curvature operator "
+                            "must be the same matrix on every product: use shuffle=False or a fixed "
+                            "list of batches, or pass check_deterministic=False."
+                        )
+                seen.append(fp)
+            yield X, y
+        if self.check_deterministic and not self.single_batch:
+            if self._fingerprints is None:
+                self._fingerprints = seen
+            elif len(seen) != len(self._fingerprints):
+                raise NonDeterministicDataError(
+                    f"the data yielded {len(seen)} batches, {len(self._fingerprints)} on the first pass"
+                )
+
+    def _reduce(self, acc: Tensor, count: float) -> tuple[Tensor, float]:
+        if _dist_active(self.distributed):
+            buf = torch.cat([acc.reshape(-1), acc.new_tensor([count])])
+            dist.all_reduce(buf)
+            return buf[:-1].reshape(acc.shape), float(buf[-1])
+        return acc, count
+
+    def _apply(self, V: Tensor, batched: bool) -> Tensor:
+        vs = self._split(V, batched)
+        if self.single_batch:
+            if self._state is None:
+                X, y = next(iter(iterate_batches(self.data, self.device)))
+                self._state = (self._batch_state(X, y), _batch_size(X))
+            state, n_b = self._state
+            out = self._join(self._batch_product(state, vs, batched), batched)
+            if not _dist_active(self.distributed):
+                return out
+            acc, count = out * self._weight(n_b), float(n_b)
+        else:
+            acc, count = torch.zeros_like(V), 0.0
+            for X, y in self._batches():
+                n_b = _batch_size(X)
+                state = self._batch_state(X, y)
+                prod = self._join(self._batch_product(state, vs, batched), batched)
+                acc.add_(prod, alpha=self._weight(n_b))
+                count += n_b
+                del state
+        acc, count = self._reduce(acc, count)
+        self._num_data = int(count)
+        if self.reduction == "mean":
+            acc.div_(count)
+        return acc
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._apply(v, batched=False)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._apply(V, batched=True)
+
+    # -- dataset quantities --------------------------------------------------------------
+    @property
+    def num_data(self) -> int:
+        """Number of examples ``N`` in the data (summed over ranks)."""
+        if self._num_data is None:
+            count = float(sum(_batch_size(X) for X, _ in iterate_batches(self.data)))
+            _, count = self._reduce(torch.zeros(1, dtype=self.dtype, device=self.device), count)
+            self._num_data = int(count)
+        return self._num_data
+
+    def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
+        """The dataset loss and its flat gradient (detached), reduced like the operator."""
+        acc = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
+        count = 0.0
+        for X, y in self._batches():
+            n_b = _batch_size(X)
+            _, loss = self._forward(X, y)
+            g = grad_checked(loss, self.params)
+            w = self._weight(n_b)
+            acc[:-1].add_(torch.cat([t.reshape(-1) for t in g]), alpha=w)
+            acc[-1] += w * loss.detach()
+            count += n_b
+        acc, count = self._reduce(acc, count)
+        self._num_data = int(count)
+        if self.reduction == "mean":
+            acc.div_(count)
+        check_finite(acc, "gradient")
+        return acc[-1], acc[:-1]
+
+    def gradient(self) -> Tensor:
+        """The flat dataset gradient (detached)."""
+        return self.loss_and_gradient()[1]
+
+    def refresh(self) -> None:
+        """Forget cached graphs (call after changing the parameters in place)."""
+        self._state = None
+
+
+def _fingerprint(X, y) -> tuple:
+    xs = [X] if isinstance(X, Tensor) else list(X)
+    fp = []
+    for t in [*xs, y]:
+        tf = t.detach().to(torch.float64)
+        fp.append((tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6)))
+    return tuple(fp)
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian :math:`\nabla^2_\theta L` of the dataset loss, matrix-free.
+
+    Symmetric, generally indefinite away from a minimum. See :class:`CurvatureOperator`
+    for the arguments.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> X, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> H = HessianOperator(model, torch.nn.MSELoss(), (X, y))
+        >>> H.shape
+        (4, 4)
+        >>> (H @ torch.ones(4)).shape
+        torch.Size([4])
+    """
+
+    def _batch_state(self, X, y):
+        _, loss = self._forward(X, y)
+        grads = grad_checked(loss, self.params, create_graph=True)
+        return grads
+
+    def _batch_product(self, state, vs, batched):
+        return hvp_from_gradient(state, self.params, vs, batched=batched)
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The generalized Gauss-Newton matrix :math:`\sum_b w_b J_b^\top (\nabla^2_f L_b) J_b`.
+
+    Positive semi-definite for losses convex in the network output; equals the
+    Fisher information for cross-entropy and for MSE (up to the loss' scale).
+    Each product costs two backward passes through kept graphs on a single batch.
+    """
+
+    psd = True
+
+    def _batch_state(self, X, y):
+        out, loss = self._forward(X, y)
+        return GGNGraph(loss, out, self.params)
+
+    def _batch_product(self, state, vs, batched):
+        return state.gvp(vs, batched)
+
+
+class _FisherState:
+    def __init__(self, op: FisherOperator, X, y):
+        out, _ = op._forward(X, y)
+        n = out.shape[0]
+        w = 1.0 / n if op.reduction == "mean" else 1.0
+        self.w = w
+        if op.kind == "empirical":
+            losses = per_sample_losses(op.loss_fn, out, y, op.reduction)
+            self.graph = _JacobianGraph(losses, op.params)
+            self.scores = None
+        else:
+            a = nll_scale(op.loss_fn, out, op.reduction)
+            f = out.detach().requires_grad_(True)
+            scores = []
+            for _ in range(op.mc_samples):
+                yt = sample_targets(op.loss_fn, f, op.generator)
+                ls = per_sample_losses(op.loss_fn, f, yt, op.reduction)
+                (s,) = torch.autograd.grad(ls.sum(), f)
+                scores.append(s)
+            self.scores = torch.stack(scores)  # [K, n, ...]
+            self.w = w / (a * op.mc_samples)
+            self.graph = _JacobianGraph(out, op.params)
+
+
+class _JacobianGraph:
+    """``J v`` (double-vjp) and ``J^T t`` for a tensor ``out`` of the parameters."""
+
+    def __init__(self, out: Tensor, params):
+        self.out, self.params = out, params
+        self.dummy = torch.zeros_like(out, requires_grad=True)
+        self.u = grad_checked(out, params, self.dummy, create_graph=True)
+
+    def jvp(self, vs, batched):
+        live = [i for i, u in enumerate(self.u) if u.requires_grad]
+        shape = (vs[0].shape[0], *self.out.shape) if batched else self.out.shape
+        if not live:
+            return self.out.new_zeros(shape)
+        (jv,) = torch.autograd.grad(
+            [self.u[i] for i in live], self.dummy, [vs[i] for i in live],
+            retain_graph=True, allow_unused=True, is_grads_batched=batched,
+        )
+        return self.out.new_zeros(shape) if jv is None else jv
+
+    def vjp(self, t, batched):
+        return grad_checked(
+            self.out, self.params, t, retain_graph=True, is_grads_batched=batched,
+            zeros_for_unused=True,
+        )
+
+
+class FisherOperator(CurvatureOperator):
+    r"""The Fisher matrix, empirical or Monte-Carlo.
+
+    * ``kind="empirical"``: :math:`w \sum_i \nabla\ell_i \nabla\ell_i^\top` with the observed
+      targets (per-example losses as in :mod:`second._losses`).
+    * ``kind="mc"``: :math:`\frac{w}{a K} \sum_i \sum_k J_i^\top s_{ik} s_{ik}^\top J_i`
+      with :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik})`, targets :math:`\tilde y_{ik}`
+      sampled from the model's predictive distribution (``mc_samples`` of them, drawn
+      once with ``generator`` so the operator is a fixed matrix). Its expectation is the
+      GGN. Supported for MSE, cross-entropy and BCE-with-logits.
+
+    Args:
+        kind: ``"empirical"`` (default) or ``"mc"``.
+        mc_samples: samples per example for ``"mc"``.
+        generator: a ``torch.Generator`` for the samples (default: seeded with 0).
+        other arguments: see :class:`CurvatureOperator`.
+    """
+
+    psd = True
+
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        kind: str = "empirical",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        if kind not in ("empirical", "mc"):
+            raise ValueError(f"kind must be 'empirical' or 'mc', got {kind!r}")
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        super().__init__(model, loss_fn, data, params, **kwargs)
+        self.kind = kind
+        self.mc_samples = int(mc_samples)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(0)
+        self.generator = generator
+        self._generator_state = generator.get_state()
+
+    def _batch_state(self, X, y):
+        return _FisherState(self, X, y)
+
+    def _apply(self, V, batched):
+        # the same samples on every pass over the data: the operator is one fixed matrix
+        self.generator.set_state(self._generator_state)
+        return super()._apply(V, batched)
+
+    def _batch_product(self, state: _FisherState, vs, batched):
+        jv = state.graph.jvp(vs, batched)
+        if state.scores is None:
+            t = jv * state.w
+        else:
+            S = state.scores  # [K, n, ...]
+            n = S.shape[1]
+            Sf = S.reshape(S.shape[0], n, -1)
+            if batched:
+                jf = jv.reshape(jv.shape[0], 1, n, -1)
+                coef = (Sf.unsqueeze(0) * jf).sum(-1, keepdim=True)  # [k, K, n, 1]
+                t = (coef * Sf.unsqueeze(0)).sum(1).reshape(jv.shape) * state.w
+            else:
+                jf = jv.reshape(1, n, -1)
+                coef = (Sf * jf).sum(-1, keepdim=True)
+                t = (coef * Sf).sum(0).reshape(jv.shape) * state.w
+        return state.graph.vjp(t, batched)
+

@@ -1,0 +1,23 @@
+"""Inverse-curvature solvers: each returns a :class:`SolveResult`."""
+
+from ._cg import cg
+from ._dense import dense
+from ._lowrank import LowRankInverse, lowrank
+from ._minres import minres
+from ._neumann import lissa, neumann
+from ._result import SolveResult
+from ._solve import METHODS, choose_method, solve
+
+__all__ = [
+    "SolveResult",
+    "solve",
+    "choose_method",
+    "METHODS",
+    "cg",
+    "minres",
+    "neumann",
+    "lissa",
+    "lowrank",
+    "dense",
+    "LowRankInverse",
+]

@@ -1,0 +1,203 @@
+"""MINRES for symmetric (possibly indefinite) systems."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ._result import Problem, SolveResult, _norm, as_preconditioner, callbacks, report, stopping_threshold
+
+__all__ = ["minres"]
+
+
+def minres(
+    A,
+    b,
+    *,
+    x0=None,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    M=None,
+    callback: Callable | None = None,
+    damping: float = 0.0,
+    recurrence_dtype: torch.dtype | None = None,
+    reorthogonalize: bool = False,
+    check_residual: bool = True,
+    warn: bool = True,
+) -> SolveResult:
+    r"""Solve a symmetric, possibly indefinite system :math:`(A + \lambda I) x = b` by MINRES.
+
+    MINRES (Paige & Saunders, 1975) minimizes :math:`\|b - A x_k\|` over the Krylov
+    space; it needs symmetry but not definiteness, so it solves Hessian systems
+    away from a minimum, where CG fails.
+
+    Stopping rule: :math:`\|r_k\| \le \max(\mathrm{tol}\,\|b\|, \mathrm{atol})` on the
+    recurrence's residual estimate; with ``check_residual`` (default) the true residual
+    is computed once at the end (one extra product) and ``converged`` reflects it, so a
+    loss of orthogonality cannot pass as convergence.
+
+    Precision: in float32 the Lanczos vectors lose orthogonality and the estimate
+    drifts from the truth. ``recurrence_dtype=torch.float64`` keeps every vector
+    and scalar of the recurrence in float64 while products stay in the operator's
+    dtype; ``reorthogonalize=True`` also keeps all Lanczos vectors (memory ``n x k``)
+    and re-orthogonalizes against them (no preconditioner then).
+
+    Args:
+        A: a symmetric operator, dense tensor or callable.
+        b: right-hand side, flat or parameter-shaped tensors.
+        x0: starting point (default zero).
+        tol: relative tolerance.
+        atol: absolute tolerance.
+        maxiter: iteration limit (default ``5 n``).
+        M: symmetric positive-definite preconditioner approximating :math:`A^{-1}`.
+        callback: called with the iterate after each iteration.
+        damping: :math:`\lambda` (may be negative only if you know what you do; must be finite).
+        recurrence_dtype: dtype of the recurrences (default: the operator's).
+        reorthogonalize: full re-orthogonalization of the Lanczos vectors.
+        check_residual: compute the true residual at the end.
+        warn: warn when not converged.
+
+    Returns:
+        A :class:`~second.SolveResult`; ``negative_curvature`` records whether a Lanczos
+        vector with :math:`v^\top A v < 0` was met (the operator is indefinite), which
+        MINRES handles.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+        >>> res = minres(A, torch.ones(3, dtype=torch.float64), tol=1e-12)
+        >>> res.x
+        tensor([ 0.5000, -1.0000,  0.3333], dtype=torch.float64)
+        >>> res.negative_curvature
+        True
+
+    References:
+        C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
+        equations", SIAM J. Numer. Anal. 12 (1975).
+    """
+    pb = Problem(A, b, x0, damping)
+    op, n = pb.A, pb.n
+    work = recurrence_dtype or pb.b.dtype
+    Minv = as_preconditioner(M, n, pb.b.dtype, pb.b.device)
+    if reorthogonalize and Minv is not None:
+        raise ValueError("reorthogonalize=True is not supported together with a preconditioner")
+    maxiter = 5 * n if maxiter is None else int(maxiter)
+    odt = pb.b.dtype
+
+    def matvec(v):
+        return (op @ v.to(odt)).to(work)
+
+    def precond(v):
+        return v if Minv is None else (Minv @ v.to(odt)).to(work)
+
+    b = pb.b.to(work)
+    bnorm = _norm(b)
+    threshold = stopping_threshold(bnorm, tol, atol)
+    x = torch.zeros_like(b) if pb.x0 is None else pb.x0.to(work).clone()
+    r1 = b.clone() if pb.x0 is None else b - matvec(x)
+    y = precond(r1)
+    beta1_sq = float(torch.dot(r1, y))
+    if beta1_sq < 0:
+        raise ValueError("the preconditioner M is not positive definite")
+    beta1 = math.sqrt(beta1_sq)
+    history = [_norm(r1)]
+    if history[0] <= threshold:
+        return pb.result(x, converged=True, iterations=0, residual_norms=history,
+                         message="x0 already satisfies the tolerance", method="minres")
+
+    eps = torch.finfo(work).eps
+    oldb, beta, dbar, epsln, phibar = 0.0, beta1, 0.0, 0.0, beta1
+    cs, sn = -1.0, 0.0
+    tnorm2 = 0.0
+    w = torch.zeros_like(b)
+    w2 = torch.zeros_like(b)
+    r2 = r1.clone()
+    basis = [] if reorthogonalize else None
+    neg_it = None
+    converged = False
+    stop_msg = ""
+    k = 0
+    for k in range(1, maxiter + 1):
+        v = y / beta
+        if basis is not None:
+            basis.append(v)
+        y = matvec(v)
+        if k >= 2:
+            y = y - (beta / oldb) * r1
+        alfa = float(torch.dot(v, y))
+        if alfa < 0 and neg_it is None:
+            neg_it = k
+        y = y - (alfa / beta) * r2
+        if basis is not None:
+            Q = torch.stack(basis, dim=1)
+            for _ in range(2):
+                y = y - Q @ (Q.T @ y)
+        r1 = r2
+        r2 = y
+        y = precond(r2)
+        oldb = beta
+        bsq = float(torch.dot(r2, y))
+        if bsq < 0:
+            raise ValueError("the preconditioner M is not positive definite")
+        beta = math.sqrt(bsq)
+        tnorm2 += alfa * alfa + oldb * oldb + beta * beta
+        # apply the previous rotation, then make a new one
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = max(math.hypot(gbar, beta), eps)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = sn * phibar
+        w1, w2 = w2, w
+        w = (v - oldeps * w1 - delta * w2) / gamma
+        x = x + phi * w
+        rnorm = phibar if Minv is None else phibar  # preconditioned: the M^-1-norm estimate
+        history.append(float(rnorm))
+        callbacks(callback, x, pb)
+        if rnorm <= threshold:
+            converged = True
+            stop_msg = f"converged: ||r|| ~ {rnorm:.3e} <= {threshold:.3e}"
+            break
+        anorm = math.sqrt(tnorm2)
+        if beta <= eps * anorm:
+            # invariant Krylov subspace found: x is the exact minimum-residual solution there
+            stop_msg = "Krylov subspace exhausted (beta ~ 0)"
+            converged = rnorm <= threshold
+            break
+    else:
+        stop_msg = f"did not converge in {maxiter} iterations: ||r|| ~ {history[-1]:.3e} > {threshold:.3e}"
+
+    info = {}
+    if check_residual:
+        true_r = _norm(b - matvec(x))
+        info["true_residual"] = true_r
+        history[-1] = true_r
+        # the products themselves are only accurate to ~eps(op dtype) * ||A|| ||x||
+        slack = 10 * torch.finfo(odt).eps * math.sqrt(tnorm2) * _norm(x)
+        info["attainable_residual"] = slack
+        if true_r > threshold + slack:
+            if converged:
+                stop_msg = (f"the recurrence reached the tolerance but the true residual is "
+                            f"{true_r:.3e} > {threshold:.3e} (loss of orthogonality; try "
+                            "recurrence_dtype=torch.float64 or reorthogonalize=True)")
+            converged = False
+        elif not converged:
+            converged = True
+            stop_msg = f"converged: true ||r|| = {true_r:.3e} <= {threshold:.3e}"
+    if neg_it is not None:
+        stop_msg += f"; the operator is indefinite (v^T A v < 0 at iteration {neg_it})"
+    info["warn_negative"] = False
+    res = pb.result(
+        x, converged=converged, iterations=k, residual_norms=history,
+        negative_curvature=neg_it is not None, negative_curvature_iteration=neg_it,
+        message=stop_msg, method="minres", info=info,
+    )
+    return report(res, warn)
+
+
+

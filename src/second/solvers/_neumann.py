@@ -1,0 +1,266 @@
+r"""Truncated Neumann series and its stochastic version, LiSSA.
+
+Both rest on :math:`A^{-1} = \frac1s \sum_{i \ge 0} (I - A/s)^i`, which converges iff
+the spectrum of :math:`A/s` lies in :math:`(0, 2)`: :math:`A` positive definite and
+:math:`s > \lambda_{\max}/2`. The error after :math:`K` terms shrinks like
+:math:`q^K` with contraction :math:`q = \max(|1 - \lambda_{\min}/s|, |1 - \lambda_{\max}/s|)`.
+An indefinite operator has :math:`q > 1`: the series diverges and no scale fixes it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .._errors import ConvergenceWarning
+from ..operators.base import LinearOperator, aslinearoperator
+from ..spectral.lanczos import extreme_eigenvalues
+from ._result import Problem, SolveResult, _norm, callbacks, report, stopping_threshold
+
+__all__ = ["neumann", "lissa"]
+
+
+def _auto_scale(op, steps: int, generator) -> tuple[float, float, float]:
+    lo, hi = extreme_eigenvalues(op, steps=steps, generator=generator)
+    # Ritz values lie inside the spectrum; a 5% margin keeps lambda_max / s < 2 safely
+    return 1.05 * hi, lo, hi
+
+
+def neumann(
+    A,
+    b,
+    *,
+    scale: float | None = None,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int = 1000,
+    x0=None,
+    callback: Callable | None = None,
+    lanczos_steps: int = 20,
+    divergence_factor: float = 1e4,
+    warn: bool = True,
+    **unused,
+) -> SolveResult:
+    r"""Solve :math:`(A + \lambda I) x = b` by the truncated Neumann series.
+
+    Iteration: :math:`p_0 = b,\ p_{k+1} = b + (I - A/s) p_k`, :math:`x_k = p_k / s`.
+    The residual :math:`r_k = b - A x_k = (I - A/s)^{k+1} b` comes free with each
+    product, so the stopping rule is SciPy's: :math:`\|r_k\| \le \max(\mathrm{tol}\|b\|,
+    \mathrm{atol})`.
+
+    ``scale=None`` (default) estimates :math:`\lambda_{\max}` and :math:`\lambda_{\min}` by
+    ``lanczos_steps`` Lanczos iterations and uses :math:`s = 1.05\,\lambda_{\max}`.
+    If the estimate shows a negative eigenvalue the series cannot converge: it is
+    reported at once (``negative_curvature=True``, ``diverged=True``) with ``x = 0``
+    and a warning instead of iterating. A residual that grows past
+    ``divergence_factor * ||b||`` stops the iteration the same way (the best iterate
+    seen is returned, flagged). ``info`` holds the scale, the eigenvalue estimates and
+    the predicted contraction.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+        >>> res = neumann(A, torch.ones(3, dtype=torch.float64), tol=1e-10)
+        >>> res.converged, torch.allclose(res.x, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
+        (True, True)
+    """
+    for key in unused:
+        if key not in ("M",):
+            raise TypeError(f"neumann() got an unexpected keyword argument {key!r}")
+    pb = Problem(A, b, x0, damping)
+    op = pb.A
+    info: dict = {}
+    if scale is None:
+        scale, lo, hi = _auto_scale(op, lanczos_steps, None)
+        info.update(lambda_min_estimate=lo, lambda_max_estimate=hi)
+        if lo < -1e-8 * abs(hi):
+            info.update(scale=scale, warn_negative=True)
+            return report(pb.result(
+                torch.zeros_like(pb.b), converged=False, iterations=0, residual_norms=[_norm(pb.b)],
+                negative_curvature=True, diverged=True, method="neumann", info=info,
+                message=(f"the operator is indefinite (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
+                         "the Neumann series diverges for every scale; use minres, or damping "
+                         f">= {-lo:.3e}, or the Gauss-Newton matrix")), warn)
+        info["contraction"] = max(abs(1 - lo / scale), abs(1 - hi / scale))
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    info["scale"] = float(scale)
+    bnorm = _norm(pb.b)
+    threshold = stopping_threshold(bnorm, tol, atol)
+    p = pb.b.clone() if pb.x0 is None else pb.x0 * scale
+    best_p, best_r = p.clone(), math.inf
+    history = []
+    for k in range(maxiter + 1):
+        Ap = op @ p
+        r = pb.b - Ap / scale
+        rnorm = _norm(r)
+        history.append(rnorm)
+        if rnorm < best_r:
+            best_r, best_p = rnorm, p.clone()
+        if rnorm <= threshold:
+            return pb.result(p / scale, converged=True, iterations=k, residual_norms=history,
+                             method="neumann", info=info,
+                             message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}")
+        if not math.isfinite(rnorm) or rnorm > divergence_factor * bnorm:
+            info["warn_negative"] = True
+            return report(pb.result(
+                best_p / scale, converged=False, iterations=k, residual_norms=history,
+                diverged=True, negative_curvature=True, method="neumann", info=info,
+                message=(f"diverged: ||r|| grew to {rnorm:.3e} (from {bnorm:.3e}); the operator "
+                         "has an eigenvalue outside (0, 2 s): it is indefinite or the scale is too "
+                         "small. Returned the best iterate")), warn)
+        if k == maxiter:
+            break
+        p = pb.b + p - Ap / scale  # p_{k+1} = b + (I - A/s) p_k
+        callbacks(callback, p / scale, pb)
+    return report(pb.result(
+        best_p / scale, converged=False, iterations=maxiter, residual_norms=history,
+        method="neumann", info=info,
+        message=(f"did not converge in {maxiter} terms: ||r|| = {best_r:.3e} > {threshold:.3e} "
+                 f"(contraction ~ {info.get('contraction', float('nan')):.4f} per term)")), warn)
+
+
+def _batch_operators(A) -> Callable[[int], LinearOperator]:
+    """A function ``i -> operator of mini-batch i`` for LiSSA's stochastic products."""
+    from ..operators.curvature import CurvatureOperator, iterate_batches
+
+    if isinstance(A, CurvatureOperator):
+        if A.single_batch:
+            return lambda i: A
+        batches = list(iterate_batches(A.data, A.device))
+        ops = [None] * len(batches)
+
+        def get(i):
+            j = i % len(batches)
+            if ops[j] is None:
+                ops[j] = type(A)(A.model, A.loss_fn, batches[j], A.params, reduction=A.reduction,
+                                 check_deterministic=False, distributed=False)
+            return ops[j]
+
+        return get
+    if isinstance(A, (list, tuple)):
+        ops = [aslinearoperator(a) for a in A]
+        return lambda i: ops[i % len(ops)]
+    if callable(A) and not isinstance(A, (LinearOperator, Tensor)):
+        return A
+    op = aslinearoperator(A)
+    return lambda i: op
+
+
+def lissa(
+    A: LinearOperator | Sequence[LinearOperator] | Callable[[int], LinearOperator],
+    b,
+    *,
+    depth: int | None = None,
+    repeats: int = 1,
+    scale: float | None = None,
+    damping: float = 0.0,
+    tol: float = 1e-3,
+    full_operator: LinearOperator | None = None,
+    lanczos_steps: int = 20,
+    bias_warning: float = 0.05,
+    max_depth: int = 100_000,
+    generator: torch.Generator | None = None,
+    progressbar: bool = False,
+    warn: bool = True,
+    **unused,
+) -> SolveResult:
+    r"""LiSSA: a stochastic Neumann series over mini-batch curvature (Agarwal et al., 2016).
+
+    Recursion, repeated ``repeats`` times with fresh mini-batches and averaged:
+    :math:`p_0 = b,\ p_{j+1} = b + (I - (A_{i_j} + \lambda I)/s)\, p_j`, :math:`x = p_{d}/s`,
+    where :math:`A_{i_j}` is the curvature of a random mini-batch.
+
+    ``A`` is a :class:`~second.CurvatureOperator` over an iterable of batches (one
+    operator per batch is built), a list of operators, or a function ``i -> operator``.
+
+    Truncation bias: after ``depth`` terms the deterministic part of the error is
+    :math:`\|(I - (A+\lambda I)/s)^{d} A^{-1} b\|`, up to :math:`q^d` relative with
+    :math:`q = 1 - (\lambda_{\min} + \lambda)/s`. Scale and contraction are estimated by
+    Lanczos on ``full_operator`` (default: ``A`` itself when it is one operator, else the
+    first batch's). ``depth=None`` chooses :math:`d = \lceil \ln(\mathrm{tol}) / \ln q \rceil`
+    (capped at ``max_depth``); a fixed depth that leaves :math:`q^d >` ``bias_warning``
+    warns (:class:`~second.ConvergenceWarning`): this is the silent failure where
+    LiSSA at default settings returns a fraction of the true magnitude.
+
+    ``converged`` means the predicted bias :math:`q^d \le` ``tol``; the stochastic error is
+    not bounded by it (average more ``repeats``). ``info`` holds scale, contraction, depth
+    and ``predicted_bias``.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> res = lissa([A], torch.ones(2, dtype=torch.float64), tol=1e-8)
+        >>> torch.allclose(res.x, torch.tensor([1.0, 0.5], dtype=torch.float64))
+        True
+    """
+    for key in unused:
+        if key not in ("x0", "M", "maxiter", "callback", "atol"):
+            raise TypeError(f"lissa() got an unexpected keyword argument {key!r}")
+    get = _batch_operators(A)
+    first = get(0)
+    ref = full_operator if full_operator is not None else (A if isinstance(A, LinearOperator) else first)
+    pb = Problem(first, b, None, damping)
+    info: dict = {}
+    lo, hi = extreme_eigenvalues(aslinearoperator(ref), steps=lanczos_steps, generator=generator)
+    lo_d, hi_d = lo + damping, hi + damping
+    info.update(lambda_min_estimate=lo_d, lambda_max_estimate=hi_d)
+    if scale is None:
+        scale = 1.05 * hi_d
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if lo_d <= 0:
+        info.update(scale=scale, warn_negative=True)
+        return report(pb.result(
+            torch.zeros_like(pb.b), converged=False, iterations=0, residual_norms=[],
+            negative_curvature=True, diverged=True, method="lissa", info=info,
+            message=(f"the damped operator is not positive definite (eigenvalue ~ {lo_d:.3e}): "
+                     f"LiSSA diverges; add damping >= {-lo:.3e}")), warn)
+    q = max(1 - lo_d / scale, abs(1 - hi_d / scale))
+    if depth is None:
+        depth = min(max_depth, math.ceil(math.log(max(tol, 1e-300)) / math.log(max(q, 1e-300))))
+    depth = int(depth)
+    bias = q**depth
+    info.update(scale=float(scale), contraction=q, depth=depth, predicted_bias=bias)
+    g = generator or torch.Generator(device=pb.b.device).manual_seed(0)
+    counter = 0
+    acc = torch.zeros_like(pb.b)
+    steps = range(repeats * depth)
+    if progressbar:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="lissa")
+    it = iter(steps)
+    for _ in range(repeats):
+        p = pb.b.clone()
+        for _j in range(depth):
+            next(it)
+            opj = get(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device)))
+            counter += 1
+            Ap = opj @ p
+            if damping:
+                Ap = Ap + damping * p
+            p = pb.b + p - Ap / scale
+            if not torch.isfinite(p).all():
+                return report(pb.result(
+                    torch.zeros_like(pb.b), converged=False, iterations=counter, residual_norms=[],
+                    diverged=True, method="lissa", info=info,
+                    message="the recursion overflowed: a mini-batch curvature exceeds 2 * scale"), warn)
+        acc += p / scale
+    x = acc / repeats
+    converged = bias <= tol
+    msg = (f"depth {depth}, scale {scale:.3e}, contraction {q:.6f}: predicted truncation bias "
+           f"{bias:.2e}")
+    if bias > bias_warning:
+        msg += (f" leaves ~{100 * bias:.0f}% of the solution's slowest component missing; "
+                f"use depth >= {math.ceil(math.log(tol) / math.log(q))} or more damping")
+        if warn:
+            warnings.warn(f"lissa: {msg}", ConvergenceWarning, stacklevel=2)
+    res = pb.result(x, converged=converged, iterations=counter, residual_norms=[], method="lissa",
+                    info=info, message=msg)
+    res.matvecs = counter + lanczos_steps
+    return res
+

@@ -1,0 +1,100 @@
+"""``second.solve``: one entry point for every inverse-curvature method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..operators.base import LinearOperator
+from ._cg import cg
+from ._dense import dense
+from ._lowrank import lowrank
+from ._minres import minres
+from ._neumann import lissa, neumann
+from ._result import SolveResult
+
+__all__ = ["solve", "METHODS", "choose_method"]
+
+METHODS: dict[str, Callable[..., SolveResult]] = {
+    "cg": cg,
+    "minres": minres,
+    "neumann": neumann,
+    "lissa": lissa,
+    "lowrank": lowrank,
+    "dense": dense,
+}
+
+DENSE_THRESHOLD = 1500  # parameters: forming the matrix costs n products, solving O(n^3)
+
+
+def choose_method(A, n: int, damping: float = 0.0) -> str:
+    """The method ``"auto"`` picks (see :func:`solve`)."""
+    if n <= DENSE_THRESHOLD:
+        return "dense"
+    psd = isinstance(A, LinearOperator) and A.psd
+    if psd and damping >= 0:
+        return "cg"
+    return "minres"
+
+
+def solve(
+    A,
+    b,
+    method: str = "auto",
+    *,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    x0=None,
+    M=None,
+    callback: Callable | None = None,
+    **options,
+) -> SolveResult:
+    r"""Solve :math:`(A + \lambda I)\, x = b` for a curvature operator :math:`A`.
+
+    Args:
+        A: a :class:`~second.LinearOperator` (e.g. :class:`~second.HessianOperator`), a dense
+            tensor, or a callable matvec on flat vectors.
+        b: flat vector, or parameter-shaped tensors (``x`` is returned in the same form).
+        method: ``"auto"``, ``"cg"``, ``"minres"``, ``"neumann"``, ``"lissa"``, ``"lowrank"``,
+            ``"dense"``. ``"auto"`` forms the matrix and solves in float64 when
+            ``n <= 1500``; otherwise CG for an operator known to be positive semi-definite
+            (GGN, Fisher, damped PSD) and MINRES for anything else (a Hessian may be
+            indefinite: CG would stop at negative curvature).
+        damping: :math:`\lambda \ge 0`, applied as the explicit operator ``A + lambda I``.
+        tol, atol: stopping rule :math:`\|b - Ax\| \le \max(\mathrm{tol}\|b\|, \mathrm{atol})`.
+        maxiter: iteration limit (method default when ``None``).
+        x0: starting point.
+        M: preconditioner approximating :math:`A^{-1}` (``cg``, ``minres``).
+        callback: called with each iterate.
+        **options: passed to the method (e.g. ``recurrence_dtype`` for MINRES,
+            ``rank`` for lowrank, ``depth``/``repeats`` for LiSSA, ``warn=False``).
+
+    Returns:
+        A :class:`~second.SolveResult`. A run that did not converge warns
+        (:class:`~second.ConvergenceWarning` or :class:`~second.NegativeCurvatureWarning`).
+
+    Example:
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, -3.0]], dtype=torch.float64)
+        >>> res = solve(A, torch.tensor([1.0, 0.0], dtype=torch.float64), method="minres", tol=1e-12)
+        >>> torch.allclose(A @ res.x, torch.tensor([1.0, 0.0], dtype=torch.float64))
+        True
+    """
+    n = b.numel() if isinstance(b, torch.Tensor) else sum(t.numel() for t in b)
+    chosen = choose_method(A, n, damping) if method == "auto" else method
+    if chosen not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from 'auto', {', '.join(METHODS)}")
+    kwargs = dict(damping=damping, tol=tol, atol=atol, x0=x0, M=M, callback=callback)
+    if maxiter is not None:
+        kwargs["maxiter"] = maxiter
+    if chosen == "lissa":
+        kwargs.pop("x0"), kwargs.pop("M"), kwargs.pop("callback"), kwargs.pop("atol")
+        kwargs.pop("maxiter", None)
+    if chosen in ("neumann",):
+        kwargs.pop("M")
+    res = METHODS[chosen](A, b, **kwargs, **options)
+    if method == "auto":
+        res.info["auto"] = chosen
+    return res
