@@ -43,6 +43,7 @@ from .operators import (
 )
 from .solvers import LowRankInverse, SolveResult, cg, dense, lissa, lowrank, minres, solve
 from .spectral import diagonal, eigsh, spectral_density, trace
+from .implicit import HypergradientResult, hypergradient, imaml, implicit_root
 
 __version__ = "0.1.0"
 
@@ -91,6 +92,11 @@ __all__ = [
     "trace",
     "diagonal",
     "spectral_density",
+    # implicit differentiation
+    "hypergradient",
+    "HypergradientResult",
+    "implicit_root",
+    "imaml",
     # errors
     "ConvergenceWarning",
     "NegativeCurvatureWarning",

@@ -26,11 +26,15 @@ def dense(
     Costs ``n`` products (batched ``chunk_size`` at a time) and ``O(n^3)`` work: for
     small problems, and as the reference the iterative methods are measured against.
     A singular or numerically singular matrix (eigenvalues below
-    ``rcond * max|eigenvalue|``, default ``n * eps(float64)``) is solved in the
-    least-squares sense (pseudo-inverse) and reported as not converged, with a warning.
+    ``rcond * max|eigenvalue|``, default ``max(n * eps(float64), eps(operator dtype))``:
+    below that an eigenvalue of a matrix formed from float32 products is rounding noise)
+    is solved in the least-squares sense: the minimum-norm (pseudo-inverse) solution,
+    which is exact for a consistent system (e.g. the softmax shift mode, which carries
+    no gradient). ``info["rank"]`` records the rank kept.
 
     Stopping rule: ``converged`` means the true residual satisfies
-    ``||b - A x|| <= max(tol * ||b||, atol)`` (float64 arithmetic).
+    ``||b - A x|| <= max(tol * ||b||, atol)`` (float64 arithmetic); an inconsistent
+    singular system therefore reports ``converged=False`` and warns.
 
     Returns:
         A :class:`~second.SolveResult` with ``info["eigenvalues"]`` (float64) and
@@ -52,7 +56,8 @@ def dense(
     if pb.A.symmetric:
         evals, evecs = torch.linalg.eigh(Ad)
         scale = float(evals.abs().max()) if n else 0.0
-        cut = (rcond if rcond is not None else n * torch.finfo(torch.float64).eps) * scale
+        default_rcond = max(n * torch.finfo(torch.float64).eps, torch.finfo(pb.A.dtype).eps)
+        cut = (rcond if rcond is not None else default_rcond) * scale
         small = evals.abs() <= cut
         inv = torch.where(small, torch.zeros_like(evals), 1.0 / evals)
         x = evecs @ (inv * (evecs.T @ b64))
@@ -66,9 +71,9 @@ def dense(
     converged = rnorm <= threshold
     if bool(small.any()):
         msg = (f"the matrix is singular to working precision ({int(small.sum())} eigenvalues "
-               f"below {cut:.2e}): returned the least-squares (pseudo-inverse) solution, "
-               f"||r|| = {rnorm:.3e}")
-        converged = False
+               f"below {cut:.2e}): returned the minimum-norm least-squares solution, "
+               f"||r|| = {rnorm:.3e}" + ("" if converged else
+               f" > {threshold:.3e}: b is not in the range of A (inconsistent system)"))
     else:
         msg = f"direct solve: ||r|| = {rnorm:.3e}"
         if not converged:

@@ -80,7 +80,8 @@ def lowrank(
     threshold = stopping_threshold(_norm(pb.b), tol, atol)
     res = pb.result(
         x, converged=rnorm <= threshold, iterations=1, residual_norms=[_norm(pb.b), rnorm],
-        negative_curvature=bool((vals < 0).any()), method="lowrank",
+        negative_curvature=bool((vals < -1e3 * torch.finfo(vals.dtype).eps * vals.abs().max()).any()),
+        method="lowrank",
         info={"eigenvalues": vals, "eigenvectors": vecs, "inverse": inv, "warn_negative": False},
         message=f"rank-{vals.numel()} inverse with damping {damping}: ||r|| = {rnorm:.3e}",
     )

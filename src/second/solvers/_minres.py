@@ -111,6 +111,7 @@ def minres(
     oldb, beta, dbar, epsln, phibar = 0.0, beta1, 0.0, 0.0, beta1
     cs, sn = -1.0, 0.0
     tnorm2 = 0.0
+    anorm_est = 0.0  # max row norm of the Lanczos tridiagonal: ~ ||A||
     w = torch.zeros_like(b)
     w2 = torch.zeros_like(b)
     r2 = r1.clone()
@@ -143,6 +144,7 @@ def minres(
             raise ValueError("the preconditioner M is not positive definite")
         beta = math.sqrt(bsq)
         tnorm2 += alfa * alfa + oldb * oldb + beta * beta
+        anorm_est = max(anorm_est, math.sqrt(alfa * alfa + oldb * oldb + beta * beta))
         # apply the previous rotation, then make a new one
         oldeps = epsln
         delta = cs * dbar + sn * alfa
@@ -178,7 +180,7 @@ def minres(
         info["true_residual"] = true_r
         history[-1] = true_r
         # the products themselves are only accurate to ~eps(op dtype) * ||A|| ||x||
-        slack = 10 * torch.finfo(odt).eps * math.sqrt(tnorm2) * _norm(x)
+        slack = 10 * torch.finfo(odt).eps * anorm_est * _norm(x)
         info["attainable_residual"] = slack
         if true_r > threshold + slack:
             if converged:
@@ -188,7 +190,8 @@ def minres(
             converged = False
         elif not converged:
             converged = True
-            stop_msg = f"converged: true ||r|| = {true_r:.3e} <= {threshold:.3e}"
+            stop_msg = (f"converged to the accuracy of the products: true ||r|| = {true_r:.3e} "
+                        f"<= {threshold:.3e} + attainable {slack:.3e}")
     if neg_it is not None:
         stop_msg += f"; the operator is indefinite (v^T A v < 0 at iteration {neg_it})"
     info["warn_negative"] = False

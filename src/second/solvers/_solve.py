@@ -62,7 +62,8 @@ def solve(
             ``"dense"``. ``"auto"`` forms the matrix and solves in float64 when
             ``n <= 1500``; otherwise CG for an operator known to be positive semi-definite
             (GGN, Fisher, damped PSD) and MINRES for anything else (a Hessian may be
-            indefinite: CG would stop at negative curvature).
+            indefinite: CG would stop at negative curvature), with float64 recurrences when
+            the products are in lower precision.
         damping: :math:`\lambda \ge 0`, applied as the explicit operator ``A + lambda I``.
         tol, atol: stopping rule :math:`\|b - Ax\| \le \max(\mathrm{tol}\|b\|, \mathrm{atol})`.
         maxiter: iteration limit (method default when ``None``).
@@ -94,6 +95,10 @@ def solve(
         kwargs.pop("maxiter", None)
     if chosen in ("neumann",):
         kwargs.pop("M")
+    if method == "auto" and chosen == "minres" and "recurrence_dtype" not in options:
+        dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
+        if dt in (torch.float32, torch.float16, torch.bfloat16):
+            options["recurrence_dtype"] = torch.float64  # low-precision products, float64 Lanczos
     res = METHODS[chosen](A, b, **kwargs, **options)
     if method == "auto":
         res.info["auto"] = chosen

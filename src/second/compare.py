@@ -1,0 +1,296 @@
+"""``second compare``: every inverse-curvature method against the exact answer.
+
+By default it reproduces the seed notebook's experiment — the 26-parameter sigmoid
+MLP, ``H^-1 g`` and ``G^-1 g`` — on several seeds, with the notebook's own CG and
+Neumann loops as baselines, and reports cosine and relative error to the exact
+(float64, dense) solution, products used, time, and the convergence and
+negative-curvature flags each method returned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .metrics import cosine_similarity, relative_error
+from .operators import GGNOperator, HessianOperator
+from .problems import PROBLEMS
+from .solvers import solve
+
+__all__ = ["Row", "run_compare", "format_table", "DEFAULT_METHODS"]
+
+DEFAULT_METHODS = (
+    "seed-cg", "seed-neumann", "cg", "minres", "minres-reorth", "neumann", "lissa", "lowrank", "auto",
+)
+
+
+@dataclass
+class Row:
+    """One (seed, curvature, method) measurement."""
+
+    seed: int
+    curvature: str
+    method: str
+    cosine: float
+    relative_error: float
+    matvecs: int
+    seconds: float
+    converged: bool | None
+    negative_curvature: bool | None
+    diverged: bool | None
+    message: str
+    residuals: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- seed baselines
+def _seed_cg(mvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 40):
+    """The notebook's CG loop as it ran (x0 = b, no safeguards)."""
+    x = b.clone()
+    r = b - mvp(x)
+    p = r.clone()
+    hist = [float(r.norm())]
+    for _ in range(iters):
+        Ap = mvp(p)
+        alpha = (r @ r) / (p @ Ap)
+        x = x + alpha * p
+        r_new = r - alpha * Ap
+        beta = (r_new @ r_new) / (r @ r)
+        p = r_new + beta * p
+        r = r_new
+        hist.append(float(r.norm()))
+    return x, iters + 1, hist
+
+
+def _seed_neumann(mvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, scale: float = 4.5):
+    """The notebook's hand-tuned Neumann loop (p <- v + p - H p / 4.5), as it ran."""
+    p = b.clone()
+    hist = []
+    for _ in range(iters):
+        Ap = mvp(p)
+        hist.append(float((b - Ap / scale).norm()))
+        p = b + p - Ap / scale
+    return p, iters, hist  # as in the notebook: p approximates (H / scale)^-1 v
+
+
+# ----------------------------------------------------------------------------- one problem
+def _exact(problem64, curvature: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    op_cls = HessianOperator if curvature == "hessian" else GGNOperator
+    op = op_cls(problem64.model, problem64.loss_fn, problem64.data)
+    A = op.to_dense()
+    g = op.gradient()
+    A = A + damping * torch.eye(A.shape[0], dtype=A.dtype)
+    evals, vecs = torch.linalg.eigh(0.5 * (A + A.T))
+    # the minimum-norm solution: exact zero modes (e.g. the softmax shift, constant features)
+    # carry no gradient, and Krylov methods started at 0 never leave their complement
+    keep = evals.abs() > 1e-10 * evals.abs().max()
+    x = vecs[:, keep] @ ((vecs[:, keep].T @ g) / evals[keep])
+    return x, g, evals[keep]
+
+
+def _run_method(method: str, op, b: Tensor, damping: float, tol: float, n: int):
+    t0 = time.perf_counter()
+    if method == "seed-cg":
+        # the notebook's loops use a raw product: no finiteness check, as it ran
+        x, mv, hist = _seed_cg(lambda v: op._matvec(v) + damping * v, b)
+        res = None
+    elif method == "seed-neumann":
+        x, mv, hist = _seed_neumann(lambda v: op._matvec(v) + damping * v, b)
+        res = None
+    else:
+        opts: dict = {"tol": tol, "damping": damping, "warn": False}
+        name = method
+        if method == "minres-reorth":
+            name = "minres"
+            opts.update(recurrence_dtype=torch.float64, reorthogonalize=True)
+        if method in ("minres", "minres-reorth"):
+            opts["maxiter"] = 4 * n
+        if method == "cg":
+            opts["maxiter"] = 4 * n
+        if method == "neumann":
+            opts["maxiter"] = 20000
+        if method == "lowrank":
+            opts["rank"] = min(20, n)
+            if damping <= 0:
+                return None
+        if method == "lissa":
+            opts["tol"] = max(tol, 1e-4)
+        res = solve(op, b, method=name, **opts)
+        x, hist, mv = res.x, list(res.residual_norms), res.matvecs
+    secs = time.perf_counter() - t0
+    return x, mv, secs, hist, res
+
+
+def compare_problem(
+    problem_name: str,
+    seed: int,
+    dtype: torch.dtype,
+    methods: Sequence[str],
+    damping: dict[str, float],
+    tol: float,
+) -> tuple[list[Row], dict]:
+    """Run every method on one seed of one problem, for the Hessian and the GGN."""
+    problem = PROBLEMS[problem_name](seed=seed, dtype=dtype)
+    problem64 = problem.to(torch.float64)
+    rows, facts = [], {}
+    for curvature in ("hessian", "ggn"):
+        lam = damping[curvature]
+        exact, _, evals = _exact(problem64, curvature, lam)
+        facts[curvature] = {
+            "negative_eigenvalues": int((evals < 0).sum()),
+            "n": int(evals.numel()),
+            "condition": float(evals.abs().max() / evals.abs().min().clamp_min(1e-300)),
+            "lambda_min": float(evals[0]),
+            "lambda_max": float(evals[-1]),
+        }
+        op_cls = HessianOperator if curvature == "hessian" else GGNOperator
+        op = op_cls(problem.model, problem.loss_fn, problem.data)
+        b = op.gradient()
+        n = b.numel()
+        for method in methods:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = _run_method(method, op, b, lam, tol, n)
+            if out is None:
+                continue
+            x, mv, secs, hist, res = out
+            finite = bool(torch.isfinite(x).all())
+            rows.append(Row(
+                seed=seed, curvature=curvature, method=method,
+                cosine=cosine_similarity(x, exact) if finite else float("nan"),
+                relative_error=relative_error(x, exact) if finite else float("nan"),
+                matvecs=int(mv), seconds=secs,
+                converged=None if res is None else bool(res.converged),
+                negative_curvature=None if res is None else bool(res.negative_curvature),
+                diverged=None if res is None else bool(res.diverged),
+                message="(seed notebook loop: no convergence check)" if res is None else res.message,
+                residuals=[h / max(float(b.norm()), 1e-300) for h in hist],
+            ))
+    return rows, facts
+
+
+def run_compare(
+    problem: str = "seed",
+    seeds: Sequence[int] = range(5),
+    dtype: torch.dtype = torch.float32,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    hessian_damping: float = 0.0,
+    ggn_damping: float = 1e-2,
+    tol: float = 1e-6,
+    progress: bool = True,
+) -> tuple[list[Row], dict]:
+    """Run the comparison over seeds; returns the rows and per-seed spectral facts."""
+    rows, facts = [], {}
+    iterator = list(seeds)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"compare[{problem}]", unit="seed")
+    for s in iterator:
+        r, f = compare_problem(problem, s, dtype, methods,
+                               {"hessian": hessian_damping, "ggn": ggn_damping}, tol)
+        rows += r
+        facts[s] = f
+    return rows, facts
+
+
+# ----------------------------------------------------------------------------- reporting
+def _flag(values: list[bool | None]) -> str:
+    if any(v is None for v in values):
+        return "-"
+    return f"{sum(bool(v) for v in values)}/{len(values)}"
+
+
+def summarize(rows: list[Row]) -> list[dict]:
+    """Aggregate rows over seeds: median/min cosine, median/max error, median cost."""
+    out = []
+    keys = []
+    for r in rows:
+        if (r.curvature, r.method) not in keys:
+            keys.append((r.curvature, r.method))
+    for curvature, method in keys:
+        rs = [r for r in rows if r.curvature == curvature and r.method == method]
+        cos = [r.cosine for r in rs]
+        err = [r.relative_error for r in rs]
+        out.append({
+            "curvature": curvature,
+            "method": method,
+            "cosine_median": statistics.median(cos),
+            "cosine_min": min(cos, key=lambda c: c if math.isfinite(c) else -math.inf),
+            "relerr_median": statistics.median(err),
+            "relerr_max": max(err, key=lambda e: e if math.isfinite(e) else math.inf),
+            "matvecs_median": statistics.median(r.matvecs for r in rs),
+            "ms_median": 1e3 * statistics.median(r.seconds for r in rs),
+            "converged": _flag([r.converged for r in rs]),
+            "negative_curvature": _flag([r.negative_curvature for r in rs]),
+            "diverged": _flag([r.diverged for r in rs]),
+        })
+    return out
+
+
+def format_table(summary: list[dict]) -> str:
+    """A Markdown table of the summary."""
+    head = ("| curvature | method | cosine (median / min) | rel. error (median / max) | matvecs | "
+            "ms | converged | neg. curvature | diverged |")
+    lines = [head, "|" + "---|" * 9]
+    for s in summary:
+        lines.append(
+            f"| {s['curvature']} | {s['method']} | {s['cosine_median']:.6f} / {s['cosine_min']:.6f} | "
+            f"{s['relerr_median']:.2e} / {s['relerr_max']:.2e} | {s['matvecs_median']:.0f} | "
+            f"{s['ms_median']:.1f} | {s['converged']} | {s['negative_curvature']} | {s['diverged']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_residuals(rows: list[Row], path: Path, seed: int) -> None:
+    """Relative residual vs products for each method on one seed (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, curvature in zip(axes, ("hessian", "ggn")):
+        for r in rows:
+            if r.seed != seed or r.curvature != curvature or len(r.residuals) < 2:
+                continue
+            ys = [v if math.isfinite(v) and v > 0 else float("nan") for v in r.residuals]
+            ax.semilogy(range(len(ys)), ys, label=r.method, lw=1.5)
+        ax.set_title(f"{'Hessian H' if curvature == 'hessian' else 'Gauss-Newton G'}: seed {seed}")
+        ax.set_xlabel("iteration (one product each)")
+        ax.set_ylabel("||b - A x|| / ||b||")
+        ax.set_ylim(1e-12, 1e6)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[Row], facts: dict, out_dir: Path, plot: bool, header: str) -> str:
+    """Write compare.md, compare.json and compare.png; return the Markdown report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    spectra = []
+    for s, f in facts.items():
+        h, g = f["hessian"], f["ggn"]
+        spectra.append(
+            f"- seed {s}: H has {h['negative_eigenvalues']} negative eigenvalues of {h['n']} "
+            f"(lambda in [{h['lambda_min']:.3g}, {h['lambda_max']:.3g}], |cond| {h['condition']:.1e}); "
+            f"damped G has lambda in [{g['lambda_min']:.3g}, {g['lambda_max']:.3g}]"
+        )
+    report = "\n".join([header, "", *spectra, "", format_table(summary), ""])
+    (out_dir / "compare.md").write_text(report)
+    (out_dir / "compare.json").write_text(json.dumps(
+        {"summary": summary, "facts": facts, "rows": [asdict(r) for r in rows]}, indent=1, default=str))
+    if plot:
+        plot_residuals(rows, out_dir / "compare.png", seed=rows[0].seed)
+    return report

@@ -1,0 +1,214 @@
+r"""Per-example gradients and curvature products with :mod:`torch.func`.
+
+The per-example loss :math:`\ell_i` is the loss of a batch of one,
+``loss_fn(model(x_i[None]), y_i[None])`` (see :mod:`second._losses`). Its gradient
+for every example of a batch comes from one ``vmap(grad(...))`` over
+``functional_call``: no module hooks, so any ``nn.Module`` works, including one whose
+root is a single layer (a bare ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+__all__ = ["ModelFunction", "per_example_gradients"]
+
+
+def _take(X, idx):
+    if isinstance(X, Tensor):
+        return X[idx]
+    return tuple(t[idx] for t in X)
+
+
+def _unsqueeze(X):
+    if isinstance(X, Tensor):
+        return X.unsqueeze(0)
+    return tuple(t.unsqueeze(0) for t in X)
+
+
+class ModelFunction:
+    """A model and loss seen as pure functions of a flat parameter vector.
+
+    Args:
+        model: the network (put it in ``eval()`` mode if it has dropout or batch norm).
+        loss_fn: ``loss_fn(output, target)`` returning a scalar.
+        params: the trainable tensors, by name (default: every parameter with
+            ``requires_grad``); other parameters and buffers are held fixed.
+
+    Raises:
+        ValueError: if the model has no trainable parameter.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, params: dict[str, Tensor] | None = None):
+        if params is None:
+            params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no parameters that require grad: "
+                "there is nothing to attribute"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.names = list(params)
+        self.params = [params[k] for k in self.names]
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        trainable = set(self.names)
+        self.fixed = {k: t for k, t in model.named_parameters() if k not in trainable}
+        self.fixed.update(dict(model.named_buffers()))
+        self._vmap_ok = True
+
+    # -- flat <-> dict ---------------------------------------------------------------------
+    def flat(self) -> Tensor:
+        """The current parameters as one detached flat vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into the parameter dictionary ``functional_call`` wants."""
+        out, offset = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = theta[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+    # -- pure functions --------------------------------------------------------------------
+    def example_loss(self, theta: Tensor, x, y) -> Tensor:
+        """The loss of one example (no batch dimension on ``x``, ``y``) at ``theta``."""
+        state = {**self.fixed, **self.unflatten(theta)}
+        X = _unsqueeze(x)
+        out = functional_call(self.model, state, (X,) if isinstance(X, Tensor) else X)
+        loss = self.loss_fn(out, y.unsqueeze(0))
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return a scalar, got shape {tuple(loss.shape)} "
+                "(use reduction='mean' or 'sum')"
+            )
+        return loss.reshape(())
+
+    def example_output(self, theta: Tensor, x) -> Tensor:
+        """The model output for one example (no batch dimension) at ``theta``."""
+        state = {**self.fixed, **self.unflatten(theta)}
+        X = _unsqueeze(x)
+        out = functional_call(self.model, state, (X,) if isinstance(X, Tensor) else X)
+        return out.squeeze(0)
+
+    def losses(self, X, y) -> Tensor:
+        """Per-example losses ``[b]`` at the current parameters (no graph)."""
+        theta = self.flat()
+        with torch.no_grad():
+            return self._map(lambda x, t: self.example_loss(theta, x, t), X, y)
+
+    def gradients(self, X, y) -> Tensor:
+        r"""Per-example gradients :math:`[\nabla \ell_i]_{i}` as a ``[b, P]`` matrix."""
+        theta = self.flat()
+        g = grad(self.example_loss)
+        return self._map(lambda x, t: g(theta, x, t), X, y).detach()
+
+    def hessian_products(self, x, y, V: Tensor, kind: str = "hessian") -> Tensor:
+        r"""Curvature of one example's loss times the columns of ``V`` (``[P, k]``).
+
+        ``kind="hessian"``: :math:`\nabla^2 \ell_i V`; ``"ggn"``: :math:`J_i^\top
+        (\nabla_f^2 \ell_i) J_i V`; ``"fisher"``: :math:`\nabla\ell_i \nabla\ell_i^\top V`.
+        """
+        theta = self.flat()
+        if kind == "fisher":
+            gi = grad(self.example_loss)(theta, x, y)
+            return torch.outer(gi, gi @ V)
+        if kind == "hessian":
+            g = grad(self.example_loss)
+
+            def hv(v):
+                return jvp(lambda t: g(t, x, y), (theta,), (v,))[1]
+
+            return self._columns(hv, V)
+
+        def out_fn(t):
+            return self.example_output(t, x)
+
+        f0 = out_fn(theta).detach()
+
+        def loss_of_out(f):
+            return self.loss_fn(f.unsqueeze(0), y.unsqueeze(0)).reshape(())
+
+        def gv(v):
+            _, jv = jvp(out_fn, (theta,), (v,))
+            _, hjv = jvp(grad(loss_of_out), (f0,), (jv,))
+            _, vjp_fn = torch.func.vjp(out_fn, theta)
+            return vjp_fn(hjv)[0]
+
+        return self._columns(gv, V)
+
+    # -- batching --------------------------------------------------------------------------
+    def _columns(self, fn, V: Tensor) -> Tensor:
+        if V.dim() == 1:
+            return fn(V)
+        try:
+            return vmap(fn, in_dims=1, out_dims=1)(V)
+        except RuntimeError:
+            return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def _map(self, fn, X, y) -> Tensor:
+        if self._vmap_ok:
+            try:
+                return vmap(fn)(X, y)
+            except (RuntimeError, NotImplementedError) as err:
+                self._vmap_ok = False
+                warnings.warn(
+                    f"vmap over examples failed ({type(err).__name__}: {str(err)[:200]}); "
+                    "falling back to a loop over examples (slower). Batch norm in training mode "
+                    "and in-place operations on inputs are the usual causes: call model.eval().",
+                    stacklevel=3,
+                )
+        n = y.shape[0]
+        return torch.stack([fn(_take(X, i), y[i]) for i in range(n)])
+
+
+def per_example_gradients(
+    model: nn.Module, loss_fn: Callable, X, y, *, batch_size: int = 256
+) -> Tensor:
+    r"""Gradients of every example's loss, one row per example.
+
+    .. math:: G_{i,:} = \nabla_\theta\, \ell(f_\theta(x_i), y_i), \qquad
+              \ell_i = \texttt{loss\_fn}(f_\theta(x_i[\mathrm{None}]), y_i[\mathrm{None}])
+
+    computed as ``vmap(grad(...))`` over ``torch.func.functional_call``, ``batch_size``
+    examples at a time.
+
+    Args:
+        model: any ``nn.Module`` (trainable parameters: those with ``requires_grad``).
+        loss_fn: ``loss_fn(output, target)`` returning a scalar.
+        X: inputs ``[n, ...]`` (or a tuple of such tensors for a multi-input model).
+        y: targets ``[n, ...]``.
+        batch_size: examples per vmapped call (memory ``O(batch_size * P)``).
+
+    Returns:
+        A ``[n, P]`` tensor, columns ordered as :func:`~second.parameters_to_vector`
+        orders ``model.parameters()``.
+
+    Raises:
+        ValueError: if ``X`` and ``y`` have different numbers of examples, or the model
+            has no trainable parameter.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> G = per_example_gradients(model, torch.nn.MSELoss(), torch.randn(5, 3), torch.randn(5, 1))
+        >>> G.shape
+        torch.Size([5, 4])
+    """
+    fm = ModelFunction(model, loss_fn)
+    n = (X if isinstance(X, Tensor) else X[0]).shape[0]
+    if n != y.shape[0]:
+        raise ValueError(f"inputs have {n} examples but targets have {y.shape[0]}")
+    rows = [fm.gradients(_take(X, slice(s, s + batch_size)), y[s : s + batch_size])
+            for s in range(0, n, batch_size)]
+    if not rows:
+        return torch.zeros(0, fm.numel, dtype=fm.dtype, device=fm.device)
+    return torch.cat(rows)

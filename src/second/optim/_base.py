@@ -1,0 +1,152 @@
+"""Shared shell of the Newton-type optimizers: flat parameters, counters, stopping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..func.products import grad_checked
+
+__all__ = ["NewtonTypeOptimizer", "check_positive", "check_nonneg", "check_unit"]
+
+COUNTERS = ("n_iter", "nfev", "ngev", "nhvp")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_nonneg(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_unit(name: str, value: float, *, closed: bool = False) -> None:
+    """Raise ``ValueError`` unless ``0 < value < 1`` (``<= 1`` with ``closed``)."""
+    ok = isinstance(value, (int, float)) and 0 < value and (value <= 1 if closed else value < 1)
+    if not ok:
+        raise ValueError(f"{name} must lie in (0, 1{']' if closed else ')'}, got {value!r}")
+
+
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class NewtonTypeOptimizer(Optimizer):
+    """Base class: one parameter group treated as one flat vector, with evaluation counters.
+
+    The optimizer state (``optimizer.state[first_param]``, saved by ``state_dict``) holds
+    ``n_iter``, ``nfev`` (closure evaluations), ``ngev`` (gradient evaluations), ``nhvp``
+    (curvature-vector products), the last ``loss`` and ``grad_norm``, ``stop_reason``
+    (``None`` while running) and ``history``, one record per iteration.
+    Subclasses add their own entries (radius, damping, ...).
+    """
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                f"{type(self).__name__} doesn't support per-parameter options (parameter groups)"
+            )
+        self._params: list[Tensor] = self.param_groups[0]["params"]
+        dtypes = {p.dtype for p in self._params}
+        if len(dtypes) > 1:
+            raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}")
+        self._cache: dict = {}
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def _state(self) -> dict:
+        st = self.state[self._params[0]]
+        if "n_iter" not in st:
+            for key in COUNTERS:
+                st[key] = 0
+            st.update(loss=None, grad_norm=None, stop_reason=None, history=[])
+        return st
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the optimizer stopped (``None`` while it is still making progress)."""
+        return self._state["stop_reason"]
+
+    @property
+    def converged(self) -> bool:
+        """Whether it stopped because a tolerance was met."""
+        reason = self._state["stop_reason"]
+        return reason is not None and reason.startswith("converged")
+
+    @property
+    def history(self) -> list[dict]:
+        """Per-iteration records: ``n_iter, nfev, ngev, nhvp, loss, grad_norm`` and more."""
+        return self._state["history"]
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)
+        self._cache = {}
+
+    def _record(self, **extra) -> None:
+        st = self._state
+        rec = {k: st[k] for k in COUNTERS}
+        rec.update(loss=st["loss"], grad_norm=st["grad_norm"], **extra)
+        st["history"].append(rec)
+
+    # -- flat parameter helpers ----------------------------------------------------------
+    def _numel(self) -> int:
+        return sum(p.numel() for p in self._params)
+
+    def _gather_flat(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    @torch.no_grad()
+    def _set_flat(self, x: Tensor) -> None:
+        offset = 0
+        for p in self._params:
+            n = p.numel()
+            p.copy_(x[offset : offset + n].view_as(p))
+            offset += n
+
+    @torch.no_grad()
+    def _add_flat(self, d: Tensor, alpha: float = 1.0) -> None:
+        offset = 0
+        for p in self._params:
+            n = p.numel()
+            p.add_(d[offset : offset + n].view_as(p), alpha=alpha)
+            offset += n
+
+    def _split(self, v: Tensor) -> list[Tensor]:
+        out, offset = [], 0
+        for p in self._params:
+            n = p.numel()
+            out.append(v[offset : offset + n].view_as(p))
+            offset += n
+        return out
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self._params)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _gradient(self, loss: Tensor, create_graph: bool) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Gradient tensors (with graph when asked) and the detached flat gradient."""
+        grads = grad_checked(loss, self._params, create_graph=create_graph,
+                             retain_graph=True if create_graph else None)
+        self._state["ngev"] += 1
+        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        if not bool(torch.isfinite(flat).all()):
+            from .._errors import NonFiniteError
+
+            raise NonFiniteError("the gradient has NaN or Inf entries")
+        return grads, flat
+
+
+def flat_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """``sum_i <a_i, b_i>`` as a float."""
+    return float(sum((x * y).sum() for x, y in zip(a, b)))

@@ -1,0 +1,358 @@
+r"""Trust-region subproblem solvers: Steihaug-Toint truncated CG and an exact dense solver.
+
+Both approximately minimize the quadratic model
+
+.. math:: m(p) = g^\top p + \tfrac12\, p^\top H p \quad\text{subject to}\quad \|p\|_P \le \Delta,
+
+where :math:`H` may be indefinite and :math:`\|p\|_P = \sqrt{p^\top P p}` is the norm the
+trust region is measured in (:math:`P = I` without a preconditioner, :math:`P = M^{-1}` with a
+preconditioner :math:`M \approx H^{-1}`).
+
+These are pure functions: they take a product ``hvp(v) -> H v`` (or a dense ``H``), a
+gradient and a radius, and return the step with its predicted reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SubproblemResult",
+    "SteihaugPath",
+    "steihaug_cg",
+    "exact_trust_region",
+    "boundary_step",
+    "update_radius",
+]
+
+
+@dataclass
+class SubproblemResult:
+    """The approximate minimizer of a trust-region subproblem.
+
+    Attributes:
+        step: the step :math:`p`.
+        predicted_reduction: :math:`-m(p) \ge 0`, the decrease the model predicts.
+        step_norm: :math:`\|p\|_P`.
+        status: ``"converged"`` (interior, residual below tolerance), ``"boundary"`` (a CG
+            step left the region), ``"negative_curvature"`` (followed a direction with
+            :math:`d^\top H d \le 0` to the boundary), ``"maxiter"``, or ``"exact"``.
+        iterations: CG iterations (0 for the dense solver).
+        hvps: Hessian-vector products used (0 when replayed from a stored path).
+        path: the stored CG path, for re-solving with a smaller radius at no product cost.
+    """
+
+    step: Tensor
+    predicted_reduction: float
+    step_norm: float
+    status: str
+    iterations: int = 0
+    hvps: int = 0
+    path: SteihaugPath | None = field(default=None, repr=False)
+
+    @property
+    def on_boundary(self) -> bool:
+        """Whether the step ends on the trust-region boundary."""
+        return self.status in ("boundary", "negative_curvature")
+
+
+def boundary_step(pPp: float, pPd: float, dPd: float, radius: float) -> float:
+    r"""The :math:`\tau \ge 0` with :math:`\|p + \tau d\|_P = \Delta`.
+
+    Solves :math:`dPd\,\tau^2 + 2\,pPd\,\tau + pPp - \Delta^2 = 0` for its non-negative root
+    (exists whenever :math:`\|p\|_P \le \Delta`), written to avoid cancellation.
+
+    Args:
+        pPp: :math:`p^\top P p`.
+        pPd: :math:`p^\top P d`.
+        dPd: :math:`d^\top P d > 0`.
+        radius: :math:`\Delta`.
+
+    Returns:
+        :math:`\tau`.
+
+    Example:
+        >>> boundary_step(0.0, 0.0, 4.0, 1.0)   # ||tau d|| = 1 with ||d|| = 2
+        0.5
+    """
+    c = pPp - radius * radius  # <= 0 inside the region
+    disc = math.sqrt(max(pPd * pPd - dPd * c, 0.0))
+    if pPd >= 0:
+        return -c / (pPd + disc) if pPd + disc > 0 else 0.0
+    return (-pPd + disc) / dPd
+
+
+class SteihaugPath:
+    """The piecewise-linear path of Steihaug-CG iterates, with what is needed to re-cut it.
+
+    CG iterates started at zero grow monotonically in the :math:`P`-norm, so the
+    Steihaug solution for any radius smaller than the one the path was computed for is
+    the point where this path first leaves the smaller region. A rejected trust-region
+    step can therefore be re-solved with :meth:`cut` without a single Hessian product.
+    """
+
+    def __init__(self, grad: Tensor):
+        self.grad = grad
+        # segments: (d, Hd, alpha or None for a negative-curvature ray, dPd, pPd before)
+        self.segments: list[tuple[Tensor, Tensor, float | None, float, float]] = []
+        self.end_status = "maxiter"
+        self.iterations = 0
+
+    def add(self, d: Tensor, Hd: Tensor, alpha: float | None, dPd: float, pPd: float) -> None:
+        """Append a segment ``p -> p + alpha d`` (``alpha=None``: a ray to the boundary)."""
+        self.segments.append((d, Hd, alpha, dPd, pPd))
+
+    def cut(self, radius: float) -> SubproblemResult:
+        r"""The Steihaug step for ``radius`` (at most the radius the path was built with)."""
+        g = self.grad
+        p = torch.zeros_like(g)
+        r = g.clone()
+        pPp = 0.0
+        for d, Hd, alpha, dPd, pPd in self.segments:
+            if alpha is not None:
+                new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
+                if new_pPp < radius * radius:
+                    p.add_(d, alpha=alpha)
+                    r.add_(Hd, alpha=alpha)
+                    pPp = new_pPp
+                    continue
+            tau = boundary_step(pPp, pPd, dPd, radius)
+            p.add_(d, alpha=tau)
+            r.add_(Hd, alpha=tau)
+            status = "negative_curvature" if alpha is None else "boundary"
+            return _finish(p, r, g, radius, status, self)
+        return _finish(p, r, g, math.sqrt(max(pPp, 0.0)), self.end_status, self)
+
+
+def _finish(p, r, g, norm, status, path) -> SubproblemResult:
+    # m(p) = g.p + p.Hp / 2 = (g.p + p.r) / 2 with r = g + H p
+    m = 0.5 * (float(torch.dot(g, p)) + float(torch.dot(p, r)))
+    return SubproblemResult(step=p, predicted_reduction=-m, step_norm=float(norm), status=status,
+                            iterations=path.iterations, path=path)
+
+
+def steihaug_cg(
+    hvp: Callable[[Tensor], Tensor],
+    grad: Tensor,
+    radius: float,
+    *,
+    rtol: float = 0.1,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    M: Callable[[Tensor], Tensor] | None = None,
+) -> SubproblemResult:
+    r"""Steihaug-Toint truncated conjugate gradient for the trust-region subproblem.
+
+    Runs (preconditioned) CG on :math:`H p = -g` from :math:`p_0 = 0` and stops at the
+    first of:
+
+    * a direction of non-positive curvature :math:`d^\top H d \le 0`: follow it to the
+      boundary, :math:`p = p_j + \tau d_j` with :math:`\|p\|_P = \Delta`
+      (status ``"negative_curvature"``);
+    * an iterate outside the region: stop where the CG segment crosses the boundary
+      (status ``"boundary"``);
+    * the residual :math:`\|g + H p_j\| \le \max(\mathrm{rtol}\,\|g\|, \mathrm{atol})`
+      (status ``"converged"``, an interior point);
+    * ``maxiter`` iterations (status ``"maxiter"``).
+
+    Because the iterates grow monotonically in :math:`\|\cdot\|_P`, every CG step is a
+    descent direction for :math:`m` and the result decreases the model at least as much
+    as the Cauchy point. The returned :class:`SubproblemResult` carries the path, so a
+    smaller radius is re-solved with ``result.path.cut(radius)`` at no product cost.
+
+    Args:
+        hvp: ``v -> H v`` on flat vectors.
+        grad: the gradient :math:`g` (flat).
+        radius: :math:`\Delta > 0`.
+        rtol: relative residual tolerance (default 0.1).
+        atol: absolute residual tolerance (default 0).
+        maxiter: CG iteration limit (default ``n``... ``2 n``).
+        M: preconditioner ``r -> M r`` with :math:`M \approx H^{-1}` symmetric positive
+            definite; the region is then the ellipsoid :math:`\|p\|_{M^{-1}} \le \Delta`,
+            whose norms are updated by recurrences (no product with :math:`M^{-1}`).
+
+    Returns:
+        A :class:`SubproblemResult`.
+
+    Raises:
+        ValueError: a non-positive radius, or a preconditioner that is not positive definite.
+
+    Example:
+        >>> H = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+        >>> g = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> res = steihaug_cg(lambda v: H @ v, g, radius=2.0)
+        >>> res.status, round(res.step_norm, 12)
+        ('negative_curvature', 2.0)
+
+    References:
+        Steihaug (1983); Toint (1981); Nocedal & Wright, *Numerical Optimization*, Alg. 7.2;
+        Gould, Lucidi, Roma & Toint (1999) for the preconditioned norms.
+    """
+    if not radius > 0:
+        raise ValueError(f"the trust-region radius must be > 0, got {radius}")
+    n = grad.numel()
+    maxiter = 2 * n if maxiter is None else int(maxiter)
+    path = SteihaugPath(grad)
+    gnorm = float(torch.linalg.vector_norm(grad))
+    threshold = max(rtol * gnorm, atol)
+    if gnorm == 0.0 or gnorm <= threshold:
+        path.end_status = "converged"
+        res = path.cut(radius)
+        return res
+    r = grad.clone()
+    z = M(r) if M is not None else r
+    rz = float(torch.dot(r, z))
+    if rz <= 0:
+        raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+    d = -z
+    dPd = rz  # d^T P d with P = M^{-1}: (M r)^T M^{-1} (M r) = r^T M r
+    pPd = 0.0
+    pPp = 0.0
+    hvps = 0
+    for j in range(maxiter):
+        Hd = hvp(d)
+        hvps += 1
+        dHd = float(torch.dot(d, Hd))
+        path.iterations = j + 1
+        if not math.isfinite(dHd):
+            raise FloatingPointError("the Hessian-vector product is not finite")
+        if dHd <= 0:
+            path.add(d, Hd, None, dPd, pPd)
+            res = path.cut(radius)
+            res.hvps = hvps
+            return res
+        alpha = rz / dHd
+        new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
+        path.add(d, Hd, alpha, dPd, pPd)
+        if new_pPp >= radius * radius:
+            res = path.cut(radius)
+            res.hvps = hvps
+            return res
+        r = r + alpha * Hd
+        pPp = new_pPp
+        if float(torch.linalg.vector_norm(r)) <= threshold:
+            path.end_status = "converged"
+            break
+        z = M(r) if M is not None else r
+        rz_new = float(torch.dot(r, z))
+        if M is not None and rz_new <= 0:
+            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+        beta = rz_new / rz
+        rz = rz_new
+        # P-norm recurrences (Gould et al. 1999; exact in exact arithmetic)
+        pPd = beta * (pPd + alpha * dPd)
+        dPd = rz + beta * beta * dPd
+        d = -z + beta * d
+    res = path.cut(radius)
+    res.hvps = hvps
+    return res
+
+
+def exact_trust_region(
+    H: Tensor, grad: Tensor, radius: float, *, rtol: float = 1e-10, maxiter: int = 100
+) -> SubproblemResult:
+    r"""The exact minimizer of the trust-region subproblem for a dense symmetric :math:`H`.
+
+    With the eigendecomposition :math:`H = Q \Lambda Q^\top` the solution is
+    :math:`p(\lambda) = -(H + \lambda I)^{-1} g` with :math:`\lambda \ge \max(0, -\lambda_1)`
+    and either :math:`\lambda = 0, \|p(0)\| \le \Delta` (interior Newton step) or
+    :math:`\|p(\lambda)\| = \Delta`, found by Newton's method on
+    :math:`1/\Delta - 1/\|p(\lambda)\|` (Moré & Sorensen 1983). In the *hard case*
+    (:math:`g` orthogonal to the lowest eigenvector) the eigenvector component is added
+    to reach the boundary. For small problems only: :math:`O(n^3)`.
+
+    Args:
+        H: symmetric ``n x n`` matrix.
+        grad: gradient (length ``n``).
+        radius: :math:`\Delta > 0`.
+        rtol: relative accuracy of :math:`\|p\| = \Delta`.
+        maxiter: Newton iterations on :math:`\lambda`.
+
+    Returns:
+        A :class:`SubproblemResult` with status ``"exact"`` (interior) or ``"boundary"``.
+
+    Raises:
+        ValueError: a non-positive radius.
+
+    Example:
+        >>> H = torch.eye(2, dtype=torch.float64) * 2
+        >>> res = exact_trust_region(H, torch.tensor([2.0, 0.0], dtype=torch.float64), 10.0)
+        >>> res.step
+        tensor([-1., 0.], dtype=torch.float64)
+    """
+    if not radius > 0:
+        raise ValueError(f"the trust-region radius must be > 0, got {radius}")
+    H64 = 0.5 * (H + H.T).to(torch.float64)
+    g64 = grad.to(torch.float64)
+    lam, Q = torch.linalg.eigh(H64)
+    c = Q.T @ g64
+    lmin = float(lam[0])
+    scale = max(float(lam.abs().max()), 1e-300)
+    tiny = 1e-14 * scale
+
+    def pnorm(mu: float) -> float:
+        return float(torch.linalg.vector_norm(c / (lam + mu)))
+
+    if lmin > tiny:
+        p = -(Q @ (c / lam))
+        if float(torch.linalg.vector_norm(p)) <= radius:
+            return _dense_result(p, H64, g64, "exact", grad)
+    mu_lo = max(0.0, -lmin) + tiny
+    # hard case: the boundary is not reachable by shifting alone
+    if pnorm(mu_lo) < radius:
+        p = -(Q @ (c / (lam + mu_lo).where(lam + mu_lo > tiny, torch.full_like(lam, math.inf))))
+        q1 = Q[:, 0]
+        pp, pq = float(p @ p), float(p @ q1)
+        tau = boundary_step(pp, pq, 1.0, radius)
+        return _dense_result(p + tau * q1, H64, g64, "boundary", grad)
+    mu = mu_lo
+    for _ in range(maxiter):
+        w = c / (lam + mu)
+        nrm = float(torch.linalg.vector_norm(w))
+        if abs(nrm - radius) <= rtol * radius:
+            break
+        dn = -float((w * w / (lam + mu)).sum()) / nrm  # d||p||/dmu
+        mu_new = mu - (1 / radius - 1 / nrm) / (dn / (nrm * nrm))
+        mu = mu_new if mu_new > mu_lo else 0.5 * (mu + mu_lo)
+    p = -(Q @ (c / (lam + mu)))
+    return _dense_result(p, H64, g64, "boundary", grad)
+
+
+def _dense_result(p64: Tensor, H64: Tensor, g64: Tensor, status: str, like: Tensor):
+    m = float(g64 @ p64 + 0.5 * p64 @ (H64 @ p64))
+    return SubproblemResult(step=p64.to(like.dtype), predicted_reduction=-m,
+                            step_norm=float(torch.linalg.vector_norm(p64)), status=status)
+
+
+def update_radius(
+    radius: float,
+    rho: float,
+    step_norm: float,
+    on_boundary: bool,
+    *,
+    max_radius: float = math.inf,
+    shrink_below: float = 0.25,
+    grow_above: float = 0.75,
+) -> float:
+    r"""The classical radius update from the ratio :math:`\rho` = actual / predicted reduction.
+
+    :math:`\rho <` ``shrink_below``: :math:`\Delta \leftarrow \tfrac14 \|p\|` (the model was
+    poor at this distance); :math:`\rho >` ``grow_above`` with the step on the boundary:
+    :math:`\Delta \leftarrow \min(2\Delta, \Delta_{\max})`; otherwise unchanged.
+
+    Example:
+        >>> update_radius(1.0, 0.9, 1.0, True)
+        2.0
+        >>> update_radius(1.0, 0.1, 0.4, False)
+        0.1
+    """
+    if not rho > shrink_below:  # also catches NaN
+        return 0.25 * step_norm
+    if rho > grow_above and on_boundary:
+        return min(2.0 * radius, max_radius)
+    return radius

@@ -1,0 +1,150 @@
+"""exact_hessian / exact_ggn / exact_fisher and the Fisher operators against torch.func."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import DTYPES, PRODUCT_TOL
+from dense_reference import (
+    LOSSES,
+    MODELS,
+    REDUCTIONS,
+    assert_close,
+    cast,
+    make_data,
+    make_loss,
+    make_model,
+    ref_empirical_fisher,
+    ref_ggn,
+    ref_hessian,
+    ref_per_example_gradients,
+)
+
+from second import FisherOperator, GGNOperator, exact_fisher, exact_ggn, exact_hessian
+from second._losses import per_sample_losses
+
+# torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
+CASE_IDS = ["-".join(c) for c in CASES]
+
+# Monte-Carlo Fisher vs GGN: relative Frobenius error allowed with many samples.
+# The estimator's standard error falls like 1/sqrt(samples * examples); with
+# 2000 samples on 6 examples it is ~1-3% on these problems, so 0.15 is a generous
+# bound that a wrong scale (a factor 2, a missing 1/C) cannot pass.
+MC_FISHER_REL_ERR = 0.15
+MC_SAMPLES_FEW, MC_SAMPLES_MANY = 4, 2000
+
+
+def _problem(model_name, loss_name, reduction, dtype):
+    torch.manual_seed(1)
+    model64 = make_model(model_name)
+    X64, y64 = make_data(model_name, loss_name)
+    loss_fn = make_loss(loss_name, reduction)
+    model, X, y = cast(model64, X64, y64, dtype)
+    return model64, X64, y64, loss_fn, model, X, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_exact_hessian_and_ggn(case, dtype):
+    model64, X64, y64, loss_fn, model, X, y = _problem(*case, dtype)
+    params = tuple(model.parameters())
+    out = model(X)
+    loss = loss_fn(out, y)
+    H = exact_hessian(loss, params)
+    assert H.dtype == dtype and H.shape == (sum(p.numel() for p in params),) * 2
+    assert_close(H, ref_hessian(model64, loss_fn, X64, y64), PRODUCT_TOL[dtype])
+    # chunked assembly gives the same matrix
+    assert_close(exact_hessian(loss, params, chunk_size=7), H, PRODUCT_TOL[dtype])
+    G = exact_ggn(loss, out, params, chunk_size=None)
+    assert_close(G, ref_ggn(model64, loss_fn, X64, y64), PRODUCT_TOL[dtype])
+    # the GGN of a convex loss is symmetric positive semi-definite
+    assert_close(G, G.T, PRODUCT_TOL[dtype])
+    G64 = G.double()
+    assert torch.linalg.eigvalsh(G64).min() > -1e-6 * max(1.0, float(G64.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_exact_fisher_is_per_example_gradient_outer_product(case, dtype):
+    model64, X64, y64, loss_fn, model, X, y = _problem(*case, dtype)
+    reduction = case[2]
+    params = tuple(model.parameters())
+    losses = per_sample_losses(loss_fn, model(X), y, reduction)
+    F = exact_fisher(losses, params, reduction=reduction)
+    assert_close(F, ref_empirical_fisher(model64, loss_fn, X64, y64, reduction), PRODUCT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ggn_equals_hessian_for_linear_model_with_mse(reduction, dtype):
+    # f = W x + b is linear in the parameters, so the second term of the Hessian vanishes
+    torch.manual_seed(0)
+    model64 = make_model("linear")
+    X64, y64 = make_data("linear", "mse")
+    loss_fn = make_loss("mse", reduction)
+    model, X, y = cast(model64, X64, y64, dtype)
+    params = tuple(model.parameters())
+    out = model(X)
+    loss = loss_fn(out, y)
+    H, G = exact_hessian(loss, params), exact_ggn(loss, out, params)
+    assert_close(G, H, PRODUCT_TOL[dtype])
+    op = GGNOperator(model, loss_fn, (X, y))
+    assert_close(op.to_dense(), H, PRODUCT_TOL[dtype])
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_mc_fisher_tends_to_ggn(loss_name):
+    model64, X64, y64, loss_fn, *_ = _problem("mlp_tanh", loss_name, "mean", torch.float64)
+    G = ref_ggn(model64, loss_fn, X64, y64)
+
+    def rel_err(samples):
+        F = FisherOperator(
+            model64, loss_fn, (X64, y64), kind="mc", mc_samples=samples,
+            generator=torch.Generator().manual_seed(123),
+        ).to_dense()
+        return float(torch.linalg.matrix_norm(F - G) / torch.linalg.matrix_norm(G))
+
+    few, many = rel_err(MC_SAMPLES_FEW), rel_err(MC_SAMPLES_MANY)
+    assert many < MC_FISHER_REL_ERR, (few, many)
+    # ~sqrt(500) = 22x less noise; ask for a factor 3 only
+    assert many < few / 3, (few, many)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mc_fisher_sum_reduction_scale(reduction):
+    # the MC Fisher of a sum-reduced loss is N times the mean-reduced one (same samples)
+    model64, X64, y64, *_ = _problem("mlp_tanh", "ce", "mean", torch.float64)
+    Fs = {}
+    for red in REDUCTIONS:
+        Fs[red] = FisherOperator(
+            model64, make_loss("ce", red), (X64, y64), kind="mc", mc_samples=3,
+            generator=torch.Generator().manual_seed(5),
+        ).to_dense()
+    assert_close(Fs["sum"], X64.shape[0] * Fs["mean"], PRODUCT_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_empirical_fisher_operator(case, dtype):
+    model64, X64, y64, loss_fn, model, X, y = _problem(*case, dtype)
+    op = FisherOperator(model, loss_fn, (X, y), kind="empirical")
+    expected = ref_empirical_fisher(model64, loss_fn, X64, y64, case[2])
+    assert_close(op.to_dense(), expected, PRODUCT_TOL[dtype])
+    # and the per-example-gradient formula, spelled out
+    Gi = ref_per_example_gradients(model64, loss_fn, X64, y64)
+    v = torch.randn(Gi.shape[1], dtype=torch.float64)
+    w = 1.0 / X64.shape[0] if case[2] == "mean" else 1.0
+    assert_close(op @ v.to(dtype), w * Gi.T @ (Gi @ v), PRODUCT_TOL[dtype])
+
+
+def test_exact_fisher_rejects_bad_input():
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="per-example"):
+        exact_fisher((w * 2).sum(), [w])
+    with pytest.raises(ValueError, match="reduction"):
+        exact_fisher(w * 2, [w], reduction="max")
