@@ -6,7 +6,16 @@ from collections.abc import Callable
 
 import torch
 
-from ._result import Problem, SolveResult, _norm, as_preconditioner, callbacks, report, stopping_threshold
+from ._result import (
+    Problem,
+    SolveResult,
+    _norm,
+    as_preconditioner,
+    callbacks,
+    check_true_residual,
+    report,
+    stopping_threshold,
+)
 
 __all__ = ["cg"]
 
@@ -22,12 +31,16 @@ def cg(
     M=None,
     callback: Callable | None = None,
     damping: float = 0.0,
+    check_residual: bool = True,
     warn: bool = True,
 ) -> SolveResult:
     r"""Solve :math:`(A + \lambda I) x = b` by preconditioned conjugate gradient.
 
     Stopping rule: :math:`\|b - A x_k\| \le \max(\mathrm{tol}\,\|b\|, \mathrm{atol})`, with the
-    recursively updated residual (SciPy's semantics).
+    recursively updated residual (SciPy's semantics). With ``check_residual`` (default)
+    the true residual is computed once at the end (one extra product): a run whose true
+    residual misses the tolerance by more than the rounding floor
+    ``10 sqrt(k) eps ||A|| ||x||`` is reported as not converged.
 
     CG needs a symmetric positive-definite operator. When it meets a direction
     with :math:`p^\top A p \le 0` it stops *before* stepping along it, returns the
@@ -45,6 +58,7 @@ def cg(
         M: preconditioner approximating :math:`A^{-1}` (operator, tensor or callable).
         callback: called with the iterate after every iteration.
         damping: :math:`\lambda \ge 0`.
+        check_residual: verify the true residual at the end.
         warn: warn on non-convergence / negative curvature (default ``True``).
 
     Returns:
@@ -77,9 +91,11 @@ def cg(
     z = Minv @ r if Minv is not None else r
     p = z.clone()
     rz = torch.dot(r, z)
+    anorm = 0.0  # largest Rayleigh quotient seen: an estimate of ||A||
     for k in range(1, maxiter + 1):
         Ap = op @ p
         pAp = torch.dot(p, Ap)
+        anorm = max(anorm, abs(float(pAp)) / max(float(torch.dot(p, p)), 1e-300))
         if float(pAp) <= 0.0:
             return report(pb.result(
                 x, converged=False, iterations=k - 1, residual_norms=history,
@@ -95,7 +111,17 @@ def cg(
         history.append(rnorm)
         callbacks(callback, x, pb)
         if rnorm <= threshold:
-            return pb.result(x, converged=True, iterations=k, residual_norms=history,
+            info = {}
+            if check_residual:
+                true_r, floor, ok = check_true_residual(op, pb.b, x, threshold, anorm, k)
+                info.update(true_residual=true_r, attainable_residual=floor)
+                if not ok:
+                    return report(pb.result(
+                        x, converged=False, iterations=k, residual_norms=history, info=info,
+                        message=(f"the recursive residual reached the tolerance but the true residual "
+                                 f"is {true_r:.3e} > {threshold:.3e} (+ attainable {floor:.1e})"),
+                        method="cg"), warn)
+            return pb.result(x, converged=True, iterations=k, residual_norms=history, info=info,
                              message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}", method="cg")
         if Minv is not None:
             z = Minv @ r

@@ -7,7 +7,15 @@ from collections.abc import Callable
 
 import torch
 
-from ._result import Problem, SolveResult, _norm, as_preconditioner, callbacks, report, stopping_threshold
+from ._result import (
+    Problem,
+    _norm,
+    as_preconditioner,
+    callbacks,
+    check_true_residual,
+    report,
+    stopping_threshold,
+)
 
 __all__ = ["minres"]
 
@@ -176,22 +184,19 @@ def minres(
 
     info = {}
     if check_residual:
-        true_r = _norm(b - matvec(x))
-        info["true_residual"] = true_r
+        true_r, floor, ok = check_true_residual(op, b, x, threshold, anorm_est, k)
+        info.update(true_residual=true_r, attainable_residual=floor)
         history[-1] = true_r
-        # the products themselves are only accurate to ~eps(op dtype) * ||A|| ||x||
-        slack = 10 * torch.finfo(odt).eps * anorm_est * _norm(x)
-        info["attainable_residual"] = slack
-        if true_r > threshold + slack:
+        if not ok:
             if converged:
                 stop_msg = (f"the recurrence reached the tolerance but the true residual is "
-                            f"{true_r:.3e} > {threshold:.3e} (loss of orthogonality; try "
-                            "recurrence_dtype=torch.float64 or reorthogonalize=True)")
+                            f"{true_r:.3e} > {threshold:.3e} (+ attainable {floor:.1e}; loss of "
+                            "orthogonality: try recurrence_dtype=torch.float64 or reorthogonalize=True)")
             converged = False
         elif not converged:
             converged = True
             stop_msg = (f"converged to the accuracy of the products: true ||r|| = {true_r:.3e} "
-                        f"<= {threshold:.3e} + attainable {slack:.3e}")
+                        f"<= {threshold:.3e} + attainable {floor:.1e}")
     if neg_it is not None:
         stop_msg += f"; the operator is indefinite (v^T A v < 0 at iteration {neg_it})"
     info["warn_negative"] = False

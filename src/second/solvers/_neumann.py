@@ -164,6 +164,7 @@ def lissa(
     lanczos_steps: int = 20,
     bias_warning: float = 0.05,
     max_depth: int = 100_000,
+    scale_batches: int = 4,
     generator: torch.Generator | None = None,
     progressbar: bool = False,
     warn: bool = True,
@@ -177,6 +178,11 @@ def lissa(
 
     ``A`` is a :class:`~second.CurvatureOperator` over an iterable of batches (one
     operator per batch is built), a list of operators, or a function ``i -> operator``.
+
+    ``scale=None`` takes :math:`s = 1.05 \max(\lambda_{\max}(A), \max_i \lambda_{\max}(A_i)) +
+    \lambda` over the full operator and the first ``scale_batches`` mini-batch operators
+    (Lanczos estimates): a mini-batch with curvature above :math:`2s` would make the
+    recursion expand.
 
     Truncation bias: after ``depth`` terms the deterministic part of the error is
     :math:`\|(I - (A+\lambda I)/s)^{d} A^{-1} b\|`, up to :math:`q^d` relative with
@@ -209,7 +215,13 @@ def lissa(
     lo_d, hi_d = lo + damping, hi + damping
     info.update(lambda_min_estimate=lo_d, lambda_max_estimate=hi_d)
     if scale is None:
-        scale = 1.05 * hi_d
+        # every mini-batch operator must contract too: bound the largest batch eigenvalue
+        batch_max = max(
+            extreme_eigenvalues(aslinearoperator(get(i)), steps=lanczos_steps, generator=generator)[1]
+            for i in range(scale_batches)
+        )
+        scale = 1.05 * (max(hi, batch_max) + damping)
+        info["batch_lambda_max_estimate"] = batch_max + damping
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if lo_d <= 0:

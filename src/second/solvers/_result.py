@@ -129,6 +129,23 @@ def stopping_threshold(bnorm: float, tol: float, atol: float) -> float:
     return max(tol * bnorm, atol)
 
 
+def attainable_residual(dtype: torch.dtype, anorm: float, xnorm: float, iterations: int) -> float:
+    """Rounding floor of a Krylov solver's true residual: ``10 sqrt(k) eps ||A|| ||x||``.
+
+    The recursively updated residual of CG/MINRES and the true ``b - A x`` drift apart by
+    about ``k eps ||A|| max ||x_j||``; below this floor a smaller true residual is not
+    attainable in the products' precision.
+    """
+    return 10.0 * max(iterations, 1) ** 0.5 * torch.finfo(dtype).eps * anorm * xnorm
+
+
+def check_true_residual(op, b: Tensor, x: Tensor, threshold: float, anorm: float, k: int):
+    """``(true ||b - A x||, attainable floor, ok)``: one extra product."""
+    true_r = _norm(b - (op @ x.to(op.dtype)).to(b.dtype))
+    floor = attainable_residual(op.dtype, anorm, _norm(x), k)
+    return true_r, floor, true_r <= threshold + floor
+
+
 def report(res: SolveResult, warn: bool, stacklevel: int = 3) -> SolveResult:
     """Warn about a solve that did not converge or met negative curvature."""
     if not warn:

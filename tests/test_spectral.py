@@ -1,0 +1,90 @@
+"""Spectral tools against dense eigendecompositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_solvers import sym_matrix
+
+import second
+from second import diagonal, eigsh, spectral_density, trace
+from second.problems import seed_problem
+
+EIG_TOL = 1e-8  # eigenvalues from Lanczos with full re-orthogonalization, float64
+HUTCH_REL = 0.15  # Hutchinson with 400 probes on a 60x60 matrix: a few standard deviations
+HUTCHPP_REL = 0.02  # Hutch++ on a fast-decaying spectrum
+DIAG_REL = 0.25  # per-vector relative error of a 400-probe diagonal estimate
+
+
+@pytest.fixture
+def A():
+    ev = torch.cat([torch.logspace(-3, 2, 50), -torch.linspace(0.5, 3, 10)])
+    return sym_matrix(ev.tolist(), seed=5)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_eigsh_matches_dense(A, which):
+    k = 6
+    vals, vecs = eigsh(A, k=k, which=which, tol=1e-10)
+    ref = torch.linalg.eigvalsh(A)
+    if which == "LA":
+        want = ref[-k:]
+    elif which == "SA":
+        want = ref[:k]
+    elif which == "LM":
+        want = ref[ref.abs().argsort()[-k:]].sort().values
+    else:
+        want = torch.cat([ref[: k // 2], ref[-(k - k // 2) :]])
+    assert torch.allclose(vals, want, atol=EIG_TOL * float(ref.abs().max()))
+    # eigenvectors: orthonormal columns with small residuals
+    assert torch.allclose(vecs.T @ vecs, torch.eye(k, dtype=A.dtype), atol=1e-8)
+    assert float((A @ vecs - vecs * vals).norm()) < 1e-6
+
+
+def test_eigsh_on_curvature_operator():
+    p = seed_problem(0, torch.float64)
+    H = second.HessianOperator(p.model, p.loss_fn, p.data)
+    vals = eigsh(H, k=3, which="BE", return_eigenvectors=False)
+    ref = torch.linalg.eigvalsh(H.to_dense())
+    assert torch.allclose(vals, torch.stack([ref[0], ref[-2], ref[-1]]), atol=1e-9)
+
+
+def test_eigsh_bad_arguments(A):
+    with pytest.raises(ValueError):
+        eigsh(A, k=0)
+    with pytest.raises(ValueError):
+        eigsh(A, k=2, which="XX")
+
+
+def test_trace_estimators(A):
+    exact = float(torch.trace(A))
+    assert float(trace(A, method="exact")) == pytest.approx(exact, rel=1e-12)
+    fro = float(A.norm())
+    est = float(trace(A, 400, method="hutchinson"))
+    assert abs(est - exact) < HUTCH_REL * fro
+    # a PSD matrix with decaying spectrum: Hutch++ is far more accurate at equal budget
+    B = sym_matrix((10.0 ** -torch.arange(0, 60) * 1.0).tolist()[:60], seed=2)
+    B = B @ B.T
+    tb = float(torch.trace(B))
+    assert abs(float(trace(B, 30, method="hutch++")) - tb) < HUTCHPP_REL * tb
+    with pytest.raises(ValueError):
+        trace(A, method="nope")
+
+
+def test_diagonal_estimators(A):
+    d = torch.diagonal(A)
+    assert torch.allclose(diagonal(A, method="exact"), d)
+    est = diagonal(A, 400)
+    assert float((est - d).norm() / A.norm()) < DIAG_REL
+
+
+def test_spectral_density_is_a_density(A):
+    grid, density, nodes, weights = spectral_density(A, num_probes=4, lanczos_steps=30)
+    assert torch.allclose(weights.sum(1), torch.ones(4, dtype=weights.dtype), atol=1e-10)
+    ref = torch.linalg.eigvalsh(A)
+    assert float(nodes.min()) >= float(ref[0]) - 1e-8 and float(nodes.max()) <= float(ref[-1]) + 1e-8
+    integral = float(torch.trapezoid(density, grid))
+    assert integral == pytest.approx(1.0, abs=0.05)
+    # SLQ integrates smooth functions: the mean eigenvalue tr(A)/n
+    mean_est = float((nodes * weights).sum() / 4)
+    assert mean_est == pytest.approx(float(ref.mean()), abs=0.5 * float(ref.std()))
