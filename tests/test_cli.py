@@ -12,8 +12,12 @@ from second.compare import run_compare, summarize
 
 
 def test_compare_seed_problem_shows_failure_and_fix():
-    rows, facts = run_compare(seeds=[0], dtype=torch.float64, progress=False,
-                              methods=["seed-cg", "seed-neumann", "cg", "minres", "neumann", "auto"])
+    rows, facts = run_compare(
+        seeds=[0],
+        dtype=torch.float64,
+        progress=False,
+        methods=["seed-cg", "seed-neumann", "cg", "minres", "neumann", "auto"],
+    )
     s = {(r["curvature"], r["method"]): r for r in summarize(rows)}
     assert facts[0]["hessian"]["negative_eigenvalues"] > 0  # the seed Hessian is indefinite
     assert s[("hessian", "auto")]["relerr_median"] < 1e-10
@@ -26,8 +30,18 @@ def test_compare_seed_problem_shows_failure_and_fix():
 
 def test_cli_writes_report_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["compare", "--seeds", "1", "--methods", "seed-cg,cg,minres,auto", "--out-dir", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "compare",
+            "--seeds",
+            "1",
+            "--methods",
+            "seed-cg,cg,minres,auto",
+            "--out-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| hessian | minres |" in printed and "What this shows" in printed

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import DTYPES, SOLVE_TOL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import second
+from conftest import DTYPES, SOLVE_TOL
 from second import (
     ConvergenceWarning,
     NegativeCurvatureWarning,
@@ -31,7 +31,9 @@ SEED_MINRES_F64_RELERR = 1e-8  # issue target: <= 1e-8 within 4 n products
 SEED_AUTO_F64_RELERR = 1e-10  # issue target
 SEED_F32_COSINE = 0.999  # issue target for float32 products
 NEUMANN_RELERR = 1e-3  # issue target for automatic scale on a damped PSD matrix
-LISSA_RELERR = 6e-2  # stochastic: 4 very different rank-8 batches, 100 repeats; error ~ 1/sqrt(repeats)
+LISSA_RELERR = (
+    6e-2  # stochastic: 4 very different rank-8 batches, 100 repeats; error ~ 1/sqrt(repeats)
+)
 
 
 def sym_matrix(eigenvalues, dtype=torch.float64, seed=0):
@@ -43,7 +45,9 @@ def sym_matrix(eigenvalues, dtype=torch.float64, seed=0):
 
 
 def rhs(n, dtype=torch.float64, seed=1):
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(
+        dtype
+    )
 
 
 SPECTRA = {
@@ -67,7 +71,9 @@ def test_cg_spd(dtype, name):
     res = cg(A, b, tol=tol, maxiter=2000, warn=False)
     cond = max(SPECTRA[name]) / min(SPECTRA[name])
     assert res.converged or dtype == torch.float32
-    assert relative_error(res.x, exact(A, b)) <= SOLVE_TOL[dtype] * max(1.0, cond * tol / SOLVE_TOL[dtype])
+    assert relative_error(res.x, exact(A, b)) <= SOLVE_TOL[dtype] * max(
+        1.0, cond * tol / SOLVE_TOL[dtype]
+    )
     assert len(res.residual_norms) == res.iterations + 1
     assert not res.negative_curvature
 
@@ -131,7 +137,9 @@ def test_minres_float64(name):
         assert res.negative_curvature
 
 
-@pytest.mark.parametrize("options", [dict(recurrence_dtype=torch.float64), dict(reorthogonalize=True)])
+@pytest.mark.parametrize(
+    "options", [dict(recurrence_dtype=torch.float64), dict(reorthogonalize=True)]
+)
 def test_minres_float32_options(options):
     A = sym_matrix(SPECTRA["indefinite"], torch.float32)
     b = rhs(40, torch.float32)
@@ -244,7 +252,9 @@ def test_choose_method():
             return v
 
     assert choose_method(Big(5000, torch.float64, "cpu"), 5000) == "cg"
-    assert choose_method(second.CallableOperator(lambda v: v, 5000, torch.float64), 5000) == "minres"
+    assert (
+        choose_method(second.CallableOperator(lambda v: v, 5000, torch.float64), 5000) == "minres"
+    )
 
 
 def test_unknown_method_and_bad_inputs():
@@ -350,6 +360,10 @@ def test_property_indefinite(ev, seed):
     assert res.converged and relative_error(res.x, x_ref) < 1e-7
     res = cg(A, b, tol=1e-12, maxiter=20 * len(ev), warn=False)
     # CG either converges (the Krylov space happened to avoid negative curvature) or says why not
-    assert (res.converged and relative_error(res.x, x_ref) < 1e-6) or res.negative_curvature or not res.converged
+    assert (
+        (res.converged and relative_error(res.x, x_ref) < 1e-6)
+        or res.negative_curvature
+        or not res.converged
+    )
     if not res.converged:
         assert res.message

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_solvers import sym_matrix
 
 import second
 from second import diagonal, eigsh, spectral_density, trace
 from second.problems import seed_problem
+from test_solvers import sym_matrix
 
 EIG_TOL = 1e-8  # eigenvalues from Lanczos with full re-orthogonalization, float64
 HUTCH_REL = 0.15  # Hutchinson with 400 probes on a 60x60 matrix: a few standard deviations
@@ -82,7 +82,9 @@ def test_spectral_density_is_a_density(A):
     grid, density, nodes, weights = spectral_density(A, num_probes=4, lanczos_steps=30)
     assert torch.allclose(weights.sum(1), torch.ones(4, dtype=weights.dtype), atol=1e-10)
     ref = torch.linalg.eigvalsh(A)
-    assert float(nodes.min()) >= float(ref[0]) - 1e-8 and float(nodes.max()) <= float(ref[-1]) + 1e-8
+    assert (
+        float(nodes.min()) >= float(ref[0]) - 1e-8 and float(nodes.max()) <= float(ref[-1]) + 1e-8
+    )
     integral = float(torch.trapezoid(density, grid))
     assert integral == pytest.approx(1.0, abs=0.05)
     # SLQ integrates smooth functions: the mean eigenvalue tr(A)/n

@@ -50,7 +50,10 @@ def reduction_of(loss_fn: Callable, reduction: str | None = None) -> str:
 
 
 def _check_plain(loss_fn: nn.Module) -> None:
-    if getattr(loss_fn, "weight", None) is not None or getattr(loss_fn, "pos_weight", None) is not None:
+    if (
+        getattr(loss_fn, "weight", None) is not None
+        or getattr(loss_fn, "pos_weight", None) is not None
+    ):
         raise NotImplementedError("weighted losses (weight=/pos_weight=) are not supported here")
     if getattr(loss_fn, "label_smoothing", 0.0):
         raise NotImplementedError("label smoothing is not supported here")

@@ -23,8 +23,13 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     rows, facts = run_compare(
-        problem=args.problem, seeds=range(args.seeds), dtype=_DTYPES[args.dtype], methods=methods,
-        hessian_damping=args.hessian_damping, ggn_damping=args.ggn_damping, tol=args.tol,
+        problem=args.problem,
+        seeds=range(args.seeds),
+        dtype=_DTYPES[args.dtype],
+        methods=methods,
+        hessian_damping=args.hessian_damping,
+        ggn_damping=args.ggn_damping,
+        tol=args.tol,
         progress=not args.no_progress,
     )
     header = (
@@ -40,14 +45,19 @@ def _compare(args: argparse.Namespace) -> int:
     print(report)
     summary = summarize(rows)
     print(_verdict(summary))
-    print(f"wrote {args.out_dir}/compare.md, compare.json" + ("" if args.no_plot else ", compare.png"))
+    print(
+        f"wrote {args.out_dir}/compare.md, compare.json" + ("" if args.no_plot else ", compare.png")
+    )
     return 0
 
 
 def _verdict(summary: list[dict]) -> str:
     by = {(s["curvature"], s["method"]): s for s in summary}
     lines = ["", "What this shows:"]
-    sc, mr = by.get(("hessian", "seed-cg")), by.get(("hessian", "minres-reorth")) or by.get(("hessian", "minres"))
+    sc, mr = (
+        by.get(("hessian", "seed-cg")),
+        by.get(("hessian", "minres-reorth")) or by.get(("hessian", "minres")),
+    )
     if sc and mr:
         lines.append(
             f"- H^-1 g on an indefinite Hessian: the notebook's CG reaches cosine {sc['cosine_median']:.3f} "
@@ -56,7 +66,9 @@ def _verdict(summary: list[dict]) -> str:
         )
     c = by.get(("hessian", "cg"))
     if c:
-        lines.append(f"- second.cg on the same system stops and reports negative curvature on {c['negative_curvature']} seeds instead of returning a wrong answer.")
+        lines.append(
+            f"- second.cg on the same system stops and reports negative curvature on {c['negative_curvature']} seeds instead of returning a wrong answer."
+        )
     sn, nm = by.get(("hessian", "seed-neumann")), by.get(("hessian", "neumann"))
     if sn and nm:
         lines.append(
@@ -65,8 +77,10 @@ def _verdict(summary: list[dict]) -> str:
         )
     g = by.get(("ggn", "cg"))
     if g:
-        lines.append(f"- On the damped Gauss-Newton matrix (PSD) CG converges on {g['converged']} seeds, "
-                     f"median relative error {g['relerr_median']:.1e}.")
+        lines.append(
+            f"- On the damped Gauss-Newton matrix (PSD) CG converges on {g['converged']} seeds, "
+            f"median relative error {g['relerr_median']:.1e}."
+        )
     return "\n".join(lines)
 
 
@@ -77,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare inverse-curvature methods against the exact answer")
     p.add_argument("--problem", choices=["seed", "digits"], default="seed")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="float32",
-                   help="dtype of the model and products (the notebook ran float32)")
+    p.add_argument(
+        "--dtype",
+        choices=list(_DTYPES),
+        default="float32",
+        help="dtype of the model and products (the notebook ran float32)",
+    )
     p.add_argument("--methods", default="", help="comma-separated subset of methods")
     p.add_argument("--hessian-damping", type=float, default=0.0)
     p.add_argument("--ggn-damping", type=float, default=1e-2)

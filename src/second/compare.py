@@ -29,7 +29,15 @@ from .solvers import solve
 __all__ = ["Row", "run_compare", "format_table", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = (
-    "seed-cg", "seed-neumann", "cg", "minres", "minres-reorth", "neumann", "lissa", "lowrank", "auto",
+    "seed-cg",
+    "seed-neumann",
+    "cg",
+    "minres",
+    "minres-reorth",
+    "neumann",
+    "lissa",
+    "lowrank",
+    "auto",
 )
 
 
@@ -163,17 +171,24 @@ def compare_problem(
                 continue
             x, mv, secs, hist, res = out
             finite = bool(torch.isfinite(x).all())
-            rows.append(Row(
-                seed=seed, curvature=curvature, method=method,
-                cosine=cosine_similarity(x, exact) if finite else float("nan"),
-                relative_error=relative_error(x, exact) if finite else float("nan"),
-                matvecs=int(mv), seconds=secs,
-                converged=None if res is None else bool(res.converged),
-                negative_curvature=None if res is None else bool(res.negative_curvature),
-                diverged=None if res is None else bool(res.diverged),
-                message="(seed notebook loop: no convergence check)" if res is None else res.message,
-                residuals=[h / max(float(b.norm()), 1e-300) for h in hist],
-            ))
+            rows.append(
+                Row(
+                    seed=seed,
+                    curvature=curvature,
+                    method=method,
+                    cosine=cosine_similarity(x, exact) if finite else float("nan"),
+                    relative_error=relative_error(x, exact) if finite else float("nan"),
+                    matvecs=int(mv),
+                    seconds=secs,
+                    converged=None if res is None else bool(res.converged),
+                    negative_curvature=None if res is None else bool(res.negative_curvature),
+                    diverged=None if res is None else bool(res.diverged),
+                    message="(seed notebook loop: no convergence check)"
+                    if res is None
+                    else res.message,
+                    residuals=[h / max(float(b.norm()), 1e-300) for h in hist],
+                )
+            )
     return rows, facts
 
 
@@ -195,8 +210,9 @@ def run_compare(
 
         iterator = tqdm(iterator, desc=f"compare[{problem}]", unit="seed")
     for s in iterator:
-        r, f = compare_problem(problem, s, dtype, methods,
-                               {"hessian": hessian_damping, "ggn": ggn_damping}, tol)
+        r, f = compare_problem(
+            problem, s, dtype, methods, {"hessian": hessian_damping, "ggn": ggn_damping}, tol
+        )
         rows += r
         facts[s] = f
     return rows, facts
@@ -220,26 +236,30 @@ def summarize(rows: list[Row]) -> list[dict]:
         rs = [r for r in rows if r.curvature == curvature and r.method == method]
         cos = [r.cosine for r in rs]
         err = [r.relative_error for r in rs]
-        out.append({
-            "curvature": curvature,
-            "method": method,
-            "cosine_median": statistics.median(cos),
-            "cosine_min": min(cos, key=lambda c: c if math.isfinite(c) else -math.inf),
-            "relerr_median": statistics.median(err),
-            "relerr_max": max(err, key=lambda e: e if math.isfinite(e) else math.inf),
-            "matvecs_median": statistics.median(r.matvecs for r in rs),
-            "ms_median": 1e3 * statistics.median(r.seconds for r in rs),
-            "converged": _flag([r.converged for r in rs]),
-            "negative_curvature": _flag([r.negative_curvature for r in rs]),
-            "diverged": _flag([r.diverged for r in rs]),
-        })
+        out.append(
+            {
+                "curvature": curvature,
+                "method": method,
+                "cosine_median": statistics.median(cos),
+                "cosine_min": min(cos, key=lambda c: c if math.isfinite(c) else -math.inf),
+                "relerr_median": statistics.median(err),
+                "relerr_max": max(err, key=lambda e: e if math.isfinite(e) else math.inf),
+                "matvecs_median": statistics.median(r.matvecs for r in rs),
+                "ms_median": 1e3 * statistics.median(r.seconds for r in rs),
+                "converged": _flag([r.converged for r in rs]),
+                "negative_curvature": _flag([r.negative_curvature for r in rs]),
+                "diverged": _flag([r.diverged for r in rs]),
+            }
+        )
     return out
 
 
 def format_table(summary: list[dict]) -> str:
     """A Markdown table of the summary."""
-    head = ("| curvature | method | cosine (median / min) | rel. error (median / max) | matvecs | "
-            "ms | converged | neg. curvature | diverged |")
+    head = (
+        "| curvature | method | cosine (median / min) | rel. error (median / max) | matvecs | "
+        "ms | converged | neg. curvature | diverged |"
+    )
     lines = [head, "|" + "---|" * 9]
     for s in summary:
         lines.append(
@@ -289,8 +309,13 @@ def write_outputs(rows: list[Row], facts: dict, out_dir: Path, plot: bool, heade
         )
     report = "\n".join([header, "", *spectra, "", format_table(summary), ""])
     (out_dir / "compare.md").write_text(report)
-    (out_dir / "compare.json").write_text(json.dumps(
-        {"summary": summary, "facts": facts, "rows": [asdict(r) for r in rows]}, indent=1, default=str))
+    (out_dir / "compare.json").write_text(
+        json.dumps(
+            {"summary": summary, "facts": facts, "rows": [asdict(r) for r in rows]},
+            indent=1,
+            default=str,
+        )
+    )
     if plot:
         plot_residuals(rows, out_dir / "compare.png", seed=rows[0].seed)
     return report

@@ -74,7 +74,9 @@ def conjugate_gradient(
     if res.negative_curvature and fallback == "minres":
         warnings.warn(
             "conjugate_gradient: the matrix is not positive definite (p^T A p <= 0); "
-            "solving with MINRES instead", NegativeCurvatureWarning, stacklevel=2,
+            "solving with MINRES instead",
+            NegativeCurvatureWarning,
+            stacklevel=2,
         )
         res = minres(f, b, maxiter=max(cg_iter, 4 * b.numel()), tol=tol, damping=eps)
     elif not res.converged:
@@ -89,8 +91,10 @@ def _warning_for(res):
 
 
 def neumann(A, *args, **kwargs):
-    r"""Neumann-series inverse: the seed's ``neumann(mvp, parameters, vector, truncate_iter=10)``
-    or the solver ``neumann(A, b, *, scale=None, damping=0, tol=1e-6, ...)``.
+    r"""Neumann-series inverse, in the seed's form or the solver's.
+
+    Seed form: ``neumann(mvp, parameters, vector, truncate_iter=10)``; solver form:
+    ``neumann(A, b, *, scale=None, damping=0, tol=1e-6, ...)``.
 
     The seed form (recognized by a ``parameters`` sequence before ``vector``, or the
     ``vector``/``truncate_iter`` keywords) returns the flat sum
@@ -123,7 +127,9 @@ def neumann(A, *args, **kwargs):
     if bound:
         raise TypeError(f"neumann() got unexpected arguments {sorted(bound)}")
     b = _flat(vector).detach()
-    res = _neumann_mod.neumann(_matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False)
+    res = _neumann_mod.neumann(
+        _matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False
+    )
     if res.diverged:
         warnings.warn(f"neumann: {res.message}", NegativeCurvatureWarning, stacklevel=2)
     return res.x
@@ -149,7 +155,9 @@ def fixed_point(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     b = _flat(vector).detach()
-    res = _neumann_mod.neumann(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
+    res = _neumann_mod.neumann(
+        _matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False
+    )
     if res.diverged:
         warnings.warn(f"fixed_point: {res.message}", NegativeCurvatureWarning, stacklevel=2)
     return res.x
@@ -189,7 +197,8 @@ def clip_grad_norm(
         total = torch.stack([g.detach().abs().max() for g in gradients]).max()
     else:
         total = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.detach(), norm_type) for g in gradients]), norm_type
+            torch.stack([torch.linalg.vector_norm(g.detach(), norm_type) for g in gradients]),
+            norm_type,
         )
     check_finite(total, "gradient norm")
     coef = max_norm / (float(total) + 1e-6)

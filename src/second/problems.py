@@ -27,10 +27,12 @@ class Problem:
 
     @property
     def data(self) -> tuple[Tensor, Tensor]:
+        """The ``(X, y)`` batch."""
         return self.X, self.y
 
     @property
     def num_params(self) -> int:
+        """Number of trainable parameters."""
         return sum(p.numel() for p in self.model.parameters())
 
     def to(self, dtype: torch.dtype) -> Problem:

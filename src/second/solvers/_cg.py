@@ -86,8 +86,14 @@ def cg(
     rnorm = _norm(r)
     history = [rnorm]
     if rnorm <= threshold:
-        return pb.result(x, converged=True, iterations=0, residual_norms=history,
-                         message="x0 already satisfies the tolerance", method="cg")
+        return pb.result(
+            x,
+            converged=True,
+            iterations=0,
+            residual_norms=history,
+            message="x0 already satisfies the tolerance",
+            method="cg",
+        )
     z = Minv @ r if Minv is not None else r
     p = z.clone()
     rz = torch.dot(r, z)
@@ -97,13 +103,23 @@ def cg(
         pAp = torch.dot(p, Ap)
         anorm = max(anorm, abs(float(pAp)) / max(float(torch.dot(p, p)), 1e-300))
         if float(pAp) <= 0.0:
-            return report(pb.result(
-                x, converged=False, iterations=k - 1, residual_norms=history,
-                negative_curvature=True, negative_curvature_iteration=k,
-                message=(f"non-positive curvature p^T A p = {float(pAp):.3e} at iteration {k}: "
-                         "the operator is not positive definite; stopped before stepping along it "
-                         "(use minres, damping, or the Gauss-Newton matrix)"),
-                method="cg"), warn)
+            return report(
+                pb.result(
+                    x,
+                    converged=False,
+                    iterations=k - 1,
+                    residual_norms=history,
+                    negative_curvature=True,
+                    negative_curvature_iteration=k,
+                    message=(
+                        f"non-positive curvature p^T A p = {float(pAp):.3e} at iteration {k}: "
+                        "the operator is not positive definite; stopped before stepping along it "
+                        "(use minres, damping, or the Gauss-Newton matrix)"
+                    ),
+                    method="cg",
+                ),
+                warn,
+            )
         alpha = rz / pAp
         x.add_(p, alpha=float(alpha))
         r.sub_(Ap, alpha=float(alpha))
@@ -116,13 +132,30 @@ def cg(
                 true_r, floor, ok = check_true_residual(op, pb.b, x, threshold, anorm, k)
                 info.update(true_residual=true_r, attainable_residual=floor)
                 if not ok:
-                    return report(pb.result(
-                        x, converged=False, iterations=k, residual_norms=history, info=info,
-                        message=(f"the recursive residual reached the tolerance but the true residual "
-                                 f"is {true_r:.3e} > {threshold:.3e} (+ attainable {floor:.1e})"),
-                        method="cg"), warn)
-            return pb.result(x, converged=True, iterations=k, residual_norms=history, info=info,
-                             message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}", method="cg")
+                    return report(
+                        pb.result(
+                            x,
+                            converged=False,
+                            iterations=k,
+                            residual_norms=history,
+                            info=info,
+                            message=(
+                                f"the recursive residual reached the tolerance but the true residual "
+                                f"is {true_r:.3e} > {threshold:.3e} (+ attainable {floor:.1e})"
+                            ),
+                            method="cg",
+                        ),
+                        warn,
+                    )
+            return pb.result(
+                x,
+                converged=True,
+                iterations=k,
+                residual_norms=history,
+                info=info,
+                message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}",
+                method="cg",
+            )
         if Minv is not None:
             z = Minv @ r
             if float(torch.dot(r, z)) <= 0:
@@ -133,8 +166,14 @@ def cg(
         beta = rz_new / rz
         rz = rz_new
         p.mul_(float(beta)).add_(z)
-    return report(pb.result(
-        x, converged=False, iterations=maxiter, residual_norms=history,
-        message=f"did not converge in {maxiter} iterations: ||r|| = {rnorm:.3e} > {threshold:.3e}",
-        method="cg"), warn)
-
+    return report(
+        pb.result(
+            x,
+            converged=False,
+            iterations=maxiter,
+            residual_norms=history,
+            message=f"did not converge in {maxiter} iterations: ||r|| = {rnorm:.3e} > {threshold:.3e}",
+            method="cg",
+        ),
+        warn,
+    )

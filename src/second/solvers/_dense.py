@@ -70,18 +70,29 @@ def dense(
     threshold = stopping_threshold(_norm(b64), tol, atol)
     converged = rnorm <= threshold
     if bool(small.any()):
-        msg = (f"the matrix is singular to working precision ({int(small.sum())} eigenvalues "
-               f"below {cut:.2e}): returned the minimum-norm least-squares solution, "
-               f"||r|| = {rnorm:.3e}" + ("" if converged else
-               f" > {threshold:.3e}: b is not in the range of A (inconsistent system)"))
+        msg = (
+            f"the matrix is singular to working precision ({int(small.sum())} eigenvalues "
+            f"below {cut:.2e}): returned the minimum-norm least-squares solution, "
+            f"||r|| = {rnorm:.3e}"
+            + (
+                ""
+                if converged
+                else f" > {threshold:.3e}: b is not in the range of A (inconsistent system)"
+            )
+        )
     else:
         msg = f"direct solve: ||r|| = {rnorm:.3e}"
         if not converged:
             msg += f" > {threshold:.3e} (ill-conditioned)"
     info["warn_negative"] = False
-    res = pb.result(x, converged=converged, iterations=1, residual_norms=[_norm(b64), rnorm],
-                    negative_curvature=neg, message=msg, method="dense", info=info)
+    res = pb.result(
+        x,
+        converged=converged,
+        iterations=1,
+        residual_norms=[_norm(b64), rnorm],
+        negative_curvature=neg,
+        message=msg,
+        method="dense",
+        info=info,
+    )
     return report(res, warn)
-
-
-

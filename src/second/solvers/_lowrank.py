@@ -35,9 +35,10 @@ class LowRankInverse:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         c = self.U.T @ v
-        return self.U @ (c / (self.eigenvalues + self.damping).reshape(-1, *([1] * (c.dim() - 1)))) + (
-            v - self.U @ c
-        ) / self.damping
+        return (
+            self.U @ (c / (self.eigenvalues + self.damping).reshape(-1, *([1] * (c.dim() - 1))))
+            + (v - self.U @ c) / self.damping
+        )
 
 
 def lowrank(
@@ -79,13 +80,15 @@ def lowrank(
     rnorm = _norm(r)
     threshold = stopping_threshold(_norm(pb.b), tol, atol)
     res = pb.result(
-        x, converged=rnorm <= threshold, iterations=1, residual_norms=[_norm(pb.b), rnorm],
-        negative_curvature=bool((vals < -1e3 * torch.finfo(vals.dtype).eps * vals.abs().max()).any()),
+        x,
+        converged=rnorm <= threshold,
+        iterations=1,
+        residual_norms=[_norm(pb.b), rnorm],
+        negative_curvature=bool(
+            (vals < -1e3 * torch.finfo(vals.dtype).eps * vals.abs().max()).any()
+        ),
         method="lowrank",
         info={"eigenvalues": vals, "eigenvectors": vecs, "inverse": inv, "warn_negative": False},
         message=f"rank-{vals.numel()} inverse with damping {damping}: ||r|| = {rnorm:.3e}",
     )
     return report(res, warn)
-
-
-

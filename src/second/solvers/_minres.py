@@ -9,6 +9,7 @@ import torch
 
 from ._result import (
     Problem,
+    SolveResult,
     _norm,
     as_preconditioner,
     callbacks,
@@ -112,8 +113,14 @@ def minres(
     beta1 = math.sqrt(beta1_sq)
     history = [_norm(r1)]
     if history[0] <= threshold:
-        return pb.result(x, converged=True, iterations=0, residual_norms=history,
-                         message="x0 already satisfies the tolerance", method="minres")
+        return pb.result(
+            x,
+            converged=True,
+            iterations=0,
+            residual_norms=history,
+            message="x0 already satisfies the tolerance",
+            method="minres",
+        )
 
     eps = torch.finfo(work).eps
     oldb, beta, dbar, epsln, phibar = 0.0, beta1, 0.0, 0.0, beta1
@@ -180,7 +187,9 @@ def minres(
             converged = rnorm <= threshold
             break
     else:
-        stop_msg = f"did not converge in {maxiter} iterations: ||r|| ~ {history[-1]:.3e} > {threshold:.3e}"
+        stop_msg = (
+            f"did not converge in {maxiter} iterations: ||r|| ~ {history[-1]:.3e} > {threshold:.3e}"
+        )
 
     info = {}
     if check_residual:
@@ -189,23 +198,30 @@ def minres(
         history[-1] = true_r
         if not ok:
             if converged:
-                stop_msg = (f"the recurrence reached the tolerance but the true residual is "
-                            f"{true_r:.3e} > {threshold:.3e} (+ attainable {floor:.1e}; loss of "
-                            "orthogonality: try recurrence_dtype=torch.float64 or reorthogonalize=True)")
+                stop_msg = (
+                    f"the recurrence reached the tolerance but the true residual is "
+                    f"{true_r:.3e} > {threshold:.3e} (+ attainable {floor:.1e}; loss of "
+                    "orthogonality: try recurrence_dtype=torch.float64 or reorthogonalize=True)"
+                )
             converged = False
         elif not converged:
             converged = True
-            stop_msg = (f"converged to the accuracy of the products: true ||r|| = {true_r:.3e} "
-                        f"<= {threshold:.3e} + attainable {floor:.1e}")
+            stop_msg = (
+                f"converged to the accuracy of the products: true ||r|| = {true_r:.3e} "
+                f"<= {threshold:.3e} + attainable {floor:.1e}"
+            )
     if neg_it is not None:
         stop_msg += f"; the operator is indefinite (v^T A v < 0 at iteration {neg_it})"
     info["warn_negative"] = False
     res = pb.result(
-        x, converged=converged, iterations=k, residual_norms=history,
-        negative_curvature=neg_it is not None, negative_curvature_iteration=neg_it,
-        message=stop_msg, method="minres", info=info,
+        x,
+        converged=converged,
+        iterations=k,
+        residual_norms=history,
+        negative_curvature=neg_it is not None,
+        negative_curvature_iteration=neg_it,
+        message=stop_msg,
+        method="minres",
+        info=info,
     )
     return report(res, warn)
-
-
-

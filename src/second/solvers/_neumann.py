@@ -79,12 +79,24 @@ def neumann(
         info.update(lambda_min_estimate=lo, lambda_max_estimate=hi)
         if lo < -1e-8 * abs(hi):
             info.update(scale=scale, warn_negative=True)
-            return report(pb.result(
-                torch.zeros_like(pb.b), converged=False, iterations=0, residual_norms=[_norm(pb.b)],
-                negative_curvature=True, diverged=True, method="neumann", info=info,
-                message=(f"the operator is indefinite (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
-                         "the Neumann series diverges for every scale; use minres, or damping "
-                         f">= {-lo:.3e}, or the Gauss-Newton matrix")), warn)
+            return report(
+                pb.result(
+                    torch.zeros_like(pb.b),
+                    converged=False,
+                    iterations=0,
+                    residual_norms=[_norm(pb.b)],
+                    negative_curvature=True,
+                    diverged=True,
+                    method="neumann",
+                    info=info,
+                    message=(
+                        f"the operator is indefinite (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
+                        "the Neumann series diverges for every scale; use minres, or damping "
+                        f">= {-lo:.3e}, or the Gauss-Newton matrix"
+                    ),
+                ),
+                warn,
+            )
         info["contraction"] = max(abs(1 - lo / scale), abs(1 - hi / scale))
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
@@ -102,26 +114,54 @@ def neumann(
         if rnorm < best_r:
             best_r, best_p = rnorm, p.clone()
         if rnorm <= threshold:
-            return pb.result(p / scale, converged=True, iterations=k, residual_norms=history,
-                             method="neumann", info=info,
-                             message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}")
+            return pb.result(
+                p / scale,
+                converged=True,
+                iterations=k,
+                residual_norms=history,
+                method="neumann",
+                info=info,
+                message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}",
+            )
         if not math.isfinite(rnorm) or rnorm > divergence_factor * bnorm:
             info["warn_negative"] = True
-            return report(pb.result(
-                best_p / scale, converged=False, iterations=k, residual_norms=history,
-                diverged=True, negative_curvature=True, method="neumann", info=info,
-                message=(f"diverged: ||r|| grew to {rnorm:.3e} (from {bnorm:.3e}); the operator "
-                         "has an eigenvalue outside (0, 2 s): it is indefinite or the scale is too "
-                         "small. Returned the best iterate")), warn)
+            return report(
+                pb.result(
+                    best_p / scale,
+                    converged=False,
+                    iterations=k,
+                    residual_norms=history,
+                    diverged=True,
+                    negative_curvature=True,
+                    method="neumann",
+                    info=info,
+                    message=(
+                        f"diverged: ||r|| grew to {rnorm:.3e} (from {bnorm:.3e}); the operator "
+                        "has an eigenvalue outside (0, 2 s): it is indefinite or the scale is too "
+                        "small. Returned the best iterate"
+                    ),
+                ),
+                warn,
+            )
         if k == maxiter:
             break
         p = pb.b + p - Ap / scale  # p_{k+1} = b + (I - A/s) p_k
         callbacks(callback, p / scale, pb)
-    return report(pb.result(
-        best_p / scale, converged=False, iterations=maxiter, residual_norms=history,
-        method="neumann", info=info,
-        message=(f"did not converge in {maxiter} terms: ||r|| = {best_r:.3e} > {threshold:.3e} "
-                 f"(contraction ~ {info.get('contraction', float('nan')):.4f} per term)")), warn)
+    return report(
+        pb.result(
+            best_p / scale,
+            converged=False,
+            iterations=maxiter,
+            residual_norms=history,
+            method="neumann",
+            info=info,
+            message=(
+                f"did not converge in {maxiter} terms: ||r|| = {best_r:.3e} > {threshold:.3e} "
+                f"(contraction ~ {info.get('contraction', float('nan')):.4f} per term)"
+            ),
+        ),
+        warn,
+    )
 
 
 def _batch_operators(A) -> Callable[[int], LinearOperator]:
@@ -137,8 +177,15 @@ def _batch_operators(A) -> Callable[[int], LinearOperator]:
         def get(i):
             j = i % len(batches)
             if ops[j] is None:
-                ops[j] = type(A)(A.model, A.loss_fn, batches[j], A.params, reduction=A.reduction,
-                                 check_deterministic=False, distributed=False)
+                ops[j] = type(A)(
+                    A.model,
+                    A.loss_fn,
+                    batches[j],
+                    A.params,
+                    reduction=A.reduction,
+                    check_deterministic=False,
+                    distributed=False,
+                )
             return ops[j]
 
         return get
@@ -208,7 +255,11 @@ def lissa(
             raise TypeError(f"lissa() got an unexpected keyword argument {key!r}")
     get = _batch_operators(A)
     first = get(0)
-    ref = full_operator if full_operator is not None else (A if isinstance(A, LinearOperator) else first)
+    ref = (
+        full_operator
+        if full_operator is not None
+        else (A if isinstance(A, LinearOperator) else first)
+    )
     pb = Problem(first, b, None, damping)
     info: dict = {}
     lo, hi = extreme_eigenvalues(aslinearoperator(ref), steps=lanczos_steps, generator=generator)
@@ -217,7 +268,9 @@ def lissa(
     if scale is None:
         # every mini-batch operator must contract too: bound the largest batch eigenvalue
         batch_max = max(
-            extreme_eigenvalues(aslinearoperator(get(i)), steps=lanczos_steps, generator=generator)[1]
+            extreme_eigenvalues(aslinearoperator(get(i)), steps=lanczos_steps, generator=generator)[
+                1
+            ]
             for i in range(scale_batches)
         )
         scale = 1.05 * (max(hi, batch_max) + damping)
@@ -226,11 +279,23 @@ def lissa(
         raise ValueError(f"scale must be > 0, got {scale}")
     if lo_d <= 0:
         info.update(scale=scale, warn_negative=True)
-        return report(pb.result(
-            torch.zeros_like(pb.b), converged=False, iterations=0, residual_norms=[],
-            negative_curvature=True, diverged=True, method="lissa", info=info,
-            message=(f"the damped operator is not positive definite (eigenvalue ~ {lo_d:.3e}): "
-                     f"LiSSA diverges; add damping >= {-lo:.3e}")), warn)
+        return report(
+            pb.result(
+                torch.zeros_like(pb.b),
+                converged=False,
+                iterations=0,
+                residual_norms=[],
+                negative_curvature=True,
+                diverged=True,
+                method="lissa",
+                info=info,
+                message=(
+                    f"the damped operator is not positive definite (eigenvalue ~ {lo_d:.3e}): "
+                    f"LiSSA diverges; add damping >= {-lo:.3e}"
+                ),
+            ),
+            warn,
+        )
     q = max(1 - lo_d / scale, abs(1 - hi_d / scale))
     if depth is None:
         depth = min(max_depth, math.ceil(math.log(max(tol, 1e-300)) / math.log(max(q, 1e-300))))
@@ -257,22 +322,41 @@ def lissa(
                 Ap = Ap + damping * p
             p = pb.b + p - Ap / scale
             if not torch.isfinite(p).all():
-                return report(pb.result(
-                    torch.zeros_like(pb.b), converged=False, iterations=counter, residual_norms=[],
-                    diverged=True, method="lissa", info=info,
-                    message="the recursion overflowed: a mini-batch curvature exceeds 2 * scale"), warn)
+                return report(
+                    pb.result(
+                        torch.zeros_like(pb.b),
+                        converged=False,
+                        iterations=counter,
+                        residual_norms=[],
+                        diverged=True,
+                        method="lissa",
+                        info=info,
+                        message="the recursion overflowed: a mini-batch curvature exceeds 2 * scale",
+                    ),
+                    warn,
+                )
         acc += p / scale
     x = acc / repeats
     converged = bias <= tol
-    msg = (f"depth {depth}, scale {scale:.3e}, contraction {q:.6f}: predicted truncation bias "
-           f"{bias:.2e}")
+    msg = (
+        f"depth {depth}, scale {scale:.3e}, contraction {q:.6f}: predicted truncation bias "
+        f"{bias:.2e}"
+    )
     if bias > bias_warning:
-        msg += (f" leaves ~{100 * bias:.0f}% of the solution's slowest component missing; "
-                f"use depth >= {math.ceil(math.log(tol) / math.log(q))} or more damping")
+        msg += (
+            f" leaves ~{100 * bias:.0f}% of the solution's slowest component missing; "
+            f"use depth >= {math.ceil(math.log(tol) / math.log(q))} or more damping"
+        )
         if warn:
             warnings.warn(f"lissa: {msg}", ConvergenceWarning, stacklevel=2)
-    res = pb.result(x, converged=converged, iterations=counter, residual_norms=[], method="lissa",
-                    info=info, message=msg)
+    res = pb.result(
+        x,
+        converged=converged,
+        iterations=counter,
+        residual_norms=[],
+        method="lissa",
+        info=info,
+        message=msg,
+    )
     res.matvecs = counter + lanczos_steps
     return res
-

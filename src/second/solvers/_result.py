@@ -67,7 +67,9 @@ class Problem:
     def __init__(self, A, b, x0=None, damping: float = 0.0):
         if isinstance(b, Tensor):
             if b.dim() != 1:
-                raise ValueError(f"b must be a flat vector or a sequence of tensors, got shape {tuple(b.shape)}")
+                raise ValueError(
+                    f"b must be a flat vector or a sequence of tensors, got shape {tuple(b.shape)}"
+                )
             self.shapes = None
             flat = b
         else:
@@ -151,7 +153,9 @@ def report(res: SolveResult, warn: bool, stacklevel: int = 3) -> SolveResult:
     if not warn:
         return res
     if res.negative_curvature and not res.converged and res.info.get("warn_negative", True):
-        warnings.warn(f"{res.method}: {res.message}", NegativeCurvatureWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"{res.method}: {res.message}", NegativeCurvatureWarning, stacklevel=stacklevel
+        )
     elif not res.converged:
         warnings.warn(f"{res.method}: {res.message}", ConvergenceWarning, stacklevel=stacklevel)
     return res
@@ -171,4 +175,3 @@ def _norm(v: Tensor) -> float:
 def callbacks(callback, x: Tensor, problem: Problem) -> None:
     if callback is not None:
         callback(problem.unflatten(x))
-

@@ -65,7 +65,9 @@ def solve(
             indefinite: CG would stop at negative curvature), with float64 recurrences when
             the products are in lower precision.
         damping: :math:`\lambda \ge 0`, applied as the explicit operator ``A + lambda I``.
-        tol, atol: stopping rule :math:`\|b - Ax\| \le \max(\mathrm{tol}\|b\|, \mathrm{atol})`.
+        tol: relative tolerance of the stopping rule
+            :math:`\|b - Ax\| \le \max(\mathrm{tol}\|b\|, \mathrm{atol})`.
+        atol: absolute tolerance of the same rule.
         maxiter: iteration limit (method default when ``None``).
         x0: starting point.
         M: preconditioner approximating :math:`A^{-1}` (``cg``, ``minres``).

@@ -14,7 +14,7 @@ __all__ = ["trace", "diagonal", "spectral_density"]
 
 
 def _rademacher(n: int, k: int, g: torch.Generator, dtype, device) -> Tensor:
-    return (torch.randint(0, 2, (n, k), generator=g, device=device).to(dtype) * 2 - 1)
+    return torch.randint(0, 2, (n, k), generator=g, device=device).to(dtype) * 2 - 1
 
 
 def _gen(generator, device) -> torch.Generator:
