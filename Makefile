@@ -36,9 +36,12 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
-bench: $(BENCHSTAMP)
-	$(BIN)/python benchmarks/bench_products.py
+bench: bench-products
 	$(BIN)/python benchmarks/bench_solvers.py
+
+# BENCH_ARGS=--quick for a short run (about a minute); the full run records BENCHMARKS.md's table
+bench-products: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_products.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

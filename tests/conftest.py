@@ -17,6 +17,10 @@ SOLVE_TOL = {  # relative error of an iterative solve vs a dense float64 solve
 
 DTYPES = [torch.float64, torch.float32]
 
+# The test problems are tiny: intra-op threads only add synchronization, and on a
+# busy machine their spin-waiting makes a backward pass through a small Conv2d 100x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -68,18 +68,22 @@ def make_data(model_name: str, loss_name: str, n: int = N_EXAMPLES) -> tuple[tor
     return X, y
 
 
-def cast(model: nn.Module, X, y, dtype: torch.dtype):
-    """A copy of the problem in ``dtype`` (integer targets stay integers)."""
-    m = copy.deepcopy(model).to(dtype)
-    y = y.to(dtype) if y.is_floating_point() else y
-    return m, X.to(dtype), y
+def cast(model: nn.Module, X, y, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A copy of the problem in ``dtype`` on ``device`` (integer targets stay integers)."""
+    m = copy.deepcopy(model).to(device=device, dtype=dtype)
+    y = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
+    return m, X.to(device=device, dtype=dtype), y
+
+
+# CPU always; an accelerator where one exists (the references stay on the CPU in float64)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # ----------------------------------------------------------------------------- references
 def _as64(model, X, y):
-    m = copy.deepcopy(model).double()
-    y = y.double() if y.is_floating_point() else y
-    return m, X.double(), y
+    m = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    y = y.cpu().double() if y.is_floating_point() else y.cpu()
+    return m, X.cpu().double(), y
 
 
 def _unflatten(model: nn.Module, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,8 +112,8 @@ def loss_of_theta(model, loss_fn, X, y):
 
 def output_of_theta(model, X):
     """``theta -> model_theta(X)`` on a float64 copy, and ``theta``."""
-    m = copy.deepcopy(model).double()
-    X = X.double()
+    m = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    X = X.cpu().double()
     theta = flat_params(m)
     return (lambda t: functional_call(m, _unflatten(m, t), (X,))), theta
 
@@ -137,7 +141,7 @@ def ref_ggn(model, loss_fn, X, y) -> torch.Tensor:
     """``J^T (d^2 L / d f^2) J`` with both factors from ``torch.func``."""
     g, theta = output_of_theta(model, X)
     out = g(theta).detach()
-    yy = y.double() if y.is_floating_point() else y
+    yy = y.cpu().double() if y.is_floating_point() else y.cpu()
     H_out = hessian(lambda o: loss_fn(o, yy))(out).reshape(out.numel(), out.numel())
     J = ref_jacobian(model, X)
     return J.T @ H_out @ J

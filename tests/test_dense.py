@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
+
 from conftest import DTYPES, PRODUCT_TOL
 from dense_reference import (
     LOSSES,
@@ -21,7 +23,6 @@ from dense_reference import (
     ref_hessian,
     ref_per_example_gradients,
 )
-
 from second import FisherOperator, GGNOperator, exact_fisher, exact_ggn, exact_hessian
 from second._losses import per_sample_losses
 
@@ -115,8 +116,7 @@ def test_mc_fisher_tends_to_ggn(loss_name):
     assert many < few / 3, (few, many)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_mc_fisher_sum_reduction_scale(reduction):
+def test_mc_fisher_sum_reduction_scale():
     # the MC Fisher of a sum-reduced loss is N times the mean-reduced one (same samples)
     model64, X64, y64, *_ = _problem("mlp_tanh", "ce", "mean", torch.float64)
     Fs = {}
@@ -148,3 +148,62 @@ def test_exact_fisher_rejects_bad_input():
         exact_fisher((w * 2).sum(), [w])
     with pytest.raises(ValueError, match="reduction"):
         exact_fisher(w * 2, [w], reduction="max")
+
+
+class _SpatialNet(nn.Module):
+    """Per-pixel logits ``[n, 3, 2, 2]``: cross-entropy over dimension 1 at 4 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 2)
+
+    def forward(self, x):
+        return self.conv(torch.tanh(x))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_spatial_cross_entropy(reduction):
+    torch.manual_seed(3)
+    model = _SpatialNet().double()
+    X = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5, 2, 2))
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    G = ref_ggn(model, loss_fn, X, y)
+    tol = PRODUCT_TOL[torch.float64]
+    assert_close(GGNOperator(model, loss_fn, (X, y)).to_dense(), G, tol)
+    ef = FisherOperator(model, loss_fn, (X, y), kind="empirical").to_dense()
+    assert_close(ef, ref_empirical_fisher(model, loss_fn, X, y, reduction), tol)
+    mc = FisherOperator(
+        model, loss_fn, (X, y), kind="mc", mc_samples=MC_SAMPLES_MANY,
+        generator=torch.Generator().manual_seed(0),
+    ).to_dense()
+    assert float(torch.linalg.matrix_norm(mc - G) / torch.linalg.matrix_norm(G)) < MC_FISHER_REL_ERR
+
+
+def test_gvp_of_loss_linear_in_output_is_zero():
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    f = w * 3.0
+    G = exact_ggn(f.sum(), f, [w])
+    torch.testing.assert_close(G, torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_dense_assembly_falls_back_to_columns_when_batching_fails():
+    from second.func.dense import dense_from_matmat
+
+    A = torch.arange(9.0, dtype=torch.float64).reshape(3, 3)
+
+    def matmat(E):
+        raise RuntimeError("vmap: this operator has no batching rule")
+
+    with pytest.warns(UserWarning, match="column by column"):
+        D = dense_from_matmat(matmat, lambda e: A @ e, 3, dtype=A.dtype, device=A.device)
+    torch.testing.assert_close(D, A)
+
+    def broken(E):
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        dense_from_matmat(broken, lambda e: A @ e, 3, dtype=A.dtype, device=A.device)
+    # chunked batched assembly
+    D = dense_from_matmat(lambda E: A @ E, None, 3, dtype=A.dtype, device=A.device, chunk_size=2)
+    torch.testing.assert_close(D, A)

@@ -6,8 +6,11 @@ import itertools
 
 import pytest
 import torch
+
+import second
 from conftest import DTYPES, PRODUCT_TOL
 from dense_reference import (
+    DEVICES,
     LOSSES,
     MODELS,
     REDUCTIONS,
@@ -20,8 +23,6 @@ from dense_reference import (
     ref_hessian,
     ref_jacobian,
 )
-
-import second
 from second import gvp, hvp, jvp, parameters_to_vector, vector_to_parameters, vjp
 
 # torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
@@ -32,12 +33,12 @@ CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
 CASE_IDS = ["-".join(c) for c in CASES]
 
 
-def _problem(model_name, loss_name, reduction, dtype):
+def _problem(model_name, loss_name, reduction, dtype, device="cpu"):
     torch.manual_seed(1)
     model64 = make_model(model_name)
     X64, y64 = make_data(model_name, loss_name)
     loss_fn = make_loss(loss_name, reduction)
-    model, X, y = cast(model64, X64, y64, dtype)
+    model, X, y = cast(model64, X64, y64, dtype, device)
     params = tuple(model.parameters())
     out = model(X)
     loss = loss_fn(out, y)
@@ -47,16 +48,18 @@ def _problem(model_name, loss_name, reduction, dtype):
 def _vector(params, dtype, seed=2):
     g = torch.Generator().manual_seed(seed)
     n = sum(p.numel() for p in params)
-    return torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(n, generator=g, dtype=torch.float64).to(dtype=dtype, device=params[0].device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_hvp_matches_torch_func_hessian(case, dtype):
-    model64, X64, y64, loss_fn, params, _, loss = _problem(*case, dtype)
+def test_hvp_matches_torch_func_hessian(case, dtype, device):
+    model64, X64, y64, loss_fn, params, _, loss = _problem(*case, dtype, device)
     H = ref_hessian(model64, loss_fn, X64, y64)
     v = _vector(params, dtype)
-    expected = H @ v.double()
+    assert v.device.type == device
+    expected = H @ v.double().cpu()
     assert_close(hvp(loss, params, v), expected, PRODUCT_TOL[dtype])
     # parameter-shaped vector in, parameter-shaped result out
     out = hvp(loss, params, vector_to_parameters(v, params), flatten=False)
@@ -64,16 +67,17 @@ def test_hvp_matches_torch_func_hessian(case, dtype):
     assert_close(parameters_to_vector(out), expected, PRODUCT_TOL[dtype])
     # a second product on the same loss reuses the memoized gradient graph
     w = _vector(params, dtype, seed=3)
-    assert_close(hvp(loss, params, w), H @ w.double(), PRODUCT_TOL[dtype])
+    assert_close(hvp(loss, params, w), H @ w.double().cpu(), PRODUCT_TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_gvp_matches_jacobian_sandwich(case, dtype):
-    model64, X64, y64, loss_fn, params, out, loss = _problem(*case, dtype)
+def test_gvp_matches_jacobian_sandwich(case, dtype, device):
+    model64, X64, y64, loss_fn, params, out, loss = _problem(*case, dtype, device)
     G = ref_ggn(model64, loss_fn, X64, y64)
     v = _vector(params, dtype)
-    expected = G @ v.double()
+    expected = G @ v.double().cpu()
     assert_close(gvp(loss, out, params, v), expected, PRODUCT_TOL[dtype])
     res = gvp(loss, out, params, list(vector_to_parameters(v, params)), flatten=False)
     assert [t.shape for t in res] == [p.shape for p in params]

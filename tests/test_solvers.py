@@ -62,15 +62,25 @@ def exact(A, b):
 
 
 # ----------------------------------------------------------------------------- CG
+# CG's true residual drifts from its recursive one by ~eps ||A|| ||x||: for cond 1e6 a
+# relative residual of 1e-12 is not attainable in float64, so that case asks for 1e-9.
+CG_TOL = {
+    ("spd_well", torch.float64): 1e-12,
+    ("spd_ill", torch.float64): 1e-9,
+    ("spd_well", torch.float32): 1e-5,
+    ("spd_ill", torch.float32): 1e-5,
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["spd_well", "spd_ill"])
 def test_cg_spd(dtype, name):
     A = sym_matrix(SPECTRA[name], dtype)
     b = rhs(40, dtype)
-    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    tol = CG_TOL[name, dtype]
     res = cg(A, b, tol=tol, maxiter=2000, warn=False)
     cond = max(SPECTRA[name]) / min(SPECTRA[name])
-    assert res.converged or dtype == torch.float32
+    assert res.converged or (dtype == torch.float32 and name == "spd_ill"), res.message
     assert relative_error(res.x, exact(A, b)) <= SOLVE_TOL[dtype] * max(
         1.0, cond * tol / SOLVE_TOL[dtype]
     )

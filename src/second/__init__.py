@@ -14,6 +14,7 @@ from ._errors import (
     NonDeterministicDataError,
     NonFiniteError,
 )
+from .approximations import EKFACOperator, KFACOperator
 from .compat import clip_grad_norm, conjugate_gradient, fixed_point, neumann
 from .func import (
     exact_fisher,
@@ -42,8 +43,11 @@ from .operators import (
     aslinearoperator,
 )
 from .solvers import LowRankInverse, SolveResult, cg, dense, lissa, lowrank, minres, solve
+from . import optim  # noqa: E402  (second.optim.KFAC, ...)
+from .optim import OptimizeResult, minimize
 from .spectral import diagonal, eigsh, spectral_density, trace
 from .implicit import HypergradientResult, hypergradient, imaml, implicit_root
+from .influence import Influence, TopK, per_example_gradients
 
 __version__ = "0.1.0"
 
@@ -78,6 +82,9 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "FisherOperator",
+    # approximations
+    "KFACOperator",
+    "EKFACOperator",
     # solvers
     "solve",
     "SolveResult",
@@ -92,11 +99,18 @@ __all__ = [
     "trace",
     "diagonal",
     "spectral_density",
+    # Newton-type optimization
+    "minimize",
+    "OptimizeResult",
     # implicit differentiation
     "hypergradient",
     "HypergradientResult",
     "implicit_root",
     "imaml",
+    # influence functions
+    "Influence",
+    "TopK",
+    "per_example_gradients",
     # errors
     "ConvergenceWarning",
     "NegativeCurvatureWarning",

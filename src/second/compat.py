@@ -51,7 +51,8 @@ def conjugate_gradient(
     relative residual ``tol``. CG is only valid for positive-definite ``A``: when it meets
     non-positive curvature (a Hessian away from a minimum, as in the seed notebook) it
     warns and, with ``fallback="minres"`` (default), solves with :func:`second.minres`
-    instead (up to ``max(cg_iter, 4 n)`` iterations), which handles indefinite systems.
+    instead (up to ``max(cg_iter, 4 n)`` iterations, recurrences in float64 for lower
+    precisions), which handles indefinite systems.
     With ``fallback=None`` it returns CG's last iterate.
 
     Args:
@@ -78,7 +79,12 @@ def conjugate_gradient(
             NegativeCurvatureWarning,
             stacklevel=2,
         )
-        res = minres(f, b, maxiter=max(cg_iter, 4 * b.numel()), tol=tol, damping=eps)
+        # low precision loses the Lanczos vectors' orthogonality within a few dozen steps on
+        # the seed's Hessian (condition ~1e4-1e5): run the recurrences in float64 there
+        hi = torch.float64 if b.dtype != torch.float64 and b.device.type != "mps" else None
+        res = minres(
+            f, b, maxiter=max(cg_iter, 4 * b.numel()), tol=tol, damping=eps, recurrence_dtype=hi
+        )
     elif not res.converged:
         warnings.warn(f"conjugate_gradient: {res.message}", _warning_for(res), stacklevel=2)
     return res.x

@@ -75,7 +75,7 @@ from torch.nn import functional as F
 from .._errors import NonFiniteError
 from .._losses import loss_kind, nll_scale, per_sample_losses, sample_targets
 from ..operators.base import LinearOperator
-from ..operators.curvature import CurvatureOperator, _batch_size, _dist_active
+from ..operators.curvature import CurvatureOperator, _dist_active
 
 __all__ = ["KFACOperator", "EKFACOperator", "KFACInverseOperator", "EKFACInverseOperator"]
 
@@ -244,7 +244,7 @@ class _Capture:
 
     def _hook(self, j: int):
         def hook(module, args, output):
-            if not self.active or not torch.is_grad_enabled():
+            if not self.active or not torch.is_grad_enabled() or module is not self.layers[j].module:
                 return
             self.inputs.setdefault(j, []).append(args[0].detach())
             self.outputs.setdefault(j, []).append(output)
@@ -305,10 +305,8 @@ def output_hessian_sqrt(loss_fn: Callable, f: Tensor, reduction: str) -> Tensor:
     # column c at position q: sqrt(a) (sqrt(p_c) e_c - p sqrt(p_c)) at q, zero elsewhere
     cols = torch.diag_embed(sq) - p.unsqueeze(-1) * sq.unsqueeze(-2)  # [n, P, C(out), C(col)]
     cols = cols * math.sqrt(a)
-    S = f.new_zeros(C, P, n, P, C)
-    for q in range(P):
-        S[:, q, :, q, :] = cols[:, q].permute(2, 0, 1)
-    S = S.reshape(C * P, n, P, C).movedim(-1, 2)  # [K, n, C, P]
+    eye = torch.eye(P, dtype=f.dtype, device=f.device)
+    S = torch.einsum("iqoc,qr->cqior", cols, eye)  # [C(col), P(col), n, C, P]
     return S.reshape(C * P, *f.shape)
 
 
@@ -477,7 +475,7 @@ def _sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         shift = 1e-12 * float(M64.diagonal().abs().max().clamp_min(1.0))
         lam, Q = torch.linalg.eigh(M64 + shift * torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device))
         lam = lam - shift
-    return lam.clamp_min(0.0).to(M.dtype), Q.to(M.dtype)
+    return lam.clamp_min(0.0).to(M.dtype), Q.to(M.dtype).contiguous()  # eigh returns column-major Q
 
 
 class _Eigen:
@@ -489,6 +487,13 @@ class _Eigen:
             self.lA, self.QA = A.clamp_min(0.0), None
         else:
             self.lA, self.QA = _sym_eigh(A)
+
+    @classmethod
+    def from_parts(cls, lA: Tensor, QA: Tensor | None, lG: Tensor, QG: Tensor) -> _Eigen:
+        """An eigendecomposition from stored parts (``QA=None``: diagonal ``A``)."""
+        e = cls.__new__(cls)
+        e.lA, e.QA, e.lG, e.QG = lA, QA, lG, QG
+        return e
 
     def rotate(self, M: Tensor) -> Tensor:
         """``Q_G^T M Q_A`` for ``M [k, d_G, d_A]``."""
@@ -600,16 +605,19 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
         NotImplementedError: ``fisher="type2"``/``"mc"`` with an unsupported loss.
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
         >>> X, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
         >>> model = model.double()
         >>> K = KFACOperator(model, torch.nn.MSELoss(), (X, y))
         >>> loss = torch.nn.MSELoss()(out := model(X), y)
-        >>> G = second.exact_ggn(loss, out, list(model.parameters()))
+        >>> from second import exact_ggn
+        >>> G = exact_ggn(loss, out, list(model.parameters()))
         >>> torch.allclose(K.to_dense()[:16, :16], G[:16, :16])   # first layer, exact here
         True
     """
+
+    psd = True
 
     def __init__(
         self,
@@ -883,5 +891,3 @@ class EKFACOperator(KFACOperator):
             self, self.eigen(), [s + lam for s in self.scales], [d + lam for d in self.diag]
         )
 
-
-_ = _batch_size  # re-exported helper kept for the optimizer

@@ -15,6 +15,7 @@ costs a single extra backward pass (the first costs two).
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections import OrderedDict
@@ -60,8 +61,8 @@ def as_params(parameters: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return params
 
 
-def check_scalar_loss(loss: Tensor) -> None:
-    """Raise a clear error unless ``loss`` is a scalar tensor with a graph."""
+def check_scalar_loss(loss: Tensor, finite: bool = True) -> None:
+    """Raise a clear error unless ``loss`` is a scalar tensor with a graph (and finite)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
@@ -71,12 +72,28 @@ def check_scalar_loss(loss: Tensor) -> None:
         )
     if not loss.requires_grad:
         raise ValueError("loss does not require grad: it was computed without an autograd graph")
-    if not torch.isfinite(loss).all():
+    if finite and not torch.isfinite(loss).all():
         raise NonFiniteError(f"loss is not finite ({loss.item()})")
+
+
+def check_flat_vector(vector: Tensor, params: Sequence[Tensor]) -> None:
+    """Raise the errors of :func:`as_tensor_list` unless ``vector`` is a flat ``[P]`` tensor."""
+    p0 = params[0]
+    if (
+        vector.dim() != 1
+        or vector.dtype != p0.dtype
+        or vector.device != p0.device
+        or vector.shape[0] != sum(p.numel() for p in params)
+    ):
+        as_tensor_list(vector, params)  # raises the precise error
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:
     """Return ``t``, raising :class:`NonFiniteError` if it has NaN or Inf entries."""
+    # Fast path: one reduction. A NaN or Inf entry makes the sum non-finite; a sum that
+    # overflows with finite entries falls through to the exact check.
+    if t.numel() == 0 or (not t.is_complex() and math.isfinite(float(t.detach().sum()))):
+        return t
     if not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"{what} has {n_bad} non-finite entries (NaN or Inf)")
@@ -154,13 +171,57 @@ def clear_cache() -> None:
 
 
 def gradient_with_graph(loss: Tensor, params: Sequence[Tensor], keep: bool = True):
-    """The gradient of ``loss`` with its graph (``create_graph=True``), memoized per loss."""
+    """Return the gradient of ``loss`` with its graph (``create_graph=True``), memoized.
+
+    The loss is checked to be finite when the graph is built, not on every reuse.
+    """
+
+    def build():
+        check_scalar_loss(loss)
+        return grad_checked(loss, params, create_graph=True)
+
+    return _cached(loss, params, "grad", build, keep)
+
+
+def flat_gradient_with_graph(loss: Tensor, params: Sequence[Tensor], keep: bool = True):
+    """Return the gradient as one flat tensor with its graph (see :func:`flatten_gradient`)."""
     return _cached(
-        loss, params, "grad", lambda: grad_checked(loss, params, create_graph=True), keep
+        loss, params, "flatgrad",
+        lambda: flatten_gradient(gradient_with_graph(loss, params, keep)), keep,
     )
 
 
 # ----------------------------------------------------------------------------- cores
+def flatten_gradient(grads: Sequence[Tensor]) -> Tensor | None:
+    """Concatenate a gradient (built with ``create_graph=True``) into one flat tensor.
+
+    The concatenation stays in the graph, so a flat vector ``v`` is its own
+    ``grad_outputs`` and a product needs no per-parameter split. ``None`` when no
+    entry depends on the parameters (the loss is linear in them: ``H = 0``).
+    """
+    if not any(g.requires_grad for g in grads):
+        return None
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def hvp_from_flat_gradient(
+    gflat: Tensor | None,
+    params: Sequence[Tensor],
+    v: Tensor,
+    *,
+    retain_graph: bool = True,
+    batched: bool = False,
+) -> tuple[Tensor, ...]:
+    """``H v`` by one backward pass of the flat gradient (``v``: ``[P]``, batched ``[k, P]``)."""
+    if gflat is None:
+        lead = (v.shape[0],) if batched else ()
+        return tuple(p.new_zeros((*lead, *p.shape)) for p in params)
+    return grad_checked(
+        gflat, params, v, retain_graph=retain_graph, is_grads_batched=batched,
+        zeros_for_unused=True,
+    )
+
+
 def hvp_from_gradient(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -279,10 +340,15 @@ def hvp(
         tensor([ 6., 12.])
     """
     params = as_params(parameters)
-    check_scalar_loss(loss)
-    vs = as_tensor_list(vector, params)
-    grads = gradient_with_graph(loss, params, keep=retain_graph)
-    out = hvp_from_gradient(grads, params, vs, retain_graph=retain_graph)
+    check_scalar_loss(loss, finite=False)  # finiteness: once, when the graph is built
+    if isinstance(vector, Tensor):  # flat: multiply through the flat gradient, no split
+        check_flat_vector(vector, params)
+        gflat = flat_gradient_with_graph(loss, params, keep=retain_graph)
+        out = hvp_from_flat_gradient(gflat, params, vector, retain_graph=retain_graph)
+    else:
+        vs = as_tensor_list(vector, params)
+        grads = gradient_with_graph(loss, params, keep=retain_graph)
+        out = hvp_from_gradient(grads, params, vs, retain_graph=retain_graph)
     return _finish(out, flatten, "Hessian-vector product")
 
 
@@ -320,13 +386,16 @@ def gvp(
         tensor([18.,  0.])
     """
     params = as_params(parameters)
-    check_scalar_loss(loss)
+    check_scalar_loss(loss, finite=False)  # finiteness: once, when the graphs are built
     if not isinstance(logit, Tensor) or not logit.requires_grad:
         raise ValueError("logit must be the network output tensor, with its autograd graph")
     vs = as_tensor_list(vector, params)
-    graph = _cached(
-        loss, (*params, logit), "ggn", lambda: GGNGraph(loss, logit, params), keep=retain_graph
-    )
+
+    def build():
+        check_scalar_loss(loss)
+        return GGNGraph(loss, logit, params)
+
+    graph = _cached(loss, (*params, logit), "ggn", build, keep=retain_graph)
     out = graph.gvp(vs)
     return _finish(out, flatten, "Gauss-Newton-vector product")
 
@@ -351,9 +420,10 @@ def jvp(
         inputs: tensors they depend on.
         vector: flat or input-shaped tangent.
         create_graph: make the result differentiable.
-        retain_graph: keep the graph of ``outputs`` (default ``True``). The seed's
-            misspelt ``retrain_graph`` keyword is accepted with a ``DeprecationWarning``.
+        retain_graph: keep the graph of ``outputs`` (default ``True``).
         flatten: return one flat vector (default) or tensors shaped like ``outputs``.
+        **deprecated: only the seed's misspelt ``retrain_graph``, accepted with a
+            ``DeprecationWarning`` (removal in 0.3.0); anything else is a ``TypeError``.
 
     Returns:
         :math:`J v`.

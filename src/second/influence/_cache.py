@@ -20,7 +20,7 @@ __all__ = ["DiskCache", "fingerprint"]
 
 
 def fingerprint(*items) -> str:
-    """A SHA-256 digest of tensors (their bytes, shape and dtype), strings and numbers."""
+    """Digest tensors (bytes, shape, dtype), strings and numbers with SHA-256."""
     h = hashlib.sha256()
     for item in items:
         _update(h, item)
@@ -74,7 +74,7 @@ class DiskCache:
             raise
 
     def load(self, name: str):
-        """The object stored under ``name``, or ``None`` if there is none (or it is unreadable)."""
+        """Return the object stored under ``name``, or ``None`` if absent or unreadable."""
         p = self.path(name)
         if not p.exists():
             return None

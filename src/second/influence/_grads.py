@@ -44,7 +44,9 @@ class ModelFunction:
         ValueError: if the model has no trainable parameter.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, params: dict[str, Tensor] | None = None):
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, params: dict[str, Tensor] | None = None
+    ):
         if params is None:
             params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -68,20 +70,20 @@ class ModelFunction:
 
     # -- flat <-> dict ---------------------------------------------------------------------
     def flat(self) -> Tensor:
-        """The current parameters as one detached flat vector."""
+        """Return the current parameters as one detached flat vector."""
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Split a flat vector into the parameter dictionary ``functional_call`` wants."""
         out, offset = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
             out[name] = theta[offset : offset + size].view(shape)
             offset += size
         return out
 
     # -- pure functions --------------------------------------------------------------------
     def example_loss(self, theta: Tensor, x, y) -> Tensor:
-        """The loss of one example (no batch dimension on ``x``, ``y``) at ``theta``."""
+        """Evaluate the loss of one example (no batch dimension on ``x``, ``y``) at ``theta``."""
         state = {**self.fixed, **self.unflatten(theta)}
         X = _unsqueeze(x)
         out = functional_call(self.model, state, (X,) if isinstance(X, Tensor) else X)
@@ -94,7 +96,7 @@ class ModelFunction:
         return loss.reshape(())
 
     def example_output(self, theta: Tensor, x) -> Tensor:
-        """The model output for one example (no batch dimension) at ``theta``."""
+        """Evaluate the model output for one example (no batch dimension) at ``theta``."""
         state = {**self.fixed, **self.unflatten(theta)}
         X = _unsqueeze(x)
         out = functional_call(self.model, state, (X,) if isinstance(X, Tensor) else X)
@@ -121,7 +123,7 @@ class ModelFunction:
         theta = self.flat()
         if kind == "fisher":
             gi = grad(self.example_loss)(theta, x, y)
-            return torch.outer(gi, gi @ V)
+            return gi * (gi @ V) if V.dim() == 1 else torch.outer(gi, gi @ V)
         if kind == "hessian":
             g = grad(self.example_loss)
 
@@ -199,7 +201,8 @@ def per_example_gradients(
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
-        >>> G = per_example_gradients(model, torch.nn.MSELoss(), torch.randn(5, 3), torch.randn(5, 1))
+        >>> X, y = torch.randn(5, 3), torch.randn(5, 1)
+        >>> G = per_example_gradients(model, torch.nn.MSELoss(), X, y)
         >>> G.shape
         torch.Size([5, 4])
     """

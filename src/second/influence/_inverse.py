@@ -70,7 +70,7 @@ class IterativeInverse:
 
     explicit = False
 
-    def __init__(self, op, shift: float, method: str, tol: float, maxiter, options: dict):
+    def __init__(self, op, shift: float, method: str, tol: float | None, maxiter, options: dict):
         self.op, self.shift, self.method = op, float(shift), method
         self.tol, self.maxiter, self.options = tol, maxiter, dict(options)
         self.results: list = []
@@ -81,8 +81,9 @@ class IterativeInverse:
             kwargs = dict(self.options)
             if self.method != "lissa":
                 kwargs.setdefault("maxiter", self.maxiter)
-            res = solve(self.op, B[:, j].contiguous(), self.method, damping=self.shift,
-                        tol=self.tol, **kwargs)
+            if self.tol is not None:
+                kwargs.setdefault("tol", self.tol)
+            res = solve(self.op, B[:, j].contiguous(), self.method, damping=self.shift, **kwargs)
             self.results.append(res)
             cols.append(res.x)
         return torch.stack(cols, dim=1)

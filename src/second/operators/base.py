@@ -42,6 +42,16 @@ class LinearOperator:
         dtype: dtype of vectors it accepts and returns.
         device: device of those vectors.
         symmetric: whether the operator is known to be symmetric.
+
+    Example:
+        >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
+        >>> A.damped(0.5) @ torch.tensor([1.0, 0.0])            # (A + 0.5 I) e_1
+        tensor([2.5000, 1.0000])
+        >>> (3 * A - A).to_dense()
+        tensor([[4., 2.],
+                [2., 6.]])
+        >>> A.to_scipy().matvec([0.0, 1.0])
+        array([1., 3.], dtype=float32)
     """
 
     symmetric: bool = True
@@ -69,8 +79,8 @@ class LinearOperator:
         if v.dim() == 1:
             out = self._matvec(v)
             self.matvecs += 1
-        else:
-            out = self._matmat(v)
+        else:  # a matrix of k columns (k = 0 is an empty product, not an error)
+            out = self._matmat(v) if v.shape[1] > 0 else v.new_zeros(v.shape)
             self.matvecs += v.shape[1]
         if self.check_finite:
             check_finite(out, f"{type(self).__name__} product")

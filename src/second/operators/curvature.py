@@ -33,10 +33,15 @@ from ..func.products import (
     as_params,
     check_finite,
     check_scalar_loss,
+    flatten_gradient,
     grad_checked,
-    hvp_from_gradient,
+    hvp_from_flat_gradient,
 )
 from .base import LinearOperator
+
+# Work (examples x parameters of a batch) above which "auto" loops over columns on CPU:
+# measured crossover for tanh MLPs on one thread (benchmarks/bench_products.py).
+_LOOP_COLUMNS_WORK = 8_000_000
 
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "iterate_batches"]
 
@@ -140,8 +145,10 @@ class CurvatureOperator(LinearOperator):
             after the first product); default ``False``. A single batch always keeps its graphs.
         columns: how ``op @ V`` treats the ``k`` columns of a matrix: ``"vmap"`` (one
             vmap-batched backward pass), ``"loop"`` (one backward pass per column through the
-            same kept graphs) or ``"auto"`` (default: ``"loop"`` on CPU, where it measures
-            faster and avoids vmap's per-operator fallbacks, ``"vmap"`` on accelerators).
+            same kept graphs) or ``"auto"`` (default): ``"loop"`` on CPU for a batch whose
+            examples x parameters exceed ``8e6`` (a column then costs milliseconds, and vmap's
+            batched backward, with its per-operator fallbacks, measured slower than the loop),
+            ``"vmap"`` otherwise.
     """
 
     def __init__(
@@ -259,23 +266,27 @@ class CurvatureOperator(LinearOperator):
             return buf[:-1].reshape(acc.shape), float(buf[-1])
         return acc, count
 
-    def _loop_columns(self) -> bool:
-        if self.columns == "auto":
-            return self.device.type == "cpu"
-        return self.columns == "loop"
+    def _mode(self, batched: bool, n_b: int) -> str:
+        """``"vec"`` for a vector; ``"loop"`` or ``"vmap"`` over the columns of a matrix."""
+        if not batched:
+            return "vec"
+        if self.columns != "auto":
+            return self.columns
+        big = n_b * self.shape[0] >= _LOOP_COLUMNS_WORK
+        return "loop" if self.device.type == "cpu" and big else "vmap"
 
-    def _prepare(self, V: Tensor, batched: bool):
-        """Split ``V`` once per product: parameter-shaped views, per column when looping."""
-        if batched and self._loop_columns():
+    def _prepare(self, V: Tensor, mode: str):
+        """Split ``V`` into parameter-shaped views (per column for ``"loop"``)."""
+        if mode == "loop":
             return [self._split(V[:, j], False) for j in range(V.shape[1])]
-        return self._split(V, batched)
+        return self._split(V, mode == "vmap")
 
-    def _product(self, state, vs, batched: bool) -> Tensor:
-        """The flat batch-level product of one batch's graphs with the prepared ``vs``."""
-        if batched and self._loop_columns():
+    def _product(self, state, vs, mode: str) -> Tensor:
+        """Multiply one batch's kept graphs with the prepared ``vs``; return a flat product."""
+        if mode == "loop":
             cols = [self._join(self._batch_product(state, c, False), False) for c in vs]
             return torch.stack(cols, dim=1)
-        return self._join(self._batch_product(state, vs, batched), batched)
+        return self._join(self._batch_product(state, vs, mode == "vmap"), mode == "vmap")
 
     def _kept_states(self) -> list:
         if self._states is None:
@@ -287,10 +298,17 @@ class CurvatureOperator(LinearOperator):
         return self._states
 
     def _apply(self, V: Tensor, batched: bool) -> Tensor:
-        vs = self._prepare(V, batched)
+        prepared: dict[str, object] = {}  # V split once per product and mode
+
+        def product(state, n_b: int) -> Tensor:
+            mode = self._mode(batched, n_b)
+            if mode not in prepared:
+                prepared[mode] = self._prepare(V, mode)
+            return self._product(state, prepared[mode], mode)
+
         if self.single_batch:
             ((state, n_b),) = self._kept_states()
-            out = self._product(state, vs, batched)
+            out = product(state, n_b)
             if not _dist_active(self.distributed):
                 return out
             acc, count = out * self._weight(n_b), float(n_b)
@@ -301,7 +319,7 @@ class CurvatureOperator(LinearOperator):
                 states = ((self._batch_state(X, y), _batch_size(X)) for X, y in self._batches())
             acc, count = torch.zeros_like(V), 0.0
             for state, n_b in states:
-                acc.add_(self._product(state, vs, batched), alpha=self._weight(n_b))
+                acc.add_(product(state, n_b), alpha=self._weight(n_b))
                 count += n_b
                 del state
         acc, count = self._reduce(acc, count)
@@ -379,13 +397,19 @@ class HessianOperator(CurvatureOperator):
         torch.Size([4])
     """
 
+    # The state is the flat gradient with its graph, so a product multiplies the flat
+    # vector (or the transposed matrix) directly, with no per-parameter split.
     def _batch_state(self, X, y):
         _, loss = self._forward(X, y)
-        grads = grad_checked(loss, self.params, create_graph=True)
-        return grads
+        return flatten_gradient(grad_checked(loss, self.params, create_graph=True))
+
+    def _prepare(self, V: Tensor, mode: str):
+        if mode == "loop":
+            return [V[:, j] for j in range(V.shape[1])]
+        return V.T if mode == "vmap" else V
 
     def _batch_product(self, state, vs, batched):
-        return hvp_from_gradient(state, self.params, vs, batched=batched)
+        return hvp_from_flat_gradient(state, self.params, vs, batched=batched)
 
 
 class GGNOperator(CurvatureOperator):
@@ -412,10 +436,11 @@ class _FisherState:
         n = out.shape[0]
         w = 1.0 / n if op.reduction == "mean" else 1.0
         self.w = w
+        self.out_dim = out.dim()
         if op.kind == "empirical":
             losses = per_sample_losses(op.loss_fn, out, y, op.reduction)
             self.graph = _JacobianGraph(losses, op.params)
-            self.scores = None
+            self.scores = self.outer = None
         else:
             a = nll_scale(op.loss_fn, out, op.reduction)
             # all K samples of all n examples in one batch of K * n (one backward, no loop)
@@ -427,6 +452,10 @@ class _FisherState:
             (s,) = torch.autograd.grad(ls.sum(), f)
             self.scores = s.reshape(K, *out.shape)  # [K, n, ...]
             self.w = w / (a * op.mc_samples)
+            # with few outputs per example, sum the K outer products once: [n, m, m]
+            m = out[0].numel()
+            Sf = self.scores.reshape(K, n, m)
+            self.outer = torch.einsum("kni,knj->nij", Sf, Sf) if m <= K else None
             self.graph = _JacobianGraph(out, op.params)
 
 
@@ -513,6 +542,10 @@ class FisherOperator(CurvatureOperator):
         jv = state.graph.jvp(vs, batched)
         if state.scores is None:
             t = jv * state.w
+        elif state.outer is not None:
+            n, m = state.outer.shape[:2]
+            jf = jv.reshape(*jv.shape[: jv.dim() - state.out_dim], n, m)
+            t = torch.einsum("nij,...nj->...ni", state.outer, jf).reshape(jv.shape) * state.w
         else:
             S = state.scores  # [K, n, ...]
             n = S.shape[1]

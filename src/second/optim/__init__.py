@@ -1,0 +1,24 @@
+"""Optimizers: ``torch.optim.Optimizer`` subclasses built on second's curvature."""
+
+from ._minimize import OptimizeResult, minimize
+from ._plot import plot_history
+from ._trust_region import SubproblemResult, exact_trust_region, steihaug_cg
+from .gauss_newton import GaussNewton
+from .hessian_free import HessianFree
+from .kfac import KFAC
+from .lissa import LiSSA
+from .newton import NewtonCG
+
+__all__ = [
+    "KFAC",
+    "NewtonCG",
+    "GaussNewton",
+    "HessianFree",
+    "LiSSA",
+    "minimize",
+    "OptimizeResult",
+    "plot_history",
+    "steihaug_cg",
+    "exact_trust_region",
+    "SubproblemResult",
+]

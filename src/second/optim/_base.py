@@ -70,7 +70,7 @@ class NewtonTypeOptimizer(Optimizer):
         if "n_iter" not in st:
             for key in COUNTERS:
                 st[key] = 0
-            st.update(loss=None, grad_norm=None, stop_reason=None, history=[])
+            st.update(n_rejected=0, loss=None, grad_norm=None, stop_reason=None, history=[])
         return st
 
     @property
@@ -134,10 +134,12 @@ class NewtonTypeOptimizer(Optimizer):
         return tuple(p._version for p in self._params)
 
     # -- evaluation ----------------------------------------------------------------------
-    def _gradient(self, loss: Tensor, create_graph: bool) -> tuple[tuple[Tensor, ...], Tensor]:
+    def _gradient(
+        self, loss: Tensor, create_graph: bool, retain_graph: bool | None = None
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
         """Gradient tensors (with graph when asked) and the detached flat gradient."""
         grads = grad_checked(loss, self._params, create_graph=create_graph,
-                             retain_graph=True if create_graph else None)
+                             retain_graph=True if create_graph else retain_graph)
         self._state["ngev"] += 1
         flat = torch.cat([g.detach().reshape(-1) for g in grads])
         if not bool(torch.isfinite(flat).all()):

@@ -19,7 +19,7 @@ __all__ = ["InnerCGResult", "model_cg"]
 
 @dataclass
 class InnerCGResult:
-    """What :func:`model_cg` returns.
+    r"""What :func:`model_cg` returns.
 
     Attributes:
         x: the last iterate :math:`d`.
@@ -76,8 +76,8 @@ def model_cg(
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
         >>> res = model_cg(lambda v: A @ v, torch.tensor([1.0, 4.0], dtype=torch.float64))
-        >>> res.x
-        tensor([-1., -1.], dtype=torch.float64)
+        >>> torch.allclose(res.x, torch.tensor([-1.0, -1.0], dtype=torch.float64))
+        True
     """
     save_at = save_at or set()
     products = 0

@@ -33,7 +33,7 @@ __all__ = [
 
 @dataclass
 class SubproblemResult:
-    """The approximate minimizer of a trust-region subproblem.
+    r"""The approximate minimizer of a trust-region subproblem.
 
     Attributes:
         step: the step :math:`p`.
@@ -282,8 +282,8 @@ def exact_trust_region(
     Example:
         >>> H = torch.eye(2, dtype=torch.float64) * 2
         >>> res = exact_trust_region(H, torch.tensor([2.0, 0.0], dtype=torch.float64), 10.0)
-        >>> res.step
-        tensor([-1., 0.], dtype=torch.float64)
+        >>> torch.allclose(res.step, torch.tensor([-1.0, 0.0], dtype=torch.float64))
+        True
     """
     if not radius > 0:
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")

@@ -33,7 +33,10 @@ class NewtonCG(NewtonTypeOptimizer):
     unless ``cg_rtol`` is given.
 
     For deterministic, full-batch problems: the closure must return the same function of
-    the parameters every time it is called.
+    the parameters every time it is called. Pass the same closure object on every call:
+    the evaluation that ends one call (the accepted trial point, or the stored CG path after
+    a rejection) is then reused by the next; a different closure object, or parameters
+    changed in between, trigger a fresh evaluation.
 
     The closure re-evaluates the model and returns the scalar loss *with its graph*; it
     should not call ``backward()`` (the optimizer differentiates the loss itself and does
@@ -55,6 +58,10 @@ class NewtonCG(NewtonTypeOptimizer):
         preconditioner: optional ``M`` with :math:`M \approx H^{-1}` symmetric positive definite,
             a callable on flat vectors or a :class:`~second.LinearOperator`; the trust region
             becomes :math:`\|p\|_{M^{-1}} \le \Delta`.
+        extrapolation: after an accepted interior step whose actual reduction beats the
+            model's by 10% (:math:`\rho > 1.1`, typical of valleys that flatten out, e.g.
+            saturating units), try up to this many doublings of the step, keeping the best
+            (loss evaluations only; default 0: off).
 
     Raises:
         ValueError: invalid hyperparameters, or several parameter groups.
@@ -86,6 +93,7 @@ class NewtonCG(NewtonTypeOptimizer):
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-12,
         preconditioner: Callable[[Tensor], Tensor] | None = None,
+        extrapolation: int = 0,
     ):
         check_positive("initial_radius", initial_radius)
         check_positive("max_radius", max_radius)
@@ -100,11 +108,13 @@ class NewtonCG(NewtonTypeOptimizer):
             check_unit("cg_rtol", cg_rtol)
         check_nonneg("tolerance_grad", tolerance_grad)
         check_nonneg("tolerance_change", tolerance_change)
+        check_int("extrapolation", extrapolation, minimum=0)
         if preconditioner is not None and not callable(preconditioner):
             raise ValueError("preconditioner must be callable (flat vector -> flat vector)")
         defaults = dict(initial_radius=initial_radius, max_radius=max_radius, eta=eta,
                         max_iter=max_iter, cg_max_iter=cg_max_iter, cg_rtol=cg_rtol,
-                        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
+                        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                        extrapolation=extrapolation)
         super().__init__(params, defaults)
         self.preconditioner = preconditioner
 
@@ -118,6 +128,23 @@ class NewtonCG(NewtonTypeOptimizer):
 
         return hvp
 
+    def _extrapolate(self, closure, x: Tensor, sub, f_new: float, new_loss: Tensor) -> dict:
+        """Double an interior step while the loss keeps falling (the model under-predicts)."""
+        st, group = self._state, self.param_groups[0]
+        best_f, best_k = f_new, 0
+        for k in range(1, group["extrapolation"] + 1):
+            self._set_flat(x + (2.0**k) * sub.step)
+            out = closure()
+            st["nfev"] += 1
+            f_k = float(out.detach())
+            if not f_k < best_f:
+                break
+            best_f, best_k = f_k, k
+        st["n_extrapolated"] = st.get("n_extrapolated", 0) + (best_k > 0)
+        self._set_flat(x + (2.0**best_k) * sub.step)
+        st["radius"] = max(st["radius"], (2.0**best_k) * sub.step_norm)
+        return {}  # the trial graphs were invalidated: evaluate afresh
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         """Perform up to ``max_iter`` trust-region iterations.
@@ -130,11 +157,14 @@ class NewtonCG(NewtonTypeOptimizer):
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        raw_closure = closure
         closure = torch.enable_grad()(closure)
         group = self.param_groups[0]
         st = self._state
         st.setdefault("radius", float(group["initial_radius"]))
-        cache = self._cache if self._cache.get("versions") == self._versions() else {}
+        same = (self._cache.get("versions") == self._versions()
+                and self._cache.get("closure") is raw_closure)
+        cache = self._cache if same else {}
         if not cache:
             st["stop_reason"] = None
         first_loss = None
@@ -147,7 +177,7 @@ class NewtonCG(NewtonTypeOptimizer):
                     loss = closure()
                     st["nfev"] += 1
                 grads, g = self._gradient(loss, create_graph=True)
-                cache = dict(loss=float(loss), grads=grads, g=g, x=self._gather_flat())
+                cache = dict(loss=float(loss.detach()), grads=grads, g=g, x=self._gather_flat())
                 gnorm = float(torch.linalg.vector_norm(g))
                 st["loss"], st["grad_norm"] = cache["loss"], gnorm
                 self._record(radius=st["radius"])
@@ -181,13 +211,15 @@ class NewtonCG(NewtonTypeOptimizer):
             self._set_flat(x + sub.step)
             new_loss = closure()
             st["nfev"] += 1
-            f_new = float(new_loss)
+            f_new = float(new_loss.detach())
             actual = cache["loss"] - f_new
             rho = actual / sub.predicted_reduction if math.isfinite(f_new) else -math.inf
             st["radius"] = update_radius(radius, rho, sub.step_norm, sub.on_boundary,
                                          max_radius=group["max_radius"])
             if rho > group["eta"]:
                 cache = dict(loss_tensor=new_loss)
+                if group["extrapolation"] and rho > 1.1 and not sub.on_boundary:
+                    cache = self._extrapolate(raw_closure, x, sub, f_new, new_loss)
                 if sub.step_norm <= group["tolerance_change"]:
                     st["stop_reason"] = (f"stalled: step norm {sub.step_norm:.3e} <= "
                                          f"tolerance_change")
@@ -196,8 +228,9 @@ class NewtonCG(NewtonTypeOptimizer):
                 if st["radius"] <= group["tolerance_change"]:
                     st["stop_reason"] = (f"stalled: trust radius {st['radius']:.3e} <= "
                                          "tolerance_change")
-                st["n_rejected"] = st.get("n_rejected", 0) + 1
+                st["n_rejected"] += 1
         cache["versions"] = self._versions()
+        cache["closure"] = raw_closure
         self._cache = cache
         if first_loss is None:
             first_loss = st["loss"] if st["loss"] is not None else float("nan")

@@ -99,8 +99,9 @@ def eigsh(
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
-        >>> eigsh(A, k=2, which="LA", return_eigenvectors=False)
-        tensor([ 9., 10.], dtype=torch.float64)
+        >>> vals = eigsh(A, k=2, which="LA", return_eigenvectors=False)
+        >>> torch.allclose(vals, torch.tensor([9.0, 10.0], dtype=torch.float64))
+        True
     """
     op = aslinearoperator(A)
     n = op.shape[0]

@@ -1,0 +1,425 @@
+"""Newton-type optimizers against SciPy, torchmin and torch.optim.LBFGS (issue 5).
+
+Four deterministic float64 problems, each a function of one flat parameter vector:
+
+  (a) 100-D extended Rosenbrock (independent pairs), from (-1.2, 1, -1.2, 1, ...);
+  (b) softmax regression on standardized digits, cross-entropy + 1e-3/2 ||theta||^2 (650 params);
+  (c) tanh MLP 64-32-10 on standardized digits, cross-entropy + 1e-4/2 ||theta||^2 (2,410 params);
+  (d) sigmoid MLP 3-16-1, MSE on 200 random points with random targets (81 params),
+
+run to ||grad|| < 1e-6 with caps of 2,000 iterations or 55 s. Cost = gradient evaluations
++ 2 x Hessian- (or Gauss-Newton-) vector products; a dense Hessian or GGN counts n products.
+Plus the mini-batch target: HessianFree and GaussNewton on the digits autoencoder vs Adam.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_newton.py [--problems abcd] [--no-ae]
+
+Everything runs single-threaded (torch.set_num_threads(1)): on a shared small machine
+multi-threaded BLAS on these tiny problems is dominated by thread contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import second.optim as so
+from second.problems import load_digits_tensors
+
+torch.set_num_threads(1)
+DT = torch.float64
+TOL = 1e-6
+MAXIT = 2000
+MAXTIME = 55.0
+
+
+# ----------------------------------------------------------------------------- problems
+def mlp_layout(sizes):
+    """(shapes, total) for a flat parameter vector of Linear layers (W as [out, in], then b)."""
+    shapes = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        shapes += [(b, a), (b,)]
+    return shapes, sum(math.prod(s) for s in shapes)
+
+
+def unflatten(x, shapes):
+    out, o = [], 0
+    for s in shapes:
+        k = math.prod(s)
+        out.append(x[o : o + k].view(s))
+        o += k
+    return out
+
+
+def mlp_forward(x, shapes, X, act):
+    ws = unflatten(x, shapes)
+    h = X
+    for i in range(0, len(ws), 2):
+        h = F.linear(h, ws[i], ws[i + 1])
+        if i + 2 < len(ws):
+            h = act(h)
+    return h
+
+
+def torch_init(sizes, seed):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(a, b).to(DT) for a, b in zip(sizes[:-1], sizes[1:])]
+    return torch.cat([t.detach().reshape(-1) for layer in layers for t in (layer.weight, layer.bias)])
+
+
+class Problem:
+    """f(x), and (loss, output) with the L2 term routed through the output (exact GGN)."""
+
+    def __init__(self, name, x0, f, pair=None, residual=None):
+        self.name, self.x0, self.f, self.pair, self.residual = name, x0, f, pair, residual
+
+
+def rosenbrock():
+    def f(x):
+        a, b = x[0::2], x[1::2]
+        return (100 * (b - a * a) ** 2 + (1 - a) ** 2).sum()
+
+    def residual(x):  # f = ||r||^2 = 2 * (||r||^2 / 2)
+        a, b = x[0::2], x[1::2]
+        return torch.cat([10 * (b - a * a), 1 - a]) * math.sqrt(2.0)
+
+    return Problem("a: Rosenbrock 100-D", torch.tensor([-1.2, 1.0] * 50, dtype=DT), f,
+                   residual=residual)
+
+
+def classification(sizes, lam, act, name, seed=0):
+    X, y = load_digits_tensors(DT)
+    shapes, n = mlp_layout(sizes)
+    x0 = torch_init(sizes, seed)
+    N, C = X.shape[0], sizes[-1]
+
+    def f(x):
+        out = mlp_forward(x, shapes, X, act)
+        return F.cross_entropy(out, y) + 0.5 * lam * (x * x).sum()
+
+    def pair(x):
+        # output = (logits, x): the GGN of this loss is J^T H_CE J + lam I, exactly
+        out = torch.cat([mlp_forward(x, shapes, X, act).reshape(-1), x])
+        logits, w = out[: N * C].view(N, C), out[N * C :]
+        return F.cross_entropy(logits, y) + 0.5 * lam * (w * w).sum(), out
+
+    return Problem(name, x0, f, pair=pair)
+
+
+def sigmoid_mlp():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=DT)
+    y = torch.randn(200, 1, generator=g, dtype=DT)
+    sizes = [3, 16, 1]
+    shapes, _ = mlp_layout(sizes)
+    x0 = torch_init(sizes, 0)
+
+    def f(x):
+        return F.mse_loss(mlp_forward(x, shapes, X, torch.sigmoid), y)
+
+    def pair(x):
+        out = mlp_forward(x, shapes, X, torch.sigmoid)
+        return F.mse_loss(out, y), out
+
+    return Problem("d: sigmoid MLP 3-16-1", x0, f, pair=pair)
+
+
+def problems():
+    return {
+        "a": rosenbrock(),
+        "b": classification([64, 10], 1e-3, torch.tanh, "b: softmax regression"),
+        "c": classification([64, 32, 10], 1e-4, torch.tanh, "c: tanh MLP 64-32-10"),
+        "d": sigmoid_mlp(),
+    }
+
+
+# ----------------------------------------------------------------------------- runners
+class Counter:
+    def __init__(self):
+        self.ngev = self.nhvp = self.nfev = 0
+
+
+def grad_norm(prob, x):
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(prob.f(x), x)
+    return float(g.norm())
+
+
+def run_second(prob, method, options=None, fun=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = so.minimize(fun or prob.f, prob.x0, method=method, tol=TOL, maxiter=MAXIT,
+                        max_time=MAXTIME, options=options)
+    return dict(cost=r.ngev + 2 * r.nhvp, nit=r.nit, nfev=r.nfev, time=r.time,
+                gnorm=grad_norm(prob, r.x), fun=float(prob.f(r.x)), history=r.history)
+
+
+def scipy_fns(prob, c):
+    def fun(xn):
+        x = torch.tensor(xn, dtype=DT, requires_grad=True)
+        f = prob.f(x)
+        (g,) = torch.autograd.grad(f, x)
+        c.ngev += 1
+        return float(f), g.numpy()
+
+    def hessp(xn, pn):
+        x = torch.tensor(xn, dtype=DT, requires_grad=True)
+        (g,) = torch.autograd.grad(prob.f(x), x, create_graph=True)
+        (hv,) = torch.autograd.grad(g, x, torch.tensor(pn, dtype=DT))
+        c.nhvp += 1
+        return hv.numpy()
+
+    return fun, hessp
+
+
+class _Budget(Exception):
+    pass
+
+
+def run_scipy(prob, method):
+    import scipy.optimize as sopt
+
+    c = Counter()
+    fun, hessp = scipy_fns(prob, c)
+    t0 = time.perf_counter()
+    best = {"x": prob.x0.numpy().copy()}
+
+    def cb(xk, *args):
+        best["x"] = np.array(xk.x if hasattr(xk, "x") else xk, copy=True)
+        if time.perf_counter() - t0 > MAXTIME:
+            raise _Budget
+
+    opts = dict(maxiter=MAXIT)
+    if method in ("trust-ncg", "trust-krylov"):
+        opts["gtol"] = TOL
+    elif method == "L-BFGS-B":
+        opts.update(gtol=TOL, ftol=0.0, maxfun=10 * MAXIT)
+    elif method == "Newton-CG":
+        opts["xtol"] = 1e-14
+    kw = dict(jac=True, method=method, options=opts, callback=cb)
+    if method != "L-BFGS-B":
+        kw["hessp"] = hessp
+    x = prob.x0.numpy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = sopt.minimize(fun, x, **kw)
+        x, nit, err = r.x, r.nit, None
+    except _Budget:
+        x, nit, err = best["x"], None, "time"
+    except Exception as e:  # an anchor that crashes is reported, not fatal
+        x, nit, err = best["x"], None, f"{type(e).__name__}: {e}"[:60]
+    xt = torch.tensor(x, dtype=DT)
+    return dict(cost=c.ngev + 2 * c.nhvp, nit=nit, time=time.perf_counter() - t0,
+                gnorm=grad_norm(prob, xt), fun=float(prob.f(xt)), error=err)
+
+
+def run_torchmin(prob, method):
+    import torchmin
+
+    c = Counter()
+    real_grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, *args, **kwargs):
+        o = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        if o.numel() == 1:
+            c.ngev += 1
+        else:
+            c.nhvp += 1
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    t0 = time.perf_counter()
+    state = {"x": prob.x0.clone()}
+
+    def cb(x):
+        state["x"] = x.detach().clone()
+        if time.perf_counter() - t0 > MAXTIME:
+            raise _Budget
+
+    torch.autograd.grad = counting_grad
+    err = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = torchmin.minimize(prob.f, prob.x0.clone(), method=method, tol=TOL,
+                                  max_iter=MAXIT, callback=cb,
+                                  options=dict(gtol=TOL) if method == "l-bfgs" else None)
+        x = r.x
+    except _Budget:
+        x, err = state["x"], "time"
+    except Exception as e:
+        x, err = state["x"], f"{type(e).__name__}: {e}"[:60]
+    finally:
+        torch.autograd.grad = real_grad
+    return dict(cost=c.ngev + 2 * c.nhvp, nit=None, time=time.perf_counter() - t0,
+                gnorm=grad_norm(prob, x), fun=float(prob.f(x)), error=err)
+
+
+def run_torch_lbfgs(prob):
+    x = prob.x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=MAXIT, max_eval=10 * MAXIT, tolerance_grad=TOL,
+                            tolerance_change=0.0, history_size=10, line_search_fn="strong_wolfe")
+    c = Counter()
+
+    def closure():
+        opt.zero_grad()
+        f = prob.f(x)
+        f.backward()
+        c.ngev += 1
+        if time.perf_counter() - t0 > MAXTIME:
+            raise _Budget
+        return f
+
+    t0 = time.perf_counter()
+    try:
+        opt.step(closure)
+    except _Budget:
+        pass
+    return dict(cost=c.ngev, nit=opt.state[x].get("n_iter"), time=time.perf_counter() - t0,
+                gnorm=grad_norm(prob, x), fun=float(prob.f(x.detach())))
+
+
+# ----------------------------------------------------------------------------- suite
+OURS = {
+    "second newton-cg": lambda p: run_second(p, "newton-cg"),
+    "second newton-exact": lambda p: run_second(p, "newton-exact") if p.x0.numel() <= 700 else None,
+    "second gauss-newton (cg)": lambda p: (
+        run_second(p, "lm", fun=p.pair or p.residual) if (p.pair or p.residual) else None),
+    "second gauss-newton (dense)": lambda p: (
+        run_second(p, "lm", options=dict(solver="dense"), fun=p.pair or p.residual)
+        if (p.pair or p.residual) and p.x0.numel() <= 700 else None),
+}
+ANCHORS = {
+    "scipy trust-ncg": lambda p: run_scipy(p, "trust-ncg"),
+    "scipy trust-krylov": lambda p: run_scipy(p, "trust-krylov"),
+    "scipy Newton-CG": lambda p: run_scipy(p, "Newton-CG"),
+    "scipy L-BFGS-B": lambda p: run_scipy(p, "L-BFGS-B"),
+    "torchmin newton-cg": lambda p: run_torchmin(p, "newton-cg"),
+    "torchmin trust-ncg": lambda p: run_torchmin(p, "trust-ncg"),
+    "torchmin trust-krylov": lambda p: run_torchmin(p, "trust-krylov"),
+    "torchmin l-bfgs": lambda p: run_torchmin(p, "l-bfgs"),
+    "torch.optim.LBFGS": run_torch_lbfgs,
+}
+NEWTON_ANCHORS = [k for k in ANCHORS if "bfgs" not in k.lower()]
+
+
+def fmt(r):
+    ok = r["gnorm"] < TOL
+    cost = f"{r['cost']:,}" if ok else f"fails ({r['cost']:,})"
+    note = r.get("error") or ""
+    return f"{cost:>18} {r['time']:7.2f}s  |g|={r['gnorm']:.1e} f={r['fun']:.6g} {note}"
+
+
+def suite(keys):
+    probs = problems()
+    rows = {}
+    for k in keys:
+        p = probs[k]
+        print(f"\n### {p.name}  ({p.x0.numel()} params)", flush=True)
+        for name, run in {**OURS, **ANCHORS}.items():
+            r = run(p)
+            if r is None:
+                continue
+            rows[(k, name)] = r
+            print(f"{name:30s} {fmt(r)}", flush=True)
+    return rows
+
+
+def summary(rows, keys):
+    print("\n### targets")
+    for k in keys:
+        ours = {n: r for (kk, n), r in rows.items() if kk == k and n in OURS and r["gnorm"] < TOL}
+        best_name = min(ours, key=lambda n: ours[n]["cost"]) if ours else None
+        anchors = {n: r for (kk, n), r in rows.items() if kk == k and n in NEWTON_ANCHORS
+                   and r["gnorm"] < TOL}
+        best_anchor = min((r["cost"] for r in anchors.values()), default=math.inf)
+        if best_name is None:
+            print(f"{k}: no method of ours reached the tolerance")
+            continue
+        b = ours[best_name]
+        fastest_anchor = min((r["time"] for (kk, n), r in rows.items()
+                              if kk == k and n in ANCHORS and r["gnorm"] < TOL), default=math.inf)
+        lbfgs = [r["time"] for (kk, n), r in rows.items() if kk == k and n == "torch.optim.LBFGS"]
+        print(f"{k}: best ours {best_name} cost {b['cost']:,} ({b['time']:.2f}s); best Newton-type "
+              f"anchor cost {best_anchor:,}; fastest converged anchor {fastest_anchor:.2f}s; "
+              f"torch LBFGS {lbfgs[0] if lbfgs else float('nan'):.2f}s")
+
+
+# ----------------------------------------------------------------------------- autoencoder
+def autoencoder_benchmark(seeds=(0,), max_iters=1000, adam_iters=3000, time_cap=900.0):
+    """HessianFree / GaussNewton vs Adam on bench_kfac.py's digits autoencoder.
+
+    Same problem, initialization, batch sequence, training loss (``nn.MSELoss``) and reported
+    loss (``0.5/N sum ||x_hat - x||^2 = 32 * MSELoss``, target 0.185) as bench_kfac.py.
+    """
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import bench_kfac as K
+
+    X = K.load_data()
+
+    def pair(model, xb):
+        def closure():
+            out = model(xb)
+            return K.LOSS(out, xb), out
+        return closure
+
+    def m_hf(model):
+        opt = so.HessianFree(model.parameters(), cg_max_iter=100)
+
+        def step(xb):  # curvature on the first half of the gradient batch
+            opt.step(pair(model, xb), curvature_closure=pair(model, xb[: xb.shape[0] // 2]))
+        return step
+
+    def m_gn(model):
+        opt = so.GaussNewton(model.parameters(), damping=1e-2, cg_max_iter=50)
+
+        def step(xb):
+            opt.step(pair(model, xb))
+        return step
+
+    print(f"\n### digits autoencoder (bench_kfac.py's problem), target {K.TARGET}, "
+          f"seeds {list(seeds)}")
+    out = {}
+    for name, make, iters in [("Adam lr 1e-2", K.m_adam, adam_iters),
+                              ("second HessianFree", m_hf, max_iters),
+                              ("second GaussNewton (cg)", m_gn, max_iters)]:
+        for seed in seeds:
+            r = K.train(make, seed, X, iters, time_cap)
+            out[(name, seed)] = r
+            at = {k: r["losses"][k - 1] for k in (100, 200, 500, 1000, 2000)
+                  if k <= len(r["losses"])}
+            marks = ", ".join(f"{k}: {v:.3f}" for k, v in at.items())
+            hit = r["hit"] if r["hit"] else f"> {len(r['losses'])}"
+            t = f"{r['hit_time']:.1f}s" if r["hit_time"] else f"({r['times'][-1]:.0f}s run)"
+            print(f"{name:26s} seed {seed}: iterations to target {hit}, time {t}, "
+                  f"final {r['final']:.4f}  [{marks}]", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", default="abcd")
+    ap.add_argument("--no-ae", action="store_true", help="skip the autoencoder benchmark")
+    ap.add_argument("--ae-only", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, float64, 1 thread, tol {TOL}, caps {MAXIT} it / {MAXTIME}s")
+    # the first torch.optim.Optimizer in a process imports torch._dynamo (seconds): pay it here
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    if not args.ae_only:
+        keys = list(args.problems)
+        rows = suite(keys)
+        summary(rows, keys)
+    if not args.no_ae:
+        autoencoder_benchmark(seeds=args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+r"""Hessian-free optimization (Martens 2010) for mini-batch training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..func.products import GGNGraph, hvp_from_gradient
+from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
+from ._cg import model_cg
+from .gauss_newton import unpack_closure_output
+
+__all__ = ["HessianFree"]
+
+
+def _save_points(maxiter: int, ratio: float = 1.3) -> set[int]:
+    pts, k = set(), 1.0
+    while k <= maxiter:
+        pts.add(math.ceil(k))
+        k *= ratio
+    return pts
+
+
+class HessianFree(NewtonTypeOptimizer):
+    r"""Hessian-free optimization: damped Gauss-Newton (or Hessian) steps by truncated CG.
+
+    Each :meth:`step` takes one mini-batch and:
+
+    1. computes the loss and gradient :math:`g` on the *gradient batch* (the closure);
+    2. builds the curvature :math:`C` (GGN :math:`J^\top (\nabla^2_f L) J`, or the Hessian)
+       on a smaller *curvature batch* (``curvature_closure``, default the same batch);
+    3. runs CG on :math:`(C + \lambda I) d = -g` warm-started from ``cg_decay`` times the
+       previous solution, stopping by Martens' relative-progress rule (``progress_tol``)
+       or ``cg_max_iter``, and keeps the iterates at iterations :math:`\lceil 1.3^j \rceil`;
+    4. *CG-iterate backtracking*: walks back from the last kept iterate while the loss on
+       the gradient batch keeps falling, and takes the best;
+    5. adapts the damping by the reduction ratio :math:`\rho = (L(\theta + d) - L(\theta)) /
+       (g^\top d + \tfrac12 d^\top C d)`: :math:`\lambda \leftarrow \tfrac32\lambda` when
+       :math:`\rho < 1/4`, :math:`\lambda \leftarrow \tfrac23\lambda` when :math:`\rho > 3/4`;
+    6. takes the step with an Armijo backtracking line search (rate ``0.8`` per trial).
+
+    The closures return ``(loss, output)`` (network output with its graph) for the GGN;
+    with ``curvature="hessian"`` they may return the loss alone. They must evaluate the
+    same batch on every call within one :meth:`step`::
+
+        def closure():                   # gradient batch
+            out = model(xb)
+            return loss_fn(out, yb), out
+
+        def curvature_closure():         # a smaller slice of it
+            out = model(xb[:64])
+            return loss_fn(out, yb[:64]), out
+
+        opt.step(closure, curvature_closure)
+
+    Args:
+        params: parameters (one group).
+        damping: initial :math:`\lambda` (default 1.0).
+        curvature: ``"ggn"`` (default, positive semi-definite) or ``"hessian"``.
+        cg_max_iter: CG iterations per step (default 50).
+        cg_decay: warm-start factor for the previous solution (default 0.95; 0 disables).
+        progress_tol: Martens' :math:`\epsilon` (default 5e-4).
+        min_damping, max_damping: bounds on :math:`\lambda` (defaults 1e-8, 1e8).
+        boost, drop: damping factors (defaults 1.5 and 2/3).
+        armijo: sufficient-decrease constant of the line search (default 1e-2).
+        max_line_search: line-search trials before the step is skipped (default 20).
+        tolerance_grad: stop when :math:`\|g\| \le` this (default 1e-7).
+
+    Raises:
+        ValueError: invalid hyperparameters.
+
+    State: counters ``n_iter, nfev, ngev, nhvp``, ``loss``, ``grad_norm``, ``damping``,
+    ``direction`` (the last CG solution, for warm starts), ``cg_iterations``, ``history``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> X, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> opt = HessianFree(model.parameters())
+        >>> def closure():
+        ...     out = model(X)
+        ...     return torch.nn.functional.mse_loss(out, y), out
+        >>> first = opt.step(closure)
+        >>> opt.step(closure) < first
+        tensor(True)
+
+    References:
+        Martens (2010), *Deep learning via Hessian-free optimization*, ICML;
+        Martens & Sutskever (2012), *Training deep and recurrent networks with Hessian-free
+        optimization*.
+    """
+
+    def __init__(
+        self,
+        params,
+        damping: float = 1.0,
+        curvature: str = "ggn",
+        cg_max_iter: int = 50,
+        cg_decay: float = 0.95,
+        progress_tol: float = 5e-4,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
+        boost: float = 1.5,
+        drop: float = 2.0 / 3.0,
+        armijo: float = 1e-2,
+        max_line_search: int = 20,
+        tolerance_grad: float = 1e-7,
+    ):
+        check_positive("damping", damping)
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        check_int("cg_max_iter", cg_max_iter)
+        if not (isinstance(cg_decay, (int, float)) and 0 <= cg_decay <= 1):
+            raise ValueError(f"cg_decay must lie in [0, 1], got {cg_decay!r}")
+        check_positive("progress_tol", progress_tol)
+        check_positive("min_damping", min_damping)
+        check_positive("max_damping", max_damping)
+        if not min_damping <= damping <= max_damping:
+            raise ValueError(f"damping {damping} must lie in [min_damping, max_damping]")
+        if not (isinstance(boost, (int, float)) and boost > 1):
+            raise ValueError(f"boost must be > 1, got {boost!r}")
+        check_unit("drop", drop)
+        check_unit("armijo", armijo)
+        check_int("max_line_search", max_line_search, minimum=0)
+        check_nonneg("tolerance_grad", tolerance_grad)
+        defaults = dict(damping=damping, curvature=curvature, cg_max_iter=cg_max_iter,
+                        cg_decay=cg_decay, progress_tol=progress_tol, min_damping=min_damping,
+                        max_damping=max_damping, boost=boost, drop=drop, armijo=armijo,
+                        max_line_search=max_line_search, tolerance_grad=tolerance_grad)
+        super().__init__(params, defaults)
+
+    def _loss_only(self, closure) -> float:
+        with torch.no_grad():
+            out = closure()
+        self._state["nfev"] += 1
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        val = float(loss)
+        return val if math.isfinite(val) else math.inf
+
+    def _curvature_product(self, pair_or_loss, curvature: str):
+        params = self._params
+        st = self._state
+        if curvature == "ggn":
+            loss, out = unpack_closure_output(pair_or_loss)
+            graph = GGNGraph(loss, out, params)
+
+            def prod(v: Tensor) -> Tensor:
+                st["nhvp"] += 1
+                with torch.enable_grad():
+                    res = graph.gvp(self._split(v))
+                return torch.cat([t.reshape(-1) for t in res])
+        else:
+            loss = pair_or_loss[0] if isinstance(pair_or_loss, (tuple, list)) else pair_or_loss
+            grads, _ = self._gradient(loss, create_graph=True)
+
+            def prod(v: Tensor) -> Tensor:
+                st["nhvp"] += 1
+                with torch.enable_grad():
+                    res = hvp_from_gradient(grads, params, self._split(v))
+                return torch.cat([t.reshape(-1) for t in res])
+
+        return prod
+
+    @torch.no_grad()
+    def step(self, closure: Callable, curvature_closure: Callable | None = None) -> Tensor:
+        """One Hessian-free update on the current batch.
+
+        Args:
+            closure: evaluates the gradient batch, returning ``(loss, output)`` (or the loss
+                with ``curvature="hessian"``).
+            curvature_closure: the same for the curvature batch (default: ``closure``'s batch).
+
+        Returns:
+            The loss on the gradient batch before the update (detached).
+        """
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure")
+        group = self.param_groups[0]
+        st = self._state
+        st.setdefault("damping", float(group["damping"]))
+        raw_closure = closure
+        closure = torch.enable_grad()(closure)
+        out = closure()
+        st["nfev"] += 1
+        curv = group["curvature"]
+        if curv == "ggn" or isinstance(out, (tuple, list)):
+            if curv == "ggn":
+                loss, _ = unpack_closure_output(out)
+            else:
+                loss = out[0]
+        else:
+            loss = out
+        with torch.enable_grad():
+            _, g = self._gradient(loss, create_graph=False, retain_graph=True)
+        f0 = float(loss.detach())
+        gnorm = float(torch.linalg.vector_norm(g))
+        st["loss"], st["grad_norm"] = f0, gnorm
+        st["stop_reason"] = None
+        if gnorm <= group["tolerance_grad"]:
+            st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad"
+            self._record(damping=st["damping"])
+            return torch.tensor(f0)
+        if curvature_closure is None:
+            cpair = out
+        else:
+            cpair = torch.enable_grad()(curvature_closure)()
+            st["nfev"] += 1
+        with torch.enable_grad():
+            prod = self._curvature_product(cpair, curv)
+        lam = st["damping"]
+        prev = st.get("direction")
+        x0 = None
+        if prev is not None and group["cg_decay"] > 0 and prev.shape == g.shape:
+            x0 = group["cg_decay"] * prev.to(g)
+        maxiter = group["cg_max_iter"]
+        res = model_cg(lambda v: prod(v) + lam * v, g, x0=x0, maxiter=maxiter, rtol=1e-10,
+                       progress_tol=group["progress_tol"], save_at=_save_points(maxiter))
+        del cpair
+        st["direction"] = res.x.detach().clone()
+        st["cg_iterations"] = res.iterations
+        # CG-iterate backtracking on the gradient batch
+        x = self._gather_flat()
+        best_f, best = math.inf, None
+        for _i, d, Ad in reversed(res.saved):
+            self._set_flat(x + d)
+            f = self._loss_only(raw_closure)
+            if f < best_f:
+                best_f, best = f, (d, Ad)
+            else:
+                break
+        d, Ad = best
+        # damping by the reduction ratio of the undamped curvature model
+        q = float(torch.dot(g, d)) + 0.5 * (float(torch.dot(d, Ad)) - lam * float(torch.dot(d, d)))
+        rho = (best_f - f0) / q if q < 0 else -math.inf
+        if rho < 0.25:
+            lam *= group["boost"]
+        elif rho > 0.75:
+            lam *= group["drop"]
+        st["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
+        # Armijo line search along the chosen iterate
+        slope = float(torch.dot(g, d))
+        rate, f_rate = 1.0, best_f
+        accepted = False
+        for _ in range(group["max_line_search"] + 1):
+            if slope < 0 and f_rate <= f0 + group["armijo"] * rate * slope:
+                accepted = True
+                break
+            rate *= 0.8
+            self._set_flat(x + rate * d)
+            f_rate = self._loss_only(raw_closure)
+        if accepted:
+            self._set_flat(x + rate * d)
+        else:
+            self._set_flat(x)
+            st["n_rejected"] += 1
+        st["n_iter"] += 1
+        st["rate"] = rate if accepted else 0.0
+        self._record(damping=st["damping"], rho=rho, rate=st["rate"], cg=res.iterations)
+        return torch.tensor(f0)

@@ -1,0 +1,612 @@
+r"""``second.optim.KFAC``: the KFAC optimizer of Martens & Grosse (2015), adaptive mode.
+
+One iteration on a mini-batch with gradient :math:`\nabla h` (weight decay :math:`\eta`
+included) and damping :math:`\lambda`:
+
+1. Factors: running averages :math:`\bar A \leftarrow \beta \bar A + (1-\beta) A_{batch}`
+   (same for :math:`G`), read with the bias correction :math:`\bar A / (1-\beta^k)` after
+   :math:`k` updates, so the first step already uses an unbiased estimate. Batch
+   factors as in :mod:`second.approximations.kfac` (Monte-Carlo Fisher by default).
+2. Every ``inverse_update_period`` steps the factors are eigendecomposed (eigenvalues
+   clamped at 0, so constant input features are harmless). The damping is applied
+   at every step on the cached spectra: :math:`\Delta = -\breve F^{-1}\nabla h` with
+   :math:`\breve F = \mathrm{blockdiag}\big((A + \pi\gamma I)\otimes(G + \gamma/\pi\, I)\big)`,
+   :math:`\gamma = \sqrt{\lambda + \eta}` (factored Tikhonov damping, section 6.3).
+3. Learning rate and momentum from the local quadratic model (section 7): with the
+   previous update :math:`\delta_0`, :math:`(\alpha, \mu)` minimize
+   :math:`M(\delta) = \tfrac12 \delta^\top (F + (\lambda+\eta) I)\delta + \nabla h^\top\delta` over
+   :math:`\delta = \alpha\Delta + \mu\delta_0`, where :math:`F` is the **exact** GGN of the
+   mini-batch loss (two Jacobian-vector products, forward mode, on the captured
+   batch). Or fixed: :math:`\delta = \mu\delta_0 + \alpha\nu\Delta` with optional KL clipping
+   :math:`\nu = \min(1, \sqrt{c / (\alpha^2 |\Delta^\top \nabla h|)})`.
+4. Levenberg-Marquardt (section 6.5): every ``damping_adaptation_interval`` steps
+   :math:`\rho = (h(\theta + \delta) - h(\theta)) / (M_0(\delta) - M_0(0))` with the
+   undamped model :math:`M_0`; :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
+   :math:`\lambda/\omega` if :math:`\rho < 1/4`, :math:`\omega = \text{decay}^{\text{interval}}`.
+   This needs the loss after the step on the same batch: pass a closure to
+   :meth:`KFAC.step`. Without one the damping stays fixed (a one-time warning).
+
+Statistics are gathered by forward hooks during the training forward pass (the Monte-Carlo
+backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works),
+so run one training forward per step. Under ``torch.distributed`` (DDP-wrapped models
+included) the factor sums, quadratic-model terms and losses are all-reduced, the
+eigendecompositions are split over ranks (layer ``j`` on rank ``j % world_size``, then
+broadcast); gradients are expected to be averaged already (as DDP does, so use
+mean-reduced losses with equal shards).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._losses import reduction_of
+from ..approximations.kfac import (
+    FALLBACKS,
+    FISHER_TYPES,
+    _Capture,
+    _check_loss,
+    _Eigen,
+    _Stats,
+    _sym_eigh,
+    _unwrap,
+    batch_statistics,
+    curvature_columns,
+    find_layers,
+    output_hessian_product,
+)
+
+__all__ = ["KFAC"]
+
+
+class KFAC(torch.optim.Optimizer):
+    r"""KFAC with the adaptive damping, learning rate and momentum of Martens & Grosse (2015).
+
+    See :mod:`second.optim.kfac` for the algorithm. The defaults are the paper's adaptive
+    mode; ``lr=`` and ``momentum=`` switch to fixed values.
+
+    Args:
+        model: the network (or its DDP wrapper); its ``nn.Linear``, ``nn.Conv2d`` and
+            ``nn.Embedding`` layers get Kronecker factors, other trainable parameters a
+            diagonal (``fallback="diagonal"``) or damping-only (``"identity"``) block.
+        loss_fn: the training loss (``MSELoss``, ``CrossEntropyLoss``,
+            ``BCEWithLogitsLoss``); used for the curvature only, its ``reduction``
+            (default ``"mean"``) must match the loss you backpropagate.
+        lr: ``None`` (default): step size from the quadratic model; a float: fixed.
+        momentum: ``None`` (default): from the quadratic model when ``lr`` is ``None``,
+            else 0; a float: fixed.
+        damping: initial Tikhonov damping :math:`\lambda` (default 1e-3; the
+            Levenberg-Marquardt rule adapts it, in the loss' units).
+        adapt_damping: Levenberg-Marquardt adaptation (default ``True``; needs a closure).
+        damping_adaptation_interval: steps between adaptations (default 5).
+        damping_adaptation_decay: per-step factor, :math:`\omega = \text{decay}^{\text{interval}}`
+            (default 0.95).
+        min_damping, max_damping: bounds of :math:`\lambda` (default 1e-8, 1e8).
+        weight_decay: :math:`\eta`, an L2 term added to the gradient and the curvature.
+        factor_decay: :math:`\beta` of the running averages (default 0.95).
+        factor_update_period: steps between factor updates (default 1).
+        inverse_update_period: steps between eigendecompositions (default 10).
+        fisher: ``"mc"`` (default), ``"type2"`` or ``"empirical"``.
+        mc_samples: sampled targets per example for ``"mc"`` (default 1).
+        kl_clip: KL clipping constant ``c`` in fixed-``lr`` mode (default ``None``: off).
+        max_update_norm: clip the update's 2-norm (default ``None``: off).
+        fallback: ``"diagonal"`` (default) or ``"identity"``.
+        distributed: all-reduce statistics (default: when a process group is initialized).
+
+    Raises:
+        ValueError: an invalid hyperparameter; a model without trainable parameters.
+        NotImplementedError: an unsupported loss for ``fisher="mc"``/``"type2"``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> loss_fn = torch.nn.MSELoss()
+        >>> opt = KFAC(model, loss_fn)
+        >>> X, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = loss_fn(model(X), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = closure().item()
+        >>> for _ in range(20):
+        ...     _ = opt.step(closure)
+        >>> loss_fn(model(X), y).item() < first
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        *,
+        lr: float | None = None,
+        momentum: float | None = None,
+        damping: float = 1e-3,
+        adapt_damping: bool = True,
+        damping_adaptation_interval: int = 5,
+        damping_adaptation_decay: float = 0.95,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
+        weight_decay: float = 0.0,
+        factor_decay: float = 0.95,
+        factor_update_period: int = 1,
+        inverse_update_period: int = 10,
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        kl_clip: float | None = None,
+        max_update_norm: float | None = None,
+        fallback: str = "diagonal",
+        distributed: bool | None = None,
+    ):
+        _check_positive("damping", damping, strict=True)
+        _check_positive("min_damping", min_damping, strict=True)
+        _check_positive("max_damping", max_damping, strict=True)
+        if not min_damping <= damping <= max_damping:
+            raise ValueError(
+                f"need min_damping <= damping <= max_damping, got {min_damping}, {damping}, {max_damping}"
+            )
+        if lr is not None:
+            _check_positive("lr", lr, strict=True)
+        if momentum is not None and not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        _check_positive("weight_decay", weight_decay)
+        if not 0.0 <= factor_decay < 1.0:
+            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
+        if not 0.0 < damping_adaptation_decay < 1.0:
+            raise ValueError(
+                f"damping_adaptation_decay must be in (0, 1), got {damping_adaptation_decay}"
+            )
+        for name, val in (
+            ("damping_adaptation_interval", damping_adaptation_interval),
+            ("factor_update_period", factor_update_period),
+            ("inverse_update_period", inverse_update_period),
+            ("mc_samples", mc_samples),
+        ):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
+        if kl_clip is not None:
+            _check_positive("kl_clip", kl_clip, strict=True)
+        if max_update_norm is not None:
+            _check_positive("max_update_norm", max_update_norm, strict=True)
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        _check_loss(loss_fn, fisher)
+        inner = _unwrap(model)
+        params = [p for p in inner.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no parameters that require grad")
+        defaults = dict(
+            lr=lr, momentum=momentum, damping=float(damping), adapt_damping=adapt_damping,
+            damping_adaptation_interval=damping_adaptation_interval,
+            damping_adaptation_decay=damping_adaptation_decay, min_damping=min_damping,
+            max_damping=max_damping, weight_decay=weight_decay, factor_decay=factor_decay,
+            factor_update_period=factor_update_period,
+            inverse_update_period=inverse_update_period, kl_clip=kl_clip,
+            max_update_norm=max_update_norm, step=0, factor_steps=0,
+        )
+        super().__init__(params, defaults)
+        self.model, self.inner, self.loss_fn = model, inner, loss_fn
+        self.reduction = reduction_of(loss_fn)
+        self.fisher, self.mc_samples, self.fallback = fisher, int(mc_samples), fallback
+        self.distributed = distributed
+        self.layers = find_layers(inner, params)
+        owned = {id(p) for layer in self.layers for p in layer.params()}
+        self.fallback_params = [p for p in params if id(p) not in owned]
+        self._names = [n for n, p in inner.named_parameters() if p.requires_grad]
+        self._capture = _Capture(self.layers).__enter__()
+        self._capture.active = False
+        # closures over a weak reference: a deep copy of the model keeps hooks that point
+        # here and ignore the copy (and the optimizer is not copied along with the model)
+        ref = weakref.ref(self)
+
+        def pre_hook(module, args):
+            opt = ref()
+            if opt is not None and module is opt.inner:
+                opt._pre_hook(module, args)
+
+        def top_hook(module, args, kwargs, output):
+            opt = ref()
+            if opt is not None and module is opt.inner:
+                opt._top_hook(module, args, kwargs, output)
+
+        self._top_handle = inner.register_forward_hook(top_hook, with_kwargs=True)
+        self._pre_handle = inner.register_forward_pre_hook(pre_hook)
+        self._pending: _Stats | None = None
+        self._batch: tuple | None = None
+        self._in_step = False
+        self._warned_closure = False
+        self.last_info: dict = {}
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._inv_cache: dict = {}
+        self._inv_version = 0
+
+    # ------------------------------------------------------------------------ hooks
+    def _capturing_now(self) -> bool:
+        group = self.param_groups[0]
+        return group["step"] % group["factor_update_period"] == 0
+
+    def _pre_hook(self, module, args):
+        active = self.inner.training and torch.is_grad_enabled() and not self._in_step
+        self._capture.clear()
+        self._capture.active = active and self._capturing_now()
+
+    def _top_hook(self, module, args, kwargs, output):
+        if not (self.inner.training and torch.is_grad_enabled()) or self._in_step:
+            return
+        self._batch = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
+        if not self._capture.active:
+            return
+        self._capture.active = False
+        if not isinstance(output, Tensor):
+            raise TypeError("KFAC needs a model whose forward returns one tensor (the output)")
+        fb = self.fallback_params if self.fallback == "diagonal" else []
+        stats = _Stats(self.layers, fb)
+        if self.fisher == "empirical":
+            # gradients of the user's own loss, captured during their backward
+            self._empirical_hooks(output, stats)
+        else:
+            S = curvature_columns(
+                self.loss_fn, output, None, self.reduction, self.fisher, self.mc_samples
+            )
+            batch_statistics(self.layers, fb, output, S, self._capture, stats)
+            self._capture.clear()
+        self._pending = stats
+
+    def _empirical_hooks(self, output: Tensor, stats: _Stats) -> None:
+        n = output.shape[0]
+        scale = float(n) if self.reduction == "mean" else 1.0
+        stats.n += n
+        for j, layer in enumerate(self.layers):
+            for inp, out in zip(self._capture.inputs.get(j, []), self._capture.outputs.get(j, [])):
+
+                def hook(g, layer=layer, inp=inp, j=j):
+                    grows = layer.grad_rows((g * scale).unsqueeze(0))
+                    arows = layer.input_rows(inp)
+                    mask = layer.mask(inp)
+                    if mask is not None:
+                        arows = arows[mask].reshape(1, -1)
+                        grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
+                    A, nA = layer.a_stats(arows)
+                    stats.add(j, A, nA, layer.g_stats(grows))
+
+                out.register_hook(hook)
+        self._capture.clear()
+
+    def _empirical_diagonal(self, stats: _Stats) -> None:
+        """Fallback diagonal for the empirical Fisher: the squared summed gradient.
+
+        Per-example gradients of those parameters are not available from the user's
+        backward; ``(sum_i g_i)^2`` equals ``sum_i g_i^2`` up to cross terms.
+        """
+        scale = stats.n if self.reduction == "mean" else 1.0
+        for i, p in enumerate(stats.fallback_params):
+            if p.grad is not None:
+                stats.diag[i] = (p.grad * scale) ** 2
+
+    def close(self) -> None:
+        """Remove the hooks from the model (the optimizer cannot step afterwards)."""
+        self._capture.__exit__(None, None, None)
+        self._top_handle.remove()
+        self._pre_handle.remove()
+
+    def add_param_group(self, param_group: dict) -> None:  # noqa: D102
+        if getattr(self, "param_groups", None):
+            raise ValueError("KFAC holds one parameter group, built from the model's layers")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------------ state helpers
+    def _dist(self) -> bool:
+        if self.distributed is False:
+            return False
+        active = dist.is_available() and dist.is_initialized()
+        if self.distributed and not active:
+            raise RuntimeError("distributed=True but no process group is initialized")
+        return active
+
+    def _update_factors(self, stats: _Stats, group: dict) -> None:
+        stats.tensors()
+        if self._dist():
+            stats.all_reduce()
+        if stats.n == 0:
+            return
+        beta = group["factor_decay"]
+        w = 1.0 / stats.n if self.reduction == "mean" else 1.0
+        for j, layer in enumerate(self.layers):
+            st = self.state[layer.weight]
+            A = stats.A[j] / max(stats.nA[j], 1.0)
+            G = stats.G[j] * w
+            if "A" not in st:
+                st["A"], st["G"] = torch.zeros_like(A), torch.zeros_like(G)
+            st["A"].mul_(beta).add_(A, alpha=1 - beta)
+            st["G"].mul_(beta).add_(G, alpha=1 - beta)
+        for i, p in enumerate(self.fallback_params):
+            st = self.state[p]
+            d = stats.diag[i] * w if stats.diag else torch.zeros_like(p)
+            if "diag" not in st:
+                st["diag"] = torch.zeros_like(p)
+            st["diag"].mul_(beta).add_(d, alpha=1 - beta)
+        group["factor_steps"] += 1
+
+    def _update_inverses(self, group: dict) -> None:
+        """Eigendecompose the bias-corrected factors.
+
+        Under torch.distributed layer ``j`` is decomposed on rank ``j % world_size`` and
+        broadcast: the factors are identical on all ranks after the all-reduce, so the
+        result is the same and the work is split.
+        """
+        corr = 1.0 / (1.0 - group["factor_decay"] ** group["factor_steps"])
+        split = self._dist() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
+        for j, layer in enumerate(self.layers):
+            st = self.state[layer.weight]
+            if j % world == rank:
+                st["lG"], st["QG"] = _sym_eigh(st["G"] * corr)
+                if layer.diag_A:
+                    st["lA"], st["QA"] = (st["A"] * corr).clamp_min(0.0), None
+                else:
+                    st["lA"], st["QA"] = _sym_eigh(st["A"] * corr)
+            else:
+                st["lG"], st["QG"] = torch.empty_like(st["G"][0]), torch.empty_like(st["G"])
+                if layer.diag_A:
+                    st["lA"], st["QA"] = torch.empty_like(st["A"]), None
+                else:
+                    st["lA"], st["QA"] = torch.empty_like(st["A"][0]), torch.empty_like(st["A"])
+        if split:
+            for j, layer in enumerate(self.layers):
+                st = self.state[layer.weight]
+                for key in ("lG", "QG", "lA", "QA"):
+                    if st[key] is not None:
+                        dist.broadcast(st[key], src=j % world)
+        self._inv_version += 1
+
+    def _layer_inverses(self, j: int, layer, lam: float) -> tuple[Tensor, Tensor]:
+        r"""``((G + \gamma/\pi)^{-1}, (A + \pi\gamma)^{-1})``, cached until damping or spectra change."""
+        key = (lam, self._inv_version)
+        hit = self._inv_cache.get(j)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        st = self.state[layer.weight]
+        e = _Eigen.from_parts(st["lA"], st["QA"], st["lG"], st["QG"])
+        pi, gamma = e.pi(), math.sqrt(lam)
+        Ginv = (e.QG / (e.lG + gamma / pi)) @ e.QG.T
+        if e.QA is None:
+            Ainv = 1.0 / (e.lA + gamma * pi)
+        else:
+            Ainv = (e.QA / (e.lA + gamma * pi)) @ e.QA.T
+        self._inv_cache[j] = (key, Ginv, Ainv)
+        return Ginv, Ainv
+
+    def _precondition(self, grads: list[Tensor], lam: float, group: dict) -> list[Tensor]:
+        """``F_breve^{-1} g`` with factored damping ``gamma = sqrt(lam)``."""
+        out = [None] * len(grads)
+        index = self._index
+        for j, layer in enumerate(self.layers):
+            Ginv, Ainv = self._layer_inverses(j, layer, lam)
+            iw = index[id(layer.weight)]
+            ib = index[id(layer.bias)] if layer.has_bias else None
+            M = layer.to_mat(grads[iw].unsqueeze(0), None if ib is None else grads[ib].unsqueeze(0))
+            GM = Ginv @ M
+            vw, vb = layer.from_mat(GM * Ainv if layer.diag_A else GM @ Ainv)
+            out[iw] = vw[0]
+            if ib is not None:
+                out[ib] = vb[0]
+        corr = 1.0 / (1.0 - group["factor_decay"] ** max(group["factor_steps"], 1))
+        for p in self.fallback_params:
+            i = index[id(p)]
+            d = self.state[p].get("diag")
+            d = torch.zeros_like(p) if d is None else d * corr
+            out[i] = grads[i] / (d + lam)
+        return out
+
+    def _quadratic_terms(self, vecs: list[list[Tensor]]) -> Tensor:
+        r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN (forward-mode JVPs)."""
+        from torch.func import functional_call, jvp, vmap
+
+        args, kwargs = self._batch
+        params = dict(zip(self._names, (p.detach() for p in self.param_groups[0]["params"])))
+        buffers = dict(self.inner.named_buffers())
+
+        def f(ps):
+            return functional_call(self.inner, (ps, buffers), args, kwargs)
+
+        tangents = {n: torch.stack([v[i] for v in vecs]) for i, n in enumerate(self._names)}
+        try:
+            out, Jv = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
+        except Exception:  # a module without a batching rule: one JVP per vector
+            res = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(len(vecs))]
+            out, Jv = res[0][0], torch.stack([r[1] for r in res])
+        HJv = output_hessian_product(self.loss_fn, out, Jv, self.reduction)
+        k = len(vecs)
+        Q = (Jv.reshape(k, 1, -1) * HJv.reshape(1, k, -1)).sum(-1)
+        Q = 0.5 * (Q + Q.T)
+        n = float(out.shape[0])
+        if self._dist():
+            buf = torch.cat([Q.reshape(-1), Q.new_tensor([n])])
+            dist.all_reduce(buf)
+            Q, n = buf[:-1].reshape(k, k), float(buf[-1])
+        return Q / n if self.reduction == "mean" else Q
+
+    # ------------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One KFAC update.
+
+        Args:
+            closure: re-evaluates the model on the current mini-batch and returns the loss
+                (it may call ``backward``; if it does not, the optimizer does). Needed by
+                the Levenberg-Marquardt damping adaptation, called once more after the
+                step every ``damping_adaptation_interval`` steps. Without a closure, run
+                the forward and backward pass before calling ``step()``.
+
+        Returns:
+            The closure's loss (before the step), or ``None``.
+
+        Raises:
+            RuntimeError: no training forward pass was seen before the first step.
+        """
+        group = self.param_groups[0]
+        params: list[Tensor] = group["params"]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+                if all(p.grad is None for p in params) and loss.requires_grad:
+                    loss.backward()
+        adaptive = group["lr"] is None
+        if self._pending is not None:
+            if self.fisher == "empirical":
+                self._empirical_diagonal(self._pending)
+            self._update_factors(self._pending, group)
+            self._pending = None
+        if group["factor_steps"] == 0:
+            raise RuntimeError(
+                "KFAC has no curvature statistics yet: run the model's forward pass in training "
+                "mode (with gradients enabled) before step(), or pass a closure that does"
+            )
+        stale = any("lG" not in self.state[layer.weight] for layer in self.layers)
+        if stale or group["step"] % group["inverse_update_period"] == 0:
+            self._update_inverses(group)
+
+        eta, lam = group["weight_decay"], group["damping"]
+        grads = [
+            (torch.zeros_like(p) if p.grad is None else p.grad) + (eta * p if eta else 0.0)
+            for p in params
+        ]
+        precond = self._precondition(grads, lam + eta, group)
+        Delta = [-t for t in precond]
+        prev = [self.state[p].get("delta") for p in params]
+        have_prev = all(d is not None for d in prev)
+        info: dict = {}
+        gflat = _flat(grads)
+        vecs = [Delta, prev] if have_prev else [Delta]
+        V = torch.stack([_flat(v) for v in vecs])  # [k, n]
+        gV = (V @ gflat).to("cpu", torch.float64)  # gradient . (Delta, delta0)
+        b1 = float(gV[0])
+        if adaptive:
+            Fq = self._quadratic_terms(vecs).detach().to("cpu", torch.float64)
+            nrm = (V @ V.T).to("cpu", torch.float64)
+            Qd = Fq + (lam + eta) * nrm
+            mom = group["momentum"]
+            if have_prev and mom is None:
+                coef = -torch.linalg.solve(Qd, gV)
+                alpha, mu = float(coef[0]), float(coef[1])
+            else:
+                mu = 0.0 if (mom is None or not have_prev) else float(mom)
+                alpha = -(b1 + (mu * float(Qd[0, 1]) if have_prev else 0.0)) / float(Qd[0, 0])
+            coefs = [alpha, mu] if have_prev else [alpha]
+            c = torch.tensor(coefs, dtype=torch.float64)
+            pred = float(0.5 * c @ (Fq + eta * nrm) @ c + c @ gV)  # undamped model change
+            delta = [alpha * d + (mu * q if have_prev else 0.0) for d, q in zip(Delta, prev)]
+            info.update(alpha=alpha, mu=mu, predicted_change=pred)
+        else:
+            lr = group["lr"]
+            mom = group["momentum"] or 0.0
+            nu = 1.0
+            if group["kl_clip"] is not None and b1 != 0.0:
+                nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * abs(b1))))
+            delta = [
+                lr * nu * d + (mom * q if (have_prev and mom) else 0.0) for d, q in zip(Delta, prev)
+            ]
+            info.update(alpha=lr * nu, mu=mom)
+        if group["max_update_norm"] is not None:
+            norm = math.sqrt(_dot(delta, delta))
+            if norm > group["max_update_norm"]:
+                delta = [d * (group["max_update_norm"] / norm) for d in delta]
+        finite = bool(torch.isfinite(_flat(delta)).all()) and all(
+            math.isfinite(v) for v in (info.get("alpha", 0.0), info.get("mu", 0.0))
+        )
+        if not finite:
+            warnings.warn(
+                f"KFAC step {group['step']} produced a non-finite update; it was not applied "
+                "(the damping is increased)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
+            group["damping"] = min(group["max_damping"], lam / omega)
+            info["skipped"] = True
+            self.last_info = info
+            group["step"] += 1
+            return loss
+        for p, d in zip(params, delta):
+            p.add_(d)
+            self.state[p]["delta"] = d
+        group["step"] += 1
+        if (
+            adaptive
+            and group["adapt_damping"]
+            and group["step"] % group["damping_adaptation_interval"] == 0
+        ):
+            if closure is None:
+                if not self._warned_closure:
+                    warnings.warn(
+                        "KFAC's Levenberg-Marquardt damping adaptation needs a closure "
+                        "(opt.step(closure)); the damping stays fixed",
+                        stacklevel=3,
+                    )
+                    self._warned_closure = True
+            else:
+                self._adapt_damping(closure, loss, info, group)
+        info["damping"] = group["damping"]
+        self.last_info = info
+        return loss
+
+    def _adapt_damping(self, closure, loss, info, group) -> None:
+        self._in_step = True
+        try:
+            with torch.enable_grad():
+                new_loss = closure()
+        finally:
+            self._in_step = False
+        vals = torch.tensor([float(loss), float(new_loss)], dtype=torch.float64)
+        if self._dist():
+            vals = vals.to(group["params"][0].device)
+            dist.all_reduce(vals)
+            vals = vals.cpu() / dist.get_world_size()
+        change = float(vals[1] - vals[0])
+        pred = info["predicted_change"]
+        rho = change / pred if pred < 0 else -math.inf
+        omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
+        lam = group["damping"]
+        if not math.isfinite(change) or rho < 0.25:
+            lam = lam / omega
+        elif rho > 0.75:
+            lam = lam * omega
+        group["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
+        info["rho"] = rho
+
+    # ------------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load the state (factors, eigendecompositions, momentum, damping, counters)."""
+        super().load_state_dict(state_dict)
+        self._inv_cache.clear()
+        self._index = {id(p): i for i, p in enumerate(self.param_groups[0]["params"])}
+        for p, st in self.state.items():  # the stored factor dtypes may differ from p's
+            for k, v in list(st.items()):
+                if isinstance(v, Tensor) and isinstance(p, Tensor):
+                    st[k] = v.to(device=p.device, dtype=p.dtype)
+
+
+def _flat(ts: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b)))
+
+
+def _check_positive(name: str, value: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > 0 if strict else value >= 0
+    )
+    if not ok:
+        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'} and finite, got {value!r}")

@@ -1,0 +1,185 @@
+r"""LiSSA as an optimizer: Newton steps from a stochastic Neumann-series inverse (Agarwal et al. 2016)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..func.products import hvp_from_gradient
+from ..operators.base import CallableOperator
+from ..spectral.lanczos import extreme_eigenvalues
+from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive
+
+__all__ = ["LiSSA"]
+
+
+class LiSSA(NewtonTypeOptimizer):
+    r"""Newton's method with the inverse-Hessian-gradient product estimated by LiSSA.
+
+    For a convex finite sum :math:`f = \frac1m \sum_i f_i` each step estimates
+    :math:`(H + \lambda I)^{-1} g` by the stochastic Neumann recursion, repeated ``repeats``
+    times and averaged,
+
+    .. math:: X_0 = g, \qquad X_j = g + \Big(I - \frac{H_{i_j} + \lambda I}{s}\Big) X_{j-1},
+              \qquad (H + \lambda I)^{-1} g \approx X_{\mathrm{depth}} / s,
+
+    with :math:`H_{i_j}` the Hessian of a freshly sampled mini-batch (one
+    ``curvature_closure()`` call per term) and :math:`s > \lambda_{\max}` a scale, then steps
+    :math:`\theta \leftarrow \theta - \eta\, X / s`. The truncation leaves a relative bias of
+    about :math:`(1 - (\lambda_{\min} + \lambda)/s)^{\mathrm{depth}}` along the flattest
+    direction, so ``depth`` must grow with the condition number (as for
+    :func:`second.lissa`). The scale is estimated by ``lanczos_steps`` Lanczos iterations
+    on the full-batch Hessian at the first step (times ``scale_margin``, since mini-batch
+    Hessians fluctuate above the mean), unless given.
+
+    For convex problems (the recursion diverges on negative curvature: add ``damping``).
+    The closures return the loss with its graph and must not call ``backward()``::
+
+        opt.step(lambda: loss_fn(model(X), y),                      # full gradient
+                 lambda: loss_fn(model(X[idx()]), y[idx()]))        # a random mini-batch
+
+    Args:
+        params: parameters (one group).
+        lr: step size :math:`\eta` (default 1.0).
+        depth: recursion terms per estimate (default 100).
+        repeats: independent estimates averaged (default 1).
+        scale: :math:`s` (default ``None``: estimated).
+        scale_margin: factor on the estimated :math:`\lambda_{\max}` (default 1.5).
+        damping: :math:`\lambda \ge 0` (default 0).
+        lanczos_steps: products for the scale estimate (default 20).
+        tolerance_grad: stop when :math:`\|g\| \le` this (default 1e-7).
+
+    Raises:
+        ValueError: invalid hyperparameters.
+
+    State: counters ``n_iter, nfev, ngev, nhvp``, ``loss``, ``grad_norm``, ``scale``,
+    ``stop_reason``, ``history``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> X = torch.randn(256, 5, dtype=torch.float64); y = X @ torch.ones(5, dtype=torch.float64)
+        >>> w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        >>> opt = LiSSA([w], depth=200)
+        >>> for _ in range(5):
+        ...     i = torch.randint(0, 256, (32,))
+        ...     _ = opt.step(lambda: ((X @ w - y) ** 2).mean(), lambda: ((X[i] @ w - y[i]) ** 2).mean())
+        >>> bool((w - 1).abs().max() < 1e-2)
+        True
+
+    References:
+        Agarwal, Bullins & Hazan (2017), *Second-order stochastic optimization for machine
+        learning in linear time*, JMLR (arXiv 2016).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        depth: int = 100,
+        repeats: int = 1,
+        scale: float | None = None,
+        scale_margin: float = 1.5,
+        damping: float = 0.0,
+        lanczos_steps: int = 20,
+        tolerance_grad: float = 1e-7,
+    ):
+        check_positive("lr", lr)
+        check_int("depth", depth)
+        check_int("repeats", repeats)
+        if scale is not None:
+            check_positive("scale", scale)
+        if not (isinstance(scale_margin, (int, float)) and scale_margin >= 1):
+            raise ValueError(f"scale_margin must be >= 1, got {scale_margin!r}")
+        check_nonneg("damping", damping)
+        check_int("lanczos_steps", lanczos_steps, minimum=2)
+        check_nonneg("tolerance_grad", tolerance_grad)
+        defaults = dict(lr=lr, depth=depth, repeats=repeats, scale=scale,
+                        scale_margin=scale_margin, damping=damping, lanczos_steps=lanczos_steps,
+                        tolerance_grad=tolerance_grad)
+        super().__init__(params, defaults)
+
+    def _hvp(self, loss: Tensor):
+        grads, _ = self._gradient(loss, create_graph=True)
+        self._state["ngev"] -= 1  # the graph of a curvature sample is part of its product
+
+        def prod(v: Tensor) -> Tensor:
+            self._state["nhvp"] += 1
+            with torch.enable_grad():
+                out = hvp_from_gradient(grads, self._params, self._split(v))
+            return torch.cat([t.reshape(-1) for t in out])
+
+        return prod
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor],
+             curvature_closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """One LiSSA-Newton step.
+
+        Args:
+            closure: returns the (full-batch) loss with its graph.
+            curvature_closure: returns the loss of a freshly sampled mini-batch on every call
+                (default: ``closure``, which makes the recursion a deterministic Neumann series).
+
+        Returns:
+            The loss before the step (detached).
+        """
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure")
+        group = self.param_groups[0]
+        st = self._state
+        closure = torch.enable_grad()(closure)
+        sample = None if curvature_closure is None else torch.enable_grad()(curvature_closure)
+        loss = closure()
+        st["nfev"] += 1
+        need_graph = curvature_closure is None or (st.get("scale") is None
+                                                    and group["scale"] is None)
+        grads, g = self._gradient(loss, create_graph=need_graph)
+        f0 = float(loss.detach())
+        gnorm = float(torch.linalg.vector_norm(g))
+        st["loss"], st["grad_norm"] = f0, gnorm
+        self._record()
+        if gnorm <= group["tolerance_grad"]:
+            st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad"
+            return torch.tensor(f0)
+        st["stop_reason"] = None
+        lam = group["damping"]
+
+        def full(v: Tensor) -> Tensor:
+            st["nhvp"] += 1
+            with torch.enable_grad():
+                out = hvp_from_gradient(grads, self._params, self._split(v))
+            return torch.cat([t.reshape(-1) for t in out])
+
+        if group["scale"] is not None:
+            st["scale"] = float(group["scale"])
+        elif st.get("scale") is None:
+            op = CallableOperator(full, g.numel(), g.dtype, g.device)
+            _, hi = extreme_eigenvalues(op, steps=min(group["lanczos_steps"], g.numel()))
+            st["scale"] = group["scale_margin"] * (max(hi, 0.0) + lam)
+            if not st["scale"] > 0:
+                raise ValueError("the estimated Hessian scale is not positive: the problem is "
+                                 "not convex here; pass scale= or damping=")
+        s = st["scale"]
+        acc = torch.zeros_like(g)
+        for _ in range(group["repeats"]):
+            X = g.clone()
+            for _j in range(group["depth"]):
+                if curvature_closure is None:
+                    HX = full(X)
+                else:
+                    with torch.enable_grad():
+                        prod = self._hvp(sample())
+                    st["nfev"] += 1
+                    HX = prod(X)
+                X = g + X - (HX + lam * X) / s
+            acc += X / s
+        step = acc / group["repeats"]
+        if not bool(torch.isfinite(step).all()):
+            raise FloatingPointError(
+                "the LiSSA recursion diverged: a mini-batch Hessian exceeds 2 * scale or has "
+                "negative curvature (raise scale_margin or damping)")
+        self._add_flat(step, alpha=-group["lr"])
+        st["n_iter"] += 1
+        return torch.tensor(f0)

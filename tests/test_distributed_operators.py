@@ -1,0 +1,117 @@
+"""Data-parallel curvature products: 2 gloo processes on CPU, each with a shard of the data.
+
+One spawn runs every check (starting processes dominates the cost); each rank
+writes its results to a file and the parent compares them with the
+single-process operators on all the data.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import PRODUCT_TOL
+from dense_reference import assert_close
+from second import FisherOperator, GGNOperator, HessianOperator
+
+pytestmark = pytest.mark.distributed
+
+WORLD_SIZE = 2
+N_DATA = 11
+SHARDS = [(0, 4), (4, 11)]  # unequal shards: the mean must be weighted by example counts
+KINDS = {"hessian": HessianOperator, "ggn": GGNOperator, "ef": FisherOperator}
+
+
+def _problem(reduction: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X = torch.randn(N_DATA, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (N_DATA,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    V = torch.randn(v.shape[0], 3, dtype=torch.float64)
+    return model, nn.CrossEntropyLoss(reduction=reduction), X, y, v, V
+
+
+def _products(model, loss_fn, data, v, V, **kw) -> dict:
+    out = {}
+    for name, cls in KINDS.items():
+        op = cls(model, loss_fn, data, **kw)
+        out[f"{name} v"] = op @ v
+        out[f"{name} V"] = op @ V
+        if name == "ggn":
+            loss, g = op.loss_and_gradient()
+            out["loss"], out["gradient"] = loss, g
+            out["num_data"] = torch.tensor(op.num_data)
+    return out
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        results = {}
+        for reduction in ("mean", "sum"):
+            model, loss_fn, X, y, v, V = _problem(reduction)
+            lo, hi = SHARDS[rank]
+            Xs, ys = X[lo:hi], y[lo:hi]
+            # the shard as one batch, and as several unequal batches
+            results[reduction, "batch"] = _products(model, loss_fn, (Xs, ys), v, V)
+            batches = [(Xs[:1], ys[:1]), (Xs[1:], ys[1:])]
+            results[reduction, "batches"] = _products(model, loss_fn, batches, v, V)
+            # opting out keeps the product local to the shard
+            results[reduction, "local"] = _products(
+                model, loss_fn, (Xs, ys), v, V, distributed=False
+            )
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("layout", ["batch", "batches"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sharded_products_equal_single_process(rank_results, reduction, layout):
+    model, loss_fn, X, y, v, V = _problem(reduction)
+    expected = _products(model, loss_fn, (X, y), v, V)
+    tol = PRODUCT_TOL[torch.float64]
+    for rank, results in enumerate(rank_results):
+        got = results[reduction, layout]
+        assert set(got) == set(expected)
+        for key in expected:
+            assert_close(got[key], expected[key], tol, msg=f"rank {rank}: {key}")
+        assert int(got["num_data"]) == N_DATA
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_distributed_false_keeps_the_shard_local(rank_results, reduction):
+    model, loss_fn, X, y, v, V = _problem(reduction)
+    tol = PRODUCT_TOL[torch.float64]
+    for rank, results in enumerate(rank_results):
+        lo, hi = SHARDS[rank]
+        expected = _products(model, loss_fn, (X[lo:hi], y[lo:hi]), v, V)
+        got = results[reduction, "local"]
+        for key in expected:
+            assert_close(got[key], expected[key], tol, msg=f"rank {rank}: {key}")
+        assert int(got["num_data"]) == hi - lo

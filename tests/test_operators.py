@@ -1,0 +1,362 @@
+"""Hessian / GGN / Fisher operators: products, conversions, algebra, data traversal."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import DTYPES, PRODUCT_TOL
+from dense_reference import (
+    DEVICES,
+    REDUCTIONS,
+    assert_close,
+    cast,
+    make_data,
+    make_loss,
+    make_model,
+    ref_empirical_fisher,
+    ref_ggn,
+    ref_gradient,
+    ref_hessian,
+)
+from second import (
+    DampedOperator,
+    DenseOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    IdentityOperator,
+    NonDeterministicDataError,
+    ScaledOperator,
+    SumOperator,
+)
+
+# torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+PROBLEMS = [("mlp_tanh", "mse"), ("mlp_sigmoid", "ce"), ("cnn", "bce"), ("cnn", "ce")]
+KINDS = {
+    "hessian": (HessianOperator, {}, lambda m, lf, X, y, red: ref_hessian(m, lf, X, y)),
+    "ggn": (GGNOperator, {}, lambda m, lf, X, y, red: ref_ggn(m, lf, X, y)),
+    "ef": (
+        FisherOperator, {"kind": "empirical"},
+        lambda m, lf, X, y, red: ref_empirical_fisher(m, lf, X, y, red),
+    ),
+}
+CASES = list(itertools.product(PROBLEMS, REDUCTIONS, KINDS))
+CASE_IDS = [f"{m}-{lo}-{r}-{k}" for (m, lo), r, k in CASES]
+
+N_DATA = 10
+SPLIT = [2, 5, 3]  # unequal batch sizes
+
+
+def _problem(model_name, loss_name, reduction, dtype, n=N_DATA, device="cpu"):
+    torch.manual_seed(1)
+    model64 = make_model(model_name)
+    X64, y64 = make_data(model_name, loss_name, n)
+    loss_fn = make_loss(loss_name, reduction)
+    model, X, y = cast(model64, X64, y64, dtype, device)
+    return model64, X64, y64, loss_fn, model, X, y
+
+
+def _split(X, y, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append((X[start : start + s], y[start : start + s]))
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_products_match_dense_reference(case, dtype, device):
+    (model_name, loss_name), reduction, kind = case
+    cls, kw, reference = KINDS[kind]
+    model64, X64, y64, loss_fn, model, X, y = _problem(
+        model_name, loss_name, reduction, dtype, device=device
+    )
+    A = reference(model64, loss_fn, X64, y64, reduction)
+    tol = PRODUCT_TOL[dtype]
+    n = A.shape[0]
+    v = torch.randn(n, dtype=torch.float64)
+    V = torch.randn(n, 3, dtype=torch.float64)
+    vd, Vd = v.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)
+    for columns in ("loop", "vmap"):
+        op = cls(model, loss_fn, (X, y), columns=columns, **kw)
+        assert op.shape == (n, n) and op.dtype == dtype and op.device.type == device
+        assert op.reduction == reduction
+        out = op @ vd
+        assert out.shape == (n,) and out.dtype == dtype and out.device.type == device
+        assert_close(out, A @ v, tol)
+        assert_close(op.matvec(vd), A @ v, tol)
+        assert_close(op @ Vd, A @ V, tol)
+        assert op.matvecs == 2 + 3
+        assert_close(op.to_dense(), A, tol)
+        assert_close(op.to_dense(chunk_size=4), A, tol)
+        assert (op @ Vd[:, :0]).shape == (n, 0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("cache_graphs", [False, True])
+def test_several_batches_give_dataset_product(kind, reduction, cache_graphs):
+    cls, kw, reference = KINDS[kind]
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "ce", reduction, torch.float64)
+    A = reference(model64, loss_fn, X, y, reduction)  # one batch of all N_DATA examples
+    tol = PRODUCT_TOL[torch.float64]
+    v = torch.randn(A.shape[0], dtype=torch.float64)
+    V = torch.randn(A.shape[0], 2, dtype=torch.float64)
+    one = cls(model64, loss_fn, (X, y), **kw)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=False)  # 4 + 4 + 2
+    for data in (_split(X, y, SPLIT), loader):
+        op = cls(model64, loss_fn, data, cache_graphs=cache_graphs, **kw)
+        for _ in range(2):  # a second pass over the same data is accepted
+            assert_close(op @ v, A @ v, tol)
+        assert_close(op @ V, A @ V, tol)
+        assert_close(op @ v, one @ v, tol)
+        assert op.num_data == N_DATA
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mean_reduction_is_weighted_by_batch_size_not_averaged_per_batch(reduction):
+    # the naive average of per-batch Hessians differs from the dataset Hessian when
+    # batches have unequal sizes; the operator must give the latter
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", reduction, torch.float64)
+    batches = _split(X, y, [1, 9])
+    H = HessianOperator(model64, loss_fn, batches).to_dense()
+    per_batch = [ref_hessian(model64, loss_fn, Xb, yb) for Xb, yb in batches]
+    if reduction == "mean":
+        expected = (1 * per_batch[0] + 9 * per_batch[1]) / 10
+        naive = (per_batch[0] + per_batch[1]) / 2
+        assert not torch.allclose(H, naive)
+    else:
+        expected = per_batch[0] + per_batch[1]
+    assert_close(H, expected, PRODUCT_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_and_gradient_matches_autograd(reduction, dtype):
+    model64, X64, y64, loss_fn, model, X, y = _problem("cnn", "ce", reduction, dtype)
+    expected_loss = loss_fn(model64(X64), y64)
+    expected_grad = ref_gradient(model64, loss_fn, X64, y64)
+    tol = PRODUCT_TOL[dtype]
+    for data in ((X, y), _split(X, y, SPLIT)):
+        op = GGNOperator(model, loss_fn, data)
+        loss, g = op.loss_and_gradient()
+        assert loss.dim() == 0 and not loss.requires_grad and not g.requires_grad
+        assert_close(loss, expected_loss, tol)
+        assert_close(g, expected_grad, tol)
+        assert_close(op.gradient(), expected_grad, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_to_scipy(dtype):
+    model64, X64, y64, loss_fn, model, X, y = _problem("mlp_sigmoid", "bce", "mean", dtype)
+    H = ref_hessian(model64, loss_fn, X64, y64).numpy()
+    sp = HessianOperator(model, loss_fn, (X, y)).to_scipy()
+    n = H.shape[0]
+    assert sp.shape == (n, n) and sp.dtype == np.dtype(str(dtype).replace("torch.", ""))
+    rng = np.random.default_rng(0)
+    x, Xm = rng.standard_normal(n), rng.standard_normal((n, 4))
+    rtol = PRODUCT_TOL[dtype]["rtol"]
+    atol = PRODUCT_TOL[dtype]["atol"] * max(1.0, np.abs(H).max())
+    np.testing.assert_allclose(sp.matvec(x), H @ x, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(sp.rmatvec(x), H @ x, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(sp.matmat(Xm), H @ Xm, rtol=rtol, atol=atol * 10)
+    np.testing.assert_allclose(sp @ x, H @ x, rtol=rtol, atol=atol * 10)
+    # float64 scipy view of a float32 operator, as scipy's solvers prefer
+    sp64 = HessianOperator(model, loss_fn, (X, y)).to_scipy(dtype=np.float64)
+    assert sp64.matvec(x).dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_algebra(dtype):
+    model64, X64, y64, loss_fn, model, X, y = _problem("mlp_tanh", "ce", "mean", dtype)
+    Hd = ref_hessian(model64, loss_fn, X64, y64)
+    Gd = ref_ggn(model64, loss_fn, X64, y64)
+    H = HessianOperator(model, loss_fn, (X, y))
+    G = GGNOperator(model, loss_fn, (X, y))
+    n = Hd.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    tol = PRODUCT_TOL[dtype]
+    cases = {
+        "sum": (H + G, Hd + Gd),
+        "difference": (H - G, Hd - Gd),
+        "scaled": (2.5 * H, 2.5 * Hd),
+        "right-scaled": (H * 0.5, 0.5 * Hd),
+        "tensor-scaled": (H * torch.tensor(3.0), 3 * Hd),
+        "divided": (H / 4, Hd / 4),
+        "negated": (-H, -Hd),
+        "damped": (H.damped(0.3), Hd + 0.3 * eye),
+        "damped twice": (G.damped(0.1).damped(0.2), Gd + 0.3 * eye),
+        "sum with identity": (G + 0.7 * IdentityOperator(n, dtype, "cpu"), Gd + 0.7 * eye),
+        "dense plus operator": (DenseOperator(Gd.to(dtype)) + H, Gd + Hd),
+    }
+    v = torch.randn(n, 2, dtype=torch.float64)
+    for name, (op, dense) in cases.items():
+        assert op.shape == (n, n) and op.dtype == dtype, name
+        assert_close(op @ v.to(dtype), dense @ v, tol, msg=name)
+        assert_close(op @ v[:, 0].to(dtype), dense @ v[:, 0], tol, msg=name)
+        assert_close(op.to_dense(), dense, tol, msg=name)
+    assert isinstance(H + G, SumOperator) and isinstance(2 * H, ScaledOperator)
+    damped = G.damped(0.1).damped(0.2)
+    assert isinstance(damped, DampedOperator) and damped.damping == pytest.approx(0.3)
+    # what is known about definiteness is tracked through the algebra
+    assert G.psd and G.damped(0.1).psd and (G + G).psd and (2 * G).psd
+    assert not H.psd and not (-G).psd and not (H + G).psd
+    assert all(op.symmetric for op in (H, G, H + G, H.damped(1.0)))
+
+
+def test_algebra_rejects_mismatched_operators():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", "mean", torch.float64)
+    H = HessianOperator(model64, loss_fn, (X, y))
+    with pytest.raises(ValueError, match="cannot add"):
+        H + IdentityOperator(H.shape[0] + 1, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="cannot add"):
+        H + IdentityOperator(H.shape[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="damping"):
+        H.damped(float("nan"))
+    assert H.__add__(3) is NotImplemented
+    with pytest.raises(TypeError):
+        H * "two"
+
+
+def test_shuffling_dataloader_is_detected():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", "mean", torch.float64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=3, shuffle=True)
+    op = HessianOperator(model64, loss_fn, loader)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    with pytest.raises(NonDeterministicDataError, match="shuffle"):
+        for _ in range(5):  # the first pass records the batches, a later one differs
+            op @ v
+    # the check can be switched off deliberately
+    op = HessianOperator(model64, loss_fn, loader, check_deterministic=False)
+    for _ in range(3):
+        assert torch.isfinite(op @ v).all()
+
+
+def test_data_yielding_fewer_batches_on_a_later_pass_is_detected():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", "mean", torch.float64)
+    batches = _split(X, y, SPLIT)
+
+    class Shrinking:
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(batches if self.passes == 1 else batches[:-1])
+
+    op = GGNOperator(model64, loss_fn, Shrinking())
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    op @ v
+    with pytest.raises(NonDeterministicDataError, match="batches"):
+        op @ v
+
+
+def test_dropout_in_training_mode_raises():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(8, 4), torch.randn(8, 3)
+    for cls in (HessianOperator, GGNOperator, FisherOperator):
+        with pytest.raises(NonDeterministicDataError, match="dropout"):
+            cls(model, nn.MSELoss(), (X, y))
+    model.eval()
+    op = HessianOperator(model, nn.MSELoss(), (X, y))
+    assert torch.isfinite(op @ torch.ones(op.shape[0])).all()
+    # dropout with p=0 is deterministic, and the check can be turned off
+    model.train()
+    HessianOperator(model, nn.MSELoss(), (X, y), check_deterministic=False)
+    model[1].p = 0.0
+    HessianOperator(model, nn.MSELoss(), (X, y))
+
+
+def test_refresh_after_parameter_update():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "ce", "mean", torch.float64)
+    H = HessianOperator(model64, loss_fn, (X, y))
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert_close(H @ v, ref_hessian(model64, loss_fn, X, y) @ v, PRODUCT_TOL[torch.float64])
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.add_(0.1)
+    H.refresh()
+    assert_close(H @ v, ref_hessian(model64, loss_fn, X, y) @ v, PRODUCT_TOL[torch.float64])
+
+
+def test_explicit_params_subset_and_reduction_override():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", "mean", torch.float64)
+    full = ref_hessian(model64, loss_fn, X, y)
+    last = list(model64.parameters())[2:]
+    k = sum(p.numel() for p in last)
+    H = HessianOperator(model64, loss_fn, (X, y), params=last)
+    assert H.shape == (k, k)
+    assert_close(H.to_dense(), full[-k:, -k:], PRODUCT_TOL[torch.float64])
+    # a plain function as the loss: the reduction is given explicitly
+
+    def summed(out, target):
+        return ((out - target) ** 2).sum()
+
+    Hs = HessianOperator(model64, summed, _split(X, y, SPLIT), reduction="sum")
+    assert_close(Hs.to_dense(), ref_hessian(model64, summed, X, y), PRODUCT_TOL[torch.float64])
+    with pytest.raises(ValueError, match="reduction"):
+        HessianOperator(model64, summed, (X, y), reduction="max")
+    with pytest.raises(ValueError, match="columns"):
+        HessianOperator(model64, summed, (X, y), columns="parallel")
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce", "bce"])
+def test_mc_fisher_operator_is_a_fixed_psd_matrix(loss_name):
+    model64, X, y, loss_fn, *_ = _problem("mlp_sigmoid", loss_name, "mean", torch.float64)
+    n = sum(p.numel() for p in model64.parameters())
+    ops = [
+        FisherOperator(model64, loss_fn, data, kind="mc", mc_samples=samples, columns=columns)
+        for data in ((X, y), _split(X, y, SPLIT))
+        # 2 samples of 3 outputs: per-sample scores; 50: their summed outer products
+        for samples, columns in ((2, "loop"), (2, "vmap"), (50, "loop"), (50, "vmap"))
+    ]
+    for op in ops:
+        F = op.to_dense()
+        tol = PRODUCT_TOL[torch.float64]
+        assert_close(F, F.T, tol)
+        assert torch.linalg.eigvalsh(F).min() > -1e-10 * float(F.abs().max())
+        # the same samples on every product: repeated products agree exactly
+        v = torch.randn(n, dtype=torch.float64)
+        assert torch.equal(op @ v, op @ v)
+        assert_close(op @ v, F @ v, tol)
+    # the loop and vmap paths use the same samples
+    assert_close(ops[0].to_dense(), ops[1].to_dense(), PRODUCT_TOL[torch.float64])
+    assert_close(ops[2].to_dense(), ops[3].to_dense(), PRODUCT_TOL[torch.float64])
+    with pytest.raises(ValueError, match="kind"):
+        FisherOperator(model64, loss_fn, (X, y), kind="true")
+    with pytest.raises(ValueError, match="mc_samples"):
+        FisherOperator(model64, loss_fn, (X, y), kind="mc", mc_samples=0)
+
+
+def test_tuple_inputs_and_repr():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+        def forward(self, x1, x2):
+            return torch.tanh(self.a(x1)) + self.b(x2)
+
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    H = HessianOperator(model, loss_fn, ((x1, x2), y))
+    params = list(model.parameters())
+    loss = loss_fn(model(x1, x2), y)
+    from second import exact_hessian
+
+    assert_close(H.to_dense(), exact_hessian(loss, params), PRODUCT_TOL[torch.float64])
+    assert "HessianOperator" in repr(H) and str(H.shape) in repr(H)
