@@ -86,6 +86,7 @@ def main():
             g = torch.autograd.grad(inner(params, h.detach()), list(params.values()))
             if float(torch.cat([t.reshape(-1) for t in g]).norm()) <= 1e-7:
                 break
+            lbfgs.state.clear()  # stalled: restart L-BFGS with a fresh curvature history
         with torch.no_grad():
             acc = float((logits(params, Xte).argmax(1) == yte).double().mean())
         res = second.hypergradient(inner, outer, params, h, method=args.method, x0=warm)

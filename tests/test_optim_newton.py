@@ -246,8 +246,12 @@ def test_newton_cg_with_preconditioner_converges():
 def test_newton_cg_matches_minimize():
     x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
     opt = NewtonCG([x], tolerance_grad=1e-8)
+
+    def closure():
+        return rosen(x)
+
     while opt.stop_reason is None:
-        opt.step(lambda: rosen(x))
+        opt.step(closure)  # the same closure object: each call reuses the last evaluation
     res = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=DT), method="newton-cg", tol=1e-8)
     assert res.success
     torch.testing.assert_close(res.x, x.detach(), **EXACT)
@@ -580,3 +584,30 @@ def test_plot_history():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, GaussNewton])
+def test_a_new_closure_is_evaluated_afresh(cls):
+    """Mini-batch use: a new closure object (new batch) is not served the cached evaluation."""
+    g = torch.Generator().manual_seed(0)
+    XA, XB = torch.randn(20, 3, generator=g, dtype=DT), torch.randn(20, 3, generator=g, dtype=DT)
+    yA, yB = torch.randn(20, 1, generator=g, dtype=DT), torch.randn(20, 1, generator=g, dtype=DT)
+    model = torch.nn.Linear(3, 1).to(DT)
+
+    def make(X, y):
+        def closure():
+            out = model(X)
+            loss = torch.nn.functional.mse_loss(out, y)
+            return loss if cls is NewtonCG else (loss, out)
+        return closure
+
+    opt = cls(model.parameters())
+    cA = make(XA, yA)
+    opt.step(cA)
+    opt.step(cA)  # same closure: reuses the accepted trial's evaluation
+    nfev = opt.state[model.weight]["nfev"]
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(model(XB), yB))
+    opt.step(make(XB, yB))
+    assert opt.history[-1]["loss"] == pytest.approx(expected, rel=1e-12)
+    assert opt.state[model.weight]["nfev"] == nfev + 2  # fresh evaluation + one trial

@@ -141,3 +141,22 @@ def test_auto_columns_picks_vmap_for_small_batches_and_loop_for_large_ones_on_cp
     assert op._mode(True, X.shape[0]) == "vmap"
     assert op._mode(True, 10**9) == "loop"  # CPU, a batch big enough that a column costs ms
     assert HessianOperator(model, loss_fn, (X, y), columns="loop")._mode(True, 1) == "loop"
+
+
+def test_fingerprint_reuse_still_sees_changed_batches():
+    from second import NonDeterministicDataError
+
+    model, loss_fn, X, y = _problem("mlp_tanh", "mse", "mean")
+    batches = _batches(X.clone(), y)
+    op = HessianOperator(model, loss_fn, batches)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    first = op @ v
+    assert_close(op @ v, first, TOL, "same tensors, fingerprints reused")
+    batches[1][0].add_(1.0)  # in place: the version counter moves
+    with pytest.raises(NonDeterministicDataError, match="batch 1"):
+        op @ v
+    batches[1] = (batches[1][0] - 1.0, batches[1][1])  # new tensor, same values: accepted
+    assert_close(op @ v, first, TOL, "new tensor with the first values")
+    batches[2] = (torch.randn_like(batches[2][0]), batches[2][1])
+    with pytest.raises(NonDeterministicDataError, match="batch 2"):
+        op @ v

@@ -338,6 +338,22 @@ def curvature_columns(
     """The backward columns ``[K, n, ...]`` of the chosen Fisher type (module docstring)."""
     if fisher == "type2":
         return output_hessian_sqrt(loss_fn, f, reduction)
+    kind = loss_kind(loss_fn)
+    ii = getattr(loss_fn, "ignore_index", -100)
+    closed = kind is not None and not (kind == "ce" and 0 <= ii < f.shape[1])
+    if closed and fisher == "empirical" and kind == "ce":
+        closed = not bool((y == ii).any())  # ignored targets: let the loss handle them
+    if closed:
+        # closed forms of the per-example loss gradients (no autograd pass)
+        fd = f.detach()
+        a = nll_scale(loss_fn, fd, reduction)
+        if fisher == "empirical":
+            return _loss_gradient(kind, fd, y, a).unsqueeze(0)
+        cols = [
+            _loss_gradient(kind, fd, sample_targets(loss_fn, fd, generator), a)
+            for _ in range(mc_samples)
+        ]
+        return torch.stack(cols) / math.sqrt(a * mc_samples)
     fd = f.detach().requires_grad_(True)
     with torch.enable_grad():
         if fisher == "empirical":
@@ -350,6 +366,17 @@ def curvature_columns(
             (s,) = torch.autograd.grad(per_sample_losses(loss_fn, fd, yt, reduction).sum(), fd)
             cols.append(s)
     return torch.stack(cols) / math.sqrt(a * mc_samples)
+
+
+def _loss_gradient(kind: str, f: Tensor, y: Tensor, a: float) -> Tensor:
+    r""":math:`\nabla_f \ell_i(f_i, y_i)` of the per-example losses in closed form."""
+    if kind == "mse":
+        return 2.0 * a * (f - y)
+    if kind == "bce":
+        return a * (torch.sigmoid(f) - y)
+    p = torch.softmax(f, dim=1)
+    onehot = torch.zeros_like(p).scatter_(1, y.unsqueeze(1), 1.0)
+    return a * (p - onehot)
 
 
 def backprop_columns(
@@ -464,7 +491,21 @@ def batch_statistics(
 
 # ============================================================================ eigen-blocks
 def _sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix in float64; eigenvalues clamped at 0."""
+    """Eigendecomposition of a symmetric PSD matrix; eigenvalues clamped at 0.
+
+    Computed in the factor's dtype (at least float32); if LAPACK fails to converge it is
+    retried in float64 with a tiny diagonal shift.
+    """
+    work = M.dtype if M.dtype in (torch.float32, torch.float64) else torch.float32
+    Mw = M.to(work)
+    Mw = 0.5 * (Mw + Mw.T)
+    if not bool(torch.isfinite(Mw).all()):
+        raise NonFiniteError("a Kronecker factor has NaN or Inf entries")
+    try:
+        lam, Q = torch.linalg.eigh(Mw)
+        return lam.clamp_min(0.0).to(M.dtype), Q.to(M.dtype).contiguous()
+    except RuntimeError:
+        pass
     M64 = M.to(torch.float64)
     M64 = 0.5 * (M64 + M64.T)
     if not bool(torch.isfinite(M64).all()):

@@ -72,7 +72,7 @@ def check_scalar_loss(loss: Tensor, finite: bool = True) -> None:
         )
     if not loss.requires_grad:
         raise ValueError("loss does not require grad: it was computed without an autograd graph")
-    if finite and not torch.isfinite(loss).all():
+    if finite and not math.isfinite(float(loss.detach())):
         raise NonFiniteError(f"loss is not finite ({loss.item()})")
 
 

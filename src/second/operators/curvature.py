@@ -10,8 +10,10 @@ the curvature of the dataset objective
 so splitting a dataset into batches does not change the operator.
 
 Speed: on a single batch the operator builds the gradient graph once, and every
-product is one further backward pass through it (vmap-batched for a matrix of
-columns). Over an iterable each product re-traverses the data.
+product is one further backward pass through it (for a matrix of columns, one
+vmap-batched pass, or one pass per column where that is faster: see ``columns``).
+Over an iterable each product re-traverses the data, unless ``cache_graphs=True``
+keeps every batch's graphs.
 
 Data parallel: when a ``torch.distributed`` process group is initialized, every
 rank holds a shard of the data and products, gradients and batch counts are
@@ -20,6 +22,7 @@ all-reduced, so the result equals the single-process product on all the data.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -194,6 +197,7 @@ class CurvatureOperator(LinearOperator):
                 )
         self._states: list | None = None  # kept per-batch graphs, built lazily
         self._fingerprints: list[tuple] | None = None
+        self._fp_tensors: dict[int, tuple] = {}  # batch i: (weakrefs, versions) last seen
         self._num_data: int | None = None
 
     # -- subclass hooks ------------------------------------------------------------------
@@ -240,7 +244,7 @@ class CurvatureOperator(LinearOperator):
         seen = []
         for i, (X, y) in enumerate(it):
             if self.check_deterministic and not self.single_batch:
-                fp = _fingerprint(X, y)
+                fp = self._batch_fingerprint(i, X, y)
                 if self._fingerprints is not None:
                     if i >= len(self._fingerprints) or fp != self._fingerprints[i]:
                         raise NonDeterministicDataError(
@@ -258,6 +262,25 @@ class CurvatureOperator(LinearOperator):
                 raise NonDeterministicDataError(
                     f"the data yielded {len(seen)} batches, {len(self._fingerprints)} on the first pass"
                 )
+
+    def _batch_fingerprint(self, i: int, X, y) -> tuple:
+        """The fingerprint of batch ``i``, reused when the very same tensors come back unchanged.
+
+        A list of batches yields the same tensor objects on every pass: same objects with
+        the same autograd version counters hold the same values, and hashing them again
+        is skipped. A DataLoader collates new tensors, which are fingerprinted afresh.
+        """
+        ts = [X, y] if isinstance(X, Tensor) else [*X, y]
+        known = self._fp_tensors.get(i)
+        if known is not None and self._fingerprints is not None and i < len(self._fingerprints):
+            refs, versions = known
+            if len(refs) == len(ts) and all(
+                r() is t and t._version == v for r, t, v in zip(refs, ts, versions, strict=True)
+            ):
+                return self._fingerprints[i]
+        fp = _fingerprint(X, y)
+        self._fp_tensors[i] = (tuple(weakref.ref(t) for t in ts), tuple(t._version for t in ts))
+        return fp
 
     def _reduce(self, acc: Tensor, count: float) -> tuple[Tensor, float]:
         if _dist_active(self.distributed):

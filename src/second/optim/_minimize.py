@@ -76,7 +76,10 @@ def minimize(
       (:class:`~second.optim.NewtonCG`); ``fun(x)`` returns a scalar tensor.
     * ``"newton-exact"`` (alias ``"dense"``): trust-region Newton on the dense Hessian
       (``n`` batched products per iteration) with the exact subproblem solution
-      (:func:`~second.optim.exact_trust_region`); for tiny problems.
+      (:func:`~second.optim.exact_trust_region`); for tiny problems. Option
+      ``hessian_every=m`` reuses the Hessian for up to ``m`` accepted steps (a "lazy" Newton
+      method: the trust region keeps it globally convergent; a step rejected with a reused
+      Hessian refreshes it).
     * ``"gauss-newton"`` (alias ``"lm"``): Levenberg-Marquardt (:class:`~second.optim.GaussNewton`).
       ``fun(x)`` returns either a residual vector :math:`r(x)` (any non-scalar shape), and the
       objective is :math:`f = \tfrac12 \|r(x)\|^2` with Gauss-Newton matrix :math:`J^\top J`, or
@@ -172,6 +175,8 @@ def minimize(
 def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult:
     radius = float(options.pop("initial_radius", 1.0))
     eta = float(options.pop("eta", 0.1))
+    every = options.pop("hessian_every", 1)
+    check_int("hessian_every", every)
     if options:
         raise ValueError(f"unknown options for 'newton-exact': {sorted(options)}")
     n = x.numel()
@@ -191,6 +196,7 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
 
     f, g = evaluate()
     message, success = None, False
+    H, age = None, 0
     while True:
         gflat = g.detach().reshape(-1)
         gnorm = float(torch.linalg.vector_norm(gflat))
@@ -206,11 +212,13 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
         if time.perf_counter() > deadline:
             message = "stopped: time limit"
             break
-        with torch.enable_grad():
-            cols = hvp_from_gradient([g], [x], [eye.reshape(n, *x.shape)],
-                                     batched=True)[0]
-        counts["nhvp"] += n
-        H = cols.reshape(n, n).detach()
+        if H is None or age >= every:
+            with torch.enable_grad():
+                cols = hvp_from_gradient([g], [x], [eye.reshape(n, *x.shape)],
+                                         batched=True)[0]
+            counts["nhvp"] += n
+            H, age = cols.reshape(n, n).detach(), 0
+        stale_rejected = False
         while True:
             counts["nit"] += 1
             sub = exact_trust_region(H, gflat, radius)
@@ -228,12 +236,19 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
                 break
             with torch.no_grad():
                 x.copy_(x_old)
+            if age > 0:  # a reused Hessian gave a poor model: refresh it here
+                stale_rejected = True
+                break
             if radius < 1e-12 or counts["nit"] >= maxiter:
                 break
         if radius < 1e-12:
             message = "stalled: trust radius below 1e-12"
             break
-        f, g = evaluate()
+        f, g = evaluate()  # at the accepted point, or afresh at x after a stale rejection
+        if stale_rejected:
+            H = None
+        else:
+            age += 1
     return OptimizeResult(
         x=x.detach().clone(), fun=float(f.detach()), grad_norm=gnorm, nit=counts["nit"],
         nfev=counts["nfev"], ngev=counts["ngev"], nhvp=counts["nhvp"], success=success,
