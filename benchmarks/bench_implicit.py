@@ -267,14 +267,17 @@ def handwritten(inner, outer, w, h, iters):
     return (torch.zeros_like(h) if gh is None else gh) - cross
 
 
-def timeit(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timeit(fns, repeats):
+    """Median seconds of each function, measured interleaved (a load change hits all alike)."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    ts = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(ts, fns, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def overhead_problems():
@@ -337,9 +340,8 @@ def overhead_one(name, inner, outer, w, h, repeats, iters):
         hh = h.clone().requires_grad_(True)
         return torch.autograd.grad(outer(solver(w, hh), hh), hh)[0]
 
-    t_hand = timeit(lambda: handwritten(inner, outer, w, h, iters), repeats)
-    t_ours = timeit(ours, repeats)
-    t_opt = timeit(theirs, repeats)
+    t_hand, t_ours, t_opt = timeit(
+        [lambda: handwritten(inner, outer, w, h, iters), ours, theirs], repeats)
     rows.append(f"| {name}, {iters} CG iterations | hand-written {t_hand * 1e3:.1f} ms, second {t_ours * 1e3:.1f} ms "
                 f"(**{t_ours / t_hand:.2f}x**), torchopt {t_opt * 1e3:.1f} ms ({t_opt / t_hand:.2f}x) "
                 f"| second vs hand-written {agree:.0e}, torchopt vs hand-written {rel(theirs(), ref):.0e} | |")
@@ -352,7 +354,7 @@ def bench_overhead(repeats, iters=20):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning
-from ..func.products import check_finite, hvp_from_gradient
+from ..func.products import check_finite
 from ..solvers import SolveResult
 from ._linear import solve_symmetric
-from ._structure import detached_leaves, flat_cat, flatten, split_like
+from ._structure import detached_leaves, flat_cat, flatten, hvp_matvec, split_like
 
 __all__ = ["hypergradient", "HypergradientResult"]
 
@@ -154,23 +154,15 @@ def hypergradient(
 
     with torch.enable_grad():
         L_in = _scalar(inner_loss(w_in, h_in), "inner_loss")
-        grads = torch.autograd.grad(L_in, ws + hs, create_graph=True, allow_unused=True)
-        for name, g in zip(w_struct.names, grads[:nw], strict=True):
+        # only the w-gradient gets a graph (as a hand-written loop would); whether each
+        # hyperparameter is in the graph of inner_loss is checked at the mixed product
+        g_w = torch.autograd.grad(L_in, ws, create_graph=True, allow_unused=True)
+        for name, g in zip(w_struct.names, g_w, strict=True):
             if g is None:
                 raise ValueError(
                     f"{name} is not in the graph of inner_loss: the inner loss does not "
                     "depend on it (or it was detached); remove it from params"
                 )
-        for name, g in zip(h_struct.names, grads[nw:], strict=True):
-            if g is None:
-                raise ValueError(
-                    f"{name} is not in the graph of inner_loss: the inner problem does not "
-                    "depend on this hyperparameter (or it was detached inside inner_loss), so "
-                    "its implicit gradient is undefined; pass hyperparameters that inner_loss "
-                    "uses, with their graph"
-                )
-        g_w = tuple(grads[:nw])
-        del grads
         inner_residual = float(torch.linalg.vector_norm(flat_cat([g.detach() for g in g_w])))
         if warn and inner_tol is not None and not inner_residual <= inner_tol:
             warnings.warn(
@@ -190,8 +182,7 @@ def hypergradient(
         gw_out, gh_out = out[:nw], out[nw:]
         b = check_finite(flat_cat(gw_out), "the gradient of outer_loss")
 
-        def matvec(v: Tensor) -> Tensor:
-            return flat_cat(hvp_from_gradient(g_w, ws, split_like(v, ws)))
+        matvec = hvp_matvec(g_w, ws)  # one backward through the gradient graph per product
 
         x0_flat = None
         if x0 is not None:
@@ -210,7 +201,20 @@ def hypergradient(
         if live:
             cross = list(torch.autograd.grad(
                 [g_w[i] for i in live], hs, [vs[i] for i in live], allow_unused=True,
+                retain_graph=True,  # inner_loss's graph may be needed just below
             ))
+        missing = [i for i, c in enumerate(cross) if c is None]
+        if missing:  # no mixed derivative: legitimate only if inner_loss uses h at all
+            reach = torch.autograd.grad(L_in, [hs[i] for i in missing], allow_unused=True,
+                                        retain_graph=True)
+            for i, r in zip(missing, reach, strict=True):
+                if r is None:
+                    raise ValueError(
+                        f"{h_struct.names[i]} is not in the graph of inner_loss: the inner "
+                        "problem does not depend on this hyperparameter (or it was detached "
+                        "inside inner_loss), so its implicit gradient is undefined; pass "
+                        "hyperparameters that inner_loss uses, with their graph"
+                    )
     grad = []
     for gh, c in zip(gh_out, cross, strict=True):
         grad.append(gh.clone() if c is None else gh - c)

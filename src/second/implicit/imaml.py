@@ -30,10 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..func.products import check_finite, hvp_from_gradient
+from ..func.products import check_finite
 from ..solvers import SolveResult
 from ._linear import solve_symmetric
-from ._structure import detached_leaves, flat_cat, flatten, split_like, zeros_for_none
+from ._structure import (
+    detached_leaves,
+    flat_cat,
+    flatten,
+    hvp_matvec,
+    split_like,
+    zeros_for_none,
+)
 
 __all__ = ["proximal", "adapt", "meta_gradient"]
 
@@ -194,8 +201,10 @@ def meta_gradient(
             if g is None:
                 raise ValueError(f"{name} is not in the graph of task_loss")
 
+        hvp = hvp_matvec(g_task, ws)
+
         def matvec(v: Tensor) -> Tensor:
-            return v + flat_cat(hvp_from_gradient(g_task, ws, split_like(v, ws))) / lam
+            return v + hvp(v) / lam
 
         res = solve_symmetric(
             matvec, b, method=method, tol=tol, atol=atol, maxiter=maxiter, damping=damping,

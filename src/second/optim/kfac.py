@@ -413,7 +413,8 @@ class KFAC(torch.optim.Optimizer):
 
         args, kwargs = self._batch
         params = dict(zip(self._names, (p.detach() for p in self.param_groups[0]["params"])))
-        buffers = dict(self.inner.named_buffers())
+        # copies: a BatchNorm in training mode must not update its running statistics twice
+        buffers = {k: b.clone() for k, b in self.inner.named_buffers()}
 
         def f(ps):
             return functional_call(self.inner, (ps, buffers), args, kwargs)
