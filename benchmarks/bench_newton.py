@@ -425,16 +425,30 @@ def autoencoder_benchmark(seeds=(0,), max_iters=1000, adam_iters=3000, time_cap=
     return out
 
 
+def lazy_sweep(key="d", ms=(1, 10, 20, 40, 80)):
+    """newton-exact reusing its dense Hessian for up to m accepted steps (exploratory)."""
+    p = problems()[key]
+    print(f"\n### {p.name}: newton-exact with hessian_every=m")
+    for m in ms:
+        r = run_second(p, "newton-exact", options=dict(hessian_every=m))
+        print(f"m = {m:3d}  {fmt(r)}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="abcd")
     ap.add_argument("--no-ae", action="store_true", help="skip the autoencoder benchmark")
     ap.add_argument("--ae-only", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--lazy-sweep", action="store_true",
+                    help="only the hessian_every sweep of newton-exact on problem (d)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, float64, 1 thread, tol {TOL}, caps {MAXIT} it / {MAXTIME}s")
     # the first torch.optim.Optimizer in a process imports torch._dynamo (seconds): pay it here
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    if args.lazy_sweep:
+        lazy_sweep()
+        return 0
     if not args.ae_only:
         keys = list(args.problems)
         rows = suite(keys)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -498,3 +501,31 @@ def test_imaml_bad_arguments():
         imaml.meta_gradient(f, f, torch.zeros(2), -1.0)
     with pytest.raises(ValueError, match="momentum"):
         imaml.adapt(f, torch.zeros(2), 1.0, momentum=1.0)
+
+
+# ----------------------------------------------------------------------------- examples (slow)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name, *args, timeout=900):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_weight_decay_example_lowers_validation_loss(tmp_path):
+    out = run_example("hyperparameter_weight_decay.py", "--outer-steps", "15",
+                      "--out", str(tmp_path / "wd.png"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("validation CE"))
+    before, after = (float(t.rstrip(",")) for t in line.split()[2:5:2])
+    assert after < 0.5 * before
+    assert (tmp_path / "wd.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_imaml_example_beats_first_order_maml(tmp_path):
+    out = run_example("imaml_sinusoid.py", "--quick", "--out", str(tmp_path / "imaml.png"))
+    assert "(below first-order MAML)" in out
+    assert (tmp_path / "imaml.png").stat().st_size > 0

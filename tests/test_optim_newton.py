@@ -611,3 +611,14 @@ def test_a_new_closure_is_evaluated_afresh(cls):
     opt.step(make(XB, yB))
     assert opt.history[-1]["loss"] == pytest.approx(expected, rel=1e-12)
     assert opt.state[model.weight]["nfev"] == nfev + 2  # fresh evaluation + one trial
+
+
+def test_minimize_newton_exact_lazy_hessian():
+    x0 = torch.tensor([-1.2, 1.0], dtype=DT)
+    fresh = minimize(rosen, x0, method="newton-exact", tol=1e-9)
+    lazy = minimize(rosen, x0, method="newton-exact", tol=1e-9, options=dict(hessian_every=5))
+    assert lazy.success
+    torch.testing.assert_close(lazy.x, torch.ones(2, dtype=DT), rtol=0, atol=SOLUTION_TOL)
+    assert lazy.nhvp < fresh.nhvp
+    with pytest.raises(ValueError):
+        minimize(rosen, x0, method="newton-exact", options=dict(hessian_every=0))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from .._errors import NonFiniteError
 from ._result import (
     Problem,
     SolveResult,
@@ -105,6 +107,8 @@ def cg(
     for k in range(1, maxiter + 1):
         Ap = op @ p
         pAp = torch.dot(p, Ap)
+        if not math.isfinite(float(pAp)):
+            raise NonFiniteError(f"cg: the product A p is not finite at iteration {k}")
         if float(pAp) <= 0.0:
             return report(
                 pb.result(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._errors import NonFiniteError
 from ._result import (
     Problem,
     SolveResult,
@@ -146,6 +147,8 @@ def minres(
         if k >= 2:
             y = y - (beta / oldb) * r1
         alfa = float(torch.dot(v, y))
+        if not math.isfinite(alfa):
+            raise NonFiniteError(f"minres: the product A v is not finite at iteration {k}")
         if alfa < 0 and neg_it is None:
             neg_it = k
         y = y - (alfa / beta) * r2
