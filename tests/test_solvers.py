@@ -377,3 +377,14 @@ def test_property_indefinite(ev, seed):
     )
     if not res.converged:
         assert res.message
+
+
+@pytest.mark.parametrize("method", [cg, minres])
+def test_nan_product_is_an_error_not_a_silent_loop(method):
+    def bad(v):
+        return v * float("nan")
+
+    op = second.CallableOperator(bad, 4, torch.float64)
+    op.check_finite = False  # even with the operator's own check off, the solver refuses
+    with pytest.raises(second.NonFiniteError):
+        method(op, torch.ones(4, dtype=torch.float64))
