@@ -622,3 +622,23 @@ def test_minimize_newton_exact_lazy_hessian():
     assert lazy.nhvp < fresh.nhvp
     with pytest.raises(ValueError):
         minimize(rosen, x0, method="newton-exact", options=dict(hessian_every=0))
+
+
+def test_newton_cg_extrapolation_helps_in_a_flattening_valley():
+    def run(extrapolation):
+        x = torch.tensor([-3.0], dtype=DT, requires_grad=True)
+        opt = NewtonCG([x], extrapolation=extrapolation, initial_radius=100.0, tolerance_grad=1e-9)
+
+        def f():  # the model under-predicts the decrease while exp(-x) dominates
+            return (torch.exp(-x) + 1e-4 * x * x).sum()
+
+        while opt.stop_reason is None:
+            opt.step(f)
+        return opt, x.detach()
+
+    plain, x_plain = run(0)
+    extra, x_extra = run(5)
+    assert plain.converged and extra.converged
+    torch.testing.assert_close(x_extra, x_plain, rtol=0, atol=1e-6)
+    assert extra.state[next(iter(extra.state))]["n_extrapolated"] >= 1
+    assert extra.history[-1]["ngev"] < plain.history[-1]["ngev"]
