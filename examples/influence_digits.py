@@ -41,14 +41,14 @@ def train_newton(model: nn.Module, X, y, lam: float, tol: float = 1e-10) -> None
             return
         H = second.exact_hessian(objective(), params)
         step = torch.linalg.solve(H, g)
-        t, f0 = 1.0, float(loss)
+        t, f0 = 1.0, float(loss.detach())
         theta0 = second.parameters_to_vector([p.detach().clone() for p in params])
         while True:  # backtracking keeps the early steps from overshooting
             with torch.no_grad():
                 for p, s in zip(params, second.vector_to_parameters(theta0 - t * step, params),
                                 strict=True):
                     p.copy_(s)
-            if float(objective()) <= f0 - 1e-4 * t * float(g @ step) or t < 1e-8:
+            if float(objective().detach()) <= f0 - 1e-4 * t * float(g @ step) or t < 1e-8:
                 break
             t *= 0.5
 

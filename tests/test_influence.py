@@ -147,6 +147,34 @@ def test_per_example_gradients_match_autograd_loop():
     assert rel(G, example_grads_loop(model, loss_fn, X, y)) < 1e-12
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Linear(3, 2), nn.Linear(4, 2), nn.BatchNorm1d(2)
+
+    def forward(self, x, z):
+        return self.bn(self.a(x) + self.b(z))
+
+
+def test_multi_input_model_with_buffers():
+    torch.manual_seed(0)
+    model = TwoInputs().double().eval()
+    X, Z = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,))
+    loss_fn = nn.CrossEntropyLoss()
+    G = per_example_gradients(model, loss_fn, (X, Z), y)
+    params = list(model.parameters())
+    ref = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss_fn(model(X[i : i + 1], Z[i : i + 1]), y[i : i + 1]), params)]) for i in range(9)])
+    assert rel(G, ref) < 1e-12
+    out = model(X, Z)
+    H = exact_ggn(loss_fn(out, y), out, params)
+    A = H + REG * torch.eye(H.shape[0], dtype=H.dtype)
+    inf = Influence(model, loss_fn, ((X, Z), y), curvature="ggn", regularization=REG,
+                    progressbar=False)
+    assert rel(inf.scores(((X[:2], Z[:2]), y[:2])), G[:2] @ torch.linalg.solve(A, G.T) / 9) < 1e-10
+
+
 def test_iterable_of_batches_equals_one_batch():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     X, y = data(20)

@@ -212,7 +212,8 @@ class Influence:
         regularization: :math:`\lambda \ge 0`, the training run's L2 coefficient (default 0).
         rank: eigenpairs for ``method="lowrank"`` (default 50).
         tol: relative tolerance of iterative solves (default 1e-10 in float64, 1e-5 in
-            float32; for LiSSA, the predicted truncation bias, default LiSSA's own 1e-3).
+            float32; for LiSSA, the predicted truncation bias, default 1e-6 from
+            :func:`second.solve`).
         maxiter: iteration limit of iterative solves (solver default when ``None``).
         solver_options: extra keywords for :func:`second.solve` (e.g. ``{"depth": 5000}``
             for LiSSA).
