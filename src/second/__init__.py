@@ -8,6 +8,7 @@ them.
 ``from second import *`` gives the seed notebook's names with their signatures.
 """
 
+from . import optim  # second.optim.KFAC, NewtonCG, ... (the subpackage, for attribute access)
 from ._errors import (
     ConvergenceWarning,
     NegativeCurvatureWarning,
@@ -27,6 +28,8 @@ from .func import (
     vector_to_parameters,
     vjp,
 )
+from .implicit import HypergradientResult, hypergradient, imaml, implicit_root
+from .influence import Influence, TopK, per_example_gradients
 from .metrics import cosine_similarity, relative_error
 from .operators import (
     CallableOperator,
@@ -42,12 +45,9 @@ from .operators import (
     SumOperator,
     aslinearoperator,
 )
-from .solvers import LowRankInverse, SolveResult, cg, dense, lissa, lowrank, minres, solve
-from . import optim  # noqa: E402  (second.optim.KFAC, ...)
 from .optim import OptimizeResult, minimize
+from .solvers import LowRankInverse, SolveResult, cg, dense, lissa, lowrank, minres, solve
 from .spectral import diagonal, eigsh, spectral_density, trace
-from .implicit import HypergradientResult, hypergradient, imaml, implicit_root
-from .influence import Influence, TopK, per_example_gradients
 
 __version__ = "0.1.0"
 
@@ -99,7 +99,8 @@ __all__ = [
     "trace",
     "diagonal",
     "spectral_density",
-    # Newton-type optimization
+    # Newton-type optimization (optimizers live in second.optim)
+    "optim",
     "minimize",
     "OptimizeResult",
     # implicit differentiation
