@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-test
 BENCHSTAMP := $(VENV)/.installed-bench
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow test-all lint bench bench-products bench-solvers clean
+.PHONY: demo test test-slow test-all lint bench examples clean $(BENCHES)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,14 +34,39 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks examples
 
-bench: bench-products
-	$(BIN)/python benchmarks/bench_solvers.py
+# Each benchmark runs the anchors side by side in one process (bench extra); BENCHMARKS.md
+# records the output of the full runs. One thread: the machines have 2 cores.
+BENCHES := bench-products bench-solvers bench-kfac bench-newton bench-influence bench-implicit
+bench: $(BENCHES)
 
-# BENCH_ARGS=--quick for a short run (about a minute); the full run records BENCHMARKS.md's table
+# BENCH_ARGS=--quick for a short run of bench-products / bench-solvers
 bench-products: $(BENCHSTAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_products.py $(BENCH_ARGS)
 
+bench-solvers: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_solvers.py $(BENCH_ARGS)
+
+bench-kfac: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_kfac.py
+
+bench-newton: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_newton.py
+
+bench-influence: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_influence.py
+
+bench-implicit: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_implicit.py
+
+# The runnable examples (PNGs go to examples-output/)
+examples: $(STAMP)
+	mkdir -p examples-output
+	OMP_NUM_THREADS=1 $(BIN)/python examples/influence_digits.py --out examples-output/influence_digits.png
+	OMP_NUM_THREADS=1 $(BIN)/python examples/hyperparameter_weight_decay.py --out examples-output/weight_decay.png
+	OMP_NUM_THREADS=1 $(BIN)/python examples/imaml_sinusoid.py --quick --out examples-output/imaml.png
+	OMP_NUM_THREADS=1 $(BIN)/python examples/kfac_autoencoder.py
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache
