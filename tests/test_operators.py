@@ -278,6 +278,20 @@ def test_dropout_in_training_mode_raises():
     HessianOperator(model, nn.MSELoss(), (X, y))
 
 
+def test_batchnorm_in_training_mode_raises_and_buffers_stay_untouched_in_eval():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(8, 4), torch.randn(8, 3)
+    with pytest.raises(NonDeterministicDataError, match="running statistics"):
+        GGNOperator(model, nn.MSELoss(), [(X[:4], y[:4]), (X[4:], y[4:])])
+    model.eval()
+    before = model[1].running_mean.clone()
+    op = GGNOperator(model, nn.MSELoss(), [(X[:4], y[:4]), (X[4:], y[4:])])
+    op @ torch.ones(op.shape[0])
+    op @ torch.ones(op.shape[0])
+    assert torch.equal(model[1].running_mean, before)
+
+
 def test_refresh_after_parameter_update():
     model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "ce", "mean", torch.float64)
     H = HessianOperator(model64, loss_fn, (X, y))

@@ -113,13 +113,23 @@ def _dist_active(distributed: bool | None) -> bool:
 
 
 def _stochastic_modules(model: nn.Module) -> list[str]:
-    if not model.training:
-        return []
-    return [
-        name or type(m).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-    ]
+    """Modules that make repeated forward passes differ.
+
+    Dropout and RReLU draw new noise; batch norm in training mode updates its running
+    statistics, so each product would change the model's buffers.
+    """
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        label = f"{name or type(m).__name__} ({type(m).__name__})"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            found.append(label)
+        elif isinstance(m, nn.RReLU):
+            found.append(label)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            found.append(label)
+    return found
 
 
 class CurvatureOperator(LinearOperator):
@@ -191,8 +201,9 @@ class CurvatureOperator(LinearOperator):
             stochastic = _stochastic_modules(model)
             if stochastic:
                 raise NonDeterministicDataError(
-                    f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
-                    "every product would see a different matrix. Call model.eval() first, "
+                    f"the model is in training mode with {', '.join(stochastic[:3])}: every "
+                    "product would see a different matrix (dropout, RReLU) or update the "
+                    "model's running statistics (batch norm). Call model.eval() first, "
                     "or pass check_deterministic=False if you mean it."
                 )
         self._states: list | None = None  # kept per-batch graphs, built lazily
