@@ -163,6 +163,10 @@ def convex(lam, top, Xtr, ytr, Xte, yte, log):
     lr, res["times_s"]["lowrank-50"] = timed(lambda: second.Influence(
         model, loss_fn, (Xtr, ytr), method="lowrank", rank=50, **base).scores(test)[0])
     preds["lowrank-50"] = lr[idx]
+    lrm, res["times_s"]["lowrank-50 (mean complement)"] = timed(lambda: second.Influence(
+        model, loss_fn, (Xtr, ytr), method="lowrank", rank=50,
+        solver_options={"complement": "mean", "complement_probes": 30}, **base).scores(test)[0])
+    preds["lowrank-50 (mean complement)"] = lrm[idx]
     batches = [(Xtr[i : i + 256], ytr[i : i + 256]) for i in range(0, n, 256)]
     lissa_inf = second.Influence(model, loss_fn, batches, method="lissa", **base)
     li, res["times_s"]["lissa (mini-batches of 256)"] = timed(lambda: lissa_inf.scores(test)[0])

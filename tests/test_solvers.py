@@ -388,3 +388,20 @@ def test_nan_product_is_an_error_not_a_silent_loop(method):
     op.check_finite = False  # even with the operator's own check off, the solver refuses
     with pytest.raises(second.NonFiniteError):
         method(op, torch.ones(4, dtype=torch.float64))
+
+
+def test_lowrank_mean_complement_beats_zero_on_a_heavy_tail():
+    # top eigenvalues then a long flat tail: the tail's mean is what "zero" gets wrong
+    ev = [50.0, 20.0, 10.0] + [1.0] * 57
+    A = sym_matrix(ev, seed=4)
+    b = rhs(60)
+    lam = 0.1
+    x_ref = torch.linalg.solve(A + lam * torch.eye(60, dtype=A.dtype), b)
+    zero = lowrank(A, b, rank=3, damping=lam)
+    mean = lowrank(A, b, rank=3, damping=lam, complement="mean", complement_probes=20)
+    assert abs(mean.info["complement_eigenvalue"] - 1.0) < 0.2
+    assert relative_error(mean.x, x_ref) < 0.2 * relative_error(zero.x, x_ref)
+    fixed = lowrank(A, b, rank=3, damping=lam, complement=1.0)
+    assert relative_error(fixed.x, x_ref) < 1e-8  # exact when c is the true tail eigenvalue
+    with pytest.raises(ValueError, match="complement"):
+        lowrank(A, b, rank=3, damping=lam, complement="nope")

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NegativeCurvatureWarning
-from ..solvers import LowRankInverse, solve
-from ..spectral import eigsh
+from ..solvers import lowrank_inverse, solve
 
 __all__ = ["DenseInverse", "IterativeInverse", "LowRankInverseStrategy", "ApproximationInverse"]
 
@@ -44,14 +43,18 @@ class DenseInverse:
             warnings.warn(
                 f"the damped curvature is singular ({int(small.sum())} eigenvalues below "
                 f"{cut:.2e}): using the pseudo-inverse. Pass damping > 0 or the training run's "
-                "regularization.", UserWarning, stacklevel=4,
+                "regularization.",
+                UserWarning,
+                stacklevel=4,
             )
         if bool((evals < -cut).any()):
             warnings.warn(
                 f"the damped curvature has a negative eigenvalue ({float(evals.min()):.3e}): "
                 "the model is not at a minimum of the regularized objective, and influence is "
                 "not a leave-one-out estimate there. Use curvature='ggn', or damping "
-                f">= {-float(evals.min()):.3e}.", NegativeCurvatureWarning, stacklevel=4,
+                f">= {-float(evals.min()):.3e}.",
+                NegativeCurvatureWarning,
+                stacklevel=4,
             )
         self.eigenvalues = evals
         self.eigenvectors = evecs
@@ -94,15 +97,14 @@ class LowRankInverseStrategy:
 
     explicit = True
 
-    def __init__(self, op, shift: float, rank: int, eig_tol: float = 1e-6):
+    def __init__(self, op, shift: float, rank: int, eig_tol: float = 1e-6, **options):
         if shift <= 0:
             raise ValueError(
                 "method='lowrank' needs regularization + damping > 0: the directions outside "
                 "the top eigenspace are inverted as 1 / (regularization + damping)"
             )
-        rank = min(int(rank), op.shape[0])
-        vals, vecs = eigsh(op, k=rank, which="LA", tol=eig_tol)
-        self.inverse = LowRankInverse(vals, vecs, shift)
+        # options: complement="zero"|"mean"|float, complement_probes (see second.lowrank)
+        self.inverse = lowrank_inverse(op, rank, shift, eig_tol=eig_tol, **options)
         self.results: list = []
 
     def __call__(self, B: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 from ._cg import cg
 from ._dense import dense
-from ._lowrank import LowRankInverse, lowrank
+from ._lowrank import LowRankInverse, lowrank, lowrank_inverse
 from ._minres import minres
 from ._neumann import lissa, neumann
 from ._result import SolveResult
@@ -20,4 +20,5 @@ __all__ = [
     "lowrank",
     "dense",
     "LowRankInverse",
+    "lowrank_inverse",
 ]
