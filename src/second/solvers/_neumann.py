@@ -263,22 +263,11 @@ def lissa(
     pb = Problem(first, b, None, damping)
     info: dict = {}
     lo, hi = extreme_eigenvalues(aslinearoperator(ref), steps=lanczos_steps, generator=generator)
+    setup_matvecs = lanczos_steps
     lo_d, hi_d = lo + damping, hi + damping
     info.update(lambda_min_estimate=lo_d, lambda_max_estimate=hi_d)
-    if scale is None:
-        # every mini-batch operator must contract too: bound the largest batch eigenvalue
-        batch_max = max(
-            extreme_eigenvalues(aslinearoperator(get(i)), steps=lanczos_steps, generator=generator)[
-                1
-            ]
-            for i in range(scale_batches)
-        )
-        scale = 1.05 * (max(hi, batch_max) + damping)
-        info["batch_lambda_max_estimate"] = batch_max + damping
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
     if lo_d <= 0:
-        info.update(scale=scale, warn_negative=True)
+        info.update(warn_negative=True)
         return report(
             pb.result(
                 torch.zeros_like(pb.b),
@@ -296,6 +285,25 @@ def lissa(
             ),
             warn,
         )
+    if scale is None:
+        # every mini-batch operator must contract too: bound the largest batch eigenvalue
+        # (distinct operators only: a single operator was estimated above)
+        distinct = {id(o): o for o in (get(i) for i in range(scale_batches))}
+        distinct.pop(id(ref), None)
+        batch_max = max(
+            [hi]
+            + [
+                extreme_eigenvalues(aslinearoperator(o), steps=lanczos_steps, generator=generator)[
+                    1
+                ]
+                for o in distinct.values()
+            ]
+        )
+        scale = 1.05 * (batch_max + damping)
+        setup_matvecs += lanczos_steps * len(distinct)
+        info["batch_lambda_max_estimate"] = batch_max + damping
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     q = max(1 - lo_d / scale, abs(1 - hi_d / scale))
     if depth is None:
         depth = min(max_depth, math.ceil(math.log(max(tol, 1e-300)) / math.log(max(q, 1e-300))))
@@ -358,5 +366,5 @@ def lissa(
         info=info,
         message=msg,
     )
-    res.matvecs = counter + lanczos_steps
+    res.matvecs = counter + setup_matvecs
     return res
