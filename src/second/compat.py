@@ -67,6 +67,12 @@ def conjugate_gradient(
 
     Returns:
         The flat solution vector.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x = conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> torch.allclose(A @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        True
     """
     del parameters
     b = _flat(vector).detach()
@@ -109,6 +115,16 @@ def neumann(A, *args, **kwargs):
     diverges (an indefinite matrix, or :math:`\lambda_{\max} > 2s`), in which case it
     returns the best partial sum. The solver form returns a
     :class:`~second.SolveResult`; see :func:`second.solvers.neumann`.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
+        >>> p = [torch.zeros(3, requires_grad=True)]
+        >>> x = neumann(lambda v: A @ v, p, vector=torch.ones(3, dtype=torch.float64),
+        ...             truncate_iter=60)                    # seed form: scale 1
+        >>> torch.allclose(x, torch.tensor([2.0, 1.0, 2 / 3], dtype=torch.float64))
+        True
+        >>> neumann(A, torch.ones(3, dtype=torch.float64), tol=1e-10).converged  # solver form
+        True
     """
     seed_call = (
         "truncate_iter" in kwargs
@@ -157,6 +173,11 @@ def fixed_point(
     :math:`\mathrm{lr}\, u_K`, which tends to :math:`A^{-1}v` when :math:`0 < \mathrm{lr} <
     2/\lambda_{\max}` and ``A`` is positive definite: a Neumann series with scale ``1/lr``.
     Divergence is detected and warned about.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> fixed_point(lambda v: A @ v, torch.ones(2, dtype=torch.float64), num_iter=100, lr=0.5)
+        tensor([1.0000, 0.5000], dtype=torch.float64)
     """
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")

@@ -226,7 +226,7 @@ class CallableOperator(LinearOperator):
 
 
 class IdentityOperator(LinearOperator):
-    """The identity ``I`` of size ``n``."""
+    """The identity ``I`` of size ``n``: ``IdentityOperator(n, dtype, device)``."""
 
     psd = True
 
@@ -237,7 +237,7 @@ class IdentityOperator(LinearOperator):
 
 
 class SumOperator(LinearOperator):
-    """``A_1 + A_2 + ...``."""
+    """``A_1 + A_2 + ...``, what ``op1 + op2`` and ``op1 - op2`` build."""
 
     def __init__(self, ops: Sequence[LinearOperator]):
         ops = list(ops)
@@ -258,7 +258,7 @@ class SumOperator(LinearOperator):
 
 
 class ScaledOperator(LinearOperator):
-    """``alpha * A``."""
+    """``alpha * A``, what ``alpha * op`` and ``op / alpha`` build."""
 
     def __init__(self, op: LinearOperator, alpha: float):
         super().__init__(op.shape[0], op.dtype, op.device)
@@ -274,7 +274,14 @@ class ScaledOperator(LinearOperator):
 
 
 class DampedOperator(LinearOperator):
-    """The Tikhonov-damped operator ``A + damping * I`` (damping kept explicit)."""
+    """The Tikhonov-damped operator ``A + damping * I`` (damping kept explicit).
+
+    Example:
+        >>> A = DenseOperator(torch.diag(torch.tensor([0.0, 2.0])))
+        >>> B = A.damped(0.5)                                  # DampedOperator(A, 0.5)
+        >>> B @ torch.ones(2), B.damping, B.damped(0.5).damping
+        (tensor([0.5000, 2.5000]), 0.5, 1.0)
+    """
 
     def __init__(self, op: LinearOperator, damping: float):
         if not np.isfinite(damping):
@@ -298,6 +305,11 @@ def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> Lin
     """Turn a :class:`LinearOperator`, a dense tensor, a SciPy operator or a callable into one.
 
     A callable needs ``n`` (and optionally ``dtype``/``device``, default float32/cpu).
+
+    Example:
+        >>> op = aslinearoperator(lambda v: 2 * v, 3)
+        >>> op.shape, op @ torch.ones(3)
+        ((3, 3), tensor([2., 2., 2.]))
     """
     if isinstance(A, LinearOperator):
         return A

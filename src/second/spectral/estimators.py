@@ -114,6 +114,12 @@ def spectral_density(
     Returns:
         ``(grid, density, nodes, weights)``; ``nodes``/``weights`` are
         ``[num_probes, steps]`` (weights of each probe sum to 1).
+
+    Example:
+        >>> A = torch.diag(torch.linspace(-1.0, 1.0, 100, dtype=torch.float64))
+        >>> grid, density, nodes, weights = spectral_density(A, num_probes=4, lanczos_steps=30)
+        >>> abs(float(torch.trapezoid(density, grid)) - 1.0) < 0.05     # a probability density
+        True
     """
     op = aslinearoperator(A)
     n = op.shape[0]
