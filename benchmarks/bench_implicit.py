@@ -87,14 +87,19 @@ def bench_ridge():
     exact = -h.exp() * w_star * torch.linalg.solve(A, gv)
 
     res = second.hypergradient(inner, outer, w_star, h)
-    rows.append(f"| ridge / diabetes (d={d}, cond {cond:.0f}) | second.hypergradient (CG, default tol) "
-                f"| {rel(res.grad, exact):.1e} | {res.solve.matvecs} HVPs (budget {2 * d}) |")
-    for name, solve in [("torchopt custom_root + solve_cg() (defaults)", torchopt.linear_solve.solve_cg()),
-                        ("torchopt custom_root default (solve_normal_cg())", None)]:
+    rows.append(
+        f"| ridge / diabetes (d={d}, cond {cond:.0f}) | second.hypergradient (CG, default tol) "
+        f"| {rel(res.grad, exact):.1e} | {res.solve.matvecs} HVPs (budget {2 * d}) |"
+    )
+    for name, solve in [
+        ("torchopt custom_root + solve_cg() (defaults)", torchopt.linear_solve.solve_cg()),
+        ("torchopt custom_root default (solve_normal_cg())", None),
+    ]:
         box = [0]
         inner_solve = solve or torchopt.linear_solve.solve_normal_cg()
-        g = torchopt_hypergradient(inner, outer, w_star, h,
-                                   lambda mv, b, s=inner_solve, box=box: s(counting(mv, box), b))
+        g = torchopt_hypergradient(
+            inner, outer, w_star, h, lambda mv, b, s=inner_solve, box=box: s(counting(mv, box), b)
+        )
         rows.append(f"| | {name} | {rel(g, exact):.1e} | {box[0]} matvecs |")
     return rel(res.grad, exact), res.solve.matvecs, d
 
@@ -130,16 +135,26 @@ def bench_logistic():
     for j in range(d - 1):
         e = torch.zeros(d - 1)
         e[j] = eps
-        fd[j] = (outer(newton(inner, w, h + e, 6), h + e) - outer(newton(inner, w, h - e, 6), h - e)) / (2 * eps)
+        fd[j] = (
+            outer(newton(inner, w, h + e, 6), h + e) - outer(newton(inner, w, h - e, 6), h - e)
+        ) / (2 * eps)
     res = second.hypergradient(inner, outer, w, h)
     cond = float(torch.linalg.cond(H))
-    rows.append(f"| logistic / breast_cancer (d={d}, cond {cond:.0f}) | dense IFT at Newton optimum vs central FD "
-                f"| {rel(ref, fd):.1e} | (reference check) |")
-    rows.append(f"| | second.hypergradient (CG, default tol) | {rel(res.grad, ref):.1e} | {res.solve.matvecs} HVPs |")
-    for name, solve in [("torchopt solve_cg() (defaults)", torchopt.linear_solve.solve_cg()),
-                        ("torchopt default (solve_normal_cg())", torchopt.linear_solve.solve_normal_cg())]:
+    rows.append(
+        f"| logistic / breast_cancer (d={d}, cond {cond:.0f}) | dense IFT at Newton optimum vs central FD "
+        f"| {rel(ref, fd):.1e} | (reference check) |"
+    )
+    rows.append(
+        f"| | second.hypergradient (CG, default tol) | {rel(res.grad, ref):.1e} | {res.solve.matvecs} HVPs |"
+    )
+    for name, solve in [
+        ("torchopt solve_cg() (defaults)", torchopt.linear_solve.solve_cg()),
+        ("torchopt default (solve_normal_cg())", torchopt.linear_solve.solve_normal_cg()),
+    ]:
         box = [0]
-        g = torchopt_hypergradient(inner, outer, w, h, lambda mv, b, s=solve, box=box: s(counting(mv, box), b))
+        g = torchopt_hypergradient(
+            inner, outer, w, h, lambda mv, b, s=solve, box=box: s(counting(mv, box), b)
+        )
         rows.append(f"| | {name} | {rel(g, ref):.1e} | {box[0]} matvecs |")
     return rel(res.grad, ref)
 
@@ -179,8 +194,13 @@ def sinusoid_setup(seed=0):
     xs = 10 * torch.rand(10, 1, generator=g) - 5
     xq = 10 * torch.rand(10, 1, generator=g) - 5
     ys, yq = amp * torch.sin(xs - phase), amp * torch.sin(xq - phase)
-    net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40),
-                              torch.nn.ReLU(), torch.nn.Linear(40, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 40),
+        torch.nn.ReLU(),
+        torch.nn.Linear(40, 40),
+        torch.nn.ReLU(),
+        torch.nn.Linear(40, 1),
+    )
     torch.manual_seed(seed)
     net = net.to(F64)
     theta = {k: v.detach() for k, v in net.named_parameters()}
@@ -208,7 +228,7 @@ def bench_imaml():
         out, o = {}, 0
         for k, s in zip(keys, shapes, strict=True):
             m = int(torch.Size(s).numel())
-            out[k] = z[o:o + m].reshape(s)
+            out[k] = z[o : o + m].reshape(s)
             o += m
         return out
 
@@ -222,9 +242,13 @@ def bench_imaml():
     lam_min = float(torch.linalg.eigvalsh(H)[0])
     g5, res5 = imaml.meta_gradient(task, test, w, lam, maxiter=5, warn=False)
     cos5 = second.cosine_similarity(torch.cat([g5[k].reshape(-1) for k in keys]), dense)
-    rows.append(f"| iMAML sinusoid MLP (P={P}, lambda={lam}, min eig H {lam_min:.1f}) | imaml.meta_gradient (CG to 1e-12) "
-                f"| cosine {cos:.8f} (rel {rel(got, dense):.1e}) | {res.matvecs} HVPs |")
-    rows.append(f"| | imaml.meta_gradient, 5 CG steps (the paper's budget) | cosine {cos5:.6f} | {res5.matvecs} HVPs |")
+    rows.append(
+        f"| iMAML sinusoid MLP (P={P}, lambda={lam}, min eig H {lam_min:.1f}) | imaml.meta_gradient (CG to 1e-12) "
+        f"| cosine {cos:.8f} (rel {rel(got, dense):.1e}) | {res.matvecs} HVPs |"
+    )
+    rows.append(
+        f"| | imaml.meta_gradient, 5 CG steps (the paper's budget) | cosine {cos5:.6f} | {res5.matvecs} HVPs |"
+    )
 
     mem = []
     for steps in (1, 10, 100):
@@ -240,7 +264,9 @@ def bench_imaml():
             torch.autograd.grad(test(p), list(th.values()))
         mem.append((steps, imp.peak, unr.peak))
     for steps, a, b in mem:
-        rows.append(f"| | saved-tensor peak, {steps} inner steps: iMAML {a / 1e6:.2f} MB, unrolled MAML {b / 1e6:.2f} MB | | |")
+        rows.append(
+            f"| | saved-tensor peak, {steps} inner steps: iMAML {a / 1e6:.2f} MB, unrolled MAML {b / 1e6:.2f} MB | | |"
+        )
     return cos, mem
 
 
@@ -297,7 +323,9 @@ def overhead_problems():
     Xd, yd = load_digits(return_X_y=True)
     Xd = torch.tensor(standardize(Xd + 1e-3 * np.random.default_rng(0).standard_normal(Xd.shape)))
     yd = torch.tensor(yd)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(F64)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)
+    ).to(F64)
     names = [k for k, _ in net.named_parameters()]
     shapes = [v.shape for _, v in net.named_parameters()]
     w0 = torch.cat([v.detach().reshape(-1) for _, v in net.named_parameters()])
@@ -306,25 +334,35 @@ def overhead_problems():
         out, o = {}, 0
         for k, s in zip(names, shapes, strict=True):
             m = int(torch.Size(s).numel())
-            out[k] = z[o:o + m].reshape(s)
+            out[k] = z[o : o + m].reshape(s)
             o += m
         return out
 
     ce = torch.nn.functional.cross_entropy
 
     def mlp_inner(z, h):
-        return ce(functional_call(net, unflat(z), (Xd[:1000],)), yd[:1000]) + 0.5 * (h.exp() * z**2).sum()
+        return (
+            ce(functional_call(net, unflat(z), (Xd[:1000],)), yd[:1000])
+            + 0.5 * (h.exp() * z**2).sum()
+        )
 
     def mlp_outer(z, h):
         return ce(functional_call(net, unflat(z), (Xd[1000:],)), yd[1000:])
 
-    yield f"MLP 64-128-10 / digits ({w0.numel()} params, per-parameter decay)", mlp_inner, mlp_outer, w0, torch.full_like(w0, 1.0)
+    yield (
+        f"MLP 64-128-10 / digits ({w0.numel()} params, per-parameter decay)",
+        mlp_inner,
+        mlp_outer,
+        w0,
+        torch.full_like(w0, 1.0),
+    )
 
 
 def overhead_one(name, inner, outer, w, h, repeats, iters):
     def ours():
-        return second.hypergradient(inner, outer, w, h, method="cg", tol=0.0, maxiter=iters,
-                                    warn=False).grad
+        return second.hypergradient(
+            inner, outer, w, h, method="cg", tol=0.0, maxiter=iters, warn=False
+        ).grad
 
     ref = handwritten(inner, outer, w, h, iters)
     res = second.hypergradient(inner, outer, w, h, method="cg", tol=0.0, maxiter=iters, warn=False)
@@ -341,10 +379,13 @@ def overhead_one(name, inner, outer, w, h, repeats, iters):
         return torch.autograd.grad(outer(solver(w, hh), hh), hh)[0]
 
     t_hand, t_ours, t_opt = timeit(
-        [lambda: handwritten(inner, outer, w, h, iters), ours, theirs], repeats)
-    rows.append(f"| {name}, {iters} CG iterations | hand-written {t_hand * 1e3:.1f} ms, second {t_ours * 1e3:.1f} ms "
-                f"(**{t_ours / t_hand:.2f}x**), torchopt {t_opt * 1e3:.1f} ms ({t_opt / t_hand:.2f}x) "
-                f"| second vs hand-written {agree:.0e}, torchopt vs hand-written {rel(theirs(), ref):.0e} | |")
+        [lambda: handwritten(inner, outer, w, h, iters), ours, theirs], repeats
+    )
+    rows.append(
+        f"| {name}, {iters} CG iterations | hand-written {t_hand * 1e3:.1f} ms, second {t_ours * 1e3:.1f} ms "
+        f"(**{t_ours / t_hand:.2f}x**), torchopt {t_opt * 1e3:.1f} ms ({t_opt / t_hand:.2f}x) "
+        f"| second vs hand-written {agree:.0e}, torchopt vs hand-written {rel(theirs(), ref):.0e} | |"
+    )
     return t_ours / t_hand
 
 
@@ -353,7 +394,9 @@ def bench_overhead(repeats, iters=20):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -369,16 +412,24 @@ def main():
     print("|---|---|---|---|")
     print("\n".join(rows))
     print()
-    print(f"targets: ridge rel <= 1e-8 within {2 * d} HVPs: {e_ridge:.1e} in {hvps} -> "
-          f"{'met' if e_ridge <= 1e-8 and hvps <= 2 * d else 'MISSED'}")
+    print(
+        f"targets: ridge rel <= 1e-8 within {2 * d} HVPs: {e_ridge:.1e} in {hvps} -> "
+        f"{'met' if e_ridge <= 1e-8 and hvps <= 2 * d else 'MISSED'}"
+    )
     print(f"         logistic rel <= 1e-8: {e_log:.1e} -> {'met' if e_log <= 1e-8 else 'MISSED'}")
     print(f"         iMAML cosine >= 0.9999: {cos:.8f} -> {'met' if cos >= 0.9999 else 'MISSED'}")
     flat = mem[-1][1] <= 1.05 * mem[0][1]
-    print(f"         iMAML memory flat 1 -> 100 steps: {mem[0][1] / 1e6:.2f} -> {mem[-1][1] / 1e6:.2f} MB "
-          f"(unrolled {mem[0][2] / 1e6:.2f} -> {mem[-1][2] / 1e6:.2f} MB) -> {'met' if flat else 'MISSED'}")
-    print(f"         overhead <= 1.5x hand-written: {', '.join(f'{r:.2f}x' for r in ratios)} -> "
-          f"{'met' if max(ratios) <= 1.5 else 'MISSED'}")
-    print(f"total {time.time() - t0:.0f} s, torch {torch.__version__}, torchopt {torchopt.__version__}")
+    print(
+        f"         iMAML memory flat 1 -> 100 steps: {mem[0][1] / 1e6:.2f} -> {mem[-1][1] / 1e6:.2f} MB "
+        f"(unrolled {mem[0][2] / 1e6:.2f} -> {mem[-1][2] / 1e6:.2f} MB) -> {'met' if flat else 'MISSED'}"
+    )
+    print(
+        f"         overhead <= 1.5x hand-written: {', '.join(f'{r:.2f}x' for r in ratios)} -> "
+        f"{'met' if max(ratios) <= 1.5 else 'MISSED'}"
+    )
+    print(
+        f"total {time.time() - t0:.0f} s, torch {torch.__version__}, torchopt {torchopt.__version__}"
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ class Softmax:
         gA = R.T @ self.Xa / self.n
         g = torch.cat([gA[:, : self.d].reshape(-1), gA[:, self.d]]) + self.lam * theta
         S = (torch.diag_embed(P) - P[:, :, None] * P[:, None, :]) * w[:, None, None]
-        Ha = torch.einsum("iab,ic,id->acbd", S, self.Xa, self.Xa).reshape(
-            10 * (self.d + 1), 10 * (self.d + 1)) / self.n
+        Ha = (
+            torch.einsum("iab,ic,id->acbd", S, self.Xa, self.Xa).reshape(
+                10 * (self.d + 1), 10 * (self.d + 1)
+            )
+            / self.n
+        )
         H = Ha[self.perm][:, self.perm] + self.lam * torch.eye(len(theta))
         return g, H
 
@@ -89,8 +93,11 @@ class Softmax:
             t, f0 = 1.0, self.objective(theta, w)
             # backtracking far from the solution; near it the decrease is below the
             # objective's rounding error, and the full Newton step converges quadratically
-            while (gn > 1e-6 and t > 1e-10
-                   and self.objective(theta - t * step, w) > f0 - 1e-4 * t * float(g @ step)):
+            while (
+                gn > 1e-6
+                and t > 1e-10
+                and self.objective(theta - t * step, w) > f0 - 1e-4 * t * float(g @ step)
+            ):
                 t *= 0.5
             theta = theta - t * step
         return theta, gn
@@ -156,16 +163,31 @@ def convex(lam, top, Xtr, ytr, Xte, yte, log):
     preds["cg"] = cg[idx]
     res["cg_rel_to_dense"] = float((cg - dense).norm() / dense.norm())
     preds["newton_loo"], res["times_s"]["newton_loo (top points)"] = timed(
-        lambda: dense_inf.newton_loo(test, idx)[0])
-    ek, res["times_s"]["ekfac"] = timed(lambda: second.Influence(
-        model, loss_fn, (Xtr, ytr), curvature="ekfac", **base).scores(test)[0])
+        lambda: dense_inf.newton_loo(test, idx)[0]
+    )
+    ek, res["times_s"]["ekfac"] = timed(
+        lambda: second.Influence(model, loss_fn, (Xtr, ytr), curvature="ekfac", **base).scores(
+            test
+        )[0]
+    )
     preds["ekfac"] = ek[idx]
-    lr, res["times_s"]["lowrank-50"] = timed(lambda: second.Influence(
-        model, loss_fn, (Xtr, ytr), method="lowrank", rank=50, **base).scores(test)[0])
+    lr, res["times_s"]["lowrank-50"] = timed(
+        lambda: second.Influence(
+            model, loss_fn, (Xtr, ytr), method="lowrank", rank=50, **base
+        ).scores(test)[0]
+    )
     preds["lowrank-50"] = lr[idx]
-    lrm, res["times_s"]["lowrank-50 (mean complement)"] = timed(lambda: second.Influence(
-        model, loss_fn, (Xtr, ytr), method="lowrank", rank=50,
-        solver_options={"complement": "mean", "complement_probes": 30}, **base).scores(test)[0])
+    lrm, res["times_s"]["lowrank-50 (mean complement)"] = timed(
+        lambda: second.Influence(
+            model,
+            loss_fn,
+            (Xtr, ytr),
+            method="lowrank",
+            rank=50,
+            solver_options={"complement": "mean", "complement_probes": 30},
+            **base,
+        ).scores(test)[0]
+    )
     preds["lowrank-50 (mean complement)"] = lrm[idx]
     batches = [(Xtr[i : i + 256], ytr[i : i + 256]) for i in range(0, n, 256)]
     lissa_inf = second.Influence(model, loss_fn, batches, method="lissa", **base)
@@ -231,25 +253,47 @@ def kronfluence_ekfac(model, Xtr, ytr, test, lam, dense, idx, actual, log):
         task = Clf()
         net = prepare_model(net, task)
         with tempfile.TemporaryDirectory() as tmp:
-            an = Analyzer(analysis_name="digits", model=net, task=task, output_dir=tmp,
-                          disable_model_save=True, cpu=True, disable_tqdm=True)
-            fa = FactorArguments(strategy="ekfac", use_empirical_fisher=False,
-                                 amp_dtype=None, activation_covariance_dtype=torch.float64,
-                                 gradient_covariance_dtype=torch.float64,
-                                 eigendecomposition_dtype=torch.float64,
-                                 lambda_dtype=torch.float64)
-            an.fit_all_factors(factors_name="f", dataset=TensorDataset(Xtr, ytr),
-                               per_device_batch_size=256, factor_args=fa,
-                               overwrite_output_dir=True)
-            sa = ScoreArguments(damping_factor=lam, score_dtype=torch.float64,
-                                per_sample_gradient_dtype=torch.float64,
-                                precondition_dtype=torch.float64)
-            an.compute_pairwise_scores(scores_name="s", factors_name="f",
-                                       query_dataset=TensorDataset(*test),
-                                       train_dataset=TensorDataset(Xtr, ytr),
-                                       per_device_query_batch_size=1,
-                                       per_device_train_batch_size=256, score_args=sa,
-                                       overwrite_output_dir=True)
+            an = Analyzer(
+                analysis_name="digits",
+                model=net,
+                task=task,
+                output_dir=tmp,
+                disable_model_save=True,
+                cpu=True,
+                disable_tqdm=True,
+            )
+            fa = FactorArguments(
+                strategy="ekfac",
+                use_empirical_fisher=False,
+                amp_dtype=None,
+                activation_covariance_dtype=torch.float64,
+                gradient_covariance_dtype=torch.float64,
+                eigendecomposition_dtype=torch.float64,
+                lambda_dtype=torch.float64,
+            )
+            an.fit_all_factors(
+                factors_name="f",
+                dataset=TensorDataset(Xtr, ytr),
+                per_device_batch_size=256,
+                factor_args=fa,
+                overwrite_output_dir=True,
+            )
+            sa = ScoreArguments(
+                damping_factor=lam,
+                score_dtype=torch.float64,
+                per_sample_gradient_dtype=torch.float64,
+                precondition_dtype=torch.float64,
+            )
+            an.compute_pairwise_scores(
+                scores_name="s",
+                factors_name="f",
+                query_dataset=TensorDataset(*test),
+                train_dataset=TensorDataset(Xtr, ytr),
+                per_device_query_batch_size=1,
+                per_device_train_batch_size=256,
+                score_args=sa,
+                overwrite_output_dir=True,
+            )
             return an.load_pairwise_scores("s")["all_modules"][0].double()
 
     try:
@@ -274,8 +318,15 @@ def mlp_init(seed=0):
 def fit_lbfgs(model, X, y, w, lam, tol=1e-9, max_iter=4000):
     params = list(model.parameters())
     n = X.shape[0]
-    opt = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, tolerance_grad=tol * 1e-2,
-                            tolerance_change=0, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol * 1e-2,
+        tolerance_change=0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -309,9 +360,15 @@ def nonconvex(lam, top, Xtr, ytr, Xte, yte, log):
     res = {"lambda": lam, "train_grad_norm": gn, "test_point": t, "methods": {}, "times_s": {}}
     preds = {}
     for curv in ("hessian", "ggn", "ekfac"):
-        inf = second.Influence(model, loss_fn, (Xtr, ytr), curvature=curv,
-                               method="dense" if curv != "ekfac" else "auto",
-                               regularization=lam, progressbar=False)
+        inf = second.Influence(
+            model,
+            loss_fn,
+            (Xtr, ytr),
+            curvature=curv,
+            method="dense" if curv != "ekfac" else "auto",
+            regularization=lam,
+            progressbar=False,
+        )
         preds[curv], res["times_s"][curv] = timed(lambda inf=inf: inf.scores(test)[0])
         if curv == "hessian":
             res["hessian_min_eigenvalue"] = float(inf.inverse.eigenvalues.min())
@@ -350,8 +407,10 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    log(f"digits: {Xtr.shape[0]} train, {Xte.shape[0]} test; torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
+    log(
+        f"digits: {Xtr.shape[0]} train, {Xte.shape[0]} test; torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}"
+    )
     out = {"convex": [convex(lam, args.top, Xtr, ytr, Xte, yte, log) for lam in (1e-2, 1e-3)]}
     out["nonconvex"] = nonconvex(args.mlp_lambda, args.mlp_top, Xtr, ytr, Xte, yte, log)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -135,7 +135,10 @@ def m_asdl(model, lr=ASDL_LR, damping=ASDL_DAMPING):
     ng.nvtx.range = lambda *a, **k: contextlib.nullcontext()
 
     config = asdl.PreconditioningConfig(
-        data_size=BATCH, damping=damping, preconditioner_upd_interval=10, curvature_upd_interval=1,
+        data_size=BATCH,
+        damping=damping,
+        preconditioner_upd_interval=10,
+        curvature_upd_interval=1,
         ema_decay=0.05,
     )
     gm = asdl.KfacGradientMaker(model, config, fisher_type="fisher_mc", loss_type="mse")
@@ -164,9 +167,7 @@ def m_curvlinops(model, lr=CURVLINOPS_LR, damping=CURVLINOPS_DAMPING):
         loss.backward()
         if state["k"] % 10 == 0:  # curvlinops has no running averages: factors with inverses
             K = KFACLinearOperator(model, LOSS, params, [(xb, xb)], check_deterministic=False)
-            state["inv"] = KFACInverseLinearOperator(
-                K, damping=damping, use_heuristic_damping=True
-            )
+            state["inv"] = KFACInverseLinearOperator(K, damping=damping, use_heuristic_damping=True)
         state["k"] += 1
         g = [p.grad for p in params]
         pg = state["inv"] @ g
@@ -244,12 +245,18 @@ def main(argv=None):
             results.setdefault(name, {})[seed] = r
             hit = r["hit"] if r["hit"] else f"> {len(r['losses'])}"
             ht = f"{r['hit_time']:.2f}s" if r["hit_time"] else "-"
-            print(f"{name:28s} seed {seed}: iterations {hit}, time {ht}, final {r['final']:.4f}",
-                  flush=True)
+            print(
+                f"{name:28s} seed {seed}: iterations {hit}, time {ht}, final {r['final']:.4f}",
+                flush=True,
+            )
 
     # step time: factors every step, inverses every 10
-    timing = {"SGD": m_sgd, "Adam": m_adam, "second KFAC (adaptive, defaults)": m_kfac,
-              "second KFAC (fixed lr/momentum)": m_kfac_fixed}
+    timing = {
+        "SGD": m_sgd,
+        "Adam": m_adam,
+        "second KFAC (adaptive, defaults)": m_kfac,
+        "second KFAC (fixed lr/momentum)": m_kfac_fixed,
+    }
     if not args.no_anchors:
         timing["ASDL KFAC + SGD"] = m_asdl
         timing["curvlinops KFAC + SGD"] = m_curvlinops
@@ -266,11 +273,17 @@ def main(argv=None):
 
     # table; the last column (iterations x median step time, both measured here) is less
     # exposed to the shared machine's load changing between runs than the wall time
-    step_of = {"second KFAC (defaults)": "second KFAC (adaptive, defaults)", "Adam lr 1e-2": "Adam",
-               f"SGD lr {SGD_LR:g} mom 0.9": "SGD"}
-    lines = ["| method | iterations to 0.185 (seeds " + ", ".join(map(str, args.seeds))
-             + ") | wall time to target, s | iterations x median step, s | final loss |",
-             "|---|---|---|---|---|"]
+    step_of = {
+        "second KFAC (defaults)": "second KFAC (adaptive, defaults)",
+        "Adam lr 1e-2": "Adam",
+        f"SGD lr {SGD_LR:g} mom 0.9": "SGD",
+    }
+    lines = [
+        "| method | iterations to 0.185 (seeds "
+        + ", ".join(map(str, args.seeds))
+        + ") | wall time to target, s | iterations x median step, s | final loss |",
+        "|---|---|---|---|---|",
+    ]
     for name, per in results.items():
         med = st.get(step_of.get(name, name), (None,))[0]
         its, tms, fin, est = [], [], [], []
@@ -283,9 +296,15 @@ def main(argv=None):
             tms.append(f"{r['hit_time']:.2f}" if r["hit_time"] else "-")
             est.append(f"{r['hit'] * med:.2f}" if (r["hit"] and med) else "-")
             fin.append(f"{r['final']:.3f}")
-        lines.append(f"| {name} | {', '.join(its)} | {', '.join(tms)} | {', '.join(est)} "
-                     f"| {', '.join(fin)} |")
-    lines += ["", "| step (factors every step, inverses every 10) | median ms | x SGD |", "|---|---|---|"]
+        lines.append(
+            f"| {name} | {', '.join(its)} | {', '.join(tms)} | {', '.join(est)} "
+            f"| {', '.join(fin)} |"
+        )
+    lines += [
+        "",
+        "| step (factors every step, inverses every 10) | median ms | x SGD |",
+        "|---|---|---|",
+    ]
     for name, (med, _) in st.items():
         lines.append(f"| {name} | {med * 1e3:.2f} | {med / base:.2f} |")
     table = "\n".join(lines)
@@ -293,8 +312,13 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "kfac_table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out_dir, "kfac.json"), "w") as f:
-        json.dump(dict(results={k: {str(s): v for s, v in d.items()} for k, d in results.items()},
-                       step_times=st), f)
+        json.dump(
+            dict(
+                results={k: {str(s): v for s, v in d.items()} for k, d in results.items()},
+                step_times=st,
+            ),
+            f,
+        )
     plot(results, args.out_dir)
 
 
@@ -304,16 +328,24 @@ def plot(results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for xkey, fname, xlabel in (("iters", "kfac_loss_vs_iterations.png", "iteration"),
-                                ("times", "kfac_loss_vs_seconds.png", "training time, s")):
+    for xkey, fname, xlabel in (
+        ("iters", "kfac_loss_vs_iterations.png", "iteration"),
+        ("times", "kfac_loss_vs_seconds.png", "training time, s"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for ci, (name, per) in enumerate(results.items()):
             for seed, r in per.items():
                 if "error" in r:
                     continue
                 xs = range(1, len(r["losses"]) + 1) if xkey == "iters" else r["times"]
-                ax.plot(xs, r["losses"], color=f"C{ci}", alpha=0.8, lw=1,
-                        label=name if seed == min(per) else None)
+                ax.plot(
+                    xs,
+                    r["losses"],
+                    color=f"C{ci}",
+                    alpha=0.8,
+                    lw=1,
+                    label=name if seed == min(per) else None,
+                )
         ax.axhline(TARGET, color="k", ls="--", lw=0.8, label=f"target {TARGET}")
         ax.set_yscale("log")
         ax.set_xscale("log")

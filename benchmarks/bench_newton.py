@@ -72,7 +72,9 @@ def mlp_forward(x, shapes, X, act):
 def torch_init(sizes, seed):
     torch.manual_seed(seed)
     layers = [torch.nn.Linear(a, b).to(DT) for a, b in zip(sizes[:-1], sizes[1:])]
-    return torch.cat([t.detach().reshape(-1) for layer in layers for t in (layer.weight, layer.bias)])
+    return torch.cat(
+        [t.detach().reshape(-1) for layer in layers for t in (layer.weight, layer.bias)]
+    )
 
 
 class Problem:
@@ -91,8 +93,9 @@ def rosenbrock():
         a, b = x[0::2], x[1::2]
         return torch.cat([10 * (b - a * a), 1 - a]) * math.sqrt(2.0)
 
-    return Problem("a: Rosenbrock 100-D", torch.tensor([-1.2, 1.0] * 50, dtype=DT), f,
-                   residual=residual)
+    return Problem(
+        "a: Rosenbrock 100-D", torch.tensor([-1.2, 1.0] * 50, dtype=DT), f, residual=residual
+    )
 
 
 def classification(sizes, lam, act, name, seed=0):
@@ -156,10 +159,24 @@ def grad_norm(prob, x):
 def run_second(prob, method, options=None, fun=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = so.minimize(fun or prob.f, prob.x0, method=method, tol=TOL, maxiter=MAXIT,
-                        max_time=MAXTIME, options=options)
-    return dict(cost=r.ngev + 2 * r.nhvp, nit=r.nit, nfev=r.nfev, time=r.time,
-                gnorm=grad_norm(prob, r.x), fun=float(prob.f(r.x)), history=r.history)
+        r = so.minimize(
+            fun or prob.f,
+            prob.x0,
+            method=method,
+            tol=TOL,
+            maxiter=MAXIT,
+            max_time=MAXTIME,
+            options=options,
+        )
+    return dict(
+        cost=r.ngev + 2 * r.nhvp,
+        nit=r.nit,
+        nfev=r.nfev,
+        time=r.time,
+        gnorm=grad_norm(prob, r.x),
+        fun=float(prob.f(r.x)),
+        history=r.history,
+    )
 
 
 class _Converged(Exception):
@@ -230,8 +247,14 @@ def run_scipy(prob, method):
     except Exception as e:  # an anchor that crashes is reported, not fatal
         x, nit, err = best["x"], None, f"{type(e).__name__}: {e}"[:60]
     xt = torch.tensor(x, dtype=DT)
-    return dict(cost=c.ngev + 2 * c.nhvp, nit=nit, time=time.perf_counter() - t0,
-                gnorm=grad_norm(prob, xt), fun=float(prob.f(xt)), error=err)
+    return dict(
+        cost=c.ngev + 2 * c.nhvp,
+        nit=nit,
+        time=time.perf_counter() - t0,
+        gnorm=grad_norm(prob, xt),
+        fun=float(prob.f(xt)),
+        error=err,
+    )
 
 
 def run_torchmin(prob, method):
@@ -265,9 +288,15 @@ def run_torchmin(prob, method):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = torchmin.minimize(prob.f, prob.x0.clone(), method=method, tol=TOL,
-                                  max_iter=MAXIT, callback=cb,
-                                  options=dict(gtol=TOL) if method == "l-bfgs" else None)
+            r = torchmin.minimize(
+                prob.f,
+                prob.x0.clone(),
+                method=method,
+                tol=TOL,
+                max_iter=MAXIT,
+                callback=cb,
+                options=dict(gtol=TOL) if method == "l-bfgs" else None,
+            )
         x = r.x
     except _Converged as conv:
         x = conv.x
@@ -277,15 +306,28 @@ def run_torchmin(prob, method):
         x, err = state["x"], f"{type(e).__name__}: {e}"[:60]
     finally:
         torch.autograd.grad = real_grad
-    return dict(cost=c.ngev + 2 * c.nhvp, nit=None, time=time.perf_counter() - t0,
-                gnorm=grad_norm(prob, x), fun=float(prob.f(x)), error=err)
+    return dict(
+        cost=c.ngev + 2 * c.nhvp,
+        nit=None,
+        time=time.perf_counter() - t0,
+        gnorm=grad_norm(prob, x),
+        fun=float(prob.f(x)),
+        error=err,
+    )
 
 
 def run_torch_lbfgs(prob):
     x = prob.x0.clone().requires_grad_(True)
     # torch's own tolerance_grad tests max|g|: switched off, the closure applies the 2-norm rule
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=MAXIT, max_eval=10 * MAXIT, tolerance_grad=0.0,
-                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x],
+        lr=1,
+        max_iter=MAXIT,
+        max_eval=10 * MAXIT,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
     c = Counter()
 
     def closure():
@@ -304,8 +346,13 @@ def run_torch_lbfgs(prob):
         opt.step(closure)
     except _Budget:
         pass
-    return dict(cost=c.ngev, nit=opt.state[x].get("n_iter"), time=time.perf_counter() - t0,
-                gnorm=grad_norm(prob, x), fun=float(prob.f(x.detach())))
+    return dict(
+        cost=c.ngev,
+        nit=opt.state[x].get("n_iter"),
+        time=time.perf_counter() - t0,
+        gnorm=grad_norm(prob, x),
+        fun=float(prob.f(x.detach())),
+    )
 
 
 # ----------------------------------------------------------------------------- suite
@@ -313,10 +360,13 @@ OURS = {
     "second newton-cg": lambda p: run_second(p, "newton-cg"),
     "second newton-exact": lambda p: run_second(p, "newton-exact") if p.x0.numel() <= 700 else None,
     "second gauss-newton (cg)": lambda p: (
-        run_second(p, "lm", fun=p.pair or p.residual) if (p.pair or p.residual) else None),
+        run_second(p, "lm", fun=p.pair or p.residual) if (p.pair or p.residual) else None
+    ),
     "second gauss-newton (dense)": lambda p: (
         run_second(p, "lm", options=dict(solver="dense"), fun=p.pair or p.residual)
-        if (p.pair or p.residual) and p.x0.numel() <= 700 else None),
+        if (p.pair or p.residual) and p.x0.numel() <= 700
+        else None
+    ),
 }
 ANCHORS = {
     "scipy trust-ncg": lambda p: run_scipy(p, "trust-ncg"),
@@ -359,19 +409,30 @@ def summary(rows, keys):
     for k in keys:
         ours = {n: r for (kk, n), r in rows.items() if kk == k and n in OURS and r["gnorm"] < TOL}
         best_name = min(ours, key=lambda n: ours[n]["cost"]) if ours else None
-        anchors = {n: r for (kk, n), r in rows.items() if kk == k and n in NEWTON_ANCHORS
-                   and r["gnorm"] < TOL}
+        anchors = {
+            n: r
+            for (kk, n), r in rows.items()
+            if kk == k and n in NEWTON_ANCHORS and r["gnorm"] < TOL
+        }
         best_anchor = min((r["cost"] for r in anchors.values()), default=math.inf)
         if best_name is None:
             print(f"{k}: no method of ours reached the tolerance")
             continue
         b = ours[best_name]
-        fastest_anchor = min((r["time"] for (kk, n), r in rows.items()
-                              if kk == k and n in ANCHORS and r["gnorm"] < TOL), default=math.inf)
+        fastest_anchor = min(
+            (
+                r["time"]
+                for (kk, n), r in rows.items()
+                if kk == k and n in ANCHORS and r["gnorm"] < TOL
+            ),
+            default=math.inf,
+        )
         lbfgs = [r["time"] for (kk, n), r in rows.items() if kk == k and n == "torch.optim.LBFGS"]
-        print(f"{k}: best ours {best_name} cost {b['cost']:,} ({b['time']:.2f}s); best Newton-type "
-              f"anchor cost {best_anchor:,}; fastest converged anchor {fastest_anchor:.2f}s; "
-              f"torch LBFGS {lbfgs[0] if lbfgs else float('nan'):.2f}s")
+        print(
+            f"{k}: best ours {best_name} cost {b['cost']:,} ({b['time']:.2f}s); best Newton-type "
+            f"anchor cost {best_anchor:,}; fastest converged anchor {fastest_anchor:.2f}s; "
+            f"torch LBFGS {lbfgs[0] if lbfgs else float('nan'):.2f}s"
+        )
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -390,6 +451,7 @@ def autoencoder_benchmark(seeds=(0,), max_iters=1000, adam_iters=3000, time_cap=
         def closure():
             out = model(xb)
             return K.LOSS(out, xb), out
+
         return closure
 
     def m_hf(model):
@@ -397,6 +459,7 @@ def autoencoder_benchmark(seeds=(0,), max_iters=1000, adam_iters=3000, time_cap=
 
         def step(xb):  # curvature on the first half of the gradient batch
             opt.step(pair(model, xb), curvature_closure=pair(model, xb[: xb.shape[0] // 2]))
+
         return step
 
     def m_gn(model):
@@ -404,24 +467,33 @@ def autoencoder_benchmark(seeds=(0,), max_iters=1000, adam_iters=3000, time_cap=
 
         def step(xb):
             opt.step(pair(model, xb))
+
         return step
 
-    print(f"\n### digits autoencoder (bench_kfac.py's problem), target {K.TARGET}, "
-          f"seeds {list(seeds)}")
+    print(
+        f"\n### digits autoencoder (bench_kfac.py's problem), target {K.TARGET}, "
+        f"seeds {list(seeds)}"
+    )
     out = {}
-    for name, make, iters in [("Adam lr 1e-2", K.m_adam, adam_iters),
-                              ("second HessianFree", m_hf, max_iters),
-                              ("second GaussNewton (cg)", m_gn, max_iters)]:
+    for name, make, iters in [
+        ("Adam lr 1e-2", K.m_adam, adam_iters),
+        ("second HessianFree", m_hf, max_iters),
+        ("second GaussNewton (cg)", m_gn, max_iters),
+    ]:
         for seed in seeds:
             r = K.train(make, seed, X, iters, time_cap)
             out[(name, seed)] = r
-            at = {k: r["losses"][k - 1] for k in (100, 200, 500, 1000, 2000)
-                  if k <= len(r["losses"])}
+            at = {
+                k: r["losses"][k - 1] for k in (100, 200, 500, 1000, 2000) if k <= len(r["losses"])
+            }
             marks = ", ".join(f"{k}: {v:.3f}" for k, v in at.items())
             hit = r["hit"] if r["hit"] else f"> {len(r['losses'])}"
             t = f"{r['hit_time']:.1f}s" if r["hit_time"] else f"({r['times'][-1]:.0f}s run)"
-            print(f"{name:26s} seed {seed}: iterations to target {hit}, time {t}, "
-                  f"final {r['final']:.4f}  [{marks}]", flush=True)
+            print(
+                f"{name:26s} seed {seed}: iterations to target {hit}, time {t}, "
+                f"final {r['final']:.4f}  [{marks}]",
+                flush=True,
+            )
     return out
 
 
@@ -440,8 +512,11 @@ def main(argv=None):
     ap.add_argument("--no-ae", action="store_true", help="skip the autoencoder benchmark")
     ap.add_argument("--ae-only", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--lazy-sweep", action="store_true",
-                    help="only the hessian_every sweep of newton-exact on problem (d)")
+    ap.add_argument(
+        "--lazy-sweep",
+        action="store_true",
+        help="only the hessian_every sweep of newton-exact on problem (d)",
+    )
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, float64, 1 thread, tol {TOL}, caps {MAXIT} it / {MAXTIME}s")
     # the first torch.optim.Optimizer in a process imports torch._dynamo (seconds): pay it here

@@ -355,13 +355,20 @@ def check_agreement(m: Methods, cases: dict, kind: str, cols: bool = False):
             continue
         out = fn()
         if cols:
-            out = out if isinstance(out, torch.Tensor) else torch.cat(
-                [t.reshape(10, -1) for t in out], dim=1
-            ).T
+            out = (
+                out
+                if isinstance(out, torch.Tensor)
+                else torch.cat([t.reshape(10, -1) for t in out], dim=1).T
+            )
             if out.shape[0] != m.P:
                 out = out.T
-            want = torch.stack([flat(m.double_backward(vs=split(m.V[:, j], m.params)))
-                                for j in range(10)], 1) if "GGN" not in name else None
+            want = (
+                torch.stack(
+                    [flat(m.double_backward(vs=split(m.V[:, j], m.params))) for j in range(10)], 1
+                )
+                if "GGN" not in name
+                else None
+            )
             if want is None:
                 continue
         else:
@@ -397,6 +404,7 @@ def group_loader(label, data, model, loss_fn, X, y, rounds, device):
         cases["curvlinops HessianLinearOperator @ v"] = lambda: cH @ m.v
         cases["curvlinops GGNLinearOperator @ v"] = lambda: cG @ m.v
     if backpack_hf is not None:
+
         def backpack_loop(X, y, vs):
             loss = loss_fn(m.model(X), y)
             return backpack_hf.hessian_vector_product(loss, m.params, vs)
@@ -414,8 +422,12 @@ def group_loader(label, data, model, loss_fn, X, y, rounds, device):
             raise SystemExit(f"{k} over the batches disagrees with the full-batch HVP: {err:.1e}")
     print(f"#   check batches: every HVP within 1e-3 of the full-batch product ({label})")
     res = interleaved(cases, base, max(3, rounds // 2), 1, device)
-    report(f"Dataset HVP over {label}, vs one gradient over the same batches "
-           "(target: second HVP <= 2.5)", res, base)
+    report(
+        f"Dataset HVP over {label}, vs one gradient over the same batches "
+        "(target: second HVP <= 2.5)",
+        res,
+        base,
+    )
 
 
 def report(title, res, baseline, unit="ratio", ref_name=None):
@@ -424,8 +436,10 @@ def report(title, res, baseline, unit="ratio", ref_name=None):
         # ratios to the baseline (the kept-graph raw HVP) were measured in adjacent pairs;
         # the one to the full double backward divides two such medians
         full = res[ref_name][1]
-        print("| method | us / call | x raw HVP, graph kept | middle half of rounds "
-              "| x raw HVP, forward + 2 backward |")
+        print(
+            "| method | us / call | x raw HVP, graph kept | middle half of rounds "
+            "| x raw HVP, forward + 2 backward |"
+        )
         print("|---|---:|---:|---:|---:|")
         for k, (t, r) in sorted(res.items(), key=lambda kv: kv[1][1]):
             print(f"| {k} | {t * 1e6:.0f} | {r:.2f} | {ratio_spread(k)} | {r / full:.2f} |")
@@ -442,10 +456,15 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per group")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                    help="process CPU time (default on CPU) or wall time (default on CUDA)")
-    ap.add_argument("--only", default="hvp,ggn,cols,loader,tiny",
-                    help="comma-separated groups to run")
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="process CPU time (default on CPU) or wall time (default on CUDA)",
+    )
+    ap.add_argument(
+        "--only", default="hvp,ggn,cols,loader,tiny", help="comma-separated groups to run"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -459,14 +478,28 @@ def main(argv=None):
     print(f"# command: python benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}")
     print(f"# date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"# machine: {dev}, {os.cpu_count()} cpus visible, "
-          f"torch threads {torch.get_num_threads()}, python {platform.python_version()}")
-    print("# versions: " + ", ".join(
-        f"{d} {_version(d)}" for d in
-        ["torch", "second", "curvlinops-for-pytorch", "backpack-for-pytorch", "scikit-learn"]))
-    print(f"# rounds per group: {rounds}; clock: "
-          f"{'process CPU time' if clock == 'cpu' else 'wall time'}; each ratio is taken "
-          "against a gradient timed right beside it, the median over rounds is shown")
+    print(
+        f"# machine: {dev}, {os.cpu_count()} cpus visible, "
+        f"torch threads {torch.get_num_threads()}, python {platform.python_version()}"
+    )
+    print(
+        "# versions: "
+        + ", ".join(
+            f"{d} {_version(d)}"
+            for d in [
+                "torch",
+                "second",
+                "curvlinops-for-pytorch",
+                "backpack-for-pytorch",
+                "scikit-learn",
+            ]
+        )
+    )
+    print(
+        f"# rounds per group: {rounds}; clock: "
+        f"{'process CPU time' if clock == 'cpu' else 'wall time'}; each ratio is taken "
+        "against a gradient timed right beside it, the median over rounds is shown"
+    )
 
     X, y = digits(device, dtype)
     model = reference_model(device, dtype)
@@ -482,20 +515,27 @@ def main(argv=None):
         check_agreement(m, col_cases, "hvp", cols=True)
         if "hvp" in only:
             res = interleaved(hvp_cases, "gradient", rounds, 1, device)
-            report("Hessian-vector product, fixed batch of 1,797 (target: second <= 1.6)",
-                   res, "gradient")
+            report(
+                "Hessian-vector product, fixed batch of 1,797 (target: second <= 1.6)",
+                res,
+                "gradient",
+            )
         if "ggn" in only:
             res = interleaved({"gradient": m.gradient, **ggn_cases}, "gradient", rounds, 1, device)
             report("GGN-vector product, fixed batch (target: second <= 2.5)", res, "gradient")
         if "cols" in only:
-            res = interleaved({"gradient": m.gradient, **col_cases}, "gradient",
-                              max(3, rounds // 2), 1, device)
-            per_col = {k: v if k == "gradient" else (v[0] / 10, v[1] / 10)
-                       for k, v in res.items()}
+            res = interleaved(
+                {"gradient": m.gradient, **col_cases}, "gradient", max(3, rounds // 2), 1, device
+            )
+            per_col = {k: v if k == "gradient" else (v[0] / 10, v[1] / 10) for k, v in res.items()}
             for k in col_cases:
                 RATIOS[k] = [r / 10 for r in RATIOS[k]]
-            report("10-column product, fixed batch, cost per column: the whole product / 10 "
-                   "(target: second <= 1.8)", per_col, "gradient")
+            report(
+                "10-column product, fixed batch, cost per column: the whole product / 10 "
+                "(target: second <= 1.8)",
+                per_col,
+                "gradient",
+            )
 
     if "loader" in only:
         ds = torch.utils.data.TensorDataset(X, y)
@@ -522,16 +562,22 @@ def main(argv=None):
             "torch.func jvp(grad)": m.func_hvp,
         }
         if curvlinops is not None:
-            cH = curvlinops.HessianLinearOperator(tm, tl, m.params, [(tX, ty)],
-                                                  check_deterministic=False)
+            cH = curvlinops.HessianLinearOperator(
+                tm, tl, m.params, [(tX, ty)], check_deterministic=False
+            )
             cases["curvlinops HessianLinearOperator @ v"] = lambda: cH @ m.v
         if backpack_hf is not None:
             cases["BackPACK hessian_vector_product"] = m.backpack_hvp
         kept = "raw double backward, graph kept (1 backward)"
         res = interleaved(cases, kept, rounds, 20 if args.quick else 50, device)
-        report(f"Per-call cost on the seed's {m.P}-parameter model (target: second within 2x "
-               "of a raw double-backward HVP)", res, kept, unit="us",
-               ref_name="raw double backward (forward + 2 backward)")
+        report(
+            f"Per-call cost on the seed's {m.P}-parameter model (target: second within 2x "
+            "of a raw double-backward HVP)",
+            res,
+            kept,
+            unit="us",
+            ref_name="raw double backward (forward + 2 backward)",
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def load(n_train: int, n_val: int, seed: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--outer-steps", type=int, default=60)
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--n-val", type=int, default=400)
@@ -66,11 +68,21 @@ def main():
     def outer(p, h):
         return ce(logits(p, Xva), yva)
 
-    params = {"W": torch.zeros(64, 10, requires_grad=True), "b": torch.zeros(10, requires_grad=True)}
+    params = {
+        "W": torch.zeros(64, 10, requires_grad=True),
+        "b": torch.zeros(10, requires_grad=True),
+    }
     h = torch.full((64, 10), float(np.log(args.init_decay)), requires_grad=True)
     hyper_opt = torch.optim.Adam([h], lr=args.hyper_lr)
-    lbfgs = torch.optim.LBFGS(list(params.values()), lr=1, max_iter=200, tolerance_grad=1e-10,
-                              tolerance_change=0, history_size=20, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(
+        list(params.values()),
+        lr=1,
+        max_iter=200,
+        tolerance_grad=1e-10,
+        tolerance_change=0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         lbfgs.zero_grad()
@@ -93,17 +105,21 @@ def main():
         warm = res.solve.x
         history.append((step, res.outer_loss, acc, res.solve.matvecs, res.inner_residual))
         if step % 10 == 0:
-            print(f"step {step:3d}  val CE {res.outer_loss:.4f}  test acc {acc:.3f}  "
-                  f"mean decay {float(h.detach().exp().mean()):.2e}  "
-                  f"HVPs {res.solve.matvecs:3d}  ||grad_w inner|| {res.inner_residual:.1e}")
+            print(
+                f"step {step:3d}  val CE {res.outer_loss:.4f}  test acc {acc:.3f}  "
+                f"mean decay {float(h.detach().exp().mean()):.2e}  "
+                f"HVPs {res.solve.matvecs:3d}  ||grad_w inner|| {res.inner_residual:.1e}"
+            )
         if step == args.outer_steps:
             break
         hyper_opt.zero_grad()
         h.grad = res.grad
         hyper_opt.step()
     first, last = history[0], history[-1]
-    print(f"\nvalidation CE {first[1]:.4f} -> {last[1]:.4f}, test accuracy {first[2]:.3f} -> "
-          f"{last[2]:.3f} after {args.outer_steps} hypergradient steps ({time.time() - t0:.0f} s)")
+    print(
+        f"\nvalidation CE {first[1]:.4f} -> {last[1]:.4f}, test accuracy {first[2]:.3f} -> "
+        f"{last[2]:.3f} after {args.outer_steps} hypergradient steps ({time.time() - t0:.0f} s)"
+    )
     try:
         import matplotlib
 

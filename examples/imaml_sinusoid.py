@@ -41,8 +41,10 @@ def init_params(seed: int) -> dict[str, torch.Tensor]:
     """An MLP 1-40-40-1 (ReLU) with PyTorch's default initialization."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
-        torch.nn.Linear(1, 40), torch.nn.ReLU(),
-        torch.nn.Linear(40, 40), torch.nn.ReLU(),
+        torch.nn.Linear(1, 40),
+        torch.nn.ReLU(),
+        torch.nn.Linear(40, 40),
+        torch.nn.ReLU(),
         torch.nn.Linear(40, 1),
     )
     return {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -125,8 +127,9 @@ def meta_train(method, args, eval_tasks):
         if method == "imaml":
             # (I + H_i / lambda)^-1 grad L_query,i for every task i; a truncated CG solve,
             # as in the paper (its accuracy is checked in benchmarks/bench_implicit.py)
-            g, _ = imaml.meta_gradient(support, query, w, args.lam, maxiter=args.cg_steps,
-                                       warn=False)
+            g, _ = imaml.meta_gradient(
+                support, query, w, args.lam, maxiter=args.cg_steps, warn=False
+            )
         else:
             cur = {k: v.requires_grad_(True) for k, v in w.items()}
             g = dict(zip(cur, torch.autograd.grad(query(cur), list(cur.values())), strict=True))
@@ -138,7 +141,9 @@ def meta_train(method, args, eval_tasks):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer outer steps and eval tasks")
     ap.add_argument("--outer-steps", type=int, default=5000)
     ap.add_argument("--meta-batch", type=int, default=10)
@@ -162,12 +167,16 @@ def main():
         t0 = time.time()
         _, curves[method] = meta_train(method, args, eval_tasks)
         times[method] = time.time() - t0
-        print(f"{method:>7}: post-adaptation query MSE by outer step: "
-              + ", ".join(f"{s}: {v:.3f}" for s, v in curves[method])
-              + f"  ({times[method]:.0f} s)")
+        print(
+            f"{method:>7}: post-adaptation query MSE by outer step: "
+            + ", ".join(f"{s}: {v:.3f}" for s, v in curves[method])
+            + f"  ({times[method]:.0f} s)"
+        )
     fo, im = curves["fomaml"][-1][1], curves["imaml"][-1][1]
-    print(f"\nheld-out post-adaptation query MSE after {args.outer_steps} outer steps "
-          f"({args.eval_tasks} tasks, {args.k} shots, {args.inner_steps} inner steps):")
+    print(
+        f"\nheld-out post-adaptation query MSE after {args.outer_steps} outer steps "
+        f"({args.eval_tasks} tasks, {args.k} shots, {args.inner_steps} inner steps):"
+    )
     print(f"  first-order MAML {fo:.4f}")
     print(f"  iMAML            {im:.4f}  ({'below' if im < fo else 'NOT below'} first-order MAML)")
     try:

@@ -45,8 +45,9 @@ def train_newton(model: nn.Module, X, y, lam: float, tol: float = 1e-10) -> None
         theta0 = second.parameters_to_vector([p.detach().clone() for p in params])
         while True:  # backtracking keeps the early steps from overshooting
             with torch.no_grad():
-                for p, s in zip(params, second.vector_to_parameters(theta0 - t * step, params),
-                                strict=True):
+                for p, s in zip(
+                    params, second.vector_to_parameters(theta0 - t * step, params), strict=True
+                ):
                     p.copy_(s)
             if float(objective().detach()) <= f0 - 1e-4 * t * float(g @ step) or t < 1e-8:
                 break
@@ -80,24 +81,39 @@ def main() -> None:
     for ax in axes.ravel():
         ax.axis("off")
     axes[0, 2].imshow(Xte[i].reshape(8, 8), cmap="gray_r")
-    axes[0, 2].set_title(f"test #{i}: label {int(yte[i])}, predicted {pred}\n"
-                         f"loss {float(losses[i]):.2f}", fontsize=9)
-    rows = [(1, "helpful", top.helpful_indices[0], top.helpful_scores[0]),
-            (2, "harmful", top.harmful_indices[0], top.harmful_scores[0])]
+    axes[0, 2].set_title(
+        f"test #{i}: label {int(yte[i])}, predicted {pred}\nloss {float(losses[i]):.2f}", fontsize=9
+    )
+    rows = [
+        (1, "helpful", top.helpful_indices[0], top.helpful_scores[0]),
+        (2, "harmful", top.harmful_indices[0], top.harmful_scores[0]),
+    ]
     for r, kind, idx, vals in rows:
         for c, (j, s) in enumerate(zip(idx.tolist(), vals.tolist(), strict=True)):
             axes[r, c].imshow(Xtr[j].reshape(8, 8), cmap="gray_r")
-            axes[r, c].set_title(f"{kind}: train #{j}\nlabel {int(ytr[j])}, score {s:+.1e}",
-                                 fontsize=8)
-    fig.suptitle("Influence on the highest-loss test digit (score > 0: removing it would "
-                 "raise the test loss)", fontsize=9)
+            axes[r, c].set_title(
+                f"{kind}: train #{j}\nlabel {int(ytr[j])}, score {s:+.1e}", fontsize=8
+            )
+    fig.suptitle(
+        "Influence on the highest-loss test digit (score > 0: removing it would "
+        "raise the test loss)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"test point {i} (label {int(yte[i])}, predicted {pred}); wrote {args.out}")
-    print("most helpful:", top.helpful_indices[0].tolist(), "labels",
-          ytr[top.helpful_indices[0]].tolist())
-    print("most harmful:", top.harmful_indices[0].tolist(), "labels",
-          ytr[top.harmful_indices[0]].tolist())
+    print(
+        "most helpful:",
+        top.helpful_indices[0].tolist(),
+        "labels",
+        ytr[top.helpful_indices[0]].tolist(),
+    )
+    print(
+        "most harmful:",
+        top.harmful_indices[0].tolist(),
+        "labels",
+        ytr[top.harmful_indices[0]].tolist(),
+    )
 
 
 if __name__ == "__main__":

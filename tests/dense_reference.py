@@ -29,7 +29,10 @@ def make_model(name: str) -> nn.Module:
         ).double()
     if name == "mlp_sigmoid":
         return nn.Sequential(
-            nn.Linear(IN_FEATURES, 4), nn.Sigmoid(), nn.Linear(4, 3), nn.Sigmoid(),
+            nn.Linear(IN_FEATURES, 4),
+            nn.Sigmoid(),
+            nn.Linear(4, 3),
+            nn.Sigmoid(),
             nn.Linear(3, OUT_FEATURES),
         ).double()
     if name == "cnn":
@@ -55,7 +58,9 @@ def make_loss(name: str, reduction: str) -> nn.Module:
     }[name](reduction=reduction)
 
 
-def make_data(model_name: str, loss_name: str, n: int = N_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(
+    model_name: str, loss_name: str, n: int = N_EXAMPLES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 inputs and targets fitting the model and the loss."""
     shape = (n, 1, 5, 5) if model_name == "cnn" else (n, IN_FEATURES)
     X = torch.randn(shape, dtype=torch.float64)

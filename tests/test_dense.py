@@ -27,7 +27,9 @@ from second import FisherOperator, GGNOperator, exact_fisher, exact_ggn, exact_h
 from second._losses import per_sample_losses
 
 # torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
 CASE_IDS = ["-".join(c) for c in CASES]
@@ -105,7 +107,11 @@ def test_mc_fisher_tends_to_ggn(loss_name):
 
     def rel_err(samples):
         F = FisherOperator(
-            model64, loss_fn, (X64, y64), kind="mc", mc_samples=samples,
+            model64,
+            loss_fn,
+            (X64, y64),
+            kind="mc",
+            mc_samples=samples,
             generator=torch.Generator().manual_seed(123),
         ).to_dense()
         return float(torch.linalg.matrix_norm(F - G) / torch.linalg.matrix_norm(G))
@@ -122,7 +128,11 @@ def test_mc_fisher_sum_reduction_scale():
     Fs = {}
     for red in REDUCTIONS:
         Fs[red] = FisherOperator(
-            model64, make_loss("ce", red), (X64, y64), kind="mc", mc_samples=3,
+            model64,
+            make_loss("ce", red),
+            (X64, y64),
+            kind="mc",
+            mc_samples=3,
             generator=torch.Generator().manual_seed(5),
         ).to_dense()
     assert_close(Fs["sum"], X64.shape[0] * Fs["mean"], PRODUCT_TOL[torch.float64])
@@ -174,7 +184,11 @@ def test_spatial_cross_entropy(reduction):
     ef = FisherOperator(model, loss_fn, (X, y), kind="empirical").to_dense()
     assert_close(ef, ref_empirical_fisher(model, loss_fn, X, y, reduction), tol)
     mc = FisherOperator(
-        model, loss_fn, (X, y), kind="mc", mc_samples=MC_SAMPLES_MANY,
+        model,
+        loss_fn,
+        (X, y),
+        kind="mc",
+        mc_samples=MC_SAMPLES_MANY,
         generator=torch.Generator().manual_seed(0),
     ).to_dense()
     assert float(torch.linalg.matrix_norm(mc - G) / torch.linalg.matrix_norm(G)) < MC_FISHER_REL_ERR

@@ -16,7 +16,9 @@ import torch
 import second
 
 # torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 MODULES = sorted(
     info.name
@@ -32,9 +34,7 @@ KNOWN_FAILING: dict[str, str] = {}
 
 def _param(name: str):
     if name in KNOWN_FAILING:
-        return pytest.param(
-            name, marks=pytest.mark.xfail(reason=KNOWN_FAILING[name], strict=False)
-        )
+        return pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILING[name], strict=False))
     return name
 
 

@@ -203,7 +203,10 @@ def two_layer_problem():
 
 def test_dict_params_and_tuple_hparams_match_dense():
     inner, outer, flat = two_layer_problem()
-    hp = (torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([[0.2, 0.3]], dtype=torch.float64))
+    hp = (
+        torch.tensor([0.5, -1.0], dtype=torch.float64),
+        torch.tensor([[0.2, 0.3]], dtype=torch.float64),
+    )
 
     def inner_flat(z, u):
         return inner({"a": z[:3], "b": z[3:].reshape(2, 2)}, (u[:2], u[2:].reshape(1, 2)))
@@ -226,7 +229,10 @@ def test_named_parameters_of_a_module():
     model = torch.nn.Linear(3, 1).double()
     X = torch.randn(20, 3, dtype=torch.float64)
     y = torch.randn(20, 1, dtype=torch.float64)
-    log_wd = {"weight": torch.zeros(1, 3, dtype=torch.float64), "bias": torch.zeros(1, dtype=torch.float64)}
+    log_wd = {
+        "weight": torch.zeros(1, 3, dtype=torch.float64),
+        "bias": torch.zeros(1, dtype=torch.float64),
+    }
 
     def inner(p, hp):
         pred = torch.func.functional_call(model, p, (X,))
@@ -236,8 +242,14 @@ def test_named_parameters_of_a_module():
         return torch.func.functional_call(model, p, (X[:5],)).pow(2).mean()
 
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.LBFGS(list(params.values()), lr=1, max_iter=200, tolerance_grad=1e-14,
-                            tolerance_change=0, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        list(params.values()),
+        lr=1,
+        max_iter=200,
+        tolerance_grad=1e-14,
+        tolerance_change=0,
+        line_search_fn="strong_wolfe",
+    )
     for p in params.values():
         p.requires_grad_(True)
 
@@ -251,6 +263,7 @@ def test_named_parameters_of_a_module():
     res = hypergradient(inner, outer, params, log_wd)
     assert set(res.grad) == {"weight", "bias"} and res.grad["weight"].shape == (1, 3)
     assert res.inner_residual < 1e-8
+
     # dense reference on the flattened problem
     def unflat(z):
         return {"weight": z[:3].reshape(1, 3), "bias": z[3:]}
@@ -261,7 +274,9 @@ def test_named_parameters_of_a_module():
         return {"weight": u[:3].reshape(1, 3), "bias": u[3:]}
 
     z = torch.cat([params["weight"].detach().reshape(-1), params["bias"].detach()])
-    ref = dense_ift(lambda z, u: inner(unflat(z), hp_of(u)), lambda z, u: outer(unflat(z), hp_of(u)), z, u)
+    ref = dense_ift(
+        lambda z, u: inner(unflat(z), hp_of(u)), lambda z, u: outer(unflat(z), hp_of(u)), z, u
+    )
     got = torch.cat([res.grad["weight"].reshape(-1), res.grad["bias"]])
     assert rel(got, ref) <= 1e-7  # L-BFGS optimum (residual ~1e-9), not a Newton one
 
@@ -410,7 +425,10 @@ def test_implicit_root_nonsymmetric_fixed_point():
     h = torch.tensor([0.1, 0.2, -0.3, 0.4], dtype=torch.float64, requires_grad=True)
     x = fixed_point(h)
     x.sum().backward()
-    J_x = torch.eye(4, dtype=torch.float64) - torch.diag(1 - torch.tanh(W @ x.detach() + h.detach()) ** 2) @ W
+    J_x = (
+        torch.eye(4, dtype=torch.float64)
+        - torch.diag(1 - torch.tanh(W @ x.detach() + h.detach()) ** 2) @ W
+    )
     J_h = -torch.diag(1 - torch.tanh(W @ x.detach() + h.detach()) ** 2)
     expected = -J_h.T @ torch.linalg.solve(J_x.T, torch.ones(4, dtype=torch.float64))
     assert rel(h.grad, expected) <= REL_TOL[torch.float64]
@@ -508,16 +526,22 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run_example(name, *args, timeout=900):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
 
 @pytest.mark.slow
 def test_weight_decay_example_lowers_validation_loss(tmp_path):
-    out = run_example("hyperparameter_weight_decay.py", "--outer-steps", "15",
-                      "--out", str(tmp_path / "wd.png"))
+    out = run_example(
+        "hyperparameter_weight_decay.py", "--outer-steps", "15", "--out", str(tmp_path / "wd.png")
+    )
     line = next(ln for ln in out.splitlines() if ln.startswith("validation CE"))
     before, after = (float(t.rstrip(",")) for t in line.split()[2:5:2])
     assert after < 0.5 * before

@@ -35,7 +35,8 @@ REG = 0.1
 
 # torch.func's forward-AD decompositions still script with torch.jit
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 
 def rel(a, b):
@@ -87,8 +88,12 @@ def reference_scores(model, loss_fn, train, test, kind, shift):
 
 # ------------------------------------------------------------------------------ accuracy
 CASES = [  # (curvature, method): the Hessian of an untrained net is indefinite, so MINRES
-    ("hessian", "dense"), ("hessian", "minres"),
-    ("ggn", "dense"), ("ggn", "cg"), ("ggn", "lowrank"), ("ggn", "lissa"),
+    ("hessian", "dense"),
+    ("hessian", "minres"),
+    ("ggn", "dense"),
+    ("ggn", "cg"),
+    ("ggn", "lowrank"),
+    ("ggn", "lissa"),
     ("fisher", "dense"),
 ]
 SHIFT = {"hessian": 1.0, "ggn": REG, "fisher": REG}  # makes every damped curvature definite
@@ -99,8 +104,17 @@ def test_scores_match_dense_reference(curvature, method):
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     train, test = data(24), data(2, seed=2)
     ref, *_ = reference_scores(model, loss_fn, train, test, curvature, SHIFT[curvature] + 0.01)
-    inf = Influence(model, loss_fn, train, curvature=curvature, method=method,
-                    regularization=SHIFT[curvature], damping=0.01, rank=200, progressbar=False)
+    inf = Influence(
+        model,
+        loss_fn,
+        train,
+        curvature=curvature,
+        method=method,
+        regularization=SHIFT[curvature],
+        damping=0.01,
+        rank=200,
+        progressbar=False,
+    )
     S = inf.scores(test)
     assert S.shape == (2, 24)
     assert rel(S, ref) < SCORE_RTOL[method]
@@ -134,8 +148,15 @@ def test_float32_model():
     ref, *_ = reference_scores(model64, nn.CrossEntropyLoss(), train, test, "ggn", REG)
     tr32 = (train[0].float(), train[1])
     te32 = (test[0].float(), test[1])
-    S = Influence(model32, nn.CrossEntropyLoss(), tr32, curvature="ggn", method="dense",
-                  regularization=REG, progressbar=False).scores(te32)
+    S = Influence(
+        model32,
+        nn.CrossEntropyLoss(),
+        tr32,
+        curvature="ggn",
+        method="dense",
+        regularization=REG,
+        progressbar=False,
+    ).scores(te32)
     assert S.dtype == torch.float32
     assert rel(S.double(), ref) < FLOAT32_RTOL
 
@@ -164,14 +185,26 @@ def test_multi_input_model_with_buffers():
     loss_fn = nn.CrossEntropyLoss()
     G = per_example_gradients(model, loss_fn, (X, Z), y)
     params = list(model.parameters())
-    ref = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        loss_fn(model(X[i : i + 1], Z[i : i + 1]), y[i : i + 1]), params)]) for i in range(9)])
+    ref = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(
+                        loss_fn(model(X[i : i + 1], Z[i : i + 1]), y[i : i + 1]), params
+                    )
+                ]
+            )
+            for i in range(9)
+        ]
+    )
     assert rel(G, ref) < 1e-12
     out = model(X, Z)
     H = exact_ggn(loss_fn(out, y), out, params)
     A = H + REG * torch.eye(H.shape[0], dtype=H.dtype)
-    inf = Influence(model, loss_fn, ((X, Z), y), curvature="ggn", regularization=REG,
-                    progressbar=False)
+    inf = Influence(
+        model, loss_fn, ((X, Z), y), curvature="ggn", regularization=REG, progressbar=False
+    )
     assert rel(inf.scores(((X[:2], Z[:2]), y[:2])), G[:2] @ torch.linalg.solve(A, G.T) / 9) < 1e-10
 
 
@@ -181,8 +214,15 @@ def test_iterable_of_batches_equals_one_batch():
     test = data(2, seed=2)
     batches = [(X[i : i + 7], y[i : i + 7]) for i in range(0, 20, 7)]
     a = Influence(model, loss_fn, (X, y), curvature="ggn", regularization=REG, progressbar=False)
-    b = Influence(model, loss_fn, batches, curvature="ggn", regularization=REG, batch_size=3,
-                  progressbar=False)
+    b = Influence(
+        model,
+        loss_fn,
+        batches,
+        curvature="ggn",
+        regularization=REG,
+        batch_size=3,
+        progressbar=False,
+    )
     assert rel(b.scores(test), a.scores(test)) < SCORE_RTOL["dense"]
     assert rel(b.newton_loo(test, [4, 17]), a.newton_loo(test, [4, 17])) < NEWTON_RTOL
 
@@ -190,8 +230,9 @@ def test_iterable_of_batches_equals_one_batch():
 def test_self_influence_top_k_and_cached_vectors():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     train, test = data(18), data(4, seed=2)
-    inf = Influence(model, loss_fn, train, curvature="ggn", regularization=REG, batch_size=5,
-                    progressbar=False)
+    inf = Influence(
+        model, loss_fn, train, curvature="ggn", regularization=REG, batch_size=5, progressbar=False
+    )
     full = inf.scores(train)  # n x n, only to check the diagonal
     assert rel(inf.self_influence(), torch.diagonal(full)) < SCORE_RTOL["dense"]
     assert bool((inf.self_influence() > 0).all())
@@ -229,8 +270,9 @@ def test_kronecker_curvatures_use_their_own_inverse(curvature):
     Gtr = example_grads_loop(model, loss_fn, *train)
     Gte = example_grads_loop(model, loss_fn, *test)
     ref = Gte @ torch.linalg.solve(A, Gtr.T) / 20
-    inf = Influence(model, loss_fn, train, curvature=curvature, regularization=REG,
-                    progressbar=False)
+    inf = Influence(
+        model, loss_fn, train, curvature=curvature, regularization=REG, progressbar=False
+    )
     assert rel(inf.scores(test), ref) < APPROX_RTOL
 
 
@@ -240,7 +282,8 @@ def newton_reference(model, loss_fn, train, test, idx, shift):
     n = X.shape[0]
     params = list(model.parameters())
     H = exact_hessian(loss_fn(model(X), y), params) + shift * torch.eye(
-        sum(p.numel() for p in params), dtype=torch.float64)
+        sum(p.numel() for p in params), dtype=torch.float64
+    )
     out = torch.zeros(test[0].shape[0], len(idx), dtype=torch.float64)
     for k, j in enumerate(idx):
         lj = loss_fn(model(X[j : j + 1]), y[j : j + 1])
@@ -286,12 +329,16 @@ def test_leave_one_out_logistic_regression():
     g = torch.Generator().manual_seed(3)
     n, d, lam = 60, 3, 1e-2
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = (X @ torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
-         + 0.8 * torch.randn(n, generator=g, dtype=torch.float64) > 0).double()
+    y = (
+        X @ torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+        + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
+        > 0
+    ).double()
     Xt = torch.randn(1, d, generator=g, dtype=torch.float64)
     yt = torch.tensor([1.0], dtype=torch.float64)
-    theta = _fit_logistic(X, y, torch.ones(n, dtype=torch.float64), lam,
-                          torch.zeros(d + 1, dtype=torch.float64))
+    theta = _fit_logistic(
+        X, y, torch.ones(n, dtype=torch.float64), lam, torch.zeros(d + 1, dtype=torch.float64)
+    )
     model = nn.Linear(d, 1).double()
     with torch.no_grad():
         model.weight.copy_(theta[:d].reshape(1, d))
@@ -418,9 +465,15 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     out = tmp_path / "res.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", init, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     got = torch.load(out)
@@ -431,8 +484,16 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     X = torch.randn(23, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (23,), generator=g)
     for method in ("dense", "cg"):
-        inf = Influence(model, nn.CrossEntropyLoss(), (X, y), curvature="ggn", method=method,
-                        regularization=0.1, batch_size=4, progressbar=False)
+        inf = Influence(
+            model,
+            nn.CrossEntropyLoss(),
+            (X, y),
+            curvature="ggn",
+            method=method,
+            regularization=0.1,
+            batch_size=4,
+            progressbar=False,
+        )
         assert rel(got[method]["scores"], inf.scores((X[:5], y[:5]))) < DIST_RTOL
         assert rel(got[method]["self"], inf.self_influence()) < DIST_RTOL
         assert rel(got[method]["loo"], inf.newton_loo((X[:2], y[:2]), [1, 7, 20])) < DIST_RTOL
@@ -478,5 +539,11 @@ def test_dropout_in_training_mode_is_refused():
     with pytest.raises(second.NonDeterministicDataError, match="eval"):
         Influence(model, nn.CrossEntropyLoss(), data(5))
     model.eval()
-    assert Influence(model, nn.CrossEntropyLoss(), data(5), curvature="ggn", regularization=REG,
-                     progressbar=False).scores(data(1)).shape == (1, 5)
+    assert Influence(
+        model,
+        nn.CrossEntropyLoss(),
+        data(5),
+        curvature="ggn",
+        regularization=REG,
+        progressbar=False,
+    ).scores(data(1)).shape == (1, 5)

@@ -27,13 +27,18 @@ OPTIM_TOL = dict(rtol=1e-6, atol=1e-8)  # optimizer update vs the operator's inv
 DT = torch.float64
 
 # torch.func's forward-mode (the optimizer's quadratic model) still scripts with torch.jit
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 LOSSES = {
     "mse-mean": (lambda: nn.MSELoss(), lambda n, c: torch.randn(n, c, dtype=DT)),
     "mse-sum": (lambda: nn.MSELoss(reduction="sum"), lambda n, c: torch.randn(n, c, dtype=DT)),
     "ce-mean": (lambda: nn.CrossEntropyLoss(), lambda n, c: torch.randint(0, c, (n,))),
-    "ce-sum": (lambda: nn.CrossEntropyLoss(reduction="sum"), lambda n, c: torch.randint(0, c, (n,))),
+    "ce-sum": (
+        lambda: nn.CrossEntropyLoss(reduction="sum"),
+        lambda n, c: torch.randint(0, c, (n,)),
+    ),
     "bce-mean": (lambda: nn.BCEWithLogitsLoss(), lambda n, c: torch.rand(n, c, dtype=DT).round()),
     "bce-sum": (
         lambda: nn.BCEWithLogitsLoss(reduction="sum"),
@@ -49,7 +54,9 @@ def deep_linear(dtype=DT, bias=(True, False, True)):
 
 
 def tanh_net(dtype=DT):
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).to(dtype)
 
 
 def param_slices(model):
@@ -167,7 +174,8 @@ def test_output_hessian_sqrt_factorizes_hessian():
     y = torch.randint(0, 4, (2, 3))
     for i in range(2):
         H = torch.autograd.functional.hessian(
-            lambda z, i=i: nn.functional.cross_entropy(z.reshape(1, 4, 3), y[i : i + 1]), f[i].reshape(-1)
+            lambda z, i=i: nn.functional.cross_entropy(z.reshape(1, 4, 3), y[i : i + 1]),
+            f[i].reshape(-1),
         )
         torch.testing.assert_close(S[:, i].T @ S[:, i], H, **EXACT_TOL[DT])
 
@@ -212,7 +220,9 @@ def test_inverse_exact_and_pi_damping():
     n, lam = K.shape[0], 0.05
     D = K.to_dense()
     inv = K.inverse(damping=lam).to_dense()
-    torch.testing.assert_close(inv, torch.linalg.inv(D + lam * torch.eye(n, dtype=DT)), **INVERSE_TOL)
+    torch.testing.assert_close(
+        inv, torch.linalg.inv(D + lam * torch.eye(n, dtype=DT)), **INVERSE_TOL
+    )
     # per-factor damping: blockdiag of ((G + sqrt(lam)/pi I) kron (A + pi sqrt(lam) I))^-1
     pinv = K.inverse(damping=lam, pi_damping=True).to_dense()
     for s, (_, A, G) in zip(layer_blocks(model), K.layers):
@@ -392,7 +402,9 @@ def test_first_step_matches_operator_inverse():
     want = second.parameters_to_vector(model.parameters()).detach() - lr * (M @ g)
     opt = second.optim.KFAC(model, loss_fn, lr=lr, damping=lam, fisher="type2")
     opt.step(_closure(opt, model, loss_fn, X, y))
-    torch.testing.assert_close(second.parameters_to_vector(model.parameters()).detach(), want, **OPTIM_TOL)
+    torch.testing.assert_close(
+        second.parameters_to_vector(model.parameters()).detach(), want, **OPTIM_TOL
+    )
 
 
 def test_adaptive_step_size_from_exact_quadratic_model():
@@ -403,7 +415,12 @@ def test_adaptive_step_size_from_exact_quadratic_model():
     M = KFACOperator(model, loss_fn, (X, y)).inverse(damping=lam, pi_damping=True)
     out = model(X)
     loss = loss_fn(out, y)
-    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
+    g = torch.cat(
+        [
+            t.reshape(-1)
+            for t in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        ]
+    )
     Gd = exact_ggn(loss, out, list(model.parameters()))
     Delta = -(M @ g)
     alpha = float(-(g @ Delta) / (Delta @ Gd @ Delta + lam * Delta @ Delta))
@@ -412,7 +429,9 @@ def test_adaptive_step_size_from_exact_quadratic_model():
     opt.step(_closure(opt, model, loss_fn, X, y))
     assert opt.last_info["alpha"] == pytest.approx(alpha, rel=1e-8)
     torch.testing.assert_close(
-        second.parameters_to_vector(model.parameters()).detach(), theta0 + alpha * Delta, **OPTIM_TOL
+        second.parameters_to_vector(model.parameters()).detach(),
+        theta0 + alpha * Delta,
+        **OPTIM_TOL,
     )
 
 
@@ -549,7 +568,9 @@ def test_optimizer_constant_input_features():
     X[:, :3] = 0.0
     model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 8), nn.Sigmoid())
     loss_fn = nn.MSELoss()
-    opt = second.optim.KFAC(model, loss_fn, damping=1e-3, min_damping=1e-12, inverse_update_period=1)
+    opt = second.optim.KFAC(
+        model, loss_fn, damping=1e-3, min_damping=1e-12, inverse_update_period=1
+    )
     first = loss_fn(model(X), X).item()
     for _ in range(12):
         opt.step(_closure(opt, model, loss_fn, X, X))

@@ -53,7 +53,11 @@ def _train(model, X, y, ddp_model=None):
         opt.step(closure)
     # the operator, too: factors of all ranks' data
     K = second.KFACOperator(net, loss_fn, (X, y), fisher="type2")
-    return [p.detach().clone() for p in model.parameters()], K.layers[0][1], opt.param_groups[0]["damping"]
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        K.layers[0][1],
+        opt.param_groups[0]["damping"],
+    )
 
 
 def _worker(rank, world, init_file, out_file):

@@ -18,7 +18,9 @@ from dense_reference import assert_close, ref_gradient, ref_hessian
 from second import NegativeCurvatureWarning
 
 # torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 NOTEBOOK = [
     # In [2]
@@ -193,8 +195,16 @@ def test_star_import_gives_the_seed_names():
     ns: dict = {}
     exec("from second import *", ns)
     for name in (
-        "hvp", "gvp", "jvp", "parameters_to_vector", "vector_to_parameters", "exact_hessian",
-        "conjugate_gradient", "neumann", "fixed_point", "clip_grad_norm",
+        "hvp",
+        "gvp",
+        "jvp",
+        "parameters_to_vector",
+        "vector_to_parameters",
+        "exact_hessian",
+        "conjugate_gradient",
+        "neumann",
+        "fixed_point",
+        "clip_grad_norm",
     ):
         assert callable(ns[name]), name
 
@@ -255,7 +265,9 @@ def test_notebook_runs_and_its_numbers_match_float64(dtype):
     # cell [13] with second's seed-form neumann (the notebook shadows it with its own,
     # cell [12]): the unscaled series diverges on this indefinite Hessian, and says so
     with pytest.warns(NegativeCurvatureWarning):
-        nm = second.neumann(ns["cg_mvp"], params, vector=second.parameters_to_vector(ns["gradient"]))
+        nm = second.neumann(
+            ns["cg_mvp"], params, vector=second.parameters_to_vector(ns["gradient"])
+        )
     assert torch.isfinite(nm).all()
 
 
@@ -279,7 +291,9 @@ def test_conjugate_gradient_falls_back_to_minres_on_the_seed_hessian(dtype):
     assert second.cosine_similarity(x, exact) > 1 - bound
     # parameter-shaped right-hand side, the seed's keyword names
     with pytest.warns(NegativeCurvatureWarning):
-        x2 = second.conjugate_gradient(mvp=mvp, vector=ns["gradient"], parameters=params, cg_iter=40)
+        x2 = second.conjugate_gradient(
+            mvp=mvp, vector=ns["gradient"], parameters=params, cg_iter=40
+        )
     assert_close(x2, x, dict(rtol=0, atol=0))
     # without a fallback CG stops at the negative curvature and says so
     with pytest.warns(NegativeCurvatureWarning):

@@ -37,14 +37,17 @@ from second import (
 )
 
 # torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 PROBLEMS = [("mlp_tanh", "mse"), ("mlp_sigmoid", "ce"), ("cnn", "bce"), ("cnn", "ce")]
 KINDS = {
     "hessian": (HessianOperator, {}, lambda m, lf, X, y, red: ref_hessian(m, lf, X, y)),
     "ggn": (GGNOperator, {}, lambda m, lf, X, y, red: ref_ggn(m, lf, X, y)),
     "ef": (
-        FisherOperator, {"kind": "empirical"},
+        FisherOperator,
+        {"kind": "empirical"},
         lambda m, lf, X, y, red: ref_empirical_fisher(m, lf, X, y, red),
     ),
 }

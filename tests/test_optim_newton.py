@@ -256,8 +256,12 @@ def test_newton_cg_matches_minimize():
     assert res.success
     torch.testing.assert_close(res.x, x.detach(), **EXACT)
     st = opt.state[x]
-    assert (res.nit, res.nfev, res.ngev, res.nhvp) == (st["n_iter"], st["nfev"], st["ngev"],
-                                                       st["nhvp"])
+    assert (res.nit, res.nfev, res.ngev, res.nhvp) == (
+        st["n_iter"],
+        st["nfev"],
+        st["ngev"],
+        st["nhvp"],
+    )
 
 
 def test_newton_cg_external_parameter_change_resets_the_cache():
@@ -279,8 +283,9 @@ def test_gauss_newton_linear_least_squares_in_one_step(solver):
     X = torch.randn(30, 4, generator=g, dtype=DT)
     y = torch.randn(30, 1, generator=g, dtype=DT)
     model = torch.nn.Linear(4, 1).to(DT)
-    opt = GaussNewton(model.parameters(), damping=1e-12, solver=solver, cg_rtol=1e-12,
-                      tolerance_grad=1e-10)
+    opt = GaussNewton(
+        model.parameters(), damping=1e-12, solver=solver, cg_rtol=1e-12, tolerance_grad=1e-10
+    )
 
     def closure():
         out = model(X)
@@ -335,8 +340,13 @@ def test_gauss_newton_matches_minimize(solver):
 
     while opt.stop_reason is None:
         opt.step(closure)
-    res = minimize(rosen_residual, torch.tensor([-1.2, 1.0], dtype=DT), method="lm", tol=1e-9,
-                   options=dict(solver=solver))
+    res = minimize(
+        rosen_residual,
+        torch.tensor([-1.2, 1.0], dtype=DT),
+        method="lm",
+        tol=1e-9,
+        options=dict(solver=solver),
+    )
     assert res.success and opt.converged
     torch.testing.assert_close(res.x, x.detach(), **EXACT)
     torch.testing.assert_close(res.x, torch.ones(2, dtype=DT), rtol=0, atol=SOLUTION_TOL)
@@ -355,13 +365,15 @@ def small_regression(seed=0):
     torch.manual_seed(seed)
     X = torch.randn(128, 4, dtype=DT)
     y = torch.sin(X.sum(1, keepdim=True))
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 1)).to(DT)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(
+        DT
+    )
 
     def closure(n=128):
         def c():
             out = model(X[:n])
             return torch.nn.functional.mse_loss(out, y[:n]), out
+
         return c
 
     return model, closure
@@ -420,8 +432,9 @@ def test_lissa_stochastic_converges_near_the_solution():
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):
         idx = torch.randint(0, 256, (64,), generator=gen)
-        opt.step(lambda: ((X @ w - y) ** 2).mean(),
-                 lambda idx=idx: ((X[idx] @ w - y[idx]) ** 2).mean())
+        opt.step(
+            lambda: ((X @ w - y) ** 2).mean(), lambda idx=idx: ((X[idx] @ w - y[idx]) ** 2).mean()
+        )
     err = float((w.detach() - w_star).norm() / w_star.norm())
     assert err < LISSA_STOCHASTIC_TOL
     st = opt.state[w]
@@ -447,8 +460,11 @@ def _closure_for(cls, x):
 
 @pytest.mark.parametrize("cls", [NewtonCG, GaussNewton, HessianFree, LiSSA])
 def test_state_dict_round_trip(cls):
-    x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True) if cls is not LiSSA else \
-        torch.tensor([0.9, 0.8], dtype=DT, requires_grad=True)  # LiSSA needs convexity
+    x = (
+        torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
+        if cls is not LiSSA
+        else torch.tensor([0.9, 0.8], dtype=DT, requires_grad=True)
+    )  # LiSSA needs convexity
     opt = _make(cls, x)
     closure = _closure_for(cls, x)
     for _ in range(3):
@@ -527,8 +543,13 @@ def test_minimize_rosenbrock(method):
 
 def test_minimize_newton_exact_one_step_on_a_quadratic():
     A, b, x_star, f = quadratic_problem(n=5)
-    res = minimize(f, torch.zeros(5, dtype=DT), method="newton-exact", tol=1e-9,
-                   options=dict(initial_radius=1e3))
+    res = minimize(
+        f,
+        torch.zeros(5, dtype=DT),
+        method="newton-exact",
+        tol=1e-9,
+        options=dict(initial_radius=1e3),
+    )
     assert res.success and res.nit == 1
     torch.testing.assert_close(res.x, x_star, rtol=0, atol=SOLUTION_TOL)
 
@@ -599,6 +620,7 @@ def test_a_new_closure_is_evaluated_afresh(cls):
             out = model(X)
             loss = torch.nn.functional.mse_loss(out, y)
             return loss if cls is NewtonCG else (loss, out)
+
         return closure
 
     opt = cls(model.parameters())

@@ -26,7 +26,9 @@ from dense_reference import (
 from second import gvp, hvp, jvp, parameters_to_vector, vector_to_parameters, vjp
 
 # torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 # every (model, loss, reduction) combination, each in every dtype
 CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))

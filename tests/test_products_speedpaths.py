@@ -26,7 +26,8 @@ KINDS = {
     "hessian": (HessianOperator, {}, lambda m, lf, X, y, red: ref_hessian(m, lf, X, y)),
     "ggn": (GGNOperator, {}, lambda m, lf, X, y, red: ref_ggn(m, lf, X, y)),
     "ef": (
-        FisherOperator, {"kind": "empirical"},
+        FisherOperator,
+        {"kind": "empirical"},
         lambda m, lf, X, y, red: ref_empirical_fisher(m, lf, X, y, red),
     ),
 }
@@ -130,8 +131,9 @@ def test_hessian_of_a_loss_linear_in_the_parameters_is_zero(columns):
     op = HessianOperator(model, lambda out, t: out.sum() + 0 * t.sum(), (X, y), columns=columns)
     v = torch.randn(op.shape[0], dtype=torch.float64)
     assert torch.equal(op @ v, torch.zeros_like(v))
-    assert torch.equal(op @ v.outer(torch.ones(3, dtype=v.dtype)), torch.zeros(op.shape[0], 3,
-                                                                                dtype=v.dtype))
+    assert torch.equal(
+        op @ v.outer(torch.ones(3, dtype=v.dtype)), torch.zeros(op.shape[0], 3, dtype=v.dtype)
+    )
 
 
 def test_auto_columns_picks_vmap_for_small_batches_and_loop_for_large_ones_on_cpu():

@@ -289,7 +289,11 @@ def plot_residuals(rows: list[Row], path: Path, seed: int) -> None:
                 offset = max(r.matvecs - (len(ys) - 1), 0)
                 xs, style = [i + max(offset, 1) for i in range(len(ys))], {}
             ax.loglog(xs, ys, label=r.method, lw=1.5, **style)
-        title = "Hessian H (indefinite)" if curvature == "hessian" else "damped Gauss-Newton G + lambda I"
+        title = (
+            "Hessian H (indefinite)"
+            if curvature == "hessian"
+            else "damped Gauss-Newton G + lambda I"
+        )
         ax.set_title(f"{title}, seed {seed}")
         ax.set_xlabel("curvature-vector products")
         ax.set_ylabel("relative residual ||b - A x|| / ||b||")

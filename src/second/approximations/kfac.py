@@ -115,8 +115,10 @@ class _Layer:
         if type(module) is nn.Linear:
             return True
         if type(module) is nn.Conv2d:
-            return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(
-                module.padding, str
+            return (
+                module.groups == 1
+                and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str)
             )
         if type(module) is nn.Embedding:
             return module.max_norm is None and not module.sparse
@@ -152,7 +154,7 @@ class _Layer:
     def mask(self, inp: Tensor) -> Tensor | None:
         """For an embedding with ``padding_idx``: ``[n, T]`` positions that get gradient."""
         if self.kind == "embedding" and self.module.padding_idx is not None:
-            return (inp.reshape(inp.shape[0], -1) != self.module.padding_idx)
+            return inp.reshape(inp.shape[0], -1) != self.module.padding_idx
         return None
 
     # -- factor statistics -------------------------------------------------------------------
@@ -244,7 +246,11 @@ class _Capture:
 
     def _hook(self, j: int):
         def hook(module, args, output):
-            if not self.active or not torch.is_grad_enabled() or module is not self.layers[j].module:
+            if (
+                not self.active
+                or not torch.is_grad_enabled()
+                or module is not self.layers[j].module
+            ):
                 return
             self.inputs.setdefault(j, []).append(args[0].detach())
             self.outputs.setdefault(j, []).append(output)
@@ -271,7 +277,10 @@ def _check_loss(loss_fn: Callable, fisher: str) -> str:
             "(use fisher='empirical')"
         )
     if kind is not None:
-        if getattr(loss_fn, "weight", None) is not None or getattr(loss_fn, "pos_weight", None) is not None:
+        if (
+            getattr(loss_fn, "weight", None) is not None
+            or getattr(loss_fn, "pos_weight", None) is not None
+        ):
             raise NotImplementedError("weighted losses (weight=/pos_weight=) are not supported")
         if getattr(loss_fn, "label_smoothing", 0.0):
             raise NotImplementedError("label smoothing is not supported")
@@ -476,17 +485,25 @@ def batch_statistics(
     for j in js:
         layer = layers[j]
         for inp in capture.inputs[j]:
-            g = gouts[pos]
+            add_layer_statistics(stats, j, layer, inp, gouts[pos])
             pos += 1
-            arows = layer.input_rows(inp)
-            grows = layer.grad_rows(g)
-            mask = layer.mask(inp)
-            if mask is not None:
-                arows = arows[mask].reshape(1, -1)
-                grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
-            A, nA = layer.a_stats(arows)
-            stats.add(j, A, nA, layer.g_stats(grows))
     stats.n += f.shape[0]
+
+
+def add_layer_statistics(stats, j: int, layer, inp: Tensor, g: Tensor) -> None:
+    """Add one use of layer ``j``'s factor sums: input rows ``inp``, backpropagated columns ``g``.
+
+    Padding positions (``layer.mask``, e.g. an embedding's padding index) are dropped from
+    the input factor and zeroed in the gradient factor.
+    """
+    arows = layer.input_rows(inp)
+    grows = layer.grad_rows(g)
+    mask = layer.mask(inp)
+    if mask is not None:
+        arows = arows[mask].reshape(1, -1)
+        grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
+    A, nA = layer.a_stats(arows)
+    stats.add(j, A, nA, layer.g_stats(grows))
 
 
 # ============================================================================ eigen-blocks
@@ -514,7 +531,9 @@ def _sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         lam, Q = torch.linalg.eigh(M64)
     except RuntimeError:  # ill-conditioned: a tiny diagonal shift makes LAPACK converge
         shift = 1e-12 * float(M64.diagonal().abs().max().clamp_min(1.0))
-        lam, Q = torch.linalg.eigh(M64 + shift * torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device))
+        lam, Q = torch.linalg.eigh(
+            M64 + shift * torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device)
+        )
         lam = lam - shift
     return lam.clamp_min(0.0).to(M.dtype), Q.to(M.dtype).contiguous()  # eigh returns column-major Q
 
@@ -567,7 +586,9 @@ class _BlockDiagonal(LinearOperator):
 
     psd = True
 
-    def _setup(self, params: Sequence[Tensor], layers: Sequence[_Layer], fallback: Sequence[Tensor]):
+    def _setup(
+        self, params: Sequence[Tensor], layers: Sequence[_Layer], fallback: Sequence[Tensor]
+    ):
         index = {id(p): i for i, p in enumerate(params)}
         offsets, off = [], 0
         for p in params:
@@ -686,8 +707,13 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         _check_loss(loss_fn, fisher)
         super().__init__(
-            _unwrap(model), loss_fn, data, None, reduction=reduction,
-            check_deterministic=check_deterministic, distributed=distributed,
+            _unwrap(model),
+            loss_fn,
+            data,
+            None,
+            reduction=reduction,
+            check_deterministic=check_deterministic,
+            distributed=distributed,
             progressbar=progressbar,
         )
         self.fisher, self.damping, self.mc_samples = fisher, float(damping), int(mc_samples)
@@ -720,8 +746,14 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
         stats = _Stats(self._layers, self._fallback if self.fallback == "diagonal" else [])
         for out, S, cap in self._passes():
             batch_statistics(
-                self._layers, stats.fallback_params, out, S, cap, stats,
-                generator=self.generator, retain_graph=False,
+                self._layers,
+                stats.fallback_params,
+                out,
+                S,
+                cap,
+                stats,
+                generator=self.generator,
+                retain_graph=False,
             )
         stats.tensors()
         if _dist_active(self.distributed):
@@ -730,9 +762,11 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
         self.A = [A / max(nA, 1.0) for A, nA in zip(stats.A, stats.nA)]
         self.G = [G * w for G in stats.G]
-        self.diag = [d * w for d in stats.diag] if stats.diag else [
-            torch.zeros_like(p) for p in self._fallback
-        ]
+        self.diag = (
+            [d * w for d in stats.diag]
+            if stats.diag
+            else [torch.zeros_like(p) for p in self._fallback]
+        )
         for t in [*self.A, *self.G, *self.diag]:
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError("a KFAC factor has NaN or Inf entries")
@@ -816,13 +850,17 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel``/``DataParallel``."""
-    return model.module if isinstance(
-        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    ) else model
+    return (
+        model.module
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+        else model
+    )
 
 
 class _EigenInverse(_BlockDiagonal):
-    def __init__(self, base: KFACOperator, eig: list[_Eigen], scales: list[Tensor], diag: list[Tensor]):
+    def __init__(
+        self, base: KFACOperator, eig: list[_Eigen], scales: list[Tensor], diag: list[Tensor]
+    ):
         LinearOperator.__init__(self, base.shape[0], base.dtype, base.device)
         self._layers = base._layers
         self._setup(base.params, base._layers, base._fallback)
@@ -876,8 +914,10 @@ class EKFACOperator(KFACOperator):
         """Recompute factors, eigenbases and the corrected eigenvalues (two data passes)."""
         super().refresh()
         eig = self.eigen()
-        sums = [torch.zeros(layer.d_G, layer.d_A, dtype=self.dtype, device=self.device)
-                for layer in self._layers]
+        sums = [
+            torch.zeros(layer.d_G, layer.d_A, dtype=self.dtype, device=self.device)
+            for layer in self._layers
+        ]
         for out, S, cap in self._passes():
             js = [j for j in range(len(self._layers)) if j in cap.outputs]
             outs = [o for j in js for o in cap.outputs[j]]
@@ -924,11 +964,12 @@ class EKFACOperator(KFACOperator):
             ValueError: ``pi_damping=True``, negative damping, or singular with zero damping.
         """
         if pi_damping:
-            raise ValueError("EK-FAC has no per-factor damping: use the exact damping (pi_damping=False)")
+            raise ValueError(
+                "EK-FAC has no per-factor damping: use the exact damping (pi_damping=False)"
+            )
         lam = self.damping if damping is None else float(damping)
         if not (lam >= 0 and math.isfinite(lam)):
             raise ValueError(f"damping must be finite and >= 0, got {lam}")
         return EKFACInverseOperator(
             self, self.eigen(), [s + lam for s in self.scales], [d + lam for d in self.diag]
         )
-

@@ -187,7 +187,9 @@ def exact_fisher(
     """
     params = as_params(parameters)
     if losses.dim() != 1:
-        raise ValueError(f"losses must be a vector of per-example losses, got {tuple(losses.shape)}")
+        raise ValueError(
+            f"losses must be a vector of per-example losses, got {tuple(losses.shape)}"
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     N = losses.shape[0]

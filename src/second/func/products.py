@@ -186,8 +186,11 @@ def gradient_with_graph(loss: Tensor, params: Sequence[Tensor], keep: bool = Tru
 def flat_gradient_with_graph(loss: Tensor, params: Sequence[Tensor], keep: bool = True):
     """Return the gradient as one flat tensor with its graph (see :func:`flatten_gradient`)."""
     return _cached(
-        loss, params, "flatgrad",
-        lambda: flatten_gradient(gradient_with_graph(loss, params, keep)), keep,
+        loss,
+        params,
+        "flatgrad",
+        lambda: flatten_gradient(gradient_with_graph(loss, params, keep)),
+        keep,
     )
 
 
@@ -217,7 +220,11 @@ def hvp_from_flat_gradient(
         lead = (v.shape[0],) if batched else ()
         return tuple(p.new_zeros((*lead, *p.shape)) for p in params)
     return grad_checked(
-        gflat, params, v, retain_graph=retain_graph, is_grads_batched=batched,
+        gflat,
+        params,
+        v,
+        retain_graph=retain_graph,
+        is_grads_batched=batched,
         zeros_for_unused=True,
     )
 
@@ -279,7 +286,11 @@ class GGNGraph:
         if not self.g_out.requires_grad:  # loss linear in the output
             return torch.zeros_like(t)
         (h,) = torch.autograd.grad(
-            self.g_out, self.output, t, retain_graph=True, allow_unused=True,
+            self.g_out,
+            self.output,
+            t,
+            retain_graph=True,
+            allow_unused=True,
             is_grads_batched=batched,
         )
         return torch.zeros_like(t) if h is None else h
@@ -287,7 +298,11 @@ class GGNGraph:
     def vjp(self, t: Tensor, batched: bool = False) -> tuple[Tensor, ...]:
         """``J^T t``."""
         return grad_checked(
-            self.output, self.params, t, retain_graph=True, is_grads_batched=batched,
+            self.output,
+            self.params,
+            t,
+            retain_graph=True,
+            is_grads_batched=batched,
             zeros_for_unused=True,
         )
 
@@ -450,8 +465,12 @@ def jvp(
     live = [i for i, t in enumerate(u) if t.requires_grad]
     if live:
         jv = torch.autograd.grad(
-            [u[i] for i in live], dummies, [vs[i] for i in live],
-            retain_graph=retain_graph, create_graph=create_graph, allow_unused=True,
+            [u[i] for i in live],
+            dummies,
+            [vs[i] for i in live],
+            retain_graph=retain_graph,
+            create_graph=create_graph,
+            allow_unused=True,
         )
     else:
         jv = (None,) * len(outs)

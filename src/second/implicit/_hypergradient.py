@@ -189,8 +189,16 @@ def hypergradient(
             x0_leaves, _ = flatten(x0, "x0")
             x0_flat = flat_cat([t.detach() for t in x0_leaves]).to(b.dtype)
         res = solve_symmetric(
-            matvec, b, method=method, tol=tol, atol=atol, maxiter=maxiter, damping=damping,
-            x0=x0_flat, warn=warn, stacklevel=4,
+            matvec,
+            b,
+            method=method,
+            tol=tol,
+            atol=atol,
+            maxiter=maxiter,
+            damping=damping,
+            x0=x0_flat,
+            warn=warn,
+            stacklevel=4,
         )
         v = res.x if isinstance(res.x, Tensor) else flat_cat(res.x)
         vs = split_like(v.detach(), ws)
@@ -199,14 +207,20 @@ def hypergradient(
         live = [i for i, g in enumerate(g_w) if g.requires_grad]
         cross: list[Tensor | None] = [None] * len(hs)
         if live:
-            cross = list(torch.autograd.grad(
-                [g_w[i] for i in live], hs, [vs[i] for i in live], allow_unused=True,
-                retain_graph=True,  # inner_loss's graph may be needed just below
-            ))
+            cross = list(
+                torch.autograd.grad(
+                    [g_w[i] for i in live],
+                    hs,
+                    [vs[i] for i in live],
+                    allow_unused=True,
+                    retain_graph=True,  # inner_loss's graph may be needed just below
+                )
+            )
         missing = [i for i, c in enumerate(cross) if c is None]
         if missing:  # no mixed derivative: legitimate only if inner_loss uses h at all
-            reach = torch.autograd.grad(L_in, [hs[i] for i in missing], allow_unused=True,
-                                        retain_graph=True)
+            reach = torch.autograd.grad(
+                L_in, [hs[i] for i in missing], allow_unused=True, retain_graph=True
+            )
             for i, r in zip(missing, reach, strict=True):
                 if r is None:
                     raise ValueError(

@@ -122,8 +122,9 @@ def implicit_root(
         @functools.wraps(solver)
         def wrapped(*args):
             arg_leaves, rebuild = _flatten_args(args)
-            diff = [i for i, a in enumerate(arg_leaves)
-                    if isinstance(a, Tensor) and a.requires_grad]
+            diff = [
+                i for i, a in enumerate(arg_leaves) if isinstance(a, Tensor) and a.requires_grad
+            ]
             # the solver sees detached arguments: its iterations are never part of the graph
             plain = [a.detach() if isinstance(a, Tensor) else a for a in arg_leaves]
             out = solver(*rebuild(plain))
@@ -137,10 +138,22 @@ def implicit_root(
             if not diff or not torch.is_grad_enabled():
                 return w_struct.unflatten(w_leaves)
             spec = dict(
-                optimality_fn=optimality_fn, rebuild=rebuild, arg_leaves=arg_leaves, diff=diff,
-                w_struct=w_struct, n_w=len(w_leaves), owner=wrapped,
-                options=dict(method=method, tol=tol, atol=atol, maxiter=maxiter,
-                             damping=damping, warn=warn, symmetric=symmetric),
+                optimality_fn=optimality_fn,
+                rebuild=rebuild,
+                arg_leaves=arg_leaves,
+                diff=diff,
+                w_struct=w_struct,
+                n_w=len(w_leaves),
+                owner=wrapped,
+                options=dict(
+                    method=method,
+                    tol=tol,
+                    atol=atol,
+                    maxiter=maxiter,
+                    damping=damping,
+                    warn=warn,
+                    symmetric=symmetric,
+                ),
             )
             outs = _ImplicitRoot.apply(spec, *w_leaves, *[arg_leaves[i] for i in diff])
             return w_struct.unflatten(list(outs))
@@ -192,17 +205,29 @@ class _ImplicitRoot(torch.autograd.Function):
                 us = split_like(u, ws)
                 if not live:
                     return torch.zeros_like(u)
-                out = torch.autograd.grad([F_leaves[i] for i in live], ws,
-                                          [us[i] for i in live], retain_graph=True,
-                                          allow_unused=True)
-                return flat_cat([torch.zeros_like(w) if g is None else g
-                                 for w, g in zip(ws, out, strict=True)])
+                out = torch.autograd.grad(
+                    [F_leaves[i] for i in live],
+                    ws,
+                    [us[i] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                return flat_cat(
+                    [torch.zeros_like(w) if g is None else g for w, g in zip(ws, out, strict=True)]
+                )
 
             if opts["symmetric"]:
                 res = solve_symmetric(
-                    vjp_w, b, method=opts["method"], tol=opts["tol"], atol=opts["atol"],
-                    maxiter=opts["maxiter"], damping=opts["damping"], warn=opts["warn"],
-                    what="the Jacobian of optimality_fn", stacklevel=6,
+                    vjp_w,
+                    b,
+                    method=opts["method"],
+                    tol=opts["tol"],
+                    atol=opts["atol"],
+                    maxiter=opts["maxiter"],
+                    damping=opts["damping"],
+                    warn=opts["warn"],
+                    what="the Jacobian of optimality_fn",
+                    stacklevel=6,
                 )
                 u = res.x if isinstance(res.x, Tensor) else flat_cat(res.x)
             else:
@@ -215,12 +240,13 @@ class _ImplicitRoot(torch.autograd.Function):
             spec["owner"].last_solve = res
             us = split_like(u.detach(), ws)
             if live:
-                grads = torch.autograd.grad([F_leaves[i] for i in live], hs,
-                                            [us[i] for i in live], allow_unused=True)
+                grads = torch.autograd.grad(
+                    [F_leaves[i] for i in live], hs, [us[i] for i in live], allow_unused=True
+                )
             else:
                 grads = [None] * len(hs)
         out = []
-        for _h, g, need in zip(hs, grads, ctx.needs_input_grad[1 + n_w:], strict=True):
+        for _h, g, need in zip(hs, grads, ctx.needs_input_grad[1 + n_w :], strict=True):
             if g is None or not need:
                 out.append(None)
             else:

@@ -114,8 +114,7 @@ def hvp_matvec(grads: Sequence[Tensor], params: Sequence[Tensor]):
         shape = p.shape
 
         def matvec_one(v: Tensor) -> Tensor:
-            (hv,) = torch.autograd.grad(g, p, v.view(shape), retain_graph=True,
-                                        allow_unused=True)
+            (hv,) = torch.autograd.grad(g, p, v.view(shape), retain_graph=True, allow_unused=True)
             return torch.zeros_like(v) if hv is None else hv.reshape(-1)
 
         return matvec_one
@@ -124,8 +123,9 @@ def hvp_matvec(grads: Sequence[Tensor], params: Sequence[Tensor]):
         if not live:
             return torch.zeros_like(v)
         vs = split_like(v, params)
-        out = torch.autograd.grad(targets, params, [vs[i] for i in live], retain_graph=True,
-                                  allow_unused=True)
+        out = torch.autograd.grad(
+            targets, params, [vs[i] for i in live], retain_graph=True, allow_unused=True
+        )
         return flat_cat(zeros_for_none(params, out))
 
     return matvec

@@ -207,8 +207,16 @@ def meta_gradient(
             return v + hvp(v) / lam
 
         res = solve_symmetric(
-            matvec, b, method=method, tol=tol, atol=atol, maxiter=maxiter, damping=damping,
-            warn=warn, what="I + H/lambda", stacklevel=4,
+            matvec,
+            b,
+            method=method,
+            tol=tol,
+            atol=atol,
+            maxiter=maxiter,
+            damping=damping,
+            warn=warn,
+            what="I + H/lambda",
+            stacklevel=4,
         )
     x = res.x if isinstance(res.x, Tensor) else flat_cat(res.x)
     grad = struct.unflatten([t.clone() for t in split_like(x.detach(), ws)])

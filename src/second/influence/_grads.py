@@ -210,8 +210,10 @@ def per_example_gradients(
     n = (X if isinstance(X, Tensor) else X[0]).shape[0]
     if n != y.shape[0]:
         raise ValueError(f"inputs have {n} examples but targets have {y.shape[0]}")
-    rows = [fm.gradients(_take(X, slice(s, s + batch_size)), y[s : s + batch_size])
-            for s in range(0, n, batch_size)]
+    rows = [
+        fm.gradients(_take(X, slice(s, s + batch_size)), y[s : s + batch_size])
+        for s in range(0, n, batch_size)
+    ]
     if not rows:
         return torch.zeros(0, fm.numel, dtype=fm.dtype, device=fm.device)
     return torch.cat(rows)

@@ -330,9 +330,20 @@ class Influence:
         if self._key is None:
             train = self.train.digest(self.batch_size) if self.cache is not None else self.n_train
             self._key = fingerprint(
-                type(self.model).__name__, self.curvature, self.method, self.damping,
-                self.regularization, self.rank, self.tol, self.maxiter, self.solver_options,
-                self.curvature_options, self.reduction, self.batch_size, self._theta_key, train,
+                type(self.model).__name__,
+                self.curvature,
+                self.method,
+                self.damping,
+                self.regularization,
+                self.rank,
+                self.tol,
+                self.maxiter,
+                self.solver_options,
+                self.curvature_options,
+                self.reduction,
+                self.batch_size,
+                self._theta_key,
+                train,
             )
         return self._key
 
@@ -403,8 +414,9 @@ class Influence:
             return GGNOperator(*args, **common, **kw)
         if self.curvature == "fisher":
             return FisherOperator(*args, **common, **kw)
-        return _approximation(self.curvature, self.model, self.loss_fn, self.train_data,
-                              self.reduction, kw)
+        return _approximation(
+            self.curvature, self.model, self.loss_fn, self.train_data, self.reduction, kw
+        )
 
     def _dense_matrix(self) -> Tensor:
         """Form the data curvature densely in float64 (columns sharded over ranks; cached)."""
@@ -438,16 +450,20 @@ class Influence:
             if m == "dense":
                 self._inverse = DenseInverse(self._dense_matrix(), self.shift, self.fn.dtype)
             elif m == "lowrank":
-                opts = {k: v for k, v in self.solver_options.items()
-                        if k in ("complement", "complement_probes", "eig_tol")}
+                opts = {
+                    k: v
+                    for k, v in self.solver_options.items()
+                    if k in ("complement", "complement_probes", "eig_tol")
+                }
                 self._inverse = LowRankInverseStrategy(self.operator, self.shift, self.rank, **opts)
             elif m in ("kfac", "ekfac"):
                 inv = self.operator.inverse(damping=self.shift)
                 self._inverse = ApproximationInverse(lambda B: inv @ B, self.fn.dtype)
             else:
                 tol = self._user_tol if m == "lissa" else self.tol
-                self._inverse = IterativeInverse(self.operator, self.shift, m, tol,
-                                                 self.maxiter, self.solver_options)
+                self._inverse = IterativeInverse(
+                    self.operator, self.shift, m, tol, self.maxiter, self.solver_options
+                )
         return self._inverse
 
     def _apply_inverse(self, B: Tensor) -> Tensor:
@@ -541,8 +557,9 @@ class Influence:
         V = self.inverse_hvps(test_data)
         tkey = self._test(test_data).digest(self.batch_size)
         w = self.weight
-        return self._train_pass(lambda G: w * (V @ G.T), V.shape[0],
-                                f"scores-{self.key}-{tkey}", "scores")
+        return self._train_pass(
+            lambda G: w * (V @ G.T), V.shape[0], f"scores-{self.key}-{tkey}", "scores"
+        )
 
     def self_influence(self) -> Tensor:
         r"""Each training point's influence on its own loss, without the ``n x n`` matrix.
@@ -615,8 +632,12 @@ class Influence:
             IndexError: if an index is outside ``[0, n_train)``.
         """
         self._check_model()
-        idx = [int(i) for i in (train_indices.tolist() if isinstance(train_indices, Tensor)
-                                else train_indices)]
+        idx = [
+            int(i)
+            for i in (
+                train_indices.tolist() if isinstance(train_indices, Tensor) else train_indices
+            )
+        ]
         for i in idx:
             if not 0 <= i < self.n_train:
                 raise IndexError(f"training index {i} is outside [0, {self.n_train})")

@@ -142,7 +142,11 @@ class LinearOperator:
     def to_dense(self, chunk_size: int | None = 256) -> Tensor:
         """The ``n x n`` matrix, assembled with batched products of ``chunk_size`` columns."""
         return dense_from_matmat(
-            self.matmat, self.matvec, self.shape[0], dtype=self.dtype, device=self.device,
+            self.matmat,
+            self.matvec,
+            self.shape[0],
+            dtype=self.dtype,
+            device=self.device,
             chunk_size=chunk_size,
         )
 
@@ -166,7 +170,9 @@ class LinearOperator:
         return SciPyOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np_dtype)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        )
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -216,7 +222,9 @@ class CallableOperator(LinearOperator):
         if isinstance(out, (tuple, list)):
             out = torch.cat([t.reshape(-1) for t in out])
         if out.shape != v.shape:
-            raise ValueError(f"the matvec returned shape {tuple(out.shape)} for input {tuple(v.shape)}")
+            raise ValueError(
+                f"the matvec returned shape {tuple(out.shape)} for input {tuple(v.shape)}"
+            )
         return out
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -320,7 +328,9 @@ def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> Lin
         tdtype = dtype or torch.float64
 
         def f(v):
-            return torch.as_tensor(sp.matvec(v.detach().cpu().numpy()), dtype=tdtype, device=v.device)
+            return torch.as_tensor(
+                sp.matvec(v.detach().cpu().numpy()), dtype=tdtype, device=v.device
+            )
 
         return CallableOperator(f, sp.shape[0], tdtype, device or "cpu")
     if callable(A):

@@ -46,7 +46,13 @@ from .base import LinearOperator
 # measured crossover for tanh MLPs on one thread (benchmarks/bench_products.py).
 _LOOP_COLUMNS_WORK = 8_000_000
 
-__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "iterate_batches"]
+__all__ = [
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
+    "iterate_batches",
+]
 
 
 def _is_batch(data) -> bool:
@@ -515,14 +521,22 @@ class _JacobianGraph:
         if not live:
             return self.out.new_zeros(shape)
         (jv,) = torch.autograd.grad(
-            [self.u[i] for i in live], self.dummy, [vs[i] for i in live],
-            retain_graph=True, allow_unused=True, is_grads_batched=batched,
+            [self.u[i] for i in live],
+            self.dummy,
+            [vs[i] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
         )
         return self.out.new_zeros(shape) if jv is None else jv
 
     def vjp(self, t, batched):
         return grad_checked(
-            self.out, self.params, t, retain_graph=True, is_grads_batched=batched,
+            self.out,
+            self.params,
+            t,
+            retain_graph=True,
+            is_grads_batched=batched,
             zeros_for_unused=True,
         )
 
@@ -610,4 +624,3 @@ class FisherOperator(CurvatureOperator):
                 coef = (Sf * jf).sum(-1, keepdim=True)
                 t = (coef * Sf).sum(0).reshape(jv.shape) * state.w
         return state.graph.vjp(t, batched)
-

@@ -138,8 +138,12 @@ class NewtonTypeOptimizer(Optimizer):
         self, loss: Tensor, create_graph: bool, retain_graph: bool | None = None
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         """Gradient tensors (with graph when asked) and the detached flat gradient."""
-        grads = grad_checked(loss, self._params, create_graph=create_graph,
-                             retain_graph=True if create_graph else retain_graph)
+        grads = grad_checked(
+            loss,
+            self._params,
+            create_graph=create_graph,
+            retain_graph=True if create_graph else retain_graph,
+        )
         self._state["ngev"] += 1
         flat = torch.cat([g.detach().reshape(-1) for g in grads])
         if not bool(torch.isfinite(flat).all()):

@@ -131,5 +131,6 @@ def model_cg(
     if not saved or saved[-1][0] != i:
         saved.append((i, x.clone(), Ax.clone()))
     phi = 0.5 * float(torch.dot(x, Ax)) + float(torch.dot(g, x))
-    return InnerCGResult(x=x, Ax=Ax, phi=phi, iterations=i, products=products, saved=saved,
-                         status=status)
+    return InnerCGResult(
+        x=x, Ax=Ax, phi=phi, iterations=i, products=products, saved=saved, status=status
+    )

@@ -162,12 +162,23 @@ def minimize(
             break
     reason = opt.stop_reason
     if reason is None:
-        reason = (f"stopped: maximum number of iterations ({maxiter})" if st["n_iter"] >= maxiter
-                  else f"stopped: time limit ({max_time} s)")
+        reason = (
+            f"stopped: maximum number of iterations ({maxiter})"
+            if st["n_iter"] >= maxiter
+            else f"stopped: time limit ({max_time} s)"
+        )
     return OptimizeResult(
-        x=x.detach().reshape(x0.shape), fun=float(st["loss"]), grad_norm=float(st["grad_norm"]),
-        nit=st["n_iter"], nfev=st["nfev"], ngev=st["ngev"], nhvp=st["nhvp"],
-        success=opt.converged, message=reason, method=method, history=list(st["history"]),
+        x=x.detach().reshape(x0.shape),
+        fun=float(st["loss"]),
+        grad_norm=float(st["grad_norm"]),
+        nit=st["n_iter"],
+        nfev=st["nfev"],
+        ngev=st["ngev"],
+        nhvp=st["nhvp"],
+        success=opt.converged,
+        message=reason,
+        method=method,
+        history=list(st["history"]),
         time=time.perf_counter() - t0,
     )
 
@@ -201,8 +212,17 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
         gflat = g.detach().reshape(-1)
         gnorm = float(torch.linalg.vector_norm(gflat))
         fval = float(f.detach())
-        history.append(dict(n_iter=counts["nit"], nfev=counts["nfev"], ngev=counts["ngev"],
-                            nhvp=counts["nhvp"], loss=fval, grad_norm=gnorm, radius=radius))
+        history.append(
+            dict(
+                n_iter=counts["nit"],
+                nfev=counts["nfev"],
+                ngev=counts["ngev"],
+                nhvp=counts["nhvp"],
+                loss=fval,
+                grad_norm=gnorm,
+                radius=radius,
+            )
+        )
         if gnorm <= tol:
             message, success = f"converged: ||grad|| = {gnorm:.3e} <= tol = {tol:.1e}", True
             break
@@ -214,8 +234,7 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
             break
         if H is None or age >= every:
             with torch.enable_grad():
-                cols = hvp_from_gradient([g], [x], [eye.reshape(n, *x.shape)],
-                                         batched=True)[0]
+                cols = hvp_from_gradient([g], [x], [eye.reshape(n, *x.shape)], batched=True)[0]
             counts["nhvp"] += n
             H, age = cols.reshape(n, n).detach(), 0
         stale_rejected = False
@@ -250,7 +269,16 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
         else:
             age += 1
     return OptimizeResult(
-        x=x.detach().clone(), fun=float(f.detach()), grad_norm=gnorm, nit=counts["nit"],
-        nfev=counts["nfev"], ngev=counts["ngev"], nhvp=counts["nhvp"], success=success,
-        message=message, method="newton-exact", history=history, time=time.perf_counter() - t0,
+        x=x.detach().clone(),
+        fun=float(f.detach()),
+        grad_norm=gnorm,
+        nit=counts["nit"],
+        nfev=counts["nfev"],
+        ngev=counts["ngev"],
+        nhvp=counts["nhvp"],
+        success=success,
+        message=message,
+        method="newton-exact",
+        history=history,
+        time=time.perf_counter() - t0,
     )

@@ -132,8 +132,14 @@ class SteihaugPath:
 def _finish(p, r, g, norm, status, path) -> SubproblemResult:
     # m(p) = g.p + p.Hp / 2 = (g.p + p.r) / 2 with r = g + H p
     m = 0.5 * (float(torch.dot(g, p)) + float(torch.dot(p, r)))
-    return SubproblemResult(step=p, predicted_reduction=-m, step_norm=float(norm), status=status,
-                            iterations=path.iterations, path=path)
+    return SubproblemResult(
+        step=p,
+        predicted_reduction=-m,
+        step_norm=float(norm),
+        status=status,
+        iterations=path.iterations,
+        path=path,
+    )
 
 
 def steihaug_cg(
@@ -325,8 +331,12 @@ def exact_trust_region(
 
 def _dense_result(p64: Tensor, H64: Tensor, g64: Tensor, status: str, like: Tensor):
     m = float(g64 @ p64 + 0.5 * p64 @ (H64 @ p64))
-    return SubproblemResult(step=p64.to(like.dtype), predicted_reduction=-m,
-                            step_norm=float(torch.linalg.vector_norm(p64)), status=status)
+    return SubproblemResult(
+        step=p64.to(like.dtype),
+        predicted_reduction=-m,
+        step_norm=float(torch.linalg.vector_norm(p64)),
+        status=status,
+    )
 
 
 def update_radius(

@@ -137,10 +137,18 @@ class GaussNewton(NewtonTypeOptimizer):
             check_unit("cg_rtol", cg_rtol)
         check_nonneg("tolerance_grad", tolerance_grad)
         check_nonneg("tolerance_change", tolerance_change)
-        defaults = dict(damping=damping, min_damping=min_damping, max_damping=max_damping,
-                        eta=eta, solver=solver, max_iter=max_iter, cg_max_iter=cg_max_iter,
-                        cg_rtol=cg_rtol, tolerance_grad=tolerance_grad,
-                        tolerance_change=tolerance_change)
+        defaults = dict(
+            damping=damping,
+            min_damping=min_damping,
+            max_damping=max_damping,
+            eta=eta,
+            solver=solver,
+            max_iter=max_iter,
+            cg_max_iter=cg_max_iter,
+            cg_rtol=cg_rtol,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+        )
         super().__init__(params, defaults)
 
     # -- curvature -----------------------------------------------------------------------
@@ -227,8 +235,10 @@ class GaussNewton(NewtonTypeOptimizer):
         st = self._state
         st.setdefault("damping", float(group["damping"]))
         st.setdefault("nu", 2.0)
-        same = (self._cache.get("versions") == self._versions()
-                and self._cache.get("closure") is raw_closure)
+        same = (
+            self._cache.get("versions") == self._versions()
+            and self._cache.get("closure") is raw_closure
+        )
         cache = self._cache if same else {}
         if not cache:
             st["stop_reason"] = None
@@ -249,8 +259,10 @@ class GaussNewton(NewtonTypeOptimizer):
                 st["loss"], st["grad_norm"] = cache["loss"], gnorm
                 self._record(damping=st["damping"])
                 if gnorm <= group["tolerance_grad"]:
-                    st["stop_reason"] = (f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "
-                                         f"= {group['tolerance_grad']:.1e}")
+                    st["stop_reason"] = (
+                        f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "
+                        f"= {group['tolerance_grad']:.1e}"
+                    )
                     first_loss = cache["loss"] if first_loss is None else first_loss
                     break
             first_loss = cache["loss"] if first_loss is None else first_loss

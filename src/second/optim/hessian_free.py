@@ -126,10 +126,20 @@ class HessianFree(NewtonTypeOptimizer):
         check_unit("armijo", armijo)
         check_int("max_line_search", max_line_search, minimum=0)
         check_nonneg("tolerance_grad", tolerance_grad)
-        defaults = dict(damping=damping, curvature=curvature, cg_max_iter=cg_max_iter,
-                        cg_decay=cg_decay, progress_tol=progress_tol, min_damping=min_damping,
-                        max_damping=max_damping, boost=boost, drop=drop, armijo=armijo,
-                        max_line_search=max_line_search, tolerance_grad=tolerance_grad)
+        defaults = dict(
+            damping=damping,
+            curvature=curvature,
+            cg_max_iter=cg_max_iter,
+            cg_decay=cg_decay,
+            progress_tol=progress_tol,
+            min_damping=min_damping,
+            max_damping=max_damping,
+            boost=boost,
+            drop=drop,
+            armijo=armijo,
+            max_line_search=max_line_search,
+            tolerance_grad=tolerance_grad,
+        )
         super().__init__(params, defaults)
 
     def _loss_only(self, closure) -> float:
@@ -216,8 +226,15 @@ class HessianFree(NewtonTypeOptimizer):
         if prev is not None and group["cg_decay"] > 0 and prev.shape == g.shape:
             x0 = group["cg_decay"] * prev.to(g)
         maxiter = group["cg_max_iter"]
-        res = model_cg(lambda v: prod(v) + lam * v, g, x0=x0, maxiter=maxiter, rtol=1e-10,
-                       progress_tol=group["progress_tol"], save_at=_save_points(maxiter))
+        res = model_cg(
+            lambda v: prod(v) + lam * v,
+            g,
+            x0=x0,
+            maxiter=maxiter,
+            rtol=1e-10,
+            progress_tol=group["progress_tol"],
+            save_at=_save_points(maxiter),
+        )
         del cpair
         st["direction"] = res.x.detach().clone()
         st["cg_iterations"] = res.iterations

@@ -56,6 +56,7 @@ from ..approximations.kfac import (
     _Stats,
     _sym_eigh,
     _unwrap,
+    add_layer_statistics,
     batch_statistics,
     curvature_columns,
     find_layers,
@@ -185,13 +186,22 @@ class KFAC(torch.optim.Optimizer):
         if not params:
             raise ValueError("the model has no parameters that require grad")
         defaults = dict(
-            lr=lr, momentum=momentum, damping=float(damping), adapt_damping=adapt_damping,
+            lr=lr,
+            momentum=momentum,
+            damping=float(damping),
+            adapt_damping=adapt_damping,
             damping_adaptation_interval=damping_adaptation_interval,
-            damping_adaptation_decay=damping_adaptation_decay, min_damping=min_damping,
-            max_damping=max_damping, weight_decay=weight_decay, factor_decay=factor_decay,
+            damping_adaptation_decay=damping_adaptation_decay,
+            min_damping=min_damping,
+            max_damping=max_damping,
+            weight_decay=weight_decay,
+            factor_decay=factor_decay,
             factor_update_period=factor_update_period,
-            inverse_update_period=inverse_update_period, kl_clip=kl_clip,
-            max_update_norm=max_update_norm, step=0, factor_steps=0,
+            inverse_update_period=inverse_update_period,
+            kl_clip=kl_clip,
+            max_update_norm=max_update_norm,
+            step=0,
+            factor_steps=0,
         )
         super().__init__(params, defaults)
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
@@ -269,14 +279,7 @@ class KFAC(torch.optim.Optimizer):
             for inp, out in zip(self._capture.inputs.get(j, []), self._capture.outputs.get(j, [])):
 
                 def hook(g, layer=layer, inp=inp, j=j):
-                    grows = layer.grad_rows((g * scale).unsqueeze(0))
-                    arows = layer.input_rows(inp)
-                    mask = layer.mask(inp)
-                    if mask is not None:
-                        arows = arows[mask].reshape(1, -1)
-                        grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
-                    A, nA = layer.a_stats(arows)
-                    stats.add(j, A, nA, layer.g_stats(grows))
+                    add_layer_statistics(stats, j, layer, inp, (g * scale).unsqueeze(0))
 
                 out.register_hook(hook)
         self._capture.clear()
@@ -423,7 +426,10 @@ class KFAC(torch.optim.Optimizer):
         try:
             out, Jv = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
         except Exception:  # a module without a batching rule: one JVP per vector
-            res = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(len(vecs))]
+            res = [
+                jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},))
+                for k in range(len(vecs))
+            ]
             out, Jv = res[0][0], torch.stack([r[1] for r in res])
         HJv = output_hessian_product(self.loss_fn, out, Jv, self.reduction)
         k = len(vecs)
@@ -606,8 +612,10 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 def _check_positive(name: str, value: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
-        value > 0 if strict else value >= 0
+    ok = (
+        isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > 0 if strict else value >= 0)
     )
     if not ok:
         raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'} and finite, got {value!r}")

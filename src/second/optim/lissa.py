@@ -95,9 +95,16 @@ class LiSSA(NewtonTypeOptimizer):
         check_nonneg("damping", damping)
         check_int("lanczos_steps", lanczos_steps, minimum=2)
         check_nonneg("tolerance_grad", tolerance_grad)
-        defaults = dict(lr=lr, depth=depth, repeats=repeats, scale=scale,
-                        scale_margin=scale_margin, damping=damping, lanczos_steps=lanczos_steps,
-                        tolerance_grad=tolerance_grad)
+        defaults = dict(
+            lr=lr,
+            depth=depth,
+            repeats=repeats,
+            scale=scale,
+            scale_margin=scale_margin,
+            damping=damping,
+            lanczos_steps=lanczos_steps,
+            tolerance_grad=tolerance_grad,
+        )
         super().__init__(params, defaults)
 
     def _hvp(self, loss: Tensor):
@@ -113,8 +120,9 @@ class LiSSA(NewtonTypeOptimizer):
         return prod
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor],
-             curvature_closure: Callable[[], Tensor] | None = None) -> Tensor:
+    def step(
+        self, closure: Callable[[], Tensor], curvature_closure: Callable[[], Tensor] | None = None
+    ) -> Tensor:
         """One LiSSA-Newton step.
 
         Args:
@@ -133,8 +141,9 @@ class LiSSA(NewtonTypeOptimizer):
         sample = None if curvature_closure is None else torch.enable_grad()(curvature_closure)
         loss = closure()
         st["nfev"] += 1
-        need_graph = curvature_closure is None or (st.get("scale") is None
-                                                    and group["scale"] is None)
+        need_graph = curvature_closure is None or (
+            st.get("scale") is None and group["scale"] is None
+        )
         grads, g = self._gradient(loss, create_graph=need_graph)
         f0 = float(loss.detach())
         gnorm = float(torch.linalg.vector_norm(g))
@@ -159,8 +168,10 @@ class LiSSA(NewtonTypeOptimizer):
             _, hi = extreme_eigenvalues(op, steps=min(group["lanczos_steps"], g.numel()))
             st["scale"] = group["scale_margin"] * (max(hi, 0.0) + lam)
             if not st["scale"] > 0:
-                raise ValueError("the estimated Hessian scale is not positive: the problem is "
-                                 "not convex here; pass scale= or damping=")
+                raise ValueError(
+                    "the estimated Hessian scale is not positive: the problem is "
+                    "not convex here; pass scale= or damping="
+                )
         s = st["scale"]
         acc = torch.zeros_like(g)
         for _ in range(group["repeats"]):
@@ -179,7 +190,8 @@ class LiSSA(NewtonTypeOptimizer):
         if not bool(torch.isfinite(step).all()):
             raise FloatingPointError(
                 "the LiSSA recursion diverged: a mini-batch Hessian exceeds 2 * scale or has "
-                "negative curvature (raise scale_margin or damping)")
+                "negative curvature (raise scale_margin or damping)"
+            )
         self._add_flat(step, alpha=-group["lr"])
         st["n_iter"] += 1
         return torch.tensor(f0)

@@ -111,10 +111,17 @@ class NewtonCG(NewtonTypeOptimizer):
         check_int("extrapolation", extrapolation, minimum=0)
         if preconditioner is not None and not callable(preconditioner):
             raise ValueError("preconditioner must be callable (flat vector -> flat vector)")
-        defaults = dict(initial_radius=initial_radius, max_radius=max_radius, eta=eta,
-                        max_iter=max_iter, cg_max_iter=cg_max_iter, cg_rtol=cg_rtol,
-                        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-                        extrapolation=extrapolation)
+        defaults = dict(
+            initial_radius=initial_radius,
+            max_radius=max_radius,
+            eta=eta,
+            max_iter=max_iter,
+            cg_max_iter=cg_max_iter,
+            cg_rtol=cg_rtol,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+            extrapolation=extrapolation,
+        )
         super().__init__(params, defaults)
         self.preconditioner = preconditioner
 
@@ -162,8 +169,10 @@ class NewtonCG(NewtonTypeOptimizer):
         group = self.param_groups[0]
         st = self._state
         st.setdefault("radius", float(group["initial_radius"]))
-        same = (self._cache.get("versions") == self._versions()
-                and self._cache.get("closure") is raw_closure)
+        same = (
+            self._cache.get("versions") == self._versions()
+            and self._cache.get("closure") is raw_closure
+        )
         cache = self._cache if same else {}
         if not cache:
             st["stop_reason"] = None
@@ -182,8 +191,10 @@ class NewtonCG(NewtonTypeOptimizer):
                 st["loss"], st["grad_norm"] = cache["loss"], gnorm
                 self._record(radius=st["radius"])
                 if gnorm <= group["tolerance_grad"]:
-                    st["stop_reason"] = (f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "
-                                         f"= {group['tolerance_grad']:.1e}")
+                    st["stop_reason"] = (
+                        f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "
+                        f"= {group['tolerance_grad']:.1e}"
+                    )
                     if first_loss is None:
                         first_loss = cache["loss"]
                     break
@@ -199,9 +210,14 @@ class NewtonCG(NewtonTypeOptimizer):
                 if rtol is None:
                     rtol = min(0.5, math.sqrt(gnorm))
                 with torch.enable_grad():
-                    sub = steihaug_cg(self._hvp_fn(cache.pop("grads")), g, radius, rtol=rtol,
-                                      maxiter=group["cg_max_iter"] or g.numel(),
-                                      M=self.preconditioner)
+                    sub = steihaug_cg(
+                        self._hvp_fn(cache.pop("grads")),
+                        g,
+                        radius,
+                        rtol=rtol,
+                        maxiter=group["cg_max_iter"] or g.numel(),
+                        M=self.preconditioner,
+                    )
                 cache["path"] = sub.path
             st["n_iter"] += 1
             if not sub.predicted_reduction > 0:
@@ -214,20 +230,23 @@ class NewtonCG(NewtonTypeOptimizer):
             f_new = float(new_loss.detach())
             actual = cache["loss"] - f_new
             rho = actual / sub.predicted_reduction if math.isfinite(f_new) else -math.inf
-            st["radius"] = update_radius(radius, rho, sub.step_norm, sub.on_boundary,
-                                         max_radius=group["max_radius"])
+            st["radius"] = update_radius(
+                radius, rho, sub.step_norm, sub.on_boundary, max_radius=group["max_radius"]
+            )
             if rho > group["eta"]:
                 cache = dict(loss_tensor=new_loss)
                 if group["extrapolation"] and rho > 1.1 and not sub.on_boundary:
                     cache = self._extrapolate(raw_closure, x, sub, f_new, new_loss)
                 if sub.step_norm <= group["tolerance_change"]:
-                    st["stop_reason"] = (f"stalled: step norm {sub.step_norm:.3e} <= "
-                                         f"tolerance_change")
+                    st["stop_reason"] = (
+                        f"stalled: step norm {sub.step_norm:.3e} <= tolerance_change"
+                    )
             else:
                 self._set_flat(x)
                 if st["radius"] <= group["tolerance_change"]:
-                    st["stop_reason"] = (f"stalled: trust radius {st['radius']:.3e} <= "
-                                         "tolerance_change")
+                    st["stop_reason"] = (
+                        f"stalled: trust radius {st['radius']:.3e} <= tolerance_change"
+                    )
                 st["n_rejected"] += 1
         cache["versions"] = self._versions()
         cache["closure"] = raw_closure
