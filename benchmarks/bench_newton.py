@@ -435,6 +435,119 @@ def summary(rows, keys):
         )
 
 
+# ----------------------------------------------------------------------------- (d) diagnosis
+def _d_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g, dtype=DT)
+    y = torch.randn(200, 1, generator=g, dtype=DT)
+    return X, y.reshape(-1)
+
+
+def _d_residual(x, shapes, X, y):
+    """r(x) with f(x) = ||r||^2 (the MSE of problem (d))."""
+    return (mlp_forward(x, shapes, X, torch.sigmoid).reshape(-1) - y) / math.sqrt(y.numel())
+
+
+def diagnose_d():
+    """Where newton-exact ends on (d): parameter norm, the escaping units, residual, spectra."""
+    p = problems()["d"]
+    X, y = _d_data()
+    shapes, n = mlp_layout([3, 16, 1])
+    r = so.minimize(p.f, p.x0, method="newton-exact", tol=TOL, maxiter=MAXIT, max_time=MAXTIME)
+    x = r.x
+    W1, b1, W2, b2 = unflatten(x, shapes)
+    print(
+        f"\n### (d) at newton-exact's end: f {r.fun:.6f}, ||g|| {r.grad_norm:.1e}, cost {r.cost:,}"
+    )
+    print(f"||x|| {float(x.norm()):.3e}; hidden-unit |W1 row|: {W1.norm(dim=1).numpy().round(1)}")
+    print(f"W2 {W2.reshape(-1).numpy().round(1)}; b2 {float(b2):.1f}")
+    res = _d_residual(x, shapes, X, y) * math.sqrt(y.numel())
+    print(
+        f"residual rms {float(res.pow(2).mean().sqrt()):.3f} (targets rms {float(y.pow(2).mean().sqrt()):.3f})"
+    )
+    h = torch.sigmoid(X @ W1.T + b1)
+    print(
+        f"saturated activations (<0.01 or >0.99): {float(((h < 0.01) | (h > 0.99)).double().mean()):.2f}"
+    )
+    H = torch.autograd.functional.hessian(p.f, x)
+    J = torch.autograd.functional.jacobian(lambda z: _d_residual(z, shapes, X, y), x)
+    G = 2 * J.T @ J
+    eh, eg = torch.linalg.eigvalsh(H), torch.linalg.eigvalsh(G)
+    S = H - G
+    print(f"Hessian eigenvalues: smallest {eh[:4].numpy()}, largest {float(eh[-1]):.3e}")
+    print(f"GGN eigenvalues:     smallest {eg[:4].numpy()}, largest {float(eg[-1]):.3e}")
+    rate = torch.linalg.eigvals(torch.linalg.pinv(G, rtol=1e-14) @ S).abs().max()
+    print(
+        f"||H - G||_2 {float(torch.linalg.matrix_norm(S, 2)):.3f}; rho(G^+ (H - G)) {float(rate):.1f}"
+    )
+
+
+def dense_lm_d(model="ggn", scaled=False, lam=1e-3, eta=1e-4):
+    """Prototype dense Levenberg-Marquardt on (d) (exploratory; not a library method).
+
+    model: "ggn" (G = 2 J^T J), "hessian" (the exact H) or "hybrid" (G until an accepted step
+    whose actual reduction is below half of what the GN model predicted, then H for good).
+    scaled: damping lam * diag(G) (Marquardt) instead of lam * I. Nielsen's damping update.
+    Cost: 1 per gradient, 2n per dense G and 2n per dense H (n products each).
+    """
+    p = problems()["d"]
+    X, y = _d_data()
+    shapes, n = mlp_layout([3, 16, 1])
+    resid = lambda z: _d_residual(z, shapes, X, y)  # noqa: E731
+    x, nu, cost, it, use_h, t0 = p.x0.clone(), 2.0, 0, 0, model == "hessian", time.perf_counter()
+    while True:
+        J = torch.autograd.functional.jacobian(resid, x)
+        r = resid(x)
+        f, g = float(r @ r), 2 * J.T @ r
+        cost += 1
+        if float(g.norm()) < TOL or it >= MAXIT or time.perf_counter() - t0 > MAXTIME:
+            break
+        G = 2 * J.T @ J if (not use_h or scaled or model == "hybrid") else None
+        cost += 2 * n if G is not None else 0
+        if use_h:
+            M = torch.autograd.functional.hessian(lambda z: resid(z) @ resid(z), x)
+            cost += 2 * n
+        else:
+            M = G
+        D = torch.diag(G).clamp_min(1e-12) if scaled else torch.ones(n, dtype=DT)
+        while it < MAXIT:
+            it += 1
+            L, info = torch.linalg.cholesky_ex(M + lam * torch.diag(D))
+            if info:
+                lam, nu = lam * nu, 2 * nu
+                continue
+            d = -torch.cholesky_solve(g[:, None], L)[:, 0]
+            pred = -float(g @ d + 0.5 * d @ (M @ d))
+            rn = resid(x + d)
+            fn = float(rn @ rn)
+            rho = (f - fn) / pred if pred > 0 and math.isfinite(fn) else -1.0
+            if rho > eta:
+                lam *= max(1 / 3, 1 - (2 * rho - 1) ** 3)
+                nu = 2.0
+                if model == "hybrid" and not use_h:
+                    use_h = (f - fn) < 0.5 * -float(g @ d + 0.5 * d @ (G @ d))
+                x = x + d
+                break
+            lam, nu = lam * nu, 2 * nu
+    return dict(
+        cost=cost,
+        nit=it,
+        time=time.perf_counter() - t0,
+        gnorm=float(g.norm()),
+        fun=f,
+        xnorm=float(x.norm()),
+    )
+
+
+def d_remedies():
+    print("\n### (d): dense Levenberg-Marquardt prototypes (Nielsen damping, lam0 1e-3)")
+    for model in ("ggn", "hessian", "hybrid"):
+        for scaled in (False, True):
+            r = dense_lm_d(model, scaled)
+            tag = f"{model}, {'lam diag(G)' if scaled else 'lam I'}"
+            print(f"{tag:24s} {fmt(r)} it={r['nit']} ||x||={r['xnorm']:.2e}", flush=True)
+
+
 # ----------------------------------------------------------------------------- autoencoder
 def autoencoder_benchmark(seeds=(0,), max_iters=1000, adam_iters=3000, time_cap=900.0):
     """HessianFree / GaussNewton vs Adam on bench_kfac.py's digits autoencoder.
@@ -517,12 +630,21 @@ def main(argv=None):
         action="store_true",
         help="only the hessian_every sweep of newton-exact on problem (d)",
     )
+    ap.add_argument(
+        "--diagnose-d",
+        action="store_true",
+        help="only the (d) diagnosis: newton-exact's end point, and dense LM prototypes",
+    )
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, float64, 1 thread, tol {TOL}, caps {MAXIT} it / {MAXTIME}s")
     # the first torch.optim.Optimizer in a process imports torch._dynamo (seconds): pay it here
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     if args.lazy_sweep:
         lazy_sweep()
+        return 0
+    if args.diagnose_d:
+        diagnose_d()
+        d_remedies()
         return 0
     if not args.ae_only:
         keys = list(args.problems)
