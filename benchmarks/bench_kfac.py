@@ -23,6 +23,10 @@ target on 3 seeds, and the median time of one step (factors every step, inverses
 10 steps) relative to an SGD step. Plots to ``bench-output/``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_kfac.py [--seeds 0 1 2] [--no-anchors]
+        [--timing-only] [--repeats 7]
+
+Step times are medians over ``--repeats`` rounds in which every method takes a turn
+(each round: a fresh model, 10 warm-up steps, the median of 60 steps).
 
 Single-threaded (``torch.set_num_threads(1)``): on a shared small machine multi-threaded
 BLAS on these tiny layers is dominated by thread contention.
@@ -204,6 +208,7 @@ def train(make, seed, X, max_iters, time_cap):
 
 
 def step_times(make, X, n=60, warmup=10):
+    """Median and mean of ``n`` step times after ``warmup`` steps (a fresh model and optimizer)."""
     model = make_model(0)
     step = make(model)
     batches = batch_sequence(0, X.shape[0], n + warmup)
@@ -217,11 +222,38 @@ def step_times(make, X, n=60, warmup=10):
     return statistics.median(ts), statistics.mean(ts)
 
 
+def interleaved_step_times(timing: dict, X, repeats: int = 7) -> dict:
+    """``{name: (median, mean)}``: per method the median over ``repeats`` rounds of its median step.
+
+    The methods take turns within each round, so a change in the machine's load hits all
+    of them alike and the ratios to SGD stay comparable.
+    """
+    per: dict = {}
+    for _ in range(repeats):
+        for name, make in timing.items():
+            if per.get(name) == "failed":
+                continue
+            try:
+                per.setdefault(name, []).append(step_times(make, X))
+            except Exception as e:
+                print(f"step time {name}: failed: {e}")
+                per[name] = "failed"
+    return {
+        name: (statistics.median(m for m, _ in v), statistics.median(a for _, a in v))
+        for name, v in per.items()
+        if v != "failed"
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument("--out-dir", default="bench-output")
+    ap.add_argument(
+        "--timing-only", action="store_true", help="only the step-time table (no training runs)"
+    )
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved step-time rounds")
     args = ap.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     X = load_data()
@@ -233,6 +265,8 @@ def main(argv=None):
     if not args.no_anchors:
         methods["ASDL KFAC + SGD"] = (m_asdl, 2000, 60.0)
         methods["curvlinops KFAC + SGD"] = (m_curvlinops, 2000, 60.0)
+    if args.timing_only:
+        methods = {}
     results: dict = {}
     for name, (make, iters, cap) in methods.items():
         for seed in args.seeds:
@@ -260,14 +294,12 @@ def main(argv=None):
     if not args.no_anchors:
         timing["ASDL KFAC + SGD"] = m_asdl
         timing["curvlinops KFAC + SGD"] = m_curvlinops
-    st = {}
-    for name, make in timing.items():
-        try:
-            st[name] = step_times(make, X)
-        except Exception as e:
-            print(f"step time {name}: failed: {e}")
+    st = interleaved_step_times(timing, X, args.repeats)
     base = st["SGD"][0]
-    print("\nstep time (median over 60 steps after 10 warm-up, batch 256):")
+    print(
+        f"\nstep time (median over {args.repeats} interleaved rounds of the median of 60 steps "
+        "after 10 warm-up, batch 256):"
+    )
     for name, (med, _mean) in st.items():
         print(f"  {name:36s} {med * 1e3:7.2f} ms  {med / base:5.2f}x SGD")
 
@@ -319,7 +351,8 @@ def main(argv=None):
             ),
             f,
         )
-    plot(results, args.out_dir)
+    if results:
+        plot(results, args.out_dir)
 
 
 def plot(results, out_dir):

@@ -586,3 +586,59 @@ def test_damping_adapts_with_closure():
     opt.step(_closure(opt, model, loss_fn, X, y))
     assert "rho" in opt.last_info
     assert opt.param_groups[0]["damping"] != 1.0
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity])
+@pytest.mark.parametrize("bias", [True, False])
+def test_quadratic_model_mlp_path_matches_forward_mode(act, bias):
+    """The plain-MLP JVPs (captured forward reused) equal the generic forward-mode AD."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6, bias=bias), act(), nn.Linear(6, 5), act(), nn.Linear(5, 3), nn.Sigmoid()
+    ).to(DT)
+    loss_fn = nn.MSELoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    loss_fn(model(X), y).backward()
+    assert opt._fwd is not None
+    n = sum(p.numel() for p in model.parameters())
+    V = torch.randn(2, n, dtype=DT)
+    with torch.no_grad():
+        fast = opt._quadratic_terms(V)
+        opt._fwd = None
+        generic = opt._quadratic_terms(V)
+    torch.testing.assert_close(fast, generic, rtol=1e-10, atol=1e-12)
+
+
+def test_quadratic_model_generic_path_for_other_models():
+    """A model that is not a plain Sequential MLP keeps the forward-mode AD path."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Net().to(DT)
+    opt = second.optim.KFAC(model, nn.MSELoss())
+    assert opt._chain is None
+    seq = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).to(DT)
+    assert second.optim.KFAC(seq, nn.MSELoss())._chain is None
+
+
+def test_adaptive_trajectory_same_with_and_without_mlp_path():
+    torch.manual_seed(0)
+    models = [tanh_net(), tanh_net()]
+    models[1].load_state_dict(models[0].state_dict())
+    loss_fn = nn.MSELoss()
+    opts = [second.optim.KFAC(m, loss_fn, fisher="type2") for m in models]
+    opts[1]._chain = None  # forward-mode AD on the captured batch
+    for _ in range(12):
+        X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+        for m, o in zip(models, opts):
+            o.step(_closure(o, m, loss_fn, X, y))
+        assert "mu" in opts[0].last_info
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)

@@ -417,21 +417,42 @@ def _rademacher(shape, like: Tensor, generator) -> Tensor:
 class _Stats:
     """Sums of factor statistics over batches (and ranks), normalized at the end."""
 
-    def __init__(self, layers: Sequence[_Layer], fallback_params: Sequence[Tensor]):
+    def __init__(
+        self, layers: Sequence[_Layer], fallback_params: Sequence[Tensor], lazy: bool = False
+    ):
         self.layers, self.fallback_params = list(layers), list(fallback_params)
+        self.lazy = lazy  # keep the rows of the products (add_rows) instead of forming them
         self.A = [None] * len(self.layers)
         self.G = [None] * len(self.layers)
         self.nA = [0.0] * len(self.layers)
         self.diag = [None] * len(self.fallback_params)
         self.n = 0.0
+        # pending rows ``(a [m, d_A], g [m', d_G])`` whose products ``a^T a``, ``g^T g``
+        # are not formed yet: a consumer may fold them into its own sums (one addmm)
+        self.rows: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.layers]
 
     def add(self, j: int, A: Tensor, nA: float, G: Tensor) -> None:
         self.A[j] = A if self.A[j] is None else self.A[j] + A
         self.G[j] = G if self.G[j] is None else self.G[j] + G
         self.nA[j] += nA
 
+    def add_rows(self, j: int, a: Tensor, nA: float, g: Tensor) -> None:
+        """Add ``a^T a`` and ``g^T g`` later (see :meth:`take_rows`, :meth:`tensors`)."""
+        self.rows[j].append((a, g))
+        self.nA[j] += nA
+
+    def take_rows(self, j: int) -> list[tuple[Tensor, Tensor]]:
+        """The pending rows of layer ``j`` (its products with ``A[j]``, ``G[j]`` still to add)."""
+        rows, self.rows[j] = self.rows[j], []
+        return rows
+
     def tensors(self) -> list[Tensor]:
         out = []
+        for j in range(len(self.rows)):
+            for a, g in self.take_rows(j):
+                A, G = a.T @ a, g.T @ g
+                self.A[j] = A if self.A[j] is None else self.A[j] + A
+                self.G[j] = G if self.G[j] is None else self.G[j] + G
         for j, layer in enumerate(self.layers):
             w = layer.weight
             if self.A[j] is None:
@@ -502,8 +523,12 @@ def add_layer_statistics(stats, j: int, layer, inp: Tensor, g: Tensor) -> None:
     if mask is not None:
         arows = arows[mask].reshape(1, -1)
         grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
-    A, nA = layer.a_stats(arows)
-    stats.add(j, A, nA, layer.g_stats(grows))
+    if layer.kind == "embedding" or not stats.lazy:
+        A, nA = layer.a_stats(arows)
+        stats.add(j, A, nA, layer.g_stats(grows))
+    else:
+        a = arows.reshape(-1, arows.shape[-1])
+        stats.add_rows(j, a, float(a.shape[0]), grows.reshape(-1, grows.shape[-1]))
 
 
 # ============================================================================ eigen-blocks

@@ -17,8 +17,10 @@ included) and damping :math:`\lambda`:
    :math:`M(\delta) = \tfrac12 \delta^\top (F + (\lambda+\eta) I)\delta + \nabla h^\top\delta` over
    :math:`\delta = \alpha\Delta + \mu\delta_0`, where :math:`F` is the **exact** GGN of the
    mini-batch loss (two Jacobian-vector products, forward mode, on the captured
-   batch). Or fixed: :math:`\delta = \mu\delta_0 + \alpha\nu\Delta` with optional KL clipping
-   :math:`\nu = \min(1, \sqrt{c / (\alpha^2 |\Delta^\top \nabla h|)})`.
+   batch; for a plain ``nn.Sequential`` of linear layers and Tanh/Sigmoid/ReLU/Identity
+   activations the tangents are pushed through the activations captured in the training
+   forward, which is not re-run). Or fixed: :math:`\delta = \mu\delta_0 + \alpha\nu\Delta`
+   with optional KL clipping :math:`\nu = \min(1, \sqrt{c / (\alpha^2 |\Delta^\top \nabla h|)})`.
 4. Levenberg-Marquardt (section 6.5): every ``damping_adaptation_interval`` steps
    :math:`\rho = (h(\theta + \delta) - h(\theta)) / (M_0(\delta) - M_0(0))` with the
    undamped model :math:`M_0`; :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
@@ -238,6 +240,15 @@ class KFAC(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(params)}
         self._inv_cache: dict = {}
         self._inv_version = 0
+        self._numels = [p.numel() for p in params]
+        self._offsets = [sum(self._numels[:i]) for i in range(len(params))]
+        self._numel = sum(self._numels)
+        self._prev_views: list[Tensor] | None = None  # state "delta"s: views of _prev_flat
+        self._prev_flat: Tensor | None = None
+        # a plain Sequential of Linear layers and elementwise activations: the quadratic
+        # model's JVPs reuse the captured forward (see _chain_jvp)
+        self._chain = None if self.fallback_params else _mlp_chain(inner, self.layers)
+        self._fwd: tuple | None = None
 
     # ------------------------------------------------------------------------ hooks
     def _capturing_now(self) -> bool:
@@ -253,13 +264,15 @@ class KFAC(torch.optim.Optimizer):
         if not (self.inner.training and torch.is_grad_enabled()) or self._in_step:
             return
         self._batch = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
+        self._fwd = None
         if not self._capture.active:
             return
         self._capture.active = False
         if not isinstance(output, Tensor):
             raise TypeError("KFAC needs a model whose forward returns one tensor (the output)")
+        self._keep_forward(args, kwargs, output)
         fb = self.fallback_params if self.fallback == "diagonal" else []
-        stats = _Stats(self.layers, fb)
+        stats = _Stats(self.layers, fb, lazy=True)
         if self.fisher == "empirical":
             # gradients of the user's own loss, captured during their backward
             self._empirical_hooks(output, stats)
@@ -270,6 +283,25 @@ class KFAC(torch.optim.Optimizer):
             batch_statistics(self.layers, fb, output, S, self._capture, stats)
             self._capture.clear()
         self._pending = stats
+
+    def _keep_forward(self, args, kwargs, output: Tensor) -> None:
+        """Keep the captured activations of a plain MLP forward for :meth:`_chain_jvp`."""
+        cap = self._capture
+        if (
+            self._chain is None
+            or kwargs
+            or len(args) != 1
+            or not isinstance(args[0], Tensor)
+            or args[0].dim() != 2
+            or any(len(cap.inputs.get(j, ())) != 1 for j in range(len(self.layers)))
+        ):
+            return
+        self._fwd = (
+            args[0].detach(),
+            [cap.inputs[j][0] for j in range(len(self.layers))],
+            [cap.outputs[j][0].detach() for j in range(len(self.layers))],
+            output.detach(),
+        )
 
     def _empirical_hooks(self, output: Tensor, stats: _Stats) -> None:
         n = output.shape[0]
@@ -316,27 +348,42 @@ class KFAC(torch.optim.Optimizer):
         return active
 
     def _update_factors(self, stats: _Stats, group: dict) -> None:
-        stats.tensors()
         if self._dist():
-            stats.all_reduce()
+            stats.all_reduce()  # forms the products of pending rows first
         if stats.n == 0:
             return
         beta = group["factor_decay"]
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
         for j, layer in enumerate(self.layers):
             st = self.state[layer.weight]
-            A = stats.A[j] / max(stats.nA[j], 1.0)
-            G = stats.G[j] * w
             if "A" not in st:
-                st["A"], st["G"] = torch.zeros_like(A), torch.zeros_like(G)
-            st["A"].mul_(beta).add_(A, alpha=1 - beta)
-            st["G"].mul_(beta).add_(G, alpha=1 - beta)
+                shape = (layer.d_A,) if layer.diag_A else (layer.d_A, layer.d_A)
+                st["A"] = layer.weight.new_zeros(shape)
+                st["G"] = layer.weight.new_zeros(layer.d_G, layer.d_G)
+            rows = stats.take_rows(j)
+            if rows and stats.A[j] is None:
+                # the running average and the batch products in one addmm per factor
+                bA, aA, aG = beta, (1 - beta) / max(stats.nA[j], 1.0), (1 - beta) * w
+                for a, g in rows:
+                    st["A"].addmm_(a.T, a, beta=bA, alpha=aA)
+                    st["G"].addmm_(g.T, g, beta=bA, alpha=aG)
+                    bA = 1.0
+                continue
+            for a, g in rows:  # (not reached: a layer's statistics are either rows or sums)
+                stats.add(j, a.T @ a, 0.0, g.T @ g)
+            if stats.A[j] is None:
+                st["A"].mul_(beta)
+                st["G"].mul_(beta)
+                continue
+            st["A"].mul_(beta).add_(stats.A[j], alpha=(1 - beta) / max(stats.nA[j], 1.0))
+            st["G"].mul_(beta).add_(stats.G[j], alpha=(1 - beta) * w)
         for i, p in enumerate(self.fallback_params):
             st = self.state[p]
-            d = stats.diag[i] * w if stats.diag else torch.zeros_like(p)
             if "diag" not in st:
                 st["diag"] = torch.zeros_like(p)
-            st["diag"].mul_(beta).add_(d, alpha=1 - beta)
+            st["diag"].mul_(beta)
+            if stats.diag and stats.diag[i] is not None:
+                st["diag"].add_(stats.diag[i], alpha=(1 - beta) * w)
         group["factor_steps"] += 1
 
     def _update_inverses(self, group: dict) -> None:
@@ -388,30 +435,134 @@ class KFAC(torch.optim.Optimizer):
         self._inv_cache[j] = (key, Ginv, Ainv)
         return Ginv, Ainv
 
-    def _precondition(self, grads: list[Tensor], lam: float, group: dict) -> list[Tensor]:
-        """``F_breve^{-1} g`` with factored damping ``gamma = sqrt(lam)``."""
-        out = [None] * len(grads)
-        index = self._index
+    def _precondition(self, grads: list[Tensor], lam: float, group: dict) -> Tensor:
+        """``F_breve^{-1} g`` with factored damping ``gamma = sqrt(lam)``, flat in parameter order."""
+        out = grads[0].new_empty(self._numel)
+        index, offsets = self._index, self._offsets
         for j, layer in enumerate(self.layers):
             Ginv, Ainv = self._layer_inverses(j, layer, lam)
             iw = index[id(layer.weight)]
             ib = index[id(layer.bias)] if layer.has_bias else None
-            M = layer.to_mat(grads[iw].unsqueeze(0), None if ib is None else grads[ib].unsqueeze(0))
-            GM = Ginv @ M
-            vw, vb = layer.from_mat(GM * Ainv if layer.diag_A else GM @ Ainv)
-            out[iw] = vw[0]
+            if layer.kind == "linear":  # [d_G, d_in (+1)]: the weight, the bias as last column
+                gw = grads[iw]
+                M = gw if ib is None else torch.cat([gw, grads[ib].unsqueeze(1)], dim=1)
+                R = Ginv @ M @ Ainv
+                vw = R if ib is None else R[:, : layer.d_in]
+                vb = None if ib is None else R[:, layer.d_in]
+            else:
+                M = layer.to_mat(
+                    grads[iw].unsqueeze(0), None if ib is None else grads[ib].unsqueeze(0)
+                )
+                GM = Ginv @ M
+                vw, vb = layer.from_mat(GM * Ainv if layer.diag_A else GM @ Ainv)
+                vw, vb = vw[0], None if vb is None else vb[0]
+            o = offsets[iw]
+            out[o : o + vw.numel()].view(vw.shape).copy_(vw)
             if ib is not None:
-                out[ib] = vb[0]
+                o = offsets[ib]
+                out[o : o + vb.numel()].copy_(vb)
         corr = 1.0 / (1.0 - group["factor_decay"] ** max(group["factor_steps"], 1))
         for p in self.fallback_params:
             i = index[id(p)]
             d = self.state[p].get("diag")
             d = torch.zeros_like(p) if d is None else d * corr
-            out[i] = grads[i] / (d + lam)
+            o = offsets[i]
+            out[o : o + p.numel()].view(p.shape).copy_(grads[i] / (d + lam))
         return out
 
-    def _quadratic_terms(self, vecs: list[list[Tensor]]) -> Tensor:
-        r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN (forward-mode JVPs)."""
+    def _unflat(self, v: Tensor) -> list[Tensor]:
+        """Views of a flat vector shaped like the parameters."""
+        return [
+            t.view(p.shape) for t, p in zip(v.split(self._numels), self.param_groups[0]["params"])
+        ]
+
+    def _previous_update(self, params: list[Tensor]) -> Tensor | None:
+        """The previous update ``delta_0`` flat (``None`` before the first one)."""
+        views = self._prev_views
+        if views is not None and all(
+            self.state[p].get("delta") is v for p, v in zip(params, views)
+        ):
+            return self._prev_flat
+        prev = [self.state[p].get("delta") for p in params]
+        if any(d is None for d in prev):
+            return None
+        return _flat(prev)
+
+    def _quadratic_terms(self, V: Tensor) -> Tensor:
+        r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN for the rows of ``V [k, n]``.
+
+        Forward-mode JVPs: from the captured forward for a plain MLP, else by ``torch.func``.
+        """
+        k = V.shape[0]
+        tangents = [
+            V[:, o : o + m].view(k, *p.shape)
+            for o, m, p in zip(self._offsets, self._numels, self.param_groups[0]["params"])
+        ]
+        if self._fwd is not None:
+            out, Jv = self._chain_jvp(tangents)
+        else:
+            out, Jv = self._generic_jvp(tangents)
+        HJv = output_hessian_product(self.loss_fn, out, Jv, self.reduction)
+        Q = Jv.reshape(k, -1) @ HJv.reshape(k, -1).T
+        Q = 0.5 * (Q + Q.T)
+        n = float(out.shape[0])
+        if self._dist():
+            buf = torch.cat([Q.reshape(-1), Q.new_tensor([n])])
+            dist.all_reduce(buf)
+            Q, n = buf[:-1].reshape(k, k), float(buf[-1])
+        return Q / n if self.reduction == "mean" else Q
+
+    def _chain_jvp(self, tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Output and ``J v`` of a plain MLP from the captured forward: only tangents are computed.
+
+        The primal activations of the training forward (same batch, same parameters) are
+        reused; each linear layer costs two matrix products per vector, each activation
+        one elementwise product with its derivative (read off its output).
+        ``tangents``: per parameter ``[k, *p.shape]``.
+        """
+        x, inputs, outputs, out = self._fwd
+        index = self._index
+        k, n = tangents[0].shape[0], x.shape[0]
+        # tangents laid out [n, k, d] (all k at once in each matrix product)
+        cur, t = x, None  # primal [n, d] and tangent [n, k, d] at the current point
+        chain = self._chain
+        for pos, (kind, obj) in enumerate(chain):
+            if kind == "linear":
+                layer = self.layers[obj]
+                d_out = layer.d_G
+                dW = tangents[index[id(layer.weight)]].reshape(k * d_out, -1)  # [k*out, in]
+                a = inputs[obj]
+                if layer.has_bias:
+                    db = tangents[index[id(layer.bias)]].reshape(-1)
+                    z = torch.addmm(db, a, dW.T)  # [n, k*out]
+                else:
+                    z = a @ dW.T
+                if t is not None:
+                    z.view(n * k, d_out).addmm_(t.reshape(n * k, -1), layer.weight.detach().T)
+                t, cur = z.view(n, k, d_out), outputs[obj]
+                continue
+            # elementwise activation: its output is the next layer's input or the model's
+            nxt = chain[pos + 1] if pos + 1 < len(chain) else None
+            if nxt is None:
+                y = out
+            elif nxt[0] == "linear":
+                y = inputs[nxt[1]]
+            else:
+                y = obj(cur)
+            if t is not None:
+                if isinstance(obj, nn.Tanh):
+                    t = t * (1.0 - y * y).unsqueeze(1)
+                elif isinstance(obj, nn.Sigmoid):
+                    t = t * (y * (1.0 - y)).unsqueeze(1)
+                elif isinstance(obj, nn.ReLU):
+                    t = t * (y > 0).to(t.dtype).unsqueeze(1)
+            cur = y
+        if t is None:
+            return out, out.new_zeros((k, *out.shape))
+        return out, t.transpose(0, 1)
+
+    def _generic_jvp(self, tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Output and ``J v`` by forward-mode AD (vmapped over the vectors) on the captured batch."""
         from torch.func import functional_call, jvp, vmap
 
         args, kwargs = self._batch
@@ -422,25 +573,14 @@ class KFAC(torch.optim.Optimizer):
         def f(ps):
             return functional_call(self.inner, (ps, buffers), args, kwargs)
 
-        tangents = {n: torch.stack([v[i] for v in vecs]) for i, n in enumerate(self._names)}
+        k = tangents[0].shape[0]
+        tangents = dict(zip(self._names, tangents))
         try:
             out, Jv = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
         except Exception:  # a module without a batching rule: one JVP per vector
-            res = [
-                jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},))
-                for k in range(len(vecs))
-            ]
+            res = [jvp(f, (params,), ({n: t[i] for n, t in tangents.items()},)) for i in range(k)]
             out, Jv = res[0][0], torch.stack([r[1] for r in res])
-        HJv = output_hessian_product(self.loss_fn, out, Jv, self.reduction)
-        k = len(vecs)
-        Q = (Jv.reshape(k, 1, -1) * HJv.reshape(1, k, -1)).sum(-1)
-        Q = 0.5 * (Q + Q.T)
-        n = float(out.shape[0])
-        if self._dist():
-            buf = torch.cat([Q.reshape(-1), Q.new_tensor([n])])
-            dist.all_reduce(buf)
-            Q, n = buf[:-1].reshape(k, k), float(buf[-1])
-        return Q / n if self.reduction == "mean" else Q
+        return out, Jv
 
     # ------------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -484,35 +624,45 @@ class KFAC(torch.optim.Optimizer):
             self._update_inverses(group)
 
         eta, lam = group["weight_decay"], group["damping"]
-        grads = [
-            (torch.zeros_like(p) if p.grad is None else p.grad) + (eta * p if eta else 0.0)
-            for p in params
-        ]
-        precond = self._precondition(grads, lam + eta, group)
-        Delta = [-t for t in precond]
-        prev = [self.state[p].get("delta") for p in params]
-        have_prev = all(d is not None for d in prev)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if eta:
+            grads = torch._foreach_add(grads, params, alpha=eta)
+        Delta = self._precondition(grads, lam + eta, group).neg_()
+        prev = self._previous_update(params)
+        have_prev = prev is not None
         info: dict = {}
         gflat = _flat(grads)
-        vecs = [Delta, prev] if have_prev else [Delta]
-        V = torch.stack([_flat(v) for v in vecs])  # [k, n]
-        gV = (V @ gflat).to("cpu", torch.float64)  # gradient . (Delta, delta0)
-        b1 = float(gV[0])
+        V = torch.stack([Delta, prev]) if have_prev else Delta.unsqueeze(0)  # [k, n]
         if adaptive:
-            Fq = self._quadratic_terms(vecs).detach().to("cpu", torch.float64)
-            nrm = (V @ V.T).to("cpu", torch.float64)
-            Qd = Fq + (lam + eta) * nrm
+            # one product for the gradient terms and the norms: [g.v_a, v_a.v_b]
+            Gram = (V @ torch.cat([gflat.unsqueeze(0), V]).T).tolist()
+            gV = [row[0] for row in Gram]  # gradient . (Delta, delta0)
+            nrm = [row[1:] for row in Gram]
+        else:
+            gV = (V[:1] @ gflat).tolist()
+        b1 = gV[0]
+        if adaptive:
+            k = len(gV)
+            Fq = self._quadratic_terms(V).tolist()
+            Qd = [[Fq[a][b] + (lam + eta) * nrm[a][b] for b in range(k)] for a in range(k)]
             mom = group["momentum"]
             if have_prev and mom is None:
-                coef = -torch.linalg.solve(Qd, gV)
-                alpha, mu = float(coef[0]), float(coef[1])
+                # the 2x2 system Qd (alpha, mu) = -gV
+                det = Qd[0][0] * Qd[1][1] - Qd[0][1] * Qd[1][0]
+                if det != 0.0:
+                    alpha = -(Qd[1][1] * gV[0] - Qd[0][1] * gV[1]) / det
+                    mu = -(Qd[0][0] * gV[1] - Qd[1][0] * gV[0]) / det
+                else:
+                    alpha = mu = math.nan
             else:
                 mu = 0.0 if (mom is None or not have_prev) else float(mom)
-                alpha = -(b1 + (mu * float(Qd[0, 1]) if have_prev else 0.0)) / float(Qd[0, 0])
-            coefs = [alpha, mu] if have_prev else [alpha]
-            c = torch.tensor(coefs, dtype=torch.float64)
-            pred = float(0.5 * c @ (Fq + eta * nrm) @ c + c @ gV)  # undamped model change
-            delta = [alpha * d + (mu * q if have_prev else 0.0) for d, q in zip(Delta, prev)]
+                num = -(b1 + (mu * Qd[0][1] if have_prev else 0.0))
+                alpha = num / Qd[0][0] if Qd[0][0] != 0.0 else math.nan
+            c = [alpha, mu] if have_prev else [alpha]
+            pred = sum(  # undamped model change
+                0.5 * c[a] * (Fq[a][b] + eta * nrm[a][b]) * c[b] for a in range(k) for b in range(k)
+            ) + sum(c[a] * gV[a] for a in range(k))
+            delta = torch.add(alpha * Delta, prev, alpha=mu) if have_prev else alpha * Delta
             info.update(alpha=alpha, mu=mu, predicted_change=pred)
         else:
             lr = group["lr"]
@@ -520,15 +670,15 @@ class KFAC(torch.optim.Optimizer):
             nu = 1.0
             if group["kl_clip"] is not None and b1 != 0.0:
                 nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * abs(b1))))
-            delta = [
-                lr * nu * d + (mom * q if (have_prev and mom) else 0.0) for d, q in zip(Delta, prev)
-            ]
+            delta = (lr * nu) * Delta
+            if have_prev and mom:
+                delta.add_(prev, alpha=mom)
             info.update(alpha=lr * nu, mu=mom)
         if group["max_update_norm"] is not None:
-            norm = math.sqrt(_dot(delta, delta))
+            norm = float(delta.norm())
             if norm > group["max_update_norm"]:
-                delta = [d * (group["max_update_norm"] / norm) for d in delta]
-        finite = bool(torch.isfinite(_flat(delta)).all()) and all(
+                delta = delta * (group["max_update_norm"] / norm)
+        finite = bool(torch.isfinite(delta).all()) and all(
             math.isfinite(v) for v in (info.get("alpha", 0.0), info.get("mu", 0.0))
         )
         if not finite:
@@ -544,9 +694,11 @@ class KFAC(torch.optim.Optimizer):
             self.last_info = info
             group["step"] += 1
             return loss
-        for p, d in zip(params, delta):
-            p.add_(d)
+        views = self._unflat(delta)
+        torch._foreach_add_(params, views)
+        for p, d in zip(params, views):
             self.state[p]["delta"] = d
+        self._prev_views, self._prev_flat = views, delta
         group["step"] += 1
         if (
             adaptive
@@ -596,6 +748,7 @@ class KFAC(torch.optim.Optimizer):
         """Load the state (factors, eigendecompositions, momentum, damping, counters)."""
         super().load_state_dict(state_dict)
         self._inv_cache.clear()
+        self._prev_views = self._prev_flat = None
         self._index = {id(p): i for i, p in enumerate(self.param_groups[0]["params"])}
         for p, st in self.state.items():  # the stored factor dtypes may differ from p's
             for k, v in list(st.items()):
@@ -603,12 +756,39 @@ class KFAC(torch.optim.Optimizer):
                     st[k] = v.to(device=p.device, dtype=p.dtype)
 
 
+_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
+
+
+def _mlp_chain(model: nn.Module, layers) -> list | None:
+    """``[("linear", j) | ("act", module), ...]`` for a plain Sequential MLP, else ``None``.
+
+    Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
+    once, and Tanh/Sigmoid/ReLU/Identity activations; no buffers, no other parameters.
+    """
+    if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
+        return None
+    if next(model.buffers(), None) is not None:
+        return None
+    which = {id(layer.module): j for j, layer in enumerate(layers) if layer.kind == "linear"}
+    chain, seen = [], set()
+    for m in model:
+        j = which.get(id(m))
+        if j is not None:
+            if j in seen:
+                return None
+            seen.add(j)
+            chain.append(("linear", j))
+        elif type(m) in _ACTIVATIONS:
+            chain.append(("act", m))
+        else:
+            return None
+    if len(seen) != len(layers):
+        return None
+    return chain
+
+
 def _flat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _dot(a: list[Tensor], b: list[Tensor]) -> float:
-    return float(sum((x * y).sum() for x, y in zip(a, b)))
 
 
 def _check_positive(name: str, value: float, strict: bool = False) -> None:
