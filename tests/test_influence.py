@@ -547,3 +547,31 @@ def test_dropout_in_training_mode_is_refused():
         regularization=REG,
         progressbar=False,
     ).scores(data(1)).shape == (1, 5)
+
+
+def test_lowrank_harmonic_complement_passes_through_solver_options():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(24), data(2, seed=2)
+    ref, A, *_ = reference_scores(model, loss_fn, train, test, "ggn", REG)
+    C = A - REG * torch.eye(A.shape[0], dtype=A.dtype)
+    errs = {}
+    for complement in ("zero", "harmonic", "weighted"):
+        inf = Influence(
+            model,
+            loss_fn,
+            train,
+            curvature="ggn",
+            method="lowrank",
+            regularization=REG,
+            rank=5,
+            solver_options={"complement": complement, "complement_probes": 20},
+            progressbar=False,
+        )
+        errs[complement] = rel(inf.scores(test), ref)
+        c = inf.inverse.inverse.complement_eigenvalue
+        direct = second.solvers.lowrank_inverse(
+            C, 5, REG, eig_tol=1e-6, complement=complement, complement_probes=20
+        )
+        assert abs(c - direct.complement_eigenvalue) <= 1e-6 * max(c, 1e-12)
+    assert c > 0
+    assert max(errs["harmonic"], errs["weighted"]) < errs["zero"]

@@ -216,9 +216,11 @@ class Influence:
             :func:`second.solve`).
         maxiter: iteration limit of iterative solves (solver default when ``None``).
         solver_options: extra keywords for :func:`second.solve` (e.g. ``{"depth": 5000}``
-            for LiSSA); for ``method="lowrank"``, ``complement`` (``"zero"``, ``"mean"`` or a
-            number: the eigenvalue given to the directions outside the top ``rank``, see
-            :func:`second.lowrank`), ``complement_probes`` and ``eig_tol``.
+            for LiSSA); for ``method="lowrank"``, ``complement`` (``"zero"``, ``"mean"``,
+            ``"harmonic"``, ``"weighted"`` or a number: the eigenvalue given to the
+            directions outside the top ``rank``, see :func:`second.lowrank`;
+            ``"weighted"`` suits gradients best), ``complement_probes``,
+            ``complement_steps`` and ``eig_tol``.
         curvature_options: extra keywords for the curvature operator's constructor.
         batch_size: examples per vmapped per-example-gradient call, and the chunk size of
             the training data (memory ``O(batch_size * P)`` plus the result).
@@ -453,7 +455,7 @@ class Influence:
                 opts = {
                     k: v
                     for k, v in self.solver_options.items()
-                    if k in ("complement", "complement_probes", "eig_tol")
+                    if k in ("complement", "complement_probes", "complement_steps", "eig_tol")
                 }
                 self._inverse = LowRankInverseStrategy(self.operator, self.shift, self.rank, **opts)
             elif m in ("kfac", "ekfac"):

@@ -103,7 +103,8 @@ class LowRankInverseStrategy:
                 "method='lowrank' needs regularization + damping > 0: the directions outside "
                 "the top eigenspace are inverted as 1 / (regularization + damping)"
             )
-        # options: complement="zero"|"mean"|float, complement_probes (see second.lowrank)
+        # options: complement="zero"|"mean"|"harmonic"|"weighted"|float, complement_probes,
+        # complement_steps (see second.lowrank)
         self.inverse = lowrank_inverse(op, rank, shift, eig_tol=eig_tol, **options)
         self.results: list = []
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..operators.base import aslinearoperator
-from ..spectral.lanczos import eigsh
+from ..operators.base import CallableOperator, aslinearoperator
+from ..spectral.lanczos import _tridiag, eigsh, lanczos
 from ._result import Problem, SolveResult, _norm, report, stopping_threshold
 
 __all__ = ["lowrank", "lowrank_inverse", "LowRankInverse"]
@@ -23,7 +23,8 @@ class LowRankInverse:
     every direction outside the top eigenspace gets weight zero instead of
     :math:`1/(c + \lambda)`. ``c`` (``complement_eigenvalue``, default 0: the Nystrom
     approximation) stands for the eigenvalues left out; :func:`lowrank` can estimate it as
-    their mean. Reuse one instance for many right-hand sides (influence functions).
+    their mean or, by quadrature, a damped harmonic mean. Reuse one instance for many
+    right-hand sides (influence functions).
     """
 
     def __init__(
@@ -55,6 +56,67 @@ class LowRankInverse:
         ) + (v - self.U @ c) / (self.complement_eigenvalue + self.damping)
 
 
+def _complement_probes(op, vecs, probes: int, generator) -> torch.Tensor:
+    """Rademacher probes projected off the columns of ``vecs``: ``(I - UU^T) Z``."""
+    g = generator or torch.Generator(device=op.device).manual_seed(0)
+    Z = torch.randint(0, 2, (op.shape[0], probes), generator=g, device=op.device)
+    Z = Z.to(op.dtype) * 2 - 1
+    return Z - vecs @ (vecs.T @ Z)
+
+
+def _slq_complement(
+    op, vecs, damping: float, probes: int, steps: int, generator, weighted: bool
+) -> float:
+    r"""The complement eigenvalue ``c`` of ``"harmonic"`` / ``"weighted"``, by quadrature.
+
+    With :math:`P = I - UU^\top`, :math:`B = PAP` and :math:`\lambda` the damping:
+
+    * ``weighted=False``: :math:`1/(c + \lambda) = \mathrm{tr}(P(B + \lambda I)^{-1}P)
+      / (n - k)`, the mean of :math:`1/(\lambda_i + \lambda)` over the remaining
+      eigenvalues;
+    * ``weighted=True``: :math:`1/(c + \lambda) = \mathrm{tr}(B (B + \lambda I)^{-1})
+      / \mathrm{tr}(B)`, the same mean weighted by :math:`\lambda_i`.
+
+    Stochastic Lanczos quadrature: for each projected probe :math:`z`, ``steps`` Lanczos
+    steps on :math:`B` from :math:`z` give Ritz values :math:`\theta_j` and weights
+    :math:`\tau_j^2`, and :math:`z^\top f(B) z \approx \|z\|^2 \sum_j \tau_j^2 f(\theta_j)`.
+    Numerator and denominator are summed over the probes before dividing (a ratio
+    estimate, exact for a flat tail whatever the probes).
+    """
+    n = op.shape[0]
+    name = "weighted" if weighted else "harmonic"
+
+    def proj(v):
+        return v - vecs @ (vecs.T @ v)
+
+    pap = CallableOperator(lambda v: proj(op @ proj(v)), n, op.dtype, op.device)
+    Z = _complement_probes(op, vecs, probes, generator)
+    num = den = 0.0
+    for i in range(probes):
+        z = Z[:, i]
+        znorm2 = float(z @ z)
+        if znorm2 == 0.0:
+            continue
+        alpha, beta, _ = lanczos(pap, z, steps)
+        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+        shifted = theta + damping
+        if bool((shifted <= 0).any()):  # indefinite tail beyond the damping
+            raise ValueError(
+                f"complement={name!r}: a Ritz value {float(theta.min()):.3e} of the "
+                f"complement is <= -damping ({damping}); use complement='mean' or more damping"
+            )
+        tau2 = S[0] ** 2
+        if weighted:
+            num += znorm2 * float((tau2 * theta / shifted).sum())
+            den += znorm2 * float((tau2 * theta).sum())
+        else:
+            num += znorm2 * float((tau2 / shifted).sum())
+            den += znorm2
+    if num <= 0.0 or den <= 0.0:
+        return 0.0
+    return max(0.0, den / num - damping)
+
+
 def lowrank_inverse(
     A,
     rank: int,
@@ -64,6 +126,7 @@ def lowrank_inverse(
     eig_tol: float = 1e-4,
     complement: str | float = "zero",
     complement_probes: int = 10,
+    complement_steps: int = 30,
     generator: torch.Generator | None = None,
 ) -> LowRankInverse:
     """Build the :class:`LowRankInverse` of ``A + damping I`` from ``rank`` Lanczos eigenpairs.
@@ -74,20 +137,34 @@ def lowrank_inverse(
     n = op.shape[0]
     vals, vecs = eigsh(op, k=min(int(rank), n), which=which, tol=eig_tol)
     k = vals.numel()
+    if complement in ("harmonic", "weighted") and damping <= 0:
+        raise ValueError(f"complement={complement!r} needs damping > 0, got {damping}")
     if complement == "zero":
         c = 0.0
     elif complement == "mean":
         c = 0.0
         if n > k:
-            g = generator or torch.Generator(device=op.device).manual_seed(0)
-            Z = torch.randint(0, 2, (n, complement_probes), generator=g, device=op.device)
-            Z = Z.to(op.dtype) * 2 - 1
-            Z = Z - vecs @ (vecs.T @ Z)
+            Z = _complement_probes(op, vecs, complement_probes, generator)
             c = max(0.0, float((Z * (op @ Z)).sum()) / complement_probes / (n - k))
-    elif isinstance(complement, (int, float)):
+    elif complement in ("harmonic", "weighted"):
+        c = 0.0
+        if n > k:
+            c = _slq_complement(
+                op,
+                vecs,
+                float(damping),
+                complement_probes,
+                complement_steps,
+                generator,
+                weighted=complement == "weighted",
+            )
+    elif isinstance(complement, (int, float)) and not isinstance(complement, bool):
         c = float(complement)
     else:
-        raise ValueError(f"complement must be 'zero', 'mean' or a number, got {complement!r}")
+        raise ValueError(
+            "complement must be 'zero', 'mean', 'harmonic', 'weighted' or a number, got "
+            f"{complement!r}"
+        )
     return LowRankInverse(vals, vecs, damping, complement_eigenvalue=c)
 
 
@@ -103,6 +180,7 @@ def lowrank(
     eig_tol: float = 1e-4,
     complement: str | float = "zero",
     complement_probes: int = 10,
+    complement_steps: int = 30,
     generator: torch.Generator | None = None,
     warn: bool = False,
     **unused,
@@ -119,7 +197,19 @@ def lowrank(
     eigenspace: ``"zero"`` (default; Nystrom, exact for a rank-``k`` matrix), ``"mean"``
     (their mean eigenvalue, :math:`\mathrm{tr}((I-UU^\top) A (I-UU^\top)) / (n - k)`, from
     ``complement_probes`` Hutchinson probes projected off :math:`U`: better when the
-    spectrum has a heavy tail, as influence-function Hessians do), or a number.
+    spectrum has a heavy tail, as influence-function Hessians do), ``"harmonic"`` (the
+    ``c`` whose :math:`1/(c + \lambda)` is the mean of :math:`1/(\lambda_i + \lambda)` over
+    the remaining eigenvalues, :math:`\mathrm{tr}((I-UU^\top)(A + \lambda I)^{-1}
+    (I-UU^\top)) / (n - k)`: exact on average for right-hand sides with identity
+    covariance), ``"weighted"`` (the same mean weighted by :math:`\lambda_i`,
+    :math:`1/(c + \lambda) = \mathrm{tr}(B (B + \lambda I)^{-1}) / \mathrm{tr}(B)`,
+    :math:`B = (I-UU^\top) A (I-UU^\top)`: exact on average for right-hand sides whose
+    covariance is :math:`A`, such as gradients when :math:`A` is a Fisher, GGN or the
+    Hessian at a minimum of a likelihood), or a number. ``"harmonic"`` and ``"weighted"``
+    use stochastic Lanczos quadrature: ``complement_probes`` probes projected off
+    :math:`U`, ``complement_steps`` Lanczos steps on :math:`B` each, and need
+    ``damping > 0``. The two differ from ``"mean"`` when the remaining eigenvalues span
+    orders of magnitude; which is best depends on the right-hand sides.
 
     Example:
         >>> A = torch.diag(torch.tensor([5.0, 3.0, 0.0, 0.0], dtype=torch.float64))
@@ -140,6 +230,7 @@ def lowrank(
         eig_tol=eig_tol,
         complement=complement,
         complement_probes=complement_probes,
+        complement_steps=complement_steps,
         generator=generator,
     )
     vals, vecs, c = inv.eigenvalues, inv.U, inv.complement_eigenvalue
