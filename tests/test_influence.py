@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -575,3 +576,26 @@ def test_lowrank_harmonic_complement_passes_through_solver_options():
         assert abs(c - direct.complement_eigenvalue) <= 1e-6 * max(c, 1e-12)
     assert c > 0
     assert max(errs["harmonic"], errs["weighted"]) < errs["zero"]
+
+
+def test_newton_loo_falls_back_when_leave_one_out_curvature_is_indefinite():
+    # one parameter, per-example loss cos(w x y) with curvature -(x y)^2 cos(w x y): point 0
+    # carries all the positive curvature, so removing it leaves H - H_0 / n < 0
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    X = torch.ones(3, 1, dtype=torch.float64)
+    y = torch.tensor([[math.pi], [0.5], [0.4]], dtype=torch.float64)
+
+    def loss_fn(out, t):
+        return torch.cos(out * t).mean()
+
+    inf = second.Influence(
+        model, loss_fn, (X, y), curvature="hessian", method="dense", progressbar=False
+    )
+    with pytest.warns(second.NegativeCurvatureWarning, match=r"point\(s\) \[0\]"):
+        est = inf.newton_loo((X[1:2], y[1:2]), [0, 1, 2])
+    assert torch.isfinite(est).all()
+    # the positive-definite points still get the Newton step: it differs from first order
+    first = inf.scores((X[1:2], y[1:2]))
+    assert not torch.allclose(est[0, 1:], first[0, 1:])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -44,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._errors import NonDeterministicDataError
+from .._errors import ConvergenceWarning, NegativeCurvatureWarning, NonDeterministicDataError
 from .._losses import reduction_of
 from ..operators.curvature import (
     FisherOperator,
@@ -621,7 +622,11 @@ class Influence:
         ``method="dense"`` solves with the dense matrix; the others run preconditioned CG
         (MINRES for the Hessian) from the first-order solution, preconditioned by the
         first-order inverse when it is explicit. Same sign convention as :meth:`scores`.
-        Assumes the model is at a stationary point of the regularized objective.
+        Assumes the model is at a stationary point of the regularized objective. When the
+        leave-one-out curvature of a point is not positive definite (removing it leaves no
+        strict minimum nearby: seen on non-convex models), the Newton step is unbounded along
+        the negative direction; that point falls back to the first-order step, with a
+        :class:`~second.NegativeCurvatureWarning`.
 
         Args:
             test_data: an ``(X, y)`` batch or an iterable of batches.
@@ -654,6 +659,7 @@ class Influence:
         examples = self.train.take(idx)
         deltas = torch.zeros(P, len(idx), dtype=self.fn.dtype, device=self.fn.device)
         inv = self.inverse
+        fallback: list[int] = []
         for pos in self._bar(range(len(idx)), len(idx), "newton-loo"):
             if not self._mine(pos):
                 continue
@@ -662,17 +668,35 @@ class Influence:
             b = w * g
             if isinstance(inv, DenseInverse):
                 Hj = _dense_example_curvature(self.fn, x, y, kind)
-                d = torch.linalg.solve(inv.matrix - w * Hj, b.to(torch.float64))
+                M = inv.matrix - w * Hj
+                L, info = torch.linalg.cholesky_ex(M)
+                if int(info) == 0:
+                    d = torch.cholesky_solve(b.to(torch.float64)[:, None], L)[:, 0]
+                else:
+                    d = None
             else:
                 d = self._loo_iterative(inv, x, y, b, kind)
+            if d is None:
+                # the leave-one-out curvature is not positive definite: a Newton step along its
+                # negative direction would overshoot arbitrarily; keep the first-order step
+                fallback.append(idx[pos])
+                d = inv(b[:, None])[:, 0]
             deltas[:, pos] = d.to(deltas)
+        if fallback:
+            warnings.warn(
+                f"newton_loo: the leave-one-out curvature of training point(s) {fallback[:10]} is "
+                "not positive definite (the model is not at a strict minimum without them); "
+                "their estimate uses the first-order step instead of the Newton step",
+                NegativeCurvatureWarning,
+                stacklevel=2,
+            )
         deltas = self._gather(deltas)
         for i, (x, y) in enumerate(tests):
             HD = self.fn.hessian_products(x, y, deltas, "hessian")
             out[i] = Gt[i] @ deltas + 0.5 * (deltas * HD).sum(0)
         return out
 
-    def _loo_iterative(self, inv, x, y, b: Tensor, kind: str) -> Tensor:
+    def _loo_iterative(self, inv, x, y, b: Tensor, kind: str) -> Tensor | None:
         op, shift, w = self.operator, self.shift, self.weight
 
         def matvec(v: Tensor) -> Tensor:
@@ -681,7 +705,11 @@ class Influence:
         x0 = inv(b[:, None])[:, 0]
         M = (lambda v: inv(v[:, None])[:, 0]) if inv.explicit else None
         method = "minres" if self.curvature == "hessian" else "cg"
-        res = solve(matvec, b, method, tol=self.tol, x0=x0, M=M, maxiter=self.maxiter)
+        res = solve(matvec, b, method, tol=self.tol, x0=x0, M=M, maxiter=self.maxiter, warn=False)
+        if res.negative_curvature:
+            return None  # not positive definite: the caller falls back to first order
+        if not res.converged:
+            warnings.warn(f"newton_loo: {res.message}", ConvergenceWarning, stacklevel=3)
         return res.x
 
 
