@@ -172,48 +172,15 @@ def convex(lam, top, Xtr, ytr, Xte, yte, log):
         )[0]
     )
     preds["ekfac"] = ek[idx]
-    lr, res["times_s"]["lowrank-50"] = timed(
-        lambda: second.Influence(
-            model, loss_fn, (Xtr, ytr), method="lowrank", rank=50, **base
-        ).scores(test)[0]
-    )
-    preds["lowrank-50"] = lr[idx]
-    lrm, res["times_s"]["lowrank-50 (mean complement)"] = timed(
-        lambda: second.Influence(
-            model,
-            loss_fn,
-            (Xtr, ytr),
-            method="lowrank",
-            rank=50,
-            solver_options={"complement": "mean", "complement_probes": 30},
-            **base,
-        ).scores(test)[0]
-    )
-    preds["lowrank-50 (mean complement)"] = lrm[idx]
-    lrh, res["times_s"]["lowrank-50 (harmonic complement)"] = timed(
-        lambda: second.Influence(
-            model,
-            loss_fn,
-            (Xtr, ytr),
-            method="lowrank",
-            rank=50,
-            solver_options={"complement": "harmonic", "complement_probes": 30},
-            **base,
-        ).scores(test)[0]
-    )
-    preds["lowrank-50 (harmonic complement)"] = lrh[idx]
-    lrw, res["times_s"]["lowrank-50 (weighted complement)"] = timed(
-        lambda: second.Influence(
-            model,
-            loss_fn,
-            (Xtr, ytr),
-            method="lowrank",
-            rank=50,
-            solver_options={"complement": "weighted", "complement_probes": 30},
-            **base,
-        ).scores(test)[0]
-    )
-    preds["lowrank-50 (weighted complement)"] = lrw[idx]
+    for complement in ("zero", "mean", "harmonic", "weighted"):
+        name = "lowrank-50" if complement == "zero" else f"lowrank-50 ({complement} complement)"
+        opts = {} if complement == "zero" else {"complement": complement, "complement_probes": 30}
+        scores, res["times_s"][name] = timed(
+            lambda opts=opts: second.Influence(
+                model, loss_fn, (Xtr, ytr), method="lowrank", rank=50, solver_options=opts, **base
+            ).scores(test)[0]
+        )
+        preds[name] = scores[idx]
     batches = [(Xtr[i : i + 256], ytr[i : i + 256]) for i in range(0, n, 256)]
     lissa_inf = second.Influence(model, loss_fn, batches, method="lissa", **base)
     li, res["times_s"]["lissa (mini-batches of 256)"] = timed(lambda: lissa_inf.scores(test)[0])

@@ -223,82 +223,39 @@ def seed_rows(seeds, quick):
                     )
                 )
             # -- damped GGN (PSD)
-            lam = 1e-2
-            exact = exact_solution(p, "ggn", lam)
-            G = second.GGNOperator(p.model, p.loss_fn, p.data)
-            g = G.gradient()
-            for name, method, opts in [
-                ("cg", "cg", {"maxiter": n}),
-                ("minres", "minres", {"maxiter": 4 * n}),
-                ("neumann (auto scale)", "neumann", {"maxiter": 20000}),
-                ("lissa (auto scale)", "lissa", {}),
-            ]:
-                t = 1e-6 if method in ("neumann", "lissa") else tol
-                rows.append(
-                    row(
-                        "seed",
-                        "ggn+1e-2",
-                        dtype,
-                        "second",
-                        name,
-                        run_second(G, g, method, lam, t, exact=exact, **opts),
-                        exact,
-                    )
-                )
-            for m in ("minres", "cg"):
-                rows.append(
-                    row(
-                        "seed",
-                        "ggn+1e-2",
-                        dtype,
-                        "scipy",
-                        m,
-                        run_scipy(G, g, m, lam, tol, 4 * n, exact=exact),
-                        exact,
-                    )
-                )
+            rows += damped_ggn_rows(
+                "seed", p, dtype, tol, maxiter=dict(cg=n, minres=4 * n, neumann=20000, scipy=4 * n)
+            )
+    return rows
+
+
+def damped_ggn_rows(problem_name, p, dtype, tol, maxiter, lam=1e-2):
+    """second's CG, MINRES, Neumann, LiSSA and SciPy's MINRES, CG on ``(G + lam I) x = g``."""
+    exact = exact_solution(p, "ggn", lam)
+    G = second.GGNOperator(p.model, p.loss_fn, p.data)
+    g = G.gradient()
+    rows = []
+    for name, method, opts in [
+        ("cg", "cg", {"maxiter": maxiter["cg"]}),
+        ("minres", "minres", {"maxiter": maxiter["minres"]}),
+        ("neumann (auto scale)", "neumann", {"maxiter": maxiter["neumann"]}),
+        ("lissa (auto scale)", "lissa", {}),
+    ]:
+        t = 1e-6 if method in ("neumann", "lissa") else tol
+        result = run_second(G, g, method, lam, t, exact=exact, **opts)
+        rows.append(row(problem_name, "ggn+1e-2", dtype, "second", name, result, exact))
+    for m in ("minres", "cg"):
+        result = run_scipy(G, g, m, lam, tol, maxiter["scipy"], exact=exact)
+        rows.append(row(problem_name, "ggn+1e-2", dtype, "scipy", m, result, exact))
     return rows
 
 
 def digits_rows(quick):
-    rows = []
     p = digits_problem(0, torch.float64, n=300 if quick else 500)
     n = p.num_params
-    lam = 1e-2
-    exact = exact_solution(p, "ggn", lam)
-    G = second.GGNOperator(p.model, p.loss_fn, p.data)
-    g = G.gradient()
-    tol = 1e-10
-    for name, method, opts, t in [
-        ("cg", "cg", {"maxiter": n}, tol),
-        ("minres", "minres", {"maxiter": n}, tol),
-        ("neumann (auto scale)", "neumann", {"maxiter": 50000}, 1e-6),
-        ("lissa (auto scale)", "lissa", {}, 1e-6),
-    ]:
-        rows.append(
-            row(
-                "digits",
-                "ggn+1e-2",
-                torch.float64,
-                "second",
-                name,
-                run_second(G, g, method, lam, t, exact=exact, **opts),
-                exact,
-            )
-        )
-    for m in ("minres", "cg"):
-        rows.append(
-            row(
-                "digits",
-                "ggn+1e-2",
-                torch.float64,
-                "scipy",
-                m,
-                run_scipy(G, g, m, lam, tol, n, exact=exact),
-                exact,
-            )
-        )
-    return rows
+    return damped_ggn_rows(
+        "digits", p, torch.float64, 1e-10, maxiter=dict(cg=n, minres=n, neumann=50000, scipy=n)
+    )
 
 
 def _median_or_dash(values):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._errors import NegativeCurvatureWarning
+from ._errors import ConvergenceWarning, NegativeCurvatureWarning
 from .func.vectors import parameters_to_vector
 from .solvers import _neumann as _neumann_mod
 from .solvers._cg import cg
@@ -97,8 +97,6 @@ def conjugate_gradient(
 
 
 def _warning_for(res):
-    from ._errors import ConvergenceWarning
-
     return NegativeCurvatureWarning if res.negative_curvature else ConvergenceWarning
 
 

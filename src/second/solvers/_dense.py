@@ -19,7 +19,6 @@ def dense(
     rcond: float | None = None,
     chunk_size: int | None = 256,
     warn: bool = True,
-    **unused,
 ) -> SolveResult:
     r"""Form :math:`A + \lambda I` (batched products) and solve in float64 by eigendecomposition.
 
@@ -45,9 +44,6 @@ def dense(
         >>> res.x, res.negative_curvature
         (tensor([ 0.5000, -0.2500]), True)
     """
-    for key in unused:
-        if key not in ("x0", "maxiter", "M", "callback"):
-            raise TypeError(f"dense() got an unexpected keyword argument {key!r}")
     pb = Problem(A, b, None, damping)
     Ad = pb.A.to_dense(chunk_size=chunk_size).to(torch.float64)
     Ad = 0.5 * (Ad + Ad.T) if pb.A.symmetric else Ad

@@ -183,7 +183,6 @@ def lowrank(
     complement_steps: int = 30,
     generator: torch.Generator | None = None,
     warn: bool = False,
-    **unused,
 ) -> SolveResult:
     r"""Approximate :math:`(A + \lambda I)^{-1} b` from the top-``rank`` eigenpairs of ``A``.
 
@@ -217,9 +216,6 @@ def lowrank(
         >>> res.x
         tensor([0.1667, 0.2500, 1.0000, 1.0000], dtype=torch.float64)
     """
-    for key in unused:
-        if key not in ("x0", "M", "maxiter", "callback"):
-            raise TypeError(f"lowrank() got an unexpected keyword argument {key!r}")
     pb = Problem(A, b, None, 0.0)
     op = pb.A
     inv = lowrank_inverse(

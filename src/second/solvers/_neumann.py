@@ -44,7 +44,6 @@ def neumann(
     lanczos_steps: int = 20,
     divergence_factor: float = 1e4,
     warn: bool = True,
-    **unused,
 ) -> SolveResult:
     r"""Solve :math:`(A + \lambda I) x = b` by the truncated Neumann series.
 
@@ -68,9 +67,6 @@ def neumann(
         >>> res.converged, torch.allclose(res.x, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
         (True, True)
     """
-    for key in unused:
-        if key not in ("M",):
-            raise TypeError(f"neumann() got an unexpected keyword argument {key!r}")
     pb = Problem(A, b, x0, damping)
     op = pb.A
     info: dict = {}
@@ -215,7 +211,6 @@ def lissa(
     generator: torch.Generator | None = None,
     progressbar: bool = False,
     warn: bool = True,
-    **unused,
 ) -> SolveResult:
     r"""LiSSA: a stochastic Neumann series over mini-batch curvature (Agarwal et al., 2016).
 
@@ -250,9 +245,6 @@ def lissa(
         >>> torch.allclose(res.x, torch.tensor([1.0, 0.5], dtype=torch.float64))
         True
     """
-    for key in unused:
-        if key not in ("x0", "M", "maxiter", "callback", "atol"):
-            raise TypeError(f"lissa() got an unexpected keyword argument {key!r}")
     get = _batch_operators(A)
     first = get(0)
     ref = (

@@ -25,6 +25,16 @@ METHODS: dict[str, Callable[..., SolveResult]] = {
     "dense": dense,
 }
 
+# which of solve()'s iterative options each method can use
+ITERATIVE_OPTIONS: dict[str, set[str]] = {
+    "cg": {"x0", "M", "callback", "maxiter"},
+    "minres": {"x0", "M", "callback", "maxiter"},
+    "neumann": {"x0", "callback", "maxiter"},
+    "lissa": set(),
+    "lowrank": set(),
+    "dense": set(),
+}
+
 DENSE_THRESHOLD = 1500  # parameters: forming the matrix costs n products, solving O(n^3)
 
 
@@ -89,14 +99,19 @@ def solve(
     chosen = choose_method(A, n, damping) if method == "auto" else method
     if chosen not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from 'auto', {', '.join(METHODS)}")
-    kwargs = dict(damping=damping, tol=tol, atol=atol, x0=x0, M=M, callback=callback)
-    if maxiter is not None:
-        kwargs["maxiter"] = maxiter
-    if chosen == "lissa":
-        kwargs.pop("x0"), kwargs.pop("M"), kwargs.pop("callback"), kwargs.pop("atol")
-        kwargs.pop("maxiter", None)
-    if chosen in ("neumann",):
-        kwargs.pop("M")
+    # forward only what was set; a method that cannot use a set option says so (TypeError),
+    # except that under "auto" the iterative hints are dropped when a direct method is chosen
+    given = {"x0": x0, "M": M, "callback": callback, "maxiter": maxiter}
+    given = {k: v for k, v in given.items() if v is not None}
+    unsupported = sorted(set(given) - ITERATIVE_OPTIONS[chosen])
+    if unsupported and method == "auto" and chosen in ("dense", "lowrank"):
+        for k in unsupported:
+            given.pop(k)
+    elif unsupported:
+        raise TypeError(f"method {chosen!r} does not take {', '.join(unsupported)}")
+    kwargs = dict(damping=damping, tol=tol, **given)
+    if chosen != "lissa":  # LiSSA's stopping rule is its predicted bias, not a residual
+        kwargs["atol"] = atol
     if method == "auto" and chosen == "minres" and "recurrence_dtype" not in options:
         dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
         if dt in (torch.float32, torch.float16, torch.bfloat16):
