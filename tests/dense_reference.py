@@ -10,6 +10,7 @@ Also holds the small models, losses and data the product tests are built from.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -179,3 +180,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict, msg: s
     torch.testing.assert_close(
         actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=msg or None
     )
+
+
+# every (model, loss, reduction) combination, with readable ids for parametrize
+CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
+CASE_IDS = ["-".join(c) for c in CASES]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from torch import nn
 
 from conftest import DTYPES, PRODUCT_TOL
 from dense_reference import (
+    CASE_IDS,
+    CASES,
     LOSSES,
-    MODELS,
     REDUCTIONS,
     assert_close,
     cast,
@@ -25,14 +24,6 @@ from dense_reference import (
 )
 from second import FisherOperator, GGNOperator, exact_fisher, exact_ggn, exact_hessian
 from second._losses import per_sample_losses
-
-# torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
-CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
-CASE_IDS = ["-".join(c) for c in CASES]
 
 # Monte-Carlo Fisher vs GGN: relative Frobenius error allowed with many samples.
 # The estimator's standard error falls like 1/sqrt(samples * examples); with

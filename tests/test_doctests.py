@@ -15,11 +15,6 @@ import torch
 
 import second
 
-# torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
 MODULES = sorted(
     info.name
     for info in pkgutil.walk_packages(second.__path__, prefix="second.")

@@ -34,11 +34,6 @@ DIST_RTOL = 1e-10  # 2-process gloo vs single process
 
 REG = 0.1
 
-# torch.func's forward-AD decompositions still script with torch.jit
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
 
 def rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))

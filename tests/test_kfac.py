@@ -26,10 +26,6 @@ OPTIM_TOL = dict(rtol=1e-6, atol=1e-8)  # optimizer update vs the operator's inv
 
 DT = torch.float64
 
-# torch.func's forward-mode (the optimizer's quadratic model) still scripts with torch.jit
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
 
 LOSSES = {
     "mse-mean": (lambda: nn.MSELoss(), lambda n, c: torch.randn(n, c, dtype=DT)),

@@ -17,10 +17,7 @@ DIST_TOL = dict(rtol=1e-9, atol=1e-11)  # float64; all-reduce only changes summa
 STEPS = 3
 
 # torch.func's forward-mode (the optimizer's quadratic model) still scripts with torch.jit
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
-]
+pytestmark = pytest.mark.distributed
 N = 16
 
 

@@ -17,11 +17,6 @@ from conftest import PRODUCT_TOL, SOLVE_TOL
 from dense_reference import assert_close, ref_gradient, ref_hessian
 from second import NegativeCurvatureWarning
 
-# torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
 NOTEBOOK = [
     # In [2]
     """

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import second
 from conftest import DTYPES, PRODUCT_TOL
 from dense_reference import (
+    CASE_IDS,
+    CASES,
     DEVICES,
-    LOSSES,
     MODELS,
-    REDUCTIONS,
     assert_close,
     cast,
     make_data,
@@ -24,15 +22,6 @@ from dense_reference import (
     ref_jacobian,
 )
 from second import gvp, hvp, jvp, parameters_to_vector, vector_to_parameters, vjp
-
-# torch.func.hessian loads torch's forward-AD decompositions, which still script with torch.jit
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
-# every (model, loss, reduction) combination, each in every dtype
-CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
-CASE_IDS = ["-".join(c) for c in CASES]
 
 
 def _problem(model_name, loss_name, reduction, dtype, device="cpu"):

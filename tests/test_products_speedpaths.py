@@ -17,10 +17,6 @@ from dense_reference import (
 )
 from second import FisherOperator, GGNOperator, HessianOperator
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
-
 TOL = PRODUCT_TOL[torch.float64]
 KINDS = {
     "hessian": (HessianOperator, {}, lambda m, lf, X, y, red: ref_hessian(m, lf, X, y)),
