@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import second
+import second.compare
 from second import cosine_similarity, relative_error
 from second.problems import digits_problem, seed_problem
 
@@ -29,13 +30,7 @@ torch.set_num_threads(1)
 
 
 def exact_solution(problem, curvature, damping):
-    p64 = problem.to(torch.float64)
-    cls = second.HessianOperator if curvature == "hessian" else second.GGNOperator
-    op = cls(p64.model, p64.loss_fn, p64.data)
-    A = op.to_dense() + damping * torch.eye(op.shape[0], dtype=torch.float64)
-    evals, vecs = torch.linalg.eigh(A)
-    keep = evals.abs() > 1e-10 * evals.abs().max()
-    return vecs[:, keep] @ ((vecs[:, keep].T @ op.gradient()) / evals[keep])
+    return second.compare.exact_solution(problem, curvature, damping)[0]
 
 
 def timed(fn, repeats):

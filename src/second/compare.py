@@ -26,7 +26,7 @@ from .operators import GGNOperator, HessianOperator
 from .problems import PROBLEMS
 from .solvers import solve
 
-__all__ = ["Row", "run_compare", "format_table", "DEFAULT_METHODS"]
+__all__ = ["Row", "run_compare", "exact_solution", "format_table", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = (
     "seed-cg",
@@ -90,7 +90,13 @@ def _seed_neumann(mvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, s
 
 
 # ----------------------------------------------------------------------------- one problem
-def _exact(problem64, curvature: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+def exact_solution(problem, curvature: str, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The float64 reference ``(x, g, kept eigenvalues)`` for ``(A + damping I) x = g``.
+
+    ``A`` is the Hessian or GGN of ``problem`` (converted to float64) and ``g`` its gradient;
+    ``x`` is the minimum-norm solution (eigenvalues below ``1e-10 max|lambda|`` are dropped).
+    """
+    problem64 = problem.to(torch.float64)
     op_cls = HessianOperator if curvature == "hessian" else GGNOperator
     op = op_cls(problem64.model, problem64.loss_fn, problem64.data)
     A = op.to_dense()
@@ -147,11 +153,10 @@ def compare_problem(
 ) -> tuple[list[Row], dict]:
     """Run every method on one seed of one problem, for the Hessian and the GGN."""
     problem = PROBLEMS[problem_name](seed=seed, dtype=dtype)
-    problem64 = problem.to(torch.float64)
     rows, facts = [], {}
     for curvature in ("hessian", "ggn"):
         lam = damping[curvature]
-        exact, _, evals = _exact(problem64, curvature, lam)
+        exact, _, evals = exact_solution(problem, curvature, lam)
         facts[curvature] = {
             "negative_eigenvalues": int((evals < 0).sum()),
             "n": int(evals.numel()),
