@@ -13,6 +13,7 @@ Subclasses implement ``_matvec`` and, for speed, ``_matmat``; the public
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "ScaledOperator",
     "DampedOperator",
     "aslinearoperator",
+    "is_symmetric",
 ]
 
 
@@ -138,6 +140,18 @@ class LinearOperator:
         """The explicit Tikhonov-damped operator ``A + damping * I``."""
         return DampedOperator(self, damping)
 
+    def inverse(self, method: str = "auto", **options) -> LinearOperator:
+        r"""The operator :math:`(A + \lambda I)^{-1}`, applied by a solver on every product.
+
+        ``A.inverse(method, damping=..., tol=..., ...)`` takes the options of
+        :func:`second.solve`; ``@`` on an ``n x k`` matrix solves all ``k`` right-hand sides
+        together (one batched product per iteration). See
+        :class:`second.solvers.InverseOperator`.
+        """
+        from ..solvers._inverse import InverseOperator
+
+        return InverseOperator(self, method=method, **options)
+
     # -- conversions ---------------------------------------------------------------------
     def to_dense(self, chunk_size: int | None = 256) -> Tensor:
         """The ``n x n`` matrix, assembled with batched products of ``chunk_size`` columns."""
@@ -187,7 +201,7 @@ class DenseOperator(LinearOperator):
             raise ValueError(f"a dense operator needs a square matrix, got {tuple(A.shape)}")
         super().__init__(A.shape[0], A.dtype, A.device)
         self.A = A
-        self.symmetric = bool(torch.allclose(A, A.T)) if symmetric is None else symmetric
+        self.symmetric = is_symmetric(A) if symmetric is None else bool(symmetric)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self.A @ v
@@ -197,6 +211,25 @@ class DenseOperator(LinearOperator):
 
     def to_dense(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
         return self.A.clone()
+
+
+def is_symmetric(A: Tensor) -> bool:
+    r"""Whether a square matrix is symmetric (Hermitian when complex) to rounding.
+
+    The test is :math:`\max|A - A^H| \le 10 \sqrt{n}\, \varepsilon \max|A|`: the asymmetry
+    that rounding in a sum of ``n`` products leaves, and no more. A matrix that is off by
+    more (one entry perturbed by ``1e-6`` in float64, say) is not symmetric; declare it with
+    ``DenseOperator(A, symmetric=True)`` to have it treated as such (the solvers still check
+    their residual against ``A`` itself).
+    """
+    if A.numel() == 0:
+        return True
+    scale = float(A.abs().max())
+    if scale == 0.0:
+        return True
+    eps = torch.finfo(A.real.dtype if A.is_complex() else A.dtype).eps
+    gap = float((A - A.mH).abs().max())
+    return gap <= 10.0 * math.sqrt(A.shape[0]) * eps * scale
 
 
 class CallableOperator(LinearOperator):
