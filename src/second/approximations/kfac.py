@@ -75,7 +75,7 @@ from torch.nn import functional as F
 from .._errors import NonFiniteError
 from .._losses import loss_kind, nll_scale, per_sample_losses, sample_targets
 from ..operators.base import LinearOperator
-from ..operators.curvature import CurvatureOperator, _dist_active
+from ..operators.curvature import CurvatureOperator, _dist_active, sample_generator
 
 __all__ = ["KFACOperator", "EKFACOperator", "KFACInverseOperator", "EKFACInverseOperator"]
 
@@ -680,8 +680,9 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
         mc_samples: targets per example for ``fisher="mc"`` (default 1).
         fallback: ``"diagonal"`` (default) or ``"identity"`` for parameters outside
             supported layers.
-        generator: random generator for MC targets and the Rademacher signs of the
-            diagonal fallback (default: seeded with 0).
+        generator: its state at construction seeds the MC targets and the Rademacher
+            signs of the diagonal fallback (default: seed 0). The operator draws from a
+            private copy, so ``generator`` itself is never advanced or reset.
         reduction, check_deterministic, distributed, progressbar: as for
             :class:`~second.CurvatureOperator`. Under ``torch.distributed`` the factor
             sums and counts are all-reduced, so every rank holds the factors of all
@@ -743,11 +744,8 @@ class KFACOperator(CurvatureOperator, _BlockDiagonal):
         )
         self.fisher, self.damping, self.mc_samples = fisher, float(damping), int(mc_samples)
         self.fallback = fallback
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(0)
-        self.generator = generator
-        self._generator_state = generator.get_state()
+        self.generator = sample_generator(generator, self.device)  # private: see its docs
+        self._generator_state = self.generator.get_state()
         self._layers = find_layers(self.model, self.params)
         owned = {id(p) for layer in self._layers for p in layer.params()}
         self._fallback = [p for p in self.params if id(p) not in owned]

@@ -16,7 +16,24 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-__all__ = ["ModelFunction", "per_example_gradients"]
+from .._errors import NonFiniteError
+
+__all__ = ["ModelFunction", "per_example_gradients", "check_rows_finite"]
+
+
+def check_rows_finite(G: Tensor, what: str = "example", offset: int = 0) -> Tensor:
+    """Return ``G``, raising :class:`~second.NonFiniteError` if a row has NaN or Inf.
+
+    The message names the rows (numbered from ``offset``), as ``what`` indices.
+    """
+    if G.numel() == 0 or bool(torch.isfinite(G).all()):
+        return G
+    bad = ((~torch.isfinite(G)).reshape(G.shape[0], -1).any(1)).nonzero().reshape(-1)
+    rows = [offset + int(i) for i in bad[:10]]
+    raise NonFiniteError(
+        f"{what}(s) {rows}{' ...' if bad.numel() > 10 else ''} ({bad.numel()} in all) have a "
+        "non-finite gradient: NaN or Inf in the input, the target, or the loss"
+    )
 
 
 def _take(X, idx):
@@ -198,6 +215,7 @@ def per_example_gradients(
     Raises:
         ValueError: if ``X`` and ``y`` have different numbers of examples, or the model
             has no trainable parameter.
+        NonFiniteError: if an example's gradient has NaN or Inf entries (naming it).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -211,7 +229,9 @@ def per_example_gradients(
     if n != y.shape[0]:
         raise ValueError(f"inputs have {n} examples but targets have {y.shape[0]}")
     rows = [
-        fm.gradients(_take(X, slice(s, s + batch_size)), y[s : s + batch_size])
+        check_rows_finite(
+            fm.gradients(_take(X, slice(s, s + batch_size)), y[s : s + batch_size]), "example", s
+        )
         for s in range(0, n, batch_size)
     ]
     if not rows:

@@ -39,24 +39,33 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._errors import ConvergenceWarning, NegativeCurvatureWarning, NonDeterministicDataError
+from .._distributed import check_same_across_ranks, failure_barrier
+from .._errors import (
+    ConvergenceWarning,
+    NegativeCurvatureWarning,
+    NonDeterministicDataError,
+    NonFiniteError,
+)
 from .._losses import reduction_of
 from ..operators.curvature import (
     FisherOperator,
     GGNOperator,
     HessianOperator,
+    SamePassCheck,
     _is_batch,
     _stochastic_modules,
 )
 from ..solvers import choose_method, solve
 from ._cache import DiskCache, fingerprint
-from ._grads import ModelFunction, _take
+from ._grads import ModelFunction, _take, check_rows_finite
+from ._identity import setup_description, state_tensors
 from ._inverse import ApproximationInverse, DenseInverse, IterativeInverse, LowRankInverseStrategy
 
 __all__ = ["Influence", "TopK"]
@@ -84,29 +93,49 @@ class TopK(NamedTuple):
 
 
 class _Examples:
-    """A dataset of ``(X, y)`` examples: one batch, or an iterable of batches, chunked."""
+    """A dataset of ``(X, y)`` examples: one batch, or an iterable of batches, chunked.
 
-    def __init__(self, data, what: str, device: torch.device):
+    Results are indexed by example, so an iterable must yield the same batches in the same
+    order on every pass: every pass after the first is checked against it
+    (:class:`~second.operators.curvature.SamePassCheck`, order-sensitive), and a
+    shuffling ``DataLoader`` raises :class:`~second.NonDeterministicDataError`.
+    ``ignored`` lists the examples whose every target equals ``ignore_index``.
+    """
+
+    def __init__(self, data, what: str, device: torch.device, ignore_index: int | None = None):
         self.what, self.device = what, device
         self.single = _is_batch(data)
         self.data = data
-        n, first = 0, None
+        self._check = SamePassCheck(
+            what,
+            "Influence results are indexed by example: pass the data in a fixed order "
+            "(DataLoader(shuffle=False), a list of batches).",
+            ordered=True,
+        )
+        n, first, ignored = 0, None, []
         for X, y in self._batches():
             nb = _size(X)
             if nb != y.shape[0]:
                 raise ValueError(f"{what}: a batch has {nb} inputs but {y.shape[0]} targets")
             if first is None:
                 first = (_example_shapes(X), tuple(y.shape[1:]))
+            if ignore_index is not None and not y.is_floating_point() and nb:
+                mask = (y == ignore_index).reshape(nb, -1).all(1)
+                ignored += (torch.nonzero(mask).reshape(-1) + n).tolist()
             n += nb
         if n == 0:
             raise ValueError(f"{what} is empty: it holds no example")
         self.n = n
         self.example_shapes = first
+        self.ignored = ignored
 
     def _batches(self) -> Iterator[tuple]:
         if self.single:
             yield self.data
             return
+        yield from self._check(self._raw_batches())
+
+    def _raw_batches(self) -> Iterator[tuple]:
         try:
             it = iter(self.data)
         except TypeError:
@@ -226,19 +255,35 @@ class Influence:
         batch_size: examples per vmapped per-example-gradient call, and the chunk size of
             the training data (memory ``O(batch_size * P)`` plus the result).
         cache_dir: directory for inverse-HVPs, the dense curvature and score blocks. Every
-            file is written atomically and keyed by the parameters, the data and the
-            settings, so an interrupted :meth:`scores` call resumes where it stopped.
+            file is written atomically and keyed by everything that determines it (see
+            :attr:`key`), so an interrupted :meth:`scores` call resumes where it stopped;
+            a file that does not hold exactly the expected block (shape, dtype, name,
+            content digest) is ignored with a warning and recomputed
+            (``docs/reliability.md``).
         progressbar: show tqdm bars (default ``True``; rank 0 only).
         distributed: shard the work over the ``torch.distributed`` process group (default:
-            when one is initialized). Every rank passes the same data; each computes its
-            share of test inverse-HVPs, dense-curvature columns and training chunks, and
-            the results are gathered so every rank returns the full tensor.
+            when one is initialized). Every rank passes the same data (checked: a
+            ``ValueError`` on every rank otherwise); each computes its share of test
+            inverse-HVPs, dense-curvature columns and training chunks, and the results are
+            gathered so every rank returns the full tensor. A rank that raises during its
+            share makes the others raise ``RuntimeError`` instead of waiting for it.
+        version: a tag for what the cache key cannot see (default ``None``): the key
+            covers the loss function's class and settings, the model's module tree and
+            the code of every ``forward``, all parameters and buffers, but not globals or
+            helper functions a ``forward`` calls. Change ``version`` when those change.
 
     Raises:
         ValueError: on an unknown ``curvature``/``method``, negative ``damping`` or
-            ``regularization``, empty or mismatched data, or a model without trainable
-            parameters.
-        NonDeterministicDataError: if the model is in training mode with dropout.
+            ``regularization``, empty or mismatched data, a model without trainable
+            parameters, or different data on different ranks.
+        NonDeterministicDataError: if the model is in training mode with dropout, or the
+            data changes between passes (a shuffling ``DataLoader``), for every curvature.
+        NonFiniteError: (from the methods) when a test or training example has a
+            non-finite gradient (NaN or Inf in its input or loss), naming the examples.
+
+    Warns:
+        UserWarning: when training examples have every target equal to the loss'
+            ``ignore_index``: their loss, gradient and influence are zero.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -274,6 +319,7 @@ class Influence:
         cache_dir: str | os.PathLike | None = None,
         progressbar: bool = True,
         distributed: bool | None = None,
+        version: str | int | None = None,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -293,6 +339,7 @@ class Influence:
                 "call model.eval() before computing influence"
             )
         self.model, self.loss_fn = model, loss_fn
+        self.version = version
         self.fn = ModelFunction(model, loss_fn)
         self.curvature, self.method = curvature, method
         self.damping, self.regularization = float(damping), float(regularization)
@@ -305,35 +352,73 @@ class Influence:
         self.batch_size = int(batch_size)
         self.progressbar = progressbar
         self.reduction = reduction_of(loss_fn)
-        self.train = _Examples(train_data, "training data", self.fn.device)
+        self.train = _Examples(
+            train_data, "training data", self.fn.device, getattr(loss_fn, "ignore_index", None)
+        )
         self.train_data = train_data
         self.n_train = self.train.n
         self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
+        _warn_ignored(self.train, loss_fn)
         self._distributed = distributed
         self.cache = DiskCache(cache_dir) if cache_dir is not None else None
-        self._theta_key: str | None = None
+        self._identity: tuple[str, str] | None = None
+        self._train_digest: str | None = None
         self.refresh()
+        if self._dist()[0]:
+            check_same_across_ranks("training data", self.train_digest, self.fn.device)
 
     # -- state -----------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Forget the curvature, its inverse and cached vectors (after changing the model)."""
+        """Forget the curvature, its inverse and cached vectors (after changing the model).
+
+        Called automatically when anything the results depend on changed since they were
+        computed: a parameter (trainable or frozen), a buffer, the module tree, a module's
+        mode, the loss function's settings or ``version``.
+        """
+        stochastic = _stochastic_modules(self.model)
+        if stochastic:
+            raise NonDeterministicDataError(
+                f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
+                "call model.eval() before computing influence"
+            )
+        self.fn = ModelFunction(self.model, self.loss_fn)
+        self.reduction = reduction_of(self.loss_fn)
+        self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
         self._op = None
         self._inverse = None
         self._ihvp_memo: dict[str, Tensor] = {}
-        self._theta_key = fingerprint(self.fn.flat())
+        self._identity = self._current_identity()
         self._key = None
 
+    def _current_identity(self) -> tuple[str, str]:
+        """Digests of the setup (loss, module tree, forward code, version) and of the state."""
+        setup = fingerprint(setup_description(self.model, self.loss_fn, self.version))
+        return setup, fingerprint(state_tensors(self.model))
+
     def _check_model(self) -> None:
-        if fingerprint(self.fn.flat()) != self._theta_key:
+        if self._current_identity() != self._identity:
             self.refresh()
 
     @property
+    def train_digest(self) -> str:
+        """A SHA-256 digest of the training data, in order (computed once)."""
+        if self._train_digest is None:
+            self._train_digest = self.train.digest(self.batch_size)
+        return self._train_digest
+
+    @property
     def key(self) -> str:
-        """A digest of the parameters, the training data and every setting (the cache key)."""
+        """The cache key: a digest of everything that determines the results.
+
+        The loss function (class and settings), the model's module tree with the code of
+        every ``forward`` and the modules' modes, ``version``, every parameter (trainable
+        or frozen) and buffer, the training data (when caching) and every setting.
+        """
         if self._key is None:
-            train = self.train.digest(self.batch_size) if self.cache is not None else self.n_train
+            train = self.train_digest if self.cache is not None else self.n_train
             self._key = fingerprint(
-                type(self.model).__name__,
+                "influence-v2",
+                self._identity,
                 self.curvature,
                 self.method,
                 self.damping,
@@ -345,7 +430,6 @@ class Influence:
                 self.curvature_options,
                 self.reduction,
                 self.batch_size,
-                self._theta_key,
                 train,
             )
         return self._key
@@ -390,6 +474,16 @@ class Influence:
             dist.all_reduce(t)
         return t
 
+    def _collective(self, phase: str):
+        """Around a rank's share of the work: if any rank raises, every rank raises."""
+        if not self._dist()[0]:
+            return nullcontext()
+        return failure_barrier(phase, self.fn.device)
+
+    def _same_on_all_ranks(self, what: str, digest: str) -> None:
+        if self._dist()[0]:
+            check_same_across_ranks(what, digest, self.fn.device)
+
     def _bar(self, it, total: int, desc: str):
         _, r, _ = self._dist()
         if not self.progressbar or r != 0:
@@ -423,25 +517,28 @@ class Influence:
 
     def _dense_matrix(self) -> Tensor:
         """Form the data curvature densely in float64 (columns sharded over ranks; cached)."""
-        name = f"curvature-{self.key}"
+        name, P = f"curvature-{self.key}", self.fn.numel
         if self.cache is not None:
-            M = self.cache.load(name)
+            M = self.cache.load_block(name, (P, P), torch.float64)
             if M is not None:
                 return M.to(self.fn.device)
-        op, P = self.operator, self.fn.numel
         M = torch.zeros(P, P, dtype=torch.float64, device=self.fn.device)
-        step = 256
-        starts = list(range(0, P, step))
-        for c, s in self._bar(list(enumerate(starts)), len(starts), "curvature"):
-            if not self._mine(c):
-                continue
-            e = min(s + step, P)
-            E = torch.zeros(P, e - s, dtype=self.fn.dtype, device=self.fn.device)
-            E[torch.arange(s, e), torch.arange(e - s)] = 1
-            M[:, s:e] = (op @ E).to(torch.float64)
+        with self._collective("the dense curvature"):
+            op = self.operator
+            step = 256
+            starts = list(range(0, P, step))
+            for c, s in self._bar(list(enumerate(starts)), len(starts), "curvature"):
+                if not self._mine(c):
+                    continue
+                e = min(s + step, P)
+                E = torch.zeros(P, e - s, dtype=self.fn.dtype, device=self.fn.device)
+                E[torch.arange(s, e), torch.arange(e - s)] = 1
+                M[:, s:e] = (op @ E).to(torch.float64)
+            if not bool(torch.isfinite(M).all()):
+                raise NonFiniteError("the dense curvature has NaN or Inf entries")
         M = self._gather(M)
         if self.cache is not None and self._dist()[1] == 0:
-            self.cache.save(name, M.cpu())
+            self.cache.save_block(name, M)
         return M
 
     @property
@@ -474,7 +571,9 @@ class Influence:
 
     # -- public API ------------------------------------------------------------------------
     def _test(self, test_data) -> _Examples:
-        ex = _Examples(test_data, "test data", self.fn.device)
+        ex = _Examples(
+            test_data, "test data", self.fn.device, getattr(self.loss_fn, "ignore_index", None)
+        )
         if ex.example_shapes != self.train.example_shapes:
             raise ValueError(
                 f"test examples have input/target shapes {ex.example_shapes} but training "
@@ -497,21 +596,30 @@ class Influence:
         self._check_model()
         test = self._test(test_data)
         tkey = test.digest(self.batch_size)
+        self._same_on_all_ranks("test data", tkey)
+        _warn_ignored(test, self.loss_fn)
         if tkey in self._ihvp_memo:
             return self._ihvp_memo[tkey]
+        if self._dist()[0]:
+            self.inverse  # noqa: B018 - built by every rank (the dense one is sharded)
         V = torch.zeros(test.n, self.fn.numel, dtype=self.fn.dtype, device=self.fn.device)
+        P = self.fn.numel
         total = math.ceil(test.n / self.batch_size) if test.single else None
-        for c, s, X, y in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
-            if not self._mine(c):
-                continue
-            name = f"ihvp-{self.key}-{tkey}-{c}"
-            block = self.cache.load(name) if self.cache is not None else None
-            if block is None:
-                G = self.fn.gradients(X, y)
-                block = self._apply_inverse(G.T.contiguous()).T.contiguous()
+        with self._collective("inverse-HVPs"):
+            for c, s, X, y in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
+                if not self._mine(c):
+                    continue
+                name, rows = f"ihvp-{self.key}-{tkey}-{c}", _size(X)
+                block = None
                 if self.cache is not None:
-                    self.cache.save(name, block.cpu())
-            V[s : s + block.shape[0]] = block.to(V)
+                    block = self.cache.load_block(name, (rows, P), self.fn.dtype)
+                if block is None:
+                    G = check_rows_finite(self.fn.gradients(X, y), "test example", s)
+                    block = self._apply_inverse(G.T.contiguous()).T.contiguous()
+                    check_rows_finite(block, "inverse-HVP of test example", s)
+                    if self.cache is not None:
+                        self.cache.save_block(name, block)
+                V[s : s + rows] = block.to(V)
         V = self._gather(V)
         self._ihvp_memo[tkey] = V
         return V
@@ -520,20 +628,24 @@ class Influence:
         """Fill ``[rows, n_train]`` chunk by chunk: ``fn(G_chunk) -> [rows, c]``; cached."""
         out = torch.zeros(rows, self.n_train, dtype=self.fn.dtype, device=self.fn.device)
         total = math.ceil(self.n_train / self.batch_size) if self.train.single else None
-        for c, s, X, y in self._bar(self.train.chunks(self.batch_size), total, desc):
-            if not self._mine(c):
-                continue
-            name = f"{tag}-{c}" if (tag and self.cache is not None) else None
-            block = None
-            if name is not None:
-                stored = self.cache.load(name)
-                if stored is not None and stored.get("digest") == fingerprint(X, y):
-                    block = stored["block"]
-            if block is None:
-                block = fn(self.fn.gradients(X, y))
+        with self._collective(desc):
+            for c, s, X, y in self._bar(self.train.chunks(self.batch_size), total, desc):
+                if not self._mine(c):
+                    continue
+                name = f"{tag}-{c}" if (tag and self.cache is not None) else None
+                nb, block = _size(X), None
+                meta = {"data": fingerprint(X, y)} if name is not None else None
                 if name is not None:
-                    self.cache.save(name, {"digest": fingerprint(X, y), "block": block.cpu()})
-            out[:, s : s + block.shape[1]] = block.to(out)
+                    block = self.cache.load_block(name, (rows, nb), self.fn.dtype, meta)
+                if block is None:
+                    block = fn(check_rows_finite(self.fn.gradients(X, y), "training example", s))
+                    if not bool(torch.isfinite(block).all()):
+                        raise NonFiniteError(
+                            f"{desc} of training examples {s}..{s + nb - 1} are not finite"
+                        )
+                    if name is not None:
+                        self.cache.save_block(name, block, meta)
+                out[:, s : s + nb] = block.to(out)
         return self._gather(out)
 
     def scores(self, test_data) -> Tensor:
@@ -578,6 +690,8 @@ class Influence:
             A ``[n_train]`` tensor.
         """
         self._check_model()
+        if self._dist()[0]:
+            self.inverse  # noqa: B018 - built by every rank (the dense one is sharded)
         w = self.weight
 
         def quad(G: Tensor) -> Tensor:
@@ -600,6 +714,9 @@ class Influence:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), self.n_train)
         S = self.scores(test_data)
+        bad = (~torch.isfinite(S)).any(1).nonzero().reshape(-1).tolist()
+        if bad:  # the scores are checked as they are computed; this guards any other path
+            raise NonFiniteError(f"the scores of test example(s) {bad[:10]} are not finite")
         hv, hi = torch.topk(S, k, dim=1, largest=True)
         lv, li = torch.topk(S, k, dim=1, largest=False)
         return TopK(hv, hi, lv, li)
@@ -649,8 +766,11 @@ class Influence:
             if not 0 <= i < self.n_train:
                 raise IndexError(f"training index {i} is outside [0, {self.n_train})")
         test = self._test(test_data)
+        self._same_on_all_ranks("test data", test.digest(self.batch_size))
+        self._same_on_all_ranks("training indices", fingerprint(idx))
         tests = test.take(range(test.n))
         Gt = torch.stack([self.fn.gradients(*_batch1(x, y))[0] for x, y in tests])
+        check_rows_finite(Gt, "test example")
         out = torch.zeros(test.n, len(idx), dtype=self.fn.dtype, device=self.fn.device)
         if not idx:
             return out
@@ -660,28 +780,30 @@ class Influence:
         deltas = torch.zeros(P, len(idx), dtype=self.fn.dtype, device=self.fn.device)
         inv = self.inverse
         fallback: list[int] = []
-        for pos in self._bar(range(len(idx)), len(idx), "newton-loo"):
-            if not self._mine(pos):
-                continue
-            x, y = examples[pos]
-            g = self.fn.gradients(*_batch1(x, y))[0]
-            b = w * g
-            if isinstance(inv, DenseInverse):
-                Hj = _dense_example_curvature(self.fn, x, y, kind)
-                M = inv.matrix - w * Hj
-                L, info = torch.linalg.cholesky_ex(M)
-                if int(info) == 0:
-                    d = torch.cholesky_solve(b.to(torch.float64)[:, None], L)[:, 0]
+        with self._collective("newton_loo"):
+            for pos in self._bar(range(len(idx)), len(idx), "newton-loo"):
+                if not self._mine(pos):
+                    continue
+                x, y = examples[pos]
+                g = self.fn.gradients(*_batch1(x, y))[0]
+                check_rows_finite(g[None], "training example", idx[pos])
+                b = w * g
+                if isinstance(inv, DenseInverse):
+                    Hj = _dense_example_curvature(self.fn, x, y, kind)
+                    M = inv.matrix - w * Hj
+                    L, info = torch.linalg.cholesky_ex(M)
+                    if int(info) == 0:
+                        d = torch.cholesky_solve(b.to(torch.float64)[:, None], L)[:, 0]
+                    else:
+                        d = None
                 else:
-                    d = None
-            else:
-                d = self._loo_iterative(inv, x, y, b, kind)
-            if d is None:
-                # the leave-one-out curvature is not positive definite: a Newton step along its
-                # negative direction would overshoot arbitrarily; keep the first-order step
-                fallback.append(idx[pos])
-                d = inv(b[:, None])[:, 0]
-            deltas[:, pos] = d.to(deltas)
+                    d = self._loo_iterative(inv, x, y, b, kind)
+                if d is None:
+                    # the leave-one-out curvature is not positive definite: a Newton step along
+                    # its negative direction would overshoot arbitrarily; keep the first order
+                    fallback.append(idx[pos])
+                    d = inv(b[:, None])[:, 0]
+                deltas[:, pos] = d.to(deltas)
         if fallback:
             warnings.warn(
                 f"newton_loo: the leave-one-out curvature of training point(s) {fallback[:10]} is "
@@ -711,6 +833,18 @@ class Influence:
         if not res.converged:
             warnings.warn(f"newton_loo: {res.message}", ConvergenceWarning, stacklevel=3)
         return res.x
+
+
+def _warn_ignored(examples: _Examples, loss_fn) -> None:
+    if examples.ignored:
+        k = len(examples.ignored)
+        warnings.warn(
+            f"{k} {examples.what} example(s) (first: {examples.ignored[:10]}) have every target "
+            f"equal to the loss' ignore_index ({loss_fn.ignore_index}): their loss is ignored, "
+            "so their gradient and every influence score involving them are zero",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _batch1(x, y):

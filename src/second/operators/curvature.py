@@ -109,6 +109,21 @@ def iterate_batches(data, device: torch.device | None = None):
         raise ValueError("the data is empty: it yielded no (non-empty) batch")
 
 
+def sample_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A private generator for an operator's random samples, never the caller's own.
+
+    A copy of ``generator``'s current state (seed 0 when ``None``): an operator resets it
+    before every pass over the data, so its samples, and the matrix, are the same on every
+    product, and the caller's generator is neither advanced nor reset.
+    """
+    private = torch.Generator(device=device)
+    if generator is None:
+        private.manual_seed(0)
+    else:
+        private.set_state(generator.get_state())
+    return private
+
+
 def _dist_active(distributed: bool | None) -> bool:
     if distributed is False:
         return False
@@ -213,8 +228,11 @@ class CurvatureOperator(LinearOperator):
                     "or pass check_deterministic=False if you mean it."
                 )
         self._states: list | None = None  # kept per-batch graphs, built lazily
-        self._fingerprints: list[tuple] | None = None
-        self._fp_tensors: dict[int, tuple] = {}  # batch i: (weakrefs, versions) last seen
+        self._pass_check = SamePassCheck(
+            "the data",
+            "A curvature operator must be the same matrix on every product: use shuffle=False "
+            "or a fixed list of batches, or pass check_deterministic=False.",
+        )
         self._num_data: int | None = None
 
     # -- subclass hooks ------------------------------------------------------------------
@@ -258,46 +276,9 @@ class CurvatureOperator(LinearOperator):
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc=type(self).__name__, leave=False)
-        seen = []
-        for i, (X, y) in enumerate(it):
-            if self.check_deterministic and not self.single_batch:
-                fp = self._batch_fingerprint(i, X, y)
-                if self._fingerprints is not None:
-                    if i >= len(self._fingerprints) or fp != self._fingerprints[i]:
-                        raise NonDeterministicDataError(
-                            f"batch {i} differs from the one seen on the first pass over the data "
-                            "(a shuffling DataLoader or random augmentation?). A curvature operator "
-                            "must be the same matrix on every product: use shuffle=False or a fixed "
-                            "list of batches, or pass check_deterministic=False."
-                        )
-                seen.append(fp)
-            yield X, y
         if self.check_deterministic and not self.single_batch:
-            if self._fingerprints is None:
-                self._fingerprints = seen
-            elif len(seen) != len(self._fingerprints):
-                raise NonDeterministicDataError(
-                    f"the data yielded {len(seen)} batches, {len(self._fingerprints)} on the first pass"
-                )
-
-    def _batch_fingerprint(self, i: int, X, y) -> tuple:
-        """The fingerprint of batch ``i``, reused when the very same tensors come back unchanged.
-
-        A list of batches yields the same tensor objects on every pass: same objects with
-        the same autograd version counters hold the same values, and hashing them again
-        is skipped. A DataLoader collates new tensors, which are fingerprinted afresh.
-        """
-        ts = [X, y] if isinstance(X, Tensor) else [*X, y]
-        known = self._fp_tensors.get(i)
-        if known is not None and self._fingerprints is not None and i < len(self._fingerprints):
-            refs, versions = known
-            if len(refs) == len(ts) and all(
-                r() is t and t._version == v for r, t, v in zip(refs, ts, versions, strict=True)
-            ):
-                return self._fingerprints[i]
-        fp = _fingerprint(X, y)
-        self._fp_tensors[i] = (tuple(weakref.ref(t) for t in ts), tuple(t._version for t in ts))
-        return fp
+            it = self._pass_check(it)
+        yield from it
 
     def _reduce(self, acc: Tensor, count: float) -> tuple[Tensor, float]:
         if _dist_active(self.distributed):
@@ -412,13 +393,82 @@ class CurvatureOperator(LinearOperator):
         self._states = None
 
 
-def _fingerprint(X, y) -> tuple:
+def batch_fingerprint(X, y, ordered: bool = False) -> tuple:
+    """A cheap fingerprint of a batch: per tensor its shape, sum and sum of squares.
+
+    With ``ordered`` it also holds a position-weighted sum over the examples, so a batch
+    whose examples were permuted gets a different fingerprint (the sums alone are
+    invariant to the order, which is all a curvature operator depends on).
+    """
     xs = [X] if isinstance(X, Tensor) else list(X)
     fp = []
     for t in [*xs, y]:
         tf = t.detach().to(torch.float64)
-        fp.append((tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6)))
+        item = (tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6))
+        if ordered and tf.dim() > 0 and tf.shape[0] > 0:
+            pos = torch.arange(1, tf.shape[0] + 1, dtype=torch.float64, device=tf.device)
+            per = tf.reshape(tf.shape[0], -1).sum(1)
+            item = (*item, round(float(pos @ per), 6))
+        fp.append(item)
     return tuple(fp)
+
+
+class SamePassCheck:
+    """Checks that an iterable of batches yields the same batches on every pass.
+
+    The first complete pass records each batch's :func:`batch_fingerprint`; every later
+    pass is compared batch by batch and raises :class:`~second.NonDeterministicDataError`
+    at the first difference (a shuffling ``DataLoader``, random augmentation) or when
+    the number of batches changes. Calling the object wraps an iterator of ``(X, y)``.
+
+    A list of batches yields the same tensor objects on every pass: the same objects with
+    the same autograd version counters hold the same values, and hashing them again is
+    skipped. A ``DataLoader`` collates new tensors, which are fingerprinted afresh.
+
+    Args:
+        what: how the data is named in the error message.
+        hint: what the user can do, appended to the message.
+        ordered: also detect a permutation of the examples within a batch (needed where
+            results are indexed by example, as influence scores are).
+    """
+
+    def __init__(self, what: str = "the data", hint: str = "", ordered: bool = False):
+        self.what, self.hint, self.ordered = what, hint, ordered
+        self.fingerprints: list[tuple] | None = None
+        self._tensors: dict[int, tuple] = {}  # batch i: (weakrefs, versions) last seen
+
+    def __call__(self, batches):
+        seen = []
+        for i, (X, y) in enumerate(batches):
+            fp = self._fingerprint(i, X, y)
+            if self.fingerprints is not None:
+                if i >= len(self.fingerprints) or fp != self.fingerprints[i]:
+                    raise NonDeterministicDataError(
+                        f"batch {i} of {self.what} differs from the one seen on the first pass "
+                        f"(a shuffling DataLoader or random augmentation?). {self.hint}".rstrip()
+                    )
+            seen.append(fp)
+            yield X, y
+        if self.fingerprints is None:
+            self.fingerprints = seen
+        elif len(seen) != len(self.fingerprints):
+            raise NonDeterministicDataError(
+                f"{self.what} yielded {len(seen)} batches, {len(self.fingerprints)} on the first "
+                f"pass. {self.hint}".rstrip()
+            )
+
+    def _fingerprint(self, i: int, X, y) -> tuple:
+        ts = [X, y] if isinstance(X, Tensor) else [*X, y]
+        known = self._tensors.get(i)
+        if known is not None and self.fingerprints is not None and i < len(self.fingerprints):
+            refs, versions = known
+            if len(refs) == len(ts) and all(
+                r() is t and t._version == v for r, t, v in zip(refs, ts, versions, strict=True)
+            ):
+                return self.fingerprints[i]
+        fp = batch_fingerprint(X, y, self.ordered)
+        self._tensors[i] = (tuple(weakref.ref(t) for t in ts), tuple(t._version for t in ts))
+        return fp
 
 
 class HessianOperator(CurvatureOperator):
@@ -495,7 +545,7 @@ class _FisherState:
             K = op.mc_samples
             f = out.detach().unsqueeze(0).expand(K, *out.shape).reshape(K * n, *out.shape[1:])
             f = f.clone().requires_grad_(True)
-            yt = sample_targets(op.loss_fn, f, op.generator)
+            yt = sample_targets(op.loss_fn, f, op._sampler)
             ls = per_sample_losses(op.loss_fn, f, yt, op.reduction)
             (s,) = torch.autograd.grad(ls.sum(), f)
             self.scores = s.reshape(K, *out.shape)  # [K, n, ...]
@@ -548,14 +598,16 @@ class FisherOperator(CurvatureOperator):
       targets (per-example losses as in :mod:`second._losses`).
     * ``kind="mc"``: :math:`\frac{w}{a K} \sum_i \sum_k J_i^\top s_{ik} s_{ik}^\top J_i`
       with :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik})`, targets :math:`\tilde y_{ik}`
-      sampled from the model's predictive distribution (``mc_samples`` of them, drawn
-      once with ``generator`` so the operator is a fixed matrix). Its expectation is the
-      GGN. Supported for MSE, cross-entropy and BCE-with-logits.
+      sampled from the model's predictive distribution (``mc_samples`` of them). Every
+      product draws the same samples, so the operator is one fixed matrix. Its expectation
+      is the GGN. Supported for MSE, cross-entropy and BCE-with-logits.
 
     Args:
         kind: ``"empirical"`` (default) or ``"mc"``.
         mc_samples: samples per example for ``"mc"``.
-        generator: a ``torch.Generator`` for the samples (default: seeded with 0).
+        generator: a ``torch.Generator`` whose state at construction seeds the samples
+            (default: seed 0). The operator draws from a private copy of that state
+            (:func:`sample_generator`), so ``generator`` itself is never advanced or reset.
         other arguments: see :class:`CurvatureOperator`.
 
     Example:
@@ -589,18 +641,16 @@ class FisherOperator(CurvatureOperator):
         super().__init__(model, loss_fn, data, params, **kwargs)
         self.kind = kind
         self.mc_samples = int(mc_samples)
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(0)
         self.generator = generator
-        self._generator_state = generator.get_state()
+        self._sampler = sample_generator(generator, self.device)
+        self._sampler_state = self._sampler.get_state()
 
     def _batch_state(self, X, y):
         return _FisherState(self, X, y)
 
     def _apply(self, V, batched):
         # the same samples on every pass over the data: the operator is one fixed matrix
-        self.generator.set_state(self._generator_state)
+        self._sampler.set_state(self._sampler_state)
         return super()._apply(V, batched)
 
     def _batch_product(self, state: _FisherState, vs, batched):
