@@ -272,7 +272,13 @@ def test_unknown_method_and_bad_inputs():
     with pytest.raises(ValueError, match="unknown method"):
         solve(A, torch.ones(3, dtype=torch.float64), method="magic")
     with pytest.raises(ValueError, match="damping"):
-        solve(A, torch.ones(3, dtype=torch.float64), method="cg", damping=-1.0)
+        solve(A, torch.ones(3, dtype=torch.float64), method="cg", damping=float("nan"))
+    with pytest.raises(ValueError, match="damping >= 0"):
+        solve(A, torch.ones(3, dtype=torch.float64), method="lissa", damping=-1.0)
+    # a negative damping is a shift: I - 1 I = 0 has no positive curvature, and CG says so
+    with pytest.warns(NegativeCurvatureWarning):
+        res = solve(A, torch.ones(3, dtype=torch.float64), method="cg", damping=-1.0)
+    assert res.negative_curvature and not res.converged
     with pytest.raises(ValueError, match="shape"):
         solve(A, torch.ones(4, dtype=torch.float64), method="cg")
     with pytest.raises(TypeError, match="dtype"):

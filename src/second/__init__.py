@@ -46,7 +46,17 @@ from .operators import (
     aslinearoperator,
 )
 from .optim import OptimizeResult, minimize
-from .solvers import LowRankInverse, SolveResult, cg, dense, lissa, lowrank, minres, solve
+from .solvers import (
+    InverseOperator,
+    LowRankInverse,
+    SolveResult,
+    cg,
+    dense,
+    lissa,
+    lowrank,
+    minres,
+    solve,
+)
 from .spectral import diagonal, eigsh, spectral_density, trace
 
 __version__ = "0.1.0"
@@ -94,6 +104,7 @@ __all__ = [
     "lowrank",
     "dense",
     "LowRankInverse",
+    "InverseOperator",
     # spectral
     "eigsh",
     "trace",

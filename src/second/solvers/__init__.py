@@ -2,6 +2,7 @@
 
 from ._cg import cg
 from ._dense import dense
+from ._inverse import InverseOperator
 from ._lowrank import LowRankInverse, lowrank, lowrank_inverse
 from ._minres import minres
 from ._neumann import lissa, neumann
@@ -21,4 +22,5 @@ __all__ = [
     "dense",
     "LowRankInverse",
     "lowrank_inverse",
+    "InverseOperator",
 ]

@@ -11,17 +11,23 @@ from .._errors import NonFiniteError
 from ._result import (
     Problem,
     SolveResult,
-    _norm,
     as_preconditioner,
-    callbacks,
+    column_norms,
+    inner,
     measurable_residual,
     report,
     stopping_threshold,
+    true_residual_norms,
 )
 
 __all__ = ["cg"]
 
 MAX_CHECKS = 3  # true-residual checks (one product each) before giving up on a drifting recursion
+STAGNATION_WINDOW = 100  # iterations without a 1% gain in the best residual: stagnated
+STAGNATION_GAIN = 0.5  # a failed true-residual check must halve the best true residual seen
+
+# how a column's solve ended
+ACTIVE, CONVERGED, NEGATIVE, STAGNATED, MISSED, LIMIT = range(6)
 
 
 def cg(
@@ -42,12 +48,26 @@ def cg(
 
     Stopping rule: :math:`\|b - A x_k\| \le \max(\mathrm{tol}\,\|b\|, \mathrm{atol})`, with the
     recursively updated residual (SciPy's semantics). With ``check_residual`` (default)
-    the true residual is computed when the recursive one meets the tolerance (one
-    product); if it misses by more than the floor at which a residual can be measured in
-    the operator's dtype (``20 eps ||b||``), CG continues from the true residual (residual
-    replacement, at most three times) and otherwise reports ``converged=False``.
+    the true residual of the returned ``x`` is computed when the recursive one meets the
+    tolerance (one product, float64 arithmetic); if it misses by more than the floor at
+    which a residual can be measured in the operator's dtype (``20 eps ||b||``), CG
+    restarts from the true residual (residual replacement). ``converged=True`` always
+    means a true residual within ``max(tol ||b||, atol) + 20 eps ||b||``.
 
-    CG needs a symmetric positive-definite operator. When it meets a direction
+    Stagnation: when a replacement does not halve the best true residual seen, or the best
+    residual has not improved by 1% in 100 iterations, the iteration has reached what the
+    dtype allows (in float32: about ``eps * cond(A)``). CG then stops, returns the best
+    iterate seen and says ``stagnated at relative residual r`` (``converged=False``,
+    ``info["stagnated"]=True``).
+
+    ``b = 0`` returns ``x = 0`` at once. Complex Hermitian positive-definite systems are
+    solved in complex arithmetic. A matrix of right-hand sides ``b`` (``n x k``) is solved
+    column by column in lock step: one batched product ``A P`` per iteration; ``x`` is
+    ``n x k``, ``converged`` means every column converged, and ``info`` holds
+    ``converged_columns`` and ``residual_norms_columns``.
+
+    CG needs a symmetric positive-definite operator; one that declares ``symmetric=False``
+    is refused (``ValueError``). When it meets a direction
     with :math:`p^\top A p \le 0` it stops *before* stepping along it, returns the
     last iterate with ``negative_curvature=True`` and ``converged=False``, and warns
     (:class:`~second.NegativeCurvatureWarning`). Use :func:`minres` for indefinite
@@ -62,7 +82,8 @@ def cg(
         maxiter: iteration limit (default ``10 n``).
         M: preconditioner approximating :math:`A^{-1}` (operator, tensor or callable).
         callback: called with the iterate after every iteration.
-        damping: :math:`\lambda \ge 0`.
+        damping: :math:`\lambda` (a negative value shifts; CG reports the non-positive
+            curvature it may cause).
         check_residual: verify the true residual at the end.
         warn: warn on non-convergence / negative curvature (default ``True``).
 
@@ -81,113 +102,228 @@ def cg(
     References:
         Hestenes & Stiefel (1952); Nocedal & Wright, *Numerical Optimization*, Alg. 5.3.
     """
-    pb = Problem(A, b, x0, damping)
-    op, n = pb.A, pb.n
-    Minv = as_preconditioner(M, n, pb.b.dtype, pb.b.device)
+    pb = Problem(A, b, x0, damping, method="cg", allow_block=True)
+    op, n, B = pb.A, pb.n, pb.B
+    k = B.shape[1]
+    Minv = as_preconditioner(M, n, pb.dtype, pb.B.device)
     maxiter = 10 * n if maxiter is None else int(maxiter)
-    bnorm = _norm(pb.b)
-    threshold = stopping_threshold(bnorm, tol, atol)
-    x = torch.zeros_like(pb.b) if pb.x0 is None else pb.x0.clone()
-    r = pb.b.clone() if pb.x0 is None else pb.b - op @ x
-    rnorm = _norm(r)
-    history = [rnorm]
-    if rnorm <= threshold:
-        return pb.result(
-            x,
-            converged=True,
-            iterations=0,
-            residual_norms=history,
-            message="x0 already satisfies the tolerance",
-            method="cg",
-        )
-    z = Minv @ r if Minv is not None else r
-    p = z.clone()
-    rz = torch.dot(r, z)
-    checks = 0
-    for k in range(1, maxiter + 1):
-        Ap = op @ p
-        pAp = torch.dot(p, Ap)
-        if not math.isfinite(float(pAp)):
-            raise NonFiniteError(f"cg: the product A p is not finite at iteration {k}")
-        if float(pAp) <= 0.0:
-            return report(
-                pb.result(
-                    x,
-                    converged=False,
-                    iterations=k - 1,
-                    residual_norms=history,
-                    negative_curvature=True,
-                    negative_curvature_iteration=k,
-                    message=(
-                        f"non-positive curvature p^T A p = {float(pAp):.3e} at iteration {k}: "
-                        "the operator is not positive definite; stopped before stepping along it "
-                        "(use minres, damping, or the Gauss-Newton matrix)"
-                    ),
-                    method="cg",
-                ),
-                warn,
-            )
-        alpha = rz / pAp
-        x.add_(p, alpha=float(alpha))
-        r.sub_(Ap, alpha=float(alpha))
-        rnorm = _norm(r)
-        history.append(rnorm)
-        callbacks(callback, x, pb)
-        if rnorm <= threshold:
-            info, ok = {}, True
-            if check_residual:
-                true_vec = pb.b - op @ x
-                true_r = _norm(true_vec)
-                floor = measurable_residual(op.dtype, bnorm)
-                info.update(true_residual=true_r, measurable_residual=floor)
-                ok = true_r <= threshold + floor
-            if ok:
-                return pb.result(
-                    x,
-                    converged=True,
-                    iterations=k,
-                    residual_norms=history,
-                    info=info,
-                    message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}",
-                    method="cg",
-                )
-            if checks >= MAX_CHECKS or k == maxiter:
-                msg = (
-                    f"the recursive residual reached the tolerance but the true residual is "
-                    f"{true_r:.3e} > {threshold:.3e} (+ rounding floor {floor:.1e})"
-                )
-                res = pb.result(
-                    x,
-                    converged=False,
-                    iterations=k,
-                    residual_norms=history,
-                    info=info,
-                    message=msg,
-                    method="cg",
-                )
-                return report(res, warn)
-            # residual replacement: continue from the true residual
-            checks += 1
-            r = true_vec
-            history[-1] = true_r
-        if Minv is not None:
-            z = Minv @ r
-            if float(torch.dot(r, z)) <= 0:
-                raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
-        else:
-            z = r
-        rz_new = torch.dot(r, z)
-        beta = rz_new / rz
-        rz = rz_new
-        p.mul_(float(beta)).add_(z)
-    return report(
-        pb.result(
-            x,
-            converged=False,
-            iterations=maxiter,
-            residual_norms=history,
-            message=f"did not converge in {maxiter} iterations: ||r|| = {rnorm:.3e} > {threshold:.3e}",
-            method="cg",
-        ),
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be >= 0, got {maxiter}")
+    bnorm = column_norms(B)
+    thr = torch.tensor(
+        [stopping_threshold(float(v), tol, atol) for v in bnorm], dtype=torch.float64
+    )
+    floor = torch.tensor(
+        [measurable_residual(op.dtype, float(v)) for v in bnorm], dtype=torch.float64
+    )
+
+    def apply(V):  # one product per column; a single column goes through the vector path
+        return (op @ V[:, 0]).unsqueeze(1) if V.shape[1] == 1 else op @ V
+
+    def precond(R):
+        if Minv is None:
+            return R
+        Z = (Minv @ R[:, 0]).unsqueeze(1) if R.shape[1] == 1 else Minv @ R
+        if bool((inner(R, Z) <= 0).any()):
+            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+        return Z
+
+    status = torch.full((k,), ACTIVE, dtype=torch.long)
+    zero_b = bnorm == 0
+    X = torch.zeros_like(B) if pb.x0 is None else pb.x0.reshape(B.shape).clone()
+    X[:, zero_b] = 0  # b = 0: x = 0 is exact, whatever x0 says
+    status[zero_b] = CONVERGED
+    R = B.clone()
+    if pb.x0 is not None and not bool(zero_b.all()):
+        live = (~zero_b).nonzero().flatten()
+        R[:, live] = B[:, live] - apply(X[:, live])
+    rn = column_norms(R)
+    status[(rn <= thr) & (status == ACTIVE)] = CONVERGED  # x0 already satisfies the rule
+    true_r = torch.where(status == CONVERGED, rn, torch.full_like(rn, math.nan))
+    history = [float(rn.max())]
+    columns_history = [rn.tolist()]
+    Z = precond(R)
+    P = Z.clone()
+    rz = inner(R, Z)
+    best_r, best_X = rn.clone(), X.clone()
+    mark_r, mark_it = rn.clone(), torch.zeros(k, dtype=torch.long)
+    checks = torch.zeros(k, dtype=torch.long)
+    neg_it: list[int | None] = [None] * k
+    it = 0
+    while bool((status == ACTIVE).any()) and it < maxiter:
+        it += 1
+        act = (status == ACTIVE).nonzero().flatten()
+        AP = apply(P[:, act])
+        pAp = inner(P[:, act], AP)
+        if not bool(torch.isfinite(pAp).all()):
+            raise NonFiniteError(f"cg: the product A p is not finite at iteration {it}")
+        for j in act[pAp <= 0].tolist():  # stop before stepping along it
+            status[j], neg_it[j] = NEGATIVE, it
+        keep = pAp > 0
+        a, AP, pAp = act[keep], AP[:, keep], pAp[keep]
+        if a.numel() == 0:
+            break
+        alpha = (rz[a] / pAp).to(B.dtype)
+        X[:, a] += alpha * P[:, a]
+        R[:, a] -= alpha * AP
+        rn[a] = column_norms(R[:, a])
+        better = a[rn[a] < best_r[a]]
+        best_r[better], best_X[:, better] = rn[better], X[:, better]
+        gain = a[rn[a] < 0.99 * mark_r[a]]
+        mark_r[gain], mark_it[gain] = rn[gain], it
+        if callback is not None:
+            callback(pb.unflatten(X[:, 0]) if not pb.block else X)
+        restart = torch.zeros(k, dtype=torch.bool)
+        met = a[rn[a] <= thr[a]]
+        if met.numel() and check_residual:
+            tr = true_residual_norms(op, B[:, met], X[:, met])
+            ok = tr <= thr[met] + floor[met]
+            true_r[met[ok]] = tr[ok]
+            status[met[ok]] = CONVERGED
+            for j, t in zip(met[~ok].tolist(), tr[~ok].tolist()):
+                checks[j] += 1
+                # the recursive residuals were optimistic: judge by the true one from here
+                stalled = checks[j] > 1 and t > STAGNATION_GAIN * float(best_r[j])
+                if t < best_r[j] or checks[j] == 1:
+                    best_r[j], best_X[:, j] = t, X[:, j]
+                true_r[j] = t
+                if stalled:
+                    status[j] = STAGNATED
+                elif checks[j] > MAX_CHECKS:
+                    status[j] = MISSED
+                else:  # residual replacement, and a restart (beta = 0) from it
+                    R[:, j] = B[:, j] - apply(X[:, j : j + 1])[:, 0]
+                    rn[j] = t
+                    mark_r[j], mark_it[j] = t, it
+                    restart[j] = True
+        elif met.numel():
+            status[met] = CONVERGED
+        status[(status == ACTIVE) & (it - mark_it >= STAGNATION_WINDOW)] = STAGNATED
+        history.append(float(rn.max()))
+        columns_history.append(rn.tolist())
+        a = (status == ACTIVE).nonzero().flatten()
+        if a.numel() == 0:
+            break
+        Z = precond(R[:, a])
+        rz_new = inner(R[:, a], Z)
+        beta = torch.where(restart[a], torch.zeros_like(rz_new), rz_new / rz[a]).to(B.dtype)
+        rz[a] = rz_new
+        P[:, a] = Z + beta * P[:, a]
+    status[status == ACTIVE] = LIMIT
+    return _finish(
+        pb,
+        op,
+        X,
+        best_X,
+        best_r,
+        rn,
+        true_r,
+        thr,
+        floor,
+        status,
+        neg_it,
+        it,
+        history,
+        columns_history,
+        check_residual,
+        maxiter,
         warn,
     )
+
+
+def _finish(
+    pb,
+    op,
+    X,
+    best_X,
+    best_r,
+    rn,
+    true_r,
+    thr,
+    floor,
+    status,
+    neg_it,
+    it,
+    history,
+    columns_history,
+    check_residual,
+    maxiter,
+    warn,
+) -> SolveResult:
+    """Assemble the result: the best iterate for columns that stagnated or ran out."""
+    k = X.shape[1]
+    fallback = (status == STAGNATED) | (status == MISSED) | (status == LIMIT)
+    use_best = fallback & (best_r < rn)
+    X = torch.where(use_best.unsqueeze(0), best_X, X)
+    # the residual reported is that of the x returned
+    todo = (fallback & (use_best | torch.isnan(true_r))) | (
+        (status == NEGATIVE) & torch.isnan(true_r)
+    )
+    if check_residual and bool(todo.any()):
+        idx = todo.nonzero().flatten()
+        true_r[idx] = true_residual_norms(op, pb.B[:, idx], X[:, idx])
+    bnorm = column_norms(pb.B)
+    messages = []
+    for j in range(k):
+        r = float(true_r[j]) if not math.isnan(float(true_r[j])) else float(min(rn[j], best_r[j]))
+        rel = r / float(bnorm[j]) if bnorm[j] > 0 else 0.0
+        s = int(status[j])
+        if s == CONVERGED:
+            messages.append(
+                "b = 0: x = 0"
+                if bnorm[j] == 0
+                else f"converged: ||r|| = {r:.3e} <= {float(thr[j]):.3e}"
+            )
+        elif s == NEGATIVE:
+            messages.append(
+                f"non-positive curvature p^T A p <= 0 at iteration {neg_it[j]}: the operator is "
+                "not positive definite; stopped before stepping along it (use minres, damping, "
+                "or the Gauss-Newton matrix)"
+            )
+        elif s in (STAGNATED, MISSED):
+            messages.append(
+                f"stagnated at relative residual {rel:.2e} (tolerance {float(thr[j]) / max(float(bnorm[j]), 1e-300):.1e}): "
+                f"the {str(pb.dtype).replace('torch.', '')} floor for this operator, about eps * cond(A); "
+                "returned the best iterate seen (use float64 products, a preconditioner, or a "
+                "looser tol)"
+            )
+        else:
+            messages.append(
+                f"did not converge in {maxiter} iterations: ||r|| = {r:.3e} > {float(thr[j]):.3e}"
+            )
+    converged_cols = (status == CONVERGED).tolist()
+    info: dict = {}
+    if check_residual:
+        info["true_residual"] = true_r.tolist() if pb.block else float(true_r[0])
+        info["measurable_residual"] = floor.tolist() if pb.block else float(floor[0])
+    info["stagnated"] = bool(((status == STAGNATED) | (status == MISSED)).any())
+    negs = [i for i in neg_it if i is not None]
+    if pb.block:
+        info.update(
+            converged_columns=converged_cols,
+            messages=messages,
+            residual_norms_columns=columns_history,
+        )
+        n_conv = sum(converged_cols)
+        message = f"{n_conv} of {k} columns converged" + (
+            ""
+            if n_conv == k
+            else "; "
+            + "; ".join(
+                f"column {j}: {m}" for j, m in enumerate(messages) if not converged_cols[j]
+            )[:2000]
+        )
+    else:
+        message = messages[0]
+    res = pb.result(
+        X if pb.block else X[:, 0],
+        converged=all(converged_cols),
+        iterations=it,
+        residual_norms=history,
+        negative_curvature=bool(negs),
+        negative_curvature_iteration=min(negs) if negs else None,
+        message=message,
+        method="cg",
+        info=info,
+    )
+    return report(res, warn)

@@ -216,7 +216,7 @@ def lowrank(
         >>> res.x
         tensor([0.1667, 0.2500, 1.0000, 1.0000], dtype=torch.float64)
     """
-    pb = Problem(A, b, None, 0.0)
+    pb = Problem(A, b, None, 0.0, method="lowrank", allow_complex=False)
     op = pb.A
     inv = lowrank_inverse(
         op,

@@ -13,8 +13,10 @@ from ._result import (
     SolveResult,
     _norm,
     as_preconditioner,
+    by_columns,
     callbacks,
     check_true_residual,
+    inner,
     report,
     stopping_threshold,
 )
@@ -22,6 +24,7 @@ from ._result import (
 __all__ = ["minres"]
 
 MAX_CHECKS = 3  # true-residual checks (one product each) before trusting a drifting recurrence
+STAGNATION_GAIN = 0.5  # a later true-residual check must halve the best one, or MINRES stagnated
 
 
 def minres(
@@ -50,7 +53,16 @@ def minres(
     ``check_residual`` (default) the true residual is computed when the recurrence's
     estimate meets the tolerance (one product); if the truth misses it, the iteration goes
     on with a tightened internal threshold (at most three such checks), and ``converged``
-    always reflects a true residual, so a loss of orthogonality cannot pass as convergence.
+    always reflects a true residual (of the returned ``x``, in float64 arithmetic), so a
+    loss of orthogonality cannot pass as convergence. When a second check does not halve
+    the best true residual seen, MINRES has stagnated at what the dtype allows: it stops,
+    returns the best iterate and says so (``info["stagnated"]``).
+
+    ``b = 0`` returns ``x = 0`` at once. Complex Hermitian systems are solved in complex
+    arithmetic (``recurrence_dtype=torch.float64`` then means complex128). An operator
+    that declares ``symmetric=False`` is refused (``ValueError``). A matrix of right-hand
+    sides (``n x k``) is solved one column after another; ``info["converged_columns"]``
+    says which converged.
 
     Precision: in float32 the Lanczos vectors lose orthogonality and the estimate
     drifts from the truth. ``recurrence_dtype=torch.float64`` keeps every vector
@@ -67,7 +79,8 @@ def minres(
         maxiter: iteration limit (default ``5 n``).
         M: symmetric positive-definite preconditioner approximating :math:`A^{-1}`.
         callback: called with the iterate after each iteration.
-        damping: :math:`\lambda` (may be negative only if you know what you do; must be finite).
+        damping: :math:`\lambda`; a negative value is a shift :math:`A - |\lambda| I`
+            (SciPy's ``shift``), which MINRES solves like any symmetric system.
         recurrence_dtype: dtype of the recurrences (default: the operator's).
         reorthogonalize: full re-orthogonalization of the Lanczos vectors.
         check_residual: compute the true residual at the end.
@@ -90,14 +103,32 @@ def minres(
         C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
         equations", SIAM J. Numer. Anal. 12 (1975).
     """
-    pb = Problem(A, b, x0, damping)
+    pb = Problem(A, b, x0, damping, method="minres", allow_block=True)
+    if pb.block:
+        return by_columns(
+            minres,
+            pb,
+            warn,
+            tol=tol,
+            atol=atol,
+            maxiter=maxiter,
+            M=M,
+            callback=callback,
+            recurrence_dtype=recurrence_dtype,
+            reorthogonalize=reorthogonalize,
+            check_residual=check_residual,
+        )
     op, n = pb.A, pb.n
-    work = recurrence_dtype or pb.b.dtype
-    Minv = as_preconditioner(M, n, pb.b.dtype, pb.b.device)
+    odt = pb.b.dtype
+    work = recurrence_dtype or odt
+    if odt.is_complex and not work.is_complex:
+        work = torch.complex128 if work == torch.float64 else odt
+    Minv = as_preconditioner(M, n, odt, pb.b.device)
     if reorthogonalize and Minv is not None:
         raise ValueError("reorthogonalize=True is not supported together with a preconditioner")
     maxiter = 5 * n if maxiter is None else int(maxiter)
-    odt = pb.b.dtype
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be >= 0, got {maxiter}")
 
     def matvec(v):
         return (op @ v.to(odt)).to(work)
@@ -108,10 +139,19 @@ def minres(
     b = pb.b.to(work)
     bnorm = _norm(b)
     threshold = stopping_threshold(bnorm, tol, atol)
+    if bnorm == 0.0:
+        return pb.result(
+            torch.zeros_like(pb.b),
+            converged=True,
+            iterations=0,
+            residual_norms=[0.0],
+            message="b = 0: x = 0",
+            method="minres",
+        )
     x = torch.zeros_like(b) if pb.x0 is None else pb.x0.to(work).clone()
     r1 = b.clone() if pb.x0 is None else b - matvec(x)
     y = precond(r1)
-    beta1_sq = float(torch.dot(r1, y))
+    beta1_sq = float(inner(r1, y))
     if beta1_sq < 0:
         raise ValueError("the preconditioner M is not positive definite")
     beta1 = math.sqrt(beta1_sq)
@@ -126,7 +166,7 @@ def minres(
             method="minres",
         )
 
-    eps = torch.finfo(work).eps
+    eps = torch.finfo(torch.empty(0, dtype=work).real.dtype).eps
     oldb, beta, dbar, epsln, phibar = 0.0, beta1, 0.0, 0.0, beta1
     cs, sn = -1.0, 0.0
     tnorm2 = 0.0
@@ -135,8 +175,9 @@ def minres(
     r2 = r1.clone()
     basis = [] if reorthogonalize else None
     inner_threshold, checks, last_check = threshold, 0, None
+    best: tuple[float, torch.Tensor] | None = None  # (true residual, iterate) at a check
     neg_it = None
-    converged = False
+    converged = stagnated = False
     stop_msg = ""
     k = 0
     for k in range(1, maxiter + 1):
@@ -146,7 +187,7 @@ def minres(
         y = matvec(v)
         if k >= 2:
             y = y - (beta / oldb) * r1
-        alfa = float(torch.dot(v, y))
+        alfa = float(inner(v, y))
         if not math.isfinite(alfa):
             raise NonFiniteError(f"minres: the product A v is not finite at iteration {k}")
         if alfa < 0 and neg_it is None:
@@ -155,12 +196,12 @@ def minres(
         if basis is not None:
             Q = torch.stack(basis, dim=1)
             for _ in range(2):
-                y = y - Q @ (Q.T @ y)
+                y = y - Q @ (Q.mH @ y)
         r1 = r2
         r2 = y
         y = precond(r2)
         oldb = beta
-        bsq = float(torch.dot(r2, y))
+        bsq = float(inner(r2, y))
         if bsq < 0:
             raise ValueError("the preconditioner M is not positive definite")
         beta = math.sqrt(bsq)
@@ -187,6 +228,12 @@ def minres(
                 last_check = check_true_residual(op, b, x, threshold)
                 checks += 1
                 if not last_check[2]:
+                    if best is not None and last_check[0] > STAGNATION_GAIN * best[0]:
+                        stagnated = True
+                    if best is None or last_check[0] < best[0]:
+                        best = (last_check[0], x.clone())
+                    if stagnated:
+                        break
                     inner_threshold *= 0.5 * threshold / last_check[0]
                     last_check = None
                     continue
@@ -204,13 +251,23 @@ def minres(
             f"did not converge in {maxiter} iterations: ||r|| ~ {history[-1]:.3e} > {threshold:.3e}"
         )
 
-    info = {}
+    info: dict = {}
     if check_residual:
         # reuse the in-loop check when it was made on the final iterate
         true_r, floor, ok = last_check or check_true_residual(op, b, x, threshold)
+        if not ok and best is not None and best[0] < true_r:
+            true_r, x = best[0], best[1]
         info.update(true_residual=true_r, measurable_residual=floor)
         history[-1] = true_r
-        if not ok:
+        if stagnated:
+            converged = False
+            stop_msg = (
+                f"stagnated at relative residual {true_r / bnorm:.2e} (tolerance "
+                f"{threshold / bnorm:.1e}): the recurrence has lost orthogonality in "
+                f"{str(work).replace('torch.', '')}; returned the best iterate seen (try "
+                "recurrence_dtype=torch.float64, reorthogonalize=True, or float64 products)"
+            )
+        elif not ok:
             if converged:
                 stop_msg = (
                     f"the recurrence reached the tolerance but the true residual is "
@@ -224,6 +281,7 @@ def minres(
                 f"converged: true ||r|| = {true_r:.3e} <= {threshold:.3e} "
                 f"(+ rounding floor {floor:.1e})"
             )
+    info["stagnated"] = stagnated
     if neg_it is not None:
         stop_msg += f"; the operator is indefinite (v^T A v < 0 at iteration {neg_it})"
     info["warn_negative"] = False

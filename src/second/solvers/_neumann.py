@@ -19,7 +19,13 @@ from torch import Tensor
 from .._errors import ConvergenceWarning
 from ..operators.base import LinearOperator, aslinearoperator
 from ..spectral.lanczos import extreme_eigenvalues
-from ._result import Problem, SolveResult, _norm, callbacks, report, stopping_threshold
+from ._result import (
+    Problem,
+    SolveResult,
+    column_norms,
+    report,
+    stopping_threshold,
+)
 
 __all__ = ["neumann", "lissa"]
 
@@ -67,8 +73,8 @@ def neumann(
         >>> res.converged, torch.allclose(res.x, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
         (True, True)
     """
-    pb = Problem(A, b, x0, damping)
-    op = pb.A
+    pb = Problem(A, b, x0, damping, method="neumann", allow_block=True, allow_complex=False)
+    op, B = pb.A, pb.B
     info: dict = {}
     if scale is None:
         scale, lo, hi = _auto_scale(op, lanczos_steps, None)
@@ -77,10 +83,10 @@ def neumann(
             info.update(scale=scale, warn_negative=True)
             return report(
                 pb.result(
-                    torch.zeros_like(pb.b),
+                    torch.zeros_like(B) if pb.block else torch.zeros_like(pb.b),
                     converged=False,
                     iterations=0,
-                    residual_norms=[_norm(pb.b)],
+                    residual_norms=[float(column_norms(B).max())],
                     negative_curvature=True,
                     diverged=True,
                     method="neumann",
@@ -96,34 +102,46 @@ def neumann(
         info["contraction"] = max(abs(1 - lo / scale), abs(1 - hi / scale))
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    if int(maxiter) < 0:
+        raise ValueError(f"maxiter must be >= 0, got {maxiter}")
     info["scale"] = float(scale)
-    bnorm = _norm(pb.b)
-    threshold = stopping_threshold(bnorm, tol, atol)
-    p = pb.b.clone() if pb.x0 is None else pb.x0 * scale
-    best_p, best_r = p.clone(), math.inf
+    bnorm = column_norms(B)
+    thr = torch.tensor(
+        [stopping_threshold(float(v), tol, atol) for v in bnorm], dtype=torch.float64
+    )
+
+    def apply(V):  # all right-hand sides in one batched product
+        return (op @ V[:, 0]).unsqueeze(1) if V.shape[1] == 1 else op @ V
+
+    def out(P):
+        return P / scale if pb.block else P[:, 0] / scale
+
+    P = B.clone() if pb.x0 is None else pb.x0.reshape(B.shape) * scale
+    best_P, best_r = P.clone(), torch.full_like(bnorm, math.inf)
     history = []
     for k in range(maxiter + 1):
-        Ap = op @ p
-        r = pb.b - Ap / scale
-        rnorm = _norm(r)
-        history.append(rnorm)
-        if rnorm < best_r:
-            best_r, best_p = rnorm, p.clone()
-        if rnorm <= threshold:
+        AP = apply(P)
+        R = B - AP / scale
+        rn = column_norms(R)
+        history.append(float(rn.max()))
+        better = rn < best_r
+        best_r = torch.where(better, rn, best_r)
+        best_P[:, better] = P[:, better]
+        if bool((rn <= thr).all()):
             return pb.result(
-                p / scale,
+                out(P),
                 converged=True,
                 iterations=k,
                 residual_norms=history,
                 method="neumann",
                 info=info,
-                message=f"converged: ||r|| = {rnorm:.3e} <= {threshold:.3e}",
+                message=f"converged: ||r|| = {float(rn.max()):.3e} <= {float(thr.max()):.3e}",
             )
-        if not math.isfinite(rnorm) or rnorm > divergence_factor * bnorm:
+        if not bool(torch.isfinite(rn).all()) or bool((rn > divergence_factor * bnorm).any()):
             info["warn_negative"] = True
             return report(
                 pb.result(
-                    best_p / scale,
+                    out(best_P),
                     converged=False,
                     iterations=k,
                     residual_norms=history,
@@ -132,28 +150,33 @@ def neumann(
                     method="neumann",
                     info=info,
                     message=(
-                        f"diverged: ||r|| grew to {rnorm:.3e} (from {bnorm:.3e}); the operator "
-                        "has an eigenvalue outside (0, 2 s): it is indefinite or the scale is too "
-                        "small. Returned the best iterate"
+                        f"diverged: ||r|| grew to {float(rn.max()):.3e} (from "
+                        f"{float(bnorm.max()):.3e}); the operator has an eigenvalue outside "
+                        "(0, 2 s): it is indefinite or the scale is too small. Returned the best "
+                        "iterate"
                     ),
                 ),
                 warn,
             )
         if k == maxiter:
             break
-        p = pb.b + p - Ap / scale  # p_{k+1} = b + (I - A/s) p_k
-        callbacks(callback, p / scale, pb)
+        P = B + P - AP / scale  # p_{k+1} = b + (I - A/s) p_k
+        if callback is not None:
+            callback(out(P) if pb.block else pb.unflatten(P[:, 0] / scale))
+    if pb.block:
+        info["converged_columns"] = (best_r <= thr).tolist()
     return report(
         pb.result(
-            best_p / scale,
+            out(best_P),
             converged=False,
             iterations=maxiter,
             residual_norms=history,
             method="neumann",
             info=info,
             message=(
-                f"did not converge in {maxiter} terms: ||r|| = {best_r:.3e} > {threshold:.3e} "
-                f"(contraction ~ {info.get('contraction', float('nan')):.4f} per term)"
+                f"did not converge in {maxiter} terms: ||r|| = {float(best_r.max()):.3e} > "
+                f"{float(thr.max()):.3e} (contraction ~ {info.get('contraction', float('nan')):.4f} "
+                "per term)"
             ),
         ),
         warn,
@@ -252,7 +275,9 @@ def lissa(
         if full_operator is not None
         else (A if isinstance(A, LinearOperator) else first)
     )
-    pb = Problem(first, b, None, damping)
+    pb = Problem(
+        first, b, None, damping, method="lissa", allow_complex=False, allow_negative_damping=False
+    )
     info: dict = {}
     lo, hi = extreme_eigenvalues(aslinearoperator(ref), steps=lanczos_steps, generator=generator)
     setup_matvecs = lanczos_steps

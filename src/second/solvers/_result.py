@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,13 +63,32 @@ class SolveResult:
 
 
 class Problem:
-    """A linear system ``(A + damping I) x = b`` normalised to flat tensors."""
+    """A linear system ``(A + damping I) x = b`` normalised to flat tensors.
 
-    def __init__(self, A, b, x0=None, damping: float = 0.0):
+    ``b`` may be a flat vector, a sequence of parameter-shaped tensors, or an ``n x k``
+    matrix of right-hand sides (``block=True``; ``B`` is then ``n x k`` and ``b`` unset).
+    Real and complex dtypes are accepted; ``method`` names the solver in messages, and a
+    method in ``SYMMETRIC_METHODS`` refuses an operator that declares ``symmetric=False``.
+    """
+
+    def __init__(
+        self,
+        A,
+        b,
+        x0=None,
+        damping: float = 0.0,
+        *,
+        method: str = "",
+        allow_block: bool = False,
+        allow_complex: bool = True,
+        allow_negative_damping: bool = True,
+    ):
+        self.block = isinstance(b, Tensor) and b.dim() == 2
         if isinstance(b, Tensor):
-            if b.dim() != 1:
+            if b.dim() != 1 and not (self.block and allow_block):
+                accepted = "a flat vector, an n x k matrix" if allow_block else "a flat vector"
                 raise ValueError(
-                    f"b must be a flat vector or a sequence of tensors, got shape {tuple(b.shape)}"
+                    f"b must be {accepted} or a sequence of tensors, got shape {tuple(b.shape)}"
                 )
             self.shapes = None
             flat = b
@@ -78,32 +98,66 @@ class Problem:
                 raise TypeError("b must be a tensor or a non-empty sequence of tensors")
             self.shapes = [t.shape for t in parts]
             flat = torch.cat([t.reshape(-1) for t in parts])
+        if flat.is_complex() and not allow_complex:
+            raise TypeError(
+                f"{method or 'this method'} does not take complex systems (dtype {flat.dtype}); "
+                "cg and minres (Hermitian) and dense solve them in complex arithmetic"
+            )
+        if not flat.is_floating_point() and not flat.is_complex():
+            raise TypeError(f"b must be a floating-point or complex tensor, got {flat.dtype}")
         if not torch.isfinite(flat).all():
             raise ValueError("b has NaN or Inf entries")
-        self.b = flat.detach()
-        n = self.b.numel()
-        op = aslinearoperator(A, n, dtype=self.b.dtype, device=self.b.device)
+        flat = flat.detach()
+        self.B = flat if self.block else flat.unsqueeze(1)  # always n x k
+        self.b = flat if not self.block else None
+        n = self.B.shape[0]
+        op = aslinearoperator(A, n, dtype=flat.dtype, device=flat.device)
         if op.shape != (n, n):
-            raise ValueError(f"the operator has shape {op.shape} but b has {n} entries")
-        if op.dtype != self.b.dtype:
-            raise TypeError(f"b has dtype {self.b.dtype}, the operator {op.dtype}")
-        if op.device != self.b.device:
-            raise ValueError(f"b is on {self.b.device}, the operator on {op.device}")
+            raise ValueError(f"the operator has shape {op.shape} but b has {n} rows")
+        if op.dtype != flat.dtype:
+            raise TypeError(f"b has dtype {flat.dtype}, the operator {op.dtype}")
+        if op.device != flat.device:
+            raise ValueError(f"b is on {flat.device}, the operator on {op.device}")
+        if method in SYMMETRIC_METHODS and not op.symmetric:
+            raise ValueError(
+                f"{method} needs a symmetric (Hermitian) operator and this one declares "
+                f"symmetric=False ({type(op).__name__}); use method='dense' or lsmr for a "
+                "nonsymmetric system, or declare the symmetry (e.g. DenseOperator(A, "
+                "symmetric=True)) if the asymmetry is rounding"
+            )
+        damping = float(damping)
+        if not math.isfinite(damping):
+            raise ValueError(f"damping must be finite, got {damping}")
+        if damping < 0 and not allow_negative_damping:
+            raise ValueError(
+                f"{method or 'this method'} needs damping >= 0 (got {damping}); minres, cg and "
+                "dense take a negative damping (a shift A - |lambda| I)"
+            )
         if damping:
-            if damping < 0 or not torch.isfinite(torch.tensor(float(damping))):
-                raise ValueError(f"damping must be finite and >= 0, got {damping}")
             op = op.damped(damping)
         self.A = op
-        self.damping = float(damping)
+        self.damping = damping
         self.n = n
+        self.method = method
         if x0 is None:
             self.x0 = None
         else:
             x0f = x0 if isinstance(x0, Tensor) else torch.cat([t.reshape(-1) for t in x0])
-            if x0f.shape != self.b.shape or x0f.dtype != self.b.dtype:
-                raise ValueError("x0 must have the shape and dtype of b")
-            self.x0 = x0f.detach().to(self.b.device)
+            want = self.B.shape if self.block else flat.shape
+            if x0f.shape != want or x0f.dtype != flat.dtype:
+                raise ValueError(
+                    f"x0 must have the shape and dtype of b ({tuple(want)}, {flat.dtype}), got "
+                    f"{tuple(x0f.shape)}, {x0f.dtype}"
+                )
+            x0f = x0f.detach().to(flat.device)
+            if not torch.isfinite(x0f).all():
+                raise ValueError("x0 has NaN or Inf entries")
+            self.x0 = x0f
         self._start = op.matvecs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.B.dtype
 
     @property
     def matvecs(self) -> int:
@@ -120,8 +174,42 @@ class Problem:
         return tuple(out)
 
     def result(self, x: Tensor, **kwargs) -> SolveResult:
-        res = SolveResult(x=self.unflatten(x.to(self.b.dtype)), matvecs=self.matvecs, **kwargs)
+        res = SolveResult(x=self.unflatten(x.to(self.dtype)), matvecs=self.matvecs, **kwargs)
         return res
+
+
+SYMMETRIC_METHODS = frozenset({"cg", "minres", "neumann", "lissa", "lowrank"})
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a real or complex dtype (``complex64 -> float32``)."""
+    return torch.empty(0, dtype=dtype).real.dtype
+
+
+def inner(a: Tensor, b: Tensor) -> Tensor:
+    """``Re(a^H b)``, column by column for matrices (a real tensor of shape ``[k]`` or ``[]``)."""
+    if a.dim() == 2:
+        return (a.conj() * b).real.sum(0) if a.is_complex() else (a * b).sum(0)
+    return torch.vdot(a, b).real if a.is_complex() else torch.dot(a, b)
+
+
+def column_norms(V: Tensor) -> Tensor:
+    """Euclidean norms of the columns of ``V`` (float64)."""
+    return torch.linalg.vector_norm(V, dim=0).to(torch.float64)
+
+
+def true_residual_norms(op, B: Tensor, X: Tensor) -> Tensor:
+    """``||b_j - A x_j||`` per column, computed in float64 (complex128) from ``X`` as given.
+
+    ``X`` is rounded to the operator's dtype first, so the residual is that of the
+    solution the caller will receive; the product itself is the operator's (one product
+    per column).
+    """
+    Xc = X.to(op.dtype)
+    AX = op @ Xc[:, 0] if Xc.shape[1] == 1 else op @ Xc
+    AX = AX.reshape(Xc.shape)
+    wide = torch.complex128 if B.is_complex() else torch.float64
+    return column_norms(B.to(wide) - AX.to(wide))
 
 
 def stopping_threshold(bnorm: float, tol: float, atol: float) -> float:
@@ -138,12 +226,16 @@ def measurable_residual(dtype: torch.dtype, bnorm: float) -> float:
     in float32 a residual below ~``1e-6 ||b||`` is rounding noise; in float64 the floor is
     negligible. A true residual within ``max(tol ||b||, atol)`` plus this floor counts as met.
     """
-    return 20.0 * torch.finfo(dtype).eps * bnorm
+    return 20.0 * torch.finfo(real_dtype(dtype)).eps * bnorm
 
 
 def check_true_residual(op, b: Tensor, x: Tensor, threshold: float):
-    """``(true ||b - A x||, measurable floor, ok)``: one extra product."""
-    true_r = _norm(b - (op @ x.to(op.dtype)).to(b.dtype))
+    """``(true ||b - A x||, measurable floor, ok)``: one extra product.
+
+    The residual is that of ``x`` rounded to the operator's dtype (what the caller gets),
+    evaluated in float64.
+    """
+    true_r = float(true_residual_norms(op, b.unsqueeze(1), x.unsqueeze(1))[0])
     floor = measurable_residual(op.dtype, _norm(b))
     return true_r, floor, true_r <= threshold + floor
 
@@ -170,6 +262,52 @@ def as_preconditioner(M, n: int, dtype, device) -> LinearOperator | None:
 
 def _norm(v: Tensor) -> float:
     return float(torch.linalg.vector_norm(v))
+
+
+def by_columns(solver, pb: Problem, warn: bool, **options) -> SolveResult:
+    """Solve a block problem (``pb.B`` is ``n x k``) one column after another with ``solver``.
+
+    The columns' results merge into one: ``x`` is ``n x k``, ``converged`` means every
+    column converged, ``matvecs`` and ``iterations`` add up, and ``info`` keeps
+    ``converged_columns``, ``messages`` and the per-column results under ``columns``.
+    """
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", NegativeCurvatureWarning)
+        for j in range(pb.B.shape[1]):
+            x0 = None if pb.x0 is None else pb.x0[:, j]
+            results.append(solver(pb.A, pb.B[:, j], x0=x0, damping=0.0, warn=False, **options))
+    ok = [r.converged for r in results]
+    k = len(results)
+    message = f"{sum(ok)} of {k} columns converged"
+    if not all(ok):
+        message += (
+            "; "
+            + "; ".join(
+                f"column {j}: {r.message}" for j, r in enumerate(results) if not r.converged
+            )[:2000]
+        )
+    negs = [r.negative_curvature_iteration for r in results if r.negative_curvature_iteration]
+    res = SolveResult(
+        x=torch.stack([r.x for r in results], dim=1),
+        converged=all(ok),
+        iterations=sum(r.iterations for r in results),
+        matvecs=pb.matvecs,
+        residual_norms=[max(r.residual_norm for r in results)],
+        negative_curvature=any(r.negative_curvature for r in results),
+        negative_curvature_iteration=min(negs) if negs else None,
+        diverged=any(r.diverged for r in results),
+        message=message,
+        method=results[0].method if results else "",
+        info={
+            "converged_columns": ok,
+            "messages": [r.message for r in results],
+            "columns": results,
+            "warn_negative": False,
+        },
+    )
+    return report(res, warn, stacklevel=4)
 
 
 def callbacks(callback, x: Tensor, problem: Problem) -> None:

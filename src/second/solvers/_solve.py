@@ -67,14 +67,17 @@ def solve(
     Args:
         A: a :class:`~second.LinearOperator` (e.g. :class:`~second.HessianOperator`), a dense
             tensor, or a callable matvec on flat vectors.
-        b: flat vector, or parameter-shaped tensors (``x`` is returned in the same form).
+        b: flat vector, parameter-shaped tensors (``x`` is returned in the same form), or an
+            ``n x k`` matrix of right-hand sides (``cg``, ``minres``, ``neumann``, ``dense``).
+            Complex Hermitian systems are solved by ``cg``, ``minres`` and ``dense``.
         method: ``"auto"``, ``"cg"``, ``"minres"``, ``"neumann"``, ``"lissa"``, ``"lowrank"``,
             ``"dense"``. ``"auto"`` forms the matrix and solves in float64 when
             ``n <= 1500``; otherwise CG for an operator known to be positive semi-definite
             (GGN, Fisher, damped PSD) and MINRES for anything else (a Hessian may be
             indefinite: CG would stop at negative curvature), with float64 recurrences when
             the products are in lower precision.
-        damping: :math:`\lambda \ge 0`, applied as the explicit operator ``A + lambda I``.
+        damping: :math:`\lambda`, applied as the explicit operator ``A + lambda I``; a
+            negative value (a shift) is taken by ``minres``, ``cg`` and ``dense``.
         tol: relative tolerance of the stopping rule
             :math:`\|b - Ax\| \le \max(\mathrm{tol}\|b\|, \mathrm{atol})`.
         atol: absolute tolerance of the same rule.
@@ -95,7 +98,10 @@ def solve(
         >>> torch.allclose(A @ res.x, torch.tensor([1.0, 0.0], dtype=torch.float64))
         True
     """
-    n = b.numel() if isinstance(b, torch.Tensor) else sum(t.numel() for t in b)
+    if isinstance(b, torch.Tensor):
+        n = b.shape[0] if b.dim() == 2 else b.numel()
+    else:
+        n = sum(t.numel() for t in b)
     chosen = choose_method(A, n, damping) if method == "auto" else method
     if chosen not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from 'auto', {', '.join(METHODS)}")
@@ -114,8 +120,9 @@ def solve(
         kwargs["atol"] = atol
     if method == "auto" and chosen == "minres" and "recurrence_dtype" not in options:
         dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
-        if dt in (torch.float32, torch.float16, torch.bfloat16):
-            options["recurrence_dtype"] = torch.float64  # low-precision products, float64 Lanczos
+        if dt in (torch.float32, torch.float16, torch.bfloat16, torch.complex64):
+            # low-precision products, float64 (complex128) Lanczos
+            options["recurrence_dtype"] = torch.float64
     res = METHODS[chosen](A, b, **kwargs, **options)
     if method == "auto":
         res.info["auto"] = chosen
