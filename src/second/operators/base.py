@@ -1,14 +1,17 @@
 r"""Matrix-free linear operators and their algebra.
 
-A :class:`LinearOperator` is a square ``n x n`` matrix known only through its
-product. ``op @ v`` accepts a flat vector ``[n]`` or a matrix of ``k`` columns
-``[n, k]`` (a batched product, not ``k`` loops, where the subclass supports it).
-Operators add, subtract, scale and damp (``op + lam * I`` via :meth:`damped`),
-turn into dense tensors (:meth:`to_dense`) and into
-:class:`scipy.sparse.linalg.LinearOperator` (:meth:`to_scipy`).
+A :class:`LinearOperator` is an ``m x n`` matrix known only through its product
+(square ``n x n`` unless a shape ``(m, n)`` is given). ``op @ v`` accepts a flat
+vector ``[n]`` or a matrix of ``k`` columns ``[n, k]`` (a batched product, not ``k``
+loops, where the subclass supports it). ``op.T`` (:meth:`~LinearOperator.adjoint`)
+is the transposed operator, ``n x m``. Operators add, subtract, scale and, when
+square, damp (``op + lam * I`` via :meth:`damped`), turn into dense tensors
+(:meth:`to_dense`) and into :class:`scipy.sparse.linalg.LinearOperator`
+(:meth:`to_scipy`, with ``rmatvec``).
 
-Subclasses implement ``_matvec`` and, for speed, ``_matmat``; the public
-``__matmul__`` validates shape, dtype and device and checks the result is finite.
+Subclasses implement ``_matvec`` and, for speed, ``_matmat``; a nonsymmetric one also
+``_rmatvec`` (``A^H u``) and optionally ``_rmatmat``. The public ``__matmul__``
+validates shape, dtype and device and checks the result is finite.
 """
 
 from __future__ import annotations
@@ -37,13 +40,20 @@ __all__ = [
 
 
 class LinearOperator:
-    """A square linear map known through its product.
+    """A linear map known through its product: square ``n x n`` or rectangular ``m x n``.
+
+    ``LinearOperator(n, dtype, device)`` is square; ``LinearOperator((m, n), dtype, device)``
+    maps vectors of length ``n`` to vectors of length ``m``. A rectangular operator is never
+    symmetric, cannot be damped, and multiplies by its transpose through ``op.T``.
 
     Attributes:
-        shape: ``(n, n)``.
+        shape: ``(m, n)`` (``(n, n)`` when square).
         dtype: dtype of vectors it accepts and returns.
         device: device of those vectors.
-        symmetric: whether the operator is known to be symmetric.
+        symmetric: whether the operator is known to be symmetric (Hermitian when complex);
+            always ``False`` for a rectangular one.
+        matvecs: the number of vector products performed with this object (a product with a
+            matrix of ``k`` columns counts ``k``); products with ``op.T`` count on ``op.T``.
 
     Example:
         >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
@@ -54,17 +64,37 @@ class LinearOperator:
                 [2., 6.]])
         >>> A.to_scipy().matvec([0.0, 1.0])
         array([1., 3.], dtype=float32)
+        >>> B = DenseOperator(torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]]))  # 2 x 3
+        >>> B.shape, B.T.shape, B.T @ torch.tensor([1.0, 1.0])
+        ((2, 3), (3, 2), tensor([1., 3., 3.]))
     """
 
     symmetric: bool = True
     psd: bool = False  # known to be positive semi-definite
     check_finite: bool = True
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str):
-        self.shape = (int(n), int(n))
+    def __init__(self, n: int | tuple[int, int], dtype: torch.dtype, device: torch.device | str):
+        if isinstance(n, (tuple, list, torch.Size)):
+            if len(n) != 2:
+                raise ValueError(f"an operator's shape is (m, n), got {tuple(n)}")
+            rows, cols = int(n[0]), int(n[1])
+        else:
+            rows = cols = int(n)
+        if rows < 0 or cols < 0:
+            raise ValueError(f"an operator's shape cannot be negative, got {(rows, cols)}")
+        self.shape = (rows, cols)
         self.dtype = dtype
         self.device = torch.device(device)
         self.matvecs = 0  # number of vector products performed (a matmat of k counts k)
+        self._adjoint: LinearOperator | None = None
+        if rows != cols:
+            self.symmetric = False
+            self.psd = False
+
+    @property
+    def is_square(self) -> bool:
+        """Whether the operator is square (``m == n``)."""
+        return self.shape[0] == self.shape[1]
 
     # -- to be provided by subclasses --------------------------------------------------
     def _matvec(self, v: Tensor) -> Tensor:
@@ -72,6 +102,20 @@ class LinearOperator:
 
     def _matmat(self, V: Tensor) -> Tensor:
         return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        """``A^H u``: a symmetric (Hermitian) operator is its own adjoint."""
+        if self.symmetric and self.is_square:
+            return self._matvec(u)
+        raise NotImplementedError(
+            f"{type(self).__name__} is not symmetric and does not implement the transposed "
+            "product A^T u (_rmatvec)"
+        )
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        if self.symmetric and self.is_square:
+            return self._matmat(U)
+        return torch.stack([self._rmatvec(U[:, j]) for j in range(U.shape[1])], dim=1)
 
     # -- public product ----------------------------------------------------------------
     def __matmul__(self, v: Tensor) -> Tensor:
@@ -82,7 +126,7 @@ class LinearOperator:
             out = self._matvec(v)
             self.matvecs += 1
         else:  # a matrix of k columns (k = 0 is an empty product, not an error)
-            out = self._matmat(v) if v.shape[1] > 0 else v.new_zeros(v.shape)
+            out = self._matmat(v) if v.shape[1] > 0 else v.new_zeros((self.shape[0], 0))
             self.matvecs += v.shape[1]
         if self.check_finite:
             check_finite(out, f"{type(self).__name__} product")
@@ -96,7 +140,46 @@ class LinearOperator:
         """``A V`` for an ``n x k`` matrix."""
         return self @ V
 
+    def rmatvec(self, u: Tensor) -> Tensor:
+        """``A^H u`` (``A^T u`` when real) for a flat vector of length ``m``."""
+        return self.adjoint() @ u
+
+    def rmatmat(self, U: Tensor) -> Tensor:
+        """``A^H U`` for an ``m x k`` matrix."""
+        return self.adjoint() @ U
+
     __call__ = matvec
+
+    # -- transposition -------------------------------------------------------------------
+    def adjoint(self) -> LinearOperator:
+        r"""The adjoint :math:`A^H` (the transpose :math:`A^\top` when real), an ``n x m`` operator.
+
+        A symmetric (Hermitian) square operator is its own adjoint and returns itself; any
+        other multiplies through its ``_rmatvec``. The adjoint is built once and kept, so its
+        ``matvecs`` accumulate.
+
+        Example:
+            >>> A = DenseOperator(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+            >>> A.adjoint() @ torch.tensor([1.0, 0.0]), A.T.T is A
+            (tensor([1., 2.]), True)
+        """
+        if self.symmetric and self.is_square:
+            return self
+        if getattr(self, "_adjoint", None) is None:
+            self._adjoint = _AdjointOperator(self, conjugate=True)
+        return self._adjoint
+
+    @property
+    def T(self) -> LinearOperator:
+        r"""The transposed operator :math:`A^\top` (:meth:`adjoint` for real dtypes)."""
+        if not self.dtype.is_complex:
+            return self.adjoint()
+        return _AdjointOperator(self, conjugate=False)
+
+    @property
+    def H(self) -> LinearOperator:
+        """The adjoint :math:`A^H`, see :meth:`adjoint`."""
+        return self.adjoint()
 
     def _validate(self, v: Tensor) -> None:
         n = self.shape[1]
@@ -137,7 +220,7 @@ class LinearOperator:
         return ScaledOperator(self, -1.0)
 
     def damped(self, damping: float) -> LinearOperator:
-        """The explicit Tikhonov-damped operator ``A + damping * I``."""
+        """The explicit Tikhonov-damped operator ``A + damping * I`` (square operators only)."""
         return DampedOperator(self, damping)
 
     def inverse(self, method: str = "auto", **options) -> LinearOperator:
@@ -154,34 +237,55 @@ class LinearOperator:
 
     # -- conversions ---------------------------------------------------------------------
     def to_dense(self, chunk_size: int | None = 256) -> Tensor:
-        """The ``n x n`` matrix, assembled with batched products of ``chunk_size`` columns."""
-        return dense_from_matmat(
-            self.matmat,
-            self.matvec,
-            self.shape[0],
-            dtype=self.dtype,
-            device=self.device,
-            chunk_size=chunk_size,
-        )
+        """The ``m x n`` matrix, assembled with batched products of ``chunk_size`` columns."""
+        rows, cols = self.shape
+        if rows == cols:
+            return dense_from_matmat(
+                self.matmat,
+                self.matvec,
+                rows,
+                dtype=self.dtype,
+                device=self.device,
+                chunk_size=chunk_size,
+            )
+        out = torch.empty((rows, cols), dtype=self.dtype, device=self.device)
+        chunk = cols if chunk_size is None else max(1, chunk_size)
+        for start in range(0, cols, chunk):
+            stop = min(start + chunk, cols)
+            eye = torch.zeros((cols, stop - start), dtype=self.dtype, device=self.device)
+            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            out[:, start:stop] = self @ eye
+        return out
 
     def to_scipy(self, dtype: np.dtype | type | None = None):
         """A :class:`scipy.sparse.linalg.LinearOperator` backed by this operator.
 
-        NumPy vectors are converted to tensors on the operator's device and back.
+        NumPy vectors are converted to tensors on the operator's device and back; ``rmatvec``
+        and ``rmatmat`` multiply by :meth:`adjoint`.
         """
         from scipy.sparse.linalg import LinearOperator as SciPyOperator
 
         np_dtype = np.dtype(dtype) if dtype is not None else _numpy_dtype(self.dtype)
 
-        def mv(x):
-            t = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
-            return (self @ t).detach().cpu().numpy().astype(np_dtype, copy=False)
+        def product(op: LinearOperator, flat: bool):
+            def f(x):
+                x = np.asarray(x)
+                t = torch.as_tensor(
+                    x.reshape(-1) if flat else x, dtype=self.dtype, device=self.device
+                )
+                return (op @ t).detach().cpu().numpy().astype(np_dtype, copy=False)
 
-        def mm(X):
-            t = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
-            return (self @ t).detach().cpu().numpy().astype(np_dtype, copy=False)
+            return f
 
-        return SciPyOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np_dtype)
+        adj = self.adjoint()
+        return SciPyOperator(
+            self.shape,
+            matvec=product(self, True),
+            rmatvec=product(adj, True),
+            matmat=product(self, False),
+            rmatmat=product(adj, False),
+            dtype=np_dtype,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -194,13 +298,17 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 class DenseOperator(LinearOperator):
-    """Wraps a dense square matrix."""
+    """Wraps a dense matrix: square, or rectangular ``m x n`` (then never symmetric)."""
 
     def __init__(self, A: Tensor, symmetric: bool | None = None):
-        if A.dim() != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"a dense operator needs a square matrix, got {tuple(A.shape)}")
-        super().__init__(A.shape[0], A.dtype, A.device)
+        if A.dim() != 2:
+            raise ValueError(f"a dense operator needs a matrix, got shape {tuple(A.shape)}")
+        super().__init__(tuple(A.shape), A.dtype, A.device)
         self.A = A
+        if not self.is_square:
+            if symmetric:
+                raise ValueError(f"a {tuple(A.shape)} matrix cannot be symmetric")
+            return
         self.symmetric = is_symmetric(A) if symmetric is None else bool(symmetric)
 
     def _matvec(self, v: Tensor) -> Tensor:
@@ -208,6 +316,11 @@ class DenseOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A @ V
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return self.A.mH @ u
+
+    _rmatmat = _rmatvec
 
     def to_dense(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
         return self.A.clone()
@@ -233,43 +346,75 @@ def is_symmetric(A: Tensor) -> bool:
 
 
 class CallableOperator(LinearOperator):
-    """Wraps a matvec callable ``f(v) -> A v`` on flat vectors of length ``n``."""
+    """Wraps a matvec callable ``f(v) -> A v`` on flat vectors of length ``n``.
+
+    ``n`` may be a shape ``(m, n)`` for a rectangular operator. ``rmatvec`` (``u -> A^H u``)
+    and ``rmatmat`` give the transposed product. ``symmetric`` defaults to ``True`` for a
+    square operator given without ``rmatvec`` (as before), ``False`` otherwise.
+    """
 
     def __init__(
         self,
         matvec: Callable[[Tensor], Tensor],
-        n: int,
+        n: int | tuple[int, int],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         *,
         matmat: Callable[[Tensor], Tensor] | None = None,
-        symmetric: bool = True,
+        symmetric: bool | None = None,
+        rmatvec: Callable[[Tensor], Tensor] | None = None,
+        rmatmat: Callable[[Tensor], Tensor] | None = None,
     ):
         super().__init__(n, dtype, device)
         self._f = matvec
         self._fm = matmat
-        self.symmetric = symmetric
+        self._rf = rmatvec
+        self._rfm = rmatmat
+        if symmetric is None:
+            symmetric = self.is_square and rmatvec is None
+        if symmetric and not self.is_square:
+            raise ValueError(f"an operator of shape {self.shape} cannot be symmetric")
+        self.symmetric = bool(symmetric)
 
-    def _matvec(self, v: Tensor) -> Tensor:
-        out = self._f(v)
+    @staticmethod
+    def _checked(out, rows: int, v: Tensor, what: str) -> Tensor:
         if isinstance(out, (tuple, list)):
             out = torch.cat([t.reshape(-1) for t in out])
-        if out.shape != v.shape:
+        if out.shape != (rows, *v.shape[1:]):
             raise ValueError(
-                f"the matvec returned shape {tuple(out.shape)} for input {tuple(v.shape)}"
+                f"the {what} returned shape {tuple(out.shape)} for input {tuple(v.shape)}, "
+                f"expected {(rows, *v.shape[1:])}"
             )
         return out
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._checked(self._f(v), self.shape[0], v, "matvec")
 
     def _matmat(self, V: Tensor) -> Tensor:
         if self._fm is not None:
             return self._fm(V)
         return super()._matmat(V)
 
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        if self._rf is None:
+            return super()._rmatvec(u)
+        return self._checked(self._rf(u), self.shape[1], u, "rmatvec")
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        if self._rfm is not None:
+            return self._rfm(U)
+        return super()._rmatmat(U)
+
 
 class IdentityOperator(LinearOperator):
     """The identity ``I`` of size ``n``: ``IdentityOperator(n, dtype, device)``."""
 
     psd = True
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__(n, dtype, device)
+        if not self.is_square:
+            raise ValueError(f"an identity is square, got shape {self.shape}")
 
     def _matvec(self, v: Tensor) -> Tensor:
         return v.clone()
@@ -286,7 +431,7 @@ class SumOperator(LinearOperator):
         for op in ops[1:]:
             if op.shape != first.shape or op.dtype != first.dtype or op.device != first.device:
                 raise ValueError(f"cannot add {first!r} and {op!r}: shape, dtype or device differ")
-        super().__init__(first.shape[0], first.dtype, first.device)
+        super().__init__(first.shape, first.dtype, first.device)
         self.ops = ops
         self.symmetric = all(op.symmetric for op in ops)
         self.psd = all(op.psd for op in ops)
@@ -297,12 +442,18 @@ class SumOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         return sum(op._matmat(V) for op in self.ops)
 
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return sum(op._rmatvec(u) for op in self.ops)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return sum(op._rmatmat(U) for op in self.ops)
+
 
 class ScaledOperator(LinearOperator):
     """``alpha * A``, what ``alpha * op`` and ``op / alpha`` build."""
 
     def __init__(self, op: LinearOperator, alpha: float):
-        super().__init__(op.shape[0], op.dtype, op.device)
+        super().__init__(op.shape, op.dtype, op.device)
         self.op, self.alpha = op, float(alpha)
         self.symmetric = op.symmetric
         self.psd = op.psd and self.alpha >= 0
@@ -312,6 +463,12 @@ class ScaledOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.alpha * self.op._matmat(V)
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return self.alpha * self.op._rmatvec(u)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self.alpha * self.op._rmatmat(U)
 
 
 class DampedOperator(LinearOperator):
@@ -327,6 +484,8 @@ class DampedOperator(LinearOperator):
     def __init__(self, op: LinearOperator, damping: float):
         if not np.isfinite(damping):
             raise ValueError(f"damping must be finite, got {damping}")
+        if op.shape[0] != op.shape[1]:
+            raise ValueError(f"only a square operator can be damped, this one is {op.shape}")
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op, self.damping = op, float(damping)
         self.symmetric = op.symmetric
@@ -338,14 +497,60 @@ class DampedOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         return self.op._matmat(V) + self.damping * V
 
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return self.op._rmatvec(u) + self.damping * u
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self.op._rmatmat(U) + self.damping * U
+
     def damped(self, damping: float) -> LinearOperator:  # noqa: D102
         return DampedOperator(self.op, self.damping + damping)
+
+
+class _AdjointOperator(LinearOperator):
+    """``A^H`` (``conjugate=True``) or ``A^T`` of an operator, through its ``_rmatvec``.
+
+    What :meth:`LinearOperator.adjoint` and :attr:`LinearOperator.T` return; the transpose
+    of a complex operator is ``conj(A^H conj(u))``.
+    """
+
+    def __init__(self, op: LinearOperator, conjugate: bool = True):
+        super().__init__((op.shape[1], op.shape[0]), op.dtype, op.device)
+        self.op, self.conjugate = op, conjugate
+        self.symmetric = op.symmetric
+        self.psd = op.psd
+        self.check_finite = op.check_finite
+
+    def _flip(self, f, v: Tensor) -> Tensor:
+        if self.conjugate or not v.is_complex():
+            return f(v)
+        return f(v.conj()).conj()
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._flip(self.op._rmatvec, v)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._flip(self.op._rmatmat, V)
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return self._flip(self.op._matvec, u)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self._flip(self.op._matmat, U)
+
+    def adjoint(self) -> LinearOperator:  # noqa: D102
+        return self.op if self.conjugate else super().adjoint()
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: D102
+        return self.op if (self.conjugate != self.dtype.is_complex) else super().T
 
 
 def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> LinearOperator:
     """Turn a :class:`LinearOperator`, a dense tensor, a SciPy operator or a callable into one.
 
-    A callable needs ``n`` (and optionally ``dtype``/``device``, default float32/cpu).
+    A callable needs ``n`` (or a shape ``(m, n)``; optionally ``dtype``/``device``, default
+    float32/cpu). A rectangular SciPy operator keeps its ``rmatvec``.
 
     Example:
         >>> op = aslinearoperator(lambda v: 2 * v, 3)
@@ -360,12 +565,17 @@ def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> Lin
         sp = A
         tdtype = dtype or torch.float64
 
-        def f(v):
-            return torch.as_tensor(
-                sp.matvec(v.detach().cpu().numpy()), dtype=tdtype, device=v.device
-            )
+        def wrap(g):
+            def f(v):
+                return torch.as_tensor(g(v.detach().cpu().numpy()), dtype=tdtype, device=v.device)
 
-        return CallableOperator(f, sp.shape[0], tdtype, device or "cpu")
+            return f
+
+        if sp.shape[0] == sp.shape[1]:  # square: symmetric as before (declare it otherwise)
+            return CallableOperator(wrap(sp.matvec), sp.shape[0], tdtype, device or "cpu")
+        return CallableOperator(
+            wrap(sp.matvec), tuple(sp.shape), tdtype, device or "cpu", rmatvec=wrap(sp.rmatvec)
+        )
     if callable(A):
         if n is None:
             raise ValueError("a callable matvec needs the size n")
