@@ -11,9 +11,75 @@ from torch.optim import Optimizer
 
 from ..func.products import grad_checked
 
-__all__ = ["NewtonTypeOptimizer", "check_positive", "check_nonneg", "check_unit"]
+__all__ = [
+    "NewtonTypeOptimizer",
+    "check_positive",
+    "check_nonneg",
+    "check_unit",
+    "check_state_dict_params",
+]
 
 COUNTERS = ("n_iter", "nfev", "ngev", "nhvp")
+PARAM_SHAPES = "param_shapes"  # the key under which state_dict() records the parameter shapes
+
+
+def check_state_dict_params(owner: str, params: Sequence[Tensor], state_dict: dict) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` was saved for parameters like ``params``.
+
+    Checks the number of parameter tensors and, from the shapes ``state_dict()`` records
+    under ``"param_shapes"``, their shapes. A state dict saved without them (an older
+    version) is checked through the per-parameter tensors it holds (``delta``, ``diag``:
+    the parameter's shape; ``direction``: all parameters, flat).
+
+    Args:
+        owner: the optimizer's name, for the message.
+        params: the optimizer's parameters, in order.
+        state_dict: what ``load_state_dict`` received.
+
+    Raises:
+        ValueError: naming the first mismatches; the state belongs to another model.
+    """
+    if not isinstance(state_dict, dict) or "state" not in state_dict:
+        raise ValueError(f"{owner}.load_state_dict: not an optimizer state dict (no 'state')")
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(
+            f"{owner}.load_state_dict: not an optimizer state dict (no 'param_groups')"
+        )
+    ids = [i for g in groups for i in g.get("params", [])]
+    here = [tuple(p.shape) for p in params]
+    if len(ids) != len(params):
+        raise ValueError(
+            f"{owner}.load_state_dict: the state was saved for {len(ids)} parameter tensors, "
+            f"this optimizer has {len(params)}: it belongs to another model"
+        )
+    bad = []
+    shapes = state_dict.get(PARAM_SHAPES)
+    if shapes is not None:
+        bad = [
+            f"parameter {i}: saved {tuple(a)}, here {b}"
+            for i, (a, b) in enumerate(zip(shapes, here))
+            if tuple(a) != b
+        ]
+    else:
+        index = {pid: i for i, pid in enumerate(ids)}
+        total = sum(p.numel() for p in params)
+        for pid, st in state_dict["state"].items():
+            i = index.get(pid)
+            if i is None or not isinstance(st, dict):
+                continue
+            for key, v in st.items():
+                if not isinstance(v, Tensor):
+                    continue
+                if key in ("delta", "diag") and tuple(v.shape) != here[i]:
+                    bad.append(f"parameter {i}: saved {key} {tuple(v.shape)}, here {here[i]}")
+                elif key == "direction" and v.numel() != total:
+                    bad.append(f"saved direction of {v.numel()} entries, here {total} parameters")
+    if bad:
+        raise ValueError(
+            f"{owner}.load_state_dict: the state was saved for parameters of other shapes "
+            f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): it belongs to another model"
+        )
 
 
 def check_positive(name: str, value: float) -> None:
@@ -89,7 +155,19 @@ class NewtonTypeOptimizer(Optimizer):
         """Per-iteration records: ``n_iter, nfev, ngev, nhvp, loss, grad_norm`` and more."""
         return self._state["history"]
 
-    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+    def state_dict(self) -> dict:
+        """The state of ``torch.optim.Optimizer``, plus the parameter shapes it belongs to."""
+        sd = super().state_dict()
+        sd[PARAM_SHAPES] = [list(p.shape) for p in self._params]
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: if it was saved for another number or shapes of parameters.
+        """
+        check_state_dict_params(type(self).__name__, self._params, state_dict)
         super().load_state_dict(state_dict)
         self._cache = {}
 

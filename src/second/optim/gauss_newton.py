@@ -15,15 +15,19 @@ from ._cg import model_cg
 __all__ = ["GaussNewton", "unpack_closure_output"]
 
 
-def unpack_closure_output(out) -> tuple[Tensor, Tensor]:
-    """Check and split what a Gauss-Newton closure returns: ``(loss, output)``."""
+def unpack_closure_output(out, finite: bool = True) -> tuple[Tensor, Tensor]:
+    """Check and split what a Gauss-Newton closure returns: ``(loss, output)``.
+
+    With ``finite`` (default) a NaN or Inf loss raises :class:`~second.NonFiniteError`;
+    a trial point passes ``finite=False`` and rejects the step instead.
+    """
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
             "a Gauss-Newton closure must return (loss, output): the scalar loss and the network "
             f"output it was computed from; got {type(out).__name__}"
         )
     loss, output = out
-    check_scalar_loss(loss)
+    check_scalar_loss(loss, finite=finite)
     if not isinstance(output, Tensor) or not output.requires_grad:
         raise ValueError("the closure's output must be the network output, with its graph")
     return loss, output
@@ -276,7 +280,11 @@ class GaussNewton(NewtonTypeOptimizer):
                 break
             x = cache["x"]
             self._set_flat(x + d)
-            new_pair = unpack_closure_output(closure())
+            try:  # a non-finite trial loss rejects the step below
+                new_pair = unpack_closure_output(closure(), finite=False)
+            except BaseException:
+                self._set_flat(x)  # never leave the parameters at a trial point
+                raise
             st["nfev"] += 1
             f_new = float(new_pair[0].detach())
             rho = (cache["loss"] - f_new) / pred if math.isfinite(f_new) else -math.inf

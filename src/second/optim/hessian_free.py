@@ -72,8 +72,11 @@ class HessianFree(NewtonTypeOptimizer):
     Raises:
         ValueError: invalid hyperparameters.
 
-    State: counters ``n_iter, nfev, ngev, nhvp``, ``loss``, ``grad_norm``, ``damping``,
-    ``direction`` (the last CG solution, for warm starts), ``cg_iterations``, ``history``.
+    State: counters ``n_iter, nfev, ngev, nhvp``, ``n_rejected``, ``loss``, ``grad_norm``,
+    ``damping``, ``direction`` (the last CG solution, for warm starts), ``cg_iterations``,
+    ``history``. A rejected step (no CG iterate with a finite loss, or a failed line search)
+    leaves the parameters where they were; the first case also raises the damping by
+    ``boost``.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -236,18 +239,36 @@ class HessianFree(NewtonTypeOptimizer):
             save_at=_save_points(maxiter),
         )
         del cpair
-        st["direction"] = res.x.detach().clone()
+        # a non-finite solution (overflowing curvature) must not seed the next warm start
+        finite = bool(torch.isfinite(res.x).all())
+        st["direction"] = res.x.detach().clone() if finite else None
         st["cg_iterations"] = res.iterations
-        # CG-iterate backtracking on the gradient batch
+        # CG-iterate backtracking on the gradient batch: from the last iterate back while the
+        # loss falls (past iterates whose loss is not finite)
         x = self._gather_flat()
         best_f, best = math.inf, None
-        for _i, d, Ad in reversed(res.saved):
-            self._set_flat(x + d)
-            f = self._loss_only(raw_closure)
-            if f < best_f:
-                best_f, best = f, (d, Ad)
-            else:
-                break
+        try:
+            for _i, d, Ad in reversed(res.saved):
+                self._set_flat(x + d)
+                f = self._loss_only(raw_closure)
+                if f < best_f:
+                    best_f, best = f, (d, Ad)
+                elif best is not None:
+                    break
+        except BaseException:
+            self._set_flat(x)  # never leave the parameters at a trial point
+            raise
+        if best is None:
+            # every CG iterate overflows or gives NaN: reject the step and raise the damping
+            self._set_flat(x)
+            st["damping"] = min(
+                max(lam * group["boost"], group["min_damping"]), group["max_damping"]
+            )
+            st["n_rejected"] += 1
+            st["n_iter"] += 1
+            st["rate"] = 0.0
+            self._record(damping=st["damping"], rho=-math.inf, rate=0.0, cg=res.iterations)
+            return torch.tensor(f0)
         d, Ad = best
         # damping by the reduction ratio of the undamped curvature model
         q = float(torch.dot(g, d)) + 0.5 * (float(torch.dot(d, Ad)) - lam * float(torch.dot(d, d)))
@@ -261,13 +282,17 @@ class HessianFree(NewtonTypeOptimizer):
         slope = float(torch.dot(g, d))
         rate, f_rate = 1.0, best_f
         accepted = False
-        for _ in range(group["max_line_search"] + 1):
-            if slope < 0 and f_rate <= f0 + group["armijo"] * rate * slope:
-                accepted = True
-                break
-            rate *= 0.8
-            self._set_flat(x + rate * d)
-            f_rate = self._loss_only(raw_closure)
+        try:
+            for _ in range(group["max_line_search"] + 1):
+                if slope < 0 and f_rate <= f0 + group["armijo"] * rate * slope:
+                    accepted = True
+                    break
+                rate *= 0.8
+                self._set_flat(x + rate * d)
+                f_rate = self._loss_only(raw_closure)
+        except BaseException:
+            self._set_flat(x)
+            raise
         if accepted:
             self._set_flat(x + rate * d)
         else:

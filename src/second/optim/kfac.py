@@ -64,6 +64,7 @@ from ..approximations.kfac import (
     find_layers,
     output_hessian_product,
 )
+from ._base import PARAM_SHAPES, check_state_dict_params
 
 __all__ = ["KFAC"]
 
@@ -744,8 +745,19 @@ class KFAC(torch.optim.Optimizer):
         info["rho"] = rho
 
     # ------------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        """The state of ``torch.optim.Optimizer``, plus the parameter shapes it belongs to."""
+        sd = super().state_dict()
+        sd[PARAM_SHAPES] = [list(p.shape) for p in self.param_groups[0]["params"]]
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load the state (factors, eigendecompositions, momentum, damping, counters)."""
+        """Load the state (factors, eigendecompositions, momentum, damping, counters).
+
+        Raises:
+            ValueError: if it was saved for another number or shapes of parameters.
+        """
+        check_state_dict_params("KFAC", self.param_groups[0]["params"], state_dict)
         super().load_state_dict(state_dict)
         self._inv_cache.clear()
         self._prev_views = self._prev_flat = None

@@ -2,17 +2,21 @@ r"""LiSSA as an optimizer: Newton steps from a stochastic Neumann-series inverse
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .._errors import ConvergenceWarning
 from ..func.products import hvp_from_gradient
 from ..operators.base import CallableOperator
 from ..spectral.lanczos import extreme_eigenvalues
 from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive
 
 __all__ = ["LiSSA"]
+
+_BOUND_SLACK = 1.001  # rounding room on the bound ||X_j|| <= (j + 1) ||g||
 
 
 class LiSSA(NewtonTypeOptimizer):
@@ -34,6 +38,17 @@ class LiSSA(NewtonTypeOptimizer):
     on the full-batch Hessian at the first step (times ``scale_margin``, since mini-batch
     Hessians fluctuate above the mean), unless given.
 
+    Divergence guards: while the spectrum of :math:`(H_{i_j} + \lambda I)/s` lies in
+    :math:`[0, 2]`, every term of the series has norm at most :math:`\|g\|`, so
+    :math:`\|X_j\| \le (j + 1)\|g\|`; an iterate beyond that bound (or not finite) means a
+    sampled Hessian exceeds :math:`2s` or has negative curvature. And a step after which
+    the loss (``closure``) is not finite or has risen by more than :math:`|L(\theta)|` (a
+    positive loss more than doubled: mini-batch Hessians that miss directions make the
+    series grow along them) is an exploding one. Either way the step is refused and the
+    parameters restored, a :class:`~second.ConvergenceWarning` is issued, the state
+    counters ``n_rejected`` and ``n_diverged`` grow, and an estimated scale is doubled for
+    the next step, which shortens the steps (a given ``scale`` is kept).
+
     For convex problems (the recursion diverges on negative curvature: add ``damping``).
     The closures return the loss with its graph and must not call ``backward()``::
 
@@ -54,8 +69,8 @@ class LiSSA(NewtonTypeOptimizer):
     Raises:
         ValueError: invalid hyperparameters.
 
-    State: counters ``n_iter, nfev, ngev, nhvp``, ``loss``, ``grad_norm``, ``scale``,
-    ``stop_reason``, ``history``.
+    State: counters ``n_iter, nfev, ngev, nhvp``, ``n_rejected``, ``n_diverged``, ``loss``,
+    ``grad_norm``, ``scale``, ``stop_reason``, ``history``.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -174,9 +189,10 @@ class LiSSA(NewtonTypeOptimizer):
                 )
         s = st["scale"]
         acc = torch.zeros_like(g)
+        diverged = None
         for _ in range(group["repeats"]):
             X = g.clone()
-            for _j in range(group["depth"]):
+            for j in range(group["depth"]):
                 if curvature_closure is None:
                     HX = full(X)
                 else:
@@ -185,13 +201,58 @@ class LiSSA(NewtonTypeOptimizer):
                     st["nfev"] += 1
                     HX = prod(X)
                 X = g + X - (HX + lam * X) / s
+                # X_{j+1} sums j + 2 terms of norm <= ||g|| while the recursion contracts
+                norm = float(torch.linalg.vector_norm(X))
+                if not norm <= (j + 2) * gnorm * _BOUND_SLACK:
+                    diverged = (j + 1, norm)
+                    break
+            if diverged is not None:
+                break
             acc += X / s
-        step = acc / group["repeats"]
-        if not bool(torch.isfinite(step).all()):
-            raise FloatingPointError(
-                "the LiSSA recursion diverged: a mini-batch Hessian exceeds 2 * scale or has "
-                "negative curvature (raise scale_margin or damping)"
+        st.setdefault("n_diverged", 0)
+        if diverged is not None:
+            j, norm = diverged
+            self._refuse(
+                s,
+                f"the recursion diverged (||X_{j}|| = {norm:.3e} > {j + 1} ||g|| = "
+                f"{(j + 1) * gnorm:.3e}): a mini-batch Hessian exceeds 2 * scale = {2 * s:.3e} "
+                "or has negative curvature",
             )
+            return torch.tensor(f0)
+        step = acc / group["repeats"]
+        x = self._gather_flat()
         self._add_flat(step, alpha=-group["lr"])
+        try:
+            with torch.no_grad():
+                f_new = float(closure().detach())
+        except BaseException:
+            self._set_flat(x)
+            raise
+        st["nfev"] += 1
+        if not f_new - f0 <= abs(f0):  # also not finite
+            self._set_flat(x)
+            self._refuse(
+                s,
+                f"the step (norm {float(torch.linalg.vector_norm(step)) * group['lr']:.3e}) "
+                f"raised the loss from {f0:.6e} to {f_new:.6e}",
+            )
+            return torch.tensor(f0)
         st["n_iter"] += 1
         return torch.tensor(f0)
+
+    def _refuse(self, s: float, why: str) -> None:
+        st, group = self._state, self.param_groups[0]
+        st["n_rejected"] += 1
+        st["n_diverged"] += 1
+        if group["scale"] is None:
+            st["scale"] = 2.0 * s
+        warnings.warn(
+            f"LiSSA step refused: {why}. The parameters are unchanged; "
+            + (
+                "the estimated scale is doubled."
+                if group["scale"] is None
+                else "raise scale (or damping)."
+            ),
+            ConvergenceWarning,
+            stacklevel=3,
+        )

@@ -77,6 +77,9 @@ def diagonal(
       Rademacher probes; unbiased, error per entry :math:`O(\|A_{i,:}\|/\sqrt m)`.
     * ``"exact"``: from ``n`` batched unit-vector products (small models).
 
+    Raises:
+        ValueError: an unknown ``method``, or ``num_matvecs < 1`` for ``"hutchinson"``.
+
     Example:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> diagonal(A, method="exact")
@@ -88,6 +91,8 @@ def diagonal(
         return torch.diagonal(op.to_dense()).clone()
     if method != "hutchinson":
         raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
+    if num_matvecs < 1:
+        raise ValueError("num_matvecs must be >= 1")
     g = _gen(generator, op.device)
     Z = _rademacher(n, num_matvecs, g, op.dtype, op.device)
     return (Z * (op @ Z)).mean(dim=1)
