@@ -40,9 +40,12 @@ from .operators import (
     GGNOperator,
     HessianOperator,
     IdentityOperator,
+    JacobianOperator,
     LinearOperator,
     ScaledOperator,
+    SubmatrixOperator,
     SumOperator,
+    TransposedJacobianOperator,
     aslinearoperator,
 )
 from .optim import OptimizeResult, minimize
@@ -92,6 +95,9 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "FisherOperator",
+    "JacobianOperator",
+    "TransposedJacobianOperator",
+    "SubmatrixOperator",
     # approximations
     "KFACOperator",
     "EKFACOperator",

@@ -11,6 +11,8 @@ from .base import (
     aslinearoperator,
 )
 from .curvature import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator
+from .jacobian import JacobianOperator, TransposedJacobianOperator
+from .submatrix import SubmatrixOperator
 
 __all__ = [
     "LinearOperator",
@@ -25,4 +27,7 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "FisherOperator",
+    "JacobianOperator",
+    "TransposedJacobianOperator",
+    "SubmatrixOperator",
 ]

@@ -1,0 +1,360 @@
+r"""The Jacobian of a model's outputs on a dataset, and its transpose, as operators.
+
+For a model :math:`f(x; \theta)` and data :math:`x_1, \dots, x_N`, the Jacobian stacks
+the outputs of every example into one vector of :math:`M = N C` entries (``C`` output
+entries per example) and differentiates it with respect to the flat parameters:
+
+.. math:: J = \frac{\partial}{\partial \theta}
+          \begin{pmatrix} f(x_1; \theta) \\ \vdots \\ f(x_N; \theta) \end{pmatrix}
+          \in \mathbb{R}^{M \times P}.
+
+Rows are ordered batch by batch, each batch's output ``[n_b, ...]`` flattened in row-major
+order, so ``J @ v`` lines up with ``torch.cat([model(X_b).flatten() for X_b in batches])``.
+:class:`JacobianOperator` is :math:`J` (``M x P``) and :class:`TransposedJacobianOperator`
+is :math:`J^\top` (``P x M``); ``J.T`` of one is the other, sharing its graphs. With them
+the generalized Gauss-Newton matrix is :math:`J^\top (\nabla^2_f L) J`.
+
+Products run on the same kept graphs as the curvature operators (:mod:`.curvature`): on a
+single batch the graph is built once and ``J v`` costs one backward pass through the
+double-vjp graph, ``J^T u`` one backward pass through the forward graph; a matrix of ``k``
+columns is one vmap-batched pass. Over an iterable of batches every product traverses
+the data again (or keeps every batch's graphs with ``cache_graphs=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import NonDeterministicDataError
+from ..func.products import as_params, check_finite
+from .base import LinearOperator
+from .curvature import (
+    SamePassCheck,
+    _is_batch,
+    _JacobianGraph,
+    _stochastic_modules,
+    iterate_batches,
+)
+
+__all__ = ["JacobianOperator", "TransposedJacobianOperator"]
+
+
+class _Jacobian:
+    """The shared state of ``J`` and ``J^T``: parameters, data traversal and kept graphs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        params: Sequence[Tensor] | None,
+        check_deterministic: bool,
+        progressbar: bool,
+        cache_graphs: bool,
+        columns: str,
+    ):
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("the model has no parameters that require grad")
+        self.params = as_params(params)
+        p0 = self.params[0]
+        self.dtype, self.device = p0.dtype, p0.device
+        self.num_params = sum(p.numel() for p in self.params)
+        if columns not in ("vmap", "loop"):
+            raise ValueError(f"columns must be 'vmap' or 'loop', got {columns!r}")
+        self.model, self.columns = model, columns
+        if isinstance(data, Tensor):  # a batch of inputs without targets
+            data = (data, data.new_empty((data.shape[0] if data.dim() else 0, 0)))
+        self.data = data
+        self.single_batch = _is_batch(data)
+        self.check_deterministic = check_deterministic
+        self.progressbar = progressbar
+        self.cache_graphs = bool(cache_graphs)
+        if check_deterministic:
+            stochastic = _stochastic_modules(model)
+            if stochastic:
+                raise NonDeterministicDataError(
+                    f"the model is in training mode with {', '.join(stochastic[:3])}: every "
+                    "product would see a different Jacobian (dropout, RReLU) or update the "
+                    "model's running statistics (batch norm). Call model.eval() first, "
+                    "or pass check_deterministic=False if you mean it."
+                )
+        self._pass_check = SamePassCheck(
+            "the data",
+            "A Jacobian operator must be the same matrix on every product: use shuffle=False "
+            "or a fixed list of batches, or pass check_deterministic=False.",
+        )
+        self._states: list[_JacobianGraph] | None = None
+        if self.single_batch or self.cache_graphs:
+            self.output_shapes = [tuple(g.out.shape) for g in self._kept_states()]
+        else:  # one pass without graphs to learn the number of rows
+            with torch.no_grad():
+                self.output_shapes = [tuple(self._forward(X).shape) for X, _ in self._batches()]
+        self.num_outputs = sum(int(torch.Size(s).numel()) for s in self.output_shapes)
+
+    # -- data ----------------------------------------------------------------------------
+    def _forward(self, X) -> Tensor:
+        out = self.model(X) if isinstance(X, Tensor) else self.model(*X)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model must return one tensor, got {type(out).__name__}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"the model returns {out.dtype}, its parameters are {self.dtype}")
+        return check_finite(out, "model output")
+
+    def _batches(self):
+        it = iterate_batches(self.data, self.device)
+        if self.progressbar and not self.single_batch:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="JacobianOperator", leave=False)
+        if self.check_deterministic and not self.single_batch:
+            it = self._pass_check(it)
+        yield from it
+
+    def _kept_states(self) -> list[_JacobianGraph]:
+        if self._states is None:
+            self._states = [
+                _JacobianGraph(self._forward(X), self.params) for X, _ in self._batches()
+            ]
+        return self._states
+
+    def _graphs(self):
+        """Every batch's graph with its number of rows, checked against the first pass."""
+        if self.single_batch or self.cache_graphs:
+            graphs = iter(self._kept_states())
+        else:
+            graphs = (_JacobianGraph(self._forward(X), self.params) for X, _ in self._batches())
+        count = 0
+        for i, graph in enumerate(graphs):
+            if i >= len(self.output_shapes) or tuple(graph.out.shape) != self.output_shapes[i]:
+                raise NonDeterministicDataError(
+                    f"batch {i} of the data gives an output of shape {tuple(graph.out.shape)}, "
+                    "not the one seen when the operator was built: the rows of the Jacobian "
+                    "would not line up"
+                )
+            count += 1
+            yield graph, graph.out.numel()
+        if count != len(self.output_shapes):
+            raise NonDeterministicDataError(
+                f"the data yielded {count} batches, {len(self.output_shapes)} when the operator "
+                "was built"
+            )
+
+    def refresh(self) -> None:
+        self._states = None
+
+    # -- parameter-shaped views ------------------------------------------------------------
+    def _split(self, V: Tensor, batched: bool) -> list[Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            block = V[offset : offset + n]
+            out.append(block.T.reshape(V.shape[1], *p.shape) if batched else block.view_as(p))
+            offset += n
+        return out
+
+    @staticmethod
+    def _join(ts: Sequence[Tensor], batched: bool) -> Tensor:
+        if batched:
+            k = ts[0].shape[0]
+            return torch.cat([t.reshape(k, -1) for t in ts], dim=1).T
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    # -- products ------------------------------------------------------------------------
+    def jvp(self, V: Tensor) -> Tensor:
+        """``J V`` for ``V`` of shape ``[P]`` or ``[P, k]``."""
+        if V.dim() == 2 and self.columns == "loop":
+            return torch.stack([self.jvp(V[:, j]) for j in range(V.shape[1])], dim=1)
+        batched = V.dim() == 2
+        vs = self._split(V, batched)
+        pieces = []
+        for graph, _ in self._graphs():
+            jv = graph.jvp(vs, batched)
+            pieces.append(jv.reshape(V.shape[1], -1) if batched else jv.reshape(-1))
+        out = torch.cat(pieces, dim=-1)
+        return out.T if batched else out
+
+    def vjp(self, U: Tensor) -> Tensor:
+        """``J^T U`` for ``U`` of shape ``[M]`` or ``[M, k]``."""
+        if U.dim() == 2 and self.columns == "loop":
+            return torch.stack([self.vjp(U[:, j]) for j in range(U.shape[1])], dim=1)
+        batched = U.dim() == 2
+        shape = (self.num_params, U.shape[1]) if batched else (self.num_params,)
+        acc = U.new_zeros(shape)
+        offset = 0
+        for graph, rows in self._graphs():
+            block = U[offset : offset + rows]
+            if batched:
+                t = block.T.reshape(U.shape[1], *graph.out.shape)
+            else:
+                t = block.view(graph.out.shape)
+            acc.add_(self._join(graph.vjp(t, batched), batched))
+            offset += rows
+        return acc
+
+
+class _JacobianBase(LinearOperator):
+    """What :class:`JacobianOperator` and :class:`TransposedJacobianOperator` share."""
+
+    _transposed = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        params: Sequence[Tensor] | None = None,
+        *,
+        check_deterministic: bool = True,
+        progressbar: bool = False,
+        cache_graphs: bool = False,
+        columns: str = "vmap",
+    ):
+        core = _Jacobian(
+            model, data, params, check_deterministic, progressbar, cache_graphs, columns
+        )
+        self._init_from(core)
+
+    def _init_from(self, core: _Jacobian) -> None:
+        shape = (core.num_outputs, core.num_params)
+        super().__init__(shape[::-1] if self._transposed else shape, core.dtype, core.device)
+        self._core = core
+        self.symmetric = False
+        self.psd = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The network."""
+        return self._core.model
+
+    @property
+    def data(self):
+        """The data the operator traverses."""
+        return self._core.data
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """The parameters differentiated with respect to."""
+        return self._core.params
+
+    @property
+    def num_outputs(self) -> int:
+        """``M``, the number of output entries over all examples."""
+        return self._core.num_outputs
+
+    @property
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        """The output shape of each batch, in the order of the rows."""
+        return list(self._core.output_shapes)
+
+    @property
+    def num_data(self) -> int:
+        """The number of examples ``N``."""
+        return sum(s[0] if s else 1 for s in self._core.output_shapes)
+
+    def refresh(self) -> None:
+        """Forget kept graphs (call after changing the parameters in place)."""
+        self._core.refresh()
+
+    def _jacobian(self, V: Tensor) -> Tensor:
+        return self._core.vjp(V) if self._transposed else self._core.jvp(V)
+
+    def _jacobian_t(self, U: Tensor) -> Tensor:
+        return self._core.jvp(U) if self._transposed else self._core.vjp(U)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._jacobian(v)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._jacobian(V)
+
+    def _rmatvec(self, u: Tensor) -> Tensor:
+        return self._jacobian_t(u)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self._jacobian_t(U)
+
+    def adjoint(self) -> LinearOperator:
+        """The transposed operator on the same data and graphs."""
+        if self._adjoint is None:
+            cls = JacobianOperator if self._transposed else TransposedJacobianOperator
+            other = cls.__new__(cls)
+            other._init_from(self._core)
+            other._adjoint = self
+            self._adjoint = other
+        return self._adjoint
+
+
+class JacobianOperator(_JacobianBase):
+    r"""The Jacobian :math:`J = \partial f / \partial \theta` of a model's outputs on the data.
+
+    An ``M x P`` operator: ``M`` is the number of output entries over all examples (``N C``
+    for ``N`` examples of ``C`` outputs), ``P`` the number of parameters. Row ``(b, i)`` is
+    the output entry ``i`` of example ``b``, batches in the order the data yields them, so
+
+    .. math:: (J v)_{(b, i)} = \sum_j \frac{\partial f_i(x_b; \theta)}{\partial \theta_j} v_j .
+
+    ``J @ v`` is a forward-mode product (double-vjp on the kept graph), ``J.T @ u`` a
+    backward pass; ``J.T`` is the :class:`TransposedJacobianOperator` on the same graphs.
+    Data on this process only: a ``torch.distributed`` run is not reduced over ranks.
+
+    Args:
+        model: the network; ``model(X)`` (or ``model(*X)`` for a tuple of inputs) returns
+            one tensor whose first dimension indexes the examples.
+        data: a tensor of inputs ``X``, one ``(X, y)`` batch, or an iterable of such
+            batches (a ``DataLoader``); targets are ignored, so the data of a curvature
+            operator can be passed as it is.
+        params: tensors to differentiate with respect to (default: every parameter of
+            ``model`` with ``requires_grad``).
+        check_deterministic: refuse a stochastic model (dropout in training mode) and verify
+            that an iterable yields the same batches on every pass (default ``True``).
+        progressbar: show a tqdm bar over batches for each product (default ``False``).
+        cache_graphs: over an iterable, keep every batch's graphs (memory grows with the
+            dataset's activations; default ``False``); a single batch always keeps its graph.
+        columns: ``"vmap"`` (default; one vmap-batched backward pass for a matrix of
+            columns) or ``"loop"`` (one pass per column, for models without batching rules).
+
+    Attributes:
+        num_outputs: ``M``.
+        output_shapes: the output shape of each batch.
+
+    Raises:
+        ValueError: no parameters, a parameter not in the graph of the output, an unknown
+            ``columns``.
+        TypeError: a model that does not return one tensor, or returns another dtype.
+        NonDeterministicDataError: a stochastic model, or data that changes between passes.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)         # f(x) = w^T x + c
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> J = JacobianOperator(model, X)
+        >>> J.shape
+        (2, 3)
+        >>> J.to_dense()                          # row b: df(x_b)/d(w, c) = [x_b^T, 1]
+        tensor([[1., 2., 1.],
+                [3., 4., 1.]])
+        >>> J.T @ torch.tensor([1.0, 1.0])
+        tensor([4., 6., 2.])
+    """
+
+
+class TransposedJacobianOperator(_JacobianBase):
+    r"""The transposed Jacobian :math:`J^\top` (``P x M``) of a model's outputs on the data.
+
+    Takes the arguments of :class:`JacobianOperator`, whose ``.T`` is the same operator on
+    shared graphs. :math:`J^\top u = \nabla_\theta\, u^\top f` is one backward pass, so
+    :math:`J^\top \nabla_f L` is the gradient of a loss of the outputs.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> JT = TransposedJacobianOperator(model, X)
+        >>> JT.shape, JT @ torch.tensor([1.0, -1.0])
+        ((3, 2), tensor([-2., -2.,  0.]))
+        >>> type(JT.T).__name__
+        'JacobianOperator'
+    """
+
+    _transposed = True
