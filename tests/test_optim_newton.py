@@ -568,7 +568,7 @@ def test_minimize_lm_with_loss_output_pair():
 
 def test_minimize_reports_failure_honestly():
     res = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=DT), maxiter=3)
-    assert not res.success and "maximum number of iterations" in res.message
+    assert not res.success and "iteration limit (3)" in res.message
     assert res.nit == 3
 
 

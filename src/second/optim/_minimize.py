@@ -65,7 +65,7 @@ def minimize(
     method: str = "newton-cg",
     *,
     tol: float = 1e-6,
-    maxiter: int = 1000,
+    maxiter: int | None = None,
     max_time: float | None = None,
     options: dict | None = None,
 ) -> OptimizeResult:
@@ -95,7 +95,8 @@ def minimize(
         method: one of ``"newton-cg"``, ``"newton-exact"``, ``"dense"``, ``"gauss-newton"``,
             ``"lm"``.
         tol: gradient-norm tolerance (default 1e-6).
-        maxiter: iteration limit (default 1000).
+        maxiter: iteration limit (default ``max(1000, 20 n)`` for ``n = x0.numel()``); when
+            it stops the run, ``message`` says so and by how much the gradient fell.
         max_time: wall-clock limit in seconds (default none).
         options: extra keyword arguments for the optimizer (e.g. ``initial_radius``,
             ``damping``, ``solver``).
@@ -119,14 +120,17 @@ def minimize(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     check_nonneg("tol", tol)
-    check_int("maxiter", maxiter)
     if not isinstance(x0, Tensor):
         x0 = torch.as_tensor(x0, dtype=torch.get_default_dtype())
+    maxiter = default_maxiter(x0.numel()) if maxiter is None else maxiter
+    check_int("maxiter", maxiter, minimum=0)
     if not x0.is_floating_point():
         raise ValueError(f"x0 must be a floating-point tensor, got {x0.dtype}")
     options = dict(options or {})
     x = x0.detach().clone().requires_grad_(True)
     t0 = time.perf_counter()
+    if maxiter == 0:
+        return _no_iteration(fun, x, x0, tol, method, t0)
     deadline = math.inf if max_time is None else t0 + max_time
     if method in ("newton-exact", "dense"):
         return _newton_exact(fun, x, tol, maxiter, deadline, t0, options)
@@ -163,24 +167,77 @@ def minimize(
     reason = opt.stop_reason
     if reason is None:
         reason = (
-            f"stopped: maximum number of iterations ({maxiter})"
+            _limit_message(maxiter, st["history"])
             if st["n_iter"] >= maxiter
             else f"stopped: time limit ({max_time} s)"
         )
+    fval, gval = float(st["loss"]), float(st["grad_norm"])
+    success = opt.converged and math.isfinite(fval) and math.isfinite(gval)
+    if opt.converged and not success:
+        reason = f"the objective or its gradient is not finite (f = {fval}, ||grad|| = {gval})"
     return OptimizeResult(
         x=x.detach().reshape(x0.shape),
-        fun=float(st["loss"]),
-        grad_norm=float(st["grad_norm"]),
+        fun=fval,
+        grad_norm=gval,
         nit=st["n_iter"],
         nfev=st["nfev"],
         ngev=st["ngev"],
         nhvp=st["nhvp"],
-        success=opt.converged,
+        success=success,
         message=reason,
         method=method,
         history=list(st["history"]),
         time=time.perf_counter() - t0,
     )
+
+
+def _no_iteration(fun, x, x0, tol, method, t0) -> OptimizeResult:
+    """``maxiter=0``: evaluate at ``x0`` and report (SciPy returns a status, not an error)."""
+    with torch.enable_grad():
+        out = fun(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        f = out if out.numel() == 1 else 0.5 * (out * out).sum()
+        (g,) = torch.autograd.grad(f.reshape(()), x)
+    fval, gnorm = float(f.detach()), float(torch.linalg.vector_norm(g))
+    success = math.isfinite(fval) and gnorm <= tol
+    return OptimizeResult(
+        x=x.detach().reshape(x0.shape),
+        fun=fval,
+        grad_norm=gnorm,
+        nit=0,
+        nfev=1,
+        ngev=1,
+        nhvp=0,
+        success=success,
+        message=(
+            f"converged: ||grad|| = {gnorm:.3e} <= tol = {tol:.1e} at x0"
+            if success
+            else "stopped: iteration limit (0) reached before the tolerance"
+        ),
+        method=method,
+        time=time.perf_counter() - t0,
+    )
+
+
+def default_maxiter(n: int) -> int:
+    """The default iteration limit of :func:`minimize`: ``max(1000, 20 n)`` for ``n`` unknowns.
+
+    Newton-type methods need more iterations on larger nonconvex problems (Rosenbrock in
+    ``n`` dimensions walks its valley in ``O(n)`` steps), so a fixed limit stops big problems
+    early.
+    """
+    return max(1000, 20 * int(n))
+
+
+def _limit_message(maxiter: int, history: list[dict]) -> str:
+    """Why the iteration limit stopped the run, and how far the gradient fell."""
+    msg = f"stopped: iteration limit ({maxiter}) reached before the tolerance"
+    if history:
+        g0, g1 = history[0].get("grad_norm"), history[-1].get("grad_norm")
+        if g0 and g1 is not None and math.isfinite(g0) and math.isfinite(g1):
+            msg += f"; ||grad|| fell from {g0:.3e} to {g1:.3e} (factor {g0 / max(g1, 1e-300):.2e})"
+    return msg + "; raise maxiter to continue"
 
 
 def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult:
@@ -223,11 +280,16 @@ def _newton_exact(fun, x, tol, maxiter, deadline, t0, options) -> OptimizeResult
                 radius=radius,
             )
         )
+        if not (math.isfinite(fval) and math.isfinite(gnorm)):
+            message = (
+                f"the objective or its gradient is not finite (f = {fval}, ||grad|| = {gnorm})"
+            )
+            break
         if gnorm <= tol:
             message, success = f"converged: ||grad|| = {gnorm:.3e} <= tol = {tol:.1e}", True
             break
         if counts["nit"] >= maxiter:
-            message = f"stopped: maximum number of iterations ({maxiter})"
+            message = _limit_message(maxiter, history)
             break
         if time.perf_counter() > deadline:
             message = "stopped: time limit"

@@ -190,6 +190,14 @@ class NewtonCG(NewtonTypeOptimizer):
                 gnorm = float(torch.linalg.vector_norm(g))
                 st["loss"], st["grad_norm"] = cache["loss"], gnorm
                 self._record(radius=st["radius"])
+                if not (math.isfinite(cache["loss"]) and math.isfinite(gnorm)):
+                    st["stop_reason"] = (
+                        f"the objective or its gradient is not finite at the current point "
+                        f"(loss {cache['loss']}, ||grad|| {gnorm}): not a minimum"
+                    )
+                    if first_loss is None:
+                        first_loss = cache["loss"]
+                    break
                 if gnorm <= group["tolerance_grad"]:
                     st["stop_reason"] = (
                         f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "

@@ -117,6 +117,7 @@ def neumann(
         return P / scale if pb.block else P[:, 0] / scale
 
     P = B.clone() if pb.x0 is None else pb.x0.reshape(B.shape) * scale
+    P[:, bnorm == 0] = 0  # b = 0: x = 0 is exact, whatever x0 says
     best_P, best_r = P.clone(), torch.full_like(bnorm, math.inf)
     history = []
     for k in range(maxiter + 1):
