@@ -9,7 +9,6 @@ float64), refuse (a clear error), or report honestly (any outcome, if it is the 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -185,7 +184,7 @@ def test_counts_match_an_independent_counter(method):
         A, b = CASES[name].A, CASES[name].b
         calls = []
 
-        def mv(v, A=A):
+        def mv(v, A=A, calls=calls):
             calls.append(1)
             return A @ v
 
