@@ -57,6 +57,7 @@ from .solvers import (
     dense,
     lissa,
     lowrank,
+    lsmr,
     minres,
     solve,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "SolveResult",
     "cg",
     "minres",
+    "lsmr",
     "lissa",
     "lowrank",
     "dense",

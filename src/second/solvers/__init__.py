@@ -4,6 +4,7 @@ from ._cg import cg
 from ._dense import dense
 from ._inverse import InverseOperator
 from ._lowrank import LowRankInverse, lowrank, lowrank_inverse
+from ._lsmr import lsmr
 from ._minres import minres
 from ._neumann import lissa, neumann
 from ._result import SolveResult
@@ -16,6 +17,7 @@ __all__ = [
     "METHODS",
     "cg",
     "minres",
+    "lsmr",
     "neumann",
     "lissa",
     "lowrank",
