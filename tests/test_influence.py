@@ -410,7 +410,8 @@ def test_corrupt_cache_file_is_recomputed(tmp_path):
     for p in Path(tmp_path).glob("scores-*.pt"):
         p.write_bytes(b"not a tensor file")
     (Path(tmp_path) / ".leftover.tmp").write_bytes(b"partial")
-    again = Influence(model, loss_fn, train, cache_dir=tmp_path, **kw).scores(test)
+    with pytest.warns(UserWarning, match="ignoring cache file"):
+        again = Influence(model, loss_fn, train, cache_dir=tmp_path, **kw).scores(test)
     assert rel(again, S) < SCORE_RTOL["dense"]
 
 
