@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_same_across_ranks", "failure_barrier"]
+__all__ = ["check_same_across_ranks", "failure_barrier", "all_ranks"]
 
 
 def _digest_row(digest: str) -> list[int]:
@@ -49,6 +49,17 @@ def check_same_across_ranks(what: str, digest: str, device: torch.device) -> Non
             f"{what} differs between ranks: rank(s) {differ} hold other {what} than rank 0. "
             f"Every rank must pass the same {what}; the work, not the data, is split over ranks."
         )
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on every rank (e.g. every rank found a cached result).
+
+    Ranks that take a collective path only when some local condition holds must agree on
+    it first, or one of them waits alone in the collective until the timeout.
+    """
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(int(t))
 
 
 def _failed_ranks(failed: bool, device: torch.device) -> list[int]:

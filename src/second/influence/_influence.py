@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._distributed import check_same_across_ranks, failure_barrier
+from .._distributed import all_ranks, check_same_across_ranks, failure_barrier
 from .._errors import (
     ConvergenceWarning,
     NegativeCurvatureWarning,
@@ -518,10 +518,11 @@ class Influence:
     def _dense_matrix(self) -> Tensor:
         """Form the data curvature densely in float64 (columns sharded over ranks; cached)."""
         name, P = f"curvature-{self.key}", self.fn.numel
-        if self.cache is not None:
-            M = self.cache.load_block(name, (P, P), torch.float64)
-            if M is not None:
-                return M.to(self.fn.device)
+        M = None if self.cache is None else self.cache.load_block(name, (P, P), torch.float64)
+        if self._dist()[0] and not all_ranks(M is not None, self.fn.device):
+            M = None  # a rank without the file (a node-local cache) would wait alone below
+        if M is not None:
+            return M.to(self.fn.device)
         M = torch.zeros(P, P, dtype=torch.float64, device=self.fn.device)
         with self._collective("the dense curvature"):
             op = self.operator
