@@ -39,7 +39,7 @@ lint: $(STAMP)
 
 # Each benchmark runs the anchors side by side in one process (bench extra); BENCHMARKS.md
 # records the output of the full runs. One thread: the machines have 2 cores.
-BENCHES := bench-products bench-solvers bench-kfac bench-newton bench-influence bench-implicit
+BENCHES := bench-products bench-solvers bench-conformance bench-kfac bench-newton bench-influence bench-implicit
 bench: $(BENCHES)
 
 # BENCH_ARGS=--quick for a short run of bench-products / bench-solvers
@@ -48,6 +48,9 @@ bench-products: $(BENCHSTAMP)
 
 bench-solvers: $(BENCHSTAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_solvers.py $(BENCH_ARGS)
+
+bench-conformance: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_conformance.py $(BENCH_ARGS)
 
 bench-kfac: $(BENCHSTAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_kfac.py

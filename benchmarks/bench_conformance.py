@@ -21,8 +21,11 @@ import scipy
 import scipy.sparse.linalg as sla
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "solvers"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "solvers"))
+sys.path.insert(0, str(ROOT / "tests" / "optim"))
 from conformance_cases import cases, poisson2d  # noqa: E402
+from test_minimize_conformance import PROBLEMS, rosen, start  # noqa: E402
 
 import second  # noqa: E402
 
@@ -61,9 +64,62 @@ def rel_residual(A, x, b):
     return float(r.norm() / b.to(wide).norm())
 
 
+def newton_problems(with_1000: bool):
+    """scipy.optimize's Newton test problems: second.minimize defaults vs SciPy trust-ncg."""
+    import time
+
+    from scipy.optimize import minimize as sp_minimize
+
+    problems = dict(PROBLEMS)
+    if with_1000:
+        problems["rosen-1000"] = (rosen, start(1000))
+    second.minimize(rosen, start(2), tol=1e-8)  # warm-up: torch's first-call set-up is not timed
+    print("\n| problem | method | success | iterations | final grad norm | CPU s |")
+    print("|---|---|---|---|---|---|")
+    for name, (fun, x0) in problems.items():
+        t = time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = second.minimize(fun, x0, tol=1e-8)
+        cpu = time.process_time() - t
+        print(
+            f"| {name} | second.minimize (defaults) | {res.success} | {res.nit} | {res.grad_norm:.1e} | {cpu:.2f} |"
+        )
+
+        def f(z):
+            return float(fun(torch.as_tensor(z)))
+
+        def jac(z):
+            x = torch.as_tensor(z).requires_grad_(True)
+            (g,) = torch.autograd.grad(fun(x), x)
+            return g.numpy()
+
+        def hessp(z, p):
+            x = torch.as_tensor(z).requires_grad_(True)
+            (g,) = torch.autograd.grad(fun(x), x, create_graph=True)
+            (hv,) = torch.autograd.grad(g, x, torch.as_tensor(p))
+            return hv.numpy()
+
+        t = time.process_time()
+        sp = sp_minimize(
+            f,
+            x0.numpy(),
+            jac=jac,
+            hessp=hessp,
+            method="trust-ncg",
+            options=dict(gtol=1e-8, maxiter=max(1000, 20 * x0.numel())),
+        )
+        cpu = time.process_time() - t
+        gn = float(np.linalg.norm(jac(sp.x)))
+        print(
+            f"| {name} | SciPy trust-ncg (torch callbacks) | {bool(sp.success)} | {sp.nit} | {gn:.1e} | {cpu:.2f} |"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.parse_args()
+    parser.add_argument("--rosen-1000", action="store_true", help="add Rosenbrock-1000 (slow)")
+    args = parser.parse_args()
     table = dict(cases())
     problems = [(name, c.A, c.b, c.symmetric) for name, c in table.items()]
     P = poisson2d(40)

@@ -30,6 +30,7 @@ METHODS = {
     "dense": lambda A, b, **kw: dense(A, b, **kw),
     "auto": lambda A, b, **kw: solve(A, b, **kw),
     "neumann": lambda A, b, **kw: neumann(A, b, **kw),
+    "lsmr": lambda A, b, **kw: solve(A, b, "lsmr", **kw),
 }
 
 
@@ -39,8 +40,11 @@ def expected(case, method: str, A) -> str:
         # a symmetric-only method on a matrix that is not (the near-symmetric case's 1e-6
         # is below float32 rounding of its 1e6 entries, so in float32 it is symmetric)
         return "refuse"
-    if method == "neumann" and case.complex:
+    if method in ("neumann", "lsmr") and case.complex:
         return "refuse"
+    if method == "lsmr":  # any square nonsingular system, if the conditioning allows
+        well = ("nonsymmetric", "spd-well", "rand-diag", "poisson1d", "poisson2d")
+        return "converge" if case.name in well else "honest"
     if method in ("dense", "auto"):
         return "converge"
     if method.startswith("minres"):

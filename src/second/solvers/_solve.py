@@ -6,15 +6,49 @@ from collections.abc import Callable
 
 import torch
 
-from ..operators.base import LinearOperator
+from ..operators.base import LinearOperator, aslinearoperator
 from ._cg import cg
 from ._dense import dense
 from ._lowrank import lowrank
+from ._lsmr import lsmr
 from ._minres import minres
 from ._neumann import lissa, neumann
-from ._result import SolveResult
+from ._result import SolveResult, measurable_residual, report, stopping_threshold
 
 __all__ = ["solve", "METHODS", "choose_method"]
+
+
+def _lsmr_square(A, b, *, damping: float = 0.0, **options) -> SolveResult:
+    """LSMR on the square system ``(A + damping I) x = b`` (solve()'s meaning of damping).
+
+    :func:`lsmr`'s own ``damping`` regularizes the least-squares problem instead, so the
+    damping here enters the operator.
+    """
+    if damping:
+        n = b.shape[0] if isinstance(b, torch.Tensor) else sum(t.numel() for t in b)
+        dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
+        dev = b.device if isinstance(b, torch.Tensor) else b[0].device
+        A = aslinearoperator(A, n, dtype=dt, device=dev).damped(damping)
+    res = lsmr(A, b, **options)
+    if res.converged:  # a least-squares stationary point need not solve a square system
+        bnorm = float(
+            torch.linalg.vector_norm(
+                b if isinstance(b, torch.Tensor) else torch.cat([t.reshape(-1) for t in b])
+            )
+        )
+        dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
+        limit = stopping_threshold(bnorm, options.get("tol", 1e-6), options.get("atol", 0.0))
+        limit += measurable_residual(dt, bnorm)
+        r = float(res.info.get("true_residual", res.residual_norm))
+        if r > limit:
+            res.converged = False
+            res.message = (
+                f"LSMR reached a least-squares solution, but ||b - A x|| = {r:.3e} > {limit:.3e}: "
+                "the square system is inconsistent or too ill-conditioned for its dtype"
+            )
+            report(res, options.get("warn", True))
+    return res
+
 
 METHODS: dict[str, Callable[..., SolveResult]] = {
     "cg": cg,
@@ -23,6 +57,7 @@ METHODS: dict[str, Callable[..., SolveResult]] = {
     "lissa": lissa,
     "lowrank": lowrank,
     "dense": dense,
+    "lsmr": _lsmr_square,
 }
 
 # which of solve()'s iterative options each method can use
@@ -33,6 +68,7 @@ ITERATIVE_OPTIONS: dict[str, set[str]] = {
     "lissa": set(),
     "lowrank": set(),
     "dense": set(),
+    "lsmr": {"x0", "callback", "maxiter"},
 }
 
 DENSE_THRESHOLD = 1500  # parameters: forming the matrix costs n products, solving O(n^3)
@@ -42,6 +78,8 @@ def choose_method(A, n: int, damping: float = 0.0) -> str:
     """The method ``"auto"`` picks (see :func:`solve`)."""
     if n <= DENSE_THRESHOLD:
         return "dense"
+    if isinstance(A, LinearOperator) and not A.symmetric:
+        return "lsmr"  # cg and minres need symmetry
     psd = isinstance(A, LinearOperator) and A.psd
     if psd and damping >= 0:
         return "cg"
@@ -71,11 +109,12 @@ def solve(
             ``n x k`` matrix of right-hand sides (``cg``, ``minres``, ``neumann``, ``dense``).
             Complex Hermitian systems are solved by ``cg``, ``minres`` and ``dense``.
         method: ``"auto"``, ``"cg"``, ``"minres"``, ``"neumann"``, ``"lissa"``, ``"lowrank"``,
-            ``"dense"``. ``"auto"`` forms the matrix and solves in float64 when
+            ``"dense"``, ``"lsmr"``. ``"auto"`` forms the matrix and solves in float64 when
             ``n <= 1500``; otherwise CG for an operator known to be positive semi-definite
             (GGN, Fisher, damped PSD) and MINRES for anything else (a Hessian may be
             indefinite: CG would stop at negative curvature), with float64 recurrences when
-            the products are in lower precision.
+            the products are in lower precision; LSMR for an operator that declares
+            itself nonsymmetric. ``"lsmr"`` solves the square system by least squares.
         damping: :math:`\lambda`, applied as the explicit operator ``A + lambda I``; a
             negative value (a shift) is taken by ``minres``, ``cg`` and ``dense``.
         tol: relative tolerance of the stopping rule
