@@ -86,15 +86,15 @@ def newton_problems(with_1000: bool):
             f"| {name} | second.minimize (defaults) | {res.success} | {res.nit} | {res.grad_norm:.1e} | {cpu:.2f} |"
         )
 
-        def f(z):
+        def f(z, fun=fun):
             return float(fun(torch.as_tensor(z)))
 
-        def jac(z):
+        def jac(z, fun=fun):
             x = torch.as_tensor(z).requires_grad_(True)
             (g,) = torch.autograd.grad(fun(x), x)
             return g.numpy()
 
-        def hessp(z, p):
+        def hessp(z, p, fun=fun):
             x = torch.as_tensor(z).requires_grad_(True)
             (g,) = torch.autograd.grad(fun(x), x, create_graph=True)
             (hv,) = torch.autograd.grad(g, x, torch.as_tensor(p))
@@ -162,6 +162,7 @@ def main():
     print(
         f"\nfalse convergence claims: scipy {false_claims['scipy']}, second {false_claims['second']}"
     )
+    newton_problems(args.rosen_1000)
 
 
 if __name__ == "__main__":
