@@ -347,7 +347,8 @@ def test_neumann_seed_form_warns_on_an_indefinite_system():
 def test_neumann_solver_form_returns_a_result():
     A = _spd(5, 3.0)
     b = torch.randn(5, dtype=torch.float64)
-    res = second.neumann(A, b, tol=1e-10, maxiter=5000)
+    with pytest.warns(DeprecationWarning, match="neumann_solve"):
+        res = second.neumann(A, b, tol=1e-10, maxiter=5000)
     assert res.converged
     assert second.relative_error(res.x, torch.linalg.solve(A, b)) < 1e-8
 

@@ -182,7 +182,7 @@ def test_minres_singular_consistent_gives_min_norm():
 def test_neumann_auto_scale_spd():
     A = sym_matrix(torch.linspace(0.5, 20, 30).tolist())
     b = rhs(30)
-    res = second.solvers.neumann(A, b, tol=1e-8, maxiter=5000)
+    res = second.neumann_solve(A, b, tol=1e-8, maxiter=5000)
     assert res.converged
     assert res.info["scale"] >= 20 * 0.99  # from a Lanczos estimate of lambda_max
     assert relative_error(res.x, exact(A, b)) < NEUMANN_RELERR
@@ -191,14 +191,14 @@ def test_neumann_auto_scale_spd():
 def test_neumann_indefinite_is_reported():
     A = sym_matrix(SPECTRA["indefinite"])
     with pytest.warns(NegativeCurvatureWarning, match="indefinite"):
-        res = second.solvers.neumann(A, rhs(40))
+        res = second.neumann_solve(A, rhs(40))
     assert not res.converged and res.diverged and res.negative_curvature
 
 
 def test_neumann_too_small_scale_diverges():
     A = sym_matrix(torch.linspace(1, 10, 20).tolist())
     with pytest.warns(NegativeCurvatureWarning, match="diverged"):
-        res = second.solvers.neumann(A, rhs(20), scale=2.0, maxiter=500)
+        res = second.neumann_solve(A, rhs(20), scale=2.0, maxiter=500)
     assert res.diverged and not res.converged
 
 
@@ -358,7 +358,7 @@ def test_seed_problem_damped_ggn_cg_and_neumann():
     x_ref = torch.linalg.solve(G.to_dense() + lam * torch.eye(g.numel(), dtype=g.dtype), g)
     res = cg(G, g, damping=lam, tol=1e-12, maxiter=g.numel())
     assert res.matvecs <= g.numel() and relative_error(res.x, x_ref) <= 1e-8
-    res = second.solvers.neumann(G, g, damping=lam, tol=1e-6, maxiter=20000)
+    res = second.neumann_solve(G, g, damping=lam, tol=1e-6, maxiter=20000)
     assert res.converged and relative_error(res.x, x_ref) <= NEUMANN_RELERR
 
 

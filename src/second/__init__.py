@@ -59,6 +59,7 @@ from .solvers import (
     lowrank,
     lsmr,
     minres,
+    neumann_solve,
     solve,
 )
 from .spectral import diagonal, eigsh, spectral_density, trace
@@ -113,6 +114,7 @@ __all__ = [
     "dense",
     "LowRankInverse",
     "InverseOperator",
+    "neumann_solve",
     # spectral
     "eigsh",
     "trace",

@@ -101,18 +101,18 @@ def _warning_for(res):
 
 
 def neumann(A, *args, **kwargs):
-    r"""Neumann-series inverse, in the seed's form or the solver's.
+    r"""Neumann-series inverse in the seed's form: ``neumann(mvp, parameters, vector, truncate_iter=10)``.
 
-    Seed form: ``neumann(mvp, parameters, vector, truncate_iter=10)``; solver form:
-    ``neumann(A, b, *, scale=None, damping=0, tol=1e-6, ...)``.
+    The solver with a :class:`~second.SolveResult` is :func:`second.neumann_solve`; calling
+    this function in that form (``neumann(A, b, *, scale=None, ...)``) still works but is
+    deprecated (removed in 0.3).
 
     The seed form (recognized by a ``parameters`` sequence before ``vector``, or the
     ``vector``/``truncate_iter`` keywords) returns the flat sum
     :math:`\sum_{i=0}^{K} (I - A/s)^i v` with ``K = truncate_iter`` and ``s = scale``
     (default 1, the seed's), stopping early when converged and warning when the series
     diverges (an indefinite matrix, or :math:`\lambda_{\max} > 2s`), in which case it
-    returns the best partial sum. The solver form returns a
-    :class:`~second.SolveResult`; see :func:`second.solvers.neumann`.
+    returns the best partial sum.
 
     Example:
         >>> A = torch.diag(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
@@ -120,8 +120,6 @@ def neumann(A, *args, **kwargs):
         >>> x = neumann(lambda v: A @ v, p, vector=torch.ones(3, dtype=torch.float64),
         ...             truncate_iter=60)                    # seed form: scale 1
         >>> torch.allclose(x, torch.tensor([2.0, 1.0, 2 / 3], dtype=torch.float64))
-        True
-        >>> neumann(A, torch.ones(3, dtype=torch.float64), tol=1e-10).converged  # solver form
         True
     """
     seed_call = (
@@ -131,7 +129,14 @@ def neumann(A, *args, **kwargs):
         or (len(args) >= 2 and _is_param_seq(args[0]))
     )
     if not seed_call:
-        return _neumann_mod.neumann(A, *args, **kwargs)
+        warnings.warn(
+            "second.neumann(A, b, ...) in the solver form is deprecated and will be removed in "
+            "0.3: use second.neumann_solve(A, b, ...), which returns the same SolveResult; "
+            "second.neumann keeps the seed's form neumann(mvp, parameters, vector, truncate_iter)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _neumann_mod.neumann_solve(A, *args, **kwargs)
     names = ["parameters", "vector", "truncate_iter"]
     bound = dict(zip(names, args))
     overlap = set(bound) & set(kwargs)
@@ -147,7 +152,7 @@ def neumann(A, *args, **kwargs):
     if bound:
         raise TypeError(f"neumann() got unexpected arguments {sorted(bound)}")
     b = _flat(vector).detach()
-    res = _neumann_mod.neumann(
+    res = _neumann_mod.neumann_solve(
         _matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False
     )
     if res.diverged:
@@ -180,7 +185,7 @@ def fixed_point(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     b = _flat(vector).detach()
-    res = _neumann_mod.neumann(
+    res = _neumann_mod.neumann_solve(
         _matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False
     )
     if res.diverged:

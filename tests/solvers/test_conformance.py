@@ -17,7 +17,7 @@ from conformance_cases import cases, poisson1d, poisson2d, true_residual
 
 import second
 from second import CallableOperator, DenseOperator, cg, dense, minres, solve
-from second.solvers import neumann
+from second.solvers import neumann_solve as neumann
 
 CASES = cases()
 FLOOR = 20  # the rounding floor, in units of eps(dtype) ||b|| (see measurable_residual)

@@ -6,7 +6,7 @@ from ._inverse import InverseOperator
 from ._lowrank import LowRankInverse, lowrank, lowrank_inverse
 from ._lsmr import lsmr
 from ._minres import minres
-from ._neumann import lissa, neumann
+from ._neumann import lissa, neumann, neumann_solve
 from ._result import SolveResult
 from ._solve import METHODS, choose_method, solve
 
@@ -18,6 +18,7 @@ __all__ = [
     "cg",
     "minres",
     "lsmr",
+    "neumann_solve",
     "neumann",
     "lissa",
     "lowrank",

@@ -27,7 +27,7 @@ from ._result import (
     stopping_threshold,
 )
 
-__all__ = ["neumann", "lissa"]
+__all__ = ["neumann_solve", "neumann", "lissa"]
 
 
 def _auto_scale(op, steps: int, generator) -> tuple[float, float, float]:
@@ -36,7 +36,7 @@ def _auto_scale(op, steps: int, generator) -> tuple[float, float, float]:
     return 1.05 * hi, lo, hi
 
 
-def neumann(
+def neumann_solve(
     A,
     b,
     *,
@@ -69,7 +69,7 @@ def neumann(
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
-        >>> res = neumann(A, torch.ones(3, dtype=torch.float64), tol=1e-10)
+        >>> res = neumann_solve(A, torch.ones(3, dtype=torch.float64), tol=1e-10)
         >>> res.converged, torch.allclose(res.x, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
         (True, True)
     """
@@ -182,6 +182,17 @@ def neumann(
         ),
         warn,
     )
+
+
+def neumann(A, b, **options) -> SolveResult:
+    """Deprecated spelling of :func:`neumann_solve` (removed in 0.3)."""
+    warnings.warn(
+        "second.solvers.neumann is deprecated and will be removed in 0.3: use "
+        "second.neumann_solve (the same solver; second.neumann is the seed's functional form)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return neumann_solve(A, b, **options)
 
 
 def _batch_operators(A) -> Callable[[int], LinearOperator]:

@@ -12,7 +12,7 @@ from ._dense import dense
 from ._lowrank import lowrank
 from ._lsmr import lsmr
 from ._minres import minres
-from ._neumann import lissa, neumann
+from ._neumann import lissa, neumann_solve
 from ._result import SolveResult, measurable_residual, report, stopping_threshold
 
 __all__ = ["solve", "METHODS", "choose_method"]
@@ -53,7 +53,7 @@ def _lsmr_square(A, b, *, damping: float = 0.0, **options) -> SolveResult:
 METHODS: dict[str, Callable[..., SolveResult]] = {
     "cg": cg,
     "minres": minres,
-    "neumann": neumann,
+    "neumann": neumann_solve,
     "lissa": lissa,
     "lowrank": lowrank,
     "dense": dense,
