@@ -1,0 +1,81 @@
+"""second.solvers: cg against dense float64 solves on matrices with chosen spectra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spectra import SPECTRA, exact, rhs, sym_matrix
+
+from conftest import DTYPES, SOLVE_TOL
+from second import (
+    ConvergenceWarning,
+    NegativeCurvatureWarning,
+    cg,
+    relative_error,
+    solve,
+)
+
+# CG's true residual drifts from its recursive one by ~eps ||A|| ||x||: for cond 1e6 a
+# relative residual of 1e-12 is not attainable in float64, so that case asks for 1e-9.
+CG_TOL = {
+    ("spd_well", torch.float64): 1e-12,
+    ("spd_ill", torch.float64): 1e-9,
+    ("spd_well", torch.float32): 1e-5,
+    ("spd_ill", torch.float32): 1e-5,
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["spd_well", "spd_ill"])
+def test_cg_spd(dtype, name):
+    A = sym_matrix(SPECTRA[name], dtype)
+    b = rhs(40, dtype)
+    tol = CG_TOL[name, dtype]
+    res = cg(A, b, tol=tol, maxiter=2000, warn=False)
+    cond = max(SPECTRA[name]) / min(SPECTRA[name])
+    assert res.converged or (dtype == torch.float32 and name == "spd_ill"), res.message
+    assert relative_error(res.x, exact(A, b)) <= SOLVE_TOL[dtype] * max(
+        1.0, cond * tol / SOLVE_TOL[dtype]
+    )
+    assert len(res.residual_norms) == res.iterations + 1
+    assert not res.negative_curvature
+
+
+def test_cg_reports_negative_curvature():
+    A = sym_matrix(SPECTRA["indefinite"])
+    b = rhs(40)
+    with pytest.warns(NegativeCurvatureWarning, match="non-positive curvature"):
+        res = cg(A, b, tol=1e-10)
+    assert not res.converged
+    assert res.negative_curvature and res.negative_curvature_iteration is not None
+    # the returned iterate is the last safe one, never a step along the bad direction
+    assert torch.isfinite(res.x).all()
+
+
+def test_cg_damping_and_preconditioner():
+    A = sym_matrix(SPECTRA["spd_ill"])
+    b = rhs(40)
+    lam = 0.5
+    x_ref = torch.linalg.solve(A + lam * torch.eye(40, dtype=A.dtype), b)
+    res = cg(A, b, damping=lam, tol=1e-12)
+    assert relative_error(res.x, x_ref) < 1e-9
+    # the exact inverse as preconditioner converges in one iteration
+    Minv = torch.linalg.inv(A + lam * torch.eye(40, dtype=A.dtype))
+    res = cg(A, b, damping=lam, tol=1e-10, M=Minv)
+    assert res.iterations == 1 and res.converged
+
+
+def test_cg_not_converged_warns():
+    A = sym_matrix(SPECTRA["spd_ill"])
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        res = cg(A, rhs(40), tol=1e-12, maxiter=3)
+    assert not res.converged and res.iterations == 3
+
+
+def test_parameter_shaped_rhs_round_trips():
+    A = sym_matrix(SPECTRA["spd_well"][:6])
+    b = (torch.ones(2, 2, dtype=torch.float64), torch.arange(2.0, dtype=torch.float64))
+    res = solve(A, b, method="cg", tol=1e-12)
+    assert isinstance(res.x, tuple) and res.x[0].shape == (2, 2) and res.x[1].shape == (2,)
+    flat = torch.cat([t.reshape(-1) for t in res.x])
+    assert relative_error(flat, exact(A, torch.cat([b[0].reshape(-1), b[1]]))) < 1e-10
