@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .._errors import NonFiniteError
 from ._result import (
+    MAX_CHECKS,
+    STAGNATION_GAIN,
     Problem,
     SolveResult,
     as_preconditioner,
@@ -22,9 +25,7 @@ from ._result import (
 
 __all__ = ["cg"]
 
-MAX_CHECKS = 3  # true-residual checks (one product each) before giving up on a drifting recursion
 STAGNATION_WINDOW = 100  # iterations without a 1% gain in the best residual: stagnated
-STAGNATION_GAIN = 0.5  # a failed true-residual check must halve the best true residual seen
 
 # how a column's solve ended
 ACTIVE, CONVERGED, NEGATIVE, STAGNATED, MISSED, LIMIT = range(6)
@@ -210,47 +211,31 @@ def cg(
         rz[a] = rz_new
         P[:, a] = Z + beta * P[:, a]
     status[status == ACTIVE] = LIMIT
-    return _finish(
-        pb,
-        op,
-        X,
-        best_X,
-        best_r,
-        rn,
-        true_r,
-        thr,
-        floor,
-        status,
-        neg_it,
-        it,
-        history,
-        columns_history,
-        check_residual,
-        maxiter,
-        warn,
-    )
+    track = _Track(X, best_X, best_r, rn, true_r, thr, floor, status, neg_it)
+    return _finish(pb, op, track, it, history, columns_history, check_residual, maxiter, warn)
+
+
+@dataclass
+class _Track:
+    """Per-column state at the end of a CG run (columns of ``X`` are right-hand sides)."""
+
+    X: torch.Tensor
+    best_X: torch.Tensor
+    best_r: torch.Tensor
+    rn: torch.Tensor
+    true_r: torch.Tensor
+    thr: torch.Tensor
+    floor: torch.Tensor
+    status: torch.Tensor
+    neg_it: list
 
 
 def _finish(
-    pb,
-    op,
-    X,
-    best_X,
-    best_r,
-    rn,
-    true_r,
-    thr,
-    floor,
-    status,
-    neg_it,
-    it,
-    history,
-    columns_history,
-    check_residual,
-    maxiter,
-    warn,
+    pb, op, t: _Track, it, history, columns_history, check_residual, maxiter, warn
 ) -> SolveResult:
     """Assemble the result: the best iterate for columns that stagnated or ran out."""
+    X, best_X, best_r, rn, true_r = t.X, t.best_X, t.best_r, t.rn, t.true_r
+    thr, floor, status, neg_it = t.thr, t.floor, t.status, t.neg_it
     k = X.shape[1]
     fallback = (status == STAGNATED) | (status == MISSED) | (status == LIMIT)
     use_best = fallback & (best_r < rn)

@@ -9,6 +9,8 @@ import torch
 
 from .._errors import NonFiniteError
 from ._result import (
+    MAX_CHECKS,
+    STAGNATION_GAIN,
     Problem,
     SolveResult,
     _norm,
@@ -22,9 +24,6 @@ from ._result import (
 )
 
 __all__ = ["minres"]
-
-MAX_CHECKS = 3  # true-residual checks (one product each) before trusting a drifting recurrence
-STAGNATION_GAIN = 0.5  # a later true-residual check must halve the best one, or MINRES stagnated
 
 
 def minres(

@@ -178,6 +178,9 @@ class Problem:
         return res
 
 
+MAX_CHECKS = 3  # true-residual checks (one product each) before giving up on a drifting recurrence
+STAGNATION_GAIN = 0.5  # a later true-residual check must halve the best one seen, or it stagnated
+
 SYMMETRIC_METHODS = frozenset({"cg", "minres", "neumann", "lissa", "lowrank"})
 
 
