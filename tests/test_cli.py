@@ -1,14 +1,24 @@
-"""The main job: ``second compare``."""
+"""The main job: ``second compare``, and a command line that helps."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
+import pytest
 import torch
 
-from second.cli import main
-from second.compare import run_compare, summarize
+from second import __version__
+from second.cli import build_parser, main
+from second.compare import METHODS, format_table, run_compare, summarize
+
+
+def _exit(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def test_compare_seed_problem_shows_failure_and_fix():
@@ -26,6 +36,10 @@ def test_compare_seed_problem_shows_failure_and_fix():
     assert s[("hessian", "neumann")]["diverged"] == "1/1"
     assert s[("hessian", "seed-neumann")]["cosine_median"] < 0.5
     assert s[("ggn", "cg")]["converged"] == "1/1"
+    # the status says which numbers are solutions
+    assert s[("hessian", "auto")]["status"] == "converged"
+    assert s[("hessian", "cg")]["status"] == "NOT CONVERGED on 1/1"
+    assert s[("hessian", "seed-cg")]["status"] == "unchecked"
 
 
 def test_cli_writes_report_and_plot(tmp_path, capsys):
@@ -45,6 +59,9 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| hessian | minres |" in printed and "What this shows" in printed
+    # a row that did not converge is flagged before its numbers
+    assert "| hessian | cg | NOT CONVERGED on 1/1 |" in printed
+    assert "| hessian | seed-cg | unchecked |" in printed
     data = json.loads((out / "compare.json").read_text())
     assert {r["method"] for r in data["summary"]} == {"seed-cg", "cg", "minres", "auto"}
     assert all(math.isfinite(r["matvecs_median"]) for r in data["summary"])
@@ -52,5 +69,91 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     assert (out / "compare.md").read_text().startswith("# second compare")
 
 
-def test_cli_rejects_unknown_method(tmp_path, capsys):
-    assert main(["compare", "--methods", "bogus", "--out-dir", str(tmp_path), "--no-progress"]) == 2
+def test_cli_json_is_strict_json_on_stdout(tmp_path, capsys):
+    argv = ["compare", "--seeds", "1", "--methods", "seed-cg,auto", "--no-plot", "--json"]
+    assert main([*argv, "--out-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    # strict JSON: NaN (the notebook's CG on G) becomes null instead of an invalid token
+    data = json.loads(captured.out, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert data["settings"]["seeds"] == 1 and data["settings"]["methods"] == ["seed-cg", "auto"]
+    statuses = {(s["curvature"], s["method"]): s["status"] for s in data["summary"]}
+    assert statuses[("hessian", "auto")] == "converged"
+    assert statuses[("ggn", "seed-cg")] == "unchecked"
+    assert "wrote" in captured.err  # the file list goes to stderr, stdout is JSON only
+    json.loads((tmp_path / "compare.json").read_text(), parse_constant=pytest.fail)
+
+
+def test_format_table_flags_unconverged_rows_before_their_numbers():
+    row = {
+        "curvature": "hessian",
+        "method": "minres",
+        "status": "NOT CONVERGED on 5/5",
+        "cosine_median": 0.999971,
+        "cosine_min": -0.056919,
+        "relerr_median": 7.8e-3,
+        "relerr_max": 1.01,
+        "matvecs_median": 105,
+        "ms_median": 1.0,
+        "converged": "0/5",
+        "negative_curvature": "5/5",
+        "diverged": "0/5",
+    }
+    line = format_table([row]).splitlines()[-1]
+    assert line.index("NOT CONVERGED on 5/5") < line.index("0.999971")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "bogus"], "valid: " + ", ".join(METHODS)),
+        (["--methods", "cgg"], "did you mean 'cg'?"),
+        (["--methods", "cg,minres,cg"], "'cg' given more than once"),
+        (["--methods", ","], "no method given"),
+        (["--seeds", "0"], "positive integer"),
+        (["--seeds", "two"], "positive integer, got 'two'"),
+        (["--threads", "-1"], "positive integer"),
+        (["--tol", "0"], "positive finite number"),
+        (["--tol", "inf"], "finite number"),
+        (["--hessian-damping", "nan"], "finite number"),
+        (["--dtype", "float16"], "invalid choice"),
+        (["--problem", "mnist"], "invalid choice: 'mnist' (choose from"),
+    ],
+)
+def test_cli_invalid_values_exit_2_with_one_line_naming_the_valid_ones(
+    argv, message, tmp_path, capsys
+):
+    assert _exit(["compare", "--no-plot", "--out-dir", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("second compare: error: argument ")
+    assert message in err[-1]
+    assert not (tmp_path / "o" / "compare.md").exists()  # refused before computing
+
+
+def test_cli_out_dir_under_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("")
+    argv = ["compare", "--seeds", "1", "--methods", "cg", "--no-plot"]
+    assert _exit([*argv, "--out-dir", str(f / "sub")]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+
+
+def test_cli_version(capsys):
+    assert _exit(["--version"]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"second {__version__} (torch ")
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = [parser, *subparsers[0].choices.values()]
+    assert len(parsers) == 2
+    for p in parsers:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+
+
+def test_the_command_has_no_traceback_on_a_missing_command(capsys):
+    assert _exit([]) == 2
+    assert "required: COMMAND" in capsys.readouterr().err

@@ -21,12 +21,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._optional import require
+from ._progress import progress as progress_bar
 from .metrics import cosine_similarity, relative_error
 from .operators import GGNOperator, HessianOperator
 from .problems import PROBLEMS
 from .solvers import solve
 
-__all__ = ["Row", "run_compare", "exact_solution", "format_table", "DEFAULT_METHODS"]
+__all__ = [
+    "Row",
+    "run_compare",
+    "exact_solution",
+    "summarize",
+    "format_table",
+    "plot_residuals",
+    "write_outputs",
+    "jsonable",
+    "DEFAULT_METHODS",
+    "METHODS",
+]
 
 DEFAULT_METHODS = (
     "seed-cg",
@@ -39,6 +52,8 @@ DEFAULT_METHODS = (
     "lowrank",
     "auto",
 )
+# every method ``compare`` knows: the defaults plus the dense direct solve
+METHODS = (*DEFAULT_METHODS, "dense")
 
 
 @dataclass
@@ -205,16 +220,16 @@ def run_compare(
     hessian_damping: float = 0.0,
     ggn_damping: float = 1e-2,
     tol: float = 1e-6,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[list[Row], dict]:
-    """Run the comparison over seeds; returns the rows and per-seed spectral facts."""
-    rows, facts = [], {}
-    iterator = list(seeds)
-    if progress:
-        from tqdm.auto import tqdm
+    """Run the comparison over seeds; returns the rows and per-seed spectral facts.
 
-        iterator = tqdm(iterator, desc=f"compare[{problem}]", unit="seed")
-    for s in iterator:
+    ``progress`` shows a bar over the seeds (``None``: the library's switch, see
+    ``second._progress``).
+    """
+    rows, facts = [], {}
+    seeds = list(seeds)
+    for s in progress_bar(seeds, desc=f"compare[{problem}]", unit="seed", enabled=progress):
         r, f = compare_problem(
             problem, s, dtype, methods, {"hessian": hessian_damping, "ggn": ggn_damping}, tol
         )
@@ -224,14 +239,46 @@ def run_compare(
 
 
 # ----------------------------------------------------------------------------- reporting
+def jsonable(obj):
+    """``obj`` with non-finite floats as ``None`` and keys as strings: strict JSON (RFC 8259).
+
+    Example:
+        >>> jsonable({1: [float("nan"), 2.0, (True, None)]})
+        {'1': [None, 2.0, [True, None]]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    return str(obj)
+
+
 def _flag(values: list[bool | None]) -> str:
     if any(v is None for v in values):
         return "-"
     return f"{sum(bool(v) for v in values)}/{len(values)}"
 
 
+def _status(values: list[bool | None]) -> str:
+    """``"converged"`` on every seed, ``"NOT CONVERGED on k/n"``, or ``"unchecked"`` (no report)."""
+    if any(v is None for v in values):
+        return "unchecked"
+    k = sum(bool(v) for v in values)
+    return "converged" if k == len(values) else f"NOT CONVERGED on {len(values) - k}/{len(values)}"
+
+
 def summarize(rows: list[Row]) -> list[dict]:
-    """Aggregate rows over seeds: median/min cosine, median/max error, median cost."""
+    """Aggregate rows over seeds: median/min cosine, median/max error, median cost.
+
+    Each entry's ``status`` says whether its numbers can be trusted: ``"converged"`` (the
+    method said it converged on every seed), ``"NOT CONVERGED on k/n"`` (it said it did not on
+    ``k`` of ``n`` seeds: its cosine and error are those of an unfinished answer), or
+    ``"unchecked"`` (the seed notebook's loops, which report nothing).
+    """
     out = []
     keys = []
     for r in rows:
@@ -251,6 +298,7 @@ def summarize(rows: list[Row]) -> list[dict]:
                 "relerr_max": max(err, key=lambda e: e if math.isfinite(e) else math.inf),
                 "matvecs_median": statistics.median(r.matvecs for r in rs),
                 "ms_median": 1e3 * statistics.median(r.seconds for r in rs),
+                "status": _status([r.converged for r in rs]),
                 "converged": _flag([r.converged for r in rs]),
                 "negative_curvature": _flag([r.negative_curvature for r in rs]),
                 "diverged": _flag([r.diverged for r in rs]),
@@ -260,15 +308,21 @@ def summarize(rows: list[Row]) -> list[dict]:
 
 
 def format_table(summary: list[dict]) -> str:
-    """A Markdown table of the summary."""
+    """A Markdown table of the summary.
+
+    The ``status`` column comes before the numbers: a row that did not converge on every seed
+    reads ``NOT CONVERGED on k/n`` and the seed notebook's loops read ``unchecked``, so no
+    cosine is shown as if it were a solution.
+    """
     head = (
-        "| curvature | method | cosine (median / min) | rel. error (median / max) | matvecs | "
-        "ms | converged | neg. curvature | diverged |"
+        "| curvature | method | status | cosine (median / min) | rel. error (median / max) | "
+        "matvecs | ms | converged | neg. curvature | diverged |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for s in summary:
         lines.append(
-            f"| {s['curvature']} | {s['method']} | {s['cosine_median']:.6f} / {s['cosine_min']:.6f} | "
+            f"| {s['curvature']} | {s['method']} | {s['status']} | "
+            f"{s['cosine_median']:.6f} / {s['cosine_min']:.6f} | "
             f"{s['relerr_median']:.2e} / {s['relerr_max']:.2e} | {s['matvecs_median']:.0f} | "
             f"{s['ms_median']:.1f} | {s['converged']} | {s['negative_curvature']} | {s['diverged']} |"
         )
@@ -276,11 +330,14 @@ def format_table(summary: list[dict]) -> str:
 
 
 def plot_residuals(rows: list[Row], path: Path, seed: int) -> None:
-    """Relative residual vs products for each method on one seed (PNG)."""
-    import matplotlib
+    """Relative residual vs products for each method on one seed (PNG).
 
+    Raises:
+        MissingExtraError: matplotlib is not installed (the ``plot`` extra).
+    """
+    matplotlib = require("matplotlib", extra="plot", purpose="the residual plot (compare.png)")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="plot")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, curvature in zip(axes, ("hessian", "ggn")):
@@ -326,9 +383,9 @@ def write_outputs(rows: list[Row], facts: dict, out_dir: Path, plot: bool, heade
     (out_dir / "compare.md").write_text(report)
     (out_dir / "compare.json").write_text(
         json.dumps(
-            {"summary": summary, "facts": facts, "rows": [asdict(r) for r in rows]},
+            jsonable({"summary": summary, "facts": facts, "rows": [asdict(r) for r in rows]}),
             indent=1,
-            default=str,
+            allow_nan=False,
         )
     )
     if plot:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Problem", "seed_problem", "digits_problem", "PROBLEMS"]
+from ._optional import require
+
+__all__ = ["Problem", "seed_problem", "digits_problem", "check_problem", "PROBLEMS"]
 
 
 @dataclass
@@ -56,9 +58,8 @@ def seed_problem(seed: int = 0, dtype: torch.dtype = torch.float32) -> Problem:
 
 def load_digits_tensors(dtype: torch.dtype = torch.float32, standardize: bool = True):
     """scikit-learn's digits (1,797 x 64) as tensors; standardized features by default."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    datasets = require("sklearn.datasets", extra="data", purpose="the digits data")
+    d = datasets.load_digits()
     X = torch.tensor(d.data, dtype=torch.float64)
     if standardize:
         X = (X - X.mean(0)) / X.std(0).clamp_min(1e-8)
@@ -76,3 +77,25 @@ def digits_problem(
 
 
 PROBLEMS = {"seed": seed_problem, "digits": digits_problem}
+
+# the optional packages each problem needs (import name)
+_NEEDS = {"seed": (), "digits": ("sklearn.datasets",)}
+
+
+def check_problem(name: str) -> None:
+    """Check that ``name`` is a built-in problem and its optional dependencies are installed.
+
+    Args:
+        name: a key of ``PROBLEMS``.
+
+    Raises:
+        KeyError: ``name`` is not a built-in problem (the message lists them).
+        MissingExtraError: a dependency is missing (the message names the extra to install).
+
+    Example:
+        >>> check_problem("seed")
+    """
+    if name not in PROBLEMS:
+        raise KeyError(f"unknown problem {name!r}; valid: {', '.join(PROBLEMS)}")
+    for module in _NEEDS[name]:
+        require(module, purpose=f"the {name!r} problem")

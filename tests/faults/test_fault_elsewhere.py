@@ -1,7 +1,7 @@
 """Faults whose fixes belong to other issues: strict xfails that turn green when they land.
 
 * eigsh and eigenvalue multiplicity: issue 17 (the scale issue's Lanczos).
-* invalid ``second compare`` values: issue 16 (the first-day issue's CLI).
+* invalid ``second compare`` values: issue 16 (the first-day issue's CLI), fixed: plain tests now.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ CLI_BAD = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="owned by issue 16: the CLI does not validate its values")
 @pytest.mark.parametrize("case", sorted(CLI_BAD))
 def test_compare_refuses_invalid_values_with_status_2(case, tmp_path, capsys):
     argv = ["compare", "--seeds", "1", "--methods", "cg", "--no-plot", "--no-progress"]
@@ -58,7 +57,6 @@ def test_compare_refuses_invalid_values_with_status_2(case, tmp_path, capsys):
     assert capsys.readouterr().err.strip()  # a message, not a table
 
 
-@pytest.mark.xfail(strict=True, reason="owned by issue 16: an --out-dir that is a file")
 def test_compare_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "a-file"
     f.write_text("")
@@ -67,7 +65,6 @@ def test_compare_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
     assert "a-file" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="owned by issue 16: --methods cg,cg counts 2/2 seeds")
 def test_compare_does_not_count_a_repeated_method_twice(tmp_path, capsys):
     argv = ["compare", "--seeds", "1", "--methods", "cg,cg", "--no-plot", "--no-progress"]
     rc = _exit_code([*argv, "--out-dir", str(tmp_path / "out")])
