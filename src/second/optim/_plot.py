@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .._optional import require
+
 __all__ = ["plot_history", "history_of"]
 
 X_AXES = ("cost", "nfev", "ngev", "nhvp", "n_iter")
@@ -48,7 +50,7 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
     """
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="plot", purpose="plot_history")
 
     if not isinstance(runs, dict):
         runs = {None: runs}
