@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..operators.base import CallableOperator, aslinearoperator
-from ..spectral.lanczos import _tridiag, eigsh, lanczos
+from ..spectral import eigsh, lanczos
+from ..spectral.lanczos import tridiagonal
 from ._result import Problem, SolveResult, _norm, report, stopping_threshold
 
 __all__ = ["lowrank", "lowrank_inverse", "LowRankInverse"]
@@ -98,7 +99,7 @@ def _slq_complement(
         if znorm2 == 0.0:
             continue
         alpha, beta, _ = lanczos(pap, z, steps)
-        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+        theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
         shifted = theta + damping
         if bool((shifted <= 0).any()):  # indefinite tail beyond the damping
             raise ValueError(

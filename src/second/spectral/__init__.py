@@ -1,6 +1,15 @@
 """Spectral tools: Lanczos eigenpairs, trace and diagonal estimators, spectral density."""
 
+from ._eigsh import EigshResult, eigsh
 from .estimators import diagonal, spectral_density, trace
-from .lanczos import eigsh, extreme_eigenvalues, lanczos
+from .lanczos import extreme_eigenvalues, lanczos
 
-__all__ = ["eigsh", "lanczos", "extreme_eigenvalues", "trace", "diagonal", "spectral_density"]
+__all__ = [
+    "eigsh",
+    "EigshResult",
+    "lanczos",
+    "extreme_eigenvalues",
+    "trace",
+    "diagonal",
+    "spectral_density",
+]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..operators.base import aslinearoperator
-from .lanczos import _tridiag, lanczos
+from .lanczos import lanczos, tridiagonal
 
 __all__ = ["trace", "diagonal", "spectral_density"]
 
@@ -133,7 +133,7 @@ def spectral_density(
     for _ in range(num_probes):
         z = torch.randn(n, generator=g, dtype=op.dtype, device=op.device)
         alpha, beta, _ = lanczos(op, z, lanczos_steps)
-        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+        theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
         m = min(lanczos_steps, n)
         pad = m - theta.numel()
         w = S[0] ** 2

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator, aslinearoperator
 
-__all__ = ["lanczos", "eigsh", "extreme_eigenvalues"]
+__all__ = ["lanczos", "extreme_eigenvalues", "tridiagonal"]
 
 
 def lanczos(
@@ -68,88 +68,9 @@ def lanczos(
     )
 
 
-def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
+def tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
+    """The symmetric tridiagonal matrix with diagonal ``alpha`` and off-diagonal ``beta``."""
     return torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
-
-
-def eigsh(
-    A,
-    k: int = 6,
-    which: str = "LA",
-    *,
-    ncv: int | None = None,
-    tol: float = 1e-6,
-    maxiter: int | None = None,
-    v0: Tensor | None = None,
-    return_eigenvectors: bool = True,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor] | Tensor:
-    r"""A few eigenpairs of a symmetric operator, by Lanczos with full re-orthogonalization.
-
-    SciPy-shaped. ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic,
-    ``"LM"`` largest magnitude, ``"BE"`` both ends (half from each). The Krylov space
-    grows (``ncv``, default ``max(2k + 20, 40)``, doubled up to ``maxiter`` products,
-    default ``n``) until every wanted Ritz pair has residual
-    :math:`\|A y - \theta y\| \le \mathrm{tol} \cdot \max|\theta|`; with ``n`` steps the
-    answer is exact.
-
-    Returns:
-        ``(eigenvalues, eigenvectors)`` in ascending order of eigenvalue, ``k`` of them
-        (eigenvalues only with ``return_eigenvectors=False``); eigenvectors are columns.
-
-    Example:
-        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
-        >>> vals = eigsh(A, k=2, which="LA", return_eigenvectors=False)
-        >>> torch.allclose(vals, torch.tensor([9.0, 10.0], dtype=torch.float64))
-        True
-    """
-    op = aslinearoperator(A)
-    n = op.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    if which not in ("LA", "SA", "LM", "BE"):
-        raise ValueError(f"which must be 'LA', 'SA', 'LM' or 'BE', got {which!r}")
-    maxiter = n if maxiter is None else min(int(maxiter), n)
-    m = min(n, ncv or max(2 * k + 20, 40), maxiter)
-    if v0 is None:
-        g = generator or torch.Generator(device=op.device).manual_seed(0)
-        v0 = torch.randn(n, generator=g, dtype=op.dtype, device=op.device)
-    while True:
-        alpha, beta, Q = lanczos(op, v0, m)
-        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
-        idx = _select(theta, k, which)
-        exhausted = Q.shape[1] < m or m >= n
-        # residual of Ritz pair i: |beta_m * S[-1, i]|, beta_m estimated from the last column
-        last = Q[:, -1]
-        r_last = op @ last
-        r_last = r_last - Q @ (Q.T @ r_last)
-        beta_m = float(torch.linalg.vector_norm(r_last))
-        res = (beta_m * S[-1, idx].abs()).tolist()
-        scale = max(float(theta.abs().max()), 1e-300)
-        if exhausted or all(r <= tol * scale for r in res) or m >= maxiter:
-            break
-        m = min(2 * m, maxiter)
-    vals = theta[idx]
-    order = torch.argsort(vals)
-    vals = vals[order].to(op.dtype)
-    if not return_eigenvectors:
-        return vals
-    vecs = (Q.to(torch.float64) @ S[:, idx][:, order]).to(op.dtype)
-    return vals, vecs
-
-
-def _select(theta: Tensor, k: int, which: str) -> Tensor:
-    n = theta.numel()
-    k = min(k, n)
-    if which == "LA":
-        return torch.arange(n - k, n)
-    if which == "SA":
-        return torch.arange(0, k)
-    if which == "LM":
-        return torch.argsort(theta.abs())[n - k :]
-    lo = k // 2
-    hi = k - lo
-    return torch.cat([torch.arange(0, lo), torch.arange(n - hi, n)])
 
 
 def extreme_eigenvalues(
@@ -164,5 +85,5 @@ def extreme_eigenvalues(
     g = generator or torch.Generator(device=op.device).manual_seed(0)
     v0 = torch.randn(op.shape[0], generator=g, dtype=op.dtype, device=op.device)
     alpha, beta, _ = lanczos(op, v0, steps)
-    theta = torch.linalg.eigvalsh(_tridiag(alpha, beta))
+    theta = torch.linalg.eigvalsh(tridiagonal(alpha, beta))
     return float(theta[0]), float(theta[-1])

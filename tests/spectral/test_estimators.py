@@ -8,7 +8,7 @@ import torch
 import second
 from second import diagonal, eigsh, spectral_density, trace
 from second.problems import seed_problem
-from test_solvers import sym_matrix
+from spectra import sym_matrix
 
 EIG_TOL = 1e-8  # eigenvalues from Lanczos with full re-orthogonalization, float64
 HUTCH_REL = 0.15  # Hutchinson with 400 probes on a 60x60 matrix: a few standard deviations

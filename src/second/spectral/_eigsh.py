@@ -1,0 +1,242 @@
+"""A few eigenpairs of a symmetric operator: block Lanczos with thick restarts."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .._errors import ConvergenceWarning
+from ..operators.base import aslinearoperator
+
+__all__ = ["eigsh", "EigshResult"]
+
+WHICH = ("LA", "SA", "LM", "BE")
+
+
+@dataclass
+class EigshResult:
+    """What :func:`eigsh` found, with what it could certify.
+
+    Attributes:
+        eigenvalues: ``k`` Ritz values in ascending order (operator dtype).
+        eigenvectors: ``n x k`` Ritz vectors (columns), or ``None``.
+        residual_norms: ``||A y_i - theta_i y_i||`` of each pair (float64, exact: computed
+            from kept products, not estimated).
+        certified: per pair, whether its residual meets ``tol * max|theta|``.
+        converged: every pair certified.
+        matvecs: operator products used (a block product of ``p`` columns counts ``p``).
+        passes: block products, i.e. traversals of the data for an operator over a dataset.
+        message: how it ended.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None
+    residual_norms: list[float]
+    certified: list[bool]
+    converged: bool
+    matvecs: int
+    passes: int
+    message: str = ""
+    info: dict = field(default_factory=dict)
+
+
+def eigsh(
+    A,
+    k: int = 6,
+    which: str = "LA",
+    *,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    v0: Tensor | None = None,
+    return_eigenvectors: bool = True,
+    return_result: bool = False,
+    generator: torch.Generator | None = None,
+    warn: bool = True,
+):
+    r"""A few eigenpairs of a symmetric operator, by block Lanczos with thick restarts.
+
+    SciPy-shaped. ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic,
+    ``"LM"`` largest magnitude, ``"BE"`` both ends (half from each).
+
+    The method: a block Krylov space of ``block_size`` columns (default ``min(n, max(k, 2))``),
+    fully re-orthogonalized, with Rayleigh-Ritz on the kept products :math:`Q^\top A Q`. A block
+    whose columns vanish (an invariant subspace, e.g. a repeated eigenvalue) is refilled with
+    random directions orthogonal to the basis, so eigenvalues of multiplicity up to the wanted
+    ``k`` are all found (a single-vector Lanczos sees one copy). When the basis reaches ``ncv``
+    columns (default ``max(4 k + 2 p, 40)``), it restarts thick: the wanted Ritz vectors and a
+    few more are kept with their products, so no product is repeated. It stops as soon as every
+    wanted pair has residual :math:`\|A y - \theta y\| \le \mathrm{tol} \cdot \max|\theta|`
+    (computed exactly from the kept products), or after ``maxiter`` products (default
+    ``20 n``). Pairs it could not certify are reported (a
+    :class:`~second.ConvergenceWarning` and ``certified`` in the result).
+
+    Args:
+        A: a symmetric :class:`~second.LinearOperator`, dense tensor or callable.
+        k: number of eigenpairs.
+        which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
+        block_size: columns per block product (one data traversal each).
+        ncv: basis size before a thick restart.
+        tol: relative residual tolerance.
+        maxiter: product limit (default ``20 n``).
+        v0: starting vector or ``n x p`` block.
+        return_eigenvectors: return the vectors too.
+        return_result: return an :class:`EigshResult` instead of the SciPy-style tuple.
+        generator: random generator for the starting block and refills.
+        warn: warn when a pair is not certified.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)`` ascending (eigenvalues only without
+        ``return_eigenvectors``), or an :class:`EigshResult`.
+
+    Raises:
+        ValueError: ``k`` outside ``[1, n]``, an unknown ``which``, or an operator that
+            declares itself nonsymmetric.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> vals = eigsh(A, k=2, which="LA", return_eigenvectors=False)
+        >>> torch.allclose(vals, torch.tensor([9.0, 10.0], dtype=torch.float64))
+        True
+        >>> vals = eigsh(torch.eye(6, dtype=torch.float64), k=3, return_eigenvectors=False)
+        >>> torch.allclose(vals, torch.ones(3, dtype=torch.float64))  # all three copies
+        True
+    """
+    op = aslinearoperator(A)
+    n = op.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
+    if not getattr(op, "symmetric", True):
+        raise ValueError("eigsh needs a symmetric operator; this one declares symmetric=False")
+    p = min(n, block_size or max(k, 2))
+    ncv = min(n, max(ncv or 0, 4 * k + 2 * p, 40))
+    maxiter = 20 * n if maxiter is None else int(maxiter)
+    dtype, dev = op.dtype, op.device
+    g = generator or torch.Generator(device=dev).manual_seed(0)
+    start_matvecs = op.matvecs
+    passes = 0
+
+    def randn(cols):
+        return torch.randn(n, cols, generator=g, dtype=dtype, device=dev)
+
+    def orthonormalize(W, Q):
+        """Orthonormalize W against Q and itself; refill vanished columns with random ones."""
+        scale = max(float(torch.linalg.matrix_norm(W)) if W.numel() else 0.0, 1.0)
+        for attempt in range(4):
+            for _ in range(2):
+                if Q is not None and Q.shape[1]:
+                    W = W - Q @ (Q.mT @ W)
+            U, s, _ = torch.linalg.svd(W, full_matrices=False)
+            keep = s > 1e3 * torch.finfo(dtype).eps * scale
+            if bool(keep.all()) or attempt == 3:
+                return U[:, keep]
+            room = n - (0 if Q is None else Q.shape[1])
+            missing = min(int((~keep).sum()), room - int(keep.sum()))
+            W = (
+                torch.cat([U[:, keep], randn(max(missing, 0))], dim=1)
+                if missing > 0
+                else U[:, keep]
+            )
+            scale = 1.0
+        return W
+
+    if v0 is not None:
+        V = v0.reshape(n, -1).to(dtype=dtype, device=dev)
+        if V.shape[1] < p:
+            V = torch.cat([V, randn(p - V.shape[1])], dim=1)
+    else:
+        V = randn(p)
+    Q = orthonormalize(V, None)
+    AQ = _apply(op, Q)
+    passes += 1
+    while True:
+        H = Q.mT @ AQ
+        H = 0.5 * (H + H.mT)
+        theta, S = torch.linalg.eigh(H.to(torch.float64))
+        idx = _select(theta, k, which)
+        Y = Q.to(torch.float64) @ S[:, idx]
+        R = AQ.to(torch.float64) @ S[:, idx] - Y * theta[idx]
+        res = torch.linalg.vector_norm(R, dim=0)
+        scale = max(float(theta.abs().max()), 1e-300)
+        certified = res <= tol * scale
+        m = Q.shape[1]
+        used = op.matvecs - start_matvecs
+        if bool(certified.all()) and idx.numel() == k:
+            message = f"converged: {k} pairs certified after {used} products ({passes} passes)"
+            break
+        if m >= n:  # the basis spans everything: the answer is exact
+            certified = torch.ones_like(certified)
+            message = f"exact: the basis spans R^{n} ({used} products)"
+            break
+        if used >= maxiter:
+            message = (
+                f"product limit ({maxiter}) reached: {int(certified.sum())} of {k} pairs "
+                f"certified; largest residual {float(res.max()):.2e} > {tol * scale:.2e}"
+            )
+            break
+        # next block: the residuals of the wanted and nearby Ritz pairs, orthogonalized
+        W = AQ[:, -p:]  # the next Krylov block, before orthogonalization
+        if m + p > ncv:  # thick restart: keep the wanted Ritz pairs and a few more
+            keep = _select(theta, min(m - p, k + p), which)
+            Sk = S[:, keep].to(dtype)
+            Q, AQ = Q @ Sk, AQ @ Sk
+            Rk = AQ - Q * theta[keep].to(dtype)
+            W = Rk[:, torch.argsort(torch.linalg.vector_norm(Rk, dim=0), descending=True)[:p]]
+        W = orthonormalize(W, Q)
+        if W.shape[1] == 0:
+            W = orthonormalize(randn(min(p, n - Q.shape[1])), Q)
+        if W.shape[1] == 0:
+            certified = torch.ones_like(certified)
+            message = "exact: no direction left outside the basis"
+            break
+        AW = _apply(op, W)
+        passes += 1
+        Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, AW], dim=1)
+    vals = theta[idx]
+    order = torch.argsort(vals)
+    certified = certified[order]
+    result = EigshResult(
+        eigenvalues=vals[order].to(dtype),
+        eigenvectors=Y[:, order].to(dtype) if return_eigenvectors or return_result else None,
+        residual_norms=res[order].tolist(),
+        certified=certified.tolist(),
+        converged=bool(certified.all()),
+        matvecs=op.matvecs - start_matvecs,
+        passes=passes,
+        message=message,
+        info={"block_size": p, "ncv": ncv, "basis": Q.shape[1]},
+    )
+    if warn and not result.converged:
+        warnings.warn(f"eigsh: {message}", ConvergenceWarning, stacklevel=2)
+    if return_result:
+        return result
+    if not return_eigenvectors:
+        return result.eigenvalues
+    return result.eigenvalues, result.eigenvectors
+
+
+def _apply(op, V: Tensor) -> Tensor:
+    """``A V`` as one block product (a single column goes through the vector path)."""
+    if V.shape[1] == 1:
+        return (op @ V[:, 0]).unsqueeze(1)
+    return op @ V
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    n = theta.numel()
+    k = min(k, n)
+    if which == "LA":
+        return torch.arange(n - k, n)
+    if which == "SA":
+        return torch.arange(0, k)
+    if which == "LM":
+        return torch.argsort(theta.abs())[n - k :]
+    lo = k // 2
+    hi = k - lo
+    return torch.cat([torch.arange(0, lo), torch.arange(n - hi, n)])

@@ -1,0 +1,107 @@
+"""eigsh: block Lanczos with thick restarts, against torch.linalg.eigh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import second
+from second import ConvergenceWarning
+from second.spectral import EigshResult, eigsh
+
+EIG_TOL = 1e-8  # eigenvalue error allowed at tol=1e-10 (float64)
+
+
+def sym(n, seed=0, spectrum=None):
+    g = torch.Generator().manual_seed(seed)
+    if spectrum is None:
+        M = torch.randn(n, n, generator=g, dtype=torch.float64)
+        return M + M.T
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.as_tensor(spectrum, dtype=torch.float64)) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def reference(ev, k, which):
+    if which == "LA":
+        return ev[-k:]
+    if which == "SA":
+        return ev[:k]
+    if which == "LM":
+        return ev[torch.argsort(ev.abs())[-k:]].sort().values
+    return torch.cat([ev[: k // 2], ev[len(ev) - (k - k // 2) :]])
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_against_eigh(which, k):
+    spectrum = torch.cat([-torch.logspace(0, 1.7, 20), torch.logspace(-1, 2, 40)])  # no tie in |.|
+    A = sym(60, spectrum=spectrum)
+    ev = torch.linalg.eigvalsh(A)
+    res = eigsh(A, k=k, which=which, tol=1e-10, return_result=True)
+    assert isinstance(res, EigshResult) and res.converged
+    torch.testing.assert_close(res.eigenvalues, reference(ev, k, which), rtol=0, atol=EIG_TOL)
+    V = res.eigenvectors
+    assert torch.allclose(A @ V, V * res.eigenvalues, atol=1e-7)  # they are eigenpairs
+    assert torch.allclose(V.T @ V, torch.eye(k, dtype=V.dtype), atol=1e-8)
+
+
+def test_multiplicity_is_seen():
+    vals = eigsh(torch.eye(6, dtype=torch.float64), k=3, return_eigenvectors=False)
+    torch.testing.assert_close(vals, torch.ones(3, dtype=torch.float64))
+    # a triple top eigenvalue among distinct ones
+    A = sym(30, spectrum=[5.0, 5.0, 5.0] + torch.linspace(0.1, 3.0, 27).tolist())
+    vals = eigsh(A, k=4, which="LA", tol=1e-10, return_eigenvectors=False)
+    torch.testing.assert_close(vals, torch.tensor([3.0, 5.0, 5.0, 5.0], dtype=torch.float64))
+
+
+def test_smallest_of_low_rank_matrices_are_zeros():
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    vals = eigsh(U @ U.T, k=4, which="SA", return_eigenvectors=False)
+    torch.testing.assert_close(vals, torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    U = torch.randn(300, 45, generator=g, dtype=torch.float64)  # rank 45 of 300, like a GGN
+    res = eigsh(U @ U.T, k=6, which="SA", return_result=True)
+    assert res.converged
+    assert float(res.eigenvalues.abs().max()) <= 1e-6 * float(torch.linalg.matrix_norm(U, 2)) ** 2
+
+
+def test_passes_count_block_products():
+    A = sym(50, spectrum=torch.linspace(1.0, 50.0, 50).tolist())
+    calls = []
+
+    def mm(V):
+        calls.append(V.shape[1])
+        return A @ V
+
+    op = second.CallableOperator(lambda v: A @ v, 50, torch.float64, matmat=mm)
+    res = eigsh(op, k=3, block_size=3, return_result=True)
+    assert res.passes == len(calls) and res.matvecs == sum(calls)
+
+
+def test_uncertified_pairs_are_reported():
+    A = sym(200, seed=3)  # a semicircle spectrum: no gaps, slow convergence
+    with pytest.warns(ConvergenceWarning, match="certified"):
+        res = eigsh(A, k=5, maxiter=20, return_result=True)
+    assert not res.converged and not all(res.certified)
+    assert res.matvecs <= 20 + 5  # stops at the first block past the limit
+
+
+def test_hessian_operator_of_a_small_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    model.double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    H = second.HessianOperator(model, torch.nn.MSELoss(), (X, y))
+    ev = torch.linalg.eigvalsh(H.to_dense())
+    vals = eigsh(H, k=3, which="BE", tol=1e-10, return_eigenvectors=False)
+    torch.testing.assert_close(vals, reference(ev, 3, "BE"), rtol=0, atol=1e-8)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="k must be"):
+        eigsh(torch.eye(3, dtype=torch.float64), k=4)
+    with pytest.raises(ValueError, match="which"):
+        eigsh(torch.eye(3, dtype=torch.float64), k=1, which="XX")
+    with pytest.raises(ValueError, match="symmetric"):
+        eigsh(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64), k=1)
