@@ -1,6 +1,6 @@
 """Faults whose fixes belong to other issues: strict xfails that turn green when they land.
 
-* eigsh and eigenvalue multiplicity: issue 17 (the scale issue's Lanczos).
+* eigsh and eigenvalue multiplicity: issue 17 (fixed: block Lanczos; kept here as fault cases).
 * invalid ``second compare`` values: issue 16 (the first-day issue's CLI), fixed: plain tests now.
 """
 
@@ -13,17 +13,11 @@ from second import eigsh
 from second.cli import main
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owned by issue 17: single-vector Lanczos cannot see multiplicity"
-)
 def test_eigsh_returns_k_values_of_a_repeated_eigenvalue():
     vals = eigsh(torch.eye(6, dtype=torch.float64), k=3, return_eigenvectors=False)
     torch.testing.assert_close(vals, torch.ones(3, dtype=torch.float64))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owned by issue 17: single-vector Lanczos cannot see multiplicity"
-)
 def test_eigsh_smallest_of_a_low_rank_matrix_are_its_zeros():
     g = torch.Generator().manual_seed(0)
     U = torch.randn(8, 2, generator=g, dtype=torch.float64)
