@@ -15,6 +15,7 @@ from ._errors import (
     NonDeterministicDataError,
     NonFiniteError,
 )
+from ._progress import set_progress
 from .approximations import EKFACOperator, KFACOperator
 from .compat import clip_grad_norm, conjugate_gradient, fixed_point, neumann
 from .func import (
@@ -133,6 +134,8 @@ __all__ = [
     "Influence",
     "TopK",
     "per_example_gradients",
+    # progress bars (one switch for the library)
+    "set_progress",
     # errors
     "ConvergenceWarning",
     "NegativeCurvatureWarning",
