@@ -1,10 +1,12 @@
 """Spectral tools: Lanczos eigenpairs, trace and diagonal estimators, spectral density."""
 
 from ._eigsh import EigshResult, eigsh
-from .estimators import diagonal, spectral_density, trace
+from .estimators import Estimate, diagonal, frobenius_norm, spectral_density, trace
 from .lanczos import extreme_eigenvalues, lanczos
 
 __all__ = [
+    "Estimate",
+    "frobenius_norm",
     "eigsh",
     "EigshResult",
     "lanczos",

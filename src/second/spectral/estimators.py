@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -10,7 +11,41 @@ from torch import Tensor
 from ..operators.base import aslinearoperator
 from .lanczos import lanczos, tridiagonal
 
-__all__ = ["trace", "diagonal", "spectral_density"]
+__all__ = ["trace", "diagonal", "frobenius_norm", "spectral_density", "Estimate"]
+
+
+@dataclass
+class Estimate:
+    """A randomized estimate with its standard error.
+
+    Attributes:
+        value: the estimate (a scalar tensor, or a vector for a diagonal).
+        std_error: its estimated standard error (same shape; 0 for an exact method).
+        matvecs: operator products used (a block of ``k`` columns counts ``k``).
+        passes: block products, i.e. traversals of the data for an operator over a dataset.
+        method: the method used.
+    """
+
+    value: Tensor
+    std_error: Tensor
+    matvecs: int
+    passes: int
+    method: str
+
+
+class _Counter:
+    """Products and block products of one estimate."""
+
+    def __init__(self, op):
+        self.op, self.start, self.passes = op, op.matvecs, 0
+
+    def __call__(self, V: Tensor) -> Tensor:
+        self.passes += 1
+        return (self.op @ V[:, 0]).unsqueeze(1) if V.shape[1] == 1 else self.op @ V
+
+    @property
+    def matvecs(self) -> int:
+        return self.op.matvecs - self.start
 
 
 def _rademacher(n: int, k: int, g: torch.Generator, dtype, device) -> Tensor:
@@ -27,7 +62,8 @@ def trace(
     method: str = "hutch++",
     *,
     generator: torch.Generator | None = None,
-) -> Tensor:
+    return_result: bool = False,
+) -> Tensor | Estimate:
     r"""Estimate :math:`\mathrm{tr}(A)` from about ``num_matvecs`` products.
 
     * ``"hutchinson"``: :math:`\frac1m \sum_i z_i^\top A z_i` with Rademacher :math:`z_i`;
@@ -35,33 +71,96 @@ def trace(
     * ``"hutch++"`` (default; Meyer et al., 2021): a third of the budget finds the
       dominant range :math:`Q` of :math:`A S`, whose trace is taken exactly, and Hutchinson
       handles the rest; error :math:`O(1/m)` for matrices with decaying spectra.
+    * ``"xtrace"`` (Epperly, Tropp & Webber, 2024): every probe serves both as a range
+      sample and as a Hutchinson probe, by leave-one-out projections; exact for a matrix of
+      rank below ``num_matvecs / 2 - 1``, and the most accurate of the three per product.
     * ``"exact"``: the sum of :math:`e_i^\top A e_i` over all ``n`` unit vectors (batched).
+
+    With ``return_result=True`` an :class:`Estimate` carries the standard error (from the
+    spread of the Hutchinson terms, or of XTrace's exchangeable estimates), the products and
+    the data passes.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
         >>> float(trace(A, method="exact"))
         15.0
+        >>> L = torch.randn(50, 3, dtype=torch.float64)
+        >>> est = trace(L @ L.T, 10, method="xtrace", return_result=True)  # rank 3: exact
+        >>> bool(torch.isclose(est.value, torch.trace(L @ L.T))), est.matvecs
+        (True, 10)
     """
     op = aslinearoperator(A)
     n = op.shape[0]
     g = _gen(generator, op.device)
-    if method == "exact":
-        return torch.diagonal(op.to_dense()).sum()
-    if num_matvecs < 1:
+    count = _Counter(op)
+    zero = torch.zeros((), dtype=torch.float64)
+    if method not in ("hutch++", "hutchinson", "xtrace", "exact"):
+        raise ValueError(
+            f"method must be 'hutch++', 'hutchinson', 'xtrace' or 'exact', got {method!r}"
+        )
+    if method != "exact" and num_matvecs < 1:
         raise ValueError("num_matvecs must be >= 1")
-    if method == "hutchinson":
+    if method == "exact" or (method in ("hutch++", "xtrace") and num_matvecs >= 2 * n):
+        # the budget covers the whole space: take the trace exactly
+        value, err, used = torch.diagonal(_dense(op, count)).sum(), zero, "exact"
+    elif method == "hutchinson":
         Z = _rademacher(n, num_matvecs, g, op.dtype, op.device)
-        return (Z * (op @ Z)).sum() / num_matvecs
-    if method == "hutch++":
+        terms = (Z * count(Z)).sum(0).to(torch.float64)
+        value, err, used = terms.mean().to(op.dtype), _sem(terms), method
+    elif method == "hutch++":
         k = max(1, num_matvecs // 3)
-        if 2 * k >= n:  # the budget covers the whole space: take the trace exactly
-            return torch.diagonal(op.to_dense()).sum()
         S = _rademacher(n, k, g, op.dtype, op.device)
-        Q, _ = torch.linalg.qr(op @ S)
+        Q, _ = torch.linalg.qr(count(S))
         G = _rademacher(n, max(1, num_matvecs - 2 * k), g, op.dtype, op.device)
         G = G - Q @ (Q.T @ G)
-        return torch.trace(Q.T @ (op @ Q)) + (G * (op @ G)).sum() / G.shape[1]
-    raise ValueError(f"method must be 'hutch++', 'hutchinson' or 'exact', got {method!r}")
+        terms = (G * count(G)).sum(0).to(torch.float64)
+        value = torch.trace(Q.T @ count(Q)) + terms.mean().to(op.dtype)
+        err, used = _sem(terms), method
+    else:
+        value, err = _xtrace(count, n, max(2, num_matvecs // 2), g, op.dtype, op.device)
+        used = method
+    if not return_result:
+        return value
+    return Estimate(value, err, count.matvecs, count.passes, used)
+
+
+def _dense(op, count: _Counter) -> Tensor:
+    """The dense matrix (its ``n`` products are counted by the operator itself)."""
+    count.passes += 1
+    return op.to_dense()
+
+
+def _sem(terms: Tensor) -> Tensor:
+    """The standard error of the mean of ``terms`` (0 for a single term)."""
+    m = terms.shape[0]
+    return terms.std(dim=0) / math.sqrt(m) if m > 1 else torch.zeros_like(terms[0])
+
+
+def _xtrace(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, Tensor]:
+    """XTrace's exchangeable estimates from ``m`` Gaussian probes (``2 m`` products).
+
+    For probe ``i``, ``Q_(i)`` is an orthonormal basis of ``A Omega`` without column ``i``
+    (a rank-one downdate of ``Q``: the direction ``s_i``, the normalized ``i``-th column of
+    ``R^{-T}``); estimate ``i`` is ``tr(Q_(i)^T A Q_(i)) + w^T (I - P_i) A (I - P_i) w`` with
+    ``w = omega_i``, which is unbiased because ``omega_i`` is independent of ``Q_(i)``.
+    """
+    Om = torch.randn(n, m, generator=g, dtype=dtype, device=device)
+    Y = count(Om)
+    Q, R = torch.linalg.qr(Y)
+    Rd, Qd = R.to(torch.float64), Q.to(torch.float64)
+    S = torch.linalg.inv(Rd).mT
+    S = S / torch.linalg.vector_norm(S, dim=0)
+    Z = count(Q).to(torch.float64)
+    H = Qd.T @ Z
+    H = 0.5 * (H + H.T)
+    W = Qd.T @ Om.to(torch.float64)  # Q^T omega_i
+    c = (S * W).sum(0)  # s_i^T w_i
+    sHs = (S * (H @ S)).sum(0)
+    wHw = (W * (H @ W)).sum(0)
+    wR = (W * Rd).sum(0)  # omega_i^T A omega_i = w_i^T R_i
+    cross = (S * (Rd - H @ W)).sum(0)  # s_i^T (R_i - H w_i)
+    ests = torch.trace(H) - sHs + (wHw - wR) + 2 * c * cross + c**2 * sHs
+    return ests.mean().to(dtype), _sem(ests)
 
 
 def diagonal(
@@ -69,16 +168,28 @@ def diagonal(
     num_matvecs: int = 100,
     method: str = "hutchinson",
     *,
+    control: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> Tensor:
+    return_result: bool = False,
+) -> Tensor | Estimate:
     r"""Estimate :math:`\mathrm{diag}(A)`.
 
     * ``"hutchinson"``: :math:`\frac1m \sum_i z_i \odot A z_i` (Bekas et al., 2007),
       Rademacher probes; unbiased, error per entry :math:`O(\|A_{i,:}\|/\sqrt m)`.
-    * ``"exact"``: from ``n`` batched unit-vector products (small models).
+      With ``control=C`` (an operator or matrix whose diagonal is known exactly, e.g. the
+      Gauss-Newton matrix for a Hessian), the estimate is :math:`\mathrm{diag}(C)` plus
+      Hutchinson on :math:`A - C` (a control variate): the error shrinks with
+      :math:`\|A - C\|` instead of :math:`\|A\|`; ``control`` may also be the exact
+      diagonal of ``C`` with ``C`` itself as an operator via ``(C, diag_C)``.
+    * ``"xdiag"`` (Epperly, Tropp & Webber, 2024): the exchangeable leave-one-out
+      estimator, exact for a matrix of rank below ``num_matvecs / 2 - 1``.
+    * ``"exact"``: from ``n`` batched unit-vector products (small models). For the GGN of a
+      model use :func:`ggn_diagonal` (one backward pass per output dimension).
+
+    With ``return_result=True`` an :class:`Estimate` carries per-entry standard errors.
 
     Raises:
-        ValueError: an unknown ``method``, or ``num_matvecs < 1`` for ``"hutchinson"``.
+        ValueError: an unknown ``method``, or ``num_matvecs < 1`` for a randomized one.
 
     Example:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -87,15 +198,88 @@ def diagonal(
     """
     op = aslinearoperator(A)
     n = op.shape[0]
+    count = _Counter(op)
+    if method not in ("hutchinson", "xdiag", "exact"):
+        raise ValueError(f"method must be 'hutchinson', 'xdiag' or 'exact', got {method!r}")
     if method == "exact":
-        return torch.diagonal(op.to_dense()).clone()
-    if method != "hutchinson":
-        raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
+        value = torch.diagonal(_dense(op, count)).clone()
+        err = torch.zeros_like(value)
+    else:
+        if num_matvecs < 1:
+            raise ValueError("num_matvecs must be >= 1")
+        g = _gen(generator, op.device)
+        if method == "xdiag":
+            value, err = _xdiag(count, n, max(2, num_matvecs // 2), g, op.dtype, op.device)
+        else:
+            Z = _rademacher(n, num_matvecs, g, op.dtype, op.device)
+            AZ = count(Z)
+            base = None
+            if control is not None:
+                C, base = control if isinstance(control, tuple) else (control, None)
+                Cop = aslinearoperator(C, n, dtype=op.dtype, device=op.device)
+                if base is None:
+                    base = torch.diagonal(Cop.to_dense()).clone()
+                AZ = AZ - (Cop @ Z if Z.shape[1] > 1 else (Cop @ Z[:, 0]).unsqueeze(1))
+            terms = (Z * AZ).to(torch.float64)
+            value = terms.mean(dim=1).to(op.dtype) + (0 if base is None else base)
+            err = terms.std(dim=1) / math.sqrt(num_matvecs) if num_matvecs > 1 else 0 * value
+    if not return_result:
+        return value
+    return Estimate(value, err, count.matvecs, count.passes, method)
+
+
+def _xdiag(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, Tensor]:
+    """XDiag's exchangeable estimates from ``m`` Gaussian probes (``2 m`` products).
+
+    ``diag(A) = diag(P_i A) + diag((I - P_i) A)`` with ``P_i`` the leave-one-out projector
+    of XTrace; the first term is exact from the kept products, the second is estimated by
+    ``omega_i * ((I - P_i) A omega_i) = (s_i^T R_i) omega_i * (Q s_i)``.
+    """
+    Om = torch.randn(n, m, generator=g, dtype=dtype, device=device)
+    Y = count(Om)
+    Q, R = torch.linalg.qr(Y)
+    Qd, Rd = Q.to(torch.float64), R.to(torch.float64)
+    S = torch.linalg.inv(Rd).mT
+    S = S / torch.linalg.vector_norm(S, dim=0)
+    Z = count(Q).to(torch.float64)  # A Q
+    QS, ZS = Qd @ S, Z @ S
+    c = (S * Rd).sum(0)  # s_i^T R_i
+    base = (Qd * Z).sum(1)  # diag(Q Q^T A)
+    ests = base.unsqueeze(1) - QS * ZS + c * Om.to(torch.float64) * QS  # [n, m]
+    return ests.mean(1).to(dtype), _sem(ests.T)
+
+
+def frobenius_norm(
+    A,
+    num_matvecs: int = 30,
+    *,
+    generator: torch.Generator | None = None,
+    return_result: bool = False,
+) -> Tensor | Estimate:
+    r"""Estimate :math:`\|A\|_F` from :math:`\|A\|_F^2 = \mathbb E\|A z\|^2` (Gaussian z).
+
+    The relative error of :math:`\|A\|_F^2` is about :math:`\sqrt{2/m}\,\|A^\top A\|_F /
+    \|A\|_F^2`; the standard error reported is that of the square root (delta method).
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))
+        >>> est = frobenius_norm(A, 2000, return_result=True)
+        >>> abs(float(est.value) - 5.0) < 4 * float(est.std_error)
+        True
+    """
+    op = aslinearoperator(A)
     if num_matvecs < 1:
         raise ValueError("num_matvecs must be >= 1")
+    count = _Counter(op)
     g = _gen(generator, op.device)
-    Z = _rademacher(n, num_matvecs, g, op.dtype, op.device)
-    return (Z * (op @ Z)).mean(dim=1)
+    Z = torch.randn(op.shape[1], num_matvecs, generator=g, dtype=op.dtype, device=op.device)
+    terms = (count(Z).to(torch.float64) ** 2).sum(0)
+    sq = terms.mean()
+    value = sq.sqrt()
+    err = _sem(terms) / (2 * value) if float(value) > 0 else torch.zeros_like(value)
+    if not return_result:
+        return value.to(op.dtype)
+    return Estimate(value.to(op.dtype), err, count.matvecs, count.passes, "hutchinson")
 
 
 def spectral_density(
