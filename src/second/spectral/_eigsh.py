@@ -30,6 +30,12 @@ class EigshResult:
         matvecs: operator products used (a block product of ``p`` columns counts ``p``).
         passes: block products, i.e. traversals of the data for an operator over a dataset.
         message: how it ended.
+
+    Example:
+        >>> res = eigsh(torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64)), k=2,
+        ...             return_result=True)
+        >>> res.converged, [round(v, 8) for v in res.eigenvalues.tolist()], res.passes >= 1
+        (True, [7.0, 8.0], True)
     """
 
     eigenvalues: Tensor
