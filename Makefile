@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BENCHSTAMP := $(VENV)/.installed-bench
+DOCSTAMP := $(VENV)/.installed-docs
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow test-all lint bench examples clean $(BENCHES)
+.PHONY: demo test test-slow test-all lint bench examples docs wheel-check gpu-check clean $(BENCHES)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 $(BENCHSTAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
 	touch $(BENCHSTAMP)
+
+$(DOCSTAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,docs]"
+	touch $(DOCSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/second compare --out-dir demo-output
@@ -72,5 +77,11 @@ examples: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python examples/imaml_sinusoid.py --quick --out examples-output/imaml.png
 	OMP_NUM_THREADS=1 $(BIN)/python examples/kfac_autoencoder.py
 
+# The documentation site (MkDocs Material + mkdocstrings) in site/: the gallery examples run
+# first (quick settings, ~75 s), then a strict build (any warning fails)
+docs: $(DOCSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python docs/gallery/run_examples.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean
+
 clean:
-	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache
+	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache site docs/gallery/_generated
