@@ -41,6 +41,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
 
 # Each benchmark runs the anchors side by side in one process (bench extra); BENCHMARKS.md
 # records the output of the full runs. One thread: the machines have 2 cores.
