@@ -17,6 +17,7 @@ PUBLIC_MODULES = [
     "second.solvers",
     "second.spectral",
     "second.approximations",
+    "second.kfac",
     "second.optim",
     "second.influence",
     "second.implicit",

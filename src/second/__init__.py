@@ -16,7 +16,6 @@ from ._errors import (
     NonFiniteError,
 )
 from ._progress import set_progress
-from .approximations import EKFACOperator, KFACOperator
 from .compat import clip_grad_norm, conjugate_gradient, fixed_point, neumann
 from .func import (
     exact_fisher,
@@ -31,6 +30,7 @@ from .func import (
 )
 from .implicit import HypergradientResult, hypergradient, imaml, implicit_root
 from .influence import Influence, TopK, per_example_gradients
+from .kfac import EKFACOperator, KFACOperator
 from .metrics import cosine_similarity, relative_error
 from .operators import (
     CallableOperator,

@@ -20,7 +20,7 @@ from second import (
     per_example_gradients,
     trace,
 )
-from second.approximations import EKFACOperator, KFACOperator
+from second.kfac import EKFACOperator, KFACOperator
 
 REG = 0.1
 CURVATURES = [  # (curvature, method): every curvature, each inverse kind

@@ -868,7 +868,7 @@ def _approximation(kind: str, model, loss_fn, data, reduction: str, options: dic
     """Build the K-FAC / EK-FAC operator of the data term (no damping inside)."""
     name = {"kfac": "KFACOperator", "ekfac": "EKFACOperator"}[kind]
     try:
-        from .. import approximations
+        from .. import kfac as approximations
     except ImportError:  # pragma: no cover - the package ships it
         approximations = None
     cls = getattr(approximations, name, None)

@@ -6,7 +6,7 @@ included) and damping :math:`\lambda`:
 1. Factors: running averages :math:`\bar A \leftarrow \beta \bar A + (1-\beta) A_{batch}`
    (same for :math:`G`), read with the bias correction :math:`\bar A / (1-\beta^k)` after
    :math:`k` updates, so the first step already uses an unbiased estimate. Batch
-   factors as in :mod:`second.approximations.kfac` (Monte-Carlo Fisher by default).
+   factors as in :mod:`second.kfac` (Monte-Carlo Fisher by default).
 2. Every ``inverse_update_period`` steps the factors are eigendecomposed (eigenvalues
    clamped at 0, so constant input features are harmless). The damping is applied
    at every step on the cached spectra: :math:`\Delta = -\breve F^{-1}\nabla h` with
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -49,22 +48,26 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._losses import reduction_of
-from ..approximations.kfac import (
+from ..kfac import (
     FALLBACKS,
     FISHER_TYPES,
-    _Capture,
-    _check_loss,
-    _Eigen,
-    _Stats,
-    _sym_eigh,
-    _unwrap,
+    Capture,
+    DiagonalBlock,
+    EigenBlock,
+    FactorStats,
+    KroneckerBlock,
     add_layer_statistics,
     batch_statistics,
+    check_loss,
     curvature_columns,
+    distributed_active,
+    eigen_blocks,
     find_layers,
-    output_hessian_product,
+    unwrap_model,
+    watch_forward,
 )
 from ._base import PARAM_SHAPES, check_state_dict_params
+from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram, mlp_chain, step_coefficients
 
 __all__ = ["KFAC"]
 
@@ -183,8 +186,8 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-        _check_loss(loss_fn, fisher)
-        inner = _unwrap(model)
+        check_loss(loss_fn, fisher)
+        inner = unwrap_model(model)
         params = [p for p in inner.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no parameters that require grad")
@@ -215,31 +218,18 @@ class KFAC(torch.optim.Optimizer):
         owned = {id(p) for layer in self.layers for p in layer.params()}
         self.fallback_params = [p for p in params if id(p) not in owned]
         self._names = [n for n, p in inner.named_parameters() if p.requires_grad]
-        self._capture = _Capture(self.layers).__enter__()
+        self._capture = Capture(self.layers).__enter__()
         self._capture.active = False
-        # closures over a weak reference: a deep copy of the model keeps hooks that point
-        # here and ignore the copy (and the optimizer is not copied along with the model)
-        ref = weakref.ref(self)
-
-        def pre_hook(module, args):
-            opt = ref()
-            if opt is not None and module is opt.inner:
-                opt._pre_hook(module, args)
-
-        def top_hook(module, args, kwargs, output):
-            opt = ref()
-            if opt is not None and module is opt.inner:
-                opt._top_hook(module, args, kwargs, output)
-
-        self._top_handle = inner.register_forward_hook(top_hook, with_kwargs=True)
-        self._pre_handle = inner.register_forward_pre_hook(pre_hook)
-        self._pending: _Stats | None = None
+        # weak references: a deep copy of the model keeps hooks that point here and ignore
+        # the copy (and the optimizer is not copied along with the model)
+        self._watch = watch_forward(inner, self._pre_hook, self._top_hook)
+        self._pending: FactorStats | None = None
         self._batch: tuple | None = None
         self._in_step = False
         self._warned_closure = False
         self.last_info: dict = {}
         self._index = {id(p): i for i, p in enumerate(params)}
-        self._inv_cache: dict = {}
+        self._inv_cache: dict[int, tuple[tuple, KroneckerBlock]] = {}
         self._inv_version = 0
         self._numels = [p.numel() for p in params]
         self._offsets = [sum(self._numels[:i]) for i in range(len(params))]
@@ -248,7 +238,7 @@ class KFAC(torch.optim.Optimizer):
         self._prev_flat: Tensor | None = None
         # a plain Sequential of Linear layers and elementwise activations: the quadratic
         # model's JVPs reuse the captured forward (see _chain_jvp)
-        self._chain = None if self.fallback_params else _mlp_chain(inner, self.layers)
+        self._chain = None if self.fallback_params else mlp_chain(inner, self.layers)
         self._fwd: tuple | None = None
 
     # ------------------------------------------------------------------------ hooks
@@ -273,7 +263,7 @@ class KFAC(torch.optim.Optimizer):
             raise TypeError("KFAC needs a model whose forward returns one tensor (the output)")
         self._keep_forward(args, kwargs, output)
         fb = self.fallback_params if self.fallback == "diagonal" else []
-        stats = _Stats(self.layers, fb, lazy=True)
+        stats = FactorStats(self.layers, fb, lazy=True)
         if self.fisher == "empirical":
             # gradients of the user's own loss, captured during their backward
             self._empirical_hooks(output, stats)
@@ -304,20 +294,18 @@ class KFAC(torch.optim.Optimizer):
             output.detach(),
         )
 
-    def _empirical_hooks(self, output: Tensor, stats: _Stats) -> None:
+    def _empirical_hooks(self, output: Tensor, stats: FactorStats) -> None:
         n = output.shape[0]
         scale = float(n) if self.reduction == "mean" else 1.0
         stats.n += n
-        for j, layer in enumerate(self.layers):
-            for inp, out in zip(self._capture.inputs.get(j, []), self._capture.outputs.get(j, [])):
+        layers = self.layers
 
-                def hook(g, layer=layer, inp=inp, j=j):
-                    add_layer_statistics(stats, j, layer, inp, (g * scale).unsqueeze(0))
+        def add(j: int, inp: Tensor, g: Tensor) -> None:
+            add_layer_statistics(stats, j, layers[j], inp, (g * scale).unsqueeze(0))
 
-                out.register_hook(hook)
-        self._capture.clear()
+        self._capture.on_output_grads(add)
 
-    def _empirical_diagonal(self, stats: _Stats) -> None:
+    def _empirical_diagonal(self, stats: FactorStats) -> None:
         """Fallback diagonal for the empirical Fisher: the squared summed gradient.
 
         Per-example gradients of those parameters are not available from the user's
@@ -330,9 +318,8 @@ class KFAC(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Remove the hooks from the model (the optimizer cannot step afterwards)."""
-        self._capture.__exit__(None, None, None)
-        self._top_handle.remove()
-        self._pre_handle.remove()
+        self._capture.close()
+        self._watch.remove()
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D102
         if getattr(self, "param_groups", None):
@@ -341,50 +328,30 @@ class KFAC(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------ state helpers
     def _dist(self) -> bool:
-        if self.distributed is False:
-            return False
-        active = dist.is_available() and dist.is_initialized()
-        if self.distributed and not active:
-            raise RuntimeError("distributed=True but no process group is initialized")
-        return active
+        return distributed_active(self.distributed)
 
-    def _update_factors(self, stats: _Stats, group: dict) -> None:
+    def _update_factors(self, stats: FactorStats, group: dict) -> None:
         if self._dist():
             stats.all_reduce()  # forms the products of pending rows first
         if stats.n == 0:
             return
-        beta = group["factor_decay"]
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
-        for j, layer in enumerate(self.layers):
+        for layer in self.layers:
             st = self.state[layer.weight]
             if "A" not in st:
                 shape = (layer.d_A,) if layer.diag_A else (layer.d_A, layer.d_A)
                 st["A"] = layer.weight.new_zeros(shape)
                 st["G"] = layer.weight.new_zeros(layer.d_G, layer.d_G)
-            rows = stats.take_rows(j)
-            if rows and stats.A[j] is None:
-                # the running average and the batch products in one addmm per factor
-                bA, aA, aG = beta, (1 - beta) / max(stats.nA[j], 1.0), (1 - beta) * w
-                for a, g in rows:
-                    st["A"].addmm_(a.T, a, beta=bA, alpha=aA)
-                    st["G"].addmm_(g.T, g, beta=bA, alpha=aG)
-                    bA = 1.0
-                continue
-            for a, g in rows:  # (not reached: a layer's statistics are either rows or sums)
-                stats.add(j, a.T @ a, 0.0, g.T @ g)
-            if stats.A[j] is None:
-                st["A"].mul_(beta)
-                st["G"].mul_(beta)
-                continue
-            st["A"].mul_(beta).add_(stats.A[j], alpha=(1 - beta) / max(stats.nA[j], 1.0))
-            st["G"].mul_(beta).add_(stats.G[j], alpha=(1 - beta) * w)
-        for i, p in enumerate(self.fallback_params):
-            st = self.state[p]
-            if "diag" not in st:
-                st["diag"] = torch.zeros_like(p)
-            st["diag"].mul_(beta)
-            if stats.diag and stats.diag[i] is not None:
-                st["diag"].add_(stats.diag[i], alpha=(1 - beta) * w)
+        for p in self.fallback_params:
+            if "diag" not in self.state[p]:
+                self.state[p]["diag"] = torch.zeros_like(p)
+        stats.ema_into(
+            [self.state[layer.weight]["A"] for layer in self.layers],
+            [self.state[layer.weight]["G"] for layer in self.layers],
+            [self.state[p]["diag"] for p in self.fallback_params],
+            group["factor_decay"],
+            w,
+        )
         group["factor_steps"] += 1
 
     def _update_inverses(self, group: dict) -> None:
@@ -395,68 +362,32 @@ class KFAC(torch.optim.Optimizer):
         result is the same and the work is split.
         """
         corr = 1.0 / (1.0 - group["factor_decay"] ** group["factor_steps"])
-        split = self._dist() and dist.get_world_size() > 1
-        rank, world = (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
-        for j, layer in enumerate(self.layers):
-            st = self.state[layer.weight]
-            if j % world == rank:
-                st["lG"], st["QG"] = _sym_eigh(st["G"] * corr)
-                if layer.diag_A:
-                    st["lA"], st["QA"] = (st["A"] * corr).clamp_min(0.0), None
-                else:
-                    st["lA"], st["QA"] = _sym_eigh(st["A"] * corr)
-            else:
-                st["lG"], st["QG"] = torch.empty_like(st["G"][0]), torch.empty_like(st["G"])
-                if layer.diag_A:
-                    st["lA"], st["QA"] = torch.empty_like(st["A"]), None
-                else:
-                    st["lA"], st["QA"] = torch.empty_like(st["A"][0]), torch.empty_like(st["A"])
-        if split:
-            for j, layer in enumerate(self.layers):
-                st = self.state[layer.weight]
-                for key in ("lG", "QG", "lA", "QA"):
-                    if st[key] is not None:
-                        dist.broadcast(st[key], src=j % world)
+        states = [self.state[layer.weight] for layer in self.layers]
+        blocks = eigen_blocks([(st["A"], st["G"]) for st in states], corr, split=self._dist())
+        for st, e in zip(states, blocks):
+            st["lA"], st["QA"], st["lG"], st["QG"] = e.lA, e.QA, e.lG, e.QG
         self._inv_version += 1
 
-    def _layer_inverses(self, j: int, layer, lam: float) -> tuple[Tensor, Tensor]:
-        r"""``((G + \gamma/\pi)^{-1}, (A + \pi\gamma)^{-1})``, cached until damping or spectra change."""
+    def _layer_inverse(self, j: int, layer, lam: float) -> KroneckerBlock:
+        r"""The pi-damped inverse of layer ``j``'s block, cached until damping or spectra change."""
         key = (lam, self._inv_version)
         hit = self._inv_cache.get(j)
         if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
+            return hit[1]
         st = self.state[layer.weight]
-        e = _Eigen.from_parts(st["lA"], st["QA"], st["lG"], st["QG"])
-        pi, gamma = e.pi(), math.sqrt(lam)
-        Ginv = (e.QG / (e.lG + gamma / pi)) @ e.QG.T
-        if e.QA is None:
-            Ainv = 1.0 / (e.lA + gamma * pi)
-        else:
-            Ainv = (e.QA / (e.lA + gamma * pi)) @ e.QA.T
-        self._inv_cache[j] = (key, Ginv, Ainv)
-        return Ginv, Ainv
+        inv = EigenBlock(st["lA"], st["QA"], st["lG"], st["QG"]).inverse(lam)
+        self._inv_cache[j] = (key, inv)
+        return inv
 
     def _precondition(self, grads: list[Tensor], lam: float, group: dict) -> Tensor:
         """``F_breve^{-1} g`` with factored damping ``gamma = sqrt(lam)``, flat in parameter order."""
         out = grads[0].new_empty(self._numel)
         index, offsets = self._index, self._offsets
         for j, layer in enumerate(self.layers):
-            Ginv, Ainv = self._layer_inverses(j, layer, lam)
             iw = index[id(layer.weight)]
             ib = index[id(layer.bias)] if layer.has_bias else None
-            if layer.kind == "linear":  # [d_G, d_in (+1)]: the weight, the bias as last column
-                gw = grads[iw]
-                M = gw if ib is None else torch.cat([gw, grads[ib].unsqueeze(1)], dim=1)
-                R = Ginv @ M @ Ainv
-                vw = R if ib is None else R[:, : layer.d_in]
-                vb = None if ib is None else R[:, layer.d_in]
-            else:
-                M = layer.to_mat(
-                    grads[iw].unsqueeze(0), None if ib is None else grads[ib].unsqueeze(0)
-                )
-                GM = Ginv @ M
-                vw, vb = layer.from_mat(GM * Ainv if layer.diag_A else GM @ Ainv)
-                vw, vb = vw[0], None if vb is None else vb[0]
+            M = layer.matrix_of(grads[iw], None if ib is None else grads[ib])
+            vw, vb = layer.params_of(self._layer_inverse(j, layer, lam).matmul(M))
             o = offsets[iw]
             out[o : o + vw.numel()].view(vw.shape).copy_(vw)
             if ib is not None:
@@ -468,7 +399,7 @@ class KFAC(torch.optim.Optimizer):
             d = self.state[p].get("diag")
             d = torch.zeros_like(p) if d is None else d * corr
             o = offsets[i]
-            out[o : o + p.numel()].view(p.shape).copy_(grads[i] / (d + lam))
+            out[o : o + p.numel()].view(p.shape).copy_(DiagonalBlock(d).solve(grads[i], lam))
         return out
 
     def _unflat(self, v: Tensor) -> list[Tensor]:
@@ -500,88 +431,11 @@ class KFAC(torch.optim.Optimizer):
             for o, m, p in zip(self._offsets, self._numels, self.param_groups[0]["params"])
         ]
         if self._fwd is not None:
-            out, Jv = self._chain_jvp(tangents)
+            out, Jv = chain_jvp(self._chain, self.layers, self._index, self._fwd, tangents)
         else:
-            out, Jv = self._generic_jvp(tangents)
-        HJv = output_hessian_product(self.loss_fn, out, Jv, self.reduction)
-        Q = Jv.reshape(k, -1) @ HJv.reshape(k, -1).T
-        Q = 0.5 * (Q + Q.T)
-        n = float(out.shape[0])
-        if self._dist():
-            buf = torch.cat([Q.reshape(-1), Q.new_tensor([n])])
-            dist.all_reduce(buf)
-            Q, n = buf[:-1].reshape(k, k), float(buf[-1])
-        return Q / n if self.reduction == "mean" else Q
-
-    def _chain_jvp(self, tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Output and ``J v`` of a plain MLP from the captured forward: only tangents are computed.
-
-        The primal activations of the training forward (same batch, same parameters) are
-        reused; each linear layer costs two matrix products per vector, each activation
-        one elementwise product with its derivative (read off its output).
-        ``tangents``: per parameter ``[k, *p.shape]``.
-        """
-        x, inputs, outputs, out = self._fwd
-        index = self._index
-        k, n = tangents[0].shape[0], x.shape[0]
-        # tangents laid out [n, k, d] (all k at once in each matrix product)
-        cur, t = x, None  # primal [n, d] and tangent [n, k, d] at the current point
-        chain = self._chain
-        for pos, (kind, obj) in enumerate(chain):
-            if kind == "linear":
-                layer = self.layers[obj]
-                d_out = layer.d_G
-                dW = tangents[index[id(layer.weight)]].reshape(k * d_out, -1)  # [k*out, in]
-                a = inputs[obj]
-                if layer.has_bias:
-                    db = tangents[index[id(layer.bias)]].reshape(-1)
-                    z = torch.addmm(db, a, dW.T)  # [n, k*out]
-                else:
-                    z = a @ dW.T
-                if t is not None:
-                    z.view(n * k, d_out).addmm_(t.reshape(n * k, -1), layer.weight.detach().T)
-                t, cur = z.view(n, k, d_out), outputs[obj]
-                continue
-            # elementwise activation: its output is the next layer's input or the model's
-            nxt = chain[pos + 1] if pos + 1 < len(chain) else None
-            if nxt is None:
-                y = out
-            elif nxt[0] == "linear":
-                y = inputs[nxt[1]]
-            else:
-                y = obj(cur)
-            if t is not None:
-                if isinstance(obj, nn.Tanh):
-                    t = t * (1.0 - y * y).unsqueeze(1)
-                elif isinstance(obj, nn.Sigmoid):
-                    t = t * (y * (1.0 - y)).unsqueeze(1)
-                elif isinstance(obj, nn.ReLU):
-                    t = t * (y > 0).to(t.dtype).unsqueeze(1)
-            cur = y
-        if t is None:
-            return out, out.new_zeros((k, *out.shape))
-        return out, t.transpose(0, 1)
-
-    def _generic_jvp(self, tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Output and ``J v`` by forward-mode AD (vmapped over the vectors) on the captured batch."""
-        from torch.func import functional_call, jvp, vmap
-
-        args, kwargs = self._batch
-        params = dict(zip(self._names, (p.detach() for p in self.param_groups[0]["params"])))
-        # copies: a BatchNorm in training mode must not update its running statistics twice
-        buffers = {k: b.clone() for k, b in self.inner.named_buffers()}
-
-        def f(ps):
-            return functional_call(self.inner, (ps, buffers), args, kwargs)
-
-        k = tangents[0].shape[0]
-        tangents = dict(zip(self._names, tangents))
-        try:
-            out, Jv = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
-        except Exception:  # a module without a batching rule: one JVP per vector
-            res = [jvp(f, (params,), ({n: t[i] for n, t in tangents.items()},)) for i in range(k)]
-            out, Jv = res[0][0], torch.stack([r[1] for r in res])
-        return out, Jv
+            params = [p.detach() for p in self.param_groups[0]["params"]]
+            out, Jv = generic_jvp(self.inner, self._names, params, self._batch, tangents)
+        return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist())
 
     # ------------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -643,26 +497,8 @@ class KFAC(torch.optim.Optimizer):
             gV = (V[:1] @ gflat).tolist()
         b1 = gV[0]
         if adaptive:
-            k = len(gV)
             Fq = self._quadratic_terms(V).tolist()
-            Qd = [[Fq[a][b] + (lam + eta) * nrm[a][b] for b in range(k)] for a in range(k)]
-            mom = group["momentum"]
-            if have_prev and mom is None:
-                # the 2x2 system Qd (alpha, mu) = -gV
-                det = Qd[0][0] * Qd[1][1] - Qd[0][1] * Qd[1][0]
-                if det != 0.0:
-                    alpha = -(Qd[1][1] * gV[0] - Qd[0][1] * gV[1]) / det
-                    mu = -(Qd[0][0] * gV[1] - Qd[1][0] * gV[0]) / det
-                else:
-                    alpha = mu = math.nan
-            else:
-                mu = 0.0 if (mom is None or not have_prev) else float(mom)
-                num = -(b1 + (mu * Qd[0][1] if have_prev else 0.0))
-                alpha = num / Qd[0][0] if Qd[0][0] != 0.0 else math.nan
-            c = [alpha, mu] if have_prev else [alpha]
-            pred = sum(  # undamped model change
-                0.5 * c[a] * (Fq[a][b] + eta * nrm[a][b]) * c[b] for a in range(k) for b in range(k)
-            ) + sum(c[a] * gV[a] for a in range(k))
+            alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, group["momentum"])
             delta = torch.add(alpha * Delta, prev, alpha=mu) if have_prev else alpha * Delta
             info.update(alpha=alpha, mu=mu, predicted_change=pred)
         else:
@@ -766,37 +602,6 @@ class KFAC(torch.optim.Optimizer):
             for k, v in list(st.items()):
                 if isinstance(v, Tensor) and isinstance(p, Tensor):
                     st[k] = v.to(device=p.device, dtype=p.dtype)
-
-
-_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
-
-
-def _mlp_chain(model: nn.Module, layers) -> list | None:
-    """``[("linear", j) | ("act", module), ...]`` for a plain Sequential MLP, else ``None``.
-
-    Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
-    once, and Tanh/Sigmoid/ReLU/Identity activations; no buffers, no other parameters.
-    """
-    if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
-        return None
-    if next(model.buffers(), None) is not None:
-        return None
-    which = {id(layer.module): j for j, layer in enumerate(layers) if layer.kind == "linear"}
-    chain, seen = [], set()
-    for m in model:
-        j = which.get(id(m))
-        if j is not None:
-            if j in seen:
-                return None
-            seen.add(j)
-            chain.append(("linear", j))
-        elif type(m) in _ACTIVATIONS:
-            chain.append(("act", m))
-        else:
-            return None
-    if len(seen) != len(layers):
-        return None
-    return chain
 
 
 def _flat(ts: list[Tensor]) -> Tensor:

@@ -1,0 +1,166 @@
+r"""Kronecker-factored curvature: KFAC and eigenvalue-corrected KFAC (EK-FAC).
+
+The package, in the order data flows through it:
+
+* :mod:`~second.kfac.rules`: one :class:`LayerRule` per layer type, registered by module
+  type (add a layer type by writing one rule class);
+* :mod:`~second.kfac.capture`: the hooks (:class:`Capture`, :func:`watch_forward`);
+* :mod:`~second.kfac.columns`: the output-curvature columns of each Fisher type;
+* :mod:`~second.kfac.stats`: factor statistics as sums plus counts (:class:`FactorStats`);
+* :mod:`~second.kfac.eigen`, :mod:`~second.kfac.damping`, :mod:`~second.kfac.blocks`: the
+  blocks (:class:`KroneckerBlock`, :class:`EigenBlock`, :class:`DiagonalBlock`), damped at
+  call time, exactly or pi-split;
+* :mod:`~second.kfac.correction`: EK-FAC's eigen-corrections;
+* :mod:`~second.kfac.operators`: :class:`KFACOperator`, :class:`EKFACOperator` and their
+  inverses.
+
+``second.optim.KFAC`` uses the same parts with running averages of the statistics.
+
+For a layer with weight matrix :math:`W` (bias appended as a last column), input rows
+:math:`a_{it}` and output rows :math:`z_{it}` (example :math:`i`, position :math:`t`:
+a token of a sequence, a pixel of a convolution's output, or ``T = 1`` for a plain
+:class:`torch.nn.Linear` on vectors), the curvature block of the dataset objective is
+approximated by a Kronecker product
+
+.. math::
+
+    B \approx A \otimes G,\qquad
+    A = \frac{1}{N T}\sum_{i,t} a_{it} a_{it}^\top,\qquad
+    G = w \sum_{i} \sum_k \sum_t g_{ikt} g_{ikt}^\top,\qquad
+    g_{ikt} = \frac{\partial (s_{ik}^\top f_i)}{\partial z_{it}},
+
+where :math:`f_i` is the network output, :math:`s_{ik}` are columns of a square root of
+the per-example output curvature (:math:`\sum_k s_{ik} s_{ik}^\top \approx \nabla^2_f \ell_i`)
+and :math:`w = 1/N` for a mean-reduced loss, :math:`1` for a sum-reduced one.
+
+**Scaling convention.** All the loss' scale sits in :math:`G`, :math:`A` is a plain
+mean. The approximation therefore has the scale of :func:`second.exact_ggn` of the
+training loss as written (``nn.MSELoss()`` averages over the outputs too, so its GGN
+is :math:`2/C` times the one of the sum of squares), and for a deep linear network
+with one datum ``KFAC`` equals the exact GGN block of every layer. Libraries that
+drop the factor 2 of the squared error, or the :math:`1/C`, differ from ours by it.
+
+**Ordering.** ``W`` is flattened row-major (``[out, in]``), so in the parameter
+ordering the weight block is ``kron(G, A)``; :meth:`KFACOperator.to_dense` follows
+the order of ``model.parameters()``.
+
+The curvature square roots :math:`s_{ik}` (``fisher=``):
+
+* ``"type2"`` (default): the exact factorization of :math:`\nabla^2_f\ell_i`, one
+  backward column per output (MSE: :math:`\sqrt{2a}\,I`; BCE-with-logits:
+  :math:`\mathrm{diag}\sqrt{a\,\sigma(1-\sigma)}`; cross-entropy:
+  :math:`\sqrt{a}\,(\mathrm{diag}\sqrt{p} - p\sqrt{p}^\top)`, per spatial position),
+  so :math:`G` is built from the GGN itself.
+* ``"mc"``: :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik}) / \sqrt{a K}` with targets
+  sampled from the model (``mc_samples = K``), an unbiased estimate of the same.
+* ``"empirical"``: :math:`s_i = \nabla_f \ell(f_i, y_i)` with the observed targets
+  (the empirical Fisher; no :math:`a`).
+
+Here :math:`a` is the loss' scale relative to a negative log-likelihood (see
+:mod:`second._losses`).
+
+**Layers.** :class:`~torch.nn.Linear` (with or without bias, any leading dimensions as
+positions), :class:`~torch.nn.Conv2d` (``groups=1``, zero padding; patches by
+:func:`torch.nn.functional.unfold`, channel-major ``(C_in, k_h, k_w)`` like the weight,
+output pixels as positions: the "KFC expand" convention of Grosse & Martens 2016) and
+:class:`~torch.nn.Embedding` (one-hot inputs, so :math:`A` is diagonal). Every other
+parameter gets a diagonal block (``fallback="diagonal"``: an unbiased Rademacher
+estimate :math:`w\sum_{i,k} (\partial s_{ik}^\top f_i / \partial\theta)^2` of the curvature
+diagonal, exact with one datum) or a zero block (``fallback="identity"``: only the
+damping acts there, the inverse is ``I / damping``).
+
+References:
+    J. Martens, R. Grosse. Optimizing neural networks with Kronecker-factored
+    approximate curvature. ICML 2015.
+    R. Grosse, J. Martens. A Kronecker-factored approximate Fisher matrix for
+    convolution layers. ICML 2016.
+    T. George et al. Fast approximate natural gradient descent in a Kronecker-factored
+    eigenbasis. NeurIPS 2018.
+"""
+
+from .blocks import DiagonalBlock, EigenBlock, KroneckerBlock, eigen_blocks
+from .capture import Capture, ForwardWatch, watch_forward
+from .columns import (
+    FISHER_TYPES as FISHER_TYPES,  # the constants: public names, not in __all__
+)
+from .columns import (
+    backprop_columns,
+    check_loss,
+    curvature_columns,
+    output_hessian_product,
+    output_hessian_sqrt,
+)
+from .correction import eigen_corrections
+from .damping import DAMPING_SPLITS as DAMPING_SPLITS
+from .damping import check_damping, pi_factor, pi_split
+from .eigen import sym_eigh
+from .operators import (
+    FALLBACKS as FALLBACKS,
+)
+from .operators import (
+    BlockLayout,
+    EKFACInverseOperator,
+    EKFACOperator,
+    KFACInverseOperator,
+    KFACOperator,
+)
+from .rules import (
+    RULES,
+    Conv2dRule,
+    EmbeddingRule,
+    LayerRule,
+    LinearRule,
+    find_layers,
+    rule_for,
+    unwrap_model,
+)
+from .stats import (
+    FactorStats,
+    add_layer_statistics,
+    all_reduce_sum,
+    batch_statistics,
+    distributed_active,
+)
+
+__all__ = [
+    # operators
+    "KFACOperator",
+    "EKFACOperator",
+    "KFACInverseOperator",
+    "EKFACInverseOperator",
+    "BlockLayout",
+    # layer rules and capture
+    "LayerRule",
+    "LinearRule",
+    "Conv2dRule",
+    "EmbeddingRule",
+    "RULES",
+    "rule_for",
+    "find_layers",
+    "unwrap_model",
+    "Capture",
+    "ForwardWatch",
+    "watch_forward",
+    # curvature columns
+    "check_loss",
+    "curvature_columns",
+    "output_hessian_sqrt",
+    "output_hessian_product",
+    "backprop_columns",
+    # statistics
+    "FactorStats",
+    "batch_statistics",
+    "add_layer_statistics",
+    "all_reduce_sum",
+    "distributed_active",
+    # blocks, damping, eigen
+    "KroneckerBlock",
+    "EigenBlock",
+    "DiagonalBlock",
+    "eigen_blocks",
+    "check_damping",
+    "pi_factor",
+    "pi_split",
+    "sym_eigh",
+    "eigen_corrections",
+]

@@ -1,0 +1,81 @@
+r"""EK-FAC eigen-corrections: the curvature's diagonal in KFAC's eigenbasis.
+
+.. math::
+
+    s = w \sum_{i,k} \big(Q_G^\top\, \nabla_{W} (s_{ik}^\top f_i)\, Q_A\big)^{\circ 2},
+
+the second moments of the per-example gradients (one per curvature column) rotated into
+the Kronecker eigenbasis (George et al. 2018). With the same Fisher type this is the
+diagonal of the exact block in that basis, so EK-FAC is the Frobenius-closest matrix with
+KFAC's eigenvectors. A module called twice contributes the sum of its calls' gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .blocks import EigenBlock
+from .capture import Capture
+from .columns import backprop_columns
+from .rules import LayerRule
+from .stats import all_reduce_sum
+
+__all__ = ["eigen_corrections"]
+
+
+def eigen_corrections(
+    layers: Sequence[LayerRule],
+    eigen: Sequence[EigenBlock],
+    passes: Iterable[tuple[Tensor, Tensor, Capture]],
+    *,
+    distributed: bool = False,
+) -> list[Tensor]:
+    """The unnormalized eigen-corrections ``[d_G, d_A]`` per layer (multiply by ``w``).
+
+    Args:
+        layers: the layer rules.
+        eigen: per layer, the block whose eigenbasis is used.
+        passes: ``(output f, columns S, capture)`` per batch, as for the statistics.
+        distributed: sum the corrections over the process group.
+
+    Returns:
+        Per layer, the sums over examples and columns of the squared rotated gradients.
+
+    Example:
+        >>> from second.kfac import find_layers, curvature_columns, KroneckerBlock
+        >>> net = torch.nn.Linear(2, 1, bias=False)
+        >>> layers = find_layers(net)
+        >>> with Capture(layers) as cap:
+        ...     f = net(torch.tensor([[1.0, 0.0]]))
+        >>> S = curvature_columns(torch.nn.MSELoss(reduction="sum"), f, None, "sum", "type2")
+        >>> E = KroneckerBlock(torch.eye(2), torch.eye(1)).eigen()
+        >>> eigen_corrections(layers, [E], [(f, S, cap)])[0].round(decimals=5)   # 2 x^2, one datum
+        tensor([[2., 0.]])
+    """
+    sums = [
+        torch.zeros(layer.d_G, layer.d_A, dtype=layer.weight.dtype, device=layer.weight.device)
+        for layer in layers
+    ]
+    for out, S, cap in passes:
+        js = [j for j in range(len(layers)) if j in cap.outputs]
+        outs = [o for j in js for o in cap.outputs[j]]
+        gouts = backprop_columns(out, S, outs, retain_graph=False)
+        pos = 0
+        for j in js:
+            layer = layers[j]
+            per = None
+            for inp in cap.inputs[j]:  # a module used twice: its gradients add up
+                grows = layer.grad_rows(gouts[pos])
+                pos += 1
+                mask = layer.mask(inp)
+                if mask is not None:
+                    grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
+                m = layer.per_example_mats(layer.input_rows(inp), grows)
+                per = m if per is None else per + m
+            sums[j] += (eigen[j].rotate(per.reshape(-1, layer.d_G, layer.d_A)) ** 2).sum(0)
+    if distributed:
+        all_reduce_sum(sums)
+    return sums

@@ -1,0 +1,401 @@
+r"""KFAC and EK-FAC as linear operators over the parameters, and their inverses.
+
+:class:`KFACOperator` gathers the factor statistics over the data (one pass) and acts as
+:math:`\mathrm{blockdiag}(A_l \otimes G_l) + \lambda I` in the order of
+``model.parameters()``; :class:`EKFACOperator` re-fits the eigenvalues in the Kronecker
+eigenbasis (a second pass). Their ``inverse(damping, pi_damping=...)`` returns an operator
+whose product solves the damped system block by block. Conventions (scaling, Fisher types,
+layers, fallback) are in :mod:`second.kfac`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import NonFiniteError
+from ..operators.base import LinearOperator
+from ..operators.curvature import CurvatureOperator, sample_generator
+from .blocks import DiagonalBlock, EigenBlock, KroneckerBlock
+from .capture import Capture
+from .columns import FISHER_TYPES, check_loss, curvature_columns
+from .correction import eigen_corrections
+from .damping import check_damping
+from .rules import LayerRule, find_layers, unwrap_model
+from .stats import FactorStats, batch_statistics, distributed_active
+
+__all__ = [
+    "FALLBACKS",
+    "BlockLayout",
+    "KFACOperator",
+    "EKFACOperator",
+    "KFACInverseOperator",
+    "EKFACInverseOperator",
+]
+
+FALLBACKS = ("diagonal", "identity")
+"""Blocks for parameters outside supported layers: a diagonal estimate, or damping only."""
+
+
+class BlockLayout:
+    """Maps between a flat vector in parameter order and the blocks' matrix forms.
+
+    Args:
+        params: the parameters, in the order of the flat vector.
+        layers: the layer rules (each layer's weight and bias are among ``params``).
+        fallback: the remaining parameters, each with a diagonal block.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> layout = BlockLayout(list(net.parameters()), find_layers(net), [])
+        >>> V = torch.arange(3.0).reshape(3, 1)   # (w1, w2, b) as one column
+        >>> layout.apply(V, lambda j, M: 2 * M, lambda i, v: v).T
+        tensor([[0., 2., 4.]])
+    """
+
+    def __init__(
+        self, params: Sequence[Tensor], layers: Sequence[LayerRule], fallback: Sequence[Tensor]
+    ):
+        index = {id(p): i for i, p in enumerate(params)}
+        offsets, off = [], 0
+        for p in params:
+            offsets.append(off)
+            off += p.numel()
+        self.params, self.offsets, self.layers = list(params), offsets, list(layers)
+        self.layer_index = [
+            (index[id(layer.weight)], index[id(layer.bias)] if layer.has_bias else None)
+            for layer in layers
+        ]
+        self.fallback_index = [index[id(p)] for p in fallback]
+
+    def _slice(self, V: Tensor, i: int) -> Tensor:
+        p = self.params[i]
+        return V[self.offsets[i] : self.offsets[i] + p.numel()].T.reshape(V.shape[1], *p.shape)
+
+    def _put(self, out: Tensor, i: int, t: Tensor) -> None:
+        p = self.params[i]
+        out[self.offsets[i] : self.offsets[i] + p.numel()] = t.reshape(t.shape[0], -1).T
+
+    def apply(
+        self,
+        V: Tensor,
+        layer_fn: Callable[[int, Tensor], Tensor],
+        fallback_fn: Callable[[int, Tensor], Tensor],
+    ) -> Tensor:
+        """``V [n, k]`` mapped block by block: ``layer_fn(j, M [k, d_G, d_A])``, ``fallback_fn(i, v)``."""
+        out = torch.zeros_like(V)
+        for j, (iw, ib) in enumerate(self.layer_index):
+            layer = self.layers[j]
+            M = layer.to_mat(self._slice(V, iw), None if ib is None else self._slice(V, ib))
+            vw, vb = layer.from_mat(layer_fn(j, M))
+            self._put(out, iw, vw)
+            if ib is not None:
+                self._put(out, ib, vb)
+        for k, i in enumerate(self.fallback_index):
+            self._put(out, i, fallback_fn(k, self._slice(V, i)))
+        return out
+
+
+class KFACOperator(CurvatureOperator):
+    r"""The KFAC approximation :math:`\mathrm{blockdiag}(A_l \otimes G_l) + \lambda I` of the GGN/Fisher.
+
+    Built once from the data (two passes for :class:`EKFACOperator`); call
+    :meth:`refresh` after the parameters change. Conventions (factor scaling, Fisher
+    types, layers, fallback) are in :mod:`second.kfac`: in short, for a deep linear
+    network and one datum, ``KFACOperator(...).to_dense()`` equals
+    :func:`second.exact_ggn` on every layer's diagonal block.
+
+    Args:
+        model: the network; its supported layers are found with ``named_modules``.
+        loss_fn: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (any loss for
+            ``fisher="empirical"``), reduction ``"mean"`` or ``"sum"``.
+        data: one ``(X, y)`` batch or an iterable of batches (as for
+            :class:`~second.GGNOperator`).
+        fisher: ``"type2"`` (default, exact output-curvature square root), ``"mc"``
+            (sampled targets) or ``"empirical"`` (observed targets).
+        damping: :math:`\lambda \ge 0` added as ``lambda * I`` (default 0).
+        mc_samples: targets per example for ``fisher="mc"`` (default 1).
+        fallback: ``"diagonal"`` (default) or ``"identity"`` for parameters outside
+            supported layers.
+        generator: its state at construction seeds the MC targets and the Rademacher
+            signs of the diagonal fallback (default: seed 0). The operator draws from a
+            private copy, so ``generator`` itself is never advanced or reset.
+        reduction, check_deterministic, distributed, progressbar: as for
+            :class:`~second.CurvatureOperator`. Under ``torch.distributed`` the factor
+            sums and counts are all-reduced, so every rank holds the factors of all
+            the data.
+
+    Attributes:
+        rules: the layer rules; blocks: their :class:`KroneckerBlock`; diagonals: the
+        fallback parameters' :class:`DiagonalBlock`; A, G, diag: the factors and diagonals.
+
+    Raises:
+        ValueError: an unknown ``fisher``/``fallback``, negative damping, ``mc_samples < 1``.
+        NotImplementedError: ``fisher="type2"``/``"mc"`` with an unsupported loss.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+        >>> model = model.double()
+        >>> K = KFACOperator(model, torch.nn.MSELoss(), (X, y))
+        >>> loss = torch.nn.MSELoss()(out := model(X), y)
+        >>> from second import exact_ggn
+        >>> G = exact_ggn(loss, out, list(model.parameters()))
+        >>> torch.allclose(K.to_dense()[:16, :16], G[:16, :16])   # first layer, exact here
+        True
+    """
+
+    psd = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data,
+        *,
+        fisher: str = "type2",
+        damping: float = 0.0,
+        mc_samples: int = 1,
+        fallback: str = "diagonal",
+        generator: torch.Generator | None = None,
+        reduction: str | None = None,
+        check_deterministic: bool = True,
+        distributed: bool | None = None,
+        progressbar: bool = False,
+    ):
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        damping = check_damping(damping)
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        check_loss(loss_fn, fisher)
+        super().__init__(
+            unwrap_model(model),
+            loss_fn,
+            data,
+            None,
+            reduction=reduction,
+            check_deterministic=check_deterministic,
+            distributed=distributed,
+            progressbar=progressbar,
+        )
+        self.fisher, self.damping, self.mc_samples = fisher, damping, int(mc_samples)
+        self.fallback = fallback
+        self.generator = sample_generator(generator, self.device)  # private: see its docs
+        self._generator_state = self.generator.get_state()
+        self.rules = find_layers(self.model, self.params)
+        owned = {id(p) for layer in self.rules for p in layer.params()}
+        self._fallback = [p for p in self.params if id(p) not in owned]
+        self.layout = BlockLayout(self.params, self.rules, self._fallback)
+        self.refresh()
+
+    # -- construction ----------------------------------------------------------------------
+    def _passes(self):
+        """Yield ``(f, S, capture)`` for every batch, the graph kept while the caller works."""
+        self.generator.set_state(self._generator_state)
+        for X, y in self._batches():
+            with Capture(self.rules) as cap:
+                out, _ = self._forward(X, y)
+            S = curvature_columns(
+                self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
+            )
+            yield out, S, cap
+            del out, S, cap
+
+    def _compute_factors(self) -> None:
+        stats = FactorStats(self.rules, self._fallback if self.fallback == "diagonal" else [])
+        for out, S, cap in self._passes():
+            batch_statistics(
+                self.rules,
+                stats.fallback_params,
+                out,
+                S,
+                cap,
+                stats,
+                generator=self.generator,
+                retain_graph=False,
+            )
+        stats.tensors()
+        if distributed_active(self.distributed):
+            stats.all_reduce()
+        self._num_data = int(stats.n)
+        w = 1.0 / stats.n if self.reduction == "mean" else 1.0
+        self.A = [A / max(nA, 1.0) for A, nA in zip(stats.A, stats.nA)]
+        self.G = [G * w for G in stats.G]
+        self.diag = (
+            [d * w for d in stats.diag]
+            if stats.diag
+            else [torch.zeros_like(p) for p in self._fallback]
+        )
+        for t in [*self.A, *self.G, *self.diag]:
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError("a KFAC factor has NaN or Inf entries")
+        self.blocks = [KroneckerBlock(A, G) for A, G in zip(self.A, self.G)]
+        self.diagonals = [DiagonalBlock(d) for d in self.diag]
+
+    def refresh(self) -> None:
+        """Recompute the factors (after the parameters changed)."""
+        self._states = None
+        self._eigen: list[EigenBlock] | None = None
+        self._compute_factors()
+
+    @property
+    def layers(self) -> list[tuple[str, Tensor, Tensor]]:
+        """``(module name, A, G)`` for every Kronecker-factored layer (embedding ``A``: its diagonal)."""
+        return [(layer.name, A, G) for layer, A, G in zip(self.rules, self.A, self.G)]
+
+    @property
+    def fallback_parameters(self) -> list[Tensor]:
+        """Parameters outside supported layers (diagonal or identity blocks)."""
+        return list(self._fallback)
+
+    def eigen(self) -> list[EigenBlock]:
+        """The blocks in their factors' eigenbasis (cached until :meth:`refresh`)."""
+        if self._eigen is None:
+            self._eigen = [block.eigen() for block in self.blocks]
+        return self._eigen
+
+    # -- products --------------------------------------------------------------------------
+    def _matmat(self, V: Tensor) -> Tensor:
+        lam = self.damping
+        return self.layout.apply(
+            V,
+            lambda j, M: self.blocks[j].matmul(M, lam),
+            lambda i, v: self.diagonals[i].matmul(v, lam),
+        )
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
+
+    def inverse(self, damping: float | None = None, *, pi_damping: bool = False) -> LinearOperator:
+        r"""The inverse of the damped approximation, by eigendecomposition of the factors.
+
+        .. math::
+
+            \text{exact:}\ (A\otimes G + \lambda I)^{-1}
+              = (Q_A\otimes Q_G)\,\mathrm{diag}(l_A \otimes l_G + \lambda)^{-1} (Q_A\otimes Q_G)^\top,
+            \qquad
+            \text{pi:}\ \big((A + \pi\sqrt\lambda I)\otimes(G + \tfrac{\sqrt\lambda}{\pi} I)\big)^{-1},
+
+        with :math:`\pi = \sqrt{(\mathrm{tr}A/d_A)/(\mathrm{tr}G/d_G)}` (Martens & Grosse,
+        section 6.3). Fallback blocks use :math:`(d + \lambda)^{-1}`. Eigenvalues are
+        clamped at 0, so singular factors (constant inputs) are fine when
+        :math:`\lambda > 0`.
+
+        Args:
+            damping: :math:`\lambda`; default the operator's own ``damping``.
+            pi_damping: factored (per-factor) damping instead of the exact one.
+
+        Returns:
+            A positive-definite :class:`KFACInverseOperator`, usable as ``M=`` in
+            :func:`second.solve`.
+
+        Raises:
+            ValueError: negative damping, or a singular block with zero damping.
+        """
+        lam = check_damping(self.damping if damping is None else damping)
+        return KFACInverseOperator(self, lam, "pi" if pi_damping else "exact")
+
+
+class _EigenInverse(LinearOperator):
+    """``(B + damping)^{-1}`` block by block, damping applied at every product."""
+
+    psd = True
+
+    def __init__(self, base: KFACOperator, damping: float, split: str):
+        super().__init__(base.shape[0], base.dtype, base.device)
+        self.layout, self.damping, self.split = base.layout, damping, split
+        self.blocks, self.diagonals = base.eigen(), base.diagonals
+        spectra = [b.damped_eigenvalues(damping, split) for b in self.blocks]
+        for s in [*spectra, *(d.diagonal + damping for d in self.diagonals)]:
+            if bool((s <= 0).any()):
+                raise ValueError(
+                    "the approximation is singular (a factor has a zero eigenvalue, e.g. from a "
+                    "constant input feature): pass damping > 0 to invert it"
+                )
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        lam, split = self.damping, self.split
+        return self.layout.apply(
+            V,
+            lambda j, M: self.blocks[j].solve(M, lam, split),
+            lambda i, v: self.diagonals[i].solve(v, lam),
+        )
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
+
+
+class KFACInverseOperator(_EigenInverse):
+    """Inverse of a damped KFAC approximation (see :meth:`KFACOperator.inverse`)."""
+
+
+class EKFACInverseOperator(_EigenInverse):
+    """Inverse of a damped EK-FAC approximation (see :meth:`EKFACOperator.inverse`)."""
+
+
+class EKFACOperator(KFACOperator):
+    r"""Eigenvalue-corrected KFAC: KFAC's eigenbasis with re-fitted eigenvalues.
+
+    .. math::
+
+        B \approx (Q_A \otimes Q_G)\,\mathrm{diag}(s)\,(Q_A \otimes Q_G)^\top + \lambda I,\qquad
+        s = w \sum_{i,k} \big(\mathrm{vec}(Q_G^\top \nabla_{W} (s_{ik}^\top f_i)\, Q_A)\big)^2,
+
+    the second moments of the per-example gradients in the Kronecker eigenbasis
+    (George et al. 2018; :mod:`second.kfac.correction`). With the same Fisher type,
+    :math:`s` is the diagonal of the exact block in that basis, so EK-FAC is the
+    Frobenius-closest matrix with KFAC's eigenvectors and at least as accurate as KFAC.
+    Costs a second pass over the data. Arguments as :class:`KFACOperator`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        >>> E = EKFACOperator(model, torch.nn.MSELoss(), (X, y))
+        >>> E.to_dense().shape
+        torch.Size([8, 8])
+    """
+
+    def refresh(self) -> None:
+        """Recompute factors, eigenbases and the corrected eigenvalues (two data passes)."""
+        super().refresh()
+        kfac = self.eigen()
+        sums = eigen_corrections(
+            self.rules, kfac, self._passes(), distributed=distributed_active(self.distributed)
+        )
+        w = 1.0 / self.num_data if self.reduction == "mean" else 1.0
+        self.scales = [s * w for s in sums]
+        self._eigen = [e.with_eigenvalues(s) for e, s in zip(kfac, self.scales)]
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        lam, blocks = self.damping, self.eigen()
+        return self.layout.apply(
+            V,
+            lambda j, M: blocks[j].matmul(M, lam),
+            lambda i, v: self.diagonals[i].matmul(v, lam),
+        )
+
+    def inverse(self, damping: float | None = None, *, pi_damping: bool = False) -> LinearOperator:
+        r"""``(B + \lambda I)^{-1} = (Q_A\otimes Q_G)\,\mathrm{diag}(s + \lambda)^{-1}(Q_A\otimes Q_G)^\top``.
+
+        Args:
+            damping: :math:`\lambda` (default: the operator's own).
+            pi_damping: not defined for EK-FAC; ``True`` raises.
+
+        Returns:
+            An :class:`EKFACInverseOperator`.
+
+        Raises:
+            ValueError: ``pi_damping=True``, negative damping, or singular with zero damping.
+        """
+        if pi_damping:
+            raise ValueError(
+                "EK-FAC has no per-factor damping: use the exact damping (pi_damping=False)"
+            )
+        lam = check_damping(self.damping if damping is None else damping)
+        return EKFACInverseOperator(self, lam, "exact")

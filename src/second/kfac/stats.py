@@ -1,0 +1,280 @@
+r"""Factor statistics: per-layer sums plus counts, merged by plain addition.
+
+For layer :math:`l` the statistics are :math:`\sum_{i,t} a_{it} a_{it}^\top` with its count
+:math:`\sum_i T_i` (the input factor is their quotient) and :math:`\sum_{i,k,t} g_{ikt} g_{ikt}^\top`
+(the gradient factor is it times :math:`w = 1/N` for a mean-reduced loss, 1 for a sum),
+plus, for parameters outside the supported layers, a Rademacher estimate of the curvature
+diagonal. Sums and counts from batches, or from the ranks of a process group, merge by
+addition (:meth:`FactorStats.all_reduce`); :meth:`FactorStats.ema_into` folds them into
+running averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..operators.curvature import _dist_active
+from .capture import Capture
+from .columns import backprop_columns
+from .rules import LayerRule
+
+__all__ = [
+    "FactorStats",
+    "batch_statistics",
+    "add_layer_statistics",
+    "all_reduce_sum",
+    "distributed_active",
+]
+
+
+def distributed_active(distributed: bool | None) -> bool:
+    """Whether to all-reduce: ``distributed`` if given, else whether a process group is up.
+
+    Raises:
+        RuntimeError: ``distributed=True`` without an initialized process group.
+
+    Example:
+        >>> distributed_active(None), distributed_active(False)
+        (False, False)
+    """
+    return _dist_active(distributed)
+
+
+def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
+    """Sum ``tensors`` over the process group in place, in one collective.
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> dist.is_initialized()   # all_reduce_sum needs a process group
+        False
+    """
+    buf = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(buf)
+    off = 0
+    for t in tensors:
+        t.copy_(buf[off : off + t.numel()].view_as(t))
+        off += t.numel()
+
+
+def _rademacher(shape, like: Tensor, generator) -> Tensor:
+    r = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return (2 * r - 1).to(like.dtype)
+
+
+class FactorStats:
+    """Sums of factor statistics over batches (and ranks) with their counts.
+
+    Args:
+        layers: the layer rules.
+        fallback_params: parameters that get a diagonal estimate.
+        lazy: keep each batch's rows (:meth:`add_rows`) instead of forming ``a^T a`` and
+            ``g^T g``, so a consumer can fold them into its own sums (one ``addmm``).
+
+    Attributes:
+        A, G: per layer, the sums (``None`` until a batch adds to them).
+        nA: per layer, the count of input rows.
+        diag: per fallback parameter, the sum of the diagonal estimate (or ``None``).
+        n: the number of examples.
+
+    Example:
+        >>> from second.kfac import find_layers
+        >>> layer = find_layers(torch.nn.Linear(2, 1, bias=False))[0]
+        >>> st = FactorStats([layer], [])
+        >>> st.add(0, torch.eye(2), 4.0, torch.ones(1, 1)); st.n = 4
+        >>> st.tensors()[0] / st.nA[0]
+        tensor([[0.2500, 0.0000],
+                [0.0000, 0.2500]])
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerRule],
+        fallback_params: Sequence[Tensor],
+        lazy: bool = False,
+    ):
+        self.layers, self.fallback_params = list(layers), list(fallback_params)
+        self.lazy = lazy
+        self.A: list[Tensor | None] = [None] * len(self.layers)
+        self.G: list[Tensor | None] = [None] * len(self.layers)
+        self.nA = [0.0] * len(self.layers)
+        self.diag: list[Tensor | None] = [None] * len(self.fallback_params)
+        self.n = 0.0
+        # pending rows ``(a [m, d_A], g [m', d_G])`` whose products are not formed yet
+        self.rows: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.layers]
+
+    def add(self, j: int, A: Tensor, nA: float, G: Tensor) -> None:
+        """Add sums ``A`` (count ``nA``) and ``G`` to layer ``j``."""
+        self.A[j] = A if self.A[j] is None else self.A[j] + A
+        self.G[j] = G if self.G[j] is None else self.G[j] + G
+        self.nA[j] += nA
+
+    def add_rows(self, j: int, a: Tensor, nA: float, g: Tensor) -> None:
+        """Add ``a^T a`` and ``g^T g`` later (see :meth:`take_rows`, :meth:`tensors`)."""
+        self.rows[j].append((a, g))
+        self.nA[j] += nA
+
+    def take_rows(self, j: int) -> list[tuple[Tensor, Tensor]]:
+        """The pending rows of layer ``j`` (its products with ``A[j]``, ``G[j]`` still to add)."""
+        rows, self.rows[j] = self.rows[j], []
+        return rows
+
+    def add_diagonal(self, i: int, d: Tensor) -> None:
+        """Add to the diagonal estimate of fallback parameter ``i``."""
+        self.diag[i] = d if self.diag[i] is None else self.diag[i] + d
+
+    def tensors(self) -> list[Tensor]:
+        """Form pending products and zero-fill: ``[A_0, G_0, A_1, ..., diag_0, ...]``."""
+        out = []
+        for j in range(len(self.rows)):
+            for a, g in self.take_rows(j):
+                A, G = a.T @ a, g.T @ g
+                self.A[j] = A if self.A[j] is None else self.A[j] + A
+                self.G[j] = G if self.G[j] is None else self.G[j] + G
+        for j, layer in enumerate(self.layers):
+            w = layer.weight
+            if self.A[j] is None:
+                shape = (layer.d_A,) if layer.diag_A else (layer.d_A, layer.d_A)
+                self.A[j] = w.new_zeros(shape)
+                self.G[j] = w.new_zeros(layer.d_G, layer.d_G)
+            out += [self.A[j], self.G[j]]
+        for i, p in enumerate(self.fallback_params):
+            if self.diag[i] is None:
+                self.diag[i] = torch.zeros_like(p)
+            out.append(self.diag[i])
+        return out
+
+    def all_reduce(self) -> None:
+        """Sum the statistics and counts over the process group (every rank gets all)."""
+        ts = self.tensors()
+        ref = self.layers[0].weight if self.layers else self.fallback_params[0]
+        counts = ref.new_tensor([self.n, *self.nA])
+        all_reduce_sum([*ts, counts])
+        self.n = float(counts[0])
+        self.nA = [float(c) for c in counts[1:]]
+
+    def ema_into(
+        self,
+        A_run: Sequence[Tensor],
+        G_run: Sequence[Tensor],
+        diag_run: Sequence[Tensor],
+        beta: float,
+        weight: float,
+    ) -> None:
+        r"""Fold these statistics into running averages, in place.
+
+        :math:`\bar A \leftarrow \beta \bar A + (1-\beta) A_{sum}/n_A`,
+        :math:`\bar G \leftarrow \beta \bar G + (1-\beta)\,w\,G_{sum}` and the same for
+        the diagonals; pending rows go in with one ``addmm`` per factor.
+
+        Args:
+            A_run: per layer, the running input factor.
+            G_run: per layer, the running gradient factor.
+            diag_run: per fallback parameter, the running diagonal.
+            beta: the decay :math:`\beta \in [0, 1)`.
+            weight: :math:`w` (``1/n`` for a mean-reduced loss, 1 for a sum).
+        """
+        for j in range(len(self.layers)):
+            At, Gt = A_run[j], G_run[j]
+            rows = self.take_rows(j)
+            if rows and self.A[j] is None:
+                # the running average and the batch products in one addmm per factor
+                bA, aA, aG = beta, (1 - beta) / max(self.nA[j], 1.0), (1 - beta) * weight
+                for a, g in rows:
+                    At.addmm_(a.T, a, beta=bA, alpha=aA)
+                    Gt.addmm_(g.T, g, beta=bA, alpha=aG)
+                    bA = 1.0
+                continue
+            for a, g in rows:  # (not reached: a layer's statistics are either rows or sums)
+                self.add(j, a.T @ a, 0.0, g.T @ g)
+            if self.A[j] is None:
+                At.mul_(beta)
+                Gt.mul_(beta)
+                continue
+            At.mul_(beta).add_(self.A[j], alpha=(1 - beta) / max(self.nA[j], 1.0))
+            Gt.mul_(beta).add_(self.G[j], alpha=(1 - beta) * weight)
+        for i, d in enumerate(diag_run):
+            d.mul_(beta)
+            if self.diag and self.diag[i] is not None:
+                d.add_(self.diag[i], alpha=(1 - beta) * weight)
+
+
+def add_layer_statistics(
+    stats: FactorStats, j: int, layer: LayerRule, inp: Tensor, g: Tensor
+) -> None:
+    """Add one call of layer ``j``: its input ``inp`` and backpropagated columns ``g [K, ...]``.
+
+    Padding positions (``layer.mask``, e.g. an embedding's padding index) are dropped from
+    the input factor and zeroed in the gradient factor.
+
+    Example:
+        >>> from second.kfac import find_layers
+        >>> layer = find_layers(torch.nn.Linear(2, 1, bias=False))[0]
+        >>> st = FactorStats([layer], [])
+        >>> add_layer_statistics(st, 0, layer, torch.ones(3, 2), torch.ones(1, 3, 1))
+        >>> st.A[0], st.nA[0], st.G[0]
+        (tensor([[3., 3.],
+                [3., 3.]]), 3.0, tensor([[3.]]))
+    """
+    arows = layer.input_rows(inp)
+    grows = layer.grad_rows(g)
+    mask = layer.mask(inp)
+    if mask is not None:
+        arows = arows[mask].reshape(1, -1)
+        grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
+    if layer.diag_A or not stats.lazy:
+        A, nA = layer.a_stats(arows)
+        stats.add(j, A, nA, layer.g_stats(grows))
+    else:
+        a = arows.reshape(-1, arows.shape[-1])
+        stats.add_rows(j, a, float(a.shape[0]), grows.reshape(-1, grows.shape[-1]))
+
+
+def batch_statistics(
+    layers: Sequence[LayerRule],
+    fallback_params: Sequence[Tensor],
+    f: Tensor,
+    S: Tensor,
+    capture: Capture,
+    stats: FactorStats,
+    *,
+    generator: torch.Generator | None = None,
+    retain_graph: bool = True,
+) -> None:
+    """Add one batch's statistics: columns ``S`` backpropagated from the output ``f``.
+
+    ``capture`` holds the batch's layer calls. The fallback diagonals use columns with
+    Rademacher signs per example and column (drawn from ``generator``), unbiased for the
+    curvature diagonal and exact with one datum.
+
+    Example:
+        >>> from second.kfac import find_layers, curvature_columns
+        >>> net = torch.nn.Linear(2, 1, bias=False)
+        >>> layers = find_layers(net)
+        >>> with Capture(layers) as cap:
+        ...     f = net(torch.ones(3, 2))
+        >>> S = curvature_columns(torch.nn.MSELoss(reduction="sum"), f, None, "sum", "type2")
+        >>> st = FactorStats(layers, [])
+        >>> batch_statistics(layers, [], f, S, cap, st)
+        >>> st.G[0].round(decimals=5), st.n   # 3 examples, output Hessian 2 each
+        (tensor([[6.]]), 3.0)
+    """
+    js = [j for j in range(len(layers)) if j in capture.outputs]
+    outs = [o for j in js for o in capture.outputs[j]]
+    if fallback_params:
+        eps = _rademacher((S.shape[0], S.shape[1]), S, generator)
+        S_fb = S * eps.reshape(eps.shape + (1,) * (S.dim() - 2))
+        gp = backprop_columns(f, S_fb, list(fallback_params), retain_graph=True)
+        for i, g in enumerate(gp):
+            stats.add_diagonal(i, (g * g).sum(0))
+    gouts = backprop_columns(f, S, outs, retain_graph=retain_graph)
+    pos = 0
+    for j in js:
+        layer = layers[j]
+        for inp in capture.inputs[j]:
+            add_layer_statistics(stats, j, layer, inp, gouts[pos])
+            pos += 1
+    stats.n += f.shape[0]

@@ -1,0 +1,217 @@
+r"""Jacobian-vector products for KFAC's quadratic model, on the captured training batch.
+
+The optimizer picks its step size and momentum from the exact mini-batch GGN,
+:math:`v_a^\top J^\top H J v_b`, which needs :math:`J v` for two vectors. For a plain
+``nn.Sequential`` MLP (:func:`mlp_chain`) the tangents are pushed through the activations
+the training forward already computed (:func:`chain_jvp`); any other model runs
+forward-mode AD on the captured batch (:func:`generic_jvp`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..kfac import LayerRule, LinearRule, all_reduce_sum, output_hessian_product
+
+_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
+
+
+def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list | None:
+    """``[("linear", j) | ("act", module), ...]`` for a plain Sequential MLP, else ``None``.
+
+    Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
+    once, and Tanh/Sigmoid/ReLU/Identity activations; no buffers, no other parameters.
+    """
+    if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
+        return None
+    if next(model.buffers(), None) is not None:
+        return None
+    which = {id(layer.module): j for j, layer in enumerate(layers) if isinstance(layer, LinearRule)}
+    chain, seen = [], set()
+    for m in model:
+        j = which.get(id(m))
+        if j is not None:
+            if j in seen:
+                return None
+            seen.add(j)
+            chain.append(("linear", j))
+        elif type(m) in _ACTIVATIONS:
+            chain.append(("act", m))
+        else:
+            return None
+    if len(seen) != len(layers):
+        return None
+    return chain
+
+
+def chain_jvp(
+    chain: list,
+    layers: Sequence[LayerRule],
+    index: dict[int, int],
+    fwd: tuple,
+    tangents: list[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Output and ``J v`` of a plain MLP from the captured forward: only tangents are computed.
+
+    The primal activations of the training forward (same batch, same parameters) are
+    reused; each linear layer costs two matrix products per vector, each activation
+    one elementwise product with its derivative (read off its output).
+
+    Args:
+        chain: from :func:`mlp_chain`.
+        layers: the KFAC layer rules.
+        index: ``id(parameter) -> position`` in ``tangents``.
+        fwd: ``(x, layer inputs, layer outputs, output)`` of the training forward.
+        tangents: per parameter ``[k, *p.shape]``.
+    """
+    x, inputs, outputs, out = fwd
+    k, n = tangents[0].shape[0], x.shape[0]
+    # tangents laid out [n, k, d] (all k at once in each matrix product)
+    cur, t = x, None  # primal [n, d] and tangent [n, k, d] at the current point
+    for pos, (kind, obj) in enumerate(chain):
+        if kind == "linear":
+            layer = layers[obj]
+            d_out = layer.d_G
+            dW = tangents[index[id(layer.weight)]].reshape(k * d_out, -1)  # [k*out, in]
+            a = inputs[obj]
+            if layer.has_bias:
+                db = tangents[index[id(layer.bias)]].reshape(-1)
+                z = torch.addmm(db, a, dW.T)  # [n, k*out]
+            else:
+                z = a @ dW.T
+            if t is not None:
+                z.view(n * k, d_out).addmm_(t.reshape(n * k, -1), layer.weight.detach().T)
+            t, cur = z.view(n, k, d_out), outputs[obj]
+            continue
+        # elementwise activation: its output is the next layer's input or the model's
+        nxt = chain[pos + 1] if pos + 1 < len(chain) else None
+        if nxt is None:
+            y = out
+        elif nxt[0] == "linear":
+            y = inputs[nxt[1]]
+        else:
+            y = obj(cur)
+        if t is not None:
+            if isinstance(obj, nn.Tanh):
+                t = t * (1.0 - y * y).unsqueeze(1)
+            elif isinstance(obj, nn.Sigmoid):
+                t = t * (y * (1.0 - y)).unsqueeze(1)
+            elif isinstance(obj, nn.ReLU):
+                t = t * (y > 0).to(t.dtype).unsqueeze(1)
+        cur = y
+    if t is None:
+        return out, out.new_zeros((k, *out.shape))
+    return out, t.transpose(0, 1)
+
+
+def generic_jvp(
+    model: nn.Module,
+    names: list[str],
+    params: list[Tensor],
+    batch: tuple,
+    tangents: list[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Output and ``J v`` by forward-mode AD (vmapped over the vectors) on the captured batch.
+
+    Args:
+        model: the (unwrapped) model.
+        names: the names of its trainable parameters.
+        params: those parameters, detached.
+        batch: ``(args, kwargs)`` of the captured forward.
+        tangents: per parameter ``[k, *p.shape]``.
+    """
+    from torch.func import functional_call, jvp, vmap
+
+    args, kwargs = batch
+    primals = dict(zip(names, params))
+    # copies: a BatchNorm in training mode must not update its running statistics twice
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+
+    def f(ps):
+        return functional_call(model, (ps, buffers), args, kwargs)
+
+    k = tangents[0].shape[0]
+    tangent = dict(zip(names, tangents))
+    try:
+        out, Jv = vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)
+    except Exception:  # a module without a batching rule: one JVP per vector
+        res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
+        out, Jv = res[0][0], torch.stack([r[1] for r in res])
+    return out, Jv
+
+
+def ggn_gram(
+    loss_fn: nn.Module, reduction: str, out: Tensor, Jv: Tensor, distributed: bool
+) -> Tensor:
+    r"""The matrix :math:`[v_a^\top J^\top H J v_b]` of the batch GGN from ``Jv [k, *out.shape]``.
+
+    Args:
+        loss_fn: the loss (its output Hessian :math:`H`).
+        reduction: ``"mean"`` divides by the number of examples (over all ranks).
+        out: the network output.
+        Jv: the Jacobian-vector products.
+        distributed: sum the terms and counts over the process group.
+    """
+    k = Jv.shape[0]
+    HJv = output_hessian_product(loss_fn, out, Jv, reduction)
+    Q = Jv.reshape(k, -1) @ HJv.reshape(k, -1).T
+    Q = 0.5 * (Q + Q.T)
+    n = float(out.shape[0])
+    if distributed:
+        buf = torch.cat([Q.reshape(-1), Q.new_tensor([n])])
+        all_reduce_sum([buf])
+        Q, n = buf[:-1].reshape(k, k), float(buf[-1])
+    return Q / n if reduction == "mean" else Q
+
+
+def step_coefficients(
+    Fq: list[list[float]],
+    nrm: list[list[float]],
+    gV: list[float],
+    damping: float,
+    weight_decay: float,
+    momentum: float | None,
+) -> tuple[float, float, float]:
+    r"""Learning rate and momentum from the quadratic model (Martens & Grosse, section 7).
+
+    With :math:`V = [\Delta, \delta_0]` (or :math:`[\Delta]` before the first update),
+    :math:`(\alpha, \mu)` minimize :math:`\tfrac12 c^\top (F_V + (\lambda+\eta) N_V) c + g_V^\top c`
+    (a 2x2 solve; with a fixed ``momentum`` only :math:`\alpha`). A singular system gives NaN.
+
+    Args:
+        Fq: :math:`[v_a^\top F v_b]`.
+        nrm: :math:`[v_a^\top v_b]`.
+        gV: :math:`[g^\top v_a]`.
+        damping: :math:`\lambda`.
+        weight_decay: :math:`\eta`.
+        momentum: a fixed :math:`\mu`, or ``None`` to solve for it.
+
+    Returns:
+        ``(alpha, mu, predicted change)``, the change of the undamped model
+        :math:`\tfrac12 c^\top (F_V + \eta N_V) c + g_V^\top c`.
+    """
+    k = len(gV)
+    have_prev = k == 2
+    lam, eta = damping, weight_decay
+    Qd = [[Fq[a][b] + (lam + eta) * nrm[a][b] for b in range(k)] for a in range(k)]
+    if have_prev and momentum is None:
+        # the 2x2 system Qd (alpha, mu) = -gV
+        det = Qd[0][0] * Qd[1][1] - Qd[0][1] * Qd[1][0]
+        if det != 0.0:
+            alpha = -(Qd[1][1] * gV[0] - Qd[0][1] * gV[1]) / det
+            mu = -(Qd[0][0] * gV[1] - Qd[1][0] * gV[0]) / det
+        else:
+            alpha = mu = math.nan
+    else:
+        mu = 0.0 if (momentum is None or not have_prev) else float(momentum)
+        num = -(gV[0] + (mu * Qd[0][1] if have_prev else 0.0))
+        alpha = num / Qd[0][0] if Qd[0][0] != 0.0 else math.nan
+    c = [alpha, mu] if have_prev else [alpha]
+    pred = sum(  # undamped model change
+        0.5 * c[a] * (Fq[a][b] + eta * nrm[a][b]) * c[b] for a in range(k) for b in range(k)
+    ) + sum(c[a] * gV[a] for a in range(k))
+    return alpha, mu, pred

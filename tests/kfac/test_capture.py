@@ -1,0 +1,78 @@
+"""Capture: the layer calls of a forward pass; watch_forward: hooks around the model."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from second.kfac import Capture, find_layers, watch_forward
+
+
+def test_records_every_call_and_a_reused_module_twice():
+    lin = nn.Linear(3, 3)
+    net = nn.Sequential(lin, nn.Tanh(), lin)
+    layers = find_layers(net)
+    assert len(layers) == 1  # one module, one rule
+    X = torch.randn(4, 3)
+    with Capture(layers) as cap:
+        out = net(X)
+    calls = cap.calls()
+    assert [j for j, _, _ in calls] == [0, 0]
+    torch.testing.assert_close(calls[0][1], X, rtol=0, atol=0)
+    assert not calls[0][1].requires_grad  # inputs detached, outputs keep their graph
+    assert calls[1][2] is out and out.requires_grad
+    assert lin._forward_hooks == {}  # removed on exit
+
+
+def test_inactive_or_no_grad_records_nothing():
+    net = nn.Linear(2, 2)
+    cap = Capture(find_layers(net)).__enter__()
+    cap.active = False
+    net(torch.randn(1, 2))
+    cap.active = True
+    with torch.no_grad():
+        net(torch.randn(1, 2))
+    assert cap.calls() == []
+    cap.close()
+
+
+def test_on_output_grads_sees_the_backward_of_each_call():
+    lin = nn.Linear(3, 3)
+    net = nn.Sequential(lin, nn.Tanh(), lin)
+    X = torch.randn(4, 3)
+    z1 = lin(X)  # reference: the gradient of the output sum at the first call's output
+    (g1,) = torch.autograd.grad(lin(torch.tanh(z1)).sum(), z1)
+    seen = []
+    with Capture(find_layers(net)) as cap:
+        out = net(X)
+        cap.on_output_grads(lambda j, inp, g: seen.append((j, inp, g)))
+    assert cap.calls() == []  # handed over to the tensor hooks
+    out.sum().backward()
+    assert len(seen) == 2 and all(j == 0 for j, _, _ in seen)
+    by_input = {"first" if torch.equal(inp, X) else "second": g for _, inp, g in seen}
+    torch.testing.assert_close(by_input["first"], g1)
+    torch.testing.assert_close(by_input["second"], torch.ones(4, 3))
+
+
+def test_watch_forward_ignores_deep_copies_and_dead_owners():
+    class Owner:
+        def __init__(self):
+            self.before = self.after = 0
+
+        def on_before(self, module, args):
+            self.before += 1
+
+        def on_after(self, module, args, kwargs, output):
+            self.after += 1
+
+    net, owner = nn.Linear(2, 1), Owner()
+    watch = watch_forward(net, owner.on_before, owner.on_after)
+    net(torch.ones(1, 2))
+    copy.deepcopy(net)(torch.ones(1, 2))  # the copy carries the hooks, which ignore it
+    assert (owner.before, owner.after) == (1, 1)
+    del owner  # held weakly: the hooks become no-ops
+    net(torch.ones(1, 2))
+    watch.remove()
+    assert net._forward_hooks == {} and net._forward_pre_hooks == {}

@@ -1,0 +1,277 @@
+"""KFACOperator / EKFACOperator and their inverses against dense float64 references."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import second
+from kfac_cases import (
+    DT,
+    EXACT_TOL,
+    INVERSE_TOL,
+    LOSSES,
+    Scaled,
+    deep_linear,
+    dense_ggn,
+    layer_blocks,
+    param_slices,
+    tanh_net,
+)
+from second import EKFACOperator, GGNOperator, KFACOperator, exact_fisher
+
+MC_REL_TOL = 0.1  # Monte-Carlo G with 4,000 samples vs the type-2 G (sampling error ~3%)
+EKFAC_SLACK = 1e-10  # EK-FAC error <= KFAC error + this * ||block|| (both exact: roundoff)
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_kfac_equals_ggn_block_deep_linear_one_datum(loss, dtype):
+    make_loss, make_y = LOSSES[loss]
+    model, loss_fn = deep_linear(dtype), make_loss()
+    X, y = torch.randn(1, 4, dtype=dtype), make_y(1, 3)
+    y = y.to(dtype) if y.is_floating_point() else y
+    K = KFACOperator(model, loss_fn, (X, y)).to_dense()
+    G = dense_ggn(model, loss_fn, X, y)
+    for s in layer_blocks(model):
+        torch.testing.assert_close(K[s, s], G[s, s], **EXACT_TOL[dtype])
+
+
+@pytest.mark.parametrize("loss", ["mse-mean", "ce-sum", "bce-mean"])
+def test_kfac_exact_one_datum_nonlinear(loss):
+    make_loss, make_y = LOSSES[loss]
+    model, loss_fn = tanh_net(), make_loss()
+    X, y = torch.randn(1, 4, dtype=DT), make_y(1, 3)
+    K = KFACOperator(model, loss_fn, (X, y)).to_dense()
+    G = dense_ggn(model, loss_fn, X, y)
+    for s in layer_blocks(model):
+        torch.testing.assert_close(K[s, s], G[s, s], **EXACT_TOL[DT])
+
+
+def test_conv_and_embedding_exact_one_position():
+    # a kernel covering the image has one output position: KFAC is exact per layer
+    conv = nn.Sequential(nn.Conv2d(2, 3, kernel_size=3), nn.Flatten(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(1, 2, 3, 3, dtype=DT), torch.randint(0, 2, (1,))
+    loss_fn = nn.CrossEntropyLoss()
+    K = KFACOperator(conv, loss_fn, (X, y)).to_dense()
+    G = dense_ggn(conv, loss_fn, X, y)
+    for s in layer_blocks(conv):
+        torch.testing.assert_close(K[s, s], G[s, s], **EXACT_TOL[DT])
+
+    emb = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(3, 2)).double()
+    idx, t = torch.tensor([[2]]), torch.randn(1, 2, dtype=DT)
+    K = KFACOperator(emb, nn.MSELoss(), (idx, t)).to_dense()
+    G = dense_ggn(emb, nn.MSELoss(), idx, t)
+    for s in layer_blocks(emb):
+        torch.testing.assert_close(K[s, s], G[s, s], **EXACT_TOL[DT])
+
+
+def test_conv_patches_follow_weight_layout():
+    # one output channel summed over 9 positions, MSE: the exact block is
+    # 2 (sum_t a_t)(sum_t a_t)^T and KFAC's (expand convention) 2 sum_t a_t a_t^T, with
+    # a_t the patches in the weight's (C_in, kh, kw) order and a trailing 1 for the bias
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 1, kernel_size=2, padding=1, stride=2, bias=True)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(9, 1, bias=False)).double()
+    with torch.no_grad():
+        model[2].weight.fill_(1.0)
+    X, y = torch.randn(1, 2, 5, 5, dtype=DT), torch.randn(1, 1, dtype=DT)
+    K = KFACOperator(model, nn.MSELoss(), (X, y)).to_dense()
+    G = dense_ggn(model, nn.MSELoss(), X, y)
+    s = layer_blocks(model)[0]
+    patches = nn.functional.unfold(X, 2, padding=1, stride=2)[0].T  # [T, C*kh*kw]
+    a = torch.cat([patches, torch.ones(patches.shape[0], 1, dtype=DT)], 1)
+    asum = a.sum(0, keepdim=True)
+    torch.testing.assert_close(G[s, s], 2 * asum.T @ asum, **EXACT_TOL[DT])  # layout check
+    torch.testing.assert_close(K[s, s], 2 * a.T @ a, **EXACT_TOL[DT])
+
+
+def test_empirical_kfac_equals_empirical_fisher_one_datum():
+    model, loss_fn = tanh_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(1, 4, dtype=DT), torch.randint(0, 3, (1,))
+    K = KFACOperator(model, loss_fn, (X, y), fisher="empirical").to_dense()
+    losses = nn.functional.cross_entropy(model(X), y, reduction="none")
+    Fm = exact_fisher(losses, list(model.parameters()))
+    for s in layer_blocks(model):
+        torch.testing.assert_close(K[s, s], Fm[s, s], **EXACT_TOL[DT])
+
+
+def test_mc_fisher_estimates_type2():
+    model, loss_fn = tanh_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(3, 4, dtype=DT), torch.randint(0, 3, (3,))
+    exact = KFACOperator(model, loss_fn, (X, y))
+    mc = KFACOperator(model, loss_fn, (X, y), fisher="mc", mc_samples=4000)
+    for (_, A1, G1), (_, A2, G2) in zip(exact.layers, mc.layers):
+        torch.testing.assert_close(A1, A2)
+        assert torch.linalg.norm(G1 - G2) / torch.linalg.norm(G1) < MC_REL_TOL
+
+
+def test_scaling_convention_mean_vs_sum():
+    # MSELoss(mean) is the sum over N examples and C outputs divided by N*C
+    model = tanh_net()
+    X, y = torch.randn(7, 4, dtype=DT), torch.randn(7, 3, dtype=DT)
+    Km = KFACOperator(model, nn.MSELoss(), (X, y)).to_dense()
+    Ks = KFACOperator(model, nn.MSELoss(reduction="sum"), (X, y)).to_dense()
+    torch.testing.assert_close(Ks, 7 * 3 * Km, **EXACT_TOL[DT])
+
+
+def test_batches_equal_concatenated_batch():
+    model, loss_fn = tanh_net(), nn.MSELoss()
+    X, y = torch.randn(10, 4, dtype=DT), torch.randn(10, 3, dtype=DT)
+    whole = KFACOperator(model, loss_fn, (X, y)).to_dense()
+    parts = KFACOperator(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])]).to_dense()
+    torch.testing.assert_close(parts, whole, **EXACT_TOL[DT])
+
+
+def test_operator_interface_and_damping():
+    model = tanh_net()
+    X, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    K = KFACOperator(model, nn.MSELoss(), (X, y))
+    Kd = KFACOperator(model, nn.MSELoss(), (X, y), damping=0.3)
+    n = K.shape[0]
+    assert K.psd and K.symmetric
+    D = K.to_dense()
+    torch.testing.assert_close(D, D.T)
+    assert torch.linalg.eigvalsh(D).min() > -1e-12
+    torch.testing.assert_close(Kd.to_dense(), D + 0.3 * torch.eye(n, dtype=DT))
+    v = torch.randn(n, dtype=DT)
+    torch.testing.assert_close(K @ v, D @ v)
+
+
+# ----------------------------------------------------------------------------- inverses
+def test_inverse_exact_and_pi_damping():
+    model = tanh_net()
+    X, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    K = KFACOperator(model, nn.MSELoss(), (X, y))
+    n, lam = K.shape[0], 0.05
+    D = K.to_dense()
+    inv = K.inverse(damping=lam).to_dense()
+    torch.testing.assert_close(
+        inv, torch.linalg.inv(D + lam * torch.eye(n, dtype=DT)), **INVERSE_TOL
+    )
+    # per-factor damping: blockdiag of ((G + sqrt(lam)/pi I) kron (A + pi sqrt(lam) I))^-1
+    pinv = K.inverse(damping=lam, pi_damping=True).to_dense()
+    for s, (_, A, G) in zip(layer_blocks(model), K.layers):
+        pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+        r = math.sqrt(lam)
+        Ad = A + pi * r * torch.eye(A.shape[0], dtype=DT)
+        Gd = G + r / pi * torch.eye(G.shape[0], dtype=DT)
+        block = torch.kron(torch.linalg.inv(Gd), torch.linalg.inv(Ad))
+        # the layer's (W, b) columns: the bias is the last column of the matrix form
+        d_in = A.shape[0] - 1
+        perm = [o * (d_in + 1) + i for o in range(G.shape[0]) for i in range(d_in)]
+        perm += [o * (d_in + 1) + d_in for o in range(G.shape[0])]
+        torch.testing.assert_close(pinv[s, s], block[perm][:, perm], **INVERSE_TOL)
+
+
+def test_inverse_as_preconditioner_in_solve():
+    # softmax regression on badly scaled features: KFAC captures the input scaling
+    torch.manual_seed(3)
+    model = nn.Linear(6, 4).double()
+    X = torch.randn(64, 6, dtype=DT) * torch.logspace(-1, 2, 6, dtype=DT)
+    y = torch.randint(0, 4, (64,))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    M = KFACOperator(model, nn.CrossEntropyLoss(), (X, y)).inverse(damping=1e-4)
+    b = torch.randn(G.shape[0], dtype=DT)
+    plain = second.solve(G, b, method="cg", damping=1e-4, tol=1e-8, maxiter=500)
+    pre = second.solve(G, b, method="cg", damping=1e-4, tol=1e-8, maxiter=500, M=M)
+    assert pre.converged and plain.converged
+    assert pre.iterations < plain.iterations
+
+
+def test_singular_factors_constant_inputs():
+    # constant (zero) input features make A singular, like digits' blank pixels
+    model = tanh_net()
+    X, y = torch.randn(8, 4, dtype=DT), torch.randn(8, 3, dtype=DT)
+    X[:, :2] = 0.0
+    K = KFACOperator(model, nn.MSELoss(), (X, y))
+    assert torch.linalg.eigvalsh(K.layers[0][1]).min() < 1e-12
+    inv = K.inverse(damping=1e-2)
+    v = torch.randn(K.shape[0], dtype=DT)
+    x = inv @ v
+    torch.testing.assert_close(K.damped(1e-2) @ x, v, **INVERSE_TOL)
+    with pytest.raises(ValueError, match="singular"):
+        K.inverse(damping=0.0)
+    E = EKFACOperator(model, nn.MSELoss(), (X, y))
+    assert torch.isfinite(E.inverse(damping=1e-2) @ v).all()
+
+
+def test_fallback_parameters():
+    model = Scaled().double()
+    X, y = torch.randn(1, 4, dtype=DT), torch.randn(1, 3, dtype=DT)
+    K = KFACOperator(model, nn.MSELoss(), (X, y))
+    assert K.fallback_parameters[0] is model.scale
+    G = dense_ggn(model, nn.MSELoss(), X, y)
+    s = param_slices(model)[[id(p) for p in model.parameters()].index(id(model.scale))]
+    D = K.to_dense()
+    torch.testing.assert_close(D[s, s], torch.diag(G[s, s].diagonal()), **EXACT_TOL[DT])
+    Ki = KFACOperator(model, nn.MSELoss(), (X, y), fallback="identity", damping=0.5)
+    torch.testing.assert_close(Ki.to_dense()[s, s], 0.5 * torch.eye(3, dtype=DT))
+
+
+# ----------------------------------------------------------------------------- EK-FAC
+@pytest.mark.parametrize("loss", ["mse-mean", "ce-mean", "bce-sum"])
+def test_ekfac_at_least_as_accurate_as_kfac(loss):
+    make_loss, make_y = LOSSES[loss]
+    model, loss_fn = tanh_net(), make_loss()
+    X, y = torch.randn(16, 4, dtype=DT), make_y(16, 3)
+    G = dense_ggn(model, loss_fn, X, y)
+    K = KFACOperator(model, loss_fn, (X, y)).to_dense()
+    E = EKFACOperator(model, loss_fn, (X, y)).to_dense()
+    for s in layer_blocks(model):
+        err_k = torch.linalg.norm(K[s, s] - G[s, s])
+        err_e = torch.linalg.norm(E[s, s] - G[s, s])
+        assert err_e <= err_k + EKFAC_SLACK * torch.linalg.norm(G[s, s])
+    assert torch.linalg.norm(E - E.T) < 1e-12
+
+
+def test_ekfac_inverse_and_errors():
+    model = tanh_net()
+    X, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    E = EKFACOperator(model, nn.MSELoss(), (X, y))
+    n = E.shape[0]
+    torch.testing.assert_close(
+        E.inverse(damping=0.2).to_dense(),
+        torch.linalg.inv(E.to_dense() + 0.2 * torch.eye(n, dtype=DT)),
+        **INVERSE_TOL,
+    )
+    with pytest.raises(ValueError, match="per-factor"):
+        E.inverse(damping=0.2, pi_damping=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(fisher="kfac"), ValueError),
+        (dict(fallback="zero"), ValueError),
+        (dict(damping=-1.0), ValueError),
+        (dict(mc_samples=0), ValueError),
+    ],
+)
+def test_operator_validation(kwargs, err):
+    X, y = torch.randn(2, 4, dtype=DT), torch.randn(2, 3, dtype=DT)
+    with pytest.raises(err):
+        KFACOperator(tanh_net(), nn.MSELoss(), (X, y), **kwargs)
+
+
+def test_unsupported_loss_needs_empirical():
+    X, y = torch.randn(2, 4, dtype=DT), torch.randn(2, 3, dtype=DT)
+    with pytest.raises(NotImplementedError, match="empirical"):
+        KFACOperator(tanh_net(), nn.L1Loss(), (X, y))
+    K = KFACOperator(tanh_net(), nn.L1Loss(), (X, y), fisher="empirical")
+    assert torch.isfinite(K.to_dense()).all()
+
+
+def test_approximations_is_a_deprecated_alias():
+    sys.modules.pop("second.approximations", None)
+    sys.modules.pop("second.approximations.kfac", None)
+    with pytest.warns(DeprecationWarning, match="second.kfac"):
+        old = importlib.import_module("second.approximations")
+    assert old.KFACOperator is KFACOperator and old.EKFACOperator is EKFACOperator
+    assert second.kfac.KFACOperator is second.KFACOperator
