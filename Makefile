@@ -84,5 +84,16 @@ docs: $(DOCSTAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python docs/gallery/run_examples.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean
 
+# Build the wheel, install it into a fresh venv (torch from the local CPU wheel, the rest from
+# PyPI or pip's cache; no extras) and run a smoke script from outside the source tree
+WHEELVENV := build/wheel-venv
+wheel-check: $(STAMP)
+	rm -rf dist $(WHEELVENV)
+	$(BIN)/python -m build --wheel --outdir dist .
+	$(PY) -m venv $(WHEELVENV)
+	$(WHEELVENV)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(WHEELVENV)/bin/pip install -q -c constraints.txt dist/second-*.whl
+	cd $(WHEELVENV) && bin/python $(CURDIR)/tests/packaging/smoke_wheel.py
+
 clean:
-	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache site docs/gallery/_generated
+	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache site docs/gallery/_generated dist build
