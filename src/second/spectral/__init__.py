@@ -1,10 +1,11 @@
 """Spectral tools: Lanczos eigenpairs, trace and diagonal estimators, spectral density."""
 
 from ._eigsh import EigshResult, eigsh
-from .estimators import Estimate, diagonal, frobenius_norm, spectral_density, trace
+from .estimators import Density, Estimate, diagonal, frobenius_norm, spectral_density, trace
 from .lanczos import extreme_eigenvalues, lanczos
 
 __all__ = [
+    "Density",
     "Estimate",
     "frobenius_norm",
     "eigsh",

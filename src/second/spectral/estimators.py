@@ -11,7 +11,14 @@ from torch import Tensor
 from ..operators.base import aslinearoperator
 from .lanczos import lanczos, tridiagonal
 
-__all__ = ["trace", "diagonal", "frobenius_norm", "spectral_density", "Estimate"]
+__all__ = [
+    "trace",
+    "diagonal",
+    "frobenius_norm",
+    "spectral_density",
+    "Estimate",
+    "Density",
+]
 
 
 @dataclass
@@ -37,6 +44,33 @@ class Estimate:
     matvecs: int
     passes: int
     method: str
+
+
+@dataclass
+class Density:
+    """A spectral density by stochastic Lanczos quadrature, with its standard error.
+
+    Attributes:
+        grid: where the density is evaluated.
+        density: the smoothed density on ``grid``.
+        std_error: its pointwise standard error over the probes.
+        nodes: Ritz values, ``[num_probes, steps]``.
+        weights: their quadrature weights (each probe's sum to 1).
+        matvecs: operator products used.
+
+    Example:
+        >>> A = torch.diag(torch.linspace(0.0, 1.0, 60, dtype=torch.float64))
+        >>> d = spectral_density(A, num_probes=4, lanczos_steps=20, return_result=True)
+        >>> d.density.shape == d.std_error.shape, d.matvecs
+        (True, 80)
+    """
+
+    grid: Tensor
+    density: Tensor
+    std_error: Tensor
+    nodes: Tensor
+    weights: Tensor
+    matvecs: int
 
 
 class _Counter:
@@ -296,7 +330,8 @@ def spectral_density(
     grid: Tensor | int = 200,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return_result: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | Density:
     r"""Eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al., 2019).
 
     For each Gaussian probe :math:`z`, ``lanczos_steps`` Lanczos iterations give nodes
@@ -308,7 +343,9 @@ def spectral_density(
 
     Returns:
         ``(grid, density, nodes, weights)``; ``nodes``/``weights`` are
-        ``[num_probes, steps]`` (weights of each probe sum to 1).
+        ``[num_probes, steps]`` (weights of each probe sum to 1). With ``return_result=True``
+        a :class:`Density` that adds the pointwise standard error of the density (from the
+        spread of the probes' densities) and the products used.
 
     Example:
         >>> A = torch.diag(torch.linspace(-1.0, 1.0, 100, dtype=torch.float64))
@@ -319,6 +356,7 @@ def spectral_density(
     op = aslinearoperator(A)
     n = op.shape[0]
     g = _gen(generator, op.device)
+    start = op.matvecs
     all_nodes, all_weights = [], []
     for _ in range(num_probes):
         z = torch.randn(n, generator=g, dtype=op.dtype, device=op.device)
@@ -338,5 +376,8 @@ def spectral_density(
     sigma = sigma or 0.01 * span
     diff = grid.reshape(-1, 1, 1) - nodes.unsqueeze(0)
     kern = torch.exp(-0.5 * (diff / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    density = (kern * weights.unsqueeze(0)).sum(dim=(1, 2)) / num_probes
-    return grid, density, nodes, weights
+    per_probe = (kern * weights.unsqueeze(0)).sum(dim=2)  # [grid, probes]
+    density = per_probe.mean(dim=1)
+    if not return_result:
+        return grid, density, nodes, weights
+    return Density(grid, density, _sem(per_probe.T), nodes, weights, op.matvecs - start)
