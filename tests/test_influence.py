@@ -15,7 +15,7 @@ from torch import nn
 
 import second
 from second import Influence, exact_ggn, exact_hessian, per_example_gradients
-from second.kfac import EKFACOperator, KFACOperator
+from second.approximations import EKFACOperator, KFACOperator
 
 # Tolerances (relative error of the whole score matrix unless stated).
 SCORE_RTOL = {  # against a dense float64 solve
@@ -500,7 +500,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
 def test_bad_input_gives_clear_errors():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     X, y = data(10)
-    with pytest.raises(ValueError, match="10 inputs but 9 targets"):
+    with pytest.raises(ValueError, match="10 examples but targets have 9"):
         Influence(model, loss_fn, (X, y[:9]), progressbar=False)
     with pytest.raises(ValueError, match="empty"):
         Influence(model, loss_fn, (X[:0], y[:0]), progressbar=False)

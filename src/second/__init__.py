@@ -17,6 +17,7 @@ from ._errors import (
 )
 from ._progress import set_progress
 from .compat import clip_grad_norm, conjugate_gradient, fixed_point, neumann
+from .data import Task
 from .func import (
     exact_fisher,
     exact_ggn,
@@ -101,6 +102,7 @@ __all__ = [
     "JacobianOperator",
     "TransposedJacobianOperator",
     "SubmatrixOperator",
+    "Task",
     # approximations
     "KFACOperator",
     "EKFACOperator",

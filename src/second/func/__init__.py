@@ -1,8 +1,30 @@
-"""Pure functions: curvature-vector products and exact dense matrices."""
+"""Pure functions: curvature-vector products, exact dense matrices, flat <-> parameter views.
 
-from .dense import exact_fisher, exact_ggn, exact_hessian
-from .products import clear_cache, gvp, hvp, jvp, vjp
-from .vectors import parameters_to_vector, vector_to_parameters
+The one owner of autodiff in ``second``: the operators, influence, implicit differentiation
+and the optimizers take their products from here (:class:`JacobianGraph` and
+:class:`GGNGraph` keep the graphs a product needs; :func:`hvp_from_gradient` multiplies
+through a gradient built with ``create_graph=True``).
+"""
+
+from .dense import dense_from_matmat, eigenvalue_cutoff, exact_fisher, exact_ggn, exact_hessian
+from .products import (
+    GGNGraph,
+    JacobianGraph,
+    clear_cache,
+    gradient_with_graph,
+    gvp,
+    hessian_matvec,
+    hvp,
+    hvp_from_gradient,
+    jvp,
+    vjp,
+)
+from .vectors import (
+    columns_to_parameters,
+    parameters_to_columns,
+    parameters_to_vector,
+    vector_to_parameters,
+)
 
 __all__ = [
     "hvp",
@@ -12,7 +34,16 @@ __all__ = [
     "exact_hessian",
     "exact_ggn",
     "exact_fisher",
+    "dense_from_matmat",
+    "eigenvalue_cutoff",
     "parameters_to_vector",
     "vector_to_parameters",
+    "columns_to_parameters",
+    "parameters_to_columns",
+    "JacobianGraph",
+    "GGNGraph",
+    "gradient_with_graph",
+    "hvp_from_gradient",
+    "hessian_matvec",
     "clear_cache",
 ]

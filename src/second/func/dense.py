@@ -23,27 +23,58 @@ from .products import (
     gradient_with_graph,
     hvp_from_gradient,
 )
-from .vectors import vector_to_parameters
+from .vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
 
-__all__ = ["exact_hessian", "exact_ggn", "exact_fisher", "dense_from_matmat"]
+__all__ = [
+    "exact_hessian",
+    "exact_ggn",
+    "exact_fisher",
+    "dense_from_matmat",
+    "eigenvalue_cutoff",
+]
 
 
 def dense_from_matmat(
     matmat: Callable[[Tensor], Tensor],
     matvec: Callable[[Tensor], Tensor] | None,
-    n: int,
+    shape: int | tuple[int, int],
     *,
     dtype: torch.dtype,
     device: torch.device,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Assemble an ``n x n`` matrix from a batched product ``matmat(E) -> A E`` (``E`` is ``n x k``).
+    r"""Assemble a matrix from its batched product: :math:`A = [A e_1, \dots, A e_n]`.
 
-    Falls back to ``matvec`` column by column (with a warning) if the batched
-    product is not supported by some operation in the graph.
+    ``matmat(E)`` returns ``A E`` for a block ``E`` of ``k`` columns of the identity
+    (``n x k``); ``chunk_size`` columns are multiplied at a time. Falls back to ``matvec``
+    column by column (with a warning) if the batched product is not supported by some
+    operation in the graph. The one owner of dense assembly: operators' ``to_dense``, the
+    exact curvature matrices and influence's dense curvature call it.
+
+    Args:
+        matmat: the batched product.
+        matvec: the product with one vector (``None``: no fall-back).
+        shape: ``n`` for a square ``n x n`` matrix, or ``(m, n)``.
+        dtype: the dtype of the identity columns and of the result.
+        device: their device.
+        chunk_size: columns per product (default ``None``: all at once).
+
+    Returns:
+        The ``m x n`` matrix.
+
+    Raises:
+        RuntimeError: the batched product failed for another reason than batching.
+
+    Example:
+        >>> A = torch.arange(6.0).reshape(2, 3)
+        >>> dense_from_matmat(lambda E: A @ E, None, (2, 3), dtype=A.dtype,
+        ...                   device=A.device, chunk_size=2)
+        tensor([[0., 1., 2.],
+                [3., 4., 5.]])
     """
+    m, n = (shape, shape) if isinstance(shape, int) else (int(shape[0]), int(shape[1]))
     chunk = n if chunk_size is None else max(1, min(chunk_size, n))
-    out = torch.empty((n, n), dtype=dtype, device=device)
+    out = torch.empty((m, n), dtype=dtype, device=device)
     try:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -63,19 +94,52 @@ def dense_from_matmat(
     return out
 
 
-def _columns_to_param_batches(E: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-    k = E.shape[1]
-    out, offset = [], 0
-    for p in params:
-        n = p.numel()
-        out.append(E[offset : offset + n].T.reshape(k, *p.shape))
-        offset += n
-    return out
+def eigenvalue_cutoff(
+    eigenvalues: Tensor,
+    n: int | None = None,
+    dtype: torch.dtype | None = None,
+    rcond: float | None = None,
+) -> float:
+    r"""The pseudo-inverse cutoff: eigenvalues with :math:`|\lambda| \le` this are zero.
 
+    One policy for every pseudo-inverse and dense solve in ``second`` (``docs/glossary.md``,
+    *cutoff*):
 
-def _param_batches_to_columns(ts: Sequence[Tensor]) -> Tensor:
-    k = ts[0].shape[0]
-    return torch.cat([t.reshape(k, -1) for t in ts], dim=1).T
+    .. math:: \mathrm{cutoff} = \mathrm{rcond} \cdot \max_i |\lambda_i|, \qquad
+              \mathrm{rcond} = \max\big(n\, \varepsilon_{\mathrm{float64}},\
+              \varepsilon_{\mathrm{dtype}}\big) \ \text{by default},
+
+    with ``n`` the matrix size and ``dtype`` the precision the matrix was computed in (its
+    entries carry that dtype's rounding even when the eigendecomposition runs in float64).
+
+    Args:
+        eigenvalues: the eigenvalues (or singular values) of the matrix.
+        n: the matrix size (default: the number of eigenvalues).
+        dtype: the dtype the matrix was computed in (default: ``eigenvalues.dtype``).
+        rcond: the relative cutoff (default: the rule above).
+
+    Returns:
+        The absolute cutoff, a float (``0.0`` for an empty spectrum).
+
+    Raises:
+        ValueError: a negative or NaN ``rcond``.
+
+    Example:
+        >>> lam = torch.tensor([1.0, 1e-20, 2.0], dtype=torch.float64)
+        >>> cut = eigenvalue_cutoff(lam)            # 3 * eps(float64) * 2
+        >>> (lam.abs() > cut).tolist()
+        [True, False, True]
+    """
+    if rcond is not None and not rcond >= 0:
+        raise ValueError(f"rcond must be >= 0, got {rcond}")
+    if eigenvalues.numel() == 0:
+        return 0.0
+    size = eigenvalues.numel() if n is None else int(n)
+    source = dtype if dtype is not None else eigenvalues.dtype
+    real = torch.empty(0, dtype=source).real.dtype if source.is_complex else source
+    if rcond is None:
+        rcond = max(size * torch.finfo(torch.float64).eps, torch.finfo(real).eps)
+    return float(rcond) * float(eigenvalues.abs().max())
 
 
 def exact_hessian(
@@ -104,8 +168,8 @@ def exact_hessian(
     n = sum(p.numel() for p in params)
 
     def matmat(E: Tensor) -> Tensor:
-        vs = _columns_to_param_batches(E, params)
-        return _param_batches_to_columns(hvp_from_gradient(grads, params, vs, batched=True))
+        vs = columns_to_parameters(E, params)
+        return parameters_to_columns(hvp_from_gradient(grads, params, vs, batched=True))
 
     def matvec(e: Tensor) -> Tensor:
         vs = vector_to_parameters(e, params)
@@ -148,8 +212,8 @@ def exact_ggn(
     n = sum(p.numel() for p in params)
 
     def matmat(E: Tensor) -> Tensor:
-        vs = _columns_to_param_batches(E, params)
-        return _param_batches_to_columns(graph.gvp(vs, batched=True))
+        vs = columns_to_parameters(E, params)
+        return parameters_to_columns(graph.gvp(vs, batched=True))
 
     def matvec(e: Tensor) -> Tensor:
         return torch.cat([t.reshape(-1) for t in graph.gvp(vector_to_parameters(e, params))])

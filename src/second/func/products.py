@@ -19,13 +19,13 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .._errors import NonFiniteError
-from .vectors import as_tensor_list, parameters_to_vector
+from .vectors import as_tensor_list, parameters_to_vector, vector_to_parameters
 
 __all__ = ["hvp", "gvp", "jvp", "vjp"]
 
@@ -170,10 +170,32 @@ def clear_cache() -> None:
     _graph_cache.clear()
 
 
-def gradient_with_graph(loss: Tensor, params: Sequence[Tensor], keep: bool = True):
-    """Return the gradient of ``loss`` with its graph (``create_graph=True``), memoized.
+def gradient_with_graph(
+    loss: Tensor, params: Sequence[Tensor], keep: bool = True
+) -> tuple[Tensor, ...]:
+    r"""The gradient :math:`\nabla_\theta L` with its graph (``create_graph=True``), memoized.
 
-    The loss is checked to be finite when the graph is built, not on every reuse.
+    The loss is checked to be a finite scalar when the graph is built, not on every reuse;
+    with ``keep`` (default) the gradient is kept while ``loss`` is alive, so later calls
+    (and :func:`hvp` on the same loss) reuse it.
+
+    Args:
+        loss: scalar loss with its autograd graph.
+        params: tensors to differentiate with respect to.
+        keep: memoize the gradient for the lifetime of ``loss``.
+
+    Returns:
+        One tensor per parameter, differentiable once more.
+
+    Raises:
+        ValueError: a non-scalar loss or a parameter not in its graph.
+        NonFiniteError: a non-finite loss.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (g,) = gradient_with_graph((w ** 3).sum(), [w])
+        >>> g, g.requires_grad
+        (tensor([ 3., 12.], grad_fn=<MulBackward0>), True)
     """
 
     def build():
@@ -237,7 +259,27 @@ def hvp_from_gradient(
     retain_graph: bool = True,
     batched: bool = False,
 ) -> tuple[Tensor, ...]:
-    """Differentiate ``sum(g * v)`` once more: one backward pass through the gradient graph."""
+    r"""``H v`` from a gradient with its graph: one backward pass of :math:`\sum_i g_i \cdot v_i`.
+
+    Args:
+        grads: :math:`\nabla_\theta L`, built with ``create_graph=True`` (e.g. by
+            :func:`gradient_with_graph`).
+        params: the parameters it was taken with respect to.
+        vs: parameter-shaped tensors (with a leading batch dimension of ``k`` columns when
+            ``batched``).
+        retain_graph: keep the gradient graph for further products (default ``True``).
+        batched: multiply ``k`` vectors at once (one vmap-batched pass).
+
+    Returns:
+        :math:`H v`, parameter-shaped (zeros where the gradient does not depend on a
+        parameter: the loss is linear in it).
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> grads = gradient_with_graph((w ** 3).sum(), [w])     # H = diag(6 w)
+        >>> hvp_from_gradient(grads, [w], [torch.ones(2)])
+        (tensor([ 6., 12.]),)
+    """
     live = [i for i, g in enumerate(grads) if g.requires_grad]
     if not live:  # the loss is linear in the parameters: H = 0
         return tuple(torch.zeros_like(v) for v in vs)
@@ -251,26 +293,86 @@ def hvp_from_gradient(
     )
 
 
-class GGNGraph:
-    """The graphs a Gauss-Newton product needs, built once per (loss, output) pair.
+def hessian_matvec(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
+    r"""A flat-vector product :math:`v \mapsto H v` through an existing gradient graph.
 
-    ``u = J^T w`` with a dummy ``w`` (double-vjp trick for forward-mode ``J v``) and
-    ``g_f = dL/df`` with its graph (for ``(d^2 L / d f^2) u``).
+    ``grads`` is the gradient of a loss in ``params`` built with ``create_graph=True``;
+    each product is one backward pass through it (the graph is kept). Parameters the
+    gradient does not depend on get zeros. Lean on purpose: it runs once per solver
+    iteration, so it does not check its result (the solvers check theirs for NaN/Inf).
+
+    Args:
+        grads: the gradient with its graph.
+        params: the tensors it was taken with respect to.
+
+    Returns:
+        A function of a flat ``[P]`` vector returning the flat ``[P]`` product.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> matvec = hessian_matvec(gradient_with_graph((w ** 3).sum(), [w]), [w])
+        >>> matvec(torch.tensor([1.0, 1.0]))
+        tensor([ 6., 12.])
+    """
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    targets = [grads[i] for i in live]
+    params = list(params)
+    if len(params) == 1 and live:
+        (g,), (p,) = targets, params
+        shape = p.shape
+
+        def matvec_one(v: Tensor) -> Tensor:
+            (hv,) = torch.autograd.grad(g, p, v.view(shape), retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if hv is None else hv.reshape(-1)
+
+        return matvec_one
+
+    def matvec(v: Tensor) -> Tensor:
+        if not live:
+            return torch.zeros_like(v)
+        vs = vector_to_parameters(v, params)
+        out = torch.autograd.grad(
+            targets, params, [vs[i] for i in live], retain_graph=True, allow_unused=True
+        )
+        return torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, out)]
+        )
+
+    return matvec
+
+
+class JacobianGraph:
+    r"""``J v`` and ``J^T t`` for a tensor ``out`` of the parameters, on one kept graph.
+
+    :math:`J = \partial\,\mathrm{out} / \partial\theta`. ``J^T t`` is one backward pass
+    through the forward graph; ``J v`` is forward mode by the double-vjp trick: the graph
+    of ``u = J^T w`` for a dummy ``w`` is built once, and ``J v`` is one backward pass of
+    ``u`` with respect to ``w``. With ``batched=True`` the vectors carry a leading batch
+    dimension of ``k`` columns (one vmap-batched pass).
+
+    Args:
+        out: a tensor computed from ``params``, with its graph.
+        params: the tensors to differentiate with respect to.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> graph = JacobianGraph(w ** 2, [w])          # J = diag(2 w)
+        >>> graph.jvp([torch.ones(2)]), graph.vjp(torch.ones(2))
+        (tensor([2., 4.]), (tensor([2., 4.]),))
     """
 
-    def __init__(self, loss: Tensor, output: Tensor, params: Sequence[Tensor]):
-        self.output = output
+    def __init__(self, out: Tensor, params: Sequence[Tensor]):
+        self.out = out
         self.params = tuple(params)
-        self.dummy = torch.zeros_like(output, requires_grad=True)
-        self.u = grad_checked(output, self.params, self.dummy, create_graph=True)
-        (self.g_out,) = torch.autograd.grad(loss, output, create_graph=True)
+        self.dummy = torch.zeros_like(out, requires_grad=True)
+        self.u = grad_checked(out, self.params, self.dummy, create_graph=True)
 
     def jvp(self, vs: Sequence[Tensor], batched: bool = False) -> Tensor:
-        """``J v`` (shaped like the output; a leading batch dimension when ``batched``)."""
+        """``J v`` (shaped like ``out``; a leading batch dimension when ``batched``)."""
         live = [i for i, u in enumerate(self.u) if u.requires_grad]
-        shape = (vs[0].shape[0], *self.output.shape) if batched else self.output.shape
+        shape = (vs[0].shape[0], *self.out.shape) if batched else self.out.shape
         if not live:
-            return self.output.new_zeros(shape)
+            return self.out.new_zeros(shape)
         (jv,) = torch.autograd.grad(
             [self.u[i] for i in live],
             self.dummy,
@@ -279,7 +381,46 @@ class GGNGraph:
             allow_unused=True,
             is_grads_batched=batched,
         )
-        return self.output.new_zeros(shape) if jv is None else jv
+        return self.out.new_zeros(shape) if jv is None else jv
+
+    def vjp(self, t: Tensor, batched: bool = False) -> tuple[Tensor, ...]:
+        """``J^T t``, parameter-shaped (zeros for parameters ``out`` does not depend on)."""
+        return grad_checked(
+            self.out,
+            self.params,
+            t,
+            retain_graph=True,
+            is_grads_batched=batched,
+            zeros_for_unused=True,
+        )
+
+
+class GGNGraph(JacobianGraph):
+    r"""The graphs a Gauss-Newton product needs, built once per (loss, output) pair.
+
+    :class:`JacobianGraph` of the output, plus ``g_f = dL/df`` with its graph for
+    :math:`(\nabla^2_f L)\, t`; :meth:`gvp` is :math:`J^\top (\nabla^2_f L) J v`.
+
+    Args:
+        loss: scalar loss computed from ``output``.
+        output: the network output, with its graph.
+        params: the tensors to differentiate with respect to.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> f = w * 3.0                                    # J = 3 I, d2L/df2 = 2 I
+        >>> GGNGraph((f ** 2).sum(), f, [w]).gvp([torch.tensor([1.0, 0.0])])
+        (tensor([18.,  0.]),)
+    """
+
+    def __init__(self, loss: Tensor, output: Tensor, params: Sequence[Tensor]):
+        super().__init__(output, params)
+        (self.g_out,) = torch.autograd.grad(loss, output, create_graph=True)
+
+    @property
+    def output(self) -> Tensor:
+        """The network output (the ``out`` of the Jacobian)."""
+        return self.out
 
     def output_hessian_product(self, t: Tensor, batched: bool = False) -> Tensor:
         """``(d^2 L / d f^2) t``."""
@@ -287,24 +428,13 @@ class GGNGraph:
             return torch.zeros_like(t)
         (h,) = torch.autograd.grad(
             self.g_out,
-            self.output,
+            self.out,
             t,
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=batched,
         )
         return torch.zeros_like(t) if h is None else h
-
-    def vjp(self, t: Tensor, batched: bool = False) -> tuple[Tensor, ...]:
-        """``J^T t``."""
-        return grad_checked(
-            self.output,
-            self.params,
-            t,
-            retain_graph=True,
-            is_grads_batched=batched,
-            zeros_for_unused=True,
-        )
 
     def gvp(self, vs: Sequence[Tensor], batched: bool = False) -> tuple[Tensor, ...]:
         """``J^T (d^2 L/d f^2) J v``: two backward passes (``J v`` and ``J^T``)."""

@@ -7,7 +7,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["parameters_to_vector", "vector_to_parameters", "as_tensor_list"]
+__all__ = [
+    "parameters_to_vector",
+    "vector_to_parameters",
+    "columns_to_parameters",
+    "parameters_to_columns",
+    "as_tensor_list",
+]
 
 
 def parameters_to_vector(parameters: Iterable[Tensor] | Tensor) -> Tensor:
@@ -78,9 +84,72 @@ def vector_to_parameters(vector: Tensor, parameters: Sequence[Tensor]) -> tuple[
     offset = 0
     for p in parameters:
         n = p.numel()
-        out.append(vector[offset : offset + n].view_as(p))
+        out.append(vector[offset : offset + n].view(p.shape))
         offset += n
     return tuple(out)
+
+
+def columns_to_parameters(matrix: Tensor, parameters: Sequence[Tensor]) -> list[Tensor]:
+    """Split the ``k`` columns of a ``[P, k]`` matrix into ``[k, *p.shape]`` tensors.
+
+    The batched form of :func:`vector_to_parameters`: entry ``i`` of the result holds,
+    for every column, the rows of parameter ``i`` (the layout of ``is_grads_batched``
+    and ``vmap``).
+
+    Args:
+        matrix: a ``[P, k]`` tensor, ``P = sum(p.numel())``.
+        parameters: tensors whose shapes are used.
+
+    Returns:
+        A list of ``[k, *p.shape]`` tensors.
+
+    Raises:
+        ValueError: if ``matrix`` is not 2-D with ``P`` rows.
+
+    Example:
+        >>> V = torch.arange(6.0).reshape(3, 2)          # P = 3 rows, k = 2 columns
+        >>> a, b = columns_to_parameters(V, [torch.empty(2), torch.empty(1)])
+        >>> a
+        tensor([[0., 2.],
+                [1., 3.]])
+        >>> b
+        tensor([[4.],
+                [5.]])
+    """
+    total = sum(p.numel() for p in parameters)
+    if matrix.dim() != 2 or matrix.shape[0] != total:
+        raise ValueError(
+            f"matrix must be [{total}, k] for these parameters, got {tuple(matrix.shape)}"
+        )
+    k = matrix.shape[1]
+    out, offset = [], 0
+    for p in parameters:
+        n = p.numel()
+        out.append(matrix[offset : offset + n].T.reshape(k, *p.shape))
+        offset += n
+    return out
+
+
+def parameters_to_columns(tensors: Sequence[Tensor]) -> Tensor:
+    """Join ``[k, *p.shape]`` tensors into a ``[P, k]`` matrix.
+
+    The inverse of :func:`columns_to_parameters`.
+
+    Args:
+        tensors: one ``[k, ...]`` tensor per parameter, the same ``k`` for all.
+
+    Returns:
+        A ``[P, k]`` tensor.
+
+    Example:
+        >>> a, b = torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.tensor([[4.0], [5.0]])
+        >>> parameters_to_columns([a, b])
+        tensor([[0., 2.],
+                [1., 3.],
+                [4., 5.]])
+    """
+    k = tensors[0].shape[0]
+    return torch.cat([t.reshape(k, -1) for t in tensors], dim=1).T
 
 
 def as_tensor_list(vector: Tensor | Sequence[Tensor], parameters: Sequence[Tensor]) -> list[Tensor]:

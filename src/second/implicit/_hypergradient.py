@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning
-from ..func.products import check_finite
+from ..func.products import check_finite, hessian_matvec
+from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
 from ._linear import solve_symmetric
-from ._structure import detached_leaves, flat_cat, flatten, hvp_matvec, split_like
+from ._structure import detached_leaves, flatten
 
 __all__ = ["hypergradient", "HypergradientResult"]
 
@@ -163,7 +164,9 @@ def hypergradient(
                     f"{name} is not in the graph of inner_loss: the inner loss does not "
                     "depend on it (or it was detached); remove it from params"
                 )
-        inner_residual = float(torch.linalg.vector_norm(flat_cat([g.detach() for g in g_w])))
+        inner_residual = float(
+            torch.linalg.vector_norm(parameters_to_vector([g.detach() for g in g_w]))
+        )
         if warn and inner_tol is not None and not inner_residual <= inner_tol:
             warnings.warn(
                 f"the inner problem is not solved: ||grad_w inner_loss|| = {inner_residual:.3e} "
@@ -180,14 +183,14 @@ def hypergradient(
         out = torch.autograd.grad(L_out, ws + hs, allow_unused=True)
         out = [torch.zeros_like(t) if g is None else g for t, g in zip(ws + hs, out, strict=True)]
         gw_out, gh_out = out[:nw], out[nw:]
-        b = check_finite(flat_cat(gw_out), "the gradient of outer_loss")
+        b = check_finite(parameters_to_vector(gw_out), "the gradient of outer_loss")
 
-        matvec = hvp_matvec(g_w, ws)  # one backward through the gradient graph per product
+        matvec = hessian_matvec(g_w, ws)  # one backward through the gradient graph per product
 
         x0_flat = None
         if x0 is not None:
             x0_leaves, _ = flatten(x0, "x0")
-            x0_flat = flat_cat([t.detach() for t in x0_leaves]).to(b.dtype)
+            x0_flat = parameters_to_vector([t.detach() for t in x0_leaves]).to(b.dtype)
         res = solve_symmetric(
             matvec,
             b,
@@ -200,8 +203,8 @@ def hypergradient(
             warn=warn,
             stacklevel=4,
         )
-        v = res.x if isinstance(res.x, Tensor) else flat_cat(res.x)
-        vs = split_like(v.detach(), ws)
+        v = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
+        vs = vector_to_parameters(v.detach(), ws)
         res.x = w_struct.unflatten([t.clone() for t in vs])
 
         live = [i for i, g in enumerate(g_w) if g.requires_grad]

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from ..func.products import check_finite
+from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ._linear import solve_symmetric
-from ._structure import detached_leaves, flat_cat, flatten, split_like, zeros_for_none
+from ._structure import detached_leaves, flatten, zeros_for_none
 
 __all__ = ["implicit_root", "stationary"]
 
@@ -199,10 +200,10 @@ class _ImplicitRoot(torch.autograd.Function):
                     f"{[tuple(f.shape) for f in F_leaves]}"
                 )
             live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
-            b = flat_cat(zeros_for_none(ws, w_bar))
+            b = parameters_to_vector(zeros_for_none(ws, w_bar))
 
             def vjp_w(u: Tensor) -> Tensor:
-                us = split_like(u, ws)
+                us = vector_to_parameters(u, ws)
                 if not live:
                     return torch.zeros_like(u)
                 out = torch.autograd.grad(
@@ -212,7 +213,7 @@ class _ImplicitRoot(torch.autograd.Function):
                     retain_graph=True,
                     allow_unused=True,
                 )
-                return flat_cat(
+                return parameters_to_vector(
                     [torch.zeros_like(w) if g is None else g for w, g in zip(ws, out, strict=True)]
                 )
 
@@ -229,7 +230,7 @@ class _ImplicitRoot(torch.autograd.Function):
                     what="the Jacobian of optimality_fn",
                     stacklevel=6,
                 )
-                u = res.x if isinstance(res.x, Tensor) else flat_cat(res.x)
+                u = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
             else:
                 res = None
                 n = b.numel()
@@ -238,7 +239,7 @@ class _ImplicitRoot(torch.autograd.Function):
                 JT = JT + opts["damping"] * eye
                 u = torch.linalg.solve(JT, b)
             spec["owner"].last_solve = res
-            us = split_like(u.detach(), ws)
+            us = vector_to_parameters(u.detach(), ws)
             if live:
                 grads = torch.autograd.grad(
                     [F_leaves[i] for i in live], hs, [us[i] for i in live], allow_unused=True

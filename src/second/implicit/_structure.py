@@ -78,54 +78,6 @@ def detached_leaves(leaves: Sequence[Tensor], requires_grad: bool = True) -> lis
     return out
 
 
-def flat_cat(ts: Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors into one flat vector."""
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def split_like(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Split a flat vector into views shaped like ``like``."""
-    out, offset = [], 0
-    for t in like:
-        k = t.numel()
-        out.append(v[offset : offset + k].view(t.shape))
-        offset += k
-    return out
-
-
 def zeros_for_none(like: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
     """Replace ``None`` gradients (an input the output does not depend on) by zeros."""
     return [torch.zeros_like(t) if g is None else g for t, g in zip(like, grads, strict=True)]
-
-
-def hvp_matvec(grads: Sequence[Tensor], params: Sequence[Tensor]):
-    """A flat-vector Hessian-vector product through an existing gradient graph.
-
-    ``grads`` is the gradient of a loss in ``params`` built with ``create_graph=True``;
-    each product is one backward pass through it (the graph is kept). Parameters the
-    gradient does not depend on get zeros. Lean on purpose: it runs once per solver
-    iteration, and the solvers and the final result are checked for NaN/Inf instead.
-    """
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
-    targets = [grads[i] for i in live]
-    params = list(params)
-    if len(params) == 1 and live:
-        (g,), (p,) = targets, params
-        shape = p.shape
-
-        def matvec_one(v: Tensor) -> Tensor:
-            (hv,) = torch.autograd.grad(g, p, v.view(shape), retain_graph=True, allow_unused=True)
-            return torch.zeros_like(v) if hv is None else hv.reshape(-1)
-
-        return matvec_one
-
-    def matvec(v: Tensor) -> Tensor:
-        if not live:
-            return torch.zeros_like(v)
-        vs = split_like(v, params)
-        out = torch.autograd.grad(
-            targets, params, [vs[i] for i in live], retain_graph=True, allow_unused=True
-        )
-        return flat_cat(zeros_for_none(params, out))
-
-    return matvec

@@ -30,17 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..func.products import check_finite
+from ..func.products import check_finite, hessian_matvec
+from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
 from ._linear import solve_symmetric
-from ._structure import (
-    detached_leaves,
-    flat_cat,
-    flatten,
-    hvp_matvec,
-    split_like,
-    zeros_for_none,
-)
+from ._structure import detached_leaves, flatten, zeros_for_none
 
 __all__ = ["proximal", "adapt", "meta_gradient"]
 
@@ -193,7 +187,7 @@ def meta_gradient(
         w_in = struct.unflatten(ws)
         L_test = test_loss(w_in)
         g_test = torch.autograd.grad(L_test, ws, allow_unused=True)
-        b = flat_cat(zeros_for_none(ws, g_test))
+        b = parameters_to_vector(zeros_for_none(ws, g_test))
         check_finite(b, "the gradient of test_loss")
         L_task = task_loss(w_in)
         g_task = torch.autograd.grad(L_task, ws, create_graph=True, allow_unused=True)
@@ -201,7 +195,7 @@ def meta_gradient(
             if g is None:
                 raise ValueError(f"{name} is not in the graph of task_loss")
 
-        hvp = hvp_matvec(g_task, ws)
+        hvp = hessian_matvec(g_task, ws)
 
         def matvec(v: Tensor) -> Tensor:
             return v + hvp(v) / lam
@@ -218,8 +212,8 @@ def meta_gradient(
             what="I + H/lambda",
             stacklevel=4,
         )
-    x = res.x if isinstance(res.x, Tensor) else flat_cat(res.x)
-    grad = struct.unflatten([t.clone() for t in split_like(x.detach(), ws)])
+    x = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
+    grad = struct.unflatten([t.clone() for t in vector_to_parameters(x.detach(), ws)])
     res.x = grad
     return grad, res
 

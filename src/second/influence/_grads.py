@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .._errors import NonFiniteError
+from ..data import Task, as_task, map_batch
+from ..func.vectors import parameters_to_vector, vector_to_parameters
 
 __all__ = ["ModelFunction", "per_example_gradients", "check_rows_finite"]
 
@@ -36,24 +38,17 @@ def check_rows_finite(G: Tensor, what: str = "example", offset: int = 0) -> Tens
     )
 
 
-def _take(X, idx):
-    if isinstance(X, Tensor):
-        return X[idx]
-    return tuple(t[idx] for t in X)
-
-
-def _unsqueeze(X):
-    if isinstance(X, Tensor):
-        return X.unsqueeze(0)
-    return tuple(t.unsqueeze(0) for t in X)
+def _unsqueeze(example):
+    """A batch of one from an example without batch dimension (any layout)."""
+    return map_batch(example, lambda t: t.unsqueeze(0))
 
 
 class ModelFunction:
-    """A model and loss seen as pure functions of a flat parameter vector.
+    """A model and its task seen as pure functions of a flat parameter vector.
 
     Args:
         model: the network (put it in ``eval()`` mode if it has dropout or batch norm).
-        loss_fn: ``loss_fn(output, target)`` returning a scalar.
+        task: how to run the model on a batch and take its loss (:class:`second.Task`).
         params: the trainable tensors, by name (default: every parameter with
             ``requires_grad``); other parameters and buffers are held fixed.
 
@@ -61,9 +56,7 @@ class ModelFunction:
         ValueError: if the model has no trainable parameter.
     """
 
-    def __init__(
-        self, model: nn.Module, loss_fn: Callable, params: dict[str, Tensor] | None = None
-    ):
+    def __init__(self, model: nn.Module, task: Task, params: dict[str, Tensor] | None = None):
         if params is None:
             params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -72,12 +65,10 @@ class ModelFunction:
                 "there is nothing to attribute"
             )
         self.model = model
-        self.loss_fn = loss_fn
+        self.task = task
         self.names = list(params)
         self.params = [params[k] for k in self.names]
-        self.shapes = [p.shape for p in self.params]
-        self.sizes = [p.numel() for p in self.params]
-        self.numel = sum(self.sizes)
+        self.numel = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         trainable = set(self.names)
@@ -88,23 +79,24 @@ class ModelFunction:
     # -- flat <-> dict ---------------------------------------------------------------------
     def flat(self) -> Tensor:
         """Return the current parameters as one detached flat vector."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        return parameters_to_vector([p.detach() for p in self.params])
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Split a flat vector into the parameter dictionary ``functional_call`` wants."""
-        out, offset = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            out[name] = theta[offset : offset + size].view(shape)
-            offset += size
-        return out
+        return dict(zip(self.names, vector_to_parameters(theta, self.params), strict=True))
+
+    def _module(self, theta: Tensor) -> Callable:
+        state = {**self.fixed, **self.unflatten(theta)}
+        return lambda *args, **kwargs: functional_call(self.model, state, args, kwargs)
 
     # -- pure functions --------------------------------------------------------------------
-    def example_loss(self, theta: Tensor, x, y) -> Tensor:
-        """Evaluate the loss of one example (no batch dimension on ``x``, ``y``) at ``theta``."""
-        state = {**self.fixed, **self.unflatten(theta)}
-        X = _unsqueeze(x)
-        out = functional_call(self.model, state, (X,) if isinstance(X, Tensor) else X)
-        loss = self.loss_fn(out, y.unsqueeze(0))
+    def batch_loss(self, theta: Tensor, batch, measure: bool = False) -> Tensor:
+        """The task's loss (or ``measure``: its measurement) of ``batch`` at ``theta``."""
+        module = self._module(theta)
+        if measure:
+            loss = self.task.measurement(module, batch)
+        else:
+            loss = self.task.loss(self.task.output(module, batch), batch)
         if loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar, got shape {tuple(loss.shape)} "
@@ -112,50 +104,57 @@ class ModelFunction:
             )
         return loss.reshape(())
 
-    def example_output(self, theta: Tensor, x) -> Tensor:
-        """Evaluate the model output for one example (no batch dimension) at ``theta``."""
-        state = {**self.fixed, **self.unflatten(theta)}
-        X = _unsqueeze(x)
-        out = functional_call(self.model, state, (X,) if isinstance(X, Tensor) else X)
-        return out.squeeze(0)
+    def example_loss(self, theta: Tensor, example, measure: bool = False) -> Tensor:
+        """The loss of one example (no batch dimension) at ``theta``: a batch of one."""
+        return self.batch_loss(theta, _unsqueeze(example), measure)
 
-    def losses(self, X, y) -> Tensor:
+    def losses(self, batch) -> Tensor:
         """Per-example losses ``[b]`` at the current parameters (no graph)."""
         theta = self.flat()
         with torch.no_grad():
-            return self._map(lambda x, t: self.example_loss(theta, x, t), X, y)
+            return self._map(lambda ex: self.example_loss(theta, ex), batch)
 
-    def gradients(self, X, y) -> Tensor:
-        r"""Per-example gradients :math:`[\nabla \ell_i]_{i}` as a ``[b, P]`` matrix."""
+    def gradients(self, batch, y: Tensor | None = None, *, measure: bool = False) -> Tensor:
+        r"""Per-example gradients :math:`[\nabla \ell_i]_{i}` as a ``[b, P]`` matrix.
+
+        ``gradients(X, y)`` is ``gradients((X, y))``; ``measure`` differentiates the task's
+        measurement instead of its loss.
+        """
+        if y is not None:
+            batch = (batch, y)
         theta = self.flat()
         g = grad(self.example_loss)
-        return self._map(lambda x, t: g(theta, x, t), X, y).detach()
+        return self._map(lambda ex: g(theta, ex, measure), batch).detach()
 
-    def hessian_products(self, x, y, V: Tensor, kind: str = "hessian") -> Tensor:
-        r"""Curvature of one example's loss times the columns of ``V`` (``[P, k]``).
+    def hessian_products(
+        self, batch1, V: Tensor, kind: str = "hessian", measure: bool = False
+    ) -> Tensor:
+        r"""Curvature of a batch of one's loss times the columns of ``V`` (``[P, k]``).
 
         ``kind="hessian"``: :math:`\nabla^2 \ell_i V`; ``"ggn"``: :math:`J_i^\top
         (\nabla_f^2 \ell_i) J_i V`; ``"fisher"``: :math:`\nabla\ell_i \nabla\ell_i^\top V`.
         """
         theta = self.flat()
         if kind == "fisher":
-            gi = grad(self.example_loss)(theta, x, y)
+            gi = grad(self.batch_loss)(theta, batch1, measure)
             return gi * (gi @ V) if V.dim() == 1 else torch.outer(gi, gi @ V)
         if kind == "hessian":
-            g = grad(self.example_loss)
+            g = grad(self.batch_loss)
 
             def hv(v):
-                return jvp(lambda t: g(t, x, y), (theta,), (v,))[1]
+                return jvp(lambda t: g(t, batch1, measure), (theta,), (v,))[1]
 
             return self._columns(hv, V)
 
+        task = self.task
+
         def out_fn(t):
-            return self.example_output(t, x)
+            return task.output(self._module(t), batch1)
 
         f0 = out_fn(theta).detach()
 
         def loss_of_out(f):
-            return self.loss_fn(f.unsqueeze(0), y.unsqueeze(0)).reshape(())
+            return task.loss(f, batch1).reshape(())
 
         def gv(v):
             _, jv = jvp(out_fn, (theta,), (v,))
@@ -174,10 +173,10 @@ class ModelFunction:
         except RuntimeError:
             return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
 
-    def _map(self, fn, X, y) -> Tensor:
+    def _map(self, fn, batch) -> Tensor:
         if self._vmap_ok:
             try:
-                return vmap(fn)(X, y)
+                return vmap(fn)(batch)
             except (RuntimeError, NotImplementedError) as err:
                 self._vmap_ok = False
                 warnings.warn(
@@ -186,8 +185,8 @@ class ModelFunction:
                     "and in-place operations on inputs are the usual causes: call model.eval().",
                     stacklevel=3,
                 )
-        n = y.shape[0]
-        return torch.stack([fn(_take(X, i), y[i]) for i in range(n)])
+        n = self.task.batch_size(batch)
+        return torch.stack([fn(self.task.take(batch, i)) for i in range(n)])
 
 
 def per_example_gradients(
@@ -224,14 +223,13 @@ def per_example_gradients(
         >>> G.shape
         torch.Size([5, 4])
     """
-    fm = ModelFunction(model, loss_fn)
-    n = (X if isinstance(X, Tensor) else X[0]).shape[0]
-    if n != y.shape[0]:
-        raise ValueError(f"inputs have {n} examples but targets have {y.shape[0]}")
+    task = as_task(None, loss_fn)
+    batch = (X, y)
+    task.check(batch)
+    fm = ModelFunction(model, task)
+    n = task.batch_size(batch)
     rows = [
-        check_rows_finite(
-            fm.gradients(_take(X, slice(s, s + batch_size)), y[s : s + batch_size]), "example", s
-        )
+        check_rows_finite(fm.gradients(task.take(batch, slice(s, s + batch_size))), "example", s)
         for s in range(0, n, batch_size)
     ]
     if not rows:

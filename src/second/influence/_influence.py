@@ -7,7 +7,7 @@ The model was trained on the objective
 .. math:: R(\theta) = w \sum_{j=1}^{n} \ell_j(\theta) + \tfrac{\lambda}{2}\|\theta\|^2,
           \qquad w = 1/n \ (\texttt{reduction="mean"}),\ w = 1 \ (\texttt{"sum"}),
 
-with :math:`\lambda` the ``regularization`` (weight decay) of the training run.
+with :math:`\lambda` the weight decay of the training run.
 Removing training point :math:`j` means giving it weight zero in the same objective,
 :math:`R_{-j} = R - w\,\ell_j`. At the minimizer :math:`\hat\theta` of :math:`R`,
 :math:`\nabla R_{-j}(\hat\theta) = -w\nabla\ell_j`, so one Newton step on :math:`R_{-j}`
@@ -20,10 +20,12 @@ and dropping :math:`w\nabla^2\ell_j` (it is :math:`O(1/n)`) gives the classical
 first-order influence. The change in the loss on test point :math:`i` is then
 
 .. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
-          (H + \mu I)^{-1} \nabla\ell_j \;\approx\;
+          (C + \mu I)^{-1} \nabla\ell_j \;\approx\;
           \ell^{\mathrm{test}}_i(\hat\theta_{-j}) - \ell^{\mathrm{test}}_i(\hat\theta)
 
-where :math:`\mu` is the (numerical) ``damping``. **Positive means removing j would
+where :math:`C` is the curvature of the data term and :math:`\mu` the ``damping``: the
+training run's :math:`\lambda` (the L2 term's Hessian is :math:`\lambda I`) plus any
+numerical damping. **Positive means removing j would
 raise the test loss: j helped.** Negative means j hurt that test point.
 
 :meth:`Influence.newton_loo` keeps the :math:`w\nabla^2\ell_j` term and the
@@ -38,15 +40,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._distributed import all_ranks, check_same_across_ranks, failure_barrier
+from .. import distributed as dist
 from .._errors import (
     ConvergenceWarning,
     NegativeCurvatureWarning,
@@ -54,17 +55,14 @@ from .._errors import (
     NonFiniteError,
 )
 from .._losses import reduction_of
-from ..operators.curvature import (
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    SamePassCheck,
-    _is_batch,
-    _stochastic_modules,
-)
+from ..data import Task, as_task, stochastic_modules
+from ..distributed import all_ranks, check_same_across_ranks, failure_barrier
+from ..func.dense import dense_from_matmat
+from ..operators.curvature import FisherOperator, GGNOperator, HessianOperator
 from ..solvers import choose_method, solve
 from ._cache import DiskCache, fingerprint
-from ._grads import ModelFunction, _take, check_rows_finite
+from ._examples import Examples, warn_ignored
+from ._grads import ModelFunction, check_rows_finite
 from ._identity import setup_description, state_tensors
 from ._inverse import ApproximationInverse, DenseInverse, IterativeInverse, LowRankInverseStrategy
 
@@ -92,109 +90,6 @@ class TopK(NamedTuple):
     harmful_indices: Tensor
 
 
-class _Examples:
-    """A dataset of ``(X, y)`` examples: one batch, or an iterable of batches, chunked.
-
-    Results are indexed by example, so an iterable must yield the same batches in the same
-    order on every pass: every pass after the first is checked against it
-    (:class:`~second.operators.curvature.SamePassCheck`, order-sensitive), and a
-    shuffling ``DataLoader`` raises :class:`~second.NonDeterministicDataError`.
-    ``ignored`` lists the examples whose every target equals ``ignore_index``.
-    """
-
-    def __init__(self, data, what: str, device: torch.device, ignore_index: int | None = None):
-        self.what, self.device = what, device
-        self.single = _is_batch(data)
-        self.data = data
-        self._check = SamePassCheck(
-            what,
-            "Influence results are indexed by example: pass the data in a fixed order "
-            "(DataLoader(shuffle=False), a list of batches).",
-            ordered=True,
-        )
-        n, first, ignored = 0, None, []
-        for X, y in self._batches():
-            nb = _size(X)
-            if nb != y.shape[0]:
-                raise ValueError(f"{what}: a batch has {nb} inputs but {y.shape[0]} targets")
-            if first is None:
-                first = (_example_shapes(X), tuple(y.shape[1:]))
-            if ignore_index is not None and not y.is_floating_point() and nb:
-                mask = (y == ignore_index).reshape(nb, -1).all(1)
-                ignored += (torch.nonzero(mask).reshape(-1) + n).tolist()
-            n += nb
-        if n == 0:
-            raise ValueError(f"{what} is empty: it holds no example")
-        self.n = n
-        self.example_shapes = first
-        self.ignored = ignored
-
-    def _batches(self) -> Iterator[tuple]:
-        if self.single:
-            yield self.data
-            return
-        yield from self._check(self._raw_batches())
-
-    def _raw_batches(self) -> Iterator[tuple]:
-        try:
-            it = iter(self.data)
-        except TypeError:
-            raise TypeError(
-                f"{self.what} must be an (X, y) pair of tensors or an iterable of such batches, "
-                f"got {type(self.data).__name__}"
-            ) from None
-        for batch in it:
-            if not _is_batch(batch):
-                raise TypeError(
-                    f"{self.what}: each batch must be an (X, y) pair of tensors, "
-                    f"got {type(batch).__name__}"
-                )
-            yield batch
-
-    def chunks(self, size: int) -> Iterator[tuple[int, int, object, Tensor]]:
-        """``(chunk_index, start, X, y)`` with at most ``size`` examples, on the device."""
-        c, start = 0, 0
-        for X, y in self._batches():
-            nb = _size(X)
-            for s in range(0, nb, size):
-                sl = slice(s, min(s + size, nb))
-                Xc, yc = _take(X, sl), y[sl]
-                yield c, start, _to(Xc, self.device), yc.to(self.device)
-                c += 1
-                start += sl.stop - sl.start
-
-    def take(self, indices: Sequence[int]) -> list[tuple]:
-        """Return the examples at ``indices`` as ``(x, y)`` pairs without batch dimension."""
-        want = {int(i): None for i in indices}
-        start = 0
-        for X, y in self._batches():
-            nb = _size(X)
-            for i in want:
-                if start <= i < start + nb:
-                    want[i] = (_to(_take(X, i - start), self.device), y[i - start].to(self.device))
-            start += nb
-        return [want[int(i)] for i in indices]
-
-    def digest(self, size: int) -> str:
-        return fingerprint([(X, y) for _, _, X, y in self.chunks(size)])
-
-
-def _size(X) -> int:
-    return (X if isinstance(X, Tensor) else X[0]).shape[0]
-
-
-def _example_shapes(X) -> tuple:
-    if isinstance(X, Tensor):
-        return tuple(X.shape[1:])
-    return tuple(tuple(t.shape[1:]) for t in X)
-
-
-def _to(X, device):
-    if isinstance(X, Tensor):
-        return X.to(device)
-    return tuple(t.to(device) for t in X)
-
-
 class Influence:
     r"""Influence of training points on test losses, for any ``nn.Module``.
 
@@ -203,33 +98,36 @@ class Influence:
     derivation):
 
     .. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
-              (C + (\lambda + \mu) I)^{-1} \nabla\ell_j
+              (C + \mu I)^{-1} \nabla\ell_j
 
-    with :math:`C` the curvature of the data term (``curvature``), :math:`\lambda` the
-    ``regularization``, :math:`\mu` the ``damping``, and :math:`w = 1/n` for a loss with
-    ``reduction="mean"`` (``1`` for ``"sum"``). **Positive: j helped test point i**
-    (removing it would raise the loss); negative: j hurt it.
+    with :math:`C` the curvature of the data term (``curvature``), :math:`\mu` the
+    ``damping``, and :math:`w = 1/n` for a loss with ``reduction="mean"`` (``1`` for
+    ``"sum"``). **Positive: j helped test point i** (removing it would raise the loss);
+    negative: j hurt it.
 
     .. warning::
-        ``regularization`` is part of the model, ``damping`` is not. Pass the weight decay
-        the model was trained with (objective ``mean loss + (lambda/2) ||theta||^2``; for
-        ``torch.optim`` with ``weight_decay=lambda`` on the mean loss that is ``lambda``).
-        It is added to the curvature as the L2 term's Hessian :math:`\lambda I`, while the
-        per-example terms :math:`\ell_j` stay the data losses alone (removing a point keeps
-        the L2 term). Forgetting it leaves the curvature of a different objective: in
-        measured runs the leave-one-out correlation drops from 1.00 to about 0.92.
-        ``damping`` is a numerical device that biases every score towards zero; keep it
-        as small as the method allows.
+        Include the weight decay the model was trained with in ``damping`` (objective
+        ``mean loss + (lambda/2) ||theta||^2``; for ``torch.optim`` with
+        ``weight_decay=lambda`` on the mean loss that is ``lambda``). It is the L2 term's
+        Hessian :math:`\lambda I`, while the per-example terms :math:`\ell_j` stay the data
+        losses alone (removing a point keeps the L2 term). Forgetting it leaves the
+        curvature of a different objective: in measured runs the leave-one-out correlation
+        drops from 1.00 to about 0.92. Anything beyond :math:`\lambda` is a numerical
+        device that biases every score towards zero; keep it as small as the method allows.
 
     Args:
         model: the trained network. Put it in ``eval()`` mode (dropout makes every
             curvature product a different matrix).
         loss_fn: ``loss_fn(model(X), y)`` -> scalar, e.g. ``nn.CrossEntropyLoss()``. The
             per-example loss is the loss of a batch of one.
-        train_data: the training set: one ``(X, y)`` batch of tensors or an iterable of
-            batches (a ``DataLoader`` with ``shuffle=False``).
+        train_data: the training set: one batch, an iterable of batches (a ``DataLoader``
+            with ``shuffle=False``) or a map-style ``Dataset`` (:mod:`second.data`).
+            ``(X, y)`` pairs and dicts of tensors (targets under ``"labels"``) work as they
+            are; other batches through ``task``.
+        task: how to run the model on a batch, its loss and the measurement attributed on
+            test data (:class:`second.Task`; default: the loss of ``(X, y)`` pairs and dicts).
         curvature: ``"hessian"`` (default), ``"ggn"`` (generalized Gauss-Newton, positive
-            semi-definite), ``"fisher"`` (empirical Fisher; ``curvature_options={"kind":
+            semi-definite), ``"fisher"`` (empirical Fisher; ``curvature_options={"fisher":
             "mc"}`` for the Monte-Carlo one), ``"kfac"``, ``"ekfac"`` (Kronecker-factored,
             from :mod:`second.approximations`).
         method: how to apply the inverse: ``"auto"`` (``"dense"`` up to 1500 parameters,
@@ -237,9 +135,11 @@ class Influence:
             otherwise), ``"dense"`` (float64 eigendecomposition, exact), ``"cg"``,
             ``"minres"``, ``"lissa"`` (automatic scale and depth), ``"lowrank"`` (top
             ``rank`` eigenpairs plus the exact complement term; needs
-            ``regularization + damping > 0``). Ignored for ``"kfac"``/``"ekfac"``.
-        damping: :math:`\mu \ge 0` (default 0).
-        regularization: :math:`\lambda \ge 0`, the training run's L2 coefficient (default 0).
+            ``damping > 0``). Ignored for ``"kfac"``/``"ekfac"``.
+        damping: :math:`\mu \ge 0`, added to the curvature as :math:`\mu I` (default 0):
+            the training run's L2 coefficient plus any numerical damping.
+        regularization: the deprecated spelling of (a part of) ``damping``: it is added to
+            it, with a ``DeprecationWarning`` (removal in 0.3).
         rank: eigenpairs for ``method="lowrank"`` (default 50).
         tol: relative tolerance of iterative solves (default 1e-10 in float64, 1e-5 in
             float32; for LiSSA, the predicted truncation bias, default 1e-6 from
@@ -289,7 +189,7 @@ class Influence:
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2).double()
         >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
-        >>> inf = Influence(model, torch.nn.CrossEntropyLoss(), (X, y), regularization=0.1,
+        >>> inf = Influence(model, torch.nn.CrossEntropyLoss(), (X, y), damping=0.1,
         ...                 progressbar=False)
         >>> inf.scores((X[:2], y[:2])).shape
         torch.Size([2, 20])
@@ -309,7 +209,7 @@ class Influence:
         curvature: str = "hessian",
         method: str = "auto",
         damping: float = 0.0,
-        regularization: float = 0.0,
+        regularization: float | None = None,
         rank: int = 50,
         tol: float | None = None,
         maxiter: int | None = None,
@@ -320,19 +220,28 @@ class Influence:
         progressbar: bool = True,
         distributed: bool | None = None,
         version: str | int | None = None,
+        task: Task | None = None,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for name, val in (("damping", damping), ("regularization", regularization)):
+        for name, val in (("damping", damping), ("regularization", regularization or 0.0)):
             if not (isinstance(val, (int, float)) and math.isfinite(val) and val >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        if regularization is not None:
+            warnings.warn(
+                "Influence(regularization=...) is deprecated: it is added to damping=, the one "
+                "name for the multiple of the identity added to the curvature (removal in 0.3)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            damping = damping + regularization
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        stochastic = _stochastic_modules(model)
+        stochastic = stochastic_modules(model)
         if stochastic:
             raise NonDeterministicDataError(
                 f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
@@ -340,9 +249,10 @@ class Influence:
             )
         self.model, self.loss_fn = model, loss_fn
         self.version = version
-        self.fn = ModelFunction(model, loss_fn)
+        self.task = as_task(task, loss_fn)
+        self.fn = ModelFunction(model, self.task)
         self.curvature, self.method = curvature, method
-        self.damping, self.regularization = float(damping), float(regularization)
+        self.damping = float(damping)
         self.rank = int(rank)
         self._user_tol = tol
         self.tol = tol if tol is not None else DEFAULT_TOL.get(self.fn.dtype, 1e-5)
@@ -352,13 +262,17 @@ class Influence:
         self.batch_size = int(batch_size)
         self.progressbar = progressbar
         self.reduction = reduction_of(loss_fn)
-        self.train = _Examples(
-            train_data, "training data", self.fn.device, getattr(loss_fn, "ignore_index", None)
+        self.train = Examples(
+            train_data,
+            "training data",
+            self.task,
+            self.fn.device,
+            getattr(loss_fn, "ignore_index", None),
         )
         self.train_data = train_data
         self.n_train = self.train.n
         self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
-        _warn_ignored(self.train, loss_fn)
+        warn_ignored(self.train, loss_fn)
         self._distributed = distributed
         self.cache = DiskCache(cache_dir) if cache_dir is not None else None
         self._identity: tuple[str, str] | None = None
@@ -375,13 +289,13 @@ class Influence:
         computed: a parameter (trainable or frozen), a buffer, the module tree, a module's
         mode, the loss function's settings or ``version``.
         """
-        stochastic = _stochastic_modules(self.model)
+        stochastic = stochastic_modules(self.model)
         if stochastic:
             raise NonDeterministicDataError(
                 f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
                 "call model.eval() before computing influence"
             )
-        self.fn = ModelFunction(self.model, self.loss_fn)
+        self.fn = ModelFunction(self.model, self.task)
         self.reduction = reduction_of(self.loss_fn)
         self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
         self._op = None
@@ -417,12 +331,14 @@ class Influence:
         if self._key is None:
             train = self.train_digest if self.cache is not None else self.n_train
             self._key = fingerprint(
-                "influence-v2",
+                "influence-v3",
+                type(self.task).__module__,
+                type(self.task).__qualname__,
+                {k: v for k, v in vars(self.task).items() if k != "loss_fn"},
                 self._identity,
                 self.curvature,
                 self.method,
                 self.damping,
-                self.regularization,
                 self.rank,
                 self.tol,
                 self.maxiter,
@@ -436,8 +352,8 @@ class Influence:
 
     @property
     def shift(self) -> float:
-        r"""The multiple of the identity added to the data curvature: :math:`\lambda + \mu`."""
-        return self.regularization + self.damping
+        r"""The multiple of the identity added to the data curvature: :math:`\mu` (``damping``)."""
+        return self.damping
 
     @property
     def resolved_method(self) -> str:
@@ -452,16 +368,9 @@ class Influence:
 
     # -- distributed -----------------------------------------------------------------------
     def _dist(self) -> tuple[bool, int, int]:
-        if self._distributed is False:
+        if not dist.active(self._distributed):
             return False, 0, 1
-        active = dist.is_available() and dist.is_initialized()
-        if self._distributed and not active:
-            raise RuntimeError(
-                "distributed=True but no torch.distributed process group is initialized"
-            )
-        if not active:
-            return False, 0, 1
-        return True, dist.get_rank(), dist.get_world_size()
+        return True, dist.rank(), dist.world_size()
 
     def _mine(self, c: int) -> bool:
         _, r, w = self._dist()
@@ -469,9 +378,8 @@ class Influence:
 
     def _gather(self, t: Tensor) -> Tensor:
         """Sum a zero-filled partial result over ranks (each entry is filled by one rank)."""
-        on, _, _ = self._dist()
-        if on:
-            dist.all_reduce(t)
+        if self._dist()[0]:
+            dist.all_reduce_sum(t)
         return t
 
     def _collective(self, phase: str):
@@ -495,7 +403,7 @@ class Influence:
     # -- curvature -------------------------------------------------------------------------
     @property
     def operator(self):
-        """The curvature operator of the data term (without regularization or damping)."""
+        """The curvature operator of the data term (without damping)."""
         self._check_model()
         if self._op is None:
             self._op = self._make_operator()
@@ -544,7 +452,7 @@ class Influence:
 
     @property
     def inverse(self):
-        r"""The object applying :math:`(C + (\lambda + \mu) I)^{-1}` to ``[P, k]`` columns."""
+        r"""The object applying :math:`(C + \mu I)^{-1}` to ``[P, k]`` columns."""
         self._check_model()
         if self._inverse is None:
             m = self.resolved_method
@@ -571,9 +479,13 @@ class Influence:
         return self.inverse(B)
 
     # -- public API ------------------------------------------------------------------------
-    def _test(self, test_data) -> _Examples:
-        ex = _Examples(
-            test_data, "test data", self.fn.device, getattr(self.loss_fn, "ignore_index", None)
+    def _test(self, test_data) -> Examples:
+        ex = Examples(
+            test_data,
+            "test data",
+            self.task,
+            self.fn.device,
+            getattr(self.loss_fn, "ignore_index", None),
         )
         if ex.example_shapes != self.train.example_shapes:
             raise ValueError(
@@ -583,7 +495,7 @@ class Influence:
         return ex
 
     def inverse_hvps(self, test_data) -> Tensor:
-        r"""Return :math:`(C + (\lambda+\mu)I)^{-1} \nabla\ell^{\mathrm{test}}_i`, one row each.
+        r"""Return :math:`(C + \mu I)^{-1} \nabla\ell^{\mathrm{test}}_i`, one row each.
 
         Computed once per test set and kept (in memory, and in ``cache_dir`` when given):
         later calls with the same test data, parameters and settings return them at once.
@@ -598,7 +510,7 @@ class Influence:
         test = self._test(test_data)
         tkey = test.digest(self.batch_size)
         self._same_on_all_ranks("test data", tkey)
-        _warn_ignored(test, self.loss_fn)
+        warn_ignored(test, self.loss_fn)
         if tkey in self._ihvp_memo:
             return self._ihvp_memo[tkey]
         if self._dist()[0]:
@@ -607,15 +519,16 @@ class Influence:
         P = self.fn.numel
         total = math.ceil(test.n / self.batch_size) if test.single else None
         with self._collective("inverse-HVPs"):
-            for c, s, X, y in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
+            for c, s, chunk in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
                 if not self._mine(c):
                     continue
-                name, rows = f"ihvp-{self.key}-{tkey}-{c}", _size(X)
+                name, rows = f"ihvp-{self.key}-{tkey}-{c}", self.task.batch_size(chunk)
                 block = None
                 if self.cache is not None:
                     block = self.cache.load_block(name, (rows, P), self.fn.dtype)
                 if block is None:
-                    G = check_rows_finite(self.fn.gradients(X, y), "test example", s)
+                    G = self.fn.gradients(chunk, measure=True)
+                    G = check_rows_finite(G, "test example", s)
                     block = self._apply_inverse(G.T.contiguous()).T.contiguous()
                     check_rows_finite(block, "inverse-HVP of test example", s)
                     if self.cache is not None:
@@ -630,16 +543,17 @@ class Influence:
         out = torch.zeros(rows, self.n_train, dtype=self.fn.dtype, device=self.fn.device)
         total = math.ceil(self.n_train / self.batch_size) if self.train.single else None
         with self._collective(desc):
-            for c, s, X, y in self._bar(self.train.chunks(self.batch_size), total, desc):
+            for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, desc):
                 if not self._mine(c):
                     continue
                 name = f"{tag}-{c}" if (tag and self.cache is not None) else None
-                nb, block = _size(X), None
-                meta = {"data": fingerprint(X, y)} if name is not None else None
+                nb, block = self.task.batch_size(chunk), None
+                meta = {"data": _chunk_digest(chunk)} if name is not None else None
                 if name is not None:
                     block = self.cache.load_block(name, (rows, nb), self.fn.dtype, meta)
                 if block is None:
-                    block = fn(check_rows_finite(self.fn.gradients(X, y), "training example", s))
+                    G = check_rows_finite(_gradients(self.fn, chunk), "training example", s)
+                    block = fn(G)
                     if not bool(torch.isfinite(block).all()):
                         raise NonFiniteError(
                             f"{desc} of training examples {s}..{s + nb - 1} are not finite"
@@ -653,7 +567,7 @@ class Influence:
         r"""Influence of every training point on every test point.
 
         .. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
-                  (C + (\lambda+\mu) I)^{-1} \nabla\ell_j
+                  (C + \mu I)^{-1} \nabla\ell_j
                   \approx \ell^{\mathrm{test}}_i(\hat\theta_{-j})
                   - \ell^{\mathrm{test}}_i(\hat\theta)
 
@@ -680,7 +594,7 @@ class Influence:
     def self_influence(self) -> Tensor:
         r"""Each training point's influence on its own loss, without the ``n x n`` matrix.
 
-        .. math:: s_j = w\, \nabla\ell_j^\top (C + (\lambda+\mu) I)^{-1} \nabla\ell_j
+        .. math:: s_j = w\, \nabla\ell_j^\top (C + \mu I)^{-1} \nabla\ell_j
 
         (the change of :math:`\ell_j` when :math:`j` is removed; non-negative for a
         positive-definite curvature; large values flag outliers and mislabeled points).
@@ -727,7 +641,7 @@ class Influence:
 
         One Newton step on the leave-one-out objective, with its exact curvature,
 
-        .. math:: \Delta_j = (C + (\lambda+\mu) I - w\,C_j)^{-1}\, w\nabla\ell_j,
+        .. math:: \Delta_j = (C + \mu I - w\,C_j)^{-1}\, w\nabla\ell_j,
 
         (:math:`C_j` the chosen curvature of example :math:`j` alone: its Hessian, GGN,
         or :math:`\nabla\ell_j\nabla\ell_j^\top` for the Fisher; the GGN for K-FAC and
@@ -770,7 +684,7 @@ class Influence:
         self._same_on_all_ranks("test data", test.digest(self.batch_size))
         self._same_on_all_ranks("training indices", fingerprint(idx))
         tests = test.take(range(test.n))
-        Gt = torch.stack([self.fn.gradients(*_batch1(x, y))[0] for x, y in tests])
+        Gt = torch.stack([self.fn.gradients(one, measure=True)[0] for one in tests])
         check_rows_finite(Gt, "test example")
         out = torch.zeros(test.n, len(idx), dtype=self.fn.dtype, device=self.fn.device)
         if not idx:
@@ -785,12 +699,12 @@ class Influence:
             for pos in self._bar(range(len(idx)), len(idx), "newton-loo"):
                 if not self._mine(pos):
                     continue
-                x, y = examples[pos]
-                g = self.fn.gradients(*_batch1(x, y))[0]
+                one = examples[pos]
+                g = self.fn.gradients(one)[0]
                 check_rows_finite(g[None], "training example", idx[pos])
                 b = w * g
                 if isinstance(inv, DenseInverse):
-                    Hj = _dense_example_curvature(self.fn, x, y, kind)
+                    Hj = _dense_example_curvature(self.fn, one, kind)
                     M = inv.matrix - w * Hj
                     L, info = torch.linalg.cholesky_ex(M)
                     if int(info) == 0:
@@ -798,7 +712,7 @@ class Influence:
                     else:
                         d = None
                 else:
-                    d = self._loo_iterative(inv, x, y, b, kind)
+                    d = self._loo_iterative(inv, one, b, kind)
                 if d is None:
                     # the leave-one-out curvature is not positive definite: a Newton step along
                     # its negative direction would overshoot arbitrarily; keep the first order
@@ -814,16 +728,16 @@ class Influence:
                 stacklevel=2,
             )
         deltas = self._gather(deltas)
-        for i, (x, y) in enumerate(tests):
-            HD = self.fn.hessian_products(x, y, deltas, "hessian")
+        for i, one in enumerate(tests):
+            HD = self.fn.hessian_products(one, deltas, "hessian", measure=True)
             out[i] = Gt[i] @ deltas + 0.5 * (deltas * HD).sum(0)
         return out
 
-    def _loo_iterative(self, inv, x, y, b: Tensor, kind: str) -> Tensor | None:
+    def _loo_iterative(self, inv, one, b: Tensor, kind: str) -> Tensor | None:
         op, shift, w = self.operator, self.shift, self.weight
 
         def matvec(v: Tensor) -> Tensor:
-            return op @ v + shift * v - w * self.fn.hessian_products(x, y, v, kind)
+            return op @ v + shift * v - w * self.fn.hessian_products(one, v, kind)
 
         x0 = inv(b[:, None])[:, 0]
         M = (lambda v: inv(v[:, None])[:, 0]) if inv.explicit else None
@@ -836,31 +750,28 @@ class Influence:
         return res.x
 
 
-def _warn_ignored(examples: _Examples, loss_fn) -> None:
-    if examples.ignored:
-        k = len(examples.ignored)
-        warnings.warn(
-            f"{k} {examples.what} example(s) (first: {examples.ignored[:10]}) have every target "
-            f"equal to the loss' ignore_index ({loss_fn.ignore_index}): their loss is ignored, "
-            "so their gradient and every influence score involving them are zero",
-            UserWarning,
-            stacklevel=3,
-        )
+def _gradients(fn: ModelFunction, chunk) -> Tensor:
+    """Per-example gradients of a chunk; a pair as ``fn.gradients(X, y)``, as it always was."""
+    if isinstance(chunk, (tuple, list)) and len(chunk) == 2:
+        return fn.gradients(*chunk)
+    return fn.gradients(chunk)
 
 
-def _batch1(x, y):
-    X = x.unsqueeze(0) if isinstance(x, Tensor) else tuple(t.unsqueeze(0) for t in x)
-    return X, y.unsqueeze(0)
+def _chunk_digest(chunk) -> str:
+    """The digest of a chunk's tensors (a pair digests as its two tensors, as before)."""
+    return fingerprint(*chunk) if isinstance(chunk, (tuple, list)) else fingerprint(chunk)
 
 
-def _dense_example_curvature(fn: ModelFunction, x, y, kind: str) -> Tensor:
-    P = fn.numel
-    H = torch.empty(P, P, dtype=torch.float64, device=fn.device)
-    for s in range(0, P, 256):
-        e = min(s + 256, P)
-        E = torch.zeros(P, e - s, dtype=fn.dtype, device=fn.device)
-        E[torch.arange(s, e), torch.arange(e - s)] = 1
-        H[:, s:e] = fn.hessian_products(x, y, E, kind).to(torch.float64)
+def _dense_example_curvature(fn: ModelFunction, one, kind: str) -> Tensor:
+    """One example's curvature (a batch of one), dense in float64 and symmetrized."""
+    H = dense_from_matmat(
+        lambda E: fn.hessian_products(one, E, kind),
+        None,
+        fn.numel,
+        dtype=fn.dtype,
+        device=fn.device,
+        chunk_size=256,
+    ).to(torch.float64)
     return 0.5 * (H + H.T)
 
 
@@ -868,7 +779,7 @@ def _approximation(kind: str, model, loss_fn, data, reduction: str, options: dic
     """Build the K-FAC / EK-FAC operator of the data term (no damping inside)."""
     name = {"kfac": "KFACOperator", "ekfac": "EKFACOperator"}[kind]
     try:
-        from .. import kfac as approximations
+        from .. import approximations
     except ImportError:  # pragma: no cover - the package ships it
         approximations = None
     cls = getattr(approximations, name, None)

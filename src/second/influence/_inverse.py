@@ -1,6 +1,6 @@
 r"""Ways to apply :math:`(C + \mu I)^{-1}` to many right-hand sides.
 
-:math:`C` is the curvature of the data term, :math:`\mu` = regularization + damping.
+:math:`C` is the curvature of the data term, :math:`\mu` the damping.
 Each strategy takes a ``[P, k]`` block of columns and returns ``[P, k]``; the ones with
 an explicit inverse (dense, low rank, Kronecker-factored) do it in one shot, the
 iterative ones call :func:`second.solve` once per column and keep the
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NegativeCurvatureWarning
+from ..func.dense import eigenvalue_cutoff
 from ..solvers import lowrank_inverse, solve
 
 __all__ = ["DenseInverse", "IterativeInverse", "LowRankInverseStrategy", "ApproximationInverse"]
@@ -23,8 +24,9 @@ __all__ = ["DenseInverse", "IterativeInverse", "LowRankInverseStrategy", "Approx
 class DenseInverse:
     r"""The exact inverse from the eigendecomposition of the dense float64 matrix.
 
-    Eigenvalues within ``P * eps * max|eigenvalue|`` of zero are dropped
-    (pseudo-inverse, with a warning). A negative eigenvalue (an indefinite Hessian)
+    Eigenvalues within :func:`second.func.eigenvalue_cutoff` of zero (``max(P eps(float64),
+    eps(dtype)) max|eigenvalue|``, ``dtype`` the model's) are dropped (pseudo-inverse, with
+    a warning). A negative eigenvalue (an indefinite Hessian)
     warns with :class:`~second.NegativeCurvatureWarning`: the inverse exists but the
     first-order influence is then not a leave-one-out estimate.
     """
@@ -36,14 +38,13 @@ class DenseInverse:
         A = 0.5 * (A + A.T) + shift * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         self.matrix = A
         evals, evecs = torch.linalg.eigh(A)
-        scale = float(evals.abs().max()) if evals.numel() else 0.0
-        cut = A.shape[0] * torch.finfo(torch.float64).eps * scale
+        cut = eigenvalue_cutoff(evals, A.shape[0], dtype)  # second's one pinv policy
         small = evals.abs() <= cut
         if bool(small.any()):
             warnings.warn(
                 f"the damped curvature is singular ({int(small.sum())} eigenvalues below "
-                f"{cut:.2e}): using the pseudo-inverse. Pass damping > 0 or the training run's "
-                "regularization.",
+                f"{cut:.2e}): using the pseudo-inverse. Pass damping > 0 (the training run's "
+                "weight decay, at least).",
                 UserWarning,
                 stacklevel=4,
             )
@@ -100,8 +101,8 @@ class LowRankInverseStrategy:
     def __init__(self, op, shift: float, rank: int, eig_tol: float = 1e-6, **options):
         if shift <= 0:
             raise ValueError(
-                "method='lowrank' needs regularization + damping > 0: the directions outside "
-                "the top eigenspace are inverted as 1 / (regularization + damping)"
+                "method='lowrank' needs damping > 0: the directions outside "
+                "the top eigenspace are inverted as 1 / damping"
             )
         # options: complement="zero"|"mean"|"harmonic"|"weighted"|float, complement_probes,
         # complement_steps (see second.lowrank)

@@ -238,24 +238,14 @@ class LinearOperator:
     # -- conversions ---------------------------------------------------------------------
     def to_dense(self, chunk_size: int | None = 256) -> Tensor:
         """The ``m x n`` matrix, assembled with batched products of ``chunk_size`` columns."""
-        rows, cols = self.shape
-        if rows == cols:
-            return dense_from_matmat(
-                self.matmat,
-                self.matvec,
-                rows,
-                dtype=self.dtype,
-                device=self.device,
-                chunk_size=chunk_size,
-            )
-        out = torch.empty((rows, cols), dtype=self.dtype, device=self.device)
-        chunk = cols if chunk_size is None else max(1, chunk_size)
-        for start in range(0, cols, chunk):
-            stop = min(start + chunk, cols)
-            eye = torch.zeros((cols, stop - start), dtype=self.dtype, device=self.device)
-            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            out[:, start:stop] = self @ eye
-        return out
+        return dense_from_matmat(
+            self.matmat,
+            self.matvec,
+            self.shape,
+            dtype=self.dtype,
+            device=self.device,
+            chunk_size=chunk_size,
+        )
 
     def to_scipy(self, dtype: np.dtype | type | None = None):
         """A :class:`scipy.sparse.linalg.LinearOperator` backed by this operator.

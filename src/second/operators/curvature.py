@@ -22,17 +22,26 @@ all-reduced, so the result equals the single-process product on all the data.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from .._errors import NonDeterministicDataError
 from .._losses import nll_scale, per_sample_losses, reduction_of, sample_targets
+from ..data import (
+    SamePassCheck,
+    Task,
+    as_task,
+    iterate_batches,
+    sample_generator,
+    stochastic_modules,
+)
 from ..func.products import (
     GGNGraph,
+    JacobianGraph,
     as_params,
     check_finite,
     check_scalar_loss,
@@ -40,6 +49,7 @@ from ..func.products import (
     grad_checked,
     hvp_from_flat_gradient,
 )
+from ..func.vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
 from .base import LinearOperator
 
 # Work (examples x parameters of a batch) above which "auto" loops over columns on CPU:
@@ -54,119 +64,37 @@ __all__ = [
     "iterate_batches",
 ]
 
+# Kept for callers written before second.data and second.distributed owned these
+# (approximations/kfac.py); new code imports them from there.
+_dist_active = dist.active
+_stochastic_modules = stochastic_modules
+
 
 def _is_batch(data) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and (isinstance(data[0], Tensor) or _is_tensor_tuple(data[0]))
-        and isinstance(data[1], Tensor)
-    )
+    return Task().is_batch(data)
 
 
-def _is_tensor_tuple(x) -> bool:
-    return isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
-
-
-def _to(x, device):
-    if isinstance(x, Tensor):
-        return x.to(device)
-    return tuple(t.to(device) for t in x)
-
-
-def _batch_size(X) -> int:
-    return (X if isinstance(X, Tensor) else X[0]).shape[0]
-
-
-def iterate_batches(data, device: torch.device | None = None):
-    """Yield ``(X, y)`` batches from one batch or an iterable of batches, with checks."""
-    if _is_batch(data):
-        batches: Iterable = [data]
-    else:
-        try:
-            batches = iter(data)
-        except TypeError:
-            raise TypeError(
-                "data must be an (X, y) batch of tensors or an iterable of such batches, "
-                f"got {type(data).__name__}"
-            ) from None
-    count = 0
-    for batch in batches:
-        if not _is_batch(batch):
-            raise TypeError(
-                f"each batch must be an (X, y) pair of tensors, got {type(batch).__name__}"
-            )
-        X, y = batch
-        if _batch_size(X) == 0:
-            continue
-        if _batch_size(X) != y.shape[0]:
-            raise ValueError(
-                f"batch inputs have {_batch_size(X)} examples but targets have {y.shape[0]}"
-            )
-        count += 1
-        yield (_to(X, device), y.to(device)) if device is not None else (X, y)
-    if count == 0:
-        raise ValueError("the data is empty: it yielded no (non-empty) batch")
-
-
-def sample_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    """A private generator for an operator's random samples, never the caller's own.
-
-    A copy of ``generator``'s current state (seed 0 when ``None``): an operator resets it
-    before every pass over the data, so its samples, and the matrix, are the same on every
-    product, and the caller's generator is neither advanced nor reset.
-    """
-    private = torch.Generator(device=device)
-    if generator is None:
-        private.manual_seed(0)
-    else:
-        private.set_state(generator.get_state())
-    return private
-
-
-def _dist_active(distributed: bool | None) -> bool:
-    if distributed is False:
-        return False
-    active = dist.is_available() and dist.is_initialized()
-    if distributed and not active:
-        raise RuntimeError("distributed=True but no torch.distributed process group is initialized")
-    return active
-
-
-def _stochastic_modules(model: nn.Module) -> list[str]:
-    """Modules that make repeated forward passes differ.
-
-    Dropout and RReLU draw new noise; batch norm in training mode updates its running
-    statistics, so each product would change the model's buffers.
-    """
-    found = []
-    for name, m in model.named_modules():
-        if not m.training:
-            continue
-        label = f"{name or type(m).__name__} ({type(m).__name__})"
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            found.append(label)
-        elif isinstance(m, nn.RReLU):
-            found.append(label)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            found.append(label)
-    return found
+FISHERS = ("empirical", "mc", "type2")
 
 
 class CurvatureOperator(LinearOperator):
     """Base class of the dataset-level curvature operators.
 
-    Subclasses implement ``_batch_state(X, y)`` (graphs for one batch) and
+    Subclasses implement ``_batch_state(batch)`` (graphs for one batch) and
     ``_batch_product(state, vs, batched)`` (the batch-level product, reduced like
     the loss). The base class handles parameters, data traversal and weighting,
-    determinism checks, distributed reduction and caching.
+    determinism checks, distributed reduction and caching, and :meth:`restrict`.
 
     Args:
         model: the network.
-        loss_fn: ``loss_fn(model(X), y)`` returns a scalar.
-        data: one ``(X, y)`` batch or an iterable of batches.
+        loss_fn: ``loss_fn(output, targets)`` returns a scalar.
+        data: one batch, an iterable of batches, or a map-style ``Dataset``
+            (:mod:`second.data`): ``(X, y)`` pairs and dicts of tensors work as they are,
+            other batches through ``task``.
         params: tensors to take curvature with respect to (default: every
             parameter of ``model`` with ``requires_grad``).
+        task: how to run the model on a batch (:class:`second.Task`; default: ``(X, y)``
+            pairs and dicts of tensors with targets under ``"labels"``).
         reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` or ``"mean"``.
         check_deterministic: verify that an iterable yields the same batches on every
             pass and that the model is not stochastic (dropout in training mode).
@@ -185,6 +113,16 @@ class CurvatureOperator(LinearOperator):
             ``"vmap"`` otherwise.
     """
 
+    def __new__(cls, *args, **kwargs):
+        """Record the constructor's arguments, which :meth:`restrict` calls it with again.
+
+        A subclass with options of its own (a Fisher's ``fisher`` and ``mc_samples``,
+        KFAC's ``damping``) keeps them all on a restriction.
+        """
+        self = super().__new__(cls)
+        self._init_call = (args, dict(kwargs))
+        return self
+
     def __init__(
         self,
         model: nn.Module,
@@ -192,6 +130,7 @@ class CurvatureOperator(LinearOperator):
         data,
         params: Sequence[Tensor] | None = None,
         *,
+        task: Task | None = None,
         reduction: str | None = None,
         check_deterministic: bool = True,
         distributed: bool | None = None,
@@ -208,6 +147,7 @@ class CurvatureOperator(LinearOperator):
         super().__init__(sum(p.numel() for p in self.params), p0.dtype, p0.device)
         self.model = model
         self.loss_fn = loss_fn
+        self.task = as_task(task, loss_fn)
         self.data = data
         self.reduction = reduction_of(loss_fn, reduction)
         self.check_deterministic = check_deterministic
@@ -217,9 +157,9 @@ class CurvatureOperator(LinearOperator):
             raise ValueError(f"columns must be 'auto', 'vmap' or 'loop', got {columns!r}")
         self.columns = columns
         self.cache_graphs = bool(cache_graphs)
-        self.single_batch = _is_batch(data)
+        self.single_batch = self.task.is_batch(data)
         if check_deterministic:
-            stochastic = _stochastic_modules(model)
+            stochastic = stochastic_modules(model)
             if stochastic:
                 raise NonDeterministicDataError(
                     f"the model is in training mode with {', '.join(stochastic[:3])}: every "
@@ -235,43 +175,81 @@ class CurvatureOperator(LinearOperator):
         )
         self._num_data: int | None = None
 
+    def restrict(self, batch) -> CurvatureOperator:
+        r"""The same operator (same kind and options) on one batch of the data.
+
+        The stochastic solvers (LiSSA, the stochastic Neumann series) multiply by the
+        curvature of one mini-batch at a time: :math:`A_b` is this operator's matrix with
+        ``data=batch``. Every constructor option is kept (a Fisher's ``fisher``,
+        ``mc_samples`` and sampling state, ``columns``, ``cache_graphs``, the task and the
+        reduction); the restriction is local to this process (``distributed=False``) and
+        does not re-check the model (``check_deterministic=False``: the batch is one pass).
+
+        Args:
+            batch: one batch (as the data yields it).
+
+        Returns:
+            A new operator of the same class on ``batch``.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1).double()
+            >>> X, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+            >>> H = HessianOperator(model, torch.nn.MSELoss(), [(X[:3], y[:3]), (X[3:], y[3:])])
+            >>> H1 = H.restrict((X[:3], y[:3]))
+            >>> torch.allclose(H1.to_dense(), HessianOperator(model, torch.nn.MSELoss(), (X[:3], y[:3])).to_dense())
+            True
+        """
+        args, kwargs = self._init_call
+        args = list(args)
+        if len(args) > 2:
+            args[2] = batch
+        else:
+            kwargs["data"] = batch
+        kwargs.update(check_deterministic=False, distributed=False, progressbar=False)
+        kwargs.update(self._restrict_options())
+        return type(self)(*args, **kwargs)
+
+    def _restrict_options(self) -> dict:
+        """Constructor options that :meth:`restrict` sets anew.
+
+        A subclass with a random generator gives the state it started from, not the
+        caller's generator as it is now.
+        """
+        return {}
+
     # -- subclass hooks ------------------------------------------------------------------
-    def _batch_state(self, X, y):
+    def _batch_state(self, batch):
         raise NotImplementedError
 
     def _batch_product(self, state, vs: list[Tensor], batched: bool) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------
-    def _forward(self, X, y) -> tuple[Tensor, Tensor]:
-        out = self.model(X) if isinstance(X, Tensor) else self.model(*X)
-        loss = self.loss_fn(out, y)
+    def _forward(self, batch, y=None) -> tuple[Tensor, Tensor]:
+        """The output and loss on a batch (``_forward(X, y)`` still accepted for a pair)."""
+        if y is not None:
+            batch = (batch, y)
+        out = self.task.output(self.model, batch)
+        loss = self.task.loss(out, batch)
         check_scalar_loss(loss)
         return out, loss
 
     def _split(self, V: Tensor, batched: bool) -> list[Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            n = p.numel()
-            if batched:
-                out.append(V[offset : offset + n].T.reshape(V.shape[1], *p.shape))
-            else:
-                out.append(V[offset : offset + n].view_as(p))
-            offset += n
-        return out
+        if batched:
+            return columns_to_parameters(V, self.params)
+        return list(vector_to_parameters(V, self.params))
 
     def _join(self, ts: Sequence[Tensor], batched: bool) -> Tensor:
         if batched:
-            k = ts[0].shape[0]
-            return torch.cat([t.reshape(k, -1) for t in ts], dim=1).T
+            return parameters_to_columns(ts)
         return torch.cat([t.reshape(-1) for t in ts])
 
     def _weight(self, n_b: int) -> float:
         return float(n_b) if self.reduction == "mean" else 1.0
 
     def _batches(self):
-        """Batches with their example counts, checking the data is the same on every pass."""
-        it = iterate_batches(self.data, self.device)
+        """Batches, checking the data is the same on every pass."""
+        it = iterate_batches(self.data, self.task, self.device)
         if self.progressbar and not self.single_batch:
             from tqdm.auto import tqdm
 
@@ -281,9 +259,9 @@ class CurvatureOperator(LinearOperator):
         yield from it
 
     def _reduce(self, acc: Tensor, count: float) -> tuple[Tensor, float]:
-        if _dist_active(self.distributed):
+        if dist.active(self.distributed):
             buf = torch.cat([acc.reshape(-1), acc.new_tensor([count])])
-            dist.all_reduce(buf)
+            dist.all_reduce_sum(buf)
             return buf[:-1].reshape(acc.shape), float(buf[-1])
         return acc, count
 
@@ -309,13 +287,16 @@ class CurvatureOperator(LinearOperator):
             return torch.stack(cols, dim=1)
         return self._join(self._batch_product(state, vs, mode == "vmap"), mode == "vmap")
 
+    def _states_of(self, batches):
+        return ((self._batch_state(b), self.task.batch_size(b)) for b in batches)
+
     def _kept_states(self) -> list:
         if self._states is None:
             if self.single_batch:
-                batches = iterate_batches(self.data, self.device)
+                batches = iterate_batches(self.data, self.task, self.device)
             else:
                 batches = self._batches()
-            self._states = [(self._batch_state(X, y), _batch_size(X)) for X, y in batches]
+            self._states = list(self._states_of(batches))
         return self._states
 
     def _apply(self, V: Tensor, batched: bool) -> Tensor:
@@ -330,14 +311,11 @@ class CurvatureOperator(LinearOperator):
         if self.single_batch:
             ((state, n_b),) = self._kept_states()
             out = product(state, n_b)
-            if not _dist_active(self.distributed):
+            if not dist.active(self.distributed):
                 return out
             acc, count = out * self._weight(n_b), float(n_b)
         else:
-            if self.cache_graphs:
-                states = self._kept_states()
-            else:
-                states = ((self._batch_state(X, y), _batch_size(X)) for X, y in self._batches())
+            states = self._kept_states() if self.cache_graphs else self._states_of(self._batches())
             acc, count = torch.zeros_like(V), 0.0
             for state, n_b in states:
                 acc.add_(product(state, n_b), alpha=self._weight(n_b))
@@ -360,7 +338,8 @@ class CurvatureOperator(LinearOperator):
     def num_data(self) -> int:
         """Number of examples ``N`` in the data (summed over ranks)."""
         if self._num_data is None:
-            count = float(sum(_batch_size(X) for X, _ in iterate_batches(self.data)))
+            batches = iterate_batches(self.data, self.task)
+            count = float(sum(self.task.batch_size(b) for b in batches))
             _, count = self._reduce(torch.zeros(1, dtype=self.dtype, device=self.device), count)
             self._num_data = int(count)
         return self._num_data
@@ -369,9 +348,9 @@ class CurvatureOperator(LinearOperator):
         """The dataset loss and its flat gradient (detached), reduced like the operator."""
         acc = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
         count = 0.0
-        for X, y in self._batches():
-            n_b = _batch_size(X)
-            _, loss = self._forward(X, y)
+        for batch in self._batches():
+            n_b = self.task.batch_size(batch)
+            _, loss = self._forward(batch)
             g = grad_checked(loss, self.params)
             w = self._weight(n_b)
             acc[:-1].add_(torch.cat([t.reshape(-1) for t in g]), alpha=w)
@@ -393,84 +372,6 @@ class CurvatureOperator(LinearOperator):
         self._states = None
 
 
-def batch_fingerprint(X, y, ordered: bool = False) -> tuple:
-    """A cheap fingerprint of a batch: per tensor its shape, sum and sum of squares.
-
-    With ``ordered`` it also holds a position-weighted sum over the examples, so a batch
-    whose examples were permuted gets a different fingerprint (the sums alone are
-    invariant to the order, which is all a curvature operator depends on).
-    """
-    xs = [X] if isinstance(X, Tensor) else list(X)
-    fp = []
-    for t in [*xs, y]:
-        tf = t.detach().to(torch.float64)
-        item = (tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6))
-        if ordered and tf.dim() > 0 and tf.shape[0] > 0:
-            pos = torch.arange(1, tf.shape[0] + 1, dtype=torch.float64, device=tf.device)
-            per = tf.reshape(tf.shape[0], -1).sum(1)
-            item = (*item, round(float(pos @ per), 6))
-        fp.append(item)
-    return tuple(fp)
-
-
-class SamePassCheck:
-    """Checks that an iterable of batches yields the same batches on every pass.
-
-    The first complete pass records each batch's :func:`batch_fingerprint`; every later
-    pass is compared batch by batch and raises :class:`~second.NonDeterministicDataError`
-    at the first difference (a shuffling ``DataLoader``, random augmentation) or when
-    the number of batches changes. Calling the object wraps an iterator of ``(X, y)``.
-
-    A list of batches yields the same tensor objects on every pass: the same objects with
-    the same autograd version counters hold the same values, and hashing them again is
-    skipped. A ``DataLoader`` collates new tensors, which are fingerprinted afresh.
-
-    Args:
-        what: how the data is named in the error message.
-        hint: what the user can do, appended to the message.
-        ordered: also detect a permutation of the examples within a batch (needed where
-            results are indexed by example, as influence scores are).
-    """
-
-    def __init__(self, what: str = "the data", hint: str = "", ordered: bool = False):
-        self.what, self.hint, self.ordered = what, hint, ordered
-        self.fingerprints: list[tuple] | None = None
-        self._tensors: dict[int, tuple] = {}  # batch i: (weakrefs, versions) last seen
-
-    def __call__(self, batches):
-        seen = []
-        for i, (X, y) in enumerate(batches):
-            fp = self._fingerprint(i, X, y)
-            if self.fingerprints is not None:
-                if i >= len(self.fingerprints) or fp != self.fingerprints[i]:
-                    raise NonDeterministicDataError(
-                        f"batch {i} of {self.what} differs from the one seen on the first pass "
-                        f"(a shuffling DataLoader or random augmentation?). {self.hint}".rstrip()
-                    )
-            seen.append(fp)
-            yield X, y
-        if self.fingerprints is None:
-            self.fingerprints = seen
-        elif len(seen) != len(self.fingerprints):
-            raise NonDeterministicDataError(
-                f"{self.what} yielded {len(seen)} batches, {len(self.fingerprints)} on the first "
-                f"pass. {self.hint}".rstrip()
-            )
-
-    def _fingerprint(self, i: int, X, y) -> tuple:
-        ts = [X, y] if isinstance(X, Tensor) else [*X, y]
-        known = self._tensors.get(i)
-        if known is not None and self.fingerprints is not None and i < len(self.fingerprints):
-            refs, versions = known
-            if len(refs) == len(ts) and all(
-                r() is t and t._version == v for r, t, v in zip(refs, ts, versions, strict=True)
-            ):
-                return self.fingerprints[i]
-        fp = batch_fingerprint(X, y, self.ordered)
-        self._tensors[i] = (tuple(weakref.ref(t) for t in ts), tuple(t._version for t in ts))
-        return fp
-
-
 class HessianOperator(CurvatureOperator):
     r"""The Hessian :math:`\nabla^2_\theta L` of the dataset loss, matrix-free.
 
@@ -489,8 +390,8 @@ class HessianOperator(CurvatureOperator):
 
     # The state is the flat gradient with its graph, so a product multiplies the flat
     # vector (or the transposed matrix) directly, with no per-parameter split.
-    def _batch_state(self, X, y):
-        _, loss = self._forward(X, y)
+    def _batch_state(self, batch):
+        _, loss = self._forward(batch)
         return flatten_gradient(grad_checked(loss, self.params, create_graph=True))
 
     def _prepare(self, V: Tensor, mode: str):
@@ -520,8 +421,8 @@ class GGNOperator(CurvatureOperator):
 
     psd = True
 
-    def _batch_state(self, X, y):
-        out, loss = self._forward(X, y)
+    def _batch_state(self, batch):
+        out, loss = self._forward(batch)
         return GGNGraph(loss, out, self.params)
 
     def _batch_product(self, state, vs, batched):
@@ -529,24 +430,25 @@ class GGNOperator(CurvatureOperator):
 
 
 class _FisherState:
-    def __init__(self, op: FisherOperator, X, y):
-        out, _ = op._forward(X, y)
+    def __init__(self, op: FisherOperator, batch):
+        task = op.task
+        out, _ = op._forward(batch)  # the loss is checked to be a scalar
         n = out.shape[0]
         w = 1.0 / n if op.reduction == "mean" else 1.0
         self.w = w
         self.out_dim = out.dim()
-        if op.kind == "empirical":
-            losses = per_sample_losses(op.loss_fn, out, y, op.reduction)
-            self.graph = _JacobianGraph(losses, op.params)
+        if op.fisher == "empirical":
+            losses = per_sample_losses(task.loss_fn, out, task.targets(batch), op.reduction)
+            self.graph = JacobianGraph(losses, op.params)
             self.scores = self.outer = None
         else:
-            a = nll_scale(op.loss_fn, out, op.reduction)
+            a = nll_scale(task.loss_fn, out, op.reduction)
             # all K samples of all n examples in one batch of K * n (one backward, no loop)
             K = op.mc_samples
             f = out.detach().unsqueeze(0).expand(K, *out.shape).reshape(K * n, *out.shape[1:])
             f = f.clone().requires_grad_(True)
-            yt = sample_targets(op.loss_fn, f, op._sampler)
-            ls = per_sample_losses(op.loss_fn, f, yt, op.reduction)
+            yt = sample_targets(task.loss_fn, f, op._sampler)
+            ls = per_sample_losses(task.loss_fn, f, yt, op.reduction)
             (s,) = torch.autograd.grad(ls.sum(), f)
             self.scores = s.reshape(K, *out.shape)  # [K, n, ...]
             self.w = w / (a * op.mc_samples)
@@ -554,66 +456,39 @@ class _FisherState:
             m = out[0].numel()
             Sf = self.scores.reshape(K, n, m)
             self.outer = torch.einsum("kni,knj->nij", Sf, Sf) if m <= K else None
-            self.graph = _JacobianGraph(out, op.params)
-
-
-class _JacobianGraph:
-    """``J v`` (double-vjp) and ``J^T t`` for a tensor ``out`` of the parameters."""
-
-    def __init__(self, out: Tensor, params):
-        self.out, self.params = out, params
-        self.dummy = torch.zeros_like(out, requires_grad=True)
-        self.u = grad_checked(out, params, self.dummy, create_graph=True)
-
-    def jvp(self, vs, batched):
-        live = [i for i, u in enumerate(self.u) if u.requires_grad]
-        shape = (vs[0].shape[0], *self.out.shape) if batched else self.out.shape
-        if not live:
-            return self.out.new_zeros(shape)
-        (jv,) = torch.autograd.grad(
-            [self.u[i] for i in live],
-            self.dummy,
-            [vs[i] for i in live],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
-        return self.out.new_zeros(shape) if jv is None else jv
-
-    def vjp(self, t, batched):
-        return grad_checked(
-            self.out,
-            self.params,
-            t,
-            retain_graph=True,
-            is_grads_batched=batched,
-            zeros_for_unused=True,
-        )
+            self.graph = JacobianGraph(out, op.params)
 
 
 class FisherOperator(CurvatureOperator):
-    r"""The Fisher matrix, empirical or Monte-Carlo.
+    r"""The Fisher matrix: empirical, Monte-Carlo or type-2 (the exact GGN).
 
-    * ``kind="empirical"``: :math:`w \sum_i \nabla\ell_i \nabla\ell_i^\top` with the observed
+    * ``fisher="empirical"``: :math:`w \sum_i \nabla\ell_i \nabla\ell_i^\top` with the observed
       targets (per-example losses as in :mod:`second._losses`).
-    * ``kind="mc"``: :math:`\frac{w}{a K} \sum_i \sum_k J_i^\top s_{ik} s_{ik}^\top J_i`
+    * ``fisher="mc"``: :math:`\frac{w}{a K} \sum_i \sum_k J_i^\top s_{ik} s_{ik}^\top J_i`
       with :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik})`, targets :math:`\tilde y_{ik}`
       sampled from the model's predictive distribution (``mc_samples`` of them). Every
       product draws the same samples, so the operator is one fixed matrix. Its expectation
       is the GGN. Supported for MSE, cross-entropy and BCE-with-logits.
+    * ``fisher="type2"``: :math:`\sum_b w_b J_b^\top (\nabla^2_f L_b) J_b`, the GGN (equal to
+      the true Fisher for exponential-family losses), as :class:`GGNOperator`.
 
     Args:
-        kind: ``"empirical"`` (default) or ``"mc"``.
+        fisher: ``"empirical"`` (default), ``"mc"`` or ``"type2"`` (``docs/glossary.md``).
         mc_samples: samples per example for ``"mc"``.
         generator: a ``torch.Generator`` whose state at construction seeds the samples
             (default: seed 0). The operator draws from a private copy of that state
-            (:func:`sample_generator`), so ``generator`` itself is never advanced or reset.
+            (:func:`second.data.sample_generator`), so ``generator`` itself is never
+            advanced or reset.
+        kind: the deprecated spelling of ``fisher`` (``DeprecationWarning``; removal in 0.3).
         other arguments: see :class:`CurvatureOperator`.
+
+    Raises:
+        ValueError: an unknown ``fisher``, ``mc_samples < 1``, or both ``fisher`` and ``kind``.
 
     Example:
         >>> model = torch.nn.Linear(3, 4).double()
         >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randint(0, 4, (50,))
-        >>> F = FisherOperator(model, torch.nn.CrossEntropyLoss(), (X, y), kind="mc",
+        >>> F = FisherOperator(model, torch.nn.CrossEntropyLoss(), (X, y), fisher="mc",
         ...                    mc_samples=1000)
         >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), (X, y)).to_dense()
         >>> float((F.to_dense() - G).norm() / G.norm()) < 0.1   # E[MC Fisher] = GGN
@@ -629,31 +504,60 @@ class FisherOperator(CurvatureOperator):
         data,
         params=None,
         *,
-        kind: str = "empirical",
+        fisher: str | None = None,
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        kind: str | None = None,
         **kwargs,
     ):
-        if kind not in ("empirical", "mc"):
-            raise ValueError(f"kind must be 'empirical' or 'mc', got {kind!r}")
+        if kind is not None:
+            if fisher is not None:
+                raise ValueError("pass fisher= only (kind= is its deprecated spelling)")
+            warnings.warn(
+                "FisherOperator(kind=...) is deprecated, use fisher= (removal in 0.3)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            fisher = kind
+        fisher = "empirical" if fisher is None else fisher
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher (kind) must be one of {FISHERS}, got {fisher!r}")
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         super().__init__(model, loss_fn, data, params, **kwargs)
-        self.kind = kind
+        self.fisher = fisher
         self.mc_samples = int(mc_samples)
         self.generator = generator
         self._sampler = sample_generator(generator, self.device)
         self._sampler_state = self._sampler.get_state()
 
-    def _batch_state(self, X, y):
-        return _FisherState(self, X, y)
+    def _restrict_options(self) -> dict:
+        # the samples start where this operator's started, whatever the caller's generator
+        # did since; fisher= replaces a deprecated kind= so the restriction does not warn
+        start = torch.Generator(device=self.device)
+        start.set_state(self._sampler_state)
+        return {"generator": start, "fisher": self.fisher, "kind": None}
+
+    @property
+    def kind(self) -> str:
+        """Deprecated: the ``fisher`` setting."""
+        warnings.warn("FisherOperator.kind is deprecated, use .fisher", DeprecationWarning, 2)
+        return self.fisher
+
+    def _batch_state(self, batch):
+        if self.fisher == "type2":
+            out, loss = self._forward(batch)
+            return GGNGraph(loss, out, self.params)
+        return _FisherState(self, batch)
 
     def _apply(self, V, batched):
         # the same samples on every pass over the data: the operator is one fixed matrix
         self._sampler.set_state(self._sampler_state)
         return super()._apply(V, batched)
 
-    def _batch_product(self, state: _FisherState, vs, batched):
+    def _batch_product(self, state, vs, batched):
+        if isinstance(state, GGNGraph):
+            return state.gvp(vs, batched)
         jv = state.graph.jvp(vs, batched)
         if state.scores is None:
             t = jv * state.w

@@ -29,15 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NonDeterministicDataError
-from ..func.products import as_params, check_finite
+from ..data import SamePassCheck, Task, as_task, iterate_batches, stochastic_modules
+from ..func.products import JacobianGraph, as_params, check_finite
+from ..func.vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
 from .base import LinearOperator
-from .curvature import (
-    SamePassCheck,
-    _is_batch,
-    _JacobianGraph,
-    _stochastic_modules,
-    iterate_batches,
-)
 
 __all__ = ["JacobianOperator", "TransposedJacobianOperator"]
 
@@ -54,6 +49,7 @@ class _Jacobian:
         progressbar: bool,
         cache_graphs: bool,
         columns: str,
+        task: Task | None = None,
     ):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -69,12 +65,13 @@ class _Jacobian:
         if isinstance(data, Tensor):  # a batch of inputs without targets
             data = (data, data.new_empty((data.shape[0] if data.dim() else 0, 0)))
         self.data = data
-        self.single_batch = _is_batch(data)
+        self.task = as_task(task, None)
+        self.single_batch = self.task.is_batch(data)
         self.check_deterministic = check_deterministic
         self.progressbar = progressbar
         self.cache_graphs = bool(cache_graphs)
         if check_deterministic:
-            stochastic = _stochastic_modules(model)
+            stochastic = stochastic_modules(model)
             if stochastic:
                 raise NonDeterministicDataError(
                     f"the model is in training mode with {', '.join(stochastic[:3])}: every "
@@ -87,17 +84,17 @@ class _Jacobian:
             "A Jacobian operator must be the same matrix on every product: use shuffle=False "
             "or a fixed list of batches, or pass check_deterministic=False.",
         )
-        self._states: list[_JacobianGraph] | None = None
+        self._states: list[JacobianGraph] | None = None
         if self.single_batch or self.cache_graphs:
             self.output_shapes = [tuple(g.out.shape) for g in self._kept_states()]
         else:  # one pass without graphs to learn the number of rows
             with torch.no_grad():
-                self.output_shapes = [tuple(self._forward(X).shape) for X, _ in self._batches()]
+                self.output_shapes = [tuple(self._forward(b).shape) for b in self._batches()]
         self.num_outputs = sum(int(torch.Size(s).numel()) for s in self.output_shapes)
 
     # -- data ----------------------------------------------------------------------------
-    def _forward(self, X) -> Tensor:
-        out = self.model(X) if isinstance(X, Tensor) else self.model(*X)
+    def _forward(self, batch) -> Tensor:
+        out = self.task.output(self.model, batch)
         if not isinstance(out, Tensor):
             raise TypeError(f"the model must return one tensor, got {type(out).__name__}")
         if out.dtype != self.dtype:
@@ -105,7 +102,7 @@ class _Jacobian:
         return check_finite(out, "model output")
 
     def _batches(self):
-        it = iterate_batches(self.data, self.device)
+        it = iterate_batches(self.data, self.task, self.device)
         if self.progressbar and not self.single_batch:
             from tqdm.auto import tqdm
 
@@ -114,11 +111,9 @@ class _Jacobian:
             it = self._pass_check(it)
         yield from it
 
-    def _kept_states(self) -> list[_JacobianGraph]:
+    def _kept_states(self) -> list[JacobianGraph]:
         if self._states is None:
-            self._states = [
-                _JacobianGraph(self._forward(X), self.params) for X, _ in self._batches()
-            ]
+            self._states = [JacobianGraph(self._forward(b), self.params) for b in self._batches()]
         return self._states
 
     def _graphs(self):
@@ -126,7 +121,7 @@ class _Jacobian:
         if self.single_batch or self.cache_graphs:
             graphs = iter(self._kept_states())
         else:
-            graphs = (_JacobianGraph(self._forward(X), self.params) for X, _ in self._batches())
+            graphs = (JacobianGraph(self._forward(b), self.params) for b in self._batches())
         count = 0
         for i, graph in enumerate(graphs):
             if i >= len(self.output_shapes) or tuple(graph.out.shape) != self.output_shapes[i]:
@@ -148,19 +143,14 @@ class _Jacobian:
 
     # -- parameter-shaped views ------------------------------------------------------------
     def _split(self, V: Tensor, batched: bool) -> list[Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            n = p.numel()
-            block = V[offset : offset + n]
-            out.append(block.T.reshape(V.shape[1], *p.shape) if batched else block.view_as(p))
-            offset += n
-        return out
+        if batched:
+            return columns_to_parameters(V, self.params)
+        return list(vector_to_parameters(V, self.params))
 
     @staticmethod
     def _join(ts: Sequence[Tensor], batched: bool) -> Tensor:
         if batched:
-            k = ts[0].shape[0]
-            return torch.cat([t.reshape(k, -1) for t in ts], dim=1).T
+            return parameters_to_columns(ts)
         return torch.cat([t.reshape(-1) for t in ts])
 
     # -- products ------------------------------------------------------------------------
@@ -211,9 +201,10 @@ class _JacobianBase(LinearOperator):
         progressbar: bool = False,
         cache_graphs: bool = False,
         columns: str = "vmap",
+        task: Task | None = None,
     ):
         core = _Jacobian(
-            model, data, params, check_deterministic, progressbar, cache_graphs, columns
+            model, data, params, check_deterministic, progressbar, cache_graphs, columns, task
         )
         self._init_from(core)
 
@@ -315,6 +306,8 @@ class JacobianOperator(_JacobianBase):
             dataset's activations; default ``False``); a single batch always keeps its graph.
         columns: ``"vmap"`` (default; one vmap-batched backward pass for a matrix of
             columns) or ``"loop"`` (one pass per column, for models without batching rules).
+        task: how to run the model on a batch (:class:`second.Task`; default: ``(X, y)``
+            pairs and dicts of tensors); only its ``output`` is used.
 
     Attributes:
         num_outputs: ``M``.

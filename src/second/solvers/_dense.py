@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..func.dense import eigenvalue_cutoff
 from ._result import (
     Problem,
     SolveResult,
     column_norms,
     measurable_residual,
-    real_dtype,
     report,
     stopping_threshold,
 )
@@ -78,11 +78,7 @@ def dense(
     if pb.A.symmetric:
         S = 0.5 * (Ad + Ad.mH)
         evals, evecs = torch.linalg.eigh(S)
-        scale = float(evals.abs().max()) if n else 0.0
-        default_rcond = max(
-            n * torch.finfo(torch.float64).eps, torch.finfo(real_dtype(pb.dtype)).eps
-        )
-        cut = (rcond if rcond is not None else default_rcond) * scale
+        cut = eigenvalue_cutoff(evals, n, pb.dtype, rcond)  # second's one pinv policy
         small = evals.abs() <= cut
         inv = torch.where(small, torch.zeros_like(evals), 1.0 / evals).to(wide)
         X = evecs @ (inv.unsqueeze(1) * (evecs.mH @ B))

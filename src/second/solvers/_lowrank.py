@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..func.dense import eigenvalue_cutoff
 from ..operators.base import CallableOperator, aslinearoperator
 from ..spectral import eigsh, lanczos
 from ..spectral.lanczos import tridiagonal
@@ -241,8 +242,9 @@ def lowrank(
         converged=rnorm <= threshold,
         iterations=1,
         residual_norms=[_norm(pb.b), rnorm],
+        # Lanczos eigenvalues: a looser relative cutoff than a dense eigendecomposition's
         negative_curvature=bool(
-            (vals < -1e3 * torch.finfo(vals.dtype).eps * vals.abs().max()).any()
+            (vals < -eigenvalue_cutoff(vals, rcond=1e3 * torch.finfo(vals.dtype).eps)).any()
         ),
         method="lowrank",
         info={

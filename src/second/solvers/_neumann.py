@@ -197,26 +197,20 @@ def neumann(A, b, **options) -> SolveResult:
 
 def _batch_operators(A) -> Callable[[int], LinearOperator]:
     """A function ``i -> operator of mini-batch i`` for LiSSA's stochastic products."""
-    from ..operators.curvature import CurvatureOperator, iterate_batches
+    from ..data import iterate_batches
+    from ..operators.curvature import CurvatureOperator
 
     if isinstance(A, CurvatureOperator):
         if A.single_batch:
             return lambda i: A
-        batches = list(iterate_batches(A.data, A.device))
+        # the same operator (kind and options: a Fisher's samples, columns, ...) on each batch
+        batches = list(iterate_batches(A.data, A.task, A.device))
         ops = [None] * len(batches)
 
         def get(i):
             j = i % len(batches)
             if ops[j] is None:
-                ops[j] = type(A)(
-                    A.model,
-                    A.loss_fn,
-                    batches[j],
-                    A.params,
-                    reduction=A.reduction,
-                    check_deterministic=False,
-                    distributed=False,
-                )
+                ops[j] = A.restrict(batches[j])
             return ops[j]
 
         return get

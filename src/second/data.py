@@ -1,0 +1,461 @@
+r"""Batches and data passes: the one owner of how ``second`` reads your data.
+
+A **batch** is whatever the data yields: an ``(X, y)`` pair of tensors (``X`` may be a
+tuple of tensors for a model with several inputs), a dict of tensors (the HuggingFace
+style, targets under ``"labels"``), or anything else a :class:`Task` knows how to run.
+**Data** is one batch, an iterable of batches (a ``DataLoader``, a list), or a map-style
+``torch.utils.data.Dataset`` (read in order, :attr:`Task.dataset_batch_size` examples at a
+time).
+
+The curvature operators and :class:`~second.Influence` read data through
+:func:`iterate_batches` (with checks) and :class:`SamePassCheck` (the same batches on every
+pass), and run the model through a :class:`Task`. With the default task,
+
+.. math:: L_b(\theta) = \texttt{loss\_fn}(f_\theta(X_b), y_b)
+
+for a pair, and ``loss_fn(model(**inputs), batch["labels"])`` for a dict, so simple users
+never write one.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import NonDeterministicDataError
+from ._losses import sample_targets
+
+__all__ = [
+    "Task",
+    "as_task",
+    "map_batch",
+    "iterate_batches",
+    "batch_fingerprint",
+    "SamePassCheck",
+    "stochastic_modules",
+    "sample_generator",
+]
+
+
+def _leaves(batch) -> list[Tensor]:
+    """Every tensor in a batch (tuples, lists and dicts, recursively), in order."""
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _leaves(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _leaves(v)]
+    return []
+
+
+def map_batch(batch, fn: Callable[[Tensor], Tensor]):
+    """Apply ``fn`` to every tensor of a batch, keeping its layout (tuples, lists, dicts).
+
+    Args:
+        batch: any nesting of tuples, lists and dicts of tensors; other leaves are kept.
+        fn: what to do with each tensor.
+
+    Returns:
+        The batch with every tensor ``t`` replaced by ``fn(t)``.
+
+    Example:
+        >>> map_batch({"x": torch.ones(2), "y": (torch.zeros(1),)}, lambda t: t + 1)
+        {'x': tensor([2., 2.]), 'y': (tensor([1.]),)}
+    """
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_batch(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(map_batch(v, fn) for v in batch)
+    if isinstance(batch, list):
+        return [map_batch(v, fn) for v in batch]
+    return batch
+
+
+def _is_tensors(x) -> bool:
+    return isinstance(x, Tensor) or (
+        isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x)
+    )
+
+
+class Task:
+    r"""How ``second`` runs a model on a batch: the adapter between your data and the library.
+
+    The defaults handle ``(X, y)`` pairs (``model(X)``, or ``model(*X)`` for a tuple of
+    inputs) and dicts of tensors (``model(**inputs)`` with every key but ``target_key``).
+    For any other batch, subclass and override what differs; every method takes the batch
+    as the data yields it.
+
+    The loss of a batch is
+
+    .. math:: L_b = \texttt{loss\_fn}(\mathrm{output}(b), \mathrm{targets}(b)),
+
+    and with ``sample=True`` the targets are drawn from the model's predictive
+    distribution (``y ~ p(y | f)``), which is how the Monte-Carlo Fisher is formed
+    (supported for MSE, cross-entropy and BCE-with-logits losses).
+
+    Args:
+        loss_fn: ``loss_fn(output, targets)`` returning a scalar (default ``None``: the
+            operator or :class:`~second.Influence` the task is given to supplies its own).
+        target_key: where a dict batch keeps its targets (default ``"labels"``).
+
+    Attributes:
+        dataset_batch_size: examples per batch when the data is a map-style ``Dataset``
+            (default 256).
+
+    Example:
+        >>> class DictTask(Task):                      # batches {"x": ..., "y": ...}
+        ...     def output(self, model, batch):
+        ...         return model(batch["x"])
+        ...     def targets(self, batch):
+        ...         return batch["y"]
+        >>> model = torch.nn.Linear(3, 1)
+        >>> batch = {"x": torch.randn(4, 3), "y": torch.randn(4, 1)}
+        >>> task = DictTask(torch.nn.MSELoss())
+        >>> task.batch_size(batch), task.loss(task.output(model, batch), batch).shape
+        (4, torch.Size([]))
+    """
+
+    dataset_batch_size: int = 256
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        target_key: str = "labels",
+    ):
+        self.loss_fn = loss_fn
+        self.target_key = target_key
+
+    # -- what a batch is -----------------------------------------------------------------
+    def is_batch(self, data) -> bool:
+        """Whether ``data`` is one batch (rather than an iterable of batches)."""
+        if isinstance(data, Mapping):
+            return len(data) > 0 and all(isinstance(v, Tensor) for v in data.values())
+        return (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and _is_tensors(data[0])
+            and isinstance(data[1], Tensor)
+        )
+
+    def check(self, batch) -> None:
+        """Raise a clear error unless ``batch`` is a batch this task can run.
+
+        Raises:
+            TypeError: the batch has another layout (a dict without ``target_key``).
+            ValueError: inputs and targets hold different numbers of examples.
+        """
+        if not self.is_batch(batch):
+            raise TypeError(
+                "each batch must be an (X, y) pair of tensors or a dict of tensors, got "
+                f"{type(batch).__name__} (pass task=second.Task subclass for other batches)"
+            )
+        if isinstance(batch, Mapping):
+            if self.target_key not in batch:
+                raise TypeError(
+                    f"each batch must be an (X, y) pair of tensors or a dict of tensors with "
+                    f"a {self.target_key!r} entry, got a dict with keys {sorted(batch)} (pass "
+                    "task=second.Task(target_key=...))"
+                )
+            sizes = {int(v.shape[0]) if v.dim() else 0 for v in batch.values()}
+        else:
+            X, y = batch
+            sizes = {int(_leaves(X)[0].shape[0]) if _leaves(X)[0].dim() else 0}
+            sizes.add(int(y.shape[0]) if y.dim() else 0)
+            if len(sizes) > 1:
+                raise ValueError(
+                    f"batch inputs have {_leaves(X)[0].shape[0]} examples but targets have "
+                    f"{y.shape[0] if y.dim() else 0}"
+                )
+        if len(sizes) > 1:
+            raise ValueError(f"the tensors of a batch hold different numbers of examples {sizes}")
+
+    def batch_size(self, batch) -> int:
+        """The number of examples in ``batch`` (the leading size of its first tensor)."""
+        leaves = _leaves(batch)
+        if not leaves:
+            raise TypeError(f"a batch of type {type(batch).__name__} holds no tensor")
+        return int(leaves[0].shape[0]) if leaves[0].dim() else 0
+
+    def to(self, batch, device: torch.device | None):
+        """``batch`` with every tensor on ``device`` (unchanged for ``None``)."""
+        return batch if device is None else map_batch(batch, lambda t: t.to(device))
+
+    def take(self, batch, index):
+        """The examples ``index`` (an int or a slice) of ``batch``, every tensor indexed alike."""
+        return map_batch(batch, lambda t: t[index])
+
+    # -- running the model ---------------------------------------------------------------
+    def output(self, model: Callable, batch) -> Tensor:
+        """The model's output on ``batch``: ``model(X)``, ``model(*X)`` or ``model(**inputs)``."""
+        if isinstance(batch, Mapping):
+            return model(**{k: v for k, v in batch.items() if k != self.target_key})
+        X = batch[0]
+        return model(X) if isinstance(X, Tensor) else model(*X)
+
+    def targets(self, batch) -> Tensor:
+        """What the loss compares the output with: ``y``, or ``batch[target_key]``."""
+        return batch[self.target_key] if isinstance(batch, Mapping) else batch[1]
+
+    def loss(
+        self,
+        output: Tensor,
+        batch,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The loss of ``batch`` given the model's ``output`` on it (a scalar).
+
+        Args:
+            output: :meth:`output` of the batch.
+            batch: the batch.
+            sample: draw the targets from the model's predictive distribution instead of
+                using :meth:`targets` (the Monte-Carlo Fisher's targets).
+            generator: the random generator for ``sample``.
+
+        Raises:
+            ValueError: the task has no ``loss_fn``.
+        """
+        if self.loss_fn is None:
+            raise ValueError(
+                "this Task has no loss_fn: pass Task(loss_fn) or give it to an operator"
+            )
+        y = sample_targets(self.loss_fn, output, generator) if sample else self.targets(batch)
+        return self.loss_fn(output, y)
+
+    def measurement(self, model: Callable, batch) -> Tensor:
+        """What influence attributes on a test batch: by default its loss."""
+        return self.loss(self.output(model, batch), batch)
+
+
+def as_task(task: Task | None, loss_fn: Callable | None) -> Task:
+    """The task an operator uses: ``task``, given ``loss_fn`` if it has none, or the default.
+
+    Args:
+        task: the user's :class:`Task` or ``None``.
+        loss_fn: the loss the caller was given.
+
+    Returns:
+        A :class:`Task` with a ``loss_fn`` (a shallow copy when one had to be filled in,
+        so the user's object is not changed).
+
+    Raises:
+        TypeError: ``task`` is not a :class:`Task`.
+
+    Example:
+        >>> as_task(None, torch.nn.MSELoss()).loss_fn
+        MSELoss()
+    """
+    if task is None:
+        return Task(loss_fn)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a second.Task, got {type(task).__name__}")
+    if task.loss_fn is None and loss_fn is not None:
+        task = copy.copy(task)
+        task.loss_fn = loss_fn
+    return task
+
+
+def _is_map_dataset(data) -> bool:
+    from torch.utils.data import Dataset, IterableDataset
+
+    return isinstance(data, Dataset) and not isinstance(data, IterableDataset)
+
+
+def _batches_of(data, task: Task) -> Iterable:
+    if task.is_batch(data):
+        return [data]
+    if _is_map_dataset(data):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(data, batch_size=task.dataset_batch_size, shuffle=False)
+    try:
+        return iter(data)
+    except TypeError:
+        raise TypeError(
+            "data must be an (X, y) batch of tensors, a dict of tensors, an iterable of such "
+            f"batches or a map-style Dataset, got {type(data).__name__}"
+        ) from None
+
+
+def iterate_batches(data, task: Task | None = None, device: torch.device | None = None) -> Iterator:
+    """Yield the non-empty batches of ``data``, checked and moved to ``device``.
+
+    Args:
+        data: one batch, an iterable of batches, or a map-style ``Dataset``.
+        task: how to read a batch (default :class:`Task`).
+        device: where to move every tensor (``None``: leave them).
+
+    Yields:
+        The batches, in order; empty ones are skipped.
+
+    Raises:
+        TypeError: ``data`` is not data, or a batch has a layout the task cannot read.
+        ValueError: a batch's tensors disagree on the number of examples, or the data
+            holds no example at all.
+
+    Example:
+        >>> X, y = torch.randn(5, 2), torch.randn(5)
+        >>> [b[0].shape[0] for b in iterate_batches([(X[:3], y[:3]), (X[3:], y[3:])])]
+        [3, 2]
+    """
+    task = task if task is not None else Task()
+    count = 0
+    for batch in _batches_of(data, task):
+        task.check(batch)
+        if task.batch_size(batch) == 0:
+            continue
+        count += 1
+        yield task.to(batch, device)
+    if count == 0:
+        raise ValueError("the data is empty: it yielded no (non-empty) batch")
+
+
+def batch_fingerprint(batch, ordered: bool = False) -> tuple:
+    """A cheap fingerprint of a batch: per tensor its shape, sum and sum of squares.
+
+    With ``ordered`` it also holds a position-weighted sum over the examples, so a batch
+    whose examples were permuted gets a different fingerprint (the sums alone are
+    invariant to the order, which is all a curvature operator depends on).
+
+    Args:
+        batch: a batch (any nesting of tuples, lists and dicts of tensors).
+        ordered: also tell permutations of the examples apart.
+
+    Returns:
+        A tuple of per-tensor tuples (hashable, comparable).
+
+    Example:
+        >>> X = torch.tensor([[1.0], [2.0]])
+        >>> batch_fingerprint((X, X.flip(0))) == batch_fingerprint((X.flip(0), X))
+        True
+        >>> batch_fingerprint((X, X), ordered=True) == batch_fingerprint((X.flip(0), X), ordered=True)
+        False
+    """
+    fp = []
+    for t in _leaves(batch):
+        tf = t.detach().to(torch.float64)
+        item = (tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6))
+        if ordered and tf.dim() > 0 and tf.shape[0] > 0:
+            pos = torch.arange(1, tf.shape[0] + 1, dtype=torch.float64, device=tf.device)
+            per = tf.reshape(tf.shape[0], -1).sum(1)
+            item = (*item, round(float(pos @ per), 6))
+        fp.append(item)
+    return tuple(fp)
+
+
+class SamePassCheck:
+    """Checks that an iterable of batches yields the same batches on every pass.
+
+    The first complete pass records each batch's :func:`batch_fingerprint`; every later
+    pass is compared batch by batch and raises :class:`~second.NonDeterministicDataError`
+    at the first difference (a shuffling ``DataLoader``, random augmentation) or when
+    the number of batches changes. Calling the object wraps an iterator of batches.
+
+    A list of batches yields the same tensor objects on every pass: the same objects with
+    the same autograd version counters hold the same values, and hashing them again is
+    skipped. A ``DataLoader`` collates new tensors, which are fingerprinted afresh.
+
+    Args:
+        what: how the data is named in the error message.
+        hint: what the user can do, appended to the message.
+        ordered: also detect a permutation of the examples within a batch (needed where
+            results are indexed by example, as influence scores are).
+
+    Example:
+        >>> check = SamePassCheck()
+        >>> data = [(torch.ones(2, 1), torch.zeros(2))]
+        >>> len(list(check(iter(data)))), len(list(check(iter(data))))
+        (1, 1)
+    """
+
+    def __init__(self, what: str = "the data", hint: str = "", ordered: bool = False):
+        self.what, self.hint, self.ordered = what, hint, ordered
+        self.fingerprints: list[tuple] | None = None
+        self._tensors: dict[int, tuple] = {}  # batch i: (weakrefs, versions) last seen
+
+    def __call__(self, batches: Iterable) -> Iterator:
+        """Yield ``batches``, checking each against the first pass."""
+        seen = []
+        for i, batch in enumerate(batches):
+            fp = self._fingerprint(i, batch)
+            if self.fingerprints is not None:
+                if i >= len(self.fingerprints) or fp != self.fingerprints[i]:
+                    raise NonDeterministicDataError(
+                        f"batch {i} of {self.what} differs from the one seen on the first pass "
+                        f"(a shuffling DataLoader or random augmentation?). {self.hint}".rstrip()
+                    )
+            seen.append(fp)
+            yield batch
+        if self.fingerprints is None:
+            self.fingerprints = seen
+        elif len(seen) != len(self.fingerprints):
+            raise NonDeterministicDataError(
+                f"{self.what} yielded {len(seen)} batches, {len(self.fingerprints)} on the first "
+                f"pass. {self.hint}".rstrip()
+            )
+
+    def _fingerprint(self, i: int, batch) -> tuple:
+        ts = _leaves(batch)
+        known = self._tensors.get(i)
+        if known is not None and self.fingerprints is not None and i < len(self.fingerprints):
+            refs, versions = known
+            if len(refs) == len(ts) and all(
+                r() is t and t._version == v for r, t, v in zip(refs, ts, versions, strict=True)
+            ):
+                return self.fingerprints[i]
+        fp = batch_fingerprint(batch, self.ordered)
+        self._tensors[i] = (tuple(weakref.ref(t) for t in ts), tuple(t._version for t in ts))
+        return fp
+
+
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Modules that make repeated forward passes differ, as ``"name (Type)"`` labels.
+
+    Dropout and RReLU draw new noise; batch norm in training mode updates its running
+    statistics, so each product would change the model's buffers.
+
+    Example:
+        >>> stochastic_modules(torch.nn.Sequential(torch.nn.Dropout(0.5)))
+        ['0 (Dropout)']
+    """
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        label = f"{name or type(m).__name__} ({type(m).__name__})"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            found.append(label)
+        elif isinstance(m, nn.RReLU):
+            found.append(label)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            found.append(label)
+    return found
+
+
+def sample_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A private generator for an operator's random samples, never the caller's own.
+
+    A copy of ``generator``'s current state (seed 0 when ``None``): an operator resets it
+    before every pass over the data, so its samples, and the matrix, are the same on every
+    product, and the caller's generator is neither advanced nor reset.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(1)
+        >>> private = sample_generator(g, torch.device("cpu"))
+        >>> private is g, torch.equal(private.get_state(), g.get_state())
+        (False, True)
+    """
+    private = torch.Generator(device=device)
+    if generator is None:
+        private.manual_seed(0)
+    else:
+        private.set_state(generator.get_state())
+    return private

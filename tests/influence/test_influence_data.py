@@ -1,0 +1,109 @@
+"""Influence reads any data through second.Task: dict batches, map-style Datasets, a measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from second import Influence, Task, exact_ggn
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def data(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
+
+
+class Keyword(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, inputs):
+        return self.inner(inputs)
+
+
+KW = dict(curvature="ggn", damping=0.1, method="dense", progressbar=False, batch_size=4)
+
+
+def _dense_scores(model, loss_fn, train, test, damping):
+    """w g_test^T (G + damping I)^{-1} g_j from autograd, one example at a time."""
+    params = list(model.parameters())
+    X, y = train
+    out = model(X)
+    G = exact_ggn(loss_fn(out, y), out, params).detach()
+
+    def grads(Xs, ys):
+        rows = []
+        for i in range(Xs.shape[0]):
+            loss = loss_fn(model(Xs[i : i + 1]), ys[i : i + 1])
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+        return torch.stack(rows)
+
+    A = G + damping * torch.eye(G.shape[0], dtype=G.dtype)
+    return torch.linalg.solve(A, grads(*test).T).T @ grads(*train).T / X.shape[0]
+
+
+def test_pairs_dicts_and_a_dataset_give_the_same_scores():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    (X, y), test = data(10), data(3, seed=2)
+    expected = _dense_scores(model, loss_fn, (X, y), test, 0.1)
+    pairs = Influence(model, loss_fn, [(X[:6], y[:6]), (X[6:], y[6:])], **KW).scores(test)
+    torch.testing.assert_close(pairs, expected, rtol=1e-8, atol=1e-10)
+
+    dicts = [{"inputs": X[:6], "labels": y[:6]}, {"inputs": X[6:], "labels": y[6:]}]
+    inf = Influence(Keyword(model), loss_fn, dicts, **KW)
+    got = inf.scores({"inputs": test[0], "labels": test[1]})
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        inf.newton_loo({"inputs": test[0], "labels": test[1]}, [0, 7]),
+        Influence(model, loss_fn, (X, y), **KW).newton_loo(test, [0, 7]),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+
+    ds = Influence(model, loss_fn, TensorDataset(X, y), **KW).scores(TensorDataset(*test))
+    torch.testing.assert_close(ds, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_a_task_measurement_is_what_is_attributed():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(10), data(3, seed=2)
+
+    class Margin(Task):  # attribute the logit of class 0 instead of the test loss
+        def measurement(self, model, batch):
+            return self.output(model, batch)[:, 0].sum()
+
+    got = Influence(model, loss_fn, train, task=Margin(), **KW).inverse_hvps(test)
+    params = list(model.parameters())
+    rows = []
+    for i in range(3):
+        out = model(test[0][i : i + 1])[:, 0].sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, params)]))
+    out = model(train[0])
+    G = exact_ggn(loss_fn(out, train[1]), out, params).detach()
+    A = G + 0.1 * torch.eye(G.shape[0], dtype=G.dtype)
+    torch.testing.assert_close(got, torch.linalg.solve(A, torch.stack(rows).T).T)
+    plain = Influence(model, loss_fn, train, **KW).inverse_hvps(test)
+    assert not torch.allclose(got, plain)
+
+
+def test_regularization_is_a_deprecated_part_of_damping():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(10), data(3, seed=2)
+    kw = {k: v for k, v in KW.items() if k != "damping"}
+    new = Influence(model, loss_fn, train, damping=0.15, **kw)
+    with pytest.warns(DeprecationWarning, match="damping="):
+        old = Influence(model, loss_fn, train, regularization=0.1, damping=0.05, **kw)
+    assert old.damping == pytest.approx(0.15) and old.shift == pytest.approx(0.15)
+    torch.testing.assert_close(old.scores(test), new.scores(test))
+    with pytest.raises(ValueError, match="regularization"):
+        Influence(model, loss_fn, train, regularization=-1.0, **kw)
