@@ -95,5 +95,10 @@ wheel-check: $(STAMP)
 	$(WHEELVENV)/bin/pip install -q -c constraints.txt dist/second-*.whl
 	cd $(WHEELVENV) && bin/python $(CURDIR)/tests/packaging/smoke_wheel.py
 
+# One short run on a CUDA device (HVP/GGN cost ratios, KFAC steps, influence scores against the
+# CPU), figures printed; skips cleanly where there is no CUDA
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache site docs/gallery/_generated dist build
