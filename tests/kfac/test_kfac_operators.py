@@ -275,3 +275,19 @@ def test_approximations_is_a_deprecated_alias():
         old = importlib.import_module("second.approximations")
     assert old.KFACOperator is KFACOperator and old.EKFACOperator is EKFACOperator
     assert second.kfac.KFACOperator is second.KFACOperator
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_restrict_keeps_the_kind_and_options(cls):
+    # an MC-Fisher KFAC on one batch stays an MC-Fisher KFAC with the same samples and damping
+    model, loss_fn = tanh_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    gen = torch.Generator().manual_seed(5)
+    opts = dict(fisher="mc", mc_samples=3, damping=0.2, fallback="identity")
+    K = cls(model, loss_fn, [(X[:5], y[:5]), (X[5:], y[5:])], generator=gen, **opts)
+    R = K.restrict((X[:5], y[:5]))
+    want = cls(model, loss_fn, (X[:5], y[:5]), generator=torch.Generator().manual_seed(5), **opts)
+    assert type(R) is cls and (R.fisher, R.mc_samples, R.damping) == ("mc", 3, 0.2)
+    torch.testing.assert_close(R.to_dense(), want.to_dense(), rtol=0, atol=0)
+    other = cls(model, loss_fn, (X[:5], y[:5]), generator=torch.Generator().manual_seed(6), **opts)
+    assert not torch.equal(R.to_dense(), other.to_dense())  # the samples do matter

@@ -244,6 +244,43 @@ class KFACOperator(CurvatureOperator):
         self._eigen: list[EigenBlock] | None = None
         self._compute_factors()
 
+    def restrict(self, batch) -> KFACOperator:
+        """The same approximation on one batch: same class, Fisher type, damping and samples.
+
+        ``fisher``, ``damping``, ``mc_samples``, ``fallback``, ``reduction`` and the sampling
+        state are kept; the restriction is local to this process (``distributed=False``) and
+        does not re-check the data (``check_deterministic=False``).
+
+        Args:
+            batch: one ``(X, y)`` batch.
+
+        Returns:
+            A new operator of the same class on ``batch``.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 2).double()
+            >>> X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+            >>> K = KFACOperator(model, torch.nn.MSELoss(), [(X[:3], y[:3]), (X[3:], y[3:])])
+            >>> K1 = KFACOperator(model, torch.nn.MSELoss(), (X[:3], y[:3]))
+            >>> torch.equal(K.restrict((X[:3], y[:3])).to_dense(), K1.to_dense())
+            True
+        """
+        generator = torch.Generator(device=self.device)
+        generator.set_state(self._generator_state)
+        return type(self)(
+            self.model,
+            self.loss_fn,
+            batch,
+            fisher=self.fisher,
+            damping=self.damping,
+            mc_samples=self.mc_samples,
+            fallback=self.fallback,
+            generator=generator,
+            reduction=self.reduction,
+            check_deterministic=False,
+            distributed=False,
+        )
+
     @property
     def layers(self) -> list[tuple[str, Tensor, Tensor]]:
         """``(module name, A, G)`` for every Kronecker-factored layer (embedding ``A``: its diagonal)."""
