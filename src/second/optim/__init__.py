@@ -1,8 +1,8 @@
 """Optimizers: ``torch.optim.Optimizer`` subclasses built on second's curvature."""
 
+from ..newton.trust_region import SubproblemResult, exact_trust_region, steihaug_cg
 from ._minimize import OptimizeResult, minimize
 from ._plot import plot_history
-from ._trust_region import SubproblemResult, exact_trust_region, steihaug_cg
 from .gauss_newton import GaussNewton
 from .hessian_free import HessianFree
 from .kfac import KFAC

@@ -6,7 +6,7 @@ from .._optional import require
 
 __all__ = ["plot_history", "history_of"]
 
-X_AXES = ("cost", "nfev", "ngev", "nhvp", "n_iter")
+X_AXES = ("cost", "nfev", "ngev", "matvecs", "nhvp", "n_iter")
 
 
 def history_of(run) -> list[dict]:
@@ -29,7 +29,7 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
         runs: one run or a ``{label: run}`` dict; a run is a Newton-type optimizer, an
             :class:`~second.optim.OptimizeResult` or a list of history records.
         x: ``"cost"`` (gradient evaluations + 2 x curvature products, default), ``"nfev"``,
-            ``"ngev"``, ``"nhvp"`` or ``"n_iter"``.
+            ``"ngev"``, ``"matvecs"`` (``"nhvp"``: the optimizers' name) or ``"n_iter"``.
         axes: two matplotlib axes to draw into (default: a new figure).
         logy: logarithmic y axes (default ``True``).
 
@@ -60,8 +60,14 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
         fig = axes[0].figure
     for label, run in runs.items():
         hist = [r for r in history_of(run) if r.get("loss") is not None]
+
+        def products(r):
+            return r["matvecs"] if "matvecs" in r else r["nhvp"]
+
         if x == "cost":
-            xs = [r["ngev"] + 2 * r["nhvp"] for r in hist]
+            xs = [r["ngev"] + 2 * products(r) for r in hist]
+        elif x in ("matvecs", "nhvp"):
+            xs = [products(r) for r in hist]
         else:
             xs = [r[x] for r in hist]
         axes[0].plot(xs, [r["loss"] for r in hist], label=label)

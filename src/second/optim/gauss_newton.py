@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph, check_scalar_loss
+from ..newton.globalize import lm_damping_update
+from ..newton.model_cg import model_cg
 from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
-from ._cg import model_cg
 
-__all__ = ["GaussNewton", "unpack_closure_output"]
+__all__ = ["GaussNewton", "unpack_closure_output", "lm_damping_update"]
 
 
 def unpack_closure_output(out, finite: bool = True) -> tuple[Tensor, Tensor]:
@@ -31,22 +32,6 @@ def unpack_closure_output(out, finite: bool = True) -> tuple[Tensor, Tensor]:
     if not isinstance(output, Tensor) or not output.requires_grad:
         raise ValueError("the closure's output must be the network output, with its graph")
     return loss, output
-
-
-def lm_damping_update(damping: float, nu: float, rho: float) -> tuple[float, float]:
-    r"""Nielsen's (1999) Levenberg-Marquardt damping update.
-
-    Accepted step (:math:`\rho > 0`): :math:`\lambda \leftarrow \lambda \max(1/3, 1 -
-    (2\rho - 1)^3)`, :math:`\nu \leftarrow 2`; rejected: :math:`\lambda \leftarrow \nu\lambda`,
-    :math:`\nu \leftarrow 2\nu` (repeated rejections raise the damping ever faster).
-
-    Example:
-        >>> lm_damping_update(1.0, 2.0, -1.0)
-        (2.0, 4.0)
-    """
-    if rho > 0:
-        return damping * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0
-    return damping * nu, 2.0 * nu
 
 
 class GaussNewton(NewtonTypeOptimizer):

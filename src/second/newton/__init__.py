@@ -1,0 +1,46 @@
+"""The Newton core: directions, globalization, stopping rules and results, as pure functions.
+
+``second.minimize`` and the Newton-type optimizers of :mod:`second.optim` run on it.
+
+* direction: :func:`truncated_cg` (Eisenstat-Walker :func:`forcing_term`, warm start,
+  negative curvature), :func:`steihaug_cg` and :func:`exact_trust_region` (trust-region
+  subproblems), :func:`dense_newton_direction`, :func:`model_cg` (damped CG with Martens'
+  progress rule);
+* preconditioners: :class:`LBFGSPreconditioner`, :func:`diagonal_preconditioner`;
+* globalization: :func:`strong_wolfe`, :func:`update_radius`, :func:`lm_damping_update`;
+* stopping: :class:`Criteria`, :func:`diverging_iterates`;
+* loops: :func:`newton_cg`, :func:`newton_dense`; result: :class:`OptimizeResult`.
+"""
+
+from .direction import DirectionInfo, dense_newton_direction, forcing_term, truncated_cg
+from .globalize import LineSearchResult, lm_damping_update, strong_wolfe, update_radius
+from .loop import Objective, newton_cg, newton_dense
+from .model_cg import InnerCGResult, model_cg
+from .precond import LBFGSPreconditioner, diagonal_preconditioner
+from .result import OptimizeResult
+from .stopping import Criteria, diverging_iterates
+from .trust_region import SubproblemResult, exact_trust_region, steihaug_cg
+
+__all__ = [
+    "truncated_cg",
+    "forcing_term",
+    "dense_newton_direction",
+    "DirectionInfo",
+    "steihaug_cg",
+    "exact_trust_region",
+    "SubproblemResult",
+    "model_cg",
+    "InnerCGResult",
+    "LBFGSPreconditioner",
+    "diagonal_preconditioner",
+    "strong_wolfe",
+    "LineSearchResult",
+    "update_radius",
+    "lm_damping_update",
+    "Criteria",
+    "diverging_iterates",
+    "newton_cg",
+    "newton_dense",
+    "Objective",
+    "OptimizeResult",
+]

@@ -1,0 +1,253 @@
+r"""Search directions of the Newton core: truncated CG with forcing terms, and dense Newton.
+
+:func:`truncated_cg` approximately solves the Newton system :math:`H d = -g` by
+(preconditioned) conjugate gradient, stopped by a *forcing term* :math:`\eta_k` (relative
+residual :math:`\|H d + g\| \le \eta_k \|g\|`), optionally warm-started, and reports a
+direction of non-positive curvature when it meets one. :func:`forcing_term` is the
+Eisenstat-Walker rule, :func:`dense_newton_direction` the eigenvalue-modified dense step.
+The trust-region subproblem solvers (Steihaug-Toint CG, exact) live in
+:mod:`second.newton.trust_region`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["DirectionInfo", "forcing_term", "truncated_cg", "dense_newton_direction"]
+
+
+@dataclass
+class DirectionInfo:
+    r"""How a direction was computed.
+
+    Attributes:
+        status: ``"converged"`` (forcing tolerance met), ``"negative_curvature"`` (a CG
+            direction with :math:`p^\top H p \le 0` stopped the loop), ``"maxiter"``, or
+            ``"dense"``.
+        iterations: CG iterations.
+        matvecs: products with :math:`H` (one more for a warm start).
+        model_decrease: :math:`-(g^\top d + \tfrac12 d^\top H d)`.
+        negative_curvature: the direction :math:`s` with :math:`s^\top H s \le 0`, signed so
+            that :math:`g^\top s \le 0` and scaled to :math:`\|s\| = 1` (``None`` if none met).
+        curvature: :math:`s^\top H s` for that unit direction.
+        warm_started: whether the warm start was used (it is dropped when it does not
+            decrease the model).
+    """
+
+    status: str
+    iterations: int = 0
+    matvecs: int = 0
+    model_decrease: float = 0.0
+    negative_curvature: Tensor | None = None
+    curvature: float = 0.0
+    warm_started: bool = False
+
+
+def forcing_term(
+    gnorm: float,
+    gnorm_prev: float | None,
+    eta_prev: float | None,
+    *,
+    eta_max: float = 0.5,
+    gamma: float = 0.9,
+    alpha: float = 2.0,
+) -> float:
+    r"""The Eisenstat-Walker forcing term (their choice 2) for an inexact Newton step.
+
+    .. math:: \eta_k = \min\Big(\eta_{\max},\ \max\big(\gamma (\|g_k\|/\|g_{k-1}\|)^\alpha,
+              \ \gamma \eta_{k-1}^\alpha\big)\Big),
+
+    where the safeguard :math:`\gamma\eta_{k-1}^\alpha` is used only when it exceeds 0.1
+    (it keeps :math:`\eta` from falling too fast after one lucky iteration). The first
+    iteration gets :math:`\eta_{\max}`. With :math:`\alpha = 2` the inexact Newton method
+    converges quadratically near a nondegenerate minimizer, while early iterations, far
+    from it, solve loosely.
+
+    Args:
+        gnorm: :math:`\|g_k\|`.
+        gnorm_prev: :math:`\|g_{k-1}\|` (``None`` on the first iteration).
+        eta_prev: :math:`\eta_{k-1}` (``None`` on the first iteration).
+        eta_max: the largest forcing term (default 0.5).
+        gamma: default 0.9.
+        alpha: default 2.
+
+    Returns:
+        :math:`\eta_k \in (0, \eta_{\max}]`.
+
+    Example:
+        >>> forcing_term(1e-2, 1.0, 0.1)   # the gradient fell 100x: solve tightly
+        9e-05
+        >>> forcing_term(1.0, None, None)
+        0.5
+
+    References:
+        Eisenstat & Walker (1996), *Choosing the forcing terms in an inexact Newton method*,
+        SIAM J. Sci. Comput. 17(1).
+    """
+    if gnorm_prev is None or eta_prev is None or not gnorm_prev > 0:
+        return eta_max
+    eta = gamma * (gnorm / gnorm_prev) ** alpha
+    guard = gamma * eta_prev**alpha
+    if guard > 0.1:
+        eta = max(eta, guard)
+    return float(min(eta_max, max(eta, 1e-16)))
+
+
+def truncated_cg(
+    hvp: Callable[[Tensor], Tensor],
+    g: Tensor,
+    *,
+    rtol: float,
+    maxiter: int,
+    M: Callable[[Tensor], Tensor] | None = None,
+    x0: Tensor | None = None,
+    atol: float = 0.0,
+) -> tuple[Tensor, DirectionInfo]:
+    r"""Truncated (preconditioned) CG on the Newton system :math:`H d = -g`.
+
+    Stopping rule: :math:`\|g + H d\| \le \max(\mathrm{rtol}\,\|g\|, \mathrm{atol})`, or a
+    direction :math:`p` with :math:`p^\top H p \le 0`, or ``maxiter`` iterations. On
+    non-positive curvature at the first iteration the direction is the preconditioned
+    steepest descent :math:`-M g`; later, the last CG iterate (a descent direction for the
+    model, since every CG iterate from a point that decreases the model decreases it
+    further). The curvature direction itself is returned in the info (unit norm, signed
+    downhill) so the caller can use it, e.g. by searching along it.
+
+    A warm start ``x0`` (typically the previous Newton direction) costs one product and is
+    kept only when it decreases the model, :math:`g^\top x_0 + \tfrac12 x_0^\top H x_0 < 0`.
+
+    Args:
+        hvp: ``v -> H v`` on flat vectors.
+        g: the gradient (flat).
+        rtol: relative residual tolerance (the forcing term).
+        maxiter: CG iteration limit.
+        M: preconditioner ``r -> M r`` with :math:`M \approx H^{-1}` symmetric positive
+            definite (default none).
+        x0: warm start (default zero).
+        atol: absolute residual tolerance (default 0).
+
+    Returns:
+        ``(d, info)``: the direction and a :class:`DirectionInfo`.
+
+    Raises:
+        FloatingPointError: a product is not finite.
+        ValueError: ``M`` is not positive definite on a residual.
+
+    Example:
+        >>> H = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+        >>> g = torch.tensor([1.0, 4.0], dtype=torch.float64)
+        >>> d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=10)
+        >>> torch.allclose(d, -torch.ones(2, dtype=torch.float64)), info.status
+        (True, 'converged')
+        >>> d, info = truncated_cg(lambda v: -v, g, rtol=1e-12, maxiter=10)
+        >>> info.status, bool(g @ d < 0), info.curvature
+        ('negative_curvature', True, -1.0)
+    """
+    gnorm = float(torch.linalg.vector_norm(g))
+    threshold = max(rtol * gnorm, atol)
+    info = DirectionInfo(status="maxiter")
+    x = torch.zeros_like(g)
+    r = g.clone()  # r = g + H x
+    if (
+        x0 is not None
+        and bool(torch.isfinite(x0).all())
+        and float(torch.linalg.vector_norm(x0)) > 0
+    ):
+        Hx0 = hvp(x0)
+        info.matvecs += 1
+        r0 = g + Hx0
+        phi0 = 0.5 * (float(torch.dot(g, x0)) + float(torch.dot(x0, r0)))
+        if math.isfinite(phi0) and phi0 < 0:
+            x, r, info.warm_started = x0.clone(), r0, True
+    if gnorm == 0.0 or float(torch.linalg.vector_norm(r)) <= threshold:
+        info.status = "converged"
+        info.model_decrease = -0.5 * (float(torch.dot(g, x)) + float(torch.dot(x, r)))
+        return x, info
+    z = M(r) if M is not None else r
+    rz = float(torch.dot(r, z))
+    if M is not None and not rz > 0:
+        raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+    p = -z
+    for j in range(maxiter):
+        Hp = hvp(p)
+        info.matvecs += 1
+        info.iterations = j + 1
+        pHp = float(torch.dot(p, Hp))
+        if not math.isfinite(pHp):
+            raise FloatingPointError("the Hessian-vector product is not finite")
+        pp = float(torch.dot(p, p))
+        if pHp <= 0:
+            s = p / math.sqrt(pp)
+            if float(torch.dot(g, s)) > 0:
+                s = -s
+            info.negative_curvature, info.curvature = s, pHp / pp
+            info.status = "negative_curvature"
+            if j == 0 and not info.warm_started:
+                # no model-decreasing CG iterate yet: preconditioned steepest descent, scaled
+                # by the curvature's magnitude (the line search or region fixes the length)
+                x = -z * (rz / max(abs(pHp), 1e-300 * pp)) if pHp != 0 else -z
+                x = x if bool(torch.isfinite(x).all()) else -z
+                Hx = hvp(x)
+                info.matvecs += 1
+                r = g + Hx
+            break
+        alpha = rz / pHp
+        x = x + alpha * p
+        r = r + alpha * Hp
+        if float(torch.linalg.vector_norm(r)) <= threshold:
+            info.status = "converged"
+            break
+        z = M(r) if M is not None else r
+        rz_new = float(torch.dot(r, z))
+        if M is not None and not rz_new > 0:
+            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+        p = -z + (rz_new / rz) * p
+        rz = rz_new
+    info.model_decrease = -0.5 * (float(torch.dot(g, x)) + float(torch.dot(x, r)))
+    return x, info
+
+
+def dense_newton_direction(
+    H: Tensor, g: Tensor, *, rcond: float | None = None
+) -> tuple[Tensor, DirectionInfo]:
+    r"""The Newton direction for a dense :math:`H`, with the eigenvalues modified to be positive.
+
+    With :math:`H = Q \Lambda Q^\top`, returns :math:`d = -Q |\Lambda|_\delta^{-1} Q^\top g`
+    where :math:`|\lambda|_\delta = \max(|\lambda|, \delta)`, :math:`\delta = \mathrm{rcond}
+    \max|\lambda|`: negative eigenvalues are flipped (the step moves downhill along them,
+    as far as their curvature suggests) and tiny ones floored (Nocedal & Wright, section 3.4;
+    Gill, Murray & Wright's modified Newton). The direction is a descent direction.
+
+    Args:
+        H: symmetric ``n x n``.
+        g: gradient.
+        rcond: the relative floor :math:`\delta / \max|\lambda|` (default ``1e-10``).
+
+    Returns:
+        ``(d, info)`` (``info.status == "dense"``, ``negative_curvature`` the lowest
+        eigenvector when :math:`\lambda_1 < 0`).
+
+    Example:
+        >>> H = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
+        >>> d, info = dense_newton_direction(H, torch.tensor([2.0, 1.0], dtype=torch.float64))
+        >>> d.tolist(), info.curvature
+        ([-1.0, -1.0], -1.0)
+    """
+    H64 = 0.5 * (H + H.T).to(torch.float64)
+    lam, Q = torch.linalg.eigh(H64)
+    scale = max(float(lam.abs().max()), 1e-300)
+    delta = (1e-10 if rcond is None else rcond) * scale
+    mod = lam.abs().clamp_min(delta)
+    c = Q.T @ g.to(torch.float64)
+    d = -(Q @ (c / mod))
+    info = DirectionInfo(status="dense", curvature=float(lam[0]))
+    if float(lam[0]) < 0:
+        s = Q[:, 0]
+        info.negative_curvature = (s if float(s @ g.to(torch.float64)) <= 0 else -s).to(g.dtype)
+    info.model_decrease = -float(c @ (-(c / mod)) + 0.5 * ((c / mod) ** 2 * lam).sum())
+    return d.to(g.dtype), info

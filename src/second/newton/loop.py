@@ -1,0 +1,455 @@
+r"""The Newton core's loops: matrix-free Newton-CG and dense Newton, as pure functions.
+
+Newton-CG is globalized by a trust region or a strong-Wolfe line search.
+
+Every loop evaluates ``fun`` through one :class:`Objective` (which counts evaluations and
+products), asks :class:`~second.newton.stopping.Criteria` whether to stop, and returns an
+:class:`~second.newton.result.OptimizeResult`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..func.products import hvp_from_gradient
+from .direction import forcing_term, truncated_cg
+from .globalize import strong_wolfe, update_radius
+from .precond import LBFGSPreconditioner
+from .result import OptimizeResult
+from .stopping import Criteria, limit_message
+from .trust_region import exact_trust_region, steihaug_cg
+
+__all__ = ["Objective", "newton_cg", "newton_dense", "MESSAGES"]
+
+_NOISE = 1e-11  # |f| times this: a change of f below it is mostly rounding (float64)
+
+MESSAGES = {
+    "converged": "converged: ||grad|| = {g:.3e} <= gtol = {gtol:.1e}",
+    "nonfinite": "the objective or its gradient is not finite (f = {f}, ||grad|| = {g})",
+    "unbounded": (
+        "objective unbounded / diverging iterates: ||x|| grew from {x0:.3e} to {x:.3e} over "
+        "the last accepted steps while f fell to {f:.6e}; the infimum is not attained at a "
+        "finite point (or f is unbounded below)"
+    ),
+    "time": "stopped: time limit",
+}
+
+
+class Objective:
+    """``fun`` of one flat vector, with counters: values, gradients (with graph) and products.
+
+    Args:
+        fun: ``x -> scalar tensor`` on a tensor shaped like ``shape``.
+        shape: the shape ``fun`` expects.
+        name: the method name, for error messages.
+
+    Example:
+        >>> obj = Objective(lambda x: (x**2).sum(), (2,))
+        >>> f, g, _ = obj.value_grad(torch.ones(2, dtype=torch.float64))
+        >>> f, g.tolist(), obj.ngev
+        (2.0, [2.0, 2.0], 1)
+    """
+
+    def __init__(self, fun: Callable[[Tensor], Tensor], shape: torch.Size, name: str = "newton"):
+        self.fun, self.shape, self.name = fun, tuple(shape), name
+        self.nfev = self.ngev = self.matvecs = 0
+
+    def _call(self, x: Tensor) -> Tensor:
+        f = self.fun(x.reshape(self.shape))
+        if not isinstance(f, Tensor) or f.numel() != 1:
+            raise ValueError(f"method {self.name!r} needs fun(x) to return a scalar tensor")
+        self.nfev += 1
+        return f.reshape(())
+
+    def value(self, x: Tensor) -> float:
+        """``f(x)`` without a graph."""
+        with torch.no_grad():
+            return float(self._call(x))
+
+    def value_grad(self, x: Tensor, graph: bool = False):
+        """``(f, flat gradient, hvp)``; ``hvp`` is ``None`` unless ``graph``."""
+        f, finish = self.trial(x)
+        g, hvp = finish(graph)
+        return f, g, hvp
+
+    def trial(self, x: Tensor):
+        """``(f, finish)``: the value now, ``finish(graph) -> (gradient, hvp)`` on acceptance.
+
+        The forward graph is kept, so an accepted trial point costs no second forward pass
+        and a rejected one no backward pass.
+        """
+        xr = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            f = self._call(xr)
+
+        def finish(graph: bool = True):
+            with torch.enable_grad():
+                if not f.requires_grad:
+                    g, hvp = torch.zeros_like(xr), (lambda v: torch.zeros_like(v))
+                else:
+                    (g,) = torch.autograd.grad(f, xr, create_graph=graph)
+                    hvp = self._hvp(g, xr) if graph else None
+            self.ngev += 1
+            return g.detach(), hvp
+
+        return float(f.detach()), finish
+
+    def _hvp(self, g: Tensor, xr: Tensor):
+        def prod(v: Tensor) -> Tensor:
+            self.matvecs += 1
+            with torch.enable_grad():
+                (hv,) = hvp_from_gradient([g], [xr], [v])
+            return hv.detach()
+
+        return prod if g.requires_grad else (lambda v: torch.zeros_like(v))
+
+
+def _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals):
+    """Append the iteration's record to ``history`` and return the stopping reason (or None)."""
+    history.append(
+        dict(
+            n_iter=it,
+            nfev=obj.nfev,
+            ngev=obj.ngev,
+            matvecs=obj.matvecs,
+            loss=f,
+            grad_norm=gnorm,
+            radius=radius,
+            x_norm=xnorms[-1],
+        )
+    )
+    now = time.perf_counter()
+    return criteria.check(it=it, f=f, gnorm=gnorm, now=now, xnorms=xnorms, fvals=fvals)
+
+
+def _finish(obj, x, f, gnorm, it, reason, crit, method, history, t0, xnorms, x0shape, extra=""):
+    gtol = crit.gtol
+    if reason == "maxiter":
+        message = limit_message(crit.maxiter, [h["grad_norm"] for h in history])
+    elif reason == "unbounded":
+        message = MESSAGES["unbounded"].format(x0=xnorms[0], x=xnorms[-1], f=f)
+    elif reason in MESSAGES:
+        message = MESSAGES[reason].format(g=gnorm, gtol=gtol, f=f)
+    else:
+        message = extra
+    converged = reason == "converged" and math.isfinite(f) and math.isfinite(gnorm)
+    return OptimizeResult(
+        x=x.detach().reshape(x0shape),
+        fun=f,
+        grad_norm=gnorm,
+        nit=it,
+        nfev=obj.nfev,
+        ngev=obj.ngev,
+        matvecs=obj.matvecs,
+        converged=converged,
+        message=message,
+        method=method,
+        status=reason,
+        history=history,
+        time=time.perf_counter() - t0,
+    )
+
+
+def newton_cg(
+    fun: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    criteria: Criteria,
+    *,
+    globalization: str = "trust-region",
+    preconditioner: str | Callable[[Tensor], Tensor] | None = "lbfgs",
+    memory: int = 10,
+    cg_maxiter: int | None = None,
+    forcing: str | float = "eisenstat-walker",
+    initial_radius: float = 1.0,
+    max_radius: float = 1e10,
+    eta: float = 0.1,
+    warm_start: bool = True,
+) -> OptimizeResult:
+    r"""Matrix-free Newton-CG: truncated CG on Hessian-vector products, globalized.
+
+    Each iteration solves :math:`H d = -g` by CG to the forcing tolerance
+    :math:`\|Hd + g\| \le \eta_k\|g\|` (:func:`~second.newton.forcing_term`, or a fixed
+    ``forcing``), preconditioned by an L-BFGS approximation of :math:`H^{-1}` built from the
+    accepted steps (:class:`~second.newton.LBFGSPreconditioner`), then:
+
+    * ``globalization="trust-region"`` (default): Steihaug-Toint CG in the region
+      :math:`\|p\|_{M^{-1}} \le \Delta` (negative curvature is followed to the boundary), the
+      step accepted when :math:`\rho > \eta` and the radius updated from :math:`\rho`
+      (:func:`~second.newton.update_radius`); a rejected step is re-cut from the stored CG path
+      at no product cost.
+    * ``globalization="line-search"``: CG warm-started from the previous step; a direction of
+      negative curvature met by CG is added to the CG iterate (scaled to its length, signed
+      downhill), and a strong-Wolfe line search (:func:`~second.newton.strong_wolfe`) from
+      :math:`t = 1` sets the length. A failed line search ends the run (status
+      ``"line_search"``).
+
+    Stopping: :class:`~second.newton.Criteria` (gradient norm, unbounded iterates, limits),
+    or a radius / step below ``criteria.xtol`` (status ``"stalled"``).
+
+    Args:
+        fun: ``x -> scalar tensor``.
+        x0: the starting point (any shape).
+        criteria: the stopping rules.
+        globalization: ``"trust-region"`` or ``"line-search"``.
+        preconditioner: ``"lbfgs"`` (default), ``None``, or a callable ``r -> M r``.
+        memory: L-BFGS pairs (default 10).
+        cg_maxiter: CG iterations per direction (default ``max(50, 10 n)``, capped at 10,000).
+        forcing: ``"eisenstat-walker"`` or a fixed relative tolerance.
+        initial_radius: :math:`\Delta_0` (default 1).
+        max_radius: largest radius (default 1e10).
+        eta: acceptance threshold on :math:`\rho` (default 0.1).
+        warm_start: warm-start CG from the previous step (line search only).
+
+    Returns:
+        An :class:`~second.newton.OptimizeResult`.
+
+    Raises:
+        ValueError: an unknown globalization or preconditioner.
+
+    Example:
+        >>> A = torch.diag(torch.logspace(0, 8, 20, dtype=torch.float64))
+        >>> res = newton_cg(lambda x: 0.5 * x @ A @ x - x.sum(), torch.zeros(20, dtype=torch.float64),
+        ...                 Criteria(gtol=1e-8, maxiter=100))
+        >>> res.converged
+        True
+    """
+    if globalization not in ("trust-region", "line-search"):
+        raise ValueError(
+            f"globalization must be 'trust-region' or 'line-search', got {globalization!r}"
+        )
+    t0 = time.perf_counter()
+    shape = x0.shape
+    x = x0.detach().reshape(-1).clone()
+    n = x.numel()
+    cg_maxiter = cg_maxiter or min(max(50, 10 * n), 10_000)
+    if preconditioner == "lbfgs":
+        precond = LBFGSPreconditioner(memory)
+    elif preconditioner is None or callable(preconditioner):
+        precond = preconditioner
+    else:
+        raise ValueError(
+            f"preconditioner must be 'lbfgs', None or a callable, got {preconditioner!r}"
+        )
+    method = "newton-cg" if globalization == "trust-region" else "newton-cg-ls"
+    obj = Objective(fun, shape, method)
+    f, g, hvp = obj.value_grad(x, graph=True)
+    history: list[dict] = []
+    xnorms = [float(torch.linalg.vector_norm(x))]
+    fvals = [f]
+    radius = float(initial_radius)
+    gnorm_prev = eta_prev = None
+    d_prev = None
+    interior = globalization == "line-search"
+    it = 0
+    reason, extra = None, ""
+    while True:
+        gnorm = float(torch.linalg.vector_norm(g))
+        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals)
+        if reason is not None:
+            break
+        if isinstance(forcing, str):
+            rtol = forcing_term(gnorm, gnorm_prev, eta_prev)
+        else:
+            rtol = float(forcing)
+        rtol = max(rtol, 0.5 * criteria.gtol / gnorm)  # no need to solve below gtol
+        gnorm_prev, eta_prev = gnorm, rtol
+        M = precond
+        if isinstance(precond, LBFGSPreconditioner) and (not len(precond) or not interior):
+            # the quasi-Newton preconditioner reshapes the trust region (||p||_{M^-1}); it is
+            # used once the last step was an interior (Newton) step, i.e. where the region
+            # no longer binds
+            M = None
+        if globalization == "trust-region":
+            sub = steihaug_cg(hvp, g, radius, rtol=rtol, maxiter=cg_maxiter, M=M)
+            obj.matvecs += 0  # counted by hvp
+            while True:
+                it += 1
+                if not sub.predicted_reduction > 0:
+                    reason, extra = "stalled", "stalled: the quadratic model predicts no decrease"
+                    break
+                f_try, finish = obj.trial(x + sub.step)
+                pred, g_try = sub.predicted_reduction, None
+                actual = f - f_try
+                if math.isfinite(f_try) and pred < _NOISE * max(abs(f), abs(f_try)):
+                    # f's difference is at the rounding level of f: the trapezoidal rule on
+                    # the two gradients measures the actual reduction instead
+                    g_try, hvp_try = finish(True)
+                    actual = -0.5 * float(torch.dot(g + g_try, sub.step))
+                rho = actual / pred if math.isfinite(f_try) else -math.inf
+                radius = update_radius(
+                    radius, rho, sub.step_norm, sub.on_boundary, max_radius=max_radius
+                )
+                if rho > eta:
+                    break
+                if radius <= criteria.xtol * (1 + xnorms[-1]):
+                    reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
+                    break
+                if it >= criteria.maxiter:
+                    reason = "maxiter"
+                    break
+                sub = sub.path.cut(radius) if sub.path is not None else sub
+            if reason is not None:
+                break
+            step = sub.step
+            interior = not sub.on_boundary
+            if g_try is None:
+                g_try, hvp_try = finish(True)
+        else:
+            x0cg = d_prev if (warm_start and d_prev is not None) else None
+            d, info = truncated_cg(hvp, g, rtol=rtol, maxiter=cg_maxiter, M=M, x0=x0cg)
+            if info.negative_curvature is not None and info.iterations > 1:
+                d = d + float(torch.linalg.vector_norm(d)) * info.negative_curvature
+            slope = float(torch.dot(g, d))
+            if not slope < 0:
+                d, slope = -g, -gnorm * gnorm
+            it += 1
+            cache = {}
+
+            def phi(t, x=x, d=d, cache=cache, f0=f, slope0=slope):
+                ft, gt, hv = obj.value_grad(x + t * d, graph=True)
+                cache[t] = (gt, hv)
+                dt = float(torch.dot(gt, d))
+                if math.isfinite(ft) and abs(ft - f0) <= _NOISE * max(abs(f0), abs(ft)):
+                    ft = f0 + 0.5 * t * (slope0 + dt)  # below f's rounding: trapezoidal rule
+                return ft, dt, None
+
+            ls = strong_wolfe(phi, f, slope, t0=1.0)
+            if ls.t == 0.0:
+                reason, extra = "line_search", f"line search failed: {ls.message}"
+                break
+            step = ls.t * d
+            f_try = ls.f
+            g_try, hvp_try = cache[ls.t]
+            d_prev = step
+        if isinstance(precond, LBFGSPreconditioner):
+            precond.update(step, g_try - g)
+        snorm = float(torch.linalg.vector_norm(step))
+        x = x + step
+        f, g, hvp = f_try, g_try, hvp_try
+        xnorms.append(float(torch.linalg.vector_norm(x)))
+        fvals.append(f)
+        if (
+            snorm <= criteria.xtol * (1 + xnorms[-1])
+            and float(torch.linalg.vector_norm(g)) > criteria.gtol
+        ):
+            reason, extra = "stalled", f"stalled: step norm {snorm:.3e} below xtol"
+            gnorm = float(torch.linalg.vector_norm(g))
+            break
+    gnorm = float(torch.linalg.vector_norm(g))
+    return _finish(
+        obj, x, f, gnorm, it, reason, criteria, method, history, t0, xnorms, shape, extra
+    )
+
+
+def newton_dense(
+    fun: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    criteria: Criteria,
+    *,
+    initial_radius: float = 1.0,
+    eta: float = 0.1,
+    hessian_every: int = 1,
+) -> OptimizeResult:
+    r"""Dense trust-region Newton: the exact subproblem on the dense Hessian (small problems).
+
+    Each iteration forms :math:`H` (``n`` batched products) and solves the trust-region
+    subproblem exactly (:func:`~second.newton.exact_trust_region`): the step is
+    :math:`-(H + \mu I)^{-1} g` with the smallest shift :math:`\mu \ge \max(0, -\lambda_1)`
+    that keeps it in the region, i.e. an eigenvalue modification of an indefinite Hessian
+    chosen by the region. ``hessian_every=m`` reuses :math:`H` for up to ``m`` accepted steps
+    (a step rejected with a reused Hessian refreshes it).
+
+    Args:
+        fun: ``x -> scalar tensor``.
+        x0: starting point.
+        criteria: the stopping rules.
+        initial_radius: :math:`\Delta_0` (default 1).
+        eta: acceptance threshold on :math:`\rho` (default 0.1).
+        hessian_every: Hessian reuse (default 1: every iteration).
+
+    Returns:
+        An :class:`~second.newton.OptimizeResult` (method ``"newton-exact"``).
+
+    Example:
+        >>> res = newton_dense(lambda x: ((x - 1) ** 4).sum() + (x**2).sum(),
+        ...                    torch.zeros(3, dtype=torch.float64), Criteria(gtol=1e-10, maxiter=50))
+        >>> res.converged, res.matvecs == 3 * (res.ngev - 1)
+        (True, True)
+    """
+    t0 = time.perf_counter()
+    shape = x0.shape
+    x = x0.detach().reshape(-1).clone()
+    n = x.numel()
+    obj = Objective(fun, shape, "newton-exact")
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+
+    def evaluate(xv):
+        xr = xv.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            fv = obj._call(xr)
+            (gv,) = (
+                torch.autograd.grad(fv, xr, create_graph=True)
+                if fv.requires_grad
+                else (torch.zeros_like(xr),)
+            )
+        obj.ngev += 1
+        return float(fv.detach()), gv, xr
+
+    f, g, xr = evaluate(x)
+    radius = float(initial_radius)
+    history: list[dict] = []
+    xnorms = [float(torch.linalg.vector_norm(x))]
+    fvals = [f]
+    H, age, it = None, 0, 0
+    reason, extra = None, ""
+    while True:
+        gflat = g.detach()
+        gnorm = float(torch.linalg.vector_norm(gflat))
+        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals)
+        if reason is not None:
+            break
+        if H is None or age >= hessian_every:
+            if g.requires_grad:
+                with torch.enable_grad():
+                    (cols,) = hvp_from_gradient([g], [xr], [eye], batched=True)
+            else:
+                cols = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+            obj.matvecs += n
+            H, age = cols.detach(), 0
+        stale = False
+        while True:
+            it += 1
+            sub = exact_trust_region(H, gflat, radius)
+            f_new = obj.value(x + sub.step)
+            pred = sub.predicted_reduction
+            rho = (f - f_new) / pred if pred > 0 else -1.0
+            if not math.isfinite(f_new):
+                rho = -math.inf
+            radius = update_radius(radius, rho, sub.step_norm, sub.on_boundary)
+            if rho > eta:
+                x = x + sub.step
+                xnorms.append(float(torch.linalg.vector_norm(x)))
+                fvals.append(f_new)
+                break
+            if age > 0:
+                stale = True
+                break
+            if radius <= criteria.xtol * (1 + xnorms[-1]) or it >= criteria.maxiter:
+                break
+        if radius <= criteria.xtol * (1 + xnorms[-1]):
+            reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
+            break
+        f, g, xr = evaluate(x)
+        if stale:
+            H = None
+        else:
+            age += 1
+    gnorm = float(torch.linalg.vector_norm(g.detach()))
+    return _finish(
+        obj, x, f, gnorm, it, reason, criteria, "newton-exact", history, t0, xnorms, shape, extra
+    )

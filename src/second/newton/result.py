@@ -1,0 +1,72 @@
+r"""The result record of the Newton core (SciPy's ``OptimizeResult`` fields, our vocabulary)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+__all__ = ["OptimizeResult"]
+
+
+@dataclass
+class OptimizeResult:
+    r"""What :func:`second.minimize` returns.
+
+    Attributes:
+        x: the solution (detached, shaped like ``x0``).
+        fun: the objective at ``x``.
+        grad_norm: :math:`\|\nabla f(x)\|_2`.
+        nit: iterations.
+        nfev: objective evaluations.
+        ngev: gradient evaluations.
+        matvecs: Hessian- (or Gauss-Newton-) vector products (a dense curvature counts ``n``).
+        converged: whether the gradient tolerance was met at ``x`` (never at a NaN).
+        message: why it stopped.
+        method: the method that ran (with ``method="auto"``, the one it chose).
+        status: a short code for why it stopped: ``"converged"``, ``"maxiter"``, ``"time"``,
+            ``"unbounded"`` (diverging iterates: the objective appears unbounded below or its
+            infimum is not attained), ``"stalled"``, ``"nonfinite"``, ``"line_search"``.
+        history: per-iteration records (``nfev, ngev, matvecs, loss, grad_norm``, ...).
+        time: wall-clock seconds.
+    """
+
+    x: Tensor
+    fun: float
+    grad_norm: float
+    nit: int
+    nfev: int
+    ngev: int
+    matvecs: int
+    converged: bool
+    message: str
+    method: str
+    status: str = ""
+    history: list[dict] = field(default_factory=list, repr=False)
+    time: float = 0.0
+
+    @property
+    def cost(self) -> int:
+        """Gradient evaluations plus twice the curvature products (the benchmark's unit)."""
+        return self.ngev + 2 * self.matvecs
+
+    @property
+    def success(self) -> bool:
+        """Deprecated spelling of :attr:`converged`."""
+        warnings.warn(
+            "OptimizeResult.success is deprecated; use OptimizeResult.converged",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.converged
+
+    @property
+    def nhvp(self) -> int:
+        """Deprecated spelling of :attr:`matvecs`."""
+        warnings.warn(
+            "OptimizeResult.nhvp is deprecated; use OptimizeResult.matvecs",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.matvecs

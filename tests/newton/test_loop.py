@@ -1,0 +1,152 @@
+"""Newton core loops: dense float64 references, each safeguard, result fields."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from second import minimize
+from second.newton import Criteria, newton_cg, newton_dense
+
+DT = torch.float64
+
+
+def ill_quadratic(n=40, cond=1e8, seed=0):
+    # eigenvalues 1/cond ... 1: ||A|| = 1 keeps the gradient's rounding floor near 1e-16
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    A = Q @ torch.diag(torch.logspace(-math.log10(cond), 0, n, dtype=DT)) @ Q.T
+    A = 0.5 * (A + A.T)
+    b = A @ torch.ones(n, dtype=DT)
+    return A, b, (lambda x: 0.5 * x @ A @ x - b @ x)
+
+
+@pytest.mark.parametrize("globalization", ["trust-region", "line-search"])
+def test_newton_cg_on_a_condition_1e8_quadratic(globalization):
+    A, b, f = ill_quadratic()
+    res = newton_cg(
+        f,
+        torch.zeros(40, dtype=DT),
+        Criteria(gtol=1e-8, maxiter=200),
+        globalization=globalization,
+        initial_radius=100.0,
+    )
+    assert res.converged and res.status == "converged", res.message
+    assert res.grad_norm <= 1e-8
+    # the gradient it claims, recomputed against the dense matrix, and the optimality gap it
+    # implies: f(x) - f* = r^T A^{-1} r / 2 <= ||r||^2 / (2 lambda_min)
+    r = A @ res.x - b
+    assert float(r.norm()) <= 1e-8
+    x_star = torch.linalg.solve(A, b)
+    assert f(res.x) - f(x_star) <= 0.5 * float(r.norm()) ** 2 * 1e8 + 1e-12
+    assert res.matvecs > 0 and res.ngev >= res.nit and res.history[-1]["grad_norm"] <= 1e-8
+
+
+def test_newton_dense_one_step_on_a_quadratic_equals_the_newton_step():
+    A, b, f = ill_quadratic(n=6, cond=1e3)
+    res = newton_dense(
+        f, torch.zeros(6, dtype=DT), Criteria(gtol=1e-9, maxiter=1), initial_radius=1e6
+    )
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-9)
+    assert res.matvecs == 6
+
+
+def test_rejected_trust_region_step_shrinks_the_radius_without_products():
+    def rosen(x):
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    res = newton_cg(
+        rosen,
+        torch.tensor([-1.2, 1.0], dtype=DT),
+        Criteria(gtol=1e-10, maxiter=500),
+        initial_radius=50.0,
+    )
+    assert res.converged
+    radii = [h["radius"] for h in res.history]
+    assert any(b < a for a, b in zip(radii, radii[1:]))  # some step was rejected
+    assert res.nfev > res.ngev  # rejected trial points cost a value, no gradient
+    torch.testing.assert_close(res.x, torch.ones(2, dtype=DT), rtol=0, atol=1e-8)
+
+
+def test_negative_curvature_at_a_saddle_is_used():
+    # f = x^2 - y^2 + y^4 / 4 from the saddle's neighbourhood: minima at y = +-sqrt(2)
+    def f(z):
+        return z[0] ** 2 - z[1] ** 2 + z[1] ** 4 / 4
+
+    for glob in ("trust-region", "line-search"):
+        res = newton_cg(
+            f,
+            torch.tensor([1.0, 1e-3], dtype=DT),
+            Criteria(gtol=1e-10, maxiter=100),
+            globalization=glob,
+        )
+        assert res.converged, (glob, res.message)
+        assert abs(abs(float(res.x[1])) - math.sqrt(2)) < 1e-8 and res.fun < -0.99
+
+
+def test_unbounded_objective_is_reported():
+    # f = exp(-x) + exp(-y): the infimum 0 is not attained, iterates run off to infinity
+    def f(x):
+        return torch.exp(-x).sum()
+
+    for method in ("newton-cg", "newton-exact"):
+        res = minimize(f, torch.zeros(2, dtype=DT), method=method, gtol=0.0, maxiter=500)
+        assert res.status == "unbounded" and not res.converged, res.message
+        assert "unbounded" in res.message and res.nit < 100
+        assert float(res.x.norm()) > 10 * 1.0
+
+
+def test_unbounded_criterion_does_not_fire_on_a_converging_run():
+    A, b, f = ill_quadratic(n=20, cond=1e8)
+    x0 = torch.zeros(20, dtype=DT)
+    res = minimize(lambda x: f(x / 1e3), x0, method="newton-cg", gtol=1e-12, maxiter=400)
+    assert res.status != "unbounded", res.message
+
+
+def test_line_search_failure_is_reported():
+    # a gradient that lies (points uphill of the value): no step length decreases f
+    class Liar(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return (x * x).sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return -2 * g * x
+
+    res = newton_cg(
+        Liar.apply,
+        torch.ones(3, dtype=DT),
+        Criteria(gtol=1e-10, maxiter=20),
+        globalization="line-search",
+    )
+    assert res.status == "line_search" and not res.converged
+    assert "line search failed" in res.message
+    torch.testing.assert_close(res.x, torch.ones(3, dtype=DT))  # never moved
+
+
+def test_nan_objective_is_never_converged():
+    res = newton_cg(
+        lambda x: (x * x).sum() * float("nan"),
+        torch.ones(2, dtype=DT),
+        Criteria(gtol=1.0, maxiter=5),
+    )
+    assert res.status == "nonfinite" and not res.converged
+
+
+def test_auto_names_the_method_and_deprecated_fields_warn():
+    f = lambda x: ((x - 2) ** 2).sum()  # noqa: E731
+    small = minimize(f, torch.zeros(3, dtype=DT))
+    assert small.method == "newton-exact" and small.converged
+    big = minimize(f, torch.zeros(500, dtype=DT))
+    assert big.method == "newton-cg" and big.converged
+    with pytest.warns(DeprecationWarning, match="converged"):
+        assert small.success
+    with pytest.warns(DeprecationWarning, match="matvecs"):
+        assert small.nhvp == small.matvecs
+    with pytest.warns(DeprecationWarning, match="gtol"):
+        minimize(f, torch.zeros(3, dtype=DT), tol=1e-8)
