@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph, hvp_from_gradient
+from ..newton.model_cg import model_cg
 from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
-from ._cg import model_cg
 from .gauss_newton import unpack_closure_output
 
 __all__ = ["HessianFree"]

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..func.products import hvp_from_gradient
+from ..newton.trust_region import steihaug_cg, update_radius
 from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
-from ._trust_region import steihaug_cg, update_radius
 
 __all__ = ["NewtonCG"]
 
