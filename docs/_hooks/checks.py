@@ -2,7 +2,8 @@
 
 ``mkdocs build --strict`` fails on any warning. The docstring warnings known today are let
 through, each listed with its owner, who deletes the line when the docstring is fixed; a listed
-warning that no longer occurs is itself a warning, so the list cannot go stale. After the build,
+warning that no longer occurs is named in the build's output (as information: a fix must not
+fail the build). After the build,
 every name in the ``__all__`` of each module rendered on an API page must have its own entry
 there (``UNRENDERED`` lists, with owners, the names that do not yet).
 """
@@ -22,7 +23,7 @@ KNOWN: list[tuple[str, str, str]] = [
     ("griffe", r"optim/kfac\.py:\d+: Parameter 'min_damping, max_damping'", "KFAC"),
     (
         "griffe",
-        r"approximations/kfac\.py:\d+: .*'reduction, check_deterministic, distributed, progressbar'",
+        r"(approximations/kfac|kfac/operators)\.py:\d+: .*'reduction, check_deterministic, distributed, progressbar'",
         "KFAC",
     ),
     ("griffe", r"optim/hessian_free\.py:\d+: Parameter 'min_damping, max_damping'", "Newton"),
@@ -70,10 +71,11 @@ def on_startup(command: str, dirty: bool) -> None:
 
 
 def on_post_build(config) -> None:
-    """Warn (and so fail a strict build) about listed warnings that no longer occur."""
+    """Name the listed warnings that no longer occur; check every public name has an entry."""
     stale = [KNOWN[i] for i in range(len(KNOWN)) if i not in _seen]
     for _, pattern, owner in stale:
-        _log.warning(f"docs/_hooks/checks.py: {pattern!r} ({owner}) no longer occurs: delete it")
+        # info, not a warning: fixing a docstring must not fail the build
+        _log.info(f"docs/_hooks/checks.py: {pattern!r} ({owner}) no longer occurs: delete it")
     site = Path(config["site_dir"])
     for page in sorted(Path(config["docs_dir"]).glob("api/*.md")):
         html = (site / "api" / page.stem / "index.html").read_text()
@@ -84,4 +86,4 @@ def on_post_build(config) -> None:
                 if not rendered and not known:
                     _log.warning(f"api/{page.name}: {module}.{name} is public but has no entry")
                 elif rendered and known:
-                    _log.warning(f"{module}.{name} is rendered now: delete it from UNRENDERED")
+                    _log.info(f"{module}.{name} is rendered now: delete it from UNRENDERED")
