@@ -46,11 +46,6 @@ def test_our_order_passes(setup, form):
     check_argument_order("HessianOperator", (Xg, y), params)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="owned by the engine engineer: call second._arguments.check_argument_order at the "
-    "entry of CurvatureOperator.__init__ (operators/curvature.py)",
-)
 @pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
 def test_operators_name_the_right_order(setup, cls):
     model, loss, params, X, y = setup

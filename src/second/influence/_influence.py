@@ -1,39 +1,4 @@
-r"""Influence functions: which training points raised or lowered the loss on a test point.
-
-Convention and derivation
--------------------------
-The model was trained on the objective
-
-.. math:: R(\theta) = w \sum_{j=1}^{n} \ell_j(\theta) + \tfrac{\lambda}{2}\|\theta\|^2,
-          \qquad w = 1/n \ (\texttt{reduction="mean"}),\ w = 1 \ (\texttt{"sum"}),
-
-with :math:`\lambda` the weight decay of the training run.
-Removing training point :math:`j` means giving it weight zero in the same objective,
-:math:`R_{-j} = R - w\,\ell_j`. At the minimizer :math:`\hat\theta` of :math:`R`,
-:math:`\nabla R_{-j}(\hat\theta) = -w\nabla\ell_j`, so one Newton step on :math:`R_{-j}`
-moves the parameters by
-
-.. math:: \Delta_j = (H_{-j})^{-1}\, w \nabla\ell_j, \qquad
-          H_{-j} = H - w\nabla^2\ell_j, \qquad H = \nabla^2 R(\hat\theta),
-
-and dropping :math:`w\nabla^2\ell_j` (it is :math:`O(1/n)`) gives the classical
-first-order influence. The change in the loss on test point :math:`i` is then
-
-.. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
-          (C + \mu I)^{-1} \nabla\ell_j \;\approx\;
-          \ell^{\mathrm{test}}_i(\hat\theta_{-j}) - \ell^{\mathrm{test}}_i(\hat\theta)
-
-where :math:`C` is the curvature of the data term and :math:`\mu` the ``damping``: the
-training run's :math:`\lambda` (the L2 term's Hessian is :math:`\lambda I`) plus any
-numerical damping. **Positive means removing j would
-raise the test loss: j helped.** Negative means j hurt that test point.
-
-:meth:`Influence.newton_loo` keeps the :math:`w\nabla^2\ell_j` term and the
-second-order term of the test loss,
-:math:`\nabla\ell^{\mathrm{test}\top}\Delta_j
-+ \tfrac12 \Delta_j^\top \nabla^2\ell^{\mathrm{test}} \Delta_j`,
-which fixes the systematic under-statement of large effects by first-order influence.
-"""
+"""The Influence class (the derivation is in the :mod:`second.influence` docstring)."""
 
 from __future__ import annotations
 
@@ -41,30 +6,26 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist
 from .._errors import (
-    ConvergenceWarning,
-    NegativeCurvatureWarning,
     NonDeterministicDataError,
     NonFiniteError,
 )
 from .._losses import reduction_of
 from ..data import Task, as_task, stochastic_modules
-from ..distributed import all_ranks, check_same_across_ranks, failure_barrier
-from ..func.dense import dense_from_matmat
-from ..operators.curvature import FisherOperator, GGNOperator, HessianOperator
-from ..solvers import choose_method, solve
+from ..distributed import check_same_across_ranks
+from ..solvers import choose_method
 from ._cache import DiskCache, fingerprint
+from ._curvature import CurvatureInverse
 from ._examples import Examples, warn_ignored
 from ._grads import ModelFunction, check_rows_finite
-from ._identity import setup_description, state_tensors
-from ._inverse import ApproximationInverse, DenseInverse, IterativeInverse, LowRankInverseStrategy
+from ._loo import newton_loo
+from ._sharding import ShardedWork
+from ._state import StateTracking
 
 __all__ = ["Influence", "TopK"]
 
@@ -90,7 +51,7 @@ class TopK(NamedTuple):
     harmful_indices: Tensor
 
 
-class Influence:
+class Influence(StateTracking, CurvatureInverse, ShardedWork):
     r"""Influence of training points on test losses, for any ``nn.Module``.
 
     ``scores[i, j]`` estimates how much the loss on test point ``i`` would change if
@@ -281,75 +242,6 @@ class Influence:
         if self._dist()[0]:
             check_same_across_ranks("training data", self.train_digest, self.fn.device)
 
-    # -- state -----------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Forget the curvature, its inverse and cached vectors (after changing the model).
-
-        Called automatically when anything the results depend on changed since they were
-        computed: a parameter (trainable or frozen), a buffer, the module tree, a module's
-        mode, the loss function's settings or ``version``.
-        """
-        stochastic = stochastic_modules(self.model)
-        if stochastic:
-            raise NonDeterministicDataError(
-                f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
-                "call model.eval() before computing influence"
-            )
-        self.fn = ModelFunction(self.model, self.task)
-        self.reduction = reduction_of(self.loss_fn)
-        self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
-        self._op = None
-        self._inverse = None
-        self._ihvp_memo: dict[str, Tensor] = {}
-        self._identity = self._current_identity()
-        self._key = None
-
-    def _current_identity(self) -> tuple[str, str]:
-        """Digests of the setup (loss, module tree, forward code, version) and of the state."""
-        setup = fingerprint(setup_description(self.model, self.loss_fn, self.version))
-        return setup, fingerprint(state_tensors(self.model))
-
-    def _check_model(self) -> None:
-        if self._current_identity() != self._identity:
-            self.refresh()
-
-    @property
-    def train_digest(self) -> str:
-        """A SHA-256 digest of the training data, in order (computed once)."""
-        if self._train_digest is None:
-            self._train_digest = self.train.digest(self.batch_size)
-        return self._train_digest
-
-    @property
-    def key(self) -> str:
-        """The cache key: a digest of everything that determines the results.
-
-        The loss function (class and settings), the model's module tree with the code of
-        every ``forward`` and the modules' modes, ``version``, every parameter (trainable
-        or frozen) and buffer, the training data (when caching) and every setting.
-        """
-        if self._key is None:
-            train = self.train_digest if self.cache is not None else self.n_train
-            self._key = fingerprint(
-                "influence-v3",
-                type(self.task).__module__,
-                type(self.task).__qualname__,
-                {k: v for k, v in vars(self.task).items() if k != "loss_fn"},
-                self._identity,
-                self.curvature,
-                self.method,
-                self.damping,
-                self.rank,
-                self.tol,
-                self.maxiter,
-                self.solver_options,
-                self.curvature_options,
-                self.reduction,
-                self.batch_size,
-                train,
-            )
-        return self._key
-
     @property
     def shift(self) -> float:
         r"""The multiple of the identity added to the data curvature: :math:`\mu` (``damping``)."""
@@ -365,115 +257,6 @@ class Influence:
         psd = self.curvature in ("ggn", "fisher")
         op = self.operator if psd else None
         return choose_method(op, self.fn.numel, self.shift)
-
-    # -- distributed -----------------------------------------------------------------------
-    def _dist(self) -> tuple[bool, int, int]:
-        if not dist.active(self._distributed):
-            return False, 0, 1
-        return True, dist.rank(), dist.world_size()
-
-    def _mine(self, c: int) -> bool:
-        _, r, w = self._dist()
-        return c % w == r
-
-    def _gather(self, t: Tensor) -> Tensor:
-        """Sum a zero-filled partial result over ranks (each entry is filled by one rank)."""
-        if self._dist()[0]:
-            dist.all_reduce_sum(t)
-        return t
-
-    def _collective(self, phase: str):
-        """Around a rank's share of the work: if any rank raises, every rank raises."""
-        if not self._dist()[0]:
-            return nullcontext()
-        return failure_barrier(phase, self.fn.device)
-
-    def _same_on_all_ranks(self, what: str, digest: str) -> None:
-        if self._dist()[0]:
-            check_same_across_ranks(what, digest, self.fn.device)
-
-    def _bar(self, it, total: int, desc: str):
-        _, r, _ = self._dist()
-        if not self.progressbar or r != 0:
-            return it
-        from tqdm.auto import tqdm
-
-        return tqdm(it, total=total, desc=desc, leave=False)
-
-    # -- curvature -------------------------------------------------------------------------
-    @property
-    def operator(self):
-        """The curvature operator of the data term (without damping)."""
-        self._check_model()
-        if self._op is None:
-            self._op = self._make_operator()
-        return self._op
-
-    def _make_operator(self):
-        kw = dict(self.curvature_options)
-        args = (self.model, self.loss_fn, self.train_data, list(self.fn.params))
-        common = dict(reduction=self.reduction, distributed=False)
-        if self.curvature == "hessian":
-            return HessianOperator(*args, **common, **kw)
-        if self.curvature == "ggn":
-            return GGNOperator(*args, **common, **kw)
-        if self.curvature == "fisher":
-            return FisherOperator(*args, **common, **kw)
-        return _approximation(
-            self.curvature, self.model, self.loss_fn, self.train_data, self.reduction, kw
-        )
-
-    def _dense_matrix(self) -> Tensor:
-        """Form the data curvature densely in float64 (columns sharded over ranks; cached)."""
-        name, P = f"curvature-{self.key}", self.fn.numel
-        M = None if self.cache is None else self.cache.load_block(name, (P, P), torch.float64)
-        if self._dist()[0] and not all_ranks(M is not None, self.fn.device):
-            M = None  # a rank without the file (a node-local cache) would wait alone below
-        if M is not None:
-            return M.to(self.fn.device)
-        M = torch.zeros(P, P, dtype=torch.float64, device=self.fn.device)
-        with self._collective("the dense curvature"):
-            op = self.operator
-            step = 256
-            starts = list(range(0, P, step))
-            for c, s in self._bar(list(enumerate(starts)), len(starts), "curvature"):
-                if not self._mine(c):
-                    continue
-                e = min(s + step, P)
-                E = torch.zeros(P, e - s, dtype=self.fn.dtype, device=self.fn.device)
-                E[torch.arange(s, e), torch.arange(e - s)] = 1
-                M[:, s:e] = (op @ E).to(torch.float64)
-            if not bool(torch.isfinite(M).all()):
-                raise NonFiniteError("the dense curvature has NaN or Inf entries")
-        M = self._gather(M)
-        if self.cache is not None and self._dist()[1] == 0:
-            self.cache.save_block(name, M)
-        return M
-
-    @property
-    def inverse(self):
-        r"""The object applying :math:`(C + \mu I)^{-1}` to ``[P, k]`` columns."""
-        self._check_model()
-        if self._inverse is None:
-            m = self.resolved_method
-            if m == "dense":
-                self._inverse = DenseInverse(self._dense_matrix(), self.shift, self.fn.dtype)
-            elif m == "lowrank":
-                opts = {
-                    k: v
-                    for k, v in self.solver_options.items()
-                    if k in ("complement", "complement_probes", "complement_steps", "eig_tol")
-                }
-                self._inverse = LowRankInverseStrategy(self.operator, self.shift, self.rank, **opts)
-            elif m in ("kfac", "ekfac"):
-                inv = self.operator.inverse(damping=self.shift)
-                self._inverse = ApproximationInverse(lambda B: inv @ B, self.fn.dtype)
-            else:
-                tol = self._user_tol if m == "lissa" else self.tol
-                self._inverse = IterativeInverse(
-                    self.operator, self.shift, m, tol, self.maxiter, self.solver_options
-                )
-        return self._inverse
 
     def _apply_inverse(self, B: Tensor) -> Tensor:
         return self.inverse(B)
@@ -670,84 +453,7 @@ class Influence:
         Raises:
             IndexError: if an index is outside ``[0, n_train)``.
         """
-        self._check_model()
-        idx = [
-            int(i)
-            for i in (
-                train_indices.tolist() if isinstance(train_indices, Tensor) else train_indices
-            )
-        ]
-        for i in idx:
-            if not 0 <= i < self.n_train:
-                raise IndexError(f"training index {i} is outside [0, {self.n_train})")
-        test = self._test(test_data)
-        self._same_on_all_ranks("test data", test.digest(self.batch_size))
-        self._same_on_all_ranks("training indices", fingerprint(idx))
-        tests = test.take(range(test.n))
-        Gt = torch.stack([self.fn.gradients(one, measure=True)[0] for one in tests])
-        check_rows_finite(Gt, "test example")
-        out = torch.zeros(test.n, len(idx), dtype=self.fn.dtype, device=self.fn.device)
-        if not idx:
-            return out
-        kind = {"hessian": "hessian", "fisher": "fisher"}.get(self.curvature, "ggn")
-        P, w = self.fn.numel, self.weight
-        examples = self.train.take(idx)
-        deltas = torch.zeros(P, len(idx), dtype=self.fn.dtype, device=self.fn.device)
-        inv = self.inverse
-        fallback: list[int] = []
-        with self._collective("newton_loo"):
-            for pos in self._bar(range(len(idx)), len(idx), "newton-loo"):
-                if not self._mine(pos):
-                    continue
-                one = examples[pos]
-                g = self.fn.gradients(one)[0]
-                check_rows_finite(g[None], "training example", idx[pos])
-                b = w * g
-                if isinstance(inv, DenseInverse):
-                    Hj = _dense_example_curvature(self.fn, one, kind)
-                    M = inv.matrix - w * Hj
-                    L, info = torch.linalg.cholesky_ex(M)
-                    if int(info) == 0:
-                        d = torch.cholesky_solve(b.to(torch.float64)[:, None], L)[:, 0]
-                    else:
-                        d = None
-                else:
-                    d = self._loo_iterative(inv, one, b, kind)
-                if d is None:
-                    # the leave-one-out curvature is not positive definite: a Newton step along
-                    # its negative direction would overshoot arbitrarily; keep the first order
-                    fallback.append(idx[pos])
-                    d = inv(b[:, None])[:, 0]
-                deltas[:, pos] = d.to(deltas)
-        if fallback:
-            warnings.warn(
-                f"newton_loo: the leave-one-out curvature of training point(s) {fallback[:10]} is "
-                "not positive definite (the model is not at a strict minimum without them); "
-                "their estimate uses the first-order step instead of the Newton step",
-                NegativeCurvatureWarning,
-                stacklevel=2,
-            )
-        deltas = self._gather(deltas)
-        for i, one in enumerate(tests):
-            HD = self.fn.hessian_products(one, deltas, "hessian", measure=True)
-            out[i] = Gt[i] @ deltas + 0.5 * (deltas * HD).sum(0)
-        return out
-
-    def _loo_iterative(self, inv, one, b: Tensor, kind: str) -> Tensor | None:
-        op, shift, w = self.operator, self.shift, self.weight
-
-        def matvec(v: Tensor) -> Tensor:
-            return op @ v + shift * v - w * self.fn.hessian_products(one, v, kind)
-
-        x0 = inv(b[:, None])[:, 0]
-        M = (lambda v: inv(v[:, None])[:, 0]) if inv.explicit else None
-        method = "minres" if self.curvature == "hessian" else "cg"
-        res = solve(matvec, b, method, tol=self.tol, x0=x0, M=M, maxiter=self.maxiter, warn=False)
-        if res.negative_curvature:
-            return None  # not positive definite: the caller falls back to first order
-        if not res.converged:
-            warnings.warn(f"newton_loo: {res.message}", ConvergenceWarning, stacklevel=3)
-        return res.x
+        return newton_loo(self, test_data, train_indices)
 
 
 def _gradients(fn: ModelFunction, chunk) -> Tensor:
@@ -760,32 +466,3 @@ def _gradients(fn: ModelFunction, chunk) -> Tensor:
 def _chunk_digest(chunk) -> str:
     """The digest of a chunk's tensors (a pair digests as its two tensors, as before)."""
     return fingerprint(*chunk) if isinstance(chunk, (tuple, list)) else fingerprint(chunk)
-
-
-def _dense_example_curvature(fn: ModelFunction, one, kind: str) -> Tensor:
-    """One example's curvature (a batch of one), dense in float64 and symmetrized."""
-    H = dense_from_matmat(
-        lambda E: fn.hessian_products(one, E, kind),
-        None,
-        fn.numel,
-        dtype=fn.dtype,
-        device=fn.device,
-        chunk_size=256,
-    ).to(torch.float64)
-    return 0.5 * (H + H.T)
-
-
-def _approximation(kind: str, model, loss_fn, data, reduction: str, options: dict):
-    """Build the K-FAC / EK-FAC operator of the data term (no damping inside)."""
-    name = {"kfac": "KFACOperator", "ekfac": "EKFACOperator"}[kind]
-    try:
-        from .. import approximations
-    except ImportError:  # pragma: no cover - the package ships it
-        approximations = None
-    cls = getattr(approximations, name, None)
-    if cls is None:
-        raise NotImplementedError(
-            f"curvature={kind!r} needs second.{name}, which this installation does not provide; "
-            "use curvature='ggn' with method='cg' or 'lowrank'"
-        )
-    return cls(model, loss_fn, data, damping=0.0, reduction=reduction, distributed=False, **options)

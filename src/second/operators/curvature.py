@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from .._arguments import check_argument_order
 from .._errors import NonDeterministicDataError
 from .._losses import nll_scale, per_sample_losses, reduction_of, sample_targets
 from ..data import (
@@ -138,6 +139,7 @@ class CurvatureOperator(LinearOperator):
         cache_graphs: bool = False,
         columns: str = "auto",
     ):
+        check_argument_order(type(self).__name__, data, params)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:

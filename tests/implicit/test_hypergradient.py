@@ -1,78 +1,26 @@
-"""Implicit differentiation: hypergradient, implicit_root and iMAML against exact answers."""
+"""second.hypergradient (implicit/_hypergradient.py) against closed forms, dense IFT and finite differences."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from implicit_cases import (
+    FD_TOL,
+    MATVEC_FACTOR,
+    REL_TOL,
+    UNROLL_TOL,
+    dense_ift,
+    newton,
+    rel,
+    ridge,
+)
 from torch.func import hessian, jacrev
 
-import second
-from second import ConvergenceWarning, NegativeCurvatureWarning, hypergradient, implicit_root
-from second.implicit import imaml, stationary
-
-# Tolerances. Loosening one is a visible, commented change.
-REL_TOL = {  # relative error of a hypergradient vs a closed form or a dense float64 IFT
-    torch.float64: 1e-8,
-    torch.float32: 1e-3,
-}
-FD_TOL = 1e-6  # central finite differences (step 1e-5, float64) vs the implicit gradient
-UNROLL_TOL = 1e-6  # 400 unrolled gradient steps vs the implicit gradient
-COSINE_MIN = 0.9999  # iMAML meta-gradient vs a dense solve
-MATVEC_FACTOR = 2  # a converged CG needs at most this many x dim Hessian-vector products
+from second import ConvergenceWarning, NegativeCurvatureWarning, hypergradient
 
 
-def rel(a, b) -> float:
-    return second.relative_error(a, b)
-
-
-# ----------------------------------------------------------------------------- problems
-def ridge(dtype, n=40, d=6, seed=0):
-    """Per-feature ridge: inner 1/(2n)||Xw-y||^2 + 1/2 sum exp(h) w^2, outer validation MSE."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + 0.1 * torch.randn(
-        n, generator=g, dtype=torch.float64
-    )
-    Xv = torch.randn(n, d, generator=g, dtype=torch.float64)
-    yv = Xv @ torch.randn(d, generator=g, dtype=torch.float64)
-    h = torch.linspace(-2.0, 1.0, d, dtype=torch.float64)
-
-    def inner(w, h):
-        return 0.5 * ((X.to(w) @ w - y.to(w)) ** 2).mean() + 0.5 * (h.exp() * w**2).sum()
-
-    def outer(w, h):
-        return 0.5 * ((Xv.to(w) @ w - yv.to(w)) ** 2).mean()
-
-    A = X.T @ X / n + torch.diag(h.exp())
-    w_star = torch.linalg.solve(A, X.T @ y / n)
-    gv = Xv.T @ (Xv @ w_star - yv) / n
-    exact = -h.exp() * w_star * torch.linalg.solve(A, gv)  # closed form
-    return inner, outer, w_star.to(dtype), h.to(dtype), exact
-
-
-def newton(inner, w, h, iters=50):
-    """Solve a smooth convex inner problem to machine precision (dense Newton)."""
-    for _ in range(iters):
-        g = jacrev(inner)(w, h)
-        H = hessian(inner)(w, h)
-        w = w - torch.linalg.solve(H, g)
-    return w
-
-
-def dense_ift(inner, outer, w, h):
-    """-(d2 L_in/dh dw) (d2 L_in/dw2)^-1 dL_out/dw + dL_out/dh with dense torch.func matrices."""
-    H = hessian(inner, argnums=0)(w, h)
-    C = jacrev(jacrev(inner, argnums=0), argnums=1)(w, h)  # [w, h]
-    gw, gh = jacrev(outer, argnums=(0, 1))(w, h)
-    return gh - C.T @ torch.linalg.solve(H, gw)
-
-
-# ----------------------------------------------------------------------------- closed forms
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ridge_closed_form(dtype):
     inner, outer, w, h, exact = ridge(dtype)
@@ -347,209 +295,3 @@ def test_bad_inputs():
         hypergradient(inner, outer, w, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="unknown method"):
         hypergradient(inner, outer, w, h, method="normal_cg")
-
-
-# ----------------------------------------------------------------------------- implicit_root
-def coupled_quadratic():
-    g = torch.Generator().manual_seed(5)
-    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
-    A = M @ M.T + 2 * torch.eye(6, dtype=torch.float64)  # dense: blocks (a, b) coupled
-    B = torch.randn(6, 3, generator=g, dtype=torch.float64)
-
-    def inner(w, h):
-        z = torch.cat([w[0], w[1].reshape(-1)])
-        return 0.5 * z @ A @ z - z @ (B @ h) + 0.1 * (z**4).sum()
-
-    return inner, A, B
-
-
-def test_implicit_root_multi_tensor_matches_dense():
-    inner, A, B = coupled_quadratic()
-
-    def inner_flat(z, h):
-        return inner((z[:2], z[2:].reshape(2, 2)), h)
-
-    @implicit_root(stationary(inner))
-    def solver(h):
-        z = newton(inner_flat, torch.zeros(6, dtype=torch.float64), h)
-        return (z[:2].clone(), z[2:].reshape(2, 2).clone())
-
-    h = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64, requires_grad=True)
-    a, b = solver(h)
-    c = torch.arange(6, dtype=torch.float64)
-    loss = (a * c[:2]).sum() + (b.reshape(-1) * c[2:]).sum() ** 2
-    loss.backward()
-
-    z = torch.cat([a.detach(), b.detach().reshape(-1)])
-    H = hessian(inner_flat)(z, h.detach())
-    assert (H[:2, 2:].abs() > 1e-3).any()  # the off-diagonal block matters
-    C = jacrev(jacrev(inner_flat, argnums=0), argnums=1)(z, h.detach())
-    gz = torch.cat([c[:2], 2 * (z[2:] @ c[2:]) * c[2:]])
-    expected = -C.T @ torch.linalg.solve(H, gz)
-    assert rel(h.grad, expected) <= REL_TOL[torch.float64]
-    # block-diagonal solve (dropping off-diagonal blocks) would be visibly wrong
-    Hbd = H.clone()
-    Hbd[:2, 2:] = 0
-    Hbd[2:, :2] = 0
-    assert rel(-C.T @ torch.linalg.solve(Hbd, gz), expected) > 1e-3
-    assert solver.last_solve is not None and solver.last_solve.converged
-
-
-def test_implicit_root_agrees_with_hypergradient_and_dict_output():
-    inner, outer, w_star, h, exact = ridge(torch.float64)
-
-    @implicit_root(stationary(lambda p, h: inner(p["w"], h)))
-    def solver(h):
-        return {"w": newton(inner, torch.zeros_like(w_star), h, iters=3)}
-
-    hh = h.clone().requires_grad_(True)
-    out = solver(hh)
-    outer(out["w"], hh).backward()
-    assert rel(hh.grad, exact) <= REL_TOL[torch.float64]
-
-
-def test_implicit_root_nonsymmetric_fixed_point():
-    g = torch.Generator().manual_seed(7)
-    W = 0.3 * torch.randn(4, 4, generator=g, dtype=torch.float64)
-
-    def F(x, h):  # root of x - tanh(W x + h): a non-symmetric Jacobian I - D W
-        return x - torch.tanh(W @ x + h)
-
-    @implicit_root(F, symmetric=False)
-    def fixed_point(h):
-        x = torch.zeros(4, dtype=torch.float64)
-        for _ in range(200):
-            x = torch.tanh(W @ x + h)
-        return x
-
-    h = torch.tensor([0.1, 0.2, -0.3, 0.4], dtype=torch.float64, requires_grad=True)
-    x = fixed_point(h)
-    x.sum().backward()
-    J_x = (
-        torch.eye(4, dtype=torch.float64)
-        - torch.diag(1 - torch.tanh(W @ x.detach() + h.detach()) ** 2) @ W
-    )
-    J_h = -torch.diag(1 - torch.tanh(W @ x.detach() + h.detach()) ** 2)
-    expected = -J_h.T @ torch.linalg.solve(J_x.T, torch.ones(4, dtype=torch.float64))
-    assert rel(h.grad, expected) <= REL_TOL[torch.float64]
-
-
-def test_implicit_root_passes_through_non_tensor_args_and_no_grad():
-    inner, outer, w_star, h, exact = ridge(torch.float64)
-
-    @implicit_root(stationary(lambda w, h, iters: inner(w, h)))
-    def solver(h, iters):
-        assert isinstance(iters, int) and not h.requires_grad
-        return newton(inner, torch.zeros_like(w_star), h, iters=iters)
-
-    w = solver(h, 3)  # h does not require grad: a plain tensor comes back
-    assert not w.requires_grad and rel(w, w_star) <= REL_TOL[torch.float64]
-
-
-# ----------------------------------------------------------------------------- iMAML
-def imaml_task(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(10, 1, generator=g, dtype=torch.float64)
-    y = torch.sin(3 * X)
-    Xq = torch.randn(10, 1, generator=g, dtype=torch.float64)
-    yq = torch.sin(3 * Xq)
-    theta = {
-        "w1": 0.5 * torch.randn(8, 1, generator=g, dtype=torch.float64),
-        "b1": torch.zeros(8, dtype=torch.float64),
-        "w2": 0.5 * torch.randn(1, 8, generator=g, dtype=torch.float64),
-    }
-
-    def net(p, x):
-        return torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T
-
-    def task(p):
-        return ((net(p, X) - y) ** 2).mean()
-
-    def test(p):
-        return ((net(p, Xq) - yq) ** 2).mean()
-
-    return theta, task, test
-
-
-def test_imaml_meta_gradient_matches_dense_and_hypergradient():
-    theta, task, test = imaml_task()
-    lam = 2.0
-    w = imaml.adapt(task, theta, lam, steps=3000, lr=0.1, momentum=0.9)
-    grad, res = imaml.meta_gradient(task, test, w, lam)
-    assert res.converged and set(grad) == set(theta)
-
-    keys = list(theta)
-    shapes = [theta[k].shape for k in keys]
-
-    def unflat(z):
-        out, o = {}, 0
-        for k, s in zip(keys, shapes, strict=True):
-            n = int(torch.Size(s).numel())
-            out[k] = z[o : o + n].reshape(s)
-            o += n
-        return out
-
-    z = torch.cat([w[k].reshape(-1) for k in keys])
-    H = hessian(lambda z: task(unflat(z)))(z)
-    g = jacrev(lambda z: test(unflat(z)))(z)
-    dense = torch.linalg.solve(torch.eye(len(z), dtype=z.dtype) + H / lam, g)
-    got = torch.cat([grad[k].reshape(-1) for k in keys])
-    assert second.cosine_similarity(got, dense) >= COSINE_MIN
-    assert rel(got, dense) <= REL_TOL[torch.float64]
-
-    # the same thing through the general API: d test / d theta through the proximal problem
-    hg = hypergradient(imaml.proximal(task, lam), lambda p, t: test(p), w, theta)
-    assert rel(torch.cat([hg.grad[k].reshape(-1) for k in keys]), dense) <= REL_TOL[torch.float64]
-
-
-def test_imaml_adapt_solves_the_proximal_problem():
-    f = lambda w: ((w - 3.0) ** 2).sum()
-    w = imaml.adapt(f, torch.zeros(3, dtype=torch.float64), lam=2.0, steps=300, lr=0.1)
-    assert torch.allclose(w, torch.full((3,), 1.5, dtype=torch.float64))
-    theta = (torch.zeros(2, requires_grad=True),)
-    w = imaml.adapt(lambda p: (p[0] ** 2).sum(), theta, 1.0, steps=2)
-    assert isinstance(w, tuple) and not w[0].requires_grad
-
-
-def test_imaml_bad_arguments():
-    f = lambda w: (w**2).sum()
-    with pytest.raises(ValueError, match="lam"):
-        imaml.proximal(f, 0.0)
-    with pytest.raises(ValueError, match="lam"):
-        imaml.meta_gradient(f, f, torch.zeros(2), -1.0)
-    with pytest.raises(ValueError, match="momentum"):
-        imaml.adapt(f, torch.zeros(2), 1.0, momentum=1.0)
-
-
-# ----------------------------------------------------------------------------- examples (slow)
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def run_example(name, *args, timeout=900):
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-@pytest.mark.slow
-def test_weight_decay_example_lowers_validation_loss(tmp_path):
-    out = run_example(
-        "hyperparameter_weight_decay.py", "--outer-steps", "15", "--out", str(tmp_path / "wd.png")
-    )
-    line = next(ln for ln in out.splitlines() if ln.startswith("validation CE"))
-    before, after = (float(t.rstrip(",")) for t in line.split()[2:5:2])
-    assert after < 0.5 * before
-    assert (tmp_path / "wd.png").stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_imaml_example_beats_first_order_maml(tmp_path):
-    out = run_example("imaml_sinusoid.py", "--quick", "--out", str(tmp_path / "imaml.png"))
-    assert "(below first-order MAML)" in out
-    assert (tmp_path / "imaml.png").stat().st_size > 0

@@ -15,7 +15,7 @@ from torch import nn
 
 import second
 from second import Influence, exact_ggn, exact_hessian, per_example_gradients
-from second.approximations import EKFACOperator, KFACOperator
+from second.kfac import EKFACOperator, KFACOperator
 
 # Tolerances (relative error of the whole score matrix unless stated).
 SCORE_RTOL = {  # against a dense float64 solve

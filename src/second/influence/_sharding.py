@@ -1,0 +1,58 @@
+"""How an Influence shares its work over a torch.distributed process group."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from torch import Tensor
+
+from .. import distributed as dist
+from ..distributed import check_same_across_ranks, failure_barrier
+
+__all__ = ["ShardedWork"]
+
+
+class ShardedWork:
+    """Rank-sharded loops for :class:`~second.Influence`: chunk ``c`` is rank ``c % world``'s.
+
+    Every rank computes its share into a zero-filled result that :meth:`_gather` sums; a
+    rank that raises makes the others raise (:meth:`_collective`). The host sets
+    ``_distributed`` (the user's setting), ``progressbar`` and ``fn.device``.
+    """
+
+    _distributed: bool | None
+    progressbar: bool
+
+    # -- distributed -----------------------------------------------------------------------
+    def _dist(self) -> tuple[bool, int, int]:
+        if not dist.active(self._distributed):
+            return False, 0, 1
+        return True, dist.rank(), dist.world_size()
+
+    def _mine(self, c: int) -> bool:
+        _, r, w = self._dist()
+        return c % w == r
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """Sum a zero-filled partial result over ranks (each entry is filled by one rank)."""
+        if self._dist()[0]:
+            dist.all_reduce_sum(t)
+        return t
+
+    def _collective(self, phase: str):
+        """Around a rank's share of the work: if any rank raises, every rank raises."""
+        if not self._dist()[0]:
+            return nullcontext()
+        return failure_barrier(phase, self.fn.device)
+
+    def _same_on_all_ranks(self, what: str, digest: str) -> None:
+        if self._dist()[0]:
+            check_same_across_ranks(what, digest, self.fn.device)
+
+    def _bar(self, it, total: int, desc: str):
+        _, r, _ = self._dist()
+        if not self.progressbar or r != 0:
+            return it
+        from tqdm.auto import tqdm
+
+        return tqdm(it, total=total, desc=desc, leave=False)

@@ -1,0 +1,90 @@
+"""What an Influence's results depend on: staleness checks and the cache key."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .._errors import NonDeterministicDataError
+from .._losses import reduction_of
+from ..data import stochastic_modules
+from ._cache import fingerprint
+from ._grads import ModelFunction
+from ._identity import setup_description, state_tensors
+
+__all__ = ["StateTracking"]
+
+
+class StateTracking:
+    """Refreshes :class:`~second.Influence` when its model changed, and keys its cache.
+
+    A mixin: the host holds the model, the loss, the task, the data and the settings the
+    key digests.
+    """
+
+    def refresh(self) -> None:
+        """Forget the curvature, its inverse and cached vectors (after changing the model).
+
+        Called automatically when anything the results depend on changed since they were
+        computed: a parameter (trainable or frozen), a buffer, the module tree, a module's
+        mode, the loss function's settings or ``version``.
+        """
+        stochastic = stochastic_modules(self.model)
+        if stochastic:
+            raise NonDeterministicDataError(
+                f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
+                "call model.eval() before computing influence"
+            )
+        self.fn = ModelFunction(self.model, self.task)
+        self.reduction = reduction_of(self.loss_fn)
+        self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
+        self._op = None
+        self._inverse = None
+        self._ihvp_memo: dict[str, Tensor] = {}
+        self._identity = self._current_identity()
+        self._key = None
+
+    def _current_identity(self) -> tuple[str, str]:
+        """Digests of the setup (loss, module tree, forward code, version) and of the state."""
+        setup = fingerprint(setup_description(self.model, self.loss_fn, self.version))
+        return setup, fingerprint(state_tensors(self.model))
+
+    def _check_model(self) -> None:
+        if self._current_identity() != self._identity:
+            self.refresh()
+
+    @property
+    def train_digest(self) -> str:
+        """A SHA-256 digest of the training data, in order (computed once)."""
+        if self._train_digest is None:
+            self._train_digest = self.train.digest(self.batch_size)
+        return self._train_digest
+
+    @property
+    def key(self) -> str:
+        """The cache key: a digest of everything that determines the results.
+
+        The loss function (class and settings), the model's module tree with the code of
+        every ``forward`` and the modules' modes, ``version``, every parameter (trainable
+        or frozen) and buffer, the training data (when caching) and every setting.
+        """
+        if self._key is None:
+            train = self.train_digest if self.cache is not None else self.n_train
+            self._key = fingerprint(
+                "influence-v3",
+                type(self.task).__module__,
+                type(self.task).__qualname__,
+                {k: v for k, v in vars(self.task).items() if k != "loss_fn"},
+                self._identity,
+                self.curvature,
+                self.method,
+                self.damping,
+                self.rank,
+                self.tol,
+                self.maxiter,
+                self.solver_options,
+                self.curvature_options,
+                self.reduction,
+                self.batch_size,
+                train,
+            )
+        return self._key
