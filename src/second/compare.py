@@ -34,6 +34,7 @@ __all__ = [
     "exact_solution",
     "summarize",
     "format_table",
+    "readme_excerpt",
     "plot_residuals",
     "write_outputs",
     "jsonable",
@@ -305,6 +306,63 @@ def summarize(rows: list[Row]) -> list[dict]:
             }
         )
     return out
+
+
+README_BEGIN = "<!-- compare:begin (scripts/update_readme.py writes this block) -->"
+README_END = "<!-- compare:end -->"
+LABELS = {
+    "seed-cg": "the notebook's CG loop",
+    "seed-neumann": "the notebook's Neumann loop",
+    "cg": "`second.cg`",
+    "minres": "`second.minres`",
+    "minres-reorth": "`second.minres` (float64 recurrences, re-orthogonalized)",
+    "neumann": "`second.neumann_solve`",
+    "lissa": "`second.lissa`",
+    "lowrank": "`second.lowrank`",
+    "auto": "`second.solve` (`auto`)",
+    "dense": "`second.dense`",
+}
+
+
+def _cosine_bucket(c: float) -> str:
+    """A cosine rounded so that BLAS and thread counts do not change it."""
+    if not math.isfinite(c):
+        return "NaN"
+    if c >= 0.99995:
+        return "1.0000"
+    for lo in (0.999, 0.99, 0.9, 0.5):
+        if c >= lo:
+            return f">= {lo:g}"
+    return "< 0.5"
+
+
+def readme_excerpt(summary: list[dict], ggn_damping: float = 1e-2) -> str:
+    """The README's result table, from :func:`summarize` of the default ``second compare``.
+
+    Cosines are bucketed (``1.0000``, ``>= 0.999``, ... ``< 0.5``, ``NaN``) so that the
+    excerpt is the same on every machine; ``scripts/update_readme.py`` writes it and a test
+    checks the README against a fresh run.
+    """
+    head = (
+        "| matrix | method | status | cosine to exact (median / min) | says converged | "
+        "says negative curvature / diverged |\n|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for e in summary:
+        matrix = "H" if e["curvature"] == "hessian" else f"G + {ggn_damping:g} I"
+        cos = f"{_cosine_bucket(e['cosine_median'])} / {_cosine_bucket(e['cosine_min'])}"
+        flags = []
+        if e["negative_curvature"] not in ("-", "0/5") and e["negative_curvature"]:
+            flags.append(f"{e['negative_curvature']} negative curvature")
+        if e["diverged"] not in ("-",) and not str(e["diverged"]).startswith("0/"):
+            flags.append(f"{e['diverged']} diverged")
+        unchecked = e["status"] == "unchecked"
+        lines.append(
+            f"| {matrix} | {LABELS.get(e['method'], e['method'])} | {e['status']} | {cos} | "
+            f"{'(no report)' if unchecked else e['converged']} | "
+            f"{'(no report)' if unchecked else ', '.join(flags) or '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(summary: list[dict]) -> str:
