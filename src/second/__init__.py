@@ -8,7 +8,7 @@ them.
 ``from second import *`` gives the seed notebook's names with their signatures.
 """
 
-from . import optim  # second.optim.KFAC, NewtonCG, ... (the subpackage, for attribute access)
+from . import laplace, optim  # subpackages: second.laplace.Laplace, second.optim.KFAC, ...
 from ._errors import (
     ConvergenceWarning,
     NegativeCurvatureWarning,
@@ -125,6 +125,7 @@ __all__ = [
     "spectral_density",
     # Newton-type optimization (optimizers live in second.optim)
     "optim",
+    "laplace",
     "minimize",
     "OptimizeResult",
     # implicit differentiation
