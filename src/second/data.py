@@ -37,6 +37,7 @@ __all__ = [
     "batch_fingerprint",
     "SamePassCheck",
     "stochastic_modules",
+    "refuse_stochastic",
     "sample_generator",
 ]
 
@@ -438,6 +439,28 @@ def stochastic_modules(model: nn.Module) -> list[str]:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             found.append(label)
     return found
+
+
+def refuse_stochastic(model: nn.Module, consequence: str) -> None:
+    """Raise :class:`~second.NonDeterministicDataError` if ``model`` has stochastic modules.
+
+    Args:
+        model: the network.
+        consequence: what would go wrong, for the message ("every product would see a
+            different matrix").
+
+    Raises:
+        NonDeterministicDataError: naming up to three of the :func:`stochastic_modules`.
+
+    Example:
+        >>> refuse_stochastic(torch.nn.Linear(2, 1), "products would differ")  # fine
+    """
+    stochastic = stochastic_modules(model)
+    if stochastic:
+        raise NonDeterministicDataError(
+            f"the model is in training mode with {', '.join(stochastic[:3])}: {consequence}. "
+            "Call model.eval() first."
+        )
 
 
 def sample_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:

@@ -49,7 +49,10 @@ def test_imaml_meta_gradient_matches_dense_and_hypergradient():
     theta, task, test = imaml_task()
     lam = 2.0
     w = imaml.adapt(task, theta, lam, steps=3000, lr=0.1, momentum=0.9)
-    grad, res = imaml.meta_gradient(task, test, w, lam)
+    result = imaml.meta_gradient(task, test, w, lam)
+    assert isinstance(result, imaml.MetaGradient)  # a named tuple: one return type
+    grad, res = result
+    assert result.grad is grad and result.solve is res
     assert res.converged and set(grad) == set(theta)
 
     keys = list(theta)

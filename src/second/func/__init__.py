@@ -7,6 +7,7 @@ through a gradient built with ``create_graph=True``).
 """
 
 from .dense import dense_from_matmat, eigenvalue_cutoff, exact_fisher, exact_ggn, exact_hessian
+from .per_example import ModelFunction, per_example_gradients
 from .products import (
     GGNGraph,
     JacobianGraph,
@@ -45,5 +46,7 @@ __all__ = [
     "gradient_with_graph",
     "hvp_from_gradient",
     "hessian_matvec",
+    "ModelFunction",
+    "per_example_gradients",
     "clear_cache",
 ]

@@ -61,6 +61,18 @@ def as_params(parameters: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return params
 
 
+def trainable_parameters(model) -> tuple[Tensor, ...]:
+    """Every parameter of ``model`` with ``requires_grad``, validated by :func:`as_params`.
+
+    Raises:
+        ValueError: the model has no parameter that requires grad.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameters that require grad")
+    return as_params(params)
+
+
 def check_scalar_loss(loss: Tensor, finite: bool = True) -> None:
     """Raise a clear error unless ``loss`` is a scalar tensor with a graph (and finite)."""
     if not isinstance(loss, Tensor):

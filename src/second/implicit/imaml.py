@@ -25,7 +25,7 @@ tensors; ``task_loss(params)`` and ``test_loss(params)`` receive that layout (us
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,7 +36,20 @@ from ..solvers import SolveResult
 from ._linear import solve_symmetric
 from ._structure import detached_leaves, flatten, zeros_for_none
 
-__all__ = ["proximal", "adapt", "meta_gradient"]
+__all__ = ["proximal", "adapt", "meta_gradient", "MetaGradient"]
+
+
+class MetaGradient(NamedTuple):
+    """What :func:`meta_gradient` returns.
+
+    Attributes:
+        grad: the meta-gradient, laid out like ``params``.
+        solve: the :class:`~second.SolveResult` of the linear solve (``solve.matvecs``
+            Hessian-vector products).
+    """
+
+    grad: Any
+    solve: SolveResult
 
 
 def proximal(task_loss: Callable[[Any], Tensor], lam: float) -> Callable[[Any, Any], Tensor]:
@@ -143,7 +156,7 @@ def meta_gradient(
     maxiter: int | None = None,
     damping: float = 0.0,
     warn: bool = True,
-) -> tuple[Any, SolveResult]:
+) -> MetaGradient:
     r"""Compute the iMAML meta-gradient :math:`(I + H/\lambda)^{-1}\nabla L_\mathrm{test}(w)`.
 
     :math:`H = \nabla^2 L_\mathrm{task}(w)` at the adapted ``params`` :math:`w`. The
@@ -167,8 +180,9 @@ def meta_gradient(
         warn: warn about unconverged solves and negative curvature.
 
     Returns:
-        ``(grad, solve)``: the meta-gradient laid out like ``params`` and the
-        :class:`~second.SolveResult`.
+        A :class:`MetaGradient` ``(grad, solve)``: the meta-gradient laid out like
+        ``params`` and the :class:`~second.SolveResult` (a named tuple, so
+        ``grad, solve = meta_gradient(...)`` works as before).
 
     Raises:
         ValueError: ``lam <= 0``, or a parameter not in the graph of ``task_loss``.
@@ -215,7 +229,7 @@ def meta_gradient(
     x = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
     grad = struct.unflatten([t.clone() for t in vector_to_parameters(x.detach(), ws)])
     res.x = grad
-    return grad, res
+    return MetaGradient(grad, res)
 
 
 def _check_lam(lam: float) -> None:

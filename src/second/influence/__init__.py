@@ -37,7 +37,7 @@ second-order term of the test loss,
 which fixes the systematic under-statement of large effects by first-order influence.
 """
 
-from ._grads import per_example_gradients
+from ..func.per_example import per_example_gradients
 from ._influence import Influence, TopK
 
 __all__ = ["Influence", "TopK", "per_example_gradients"]

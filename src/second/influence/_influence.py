@@ -12,17 +12,16 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import (
-    NonDeterministicDataError,
     NonFiniteError,
 )
 from .._losses import reduction_of
-from ..data import Task, as_task, stochastic_modules
+from ..data import Task, as_task, refuse_stochastic
 from ..distributed import check_same_across_ranks
+from ..func.per_example import ModelFunction, check_rows_finite
 from ..solvers import choose_method
 from ._cache import DiskCache, fingerprint
 from ._curvature import CurvatureInverse
 from ._examples import Examples, warn_ignored
-from ._grads import ModelFunction, check_rows_finite
 from ._loo import newton_loo
 from ._sharding import ShardedWork
 from ._state import StateTracking
@@ -202,12 +201,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        stochastic = stochastic_modules(model)
-        if stochastic:
-            raise NonDeterministicDataError(
-                f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
-                "call model.eval() before computing influence"
-            )
+        refuse_stochastic(model, "every influence result would change from call to call")
         self.model, self.loss_fn = model, loss_fn
         self.version = version
         self.task = as_task(task, loss_fn)

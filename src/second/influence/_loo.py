@@ -11,9 +11,9 @@ from torch import Tensor
 
 from .._errors import ConvergenceWarning, NegativeCurvatureWarning
 from ..func.dense import dense_from_matmat
+from ..func.per_example import ModelFunction, check_rows_finite
 from ..solvers import solve
 from ._cache import fingerprint
-from ._grads import ModelFunction, check_rows_finite
 from ._inverse import DenseInverse
 
 if TYPE_CHECKING:

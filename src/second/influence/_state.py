@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._errors import NonDeterministicDataError
 from .._losses import reduction_of
-from ..data import stochastic_modules
+from ..data import refuse_stochastic
+from ..func.per_example import ModelFunction
 from ._cache import fingerprint
-from ._grads import ModelFunction
 from ._identity import setup_description, state_tensors
 
 __all__ = ["StateTracking"]
@@ -28,12 +27,7 @@ class StateTracking:
         computed: a parameter (trainable or frozen), a buffer, the module tree, a module's
         mode, the loss function's settings or ``version``.
         """
-        stochastic = stochastic_modules(self.model)
-        if stochastic:
-            raise NonDeterministicDataError(
-                f"the model is in training mode with dropout ({', '.join(stochastic[:3])}): "
-                "call model.eval() before computing influence"
-            )
+        refuse_stochastic(self.model, "every influence result would change from call to call")
         self.fn = ModelFunction(self.model, self.task)
         self.reduction = reduction_of(self.loss_fn)
         self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0

@@ -30,13 +30,13 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._arguments import check_argument_order
-from .._errors import NonDeterministicDataError
 from .._losses import nll_scale, per_sample_losses, reduction_of, sample_targets
 from ..data import (
     SamePassCheck,
     Task,
     as_task,
     iterate_batches,
+    refuse_stochastic,
     sample_generator,
     stochastic_modules,
 )
@@ -49,6 +49,7 @@ from ..func.products import (
     flatten_gradient,
     grad_checked,
     hvp_from_flat_gradient,
+    trainable_parameters,
 )
 from ..func.vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
 from .base import LinearOperator
@@ -140,11 +141,7 @@ class CurvatureOperator(LinearOperator):
         columns: str = "auto",
     ):
         check_argument_order(type(self).__name__, data, params)
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError("the model has no parameters that require grad")
-        self.params = as_params(params)
+        self.params = trainable_parameters(model) if params is None else as_params(params)
         p0 = self.params[0]
         super().__init__(sum(p.numel() for p in self.params), p0.dtype, p0.device)
         self.model = model
@@ -161,14 +158,12 @@ class CurvatureOperator(LinearOperator):
         self.cache_graphs = bool(cache_graphs)
         self.single_batch = self.task.is_batch(data)
         if check_deterministic:
-            stochastic = stochastic_modules(model)
-            if stochastic:
-                raise NonDeterministicDataError(
-                    f"the model is in training mode with {', '.join(stochastic[:3])}: every "
-                    "product would see a different matrix (dropout, RReLU) or update the "
-                    "model's running statistics (batch norm). Call model.eval() first, "
-                    "or pass check_deterministic=False if you mean it."
-                )
+            refuse_stochastic(
+                model,
+                "every product would see a different matrix (dropout, RReLU) or update the "
+                "model's running statistics (batch norm); or pass check_deterministic=False "
+                "if you mean it",
+            )
         self._states: list | None = None  # kept per-batch graphs, built lazily
         self._pass_check = SamePassCheck(
             "the data",

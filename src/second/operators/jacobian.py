@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NonDeterministicDataError
-from ..data import SamePassCheck, Task, as_task, iterate_batches, stochastic_modules
-from ..func.products import JacobianGraph, as_params, check_finite
+from ..data import SamePassCheck, Task, as_task, iterate_batches, refuse_stochastic
+from ..func.products import JacobianGraph, as_params, check_finite, trainable_parameters
 from ..func.vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
 from .base import LinearOperator
 
@@ -51,11 +51,7 @@ class _Jacobian:
         columns: str,
         task: Task | None = None,
     ):
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError("the model has no parameters that require grad")
-        self.params = as_params(params)
+        self.params = trainable_parameters(model) if params is None else as_params(params)
         p0 = self.params[0]
         self.dtype, self.device = p0.dtype, p0.device
         self.num_params = sum(p.numel() for p in self.params)
@@ -71,14 +67,12 @@ class _Jacobian:
         self.progressbar = progressbar
         self.cache_graphs = bool(cache_graphs)
         if check_deterministic:
-            stochastic = stochastic_modules(model)
-            if stochastic:
-                raise NonDeterministicDataError(
-                    f"the model is in training mode with {', '.join(stochastic[:3])}: every "
-                    "product would see a different Jacobian (dropout, RReLU) or update the "
-                    "model's running statistics (batch norm). Call model.eval() first, "
-                    "or pass check_deterministic=False if you mean it."
-                )
+            refuse_stochastic(
+                model,
+                "every product would see a different Jacobian (dropout, RReLU) or update the "
+                "model's running statistics (batch norm); or pass check_deterministic=False "
+                "if you mean it",
+            )
         self._pass_check = SamePassCheck(
             "the data",
             "A Jacobian operator must be the same matrix on every product: use shuffle=False "

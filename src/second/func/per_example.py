@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .._errors import NonFiniteError
 from ..data import Task, as_task, map_batch
-from ..func.vectors import parameters_to_vector, vector_to_parameters
+from .vectors import parameters_to_vector, vector_to_parameters
 
 __all__ = ["ModelFunction", "per_example_gradients", "check_rows_finite"]
 
@@ -44,7 +44,13 @@ def _unsqueeze(example):
 
 
 class ModelFunction:
-    """A model and its task seen as pure functions of a flat parameter vector.
+    r"""A model and its task seen as pure functions of a flat parameter vector.
+
+    The one owner of per-example quantities: :meth:`gradients` is
+    :math:`[\nabla_\theta \ell_i]_i` by one ``vmap(grad(...))`` over
+    ``torch.func.functional_call``, and :meth:`hessian_products` multiplies one example's
+    Hessian, GGN or empirical Fisher with columns (influence's leave-one-out steps use it).
+    Batches are read through the :class:`~second.Task` (pairs, dicts, anything).
 
     Args:
         model: the network (put it in ``eval()`` mode if it has dropout or batch norm).
@@ -54,6 +60,13 @@ class ModelFunction:
 
     Raises:
         ValueError: if the model has no trainable parameter.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fn = ModelFunction(model, Task(torch.nn.MSELoss()))
+        >>> X, y = torch.randn(3, 2), torch.randn(3, 1)
+        >>> fn.gradients((X, y)).shape                     # one row per example
+        torch.Size([3, 3])
     """
 
     def __init__(self, model: nn.Module, task: Task, params: dict[str, Tensor] | None = None):
