@@ -162,16 +162,18 @@ def curvature_columns(
     """
     if fisher == "type2":
         return output_hessian_sqrt(loss_fn, f, reduction)
+    if fisher == "empirical" and y is None:
+        raise ValueError("fisher='empirical' needs the observed targets y")
     kind = loss_kind(loss_fn)
     ii = getattr(loss_fn, "ignore_index", -100)
     closed = kind is not None and not (kind == "ce" and 0 <= ii < f.shape[1])
-    if closed and fisher == "empirical" and kind == "ce":
-        closed = not bool((y == ii).any())  # ignored targets: let the loss handle them
-    if closed:
+    if closed and y is not None and fisher == "empirical" and kind == "ce":
+        closed = not bool(torch.as_tensor(y == ii).any())  # ignored targets: the loss handles them
+    if closed and kind is not None:
         # closed forms of the per-example loss gradients (no autograd pass)
         fd = f.detach()
         a = nll_scale(loss_fn, fd, reduction)
-        if fisher == "empirical":
+        if y is not None and fisher == "empirical":
             return _loss_gradient(kind, fd, y, a).unsqueeze(0)
         cols = [
             _loss_gradient(kind, fd, sample_targets(loss_fn, fd, generator), a)
@@ -180,7 +182,7 @@ def curvature_columns(
         return torch.stack(cols) / math.sqrt(a * mc_samples)
     fd = f.detach().requires_grad_(True)
     with torch.enable_grad():
-        if fisher == "empirical":
+        if y is not None and fisher == "empirical":
             (s,) = torch.autograd.grad(per_sample_losses(loss_fn, fd, y, reduction).sum(), fd)
             return s.unsqueeze(0)
         a = nll_scale(loss_fn, fd, reduction)
@@ -218,9 +220,10 @@ def backprop_columns(
     if not targets:
         return []
     K = S.shape[0]
+    gs: Sequence[Tensor | None]
     if K == 1:
-        gs = torch.autograd.grad(f, targets, S[0], retain_graph=retain_graph, allow_unused=True)
-        gs = [None if g is None else g.unsqueeze(0) for g in gs]
+        g1 = torch.autograd.grad(f, targets, S[0], retain_graph=retain_graph, allow_unused=True)
+        gs = [None if g is None else g.unsqueeze(0) for g in g1]
     else:
         gs = torch.autograd.grad(
             f, targets, S, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True

@@ -75,6 +75,8 @@ def eigen_corrections(
                     grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
                 m = layer.per_example_mats(layer.input_rows(inp), grows)
                 per = m if per is None else per + m
+            if per is None:  # (not reached: a captured layer has at least one call)
+                continue
             sums[j] += (eigen[j].rotate(per.reshape(-1, layer.d_G, layer.d_A)) ** 2).sum(0)
     if distributed:
         all_reduce_sum(sums)

@@ -91,7 +91,7 @@ class BlockLayout:
             M = layer.to_mat(self._slice(V, iw), None if ib is None else self._slice(V, ib))
             vw, vb = layer.from_mat(layer_fn(j, M))
             self._put(out, iw, vw)
-            if ib is not None:
+            if ib is not None and vb is not None:
                 self._put(out, ib, vb)
         for k, i in enumerate(self.fallback_index):
             self._put(out, i, fallback_fn(k, self._slice(V, i)))
@@ -225,12 +225,11 @@ class KFACOperator(CurvatureOperator):
             stats.all_reduce()
         self._num_data = int(stats.n)
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
-        self.A = [A / max(nA, 1.0) for A, nA in zip(stats.A, stats.nA)]
-        self.G = [G * w for G in stats.G]
-        self.diag = (
-            [d * w for d in stats.diag]
-            if stats.diag
-            else [torch.zeros_like(p) for p in self._fallback]
+        A_sums, G_sums, diags = stats.sums()
+        self.A: list[Tensor] = [A / max(nA, 1.0) for A, nA in zip(A_sums, stats.nA)]
+        self.G: list[Tensor] = [G * w for G in G_sums]
+        self.diag: list[Tensor] = (
+            [d * w for d in diags] if diags else [torch.zeros_like(p) for p in self._fallback]
         )
         for t in [*self.A, *self.G, *self.diag]:
             if not bool(torch.isfinite(t).all()):
@@ -309,7 +308,9 @@ class KFACOperator(CurvatureOperator):
     def _matvec(self, v: Tensor) -> Tensor:
         return self._matmat(v.unsqueeze(1)).squeeze(1)
 
-    def inverse(self, damping: float | None = None, *, pi_damping: bool = False) -> LinearOperator:
+    def inverse(  # type: ignore[override]  # KFAC's inverse is by factors, not by a method
+        self, damping: float | None = None, *, pi_damping: bool = False
+    ) -> LinearOperator:
         r"""The inverse of the damped approximation, by eigendecomposition of the factors.
 
         .. math::
@@ -417,7 +418,9 @@ class EKFACOperator(KFACOperator):
             lambda i, v: self.diagonals[i].matmul(v, lam),
         )
 
-    def inverse(self, damping: float | None = None, *, pi_damping: bool = False) -> LinearOperator:
+    def inverse(  # type: ignore[override]  # as KFACOperator.inverse
+        self, damping: float | None = None, *, pi_damping: bool = False
+    ) -> LinearOperator:
         r"""``(B + \lambda I)^{-1} = (Q_A\otimes Q_G)\,\mathrm{diag}(s + \lambda)^{-1}(Q_A\otimes Q_G)^\top``.
 
         Args:

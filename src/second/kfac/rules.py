@@ -24,7 +24,7 @@ input factor is diagonal and held as its diagonal).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +75,8 @@ class LayerRule:
 
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module = name, module
-        self.weight: Tensor = module.weight
-        self.bias: Tensor | None = getattr(module, "bias", None)
+        self.weight = cast(Tensor, module.weight)
+        self.bias = cast("Tensor | None", getattr(module, "bias", None))
         self.has_bias = self.bias is not None
         self.d_in, self.d_G = self.dims(module)
         self.d_A = self.d_in + int(self.has_bias)
@@ -98,7 +98,7 @@ class LayerRule:
     # -- shared behaviour --------------------------------------------------------------
     def params(self) -> list[Tensor]:
         """The layer's parameters: ``[weight]`` or ``[weight, bias]``."""
-        return [self.weight] + ([self.bias] if self.has_bias else [])
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def input_rows(self, inp: Tensor) -> Tensor:
         """``[n, T, d_A]`` input rows, with the bias column of ones appended."""
@@ -135,6 +135,8 @@ class LayerRule:
         """Parameter-shaped ``[k, *W.shape]`` (and bias ``[k, d_G]``) to ``[k, d_G, d_A]``."""
         m = vw.reshape(vw.shape[0], self.d_G, self.d_in)
         if self.has_bias:
+            if vb is None:
+                raise ValueError(f"layer {self.name!r} has a bias: pass its part too")
             m = torch.cat([m, vb.unsqueeze(-1)], dim=-1)
         return m
 
@@ -164,7 +166,8 @@ class LinearRule(LayerRule, module_type=nn.Linear):
     """
 
     def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
-        return module.in_features, module.out_features
+        m = cast(nn.Linear, module)
+        return m.in_features, m.out_features
 
     def matrix_of(self, gw: Tensor, gb: Tensor | None) -> Tensor:  # noqa: D102
         return gw if gb is None else torch.cat([gw, gb.unsqueeze(1)], dim=1)
@@ -186,20 +189,19 @@ class Conv2dRule(LayerRule, module_type=nn.Conv2d):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
+        m = cast(nn.Conv2d, module)
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
     def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
-        c, kh, kw = module.weight.shape[1:]
-        return c * kh * kw, module.out_channels
+        m = cast(nn.Conv2d, module)
+        c, kh, kw = m.weight.shape[1:]
+        return c * kh * kw, m.out_channels
 
     def features(self, inp: Tensor) -> Tensor:  # noqa: D102
-        m = self.module
+        m = cast(nn.Conv2d, self.module)
+        padding = cast("tuple[int, int]", m.padding)  # zero padding by numbers: see supports
         return F.unfold(
-            inp, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            inp, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
         ).transpose(1, 2)  # [n, T, C*kh*kw]
 
     def grad_rows(self, g: Tensor) -> Tensor:  # noqa: D102
@@ -224,18 +226,21 @@ class EmbeddingRule(LayerRule, module_type=nn.Embedding):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        return module.max_norm is None and not module.sparse
+        m = cast(nn.Embedding, module)
+        return m.max_norm is None and not m.sparse
 
     def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
-        return module.num_embeddings, module.embedding_dim
+        m = cast(nn.Embedding, module)
+        return m.num_embeddings, m.embedding_dim
 
     def input_rows(self, inp: Tensor) -> Tensor:  # noqa: D102
         return inp.reshape(inp.shape[0], -1)
 
     def mask(self, inp: Tensor) -> Tensor | None:  # noqa: D102
-        if self.module.padding_idx is None:
+        padding_idx = cast(nn.Embedding, self.module).padding_idx
+        if padding_idx is None:
             return None
-        return inp.reshape(inp.shape[0], -1) != self.module.padding_idx
+        return torch.ne(inp.reshape(inp.shape[0], -1), padding_idx)
 
     def a_stats(self, rows: Tensor) -> tuple[Tensor, float]:  # noqa: D102
         n, T = rows.shape[0], rows.shape[1]

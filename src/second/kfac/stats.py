@@ -108,8 +108,9 @@ class FactorStats:
 
     def add(self, j: int, A: Tensor, nA: float, G: Tensor) -> None:
         """Add sums ``A`` (count ``nA``) and ``G`` to layer ``j``."""
-        self.A[j] = A if self.A[j] is None else self.A[j] + A
-        self.G[j] = G if self.G[j] is None else self.G[j] + G
+        At, Gt = self.A[j], self.G[j]
+        self.A[j] = A if At is None else At + A
+        self.G[j] = G if Gt is None else Gt + G
         self.nA[j] += nA
 
     def add_rows(self, j: int, a: Tensor, nA: float, g: Tensor) -> None:
@@ -124,28 +125,38 @@ class FactorStats:
 
     def add_diagonal(self, i: int, d: Tensor) -> None:
         """Add to the diagonal estimate of fallback parameter ``i``."""
-        self.diag[i] = d if self.diag[i] is None else self.diag[i] + d
+        cur = self.diag[i]
+        self.diag[i] = d if cur is None else cur + d
 
     def tensors(self) -> list[Tensor]:
         """Form pending products and zero-fill: ``[A_0, G_0, A_1, ..., diag_0, ...]``."""
-        out = []
+        A_sums, G_sums, diags = self.sums()
+        return [t for A, G in zip(A_sums, G_sums) for t in (A, G)] + diags
+
+    def sums(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Form pending products and zero-fill; return the sums ``(A, G, diag)`` per layer."""
         for j in range(len(self.rows)):
             for a, g in self.take_rows(j):
                 A, G = a.T @ a, g.T @ g
-                self.A[j] = A if self.A[j] is None else self.A[j] + A
-                self.G[j] = G if self.G[j] is None else self.G[j] + G
+                At, Gt = self.A[j], self.G[j]
+                self.A[j] = A if At is None else At + A
+                self.G[j] = G if Gt is None else Gt + G
+        A_sums, G_sums, diags = [], [], []
         for j, layer in enumerate(self.layers):
             w = layer.weight
-            if self.A[j] is None:
+            At, Gt = self.A[j], self.G[j]
+            if At is None or Gt is None:
                 shape = (layer.d_A,) if layer.diag_A else (layer.d_A, layer.d_A)
-                self.A[j] = w.new_zeros(shape)
-                self.G[j] = w.new_zeros(layer.d_G, layer.d_G)
-            out += [self.A[j], self.G[j]]
+                At, Gt = w.new_zeros(shape), w.new_zeros(layer.d_G, layer.d_G)
+                self.A[j], self.G[j] = At, Gt
+            A_sums.append(At)
+            G_sums.append(Gt)
         for i, p in enumerate(self.fallback_params):
-            if self.diag[i] is None:
-                self.diag[i] = torch.zeros_like(p)
-            out.append(self.diag[i])
-        return out
+            d = self.diag[i]
+            if d is None:
+                d = self.diag[i] = torch.zeros_like(p)
+            diags.append(d)
+        return A_sums, G_sums, diags
 
     def all_reduce(self) -> None:
         """Sum the statistics and counts over the process group (every rank gets all)."""
@@ -190,16 +201,18 @@ class FactorStats:
                 continue
             for a, g in rows:  # (not reached: a layer's statistics are either rows or sums)
                 self.add(j, a.T @ a, 0.0, g.T @ g)
-            if self.A[j] is None:
+            A_sum, G_sum = self.A[j], self.G[j]
+            if A_sum is None or G_sum is None:
                 At.mul_(beta)
                 Gt.mul_(beta)
                 continue
-            At.mul_(beta).add_(self.A[j], alpha=(1 - beta) / max(self.nA[j], 1.0))
-            Gt.mul_(beta).add_(self.G[j], alpha=(1 - beta) * weight)
+            At.mul_(beta).add_(A_sum, alpha=(1 - beta) / max(self.nA[j], 1.0))
+            Gt.mul_(beta).add_(G_sum, alpha=(1 - beta) * weight)
         for i, d in enumerate(diag_run):
             d.mul_(beta)
-            if self.diag and self.diag[i] is not None:
-                d.add_(self.diag[i], alpha=(1 - beta) * weight)
+            d_sum = self.diag[i] if self.diag else None
+            if d_sum is not None:
+                d.add_(d_sum, alpha=(1 - beta) * weight)
 
 
 def add_layer_statistics(

@@ -10,7 +10,8 @@ forward-mode AD on the captured batch (:func:`generic_jvp`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from ..kfac import LayerRule, LinearRule, all_reduce_sum, output_hessian_product
 _ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
 
 
-def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list | None:
+def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, Any]] | None:
     """``[("linear", j) | ("act", module), ...]`` for a plain Sequential MLP, else ``None``.
 
     Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
@@ -31,7 +32,8 @@ def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list | None:
     if next(model.buffers(), None) is not None:
         return None
     which = {id(layer.module): j for j, layer in enumerate(layers) if isinstance(layer, LinearRule)}
-    chain, seen = [], set()
+    chain: list[tuple[str, Any]] = []
+    seen: set[int] = set()
     for m in model:
         j = which.get(id(m))
         if j is not None:
@@ -137,7 +139,7 @@ def generic_jvp(
     k = tangents[0].shape[0]
     tangent = dict(zip(names, tangents))
     try:
-        out, Jv = vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)
+        out, Jv = vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
     except Exception:  # a module without a batching rule: one JVP per vector
         res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
         out, Jv = res[0][0], torch.stack([r[1] for r in res])
@@ -145,7 +147,11 @@ def generic_jvp(
 
 
 def ggn_gram(
-    loss_fn: nn.Module, reduction: str, out: Tensor, Jv: Tensor, distributed: bool
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    reduction: str,
+    out: Tensor,
+    Jv: Tensor,
+    distributed: bool,
 ) -> Tensor:
     r"""The matrix :math:`[v_a^\top J^\top H J v_b]` of the batch GGN from ``Jv [k, *out.shape]``.
 

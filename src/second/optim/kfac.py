@@ -390,7 +390,7 @@ class KFAC(torch.optim.Optimizer):
             vw, vb = layer.params_of(self._layer_inverse(j, layer, lam).matmul(M))
             o = offsets[iw]
             out[o : o + vw.numel()].view(vw.shape).copy_(vw)
-            if ib is not None:
+            if ib is not None and vb is not None:
                 o = offsets[ib]
                 out[o : o + vb.numel()].copy_(vb)
         corr = 1.0 / (1.0 - group["factor_decay"] ** max(group["factor_steps"], 1))
@@ -430,16 +430,20 @@ class KFAC(torch.optim.Optimizer):
             V[:, o : o + m].view(k, *p.shape)
             for o, m, p in zip(self._offsets, self._numels, self.param_groups[0]["params"])
         ]
-        if self._fwd is not None:
+        if self._fwd is not None and self._chain is not None:
             out, Jv = chain_jvp(self._chain, self.layers, self._index, self._fwd, tangents)
         else:
+            if self._batch is None:
+                raise RuntimeError("KFAC's quadratic model needs a captured training forward")
             params = [p.detach() for p in self.param_groups[0]["params"]]
             out, Jv = generic_jvp(self.inner, self._names, params, self._batch, tangents)
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist())
 
     # ------------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(  # type: ignore[override]  # the closure's loss is returned as a tensor
+        self, closure: Callable[[], Tensor] | None = None
+    ) -> Tensor | None:
         """One KFAC update.
 
         Args:
@@ -481,13 +485,13 @@ class KFAC(torch.optim.Optimizer):
         eta, lam = group["weight_decay"], group["damping"]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         if eta:
-            grads = torch._foreach_add(grads, params, alpha=eta)
+            grads = list(torch._foreach_add(grads, params, alpha=eta))
         Delta = self._precondition(grads, lam + eta, group).neg_()
         prev = self._previous_update(params)
         have_prev = prev is not None
         info: dict = {}
         gflat = _flat(grads)
-        V = torch.stack([Delta, prev]) if have_prev else Delta.unsqueeze(0)  # [k, n]
+        V = torch.stack([Delta, prev]) if prev is not None else Delta.unsqueeze(0)  # [k, n]
         if adaptive:
             # one product for the gradient terms and the norms: [g.v_a, v_a.v_b]
             Gram = (V @ torch.cat([gflat.unsqueeze(0), V]).T).tolist()
@@ -499,7 +503,7 @@ class KFAC(torch.optim.Optimizer):
         if adaptive:
             Fq = self._quadratic_terms(V).tolist()
             alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, group["momentum"])
-            delta = torch.add(alpha * Delta, prev, alpha=mu) if have_prev else alpha * Delta
+            delta = torch.add(alpha * Delta, prev, alpha=mu) if prev is not None else alpha * Delta
             info.update(alpha=alpha, mu=mu, predicted_change=pred)
         else:
             lr = group["lr"]
