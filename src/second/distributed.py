@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .func.vectors import parameters_to_vector, vector_to_parameters
+
 __all__ = [
     "active",
     "rank",
@@ -130,12 +132,10 @@ def all_reduce_sum(
         if len(ts) == 1:
             dist.all_reduce(ts[0])
         else:
-            buf = torch.cat([t.reshape(-1) for t in ts])
+            buf = parameters_to_vector(ts)
             dist.all_reduce(buf)
-            offset = 0
-            for t in ts:
-                t.copy_(buf[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            for t, part in zip(ts, vector_to_parameters(buf, ts), strict=True):
+                t.copy_(part)
     return ts[0] if single else ts
 
 

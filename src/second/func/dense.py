@@ -23,7 +23,12 @@ from .products import (
     gradient_with_graph,
     hvp_from_gradient,
 )
-from .vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
+from .vectors import (
+    columns_to_parameters,
+    parameters_to_columns,
+    parameters_to_vector,
+    vector_to_parameters,
+)
 
 __all__ = [
     "exact_hessian",
@@ -173,7 +178,7 @@ def exact_hessian(
 
     def matvec(e: Tensor) -> Tensor:
         vs = vector_to_parameters(e, params)
-        return torch.cat([t.reshape(-1) for t in hvp_from_gradient(grads, params, vs)])
+        return parameters_to_vector(hvp_from_gradient(grads, params, vs))
 
     H = dense_from_matmat(
         matmat, matvec, n, dtype=params[0].dtype, device=params[0].device, chunk_size=chunk_size
@@ -216,7 +221,7 @@ def exact_ggn(
         return parameters_to_columns(graph.gvp(vs, batched=True))
 
     def matvec(e: Tensor) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in graph.gvp(vector_to_parameters(e, params))])
+        return parameters_to_vector(graph.gvp(vector_to_parameters(e, params)))
 
     G = dense_from_matmat(
         matmat, matvec, n, dtype=params[0].dtype, device=params[0].device, chunk_size=chunk_size

@@ -238,7 +238,7 @@ def flatten_gradient(grads: Sequence[Tensor]) -> Tensor | None:
     """
     if not any(g.requires_grad for g in grads):
         return None
-    return torch.cat([g.reshape(-1) for g in grads])
+    return parameters_to_vector(grads)
 
 
 def hvp_from_flat_gradient(

@@ -51,7 +51,12 @@ from ..func.products import (
     hvp_from_flat_gradient,
     trainable_parameters,
 )
-from ..func.vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
+from ..func.vectors import (
+    columns_to_parameters,
+    parameters_to_columns,
+    parameters_to_vector,
+    vector_to_parameters,
+)
 from .base import LinearOperator
 
 # Work (examples x parameters of a batch) above which "auto" loops over columns on CPU:
@@ -239,7 +244,7 @@ class CurvatureOperator(LinearOperator):
     def _join(self, ts: Sequence[Tensor], batched: bool) -> Tensor:
         if batched:
             return parameters_to_columns(ts)
-        return torch.cat([t.reshape(-1) for t in ts])
+        return parameters_to_vector(ts)
 
     def _weight(self, n_b: int) -> float:
         return float(n_b) if self.reduction == "mean" else 1.0
@@ -350,7 +355,7 @@ class CurvatureOperator(LinearOperator):
             _, loss = self._forward(batch)
             g = grad_checked(loss, self.params)
             w = self._weight(n_b)
-            acc[:-1].add_(torch.cat([t.reshape(-1) for t in g]), alpha=w)
+            acc[:-1].add_(parameters_to_vector(g), alpha=w)
             acc[-1] += w * loss.detach()
             count += n_b
         acc, count = self._reduce(acc, count)

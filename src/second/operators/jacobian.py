@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from .._errors import NonDeterministicDataError
 from ..data import SamePassCheck, Task, as_task, iterate_batches, refuse_stochastic
 from ..func.products import JacobianGraph, as_params, check_finite, trainable_parameters
-from ..func.vectors import columns_to_parameters, parameters_to_columns, vector_to_parameters
+from ..func.vectors import (
+    columns_to_parameters,
+    parameters_to_columns,
+    parameters_to_vector,
+    vector_to_parameters,
+)
 from .base import LinearOperator
 
 __all__ = ["JacobianOperator", "TransposedJacobianOperator"]
@@ -145,7 +150,7 @@ class _Jacobian:
     def _join(ts: Sequence[Tensor], batched: bool) -> Tensor:
         if batched:
             return parameters_to_columns(ts)
-        return torch.cat([t.reshape(-1) for t in ts])
+        return parameters_to_vector(ts)
 
     # -- products ------------------------------------------------------------------------
     def jvp(self, V: Tensor) -> Tensor:
