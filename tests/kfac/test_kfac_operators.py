@@ -291,3 +291,24 @@ def test_restrict_keeps_the_kind_and_options(cls):
     torch.testing.assert_close(R.to_dense(), want.to_dense(), rtol=0, atol=0)
     other = cls(model, loss_fn, (X[:5], y[:5]), generator=torch.Generator().manual_seed(6), **opts)
     assert not torch.equal(R.to_dense(), other.to_dense())  # the samples do matter
+
+
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_dict_batches_equal_pair_batches(fisher):
+    # the HuggingFace layout: a dict of tensors with the targets under "labels"
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tanh_net()
+
+        def forward(self, x):
+            return self.body(x)
+
+    model, loss_fn = Net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    pairs = [(X[:5], y[:5]), (X[5:], y[5:])]
+    dicts = [{"x": X[:5], "labels": y[:5]}, {"x": X[5:], "labels": y[5:]}]
+    for cls in (KFACOperator, EKFACOperator):
+        want = cls(model, loss_fn, pairs, fisher=fisher).to_dense()
+        got = cls(model, loss_fn, dicts, fisher=fisher).to_dense()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

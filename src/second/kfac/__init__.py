@@ -114,13 +114,7 @@ from .rules import (
     rule_for,
     unwrap_model,
 )
-from .stats import (
-    FactorStats,
-    add_layer_statistics,
-    all_reduce_sum,
-    batch_statistics,
-    distributed_active,
-)
+from .stats import FactorStats, add_layer_statistics, batch_statistics
 
 __all__ = [
     # operators
@@ -151,8 +145,6 @@ __all__ = [
     "FactorStats",
     "batch_statistics",
     "add_layer_statistics",
-    "all_reduce_sum",
-    "distributed_active",
     # blocks, damping, eigen
     "KroneckerBlock",
     "EigenBlock",

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed as dist
 from .damping import DAMPING_SPLITS, pi_factor, pi_split
 from .eigen import sym_eigh
 
@@ -218,35 +218,26 @@ def eigen_blocks(
     """:meth:`EigenBlock.from_factors` of ``(scale A, scale G)`` for every layer.
 
     With ``split`` (the factors are the same on every rank of a process group) layer ``j``
-    is decomposed on rank ``j % world_size`` and broadcast: the work is divided, the result
-    is the same on every rank.
+    is decomposed on rank ``j % world_size`` and shared with the others (zeros elsewhere,
+    one sum over the ranks): the work is divided, the result is the same on every rank.
 
     Example:
         >>> blocks = eigen_blocks([(torch.eye(2), 2 * torch.eye(1))], scale=0.5)
         >>> blocks[0].eigenvalues
         tensor([[0.5000, 0.5000]])
     """
-    split = split and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
-    parts = []
+    split = split and dist.world_size() > 1
+    rank, world = (dist.rank(), dist.world_size()) if split else (0, 1)
+    parts: list[tuple[Tensor, Tensor | None, Tensor, Tensor]] = []
     for j, (A, G) in enumerate(factors):
         if j % world == rank:
             e = EigenBlock.from_factors(A * scale, G * scale)
             parts.append((e.lA, e.QA, e.lG, e.QG))
-        elif A.dim() == 1:
-            parts.append((torch.empty_like(A), None, torch.empty_like(G[0]), torch.empty_like(G)))
+        elif A.dim() == 1:  # another rank's layer: zeros, filled by the sum below
+            parts.append((torch.zeros_like(A), None, torch.zeros_like(G[0]), torch.zeros_like(G)))
         else:
-            parts.append(
-                (
-                    torch.empty_like(A[0]),
-                    torch.empty_like(A),
-                    torch.empty_like(G[0]),
-                    torch.empty_like(G),
-                )
-            )
+            zA, zG = torch.zeros_like(A), torch.zeros_like(G)
+            parts.append((zA[0].clone(), zA, zG[0].clone(), zG))
     if split:
-        for j, (lA, QA, lG, QG) in enumerate(parts):
-            for t in (lG, QG, lA, QA):
-                if t is not None:
-                    dist.broadcast(t, src=j % world)
+        dist.all_reduce_sum([t for p in parts for t in p if t is not None])
     return [EigenBlock(*p) for p in parts]

@@ -17,11 +17,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .. import distributed as dist
 from .blocks import EigenBlock
 from .capture import Capture
 from .columns import backprop_columns
 from .rules import LayerRule
-from .stats import all_reduce_sum
 
 __all__ = ["eigen_corrections"]
 
@@ -79,5 +79,5 @@ def eigen_corrections(
                 continue
             sums[j] += (eigen[j].rotate(per.reshape(-1, layer.d_G, layer.d_A)) ** 2).sum(0)
     if distributed:
-        all_reduce_sum(sums)
+        dist.all_reduce_sum(sums)
     return sums

@@ -15,16 +15,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from .._errors import NonFiniteError
+from ..data import Task, sample_generator
 from ..operators.base import LinearOperator
-from ..operators.curvature import CurvatureOperator, sample_generator
+from ..operators.curvature import CurvatureOperator
 from .blocks import DiagonalBlock, EigenBlock, KroneckerBlock
 from .capture import Capture
 from .columns import FISHER_TYPES, check_loss, curvature_columns
 from .correction import eigen_corrections
 from .damping import check_damping
 from .rules import LayerRule, find_layers, unwrap_model
-from .stats import FactorStats, batch_statistics, distributed_active
+from .stats import FactorStats, batch_statistics
 
 __all__ = [
     "FALLBACKS",
@@ -122,7 +124,7 @@ class KFACOperator(CurvatureOperator):
         generator: its state at construction seeds the MC targets and the Rademacher
             signs of the diagonal fallback (default: seed 0). The operator draws from a
             private copy, so ``generator`` itself is never advanced or reset.
-        reduction, check_deterministic, distributed, progressbar: as for
+        task, reduction, check_deterministic, distributed, progressbar: as for
             :class:`~second.CurvatureOperator`. Under ``torch.distributed`` the factor
             sums and counts are all-reduced, so every rank holds the factors of all
             the data.
@@ -161,6 +163,7 @@ class KFACOperator(CurvatureOperator):
         mc_samples: int = 1,
         fallback: str = "diagonal",
         generator: torch.Generator | None = None,
+        task: Task | None = None,
         reduction: str | None = None,
         check_deterministic: bool = True,
         distributed: bool | None = None,
@@ -179,6 +182,7 @@ class KFACOperator(CurvatureOperator):
             loss_fn,
             data,
             None,
+            task=task,
             reduction=reduction,
             check_deterministic=check_deterministic,
             distributed=distributed,
@@ -198,9 +202,10 @@ class KFACOperator(CurvatureOperator):
     def _passes(self):
         """Yield ``(f, S, capture)`` for every batch, the graph kept while the caller works."""
         self.generator.set_state(self._generator_state)
-        for X, y in self._batches():
+        for batch in self._batches():
             with Capture(self.rules) as cap:
-                out, _ = self._forward(X, y)
+                out, _ = self._forward(batch)
+            y = self.task.targets(batch) if self.fisher == "empirical" else None
             S = curvature_columns(
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
             )
@@ -221,7 +226,7 @@ class KFACOperator(CurvatureOperator):
                 retain_graph=False,
             )
         stats.tensors()
-        if distributed_active(self.distributed):
+        if dist.active(self.distributed):
             stats.all_reduce()
         self._num_data = int(stats.n)
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
@@ -246,12 +251,12 @@ class KFACOperator(CurvatureOperator):
     def restrict(self, batch) -> KFACOperator:
         """The same approximation on one batch: same class, Fisher type, damping and samples.
 
-        ``fisher``, ``damping``, ``mc_samples``, ``fallback``, ``reduction`` and the sampling
-        state are kept; the restriction is local to this process (``distributed=False``) and
+        ``fisher``, ``damping``, ``mc_samples``, ``fallback``, the task, ``reduction`` and the
+        sampling state are kept; the restriction is local to this process (``distributed=False``) and
         does not re-check the data (``check_deterministic=False``).
 
         Args:
-            batch: one ``(X, y)`` batch.
+            batch: one batch (as the data yields it).
 
         Returns:
             A new operator of the same class on ``batch``.
@@ -275,6 +280,7 @@ class KFACOperator(CurvatureOperator):
             mc_samples=self.mc_samples,
             fallback=self.fallback,
             generator=generator,
+            task=self.task,
             reduction=self.reduction,
             check_deterministic=False,
             distributed=False,
@@ -404,7 +410,7 @@ class EKFACOperator(KFACOperator):
         super().refresh()
         kfac = self.eigen()
         sums = eigen_corrections(
-            self.rules, kfac, self._passes(), distributed=distributed_active(self.distributed)
+            self.rules, kfac, self._passes(), distributed=dist.active(self.distributed)
         )
         w = 1.0 / self.num_data if self.reduction == "mean" else 1.0
         self.scales = [s * w for s in sums]

@@ -5,7 +5,7 @@ For layer :math:`l` the statistics are :math:`\sum_{i,t} a_{it} a_{it}^\top` wit
 (the gradient factor is it times :math:`w = 1/N` for a mean-reduced loss, 1 for a sum),
 plus, for parameters outside the supported layers, a Rademacher estimate of the curvature
 diagonal. Sums and counts from batches, or from the ranks of a process group, merge by
-addition (:meth:`FactorStats.all_reduce`); :meth:`FactorStats.ema_into` folds them into
+addition (:meth:`FactorStats.all_reduce`, through :mod:`second.distributed`); :meth:`FactorStats.ema_into` folds them into
 running averages.
 """
 
@@ -14,50 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..operators.curvature import _dist_active
+from .. import distributed as dist
 from .capture import Capture
 from .columns import backprop_columns
 from .rules import LayerRule
 
-__all__ = [
-    "FactorStats",
-    "batch_statistics",
-    "add_layer_statistics",
-    "all_reduce_sum",
-    "distributed_active",
-]
-
-
-def distributed_active(distributed: bool | None) -> bool:
-    """Whether to all-reduce: ``distributed`` if given, else whether a process group is up.
-
-    Raises:
-        RuntimeError: ``distributed=True`` without an initialized process group.
-
-    Example:
-        >>> distributed_active(None), distributed_active(False)
-        (False, False)
-    """
-    return _dist_active(distributed)
-
-
-def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
-    """Sum ``tensors`` over the process group in place, in one collective.
-
-    Example:
-        >>> import torch.distributed as dist
-        >>> dist.is_initialized()   # all_reduce_sum needs a process group
-        False
-    """
-    buf = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(buf)
-    off = 0
-    for t in tensors:
-        t.copy_(buf[off : off + t.numel()].view_as(t))
-        off += t.numel()
+__all__ = ["FactorStats", "batch_statistics", "add_layer_statistics"]
 
 
 def _rademacher(shape, like: Tensor, generator) -> Tensor:
@@ -163,7 +127,7 @@ class FactorStats:
         ts = self.tensors()
         ref = self.layers[0].weight if self.layers else self.fallback_params[0]
         counts = ref.new_tensor([self.n, *self.nA])
-        all_reduce_sum([*ts, counts])
+        dist.all_reduce_sum([*ts, counts])
         self.n = float(counts[0])
         self.nA = [float(c) for c in counts[1:]]
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..kfac import LayerRule, LinearRule, all_reduce_sum, output_hessian_product
+from .. import distributed as dist
+from ..kfac import LayerRule, LinearRule, output_hessian_product
 
 _ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
 
@@ -169,7 +170,7 @@ def ggn_gram(
     n = float(out.shape[0])
     if distributed:
         buf = torch.cat([Q.reshape(-1), Q.new_tensor([n])])
-        all_reduce_sum([buf])
+        dist.all_reduce_sum(buf)
         Q, n = buf[:-1].reshape(k, k), float(buf[-1])
     return Q / n if reduction == "mean" else Q
 

@@ -44,9 +44,9 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from .._losses import reduction_of
 from ..kfac import (
     FALLBACKS,
@@ -60,7 +60,6 @@ from ..kfac import (
     batch_statistics,
     check_loss,
     curvature_columns,
-    distributed_active,
     eigen_blocks,
     find_layers,
     unwrap_model,
@@ -328,7 +327,7 @@ class KFAC(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------ state helpers
     def _dist(self) -> bool:
-        return distributed_active(self.distributed)
+        return dist.active(self.distributed)
 
     def _update_factors(self, stats: FactorStats, group: dict) -> None:
         if self._dist():
@@ -358,8 +357,8 @@ class KFAC(torch.optim.Optimizer):
         """Eigendecompose the bias-corrected factors.
 
         Under torch.distributed layer ``j`` is decomposed on rank ``j % world_size`` and
-        broadcast: the factors are identical on all ranks after the all-reduce, so the
-        result is the same and the work is split.
+        shared (:func:`second.kfac.eigen_blocks`): the factors are identical on all ranks
+        after the all-reduce, so the result is the same and the work is split.
         """
         corr = 1.0 / (1.0 - group["factor_decay"] ** group["factor_steps"])
         states = [self.state[layer.weight] for layer in self.layers]
@@ -570,8 +569,8 @@ class KFAC(torch.optim.Optimizer):
         vals = torch.tensor([float(loss), float(new_loss)], dtype=torch.float64)
         if self._dist():
             vals = vals.to(group["params"][0].device)
-            dist.all_reduce(vals)
-            vals = vals.cpu() / dist.get_world_size()
+            dist.all_reduce_sum(vals)
+            vals = vals.cpu() / dist.world_size()
         change = float(vals[1] - vals[0])
         pred = info["predicted_change"]
         rho = change / pred if pred < 0 else -math.inf
