@@ -1,5 +1,6 @@
 """Spectral tools: Lanczos eigenpairs, trace and diagonal estimators, spectral density."""
 
+from ._diagonal import ggn_diagonal
 from ._eigsh import EigshResult, eigsh
 from .estimators import Density, Estimate, diagonal, frobenius_norm, spectral_density, trace
 from .lanczos import extreme_eigenvalues, lanczos
@@ -8,6 +9,7 @@ __all__ = [
     "Density",
     "Estimate",
     "frobenius_norm",
+    "ggn_diagonal",
     "eigsh",
     "EigshResult",
     "lanczos",

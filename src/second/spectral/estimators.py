@@ -220,11 +220,15 @@ def diagonal(
       Gauss-Newton matrix for a Hessian), the estimate is :math:`\mathrm{diag}(C)` plus
       Hutchinson on :math:`A - C` (a control variate): the error shrinks with
       :math:`\|A - C\|` instead of :math:`\|A\|`; ``control`` may also be the exact
-      diagonal of ``C`` with ``C`` itself as an operator via ``(C, diag_C)``.
+      diagonal of ``C`` with ``C`` itself as an operator via ``(C, diag_C)``. For a
+      :class:`~second.HessianOperator`, ``control="ggn"`` uses the Gauss-Newton matrix of the
+      same model and data, whose diagonal is exact (:func:`ggn_diagonal`): the Hessian's
+      diagonal is then the GGN's plus an estimate of the (usually small) residual term.
     * ``"xdiag"`` (Epperly, Tropp & Webber, 2024): the exchangeable leave-one-out
       estimator, exact for a matrix of rank below ``num_matvecs / 2 - 1``.
-    * ``"exact"``: from ``n`` batched unit-vector products (small models). For the GGN of a
-      model use :func:`ggn_diagonal` (one backward pass per output dimension).
+    * ``"exact"``: from ``n`` batched unit-vector products (small models); for a
+      :class:`~second.GGNOperator`, by :func:`ggn_diagonal` instead (one backward pass per
+      output dimension, any number of parameters).
 
     With ``return_result=True`` an :class:`Estimate` carries per-entry standard errors.
 
@@ -241,7 +245,10 @@ def diagonal(
     count = _Counter(op)
     if method not in ("hutchinson", "xdiag", "exact"):
         raise ValueError(f"method must be 'hutchinson', 'xdiag' or 'exact', got {method!r}")
-    if method == "exact":
+    if method == "exact" and _model_ggn(op) is not None:
+        value = _model_ggn(op)  # type: ignore[assignment]
+        err = torch.zeros_like(value)
+    elif method == "exact":
         value = torch.diagonal(_dense(op, count)).clone()
         err = torch.zeros_like(value)
     else:
@@ -254,6 +261,8 @@ def diagonal(
             Z = _rademacher(n, num_matvecs, g, op.dtype, op.device)
             AZ = count(Z)
             base = None
+            if isinstance(control, str):
+                control = _named_control(op, control)
             if control is not None:
                 C, base = control if isinstance(control, tuple) else (control, None)
                 Cop = aslinearoperator(C, n, dtype=op.dtype, device=op.device)
@@ -266,6 +275,30 @@ def diagonal(
     if not return_result:
         return value
     return Estimate(value, err, count.matvecs, count.passes, method)
+
+
+def _model_ggn(op) -> Tensor | None:
+    """The exact GGN diagonal of a GGN operator over a model, by per-example products."""
+    from ..operators import GGNOperator
+    from ._diagonal import ggn_diagonal
+
+    if type(op) is not GGNOperator:
+        return None
+    return ggn_diagonal(
+        op.model, op.loss_fn, op.data, op.params, reduction=op.reduction, task=op.task
+    )
+
+
+def _named_control(op, name: str):
+    """``control="ggn"`` for a Hessian operator: the GGN of the same model, with its diagonal."""
+    from ..operators import GGNOperator, HessianOperator
+
+    if name != "ggn" or not isinstance(op, HessianOperator):
+        raise ValueError(
+            f"control={name!r}: the named control variate is 'ggn', for a HessianOperator"
+        )
+    G = GGNOperator(op.model, op.loss_fn, op.data, op.params, reduction=op.reduction, task=op.task)
+    return G, _model_ggn(G)
 
 
 def _xdiag(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, Tensor]:
