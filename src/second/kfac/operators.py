@@ -124,14 +124,23 @@ class KFACOperator(CurvatureOperator):
         generator: its state at construction seeds the MC targets and the Rademacher
             signs of the diagonal fallback (default: seed 0). The operator draws from a
             private copy, so ``generator`` itself is never advanced or reset.
-        task, reduction, check_deterministic, distributed, progressbar: as for
-            :class:`~second.CurvatureOperator`. Under ``torch.distributed`` the factor
-            sums and counts are all-reduced, so every rank holds the factors of all
-            the data.
+        task: how to run the model on a batch (:class:`second.Task`; default: ``(X, y)``
+            pairs and dicts of tensors with the targets under ``"labels"``).
+        reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction``.
+        check_deterministic: check that the data is the same on every pass and the model
+            not stochastic (as for :class:`~second.CurvatureOperator`).
+        distributed: all-reduce the factor sums and counts over the process group (default:
+            when one is initialized), so every rank holds the factors of all the data.
+        progressbar: show a progress bar over the batches.
 
     Attributes:
-        rules: the layer rules; blocks: their :class:`KroneckerBlock`; diagonals: the
-        fallback parameters' :class:`DiagonalBlock`; A, G, diag: the factors and diagonals.
+        rules: the :class:`~second.kfac.LayerRule` of every Kronecker-factored layer.
+        blocks: their :class:`KroneckerBlock`.
+        diagonals: the fallback parameters' :class:`DiagonalBlock`.
+        layout: the :class:`BlockLayout` between parameter order and the blocks.
+        A: per layer, the input factor (an embedding's: its diagonal).
+        G: per layer, the gradient factor.
+        diag: per fallback parameter, the estimated curvature diagonal.
 
     Raises:
         ValueError: an unknown ``fisher``/``fallback``, negative damping, ``mc_samples < 1``.

@@ -93,7 +93,8 @@ class KFAC(torch.optim.Optimizer):
         damping_adaptation_interval: steps between adaptations (default 5).
         damping_adaptation_decay: per-step factor, :math:`\omega = \text{decay}^{\text{interval}}`
             (default 0.95).
-        min_damping, max_damping: bounds of :math:`\lambda` (default 1e-8, 1e8).
+        min_damping: lower bound of :math:`\lambda` (default 1e-8).
+        max_damping: upper bound of :math:`\lambda` (default 1e8).
         weight_decay: :math:`\eta`, an L2 term added to the gradient and the curvature.
         factor_decay: :math:`\beta` of the running averages (default 0.95).
         factor_update_period: steps between factor updates (default 1).
