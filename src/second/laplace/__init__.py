@@ -14,6 +14,16 @@ scores calibration (NLL, ECE, Brier). ``docs/laplace.md`` says which configurati
 
 from . import metrics
 from ._laplace import Laplace, PriorOptimizationResult
+from ._online import OnlinePrior
 from .metrics import brier, ece, nll, reliability
 
-__all__ = ["Laplace", "PriorOptimizationResult", "metrics", "nll", "ece", "brier", "reliability"]
+__all__ = [
+    "Laplace",
+    "PriorOptimizationResult",
+    "OnlinePrior",
+    "metrics",
+    "nll",
+    "ece",
+    "brier",
+    "reliability",
+]

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
 
 from ..data import Task, as_task, iterate_batches
 from ..func import parameters_to_vector
-from ..operators import FisherOperator, GGNOperator, HessianOperator, JacobianOperator
+from ..operators import FisherOperator, GGNOperator, HessianOperator
 from ._structures import DiagStructure, FullStructure, KronStructure, LowRankStructure
 
 __all__ = ["Laplace", "PriorOptimizationResult"]
@@ -23,8 +24,8 @@ FISHERS = ("type2", "mc", "empirical")
 LINKS = ("probit", "bridge", "mc")
 PREDS = ("glm", "nn")
 
-# floats of Jacobian columns held at once in the predictive (256 MB in float32)
-_JACOBIAN_BUDGET = 2**26
+# floats of per-example Jacobians held at once in the predictive (32 MB in float64)
+_JACOBIAN_BUDGET = 2**22
 
 
 @dataclass
@@ -70,6 +71,20 @@ def _last_layer(model: nn.Module) -> tuple[str, nn.Module]:
             f"subset='last_layer' needs an nn.Linear as the last module with parameters, got {kind}"
         )
     return found
+
+
+def _per_example_jacobians(module: nn.Module, params: Sequence[Tensor], X: Tensor) -> Tensor:
+    """``d f(x_i) / d theta`` for every input, ``[n, C, P]`` (``torch.func``: C backward passes)."""
+    names = {id(p): k for k, p in module.named_parameters()}
+    keys = [names[id(p)] for p in params]
+
+    def f(theta, x):
+        return functional_call(module, dict(zip(keys, theta)), (x.unsqueeze(0),))[0]
+
+    with torch.enable_grad():
+        Js = vmap(jacrev(f), in_dims=(None, 0))(tuple(p.detach() for p in params), X)
+    n, C = X.shape[0], Js[0].shape[1]
+    return torch.cat([J.reshape(n, C, -1) for J in Js], dim=2).detach()
 
 
 def _positive(value, name: str) -> Tensor:
@@ -374,7 +389,9 @@ class Laplace:
         """
         features = self._forward_pass(data)
         if self._last is not None:
-            module, fdata, self._fit_task = self._last, features, Task(self._sum_loss_fn())
+            # the features of all the data as one batch: the curvature keeps its graphs
+            phi, y = torch.cat([b[0] for b in features]), torch.cat([b[1] for b in features])
+            module, fdata, self._fit_task = self._last, (phi, y), Task(self._sum_loss_fn())
         else:
             # the same batches, read by the user's task, with the summed loss
             self._fit_task = copy.copy(self.task)
@@ -712,7 +729,8 @@ class Laplace:
 
         With :math:`J_x = \partial f(x; \theta) / \partial\theta` at :math:`\theta_*`,
         :math:`f_{lin}(x) \sim N(f(x; \theta_*), J_x \Sigma J_x^\top)` per input. The Jacobian
-        columns come from :class:`second.JacobianOperator` in chunks of inputs.
+        rows of each input come from one vectorized reverse pass per output (``torch.func``),
+        in chunks of inputs, and meet :math:`\Sigma` through the structure's solve.
 
         Args:
             X: inputs ``[n, ...]``.
@@ -724,20 +742,22 @@ class Laplace:
         module, inputs = self._inputs(X)
         with torch.no_grad():
             f = module(inputs)
+        if f.dim() != 2:
+            raise ValueError(f"the model must give outputs [n, C], got shape {tuple(f.shape)}")
         n, C = f.shape
         P = self.num_params
         chunk = max(1, _JACOBIAN_BUDGET // max(1, P * C))
         covs = []
         for start in range(0, n, chunk):
-            xb = inputs[start : start + chunk]
-            m = xb.shape[0]
-            J = JacobianOperator(
-                module, xb, self.params, check_deterministic=self.check_deterministic
-            )
-            eye = torch.eye(m * C, dtype=f.dtype, device=f.device)
-            Jt = (J.T @ eye).detach()  # [P, m C]
-            S = st.solve(c, d, Jt.to(st.dtype)).to(f.dtype)
-            covs.append(torch.einsum("pnc,pnd->ncd", Jt.reshape(P, m, C), S.reshape(P, m, C)))
+            J = _per_example_jacobians(module, self.params, inputs[start : start + chunk])
+            m = J.shape[0]
+            Jt = J.reshape(m * C, P).T  # [P, m C]
+            if st.whiten is not None:  # J Sigma J^T = (R J^T)^T (R J^T): one rotation
+                W = st.whiten(c, d, Jt.to(st.dtype)).to(f.dtype).reshape(P, m, C)
+                covs.append(torch.einsum("pnc,pnd->ncd", W, W))
+            else:
+                S = st.solve(c, d, Jt.to(st.dtype)).to(f.dtype).reshape(P, m, C)
+                covs.append(torch.einsum("pnc,pnd->ncd", Jt.reshape(P, m, C), S))
         return f, torch.cat(covs)
 
     def _nn_outputs(self, X: Tensor, n_samples: int, generator) -> Tensor:
@@ -752,7 +772,7 @@ class Laplace:
                 for p in self.params:
                     vals[names[id(p)]] = t[offsets : offsets + p.numel()].view_as(p)
                     offsets += p.numel()
-                outs.append(torch.func.functional_call(module, vals, (inputs,)))
+                outs.append(functional_call(module, vals, (inputs,)))
         return torch.stack(outs)
 
     def predict(

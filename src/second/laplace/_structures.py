@@ -40,6 +40,10 @@ class _Structure:
         """``Lambda^{-1} V`` for ``V [P, k]``."""
         raise NotImplementedError
 
+    def whiten(self, c: Tensor, delta: Tensor, V: Tensor) -> Tensor:
+        """``W`` with ``W^T W = V^T Lambda^{-1} V`` (``V [P, k]``): ``R V`` for ``Lambda^{-1} = R^T R``."""
+        raise NotImplementedError
+
     def sample(self, c: Tensor, delta: Tensor, Z: Tensor, generator=None) -> Tensor:
         """Columns with covariance ``Lambda^{-1}`` from standard normal ``Z [P, k]``."""
         raise NotImplementedError
@@ -116,6 +120,11 @@ class FullStructure(_Structure):
             return Q @ ((Q.T @ V) / self._spectrum(c, delta).unsqueeze(1))
         return torch.cholesky_solve(V, self._cholesky(c, delta))
 
+    def whiten(self, c, delta, V):
+        if _scalar(delta):
+            return (self.evecs.T @ V) / self._spectrum(c, delta).sqrt().unsqueeze(1)
+        return torch.linalg.solve_triangular(self._cholesky(c, delta), V, upper=False)
+
     def sample(self, c, delta, Z, generator=None):
         if _scalar(delta):
             return self.evecs @ (Z / self._spectrum(c, delta).sqrt().unsqueeze(1))
@@ -159,6 +168,9 @@ class DiagStructure(_Structure):
 
     def sample(self, c, delta, Z, generator=None):
         return Z / self._precision(c, delta).sqrt().unsqueeze(1)
+
+    def whiten(self, c, delta, V):
+        return self.sample(c, delta, V)
 
     def matmat_curvature(self, V):
         return self.h.unsqueeze(1) * V
@@ -205,6 +217,8 @@ class LowRankStructure(_Structure):
         D, _, DiB, LM = self._parts(c, delta)
         DiV = V / D.unsqueeze(1)
         return DiV - DiB @ torch.cholesky_solve(DiB.T @ V, LM)
+
+    whiten = None  # no cheap square root: the predictive uses V^T (Lambda^{-1} V)
 
     def sample(self, c, delta, Z, generator=None):
         # perturb and solve: Lambda^{-1}(D^{1/2} z1 + B z2) has covariance Lambda^{-1}
@@ -277,6 +291,16 @@ class KronStructure(_Structure):
         return self._map(
             Z,
             lambda j, M: blocks[j].unrotate(M / out[j].sqrt()),
+            lambda i, v: v / diag[i].sqrt().reshape(1, *v.shape[1:]),
+        )
+
+    def whiten(self, c, delta, V):
+        # R = D^{-1/2} Q^T block by block, laid out in the blocks' parameter slots
+        out, diag = self._spectra(c, delta)
+        blocks = self.blocks
+        return self._map(
+            V,
+            lambda j, M: blocks[j].rotate(M) / out[j].sqrt(),
             lambda i, v: v / diag[i].sqrt().reshape(1, *v.shape[1:]),
         )
 
