@@ -194,11 +194,18 @@ class Task:
 
     # -- running the model ---------------------------------------------------------------
     def output(self, model: Callable, batch) -> Tensor:
-        """The model's output on ``batch``: ``model(X)``, ``model(*X)`` or ``model(**inputs)``."""
-        if isinstance(batch, Mapping):
-            return model(**{k: v for k, v in batch.items() if k != self.target_key})
-        X = batch[0]
-        return model(X) if isinstance(X, Tensor) else model(*X)
+        """The model's output on ``batch``: ``model(X)``, ``model(*X)`` or ``model(**inputs)``.
+
+        The model runs inside :func:`second.func.differentiable_attention`, so curvature
+        products work through ``F.scaled_dot_product_attention``.
+        """
+        from .func.attention import differentiable_attention
+
+        with differentiable_attention():
+            if isinstance(batch, Mapping):
+                return model(**{k: v for k, v in batch.items() if k != self.target_key})
+            X = batch[0]
+            return model(X) if isinstance(X, Tensor) else model(*X)
 
     def targets(self, batch) -> Tensor:
         """What the loss compares the output with: ``y``, or ``batch[target_key]``."""
@@ -343,7 +350,7 @@ def batch_fingerprint(batch, ordered: bool = False) -> tuple:
     fp = []
     for t in _leaves(batch):
         tf = t.detach().to(torch.float64)
-        item = (tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6))
+        item: tuple = (tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6))
         if ordered and tf.dim() > 0 and tf.shape[0] > 0:
             pos = torch.arange(1, tf.shape[0] + 1, dtype=torch.float64, device=tf.device)
             per = tf.reshape(tf.shape[0], -1).sum(1)

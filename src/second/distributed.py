@@ -127,7 +127,7 @@ def all_reduce_sum(
         (tensor([1., 1.]), tensor([0.]))
     """
     single = isinstance(tensors, Tensor)
-    ts = [tensors] if single else list(tensors)
+    ts: list[Tensor] = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     if active(distributed) and ts:
         if len(ts) == 1:
             dist.all_reduce(ts[0])

@@ -85,7 +85,9 @@ class ModelFunction:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         trainable = set(self.names)
-        self.fixed = {k: t for k, t in model.named_parameters() if k not in trainable}
+        self.fixed: dict[str, Tensor] = {
+            k: t for k, t in model.named_parameters() if k not in trainable
+        }
         self.fixed.update(dict(model.named_buffers()))
         self._vmap_ok = True
 

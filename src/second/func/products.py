@@ -37,7 +37,7 @@ _graph_cache: OrderedDict[tuple, tuple[weakref.ref, tuple[Tensor, ...]]] = Order
 def as_params(parameters: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Validate and return parameters as a tuple of tensors that require grad."""
     if isinstance(parameters, Tensor):
-        params = (parameters,)
+        params: tuple[Tensor, ...] = (parameters,)
     elif isinstance(parameters, dict):
         params = tuple(parameters.values())
     else:
@@ -615,7 +615,7 @@ def jvp(
             allow_unused=True,
         )
     else:
-        jv = (None,) * len(outs)
+        jv = (None,) * len(outs)  # type: ignore[assignment]
     jv = tuple(torch.zeros_like(o) if t is None else t for o, t in zip(outs, jv))
     if flatten:
         return parameters_to_vector(jv)
