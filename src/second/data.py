@@ -194,11 +194,18 @@ class Task:
 
     # -- running the model ---------------------------------------------------------------
     def output(self, model: Callable, batch) -> Tensor:
-        """The model's output on ``batch``: ``model(X)``, ``model(*X)`` or ``model(**inputs)``."""
-        if isinstance(batch, Mapping):
-            return model(**{k: v for k, v in batch.items() if k != self.target_key})
-        X = batch[0]
-        return model(X) if isinstance(X, Tensor) else model(*X)
+        """The model's output on ``batch``: ``model(X)``, ``model(*X)`` or ``model(**inputs)``.
+
+        The model runs inside :func:`second.func.differentiable_attention`, so curvature
+        products work through ``F.scaled_dot_product_attention``.
+        """
+        from .func.attention import differentiable_attention
+
+        with differentiable_attention():
+            if isinstance(batch, Mapping):
+                return model(**{k: v for k, v in batch.items() if k != self.target_key})
+            X = batch[0]
+            return model(X) if isinstance(X, Tensor) else model(*X)
 
     def targets(self, batch) -> Tensor:
         """What the loss compares the output with: ``y``, or ``batch[target_key]``."""

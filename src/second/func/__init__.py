@@ -6,6 +6,7 @@ and the optimizers take their products from here (:class:`JacobianGraph` and
 through a gradient built with ``create_graph=True``).
 """
 
+from .attention import differentiable_attention
 from .dense import dense_from_matmat, eigenvalue_cutoff, exact_fisher, exact_ggn, exact_hessian
 from .per_example import ModelFunction, per_example_gradients
 from .products import (
@@ -29,6 +30,7 @@ from .vectors import (
 
 __all__ = [
     "hvp",
+    "differentiable_attention",
     "gvp",
     "jvp",
     "vjp",
