@@ -230,7 +230,8 @@ def test_lissa_refuses_exploding_steps_from_tiny_curvature_batches():
             opt.step(lambda: ((X @ w - y) ** 2).mean(), lambda i=i: ((X[i] @ w - y[i]) ** 2).mean())
             assert bool(torch.isfinite(w).all())
     st = opt.state[w]
-    assert st["n_diverged"] >= 1 and len(caught) == st["n_diverged"]
+    refusals = [c for c in caught if issubclass(c.category, ConvergenceWarning)]
+    assert st["n_diverged"] >= 1 and len(refusals) == st["n_diverged"]
     assert float(w.detach().abs().max()) < 10.0
 
 

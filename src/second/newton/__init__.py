@@ -8,6 +8,9 @@
   progress rule);
 * preconditioners: :class:`LBFGSPreconditioner`, :func:`diagonal_preconditioner`;
 * globalization: :func:`strong_wolfe`, :func:`update_radius`, :func:`lm_damping_update`;
+* one globalized step (shared by the loops and the optimizers): :func:`trust_region_step`
+  (with :func:`cg_subproblem`), :func:`damped_step` (Levenberg-Marquardt, Nielsen's or
+  :func:`more_damping_update`), :class:`StepResult`;
 * stopping: :class:`Criteria`, :func:`diverging_iterates`;
 * loops: :func:`newton_cg`, :func:`newton_dense`; result: :class:`OptimizeResult`.
 """
@@ -18,6 +21,13 @@ from .loop import Objective, newton_cg, newton_dense
 from .model_cg import InnerCGResult, model_cg
 from .precond import LBFGSPreconditioner, diagonal_preconditioner
 from .result import OptimizeResult
+from .steps import (
+    StepResult,
+    cg_subproblem,
+    damped_step,
+    more_damping_update,
+    trust_region_step,
+)
 from .stopping import Criteria, diverging_iterates
 from .trust_region import SubproblemResult, exact_trust_region, steihaug_cg
 
@@ -37,6 +47,11 @@ __all__ = [
     "LineSearchResult",
     "update_radius",
     "lm_damping_update",
+    "trust_region_step",
+    "cg_subproblem",
+    "damped_step",
+    "more_damping_update",
+    "StepResult",
     "Criteria",
     "diverging_iterates",
     "newton_cg",

@@ -21,12 +21,13 @@ from .direction import forcing_term, truncated_cg
 from .globalize import strong_wolfe, update_radius
 from .precond import LBFGSPreconditioner
 from .result import OptimizeResult
+from .steps import NOISE, cg_subproblem, trust_region_step
 from .stopping import Criteria, limit_message
-from .trust_region import exact_trust_region, steihaug_cg
+from .trust_region import exact_trust_region
 
 __all__ = ["Objective", "newton_cg", "newton_dense", "MESSAGES"]
 
-_NOISE = 1e-11  # |f| times this: a change of f below it is mostly rounding (float64)
+_NOISE = NOISE  # |f| times this: a change of f below it is mostly rounding (float64)
 
 MESSAGES = {
     "converged": "converged: ||grad|| = {g:.3e} <= gtol = {gtol:.1e}",
@@ -98,6 +99,10 @@ class Objective:
             return g.detach(), hvp
 
         return float(f.detach()), finish
+
+    def trial_at(self, x: Tensor):
+        """``p -> self.trial(x + p)``: the trial of a step from ``x``."""
+        return lambda p: self.trial(x + p)
 
     def _hvp(self, g: Tensor, xr: Tensor):
         def prod(v: Tensor) -> Tensor:
@@ -265,26 +270,17 @@ def newton_cg(
             # no longer binds
             M = None
         if globalization == "trust-region":
-            sub = steihaug_cg(hvp, g, radius, rtol=rtol, maxiter=cg_maxiter, M=M)
-            obj.matvecs += 0  # counted by hvp
+            subproblem = cg_subproblem(hvp, g, rtol=rtol, maxiter=cg_maxiter, M=M)
             while True:
                 it += 1
-                if not sub.predicted_reduction > 0:
+                res = trust_region_step(
+                    f, g, radius, subproblem, obj.trial_at(x), eta=eta, max_radius=max_radius
+                )
+                if not res.predicted_reduction > 0:
                     reason, extra = "stalled", "stalled: the quadratic model predicts no decrease"
                     break
-                f_try, finish = obj.trial(x + sub.step)
-                pred, g_try = sub.predicted_reduction, None
-                actual = f - f_try
-                if math.isfinite(f_try) and pred < _NOISE * max(abs(f), abs(f_try)):
-                    # f's difference is at the rounding level of f: the trapezoidal rule on
-                    # the two gradients measures the actual reduction instead
-                    g_try, hvp_try = finish(True)
-                    actual = -0.5 * float(torch.dot(g + g_try, sub.step))
-                rho = actual / pred if math.isfinite(f_try) else -math.inf
-                radius = update_radius(
-                    radius, rho, sub.step_norm, sub.on_boundary, max_radius=max_radius
-                )
-                if rho > eta:
+                radius = res.radius
+                if res.accepted:
                     break
                 if radius <= criteria.xtol * (1 + xnorms[-1]):
                     reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
@@ -292,13 +288,11 @@ def newton_cg(
                 if it >= criteria.maxiter:
                     reason = "maxiter"
                     break
-                sub = sub.path.cut(radius) if sub.path is not None else sub
             if reason is not None:
                 break
-            step = sub.step
-            interior = not sub.on_boundary
-            if g_try is None:
-                g_try, hvp_try = finish(True)
+            step, f_try = res.step, res.f
+            interior = not res.sub.on_boundary
+            g_try, hvp_try = (res.grad, res.product) if res.grad is not None else res.finish(True)
         else:
             x0cg = d_prev if (warm_start and d_prev is not None) else None
             d, info = truncated_cg(hvp, g, rtol=rtol, maxiter=cg_maxiter, M=M, x0=x0cg)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,6 +17,11 @@ from ..func.products import grad_checked
 
 __all__ = [
     "NewtonTypeOptimizer",
+    "ClosureCall",
+    "call_closure",
+    "deferred_backward",
+    "CLOSURE_EXAMPLE",
+    "renamed_options",
     "check_positive",
     "check_nonneg",
     "check_unit",
@@ -80,6 +89,147 @@ def check_state_dict_params(owner: str, params: Sequence[Tensor], state_dict: di
             f"{owner}.load_state_dict: the state was saved for parameters of other shapes "
             f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): it belongs to another model"
         )
+
+
+_BACKWARD_LOCK = threading.RLock()
+
+
+@contextmanager
+def deferred_backward(calls: list) -> Iterator[None]:
+    """While active, ``loss.backward()`` records ``loss`` in ``calls`` instead of running.
+
+    ``Tensor.backward`` goes through ``torch.autograd.backward``, which is replaced for the
+    duration (under a lock, restored on exit). A Newton-type optimizer then differentiates the
+    loss itself, with the graph it needs for curvature products (``create_graph``, or the
+    output's graph kept for Gauss-Newton), and a trial point that is rejected costs no backward
+    pass at all: the closure's ``backward()`` costs nothing extra, and no second forward pass
+    is needed.
+    """
+
+    def record(tensors, grad_tensors=None, retain_graph=None, create_graph=False, **kw):
+        calls.append(tensors)
+
+    with _BACKWARD_LOCK:
+        original = torch.autograd.backward
+        torch.autograd.backward = record
+        try:
+            yield
+        finally:
+            torch.autograd.backward = original
+
+
+#: The closure the contract asks for, as one line for messages.
+CLOSURE_EXAMPLE = (
+    "def closure(): opt.zero_grad(); loss = loss_fn(model(X), y); loss.backward(); return loss"
+)
+
+#: Deprecated keyword spellings of the Newton-type optimizers and the glossary's names.
+RENAMED = {"tolerance_grad": "gtol", "max_iter": "maxiter", "cg_max_iter": "cg_maxiter"}
+
+
+def renamed_options(owner: str, deprecated: dict, current: dict, defaults: dict) -> None:
+    """Move deprecated keywords (``tolerance_grad``, ...) onto the glossary's names, in place.
+
+    Args:
+        owner: the optimizer's name, for the messages.
+        deprecated: the extra keyword arguments the constructor received.
+        current: the new names' values (updated in place).
+        defaults: the new names' defaults (to tell whether both spellings were passed).
+
+    Raises:
+        TypeError: an unknown keyword.
+        ValueError: both spellings passed.
+    """
+    for old, val in deprecated.items():
+        new = RENAMED.get(old)
+        if new is None or new not in current:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {old!r}")
+        warnings.warn(
+            f"{owner}({old}=...) is deprecated and stops working in 0.3: use {new}=...",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if current[new] != defaults[new]:
+            raise ValueError(f"pass {new} only ({old} is its deprecated spelling)")
+        current[new] = val
+
+
+@dataclass
+class ClosureCall:
+    """What one closure call produced.
+
+    Attributes:
+        loss: the scalar loss, with its graph when it was run under autograd.
+        output: the network output (the deprecated ``(loss, output)`` form), else ``None``.
+        backward: whether the closure called ``loss.backward()`` (the contract).
+    """
+
+    loss: Tensor
+    output: Tensor | None
+    backward: bool
+
+
+def call_closure(
+    owner: str, closure: Callable, *, pair: str = "refuse", graph: bool = True
+) -> ClosureCall:
+    """Run a closure under torch.optim's contract, its ``backward()`` deferred.
+
+    The contract: the closure zeroes the gradients, computes the loss, calls
+    ``loss.backward()`` and returns the loss. The old forms keep working for one release
+    with a ``DeprecationWarning`` naming the contract: a loss returned without
+    ``backward()`` (NewtonCG, LiSSA, HessianFree) and, where ``pair="deprecated"``, a
+    ``(loss, output)`` pair (GaussNewton, HessianFree built from parameters).
+
+    Args:
+        owner: the optimizer's name, for the messages.
+        closure: the closure.
+        pair: ``"refuse"`` (a pair is an error), ``"deprecated"`` (accepted with a warning)
+            or ``"accept"`` (accepted silently: an internal closure).
+        graph: run under ``torch.enable_grad()`` (else ``torch.no_grad()``: a value only).
+
+    Returns:
+        A :class:`ClosureCall`.
+
+    Raises:
+        TypeError: the closure returned neither a scalar tensor nor an accepted pair, with
+            the closure the contract asks for.
+    """
+    calls: list = []
+    with deferred_backward(calls), torch.set_grad_enabled(graph):
+        out = closure()
+        if isinstance(out, Tensor) and out.numel() == 1:
+            out = out.reshape(())  # under autograd: the view keeps the graph
+    output = None
+    if isinstance(out, (tuple, list)) and len(out) == 2 and pair != "refuse":
+        out, output = out
+        if pair == "deprecated":
+            warnings.warn(
+                f"a {owner} closure returning (loss, output) is deprecated and stops working "
+                f"in 0.3: build the optimizer from the model, {owner}(model, ...), and write "
+                f"torch.optim's closure: {CLOSURE_EXAMPLE}",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+    if not (isinstance(out, Tensor) and out.numel() == 1):
+        got = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
+        raise TypeError(
+            f"{owner}'s closure must return the scalar loss (got {got}); the contract is "
+            f"torch.optim's: the closure zeroes the gradients, computes the loss, calls "
+            f"backward() and returns the loss: {CLOSURE_EXAMPLE}"
+        )
+    called = bool(calls)
+    if not called and graph and output is None and out.requires_grad:
+        warnings.warn(
+            f"a {owner} closure that returns the loss without calling loss.backward() is "
+            f"deprecated and stops working in 0.3: write torch.optim's closure: "
+            f"{CLOSURE_EXAMPLE}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    if out.dim():
+        with torch.set_grad_enabled(graph):
+            out = out.reshape(())
+    return ClosureCall(out, output, called)
 
 
 def check_positive(name: str, value: float) -> None:
@@ -168,6 +318,10 @@ class NewtonTypeOptimizer(Optimizer):
             ValueError: if it was saved for another number or shapes of parameters.
         """
         check_state_dict_params(type(self).__name__, self._params, state_dict)
+        for group in state_dict.get("param_groups", []):
+            for old, new in RENAMED.items():  # a state saved before the renaming
+                if old in group and new not in group:
+                    group[new] = group.pop(old)
         super().load_state_dict(state_dict)
         self._cache = {}
 
@@ -208,6 +362,23 @@ class NewtonTypeOptimizer(Optimizer):
             offset += n
         return out
 
+    def _call(self, closure: Callable, *, pair: str = "refuse", graph: bool = True) -> ClosureCall:
+        """One closure call under the contract (:func:`call_closure`), counted in ``nfev``."""
+        res = call_closure(type(self).__name__, closure, pair=pair, graph=graph)
+        self._state["nfev"] += 1
+        return res
+
+    def _value(self, closure: Callable, *, pair: str = "refuse") -> float:
+        """The loss only (no graph; ``inf`` when not finite), counted in ``nfev``."""
+        val = float(self._call(closure, pair=pair, graph=False).loss.detach())
+        return val if math.isfinite(val) else math.inf
+
+    @torch.no_grad()
+    def _write_grad(self, flat: Tensor) -> None:
+        """Leave the gradient of the current point in ``.grad`` (as torch.optim.LBFGS does)."""
+        for p, gp in zip(self._params, self._split(flat)):
+            p.grad = gp.detach().clone()
+
     def _versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._params)
 
@@ -229,6 +400,19 @@ class NewtonTypeOptimizer(Optimizer):
 
             raise NonFiniteError("the gradient has NaN or Inf entries")
         return grads, flat
+
+
+def flat_hvp(opt: NewtonTypeOptimizer, grads: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
+    """``v -> H v`` on flat vectors from gradients with their graph, counted in ``nhvp``."""
+    from ..func.products import hvp_from_gradient
+
+    def prod(v: Tensor) -> Tensor:
+        opt._state["nhvp"] += 1
+        with torch.enable_grad():
+            out = hvp_from_gradient(grads, opt._params, opt._split(v))
+        return torch.cat([t.reshape(-1) for t in out])
+
+    return prod
 
 
 def flat_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:

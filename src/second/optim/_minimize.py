@@ -167,7 +167,7 @@ def minimize(
 
 def _gauss_newton(fun, x0, criteria, t0, max_time, options) -> OptimizeResult:
     x = x0.detach().clone().requires_grad_(True)
-    opt = GaussNewton([x], tolerance_grad=criteria.gtol, **options)
+    opt = GaussNewton([x], gtol=criteria.gtol, **options)
 
     def closure():
         out = fun(x)

@@ -2,6 +2,7 @@ r"""Gauss-Newton / Levenberg-Marquardt on the generalized Gauss-Newton matrix.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -11,9 +12,91 @@ from torch import Tensor
 from ..func.products import GGNGraph, check_scalar_loss
 from ..newton.globalize import lm_damping_update
 from ..newton.model_cg import model_cg
-from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
+from ..newton.steps import DAMPING_RULES, damped_step
+from ._base import (
+    CLOSURE_EXAMPLE,
+    ClosureCall,
+    NewtonTypeOptimizer,
+    check_int,
+    check_nonneg,
+    check_positive,
+    check_unit,
+    renamed_options,
+)
 
-__all__ = ["GaussNewton", "unpack_closure_output", "lm_damping_update"]
+__all__ = [
+    "GaussNewton",
+    "unpack_closure_output",
+    "lm_damping_update",
+    "OutputCapture",
+    "evaluate_output",
+    "network_output",
+]
+
+
+class OutputCapture:
+    """The outputs of a module's forward calls, recorded while :meth:`active` (a forward hook).
+
+    How Gauss-Newton-type optimizers built from a model get the network output from a plain
+    torch.optim closure: the hook keeps the output of each forward call made inside the
+    closure, with its graph, so no second forward pass is needed.
+
+    Args:
+        module: the model whose output is the GGN's "output".
+
+    Example:
+        >>> m = torch.nn.Linear(2, 1)
+        >>> cap = OutputCapture(m)
+        >>> with cap.active() as outs:
+        ...     _ = m(torch.ones(3, 2))
+        >>> len(outs), outs[0].shape
+        (1, torch.Size([3, 1]))
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self._outputs: list | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self._outputs is not None:
+            self._outputs.append(output)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Record the outputs of the forward calls made inside the ``with`` block."""
+        outs: list = []
+        self._outputs = outs
+        try:
+            yield outs
+        finally:
+            self._outputs = None
+
+
+def network_output(owner: str, call: ClosureCall, outputs: list | None) -> Tensor:
+    """The network output of one closure call: the captured one, or the deprecated pair's.
+
+    Raises:
+        TypeError: no output (an optimizer built from parameters with a closure that returns
+            the loss), or a model that ran more than once in the closure.
+    """
+    if call.output is not None:
+        out = call.output
+    elif outputs is None:
+        raise TypeError(
+            f"{owner} needs the network output for the Gauss-Newton matrix: build it from the "
+            f"model, {owner}(model, ...), and write torch.optim's closure: {CLOSURE_EXAMPLE} "
+            "(a closure returning (loss, output) is the deprecated form)"
+        )
+    elif len(outputs) != 1:
+        raise TypeError(
+            f"{owner}: the model ran {len(outputs)} times in one closure call; the "
+            "Gauss-Newton matrix needs the one output the loss was computed from"
+        )
+    else:
+        out = outputs[0]
+    if not isinstance(out, Tensor) or not out.requires_grad:
+        raise ValueError("the network output must be a tensor with its graph")
+    return out
 
 
 def unpack_closure_output(out, finite: bool = True) -> tuple[Tensor, Tensor]:
@@ -34,6 +117,26 @@ def unpack_closure_output(out, finite: bool = True) -> tuple[Tensor, Tensor]:
     return loss, output
 
 
+def evaluate_output(
+    opt: NewtonTypeOptimizer, capture: OutputCapture | None, closure, need_output: bool = True
+) -> tuple[ClosureCall, Tensor | None]:
+    """One closure call of ``opt`` with the network output (captured, or the deprecated pair's).
+
+    Returns:
+        ``(call, output)``; ``output`` is ``None`` unless ``need_output``.
+
+    Raises:
+        TypeError: as :func:`network_output` (only when ``need_output``).
+    """
+    name = type(opt).__name__
+    if capture is None:
+        call = opt._call(closure, pair="deprecated")
+        return call, (network_output(name, call, None) if need_output else None)
+    with capture.active() as outs:
+        call = opt._call(closure, pair="deprecated")
+    return call, (network_output(name, call, outs) if need_output else None)
+
+
 class GaussNewton(NewtonTypeOptimizer):
     r"""Levenberg-Marquardt: damped generalized Gauss-Newton steps with adaptive damping.
 
@@ -47,54 +150,76 @@ class GaussNewton(NewtonTypeOptimizer):
     step is re-solved for free). The step is accepted when the ratio of actual to
     predicted reduction :math:`\rho = (L(\theta) - L(\theta + d)) / -(g^\top d + \tfrac12
     d^\top G d)` exceeds ``eta``, and :math:`\lambda` follows Nielsen's rule
-    (:func:`lm_damping_update`): it falls on good steps and rises, ever faster, on
-    rejected ones. :math:`G` is positive semi-definite for losses convex in the output
-    (MSE, cross-entropy), so the method is the natural one for least squares and
-    cross-entropy.
+    (:func:`lm_damping_update`, ``damping_rule="nielsen"``) or Moré's trust-region rule
+    (:func:`second.newton.more_damping_update`, ``"more"``); one iteration is
+    :func:`second.newton.damped_step`. :math:`G` is positive semi-definite for losses convex
+    in the output (MSE, cross-entropy), so the method is the natural one for least squares
+    and cross-entropy.
+
+    Built from the model, ``GaussNewton(model, ...)``, it takes torch.optim's closure (zero
+    the gradients, compute the loss, call ``backward()``, return the loss) and reads the
+    network output from a forward hook on the model, with its graph: no second forward pass.
+    The closure must run the model once::
+
+        opt = GaussNewton(model, damping=1e-3)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(X), y)
+            loss.backward()
+            return loss
+
+    The optimizer runs that ``backward()`` itself (keeping the graph the Gauss-Newton
+    products need; none at all at a rejected trial point); after :meth:`step`, ``.grad``
+    holds the gradient at the current point. Built from parameters with a closure returning
+    ``(loss, output)`` (the old form) it still works until 0.3, with a ``DeprecationWarning``.
 
     Full-batch use: pass the same closure object on every call, and the evaluation at the
     accepted trial point is reused by the next call. Mini-batch use: a new closure object
     (a new batch) triggers a fresh evaluation at the start of the call.
 
-    The closure returns ``(loss, output)``: the scalar loss and the network output it was
-    computed from, both with their graph, without calling ``backward()``::
-
-        def closure():
-            out = model(X)
-            return loss_fn(out, y), out
-
     Args:
-        params: parameters (one group).
+        params: the model (an ``nn.Module``: its parameters, and its output captured by a
+            forward hook) or the parameters (one group; deprecated closure form).
         damping: initial :math:`\lambda` (default 1e-3).
         min_damping: floor for :math:`\lambda` (default 1e-12).
         max_damping: ceiling; reaching it stops the optimizer (default 1e12).
         eta: acceptance threshold on :math:`\rho` (default 1e-4).
         solver: ``"cg"`` (default) or ``"dense"``.
-        max_iter: LM iterations per :meth:`step` call (default 1).
-        cg_max_iter: CG iterations per solve (default: ``min(P, 250)``).
+        maxiter: LM iterations per :meth:`step` call (default 1).
+        cg_maxiter: CG iterations per solve (default: ``min(P, 250)``).
         cg_rtol: fixed relative CG tolerance (default ``None``: ``min(0.5, sqrt(||g||))``).
-        tolerance_grad: stop when :math:`\|g\| \le` this (default 1e-7).
+        gtol: stop when :math:`\|g\| \le` this (default 1e-7).
         tolerance_change: stop when an accepted step is smaller (default 1e-12).
+        damping_rule: ``"nielsen"`` (default) or ``"more"``.
+        **deprecated: ``tolerance_grad``, ``max_iter``, ``cg_max_iter`` (removed in 0.3).
 
     Raises:
         ValueError: invalid hyperparameters.
+        TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss,
+            or no way to get the network output.
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 1).double()
         >>> X = torch.randn(20, 3, dtype=torch.float64); y = X.sum(1, keepdim=True)
-        >>> opt = GaussNewton(model.parameters(), max_iter=20, damping=1e-8)
+        >>> opt = GaussNewton(model, maxiter=20, damping=1e-8)
         >>> def closure():
-        ...     out = model(X)
-        ...     return torch.nn.functional.mse_loss(out, y), out
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(X), y)
+        ...     loss.backward()
+        ...     return loss
         >>> _ = opt.step(closure)
         >>> opt.converged
         True
 
     References:
-        Levenberg (1944); Marquardt (1963); Nielsen (1999), *Damping parameter in Marquardt's
+        Levenberg (1944); Marquardt (1963); Moré (1978), *The Levenberg-Marquardt algorithm:
+        implementation and theory*; Nielsen (1999), *Damping parameter in Marquardt's
         method*; Schraudolph (2002) for the generalized Gauss-Newton matrix.
     """
+
+    _renamed_defaults = dict(gtol=1e-7, maxiter=1, cg_maxiter=None)
 
     def __init__(
         self,
@@ -104,12 +229,17 @@ class GaussNewton(NewtonTypeOptimizer):
         max_damping: float = 1e12,
         eta: float = 1e-4,
         solver: str = "cg",
-        max_iter: int = 1,
-        cg_max_iter: int | None = None,
+        maxiter: int = 1,
+        cg_maxiter: int | None = None,
         cg_rtol: float | None = None,
-        tolerance_grad: float = 1e-7,
+        gtol: float = 1e-7,
         tolerance_change: float = 1e-12,
+        damping_rule: str = "nielsen",
+        **deprecated,
     ):
+        names = dict(gtol=gtol, maxiter=maxiter, cg_maxiter=cg_maxiter)
+        renamed_options(type(self).__name__, deprecated, names, self._renamed_defaults)
+        gtol, maxiter, cg_maxiter = names["gtol"], names["maxiter"], names["cg_maxiter"]
         check_positive("damping", damping)
         check_positive("min_damping", min_damping)
         check_positive("max_damping", max_damping)
@@ -119,12 +249,14 @@ class GaussNewton(NewtonTypeOptimizer):
             raise ValueError(f"eta must lie in [0, 1), got {eta!r}")
         if solver not in ("cg", "dense"):
             raise ValueError(f"solver must be 'cg' or 'dense', got {solver!r}")
-        check_int("max_iter", max_iter)
-        if cg_max_iter is not None:
-            check_int("cg_max_iter", cg_max_iter)
+        if damping_rule not in DAMPING_RULES:
+            raise ValueError(f"damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}")
+        check_int("maxiter", maxiter)
+        if cg_maxiter is not None:
+            check_int("cg_maxiter", cg_maxiter)
         if cg_rtol is not None:
             check_unit("cg_rtol", cg_rtol)
-        check_nonneg("tolerance_grad", tolerance_grad)
+        check_nonneg("gtol", gtol)
         check_nonneg("tolerance_change", tolerance_change)
         defaults = dict(
             damping=damping,
@@ -132,21 +264,40 @@ class GaussNewton(NewtonTypeOptimizer):
             max_damping=max_damping,
             eta=eta,
             solver=solver,
-            max_iter=max_iter,
-            cg_max_iter=cg_max_iter,
+            maxiter=maxiter,
+            cg_maxiter=cg_maxiter,
             cg_rtol=cg_rtol,
-            tolerance_grad=tolerance_grad,
+            gtol=gtol,
             tolerance_change=tolerance_change,
+            damping_rule=damping_rule,
         )
+        self._capture = None
+        if isinstance(params, torch.nn.Module):
+            self._capture = OutputCapture(params)
+            params = [p for p in params.parameters() if p.requires_grad]
         super().__init__(params, defaults)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _evaluate(self, closure) -> tuple[ClosureCall, Tensor | None]:
+        """One closure call: the loss and the network output."""
+        return evaluate_output(self, self._capture, closure)
+
+    def _point(self, call: ClosureCall, out: Tensor) -> dict:
+        """Loss, flat gradient and the pair the GGN is built from, at the current point."""
+        check_scalar_loss(call.loss)
+        with torch.enable_grad():
+            _, g = self._gradient(call.loss, create_graph=False, retain_graph=True)
+        if call.backward:
+            self._write_grad(g)
+        return dict(loss=float(call.loss.detach()), pair=(call.loss, out), g=g)
 
     # -- curvature -----------------------------------------------------------------------
     def _graph(self, cache, closure) -> GGNGraph:
         if "graph" not in cache:
             pair = cache.pop("pair", None)
             if pair is None:  # the point's graph was consumed by a rejected trial
-                pair = unpack_closure_output(closure())
-                self._state["nfev"] += 1
+                call, out = self._evaluate(closure)
+                pair = (call.loss, out)
             loss, out = pair
             with torch.enable_grad():
                 cache["graph"] = GGNGraph(loss, out, self._params)
@@ -198,88 +349,108 @@ class GaussNewton(NewtonTypeOptimizer):
         rtol = group["cg_rtol"]
         if rtol is None:
             rtol = min(0.5, math.sqrt(gnorm))
-        maxiter = group["cg_max_iter"] or min(g.numel(), 250)
+        maxiter = group["cg_maxiter"] or min(g.numel(), 250)
         res = model_cg(lambda v: self._gvp(graph, v) + damping * v, g, maxiter=maxiter, rtol=rtol)
         d = res.x
         # phi = g.d + d.(G + lam I)d / 2, so the undamped model is phi - lam ||d||^2 / 2
         pred = -(res.phi - 0.5 * damping * float(torch.dot(d, d)))
         return d, pred
 
+    def _trial(self, closure, x: Tensor, holder: dict):
+        """``d -> (f(x + d), finish)``: scatter the step and run the closure, graph kept.
+
+        ``finish()`` differentiates the trial loss (once) and leaves the point in ``holder``.
+        """
+
+        def trial(d: Tensor):
+            self._set_flat(x + d)
+            try:  # a non-finite trial loss rejects the step
+                call, out = self._evaluate(closure)
+            except BaseException:
+                self._set_flat(x)  # never leave the parameters at a trial point
+                raise
+
+            def finish(graph: bool = True):
+                if "point" not in holder:
+                    holder["point"] = self._point(call, out)
+                return holder["point"]["g"], None
+
+            return float(call.loss.detach()), finish
+
+        return trial
+
     # -- step ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], tuple[Tensor, Tensor]]) -> Tensor:
-        """Perform up to ``max_iter`` Levenberg-Marquardt iterations.
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Perform up to ``maxiter`` Levenberg-Marquardt iterations (:func:`~second.newton.damped_step`).
 
         Args:
-            closure: returns ``(loss, output)`` with their graph.
+            closure: torch.optim's closure (zero the gradients, compute the loss, call
+                ``backward()``, return the loss).
 
         Returns:
             The loss at the start of the call (detached).
+
+        Raises:
+            ValueError: no closure.
+            TypeError: the closure returns no scalar loss, or the network output is unknown.
         """
         if closure is None:
-            raise ValueError(f"{type(self).__name__}.step needs a closure returning (loss, output)")
-        raw_closure = closure
-        closure = torch.enable_grad()(closure)
+            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         group = self.param_groups[0]
         st = self._state
         st.setdefault("damping", float(group["damping"]))
         st.setdefault("nu", 2.0)
         same = (
             self._cache.get("versions") == self._versions()
-            and self._cache.get("closure") is raw_closure
+            and self._cache.get("closure") is closure
         )
         cache = self._cache if same else {}
         if not cache:
             st["stop_reason"] = None
         first_loss = None
-        for _ in range(group["max_iter"]):
+        for _ in range(group["maxiter"]):
             if st["stop_reason"] is not None:
                 break
             if "g" not in cache:
-                pair = cache.pop("pair", None)
-                if pair is None:
-                    pair = unpack_closure_output(closure())
-                    st["nfev"] += 1
-                loss = pair[0]
-                with torch.enable_grad():
-                    _, g = self._gradient(loss, create_graph=False, retain_graph=True)
-                cache = dict(loss=float(loss.detach()), pair=pair, g=g, x=self._gather_flat())
-                gnorm = float(torch.linalg.vector_norm(g))
+                point = cache.pop("accepted", None)
+                x = self._gather_flat()
+                if point is None:
+                    point = self._point(*self._evaluate(closure))
+                cache = dict(point, x=x)
+                gnorm = float(torch.linalg.vector_norm(cache["g"]))
                 st["loss"], st["grad_norm"] = cache["loss"], gnorm
                 self._record(damping=st["damping"])
-                if gnorm <= group["tolerance_grad"]:
+                first_loss = cache["loss"] if first_loss is None else first_loss
+                if gnorm <= group["gtol"]:
                     st["stop_reason"] = (
-                        f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "
-                        f"= {group['tolerance_grad']:.1e}"
+                        f"converged: ||grad|| = {gnorm:.3e} <= gtol = {group['gtol']:.1e}"
                     )
-                    first_loss = cache["loss"] if first_loss is None else first_loss
                     break
             first_loss = cache["loss"] if first_loss is None else first_loss
-            g = cache["g"]
+            g, x = cache["g"], cache["x"]
             gnorm = float(torch.linalg.vector_norm(g))
-            damping = st["damping"]
-            d, pred = self._solve(cache, closure, damping, gnorm)
+            res = damped_step(
+                cache["loss"],
+                g,
+                st["damping"],
+                lambda lam, cache=cache, gnorm=gnorm: self._solve(cache, closure, lam, gnorm),
+                self._trial(closure, x, holder := {}),
+                nu=st["nu"],
+                rule=group["damping_rule"],
+                eta=group["eta"],
+                min_damping=group["min_damping"],
+                max_damping=group["max_damping"],
+            )
             st["n_iter"] += 1
-            if not pred > 0:
+            if not res.predicted_reduction > 0:
                 st["stop_reason"] = "stalled: the Gauss-Newton model predicts no decrease"
                 break
-            x = cache["x"]
-            self._set_flat(x + d)
-            try:  # a non-finite trial loss rejects the step below
-                new_pair = unpack_closure_output(closure(), finite=False)
-            except BaseException:
-                self._set_flat(x)  # never leave the parameters at a trial point
-                raise
-            st["nfev"] += 1
-            f_new = float(new_pair[0].detach())
-            rho = (cache["loss"] - f_new) / pred if math.isfinite(f_new) else -math.inf
-            accepted = rho > group["eta"]
-            lam, nu = lm_damping_update(damping, st["nu"], rho if accepted else -1.0)
-            st["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
-            st["nu"] = nu
-            if accepted:
-                step_norm = float(torch.linalg.vector_norm(d))
-                cache = dict(pair=new_pair)
+            st["damping"], st["nu"] = res.damping, res.nu
+            if res.accepted:  # the parameters are at the trial point
+                step_norm = float(torch.linalg.vector_norm(res.step))
+                res.finish()
+                cache = dict(accepted=holder["point"])
                 if step_norm <= group["tolerance_change"]:
                     st["stop_reason"] = f"stalled: step norm {step_norm:.3e} <= tolerance_change"
             else:
@@ -287,10 +458,10 @@ class GaussNewton(NewtonTypeOptimizer):
                 st["n_rejected"] += 1
                 cache.pop("graph", None)  # in-place parameter updates invalidate its graph
                 cache.pop("pair", None)
-                if lam >= group["max_damping"]:
+                if res.damping >= group["max_damping"]:
                     st["stop_reason"] = "stalled: damping reached max_damping"
         cache["versions"] = self._versions()
-        cache["closure"] = raw_closure
+        cache["closure"] = closure
         self._cache = cache
         if first_loss is None:
             first_loss = st["loss"] if st["loss"] is not None else float("nan")

@@ -8,10 +8,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..func.products import GGNGraph, hvp_from_gradient
+from ..func.products import GGNGraph, check_scalar_loss, hvp_from_gradient
 from ..newton.model_cg import model_cg
-from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
-from .gauss_newton import unpack_closure_output
+from ._base import (
+    NewtonTypeOptimizer,
+    check_int,
+    check_nonneg,
+    check_positive,
+    check_unit,
+    renamed_options,
+)
+from .gauss_newton import OutputCapture, evaluate_output
 
 __all__ = ["HessianFree"]
 
@@ -34,7 +41,7 @@ class HessianFree(NewtonTypeOptimizer):
        on a smaller *curvature batch* (``curvature_closure``, default the same batch);
     3. runs CG on :math:`(C + \lambda I) d = -g` warm-started from ``cg_decay`` times the
        previous solution, stopping by Martens' relative-progress rule (``progress_tol``)
-       or ``cg_max_iter``, and keeps the iterates at iterations :math:`\lceil 1.3^j \rceil`;
+       or ``cg_maxiter``, and keeps the iterates at iterations :math:`\lceil 1.3^j \rceil`;
     4. *CG-iterate backtracking*: walks back from the last kept iterate while the loss on
        the gradient batch keeps falling, and takes the best;
     5. adapts the damping by the reduction ratio :math:`\rho = (L(\theta + d) - L(\theta)) /
@@ -42,35 +49,51 @@ class HessianFree(NewtonTypeOptimizer):
        :math:`\rho < 1/4`, :math:`\lambda \leftarrow \tfrac23\lambda` when :math:`\rho > 3/4`;
     6. takes the step with an Armijo backtracking line search (rate ``0.8`` per trial).
 
-    The closures return ``(loss, output)`` (network output with its graph) for the GGN;
-    with ``curvature="hessian"`` they may return the loss alone. They must evaluate the
-    same batch on every call within one :meth:`step`::
+    The closures are torch.optim's (zero the gradients, compute the loss, call
+    ``backward()``, return the loss). For the GGN, build the optimizer from the model,
+    ``HessianFree(model, ...)``: a forward hook reads the network output, with its graph.
+    They must evaluate the same batch on every call within one :meth:`step`::
+
+        opt = HessianFree(model)
 
         def closure():                   # gradient batch
-            out = model(xb)
-            return loss_fn(out, yb), out
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            return loss
 
         def curvature_closure():         # a smaller slice of it
-            out = model(xb[:64])
-            return loss_fn(out, yb[:64]), out
+            opt.zero_grad()
+            loss = loss_fn(model(xb[:64]), yb[:64])
+            loss.backward()
+            return loss
 
         opt.step(closure, curvature_closure)
 
+    The optimizer runs the ``backward()`` itself (with the graph the curvature products need;
+    none at all at the loss-only evaluations of the backtracking). Closures returning
+    ``(loss, output)``, or the loss without ``backward()`` (the old forms), still work until
+    0.3, with a ``DeprecationWarning``.
+
     Args:
-        params: parameters (one group).
+        params: the model (an ``nn.Module``; its output captured for the GGN) or its
+            parameters (one group; with ``curvature="ggn"`` the deprecated pair closure).
         damping: initial :math:`\lambda` (default 1.0).
         curvature: ``"ggn"`` (default, positive semi-definite) or ``"hessian"``.
-        cg_max_iter: CG iterations per step (default 50).
+        cg_maxiter: CG iterations per step (default 50).
         cg_decay: warm-start factor for the previous solution (default 0.95; 0 disables).
         progress_tol: Martens' :math:`\epsilon` (default 5e-4).
         min_damping, max_damping: bounds on :math:`\lambda` (defaults 1e-8, 1e8).
         boost, drop: damping factors (defaults 1.5 and 2/3).
         armijo: sufficient-decrease constant of the line search (default 1e-2).
         max_line_search: line-search trials before the step is skipped (default 20).
-        tolerance_grad: stop when :math:`\|g\| \le` this (default 1e-7).
+        gtol: stop when :math:`\|g\| \le` this (default 1e-7).
+        **deprecated: ``tolerance_grad``, ``cg_max_iter`` (removed in 0.3).
 
     Raises:
         ValueError: invalid hyperparameters.
+        TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss,
+            or (GGN) no way to get the network output.
 
     State: counters ``n_iter, nfev, ngev, nhvp``, ``n_rejected``, ``loss``, ``grad_norm``,
     ``damping``, ``direction`` (the last CG solution, for warm starts), ``cg_iterations``,
@@ -82,10 +105,12 @@ class HessianFree(NewtonTypeOptimizer):
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> X, y = torch.randn(64, 4), torch.randn(64, 1)
-        >>> opt = HessianFree(model.parameters())
+        >>> opt = HessianFree(model)
         >>> def closure():
-        ...     out = model(X)
-        ...     return torch.nn.functional.mse_loss(out, y), out
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(X), y)
+        ...     loss.backward()
+        ...     return loss
         >>> first = opt.step(closure)
         >>> opt.step(closure) < first
         tensor(True)
@@ -96,12 +121,14 @@ class HessianFree(NewtonTypeOptimizer):
         optimization*.
     """
 
+    _renamed_defaults = dict(gtol=1e-7, cg_maxiter=50)
+
     def __init__(
         self,
         params,
         damping: float = 1.0,
         curvature: str = "ggn",
-        cg_max_iter: int = 50,
+        cg_maxiter: int = 50,
         cg_decay: float = 0.95,
         progress_tol: float = 5e-4,
         min_damping: float = 1e-8,
@@ -110,12 +137,16 @@ class HessianFree(NewtonTypeOptimizer):
         drop: float = 2.0 / 3.0,
         armijo: float = 1e-2,
         max_line_search: int = 20,
-        tolerance_grad: float = 1e-7,
+        gtol: float = 1e-7,
+        **deprecated,
     ):
+        names = dict(gtol=gtol, cg_maxiter=cg_maxiter)
+        renamed_options(type(self).__name__, deprecated, names, self._renamed_defaults)
+        gtol, cg_maxiter = names["gtol"], names["cg_maxiter"]
         check_positive("damping", damping)
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        check_int("cg_max_iter", cg_max_iter)
+        check_int("cg_maxiter", cg_maxiter)
         if not (isinstance(cg_decay, (int, float)) and 0 <= cg_decay <= 1):
             raise ValueError(f"cg_decay must lie in [0, 1], got {cg_decay!r}")
         check_positive("progress_tol", progress_tol)
@@ -128,11 +159,11 @@ class HessianFree(NewtonTypeOptimizer):
         check_unit("drop", drop)
         check_unit("armijo", armijo)
         check_int("max_line_search", max_line_search, minimum=0)
-        check_nonneg("tolerance_grad", tolerance_grad)
+        check_nonneg("gtol", gtol)
         defaults = dict(
             damping=damping,
             curvature=curvature,
-            cg_max_iter=cg_max_iter,
+            cg_maxiter=cg_maxiter,
             cg_decay=cg_decay,
             progress_tol=progress_tol,
             min_damping=min_damping,
@@ -141,23 +172,22 @@ class HessianFree(NewtonTypeOptimizer):
             drop=drop,
             armijo=armijo,
             max_line_search=max_line_search,
-            tolerance_grad=tolerance_grad,
+            gtol=gtol,
         )
+        self._capture = None
+        if isinstance(params, torch.nn.Module):
+            self._capture = OutputCapture(params)
+            params = [p for p in params.parameters() if p.requires_grad]
         super().__init__(params, defaults)
 
     def _loss_only(self, closure) -> float:
-        with torch.no_grad():
-            out = closure()
-        self._state["nfev"] += 1
-        loss = out[0] if isinstance(out, (tuple, list)) else out
-        val = float(loss)
-        return val if math.isfinite(val) else math.inf
+        return self._value(closure, pair="accept")
 
     def _curvature_product(self, pair_or_loss, curvature: str):
         params = self._params
         st = self._state
         if curvature == "ggn":
-            loss, out = unpack_closure_output(pair_or_loss)
+            loss, out = pair_or_loss
             graph = GGNGraph(loss, out, params)
 
             def prod(v: Tensor) -> Tensor:
@@ -182,8 +212,7 @@ class HessianFree(NewtonTypeOptimizer):
         """One Hessian-free update on the current batch.
 
         Args:
-            closure: evaluates the gradient batch, returning ``(loss, output)`` (or the loss
-                with ``curvature="hessian"``).
+            closure: torch.optim's closure on the gradient batch.
             curvature_closure: the same for the curvature batch (default: ``closure``'s batch).
 
         Returns:
@@ -195,32 +224,29 @@ class HessianFree(NewtonTypeOptimizer):
         st = self._state
         st.setdefault("damping", float(group["damping"]))
         raw_closure = closure
-        closure = torch.enable_grad()(closure)
-        out = closure()
-        st["nfev"] += 1
         curv = group["curvature"]
-        if curv == "ggn" or isinstance(out, (tuple, list)):
-            if curv == "ggn":
-                loss, _ = unpack_closure_output(out)
-            else:
-                loss = out[0]
-        else:
-            loss = out
+        call, output = evaluate_output(self, self._capture, closure, need_output=curv == "ggn")
+        check_scalar_loss(call.loss)
+        loss = call.loss
         with torch.enable_grad():
             _, g = self._gradient(loss, create_graph=False, retain_graph=True)
+        if call.backward:
+            self._write_grad(g)
         f0 = float(loss.detach())
         gnorm = float(torch.linalg.vector_norm(g))
         st["loss"], st["grad_norm"] = f0, gnorm
         st["stop_reason"] = None
-        if gnorm <= group["tolerance_grad"]:
-            st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad"
+        if gnorm <= group["gtol"]:
+            st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= gtol"
             self._record(damping=st["damping"])
             return torch.tensor(f0)
         if curvature_closure is None:
-            cpair = out
+            cpair = (loss, output)
         else:
-            cpair = torch.enable_grad()(curvature_closure)()
-            st["nfev"] += 1
+            ccall, cout = evaluate_output(
+                self, self._capture, curvature_closure, need_output=curv == "ggn"
+            )
+            cpair = (ccall.loss, cout)
         with torch.enable_grad():
             prod = self._curvature_product(cpair, curv)
         lam = st["damping"]
@@ -228,7 +254,7 @@ class HessianFree(NewtonTypeOptimizer):
         x0 = None
         if prev is not None and group["cg_decay"] > 0 and prev.shape == g.shape:
             x0 = group["cg_decay"] * prev.to(g)
-        maxiter = group["cg_max_iter"]
+        maxiter = group["cg_maxiter"]
         res = model_cg(
             lambda v: prod(v) + lam * v,
             g,

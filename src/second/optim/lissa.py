@@ -9,10 +9,16 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning
-from ..func.products import hvp_from_gradient
 from ..operators.base import CallableOperator
 from ..spectral.lanczos import extreme_eigenvalues
-from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive
+from ._base import (
+    NewtonTypeOptimizer,
+    check_int,
+    check_nonneg,
+    check_positive,
+    flat_hvp,
+    renamed_options,
+)
 
 __all__ = ["LiSSA"]
 
@@ -50,10 +56,21 @@ class LiSSA(NewtonTypeOptimizer):
     the next step, which shortens the steps (a given ``scale`` is kept).
 
     For convex problems (the recursion diverges on negative curvature: add ``damping``).
-    The closures return the loss with its graph and must not call ``backward()``::
+    The closures are torch.optim's (zero the gradients, compute the loss, call
+    ``backward()``, return the loss); the optimizer runs the ``backward()`` itself, with the
+    graph the Hessian-vector products need. A closure that returns the loss without calling
+    ``backward()`` (the old form) still works until 0.3, with a ``DeprecationWarning``::
 
-        opt.step(lambda: loss_fn(model(X), y),                      # full gradient
-                 lambda: loss_fn(model(X[idx()]), y[idx()]))        # a random mini-batch
+        def closure(Xb, yb):
+            def run():
+                opt.zero_grad()
+                loss = loss_fn(model(Xb), yb)
+                loss.backward()
+                return loss
+            return run
+
+        i = idx()
+        opt.step(closure(X, y), closure(X[i], y[i]))   # full gradient, a random mini-batch
 
     Args:
         params: parameters (one group).
@@ -64,10 +81,12 @@ class LiSSA(NewtonTypeOptimizer):
         scale_margin: factor on the estimated :math:`\lambda_{\max}` (default 1.5).
         damping: :math:`\lambda \ge 0` (default 0).
         lanczos_steps: products for the scale estimate (default 20).
-        tolerance_grad: stop when :math:`\|g\| \le` this (default 1e-7).
+        gtol: stop when :math:`\|g\| \le` this (default 1e-7).
+        **deprecated: ``tolerance_grad`` (removed in 0.3).
 
     Raises:
         ValueError: invalid hyperparameters.
+        TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss.
 
     State: counters ``n_iter, nfev, ngev, nhvp``, ``n_rejected``, ``n_diverged``, ``loss``,
     ``grad_norm``, ``scale``, ``stop_reason``, ``history``.
@@ -77,9 +96,16 @@ class LiSSA(NewtonTypeOptimizer):
         >>> X = torch.randn(256, 5, dtype=torch.float64); y = X @ torch.ones(5, dtype=torch.float64)
         >>> w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
         >>> opt = LiSSA([w], depth=200)
+        >>> def closure(Xb, yb):
+        ...     def run():
+        ...         opt.zero_grad()
+        ...         loss = ((Xb @ w - yb) ** 2).mean()
+        ...         loss.backward()
+        ...         return loss
+        ...     return run
         >>> for _ in range(5):
         ...     i = torch.randint(0, 256, (32,))
-        ...     _ = opt.step(lambda: ((X @ w - y) ** 2).mean(), lambda: ((X[i] @ w - y[i]) ** 2).mean())
+        ...     _ = opt.step(closure(X, y), closure(X[i], y[i]))
         >>> bool((w - 1).abs().max() < 1e-2)
         True
 
@@ -98,8 +124,12 @@ class LiSSA(NewtonTypeOptimizer):
         scale_margin: float = 1.5,
         damping: float = 0.0,
         lanczos_steps: int = 20,
-        tolerance_grad: float = 1e-7,
+        gtol: float = 1e-7,
+        **deprecated,
     ):
+        names = dict(gtol=gtol)
+        renamed_options(type(self).__name__, deprecated, names, dict(gtol=1e-7))
+        gtol = names["gtol"]
         check_positive("lr", lr)
         check_int("depth", depth)
         check_int("repeats", repeats)
@@ -109,7 +139,7 @@ class LiSSA(NewtonTypeOptimizer):
             raise ValueError(f"scale_margin must be >= 1, got {scale_margin!r}")
         check_nonneg("damping", damping)
         check_int("lanczos_steps", lanczos_steps, minimum=2)
-        check_nonneg("tolerance_grad", tolerance_grad)
+        check_nonneg("gtol", gtol)
         defaults = dict(
             lr=lr,
             depth=depth,
@@ -118,7 +148,7 @@ class LiSSA(NewtonTypeOptimizer):
             scale_margin=scale_margin,
             damping=damping,
             lanczos_steps=lanczos_steps,
-            tolerance_grad=tolerance_grad,
+            gtol=gtol,
         )
         super().__init__(params, defaults)
 
@@ -126,13 +156,7 @@ class LiSSA(NewtonTypeOptimizer):
         grads, _ = self._gradient(loss, create_graph=True)
         self._state["ngev"] -= 1  # the graph of a curvature sample is part of its product
 
-        def prod(v: Tensor) -> Tensor:
-            self._state["nhvp"] += 1
-            with torch.enable_grad():
-                out = hvp_from_gradient(grads, self._params, self._split(v))
-            return torch.cat([t.reshape(-1) for t in out])
-
-        return prod
+        return flat_hvp(self, grads)
 
     @torch.no_grad()
     def step(
@@ -141,9 +165,9 @@ class LiSSA(NewtonTypeOptimizer):
         """One LiSSA-Newton step.
 
         Args:
-            closure: returns the (full-batch) loss with its graph.
-            curvature_closure: returns the loss of a freshly sampled mini-batch on every call
-                (default: ``closure``, which makes the recursion a deterministic Neumann series).
+            closure: torch.optim's closure on the full batch.
+            curvature_closure: the same on a freshly sampled mini-batch on every call (default:
+                ``closure``, which makes the recursion a deterministic Neumann series).
 
         Returns:
             The loss before the step (detached).
@@ -152,29 +176,26 @@ class LiSSA(NewtonTypeOptimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure")
         group = self.param_groups[0]
         st = self._state
-        closure = torch.enable_grad()(closure)
-        sample = None if curvature_closure is None else torch.enable_grad()(curvature_closure)
-        loss = closure()
-        st["nfev"] += 1
+        call = self._call(closure)
+        loss = call.loss
         need_graph = curvature_closure is None or (
             st.get("scale") is None and group["scale"] is None
         )
-        grads, g = self._gradient(loss, create_graph=need_graph)
+        with torch.enable_grad():
+            grads, g = self._gradient(loss, create_graph=need_graph)
+        if call.backward:
+            self._write_grad(g)
         f0 = float(loss.detach())
         gnorm = float(torch.linalg.vector_norm(g))
         st["loss"], st["grad_norm"] = f0, gnorm
         self._record()
-        if gnorm <= group["tolerance_grad"]:
-            st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad"
+        if gnorm <= group["gtol"]:
+            st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= gtol"
             return torch.tensor(f0)
         st["stop_reason"] = None
         lam = group["damping"]
 
-        def full(v: Tensor) -> Tensor:
-            st["nhvp"] += 1
-            with torch.enable_grad():
-                out = hvp_from_gradient(grads, self._params, self._split(v))
-            return torch.cat([t.reshape(-1) for t in out])
+        full = flat_hvp(self, grads)
 
         if group["scale"] is not None:
             st["scale"] = float(group["scale"])
@@ -197,8 +218,7 @@ class LiSSA(NewtonTypeOptimizer):
                     HX = full(X)
                 else:
                     with torch.enable_grad():
-                        prod = self._hvp(sample())
-                    st["nfev"] += 1
+                        prod = self._hvp(self._call(curvature_closure).loss)
                     HX = prod(X)
                 X = g + X - (HX + lam * X) / s
                 # X_{j+1} sums j + 2 terms of norm <= ||g|| while the recursion contracts
@@ -223,12 +243,10 @@ class LiSSA(NewtonTypeOptimizer):
         x = self._gather_flat()
         self._add_flat(step, alpha=-group["lr"])
         try:
-            with torch.no_grad():
-                f_new = float(closure().detach())
+            f_new = self._value(closure)
         except BaseException:
             self._set_flat(x)
             raise
-        st["nfev"] += 1
         if not f_new - f0 <= abs(f0):  # also not finite
             self._set_flat(x)
             self._refuse(

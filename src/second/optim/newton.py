@@ -8,9 +8,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..func.products import hvp_from_gradient
-from ..newton.trust_region import steihaug_cg, update_radius
-from ._base import NewtonTypeOptimizer, check_int, check_nonneg, check_positive, check_unit
+from ..newton.steps import cg_subproblem, trust_region_step
+from ._base import (
+    ClosureCall,
+    NewtonTypeOptimizer,
+    check_int,
+    check_nonneg,
+    check_positive,
+    check_unit,
+    flat_hvp,
+    renamed_options,
+)
 
 __all__ = ["NewtonCG"]
 
@@ -38,22 +46,30 @@ class NewtonCG(NewtonTypeOptimizer):
     a rejection) is then reused by the next; a different closure object, or parameters
     changed in between, trigger a fresh evaluation.
 
-    The closure re-evaluates the model and returns the scalar loss *with its graph*; it
-    should not call ``backward()`` (the optimizer differentiates the loss itself and does
-    not read or write ``.grad``)::
+    The closure is torch.optim's (as for ``torch.optim.LBFGS``): it zeroes the gradients,
+    computes the loss, calls ``backward()`` and returns the loss::
 
         def closure():
-            return loss_fn(model(X), y)
+            opt.zero_grad()
+            loss = loss_fn(model(X), y)
+            loss.backward()
+            return loss
+
+    The optimizer runs that ``backward()`` itself, with the graph the Hessian-vector products
+    need (and not at all at a rejected trial point), so the contract costs no extra forward
+    or backward pass; after :meth:`step`, ``.grad`` holds the gradient at the current point.
+    A closure that returns the loss without calling ``backward()`` (the old form) still works
+    until 0.3, with a ``DeprecationWarning``.
 
     Args:
         params: parameters to optimize (one group).
         initial_radius: :math:`\Delta_0` (default 1.0).
         max_radius: largest radius (default 1e10).
         eta: acceptance threshold on :math:`\rho`, in :math:`[0, 1/4)` (default 0.1).
-        max_iter: trust-region iterations per :meth:`step` call (default 1).
-        cg_max_iter: CG iterations per subproblem (default: the number of parameters).
+        maxiter: trust-region iterations per :meth:`step` call (default 1).
+        cg_maxiter: CG iterations per subproblem (default: the number of parameters).
         cg_rtol: fixed relative CG tolerance (default ``None``: the forcing sequence).
-        tolerance_grad: stop when :math:`\|g\|_2 \le` this (default 1e-7).
+        gtol: stop when :math:`\|g\|_2 \le` this (default 1e-7).
         tolerance_change: stop when an accepted step or the radius is smaller (default 1e-12).
         preconditioner: optional ``M`` with :math:`M \approx H^{-1}` symmetric positive definite,
             a callable on flat vectors or a :class:`~second.LinearOperator`; the trust region
@@ -62,9 +78,12 @@ class NewtonCG(NewtonTypeOptimizer):
             model's by 10% (:math:`\rho > 1.1`, typical of valleys that flatten out, e.g.
             saturating units), try up to this many doublings of the step, keeping the best
             (loss evaluations only; default 0: off).
+        **deprecated: ``tolerance_grad``, ``max_iter``, ``cg_max_iter`` (the deprecated
+            spellings of ``gtol``, ``maxiter``, ``cg_maxiter``; removed in 0.3).
 
     Raises:
         ValueError: invalid hyperparameters, or several parameter groups.
+        TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss.
 
     State (``optimizer.state[first_param]``, see :class:`NewtonTypeOptimizer`): counters
     ``n_iter, nfev, ngev, nhvp``, ``loss``, ``grad_norm``, ``radius``, ``stop_reason``,
@@ -72,8 +91,13 @@ class NewtonCG(NewtonTypeOptimizer):
 
     Example:
         >>> x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
-        >>> opt = NewtonCG([x], max_iter=100, tolerance_grad=1e-10)
-        >>> _ = opt.step(lambda: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2)
+        >>> opt = NewtonCG([x], maxiter=100, gtol=1e-10)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        ...     loss.backward()
+        ...     return loss
+        >>> _ = opt.step(closure)
         >>> opt.stop_reason.startswith("converged"), torch.allclose(x, torch.ones(2, dtype=x.dtype))
         (True, True)
 
@@ -81,32 +105,38 @@ class NewtonCG(NewtonTypeOptimizer):
         Steihaug (1983); Nocedal & Wright, *Numerical Optimization*, Algorithms 4.1 and 7.2.
     """
 
+    _renamed_defaults = dict(gtol=1e-7, maxiter=1, cg_maxiter=None)
+
     def __init__(
         self,
         params,
         initial_radius: float = 1.0,
         max_radius: float = 1e10,
         eta: float = 0.1,
-        max_iter: int = 1,
-        cg_max_iter: int | None = None,
+        maxiter: int = 1,
+        cg_maxiter: int | None = None,
         cg_rtol: float | None = None,
-        tolerance_grad: float = 1e-7,
+        gtol: float = 1e-7,
         tolerance_change: float = 1e-12,
         preconditioner: Callable[[Tensor], Tensor] | None = None,
         extrapolation: int = 0,
+        **deprecated,
     ):
+        names = dict(gtol=gtol, maxiter=maxiter, cg_maxiter=cg_maxiter)
+        renamed_options("NewtonCG", deprecated, names, self._renamed_defaults)
+        gtol, maxiter, cg_maxiter = names["gtol"], names["maxiter"], names["cg_maxiter"]
         check_positive("initial_radius", initial_radius)
         check_positive("max_radius", max_radius)
         if initial_radius > max_radius:
             raise ValueError(f"initial_radius {initial_radius} exceeds max_radius {max_radius}")
         if not (isinstance(eta, (int, float)) and 0 <= eta < 0.25):
             raise ValueError(f"eta must lie in [0, 0.25), got {eta!r}")
-        check_int("max_iter", max_iter)
-        if cg_max_iter is not None:
-            check_int("cg_max_iter", cg_max_iter)
+        check_int("maxiter", maxiter)
+        if cg_maxiter is not None:
+            check_int("cg_maxiter", cg_maxiter)
         if cg_rtol is not None:
             check_unit("cg_rtol", cg_rtol)
-        check_nonneg("tolerance_grad", tolerance_grad)
+        check_nonneg("gtol", gtol)
         check_nonneg("tolerance_change", tolerance_change)
         check_int("extrapolation", extrapolation, minimum=0)
         if preconditioner is not None and not callable(preconditioner):
@@ -115,140 +145,152 @@ class NewtonCG(NewtonTypeOptimizer):
             initial_radius=initial_radius,
             max_radius=max_radius,
             eta=eta,
-            max_iter=max_iter,
-            cg_max_iter=cg_max_iter,
+            maxiter=maxiter,
+            cg_maxiter=cg_maxiter,
             cg_rtol=cg_rtol,
-            tolerance_grad=tolerance_grad,
+            gtol=gtol,
             tolerance_change=tolerance_change,
             extrapolation=extrapolation,
         )
         super().__init__(params, defaults)
         self.preconditioner = preconditioner
 
-    def _hvp_fn(self, grads):
-        params, st = self._params, self._state
+    def _point(self, call: ClosureCall) -> dict:
+        """The current point's record: loss, flat gradient, products, flat parameters."""
+        with torch.enable_grad():
+            grads, g = self._gradient(call.loss, create_graph=True)
+        if call.backward:
+            self._write_grad(g)
+        return dict(loss=float(call.loss.detach()), g=g, hvp=flat_hvp(self, grads))
 
-        def hvp(v: Tensor) -> Tensor:
-            st["nhvp"] += 1
-            out = hvp_from_gradient(grads, params, self._split(v))
-            return torch.cat([t.reshape(-1) for t in out])
+    def _trial(self, closure, x: Tensor):
+        """``p -> (f(x + p), finish)``: scatter the step, run the closure; graph kept."""
 
-        return hvp
+        def trial(p: Tensor):
+            self._set_flat(x + p)
+            try:
+                call = self._call(closure)
+            except BaseException:
+                self._set_flat(x)  # never leave the parameters at a trial point
+                raise
+            f = float(call.loss.detach())
 
-    def _extrapolate(self, closure, x: Tensor, sub, f_new: float, new_loss: Tensor) -> dict:
+            def finish(graph: bool = True):
+                point = self._point(call)
+                return point["g"], point["hvp"]
+
+            return f, finish
+
+        return trial
+
+    def _extrapolate(self, closure, x: Tensor, step: Tensor, step_norm: float, f_new: float):
         """Double an interior step while the loss keeps falling (the model under-predicts)."""
         st, group = self._state, self.param_groups[0]
         best_f, best_k = f_new, 0
         for k in range(1, group["extrapolation"] + 1):
-            self._set_flat(x + (2.0**k) * sub.step)
-            out = closure()
-            st["nfev"] += 1
-            f_k = float(out.detach())
+            self._set_flat(x + (2.0**k) * step)
+            f_k = self._value(closure)
             if not f_k < best_f:
                 break
             best_f, best_k = f_k, k
         st["n_extrapolated"] = st.get("n_extrapolated", 0) + (best_k > 0)
-        self._set_flat(x + (2.0**best_k) * sub.step)
-        st["radius"] = max(st["radius"], (2.0**best_k) * sub.step_norm)
-        return {}  # the trial graphs were invalidated: evaluate afresh
+        self._set_flat(x + (2.0**best_k) * step)
+        st["radius"] = max(st["radius"], (2.0**best_k) * step_norm)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """Perform up to ``max_iter`` trust-region iterations.
+        """Perform up to ``maxiter`` trust-region iterations (:func:`second.newton.trust_region_step`).
 
         Args:
-            closure: re-evaluates the model and returns the loss with its graph.
+            closure: torch.optim's closure (zero the gradients, compute the loss, call
+                ``backward()``, return the loss).
 
         Returns:
             The loss at the start of the call (detached).
+
+        Raises:
+            ValueError: no closure.
+            TypeError: the closure returns no scalar loss.
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
-        raw_closure = closure
-        closure = torch.enable_grad()(closure)
         group = self.param_groups[0]
         st = self._state
         st.setdefault("radius", float(group["initial_radius"]))
         same = (
             self._cache.get("versions") == self._versions()
-            and self._cache.get("closure") is raw_closure
+            and self._cache.get("closure") is closure
         )
         cache = self._cache if same else {}
         if not cache:
             st["stop_reason"] = None
         first_loss = None
-        for _ in range(group["max_iter"]):
+        for _ in range(group["maxiter"]):
             if st["stop_reason"] is not None:
                 break
             if "g" not in cache:
-                loss = cache.pop("loss_tensor", None)
-                if loss is None:
-                    loss = closure()
-                    st["nfev"] += 1
-                grads, g = self._gradient(loss, create_graph=True)
-                cache = dict(loss=float(loss.detach()), grads=grads, g=g, x=self._gather_flat())
-                gnorm = float(torch.linalg.vector_norm(g))
+                point = cache.pop("accepted", None)
+                x = self._gather_flat()
+                if point is None:
+                    point = self._point(self._call(closure))
+                cache = dict(point, x=x)
+                gnorm = float(torch.linalg.vector_norm(cache["g"]))
                 st["loss"], st["grad_norm"] = cache["loss"], gnorm
                 self._record(radius=st["radius"])
+                first_loss = cache["loss"] if first_loss is None else first_loss
                 if not (math.isfinite(cache["loss"]) and math.isfinite(gnorm)):
                     st["stop_reason"] = (
                         f"the objective or its gradient is not finite at the current point "
                         f"(loss {cache['loss']}, ||grad|| {gnorm}): not a minimum"
                     )
-                    if first_loss is None:
-                        first_loss = cache["loss"]
                     break
-                if gnorm <= group["tolerance_grad"]:
+                if gnorm <= group["gtol"]:
                     st["stop_reason"] = (
-                        f"converged: ||grad|| = {gnorm:.3e} <= tolerance_grad "
-                        f"= {group['tolerance_grad']:.1e}"
+                        f"converged: ||grad|| = {gnorm:.3e} <= gtol = {group['gtol']:.1e}"
                     )
-                    if first_loss is None:
-                        first_loss = cache["loss"]
                     break
-            if first_loss is None:
-                first_loss = cache["loss"]
-            g = cache["g"]
-            gnorm = float(torch.linalg.vector_norm(g))
-            radius = st["radius"]
-            if "path" in cache:
-                sub = cache["path"].cut(radius)
-            else:
+            first_loss = cache["loss"] if first_loss is None else first_loss
+            g, x = cache["g"], cache["x"]
+            if "subproblem" not in cache:
+                gnorm = float(torch.linalg.vector_norm(g))
                 rtol = group["cg_rtol"]
                 if rtol is None:
                     rtol = min(0.5, math.sqrt(gnorm))
-                with torch.enable_grad():
-                    sub = steihaug_cg(
-                        self._hvp_fn(cache.pop("grads")),
-                        g,
-                        radius,
-                        rtol=rtol,
-                        maxiter=group["cg_max_iter"] or g.numel(),
-                        M=self.preconditioner,
-                    )
-                cache["path"] = sub.path
+                maxiter = group["cg_maxiter"] or g.numel()
+                cache["subproblem"] = cg_subproblem(
+                    cache["hvp"],
+                    g,
+                    rtol=rtol,
+                    maxiter=maxiter,
+                    M=self.preconditioner,
+                )
+            res = trust_region_step(
+                cache["loss"],
+                g,
+                st["radius"],
+                cache["subproblem"],
+                self._trial(closure, x),
+                eta=group["eta"],
+                max_radius=group["max_radius"],
+            )
             st["n_iter"] += 1
-            if not sub.predicted_reduction > 0:
+            if not res.predicted_reduction > 0:
                 st["stop_reason"] = "stalled: the quadratic model predicts no decrease"
                 break
-            x = cache["x"]
-            self._set_flat(x + sub.step)
-            new_loss = closure()
-            st["nfev"] += 1
-            f_new = float(new_loss.detach())
-            actual = cache["loss"] - f_new
-            rho = actual / sub.predicted_reduction if math.isfinite(f_new) else -math.inf
-            st["radius"] = update_radius(
-                radius, rho, sub.step_norm, sub.on_boundary, max_radius=group["max_radius"]
-            )
-            if rho > group["eta"]:
-                cache = dict(loss_tensor=new_loss)
-                if group["extrapolation"] and rho > 1.1 and not sub.on_boundary:
-                    cache = self._extrapolate(raw_closure, x, sub, f_new, new_loss)
-                if sub.step_norm <= group["tolerance_change"]:
-                    st["stop_reason"] = (
-                        f"stalled: step norm {sub.step_norm:.3e} <= tolerance_change"
-                    )
+            st["radius"] = res.radius
+            step_norm = res.sub.step_norm
+            if res.accepted:  # the parameters are at the trial point
+                if res.grad is not None:
+                    point = dict(loss=res.f, g=res.grad, hvp=res.product)
+                else:
+                    g_new, hvp_new = res.finish(True)
+                    point = dict(loss=res.f, g=g_new, hvp=hvp_new)
+                cache = dict(accepted=point)
+                if group["extrapolation"] and res.rho > 1.1 and not res.sub.on_boundary:
+                    self._extrapolate(closure, x, res.step, step_norm, res.f)
+                    cache = {}  # the trial graphs were invalidated: evaluate afresh
+                if step_norm <= group["tolerance_change"]:
+                    st["stop_reason"] = f"stalled: step norm {step_norm:.3e} <= tolerance_change"
             else:
                 self._set_flat(x)
                 if st["radius"] <= group["tolerance_change"]:
@@ -257,7 +299,7 @@ class NewtonCG(NewtonTypeOptimizer):
                     )
                 st["n_rejected"] += 1
         cache["versions"] = self._versions()
-        cache["closure"] = raw_closure
+        cache["closure"] = closure
         self._cache = cache
         if first_loss is None:
             first_loss = st["loss"] if st["loss"] is not None else float("nan")

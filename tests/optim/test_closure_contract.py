@@ -1,0 +1,215 @@
+"""torch.optim's closure contract for every Newton-type optimizer in ``second.optim``.
+
+The closure zeroes the gradients, computes the loss, calls ``backward()`` and returns the
+loss. The old forms (no ``backward()``; GaussNewton's ``(loss, output)``) still work with a
+``DeprecationWarning`` naming the contract; a closure that returns no loss is a
+``TypeError`` whose message shows the closure to write. KFAC (optim/kfac.py) is tested by
+its owner.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from second.optim import GaussNewton, HessianFree, LiSSA, NewtonCG
+
+DT = torch.float64
+SOLUTION_TOL = 1e-6  # linear least squares solved by every method to this (float64)
+
+
+def problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(40, 3, generator=g, dtype=DT)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=DT) + 0.1 * torch.randn(40, generator=g, dtype=DT)
+    model = torch.nn.Linear(3, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.zero_()
+    w_star = torch.linalg.lstsq(X, y).solution
+    return model, X, y.unsqueeze(1), w_star
+
+
+def make(cls, model):
+    if cls is NewtonCG:
+        return NewtonCG(model.parameters(), maxiter=20, initial_radius=10.0)
+    if cls is GaussNewton:
+        return GaussNewton(model, maxiter=20, damping=1e-10)
+    if cls is HessianFree:
+        return HessianFree(model, damping=1e-8, cg_maxiter=10)
+    return LiSSA(model.parameters(), depth=400)
+
+
+def contract_closure(opt, model, X, y, forwards):
+    def closure():
+        opt.zero_grad()
+        forwards.append(1)
+        loss = 0.5 * ((model(X) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+OPTIMIZERS = [NewtonCG, GaussNewton, HessianFree, LiSSA]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_the_contract_closure_solves_least_squares_without_deprecation(cls):
+    model, X, y, w_star = problem()
+    opt = make(cls, model)
+    closure = contract_closure(opt, model, X, y, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for _ in range(10):
+            opt.step(closure)
+    torch.testing.assert_close(model.weight.detach().reshape(-1), w_star, atol=SOLUTION_TOL, rtol=0)
+    # .grad holds the gradient at a point the optimizer evaluated (as for LBFGS)
+    assert model.weight.grad is not None and model.weight.grad.grad_fn is None
+
+
+def test_grad_is_the_gradient_at_the_current_point():
+    model, X, y, _ = problem()
+    opt = NewtonCG(model.parameters(), maxiter=1, initial_radius=0.1)
+    closure = contract_closure(opt, model, X, y, [])
+    opt.step(closure)
+    opt.step(closure)  # evaluates the accepted point first
+    w = model.weight.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(0.5 * ((X @ w.T - y) ** 2).mean(), w)
+    torch.testing.assert_close(model.weight.grad, ref)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_the_contract_costs_no_extra_forward_pass(cls):
+    """The same iterations run as many forward passes under the contract as in the old form."""
+    counts = {}
+    for form in ("contract", "old"):
+        model, X, y, _ = problem()
+        if form == "old" and cls in (GaussNewton, HessianFree):
+            opt = cls(list(model.parameters()), **make(cls, model).defaults)
+        else:
+            opt = make(cls, model)
+        forwards: list = []
+
+        def old_closure(model=model, forwards=forwards, X=X, y=y):
+            forwards.append(1)
+            out = model(X)
+            loss = 0.5 * ((out - y) ** 2).mean()
+            return (loss, out) if cls in (GaussNewton, HessianFree) else loss
+
+        closure = (
+            contract_closure(opt, model, X, y, forwards) if form == "contract" else old_closure
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for _ in range(3):
+                opt.step(closure)
+        counts[form] = (len(forwards), opt.state[model.weight]["nfev"])
+    assert counts["contract"] == counts["old"] and counts["contract"][0] > 0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_a_closure_that_returns_no_loss_is_a_type_error_naming_the_contract(cls):
+    model, X, y, _ = problem()
+    opt = make(cls, model)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(X) - y) ** 2).mean()
+        loss.backward()  # ... and forgets to return it
+
+    with pytest.raises(TypeError, match=r"calls backward\(\) and returns the loss") as err:
+        opt.step(closure)
+    assert "opt.zero_grad(); loss = loss_fn(model(X), y); loss.backward(); return loss" in str(
+        err.value
+    )
+    assert model.weight.detach().abs().max() == 0  # the parameters never moved
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, LiSSA, HessianFree], ids=lambda c: c.__name__)
+def test_the_old_closure_without_backward_warns_with_the_contract(cls):
+    model, X, y, w_star = problem()
+    opt = make(cls, model)
+    if cls is HessianFree:
+        opt = HessianFree(model.parameters(), curvature="hessian", damping=1e-8, cg_maxiter=10)
+    with pytest.warns(DeprecationWarning, match=r"without calling loss.backward\(\)") as rec:
+        for _ in range(10):
+            opt.step(lambda: 0.5 * ((model(X) - y) ** 2).mean())
+    assert "opt.zero_grad()" in str(rec[0].message) and "0.3" in str(rec[0].message)
+    torch.testing.assert_close(model.weight.detach().reshape(-1), w_star, atol=SOLUTION_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [GaussNewton, HessianFree], ids=lambda c: c.__name__)
+def test_the_old_pair_closure_warns_and_names_the_model_constructor(cls):
+    model, X, y, w_star = problem()
+    opt = cls(model.parameters(), damping=1e-10 if cls is GaussNewton else 1e-8)
+
+    def closure():
+        out = model(X)
+        return 0.5 * ((out - y) ** 2).mean(), out
+
+    with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}\(model, \.\.\.\)"):
+        for _ in range(10):
+            opt.step(closure)
+    torch.testing.assert_close(model.weight.detach().reshape(-1), w_star, atol=SOLUTION_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [GaussNewton, HessianFree], ids=lambda c: c.__name__)
+def test_ggn_from_parameters_with_a_contract_closure_says_what_to_write(cls):
+    model, X, y, _ = problem()
+    opt = cls(model.parameters())
+    closure = contract_closure(opt, model, X, y, [])
+    with pytest.raises(TypeError, match=rf"build it from the model, {cls.__name__}\(model"):
+        opt.step(closure)
+
+
+def test_gauss_newton_refuses_a_model_run_twice_in_one_closure():
+    model, X, y, _ = problem()
+    opt = GaussNewton(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(X) - y) ** 2).mean() + ((model(X) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match="ran 2 times"):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize(
+    "cls, old, new",
+    [
+        (NewtonCG, "tolerance_grad", "gtol"),
+        (NewtonCG, "max_iter", "maxiter"),
+        (NewtonCG, "cg_max_iter", "cg_maxiter"),
+        (GaussNewton, "tolerance_grad", "gtol"),
+        (GaussNewton, "max_iter", "maxiter"),
+        (GaussNewton, "cg_max_iter", "cg_maxiter"),
+        (HessianFree, "tolerance_grad", "gtol"),
+        (HessianFree, "cg_max_iter", "cg_maxiter"),
+        (LiSSA, "tolerance_grad", "gtol"),
+    ],
+)
+def test_deprecated_option_names_map_onto_the_glossary(cls, old, new):
+    model, *_ = problem()
+    with pytest.warns(DeprecationWarning, match=rf"{old}=.*use {new}="):
+        opt = cls(model.parameters(), **{old: 7})
+    assert opt.defaults[new] == 7 and old not in opt.defaults
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        cls(model.parameters(), bogus=1)
+    with pytest.raises(ValueError, match=f"pass {new} only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cls(model.parameters(), **{old: 7, new: 9})
+
+
+def test_a_state_saved_with_the_old_option_names_loads():
+    model, X, y, _ = problem()
+    opt = NewtonCG(model.parameters(), maxiter=3)
+    sd = opt.state_dict()
+    group = sd["param_groups"][0]
+    group["tolerance_grad"], group["max_iter"] = group.pop("gtol"), group.pop("maxiter")
+    opt2 = NewtonCG(model.parameters())
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["maxiter"] == 3 and "max_iter" not in opt2.param_groups[0]
