@@ -38,7 +38,6 @@ from ..data import (
     iterate_batches,
     refuse_stochastic,
     sample_generator,
-    stochastic_modules,
 )
 from ..func.products import (
     GGNGraph,
@@ -70,16 +69,6 @@ __all__ = [
     "FisherOperator",
     "iterate_batches",
 ]
-
-# Kept for callers written before second.data and second.distributed owned these
-# (approximations/kfac.py); new code imports them from there.
-_dist_active = dist.active
-_stochastic_modules = stochastic_modules
-
-
-def _is_batch(data) -> bool:
-    return Task().is_batch(data)
-
 
 FISHERS = ("empirical", "mc", "type2")
 
