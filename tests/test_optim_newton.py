@@ -346,7 +346,7 @@ def test_gauss_newton_matches_minimize(solver):
         torch.tensor([-1.2, 1.0], dtype=DT),
         method="lm",
         gtol=1e-9,
-        options=dict(solver=solver),
+        options=dict(solver=solver, damping_rule="nielsen"),  # GaussNewton's rule
     )
     assert res.converged and opt.converged
     torch.testing.assert_close(res.x, x.detach(), **EXACT)

@@ -12,11 +12,13 @@
   (with :func:`cg_subproblem`), :func:`damped_step` (Levenberg-Marquardt, Nielsen's or
   :func:`more_damping_update`), :class:`StepResult`;
 * stopping: :class:`Criteria`, :func:`diverging_iterates`;
-* loops: :func:`newton_cg`, :func:`newton_dense`; result: :class:`OptimizeResult`.
+* loops: :func:`newton_cg`, :func:`newton_dense`, :func:`gauss_newton` (least squares in
+  residual form, :class:`LeastSquaresObjective`); result: :class:`OptimizeResult`.
 """
 
 from .direction import DirectionInfo, dense_newton_direction, forcing_term, truncated_cg
 from .globalize import LineSearchResult, lm_damping_update, strong_wolfe, update_radius
+from .least_squares import LeastSquaresObjective, gauss_newton
 from .loop import Objective, newton_cg, newton_dense
 from .model_cg import InnerCGResult, model_cg
 from .precond import LBFGSPreconditioner, diagonal_preconditioner
@@ -24,6 +26,7 @@ from .result import OptimizeResult
 from .steps import (
     StepResult,
     cg_subproblem,
+    damped_solve,
     damped_step,
     more_damping_update,
     trust_region_step,
@@ -50,12 +53,15 @@ __all__ = [
     "trust_region_step",
     "cg_subproblem",
     "damped_step",
+    "damped_solve",
     "more_damping_update",
     "StepResult",
     "Criteria",
     "diverging_iterates",
     "newton_cg",
     "newton_dense",
+    "gauss_newton",
+    "LeastSquaresObjective",
     "Objective",
     "OptimizeResult",
 ]

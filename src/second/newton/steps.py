@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .globalize import lm_damping_update
+from .model_cg import model_cg
 from .trust_region import SubproblemResult, steihaug_cg, update_radius
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "cg_subproblem",
     "damped_step",
     "more_damping_update",
+    "damped_solve",
     "DAMPING_RULES",
     "NOISE",
 ]
@@ -206,6 +208,56 @@ def more_damping_update(damping: float, rho: float, *, shrink: float = 0.25) -> 
     if rho > 0.75:
         return damping * shrink
     return damping
+
+
+def damped_solve(
+    g: Tensor,
+    damping: float,
+    *,
+    eig: tuple[Tensor, Tensor] | None = None,
+    gvp: Callable[[Tensor], Tensor] | None = None,
+    maxiter: int = 250,
+    rtol: float = 1e-10,
+) -> tuple[Tensor, float]:
+    r"""The damped Gauss-Newton step and the reduction its undamped model predicts.
+
+    .. math:: p = -(G + \lambda I)^{-1} g, \qquad
+              \text{pred} = -(g^\top p + \tfrac12 p^\top G p),
+
+    from an eigendecomposition ``eig = (values, vectors)`` of :math:`G` (negative values,
+    rounding, clipped to 0) or by CG on products ``gvp`` (:func:`~second.newton.model_cg`).
+
+    Args:
+        g: the flat gradient.
+        damping: :math:`\lambda \ge 0`.
+        eig: :math:`G`'s eigendecomposition (dense).
+        gvp: ``v -> G v`` (matrix-free; used when ``eig`` is ``None``).
+        maxiter: CG iterations (default 250).
+        rtol: relative CG tolerance (default 1e-10).
+
+    Returns:
+        ``(p, pred)``.
+
+    Raises:
+        ValueError: neither ``eig`` nor ``gvp``.
+
+    Example:
+        >>> G = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)); g = torch.ones(2, dtype=torch.float64)
+        >>> p, pred = damped_solve(g, 1.0, eig=torch.linalg.eigh(G))
+        >>> p.tolist(), damped_solve(g, 1.0, gvp=lambda v: G @ v)[0].allclose(p)
+        ([-0.5, -0.25], True)
+    """
+    if eig is not None:
+        ev, Q = eig
+        ev = ev.clamp_min(0)
+        c = Q.T @ g.to(Q.dtype)
+        w = -c / (ev + damping)
+        return (Q @ w).to(g.dtype), -float(c @ w + 0.5 * (ev * w * w).sum())
+    if gvp is None:
+        raise ValueError("damped_solve needs eig (dense) or gvp (matrix-free)")
+    res = model_cg(lambda v: gvp(v) + damping * v, g, maxiter=maxiter, rtol=rtol)
+    # phi = g.p + p.(G + lam I)p / 2, so the undamped model is phi - lam ||p||^2 / 2
+    return res.x, -(res.phi - 0.5 * damping * float(torch.dot(res.x, res.x)))
 
 
 def damped_step(

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..newton.least_squares import gauss_newton
 from ..newton.loop import newton_cg, newton_dense
 from ..newton.result import OptimizeResult
-from ..newton.stopping import Criteria, limit_message
+from ..newton.stopping import Criteria
 from ._base import check_int, check_nonneg
-from .gauss_newton import GaussNewton
 
 __all__ = ["minimize", "OptimizeResult", "METHODS", "AUTO_DENSE_MAX", "default_maxiter"]
 
@@ -37,6 +37,16 @@ _CORE_OPTIONS = {
         "warm_start",
     },
     "newton-exact": {"initial_radius", "eta", "hessian_every"},
+}
+_GN_OPTIONS = {
+    "damping_rule",
+    "solver",
+    "damping",
+    "initial_radius",
+    "eta",
+    "cg_maxiter",
+    "min_damping",
+    "max_damping",
 }
 _CRITERIA_OPTIONS = {"xtol", "detect_unbounded", "unbounded_factor", "unbounded_window"}
 
@@ -79,8 +89,10 @@ def minimize(
       (:func:`second.newton.newton_dense`, ``n`` batched products per iteration, the exact
       subproblem: an eigenvalue shift for indefinite Hessians); option ``hessian_every=m``
       reuses the Hessian for up to ``m`` accepted steps.
-    * ``"gauss-newton"`` (alias ``"lm"``): Levenberg-Marquardt
-      (:class:`~second.optim.GaussNewton`). ``fun(x)`` returns a residual vector
+    * ``"gauss-newton"`` (alias ``"lm"``): Levenberg-Marquardt on the core
+      (:func:`second.newton.gauss_newton`): Moré's trust-region damping (default,
+      ``damping_rule="more"``) or Nielsen's (``"nielsen"``), dense or CG inner solves
+      (``solver="auto"/"dense"/"cg"``). ``fun(x)`` returns a residual vector
       :math:`r(x)` (objective :math:`\tfrac12\|r\|^2`, Gauss-Newton matrix :math:`J^\top J`)
       or a pair ``(loss, output)`` (matrix :math:`J^\top (\nabla^2_{\mathrm{output}}
       \mathrm{loss}) J`).
@@ -100,7 +112,7 @@ def minimize(
         maxiter: iteration limit (default ``max(1000, 20 n)``).
         max_time: wall-clock limit in seconds (default none).
         options: method options (e.g. ``globalization``, ``preconditioner``, ``cg_maxiter``,
-            ``initial_radius``, ``hessian_every``, ``damping``, ``solver``) and stopping options
+            ``initial_radius``, ``hessian_every``, ``damping_rule``, ``damping``, ``solver``) and stopping options
             (``xtol``, ``detect_unbounded``, ``unbounded_factor``, ``unbounded_window``).
         tol: deprecated spelling of ``gtol``.
 
@@ -162,61 +174,10 @@ def minimize(
                 check_int("hessian_every", options["hessian_every"])
             return newton_dense(fun, x0, criteria, **options)
         return newton_cg(fun, x0, criteria, **options)
-    return _gauss_newton(fun, x0, criteria, t0, max_time, options)
-
-
-def _gauss_newton(fun, x0, criteria, t0, max_time, options) -> OptimizeResult:
-    x = x0.detach().clone().requires_grad_(True)
-    opt = GaussNewton([x], gtol=criteria.gtol, **options)
-
-    def closure():
-        out = fun(x)
-        if isinstance(out, (tuple, list)):
-            return out
-        if not isinstance(out, Tensor) or out.dim() == 0:
-            raise ValueError(
-                "method 'gauss-newton' needs fun(x) to return a residual vector or a "
-                "(loss, output) pair; for a scalar objective use 'newton-cg'"
-            )
-        return 0.5 * (out * out).sum(), out
-
-    maxiter = criteria.maxiter
-    while True:
-        opt.step(closure)
-        st = opt._state
-        if opt.stop_reason is not None or st["n_iter"] >= maxiter:
-            break
-        if time.perf_counter() > criteria.deadline:
-            break
-    reason = opt.stop_reason
-    status = "converged" if opt.converged else "stalled"
-    if reason is None:
-        if st["n_iter"] >= maxiter:
-            reason = limit_message(maxiter, [h["grad_norm"] for h in st["history"]])
-            status = "maxiter"
-        else:
-            reason, status = f"stopped: time limit ({max_time} s)", "time"
-    fval, gval = float(st["loss"]), float(st["grad_norm"])
-    converged = opt.converged and math.isfinite(fval) and math.isfinite(gval)
-    if opt.converged and not converged:
-        reason = f"the objective or its gradient is not finite (f = {fval}, ||grad|| = {gval})"
-        status = "nonfinite"
-    history = [dict(h, matvecs=h.get("nhvp", 0)) for h in st["history"]]
-    return OptimizeResult(
-        x=x.detach().reshape(x0.shape),
-        fun=fval,
-        grad_norm=gval,
-        nit=st["n_iter"],
-        nfev=st["nfev"],
-        ngev=st["ngev"],
-        matvecs=st["nhvp"],
-        converged=converged,
-        message=reason,
-        method="gauss-newton",
-        status=status,
-        history=history,
-        time=time.perf_counter() - t0,
-    )
+    unknown = sorted(set(options) - _GN_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options for 'gauss-newton': {unknown}")
+    return gauss_newton(fun, x0, criteria, **options)
 
 
 def _no_iteration(fun, x0, gtol, method, t0) -> OptimizeResult:

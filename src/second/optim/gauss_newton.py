@@ -11,8 +11,7 @@ from torch import Tensor
 
 from ..func.products import GGNGraph, check_scalar_loss
 from ..newton.globalize import lm_damping_update
-from ..newton.model_cg import model_cg
-from ..newton.steps import DAMPING_RULES, damped_step
+from ..newton.steps import DAMPING_RULES, damped_solve, damped_step
 from ._base import (
     CLOSURE_EXAMPLE,
     ClosureCall,
@@ -339,22 +338,15 @@ class GaussNewton(NewtonTypeOptimizer):
         group = self.param_groups[0]
         g = cache["g"]
         if group["solver"] == "dense":
-            lam, Q = self._dense(cache, closure)
-            c = Q.T @ g.to(torch.float64)
-            w = -c / (lam.clamp_min(0) + damping)
-            d = (Q @ w).to(g.dtype)
-            pred = -float(c @ w + 0.5 * (lam.clamp_min(0) * w * w).sum())
-            return d, pred
+            return damped_solve(g, damping, eig=self._dense(cache, closure))
         graph = self._graph(cache, closure)
         rtol = group["cg_rtol"]
         if rtol is None:
             rtol = min(0.5, math.sqrt(gnorm))
         maxiter = group["cg_maxiter"] or min(g.numel(), 250)
-        res = model_cg(lambda v: self._gvp(graph, v) + damping * v, g, maxiter=maxiter, rtol=rtol)
-        d = res.x
-        # phi = g.d + d.(G + lam I)d / 2, so the undamped model is phi - lam ||d||^2 / 2
-        pred = -(res.phi - 0.5 * damping * float(torch.dot(d, d)))
-        return d, pred
+        return damped_solve(
+            g, damping, gvp=lambda v: self._gvp(graph, v), maxiter=maxiter, rtol=rtol
+        )
 
     def _trial(self, closure, x: Tensor, holder: dict):
         """``d -> (f(x + d), finish)``: scatter the step and run the closure, graph kept.
