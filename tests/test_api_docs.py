@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
     "second.optim",
     "second.influence",
     "second.implicit",
+    "second.laplace",
 ]
 
 # Names whose docstring need not carry an example: result records, exceptions, registries and
@@ -30,6 +31,7 @@ NO_EXAMPLE_NEEDED = {
     "OptimizeResult",
     "SubproblemResult",
     "HypergradientResult",
+    "PriorOptimizationResult",
     "TopK",
     "ConvergenceWarning",
     "NegativeCurvatureWarning",
