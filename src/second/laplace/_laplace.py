@@ -420,13 +420,10 @@ class Laplace:
 
     def _diagonal(self, module, data, params) -> Tensor:
         if self.curvature == "ggn" or (self.curvature == "fisher" and self.fisher == "type2"):
-            from .. import spectral
+            from ..spectral import ggn_diagonal  # C backward passes per example
 
-            if hasattr(spectral, "ggn_diagonal"):
-                d = spectral.ggn_diagonal(
-                    module, self._sum_loss_fn(), data, params, task=self._fit_task
-                )
-                return d.detach()
+            loss = self._sum_loss_fn()
+            return ggn_diagonal(module, loss, data, params, task=self._fit_task).detach()
         from ..spectral import diagonal
 
         return diagonal(self._operator(module, data, params), method="exact").detach()
