@@ -213,3 +213,22 @@ def test_a_state_saved_with_the_old_option_names_loads():
     opt2 = NewtonCG(model.parameters())
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["maxiter"] == 3 and "max_iter" not in opt2.param_groups[0]
+
+
+def test_the_deprecated_nhvp_counter_reads_matvecs():
+    model, X, y, _ = problem()
+    opt = NewtonCG(model.parameters(), maxiter=2)
+    opt.step(contract_closure(opt, model, X, y, []))
+    st = opt.state[model.weight]
+    assert st["matvecs"] > 0 and "nhvp" in st
+    with pytest.warns(DeprecationWarning, match="'nhvp' is deprecated.*'matvecs'"):
+        assert st["nhvp"] == st["matvecs"]
+    with pytest.warns(DeprecationWarning, match="'nhvp'"):
+        assert opt.history[-1]["nhvp"] == opt.history[-1]["matvecs"]
+    sd = opt.state_dict()  # a state saved before the renaming loads with the new key
+    saved = dict(sd["state"][0])
+    saved["nhvp"] = saved.pop("matvecs")
+    sd["state"][0] = saved
+    opt2 = NewtonCG(model.parameters())
+    opt2.load_state_dict(sd)
+    assert dict.get(opt2.state[model.weight], "matvecs") == st["matvecs"]

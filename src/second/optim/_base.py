@@ -28,7 +28,46 @@ __all__ = [
     "check_state_dict_params",
 ]
 
-COUNTERS = ("n_iter", "nfev", "ngev", "nhvp")
+COUNTERS = ("n_iter", "nfev", "ngev", "matvecs")
+
+
+class CounterDict(dict):
+    """A ``dict`` where the deprecated key ``"nhvp"`` reads ``"matvecs"`` (with a warning).
+
+    The optimizers' state and history records use it, so ``state["nhvp"]`` keeps working
+    for one release (removed in 0.3).
+
+    Example:
+        >>> import warnings
+        >>> d = CounterDict(matvecs=3)
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     d["nhvp"], "matvecs" in str(w[0].message)
+        (3, True)
+    """
+
+    def _key(self, key):
+        if key == "nhvp":
+            warnings.warn(
+                "the optimizer counter 'nhvp' is deprecated and removed in 0.3: read 'matvecs'",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return "matvecs"
+        return key
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._key(key))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(self._key(key), value)
+
+    def get(self, key, default=None):
+        """``dict.get`` with the deprecated key mapped."""
+        return super().get(self._key(key), default)
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__("matvecs" if key == "nhvp" else key)
 PARAM_SHAPES = "param_shapes"  # the key under which state_dict() records the parameter shapes
 
 
@@ -261,7 +300,7 @@ class NewtonTypeOptimizer(Optimizer):
     """Base class: one parameter group treated as one flat vector, with evaluation counters.
 
     The optimizer state (``optimizer.state[first_param]``, saved by ``state_dict``) holds
-    ``n_iter``, ``nfev`` (closure evaluations), ``ngev`` (gradient evaluations), ``nhvp``
+    ``n_iter``, ``nfev`` (closure evaluations), ``ngev`` (gradient evaluations), ``matvecs``
     (curvature-vector products), the last ``loss`` and ``grad_norm``, ``stop_reason``
     (``None`` while running) and ``history``, one record per iteration.
     Subclasses add their own entries (radius, damping, ...).
@@ -283,6 +322,11 @@ class NewtonTypeOptimizer(Optimizer):
     @property
     def _state(self) -> dict:
         st = self.state[self._params[0]]
+        if not isinstance(st, CounterDict):  # a fresh or a loaded state
+            st = CounterDict(st)
+            if "nhvp" in dict(st):  # saved before the renaming
+                st["matvecs"] = dict.pop(st, "nhvp")
+            self.state[self._params[0]] = st
         if "n_iter" not in st:
             for key in COUNTERS:
                 st[key] = 0
@@ -302,7 +346,7 @@ class NewtonTypeOptimizer(Optimizer):
 
     @property
     def history(self) -> list[dict]:
-        """Per-iteration records: ``n_iter, nfev, ngev, nhvp, loss, grad_norm`` and more."""
+        """Per-iteration records: ``n_iter, nfev, ngev, matvecs, loss, grad_norm`` and more."""
         return self._state["history"]
 
     def state_dict(self) -> dict:
@@ -324,10 +368,12 @@ class NewtonTypeOptimizer(Optimizer):
                     group[new] = group.pop(old)
         super().load_state_dict(state_dict)
         self._cache = {}
+        if self._params[0] in self.state:
+            _ = self._state  # the counters in their CounterDict (an old "nhvp" renamed)
 
     def _record(self, **extra) -> None:
         st = self._state
-        rec = {k: st[k] for k in COUNTERS}
+        rec = CounterDict((k, st[k]) for k in COUNTERS)
         rec.update(loss=st["loss"], grad_norm=st["grad_norm"], **extra)
         st["history"].append(rec)
 
@@ -403,11 +449,11 @@ class NewtonTypeOptimizer(Optimizer):
 
 
 def flat_hvp(opt: NewtonTypeOptimizer, grads: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
-    """``v -> H v`` on flat vectors from gradients with their graph, counted in ``nhvp``."""
+    """``v -> H v`` on flat vectors from gradients with their graph, counted in ``matvecs``."""
     from ..func.products import hvp_from_gradient
 
     def prod(v: Tensor) -> Tensor:
-        opt._state["nhvp"] += 1
+        opt._state["matvecs"] += 1
         with torch.enable_grad():
             out = hvp_from_gradient(grads, opt._params, opt._split(v))
         return torch.cat([t.reshape(-1) for t in out])

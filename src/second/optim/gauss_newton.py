@@ -303,7 +303,7 @@ class GaussNewton(NewtonTypeOptimizer):
         return cache["graph"]
 
     def _gvp(self, graph: GGNGraph, v: Tensor) -> Tensor:
-        self._state["nhvp"] += 1
+        self._state["matvecs"] += 1
         with torch.enable_grad():
             out = graph.gvp(self._split(v))
         return torch.cat([t.reshape(-1) for t in out])
@@ -320,7 +320,7 @@ class GaussNewton(NewtonTypeOptimizer):
                 with torch.enable_grad():
                     out = graph.gvp(vs, batched=True)
                 cols.append(torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1))
-            self._state["nhvp"] += n
+            self._state["matvecs"] += n
             G = torch.cat(cols, dim=0).to(torch.float64)
             cache["eig"] = torch.linalg.eigh(0.5 * (G + G.T))
         return cache["eig"]

@@ -95,7 +95,7 @@ class HessianFree(NewtonTypeOptimizer):
         TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss,
             or (GGN) no way to get the network output.
 
-    State: counters ``n_iter, nfev, ngev, nhvp``, ``n_rejected``, ``loss``, ``grad_norm``,
+    State: counters ``n_iter, nfev, ngev, matvecs`` (``nhvp``: deprecated), ``n_rejected``, ``loss``, ``grad_norm``,
     ``damping``, ``direction`` (the last CG solution, for warm starts), ``cg_iterations``,
     ``history``. A rejected step (no CG iterate with a finite loss, or a failed line search)
     leaves the parameters where they were; the first case also raises the damping by
@@ -191,7 +191,7 @@ class HessianFree(NewtonTypeOptimizer):
             graph = GGNGraph(loss, out, params)
 
             def prod(v: Tensor) -> Tensor:
-                st["nhvp"] += 1
+                st["matvecs"] += 1
                 with torch.enable_grad():
                     res = graph.gvp(self._split(v))
                 return torch.cat([t.reshape(-1) for t in res])
@@ -200,7 +200,7 @@ class HessianFree(NewtonTypeOptimizer):
             grads, _ = self._gradient(loss, create_graph=True)
 
             def prod(v: Tensor) -> Tensor:
-                st["nhvp"] += 1
+                st["matvecs"] += 1
                 with torch.enable_grad():
                     res = hvp_from_gradient(grads, params, self._split(v))
                 return torch.cat([t.reshape(-1) for t in res])

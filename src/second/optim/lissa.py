@@ -88,7 +88,7 @@ class LiSSA(NewtonTypeOptimizer):
         ValueError: invalid hyperparameters.
         TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss.
 
-    State: counters ``n_iter, nfev, ngev, nhvp``, ``n_rejected``, ``n_diverged``, ``loss``,
+    State: counters ``n_iter, nfev, ngev, matvecs`` (``nhvp``: deprecated), ``n_rejected``, ``n_diverged``, ``loss``,
     ``grad_norm``, ``scale``, ``stop_reason``, ``history``.
 
     Example:

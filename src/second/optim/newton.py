@@ -86,7 +86,7 @@ class NewtonCG(NewtonTypeOptimizer):
         TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss.
 
     State (``optimizer.state[first_param]``, see :class:`NewtonTypeOptimizer`): counters
-    ``n_iter, nfev, ngev, nhvp``, ``loss``, ``grad_norm``, ``radius``, ``stop_reason``,
+    ``n_iter, nfev, ngev, matvecs`` (``nhvp``: deprecated), ``loss``, ``grad_norm``, ``radius``, ``stop_reason``,
     ``history``.
 
     Example:

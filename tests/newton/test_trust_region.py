@@ -1,0 +1,132 @@
+"""Trust-region subproblems (second.newton.trust_region): Steihaug-Toint CG, the exact
+subproblem, the boundary step and the radius update, against dense float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from newton_cases import DT, EXACT, NORM_TOL, indefinite, model_value, spd
+from second.newton.trust_region import boundary_step, update_radius
+from second.optim import (
+    exact_trust_region,
+    steihaug_cg,
+)
+
+
+def test_boundary_step_solves_the_quadratic():
+    tau = boundary_step(0.25, 0.1, 2.0, 1.0)
+    assert math.isclose(0.25 + 2 * 0.1 * tau + 2.0 * tau * tau, 1.0, rel_tol=1e-12)
+    assert tau > 0
+
+
+def test_steihaug_interior_equals_newton_step():
+    H = spd(8)
+    g = torch.randn(8, dtype=DT)
+    res = steihaug_cg(lambda v: H @ v, g, radius=1e6, rtol=1e-12)
+    assert res.status == "converged"
+    assert res.iterations <= 8
+    torch.testing.assert_close(res.step, -torch.linalg.solve(H, g), **EXACT)
+    assert math.isclose(res.predicted_reduction, -model_value(H, g, res.step), rel_tol=1e-9)
+
+
+def test_steihaug_indefinite_goes_to_boundary_along_negative_curvature():
+    H = torch.diag(torch.tensor([2.0, -1.0, 1.0], dtype=DT))
+    g = torch.tensor([0.1, 1.0, 0.1], dtype=DT)  # g^T H g < 0: negative curvature at once
+    res = steihaug_cg(lambda v: H @ v, g, radius=3.0, rtol=1e-12)
+    assert res.status == "negative_curvature"
+    assert abs(res.step_norm - 3.0) < NORM_TOL
+    assert abs(float(res.step.norm()) - 3.0) < NORM_TOL
+    # the model keeps decreasing past the unconstrained stationary point, and the step is
+    # the boundary point of the first CG direction d = -g (negative curvature at j = 0)
+    torch.testing.assert_close(res.step, -3.0 * g / g.norm(), **EXACT)
+    assert math.isclose(res.predicted_reduction, -model_value(H, g, res.step), rel_tol=1e-9)
+    assert res.predicted_reduction > 0
+
+
+def test_steihaug_random_indefinite_reaches_boundary_and_decreases_model():
+    H = indefinite(20, seed=3)
+    g = torch.randn(20, dtype=DT, generator=torch.Generator().manual_seed(4))
+    res = steihaug_cg(lambda v: H @ v, g, radius=5.0, rtol=1e-10)
+    assert res.on_boundary
+    assert abs(res.step_norm - 5.0) < NORM_TOL
+    # at least the Cauchy decrease along -g
+    cauchy = steihaug_cg(lambda v: H @ v, g, radius=5.0, maxiter=1)
+    assert res.predicted_reduction >= cauchy.predicted_reduction - 1e-12
+
+
+def test_steihaug_spd_small_radius_stops_on_boundary():
+    H = spd(10)
+    g = torch.randn(10, dtype=DT)
+    res = steihaug_cg(lambda v: H @ v, g, radius=1e-2, rtol=1e-12)
+    assert res.status == "boundary"
+    assert abs(float(res.step.norm()) - 1e-2) < NORM_TOL
+
+
+@pytest.mark.parametrize("H", [spd(12, cond=100.0), indefinite(12, seed=5)])
+@pytest.mark.parametrize("small", [1e-3, 0.3, 2.0])
+def test_path_cut_equals_fresh_solve(H, small):
+    g = torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(7))
+    big = steihaug_cg(lambda v: H @ v, g, radius=50.0, rtol=1e-10)
+    fresh = steihaug_cg(lambda v: H @ v, g, radius=small, rtol=1e-10)
+    cut = big.path.cut(small)
+    assert cut.status == fresh.status
+    torch.testing.assert_close(cut.step, fresh.step, **EXACT)
+    assert math.isclose(cut.predicted_reduction, fresh.predicted_reduction, rel_tol=1e-8)
+
+
+def test_preconditioned_steihaug_uses_the_preconditioner_norm():
+    H = spd(10, cond=1e4)
+    Hinv = torch.linalg.inv(H)
+    g = torch.randn(10, dtype=DT)
+    exact = steihaug_cg(lambda v: H @ v, g, radius=1e8, rtol=1e-12, M=lambda r: Hinv @ r)
+    assert exact.iterations == 1  # M = H^-1: one preconditioned CG step is Newton's step
+    torch.testing.assert_close(exact.step, -Hinv @ g, **EXACT)
+    res = steihaug_cg(lambda v: H @ v, g, radius=1e-3, rtol=1e-12, M=lambda r: Hinv @ r)
+    # the region is ||p||_{M^-1} = sqrt(p^T H p) <= radius
+    assert res.on_boundary
+    assert abs(math.sqrt(float(res.step @ H @ res.step)) - 1e-3) < 1e-12
+
+
+def test_steihaug_rejects_bad_input():
+    H = spd(3)
+    with pytest.raises(ValueError):
+        steihaug_cg(lambda v: H @ v, torch.ones(3, dtype=DT), radius=0.0)
+    with pytest.raises(ValueError):
+        steihaug_cg(lambda v: H @ v, torch.ones(3, dtype=DT), radius=1.0, M=lambda r: -r)
+
+
+@pytest.mark.parametrize("radius", [0.05, 0.5, 100.0])
+@pytest.mark.parametrize("kind", ["spd", "indefinite"])
+def test_exact_trust_region_satisfies_optimality(radius, kind):
+    H = spd(8) if kind == "spd" else indefinite(8, seed=2)
+    g = torch.randn(8, dtype=DT, generator=torch.Generator().manual_seed(9))
+    res = exact_trust_region(H, g, radius)
+    p = res.step
+    assert float(p.norm()) <= radius * (1 + 1e-8)
+    # Moré-Sorensen: (H + mu I) p = -g with mu >= 0, H + mu I PSD, mu (radius - ||p||) = 0
+    r = H @ p + g
+    mu = -float(r @ p) / float(p @ p)
+    torch.testing.assert_close(H @ p + mu * p, -g, rtol=1e-6, atol=1e-8)
+    assert mu >= -1e-8
+    assert float(torch.linalg.eigvalsh(H + mu * torch.eye(8, dtype=DT))[0]) >= -1e-8
+    # no Steihaug step does better
+    st = steihaug_cg(lambda v: H @ v, g, radius=radius, rtol=1e-12)
+    assert res.predicted_reduction >= st.predicted_reduction - 1e-10
+
+
+def test_exact_trust_region_hard_case():
+    H = torch.diag(torch.tensor([-1.0, 2.0], dtype=DT))
+    g = torch.tensor([0.0, 1.0], dtype=DT)  # orthogonal to the lowest eigenvector
+    res = exact_trust_region(H, g, radius=2.0)
+    assert abs(float(res.step.norm()) - 2.0) < NORM_TOL
+    assert abs(float(res.step[0])) > 1.0  # moves along the negative-curvature direction
+
+
+def test_update_radius_rules():
+    assert update_radius(1.0, float("nan"), 0.5, True) == 0.125
+    assert update_radius(1.0, 0.9, 1.0, True, max_radius=1.5) == 1.5
+    assert update_radius(1.0, 0.9, 0.3, False) == 1.0
+    assert update_radius(1.0, 0.5, 1.0, True) == 1.0

@@ -1,0 +1,31 @@
+"""second.optim.plot_history (optim/_plot.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from newton_cases import DT, rosen
+from second.optim import (
+    NewtonCG,
+    minimize,
+    plot_history,
+)
+
+
+def test_plot_history():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    res = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=DT))
+    x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
+    opt = NewtonCG([x], max_iter=50)
+    opt.step(lambda: rosen(x))
+    fig = plot_history({"minimize": res, "optimizer": opt}, x="nfev")
+    ax_loss, ax_grad = fig.axes
+    assert len(ax_loss.lines) == 2 and len(ax_grad.lines) == 2
+    assert list(ax_loss.lines[0].get_xdata()) == [h["nfev"] for h in res.history]
+    with pytest.raises(ValueError):
+        plot_history(res, x="seconds")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
