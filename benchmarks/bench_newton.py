@@ -1,4 +1,16 @@
-"""Newton-type optimizers against SciPy, torchmin and torch.optim.LBFGS (issue 5).
+"""Newton-type methods against SciPy, pytorch-minimize and L-BFGS (issues 5 and 15).
+
+The default suite (issue 15, ``main``): eight float64 problems run to ||grad||_2 <= 1e-8 by
+``second.minimize`` (auto, newton-cg, gauss-newton) and by SciPy (Newton-CG, trust-ncg,
+trust-krylov, trust-exact, L-BFGS-B, least_squares trf/lm) and pytorch-minimize, all with the
+same torch-autograd derivatives; CPU seconds (time.process_time), gradient and
+Hessian-vector product counts, the final gradient norm; plots under bench-output/newton/.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_newton.py [--only KEYS] [--max-time S]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_newton.py --auto-threshold
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_newton.py --suite issue5 [...]
+
+The issue-5 suite follows (``--suite issue5``):
 
 Four deterministic float64 problems, each a function of one flat parameter vector:
 
@@ -619,7 +631,8 @@ def lazy_sweep(key="d", ms=(1, 10, 20, 40, 80)):
         print(f"m = {m:3d}  {fmt(r)}", flush=True)
 
 
-def main(argv=None):
+def issue5_main(argv=None):
+    """The issue-5 comparison (problems a-d, the autoencoder): ``--suite issue5``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="abcd")
     ap.add_argument("--no-ae", action="store_true", help="skip the autoencoder benchmark")
@@ -652,6 +665,462 @@ def main(argv=None):
         summary(rows, keys)
     if not args.no_ae:
         autoencoder_benchmark(seeds=args.seeds)
+    return 0
+
+
+# ============================================================================ issue 15 suite
+GTOL = 1e-8
+SUITE_MAXTIME = 20.0  # CPU seconds per run (--max-time)
+
+
+class P15:
+    """A problem: ``f(x)`` on a flat float64 vector, optional residual form ``r(x)``."""
+
+    def __init__(self, key, name, x0, f, residual=None, pair=None, unbounded=False):
+        self.key, self.name, self.x0, self.f = key, name, x0, f
+        self.residual, self.pair, self.unbounded = residual, pair, unbounded
+
+
+def _rosen15(n=100):
+    x0 = torch.tensor([-1.2, 1.0] * (n // 2), dtype=DT)
+
+    def r(x):
+        a, b = x[0::2], x[1::2]
+        return math.sqrt(2.0) * torch.cat([10 * (b - a * a), 1 - a])
+
+    return P15("rosen100", "Rosenbrock-100", x0, lambda x: 0.5 * (r(x) ** 2).sum(), residual=r)
+
+
+def _digits15(n=500):
+    X, y = load_digits_tensors(DT)
+    return X[:n], y[:n]
+
+
+def _logreg15():
+    X, y = _digits15()
+    sizes = [64, 10]
+    shapes, _ = mlp_layout(sizes)
+    lam = 1e-3
+
+    def f(x):
+        return F.cross_entropy(mlp_forward(x, shapes, X, torch.tanh), y) + 0.5 * lam * (x @ x)
+
+    return P15("logreg", "logistic regression digits (L2 1e-3)", torch_init(sizes, 0), f)
+
+
+def _mlp15():
+    X, y = _digits15()
+    sizes = [64, 16, 10]
+    shapes, _ = mlp_layout(sizes)
+    lam = 1e-3
+
+    def f(x):
+        return F.cross_entropy(mlp_forward(x, shapes, X, torch.tanh), y) + 0.5 * lam * (x @ x)
+
+    return P15("mlp", "digits MLP 64-16-10 tanh (L2 1e-3)", torch_init(sizes, 0), f)
+
+
+def teacher_student(hidden=8, d_in=4, n=400, noise=0.05, seed=0):
+    """tanh d_in-hidden-1 fitted by 0.5*MSE to n points of a teacher of the same shape."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [d_in, hidden, 1]
+    shapes, total = mlp_layout(sizes)
+    teacher = torch_init(sizes, seed + 100)  # torch's default initialization, another seed
+    X = torch.randn(n, d_in, generator=g, dtype=DT)
+    with torch.no_grad():
+        y = mlp_forward(teacher, shapes, X, torch.tanh) + noise * torch.randn(
+            n, 1, generator=g, dtype=DT
+        )
+    x0 = torch_init(sizes, seed + 1)
+
+    def pair(x):
+        out = mlp_forward(x, shapes, X, torch.tanh)
+        return 0.5 * F.mse_loss(out, y), out
+
+    def f(x):
+        return pair(x)[0]
+
+    key = f"teacher{total}"
+    return P15(key, f"teacher-student tanh {d_in}-{hidden}-1 ({total})", x0, f, pair=pair)
+
+
+T15 = torch.linspace(0, 4, 60, dtype=DT)
+
+
+def _expsum(noise):
+    clean = 3.0 * torch.exp(-0.4 * T15) + 1.5 * torch.exp(-2.5 * T15)
+    y = clean + noise * torch.sin(13 * T15)
+
+    def r(x):
+        return x[0] * torch.exp(-x[1] * T15) + x[2] * torch.exp(-x[3] * T15) - y
+
+    key = "nls-zero" if noise == 0 else "nls-small"
+    name = "exp-sum fit, " + ("zero residual" if noise == 0 else f"small residual ({noise})")
+    x0 = torch.tensor([1.0, 0.1, 1.0, 1.0], dtype=DT)
+    return P15(key, name, x0, lambda x: 0.5 * (r(x) ** 2).sum(), residual=r)
+
+
+def _quad15(n=100, cond=1e8):
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    A = Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=DT)) @ Q.T
+    A = 0.5 * (A + A.T)
+    b = torch.randn(n, generator=g, dtype=DT)
+    return P15(
+        "quad1e8",
+        "quadratic, condition 1e8",
+        torch.zeros(n, dtype=DT),
+        lambda x: 0.5 * x @ (A @ x) - b @ x,
+    )
+
+
+def sigmoid_random_targets():
+    """Sigmoid 3-16-1 fitted to random targets: the infimum is not attained."""
+    p = sigmoid_mlp()
+    return P15(
+        "sigmoid-rand",
+        "sigmoid 3-16-1 random targets (unbounded)",
+        p.x0,
+        p.f,
+        pair=p.pair,
+        unbounded=True,
+    )
+
+
+def suite15():
+    ps = [
+        _rosen15(),
+        _logreg15(),
+        _mlp15(),
+        teacher_student(8),
+        teacher_student(32, d_in=8),
+        _expsum(0.0),
+        _expsum(0.05),
+        _quad15(),
+        sigmoid_random_targets(),
+    ]
+    return {p.key: p for p in ps}
+
+
+class _Trace:
+    """Counts and a (cpu, ||g||) trace for the anchors; stops them at GTOL."""
+
+    def __init__(self, budget):
+        self.ngev = self.nhvp = 0
+        self.t0 = time.process_time()
+        self.budget = budget
+        self.trace = []
+
+    def grad_seen(self, g, x):
+        self.ngev += 1
+        self.last = np.array(x, copy=True)
+        gn = float(np.linalg.norm(g))
+        self.trace.append((time.process_time() - self.t0, gn))
+        if gn <= GTOL:
+            raise _Converged(np.array(x, copy=True))
+        if time.process_time() - self.t0 > self.budget:
+            raise _Budget
+
+
+def _fg(prob, tr):
+    def fun(xn):
+        x = torch.tensor(xn, dtype=DT, requires_grad=True)
+        f = prob.f(x)
+        (g,) = torch.autograd.grad(f, x)
+        tr.grad_seen(g.numpy(), xn)
+        return float(f), g.numpy()
+
+    def hessp(xn, pn):
+        x = torch.tensor(xn, dtype=DT, requires_grad=True)
+        (g,) = torch.autograd.grad(prob.f(x), x, create_graph=True)
+        (hv,) = torch.autograd.grad(g, x, torch.tensor(pn, dtype=DT))
+        tr.nhvp += 1
+        return hv.numpy()
+
+    def hess(xn):
+        x = torch.tensor(xn, dtype=DT)
+        tr.nhvp += x.numel()
+        return torch.autograd.functional.hessian(prob.f, x).numpy()
+
+    return fun, hessp, hess
+
+
+def _row(prob, name, x, tr, err, nit=None):
+    xt = torch.as_tensor(np.asarray(x), dtype=DT) if not isinstance(x, torch.Tensor) else x
+    gn = grad_norm(prob, xt)
+    return dict(
+        method=name,
+        cpu=time.process_time() - tr.t0,
+        ngev=tr.ngev,
+        nhvp=tr.nhvp,
+        gnorm=gn,
+        converged=gn <= GTOL * 1.0000001,
+        status=err or "",
+        trace=tr.trace,
+        xnorm=float(xt.norm()),
+        nit=nit,
+    )
+
+
+def scipy15(prob, method, budget):
+    import scipy.optimize as sopt
+
+    tr = _Trace(budget)
+    fun, hessp, hess = _fg(prob, tr)
+    best = {"x": prob.x0.numpy().copy()}
+    opts = dict(maxiter=100000)
+    if method in ("trust-ncg", "trust-krylov", "trust-exact"):
+        opts["gtol"] = 0.0
+    elif method == "L-BFGS-B":
+        opts.update(gtol=0.0, ftol=0.0, maxfun=10**7)
+    elif method == "Newton-CG":
+        opts["xtol"] = 1e-300
+    kw = dict(jac=True, method=method, options=opts)
+    if method == "trust-exact":
+        kw["hess"] = hess
+    elif method != "L-BFGS-B":
+        kw["hessp"] = hessp
+    err, nit = None, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = sopt.minimize(fun, prob.x0.numpy(), **kw)
+        x, nit, err = r.x, r.nit, str(r.message)[:40]
+    except _Converged as c:
+        x = c.x
+    except _Budget:
+        x, err = getattr(tr, "last", prob.x0.numpy()), "time"
+    except Exception as e:
+        x, err = best["x"], f"{type(e).__name__}: {e}"[:40]
+    return _row(prob, f"scipy {method}", x, tr, err, nit)
+
+
+def least_squares15(prob, method, budget):
+    import scipy.optimize as sopt
+
+    tr = _Trace(budget)
+    cache = {}
+
+    def res(xn):
+        x = torch.tensor(xn, dtype=DT)
+        return prob.residual(x).numpy()
+
+    def jac(xn):
+        x = torch.tensor(xn, dtype=DT)
+        J = torch.autograd.functional.jacobian(prob.residual, x)
+        r = prob.residual(x)
+        cache["x"] = np.array(xn, copy=True)
+        tr.grad_seen((J.T @ r).numpy(), xn)
+        return J.numpy()
+
+    err = None
+    try:
+        r = sopt.least_squares(
+            res,
+            prob.x0.numpy(),
+            jac=jac,
+            method=method,
+            xtol=1e-15,
+            ftol=1e-15,
+            gtol=1e-15,
+            max_nfev=100000,
+        )
+        x, err = r.x, str(r.message)[:40]
+    except _Converged as c:
+        x = c.x
+    except _Budget:
+        x, err = cache.get("x", prob.x0.numpy()), "time"
+    return _row(prob, f"scipy least_squares {method}", x, tr, err)
+
+
+def torchmin15(prob, method, budget):
+    import torchmin
+
+    tr = _Trace(budget)
+    real_grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, *args, **kwargs):
+        o = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        out = real_grad(outputs, inputs, *args, **kwargs)
+        if o.numel() == 1:  # a gradient (an HVP differentiates a vector)
+            xi = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+            tr.grad_seen(out[0].detach().reshape(-1).numpy(), xi.detach().reshape(-1).numpy())
+        else:
+            tr.nhvp += 1
+        return out
+
+    torch.autograd.grad = counting_grad
+    err = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = torchmin.minimize(prob.f, prob.x0.clone(), method=method, tol=0.0, max_iter=100000)
+        x, err = r.x, str(getattr(r, "message", ""))[:40]
+    except _Converged as c:
+        x = torch.as_tensor(c.x, dtype=DT)
+    except _Budget:
+        x, err = torch.as_tensor(tr.last, dtype=DT), "time"
+    except Exception as e:
+        x = torch.as_tensor(getattr(tr, "last", prob.x0.numpy()), dtype=DT)
+        err = f"{type(e).__name__}: {e}"[:40]
+    finally:
+        torch.autograd.grad = real_grad
+    return _row(prob, f"torchmin {method}", x, tr, err)
+
+
+def second15(prob, method, budget, options=None, fun=None, label=None):
+    t0 = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = so.minimize(
+            fun or prob.f,
+            prob.x0,
+            method=method,
+            gtol=GTOL,
+            max_time=budget,
+            maxiter=100000,
+            options=options,
+        )
+    cpu = time.process_time() - t0
+    trace = [(h.get("cpu", t0) - t0, h["grad_norm"]) for h in r.history]
+    gn = grad_norm(prob, r.x)
+    return dict(
+        method=label or f"second {method}",
+        cpu=cpu,
+        ngev=r.ngev,
+        nhvp=r.matvecs,
+        gnorm=gn,
+        converged=r.converged,
+        status=r.status + f" ({r.method})",
+        trace=trace,
+        xnorm=float(r.x.norm()),
+        nit=r.nit,
+    )
+
+
+def methods15(prob, budget):
+    runs = [
+        ("second auto", lambda: second15(prob, "auto", budget)),
+        ("second newton-cg", lambda: second15(prob, "newton-cg", budget)),
+    ]
+    gn_fun = prob.residual or prob.pair
+    if gn_fun is not None:
+        runs.append(
+            (
+                "second gauss-newton",
+                lambda: second15(prob, "lm", budget, fun=gn_fun, label="second gauss-newton"),
+            )
+        )
+    for m in ("Newton-CG", "trust-ncg", "trust-krylov", "trust-exact", "L-BFGS-B"):
+        runs.append((f"scipy {m}", lambda m=m: scipy15(prob, m, budget)))
+    if prob.residual is not None:
+        for m in ("trf", "lm"):
+            runs.append((f"scipy ls {m}", lambda m=m: least_squares15(prob, m, budget)))
+    try:
+        import torchmin  # noqa: F401
+
+        for m in ("newton-cg", "trust-exact"):
+            runs.append((f"torchmin {m}", lambda m=m: torchmin15(prob, m, budget)))
+    except ImportError:
+        pass
+    return runs
+
+
+def _fmt15(r):
+    conv = "yes" if r["converged"] else "no"
+    return (
+        f"| {r['method']:<28} | {r['cpu']:8.2f} | {r['ngev']:7d} | {r['nhvp']:8d} | "
+        f"{r['gnorm']:8.1e} | {conv:<3} | {r['status'][:38]:<38} |"
+    )
+
+
+def plot15(prob, rows, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["trace"]:
+            t, g = zip(*r["trace"])
+            ax.semilogy(t, g, label=r["method"], lw=1.2)
+    ax.axhline(GTOL, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("CPU seconds")
+    ax.set_ylabel("||grad||")
+    ax.set_title(prob.name)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = f"{out_dir}/{prob.key}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _digits_mlp(hidden):
+    X, y = _digits15()
+    sizes = [64, hidden, 10]
+    shapes, _ = mlp_layout(sizes)
+
+    def f(x):
+        return F.cross_entropy(mlp_forward(x, shapes, X, torch.tanh), y) + 0.5e-3 * (x @ x)
+
+    return P15(f"mlp{hidden}", f"digits MLP 64-{hidden}-10", torch_init(sizes, 0), f)
+
+
+def auto_threshold(budget):
+    """Dense vs matrix-free Newton (CPU s to gtol) on digits MLPs of growing size."""
+    print("| n | newton-exact CPU s | newton-cg CPU s | exact converged | cg converged |")
+    print("|---|---|---|---|---|")
+    out = []
+    for hidden in (1, 2, 3, 4, 6, 8, 12):
+        prob = _digits_mlp(hidden)
+        a = second15(prob, "newton-exact", budget)
+        b = second15(prob, "newton-cg", budget)
+        n = prob.x0.numel()
+        out.append((n, a, b))
+        print(
+            f"| {n} | {a['cpu']:.2f} | {b['cpu']:.2f} | {a['converged']} | {b['converged']} |",
+            flush=True,
+        )
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="issue15", choices=["issue15", "issue5"])
+    ap.add_argument("--only", default="", help="comma-separated problem keys")
+    ap.add_argument("--max-time", type=float, default=SUITE_MAXTIME)
+    ap.add_argument("--auto-threshold", action="store_true")
+    ap.add_argument("--out-dir", default="bench-output/newton")
+    args, rest = ap.parse_known_args(argv)
+    if args.suite == "issue5":
+        return issue5_main(rest)
+    import os
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # pay torch's lazy imports
+    print(f"torch {torch.__version__}, float64, 1 thread, gtol {GTOL}, {args.max_time} CPU s/run")
+    if args.auto_threshold:
+        auto_threshold(args.max_time)
+        return 0
+    probs = suite15()
+    keys = [k for k in args.only.split(",") if k] or list(probs)
+    for k in keys:
+        prob = probs[k]
+        print(f"\n### {prob.name} (n = {prob.x0.numel()}, key {k})\n")
+        print("| method | CPU s | grads | HVPs | final ||g|| | conv | status |")
+        print("|---|---|---|---|---|---|---|")
+        rows = []
+        for _, run in methods15(prob, args.max_time):
+            r = run()
+            rows.append(r)
+            print(_fmt15(r) + (f" ||x|| {r['xnorm']:.3g}" if prob.unbounded else ""), flush=True)
+        path = plot15(prob, rows, args.out_dir)
+        if path:
+            print(f"\nplot: {path}")
     return 0
 
 

@@ -14,7 +14,7 @@ def test_criteria_order():
     assert c.check(it=5, f=1.0, gnorm=1.0, now=0.0, xnorms=[1.0]) == "maxiter"
     assert c.check(it=1, f=1.0, gnorm=1.0, now=11.0, xnorms=[1.0]) == "time"
     assert c.check(it=1, f=1.0, gnorm=1.0, now=0.0, xnorms=[1.0]) is None
-    grow = [1.0] + [2.0**k for k in range(1, 13)]
+    grow = [1.0] + [2.0**k for k in range(1, 25)]  # geometric growth over two windows
     assert c.check(it=1, f=1.0, gnorm=1.0, now=0.0, xnorms=grow) == "unbounded"
     c.detect_unbounded = False
     assert c.check(it=1, f=1.0, gnorm=1.0, now=0.0, xnorms=grow) is None

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph
-from .loop import _finish, _record_and_check
+from .loop import RayTest, _finish, _record_and_check
 from .result import OptimizeResult
 from .steps import DAMPING_RULES, cg_subproblem, damped_solve, damped_step, trust_region_step
 from .stopping import Criteria
@@ -71,6 +71,11 @@ class LeastSquaresObjective:
             loss = loss.reshape(())
         self.nfev += 1
         return self.Point(float(loss.detach()), loss, output, xr)
+
+    def value(self, x: Tensor) -> float:
+        """``f(x)`` without a graph."""
+        with torch.no_grad():
+            return self.evaluate(x).f
 
     def point(self, x: Tensor) -> LeastSquaresObjective.Point:
         """``evaluate`` and :meth:`finish`."""
@@ -189,13 +194,14 @@ def gauss_newton(
     history: list[dict] = []
     xnorms = [float(torch.linalg.vector_norm(x))]
     fvals = [pt.f]
+    ray = RayTest(obj.value, criteria, x, pt.f)
     radius = float(initial_radius) if initial_radius is not None else max(1.0, xnorms[0])
     lam, nu = float(damping), 2.0
     it, reason, extra = 0, None, ""
     while True:
         f, g = pt.f, pt.g
         gnorm = float(torch.linalg.vector_norm(g))
-        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals)
+        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         history[-1]["damping"] = lam
         if reason is not None:
             break
@@ -264,6 +270,7 @@ def gauss_newton(
         pt = obj.finish(trials["pt"])
         xnorms.append(float(torch.linalg.vector_norm(x)))
         fvals.append(pt.f)
+        ray.accept(x, pt.f)
         snorm = float(torch.linalg.vector_norm(res.step))
         if (
             snorm <= criteria.xtol * (1 + xnorms[-1])

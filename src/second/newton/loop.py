@@ -22,10 +22,10 @@ from .globalize import strong_wolfe, update_radius
 from .precond import LBFGSPreconditioner
 from .result import OptimizeResult
 from .steps import NOISE, cg_subproblem, trust_region_step
-from .stopping import Criteria, limit_message
+from .stopping import Criteria, limit_message, ray_decreases
 from .trust_region import exact_trust_region
 
-__all__ = ["Objective", "newton_cg", "newton_dense", "MESSAGES"]
+__all__ = ["Objective", "newton_cg", "newton_dense", "MESSAGES", "RayTest"]
 
 _NOISE = NOISE  # |f| times this: a change of f below it is mostly rounding (float64)
 
@@ -114,7 +114,43 @@ class Objective:
         return prod if g.requires_grad else (lambda v: torch.zeros_like(v))
 
 
-def _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals):
+class RayTest:
+    """The ray confirmation of the unbounded test for a loop (:func:`ray_decreases`).
+
+    Call :meth:`accept` with each accepted iterate; the instance is the ``ray`` of
+    :meth:`Criteria.check` (run at most once per ``window`` accepted steps).
+
+    Args:
+        value: ``x -> f(x)`` without a graph.
+        criteria: the run's stopping rules (``unbounded_window``, ``unbounded_reach``).
+        x0: the starting point (flat).
+        f0: :math:`f(x_0)`.
+    """
+
+    def __init__(self, value: Callable[[Tensor], float], criteria: Criteria, x0: Tensor, f0: float):
+        self.value, self.criteria = value, criteria
+        self.xs: list[Tensor] = [x0]
+        self.f = f0
+        self.wait = 0
+
+    def accept(self, x: Tensor, f: float) -> None:
+        """Record an accepted iterate and its value."""
+        self.xs = (self.xs + [x])[-(self.criteria.unbounded_window + 1) :]
+        self.f = f
+        self.wait = max(0, self.wait - 1)
+
+    def __call__(self) -> bool:
+        """Run :func:`ray_decreases` along the drift of the last ``window`` iterates."""
+        if self.wait > 0 or len(self.xs) < 2:
+            return False
+        self.wait = self.criteria.unbounded_window
+        d = self.xs[-1] - self.xs[0]
+        return ray_decreases(
+            self.value, self.xs[-1], d, self.f, reach=self.criteria.unbounded_reach
+        )
+
+
+def _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray=None):
     """Append the iteration's record to ``history`` and return the stopping reason (or None)."""
     history.append(
         dict(
@@ -126,10 +162,20 @@ def _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fval
             grad_norm=gnorm,
             radius=radius,
             x_norm=xnorms[-1],
+            cpu=time.process_time(),
         )
     )
     now = time.perf_counter()
-    return criteria.check(it=it, f=f, gnorm=gnorm, now=now, xnorms=xnorms, fvals=fvals)
+    return criteria.check(
+        it=it,
+        f=f,
+        gnorm=gnorm,
+        now=now,
+        xnorms=xnorms,
+        fvals=fvals,
+        gnorm0=history[0]["grad_norm"],
+        ray=ray,
+    )
 
 
 def _finish(obj, x, f, gnorm, it, reason, crit, method, history, t0, xnorms, x0shape, extra=""):
@@ -246,6 +292,7 @@ def newton_cg(
     history: list[dict] = []
     xnorms = [float(torch.linalg.vector_norm(x))]
     fvals = [f]
+    ray = RayTest(obj.value, criteria, x, f)
     radius = float(initial_radius)
     gnorm_prev = eta_prev = None
     d_prev = None
@@ -254,7 +301,7 @@ def newton_cg(
     reason, extra = None, ""
     while True:
         gnorm = float(torch.linalg.vector_norm(g))
-        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals)
+        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         if reason is not None:
             break
         if isinstance(forcing, str):
@@ -327,6 +374,7 @@ def newton_cg(
         f, g, hvp = f_try, g_try, hvp_try
         xnorms.append(float(torch.linalg.vector_norm(x)))
         fvals.append(f)
+        ray.accept(x, f)
         if (
             snorm <= criteria.xtol * (1 + xnorms[-1])
             and float(torch.linalg.vector_norm(g)) > criteria.gtol
@@ -399,12 +447,13 @@ def newton_dense(
     history: list[dict] = []
     xnorms = [float(torch.linalg.vector_norm(x))]
     fvals = [f]
+    ray = RayTest(obj.value, criteria, x, f)
     H, age, it = None, 0, 0
     reason, extra = None, ""
     while True:
         gflat = g.detach()
         gnorm = float(torch.linalg.vector_norm(gflat))
-        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals)
+        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         if reason is not None:
             break
         if H is None or age >= hessian_every:
@@ -429,6 +478,7 @@ def newton_dense(
                 x = x + sub.step
                 xnorms.append(float(torch.linalg.vector_norm(x)))
                 fvals.append(f_new)
+                ray.accept(x, f_new)
                 break
             if age > 0:
                 stale = True

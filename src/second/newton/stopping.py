@@ -3,10 +3,12 @@ r"""Stopping rules of the Newton core: one place that says why a run stops."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Criteria", "diverging_iterates", "limit_message"]
+from torch import Tensor
+
+__all__ = ["Criteria", "diverging_iterates", "ray_decreases", "limit_message"]
 
 
 @dataclass
@@ -15,7 +17,15 @@ class Criteria:
 
     1. ``"nonfinite"``: the objective or gradient is NaN/Inf (never a success);
     2. ``"converged"``: :math:`\|\nabla f(x)\|_2 \le` ``gtol``;
-    3. ``"unbounded"``: :func:`diverging_iterates` (when ``detect_unbounded``);
+    3. ``"unbounded"`` (when ``detect_unbounded``): :func:`diverging_iterates` in either of
+       two forms: the iterates run off while ``f`` levels off (``unbounded_share``; confirmed
+       by the ray test :func:`ray_decreases` when the loop passes one, as the core's loops
+       do: a coercive objective, such as an ill-conditioned quadratic whose minimizer is far
+       away, rises along the drift far enough out), or they
+       grow geometrically (``unbounded_rate`` over each of the last two windows) while the
+       gradient is still at least ``unbounded_gfloor`` of its initial norm and the decrease
+       of ``f`` slows (the last window's no larger than the one before: a trust-region walk
+       to a far minimizer grows its steps and its decrease together);
     4. ``"maxiter"``: ``maxiter`` iterations;
     5. ``"time"``: the wall-clock ``deadline`` (a ``time.perf_counter()`` value) passed.
 
@@ -33,7 +43,14 @@ class Criteria:
         unbounded_window: consecutive accepted steps that must each increase :math:`\|x\|`
             (default 10).
         unbounded_share: largest share of the total decrease of ``f`` the last window may
-            hold (default 0.01).
+            hold in the levelling-off test (default 0.01).
+        unbounded_gfloor: the unbounded test applies while :math:`\|\nabla f\|` is at
+            least this share of its initial value (default 1e-3): a run that has reduced its
+            gradient a thousandfold is converging, however far it went.
+        unbounded_reach: how far the ray test goes, in multiples of :math:`\max(1, \|x\|)`
+            (default 1e3).
+        unbounded_rate: the growth of :math:`\|x\|` each of the last two windows must show
+            (default 1.15: sustained geometric growth).
 
     Example:
         >>> c = Criteria(gtol=1e-8, maxiter=10)
@@ -49,6 +66,9 @@ class Criteria:
     unbounded_factor: float = 10.0
     unbounded_window: int = 10
     unbounded_share: float = 0.01
+    unbounded_rate: float = 1.15
+    unbounded_gfloor: float = 1e-3
+    unbounded_reach: float = 1e3
 
     def check(
         self,
@@ -59,20 +79,31 @@ class Criteria:
         now: float,
         xnorms: Sequence[float],
         fvals: Sequence[float] | None = None,
+        gnorm0: float | None = None,
+        ray: Callable[[], bool] | None = None,
     ) -> str | None:
-        """The reason to stop now, or ``None``."""
+        """The reason to stop now, or ``None``.
+
+        ``gnorm0`` is the initial gradient norm; ``ray`` (optional) confirms the
+        levelling-off form of the unbounded test (called only when the rest of it holds).
+        """
         if not (math.isfinite(f) and math.isfinite(gnorm)):
             return "nonfinite"
         if gnorm <= self.gtol:
             return "converged"
-        if self.detect_unbounded and diverging_iterates(
-            xnorms,
-            fvals,
-            factor=self.unbounded_factor,
-            window=self.unbounded_window,
-            share=self.unbounded_share,
-        ):
-            return "unbounded"
+        if self.detect_unbounded:
+            common = dict(factor=self.unbounded_factor, window=self.unbounded_window)
+            levels_off = diverging_iterates(xnorms, fvals, share=self.unbounded_share, **common)
+            steep = gnorm0 is None or gnorm >= self.unbounded_gfloor * gnorm0
+            geometric = (
+                steep
+                and diverging_iterates(xnorms, None, rate=self.unbounded_rate, **common)
+                and _decrease_slows(fvals, self.unbounded_window)
+            )
+            if levels_off and ray is not None:
+                levels_off = ray()
+            if levels_off or geometric:
+                return "unbounded"
         if it >= self.maxiter:
             return "maxiter"
         if now > self.deadline:
@@ -86,7 +117,8 @@ def diverging_iterates(
     *,
     factor: float = 10.0,
     window: int = 10,
-    share: float = 0.01,
+    share: float | None = 0.01,
+    rate: float = 1.0,
 ) -> bool:
     r"""Whether the accepted iterates are running off to infinity while ``f`` levels off.
 
@@ -94,7 +126,10 @@ def diverging_iterates(
 
     * :math:`\|x_k\| > \mathrm{factor} \cdot \max(1, \|x_0\|)`;
     * :math:`\|x\|` grew at each of them;
-    * (with ``fvals``) they decreased ``f`` by at most ``share`` of its total decrease
+    * it grew geometrically: by at least ``rate`` over the last window and over the one
+      before (a saturating network's weights grow exponentially; a walk to a far but finite
+      minimizer, or along a valley, grows :math:`\|x\|` at most linearly for that long);
+    * (with ``fvals`` and ``share``) they decreased ``f`` by at most ``share`` of its total decrease
       :math:`f_0 - f_k`: the loss creeps towards a limit while the iterates run.
 
     A run minimizing a function whose infimum is not attained (a network fitted to random
@@ -112,19 +147,81 @@ def diverging_iterates(
         >>> diverging_iterates(xs, [12.0 - k for k in range(12)])  # f still falls steadily
         False
     """
-    if len(xnorms) < window + 2:
+    if len(xnorms) < (2 * window + 2 if rate > 1 else window + 2):
         return False
     last = xnorms[-(window + 1) :]
     if not xnorms[-1] > factor * max(1.0, xnorms[0]):
         return False
     if not all(b > a for a, b in zip(last[:-1], last[1:])):
         return False
-    if fvals is not None and len(fvals) == len(xnorms):
+    if rate > 1:
+        before = xnorms[-(2 * window + 1)]
+        if not (last[-1] >= rate * last[0] and last[0] >= rate * before):
+            return False
+    if fvals is not None and share is not None and len(fvals) == len(xnorms):
         total = fvals[0] - fvals[-1]
         recent = fvals[-(window + 1)] - fvals[-1]
         if not (math.isfinite(total) and recent <= share * total):
             return False
     return True
+
+
+def ray_decreases(
+    value: Callable[[Tensor], float],
+    x: Tensor,
+    d: Tensor,
+    f: float,
+    *,
+    reach: float = 1e3,
+) -> bool:
+    r"""Whether ``f`` keeps falling along the ray :math:`x + t d` out to a far distance.
+
+    Evaluates :math:`f(x + t d)` for :math:`t = 1, 2, 4, \ldots` until
+    :math:`\|t d\| \ge \mathrm{reach} \cdot \max(1, \|x\|)`; true when no value
+    rises and the last lies below ``f``. A coercive objective (with a finite minimizer and
+    growing away from it, e.g. a quadratic, or any loss with an L2 term) rises along every
+    ray far enough out, so the test cannot confirm a run on it.
+
+    Args:
+        value: ``x -> f(x)`` (no gradient).
+        x: the current iterate (flat).
+        d: the drift, e.g. the last iterate minus one from ``window`` steps back.
+        f: :math:`f(x)`.
+        reach: how far to go, in multiples of :math:`\max(1, \|x\|)` (default 1e3).
+
+    Returns:
+        Whether ``f`` falls along the whole ray.
+
+    Example:
+        >>> import torch
+        >>> x, d = torch.tensor([5.0]), torch.tensor([1.0])
+        >>> ray_decreases(lambda z: float(torch.exp(-z).sum()), x, d, float(torch.exp(-x)))
+        True
+        >>> ray_decreases(lambda z: float((z**2).sum()), x, -d, 25.0)  # overshoots the minimum
+        False
+    """
+    dn = float(d.norm())
+    if not dn > 0 or not math.isfinite(f):
+        return False
+    target = reach * max(1.0, float(x.norm()))
+    t, prev = 1.0, f
+    while True:
+        ft = value(x + t * d)
+        if not ft <= prev:  # rises (or NaN)
+            return False
+        prev = ft
+        if t * dn >= target:
+            return prev < f
+        t *= 2.0
+
+
+def _decrease_slows(fvals: Sequence[float] | None, window: int) -> bool:
+    """Whether the last window decreased ``f`` no more than the window before it."""
+    if fvals is None or len(fvals) < 2 * window + 1:
+        return fvals is None
+    last = fvals[-(window + 1)] - fvals[-1]
+    before = fvals[-(2 * window + 1)] - fvals[-(window + 1)]
+    return last <= before
 
 
 def limit_message(maxiter: int, gnorms: Sequence[float]) -> str:

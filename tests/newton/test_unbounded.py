@@ -1,0 +1,107 @@
+"""The unbounded / diverging-iterates report: it fires on a network whose infimum is not
+attained (sigmoid 3-16-1 fitted to random targets) within 100 iterations, for every method of
+second.minimize, and never on the suite's converging problems."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from second import minimize
+
+DT = torch.float64
+
+
+def sigmoid_random_targets(n=200, seed=0):
+    """bench_newton's unbounded variant: sigmoid 3-16-1, MSE, random inputs and targets."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=g, dtype=DT)
+    y = torch.randn(n, 1, generator=g, dtype=DT)
+    torch.manual_seed(seed)
+    l1, l2 = torch.nn.Linear(3, 16).to(DT), torch.nn.Linear(16, 1).to(DT)
+    x0 = torch.cat([t.detach().reshape(-1) for t in (l1.weight, l1.bias, l2.weight, l2.bias)])
+
+    def out(x):
+        W1, b1 = x[:48].view(16, 3), x[48:64]
+        W2, b2 = x[64:80].view(1, 16), x[80:81]
+        return torch.sigmoid(X @ W1.T + b1) @ W2.T + b2
+
+    def pair(x):
+        o = out(x)
+        return F.mse_loss(o, y), o
+
+    return (lambda x: pair(x)[0]), pair, x0
+
+
+@pytest.mark.parametrize("method", ["auto", "newton-cg", "newton-exact", "lm"])
+def test_random_targets_are_reported_unbounded_within_100_iterations(method):
+    f, pair, x0 = sigmoid_random_targets()
+    res = minimize(pair if method == "lm" else f, x0, method=method, gtol=1e-8, maxiter=1000)
+    assert res.status == "unbounded" and not res.converged, res.message
+    assert res.nit <= 100 and "unbounded" in res.message
+    assert float(res.x.norm()) > 10 * float(x0.norm())
+
+
+def rosen_residual(x):
+    a, b = x[0::2], x[1::2]
+    return math.sqrt(2.0) * torch.cat([10 * (b - a * a), 1 - a])
+
+
+def logistic(n=300, d=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = (X @ torch.randn(d, generator=g, dtype=DT) > 0).to(DT)  # separable: L2 makes it bounded
+    return lambda w: F.binary_cross_entropy_with_logits(X @ w, y) + 0.5e-3 * (w @ w)
+
+
+def ill_quadratic(n=60, cond=1e8, far=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    A = Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=DT)) @ Q.T
+    b = torch.randn(n, generator=g, dtype=DT)
+    x_far = far * torch.randn(n, generator=g, dtype=DT)  # a far minimizer: ||x*|| >> ||x0||
+    return lambda x: 0.5 * (x - x_far) @ (A @ (x - x_far)) - b @ x
+
+
+T = torch.linspace(0, 4, 60, dtype=DT)
+Y = 3.0 * torch.exp(-0.4 * T) + 1.5 * torch.exp(-2.5 * T) + 0.05 * torch.sin(13 * T)
+
+
+def expsum(x):
+    return x[0] * torch.exp(-x[1] * T) + x[2] * torch.exp(-x[3] * T) - Y
+
+
+CONVERGING = {
+    "rosenbrock-100": (
+        lambda x: 0.5 * (rosen_residual(x) ** 2).sum(),
+        rosen_residual,
+        torch.tensor([-1.2, 1.0] * 50, dtype=DT),
+    ),
+    "logistic-L2": (logistic(), None, torch.zeros(20, dtype=DT)),
+    "quadratic-1e8": (ill_quadratic(), None, torch.zeros(60, dtype=DT)),
+    # a trust-region walk to a far minimizer: ||x|| grows fast while f levels off in relative terms
+    "quadratic-1e4, far minimizer": (
+        ill_quadratic(cond=1e4, far=1e3),
+        None,
+        torch.zeros(60, dtype=DT),
+    ),
+    "exp-sum small residual": (
+        lambda x: 0.5 * (expsum(x) ** 2).sum(),
+        expsum,
+        torch.tensor([1.0, 0.1, 1.0, 1.0], dtype=DT),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERGING))
+@pytest.mark.parametrize("method", ["auto", "newton-cg", "lm"])
+def test_the_unbounded_report_never_fires_on_converging_problems(name, method):
+    f, residual, x0 = CONVERGING[name]
+    if method == "lm" and residual is None:
+        pytest.skip("not a least-squares problem")
+    gtol = 1e-6 if "far" in name else 1e-8  # f ~ 1e10 there: 1e-8 is below its rounding
+    res = minimize(residual if method == "lm" else f, x0, method=method, gtol=gtol)
+    assert res.status == "converged" and res.converged, (name, method, res.message)
