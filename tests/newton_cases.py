@@ -50,3 +50,15 @@ def quadratic_problem(n=6, seed=1):
 
 def rosen_residual(x):
     return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def contract(opt, loss_fn):
+    """torch.optim's closure around ``loss_fn``: zero the gradients, loss, backward, return."""
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return closure

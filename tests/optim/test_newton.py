@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from newton_cases import DT, SOLUTION_TOL, quadratic_problem, rosen
+from newton_cases import DT, SOLUTION_TOL, contract, quadratic_problem, rosen
 from second.optim import (
     NewtonCG,
     minimize,
@@ -16,19 +16,19 @@ from second.optim import (
 def test_newton_cg_one_step_on_a_quadratic():
     A, b, x_star, f = quadratic_problem(n=6)
     x = torch.zeros(6, dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], initial_radius=1e3, cg_rtol=1e-12, tolerance_grad=1e-9)
-    opt.step(lambda: f(x))
+    opt = NewtonCG([x], initial_radius=1e3, cg_rtol=1e-12, gtol=1e-9)
+    opt.step(contract(opt, lambda: f(x)))
     assert torch.allclose(x.detach(), x_star, atol=SOLUTION_TOL, rtol=0)
     st = opt.state[x]
     assert st["n_iter"] == 1 and st["matvecs"] <= 6  # at most n CG steps
-    opt.step(lambda: f(x))
+    opt.step(contract(opt, lambda: f(x)))
     assert opt.converged and "converged" in opt.stop_reason
 
 
 def test_newton_cg_rosenbrock_and_counters():
     x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], max_iter=200, tolerance_grad=1e-10)
-    opt.step(lambda: rosen(x))
+    opt = NewtonCG([x], maxiter=200, gtol=1e-10)
+    opt.step(contract(opt, lambda: rosen(x)))
     assert opt.converged
     torch.testing.assert_close(x.detach(), torch.ones(2, dtype=DT), rtol=0, atol=SOLUTION_TOL)
     st = opt.state[x]
@@ -46,13 +46,14 @@ def test_newton_cg_rejected_step_costs_no_hvp():
         return (torch.sqrt(1 + x * x) - 1).sum()
 
     opt = NewtonCG([x], initial_radius=100.0, cg_rtol=1e-12)
-    opt.step(f)
+    step = contract(opt, f)  # one closure object: the optimizer reuses its evaluations
+    opt.step(step)
     st = opt.state[x]
     assert st["n_rejected"] == 1 and st["radius"] < 100.0 and st["matvecs"] == 1
     assert float(x.detach()) == 3.0  # a rejected step leaves the parameters where they were
-    opt.step(f)  # re-solved from the stored CG path: no new product
+    opt.step(step)  # re-solved from the stored CG path: no new product
     assert st["n_rejected"] == 2 and st["matvecs"] == 1
-    opt.step(f)
+    opt.step(step)
     assert st["n_rejected"] == 2 and float(f().detach()) < math.sqrt(10.0) - 1
 
 
@@ -61,7 +62,7 @@ def test_newton_cg_with_preconditioner_converges():
     Ainv = torch.linalg.inv(A)
     x = torch.zeros(6, dtype=DT, requires_grad=True)
     opt = NewtonCG([x], initial_radius=1e3, cg_rtol=1e-12, preconditioner=lambda r: Ainv @ r)
-    opt.step(lambda: f(x))
+    opt.step(contract(opt, lambda: f(x)))
     assert opt.state[x]["matvecs"] == 1
     torch.testing.assert_close(x.detach(), x_star, rtol=0, atol=SOLUTION_TOL)
 
@@ -71,10 +72,9 @@ def test_newton_cg_and_minimize_reach_the_same_minimizer():
     # Eisenstat-Walker forcing and an L-BFGS preconditioner) follow different paths; both
     # must reach the minimizer, and the core's counters must be consistent
     x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], tolerance_grad=1e-8)
+    opt = NewtonCG([x], gtol=1e-8)
 
-    def closure():
-        return rosen(x)
+    closure = contract(opt, lambda: rosen(x))
 
     while opt.stop_reason is None:
         opt.step(closure)  # the same closure object: each call reuses the last evaluation
@@ -90,12 +90,12 @@ def test_newton_cg_and_minimize_reach_the_same_minimizer():
 
 def test_newton_cg_external_parameter_change_resets_the_cache():
     x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], max_iter=100, tolerance_grad=1e-9)
-    opt.step(lambda: rosen(x))
+    opt = NewtonCG([x], maxiter=100, gtol=1e-9)
+    opt.step(contract(opt, lambda: rosen(x)))
     assert opt.converged
     with torch.no_grad():
         x.add_(0.3)
-    opt.step(lambda: rosen(x))
+    opt.step(contract(opt, lambda: rosen(x)))
     assert opt.converged
     torch.testing.assert_close(x.detach(), torch.ones(2, dtype=DT), rtol=0, atol=1e-7)
 
@@ -103,13 +103,14 @@ def test_newton_cg_external_parameter_change_resets_the_cache():
 def test_newton_cg_extrapolation_helps_in_a_flattening_valley():
     def run(extrapolation):
         x = torch.tensor([-3.0], dtype=DT, requires_grad=True)
-        opt = NewtonCG([x], extrapolation=extrapolation, initial_radius=100.0, tolerance_grad=1e-9)
+        opt = NewtonCG([x], extrapolation=extrapolation, initial_radius=100.0, gtol=1e-9)
 
         def f():  # the model under-predicts the decrease while exp(-x) dominates
             return (torch.exp(-x) + 1e-4 * x * x).sum()
 
+        step = contract(opt, f)
         while opt.stop_reason is None:
-            opt.step(f)
+            opt.step(step)
         return opt, x.detach()
 
     plain, x_plain = run(0)
