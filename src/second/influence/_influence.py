@@ -89,7 +89,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
         curvature: ``"hessian"`` (default), ``"ggn"`` (generalized Gauss-Newton, positive
             semi-definite), ``"fisher"`` (empirical Fisher; ``curvature_options={"fisher":
             "mc"}`` for the Monte-Carlo one), ``"kfac"``, ``"ekfac"`` (Kronecker-factored,
-            from :mod:`second.approximations`).
+            from :mod:`second.kfac`).
         method: how to apply the inverse: ``"auto"`` (``"dense"`` up to 1500 parameters,
             else ``"cg"`` for a positive semi-definite curvature and ``"minres"``
             otherwise), ``"dense"`` (float64 eigendecomposition, exact), ``"cg"``,
