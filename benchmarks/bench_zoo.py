@@ -219,10 +219,12 @@ def evaluate(kind, model, test, loss_fn) -> float:
 
 
 def refused_counters(opt) -> dict:
-    st = getattr(opt, "_state", None) or {}
+    """The safeguard counters (Newton types: ``opt._state``; KFAC: ``opt.counters``), nonzero only."""
+    st = getattr(opt, "counters", None) or getattr(opt, "_state", None) or {}
     if not isinstance(st, dict):
         return {}
-    return {k: v for k, v in st.items() if k.startswith(("n_rejected", "n_refused", "n_skipped"))}
+    keys = ("n_rejected", "n_refused", "n_skipped")
+    return {k: v for k, v in st.items() if k.startswith(keys) and v}
 
 
 def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data) -> Run:

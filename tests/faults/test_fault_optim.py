@@ -122,11 +122,6 @@ def _kfac_classifier(fisher):
     return model, KFAC(model, nn.CrossEntropyLoss(), fisher=fisher), X, y
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="owned by issue 14: a bad batch's statistics enter KFAC's running factors before "
-    "the finite check (the KFAC step is not yet transactional)",
-)
 @pytest.mark.parametrize(
     ("fisher", "fault"),
     [

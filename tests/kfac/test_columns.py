@@ -20,3 +20,19 @@ def test_output_hessian_sqrt_factorizes_hessian():
             f[i].reshape(-1),
         )
         torch.testing.assert_close(S[:, i].T @ S[:, i], H, **EXACT_TOL[DT])
+
+
+def test_mc_columns_skip_nonfinite_rows_and_survive_extreme_logits():
+    from second.kfac import curvature_columns, nonfinite_rows
+
+    f = torch.randn(4, 3, dtype=DT)
+    f[1, 0], f[2, 2] = float("nan"), float("inf")
+    f[3] = torch.tensor([1e300, -1e300, 0.0], dtype=DT)  # extreme, finite
+    S = curvature_columns(nn.CrossEntropyLoss(), f, None, "mean", "mc", mc_samples=2)
+    assert torch.equal(nonfinite_rows(f), torch.tensor([False, True, True, False]))
+    assert torch.isfinite(S).all()
+    assert not S[:, 1:3].any()  # skipped: zero columns
+    # the finite rows: cross-entropy gradients at sampled targets, sqrt(p) scaled, each
+    # row summing to 0 (p - onehot)
+    torch.testing.assert_close(S[:, [0, 3]].sum(-1), torch.zeros(2, 2, dtype=DT))
+    assert S[:, 0].abs().sum() > 0

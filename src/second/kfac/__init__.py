@@ -87,6 +87,7 @@ from .columns import (
     backprop_columns,
     check_loss,
     curvature_columns,
+    nonfinite_rows,
     output_hessian_product,
     output_hessian_sqrt,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "output_hessian_sqrt",
     "output_hessian_product",
     "backprop_columns",
+    "nonfinite_rows",
     # statistics
     "FactorStats",
     "batch_statistics",

@@ -7,7 +7,9 @@ KFAC's gradient factor is built from backward passes of columns :math:`s_{ik}` w
   output (MSE: :math:`\sqrt{2a}\,I`; BCE-with-logits: :math:`\mathrm{diag}\sqrt{a\,\sigma(1-\sigma)}`;
   cross-entropy: :math:`\sqrt{a}\,(\mathrm{diag}\sqrt{p} - p\sqrt{p}^\top)`, per spatial position);
 * ``"mc"``: :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik}) / \sqrt{a K}` with targets
-  sampled from the model (``mc_samples = K``);
+  sampled from the model (``mc_samples = K``); an example whose output is not finite
+  (NaN or infinite logits) has no distribution to sample from: its columns are zero (it
+  is skipped, :func:`nonfinite_rows` counts them), and the others are sampled as usual;
 * ``"empirical"``: :math:`s_i = \nabla_f \ell(f_i, y_i)` with the observed targets.
 
 Here :math:`a` is the loss' scale relative to a negative log-likelihood (see
@@ -31,6 +33,7 @@ __all__ = [
     "output_hessian_product",
     "curvature_columns",
     "backprop_columns",
+    "nonfinite_rows",
 ]
 
 FISHER_TYPES = ("type2", "mc", "empirical")
@@ -169,6 +172,11 @@ def curvature_columns(
     closed = kind is not None and not (kind == "ce" and 0 <= ii < f.shape[1])
     if closed and y is not None and fisher == "empirical" and kind == "ce":
         closed = not bool(torch.as_tensor(y == ii).any())  # ignored targets: the loss handles them
+    bad = None
+    if fisher == "mc":  # sample from finite logits; skipped rows get zero columns
+        bad = nonfinite_rows(f)
+        if bad is not None:
+            f = torch.where(bad.reshape(-1, *[1] * (f.dim() - 1)), torch.zeros_like(f), f)
     if closed and kind is not None:
         # closed forms of the per-example loss gradients (no autograd pass)
         fd = f.detach()
@@ -179,7 +187,7 @@ def curvature_columns(
             _loss_gradient(kind, fd, sample_targets(loss_fn, fd, generator), a)
             for _ in range(mc_samples)
         ]
-        return torch.stack(cols) / math.sqrt(a * mc_samples)
+        return _zero_rows(torch.stack(cols) / math.sqrt(a * mc_samples), bad)
     fd = f.detach().requires_grad_(True)
     with torch.enable_grad():
         if y is not None and fisher == "empirical":
@@ -191,7 +199,28 @@ def curvature_columns(
             yt = sample_targets(loss_fn, fd, generator)
             (s,) = torch.autograd.grad(per_sample_losses(loss_fn, fd, yt, reduction).sum(), fd)
             cols.append(s)
-    return torch.stack(cols) / math.sqrt(a * mc_samples)
+    return _zero_rows(torch.stack(cols) / math.sqrt(a * mc_samples), bad)
+
+
+def nonfinite_rows(f: Tensor) -> Tensor | None:
+    """The examples (rows of ``f [n, ...]``) with a NaN or infinite entry, or ``None`` if none.
+
+    Example:
+        >>> nonfinite_rows(torch.tensor([[0.0, 1.0], [float("inf"), 0.0]]))
+        tensor([False,  True])
+        >>> nonfinite_rows(torch.zeros(2, 3)) is None
+        True
+    """
+    fd = f.detach()
+    bad = ~torch.isfinite(fd.reshape(fd.shape[0], -1)).all(dim=1)
+    return bad if bool(bad.any()) else None
+
+
+def _zero_rows(S: Tensor, bad: Tensor | None) -> Tensor:
+    """``S [K, n, ...]`` with the columns of the examples in ``bad`` set to zero."""
+    if bad is None:
+        return S
+    return S.masked_fill(bad.reshape(1, -1, *[1] * (S.dim() - 2)), 0.0)
 
 
 def _loss_gradient(kind: str, f: Tensor, y: Tensor, a: float) -> Tensor:

@@ -131,6 +131,72 @@ class FactorStats:
         self.n = float(counts[0])
         self.nA = [float(c) for c in counts[1:]]
 
+    def ema(
+        self,
+        A_run: Sequence[Tensor],
+        G_run: Sequence[Tensor],
+        diag_run: Sequence[Tensor],
+        beta: float,
+        weight: float,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        r"""The running averages with these statistics folded in, as new tensors.
+
+        :math:`\bar A \leftarrow \beta \bar A + (1-\beta) A_{sum}/n_A`,
+        :math:`\bar G \leftarrow \beta \bar G + (1-\beta)\,w\,G_{sum}` and the same for
+        the diagonals; pending rows go in with one ``addmm`` per factor. The inputs are not
+        modified, so a consumer can check the result (finite?) before it commits it.
+
+        Args:
+            A_run: per layer, the running input factor.
+            G_run: per layer, the running gradient factor.
+            diag_run: per fallback parameter, the running diagonal.
+            beta: the decay :math:`\beta \in [0, 1)`.
+            weight: :math:`w` (``1/n`` for a mean-reduced loss, 1 for a sum).
+
+        Returns:
+            ``(A, G, diag)``: the new running averages, one tensor per layer or parameter.
+
+        Example:
+            >>> from second.kfac import find_layers
+            >>> layer = find_layers(torch.nn.Linear(1, 1, bias=False))[0]
+            >>> st = FactorStats([layer], [])
+            >>> st.add(0, torch.tensor([[4.0]]), 2.0, torch.tensor([[6.0]]))
+            >>> A, G, _ = st.ema([torch.zeros(1, 1)], [torch.zeros(1, 1)], [], 0.5, 1.0)
+            >>> A, G
+            ([tensor([[1.]])], [tensor([[3.]])])
+        """
+        A_new: list[Tensor] = []
+        G_new: list[Tensor] = []
+        for j in range(len(self.layers)):
+            At, Gt = A_run[j], G_run[j]
+            rows = self.take_rows(j)
+            if rows and self.A[j] is None:
+                # the running average and the batch products in one addmm per factor
+                bA, aA, aG = beta, (1 - beta) / max(self.nA[j], 1.0), (1 - beta) * weight
+                for a, g in rows:
+                    At = torch.addmm(At, a.T, a, beta=bA, alpha=aA)
+                    Gt = torch.addmm(Gt, g.T, g, beta=bA, alpha=aG)
+                    bA = 1.0
+                A_new.append(At)
+                G_new.append(Gt)
+                continue
+            for a, g in rows:  # (not reached: a layer's statistics are either rows or sums)
+                self.add(j, a.T @ a, 0.0, g.T @ g)
+            A_sum, G_sum = self.A[j], self.G[j]
+            if A_sum is None or G_sum is None:
+                A_new.append(At * beta)
+                G_new.append(Gt * beta)
+                continue
+            A_new.append(torch.add(At * beta, A_sum, alpha=(1 - beta) / max(self.nA[j], 1.0)))
+            G_new.append(torch.add(Gt * beta, G_sum, alpha=(1 - beta) * weight))
+        d_new: list[Tensor] = []
+        for i, d in enumerate(diag_run):
+            d_sum = self.diag[i] if self.diag else None
+            d_new.append(
+                d * beta if d_sum is None else torch.add(d * beta, d_sum, alpha=(1 - beta) * weight)
+            )
+        return A_new, G_new, d_new
+
     def ema_into(
         self,
         A_run: Sequence[Tensor],
@@ -139,11 +205,7 @@ class FactorStats:
         beta: float,
         weight: float,
     ) -> None:
-        r"""Fold these statistics into running averages, in place.
-
-        :math:`\bar A \leftarrow \beta \bar A + (1-\beta) A_{sum}/n_A`,
-        :math:`\bar G \leftarrow \beta \bar G + (1-\beta)\,w\,G_{sum}` and the same for
-        the diagonals; pending rows go in with one ``addmm`` per factor.
+        r"""Fold these statistics into running averages, in place (:meth:`ema`, copied back).
 
         Args:
             A_run: per layer, the running input factor.
@@ -152,31 +214,10 @@ class FactorStats:
             beta: the decay :math:`\beta \in [0, 1)`.
             weight: :math:`w` (``1/n`` for a mean-reduced loss, 1 for a sum).
         """
-        for j in range(len(self.layers)):
-            At, Gt = A_run[j], G_run[j]
-            rows = self.take_rows(j)
-            if rows and self.A[j] is None:
-                # the running average and the batch products in one addmm per factor
-                bA, aA, aG = beta, (1 - beta) / max(self.nA[j], 1.0), (1 - beta) * weight
-                for a, g in rows:
-                    At.addmm_(a.T, a, beta=bA, alpha=aA)
-                    Gt.addmm_(g.T, g, beta=bA, alpha=aG)
-                    bA = 1.0
-                continue
-            for a, g in rows:  # (not reached: a layer's statistics are either rows or sums)
-                self.add(j, a.T @ a, 0.0, g.T @ g)
-            A_sum, G_sum = self.A[j], self.G[j]
-            if A_sum is None or G_sum is None:
-                At.mul_(beta)
-                Gt.mul_(beta)
-                continue
-            At.mul_(beta).add_(A_sum, alpha=(1 - beta) / max(self.nA[j], 1.0))
-            Gt.mul_(beta).add_(G_sum, alpha=(1 - beta) * weight)
-        for i, d in enumerate(diag_run):
-            d.mul_(beta)
-            d_sum = self.diag[i] if self.diag else None
-            if d_sum is not None:
-                d.add_(d_sum, alpha=(1 - beta) * weight)
+        new = self.ema(A_run, G_run, diag_run, beta, weight)
+        for olds, news in zip((A_run, G_run, diag_run), new):
+            for old, t in zip(olds, news):
+                old.copy_(t)
 
 
 def add_layer_statistics(

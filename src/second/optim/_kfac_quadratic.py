@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from ..func import differentiable_attention
 from ..kfac import LayerRule, LinearRule, output_hessian_product
 
 _ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
@@ -139,11 +140,12 @@ def generic_jvp(
 
     k = tangents[0].shape[0]
     tangent = dict(zip(names, tangents))
-    try:
-        out, Jv = vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
-    except Exception:  # a module without a batching rule: one JVP per vector
-        res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
-        out, Jv = res[0][0], torch.stack([r[1] for r in res])
+    with differentiable_attention():  # the fused attention kernels have no forward-mode rule
+        try:
+            out, Jv = vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
+        except Exception:  # a module without a batching rule: one JVP per vector
+            res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
+            out, Jv = res[0][0], torch.stack([r[1] for r in res])
     return out, Jv
 
 

@@ -62,6 +62,7 @@ from ..kfac import (
     curvature_columns,
     eigen_blocks,
     find_layers,
+    nonfinite_rows,
     unwrap_model,
     watch_forward,
 )
@@ -69,6 +70,12 @@ from ._base import PARAM_SHAPES, check_state_dict_params
 from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram, mlp_chain, step_coefficients
 
 __all__ = ["KFAC"]
+
+COUNTERS = ("n_skipped_steps", "n_refused_steps")
+"""The safeguards' counters, kept in ``param_groups[0]`` (saved with the state)."""
+SAFE_KL_CLIP = 1e-3
+"""KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
+_MISSING = object()
 
 
 class KFAC(torch.optim.Optimizer):
@@ -208,6 +215,7 @@ class KFAC(torch.optim.Optimizer):
             max_update_norm=max_update_norm,
             step=0,
             factor_steps=0,
+            **dict.fromkeys(COUNTERS, 0),
         )
         super().__init__(params, defaults)
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
@@ -224,6 +232,8 @@ class KFAC(torch.optim.Optimizer):
         # the copy (and the optimizer is not copied along with the model)
         self._watch = watch_forward(inner, self._pre_hook, self._top_hook)
         self._pending: FactorStats | None = None
+        self._pending_bad = False  # the last training forward's output was not finite
+        self._warned: set[str] = set()
         self._batch: tuple | None = None
         self._in_step = False
         self._warned_closure = False
@@ -262,6 +272,11 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(output, Tensor):
             raise TypeError("KFAC needs a model whose forward returns one tensor (the output)")
         self._keep_forward(args, kwargs, output)
+        self._pending_bad = nonfinite_rows(output) is not None
+        if self._pending_bad:  # no statistics from a batch that will be refused
+            self._capture.clear()
+            self._pending = None
+            return
         fb = self.fallback_params if self.fallback == "diagonal" else []
         stats = FactorStats(self.layers, fb, lazy=True)
         if self.fisher == "empirical":
@@ -330,29 +345,38 @@ class KFAC(torch.optim.Optimizer):
     def _dist(self) -> bool:
         return dist.active(self.distributed)
 
-    def _update_factors(self, stats: FactorStats, group: dict) -> None:
+    def _new_factors(
+        self, stats: FactorStats, group: dict
+    ) -> list[tuple[dict, str, Tensor]] | None:
+        """The running factors with ``stats`` folded in, as ``(state, key, tensor)`` to commit.
+
+        Nothing is written: the caller commits after checking the result (``None``: the
+        statistics hold no example).
+        """
         if self._dist():
             stats.all_reduce()  # forms the products of pending rows first
         if stats.n == 0:
-            return
+            return None
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
-        for layer in self.layers:
-            st = self.state[layer.weight]
-            if "A" not in st:
+        lstates = [self.state[layer.weight] for layer in self.layers]
+        dstates = [self.state[p] for p in self.fallback_params]
+        A_run, G_run = [], []
+        for layer, st in zip(self.layers, lstates):
+            A, G = st.get("A"), st.get("G")
+            if A is None or G is None:
                 shape = (layer.d_A,) if layer.diag_A else (layer.d_A, layer.d_A)
-                st["A"] = layer.weight.new_zeros(shape)
-                st["G"] = layer.weight.new_zeros(layer.d_G, layer.d_G)
-        for p in self.fallback_params:
-            if "diag" not in self.state[p]:
-                self.state[p]["diag"] = torch.zeros_like(p)
-        stats.ema_into(
-            [self.state[layer.weight]["A"] for layer in self.layers],
-            [self.state[layer.weight]["G"] for layer in self.layers],
-            [self.state[p]["diag"] for p in self.fallback_params],
-            group["factor_decay"],
-            w,
+                A, G = layer.weight.new_zeros(shape), layer.weight.new_zeros(layer.d_G, layer.d_G)
+            A_run.append(A)
+            G_run.append(G)
+        d_run = [
+            st.get("diag", torch.zeros_like(p)) for st, p in zip(dstates, self.fallback_params)
+        ]
+        A_new, G_new, d_new = stats.ema(A_run, G_run, d_run, group["factor_decay"], w)
+        return (
+            [(st, "A", t) for st, t in zip(lstates, A_new)]
+            + [(st, "G", t) for st, t in zip(lstates, G_new)]
+            + [(st, "diag", t) for st, t in zip(dstates, d_new)]
         )
-        group["factor_steps"] += 1
 
     def _update_inverses(self, group: dict) -> None:
         """Eigendecompose the bias-corrected factors.
@@ -444,7 +468,19 @@ class KFAC(torch.optim.Optimizer):
     def step(  # type: ignore[override]  # the closure's loss is returned as a tensor
         self, closure: Callable[[], Tensor] | None = None
     ) -> Tensor | None:
-        """One KFAC update.
+        r"""One KFAC update, committed only when it is finite (a transaction).
+
+        Safeguards (counted in ``param_groups[0]``, see :attr:`counters`, each kind warned
+        once): a non-finite loss, gradient, model output or curvature statistic skips the
+        step (``n_skipped_steps``): parameters, factors and eigendecompositions stay as they
+        were and the damping is raised. A quadratic-model step with a non-finite or
+        non-positive learning rate, a non-finite or negative momentum, or a predicted
+        change of the loss that is not negative is refused (``n_refused_steps``) and
+        replaced by the KL-clipped natural-gradient step
+        :math:`\nu\Delta`, :math:`\nu = \min(1, \sqrt{c / |\Delta^\top\nabla h|})`
+        (``c = kl_clip``, or 1e-3), and the damping is raised. A step after which the
+        closure's loss is not finite is taken back (``n_skipped_steps``). The damping stays
+        in ``[min_damping, max_damping]``.
 
         Args:
             closure: re-evaluates the model on the current mini-batch and returns the loss
@@ -467,30 +503,50 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
                 if all(p.grad is None for p in params) and loss.requires_grad:
                     loss.backward()
+        for key in COUNTERS:  # a state saved before the counters existed
+            group.setdefault(key, 0)
         adaptive = group["lr"] is None
-        if self._pending is not None:
-            if self.fisher == "empirical":
-                self._empirical_diagonal(self._pending)
-            self._update_factors(self._pending, group)
-            self._pending = None
-        if group["factor_steps"] == 0:
+        pending, bad_output = self._pending, self._pending_bad
+        self._pending, self._pending_bad = None, False
+        if pending is None and not bad_output and group["factor_steps"] == 0:
             raise RuntimeError(
                 "KFAC has no curvature statistics yet: run the model's forward pass in training "
                 "mode (with gradients enabled) before step(), or pass a closure that does"
             )
-        stale = any("lG" not in self.state[layer.weight] for layer in self.layers)
-        if stale or group["step"] % group["inverse_update_period"] == 0:
-            self._update_inverses(group)
-
+        # 1. everything this step reads must be finite before anything is committed
+        if loss is not None and not math.isfinite(float(loss)):
+            return self._skip("loss", group, loss)
+        if bad_output:
+            return self._skip("model output", group, loss)
         eta, lam = group["weight_decay"], group["damping"]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         if eta:
             grads = list(torch._foreach_add(grads, params, alpha=eta))
+        gflat = _flat(grads)
+        if not bool(torch.isfinite(gflat).all()):
+            return self._skip("gradient", group, loss)
+        snapshot = self._snapshot(group)
+        if pending is not None:
+            if self.fisher == "empirical":
+                self._empirical_diagonal(pending)
+            new = self._new_factors(pending, group)
+            if new is not None:
+                if not _all_finite([t for _, _, t in new]):
+                    return self._skip("curvature statistic", group, loss)
+                for st, key, t in new:
+                    st[key] = t
+                group["factor_steps"] += 1
+        if group["factor_steps"] == 0:
+            raise RuntimeError("KFAC has no curvature statistics yet (the batch had no examples)")
+        stale = any("lG" not in self.state[layer.weight] for layer in self.layers)
+        if stale or group["step"] % group["inverse_update_period"] == 0:
+            self._update_inverses(group)
+
+        # 2. the direction and its step size
         Delta = self._precondition(grads, lam + eta, group).neg_()
         prev = self._previous_update(params)
         have_prev = prev is not None
         info: dict = {}
-        gflat = _flat(grads)
         V = torch.stack([Delta, prev]) if prev is not None else Delta.unsqueeze(0)  # [k, n]
         if adaptive:
             # one product for the gradient terms and the norms: [g.v_a, v_a.v_b]
@@ -503,7 +559,26 @@ class KFAC(torch.optim.Optimizer):
         if adaptive:
             Fq = self._quadratic_terms(V).tolist()
             alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, group["momentum"])
-            delta = torch.add(alpha * Delta, prev, alpha=mu) if prev is not None else alpha * Delta
+            reason = _refusal(alpha, mu, pred)
+            if reason is None:
+                delta = torch.add(alpha * Delta, prev, alpha=mu) if have_prev else alpha * Delta
+            else:
+                # the KL-clipped natural-gradient step instead, and more damping
+                c = group["kl_clip"] if group["kl_clip"] is not None else SAFE_KL_CLIP
+                descent = math.isfinite(b1) and b1 < 0.0
+                alpha, mu = (min(1.0, math.sqrt(c / -b1)) if descent else 0.0), 0.0
+                curv = Fq[0][0] + eta * nrm[0][0]
+                pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
+                delta = alpha * Delta
+                group["n_refused_steps"] += 1
+                group["damping"] = self._raised_damping(group)
+                info["refused"] = reason
+                self._warn_once(
+                    "refused",
+                    f"KFAC step {group['step']}: the quadratic model proposed {reason}; the step "
+                    "was refused and replaced by a KL-clipped natural-gradient step, and the "
+                    "damping raised (counted in param_groups[0]['n_refused_steps'], warned once)",
+                )
             info.update(alpha=alpha, mu=mu, predicted_change=pred)
         else:
             lr = group["lr"]
@@ -519,48 +594,102 @@ class KFAC(torch.optim.Optimizer):
             norm = float(delta.norm())
             if norm > group["max_update_norm"]:
                 delta = delta * (group["max_update_norm"] / norm)
-        finite = bool(torch.isfinite(delta).all()) and all(
-            math.isfinite(v) for v in (info.get("alpha", 0.0), info.get("mu", 0.0))
-        )
-        if not finite:
-            warnings.warn(
-                f"KFAC step {group['step']} produced a non-finite update; it was not applied "
-                "(the damping is increased)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
-            group["damping"] = min(group["max_damping"], lam / omega)
-            info["skipped"] = True
-            self.last_info = info
-            group["step"] += 1
-            return loss
+        if not bool(torch.isfinite(delta).all()):
+            self._restore(snapshot, group)
+            return self._skip("update", group, loss)
+
+        # 3. commit
         views = self._unflat(delta)
-        torch._foreach_add_(params, views)
-        for p, d in zip(params, views):
-            self.state[p]["delta"] = d
-        self._prev_views, self._prev_flat = views, delta
-        group["step"] += 1
-        if (
+        adapt = (
             adaptive
             and group["adapt_damping"]
-            and group["step"] % group["damping_adaptation_interval"] == 0
-        ):
+            and (group["step"] + 1) % group["damping_adaptation_interval"] == 0
+        )
+        backup = [p.clone() for p in params] if adapt and closure is not None else None
+        torch._foreach_add_(params, views)
+        group["step"] += 1
+        if adapt:
             if closure is None:
                 if not self._warned_closure:
                     warnings.warn(
                         "KFAC's Levenberg-Marquardt damping adaptation needs a closure "
                         "(opt.step(closure)); the damping stays fixed",
-                        stacklevel=3,
+                        stacklevel=2,
                     )
                     self._warned_closure = True
-            else:
-                self._adapt_damping(closure, loss, info, group)
+            elif not self._adapt_damping(closure, loss, info, group):
+                # the loss after the step is not finite: take the step back
+                assert backup is not None
+                torch._foreach_copy_(params, backup)
+                group["step"] -= 1
+                self._restore(snapshot, group)
+                return self._skip("loss after the step", group, loss)
+        for p, d in zip(params, views):
+            self.state[p]["delta"] = d
+        self._prev_views, self._prev_flat = views, delta
         info["damping"] = group["damping"]
         self.last_info = info
         return loss
 
-    def _adapt_damping(self, closure, loss, info, group) -> None:
+    @property
+    def counters(self) -> dict[str, int]:
+        """The safeguards' counters: ``n_skipped_steps`` (non-finite) and ``n_refused_steps``."""
+        group = self.param_groups[0]
+        return {k: int(group.get(k, 0)) for k in COUNTERS}
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _raised_damping(self, group: dict) -> float:
+        omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
+        return _clamp(group["damping"] / omega, group)
+
+    def _skip(self, what: str, group: dict, loss: Tensor | None) -> Tensor | None:
+        """Refuse a step with a non-finite ``what``: nothing committed, damping raised."""
+        group["damping"] = self._raised_damping(group)
+        group["n_skipped_steps"] += 1
+        group["step"] += 1
+        self._warn_once(
+            "skipped",
+            f"KFAC step {group['step'] - 1}: non-finite {what}; the non-finite update was not "
+            "applied (parameters, statistics and factors unchanged) and the damping is increased "
+            "(counted in param_groups[0]['n_skipped_steps'], warned once)",
+        )
+        self.last_info = {
+            "skipped": True,
+            "reason": f"non-finite {what}",
+            "damping": group["damping"],
+        }
+        return loss
+
+    def _snapshot(self, group: dict) -> tuple:
+        """References to everything a step replaces (the step writes new tensors, never in place)."""
+        keys = ("A", "G", "lA", "QA", "lG", "QG")
+        saved = [
+            (st, k, st.get(k, _MISSING))
+            for st in (self.state[lay.weight] for lay in self.layers)
+            for k in keys
+        ]
+        saved += [
+            (self.state[p], "diag", self.state[p].get("diag", _MISSING))
+            for p in self.fallback_params
+        ]
+        return saved, group["factor_steps"], group["damping"]
+
+    def _restore(self, snapshot: tuple, group: dict) -> None:
+        saved, group["factor_steps"], _ = snapshot
+        for st, k, v in saved:
+            if v is _MISSING:
+                st.pop(k, None)
+            else:
+                st[k] = v
+        self._inv_cache.clear()
+        self._inv_version += 1
+
+    def _adapt_damping(self, closure, loss, info, group) -> bool:
+        """Levenberg-Marquardt; ``False`` when the loss after the step is not finite."""
         self._in_step = True
         try:
             with torch.enable_grad():
@@ -573,16 +702,19 @@ class KFAC(torch.optim.Optimizer):
             dist.all_reduce_sum(vals)
             vals = vals.cpu() / dist.world_size()
         change = float(vals[1] - vals[0])
+        if not math.isfinite(change):
+            return False
         pred = info["predicted_change"]
         rho = change / pred if pred < 0 else -math.inf
         omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
         lam = group["damping"]
-        if not math.isfinite(change) or rho < 0.25:
+        if rho < 0.25:
             lam = lam / omega
         elif rho > 0.75:
             lam = lam * omega
-        group["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
+        group["damping"] = _clamp(lam, group)
         info["rho"] = rho
+        return True
 
     # ------------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
@@ -606,6 +738,33 @@ class KFAC(torch.optim.Optimizer):
             for k, v in list(st.items()):
                 if isinstance(v, Tensor) and isinstance(p, Tensor):
                     st[k] = v.to(device=p.device, dtype=p.dtype)
+
+
+def _refusal(alpha: float, mu: float, pred: float) -> str | None:
+    """Why the quadratic model's ``(alpha, mu)`` and predicted change are refused, or ``None``."""
+    if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(pred)):
+        return f"a non-finite step (learning rate {alpha:.3g}, momentum {mu:.3g})"
+    if alpha <= 0.0:
+        return f"a non-positive learning rate {alpha:.3g}"
+    if mu < 0.0:
+        return f"a negative momentum {mu:.3g}"
+    if pred >= 0.0:
+        return f"a step that does not reduce the model (predicted change {pred:.3g})"
+    return None
+
+
+def _clamp(lam: float, group: dict) -> float:
+    """``lam`` within ``[min_damping, max_damping]`` (a non-finite value: the upper bound)."""
+    if not math.isfinite(lam):
+        return float(group["max_damping"])
+    return float(min(max(lam, group["min_damping"]), group["max_damping"]))
+
+
+def _all_finite(ts: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one synchronization)."""
+    if not ts:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
 
 
 def _flat(ts: list[Tensor]) -> Tensor:

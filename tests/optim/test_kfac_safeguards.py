@@ -1,0 +1,133 @@
+"""KFAC's safeguards: refused quadratic-model steps, damping bounds, taken-back steps, counters.
+
+The non-finite batches (NaN and overflowing inputs, every Fisher type) are in
+tests/faults/test_fault_optim.py.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import second
+import second.optim.kfac as kfac_module
+from kfac_cases import DT, closure_of, tanh_net
+from second import KFACOperator
+
+OPTIM_TOL = dict(rtol=1e-6, atol=1e-8)  # optimizer update vs the operator's inverse (float64)
+
+BAD_MODELS = {  # (alpha, mu, predicted change) a broken quadratic model could return
+    "negative-lr": (-0.0026, 0.0, -1.0),
+    "negative-momentum": (0.5, -22.3, -1.0),
+    "nan": (math.nan, math.nan, math.nan),
+    "inf-lr": (math.inf, 0.0, -math.inf),
+    "wrong-sign-prediction": (0.5, 0.1, 0.3),
+}
+
+
+def _problem():
+    torch.manual_seed(0)
+    model, loss_fn = tanh_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    return model, loss_fn, X, y
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_a_bad_quadratic_model_is_refused_for_the_kl_clipped_step(case, monkeypatch):
+    model, loss_fn, X, y = _problem()
+    lam = 0.1
+    M = KFACOperator(model, loss_fn, (X, y), fisher="type2").inverse(damping=lam, pi_damping=True)
+    loss = loss_fn(model(X), y)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+    Delta = -(M @ g)
+    nu = min(1.0, math.sqrt(kfac_module.SAFE_KL_CLIP / float(-(g @ Delta))))
+    theta0 = second.parameters_to_vector(model.parameters()).detach()
+    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: BAD_MODELS[case])
+    opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
+    with pytest.warns(RuntimeWarning, match="refused"):
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert opt.counters == {"n_skipped_steps": 0, "n_refused_steps": 1}
+    assert opt.last_info["refused"]
+    assert opt.param_groups[0]["damping"] > lam
+    torch.testing.assert_close(
+        second.parameters_to_vector(model.parameters()).detach(), theta0 + nu * Delta, **OPTIM_TOL
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second refusal is only counted
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert opt.counters["n_refused_steps"] == 2
+
+
+def test_damping_stays_within_its_bounds(monkeypatch):
+    model, loss_fn, X, y = _problem()
+    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: BAD_MODELS["nan"])
+    opt = second.optim.KFAC(model, loss_fn, damping=0.5, max_damping=1.0, min_damping=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(6):  # every refusal raises the damping
+            opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert opt.param_groups[0]["damping"] == 1.0
+    monkeypatch.undo()
+    # an exact quadratic model on a linear least-squares fit: rho ~ 1, the damping falls
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2).to(DT)
+    Xr = torch.randn(64, 4, dtype=DT)
+    yr = Xr @ torch.randn(4, 2, dtype=DT)
+    opt = second.optim.KFAC(
+        lin,
+        nn.MSELoss(),
+        damping=1e-2,
+        min_damping=1e-3,
+        damping_adaptation_interval=1,
+        damping_adaptation_decay=0.5,
+    )
+    for _ in range(10):
+        opt.step(closure_of(opt, lin, nn.MSELoss(), Xr, yr))
+    assert opt.param_groups[0]["damping"] == 1e-3
+    assert opt.counters["n_refused_steps"] == 0
+
+
+def test_a_step_whose_loss_is_not_finite_is_taken_back(monkeypatch):
+    model, loss_fn, X, y = _problem()
+    loss_fn = nn.MSELoss()
+    y = torch.randn(16, 3, dtype=DT)
+    opt = second.optim.KFAC(model, loss_fn, damping=0.1, damping_adaptation_interval=1)
+    opt.step(closure_of(opt, model, loss_fn, X, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items() if k in ("A", "G")}
+    damping = opt.param_groups[0]["damping"]
+    # a finite, accepted model step so long that the loss after it overflows
+    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: (1e300, 0.0, -1.0))
+    with pytest.warns(RuntimeWarning, match="non-finite loss after the step"):
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+    for k, v in state.items():  # the statistics of the taken-back step are not kept
+        torch.testing.assert_close(opt.state[model[0].weight][k], v, rtol=0, atol=0)
+    assert opt.counters["n_skipped_steps"] == 1
+    assert opt.param_groups[0]["damping"] > damping
+    monkeypatch.undo()
+    loss0 = float(loss_fn(model(X), y).detach())
+    for _ in range(5):
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert float(loss_fn(model(X), y)) < loss0
+
+
+def test_counters_travel_with_the_state_dict():
+    model, loss_fn, X, y = _problem()
+    opt = second.optim.KFAC(model, loss_fn)
+    opt.step(closure_of(opt, model, loss_fn, X, y))
+    opt.param_groups[0]["n_refused_steps"] = 3
+    sd = opt.state_dict()
+    opt2 = second.optim.KFAC(model, loss_fn)
+    opt2.load_state_dict(sd)
+    assert opt2.counters == {"n_skipped_steps": 0, "n_refused_steps": 3}
+    del sd["param_groups"][0]["n_refused_steps"]  # a state saved before the counters
+    opt3 = second.optim.KFAC(model, loss_fn)
+    opt3.load_state_dict(sd)
+    opt3.step(closure_of(opt3, model, loss_fn, X, y))
+    assert opt3.counters["n_refused_steps"] >= 0
