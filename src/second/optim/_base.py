@@ -68,6 +68,8 @@ class CounterDict(dict):
 
     def __contains__(self, key) -> bool:
         return super().__contains__("matvecs" if key == "nhvp" else key)
+
+
 PARAM_SHAPES = "param_shapes"  # the key under which state_dict() records the parameter shapes
 
 

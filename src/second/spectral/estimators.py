@@ -245,9 +245,9 @@ def diagonal(
     count = _Counter(op)
     if method not in ("hutchinson", "xdiag", "exact"):
         raise ValueError(f"method must be 'hutchinson', 'xdiag' or 'exact', got {method!r}")
-    if method == "exact" and _model_ggn(op) is not None:
-        value = _model_ggn(op)  # type: ignore[assignment]
-        err = torch.zeros_like(value)
+    model_diag = _model_ggn(op) if method == "exact" else None
+    if model_diag is not None:
+        value, err = model_diag, torch.zeros_like(model_diag)
     elif method == "exact":
         value = torch.diagonal(_dense(op, count)).clone()
         err = torch.zeros_like(value)
