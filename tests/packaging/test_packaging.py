@@ -29,7 +29,7 @@ def test_extras_and_core():
     assert {"plot", "data", "progress", "bench", "docs", "all"} <= set(extras)
     assert extras["all"] == ["second[plot,data,progress]"]
     core = {d.split(">")[0].split("=")[0].split("<")[0] for d in project["dependencies"]}
-    assert core == {"torch", "numpy", "scipy", "tqdm"}
+    assert core == {"torch", "numpy", "scipy"}  # progress bars (tqdm) are an extra
 
 
 def test_typed_and_python_versions():

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._progress import progress
 from .products import (
     GGNGraph,
     as_params,
@@ -81,7 +82,7 @@ def dense_from_matmat(
     chunk = n if chunk_size is None else max(1, min(chunk_size, n))
     out = torch.empty((m, n), dtype=dtype, device=device)
     try:
-        for start in range(0, n, chunk):
+        for start in progress(range(0, n, chunk), desc="dense", unit="block"):
             stop = min(start + chunk, n)
             eye = torch.zeros((n, stop - start), dtype=dtype, device=device)
             eye[torch.arange(start, stop), torch.arange(stop - start)] = 1

@@ -120,7 +120,8 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             a file that does not hold exactly the expected block (shape, dtype, name,
             content digest) is ignored with a warning and recomputed
             (``docs/reliability.md``).
-        progressbar: show tqdm bars (default ``True``; rank 0 only).
+        progressbar: progress bars with totals (rank 0 only); ``None`` (default) follows
+            :func:`second.set_progress` (bars at a terminal only), ``True``/``False`` force it.
         distributed: shard the work over the ``torch.distributed`` process group (default:
             when one is initialized). Every rank passes the same data (checked: a
             ``ValueError`` on every rank otherwise); each computes its share of test
@@ -177,7 +178,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
         curvature_options: dict | None = None,
         batch_size: int = 256,
         cache_dir: str | os.PathLike | None = None,
-        progressbar: bool = True,
+        progressbar: bool | None = None,
         distributed: bool | None = None,
         version: str | int | None = None,
         task: Task | None = None,

@@ -51,8 +51,8 @@ class ShardedWork:
 
     def _bar(self, it, total: int, desc: str):
         _, r, _ = self._dist()
-        if not self.progressbar or r != 0:
+        if self.progressbar is False or r != 0:
             return it
-        from tqdm.auto import tqdm
+        from .._progress import progress
 
-        return tqdm(it, total=total, desc=desc, leave=False)
+        return progress(it, total=total, desc=desc, unit="batch", enabled=self.progressbar)

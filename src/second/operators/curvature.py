@@ -242,9 +242,10 @@ class CurvatureOperator(LinearOperator):
         """Batches, checking the data is the same on every pass."""
         it = iterate_batches(self.data, self.task, self.device)
         if self.progressbar and not self.single_batch:
-            from tqdm.auto import tqdm
+            from .._progress import progress
 
-            it = tqdm(it, desc=type(self).__name__, leave=False)
+            total = len(self.data) if hasattr(self.data, "__len__") else None
+            it = progress(it, total=total, desc=type(self).__name__, unit="batch", enabled=True)
         if self.check_deterministic and not self.single_batch:
             it = self._pass_check(it)
         yield from it

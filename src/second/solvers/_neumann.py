@@ -238,7 +238,7 @@ def lissa(
     max_depth: int = 100_000,
     scale_batches: int = 4,
     generator: torch.Generator | None = None,
-    progressbar: bool = False,
+    progressbar: bool | None = None,
     warn: bool = True,
 ) -> SolveResult:
     r"""LiSSA: a stochastic Neumann series over mini-batch curvature (Agarwal et al., 2016).
@@ -337,10 +337,10 @@ def lissa(
     counter = 0
     acc = torch.zeros_like(pb.b)
     steps = range(repeats * depth)
-    if progressbar:
-        from tqdm.auto import tqdm
+    if progressbar is not False:
+        from .._progress import progress
 
-        steps = tqdm(steps, desc="lissa")
+        steps = progress(steps, desc="lissa", unit="product", enabled=progressbar)
     it = iter(steps)
     for _ in range(repeats):
         p = pb.b.clone()

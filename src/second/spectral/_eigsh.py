@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning
+from .._progress import progress
 from ..operators.base import aslinearoperator
 
 __all__ = ["eigsh", "EigshResult"]
@@ -63,6 +64,7 @@ def eigsh(
     return_result: bool = False,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    progressbar: bool | None = None,
 ):
     r"""A few eigenpairs of a symmetric operator, by block Lanczos with thick restarts.
 
@@ -94,6 +96,7 @@ def eigsh(
         return_result: return an :class:`EigshResult` instead of the SciPy-style tuple.
         generator: random generator for the starting block and refills.
         warn: warn when a pair is not certified.
+        progressbar: a bar over block products (``None``: :func:`second.set_progress`).
 
     Returns:
         ``(eigenvalues, eigenvectors)`` ascending (eigenvalues only without
@@ -161,7 +164,12 @@ def eigsh(
     Q = orthonormalize(V, None)
     AQ = _apply(op, Q)
     passes += 1
-    while True:
+    # every pass adds at least one product, so the product limit ends the loop first; the
+    # bar's total is the limit in full blocks (it stops as soon as the pairs are certified)
+    blocks = progress(
+        range(maxiter + 2), total=maxiter // p + 1, desc="eigsh", unit="block", enabled=progressbar
+    )
+    for _ in blocks:
         H = Q.mT @ AQ
         H = 0.5 * (H + H.mT)
         theta, S = torch.linalg.eigh(H.to(torch.float64))
@@ -204,6 +212,8 @@ def eigsh(
         AW = _apply(op, W)
         passes += 1
         Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, AW], dim=1)
+    else:  # pragma: no cover - the product limit breaks first
+        message = f"product limit ({maxiter}) reached"
     vals = theta[idx]
     order = torch.argsort(vals)
     certified = certified[order]

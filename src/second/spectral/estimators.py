@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._progress import progress
 from ..operators.base import aslinearoperator
 from .lanczos import lanczos, tridiagonal
 
@@ -391,7 +392,7 @@ def spectral_density(
     g = _gen(generator, op.device)
     start = op.matvecs
     all_nodes, all_weights = [], []
-    for _ in range(num_probes):
+    for _ in progress(range(num_probes), desc="spectral_density", unit="probe"):
         z = torch.randn(n, generator=g, dtype=op.dtype, device=op.device)
         alpha, beta, _ = lanczos(op, z, lanczos_steps)
         theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
