@@ -1,0 +1,212 @@
+"""What every preconditioned optimizer (SOAP, Shampoo, Sophia, SophiaH, AdaHessian) owes torch.optim.
+
+State-dict round trip (identical trajectory), refusal of another model's state, parameter
+groups, hyperparameter validation, the closure contract, and the safety rule: a non-finite
+gradient refuses the step, leaves parameters and state unchanged, is counted and warned once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import second.optim as so
+from preconditioner_cases import (
+    LOSS,
+    NAMES,
+    OPTIONS,
+    batch,
+    build,
+    closure_for,
+    model,
+    run,
+    snapshot,
+)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_continues_identically(name):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    run(opt, net, 3)
+    params, sd = snapshot(opt, net)
+    assert sd["state"], "the optimizer kept no state"
+    after = run(opt, net, 4, seed0=3)
+    net2 = model()
+    with torch.no_grad():
+        for p, q in zip(net2.parameters(), params):
+            p.copy_(q)
+    opt2 = build(name, net2, **OPTIONS[name])
+    opt2.load_state_dict(sd)
+    after2 = run(opt2, net2, 4, seed0=3)
+    assert after == after2
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+    # and the trajectory is not trivially constant
+    assert not torch.equal(params[0], next(net.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_state_dict_refuses_other_shapes(name):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    run(opt, net, 1)
+    other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt2 = build(name, other, **OPTIONS[name])
+    with pytest.raises(ValueError, match="other shapes"):
+        opt2.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_gradient_refuses_the_step(name):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    run(opt, net, 2)
+    params, sd = snapshot(opt, net)
+    X, y = batch(7)
+    X = X.clone()
+    X[0, 0] = math.nan
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.step(closure_for(opt, net, X, y))
+    refusals = [
+        x for x in w if issubclass(x.category, RuntimeWarning) and "refused" in str(x.message)
+    ]
+    assert len(refusals) == 1, [str(x.message) for x in w]
+    assert opt.counters["n_refused"] == 2
+    for p, q in zip(net.parameters(), params):
+        assert torch.equal(p, q)
+    now = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                assert torch.equal(now["state"][pid][key], val), key
+            elif key != "n_refused":
+                assert now["state"][pid][key] == val, key
+    # and it recovers on a finite batch
+    run(opt, net, 1, seed0=8)
+    assert not torch.equal(next(net.parameters()), params[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_groups(name):
+    net = model()
+    first, last = list(net[0].parameters()), list(net[2].parameters())
+    kw = {k: v for k, v in OPTIONS[name].items() if k != "lr"}
+    groups = [{"params": first, "lr": 0.05}, {"params": last, "lr": 1e-12, "weight_decay": 0.0}]
+    opt = build(name, net, params=groups, lr=0.05, **kw)
+    before = [p.detach().clone() for p in last]
+    before0 = [p.detach().clone() for p in first]
+    run(opt, net, 3)
+    assert all(torch.allclose(p, q, atol=1e-9) for p, q in zip(last, before))
+    assert not all(torch.allclose(p, q) for p, q in zip(first, before0))
+    with pytest.raises(ValueError):
+        opt.add_param_group(
+            {"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))], "lr": -1.0}
+        )
+
+
+BAD = [
+    dict(lr=-1.0),
+    dict(lr=math.nan),
+    dict(betas=(1.0, 0.9)),
+    dict(betas=(0.9, 1.0)),
+    dict(weight_decay=-0.1),
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", BAD, ids=[str(b) for b in BAD])
+def test_hyperparameters_validated(name, bad):
+    with pytest.raises(ValueError):
+        build(name, model(), **bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("SOAP", dict(precondition_frequency=0)),
+        ("SOAP", dict(shampoo_beta=1.0)),
+        ("Shampoo", dict(damping=-1.0)),
+        ("Shampoo", dict(graft="sgd")),
+        ("Sophia", dict(rho=-1.0)),
+        ("SophiaH", dict(update_period=0)),
+        ("AdaHessian", dict(hessian_power=1.5)),
+    ],
+)
+def test_specific_hyperparameters_validated(name, bad):
+    with pytest.raises(ValueError):
+        build(name, model(), **bad)
+
+
+@pytest.mark.parametrize("name", ["SOAP", "Shampoo", "SophiaH", "AdaHessian"])
+def test_model_instead_of_parameters_is_a_type_error(name):
+    with pytest.raises(TypeError, match="parameters"):
+        getattr(so, name)(model())
+
+
+def test_sophia_refuses_a_loss_without_output_curvature():
+    with pytest.raises(NotImplementedError):
+        so.Sophia(model(), nn.L1Loss())
+
+
+@pytest.mark.parametrize("name", ["SOAP", "Shampoo"])
+def test_no_closure_needed(name):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    X, y = batch()
+    ref = [p.detach().clone() for p in net.parameters()]
+    LOSS(net(X), y).backward()
+    assert opt.step() is None
+    assert not torch.equal(next(net.parameters()), ref[0])
+
+
+@pytest.mark.parametrize("name", ["SophiaH", "AdaHessian"])
+def test_hutchinson_without_closure_needs_the_graph(name):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    X, y = batch()
+    LOSS(net(X), y).backward()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        opt.step()
+    # the documented alternative: backward(create_graph=True), then step(); same as a closure
+    net2 = model()
+    opt2 = build(name, net2, **OPTIONS[name])
+    opt2.zero_grad()
+    LOSS(net2(X), y).backward(create_graph=True)
+    opt2.step()
+    net3 = model()
+    opt3 = build(name, net3, **OPTIONS[name])
+    opt3.step(closure_for(opt3, net3, X, y))
+    for p, q in zip(net2.parameters(), net3.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_sophia_without_closure_on_an_estimate_step_raises():
+    net = model()
+    opt = build("Sophia", net, **OPTIONS["Sophia"])
+    X, y = batch()
+    LOSS(net(X), y).backward()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["SophiaH", "AdaHessian", "Sophia"])
+def test_closure_contract_leaves_the_gradient(name):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    X, y = batch()
+    ref = copy.deepcopy(net)
+    loss = opt.step(closure_for(opt, net, X, y))
+    LOSS(ref(X), y).backward()
+    assert not loss.requires_grad
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+        assert p.grad.grad_fn is None

@@ -1,0 +1,111 @@
+"""SOAP against references: Adam in the identity basis (torch.optim.AdamW), the rotation, convergence."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import second.optim as so
+from second.kfac import EigenBlock
+from second.optim._preconditioners import matrix_layout
+from second.optim.soap import soap_direction
+
+TOL = dict(rtol=1e-12, atol=1e-14)
+
+
+def test_identity_basis_is_adam():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ref = nn.Parameter(W.clone())
+    adam = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    eye = EigenBlock(torch.ones(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64),
+                     torch.ones(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))  # fmt: skip
+    layout = matrix_layout(W.shape, 100)
+    m, v = torch.zeros_like(W), torch.zeros(3, 4, dtype=torch.float64)
+    for t in range(1, 6):
+        grad = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        ref.grad = grad.clone()
+        adam.step()
+        d, m, v = soap_direction(grad, m, v, eye, layout, t, betas=(0.9, 0.99), eps=1e-8)
+        W = W - 0.1 * d
+    torch.testing.assert_close(W, ref.detach(), **TOL)
+
+
+def test_rotated_adam_is_adam_of_the_rotated_problem():
+    # in a fixed basis Q_L, Q_R, SOAP on W is Adam on W' = Q_L^T W Q_R
+    g = torch.Generator().manual_seed(1)
+    QL = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+    QR = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    E = EigenBlock(torch.ones(4, dtype=torch.float64), QR, torch.ones(3, dtype=torch.float64), QL)
+    layout = matrix_layout((3, 4), 100)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ref = nn.Parameter(QL.T @ W @ QR)
+    adam = torch.optim.Adam([ref], lr=0.05, betas=(0.9, 0.9), eps=1e-8)
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    for t in range(1, 5):
+        grad = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        ref.grad = QL.T @ grad @ QR
+        adam.step()
+        d, m, v = soap_direction(grad, m, v, E, layout, t, betas=(0.9, 0.9), eps=1e-8)
+        W = W - 0.05 * d
+    torch.testing.assert_close(QL.T @ W @ QR, ref.detach(), **TOL)
+
+
+def test_without_kronecker_layout_the_optimizer_is_adamw():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    ref = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    ref.load_state_dict(net.state_dict())
+    opt = so.SOAP(net.parameters(), lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, max_precond_dim=0)
+    adam = torch.optim.AdamW(
+        ref.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1
+    )
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    for _ in range(5):
+        for model, o in ((net, opt), (ref, adam)):
+            o.zero_grad()
+            ((model(X) - y) ** 2).mean().backward()
+            o.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_eigenbasis_is_the_factors():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+    opt = so.SOAP([W], shampoo_beta=0.5)
+    G = torch.randn(3, 5, dtype=torch.float64)
+    W.grad = G
+    opt.step()
+    st = opt.state[W]
+    torch.testing.assert_close(st["factor_G"], 0.5 * G @ G.T, **TOL)
+    torch.testing.assert_close(st["factor_A"], 0.5 * G.T @ G, **TOL)
+    E = EigenBlock(st["lA"], st["QA"], st["lG"], st["QG"])
+    torch.testing.assert_close(
+        E.to_dense(), torch.kron(st["factor_G"], st["factor_A"]), rtol=1e-9, atol=1e-10
+    )
+
+
+def test_matrix_layouts():
+    assert matrix_layout((8, 3, 3, 3), 100).d_A == 27  # a kernel as [out, in k k]
+    lay = matrix_layout((5000, 7), 100)
+    assert (lay.d_G, lay.d_A, lay.transpose, lay.diag_A) == (7, 5000, True, True)
+    t = torch.arange(35000.0).reshape(5000, 7)
+    assert torch.equal(lay.from_matrix(lay.to_matrix(t), t), t)
+    assert matrix_layout((5000, 5000), 100) is None
+
+
+def test_converges_on_logistic_regression():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = (X @ w).argmax(1)
+    net = nn.Linear(6, 3).double()
+    opt = so.SOAP(net.parameters(), lr=0.05, weight_decay=0.0)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(X), y)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.1
+    assert float((net(X).argmax(1) == y).double().mean()) > 0.97
