@@ -16,7 +16,7 @@ from torch import nn
 import second
 import second.optim.kfac as kfac_module
 from kfac_cases import DT, closure_of, tanh_net
-from second import KFACOperator
+from second import KFACOperator, exact_ggn
 
 OPTIM_TOL = dict(rtol=1e-6, atol=1e-8)  # optimizer update vs the operator's inverse (float64)
 
@@ -36,25 +36,46 @@ def _problem():
     return model, loss_fn, X, y
 
 
+def _direction(model, loss_fn, X, y, lam):
+    """``Delta = -M g`` (the operator's pi-damped inverse), the GGN and the gradient, dense."""
+    M = KFACOperator(model, loss_fn, (X, y), fisher="type2").inverse(damping=lam, pi_damping=True)
+    out = model(X)
+    loss = loss_fn(out, y)
+    params = list(model.parameters())
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params, retain_graph=True)])
+    return -(M @ g), exact_ggn(loss, out, params), g
+
+
+def _bad_model(case):
+    real = kfac_module.step_coefficients
+
+    def coefficients(Fq, nrm, gV, damping, weight_decay, momentum):
+        if momentum is None:  # the optimizer's own solve: broken
+            return BAD_MODELS[case]
+        return real(Fq, nrm, gV, damping, weight_decay, momentum)
+
+    return coefficients
+
+
 @pytest.mark.parametrize("case", list(BAD_MODELS))
-def test_a_bad_quadratic_model_is_refused_for_the_kl_clipped_step(case, monkeypatch):
+def test_a_bad_quadratic_model_is_refused_for_its_step_without_momentum(case, monkeypatch):
     model, loss_fn, X, y = _problem()
     lam = 0.1
-    M = KFACOperator(model, loss_fn, (X, y), fisher="type2").inverse(damping=lam, pi_damping=True)
-    loss = loss_fn(model(X), y)
-    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
-    Delta = -(M @ g)
-    nu = min(1.0, math.sqrt(kfac_module.SAFE_KL_CLIP / float(-(g @ Delta))))
+    Delta, Gd, g = _direction(model, loss_fn, X, y, lam)
+    alpha = float(-(g @ Delta) / (Delta @ Gd @ Delta + lam * Delta @ Delta))
     theta0 = second.parameters_to_vector(model.parameters()).detach()
-    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: BAD_MODELS[case])
+    monkeypatch.setattr(kfac_module, "step_coefficients", _bad_model(case))
     opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
-    with pytest.warns(RuntimeWarning, match="refused"):
+    with pytest.warns(RuntimeWarning, match="refused and replaced by the quadratic model's step"):
         opt.step(closure_of(opt, model, loss_fn, X, y))
     assert opt.counters == {"n_skipped_steps": 0, "n_refused_steps": 1}
     assert opt.last_info["refused"]
-    assert opt.param_groups[0]["damping"] > lam
+    assert opt.last_info["alpha"] == pytest.approx(alpha, rel=1e-8)
+    assert opt.last_info["mu"] == 0.0
     torch.testing.assert_close(
-        second.parameters_to_vector(model.parameters()).detach(), theta0 + nu * Delta, **OPTIM_TOL
+        second.parameters_to_vector(model.parameters()).detach(),
+        theta0 + alpha * Delta,
+        **OPTIM_TOL,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: the second refusal is only counted
@@ -62,9 +83,30 @@ def test_a_bad_quadratic_model_is_refused_for_the_kl_clipped_step(case, monkeypa
     assert opt.counters["n_refused_steps"] == 2
 
 
+def test_a_broken_curvature_gives_the_kl_clipped_step_and_more_damping(monkeypatch):
+    model, loss_fn, X, y = _problem()
+    lam = 0.1
+    Delta, _, g = _direction(model, loss_fn, X, y, lam)
+    nu = min(1.0, math.sqrt(kfac_module.SAFE_KL_CLIP / float(-(g @ Delta))))
+    theta0 = second.parameters_to_vector(model.parameters()).detach()
+    monkeypatch.setattr(
+        kfac_module.KFAC, "_quadratic_terms", lambda self, V: torch.full((len(V), len(V)), math.nan)
+    )
+    opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
+    with pytest.warns(RuntimeWarning, match="KL-clipped natural-gradient step"):
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert opt.counters["n_refused_steps"] == 1
+    assert opt.param_groups[0]["damping"] > lam
+    torch.testing.assert_close(
+        second.parameters_to_vector(model.parameters()).detach(), theta0 + nu * Delta, **OPTIM_TOL
+    )
+
+
 def test_damping_stays_within_its_bounds(monkeypatch):
     model, loss_fn, X, y = _problem()
-    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: BAD_MODELS["nan"])
+    monkeypatch.setattr(
+        kfac_module.KFAC, "_quadratic_terms", lambda self, V: torch.full((len(V), len(V)), math.nan)
+    )
     opt = second.optim.KFAC(model, loss_fn, damping=0.5, max_damping=1.0, min_damping=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

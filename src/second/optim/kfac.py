@@ -476,9 +476,10 @@ class KFAC(torch.optim.Optimizer):
         were and the damping is raised. A quadratic-model step with a non-finite or
         non-positive learning rate, a non-finite or negative momentum, or a predicted
         change of the loss that is not negative is refused (``n_refused_steps``) and
-        replaced by the KL-clipped natural-gradient step
-        :math:`\nu\Delta`, :math:`\nu = \min(1, \sqrt{c / |\Delta^\top\nabla h|})`
-        (``c = kl_clip``, or 1e-3), and the damping is raised. A step after which the
+        replaced by the model's minimizer along :math:`\Delta` alone (no momentum) when that
+        one is acceptable, else by the KL-clipped natural-gradient step :math:`\nu\Delta`,
+        :math:`\nu = \min(1, \sqrt{c / |\Delta^\top\nabla h|})` (``c = kl_clip``, or
+        1e-3), with the damping raised. A step after which the
         closure's loss is not finite is taken back (``n_skipped_steps``). The damping stays
         in ``[min_damping, max_damping]``.
 
@@ -560,25 +561,32 @@ class KFAC(torch.optim.Optimizer):
             Fq = self._quadratic_terms(V).tolist()
             alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, group["momentum"])
             reason = _refusal(alpha, mu, pred)
-            if reason is None:
-                delta = torch.add(alpha * Delta, prev, alpha=mu) if have_prev else alpha * Delta
-            else:
-                # the KL-clipped natural-gradient step instead, and more damping
-                c = group["kl_clip"] if group["kl_clip"] is not None else SAFE_KL_CLIP
-                descent = math.isfinite(b1) and b1 < 0.0
-                alpha, mu = (min(1.0, math.sqrt(c / -b1)) if descent else 0.0), 0.0
-                curv = Fq[0][0] + eta * nrm[0][0]
-                pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
-                delta = alpha * Delta
+            if reason is not None:
                 group["n_refused_steps"] += 1
-                group["damping"] = self._raised_damping(group)
                 info["refused"] = reason
+                # first the model's step along Delta alone (no momentum) ...
+                alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, 0.0)
+                if _refusal(alpha, mu, pred) is None:
+                    replacement = "the quadratic model's step without momentum"
+                else:
+                    # ... else the KL-clipped natural-gradient step, and more damping
+                    c = group["kl_clip"] if group["kl_clip"] is not None else SAFE_KL_CLIP
+                    descent = math.isfinite(b1) and b1 < 0.0
+                    alpha, mu = (min(1.0, math.sqrt(c / -b1)) if descent else 0.0), 0.0
+                    curv = Fq[0][0] + eta * nrm[0][0]
+                    pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
+                    group["damping"] = self._raised_damping(group)
+                    replacement = "a KL-clipped natural-gradient step (and the damping raised)"
                 self._warn_once(
                     "refused",
                     f"KFAC step {group['step']}: the quadratic model proposed {reason}; the step "
-                    "was refused and replaced by a KL-clipped natural-gradient step, and the "
-                    "damping raised (counted in param_groups[0]['n_refused_steps'], warned once)",
+                    f"was refused and replaced by {replacement} (counted in "
+                    "param_groups[0]['n_refused_steps'], warned once)",
                 )
+            if mu:
+                delta = torch.add(alpha * Delta, prev, alpha=mu)
+            else:
+                delta = alpha * Delta
             info.update(alpha=alpha, mu=mu, predicted_change=pred)
         else:
             lr = group["lr"]
@@ -746,8 +754,8 @@ def _refusal(alpha: float, mu: float, pred: float) -> str | None:
         return f"a non-finite step (learning rate {alpha:.3g}, momentum {mu:.3g})"
     if alpha <= 0.0:
         return f"a non-positive learning rate {alpha:.3g}"
-    if mu < 0.0:
-        return f"a negative momentum {mu:.3g}"
+    if not 0.0 <= mu < 1.0:
+        return f"a momentum {mu:.3g} outside [0, 1)"
     if pred >= 0.0:
         return f"a step that does not reduce the model (predicted change {pred:.3g})"
     return None
