@@ -81,9 +81,10 @@ class EigenBlock:
     (the default) this is :math:`A \otimes G` itself; EK-FAC passes corrected ``s``.
 
     Args:
-        lA, QA: ``A``'s eigenvalues and eigenvectors (``QA=None``: ``A`` is diagonal, ``lA``
-            its diagonal).
-        lG, QG: ``G``'s eigenvalues and eigenvectors.
+        lA: ``A``'s eigenvalues (its diagonal when ``QA`` is ``None``).
+        QA: ``A``'s eigenvectors (``None``: ``A`` is diagonal).
+        lG: ``G``'s eigenvalues.
+        QG: ``G``'s eigenvectors.
         eigenvalues: ``s [d_G, d_A]``; default ``l_G l_A^T`` (a Kronecker block, for which
             pi-damping is defined).
 

@@ -36,8 +36,9 @@ class Capture:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> with Capture(find_layers(net)) as cap:
         ...     _ = net(torch.randn(5, 3))
-        >>> [cap.inputs[j][0].shape for j in (0, 1)]
-        [torch.Size([5, 3]), torch.Size([5, 4])]
+        >>> first, second = cap.inputs[0], cap.inputs[1]  # each layer's calls
+        >>> tuple(first[0].shape), tuple(second[0].shape)
+        ((5, 3), (5, 4))
     """
 
     def __init__(self, layers: Sequence[LayerRule]):

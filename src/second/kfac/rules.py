@@ -280,8 +280,8 @@ def find_layers(model: nn.Module, params: Sequence[Tensor] | None = None) -> lis
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> [(r.name, type(r).__name__) for r in find_layers(net)]
-        [('0', 'LinearRule'), ('2', 'LinearRule')]
+        >>> " ".join(f"{r.name}:{type(r).__name__}" for r in find_layers(net))
+        '0:LinearRule 2:LinearRule'
     """
     allowed = None if params is None else {id(p) for p in params}
     seen: set[int] = set()
