@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "solvers"))
 sys.path.insert(0, str(ROOT / "tests" / "optim"))
-from conformance_cases import cases, poisson2d  # noqa: E402
 from test_minimize_conformance import PROBLEMS, rosen, start  # noqa: E402
 
 import second  # noqa: E402
+from conformance_cases import cases, poisson2d  # noqa: E402
 
 
 def scipy_run(fn, A, b, rtol):

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from torch.func import hessian, jacrev
+
 from implicit_cases import (
     FD_TOL,
     MATVEC_FACTOR,
@@ -16,8 +18,6 @@ from implicit_cases import (
     rel,
     ridge,
 )
-from torch.func import hessian, jacrev
-
 from second import ConvergenceWarning, NegativeCurvatureWarning, hypergradient
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.func import hessian, jacrev
+
+import second
 from implicit_cases import (
     COSINE_MIN,
     REL_TOL,
     rel,
 )
-from torch.func import hessian, jacrev
-
-import second
 from second import hypergradient
 from second.implicit import imaml
 

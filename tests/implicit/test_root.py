@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
+from torch.func import hessian, jacrev
+
 from implicit_cases import (
     REL_TOL,
     newton,
     rel,
     ridge,
 )
-from torch.func import hessian, jacrev
-
 from second import implicit_root
 from second.implicit import stationary
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spectra import SPECTRA, exact, rhs, sym_matrix
 
 from conftest import DTYPES, SOLVE_TOL
 from second import (
@@ -14,6 +13,7 @@ from second import (
     relative_error,
     solve,
 )
+from spectra import SPECTRA, exact, rhs, sym_matrix
 
 # CG's true residual drifts from its recursive one by ~eps ||A|| ||x||: for cond 1e6 a
 # relative residual of 1e-12 is not attainable in float64, so that case asks for 1e-9.

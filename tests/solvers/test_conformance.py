@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
-from conformance_cases import cases, poisson1d, poisson2d, true_residual
 
 import second
+from conformance_cases import cases, poisson1d, poisson2d, true_residual
 from second import CallableOperator, DenseOperator, cg, dense, minres, solve
 from second.solvers import neumann_solve as neumann
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spectra import rhs, sym_matrix
 
 from second import (
     ConvergenceWarning,
     dense,
     relative_error,
 )
+from spectra import rhs, sym_matrix
 
 
 def test_dense_singular_consistent_and_inconsistent():

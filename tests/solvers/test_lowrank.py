@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spectra import rhs, sym_matrix
 
 from second import (
     lowrank,
     relative_error,
 )
 from second.solvers import lowrank_inverse
+from spectra import rhs, sym_matrix
 
 
 def test_lowrank_exact_for_low_rank_matrix():

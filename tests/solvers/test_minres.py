@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spectra import SPECTRA, exact, rhs, sym_matrix
 
 from second import (
     ConvergenceWarning,
@@ -12,6 +11,7 @@ from second import (
     minres,
     relative_error,
 )
+from spectra import SPECTRA, exact, rhs, sym_matrix
 
 MINRES_TOL = {"spd_well": 1e-12, "spd_ill": 1e-7, "indefinite": 1e-12}
 

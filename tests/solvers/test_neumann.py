@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spectra import LISSA_RELERR, NEUMANN_RELERR, SPECTRA, exact, rhs, sym_matrix
 
 import second
 from second import (
@@ -13,6 +12,7 @@ from second import (
     lissa,
     relative_error,
 )
+from spectra import LISSA_RELERR, NEUMANN_RELERR, SPECTRA, exact, rhs, sym_matrix
 
 
 def test_neumann_auto_scale_spd():

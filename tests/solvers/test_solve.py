@@ -8,16 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spectra import (
-    NEUMANN_RELERR,
-    SEED_AUTO_F64_RELERR,
-    SEED_F32_COSINE,
-    SEED_MINRES_F64_RELERR,
-    SPECTRA,
-    exact,
-    rhs,
-    sym_matrix,
-)
 
 import second
 from second import (
@@ -30,6 +20,16 @@ from second import (
 )
 from second.problems import seed_problem
 from second.solvers import choose_method
+from spectra import (
+    NEUMANN_RELERR,
+    SEED_AUTO_F64_RELERR,
+    SEED_F32_COSINE,
+    SEED_MINRES_F64_RELERR,
+    SPECTRA,
+    exact,
+    rhs,
+    sym_matrix,
+)
 
 
 def test_choose_method():
