@@ -151,6 +151,12 @@ def second_optimizer(name: str) -> Callable | None:
     return make
 
 
+def create_graph(make: Callable) -> Callable:
+    """Mark an anchor whose closure must call ``loss.backward(create_graph=True)``."""
+    make.create_graph = True  # type: ignore[attr-defined]
+    return make
+
+
 def anchors() -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     for lr in ADAM_GRID:
@@ -165,8 +171,11 @@ def anchors() -> dict[str, Callable]:
     try:
         import pytorch_optimizer as po
 
-        out["pytorch-optimizer SophiaH"] = lambda m, f: po.SophiaH(m.parameters())
-        out["pytorch-optimizer AdaHessian"] = lambda m, f: po.AdaHessian(m.parameters())
+        # their Hutchinson estimates differentiate the gradient: the closure keeps its graph
+        out["pytorch-optimizer SophiaH"] = create_graph(lambda m, f: po.SophiaH(m.parameters()))
+        out["pytorch-optimizer AdaHessian"] = create_graph(
+            lambda m, f: po.AdaHessian(m.parameters())
+        )
     except Exception:
         pass
     return out
@@ -236,6 +245,7 @@ def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data)
     run = Run(mname, oname, seed)
     try:
         opt = make_opt(model, loss_fn)
+        graph = getattr(make_opt, "create_graph", False)
     except Exception as err:  # a default that cannot even be built is a finding
         run.error = f"cannot be built: {type(err).__name__}: {str(err)[:120]}"
         return run
@@ -246,7 +256,7 @@ def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data)
         def closure(xb=xb, yb=yb):
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
-            loss.backward()
+            loss.backward(create_graph=graph)
             return loss
 
         t0 = time.thread_time()
