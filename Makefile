@@ -7,7 +7,7 @@ BENCHSTAMP := $(VENV)/.installed-bench
 DOCSTAMP := $(VENV)/.installed-docs
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow test-all lint bench examples docs wheel-check gpu-check clean $(BENCHES)
+.PHONY: demo test test-slow test-all lint bench examples docs wheel-check gpu-check clean _bench-extra $(BENCHES)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,7 +45,8 @@ lint: $(STAMP)
 
 # Each benchmark runs the anchors side by side in one process (bench extra); BENCHMARKS.md
 # records the output of the full runs. One thread: the machines have 2 cores.
-BENCHES := bench-products bench-solvers bench-conformance bench-kfac bench-newton bench-influence bench-implicit
+BENCHES := bench-products bench-solvers bench-conformance bench-kfac bench-newton bench-influence bench-implicit \
+	bench-laplace bench-diagonal bench-zoo bench-scale
 bench: $(BENCHES)
 
 # BENCH_ARGS=--quick for a short run of bench-products / bench-solvers
@@ -69,6 +70,24 @@ bench-influence: $(BENCHSTAMP)
 
 bench-implicit: $(BENCHSTAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_implicit.py
+
+bench-laplace: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_laplace.py --out bench-output
+
+bench-diagonal: $(BENCHSTAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_diagonal.py
+
+# The zoo and the scale benchmarks have anchors whose pins conflict with `bench`: each gets its
+# own virtual environment (.venv-zoo, .venv-scale) from its own extra
+bench-zoo:
+	$(MAKE) VENV=.venv-zoo EXTRA=bench-zoo SCRIPT=bench_zoo.py _bench-extra
+
+bench-scale:
+	$(MAKE) VENV=.venv-scale EXTRA=bench-scale SCRIPT=bench_scale.py _bench-extra
+
+_bench-extra: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,$(EXTRA)]"
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/$(SCRIPT) $(BENCH_ARGS)
 
 # The runnable examples (PNGs go to examples-output/)
 examples: $(STAMP)
@@ -101,4 +120,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) demo-output examples-output bench-output .pytest_cache site docs/gallery/_generated dist build
+	rm -rf $(VENV) .venv-zoo .venv-scale demo-output examples-output bench-output .pytest_cache site docs/gallery/_generated dist build
