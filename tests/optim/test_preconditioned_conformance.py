@@ -134,7 +134,7 @@ def test_hyperparameters_validated(name, bad):
     [
         ("SOAP", dict(precondition_frequency=0)),
         ("SOAP", dict(shampoo_beta=1.0)),
-        ("Shampoo", dict(damping=-1.0)),
+        ("Shampoo", dict(relative_damping=-1.0)),
         ("Shampoo", dict(graft="sgd")),
         ("Sophia", dict(rho=-1.0)),
         ("SophiaH", dict(update_period=0)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,7 +46,7 @@ def test_one_step_without_grafting_matches_dense():
     G = torch.randn(3, 4, dtype=torch.float64)
     W0 = W.detach().clone()
     damping, lr = 1e-3, 0.1
-    opt = so.Shampoo([W], lr=lr, betas=(0.0, 0.5), weight_decay=0.0, damping=damping, graft=None)
+    opt = so.Shampoo([W], lr=lr, betas=(0.0, 0.5), weight_decay=0.0, relative_damping=damping, graft=None)
     W.grad = G.clone()
     opt.step()
     K = torch.kron(G @ G.T, G.T @ G)  # bias-corrected factors after one step
@@ -83,3 +84,22 @@ def test_converges_on_a_least_squares_problem():
         loss.backward()
         opt.step()
     assert float(loss) < 1e-3 * float((Y**2).mean())
+
+
+def test_damping_is_the_deprecated_spelling_of_relative_damping():
+    W = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.warns(DeprecationWarning, match="relative_damping"):
+        opt = so.Shampoo([W], damping=1e-3)
+    assert opt.param_groups[0]["relative_damping"] == 1e-3 and "damping" not in opt.defaults
+    with pytest.raises(ValueError, match="relative_damping only"):
+        with pytest.warns(DeprecationWarning):
+            so.Shampoo([W], damping=1e-3, relative_damping=1e-2)
+    # a state saved before the renaming loads under the new name, and steps
+    sd = so.Shampoo([W], relative_damping=1e-3).state_dict()
+    sd["param_groups"][0]["damping"] = sd["param_groups"][0].pop("relative_damping")
+    fresh = so.Shampoo([W])
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["relative_damping"] == 1e-3
+    W.grad = torch.ones_like(W)
+    fresh.step()
+    assert fresh.counters["n_refused"] == 0

@@ -168,7 +168,9 @@ CLOSURE_EXAMPLE = (
 RENAMED = {"tolerance_grad": "gtol", "max_iter": "maxiter", "cg_max_iter": "cg_maxiter"}
 
 
-def renamed_options(owner: str, deprecated: dict, current: dict, defaults: dict) -> None:
+def renamed_options(
+    owner: str, deprecated: dict, current: dict, defaults: dict, renamed: dict | None = None
+) -> None:
     """Move deprecated keywords (``tolerance_grad``, ...) onto the glossary's names, in place.
 
     Args:
@@ -176,13 +178,14 @@ def renamed_options(owner: str, deprecated: dict, current: dict, defaults: dict)
         deprecated: the extra keyword arguments the constructor received.
         current: the new names' values (updated in place).
         defaults: the new names' defaults (to tell whether both spellings were passed).
+        renamed: old name -> new name (default: the Newton-type optimizers' ``RENAMED``).
 
     Raises:
         TypeError: an unknown keyword.
         ValueError: both spellings passed.
     """
     for old, val in deprecated.items():
-        new = RENAMED.get(old)
+        new = (RENAMED if renamed is None else renamed).get(old)
         if new is None or new not in current:
             raise TypeError(f"{owner}() got an unexpected keyword argument {old!r}")
         warnings.warn(

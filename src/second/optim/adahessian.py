@@ -28,8 +28,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ._base import check_int, check_nonneg, check_positive, check_unit
-from ._preconditioners import DiagonalHessianOptimizer, check_betas, reject_module
+from ._base import check_unit
+from ._diagonal import DiagonalHessianOptimizer
+from ._preconditioned import decoupled_update, hyperparameters
 
 __all__ = ["AdaHessian", "adahessian_update"]
 
@@ -87,10 +88,7 @@ def adahessian_update(
         v = torch.lerp(v, D * D, 1 - b2)
     bc2 = 1 - b2 ** max(hessian_step, 1)
     denom = (v / bc2).sqrt().pow(hessian_power).add(eps)
-    update = -lr * (m / (1 - b1**step)) / denom
-    if weight_decay:
-        update = update - (lr * weight_decay) * param
-    return update, m, v
+    return decoupled_update((m / (1 - b1**step)) / denom, param, lr, weight_decay), m, v
 
 
 class AdaHessian(DiagonalHessianOptimizer):
@@ -112,27 +110,23 @@ class AdaHessian(DiagonalHessianOptimizer):
         ValueError: a hyperparameter out of range.
         TypeError: a model passed instead of its parameters.
 
-    ``step(closure)`` with torch.optim's closure; without one, an estimate step needs
-    ``loss.backward(create_graph=True)`` first (else ``RuntimeError``). A non-finite
-    gradient, estimate or update refuses the step (parameters and state unchanged,
-    ``optimizer.counters['n_refused']``, one ``RuntimeWarning``). Under
-    ``torch.distributed`` the estimates are averaged over the ranks.
+    The closure, the refused steps (``optimizer.counters['n_refused']``) and
+    torch.distributed work as for :class:`~second.optim.SophiaH`.
 
     Example:
-        >>> _ = torch.manual_seed(0)
-        >>> net = torch.nn.Linear(3, 1)
-        >>> opt = AdaHessian(net.parameters(), lr=0.1)
-        >>> X, y = torch.randn(32, 3), torch.randn(32, 1)
+        On a separable quadratic the estimate is exact and the first step with
+        ``betas=(0, 0)`` is Newton's: the minimum in one step.
+
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = AdaHessian([w], lr=1.0, betas=(0.0, 0.0), eps=0.0)
         >>> def closure():
         ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(net(X), y)
+        ...     loss = (torch.tensor([2.0, 8.0]) * (w - 3) ** 2).sum() / 2
         ...     loss.backward()
         ...     return loss
-        >>> first = opt.step(closure).item()
-        >>> for _ in range(40):
-        ...     last = opt.step(closure).item()
-        >>> last < first
-        True
+        >>> _ = opt.step(closure)
+        >>> w.detach()
+        tensor([3., 3.])
 
     References:
         Z. Yao et al. ADAHESSIAN: An adaptive second order optimizer for machine learning.
@@ -152,26 +146,14 @@ class AdaHessian(DiagonalHessianOptimizer):
         spatial_average: bool = True,
         seed: int = 0,
     ):
-        reject_module("AdaHessian", params)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            update_period=update_period,
-            spatial_average=spatial_average,
-        )
-        _check(defaults)
+        defaults = hyperparameters(locals())
         super().__init__(params, defaults, seed=seed)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a parameter group (its hyperparameters validated like the constructor's)."""
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        _check(g)
-        if g["update_period"] != self.param_groups[0]["update_period"]:
-            raise ValueError("update_period must be the same in every parameter group")
+    def _check_group(self, g: dict) -> None:
+        super()._check_group(g)
+        check_unit("hessian_power", g["hessian_power"], closed=True)
+        if not isinstance(g["spatial_average"], bool):
+            raise ValueError(f"spatial_average must be a bool, got {g['spatial_average']!r}")
 
     def _propose(self, p: Tensor, grad: Tensor, estimate: Tensor | None, group: dict):
         st = self.state[p]
@@ -185,14 +167,3 @@ class AdaHessian(DiagonalHessianOptimizer):
             spatial_average=group["spatial_average"],
         )  # fmt: skip
         return u, {"step": t, "hessian_step": k, "exp_avg": m, "exp_avg_hessian_sq": v}
-
-
-def _check(g: dict) -> None:
-    check_positive("lr", g["lr"])
-    check_betas(g["betas"])
-    check_nonneg("eps", g["eps"])
-    check_nonneg("weight_decay", g["weight_decay"])
-    check_unit("hessian_power", g["hessian_power"], closed=True)
-    check_int("update_period", g["update_period"])
-    if not isinstance(g["spatial_average"], bool):
-        raise ValueError(f"spatial_average must be a bool, got {g['spatial_average']!r}")

@@ -26,14 +26,14 @@ exactly ``torch.optim.AdamW``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from ..kfac import EigenBlock
-from ._base import check_int, check_nonneg, check_positive, check_unit
-from ._preconditioners import KroneckerFactoredOptimizer, MatrixLayout, check_betas, reject_module
+from ._gradient_factors import KroneckerFactoredOptimizer, MatrixLayout
+from ._preconditioned import hyperparameters
 
 __all__ = ["SOAP", "soap_direction"]
 
@@ -114,24 +114,23 @@ class SOAP(KroneckerFactoredOptimizer):
     eigendecomposition runs on one rank and is shared.
 
     Example:
-        >>> _ = torch.manual_seed(0)
-        >>> net = torch.nn.Linear(3, 2)
-        >>> opt = SOAP(net.parameters(), lr=0.1)
-        >>> X, y = torch.randn(16, 3), torch.randn(16, 2)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(net(X), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> first = opt.step(closure).item()
-        >>> for _ in range(30):
-        ...     last = opt.step(closure).item()
-        >>> last < first
-        True
+        With no room for a factor (``max_precond_dim=0``) SOAP is AdamW, whose first step
+        moves every coordinate by ``lr``:
+
+        >>> w = torch.nn.Parameter(torch.zeros(2, 3))
+        >>> opt = SOAP([w], lr=0.1, weight_decay=0.0, max_precond_dim=0)
+        >>> w.grad = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([[-0.1000,  0.1000, -0.1000],
+                [ 0.1000, -0.1000,  0.1000]])
 
     References:
         N. Vyas et al. SOAP: Improving and stabilizing Shampoo using Adam. arXiv 2409.11321, 2024.
     """
+
+    _bias_correct = False
+    _refresh = "power"
 
     def __init__(
         self,
@@ -145,80 +144,27 @@ class SOAP(KroneckerFactoredOptimizer):
         precondition_frequency: int = 10,
         max_precond_dim: int = 2048,
     ):
-        reject_module("SOAP", params)
-        _check(lr, betas, eps, weight_decay, shampoo_beta, precondition_frequency, max_precond_dim)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            shampoo_beta=shampoo_beta,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-        )
+        defaults = hyperparameters(locals())
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a parameter group (its hyperparameters validated like the constructor's)."""
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        _check(
-            g["lr"], g["betas"], g["eps"], g["weight_decay"], g["shampoo_beta"],
-            g["precondition_frequency"], g["max_precond_dim"],
-        )  # fmt: skip
+    def _check_group(self, g: dict) -> None:
+        super()._check_group(g)
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> Tensor | None:
-        """One SOAP step; ``closure`` (optional) re-evaluates the loss, which is returned."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = self._with_grads()
-        if not work:
-            return loss
-        params = [p for _, ps in work for p in ps]
-        self._check_sparse(params)
-        if not self._finite([p.grad for p in params], params[0].device):
-            self._refuse("a gradient has NaN or Inf entries")
-            return loss
-        phase = self._factor_phase(work, bias_correct=False, refresh="power")
-        if phase is None:
-            self._refuse("a gradient factor or its eigenbasis has NaN or Inf entries")
-            return loss
-        entries, new = phase
-        updates = []
-        for group, p, layout, t in entries:
-            st, ns = self.state[p], new[p]
-            block = self._block(p, ns) if layout is not None else None
-            if "exp_avg" not in st:
-                shape = (layout.d_G, layout.d_A) if layout is not None else p.shape
-                st_m, st_v = torch.zeros_like(p), p.new_zeros(shape)
-            else:
-                st_m, st_v = st["exp_avg"], st["exp_avg_sq"]
-                perm_G, perm_A = ns.pop("perm_G", None), ns.pop("perm_A", None)
-                if perm_G is not None:  # the basis was refreshed: v follows its column order
-                    st_v = st_v[perm_G]
-                if perm_A is not None:
-                    st_v = st_v[:, perm_A]
-            d, m, v = soap_direction(
-                p.grad, st_m, st_v, block, layout, t, betas=group["betas"], eps=group["eps"]
-            )
-            ns.update(exp_avg=m, exp_avg_sq=v)
-            lr, wd = group["lr"], group["weight_decay"]
-            updates.append(-lr * d - (lr * wd) * p if wd else -lr * d)
-        if not self._finite(updates, params[0].device):
-            self._refuse("the update has NaN or Inf entries")
-            return loss
-        self._commit([e[1] for e in entries], updates, [new[e[1]] for e in entries])
-        return loss
-
-
-def _check(lr, betas, eps, weight_decay, shampoo_beta, frequency, max_dim) -> None:
-    check_positive("lr", lr)
-    check_betas(betas)
-    check_nonneg("eps", eps)
-    check_nonneg("weight_decay", weight_decay)
-    check_unit("shampoo_beta", shampoo_beta)
-    check_int("precondition_frequency", frequency)
-    check_int("max_precond_dim", max_dim, minimum=0)
+    def _direction(self, group: dict, p: Tensor, layout, t: int, ns: dict) -> Tensor:
+        st = self.state[p]
+        block = self._block(p, ns) if layout is not None else None
+        if "exp_avg" not in st:
+            shape = (layout.d_G, layout.d_A) if layout is not None else p.shape
+            st_m, st_v = torch.zeros_like(p), p.new_zeros(shape)
+        else:
+            st_m, st_v = st["exp_avg"], st["exp_avg_sq"]
+            perm_G, perm_A = ns.pop("perm_G", None), ns.pop("perm_A", None)
+            if perm_G is not None:  # the basis was refreshed: v follows its column order
+                st_v = st_v[perm_G]
+            if perm_A is not None:
+                st_v = st_v[:, perm_A]
+        d, m, v = soap_direction(
+            p.grad, st_m, st_v, block, layout, t, betas=group["betas"], eps=group["eps"]
+        )
+        ns.update(exp_avg=m, exp_avg_sq=v)
+        return d

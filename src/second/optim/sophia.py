@@ -18,7 +18,7 @@ step is a sign step. The estimators:
 
 * ``Sophia`` (Sophia-G): Gauss-Newton-Bartlett, :math:`\hat h = \hat g \odot \hat g` with
   :math:`\hat g` the gradient of the loss at targets sampled from the model
-  (:func:`second.optim._preconditioners.gnb_diagonal`), an unbiased estimate of the GGN
+  (:func:`second.optim._diagonal.gnb_diagonal`), an unbiased estimate of the GGN
   diagonal; built on the model and its loss, ``Sophia(model, loss_fn)``.
 * ``SophiaH``: Hutchinson, :math:`\hat h = z \odot Hz` with Rademacher :math:`z`, unbiased for
   the Hessian diagonal; built on parameters, ``SophiaH(model.parameters())``.
@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kfac import check_loss, unwrap_model, watch_forward
-from ._base import check_int, check_nonneg, check_positive
-from ._preconditioners import DiagonalHessianOptimizer, check_betas, gnb_diagonal, reject_module
+from ._base import check_nonneg, check_positive
+from ._diagonal import DiagonalHessianOptimizer, gnb_diagonal
+from ._preconditioned import decoupled_update, hyperparameters
 
 __all__ = ["Sophia", "SophiaH", "sophia_update"]
 
@@ -84,32 +85,14 @@ def sophia_update(
     m = torch.lerp(exp_avg, grad, 1 - b1)
     h = hessian if estimate is None else torch.lerp(hessian, estimate, 1 - b2)
     ratio = (m.abs() / (rho * h).clamp_min(eps)).clamp_max(1.0)
-    update = -lr * m.sign() * ratio
-    if weight_decay:
-        update = update - (lr * weight_decay) * param
-    return update, m, h
+    return decoupled_update(m.sign() * ratio, param, lr, weight_decay), m, h
 
 
 class _SophiaBase(DiagonalHessianOptimizer):
-    def _init(self, lr, betas, rho, eps, weight_decay, update_period) -> dict:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            rho=rho,
-            eps=eps,
-            weight_decay=weight_decay,
-            update_period=update_period,
-        )
-        _check(defaults)
-        return defaults
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a parameter group (its hyperparameters validated like the constructor's)."""
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        _check(g)
-        if g["update_period"] != self.param_groups[0]["update_period"]:
-            raise ValueError("update_period must be the same in every parameter group")
+    def _check_group(self, g: dict) -> None:
+        super()._check_group(g)
+        check_nonneg("rho", g["rho"])
+        check_positive("eps", g["eps"])
 
     def _propose(self, p: Tensor, grad: Tensor, estimate: Tensor | None, group: dict):
         st = self.state[p]
@@ -147,20 +130,16 @@ class SophiaH(_SophiaBase):
     ``torch.distributed`` the estimates are averaged over the ranks.
 
     Example:
-        >>> _ = torch.manual_seed(0)
-        >>> net = torch.nn.Linear(3, 1)
-        >>> opt = SophiaH(net.parameters(), lr=0.05)
-        >>> X, y = torch.randn(32, 3), torch.randn(32, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(net(X), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> first = opt.step(closure).item()
-        >>> for _ in range(40):
-        ...     last = opt.step(closure).item()
-        >>> last < first
-        True
+        Without a closure, from a gradient with its graph; the exact curvature here is
+        ``[2, 8]``, and a Newton step (length 2) is clipped to ``lr``:
+
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = SophiaH([w], lr=0.5, betas=(0.0, 0.0), rho=1.0)
+        >>> loss = (torch.tensor([2.0, 8.0]) * (w - 3) ** 2).sum() / 2
+        >>> (w.grad,) = torch.autograd.grad(loss, [w], create_graph=True)
+        >>> opt.step()
+        >>> w.detach()
+        tensor([1.5000, 1.5000])
 
     References:
         H. Liu et al. Sophia: A scalable stochastic second-order optimizer for language
@@ -179,9 +158,7 @@ class SophiaH(_SophiaBase):
         update_period: int = 10,
         seed: int = 0,
     ):
-        reject_module("SophiaH", params)
-        defaults = self._init(lr, betas, rho, eps, weight_decay, update_period)
-        super().__init__(params, defaults, seed=seed)
+        super().__init__(params, hyperparameters(locals()), seed=seed)
 
 
 class Sophia(_SophiaBase):
@@ -251,7 +228,7 @@ class Sophia(_SophiaBase):
                 "only use SophiaH(model.parameters())"
             )
         check_loss(loss_fn, "mc")
-        defaults = self._init(lr, betas, rho, eps, weight_decay, update_period)
+        defaults = hyperparameters(locals())
         super().__init__(model.parameters() if params is None else params, defaults, seed=seed)
         self.loss_fn = loss_fn
         self._output: Tensor | None = None
@@ -281,12 +258,3 @@ class Sophia(_SophiaBase):
                 "Sophia saw no forward pass of its model in the closure (with gradients on)"
             )
         return gnb_diagonal(self._output, self.loss_fn, params, self.generator(params[0].device))
-
-
-def _check(g: dict) -> None:
-    check_positive("lr", g["lr"])
-    check_betas(g["betas"])
-    check_nonneg("rho", g["rho"])
-    check_positive("eps", g["eps"])
-    check_nonneg("weight_decay", g["weight_decay"])
-    check_int("update_period", g["update_period"])

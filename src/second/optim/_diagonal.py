@@ -1,0 +1,248 @@
+r"""Diagonal curvature estimates, and the shell of Sophia and AdaHessian.
+
+:func:`hutchinson_diagonal` (:math:`z \odot Hz`) and :func:`gnb_diagonal`
+(Gauss-Newton-Bartlett, :math:`\hat g \odot \hat g` with targets sampled from the model);
+:class:`DiagonalHessianOptimizer` runs torch.optim's closure, differentiates the loss itself and
+asks for an estimate every ``update_period`` steps. Under ``torch.distributed`` the estimates
+are averaged over the ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from ..func import differentiable_attention
+from ..func.products import grad_checked
+from ..kfac import curvature_columns
+from ._base import call_closure, check_int
+from ._preconditioned import PreconditionedOptimizer, all_reduce_mean
+
+__all__ = [
+    "DiagonalHessianOptimizer",
+    "rademacher",
+    "hutchinson_diagonal",
+    "gnb_diagonal",
+    "closure_gradients",
+]
+
+
+def rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Independent signs ``+-1`` shaped and typed like ``like``."""
+    r = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
+    return (2 * r - 1).to(like.dtype)
+
+
+def hutchinson_diagonal(
+    grads: Sequence[Tensor], params: Sequence[Tensor], generator: torch.Generator | None
+) -> list[Tensor]:
+    r"""Hutchinson's estimate :math:`z \odot H z` of the Hessian diagonal, :math:`z` Rademacher.
+
+    Unbiased: :math:`\mathbb E[z_i (Hz)_i] = \sum_j H_{ij}\mathbb E[z_i z_j] = H_{ii}`. One
+    Hessian-vector product through ``grads`` (built with ``create_graph=True``).
+
+    Args:
+        grads: the gradient, with its graph.
+        params: the parameters it was taken with respect to.
+        generator: the generator of the signs.
+
+    Returns:
+        One detached estimate per parameter.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (g,) = torch.autograd.grad((w ** 3).sum(), [w], create_graph=True)
+        >>> hutchinson_diagonal([g], [w], torch.Generator().manual_seed(0))  # exact: diagonal H
+        [tensor([ 6., 12.])]
+    """
+    zs = [rademacher(p, generator) for p in params]
+    hz = grad_checked(list(grads), list(params), zs, retain_graph=True, zeros_for_unused=True)
+    return [(z * h).detach() for z, h in zip(zs, hz)]
+
+
+def gnb_diagonal(
+    output: Tensor,
+    loss_fn: Callable,
+    params: Sequence[Tensor],
+    generator: torch.Generator | None,
+) -> list[Tensor]:
+    r"""The Gauss-Newton-Bartlett estimate :math:`\hat g \odot \hat g` of the GGN diagonal.
+
+    With targets :math:`\tilde y_i` sampled from the model's predictive and :math:`s_i`
+    the matching curvature column (:func:`second.kfac.curvature_columns`, ``fisher="mc"``;
+    :math:`\mathbb E[s_i s_i^\top]` is the output Hessian of example :math:`i` and
+    :math:`\mathbb E[s_i] = 0`), :math:`\hat g = \sum_i J_i^\top s_i` (one backward pass) has
+    :math:`\mathbb E[\hat g \hat g^\top] = \sum_i J_i^\top \mathbb E[s_i s_i^\top] J_i`, the
+    GGN of the loss as written (``w = 1/N`` for a mean, 1 for a sum); so
+    :math:`\hat g \odot \hat g` is an unbiased estimate of its diagonal (Liu et al. 2023,
+    Algorithm 2, where the mean's :math:`B` is written out).
+
+    Args:
+        output: the network output ``f [N, ...]`` with its graph.
+        loss_fn: the training loss (``nn.MSELoss``, ``nn.CrossEntropyLoss`` or
+            ``nn.BCEWithLogitsLoss``, mean or sum).
+        params: the parameters.
+        generator: the generator of the sampled targets.
+
+    Returns:
+        One detached estimate per parameter.
+
+    Raises:
+        NotImplementedError: a loss without a known output curvature.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> f = net(torch.ones(4, 2))
+        >>> est = gnb_diagonal(f, torch.nn.MSELoss(), list(net.parameters()), None)
+        >>> [tuple(e.shape) for e in est]
+        [(1, 2), (1,)]
+    """
+    reduction = getattr(loss_fn, "reduction", "mean")
+    S = curvature_columns(loss_fn, output, None, reduction, "mc", 1, generator)[0]
+    w = 1.0 / output.shape[0] if reduction == "mean" else 1.0
+    g = grad_checked(
+        output, list(params), S.to(output.dtype), retain_graph=True, zeros_for_unused=True
+    )
+    return [(gi.detach() * gi.detach()) * w for gi in g]
+
+
+def closure_gradients(
+    owner: str, closure: Callable, params: Sequence[Tensor], *, create_graph: bool
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Run a closure under torch.optim's contract and differentiate its loss here.
+
+    The closure's ``backward()`` is deferred (:func:`second.optim._base.call_closure`): the
+    gradient is taken once, with its graph when ``create_graph`` (a Hessian-vector product
+    follows), and written to ``.grad`` detached, averaged over the ranks under
+    torch.distributed (DDP's hooks only run in ``backward()``).
+
+    Returns:
+        ``(loss, grads)``: the loss (graph kept) and the gradients.
+    """
+    res = call_closure(owner, closure, graph=True)
+    grads = grad_checked(
+        res.loss, list(params), create_graph=create_graph, retain_graph=True, zeros_for_unused=True
+    )
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.grad = g.detach().clone()
+        # the loss is differentiated here, not by backward(), so DDP's hooks do not average
+        # the gradient: it is averaged over the ranks now
+        all_reduce_mean([p.grad for p in params])
+    return res.loss, grads
+
+
+class DiagonalHessianOptimizer(PreconditionedOptimizer):
+    """Shell of Sophia and AdaHessian: a diagonal curvature estimate every ``update_period`` steps.
+
+    ``step(closure)`` runs the closure with its ``backward()`` deferred, differentiates the
+    loss once (with the graph a Hessian-vector product needs, on the steps that estimate),
+    leaves the gradient in ``.grad``, asks :meth:`_estimate` for the diagonal, averages it
+    over the ranks and hands everything to ``_propose``. ``counters`` holds ``n_steps``
+    (committed steps) and ``n_refused``.
+    """
+
+    _estimator = "hutchinson"
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_int("update_period", group["update_period"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a parameter group (validated; ``update_period`` must be the first group's)."""
+        super().add_param_group(param_group)
+        if self.param_groups[-1]["update_period"] != self.param_groups[0]["update_period"]:
+            raise ValueError("update_period must be the same in every parameter group")
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _due(self) -> bool:
+        period = self.param_groups[0]["update_period"]
+        return int(self.counters.get("n_steps", 0)) % period == 0
+
+    def _estimate(
+        self, loss: Tensor, grads: Sequence[Tensor], params: list[Tensor]
+    ) -> list[Tensor]:
+        """Hutchinson's diagonal (override for another estimator)."""
+        return hutchinson_diagonal(grads, params, self.generator(params[0].device))
+
+    def _gradients(self, closure: Callable | None, due: bool):
+        """``(loss, params, grads, estimate or None)`` from the closure or from ``.grad``."""
+        params = self._trainable()
+        owner = type(self).__name__
+        if closure is not None:
+            # a Hessian-vector product through attention needs the math kernel
+            second_order = due and self._estimator == "hutchinson"
+            with torch.enable_grad(), differentiable_attention() if second_order else nullcontext():
+                loss, grads = closure_gradients(owner, closure, params, create_graph=second_order)
+                if not due:
+                    return loss.detach(), params, [p.grad for p in params], None
+                if not self._finite(grads, params[0].device):
+                    return loss.detach(), params, [p.grad for p in params], None
+                est = self._estimate(loss, grads, params)
+            return loss.detach(), params, [p.grad for p in params], est
+        grads = [p.grad for p in params]
+        if not due:
+            return None, params, grads, None
+        if self._estimator != "hutchinson":
+            raise RuntimeError(
+                f"{owner} estimates its Hessian diagonal from the model's outputs: pass a "
+                "closure to step() (torch.optim's contract: zero the gradients, compute the "
+                "loss, call loss.backward(), return the loss)"
+            )
+        if any(g is None or g.grad_fn is None for g in grads):
+            raise RuntimeError(
+                f"{owner} needs the gradient's graph for its Hessian estimate: pass a closure "
+                "to step(), or call loss.backward(create_graph=True) before step()"
+            )
+        with torch.enable_grad():
+            est = self._estimate(None, grads, params)
+        for p in params:
+            p.grad = p.grad.detach()
+        return None, params, [p.grad for p in params], est
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Tensor | None:
+        """One step; ``closure`` follows torch.optim's contract and its loss is returned.
+
+        Raises:
+            RuntimeError: a curvature estimate is due and neither a closure nor a gradient
+                with its graph (``loss.backward(create_graph=True)``) was given.
+        """
+        due = self._due()
+        loss, params, grads, est = self._gradients(closure, due)
+        if not params:
+            return loss
+        device = params[0].device
+        pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+        if not self._finite([g for _, g in pairs], device):
+            self._refuse("a gradient has NaN or Inf entries")
+            return loss
+        if est is not None:
+            all_reduce_mean(est)
+            if not self._finite(est, device):
+                self._refuse("the curvature estimate has NaN or Inf entries")
+                return loss
+        estimate = dict(zip(params, est)) if est is not None else {}
+        index = {p: i for i, p in enumerate(params)}
+        ps, updates, states = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in index or grads[index[p]] is None:
+                    continue
+                u, ns = self._propose(p, grads[index[p]], estimate.get(p), group)
+                ps.append(p)
+                updates.append(u)
+                states.append(ns)
+        if not self._finite(
+            updates + [t for ns in states for t in ns.values() if isinstance(t, Tensor)], device
+        ):
+            self._refuse("the update has NaN or Inf entries")
+            return loss
+        self._commit(ps, updates, states)
+        self.counters["n_steps"] = int(self.counters.get("n_steps", 0)) + 1
+        return loss
