@@ -22,6 +22,8 @@ __all__ = [
     "deferred_backward",
     "CLOSURE_EXAMPLE",
     "renamed_options",
+    "hyperparameters",
+    "check_newton_options",
     "check_positive",
     "check_nonneg",
     "check_unit",
@@ -301,6 +303,43 @@ def check_int(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def hyperparameters(arguments: dict) -> dict:
+    """A constructor's arguments (its ``locals()``) as torch.optim's ``defaults``.
+
+    Everything but ``self``, ``params``, ``seed``, ``model``, ``loss_fn``,
+    ``preconditioner`` and the ``deprecated`` keywords.
+
+    Example:
+        >>> hyperparameters(dict(self=None, params=[], lr=0.1, betas=(0.9, 0.99), seed=0))
+        {'lr': 0.1, 'betas': (0.9, 0.99)}
+    """
+    skip = ("self", "params", "seed", "model", "loss_fn", "preconditioner", "deprecated")
+    return {k: v for k, v in arguments.items() if k not in skip and k != "__class__"}
+
+
+def check_newton_options(options: dict) -> None:
+    """Raise ``ValueError`` for a shared Newton-type option out of range (those present).
+
+    ``maxiter``, ``cg_maxiter`` (or ``None``): integers >= 1; ``cg_rtol`` (or ``None``) in
+    ``(0, 1)``; ``gtol``, ``tolerance_change`` >= 0; with ``min_damping``: ``damping``,
+    ``min_damping``, ``max_damping`` > 0 and ``min_damping <= damping <= max_damping``.
+    """
+    for name in ("maxiter", "cg_maxiter"):
+        if options.get(name) is not None:
+            check_int(name, options[name])
+    if options.get("cg_rtol") is not None:
+        check_unit("cg_rtol", options["cg_rtol"])
+    for name in ("gtol", "tolerance_change"):
+        if name in options:
+            check_nonneg(name, options[name])
+    if "min_damping" in options:
+        lam, lo, hi = options["damping"], options["min_damping"], options["max_damping"]
+        for name, value in (("damping", lam), ("min_damping", lo), ("max_damping", hi)):
+            check_positive(name, value)
+        if not lo <= lam <= hi:
+            raise ValueError(f"damping {lam} must lie in [min_damping, max_damping]")
+
+
 class NewtonTypeOptimizer(Optimizer):
     """Base class: one parameter group treated as one flat vector, with evaluation counters.
 
@@ -322,6 +361,23 @@ class NewtonTypeOptimizer(Optimizer):
         if len(dtypes) > 1:
             raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}")
         self._cache: dict = {}
+
+    _renamed_defaults: dict = {}  # the defaults of the options with a deprecated spelling
+
+    def _options(self, arguments: dict) -> dict:
+        """The constructor's ``locals()`` as checked ``defaults``, deprecated spellings moved.
+
+        Raises:
+            TypeError: an unknown keyword.
+            ValueError: a shared option out of range (:func:`check_newton_options`), or an
+                option passed under both spellings.
+        """
+        options = hyperparameters(arguments)
+        renamed_options(
+            type(self).__name__, arguments.get("deprecated", {}), options, self._renamed_defaults
+        )
+        check_newton_options(options)
+        return options
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -432,6 +488,60 @@ class NewtonTypeOptimizer(Optimizer):
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._params)
+
+    # -- the step loop ---------------------------------------------------------------------
+    def _begin(self, closure: Callable | None) -> dict:
+        """Start a :meth:`step` call: the cache of the last one when it can be reused.
+
+        It is reused when the same closure object is passed and the parameters were not
+        changed in between; otherwise the stop reason is cleared and the cache is empty.
+
+        Raises:
+            ValueError: no closure.
+        """
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        same = (
+            self._cache.get("versions") == self._versions()
+            and self._cache.get("closure") is closure
+        )
+        cache = self._cache if same else {}
+        if not cache:
+            self._state["stop_reason"] = None
+        return cache
+
+    def _arrive(self, cache: dict, evaluate: Callable[[], dict], **record) -> tuple[dict, float]:
+        """The cache at the current point: the accepted trial's record or ``evaluate()``.
+
+        Records the iteration (with ``record``) and returns ``(cache, ||grad||)``.
+        """
+        point = cache.pop("accepted", None)
+        x = self._gather_flat()
+        if point is None:
+            point = evaluate()
+        cache = dict(point, x=x)
+        gnorm = float(torch.linalg.vector_norm(cache["g"]))
+        st = self._state
+        st["loss"], st["grad_norm"] = cache["loss"], gnorm
+        self._record(**record)
+        return cache, gnorm
+
+    def _gtol_met(self, gnorm: float) -> bool:
+        """Whether ``||grad|| <= gtol``; if so the stop reason says so."""
+        gtol = self.param_groups[0]["gtol"]
+        if gnorm <= gtol:
+            self._state["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= gtol = {gtol:.1e}"
+        return gnorm <= gtol
+
+    def _end(self, cache: dict, closure: Callable, first_loss: float | None) -> Tensor:
+        """Keep the cache for the next call; the loss at the start of this one."""
+        cache["versions"] = self._versions()
+        cache["closure"] = closure
+        self._cache = cache
+        if first_loss is None:
+            loss = self._state["loss"]
+            first_loss = loss if loss is not None else float("nan")
+        return torch.tensor(first_loss)
 
     # -- evaluation ----------------------------------------------------------------------
     def _gradient(

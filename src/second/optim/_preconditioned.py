@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed as dist
-from ._base import PARAM_SHAPES, check_nonneg, check_positive, check_state_dict_params
+from ._base import (
+    PARAM_SHAPES,
+    check_nonneg,
+    check_positive,
+    check_state_dict_params,
+    hyperparameters,
+)
 
 __all__ = [
     "PreconditionedOptimizer",
@@ -53,20 +59,6 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
         w = dist.world_size()
         for t in ts:
             t.div_(w)
-
-
-def hyperparameters(arguments: dict) -> dict:
-    """A constructor's arguments (its ``locals()``) as torch.optim's ``defaults``.
-
-    Everything but ``self``, ``params``, ``seed``, ``model``, ``loss_fn`` and the
-    ``deprecated`` keywords.
-
-    Example:
-        >>> hyperparameters(dict(self=None, params=[], lr=0.1, betas=(0.9, 0.99), seed=0))
-        {'lr': 0.1, 'betas': (0.9, 0.99)}
-    """
-    skip = ("self", "params", "seed", "model", "loss_fn", "deprecated", "__class__")
-    return {k: v for k, v in arguments.items() if k not in skip}
 
 
 def decoupled_update(direction: Tensor, param: Tensor, lr: float, weight_decay: float) -> Tensor:

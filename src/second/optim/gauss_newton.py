@@ -16,11 +16,6 @@ from ._base import (
     CLOSURE_EXAMPLE,
     ClosureCall,
     NewtonTypeOptimizer,
-    check_int,
-    check_nonneg,
-    check_positive,
-    check_unit,
-    renamed_options,
 )
 
 __all__ = [
@@ -55,6 +50,13 @@ class OutputCapture:
     def __init__(self, module: torch.nn.Module):
         self._outputs: list | None = None
         self.handle = module.register_forward_hook(self._hook)
+
+    @classmethod
+    def of(cls, params) -> tuple[OutputCapture | None, list]:
+        """``(capture, trainable parameters)`` for a model; ``(None, params)`` for parameters."""
+        if isinstance(params, torch.nn.Module):
+            return cls(params), [p for p in params.parameters() if p.requires_grad]
+        return None, params
 
     def _hook(self, module, args, output) -> None:
         if self._outputs is not None:
@@ -236,44 +238,14 @@ class GaussNewton(NewtonTypeOptimizer):
         damping_rule: str = "nielsen",
         **deprecated,
     ):
-        names = dict(gtol=gtol, maxiter=maxiter, cg_maxiter=cg_maxiter)
-        renamed_options(type(self).__name__, deprecated, names, self._renamed_defaults)
-        gtol, maxiter, cg_maxiter = names["gtol"], names["maxiter"], names["cg_maxiter"]
-        check_positive("damping", damping)
-        check_positive("min_damping", min_damping)
-        check_positive("max_damping", max_damping)
-        if not min_damping <= damping <= max_damping:
-            raise ValueError(f"damping {damping} must lie in [min_damping, max_damping]")
+        defaults = self._options(locals())
         if not (isinstance(eta, (int, float)) and 0 <= eta < 1):
             raise ValueError(f"eta must lie in [0, 1), got {eta!r}")
         if solver not in ("cg", "dense"):
             raise ValueError(f"solver must be 'cg' or 'dense', got {solver!r}")
         if damping_rule not in DAMPING_RULES:
             raise ValueError(f"damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}")
-        check_int("maxiter", maxiter)
-        if cg_maxiter is not None:
-            check_int("cg_maxiter", cg_maxiter)
-        if cg_rtol is not None:
-            check_unit("cg_rtol", cg_rtol)
-        check_nonneg("gtol", gtol)
-        check_nonneg("tolerance_change", tolerance_change)
-        defaults = dict(
-            damping=damping,
-            min_damping=min_damping,
-            max_damping=max_damping,
-            eta=eta,
-            solver=solver,
-            maxiter=maxiter,
-            cg_maxiter=cg_maxiter,
-            cg_rtol=cg_rtol,
-            gtol=gtol,
-            tolerance_change=tolerance_change,
-            damping_rule=damping_rule,
-        )
-        self._capture = None
-        if isinstance(params, torch.nn.Module):
-            self._capture = OutputCapture(params)
-            params = [p for p in params.parameters() if p.requires_grad]
+        self._capture, params = OutputCapture.of(params)
         super().__init__(params, defaults)
 
     # -- evaluation ----------------------------------------------------------------------
@@ -387,37 +359,21 @@ class GaussNewton(NewtonTypeOptimizer):
             ValueError: no closure.
             TypeError: the closure returns no scalar loss, or the network output is unknown.
         """
-        if closure is None:
-            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        cache = self._begin(closure)
         group = self.param_groups[0]
         st = self._state
         st.setdefault("damping", float(group["damping"]))
         st.setdefault("nu", 2.0)
-        same = (
-            self._cache.get("versions") == self._versions()
-            and self._cache.get("closure") is closure
-        )
-        cache = self._cache if same else {}
-        if not cache:
-            st["stop_reason"] = None
         first_loss = None
         for _ in range(group["maxiter"]):
             if st["stop_reason"] is not None:
                 break
             if "g" not in cache:
-                point = cache.pop("accepted", None)
-                x = self._gather_flat()
-                if point is None:
-                    point = self._point(*self._evaluate(closure))
-                cache = dict(point, x=x)
-                gnorm = float(torch.linalg.vector_norm(cache["g"]))
-                st["loss"], st["grad_norm"] = cache["loss"], gnorm
-                self._record(damping=st["damping"])
+                cache, gnorm = self._arrive(
+                    cache, lambda: self._point(*self._evaluate(closure)), damping=st["damping"]
+                )
                 first_loss = cache["loss"] if first_loss is None else first_loss
-                if gnorm <= group["gtol"]:
-                    st["stop_reason"] = (
-                        f"converged: ||grad|| = {gnorm:.3e} <= gtol = {group['gtol']:.1e}"
-                    )
+                if self._gtol_met(gnorm):
                     break
             first_loss = cache["loss"] if first_loss is None else first_loss
             g, x = cache["g"], cache["x"]
@@ -452,9 +408,4 @@ class GaussNewton(NewtonTypeOptimizer):
                 cache.pop("pair", None)
                 if res.damping >= group["max_damping"]:
                     st["stop_reason"] = "stalled: damping reached max_damping"
-        cache["versions"] = self._versions()
-        cache["closure"] = closure
-        self._cache = cache
-        if first_loss is None:
-            first_loss = st["loss"] if st["loss"] is not None else float("nan")
-        return torch.tensor(first_loss)
+        return self._end(cache, closure, first_loss)

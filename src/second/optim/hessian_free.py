@@ -13,10 +13,8 @@ from ..newton.model_cg import model_cg
 from ._base import (
     NewtonTypeOptimizer,
     check_int,
-    check_nonneg,
     check_positive,
     check_unit,
-    renamed_options,
 )
 from .gauss_newton import OutputCapture, evaluate_output
 
@@ -140,44 +138,18 @@ class HessianFree(NewtonTypeOptimizer):
         gtol: float = 1e-7,
         **deprecated,
     ):
-        names = dict(gtol=gtol, cg_maxiter=cg_maxiter)
-        renamed_options(type(self).__name__, deprecated, names, self._renamed_defaults)
-        gtol, cg_maxiter = names["gtol"], names["cg_maxiter"]
-        check_positive("damping", damping)
+        defaults = self._options(locals())
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        check_int("cg_maxiter", cg_maxiter)
         if not (isinstance(cg_decay, (int, float)) and 0 <= cg_decay <= 1):
             raise ValueError(f"cg_decay must lie in [0, 1], got {cg_decay!r}")
         check_positive("progress_tol", progress_tol)
-        check_positive("min_damping", min_damping)
-        check_positive("max_damping", max_damping)
-        if not min_damping <= damping <= max_damping:
-            raise ValueError(f"damping {damping} must lie in [min_damping, max_damping]")
         if not (isinstance(boost, (int, float)) and boost > 1):
             raise ValueError(f"boost must be > 1, got {boost!r}")
         check_unit("drop", drop)
         check_unit("armijo", armijo)
         check_int("max_line_search", max_line_search, minimum=0)
-        check_nonneg("gtol", gtol)
-        defaults = dict(
-            damping=damping,
-            curvature=curvature,
-            cg_maxiter=cg_maxiter,
-            cg_decay=cg_decay,
-            progress_tol=progress_tol,
-            min_damping=min_damping,
-            max_damping=max_damping,
-            boost=boost,
-            drop=drop,
-            armijo=armijo,
-            max_line_search=max_line_search,
-            gtol=gtol,
-        )
-        self._capture = None
-        if isinstance(params, torch.nn.Module):
-            self._capture = OutputCapture(params)
-            params = [p for p in params.parameters() if p.requires_grad]
+        self._capture, params = OutputCapture.of(params)
         super().__init__(params, defaults)
 
     def _loss_only(self, closure) -> float:

@@ -17,7 +17,6 @@ from ._base import (
     check_nonneg,
     check_positive,
     flat_hvp,
-    renamed_options,
 )
 
 __all__ = ["LiSSA"]
@@ -114,6 +113,8 @@ class LiSSA(NewtonTypeOptimizer):
         learning in linear time*, JMLR (arXiv 2016).
     """
 
+    _renamed_defaults = dict(gtol=1e-7)
+
     def __init__(
         self,
         params,
@@ -127,9 +128,7 @@ class LiSSA(NewtonTypeOptimizer):
         gtol: float = 1e-7,
         **deprecated,
     ):
-        names = dict(gtol=gtol)
-        renamed_options(type(self).__name__, deprecated, names, dict(gtol=1e-7))
-        gtol = names["gtol"]
+        defaults = self._options(locals())
         check_positive("lr", lr)
         check_int("depth", depth)
         check_int("repeats", repeats)
@@ -139,17 +138,6 @@ class LiSSA(NewtonTypeOptimizer):
             raise ValueError(f"scale_margin must be >= 1, got {scale_margin!r}")
         check_nonneg("damping", damping)
         check_int("lanczos_steps", lanczos_steps, minimum=2)
-        check_nonneg("gtol", gtol)
-        defaults = dict(
-            lr=lr,
-            depth=depth,
-            repeats=repeats,
-            scale=scale,
-            scale_margin=scale_margin,
-            damping=damping,
-            lanczos_steps=lanczos_steps,
-            gtol=gtol,
-        )
         super().__init__(params, defaults)
 
     def _hvp(self, loss: Tensor):

@@ -13,11 +13,8 @@ from ._base import (
     ClosureCall,
     NewtonTypeOptimizer,
     check_int,
-    check_nonneg,
     check_positive,
-    check_unit,
     flat_hvp,
-    renamed_options,
 )
 
 __all__ = ["NewtonCG"]
@@ -122,36 +119,16 @@ class NewtonCG(NewtonTypeOptimizer):
         extrapolation: int = 0,
         **deprecated,
     ):
-        names = dict(gtol=gtol, maxiter=maxiter, cg_maxiter=cg_maxiter)
-        renamed_options("NewtonCG", deprecated, names, self._renamed_defaults)
-        gtol, maxiter, cg_maxiter = names["gtol"], names["maxiter"], names["cg_maxiter"]
+        defaults = self._options(locals())
         check_positive("initial_radius", initial_radius)
         check_positive("max_radius", max_radius)
         if initial_radius > max_radius:
             raise ValueError(f"initial_radius {initial_radius} exceeds max_radius {max_radius}")
         if not (isinstance(eta, (int, float)) and 0 <= eta < 0.25):
             raise ValueError(f"eta must lie in [0, 0.25), got {eta!r}")
-        check_int("maxiter", maxiter)
-        if cg_maxiter is not None:
-            check_int("cg_maxiter", cg_maxiter)
-        if cg_rtol is not None:
-            check_unit("cg_rtol", cg_rtol)
-        check_nonneg("gtol", gtol)
-        check_nonneg("tolerance_change", tolerance_change)
         check_int("extrapolation", extrapolation, minimum=0)
         if preconditioner is not None and not callable(preconditioner):
             raise ValueError("preconditioner must be callable (flat vector -> flat vector)")
-        defaults = dict(
-            initial_radius=initial_radius,
-            max_radius=max_radius,
-            eta=eta,
-            maxiter=maxiter,
-            cg_maxiter=cg_maxiter,
-            cg_rtol=cg_rtol,
-            gtol=gtol,
-            tolerance_change=tolerance_change,
-            extrapolation=extrapolation,
-        )
         super().__init__(params, defaults)
         self.preconditioner = preconditioner
 
@@ -212,31 +189,18 @@ class NewtonCG(NewtonTypeOptimizer):
             ValueError: no closure.
             TypeError: the closure returns no scalar loss.
         """
-        if closure is None:
-            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        cache = self._begin(closure)
         group = self.param_groups[0]
         st = self._state
         st.setdefault("radius", float(group["initial_radius"]))
-        same = (
-            self._cache.get("versions") == self._versions()
-            and self._cache.get("closure") is closure
-        )
-        cache = self._cache if same else {}
-        if not cache:
-            st["stop_reason"] = None
         first_loss = None
         for _ in range(group["maxiter"]):
             if st["stop_reason"] is not None:
                 break
             if "g" not in cache:
-                point = cache.pop("accepted", None)
-                x = self._gather_flat()
-                if point is None:
-                    point = self._point(self._call(closure))
-                cache = dict(point, x=x)
-                gnorm = float(torch.linalg.vector_norm(cache["g"]))
-                st["loss"], st["grad_norm"] = cache["loss"], gnorm
-                self._record(radius=st["radius"])
+                cache, gnorm = self._arrive(
+                    cache, lambda: self._point(self._call(closure)), radius=st["radius"]
+                )
                 first_loss = cache["loss"] if first_loss is None else first_loss
                 if not (math.isfinite(cache["loss"]) and math.isfinite(gnorm)):
                     st["stop_reason"] = (
@@ -244,10 +208,7 @@ class NewtonCG(NewtonTypeOptimizer):
                         f"(loss {cache['loss']}, ||grad|| {gnorm}): not a minimum"
                     )
                     break
-                if gnorm <= group["gtol"]:
-                    st["stop_reason"] = (
-                        f"converged: ||grad|| = {gnorm:.3e} <= gtol = {group['gtol']:.1e}"
-                    )
+                if self._gtol_met(gnorm):
                     break
             first_loss = cache["loss"] if first_loss is None else first_loss
             g, x = cache["g"], cache["x"]
@@ -298,9 +259,4 @@ class NewtonCG(NewtonTypeOptimizer):
                         f"stalled: trust radius {st['radius']:.3e} <= tolerance_change"
                     )
                 st["n_rejected"] += 1
-        cache["versions"] = self._versions()
-        cache["closure"] = closure
-        self._cache = cache
-        if first_loss is None:
-            first_loss = st["loss"] if st["loss"] is not None else float("nan")
-        return torch.tensor(first_loss)
+        return self._end(cache, closure, first_loss)
