@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._errors import ConvergenceWarning
 from ..operators.base import CallableOperator
+from ..solvers._neumann import lissa_recursion
 from ..spectral.lanczos import extreme_eigenvalues
 from ._base import (
     NewtonTypeOptimizer,
@@ -197,29 +198,27 @@ class LiSSA(NewtonTypeOptimizer):
                     "not convex here; pass scale= or damping="
                 )
         s = st["scale"]
-        acc = torch.zeros_like(g)
-        diverged = None
-        for _ in range(group["repeats"]):
-            X = g.clone()
-            for j in range(group["depth"]):
-                if curvature_closure is None:
-                    HX = full(X)
-                else:
-                    with torch.enable_grad():
-                        prod = self._hvp(self._call(curvature_closure).loss)
-                    HX = prod(X)
-                X = g + X - (HX + lam * X) / s
-                # X_{j+1} sums j + 2 terms of norm <= ||g|| while the recursion contracts
-                norm = float(torch.linalg.vector_norm(X))
-                if not norm <= (j + 2) * gnorm * _BOUND_SLACK:
-                    diverged = (j + 1, norm)
-                    break
-            if diverged is not None:
-                break
-            acc += X / s
+
+        def sample_product(X: Tensor) -> Tensor:
+            if curvature_closure is None:
+                return full(X)
+            with torch.enable_grad():
+                prod = self._hvp(self._call(curvature_closure).loss)
+            return prod(X)
+
+        # X_j sums j + 1 terms of norm <= ||g|| while the recursion contracts
+        rec = lissa_recursion(
+            g,
+            sample_product,
+            depth=group["depth"],
+            scale=s,
+            damping=lam,
+            repeats=group["repeats"],
+            bound=lambda j: (j + 1) * gnorm * _BOUND_SLACK,
+        )
         st.setdefault("n_diverged", 0)
-        if diverged is not None:
-            j, norm = diverged
+        if rec.diverged is not None:
+            j, norm = rec.diverged
             self._refuse(
                 s,
                 f"the recursion diverged (||X_{j}|| = {norm:.3e} > {j + 1} ||g|| = "
@@ -227,7 +226,7 @@ class LiSSA(NewtonTypeOptimizer):
                 "or has negative curvature",
             )
             return torch.tensor(f0)
-        step = acc / group["repeats"]
+        step = rec.x
         x = self._gather_flat()
         self._add_flat(step, alpha=-group["lr"])
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from ._result import (
     stopping_threshold,
 )
 
-__all__ = ["neumann_solve", "neumann", "lissa"]
+__all__ = ["neumann_solve", "neumann", "lissa", "lissa_recursion", "LissaRecursion"]
 
 
 def _auto_scale(op, steps: int, generator) -> tuple[float, float, float]:
@@ -223,6 +224,82 @@ def _batch_operators(A) -> Callable[[int], LinearOperator]:
     return lambda i: op
 
 
+@dataclass
+class LissaRecursion:
+    r"""What :func:`lissa_recursion` returns.
+
+    Attributes:
+        x: the averaged estimate :math:`\frac{1}{R}\sum_r p^{(r)}_d / s` (``None`` when the
+            recursion diverged).
+        products: curvature products made.
+        diverged: ``(j, ||p_j||)`` at the first term that broke the guard or was not finite
+            (``None`` when none did).
+    """
+
+    x: Tensor | None
+    products: int
+    diverged: tuple[int, float] | None = None
+
+
+def lissa_recursion(
+    b: Tensor,
+    product: Callable[[Tensor], Tensor],
+    *,
+    depth: int,
+    scale: float,
+    damping: float = 0.0,
+    repeats: int = 1,
+    bound: Callable[[int], float] | None = None,
+    tick: Callable[[], object] | None = None,
+) -> LissaRecursion:
+    r"""LiSSA's stochastic Neumann recursion, the one implementation of it.
+
+    .. math:: p_0 = b, \qquad p_{j+1} = b + \Big(I - \frac{A_{i_j} + \lambda I}{s}\Big) p_j,
+              \qquad x = \frac1R \sum_{r=1}^{R} p^{(r)}_{\mathrm{depth}} / s,
+
+    where each call of ``product`` applies a freshly sampled curvature :math:`A_{i_j}`.
+    :func:`lissa` (the solver) and :class:`second.optim.LiSSA` (the optimizer) both run it.
+
+    Args:
+        b: the right-hand side (flat).
+        product: ``p -> A_i p`` for a fresh sample ``i`` on every call.
+        depth: terms per estimate.
+        scale: :math:`s`.
+        damping: :math:`\lambda \ge 0`.
+        repeats: independent estimates averaged.
+        bound: ``j -> largest admissible ||p_j||`` (a divergence guard; default none: only
+            non-finite terms stop the recursion).
+        tick: called once per product (a progress bar).
+
+    Returns:
+        A :class:`LissaRecursion`.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> r = lissa_recursion(torch.ones(2, dtype=torch.float64), lambda p: A @ p, depth=200, scale=2.5)
+        >>> torch.allclose(r.x, torch.tensor([1.0, 0.5], dtype=torch.float64)), r.products
+        (True, 200)
+    """
+    acc = torch.zeros_like(b)
+    products = 0
+    for _ in range(repeats):
+        p = b.clone()
+        for j in range(depth):
+            if tick is not None:
+                tick()
+            Ap = product(p)
+            products += 1
+            if damping:
+                Ap = Ap + damping * p
+            p = b + p - Ap / scale
+            norm = float(torch.linalg.vector_norm(p))
+            limit = math.inf if bound is None else bound(j + 1)
+            if not norm <= limit:  # also catches a non-finite term
+                return LissaRecursion(None, products, (j + 1, norm))
+        acc += p / scale
+    return LissaRecursion(acc / repeats, products)
+
+
 def lissa(
     A: LinearOperator | Sequence[LinearOperator] | Callable[[int], LinearOperator],
     b,
@@ -334,40 +411,41 @@ def lissa(
     bias = q**depth
     info.update(scale=float(scale), contraction=q, depth=depth, predicted_bias=bias)
     g = generator or torch.Generator(device=pb.b.device).manual_seed(0)
-    counter = 0
-    acc = torch.zeros_like(pb.b)
     steps = range(repeats * depth)
     if progressbar is not False:
         from .._progress import progress
 
         steps = progress(steps, desc="lissa", unit="product", enabled=progressbar)
     it = iter(steps)
-    for _ in range(repeats):
-        p = pb.b.clone()
-        for _j in range(depth):
-            next(it)
-            opj = get(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device)))
-            counter += 1
-            Ap = opj @ p
-            if damping:
-                Ap = Ap + damping * p
-            p = pb.b + p - Ap / scale
-            if not torch.isfinite(p).all():
-                return report(
-                    pb.result(
-                        torch.zeros_like(pb.b),
-                        converged=False,
-                        iterations=counter,
-                        residual_norms=[],
-                        diverged=True,
-                        method="lissa",
-                        info=info,
-                        message="the recursion overflowed: a mini-batch curvature exceeds 2 * scale",
-                    ),
-                    warn,
-                )
-        acc += p / scale
-    x = acc / repeats
+
+    def sample_product(p):
+        return get(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))) @ p
+
+    rec = lissa_recursion(
+        pb.b,
+        sample_product,
+        depth=depth,
+        scale=scale,
+        damping=damping,
+        repeats=repeats,
+        tick=lambda: next(it),
+    )
+    counter = rec.products
+    if rec.x is None:
+        return report(
+            pb.result(
+                torch.zeros_like(pb.b),
+                converged=False,
+                iterations=counter,
+                residual_norms=[],
+                diverged=True,
+                method="lissa",
+                info=info,
+                message="the recursion overflowed: a mini-batch curvature exceeds 2 * scale",
+            ),
+            warn,
+        )
+    x = rec.x
     converged = bias <= tol
     msg = (
         f"depth {depth}, scale {scale:.3e}, contraction {q:.6f}: predicted truncation bias "
