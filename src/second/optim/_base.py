@@ -489,6 +489,15 @@ class NewtonTypeOptimizer(Optimizer):
     def _versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self._params)
 
+    def _evaluate_at(self, x: Tensor, step: Tensor, evaluate: Callable):
+        """``evaluate()`` with the parameters at ``x + step``; back at ``x`` if it raises."""
+        self._set_flat(x + step)
+        try:
+            return evaluate()
+        except BaseException:
+            self._set_flat(x)  # never leave the parameters at a trial point
+            raise
+
     # -- the step loop ---------------------------------------------------------------------
     def _begin(self, closure: Callable | None) -> dict:
         """Start a :meth:`step` call: the cache of the last one when it can be reused.
@@ -532,6 +541,27 @@ class NewtonTypeOptimizer(Optimizer):
         if gnorm <= gtol:
             self._state["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= gtol = {gtol:.1e}"
         return gnorm <= gtol
+
+    def _iterations(self) -> Iterator[int]:
+        """Up to ``maxiter`` iterations, while no stop reason is set."""
+        for i in range(self.param_groups[0]["maxiter"]):
+            if self._state["stop_reason"] is not None:
+                return
+            yield i
+
+    def _model_failed(self, predicted_reduction: float, model: str) -> bool:
+        """Count the iteration; stop (and say why) when the model predicts no decrease."""
+        st = self._state
+        st["n_iter"] += 1
+        if not predicted_reduction > 0:
+            st["stop_reason"] = f"stalled: the {model} model predicts no decrease"
+            return True
+        return False
+
+    def _step_stalled(self, step_norm: float) -> None:
+        """Stop (and say why) after an accepted step no longer than ``tolerance_change``."""
+        if step_norm <= self.param_groups[0]["tolerance_change"]:
+            self._state["stop_reason"] = f"stalled: step norm {step_norm:.3e} <= tolerance_change"
 
     def _end(self, cache: dict, closure: Callable, first_loss: float | None) -> Tensor:
         """Keep the cache for the next call; the loss at the start of this one."""

@@ -327,12 +327,8 @@ class GaussNewton(NewtonTypeOptimizer):
         """
 
         def trial(d: Tensor):
-            self._set_flat(x + d)
-            try:  # a non-finite trial loss rejects the step
-                call, out = self._evaluate(closure)
-            except BaseException:
-                self._set_flat(x)  # never leave the parameters at a trial point
-                raise
+            # a non-finite trial loss rejects the step
+            call, out = self._evaluate_at(x, d, lambda: self._evaluate(closure))
 
             def finish(graph: bool = True):
                 if "point" not in holder:
@@ -348,16 +344,9 @@ class GaussNewton(NewtonTypeOptimizer):
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         """Perform up to ``maxiter`` Levenberg-Marquardt iterations (:func:`~second.newton.damped_step`).
 
-        Args:
-            closure: torch.optim's closure (zero the gradients, compute the loss, call
-                ``backward()``, return the loss).
-
-        Returns:
-            The loss at the start of the call (detached).
-
-        Raises:
-            ValueError: no closure.
-            TypeError: the closure returns no scalar loss, or the network output is unknown.
+        The closure, the value returned (the loss at the start of the call) and the errors are
+        those of :meth:`NewtonCG.step <second.optim.NewtonCG.step>`; the ``TypeError`` also
+        covers a network output that cannot be found.
         """
         cache = self._begin(closure)
         group = self.param_groups[0]
@@ -365,9 +354,7 @@ class GaussNewton(NewtonTypeOptimizer):
         st.setdefault("damping", float(group["damping"]))
         st.setdefault("nu", 2.0)
         first_loss = None
-        for _ in range(group["maxiter"]):
-            if st["stop_reason"] is not None:
-                break
+        for _ in self._iterations():
             if "g" not in cache:
                 cache, gnorm = self._arrive(
                     cache, lambda: self._point(*self._evaluate(closure)), damping=st["damping"]
@@ -390,17 +377,14 @@ class GaussNewton(NewtonTypeOptimizer):
                 min_damping=group["min_damping"],
                 max_damping=group["max_damping"],
             )
-            st["n_iter"] += 1
-            if not res.predicted_reduction > 0:
-                st["stop_reason"] = "stalled: the Gauss-Newton model predicts no decrease"
+            if self._model_failed(res.predicted_reduction, "Gauss-Newton"):
                 break
             st["damping"], st["nu"] = res.damping, res.nu
             if res.accepted:  # the parameters are at the trial point
                 step_norm = float(torch.linalg.vector_norm(res.step))
                 res.finish()
                 cache = dict(accepted=holder["point"])
-                if step_norm <= group["tolerance_change"]:
-                    st["stop_reason"] = f"stalled: step norm {step_norm:.3e} <= tolerance_change"
+                self._step_stalled(step_norm)
             else:
                 self._set_flat(x)
                 st["n_rejected"] += 1

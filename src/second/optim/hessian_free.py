@@ -104,12 +104,12 @@ class HessianFree(NewtonTypeOptimizer):
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> X, y = torch.randn(64, 4), torch.randn(64, 1)
         >>> opt = HessianFree(model)
-        >>> def closure():
+        >>> def closure(rows=slice(None)):
         ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(X), y)
+        ...     loss = torch.nn.functional.mse_loss(model(X[rows]), y[rows])
         ...     loss.backward()
         ...     return loss
-        >>> first = opt.step(closure)
+        >>> first = opt.step(closure, lambda: closure(slice(16)))  # curvature on 16 examples
         >>> opt.step(closure) < first
         tensor(True)
 

@@ -144,12 +144,7 @@ class NewtonCG(NewtonTypeOptimizer):
         """``p -> (f(x + p), finish)``: scatter the step, run the closure; graph kept."""
 
         def trial(p: Tensor):
-            self._set_flat(x + p)
-            try:
-                call = self._call(closure)
-            except BaseException:
-                self._set_flat(x)  # never leave the parameters at a trial point
-                raise
+            call = self._evaluate_at(x, p, lambda: self._call(closure))
             f = float(call.loss.detach())
 
             def finish(graph: bool = True):
@@ -194,9 +189,7 @@ class NewtonCG(NewtonTypeOptimizer):
         st = self._state
         st.setdefault("radius", float(group["initial_radius"]))
         first_loss = None
-        for _ in range(group["maxiter"]):
-            if st["stop_reason"] is not None:
-                break
+        for _ in self._iterations():
             if "g" not in cache:
                 cache, gnorm = self._arrive(
                     cache, lambda: self._point(self._call(closure)), radius=st["radius"]
@@ -234,9 +227,7 @@ class NewtonCG(NewtonTypeOptimizer):
                 eta=group["eta"],
                 max_radius=group["max_radius"],
             )
-            st["n_iter"] += 1
-            if not res.predicted_reduction > 0:
-                st["stop_reason"] = "stalled: the quadratic model predicts no decrease"
+            if self._model_failed(res.predicted_reduction, "quadratic"):
                 break
             st["radius"] = res.radius
             step_norm = res.sub.step_norm
@@ -250,8 +241,7 @@ class NewtonCG(NewtonTypeOptimizer):
                 if group["extrapolation"] and res.rho > 1.1 and not res.sub.on_boundary:
                     self._extrapolate(closure, x, res.step, step_norm, res.f)
                     cache = {}  # the trial graphs were invalidated: evaluate afresh
-                if step_norm <= group["tolerance_change"]:
-                    st["stop_reason"] = f"stalled: step norm {step_norm:.3e} <= tolerance_change"
+                self._step_stalled(step_norm)
             else:
                 self._set_flat(x)
                 if st["radius"] <= group["tolerance_change"]:
