@@ -212,7 +212,9 @@ def test_damping_adapts_with_closure():
     assert opt.param_groups[0]["damping"] != 1.0
 
 
-@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity])
+@pytest.mark.parametrize(
+    "act", [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity, nn.GELU, nn.SiLU, nn.LeakyReLU]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_quadratic_model_mlp_path_matches_forward_mode(act, bias):
     """The plain-MLP JVPs (captured forward reused) equal the generic forward-mode AD."""

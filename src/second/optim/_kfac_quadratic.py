@@ -20,14 +20,17 @@ from .. import distributed as dist
 from ..func import differentiable_attention
 from ..kfac import LayerRule, LinearRule, output_hessian_product
 
-_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
+_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity, nn.GELU, nn.SiLU, nn.LeakyReLU)
+MAX_MOMENTUM = 0.95
+"""Upper bound of the momentum the quadratic model may choose."""
 
 
 def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, Any]] | None:
     """``[("linear", j) | ("act", module), ...]`` for a plain Sequential MLP, else ``None``.
 
     Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
-    once, and Tanh/Sigmoid/ReLU/Identity activations; no buffers, no other parameters.
+    once, and Tanh/Sigmoid/ReLU/Identity/GELU (exact)/SiLU/LeakyReLU activations; no
+    buffers, no other parameters.
     """
     if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
         return None
@@ -43,7 +46,7 @@ def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, 
                 return None
             seen.add(j)
             chain.append(("linear", j))
-        elif type(m) in _ACTIVATIONS:
+        elif type(m) in _ACTIVATIONS and getattr(m, "approximate", "none") == "none":
             chain.append(("act", m))
         else:
             return None
@@ -63,7 +66,8 @@ def chain_jvp(
 
     The primal activations of the training forward (same batch, same parameters) are
     reused; each linear layer costs two matrix products per vector, each activation
-    one elementwise product with its derivative (read off its output).
+    one elementwise product with its derivative (read off its output, or for GELU, SiLU
+    and LeakyReLU off its input).
 
     Args:
         chain: from :func:`mlp_chain`.
@@ -106,10 +110,28 @@ def chain_jvp(
                 t = t * (y * (1.0 - y)).unsqueeze(1)
             elif isinstance(obj, nn.ReLU):
                 t = t * (y > 0).to(t.dtype).unsqueeze(1)
+            elif not isinstance(obj, nn.Identity):  # GELU, SiLU, LeakyReLU: from the input
+                t = t * _derivative(obj, cur).unsqueeze(1)
         cur = y
     if t is None:
         return out, out.new_zeros((k, *out.shape))
     return out, t.transpose(0, 1)
+
+
+def _derivative(act: nn.Module, x: Tensor) -> Tensor:
+    """The derivative of an elementwise GELU (exact), SiLU or LeakyReLU at its input ``x``."""
+    if isinstance(act, nn.GELU):
+        return 0.5 * (1.0 + torch.erf(x * _SQRT_HALF)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    if isinstance(act, nn.SiLU):
+        s = torch.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    assert isinstance(act, nn.LeakyReLU)
+    slope = act.negative_slope
+    return (x > 0).to(x.dtype) * (1.0 - slope) + slope
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def generic_jvp(
@@ -184,12 +206,17 @@ def step_coefficients(
     damping: float,
     weight_decay: float,
     momentum: float | None,
+    max_momentum: float = MAX_MOMENTUM,
 ) -> tuple[float, float, float]:
     r"""Learning rate and momentum from the quadratic model (Martens & Grosse, section 7).
 
     With :math:`V = [\Delta, \delta_0]` (or :math:`[\Delta]` before the first update),
     :math:`(\alpha, \mu)` minimize :math:`\tfrac12 c^\top (F_V + (\lambda+\eta) N_V) c + g_V^\top c`
-    (a 2x2 solve; with a fixed ``momentum`` only :math:`\alpha`). A singular system gives NaN.
+    over :math:`\mu \in [0, \mu_{max}]` (a 2x2 solve; when its :math:`\mu` falls outside,
+    the minimizer lies on the nearer bound, where only :math:`\alpha` is solved for; with a
+    fixed ``momentum`` only :math:`\alpha`). A singular system gives NaN. On noisy
+    mini-batches the unconstrained :math:`\mu` is often slightly negative or above 1 (the
+    digits MLPs: about half of the steps), which a momentum method must not take.
 
     Args:
         Fq: :math:`[v_a^\top F v_b]`.
@@ -198,6 +225,7 @@ def step_coefficients(
         damping: :math:`\lambda`.
         weight_decay: :math:`\eta`.
         momentum: a fixed :math:`\mu`, or ``None`` to solve for it.
+        max_momentum: :math:`\mu_{max}`, the upper bound of a solved :math:`\mu`.
 
     Returns:
         ``(alpha, mu, predicted change)``, the change of the undamped model
@@ -215,7 +243,10 @@ def step_coefficients(
             mu = -(Qd[0][0] * gV[1] - Qd[1][0] * gV[0]) / det
         else:
             alpha = mu = math.nan
-    else:
+        if math.isfinite(mu) and not 0.0 <= mu <= max_momentum:
+            # a convex model: the constrained minimizer is on the bound nearer to mu
+            momentum = min(max(mu, 0.0), max_momentum)
+    if not (have_prev and momentum is None):
         mu = 0.0 if (momentum is None or not have_prev) else float(momentum)
         num = -(gV[0] + (mu * Qd[0][1] if have_prev else 0.0))
         alpha = num / Qd[0][0] if Qd[0][0] != 0.0 else math.nan

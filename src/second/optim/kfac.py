@@ -17,8 +17,8 @@ included) and damping :math:`\lambda`:
    :math:`M(\delta) = \tfrac12 \delta^\top (F + (\lambda+\eta) I)\delta + \nabla h^\top\delta` over
    :math:`\delta = \alpha\Delta + \mu\delta_0`, where :math:`F` is the **exact** GGN of the
    mini-batch loss (two Jacobian-vector products, forward mode, on the captured
-   batch; for a plain ``nn.Sequential`` of linear layers and Tanh/Sigmoid/ReLU/Identity
-   activations the tangents are pushed through the activations captured in the training
+   batch; for a plain ``nn.Sequential`` of linear layers and Tanh/Sigmoid/ReLU/Identity/
+   GELU/SiLU/LeakyReLU activations the tangents are pushed through the activations captured in the training
    forward, which is not re-run). Or fixed: :math:`\delta = \mu\delta_0 + \alpha\nu\Delta`
    with optional KL clipping :math:`\nu = \min(1, \sqrt{c / (\alpha^2 |\Delta^\top \nabla h|)})`.
 4. Levenberg-Marquardt (section 6.5): every ``damping_adaptation_interval`` steps
@@ -56,18 +56,26 @@ from ..kfac import (
     EigenBlock,
     FactorStats,
     KroneckerBlock,
+    WeightSharing,
     add_layer_statistics,
+    approximations,
     batch_statistics,
     check_loss,
     curvature_columns,
     eigen_blocks,
-    find_layers,
+    find_rules,
     nonfinite_rows,
     unwrap_model,
     watch_forward,
 )
 from ._base import PARAM_SHAPES, check_state_dict_params
-from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram, mlp_chain, step_coefficients
+from ._kfac_quadratic import (
+    chain_jvp,
+    generic_jvp,
+    ggn_gram,
+    mlp_chain,
+    step_coefficients,
+)
 
 __all__ = ["KFAC"]
 
@@ -111,6 +119,10 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: KL clipping constant ``c`` in fixed-``lr`` mode (default ``None``: off).
         max_update_norm: clip the update's 2-norm (default ``None``: off).
         fallback: ``"diagonal"`` (default) or ``"identity"``.
+        weight_sharing: ``"expand"`` (default) or ``"reduce"`` for layers applied at several
+            positions of an example (sequences, attention, convolutions), or
+            ``{module name pattern: mode}`` per layer (see :mod:`second.kfac.rules`);
+            :meth:`approximations` reports what each parameter got.
         distributed: all-reduce statistics (default: when a process group is initialized).
 
     Raises:
@@ -158,6 +170,7 @@ class KFAC(torch.optim.Optimizer):
         max_update_norm: float | None = None,
         fallback: str = "diagonal",
         distributed: bool | None = None,
+        weight_sharing: WeightSharing = "expand",
     ):
         _check_positive("damping", damping, strict=True)
         _check_positive("min_damping", min_damping, strict=True)
@@ -222,11 +235,14 @@ class KFAC(torch.optim.Optimizer):
         self.reduction = reduction_of(loss_fn)
         self.fisher, self.mc_samples, self.fallback = fisher, int(mc_samples), fallback
         self.distributed = distributed
-        self.layers = find_layers(inner, params)
+        self.layers, diagonal = find_rules(inner, params, weight_sharing=weight_sharing)
+        # normalization layers: their exact diagonal (the empirical Fisher has its own)
+        exact = fallback == "diagonal" and fisher != "empirical"
+        self.diagonal_rules = diagonal if exact else []
         owned = {id(p) for layer in self.layers for p in layer.params()}
         self.fallback_params = [p for p in params if id(p) not in owned]
         self._names = [n for n, p in inner.named_parameters() if p.requires_grad]
-        self._capture = Capture(self.layers).__enter__()
+        self._capture = Capture(self.layers, self.diagonal_rules).__enter__()
         self._capture.active = False
         # weak references: a deep copy of the model keeps hooks that point here and ignore
         # the copy (and the optimizer is not copied along with the model)
@@ -259,7 +275,8 @@ class KFAC(torch.optim.Optimizer):
     def _pre_hook(self, module, args):
         active = self.inner.training and torch.is_grad_enabled() and not self._in_step
         self._capture.clear()
-        self._capture.active = active and self._capturing_now()
+        # between factor updates a plain MLP still records its activations (_chain_jvp)
+        self._capture.active = active and (self._capturing_now() or self._chain is not None)
 
     def _top_hook(self, module, args, kwargs, output):
         if not (self.inner.training and torch.is_grad_enabled()) or self._in_step:
@@ -272,6 +289,9 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(output, Tensor):
             raise TypeError("KFAC needs a model whose forward returns one tensor (the output)")
         self._keep_forward(args, kwargs, output)
+        if not self._capturing_now():
+            self._capture.clear()
+            return
         self._pending_bad = nonfinite_rows(output) is not None
         if self._pending_bad:  # no statistics from a batch that will be refused
             self._capture.clear()
@@ -358,7 +378,7 @@ class KFAC(torch.optim.Optimizer):
         if stats.n == 0:
             return None
         w = 1.0 / stats.n if self.reduction == "mean" else 1.0
-        lstates = [self.state[layer.weight] for layer in self.layers]
+        lstates = [layer.state_in(self.state) for layer in self.layers]
         dstates = [self.state[p] for p in self.fallback_params]
         A_run, G_run = [], []
         for layer, st in zip(self.layers, lstates):
@@ -386,7 +406,7 @@ class KFAC(torch.optim.Optimizer):
         after the all-reduce, so the result is the same and the work is split.
         """
         corr = 1.0 / (1.0 - group["factor_decay"] ** group["factor_steps"])
-        states = [self.state[layer.weight] for layer in self.layers]
+        states = [layer.state_in(self.state) for layer in self.layers]
         blocks = eigen_blocks([(st["A"], st["G"]) for st in states], corr, split=self._dist())
         for st, e in zip(states, blocks):
             st["lA"], st["QA"], st["lG"], st["QG"] = e.lA, e.QA, e.lG, e.QG
@@ -398,7 +418,7 @@ class KFAC(torch.optim.Optimizer):
         hit = self._inv_cache.get(j)
         if hit is not None and hit[0] == key:
             return hit[1]
-        st = self.state[layer.weight]
+        st = layer.state_in(self.state)
         inv = EigenBlock(st["lA"], st["QA"], st["lG"], st["QG"]).inverse(lam)
         self._inv_cache[j] = (key, inv)
         return inv
@@ -412,10 +432,10 @@ class KFAC(torch.optim.Optimizer):
             ib = index[id(layer.bias)] if layer.has_bias else None
             M = layer.matrix_of(grads[iw], None if ib is None else grads[ib])
             vw, vb = layer.params_of(self._layer_inverse(j, layer, lam).matmul(M))
-            o = offsets[iw]
+            o = offsets[iw] + layer.w_offset
             out[o : o + vw.numel()].view(vw.shape).copy_(vw)
             if ib is not None and vb is not None:
-                o = offsets[ib]
+                o = offsets[ib] + layer.b_offset
                 out[o : o + vb.numel()].copy_(vb)
         corr = 1.0 / (1.0 - group["factor_decay"] ** max(group["factor_steps"], 1))
         for p in self.fallback_params:
@@ -524,22 +544,24 @@ class KFAC(torch.optim.Optimizer):
         if eta:
             grads = list(torch._foreach_add(grads, params, alpha=eta))
         gflat = _flat(grads)
-        if not bool(torch.isfinite(gflat).all()):
-            return self._skip("gradient", group, loss)
-        snapshot = self._snapshot(group)
+        new = None
         if pending is not None:
             if self.fisher == "empirical":
                 self._empirical_diagonal(pending)
             new = self._new_factors(pending, group)
-            if new is not None:
-                if not _all_finite([t for _, _, t in new]):
-                    return self._skip("curvature statistic", group, loss)
-                for st, key, t in new:
-                    st[key] = t
-                group["factor_steps"] += 1
+        # one reduction and one synchronization for the gradient and all new statistics
+        stats = [t for _, _, t in new] if new is not None else []
+        bad = _nonfinite([gflat, *stats])
+        if bad is not None:
+            return self._skip("gradient" if bad == 0 else "curvature statistic", group, loss)
+        snapshot = self._snapshot(group)
+        if new is not None:
+            for st, key, t in new:
+                st[key] = t
+            group["factor_steps"] += 1
         if group["factor_steps"] == 0:
             raise RuntimeError("KFAC has no curvature statistics yet (the batch had no examples)")
-        stale = any("lG" not in self.state[layer.weight] for layer in self.layers)
+        stale = any("lG" not in layer.state_in(self.state) for layer in self.layers)
         if stale or group["step"] % group["inverse_update_period"] == 0:
             self._update_inverses(group)
 
@@ -639,6 +661,15 @@ class KFAC(torch.optim.Optimizer):
         self.last_info = info
         return loss
 
+    def approximations(self) -> dict[str, str]:
+        """``{parameter name: approximation}`` (see :func:`second.kfac.approximations`).
+
+        ``"kronecker"``, ``"kronecker-expand"``/``"kronecker-reduce"`` (a layer seen shared
+        over positions so far), ``"diagonal-exact"``, ``"diagonal"`` or ``"identity"``.
+        """
+        params = self.param_groups[0]["params"]
+        return approximations(self.inner, self.layers, self.diagonal_rules, params, self.fallback)
+
     @property
     def counters(self) -> dict[str, int]:
         """The safeguards' counters: ``n_skipped_steps`` (non-finite) and ``n_refused_steps``."""
@@ -677,7 +708,7 @@ class KFAC(torch.optim.Optimizer):
         keys = ("A", "G", "lA", "QA", "lG", "QG")
         saved = [
             (st, k, st.get(k, _MISSING))
-            for st in (self.state[lay.weight] for lay in self.layers)
+            for st in (lay.state_in(self.state) for lay in self.layers)
             for k in keys
         ]
         saved += [
@@ -768,11 +799,16 @@ def _clamp(lam: float, group: dict) -> float:
     return float(min(max(lam, group["min_damping"]), group["max_damping"]))
 
 
-def _all_finite(ts: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one synchronization)."""
-    if not ts:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+def _nonfinite(ts: list[Tensor]) -> int | None:
+    """The index of the first tensor with a NaN or Inf entry (or whose norm overflows), or ``None``.
+
+    One fused norm per tensor and one synchronization; an order of magnitude cheaper than
+    ``isfinite(t).all()`` on a large factor.
+    """
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(ts)))
+    if bool(finite.all()):
+        return None
+    return int((~finite).nonzero()[0, 0])
 
 
 def _flat(ts: list[Tensor]) -> Tensor:
