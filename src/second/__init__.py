@@ -8,7 +8,7 @@ them.
 ``from second import *`` gives the seed notebook's names with their signatures.
 """
 
-from . import laplace, optim  # subpackages: second.laplace.Laplace, second.optim.KFAC, ...
+from . import laplace, operators, optim  # subpackages: second.optim.KFAC, ...
 from ._errors import (
     ConvergenceWarning,
     NegativeCurvatureWarning,
@@ -33,23 +33,7 @@ from .implicit import HypergradientResult, hypergradient, imaml, implicit_root
 from .influence import Influence, TopK, per_example_gradients
 from .kfac import EKFACOperator, KFACOperator
 from .metrics import cosine_similarity, relative_error
-from .operators import (
-    CallableOperator,
-    CurvatureOperator,
-    DampedOperator,
-    DenseOperator,
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    IdentityOperator,
-    JacobianOperator,
-    LinearOperator,
-    ScaledOperator,
-    SubmatrixOperator,
-    SumOperator,
-    TransposedJacobianOperator,
-    aslinearoperator,
-)
+from .operators import *  # noqa: F403  (the operator types: operators.__all__)
 from .optim import OptimizeResult, minimize
 from .solvers import (
     InverseOperator,
@@ -87,21 +71,7 @@ __all__ = [
     "relative_error",
     "cosine_similarity",
     # operators
-    "LinearOperator",
-    "DenseOperator",
-    "CallableOperator",
-    "IdentityOperator",
-    "SumOperator",
-    "ScaledOperator",
-    "DampedOperator",
-    "aslinearoperator",
-    "CurvatureOperator",
-    "HessianOperator",
-    "GGNOperator",
-    "FisherOperator",
-    "JacobianOperator",
-    "TransposedJacobianOperator",
-    "SubmatrixOperator",
+    *operators.__all__,
     "Task",
     # approximations
     "KFACOperator",

@@ -1,28 +1,13 @@
 """Matrix-free curvature operators and their algebra."""
 
-from .base import (
-    CallableOperator,
-    DampedOperator,
-    DenseOperator,
-    IdentityOperator,
-    LinearOperator,
-    ScaledOperator,
-    SumOperator,
-    aslinearoperator,
-)
+from . import base
+from .base import *  # noqa: F403  (the algebra: base.__all__)
 from .curvature import CurvatureOperator, FisherOperator, GGNOperator, HessianOperator
 from .jacobian import JacobianOperator, TransposedJacobianOperator
 from .submatrix import SubmatrixOperator
 
 __all__ = [
-    "LinearOperator",
-    "DenseOperator",
-    "CallableOperator",
-    "IdentityOperator",
-    "SumOperator",
-    "ScaledOperator",
-    "DampedOperator",
-    "aslinearoperator",
+    *base.__all__,
     "CurvatureOperator",
     "HessianOperator",
     "GGNOperator",

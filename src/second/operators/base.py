@@ -35,7 +35,6 @@ __all__ = [
     "ScaledOperator",
     "DampedOperator",
     "aslinearoperator",
-    "is_symmetric",
 ]
 
 
