@@ -143,6 +143,23 @@ def ref_jacobian(model, X) -> torch.Tensor:
     return J.reshape(-1, theta.numel())
 
 
+def ref_output_jacobians(model, params, X) -> torch.Tensor:
+    """``[n, C, P]``: the outputs ``[n, C]`` differentiated by ``params`` (in their order).
+
+    One ``jacrev`` of the whole batch's outputs; the other parameters and the model's
+    dtype are kept.
+    """
+    names = {id(p): k for k, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+
+    def f(*ts):
+        return functional_call(model, dict(zip(keys, ts)), (X,))
+
+    Js = jacrev(f, argnums=tuple(range(len(params))))(*[p.detach() for p in params])
+    n, C = Js[0].shape[:2]
+    return torch.cat([J.reshape(n, C, -1) for J in Js], dim=2)
+
+
 def ref_ggn(model, loss_fn, X, y) -> torch.Tensor:
     """``J^T (d^2 L / d f^2) J`` with both factors from ``torch.func``."""
     g, theta = output_of_theta(model, X)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
 
+from dense_reference import ref_output_jacobians
 from second import exact_ggn, exact_hessian
 from second.kfac import KFACOperator
 from second.laplace import Laplace
@@ -188,19 +188,6 @@ def test_last_layer_kfac_equals_full_for_one_datum():
     )
 
 
-def _dense_jacobian(model, params, X):
-    names = {id(p): k for k, p in model.named_parameters()}
-    keys = [names[id(p)] for p in params]
-    base = dict(model.named_parameters())
-
-    def f(*ts):
-        return functional_call(model, {**base, **dict(zip(keys, ts))}, (X,))
-
-    Js = jacrev(f, argnums=tuple(range(len(params))))(*[p.detach() for p in params])
-    n, C = Js[0].shape[:2]
-    return torch.cat([J.reshape(n, C, -1) for J in Js], dim=2)  # [n, C, P]
-
-
 @pytest.mark.parametrize("structure", ["full", "diag", "kfac"])
 def test_glm_covariance_is_j_sigma_jt(structure):
     model = _mlp()
@@ -208,7 +195,7 @@ def test_glm_covariance_is_j_sigma_jt(structure):
     la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, prior_precision=2.0)
     Xt = _cls_data(n=7, seed=5)[0]
     f, cov = la.functional_covariance(Xt)
-    J = _dense_jacobian(model, list(model.parameters()), Xt)
+    J = ref_output_jacobians(model, list(model.parameters()), Xt)
     Sigma = la.posterior_covariance()
     ref = torch.einsum("ncp,pq,ndq->ncd", J, Sigma, J)
     assert torch.allclose(f, model(Xt).detach())
@@ -224,7 +211,7 @@ def test_last_layer_glm_and_regression_predictive():
     X, y = _reg_data()
     la = Laplace(model, nn.MSELoss(), (X, y), subset="last_layer", sigma_noise=0.3)
     Xt = _reg_data(n=5, seed=7)[0]
-    J = _dense_jacobian(model, list(model[2].parameters()), Xt)
+    J = ref_output_jacobians(model, list(model[2].parameters()), Xt)
     ref = torch.einsum("ncp,pq,ndq->ncd", J, la.posterior_covariance(), J)
     mean, cov = la.predict(Xt)
     assert torch.allclose(mean, model(Xt).detach())

@@ -10,17 +10,17 @@ root is a single layer (a bare ``nn.Linear``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from .._errors import NonFiniteError
 from ..data import Task, as_task, map_batch
 from .vectors import parameters_to_vector, vector_to_parameters
 
-__all__ = ["ModelFunction", "per_example_gradients", "check_rows_finite"]
+__all__ = ["ModelFunction", "per_example_gradients", "per_example_jacobians", "check_rows_finite"]
 
 
 def check_rows_finite(G: Tensor, what: str = "example", offset: int = 0) -> Tensor:
@@ -250,3 +250,60 @@ def per_example_gradients(
     if not rows:
         return torch.zeros(0, fm.numel, dtype=fm.dtype, device=fm.device)
     return torch.cat(rows)
+
+
+def per_example_jacobians(
+    module: nn.Module, params: Sequence[Tensor], X: Tensor, *, batch_size: int | None = None
+) -> Tensor:
+    r"""Jacobians of the outputs of every example with respect to some parameters.
+
+    .. math:: J_{i,c,:} = \partial f_\theta(x_i)_c / \partial\theta,
+              \qquad f_\theta(x_i) = \texttt{module}(x_i[\mathrm{None}])[0]
+
+    computed as ``vmap(jacrev(...))`` over ``torch.func.functional_call`` (one vectorized
+    reverse pass per output), ``batch_size`` examples at a time. Parameters that are not in
+    ``params`` (and buffers) are held at their values.
+
+    Args:
+        module: a network whose output for ``X [n, ...]`` is ``[n, C]``.
+        params: parameters of ``module``; the columns follow their order (as
+            :func:`~second.parameters_to_vector` flattens them).
+        X: inputs ``[n, ...]``.
+        batch_size: examples per vmapped call (default: all; memory ``O(batch_size C P)``).
+
+    Returns:
+        A detached ``[n, C, P]`` tensor.
+
+    Raises:
+        ValueError: a tensor in ``params`` that is not a parameter of ``module``, or an
+            output that is not ``[n, C]``.
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> J = per_example_jacobians(lin, [lin.weight, lin.bias], torch.randn(5, 3))
+        >>> J.shape
+        torch.Size([5, 2, 8])
+    """
+    names = {id(p): k for k, p in module.named_parameters()}
+    if any(id(p) not in names for p in params):
+        raise ValueError("params must be parameters of the module")
+    keys = [names[id(p)] for p in params]
+
+    def f(theta, x):
+        out = functional_call(module, dict(zip(keys, theta)), (x.unsqueeze(0),))
+        if out.dim() != 2:
+            raise ValueError(f"the module must give outputs [n, C], got {tuple(out.shape)}")
+        return out[0]
+
+    theta = tuple(p.detach() for p in params)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("X has no examples")
+    step = n if batch_size is None else max(1, int(batch_size))
+    parts = []
+    with torch.enable_grad():
+        for s in range(0, n, step):
+            Js = vmap(jacrev(f), in_dims=(None, 0))(theta, X[s : s + step])
+            m, C = Js[0].shape[:2]
+            parts.append(torch.cat([J.reshape(m, C, -1) for J in Js], dim=2).detach())
+    return torch.cat(parts)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kfac.rules import LayerRule
+
 __all__: list[str] = []
 
 
@@ -318,6 +320,55 @@ class KronStructure(_Structure):
         return self._map(
             zero, block_diag, lambda i, v: (1.0 / diag[i]).reshape(1, *v.shape[1:])
         ).squeeze(1)
+
+    def _factored(self, j: int, a: Tensor) -> bool:
+        """Layer ``j``'s per-example Jacobians are rank one (dense rows, one position)."""
+        layer = self.layout.layers[j]
+        default = type(layer).per_example_mats is LayerRule.per_example_mats
+        return default and a.shape[1] == 1 and self.blocks[j].QA is not None
+
+    def jacobian_width(self) -> int:
+        """Floats per example and output that :meth:`jacobian_covariance` holds at most."""
+        layers = self.layout.layers
+        fallback = sum(self.layout.params[i].numel() for i in self.layout.fallback_index)
+        return max([layer.d_G * layer.d_A for layer in layers] + [1]) + fallback
+
+    def jacobian_covariance(self, c, delta, rows, fallback_jacobian, shape) -> Tensor:
+        r""":math:`J \Lambda^{-1} J^\top` ``[n, C, C]`` from the Jacobians' factors.
+
+        ``rows[j]``: the calls of layer ``j`` as ``(a [n, T, d_A], g [C, n, T, d_G])``, the
+        layer's input rows and the gradients of each output at its output; output ``k``'s
+        Jacobian for the layer's matrix is :math:`\sum_{t} g_{kt} a_t^\top` (summed over
+        calls). With one position and one call it is rank one, so its rotation is
+        :math:`u_k w^\top` with :math:`u_k = Q_G^\top g_k`, :math:`w = Q_A^\top a`, and
+        :math:`\sum_{ij} u_{ki} u_{li} w_j^2 / (c s_{ij} + \delta)`: no per-example
+        Jacobian is formed. Otherwise the per-example matrices are formed layer by layer.
+        ``fallback_jacobian``: ``[n, C, p]`` columns of the fallback parameters (or ``None``);
+        ``shape``: ``(n, C)``.
+        """
+        out, diag = self._spectra(c, delta)
+        n, C = shape
+        cov = torch.zeros(n, C, C, dtype=self.dtype, device=self.device)
+        for j, calls in enumerate(rows):
+            if not calls:
+                continue
+            b, inv = self.blocks[j], 1.0 / out[j]
+            a = torch.cat([r[0] for r in calls], dim=1)
+            a = a.to(self.dtype) if a.is_floating_point() else a  # an embedding's indices
+            g = torch.cat([r[1] for r in calls], dim=2).to(self.dtype)
+            if self._factored(j, a):
+                u = g[:, :, 0] @ b.QG  # [C, n, d_G]
+                w = a[:, 0] @ b.QA  # [n, d_A]
+                z = (w * w) @ inv.T  # [n, d_G]
+                cov += torch.einsum("kni,lni->nkl", u * z, u)
+            else:
+                R = b.rotate(self.layout.layers[j].per_example_mats(a, g))  # [C, n, d_G, d_A]
+                cov += torch.einsum("knga,lnga->nkl", R * inv, R)
+        if fallback_jacobian is not None:
+            J = fallback_jacobian.to(self.dtype)
+            d = torch.cat([1.0 / s.reshape(-1) for s in diag])
+            cov += torch.einsum("nkp,nlp->nkl", J * d, J)
+        return cov
 
     def matmat_curvature(self, V):
         return self._map(

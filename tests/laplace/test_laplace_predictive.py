@@ -1,0 +1,141 @@
+"""The Kronecker GLM covariance (factored Jacobians) and the links, against dense float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dense_reference import ref_output_jacobians
+from second.laplace import Laplace
+from second.laplace._predictive import link_probabilities
+
+EXACT = 1e-9  # the same algebra done two ways (float64)
+
+
+class _Shared(nn.Module):
+    """One Linear applied twice (a weight used at two places: a sum of rank-one terms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class _Tokens(nn.Module):
+    """A Linear over positions ``[n, T, d]`` and an embedding: the per-position paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.out = nn.Embedding(5, 3), nn.Linear(3, 2), nn.Linear(8, 3)
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.lin(self.emb(idx))).flatten(1))
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    if kind == "layernorm":  # LayerNorm's affine parameters take the diagonal fallback
+        return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    if kind == "conv":
+        return nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).double()
+    if kind == "shared":
+        return _Shared().double()
+    return _Tokens().double()
+
+
+def _inputs(kind, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "conv":
+        return torch.randn(n, 1, 3, 3, dtype=torch.float64, generator=g)
+    if kind == "tokens":
+        return torch.randint(0, 5, (n, 4), generator=g)
+    return torch.randn(n, 3, dtype=torch.float64, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("kind", "structure", "subset", "per_group"),
+    [
+        ("mlp", "kfac", "all", False),
+        ("mlp", "ekfac", "all", True),
+        ("mlp", "kfac", "last_layer", False),
+        ("layernorm", "kfac", "all", True),
+        ("conv", "kfac", "all", False),
+        ("shared", "kfac", "all", True),
+        ("tokens", "ekfac", "all", True),
+    ],
+)
+def test_kronecker_glm_covariance_is_j_sigma_jt(kind, structure, subset, per_group):
+    model = _model(kind)
+    X = _inputs(kind, 24, 1)
+    y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(2))
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, subset=subset)
+    if per_group:
+        la.prior_precision = torch.linspace(0.5, 3.0, len(la.groups), dtype=torch.float64)
+    else:
+        la.prior_precision = 2.0
+    Xt = _inputs(kind, 6, 3)
+    f, cov = la.functional_covariance(Xt)
+    if subset == "last_layer":
+        module, inputs = la._inputs(Xt)
+    else:
+        module, inputs = model, Xt
+    J = ref_output_jacobians(module, la.params, inputs)
+    ref = torch.einsum("ncp,pq,ndq->ncd", J, la.posterior_covariance(), J)
+    assert torch.allclose(f, model(Xt).detach())
+    assert torch.allclose(cov, ref, rtol=EXACT, atol=1e-12)
+
+
+def test_kronecker_covariance_without_batched_backward(monkeypatch):
+    """An operation without a batching rule: one backward pass per output gives the same."""
+    model = _model("mlp")
+    X = _inputs("mlp", 20, 1)
+    y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(2))
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="kfac")
+    Xt = _inputs("mlp", 5, 3)
+    _, expected = la.functional_covariance(Xt)
+    grad = torch.autograd.grad
+
+    def unbatched(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatched)
+    _, cov = la.functional_covariance(Xt)
+    assert torch.allclose(cov, expected, rtol=EXACT, atol=1e-14)
+
+
+def test_centered_probit_ignores_the_logits_common_mode():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    B = torch.randn(4, 3, 3, dtype=torch.float64, generator=g)
+    cov = B @ B.transpose(1, 2)
+    C = 3
+    P = torch.eye(C, dtype=torch.float64) - 1.0 / C
+    var = torch.diagonal(P @ cov @ P, dim1=1, dim2=2)
+    expected = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * var), -1)
+    got = link_probabilities(f, cov, "probit_centered")
+    assert torch.allclose(got, expected, rtol=EXACT)
+    # a shift of all logits with variance 5 changes no softmax: nor this link
+    shifted = cov + 5.0 * torch.ones(3, 3, dtype=torch.float64)
+    assert torch.allclose(link_probabilities(f, shifted, "probit_centered"), got, rtol=EXACT)
+    # the plain probit reads it as uncertainty
+    assert not torch.allclose(link_probabilities(f, shifted, "probit"), got, rtol=1e-3)
+
+
+def test_default_link_is_the_objects():
+    model = _model("mlp")
+    X = _inputs("mlp", 20, 1)
+    y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(2))
+    Xt = _inputs("mlp", 5, 3)
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), subset="last_layer", link="bridge")
+    assert torch.equal(la.predict(Xt), la.predict(Xt, link="bridge"))
+    with pytest.raises(ValueError, match="link must be one of"):
+        Laplace(model, nn.CrossEntropyLoss(), None, link="logit")
