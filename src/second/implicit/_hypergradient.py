@@ -14,7 +14,7 @@ from .._errors import ConvergenceWarning
 from ..func.products import check_finite, hessian_matvec
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
-from ._linear import solve_symmetric
+from ._linear import solve_options, solve_symmetric
 from ._structure import detached_leaves, flatten
 
 __all__ = ["hypergradient", "HypergradientResult"]
@@ -143,6 +143,7 @@ def hypergradient(
         Implicit Differentiation", AISTATS 2020. A. Rajeswaran, C. Finn, S. Kakade,
         S. Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019.
     """
+    options = solve_options(locals())
     w_leaves, w_struct = flatten(params, "params")
     h_leaves, h_struct = flatten(hparams, "hparams")
     for name, t in zip(w_struct.names + h_struct.names, w_leaves + h_leaves, strict=True):
@@ -191,18 +192,7 @@ def hypergradient(
         if x0 is not None:
             x0_leaves, _ = flatten(x0, "x0")
             x0_flat = parameters_to_vector([t.detach() for t in x0_leaves]).to(b.dtype)
-        res = solve_symmetric(
-            matvec,
-            b,
-            method=method,
-            tol=tol,
-            atol=atol,
-            maxiter=maxiter,
-            damping=damping,
-            x0=x0_flat,
-            warn=warn,
-            stacklevel=4,
-        )
+        res = solve_symmetric(matvec, b, **options, x0=x0_flat, stacklevel=4)
         v = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
         vs = vector_to_parameters(v.detach(), ws)
         res.x = w_struct.unflatten([t.clone() for t in vs])

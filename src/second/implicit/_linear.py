@@ -13,9 +13,23 @@ from ..operators.base import CallableOperator
 from ..solvers import SolveResult, solve
 from ..solvers._result import report
 
-__all__ = ["default_tol", "solve_symmetric", "METHODS"]
+__all__ = ["default_tol", "solve_symmetric", "solve_options", "METHODS", "SOLVE_OPTIONS"]
 
 METHODS = ("auto", "cg", "minres", "dense", "neumann")
+
+#: The keywords of the public implicit functions that go on to :func:`solve_symmetric`.
+SOLVE_OPTIONS = ("method", "tol", "atol", "maxiter", "damping", "warn")
+
+
+def solve_options(arguments: dict) -> dict:
+    """The :data:`SOLVE_OPTIONS` among a function's arguments (its ``locals()``).
+
+    Example:
+        >>> solve_options(dict(method="cg", tol=None, atol=0.0, maxiter=5, damping=0.1,
+        ...                    warn=True, params=None))
+        {'method': 'cg', 'tol': None, 'atol': 0.0, 'maxiter': 5, 'damping': 0.1, 'warn': True}
+    """
+    return {name: arguments[name] for name in SOLVE_OPTIONS}
 
 
 def default_tol(dtype: torch.dtype) -> float:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..func.products import check_finite
+from ..func.products import check_finite, grad_checked
 from ..func.vectors import parameters_to_vector, vector_to_parameters
-from ._linear import solve_symmetric
+from ._linear import solve_options, solve_symmetric
 from ._structure import detached_leaves, flatten, zeros_for_none
 
 __all__ = ["implicit_root", "stationary"]
@@ -118,6 +119,7 @@ def implicit_root(
         >>> torch.allclose(h.grad, torch.linalg.solve(A, torch.ones(2, dtype=torch.float64)))
         True
     """
+    options = solve_options(locals())
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(solver)
@@ -138,24 +140,8 @@ def implicit_root(
             w_leaves = [w.detach() for w in w_leaves]
             if not diff or not torch.is_grad_enabled():
                 return w_struct.unflatten(w_leaves)
-            spec = dict(
-                optimality_fn=optimality_fn,
-                rebuild=rebuild,
-                arg_leaves=arg_leaves,
-                diff=diff,
-                w_struct=w_struct,
-                n_w=len(w_leaves),
-                owner=wrapped,
-                options=dict(
-                    method=method,
-                    tol=tol,
-                    atol=atol,
-                    maxiter=maxiter,
-                    damping=damping,
-                    warn=warn,
-                    symmetric=symmetric,
-                ),
-            )
+            spec = _Spec(optimality_fn, rebuild, arg_leaves, diff, w_struct, wrapped)
+            spec.options, spec.symmetric, spec.n_w = options, symmetric, len(w_leaves)
             outs = _ImplicitRoot.apply(spec, *w_leaves, *[arg_leaves[i] for i in diff])
             return w_struct.unflatten(list(outs))
 
@@ -165,30 +151,45 @@ def implicit_root(
     return decorator
 
 
+@dataclass
+class _Spec:
+    """What the backward of one :func:`implicit_root` call needs."""
+
+    optimality_fn: Callable[..., Any]
+    rebuild: Callable[[list], tuple]
+    arg_leaves: list
+    diff: list[int]  # the arguments' leaves that require a gradient
+    w_struct: Any  # the layout of the solver's output
+    owner: Any  # the decorated solver (its last_solve attribute is set)
+    options: dict = field(default_factory=dict)  # solve_options
+    symmetric: bool = True
+    n_w: int = 0  # the number of output leaves
+
+
 class _ImplicitRoot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, *tensors):
         ctx.spec = spec
         ctx.save_for_backward(*tensors)
-        n_w = spec["n_w"]
+        n_w = spec.n_w
         outs = tuple(t.clone() for t in tensors[:n_w])
         return outs
 
     @staticmethod
     def backward(ctx, *w_bar):
         spec = ctx.spec
-        n_w = spec["n_w"]
+        n_w = spec.n_w
         saved = ctx.saved_tensors
         w_saved, diff_saved = saved[:n_w], saved[n_w:]
-        opts = spec["options"]
+        opts = spec.options
         with torch.enable_grad():
             ws = detached_leaves(w_saved)
             hs = detached_leaves(diff_saved)
-            leaves = list(spec["arg_leaves"])
-            for i, h in zip(spec["diff"], hs, strict=True):
+            leaves = list(spec.arg_leaves)
+            for i, h in zip(spec.diff, hs, strict=True):
                 leaves[i] = h
-            args = spec["rebuild"](leaves)
-            F = spec["optimality_fn"](spec["w_struct"].unflatten(ws), *args)
+            args = spec.rebuild(leaves)
+            F = spec.optimality_fn(spec.w_struct.unflatten(ws), *args)
             F_leaves, _ = flatten(F, "optimality_fn's output")
             shapes_ok = len(F_leaves) == n_w and all(
                 f.shape == w.shape for f, w in zip(F_leaves, ws, strict=True)
@@ -206,29 +207,13 @@ class _ImplicitRoot(torch.autograd.Function):
                 us = vector_to_parameters(u, ws)
                 if not live:
                     return torch.zeros_like(u)
-                out = torch.autograd.grad(
-                    [F_leaves[i] for i in live],
-                    ws,
-                    [us[i] for i in live],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                return parameters_to_vector(
-                    [torch.zeros_like(w) if g is None else g for w, g in zip(ws, out, strict=True)]
-                )
+                F_live, u_live = [F_leaves[i] for i in live], [us[i] for i in live]
+                out = grad_checked(F_live, ws, u_live, retain_graph=True, zeros_for_unused=True)
+                return parameters_to_vector(out)
 
-            if opts["symmetric"]:
+            if spec.symmetric:
                 res = solve_symmetric(
-                    vjp_w,
-                    b,
-                    method=opts["method"],
-                    tol=opts["tol"],
-                    atol=opts["atol"],
-                    maxiter=opts["maxiter"],
-                    damping=opts["damping"],
-                    warn=opts["warn"],
-                    what="the Jacobian of optimality_fn",
-                    stacklevel=6,
+                    vjp_w, b, **opts, what="the Jacobian of optimality_fn", stacklevel=6
                 )
                 u = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
             else:
@@ -238,7 +223,7 @@ class _ImplicitRoot(torch.autograd.Function):
                 JT = torch.stack([vjp_w(eye[:, j]) for j in range(n)], dim=1)  # J^T columns
                 JT = JT + opts["damping"] * eye
                 u = torch.linalg.solve(JT, b)
-            spec["owner"].last_solve = res
+            spec.owner.last_solve = res
             us = vector_to_parameters(u.detach(), ws)
             if live:
                 grads = torch.autograd.grad(

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..func.products import check_finite, hessian_matvec
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
-from ._linear import solve_symmetric
+from ._linear import solve_options, solve_symmetric
 from ._structure import detached_leaves, flatten, zeros_for_none
 
 __all__ = ["proximal", "adapt", "meta_gradient", "MetaGradient"]
@@ -194,6 +194,7 @@ def meta_gradient(
         >>> g                                               # 1 / (1 + 3/1)
         tensor([0.2500, 0.2500], dtype=torch.float64)
     """
+    options = solve_options(locals())
     _check_lam(lam)
     w_leaves, struct = flatten(params, "params")
     ws = detached_leaves(w_leaves)
@@ -214,18 +215,7 @@ def meta_gradient(
         def matvec(v: Tensor) -> Tensor:
             return v + hvp(v) / lam
 
-        res = solve_symmetric(
-            matvec,
-            b,
-            method=method,
-            tol=tol,
-            atol=atol,
-            maxiter=maxiter,
-            damping=damping,
-            warn=warn,
-            what="I + H/lambda",
-            stacklevel=4,
-        )
+        res = solve_symmetric(matvec, b, **options, what="I + H/lambda", stacklevel=4)
     x = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
     grad = struct.unflatten([t.clone() for t in vector_to_parameters(x.detach(), ws)])
     res.x = grad
