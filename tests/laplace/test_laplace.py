@@ -86,7 +86,7 @@ def test_full_lml_and_logdet_match_dense(subset, curvature):
 def test_per_group_prior_matches_dense():
     model = _mlp()
     X, y = _cls_data()
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y))
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), subset="all")
     assert la.groups == ["0", "2"]
     delta = torch.tensor([0.5, 4.0], dtype=torch.float64)
     params = list(model.parameters())
@@ -104,7 +104,7 @@ def test_regression_lml_with_noise_and_temperature():
     model = _mlp(out=2)
     X, y = _reg_data()
     sigma, T = 0.7, 2.0
-    la = Laplace(model, nn.MSELoss(), (X, y), sigma_noise=sigma, temperature=T)
+    la = Laplace(model, nn.MSELoss(), (X, y), sigma_noise=sigma, temperature=T, subset="all")
     params = list(model.parameters())
     H = _dense_curvature(model, X, y, params, "regression")
     sse = float(((model(X) - y) ** 2).sum().detach())
@@ -122,12 +122,12 @@ def test_diag_and_lowrank_match_dense():
     H = _dense_curvature(model, X, y, params, "classification")
     theta, ll = _flat(params), _cls_loglik(model, X, y)
     dvec = torch.full((H.shape[0],), 2.0, dtype=torch.float64)
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="diag")
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="diag", subset="all")
     ref = _dense_lml(torch.diag(torch.diagonal(H)), theta, dvec, ll)
     assert torch.allclose(la.log_marginal_likelihood(2.0), ref, rtol=EXACT)
     # rank k: the top-k eigenpairs of H, zero elsewhere
     k = 6
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="lowrank", rank=k)
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="lowrank", rank=k, subset="all")
     evals, evecs = torch.linalg.eigh(H)
     Hk = (evecs[:, -k:] * evals[-k:]) @ evecs[:, -k:].T
     ref = _dense_lml(Hk, theta, dvec, ll)
@@ -147,7 +147,7 @@ def test_diag_and_lowrank_match_dense():
 def test_kfac_matches_its_dense_operator(structure):
     model = _mlp()
     X, y = _cls_data()
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure)
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, subset="all")
     # the dense KFAC matrix of the summed loss, as the kfac package builds it
     from second.kfac import EKFACOperator
 
@@ -169,8 +169,8 @@ def test_kfac_exact_for_a_linear_regression_layer():
     torch.manual_seed(0)
     model = nn.Linear(3, 2).double()
     X, y = _reg_data()
-    full = Laplace(model, nn.MSELoss(), (X, y), sigma_noise=0.5)
-    kfac = Laplace(model, nn.MSELoss(), (X, y), structure="kfac", sigma_noise=0.5)
+    full = Laplace(model, nn.MSELoss(), (X, y), sigma_noise=0.5, subset="all")
+    kfac = Laplace(model, nn.MSELoss(), (X, y), structure="kfac", sigma_noise=0.5, subset="all")
     for delta in (0.1, 1.0, 10.0):
         assert torch.allclose(
             kfac.log_marginal_likelihood(delta), full.log_marginal_likelihood(delta), rtol=EXACT
@@ -192,7 +192,9 @@ def test_last_layer_kfac_equals_full_for_one_datum():
 def test_glm_covariance_is_j_sigma_jt(structure):
     model = _mlp()
     X, y = _cls_data()
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, prior_precision=2.0)
+    la = Laplace(
+        model, nn.CrossEntropyLoss(), (X, y), structure=structure, prior_precision=2.0, subset="all"
+    )
     Xt = _cls_data(n=7, seed=5)[0]
     f, cov = la.functional_covariance(Xt)
     J = ref_output_jacobians(model, list(model.parameters()), Xt)
@@ -203,7 +205,7 @@ def test_glm_covariance_is_j_sigma_jt(structure):
     # probit on this covariance
     var = torch.diagonal(ref, dim1=1, dim2=2)
     probit = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * var), -1)
-    assert torch.allclose(la.predict(Xt), probit, rtol=1e-8)
+    assert torch.allclose(la.predict(Xt, link="probit"), probit, rtol=1e-8)
 
 
 def test_last_layer_glm_and_regression_predictive():
@@ -223,7 +225,7 @@ def test_sample_covariance_matches_sigma(structure):
     model = _mlp()
     X, y = _cls_data()
     kw = {"rank": 5} if structure == "lowrank" else {}
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, **kw)
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, **kw, subset="all")
     la.prior_precision = torch.tensor([0.5, 4.0], dtype=torch.float64)
     n = 20000
     S = la.sample(n, generator=torch.Generator().manual_seed(0))
@@ -255,7 +257,7 @@ def _grid_optimum(la, fit_sigma=False):
 def test_prior_optimum_matches_grid_search(method, structure):
     model = _mlp()
     X, y = _cls_data()
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure)
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, subset="all")
     lml, delta, _ = _grid_optimum(la)
     res = la.optimize_prior_precision(method)
     assert res.converged
@@ -267,7 +269,7 @@ def test_prior_optimum_matches_grid_search(method, structure):
 def test_mackay_and_gradient_agree_per_group_and_with_noise():
     model = _mlp(out=2)
     X, y = _reg_data()
-    la = Laplace(model, nn.MSELoss(), (X, y))
+    la = Laplace(model, nn.MSELoss(), (X, y), subset="all")
     a = la.optimize_prior_precision("mackay", per_group=True)
     b = la.optimize_prior_precision("gradient", per_group=True)
     assert a.converged and b.converged
@@ -295,18 +297,22 @@ def test_state_dict_round_trip(tmp_path):
     model = _mlp()
     X, y = _cls_data()
     for structure in ("full", "diag", "lowrank", "kfac", "ekfac"):
-        la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure=structure, rank=4)
+        la = Laplace(
+            model, nn.CrossEntropyLoss(), (X, y), structure=structure, rank=4, subset="all"
+        )
         la.optimize_prior_precision(per_group=True)
         path = tmp_path / f"{structure}.pt"
         torch.save(la.state_dict(), path)
-        new = Laplace(model, nn.CrossEntropyLoss(), structure=structure)
+        new = Laplace(model, nn.CrossEntropyLoss(), structure=structure, subset="all")
         new.load_state_dict(torch.load(path))
         assert torch.equal(new.prior_precision, la.prior_precision)
         assert torch.allclose(new.log_marginal_likelihood(), la.log_marginal_likelihood())
         Xt = X[:4]
         assert torch.allclose(new.predict(Xt), la.predict(Xt))
     with pytest.raises(ValueError, match="structure"):
-        Laplace(model, nn.CrossEntropyLoss(), structure="diag").load_state_dict(la.state_dict())
+        Laplace(model, nn.CrossEntropyLoss(), structure="diag", subset="all").load_state_dict(
+            la.state_dict()
+        )
 
 
 def test_streaming_over_batches_equals_one_batch():
@@ -339,7 +345,7 @@ def test_mc_predictives_converge_to_their_targets():
 def test_bridge_formula():
     model = _mlp()
     X, y = _cls_data()
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), prior_precision=3.0)
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), prior_precision=3.0, subset="all")
     f, cov = la.functional_covariance(X[:3])
     v = torch.diagonal(cov, dim1=1, dim2=2)
     C = 3
@@ -352,22 +358,24 @@ def test_invalid_arguments_are_refused():
     X, y = _cls_data()
     data = (X, y)
     with pytest.raises(ValueError, match="CrossEntropyLoss"):
-        Laplace(model, nn.L1Loss(), data)
+        Laplace(model, nn.L1Loss(), data, subset="all")
     with pytest.raises(ValueError, match="structure"):
-        Laplace(model, nn.CrossEntropyLoss(), data, structure="kron")
+        Laplace(model, nn.CrossEntropyLoss(), data, structure="kron", subset="all")
     with pytest.raises(ValueError, match="Hessian"):
-        Laplace(model, nn.CrossEntropyLoss(), data, structure="kfac", curvature="hessian")
+        Laplace(
+            model, nn.CrossEntropyLoss(), data, structure="kfac", curvature="hessian", subset="all"
+        )
     with pytest.raises(ValueError, match="prior_precision"):
-        Laplace(model, nn.CrossEntropyLoss(), data, prior_precision=0.0)
+        Laplace(model, nn.CrossEntropyLoss(), data, prior_precision=0.0, subset="all")
     with pytest.raises(ValueError, match="groups"):
-        Laplace(model, nn.CrossEntropyLoss(), data, prior_precision=torch.ones(3))
+        Laplace(model, nn.CrossEntropyLoss(), data, prior_precision=torch.ones(3), subset="all")
     with pytest.raises(ValueError, match="sigma_noise"):
-        Laplace(model, nn.CrossEntropyLoss(), data, sigma_noise=2.0)
+        Laplace(model, nn.CrossEntropyLoss(), data, sigma_noise=2.0, subset="all")
     with pytest.raises(ValueError, match="hand-picked"):
         Laplace(model, nn.CrossEntropyLoss(), data, subset=[model[0].weight], structure="kfac")
     with pytest.raises(RuntimeError, match="not fitted"):
-        Laplace(model, nn.CrossEntropyLoss()).log_marginal_likelihood()
-    la = Laplace(model, nn.CrossEntropyLoss(), data, curvature="hessian")
+        Laplace(model, nn.CrossEntropyLoss(), subset="all").log_marginal_likelihood()
+    la = Laplace(model, nn.CrossEntropyLoss(), data, curvature="hessian", subset="all")
     with pytest.raises(ValueError, match="not positive definite"):
         la.log_marginal_likelihood(1e-8)
     with pytest.raises(ValueError, match="pred"):
@@ -390,7 +398,7 @@ def test_online_prior_hook_tracks_the_marginal_likelihood_optimum():
         opt.step()
     assert [h[0] for h in prior.history] == [6, 10]  # after burn-in, every 4 steps
     # the last update is the optimum at the parameters of step 10
-    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="kfac")
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), structure="kfac", subset="all")
     res = la.optimize_prior_precision(per_group=True, maxiter=200)
     assert torch.allclose(prior.prior_precision, res.prior_precision, rtol=1e-6)
     # the penalty is the negative log prior

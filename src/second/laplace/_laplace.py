@@ -133,8 +133,8 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         data: the training data: one ``(X, y)`` batch or an iterable of batches (a
             ``DataLoader``), read in one streaming pass plus what the curvature needs; or
             ``None`` to build an unfitted object for :meth:`load_state_dict`.
-        subset: ``"all"`` (default), ``"last_layer"`` (the last ``nn.Linear``, on features
-            computed once) or a sequence of the model's parameters.
+        subset: ``"last_layer"`` (default: the last ``nn.Linear``, on features computed
+            once), ``"all"`` or a sequence of the model's parameters.
         structure: one of ``"full"`` (default), ``"diag"``, ``"lowrank"``, ``"kfac"``, ``"ekfac"``.
         curvature: ``"ggn"`` (default), ``"hessian"`` (``"full"``, ``"diag"``, ``"lowrank"``)
             or ``"fisher"``.
@@ -146,8 +146,8 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         sigma_noise: :math:`\sigma` for regression (default 1; must be 1 for classification).
         rank: eigenpairs for ``"lowrank"`` (default 20).
         mc_samples: targets per example for ``fisher="mc"`` (default 1).
-        link: the classification predictive's default link (:meth:`predict`): ``"probit"``
-            (default), ``"probit_centered"``, ``"bridge"`` or ``"mc"``.
+        link: the classification predictive's default link (:meth:`predict`):
+            ``"probit_centered"`` (default), ``"probit"``, ``"bridge"`` or ``"mc"``.
         task: how to run the model on a batch (:class:`second.Task`).
         check_deterministic: refuse a model in training mode with dropout or batch norm, and
             data that changes between passes (default ``True``).
@@ -189,7 +189,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         data=None,
         *,
-        subset: str | Sequence[Tensor] = "all",
+        subset: str | Sequence[Tensor] = "last_layer",
         structure: str = "full",
         curvature: str = "ggn",
         fisher: str = "type2",
@@ -199,7 +199,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         sigma_noise: float = 1.0,
         rank: int = 20,
         mc_samples: int = 1,
-        link: str = "probit",
+        link: str = "probit_centered",
         task: Task | None = None,
         check_deterministic: bool = True,
     ):

@@ -37,7 +37,8 @@ class OnlinePrior:
         maxiter: iterations of each optimisation (default 20: a few updates suffice while
             training, the next call continues from the current value).
         prior_precision: the starting value (default 1).
-        laplace_options: further :class:`Laplace` arguments (default ``structure="kfac"``).
+        laplace_options: further :class:`Laplace` arguments (default ``subset="all"``,
+            ``structure="kfac"``: the whole network's marginal likelihood).
 
     Attributes:
         prior_precision: the current value; history: ``(step, prior_precision, LML)`` of every
@@ -78,7 +79,7 @@ class OnlinePrior:
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.burnin, self.method = int(every), int(burnin), method
         self.per_group, self.maxiter = per_group, int(maxiter)
-        self.options = {"structure": "kfac", **laplace_options}
+        self.options = {"subset": "all", "structure": "kfac", **laplace_options}
         # an unfitted approximation: checks the options and names the groups
         self._template = Laplace(
             model, loss_fn, None, prior_precision=prior_precision, **self.options

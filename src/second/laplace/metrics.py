@@ -46,17 +46,10 @@ def nll(probs: Tensor, targets: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def brier(probs: Tensor, targets: Tensor) -> Tensor:
-    r"""Brier score :math:`\frac1n \sum_i \sum_c (p_{ic} - [y_i = c])^2`.
+    r"""Brier score :math:`\frac1n \sum_i \sum_c (p_{ic} - [y_i = c])^2`, a scalar tensor.
 
-    Args:
-        probs: predicted probabilities ``[n, C]``.
-        targets: class indices ``[n]``.
-
-    Returns:
-        A scalar tensor (0 is perfect, 2 the worst).
-
-    Raises:
-        ValueError: shapes that do not match, or no examples.
+    0 is perfect, 2 the worst. ``probs [n, C]`` and ``targets [n]`` as for :func:`nll`
+    (a ``ValueError`` for shapes that do not match, or no examples).
 
     Example:
         >>> brier(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([0, 1]))
