@@ -70,11 +70,11 @@ def test_unregistered_layer_falls_back_to_a_diagonal():
         (nn.Conv2d(2, 3, 3), Conv2dRule),
         (nn.Embedding(5, 2, padding_idx=0), EmbeddingRule),
         (nn.Conv2d(2, 4, 3, groups=2), None),
-        (nn.Conv2d(2, 3, 3, padding="same"), None),
-        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), None),
+        (nn.Conv2d(2, 3, 3, padding="same"), Conv2dRule),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
         (nn.Embedding(5, 2, sparse=True), None),
         (nn.Embedding(5, 2, max_norm=1.0), None),
-        (nn.LazyLinear(2), None),  # a subclass: rules match the exact type
+        (nn.LazyLinear(2), None),  # a subclass of Linear, but its weight is not there yet
         (nn.Tanh(), None),
     ],
 )
@@ -84,8 +84,14 @@ def test_rule_for(module, rule):
 
 @pytest.mark.parametrize(
     "module",
-    [nn.Linear(3, 2), nn.Linear(3, 2, bias=False), nn.Conv2d(2, 3, 2), nn.Embedding(5, 2)],
-    ids=["linear", "linear-nobias", "conv2d", "embedding"],
+    [
+        nn.Linear(3, 2),
+        nn.Linear(3, 2, bias=False),
+        nn.Conv1d(2, 3, 2),
+        nn.Conv2d(2, 3, 2),
+        nn.Embedding(5, 2),
+    ],
+    ids=["linear", "linear-nobias", "conv1d", "conv2d", "embedding"],
 )
 def test_matrix_form_round_trip(module):
     (layer,) = find_layers(module)

@@ -107,14 +107,25 @@ from .operators import (
 )
 from .rules import (
     RULES,
+    AttentionProjectionRule,
+    BatchNormRule,
+    Conv1dRule,
     Conv2dRule,
+    DiagonalRule,
     EmbeddingRule,
+    GroupNormRule,
+    LayerNormRule,
     LayerRule,
     LinearRule,
+    RMSNormRule,
+    approximations,
     find_layers,
+    find_rules,
     rule_for,
     unwrap_model,
 )
+from .rules import WEIGHT_SHARING as WEIGHT_SHARING
+from .rules import WeightSharing as WeightSharing
 from .stats import FactorStats, add_layer_statistics, batch_statistics
 
 __all__ = [
@@ -127,11 +138,20 @@ __all__ = [
     # layer rules and capture
     "LayerRule",
     "LinearRule",
+    "Conv1dRule",
     "Conv2dRule",
     "EmbeddingRule",
+    "AttentionProjectionRule",
+    "DiagonalRule",
+    "LayerNormRule",
+    "RMSNormRule",
+    "GroupNormRule",
+    "BatchNormRule",
     "RULES",
     "rule_for",
     "find_layers",
+    "find_rules",
+    "approximations",
     "unwrap_model",
     "Capture",
     "ForwardWatch",

@@ -6,19 +6,67 @@ layer outputs afterwards, or the user's own gradients caught there
 (:meth:`Capture.on_output_grads`). A module called twice (weight tying, a shared block)
 appears twice, and its statistics add up. :func:`watch_forward` calls an owner's methods
 before and after the model's own forward, through weak references.
+
+Layers that apply their weights inside a functional forward (``nn.MultiheadAttention``
+hands ``in_proj_weight`` and ``out_proj.weight`` to ``F.multi_head_attention_forward``)
+are captured from the ``F.linear`` calls made while the module runs: for that time
+``torch.nn.functional.linear`` is wrapped (reference-counted over threads, restored when
+the last such module returns, also when it raises); calls of other weights pass through.
+The projection's output is split into the blocks' column ranges and joined again, so
+each block has its own tensor in the graph (same values, one extra copy).
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from .rules import LayerRule
+from .rules import AttentionProjectionRule, DiagonalRule, LayerRule
 
 __all__ = ["Capture", "watch_forward", "ForwardWatch"]
+
+_LINEAR = F.linear  # the original, restored when no capture is recording
+_LOCK = threading.Lock()
+_USERS = [0]
+_TLS = threading.local()
+
+
+def _recording_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    out = _LINEAR(input, weight, bias)
+    stack = getattr(_TLS, "stack", None)
+    return stack[-1](input, weight, out) if stack else out
+
+
+def _push(recorder: Callable) -> None:
+    if not hasattr(_TLS, "stack"):
+        _TLS.stack = []
+    _TLS.stack.append(recorder)
+    with _LOCK:
+        _USERS[0] += 1
+        F.linear = _recording_linear  # type: ignore[assignment]
+
+
+def _pop() -> None:
+    _TLS.stack.pop()
+    with _LOCK:
+        _USERS[0] -= 1
+        if _USERS[0] == 0:
+            F.linear = _LINEAR  # type: ignore[assignment]
+
+
+def _row_span(w: Tensor, base: Tensor) -> tuple[int, int] | None:
+    """The rows ``[start, stop)`` of ``base`` that ``w`` is (itself or a row slice), or ``None``."""
+    if w is base:
+        return 0, base.shape[0]
+    if w._base is not base or w.dim() != base.dim() or w.stride() != base.stride():
+        return None
+    start, rem = divmod(w.storage_offset() - base.storage_offset(), base.stride(0))
+    return (start, start + w.shape[0]) if rem == 0 else None
 
 
 class Capture:
@@ -27,8 +75,14 @@ class Capture:
     Use as a context manager (the hooks are removed on exit) or call :meth:`close`.
     Nothing is stored while ``active`` is false or gradients are disabled.
 
+    Args:
+        layers: the Kronecker-factored layer rules.
+        diagonal: the exact-diagonal rules (normalization layers), recorded in
+            ``diag_inputs``/``diag_outputs``.
+
     Attributes:
         inputs, outputs: ``{layer index: [tensor per call]}``.
+        diag_inputs, diag_outputs: the same for ``diagonal``.
         active: whether calls are recorded (default ``True``).
 
     Example:
@@ -41,30 +95,100 @@ class Capture:
         ((5, 3), (5, 4))
     """
 
-    def __init__(self, layers: Sequence[LayerRule]):
+    def __init__(self, layers: Sequence[LayerRule], diagonal: Sequence[DiagonalRule] = ()):
         self.layers = list(layers)
+        self.diagonal = list(diagonal)
         self.inputs: dict[int, list[Tensor]] = {}
         self.outputs: dict[int, list[Tensor]] = {}
+        self.diag_inputs: dict[int, list[Tensor]] = {}
+        self.diag_outputs: dict[int, list[Tensor]] = {}
         self.handles: list = []
         self.active = True
 
     def __enter__(self) -> Capture:
+        functional: dict[int, tuple[nn.Module, list[int]]] = {}
         for j, layer in enumerate(self.layers):
-            self.handles.append(layer.module.register_forward_hook(self._hook(j)))
+            if layer.functional:
+                functional.setdefault(id(layer.module), (layer.module, []))[1].append(j)
+                continue
+            for module in layer.modules:
+                hook = self._hook(module, j, self.inputs, self.outputs)
+                self.handles.append(module.register_forward_hook(hook))
+        for i, rule in enumerate(self.diagonal):
+            for module in rule.modules:
+                hook = self._hook(module, i, self.diag_inputs, self.diag_outputs)
+                self.handles.append(module.register_forward_hook(hook))
+        for module, js in functional.values():
+            self._functional_hooks(module, js)
         return self
 
-    def _hook(self, j: int):
+    def _recording(self) -> bool:
+        return self.active and torch.is_grad_enabled()
+
+    def _hook(self, target: nn.Module, j: int, inputs: dict, outputs: dict):
         def hook(module, args, output):
-            if (
-                not self.active
-                or not torch.is_grad_enabled()
-                or module is not self.layers[j].module
-            ):
+            if not self._recording() or module is not target:
                 return
-            self.inputs.setdefault(j, []).append(args[0].detach())
-            self.outputs.setdefault(j, []).append(output)
+            inputs.setdefault(j, []).append(args[0].detach())
+            outputs.setdefault(j, []).append(output)
 
         return hook
+
+    def _functional_hooks(self, target: nn.Module, js: list[int]) -> None:
+        """Record the ``F.linear`` calls of ``target``'s own weights while it runs."""
+        pushed: list[bool] = []
+
+        def before(module, args):
+            on = self._recording() and module is target
+            pushed.append(on)
+            if on:
+                _push(self._recorder(js))
+
+        def after(module, args, output):
+            if pushed and pushed.pop():
+                _pop()
+
+        self.handles.append(target.register_forward_pre_hook(before))
+        self.handles.append(target.register_forward_hook(after, always_call=True))
+
+    def _recorder(self, js: list[int]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """One module call's ``F.linear`` recorder: inputs ``[N, T, d]``, outputs split by block."""
+        shape: list[int] = []  # the query's (T, N), for the flattened out_proj input
+
+        def record(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
+            hits = []
+            for j in js:
+                layer = self.layers[j]
+                span = _row_span(w, layer.weight)
+                own = layer.span() if isinstance(layer, AttentionProjectionRule) else None
+                if span is None or own is None or not span[0] <= own[0] < own[1] <= span[1]:
+                    continue
+                hits.append((own[0] - span[0], own[1] - span[0], j))
+            if not hits:
+                return out
+            if x.dim() == 3:
+                if not shape:
+                    shape.extend(x.shape[:2])
+                xs, full = x, out
+            elif x.dim() == 2 and shape:  # [T*N, d] -> [T, N, d]
+                xs, full = x.view(*shape, -1), out.view(*shape, -1)
+            else:
+                return out
+            hits.sort()
+            bounds = sorted({0, full.shape[-1], *(b for h in hits for b in h[:2])})
+            pieces = list(full.split([b - a for a, b in zip(bounds[:-1], bounds[1:])], dim=-1))
+            at = {a: k for k, a in enumerate(bounds[:-1])}
+            inp = xs.detach().transpose(0, 1)  # batch-first rows for every block
+            for c0, c1, j in hits:
+                piece = pieces[at[c0]]
+                if piece.shape[-1] != c1 - c0:  # (not reached with the attention's calls)
+                    continue
+                self.inputs.setdefault(j, []).append(inp)
+                self.outputs.setdefault(j, []).append(piece)
+            joined = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+            return joined.reshape(out.shape)
+
+        return record
 
     def calls(self) -> list[tuple[int, Tensor, Tensor]]:
         """``(layer index, input, output)`` of every recorded call, layer by layer."""
@@ -72,6 +196,14 @@ class Capture:
             (j, inp, out)
             for j in range(len(self.layers))
             for inp, out in zip(self.inputs.get(j, []), self.outputs.get(j, []))
+        ]
+
+    def diagonal_calls(self) -> list[tuple[int, Tensor, Tensor]]:
+        """``(diagonal rule index, input, output)`` of every recorded call."""
+        return [
+            (i, inp, out)
+            for i in range(len(self.diagonal))
+            for inp, out in zip(self.diag_inputs.get(i, []), self.diag_outputs.get(i, []))
         ]
 
     def on_output_grads(self, fn: Callable[[int, Tensor, Tensor], None]) -> None:
@@ -89,8 +221,8 @@ class Capture:
 
     def clear(self) -> None:
         """Forget the recorded calls (the hooks stay)."""
-        self.inputs.clear()
-        self.outputs.clear()
+        for d in (self.inputs, self.outputs, self.diag_inputs, self.diag_outputs):
+            d.clear()
 
     def close(self) -> None:
         """Remove the hooks."""

@@ -68,12 +68,13 @@ def eigen_corrections(
             layer = layers[j]
             per = None
             for inp in cap.inputs[j]:  # a module used twice: its gradients add up
-                grows = layer.grad_rows(gouts[pos])
+                # the exact per-example gradients: every position, whatever the sharing mode
+                grows = layer.grad_rows(gouts[pos], inp, "expand")
                 pos += 1
                 mask = layer.mask(inp)
                 if mask is not None:
                     grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
-                m = layer.per_example_mats(layer.input_rows(inp), grows)
+                m = layer.per_example_mats(layer.input_rows(inp, "expand"), grows)
                 per = m if per is None else per + m
             if per is None:  # (not reached: a captured layer has at least one call)
                 continue

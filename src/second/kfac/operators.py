@@ -10,6 +10,7 @@ layers, fallback) are in :mod:`second.kfac`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +26,13 @@ from .capture import Capture
 from .columns import FISHER_TYPES, check_loss, curvature_columns
 from .correction import eigen_corrections
 from .damping import check_damping
-from .rules import LayerRule, find_layers, unwrap_model
+from .rules import (
+    LayerRule,
+    WeightSharing,
+    approximations,
+    find_rules,
+    unwrap_model,
+)
 from .stats import FactorStats, batch_statistics
 
 __all__ = [
@@ -71,14 +78,31 @@ class BlockLayout:
             for layer in layers
         ]
         self.fallback_index = [index[id(p)] for p in fallback]
+        # every block's (offset, shape) of its weight and bias rows in the flat vector
+        self.layer_parts = []
+        for layer, (iw, ib) in zip(layers, self.layer_index):
+            w = (offsets[iw] + layer.w_offset, tuple(layer.w_shape))
+            b = None
+            if ib is not None:
+                b = (offsets[ib] + layer.b_offset, (layer.d_G,))
+            self.layer_parts.append((w, b))
 
     def _slice(self, V: Tensor, i: int) -> Tensor:
-        p = self.params[i]
-        return V[self.offsets[i] : self.offsets[i] + p.numel()].T.reshape(V.shape[1], *p.shape)
+        return self._part(V, (self.offsets[i], tuple(self.params[i].shape)))
 
     def _put(self, out: Tensor, i: int, t: Tensor) -> None:
-        p = self.params[i]
-        out[self.offsets[i] : self.offsets[i] + p.numel()] = t.reshape(t.shape[0], -1).T
+        self._put_part(out, (self.offsets[i], tuple(self.params[i].shape)), t)
+
+    @staticmethod
+    def _part(V: Tensor, part: tuple[int, tuple]) -> Tensor:
+        off, shape = part
+        numel = math.prod(shape)
+        return V[off : off + numel].T.reshape(V.shape[1], *shape)
+
+    @staticmethod
+    def _put_part(out: Tensor, part: tuple[int, tuple], t: Tensor) -> None:
+        off = part[0]
+        out[off : off + t[0].numel()] = t.reshape(t.shape[0], -1).T
 
     def apply(
         self,
@@ -88,13 +112,13 @@ class BlockLayout:
     ) -> Tensor:
         """``V [n, k]`` mapped block by block: ``layer_fn(j, M [k, d_G, d_A])``, ``fallback_fn(i, v)``."""
         out = torch.zeros_like(V)
-        for j, (iw, ib) in enumerate(self.layer_index):
+        for j, (w, b) in enumerate(self.layer_parts):
             layer = self.layers[j]
-            M = layer.to_mat(self._slice(V, iw), None if ib is None else self._slice(V, ib))
+            M = layer.to_mat(self._part(V, w), None if b is None else self._part(V, b))
             vw, vb = layer.from_mat(layer_fn(j, M))
-            self._put(out, iw, vw)
-            if ib is not None and vb is not None:
-                self._put(out, ib, vb)
+            self._put_part(out, w, vw)
+            if b is not None and vb is not None:
+                self._put_part(out, b, vb)
         for k, i in enumerate(self.fallback_index):
             self._put(out, i, fallback_fn(k, self._slice(V, i)))
         return out
@@ -120,7 +144,11 @@ class KFACOperator(CurvatureOperator):
         damping: :math:`\lambda \ge 0` added as ``lambda * I`` (default 0).
         mc_samples: targets per example for ``fisher="mc"`` (default 1).
         fallback: ``"diagonal"`` (default) or ``"identity"`` for parameters outside
-            supported layers.
+            the Kronecker-factored layers (``"identity"`` also for the normalization
+            layers, which otherwise get their exact diagonal).
+        weight_sharing: ``"expand"`` (default) or ``"reduce"`` for layers applied at
+            several positions of an example (sequences, convolutions, attention), or
+            ``{module name pattern: mode}`` per layer (see :mod:`second.kfac.rules`).
         generator: its state at construction seeds the MC targets and the Rademacher
             signs of the diagonal fallback (default: seed 0). The operator draws from a
             private copy, so ``generator`` itself is never advanced or reset.
@@ -134,7 +162,9 @@ class KFACOperator(CurvatureOperator):
         progressbar: show a progress bar over the batches.
 
     Attributes:
-        rules: the :class:`~second.kfac.LayerRule` of every Kronecker-factored layer.
+        rules: the :class:`~second.kfac.LayerRule` of every Kronecker-factored block.
+        diagonal_rules: the :class:`~second.kfac.DiagonalRule` of the normalization layers
+            (their parameters are among the fallback ones, with an exact diagonal).
         blocks: their :class:`KroneckerBlock`.
         diagonals: the fallback parameters' :class:`DiagonalBlock`.
         layout: the :class:`BlockLayout` between parameter order and the blocks.
@@ -177,6 +207,7 @@ class KFACOperator(CurvatureOperator):
         check_deterministic: bool = True,
         distributed: bool | None = None,
         progressbar: bool = False,
+        weight_sharing: WeightSharing = "expand",
     ):
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -201,7 +232,12 @@ class KFACOperator(CurvatureOperator):
         self.fallback = fallback
         self.generator = sample_generator(generator, self.device)  # private: see its docs
         self._generator_state = self.generator.get_state()
-        self.rules = find_layers(self.model, self.params)
+        self.weight_sharing = weight_sharing
+        self.rules, self.diagonal_rules = find_rules(
+            self.model, self.params, weight_sharing=weight_sharing
+        )
+        if fallback == "identity":
+            self.diagonal_rules = []
         owned = {id(p) for layer in self.rules for p in layer.params()}
         self._fallback = [p for p in self.params if id(p) not in owned]
         self.layout = BlockLayout(self.params, self.rules, self._fallback)
@@ -212,7 +248,7 @@ class KFACOperator(CurvatureOperator):
         """Yield ``(f, S, capture)`` for every batch, the graph kept while the caller works."""
         self.generator.set_state(self._generator_state)
         for batch in self._batches():
-            with Capture(self.rules) as cap:
+            with Capture(self.rules, self.diagonal_rules) as cap:
                 out, _ = self._forward(batch)
             y = self.task.targets(batch) if self.fisher == "empirical" else None
             S = curvature_columns(
@@ -293,12 +329,31 @@ class KFACOperator(CurvatureOperator):
             reduction=self.reduction,
             check_deterministic=False,
             distributed=False,
+            weight_sharing=self.weight_sharing,
         )
 
     @property
     def layers(self) -> list[tuple[str, Tensor, Tensor]]:
         """``(module name, A, G)`` for every Kronecker-factored layer (embedding ``A``: its diagonal)."""
         return [(layer.name, A, G) for layer, A, G in zip(self.rules, self.A, self.G)]
+
+    def approximations(self) -> dict[str, str]:
+        """``{parameter name: approximation}``: how each parameter's block is approximated.
+
+        ``"kronecker"``, ``"kronecker-expand"``/``"kronecker-reduce"`` (a layer shared over
+        positions, e.g. a sequence or a convolution's pixels), ``"diagonal-exact"``
+        (normalization layers), ``"diagonal"`` (an estimate of the curvature diagonal) or
+        ``"identity"`` (damping only); see :func:`second.kfac.approximations`.
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+            >>> X, y = torch.randn(4, 1, 4), torch.randn(4, 1)
+            >>> KFACOperator(net, torch.nn.MSELoss(), (X, y)).approximations()["0.weight"]
+            'kronecker-expand'
+        """
+        return approximations(
+            self.model, self.rules, self.diagonal_rules, self.params, self.fallback
+        )
 
     @property
     def fallback_parameters(self) -> list[Tensor]:

@@ -174,6 +174,7 @@ class FactorStats:
                 # the running average and the batch products in one addmm per factor
                 bA, aA, aG = beta, (1 - beta) / max(self.nA[j], 1.0), (1 - beta) * weight
                 for a, g in rows:
+                    a, g = a.to(At.dtype), g.to(Gt.dtype)
                     At = torch.addmm(At, a.T, a, beta=bA, alpha=aA)
                     Gt = torch.addmm(Gt, g.T, g, beta=bA, alpha=aG)
                     bA = 1.0
@@ -237,8 +238,14 @@ def add_layer_statistics(
         (tensor([[3., 3.],
                 [3., 3.]]), 3.0, tensor([[3.]]))
     """
+    # rows from an autocast forward (bfloat16, float16) are summed in float32 at least
+    if inp.is_floating_point() and inp.dtype != g.dtype:
+        inp = inp.to(torch.promote_types(inp.dtype, g.dtype))
+    if g.dtype in (torch.bfloat16, torch.float16):
+        g = g.float()
+        inp = inp.float() if inp.is_floating_point() else inp
     arows = layer.input_rows(inp)
-    grows = layer.grad_rows(g)
+    grows = layer.grad_rows(g, inp)
     mask = layer.mask(inp)
     if mask is not None:
         arows = arows[mask].reshape(1, -1)
@@ -264,9 +271,11 @@ def batch_statistics(
 ) -> None:
     """Add one batch's statistics: columns ``S`` backpropagated from the output ``f``.
 
-    ``capture`` holds the batch's layer calls. The fallback diagonals use columns with
-    Rademacher signs per example and column (drawn from ``generator``), unbiased for the
-    curvature diagonal and exact with one datum.
+    ``capture`` holds the batch's layer calls. Fallback parameters of the capture's
+    exact-diagonal rules (normalization layers) get the squared per-example gradients;
+    the other fallback diagonals use columns with Rademacher signs per example and column
+    (drawn from ``generator``), unbiased for the curvature diagonal and exact with one
+    datum.
 
     Example:
         >>> from second.kfac import find_layers, curvature_columns
@@ -282,17 +291,26 @@ def batch_statistics(
     """
     js = [j for j in range(len(layers)) if j in capture.outputs]
     outs = [o for j in js for o in capture.outputs[j]]
-    if fallback_params:
+    dcalls = capture.diagonal_calls()
+    exact = {id(p) for rule in capture.diagonal for p in rule.params()}
+    rademacher = [(i, p) for i, p in enumerate(fallback_params) if id(p) not in exact]
+    if rademacher:
         eps = _rademacher((S.shape[0], S.shape[1]), S, generator)
         S_fb = S * eps.reshape(eps.shape + (1,) * (S.dim() - 2))
-        gp = backprop_columns(f, S_fb, list(fallback_params), retain_graph=True)
-        for i, g in enumerate(gp):
+        gp = backprop_columns(f, S_fb, [p for _, p in rademacher], retain_graph=True)
+        for (i, _), g in zip(rademacher, gp):
             stats.add_diagonal(i, (g * g).sum(0))
-    gouts = backprop_columns(f, S, outs, retain_graph=retain_graph)
+    gouts = backprop_columns(f, S, outs + [o for _, _, o in dcalls], retain_graph=retain_graph)
     pos = 0
     for j in js:
         layer = layers[j]
         for inp in capture.inputs[j]:
             add_layer_statistics(stats, j, layer, inp, gouts[pos])
             pos += 1
+    index = {id(p): i for i, p in enumerate(fallback_params)}
+    for (r, inp, _), g in zip(dcalls, gouts[pos:]):
+        rule = capture.diagonal[r]
+        for p, d in zip(rule.params(), rule.squared_grads(inp, g)):
+            if id(p) in index:
+                stats.add_diagonal(index[id(p)], d)
     stats.n += f.shape[0]
