@@ -11,7 +11,14 @@ from torch import Tensor
 
 from .._errors import NonFiniteError
 from ..operators.base import aslinearoperator
-from ._result import SolveResult, _norm, measurable_residual, report, stopping_threshold
+from ._result import (
+    SolveResult,
+    _norm,
+    check_x0,
+    measurable_residual,
+    report,
+    stopping_threshold,
+)
 
 __all__ = ["lsmr"]
 
@@ -344,14 +351,7 @@ def _validate(A, b, x0):
     if op.device != b.device:
         raise ValueError(f"b is on {b.device}, the operator on {op.device}")
     if x0 is not None:
-        if not isinstance(x0, Tensor) or x0.shape != (op.shape[1],) or x0.dtype != b.dtype:
-            raise ValueError(
-                f"x0 must be a flat tensor of length {op.shape[1]} and dtype {b.dtype}, got "
-                f"{getattr(x0, 'shape', type(x0).__name__)}"
-            )
-        x0 = x0.detach().to(b.device)
-        if not torch.isfinite(x0).all():
-            raise ValueError("x0 has NaN or Inf entries")
+        x0 = check_x0(x0, (op.shape[1],), b.dtype, b.device, "a flat vector of length n")
     return op, b, x0
 
 

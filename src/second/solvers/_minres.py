@@ -31,12 +31,12 @@ def minres(
     b,
     *,
     x0=None,
+    damping: float = 0.0,
     tol: float = 1e-6,
     atol: float = 0.0,
     maxiter: int | None = None,
     M=None,
     callback: Callable | None = None,
-    damping: float = 0.0,
     recurrence_dtype: torch.dtype | None = None,
     reorthogonalize: bool = False,
     check_residual: bool = True,
@@ -73,13 +73,14 @@ def minres(
         A: a symmetric operator, dense tensor or callable.
         b: right-hand side, flat or parameter-shaped tensors.
         x0: starting point (default zero).
+        damping: :math:`\lambda`; a negative value is a shift :math:`A - |\lambda| I`
+            (SciPy's ``shift``, which SciPy also lists right after ``x0``), which MINRES
+            solves like any symmetric system.
         tol: relative tolerance.
         atol: absolute tolerance.
         maxiter: iteration limit (default ``5 n``).
         M: symmetric positive-definite preconditioner approximating :math:`A^{-1}`.
         callback: called with the iterate after each iteration.
-        damping: :math:`\lambda`; a negative value is a shift :math:`A - |\lambda| I`
-            (SciPy's ``shift``), which MINRES solves like any symmetric system.
         recurrence_dtype: dtype of the recurrences (default: the operator's).
         reorthogonalize: full re-orthogonalization of the Lanczos vectors.
         check_residual: compute the true residual at the end.

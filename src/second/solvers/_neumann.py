@@ -77,28 +77,29 @@ def neumann_solve(
     pb = Problem(A, b, x0, damping, method="neumann", allow_block=True, allow_complex=False)
     op, B = pb.A, pb.B
     info: dict = {}
+    history: list[float] = []
+
+    def finish(X: Tensor, iterations: int, message: str, converged: bool = False, **flags):
+        res = pb.result(
+            X, converged=converged, iterations=iterations, residual_norms=history,
+            method="neumann", info=info, message=message, **flags,
+        )  # fmt: skip
+        return res if converged else report(res, warn, stacklevel=4)
+
     if scale is None:
         scale, lo, hi = _auto_scale(op, lanczos_steps, None)
         info.update(lambda_min_estimate=lo, lambda_max_estimate=hi)
         if lo < -1e-8 * abs(hi):
             info.update(scale=scale, warn_negative=True)
-            return report(
-                pb.result(
-                    torch.zeros_like(B) if pb.block else torch.zeros_like(pb.b),
-                    converged=False,
-                    iterations=0,
-                    residual_norms=[float(column_norms(B).max())],
-                    negative_curvature=True,
-                    diverged=True,
-                    method="neumann",
-                    info=info,
-                    message=(
-                        f"the operator is indefinite (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
-                        "the Neumann series diverges for every scale; use minres, or damping "
-                        f">= {-lo:.3e}, or the Gauss-Newton matrix"
-                    ),
-                ),
-                warn,
+            history.append(float(column_norms(B).max()))
+            return finish(
+                torch.zeros_like(B) if pb.block else torch.zeros_like(pb.b),
+                0,
+                f"the operator is indefinite (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
+                "the Neumann series diverges for every scale; use minres, or damping "
+                f">= {-lo:.3e}, or the Gauss-Newton matrix",
+                negative_curvature=True,
+                diverged=True,
             )
         info["contraction"] = max(abs(1 - lo / scale), abs(1 - hi / scale))
     if not scale > 0:
@@ -120,7 +121,6 @@ def neumann_solve(
     P = B.clone() if pb.x0 is None else pb.x0.reshape(B.shape) * scale
     P[:, bnorm == 0] = 0  # b = 0: x = 0 is exact, whatever x0 says
     best_P, best_r = P.clone(), torch.full_like(bnorm, math.inf)
-    history = []
     for k in range(maxiter + 1):
         AP = apply(P)
         R = B - AP / scale
@@ -130,35 +130,18 @@ def neumann_solve(
         best_r = torch.where(better, rn, best_r)
         best_P[:, better] = P[:, better]
         if bool((rn <= thr).all()):
-            return pb.result(
-                out(P),
-                converged=True,
-                iterations=k,
-                residual_norms=history,
-                method="neumann",
-                info=info,
-                message=f"converged: ||r|| = {float(rn.max()):.3e} <= {float(thr.max()):.3e}",
-            )
+            message = f"converged: ||r|| = {float(rn.max()):.3e} <= {float(thr.max()):.3e}"
+            return finish(out(P), k, message, converged=True)
         if not bool(torch.isfinite(rn).all()) or bool((rn > divergence_factor * bnorm).any()):
             info["warn_negative"] = True
-            return report(
-                pb.result(
-                    out(best_P),
-                    converged=False,
-                    iterations=k,
-                    residual_norms=history,
-                    diverged=True,
-                    negative_curvature=True,
-                    method="neumann",
-                    info=info,
-                    message=(
-                        f"diverged: ||r|| grew to {float(rn.max()):.3e} (from "
-                        f"{float(bnorm.max()):.3e}); the operator has an eigenvalue outside "
-                        "(0, 2 s): it is indefinite or the scale is too small. Returned the best "
-                        "iterate"
-                    ),
-                ),
-                warn,
+            return finish(
+                out(best_P),
+                k,
+                f"diverged: ||r|| grew to {float(rn.max()):.3e} (from {float(bnorm.max()):.3e}); "
+                "the operator has an eigenvalue outside (0, 2 s): it is indefinite or the scale "
+                "is too small. Returned the best iterate",
+                diverged=True,
+                negative_curvature=True,
             )
         if k == maxiter:
             break
@@ -167,21 +150,12 @@ def neumann_solve(
             callback(out(P) if pb.block else pb.unflatten(P[:, 0] / scale))
     if pb.block:
         info["converged_columns"] = (best_r <= thr).tolist()
-    return report(
-        pb.result(
-            out(best_P),
-            converged=False,
-            iterations=maxiter,
-            residual_norms=history,
-            method="neumann",
-            info=info,
-            message=(
-                f"did not converge in {maxiter} terms: ||r|| = {float(best_r.max()):.3e} > "
-                f"{float(thr.max()):.3e} (contraction ~ {info.get('contraction', float('nan')):.4f} "
-                "per term)"
-            ),
-        ),
-        warn,
+    return finish(
+        out(best_P),
+        maxiter,
+        f"did not converge in {maxiter} terms: ||r|| = {float(best_r.max()):.3e} > "
+        f"{float(thr.max()):.3e} (contraction ~ {info.get('contraction', float('nan')):.4f} "
+        "per term)",
     )
 
 

@@ -144,15 +144,7 @@ class Problem:
         else:
             x0f = x0 if isinstance(x0, Tensor) else torch.cat([t.reshape(-1) for t in x0])
             want = self.B.shape if self.block else flat.shape
-            if x0f.shape != want or x0f.dtype != flat.dtype:
-                raise ValueError(
-                    f"x0 must have the shape and dtype of b ({tuple(want)}, {flat.dtype}), got "
-                    f"{tuple(x0f.shape)}, {x0f.dtype}"
-                )
-            x0f = x0f.detach().to(flat.device)
-            if not torch.isfinite(x0f).all():
-                raise ValueError("x0 has NaN or Inf entries")
-            self.x0 = x0f
+            self.x0 = check_x0(x0f, want, flat.dtype, flat.device, "those of b")
         self._start = op.matvecs
 
     @property
@@ -176,6 +168,22 @@ class Problem:
     def result(self, x: Tensor, **kwargs) -> SolveResult:
         res = SolveResult(x=self.unflatten(x.to(self.dtype)), matvecs=self.matvecs, **kwargs)
         return res
+
+
+def check_x0(x0, shape, dtype: torch.dtype, device, of: str) -> Tensor:
+    """``x0`` detached on ``device``, after checking its shape, dtype and entries.
+
+    Raises:
+        ValueError: ``x0`` is not a tensor of ``shape`` and ``dtype`` (``of`` says whose they
+            are, for the message), or has NaN or Inf entries.
+    """
+    if not isinstance(x0, Tensor) or x0.shape != tuple(shape) or x0.dtype != dtype:
+        got = f"{tuple(x0.shape)}, {x0.dtype}" if isinstance(x0, Tensor) else type(x0).__name__
+        raise ValueError(f"x0 must have shape {tuple(shape)} and dtype {dtype} ({of}), got {got}")
+    x0 = x0.detach().to(device)
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 has NaN or Inf entries")
+    return x0
 
 
 MAX_CHECKS = 3  # true-residual checks (one product each) before giving up on a drifting recurrence
