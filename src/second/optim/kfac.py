@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +152,7 @@ class KFAC(torch.optim.Optimizer):
         model: nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         *,
+        params: Iterable[dict] | None = None,
         lr: float | None = None,
         momentum: float | None = None,
         damping: float = 1e-3,
@@ -208,11 +209,13 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         check_loss(loss_fn, fisher)
         inner = unwrap_model(model)
-        params = [p for p in inner.parameters() if p.requires_grad]
-        if not params:
+        params_list = [p for p in inner.parameters() if p.requires_grad]
+        if not params_list:
             raise ValueError("the model has no parameters that require grad")
+        groups = _groups(params_list, params)
         defaults = dict(
-            lr=lr,
+            lr=1.0 if lr is None else lr,
+            adaptive=lr is None,
             momentum=momentum,
             damping=float(damping),
             adapt_damping=adapt_damping,
@@ -230,7 +233,11 @@ class KFAC(torch.optim.Optimizer):
             factor_steps=0,
             **dict.fromkeys(COUNTERS, 0),
         )
-        super().__init__(params, defaults)
+        self._building = True
+        super().__init__(groups, defaults)
+        self._building = False
+        params = params_list
+        self._params = params  # every optimized parameter, in the model's order
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.reduction = reduction_of(loss_fn)
         self.fisher, self.mc_samples, self.fallback = fisher, int(mc_samples), fallback
@@ -292,13 +299,17 @@ class KFAC(torch.optim.Optimizer):
         if not self._capturing_now():
             self._capture.clear()
             return
-        self._pending_bad = nonfinite_rows(output) is not None
-        if self._pending_bad:  # no statistics from a batch that will be refused
+        if nonfinite_rows(output) is not None:  # no statistics from a batch that will be refused
+            self._pending_bad = True
             self._capture.clear()
             self._pending = None
             return
+        if self._pending_bad:
+            self._capture.clear()
+            return
         fb = self.fallback_params if self.fallback == "diagonal" else []
-        stats = FactorStats(self.layers, fb, lazy=True)
+        # every training forward since the last step adds to the statistics (accumulation)
+        stats = self._pending or FactorStats(self.layers, fb, lazy=True)
         if self.fisher == "empirical":
             # gradients of the user's own loss, captured during their backward
             self._empirical_hooks(output, stats)
@@ -322,11 +333,12 @@ class KFAC(torch.optim.Optimizer):
             or any(len(cap.inputs.get(j, ())) != 1 for j in range(len(self.layers)))
         ):
             return
+        dt = self.layers[0].weight.dtype  # an autocast forward's activations: in float32
         self._fwd = (
-            args[0].detach(),
-            [cap.inputs[j][0] for j in range(len(self.layers))],
-            [cap.outputs[j][0].detach() for j in range(len(self.layers))],
-            output.detach(),
+            args[0].detach().to(dt),
+            [cap.inputs[j][0].to(dt) for j in range(len(self.layers))],
+            [cap.outputs[j][0].detach().to(dt) for j in range(len(self.layers))],
+            output.detach().to(dt),
         )
 
     def _empirical_hooks(self, output: Tensor, stats: FactorStats) -> None:
@@ -356,9 +368,23 @@ class KFAC(torch.optim.Optimizer):
         self._capture.close()
         self._watch.remove()
 
-    def add_param_group(self, param_group: dict) -> None:  # noqa: D102
-        if getattr(self, "param_groups", None):
-            raise ValueError("KFAC holds one parameter group, built from the model's layers")
+    def add_param_group(self, param_group: dict) -> None:
+        """Parameter groups are fixed at construction (``KFAC(model, loss_fn, params=...)``).
+
+        Raises:
+            ValueError: after construction: the layers' factors are built from the model's
+                parameters, so a group must be one of those given to the constructor.
+        """
+        if not getattr(self, "_building", False):
+            raise ValueError(
+                "KFAC's parameter groups are given at construction, as groups of the model's "
+                "parameters: KFAC(model, loss_fn, params=[{'params': [...], 'weight_decay': 0.0}, "
+                "...]); every trainable parameter not listed goes to a last group with the defaults"
+            )
+        lr = param_group.get("lr")
+        if lr is not None:
+            _check_positive("lr", lr, strict=True)
+        _check_positive("weight_decay", param_group.get("weight_decay", 0.0))
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------ state helpers
@@ -423,15 +449,21 @@ class KFAC(torch.optim.Optimizer):
         self._inv_cache[j] = (key, inv)
         return inv
 
-    def _precondition(self, grads: list[Tensor], lam: float, group: dict) -> Tensor:
-        """``F_breve^{-1} g`` with factored damping ``gamma = sqrt(lam)``, flat in parameter order."""
+    def _precondition(
+        self, grads: list[Tensor], lam: float, etas: list[float], group: dict
+    ) -> Tensor:
+        """``F_breve^{-1} g``, flat in parameter order, with factored damping ``sqrt(lam + eta)``.
+
+        ``eta``: a layer's weight decay is its weight's group's.
+        """
         out = grads[0].new_empty(self._numel)
         index, offsets = self._index, self._offsets
         for j, layer in enumerate(self.layers):
             iw = index[id(layer.weight)]
             ib = index[id(layer.bias)] if layer.has_bias else None
             M = layer.matrix_of(grads[iw], None if ib is None else grads[ib])
-            vw, vb = layer.params_of(self._layer_inverse(j, layer, lam).matmul(M))
+            inv = self._layer_inverse(j, layer, lam + etas[iw])
+            vw, vb = layer.params_of(inv.matmul(M))
             o = offsets[iw] + layer.w_offset
             out[o : o + vw.numel()].view(vw.shape).copy_(vw)
             if ib is not None and vb is not None:
@@ -443,14 +475,72 @@ class KFAC(torch.optim.Optimizer):
             d = self.state[p].get("diag")
             d = torch.zeros_like(p) if d is None else d * corr
             o = offsets[i]
-            out[o : o + p.numel()].view(p.shape).copy_(DiagonalBlock(d).solve(grads[i], lam))
+            out[o : o + p.numel()].view(p.shape).copy_(
+                DiagonalBlock(d).solve(grads[i], lam + etas[i])
+            )
         return out
+
+    def _per_param(self, key: str) -> list[float]:
+        """A group setting (``lr``, ``weight_decay``, ``momentum``) per parameter, in model order."""
+        groups = self.param_groups
+        if len(groups) == 1:
+            return [groups[0][key]] * len(self._params)
+        where = {id(p): g for g in groups for p in g["params"]}
+        return [where[id(p)][key] for p in self._params]
+
+    def _flat_values(self, values: list[float], like: Tensor) -> Tensor:
+        """A flat vector holding ``values[i]`` on parameter ``i``'s entries."""
+        return torch.cat([like.new_full((n,), float(v)) for v, n in zip(values, self._numels)])
+
+    def _decay_terms(self, V: Tensor, etas: list[float]) -> Tensor:
+        r"""The weight decay's curvature :math:`[v_a^\top \mathrm{diag}(\eta) v_b]`."""
+        if len(set(etas)) == 1:
+            return etas[0] * (V @ V.T)
+        return (V * self._flat_values(etas, V)) @ V.T
+
+    def _adaptive_scale(self) -> float:
+        """The adaptive mode's lr: one multiplier of the quadratic model's step, in every group."""
+        lrs = set(self._per_param("lr"))
+        if len(lrs) != 1:
+            raise ValueError(
+                "in KFAC's adaptive mode lr multiplies the quadratic model's step and must be "
+                f"the same in every parameter group, got {sorted(lrs)} (a scheduler scales all "
+                "groups alike; per-group learning rates need the fixed mode, KFAC(..., lr=...))"
+            )
+        s = lrs.pop()
+        _check_positive("lr", s, strict=True)
+        return float(s)
+
+    def _fixed_step(
+        self, Delta: Tensor, prev: Tensor | None, g: Tensor, b1: float, group: dict
+    ) -> tuple[Tensor, float, float]:
+        r"""The fixed-lr update :math:`\nu\,\mathrm{lr}\,\Delta + \mu\delta_0`, per group lr and momentum.
+
+        Returns ``(delta, lr * nu, momentum)`` (the first group's values when they differ).
+        """
+        lrs = self._per_param("lr")
+        moms = [m or 0.0 for m in self._per_param("momentum")]
+        uniform = len(set(lrs)) == 1
+        # KL clipping: nu^2 lr^2 |Delta . g| <= c, the lr per parameter
+        if uniform:
+            lr_g = lrs[0] * lrs[0] * abs(b1)
+        else:
+            lr_vec = self._flat_values(lrs, Delta)
+            lr_g = abs(float((lr_vec * lr_vec * Delta) @ g))
+        nu = 1.0
+        if group["kl_clip"] is not None and lr_g != 0.0:
+            nu = min(1.0, math.sqrt(group["kl_clip"] / lr_g))
+        delta = (lrs[0] * nu) * Delta if uniform else (nu * lr_vec) * Delta
+        if prev is not None and any(moms):
+            if len(set(moms)) == 1:
+                delta.add_(prev, alpha=moms[0])
+            else:
+                delta.addcmul_(self._flat_values(moms, prev), prev)
+        return delta, lrs[0] * nu, moms[0]
 
     def _unflat(self, v: Tensor) -> list[Tensor]:
         """Views of a flat vector shaped like the parameters."""
-        return [
-            t.view(p.shape) for t, p in zip(v.split(self._numels), self.param_groups[0]["params"])
-        ]
+        return [t.view(p.shape) for t, p in zip(v.split(self._numels), self._params)]
 
     def _previous_update(self, params: list[Tensor]) -> Tensor | None:
         """The previous update ``delta_0`` flat (``None`` before the first one)."""
@@ -472,14 +562,14 @@ class KFAC(torch.optim.Optimizer):
         k = V.shape[0]
         tangents = [
             V[:, o : o + m].view(k, *p.shape)
-            for o, m, p in zip(self._offsets, self._numels, self.param_groups[0]["params"])
+            for o, m, p in zip(self._offsets, self._numels, self._params)
         ]
         if self._fwd is not None and self._chain is not None:
             out, Jv = chain_jvp(self._chain, self.layers, self._index, self._fwd, tangents)
         else:
             if self._batch is None:
                 raise RuntimeError("KFAC's quadratic model needs a captured training forward")
-            params = [p.detach() for p in self.param_groups[0]["params"]]
+            params = [p.detach() for p in self._params]
             out, Jv = generic_jvp(self.inner, self._names, params, self._batch, tangents)
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist())
 
@@ -517,7 +607,7 @@ class KFAC(torch.optim.Optimizer):
             RuntimeError: no training forward pass was seen before the first step.
         """
         group = self.param_groups[0]
-        params: list[Tensor] = group["params"]
+        params = self._params
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -526,7 +616,7 @@ class KFAC(torch.optim.Optimizer):
                     loss.backward()
         for key in COUNTERS:  # a state saved before the counters existed
             group.setdefault(key, 0)
-        adaptive = group["lr"] is None
+        adaptive = group.get("adaptive", group["lr"] is None)
         pending, bad_output = self._pending, self._pending_bad
         self._pending, self._pending_bad = None, False
         if pending is None and not bad_output and group["factor_steps"] == 0:
@@ -539,10 +629,14 @@ class KFAC(torch.optim.Optimizer):
             return self._skip("loss", group, loss)
         if bad_output:
             return self._skip("model output", group, loss)
-        eta, lam = group["weight_decay"], group["damping"]
+        lam = group["damping"]
+        etas = self._per_param("weight_decay")
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        if eta:
-            grads = list(torch._foreach_add(grads, params, alpha=eta))
+        if len(set(etas)) == 1:
+            if etas[0]:
+                grads = list(torch._foreach_add(grads, params, alpha=etas[0]))
+        else:
+            grads = [g.add(p, alpha=e) if e else g for g, p, e in zip(grads, params, etas)]
         gflat = _flat(grads)
         new = None
         if pending is not None:
@@ -566,7 +660,7 @@ class KFAC(torch.optim.Optimizer):
             self._update_inverses(group)
 
         # 2. the direction and its step size
-        Delta = self._precondition(grads, lam + eta, group).neg_()
+        Delta = self._precondition(grads, lam, etas, group).neg_()
         prev = self._previous_update(params)
         have_prev = prev is not None
         info: dict = {}
@@ -580,14 +674,15 @@ class KFAC(torch.optim.Optimizer):
             gV = (V[:1] @ gflat).tolist()
         b1 = gV[0]
         if adaptive:
-            Fq = self._quadratic_terms(V).tolist()
-            alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, group["momentum"])
+            # the weight decay's curvature joins F: [v_a (F + diag(eta)) v_b]
+            Fq = (self._quadratic_terms(V) + self._decay_terms(V, etas)).tolist()
+            alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, group["momentum"])
             reason = _refusal(alpha, mu, pred)
             if reason is not None:
                 group["n_refused_steps"] += 1
                 info["refused"] = reason
                 # first the model's step along Delta alone (no momentum) ...
-                alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, eta, 0.0)
+                alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, 0.0)
                 if _refusal(alpha, mu, pred) is None:
                     replacement = "the quadratic model's step without momentum"
                 else:
@@ -595,7 +690,7 @@ class KFAC(torch.optim.Optimizer):
                     c = group["kl_clip"] if group["kl_clip"] is not None else SAFE_KL_CLIP
                     descent = math.isfinite(b1) and b1 < 0.0
                     alpha, mu = (min(1.0, math.sqrt(c / -b1)) if descent else 0.0), 0.0
-                    curv = Fq[0][0] + eta * nrm[0][0]
+                    curv = Fq[0][0]
                     pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
                     group["damping"] = self._raised_damping(group)
                     replacement = "a KL-clipped natural-gradient step (and the damping raised)"
@@ -605,21 +700,20 @@ class KFAC(torch.optim.Optimizer):
                     f"was refused and replaced by {replacement} (counted in "
                     "param_groups[0]['n_refused_steps'], warned once)",
                 )
+            # lr: a multiplier of the model's step (a scheduler's factor), the same in every group
+            s = self._adaptive_scale()
+            if s != 1.0:
+                linear = alpha * gV[0] + (mu * gV[1] if have_prev else 0.0)
+                pred = s * s * (pred - linear) + s * linear
+                alpha, mu = s * alpha, s * mu
             if mu:
                 delta = torch.add(alpha * Delta, prev, alpha=mu)
             else:
                 delta = alpha * Delta
-            info.update(alpha=alpha, mu=mu, predicted_change=pred)
+            info.update(alpha=alpha, mu=mu, predicted_change=pred, lr_scale=s)
         else:
-            lr = group["lr"]
-            mom = group["momentum"] or 0.0
-            nu = 1.0
-            if group["kl_clip"] is not None and b1 != 0.0:
-                nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * abs(b1))))
-            delta = (lr * nu) * Delta
-            if have_prev and mom:
-                delta.add_(prev, alpha=mom)
-            info.update(alpha=lr * nu, mu=mom)
+            delta, alpha, mom = self._fixed_step(Delta, prev, gflat, b1, group)
+            info.update(alpha=alpha, mu=mom)
         if group["max_update_norm"] is not None:
             norm = float(delta.norm())
             if norm > group["max_update_norm"]:
@@ -667,7 +761,7 @@ class KFAC(torch.optim.Optimizer):
         ``"kronecker"``, ``"kronecker-expand"``/``"kronecker-reduce"`` (a layer seen shared
         over positions so far), ``"diagonal-exact"``, ``"diagonal"`` or ``"identity"``.
         """
-        params = self.param_groups[0]["params"]
+        params = self._params
         return approximations(self.inner, self.layers, self.diagonal_rules, params, self.fallback)
 
     @property
@@ -737,7 +831,7 @@ class KFAC(torch.optim.Optimizer):
             self._in_step = False
         vals = torch.tensor([float(loss), float(new_loss)], dtype=torch.float64)
         if self._dist():
-            vals = vals.to(group["params"][0].device)
+            vals = vals.to(self._params[0].device)
             dist.all_reduce_sum(vals)
             vals = vals.cpu() / dist.world_size()
         change = float(vals[1] - vals[0])
@@ -759,7 +853,7 @@ class KFAC(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The state of ``torch.optim.Optimizer``, plus the parameter shapes it belongs to."""
         sd = super().state_dict()
-        sd[PARAM_SHAPES] = [list(p.shape) for p in self.param_groups[0]["params"]]
+        sd[PARAM_SHAPES] = [list(p.shape) for g in self.param_groups for p in g["params"]]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -768,15 +862,53 @@ class KFAC(torch.optim.Optimizer):
         Raises:
             ValueError: if it was saved for another number or shapes of parameters.
         """
-        check_state_dict_params("KFAC", self.param_groups[0]["params"], state_dict)
+        check_state_dict_params(
+            "KFAC", [p for g in self.param_groups for p in g["params"]], state_dict
+        )
         super().load_state_dict(state_dict)
+        for g in self.param_groups:  # saved before lr held the adaptive mode's multiplier
+            if g["lr"] is None:
+                g["lr"], g["adaptive"] = 1.0, True
+            g.setdefault("adaptive", False)
         self._inv_cache.clear()
         self._prev_views = self._prev_flat = None
-        self._index = {id(p): i for i, p in enumerate(self.param_groups[0]["params"])}
+        self._index = {id(p): i for i, p in enumerate(self._params)}
         for p, st in self.state.items():  # the stored factor dtypes may differ from p's
             for k, v in list(st.items()):
                 if isinstance(v, Tensor) and isinstance(p, Tensor):
                     st[k] = v.to(device=p.device, dtype=p.dtype)
+
+
+def _groups(model_params: list[Tensor], groups: Iterable[dict] | None) -> list[dict]:
+    """Parameter groups over the model's trainable parameters; the unlisted ones form a last group.
+
+    Raises:
+        ValueError: a group that is not a dict with ``"params"``, or a parameter that is not
+            a trainable parameter of the model or that is listed twice.
+    """
+    if groups is None:
+        return [{"params": model_params}]
+    own = {id(p) for p in model_params}
+    seen: set[int] = set()
+    out = []
+    for g in groups:
+        if not isinstance(g, dict) or "params" not in g:
+            raise ValueError("KFAC's params= takes parameter groups: dicts with a 'params' entry")
+        ps = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+        for p in ps:
+            if id(p) not in own:
+                raise ValueError(
+                    "a parameter group holds a tensor that is not a trainable "
+                    "parameter of the model"
+                )
+            if id(p) in seen:
+                raise ValueError("a parameter appears in more than one parameter group")
+            seen.add(id(p))
+        out.append({**g, "params": ps})
+    rest = [p for p in model_params if id(p) not in seen]
+    if rest:
+        out.append({"params": rest})
+    return out
 
 
 def _refusal(alpha: float, mu: float, pred: float) -> str | None:

@@ -1,0 +1,200 @@
+"""second.optim.KFAC as a torch.optim citizen: accumulation, autocast, groups, schedulers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import second
+from kfac_cases import DT, closure_of, tanh_net
+
+OPTIM_TOL = dict(rtol=1e-6, atol=1e-8)  # optimizer update vs the operator inverse (float64)
+FACTOR_TOL = dict(rtol=1e-10, atol=1e-12)  # float64 factors, two summation orders
+
+
+def _factors(opt, model):
+    return [opt.state[m.weight][k] for m in model if isinstance(m, nn.Linear) for k in ("A", "G")]
+
+
+@pytest.mark.parametrize("fisher", ["type2", "mc"])
+def test_accumulated_micro_batches_give_the_big_batch_statistics(fisher):
+    """Two micro-batches (losses halved, two backward calls, one step) == one batch of 16.
+
+    ("mc": the same sampled targets, since both draw from one seeded generator in order.)
+    """
+    torch.manual_seed(0)
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    big, micro = tanh_net(), tanh_net()
+    micro.load_state_dict(big.state_dict())
+    opts = [second.optim.KFAC(m, loss_fn, lr=0.5, fisher=fisher) for m in (big, micro)]
+    for _ in range(2):
+        torch.manual_seed(1)
+        loss_fn(big(X), y).backward()
+        opts[0].step()
+        opts[0].zero_grad()
+        torch.manual_seed(1)
+        for part in (slice(0, 8), slice(8, 16)):
+            (loss_fn(micro(X[part]), y[part]) / 2).backward()
+        opts[1].step()
+        opts[1].zero_grad()
+    for a, b in zip(_factors(*opts[:1], big), _factors(opts[1], micro)):
+        torch.testing.assert_close(a, b, **FACTOR_TOL)
+    for p, q in zip(big.parameters(), micro.parameters()):
+        torch.testing.assert_close(p, q, **FACTOR_TOL)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x.view(-1, 1, 4, 4))).flatten(1))
+
+
+@pytest.mark.parametrize("make", [lambda: tanh_net(torch.float32), _ConvNet])
+def test_bfloat16_autocast_trains_with_float32_factors(make):
+    torch.manual_seed(0)
+    model, loss_fn = make(), nn.CrossEntropyLoss()
+    X = torch.randn(32, 16 if isinstance(model, _ConvNet) else 4)
+    y = torch.randint(0, 3, (32,))
+    opt = second.optim.KFAC(model, loss_fn)
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    first = float(closure())
+    losses = [float(opt.step(closure)) for _ in range(15)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * first
+    assert opt.counters == {"n_skipped_steps": 0, "n_refused_steps": 0}
+    for st in opt.state.values():
+        for k in ("A", "G", "QA", "QG"):
+            if k in st and st[k] is not None:
+                assert st[k].dtype == torch.float32
+
+
+def _weights_and_biases(model):
+    ws = [m.weight for m in model if isinstance(m, nn.Linear)]
+    bs = [m.bias for m in model if isinstance(m, nn.Linear)]
+    return ws, bs
+
+
+def test_parameter_groups_decay_only_the_weights():
+    """No weight decay on biases: gradient + eta*W on weights only, blocks damped by lam + eta."""
+    torch.manual_seed(0)
+    model, loss_fn = tanh_net(), nn.MSELoss()
+    X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    lam, eta, lr = 0.1, 0.05, 0.5
+    ws, bs = _weights_and_biases(model)
+    M = second.KFACOperator(model, loss_fn, (X, y)).inverse(damping=lam + eta, pi_damping=True)
+    params = list(model.parameters())
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(X), y), params)])
+    decay = torch.cat([(eta * p if any(p is w for w in ws) else 0 * p).reshape(-1) for p in params])
+    theta0 = second.parameters_to_vector(params).detach()
+    opt = second.optim.KFAC(
+        model,
+        loss_fn,
+        params=[{"params": ws, "weight_decay": eta}, {"params": bs, "weight_decay": 0.0}],
+        lr=lr,
+        damping=lam,
+        fisher="type2",
+    )
+    opt.step(closure_of(opt, model, loss_fn, X, y))
+    want = theta0 - lr * (M @ (g + decay.detach()))
+    torch.testing.assert_close(second.parameters_to_vector(params).detach(), want, **OPTIM_TOL)
+
+
+def test_parameter_groups_per_group_lr_in_fixed_mode():
+    torch.manual_seed(0)
+    model, loss_fn = tanh_net(), nn.MSELoss()
+    X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    ws, bs = _weights_and_biases(model)
+    M = second.KFACOperator(model, loss_fn, (X, y)).inverse(damping=0.1, pi_damping=True)
+    params = list(model.parameters())
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss_fn(model(X), y), params)])
+    lrs = torch.cat(
+        [torch.full((p.numel(),), 0.5 if p.dim() == 2 else 0.1, dtype=DT) for p in params]
+    )
+    theta0 = second.parameters_to_vector(params).detach()
+    opt = second.optim.KFAC(
+        model, loss_fn, params=[{"params": bs, "lr": 0.1}], lr=0.5, damping=0.1, fisher="type2"
+    )
+    assert len(opt.param_groups) == 2  # the weights: a last group with the defaults
+    opt.step(closure_of(opt, model, loss_fn, X, y))
+    torch.testing.assert_close(
+        second.parameters_to_vector(params).detach(), theta0 - lrs * (M @ g), **OPTIM_TOL
+    )
+
+
+def test_state_dict_round_trip_with_groups():
+    torch.manual_seed(0)
+    loss_fn = nn.MSELoss()
+    X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    models = [tanh_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+
+    def make(model):
+        ws, bs = _weights_and_biases(model)
+        groups = [{"params": ws, "weight_decay": 1e-2}, {"params": bs, "weight_decay": 0.0}]
+        return second.optim.KFAC(model, loss_fn, params=groups)
+
+    a = make(models[0])
+    for _ in range(3):
+        a.step(closure_of(a, models[0], loss_fn, X, y))
+    models[1].load_state_dict(models[0].state_dict())
+    b = make(models[1])
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert [g["weight_decay"] for g in b.param_groups] == [1e-2, 0.0]
+    for _ in range(3):
+        for m, o in zip(models, (a, b)):
+            o.step(closure_of(o, m, loss_fn, X, y))
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lr", [None, 0.3])
+def test_a_scheduler_scales_the_step(lr):
+    """Adaptive mode: lr multiplies the quadratic model's step; fixed mode: lr is the lr."""
+    torch.manual_seed(0)
+    loss_fn = nn.MSELoss()
+    X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    models = [tanh_net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    theta0 = second.parameters_to_vector(models[0].parameters()).detach()
+    opts = [second.optim.KFAC(m, loss_fn, lr=lr, fisher="type2") for m in models]
+    sched = torch.optim.lr_scheduler.LambdaLR(opts[1], lambda k: 0.25)
+    assert opts[1].param_groups[0]["lr"] == 0.25 * (1.0 if lr is None else lr)
+    for m, o in zip(models, opts):
+        o.step(closure_of(o, m, loss_fn, X, y))
+    sched.step()
+    full, quarter = (second.parameters_to_vector(m.parameters()).detach() - theta0 for m in models)
+    torch.testing.assert_close(quarter, 0.25 * full, **OPTIM_TOL)
+    if lr is None:
+        assert opts[1].last_info["lr_scale"] == 0.25
+        pred = [o.last_info["predicted_change"] for o in opts]
+        assert pred[0] < pred[1] < 0  # a quarter of the model's step: a smaller decrease
+
+
+def test_groups_are_checked():
+    torch.manual_seed(0)
+    model, loss_fn = tanh_net(), nn.MSELoss()
+    ws, bs = _weights_and_biases(model)
+    opt = second.optim.KFAC(model, loss_fn, params=[{"params": ws, "lr": 0.5}])
+    X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    with pytest.raises(ValueError, match="same in every parameter group"):
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    with pytest.raises(ValueError, match="given at construction"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(ValueError, match="more than one"):
+        second.optim.KFAC(model, loss_fn, params=[{"params": ws}, {"params": ws[:1]}])
+    with pytest.raises(ValueError, match="not a trainable parameter"):
+        second.optim.KFAC(model, loss_fn, params=[{"params": [torch.zeros(2)]}])
