@@ -256,33 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M1,M2,...",
         help=f"comma-separated subset of: {', '.join(METHODS)} (default: all but dense)",
     )
-    p.add_argument(
-        "--hessian-damping",
-        type=_finite_float,
-        default=0.0,
-        metavar="LAMBDA",
-        help="damping added to the Hessian, H + LAMBDA I (finite; negative is a shift; default 0)",
-    )
-    p.add_argument(
-        "--ggn-damping",
-        type=_finite_float,
-        default=1e-2,
-        metavar="LAMBDA",
-        help="damping added to the Gauss-Newton matrix, G + LAMBDA I (finite; default 0.01)",
-    )
-    p.add_argument(
-        "--tol",
-        type=_positive_float,
-        default=1e-6,
-        help="relative tolerance of the solvers, ||b - A x|| <= tol ||b|| (positive; default 1e-6)",
-    )
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="torch threads (a positive integer; default 1)",
-    )
+    numbers = [  # (flag, type, default, metavar, help)
+        ("--hessian-damping", _finite_float, 0.0, "LAMBDA",
+         "damping added to the Hessian, H + LAMBDA I (finite; negative is a shift; default 0)"),
+        ("--ggn-damping", _finite_float, 1e-2, "LAMBDA",
+         "damping added to the Gauss-Newton matrix, G + LAMBDA I (finite; default 0.01)"),
+        ("--tol", _positive_float, 1e-6, None,
+         "relative tolerance of the solvers, ||b - A x|| <= tol ||b|| (positive; default 1e-6)"),
+        ("--threads", _positive_int, 1, "N", "torch threads (a positive integer; default 1)"),
+    ]  # fmt: skip
+    for flag, kind, default, metavar, text in numbers:
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     p.add_argument(
         "--out-dir",
         default="demo-output",

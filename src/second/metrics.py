@@ -12,8 +12,13 @@ from .func.vectors import parameters_to_vector
 __all__ = ["relative_error", "cosine_similarity"]
 
 
-def _flat64(x: Tensor | Sequence[Tensor]) -> Tensor:
-    return parameters_to_vector(x).detach().to(torch.float64)
+def _flat64_pair(
+    a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    x, y = (parameters_to_vector(t).detach().to(torch.float64) for t in (a, b))
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    return x, y
 
 
 def relative_error(approx: Tensor | Sequence[Tensor], exact: Tensor | Sequence[Tensor]) -> float:
@@ -23,9 +28,7 @@ def relative_error(approx: Tensor | Sequence[Tensor], exact: Tensor | Sequence[T
         >>> relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]))
         1.0
     """
-    a, e = _flat64(approx), _flat64(exact)
-    if a.shape != e.shape:
-        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}")
+    a, e = _flat64_pair(approx, exact)
     en = torch.linalg.vector_norm(e)
     if en == 0:
         raise ValueError("the exact vector is zero: the relative error is undefined")
@@ -39,8 +42,6 @@ def cosine_similarity(a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]
         >>> cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
         0.7071067811865475
     """
-    x, y = _flat64(a), _flat64(b)
-    if x.shape != y.shape:
-        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    x, y = _flat64_pair(a, b)
     den = torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y)
     return 0.0 if den == 0 else float(x @ y / den)
