@@ -7,9 +7,11 @@ the old file, the complete new one, or none. A crash mid-write leaves only a
 older than :data:`STALE_TMP_SECONDS` (one hour: a live writer renames its file within
 seconds, so an older one belongs to a writer that died).
 
-Tensors are stored as *blocks* (:meth:`DiskCache.save_block`): the tensor with the name
+Tensors are stored as *blocks* (:meth:`DiskCache.save_block`, a ``.pt`` file) or as named
+groups of tensors in a ``.safetensors`` file (:meth:`DiskCache.save_tensors`: the fitted
+Kronecker factors, the streamed score blocks): the tensor with the name
 it was made for, a SHA-256 digest of its bytes, and optional metadata. :meth:`DiskCache.
-load_block` returns the tensor only if all of these match what the caller expects (name,
+load_block` (:meth:`DiskCache.load_tensors`) returns the tensor(s) only if all of these match what the caller expects (name,
 shape, dtype, metadata and digest); anything else (a truncated, corrupted, mislabeled or
 forged file, one from another version) is reported with a warning and treated as absent,
 so the caller recomputes it. The digest detects accidental damage and files copied
@@ -20,6 +22,7 @@ also write a consistent forgery, so the directory must be as trusted as the code
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DiskCache", "fingerprint", "STALE_TMP_SECONDS"]
+__all__ = ["DiskCache", "fingerprint", "STALE_TMP_SECONDS", "CacheStore"]
 
 STALE_TMP_SECONDS = 3600.0
 _FORMAT = 2
@@ -91,13 +94,17 @@ class DiskCache:
 
     def save(self, name: str, obj) -> None:
         """Write ``obj`` (anything :func:`torch.save` takes) under ``name``, atomically."""
+        self._write(self.path(name), name, lambda f: torch.save(obj, f))
+
+    def _write(self, path: Path, name: str, write) -> None:
+        """``write(f)`` to a temporary file, flushed to disk, then moved onto ``path``."""
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path(name))
+            os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -150,9 +157,73 @@ class DiskCache:
             return None
         return obj["tensor"]
 
-    def _reject(self, name: str, why: str) -> None:
+    # -- groups of tensors in safetensors files ----------------------------------------------
+    def tensors_path(self, name: str) -> Path:
+        """Where the tensors saved under ``name`` by :meth:`save_tensors` are stored."""
+        return self.root / f"{name}.safetensors"
+
+    def save_tensors(self, name: str, tensors: dict[str, Tensor], meta: dict | None = None) -> None:
+        """Store named tensors in ``<name>.safetensors``, atomically, with a digest and ``meta``.
+
+        The file's metadata holds the format, ``name``, ``meta`` (as JSON) and the digest of
+        every tensor (names, shapes, dtypes and bytes), checked by :meth:`load_tensors`.
+        """
+        from safetensors.torch import save
+
+        ts = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+        header = {
+            "format": str(_FORMAT),
+            "name": name,
+            "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
+            "digest": fingerprint(ts),
+        }
+        data = save(ts, metadata=header)
+        self._write(self.tensors_path(name), name, lambda f: f.write(data))
+
+    def load_tensors(
+        self, name: str, meta: dict | None = None, shapes: dict[str, tuple] | None = None
+    ) -> dict[str, Tensor] | None:
+        """The tensors stored under ``name`` if they are exactly what the caller expects.
+
+        Checked: written by :meth:`save_tensors` for this ``name`` and ``meta``, every
+        tensor's bytes match the digest, and (when given) the names and shapes are
+        ``shapes``. A file that fails a check is reported (``UserWarning``) and ignored;
+        an absent one gives ``None``.
+        """
+        p = self.tensors_path(name)
+        if not p.exists():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                header = f.metadata() or {}
+                ts = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:
+            self._reject(name, "it cannot be read", p)
+            return None
+        why = None
+        want_meta = json.dumps(dict(meta or {}), sort_keys=True, default=str)
+        if header.get("format") != str(_FORMAT):
+            why = "it is not a file written by this version"
+        elif header.get("name") != name:
+            why = f"it was written for {header.get('name')!r}"
+        elif header.get("meta") != want_meta:
+            why = "it was written for other data"
+        elif header.get("digest") != fingerprint(ts):
+            why = "its content does not match its digest"
+        elif shapes is not None and {k: tuple(t.shape) for k, t in ts.items()} != {
+            k: tuple(v) for k, v in shapes.items()
+        }:
+            why = "it holds tensors of other names or shapes"
+        if why is not None:
+            self._reject(name, why, p)
+            return None
+        return ts
+
+    def _reject(self, name: str, why: str, path: Path | None = None) -> None:
         warnings.warn(
-            f"ignoring cache file {self.path(name)}: {why}; recomputing it",
+            f"ignoring cache file {path or self.path(name)}: {why}; recomputing it",
             UserWarning,
             stacklevel=4,
         )
@@ -174,3 +245,27 @@ def _invalid(obj, name: str, shape: tuple, dtype: torch.dtype, meta: dict) -> st
     if obj.get("digest") != fingerprint(t):
         return "its content does not match its digest"
     return None
+
+
+class CacheStore:
+    """The stages of one computation in a :class:`DiskCache`: ``save(stage, tensors)``, ``load(stage)``.
+
+    Args:
+        cache: the cache (``None``: nothing is stored, :meth:`load` returns ``None``).
+        key: what the stored tensors depend on (part of every file name).
+        meta: checked on load (see :meth:`DiskCache.load_tensors`).
+    """
+
+    def __init__(self, cache: DiskCache | None, key: str, meta: dict | None = None):
+        self.cache, self.key, self.meta = cache, key, dict(meta or {})
+
+    def load(self, stage: str) -> dict[str, Tensor] | None:
+        """The tensors of ``stage``, or ``None``."""
+        if self.cache is None:
+            return None
+        return self.cache.load_tensors(f"{stage}-{self.key}", self.meta)
+
+    def save(self, stage: str, tensors: dict[str, Tensor]) -> None:
+        """Store the tensors of ``stage`` (atomically)."""
+        if self.cache is not None:
+            self.cache.save_tensors(f"{stage}-{self.key}", tensors, self.meta)

@@ -6,8 +6,11 @@ import torch
 from torch import Tensor
 
 from .._errors import NonFiniteError
+from .._progress import progress_enabled
 from ..distributed import all_ranks
 from ..operators.curvature import FisherOperator, GGNOperator, HessianOperator
+from ._cache import CacheStore
+from ._factors import DEFAULT_MEMORY, StreamedEKFAC, StreamedKFAC
 from ._inverse import ApproximationInverse, DenseInverse, IterativeInverse, LowRankInverseStrategy
 
 __all__ = ["CurvatureInverse"]
@@ -38,8 +41,22 @@ class CurvatureInverse:
             return GGNOperator(*args, **common, **kw)
         if self.curvature == "fisher":
             return FisherOperator(*args, **common, **kw)
-        return _approximation(
-            self.curvature, self.model, self.loss_fn, self.train_data, self.reduction, kw
+        store = CacheStore(self.cache, self.factors_key)
+        bar = self._dist()[1] == 0 and progress_enabled(self.progressbar)
+        kw.setdefault("progressbar", bar)
+        cls = StreamedKFAC if self.curvature == "kfac" else StreamedEKFAC
+        if cls is StreamedEKFAC:
+            kw.setdefault("memory", self.max_memory or DEFAULT_MEMORY)
+        return cls(
+            self.model,
+            self.loss_fn,
+            self.train_data,
+            damping=0.0,
+            reduction=self.reduction,
+            distributed=False,
+            task=self.task,
+            store=store,
+            **kw,
         )
 
     def _dense_matrix(self) -> Tensor:
@@ -93,19 +110,3 @@ class CurvatureInverse:
                     self.operator, self.shift, m, tol, self.maxiter, self.solver_options
                 )
         return self._inverse
-
-
-def _approximation(kind: str, model, loss_fn, data, reduction: str, options: dict):
-    """Build the K-FAC / EK-FAC operator of the data term (no damping inside)."""
-    name = {"kfac": "KFACOperator", "ekfac": "EKFACOperator"}[kind]
-    try:
-        from .. import kfac as approximations
-    except ImportError:  # pragma: no cover - the package ships it
-        approximations = None
-    cls = getattr(approximations, name, None)
-    if cls is None:
-        raise NotImplementedError(
-            f"curvature={kind!r} needs second.{name}, which this installation does not provide; "
-            "use curvature='ggn' with method='cg' or 'lowrank'"
-        )
-    return cls(model, loss_fn, data, damping=0.0, reduction=reduction, distributed=False, **options)

@@ -46,10 +46,11 @@ class Examples:
             "(DataLoader(shuffle=False), a list of batches).",
             ordered=True,
         )
-        n, first, ignored = 0, None, []
+        n, first, ignored, sizes = 0, None, [], []
         try:
             for batch in self._batches():
                 nb = task.batch_size(batch)
+                sizes.append(nb)
                 if first is None:
                     first = _example_shapes(batch)
                 if ignore_index is not None and nb:
@@ -61,6 +62,7 @@ class Examples:
         except ValueError as err:
             raise ValueError(f"{what}: {err}") from None
         self.n = n
+        self.sizes = sizes
         self.example_shapes = first
         self.ignored = ignored
 
@@ -78,6 +80,10 @@ class Examples:
                 yield c, start, self.task.to(self.task.take(batch, sl), self.device)
                 c += 1
                 start += sl.stop - sl.start
+
+    def n_chunks(self, size: int) -> int:
+        """How many chunks :meth:`chunks` yields for ``size``."""
+        return sum(-(-nb // size) for nb in self.sizes)
 
     def take(self, indices: Sequence[int]) -> list:
         """Return the examples at ``indices`` as batches of one, on the device."""

@@ -23,6 +23,7 @@ from ._cache import DiskCache, fingerprint
 from ._curvature import CurvatureInverse
 from ._examples import Examples, warn_ignored
 from ._loo import newton_loo
+from ._scoring import KroneckerScorer, default_memory, example_matrices, kronecker_gradients
 from ._sharding import ShardedWork
 from ._state import StateTracking
 
@@ -132,6 +133,17 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             covers the loss function's class and settings, the model's module tree and
             the code of every ``forward``, all parameters and buffers, but not globals or
             helper functions a ``forward`` calls. Change ``version`` when those change.
+        score_dtype: the dtype of the products and of the scores of ``"kfac"``/``"ekfac"``
+            (default ``None``: the model's; ``torch.bfloat16`` or ``torch.float16`` halve
+            the memory and time of the products at a loss of precision).
+        query_rank: for ``"kfac"``/``"ekfac"``, sketch every layer's preconditioned query
+            gradient (a ``[d_out, d_in]`` matrix) by its top ``query_rank`` singular
+            triplets (default ``None``: exact). The scores then cost
+            :math:`O(n (d_{out} + d_{in})\,q\,r)` instead of :math:`O(n\, d_{out} d_{in}\, q)`.
+        max_memory: bytes one intermediate block of the scores (and of the EK-FAC
+            corrections) may take; the query block and the examples per block follow from
+            it (default ``None``: an eighth of the available memory, between 64 and
+            512 MiB). It changes the speed, not the result.
 
     Raises:
         ValueError: on an unknown ``curvature``/``method``, negative ``damping`` or
@@ -182,6 +194,9 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
         distributed: bool | None = None,
         version: str | int | None = None,
         task: Task | None = None,
+        score_dtype: torch.dtype | None = None,
+        query_rank: int | None = None,
+        max_memory: int | None = None,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -202,6 +217,16 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+            raise ValueError(f"query_rank must be an int >= 1 or None, got {query_rank!r}")
+        if max_memory is not None and (not isinstance(max_memory, int) or max_memory < 1):
+            raise ValueError(f"max_memory must be a number of bytes >= 1, got {max_memory!r}")
+        if score_dtype is not None and not (
+            isinstance(score_dtype, torch.dtype) and score_dtype.is_floating_point
+        ):
+            raise ValueError(f"score_dtype must be a floating torch.dtype, got {score_dtype!r}")
+        self.score_dtype, self.query_rank = score_dtype, query_rank
+        self.max_memory = max_memory
         refuse_stochastic(model, "every influence result would change from call to call")
         self.model, self.loss_fn = model, loss_fn
         self.version = version
@@ -295,7 +320,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             self.inverse  # noqa: B018 - built by every rank (the dense one is sharded)
         V = torch.zeros(test.n, self.fn.numel, dtype=self.fn.dtype, device=self.fn.device)
         P = self.fn.numel
-        total = math.ceil(test.n / self.batch_size) if test.single else None
+        total = test.n_chunks(self.batch_size)
         with self._collective("inverse-HVPs"):
             for c, s, chunk in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
                 if not self._mine(c):
@@ -319,7 +344,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
     def _train_pass(self, fn: Callable, rows: int, tag: str | None, desc: str) -> Tensor:
         """Fill ``[rows, n_train]`` chunk by chunk: ``fn(G_chunk) -> [rows, c]``; cached."""
         out = torch.zeros(rows, self.n_train, dtype=self.fn.dtype, device=self.fn.device)
-        total = math.ceil(self.n_train / self.batch_size) if self.train.single else None
+        total = self.train.n_chunks(self.batch_size)
         with self._collective(desc):
             for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, desc):
                 if not self._mine(c):
@@ -341,7 +366,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                 out[:, s : s + nb] = block.to(out)
         return self._gather(out)
 
-    def scores(self, test_data) -> Tensor:
+    def scores(self, test_data, *, per_module: bool = False) -> Tensor | dict[str, Tensor]:
         r"""Influence of every training point on every test point.
 
         .. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
@@ -350,24 +375,167 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                   - \ell^{\mathrm{test}}_i(\hat\theta)
 
         Positive: removing ``j`` raises test loss ``i`` (``j`` helped). The training data
-        is traversed in chunks of ``batch_size``; with ``cache_dir`` every finished chunk
-        is stored, so an interrupted call resumes.
+        is traversed once, in chunks of ``batch_size``; with ``cache_dir`` every finished
+        chunk is stored, so an interrupted call resumes. The test side is the task's
+        :meth:`~second.Task.measurement` (by default the loss; any function of the output).
+
+        With ``curvature="kfac"``/``"ekfac"`` the training gradients stay in Kronecker
+        form (input rows and output gradients of every layer, :mod:`second.influence`),
+        so the memory is that of one chunk and a block of ``max_memory`` bytes, not
+        ``batch_size`` dense gradients; ``score_dtype`` and ``query_rank`` apply.
 
         Args:
             test_data: an ``(X, y)`` batch or an iterable of batches.
+            per_module: return a dict of ``[n_test, n_train]`` scores, one per
+                Kronecker-factored block (its module's name in ``model.named_modules()``;
+                attention's query, key and value projections as ``"<name>.q"``, ``".k"``,
+                ``".v"``) and one per other trainable parameter (its name), which sum to
+                the scores (``"kfac"``/``"ekfac"`` only).
 
         Returns:
-            A ``[n_test, n_train]`` tensor in the model's dtype.
+            A ``[n_test, n_train]`` tensor in the model's dtype (``score_dtype`` if set),
+            or the dict of per-module scores.
 
         Raises:
-            ValueError: if the test examples' shapes differ from the training examples'.
+            ValueError: if the test examples' shapes differ from the training examples',
+                or ``per_module`` with another curvature.
         """
+        if self.curvature in ("kfac", "ekfac"):
+            parts = self._kronecker_scores(test_data)
+            if per_module:
+                return parts
+            vals = list(parts.values())
+            total = vals[0].clone()
+            for v in vals[1:]:
+                total += v
+            return total
+        if per_module:
+            raise ValueError("per_module scores need curvature='kfac' or 'ekfac'")
         V = self.inverse_hvps(test_data)
         tkey = self._test(test_data).digest(self.batch_size)
         w = self.weight
         return self._train_pass(
             lambda G: w * (V @ G.T), V.shape[0], f"scores-{self.key}-{tkey}", "scores"
         )
+
+    def _kronecker_queries(self, test_data):
+        r"""Preconditioned, ``w``-scaled query gradients per layer and fallback parameter.
+
+        Per Kronecker-factored layer :math:`w\,(B_l + \mu I)^{-1}` applied to the query
+        gradients in matrix form ``[q, d_G, d_A]``, never as dense rows; per other
+        parameter its diagonal solve. Computed once per test set (memory, ``cache_dir``).
+
+        Returns:
+            ``(mats, fallback)``: the layers' matrices and ``(names, V parts, function)``
+            for the other parameters (``None`` when there are none).
+        """
+        self._check_model()
+        test = self._test(test_data)
+        tkey = test.digest(self.batch_size)
+        self._same_on_all_ranks("test data", tkey)
+        warn_ignored(test, self.loss_fn)
+        memo = self._ihvp_memo.get(("kronecker", tkey))
+        if memo is not None:
+            return memo
+        op = self.operator
+        inv = op.inverse(damping=self.shift)  # checks the damped blocks are invertible
+        rules, w, lam = op.rules, self.weight, self.shift
+        fb = op.fallback_parameters
+        names = {id(p): k for k, p in self.model.named_parameters()}
+        fb_names = [names[id(p)] for p in fb]
+        fb_fn = ModelFunction(self.model, self.task, dict(zip(fb_names, fb))) if fb else None
+        like = self.fn.params[0]
+        memory = self.max_memory or default_memory()
+        mats = [like.new_zeros(test.n, r.d_G, r.d_A) for r in rules]
+        fvs = [like.new_zeros(test.n, p.numel()) for p in fb]
+        total = test.n_chunks(self.batch_size)
+        with self._collective("inverse-HVPs"):
+            for c, s, chunk in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
+                if not self._mine(c):
+                    continue
+                name, rows = f"kquery-{self.key}-{tkey}-{c}", self.task.batch_size(chunk)
+                block = None
+                if self.cache is not None:
+                    shapes = {f"L{j}": (rows, r.d_G, r.d_A) for j, r in enumerate(rules)}
+                    shapes.update({f"F{i}": (rows, p.numel()) for i, p in enumerate(fb)})
+                    block = self.cache.load_tensors(name, None, shapes)
+                if block is None:
+                    calls, _ = kronecker_gradients(rules, self.model, self.task, chunk, True)
+                    block = {}
+                    for j, r in enumerate(rules):
+                        M = example_matrices(r, calls[j], rows, like)
+                        check_rows_finite(M, "test example", s)
+                        step = max(1, memory // (4 * M[0].numel() * M.element_size()))
+                        for b in range(0, rows, step):  # the solve's temporaries stay small
+                            M[b : b + step] = inv.blocks[j].solve(M[b : b + step], lam, inv.split)
+                        block[f"L{j}"] = M.mul_(w)
+                        del calls[j][:]
+                    if fb_fn is not None:
+                        G = check_rows_finite(
+                            fb_fn.gradients(chunk, measure=True), "test example", s
+                        )
+                        off = 0
+                        for i, p in enumerate(fb):
+                            k = p.numel()
+                            v = G[:, off : off + k].reshape(rows, *p.shape)
+                            block[f"F{i}"] = w * inv.diagonals[i].solve(v, lam).reshape(rows, k)
+                            off += k
+                    for t in block.values():
+                        check_rows_finite(t, "inverse-HVP of test example", s)
+                    if self.cache is not None:
+                        self.cache.save_tensors(name, block)
+                for j in range(len(rules)):
+                    mats[j][s : s + rows] = block[f"L{j}"].to(like)
+                for i in range(len(fb)):
+                    fvs[i][s : s + rows] = block[f"F{i}"].to(like)
+        mats = [self._gather(M) for M in mats]
+        fvs = [self._gather(v) for v in fvs]
+        out = (mats, (fb_names, fvs, fb_fn) if fb else None)
+        self._ihvp_memo[("kronecker", tkey)] = out
+        return out
+
+    def _kronecker_scores(self, test_data) -> dict[str, Tensor]:
+        """Per-module scores from Kronecker-form training gradients, chunk by chunk (cached)."""
+        mats, fallback = self._kronecker_queries(test_data)
+        tkey = self._test(test_data).digest(self.batch_size)
+        dtype = self.score_dtype or self.fn.dtype
+        memory = self.max_memory or default_memory()
+        scorer = KroneckerScorer(
+            self.operator.rules,
+            mats,
+            fallback,
+            self.model,
+            self.task,
+            dtype,
+            self.query_rank,
+            memory,
+        )
+        q, mods = scorer.q, scorer.modules
+        out = {m: torch.zeros(q, self.n_train, dtype=dtype, device=self.fn.device) for m in mods}
+        total = self.train.n_chunks(self.batch_size)
+        with self._collective("scores"):
+            for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, "scores"):
+                if not self._mine(c):
+                    continue
+                nb, block = self.task.batch_size(chunk), None
+                name = f"kscores-{self.key}-{tkey}-{c}"
+                meta = {"data": _chunk_digest(chunk)}
+                shapes = {m: (q, nb) for m in mods}
+                if self.cache is not None:
+                    block = self.cache.load_tensors(name, meta, shapes)
+                    if block is not None and any(t.dtype != dtype for t in block.values()):
+                        block = None
+                if block is None:
+                    block = scorer(chunk)
+                    if not all(bool(torch.isfinite(t).all()) for t in block.values()):
+                        raise NonFiniteError(
+                            f"scores of training examples {s}..{s + nb - 1} are not finite"
+                        )
+                    if self.cache is not None:
+                        self.cache.save_tensors(name, block, meta)
+                for m in mods:
+                    out[m][:, s : s + nb] = block[m].to(out[m])
+        return {m: self._gather(t) for m, t in out.items()}
 
     def self_influence(self) -> Tensor:
         r"""Each training point's influence on its own loss, without the ``n x n`` matrix.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from .._losses import reduction_of
 from ..data import refuse_stochastic
 from ..func.per_example import ModelFunction
@@ -33,9 +31,10 @@ class StateTracking:
         self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
         self._op = None
         self._inverse = None
-        self._ihvp_memo: dict[str, Tensor] = {}
+        self._ihvp_memo: dict = {}  # inverse-HVPs (and Kronecker queries) by test set
         self._identity = self._current_identity()
         self._key = None
+        self._factors_key: str | None = None
 
     def _current_identity(self) -> tuple[str, str]:
         """Digests of the setup (loss, module tree, forward code, version) and of the state."""
@@ -62,23 +61,40 @@ class StateTracking:
         or frozen) and buffer, the training data (when caching) and every setting.
         """
         if self._key is None:
-            train = self.train_digest if self.cache is not None else self.n_train
             self._key = fingerprint(
-                "influence-v3",
-                type(self.task).__module__,
-                type(self.task).__qualname__,
-                {k: v for k, v in vars(self.task).items() if k != "loss_fn"},
-                self._identity,
-                self.curvature,
+                "influence-v4",
+                self.factors_key,
                 self.method,
                 self.damping,
                 self.rank,
                 self.tol,
                 self.maxiter,
                 self.solver_options,
-                self.curvature_options,
-                self.reduction,
                 self.batch_size,
-                train,
+                str(self.score_dtype),
+                self.query_rank,
             )
         return self._key
+
+    @property
+    def factors_key(self) -> str:
+        """The cache key of the fitted curvature.
+
+        :attr:`key` without the settings of the solve and the scores (damping, method,
+        tolerances, batch size, score options).
+        """
+        if self._factors_key is not None:
+            return self._factors_key
+        train = self.train_digest if self.cache is not None else self.n_train
+        self._factors_key = fingerprint(
+            "influence-factors-v1",
+            type(self.task).__module__,
+            type(self.task).__qualname__,
+            {k: v for k, v in vars(self.task).items() if k != "loss_fn"},
+            self._identity,
+            self.curvature,
+            self.curvature_options,
+            self.reduction,
+            train,
+        )
+        return self._factors_key
