@@ -20,7 +20,7 @@ from torch import nn
 
 from dense_reference import ref_ggn
 from kfac_cases import DT, EXACT_TOL, param_slices
-from second import KFACOperator
+from second import EKFACOperator, KFACOperator
 from second.func import differentiable_attention
 from second.kfac import (
     AttentionProjectionRule,
@@ -240,6 +240,9 @@ def test_attention_blocks_are_exact_on_one_token():
         model, D, G, ["att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"]
     )
     assert set(K.approximations().values()) == {"kronecker"}
+    # EK-FAC re-fits the eigenvalues in KFAC's eigenbasis: exact wherever KFAC is
+    E = EKFACOperator(model, nn.MSELoss(), (X, y)).to_dense()
+    torch.testing.assert_close(E[s, s], G[s, s], **EXACT_TOL[DT])
 
 
 class _Pool(nn.Module):

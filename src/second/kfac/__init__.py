@@ -78,6 +78,7 @@ References:
     eigenbasis. NeurIPS 2018.
 """
 
+from . import rules as _rules
 from .blocks import DiagonalBlock, EigenBlock, KroneckerBlock, eigen_blocks
 from .capture import Capture, ForwardWatch, watch_forward
 from .columns import (
@@ -105,25 +106,7 @@ from .operators import (
     KFACInverseOperator,
     KFACOperator,
 )
-from .rules import (
-    RULES,
-    AttentionProjectionRule,
-    BatchNormRule,
-    Conv1dRule,
-    Conv2dRule,
-    DiagonalRule,
-    EmbeddingRule,
-    GroupNormRule,
-    LayerNormRule,
-    LayerRule,
-    LinearRule,
-    RMSNormRule,
-    approximations,
-    find_layers,
-    find_rules,
-    rule_for,
-    unwrap_model,
-)
+from .rules import *  # noqa: F403  (the layer rules: their names are rules.__all__)
 from .rules import WEIGHT_SHARING as WEIGHT_SHARING
 from .rules import WeightSharing as WeightSharing
 from .stats import FactorStats, add_layer_statistics, batch_statistics
@@ -135,24 +118,7 @@ __all__ = [
     "KFACInverseOperator",
     "EKFACInverseOperator",
     "BlockLayout",
-    # layer rules and capture
-    "LayerRule",
-    "LinearRule",
-    "Conv1dRule",
-    "Conv2dRule",
-    "EmbeddingRule",
-    "AttentionProjectionRule",
-    "DiagonalRule",
-    "LayerNormRule",
-    "RMSNormRule",
-    "GroupNormRule",
-    "BatchNormRule",
-    "RULES",
-    "rule_for",
-    "find_layers",
-    "find_rules",
-    "approximations",
-    "unwrap_model",
+    # capture (the layer rules: rules.__all__, appended below)
     "Capture",
     "ForwardWatch",
     "watch_forward",
@@ -178,3 +144,4 @@ __all__ = [
     "sym_eigh",
     "eigen_corrections",
 ]
+__all__ += _rules.__all__

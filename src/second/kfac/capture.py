@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .columns import backprop_columns
 from .rules import AttentionProjectionRule, DiagonalRule, LayerRule
 
 __all__ = ["Capture", "watch_forward", "ForwardWatch"]
@@ -65,7 +66,7 @@ def _row_span(w: Tensor, base: Tensor) -> tuple[int, int] | None:
         return 0, base.shape[0]
     if w._base is not base or w.dim() != base.dim() or w.stride() != base.stride():
         return None
-    start, rem = divmod(w.storage_offset() - base.storage_offset(), base.stride(0))
+    start, rem = divmod(int(w.storage_offset() - base.storage_offset()), int(base.stride(0)))
     return (start, start + w.shape[0]) if rem == 0 else None
 
 
@@ -205,6 +206,27 @@ class Capture:
             for i in range(len(self.diagonal))
             for inp, out in zip(self.diag_inputs.get(i, []), self.diag_outputs.get(i, []))
         ]
+
+    def backprop(
+        self, f: Tensor, S: Tensor, *, retain_graph: bool = True, diagonal: bool = False
+    ) -> tuple[list[tuple[int, Tensor, Tensor]], list[tuple[int, Tensor, Tensor]]]:
+        """Columns ``S [K, *f.shape]`` backpropagated from ``f`` to every recorded output.
+
+        Args:
+            f: the model output the calls led to.
+            S: the columns (:func:`~second.kfac.curvature_columns`).
+            retain_graph: keep the graph for another backward.
+            diagonal: also the exact-diagonal rules' calls.
+
+        Returns:
+            ``(layer calls, diagonal calls)``, each ``[(index, input, g [K, *output.shape])]``
+            in the order of :meth:`calls` / :meth:`diagonal_calls`.
+        """
+        calls = self.calls() + (self.diagonal_calls() if diagonal else [])
+        gs = backprop_columns(f, S, [o for *_, o in calls], retain_graph=retain_graph)
+        out = [(j, inp, g) for (j, inp, _), g in zip(calls, gs)]
+        n = len(self.calls())
+        return out[:n], out[n:]
 
     def on_output_grads(self, fn: Callable[[int, Tensor, Tensor], None]) -> None:
         """Call ``fn(layer index, input, gradient at the output)`` in the coming backward.

@@ -20,7 +20,6 @@ from torch import Tensor
 from .. import distributed as dist
 from .blocks import EigenBlock
 from .capture import Capture
-from .columns import backprop_columns
 from .rules import LayerRule
 
 __all__ = ["eigen_corrections"]
@@ -60,25 +59,19 @@ def eigen_corrections(
         for layer in layers
     ]
     for out, S, cap in passes:
-        js = [j for j in range(len(layers)) if j in cap.outputs]
-        outs = [o for j in js for o in cap.outputs[j]]
-        gouts = backprop_columns(out, S, outs, retain_graph=False)
-        pos = 0
-        for j in js:
+        per: dict[int, Tensor] = {}  # a module used twice: its gradients add up
+        for j, inp, g in cap.backprop(out, S, retain_graph=False)[0]:
             layer = layers[j]
-            per = None
-            for inp in cap.inputs[j]:  # a module used twice: its gradients add up
-                # the exact per-example gradients: every position, whatever the sharing mode
-                grows = layer.grad_rows(gouts[pos], inp, "expand")
-                pos += 1
-                mask = layer.mask(inp)
-                if mask is not None:
-                    grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
-                m = layer.per_example_mats(layer.input_rows(inp, "expand"), grows)
-                per = m if per is None else per + m
-            if per is None:  # (not reached: a captured layer has at least one call)
-                continue
-            sums[j] += (eigen[j].rotate(per.reshape(-1, layer.d_G, layer.d_A)) ** 2).sum(0)
+            # the exact per-example gradients: every position, whatever the sharing mode
+            grows = layer.grad_rows(g, inp, "expand")
+            mask = layer.mask(inp)
+            if mask is not None:
+                grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
+            m = layer.per_example_mats(layer.input_rows(inp, "expand"), grows)
+            per[j] = m + per[j] if j in per else m
+        for j, m in per.items():
+            mats = m.reshape(-1, layers[j].d_G, layers[j].d_A)
+            sums[j] += (eigen[j].rotate(mats) ** 2).sum(0)
     if distributed:
         dist.all_reduce_sum(sums)
     return sums

@@ -294,17 +294,10 @@ class KFACOperator(CurvatureOperator):
         self._compute_factors()
 
     def restrict(self, batch) -> KFACOperator:
-        """The same approximation on one batch: same class, Fisher type, damping and samples.
+        """The same approximation on ``batch`` (see :meth:`~second.CurvatureOperator.restrict`).
 
-        ``fisher``, ``damping``, ``mc_samples``, ``fallback``, the task, ``reduction`` and the
-        sampling state are kept; the restriction is local to this process (``distributed=False``) and
-        does not re-check the data (``check_deterministic=False``).
-
-        Args:
-            batch: one batch (as the data yields it).
-
-        Returns:
-            A new operator of the same class on ``batch``.
+        ``fisher``, ``damping``, ``mc_samples``, ``fallback``, ``weight_sharing``, the task,
+        ``reduction`` and the sampling state are kept; local to this process, not re-checked.
 
         Example:
             >>> model = torch.nn.Linear(3, 2).double()

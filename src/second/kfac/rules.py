@@ -56,7 +56,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 __all__ = [
-    "WEIGHT_SHARING",
     "LayerRule",
     "LinearRule",
     "Conv1dRule",
@@ -329,7 +328,7 @@ class LinearRule(LayerRule, module_type=nn.Linear):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        return _initialized(module.weight, getattr(module, "bias", None))
+        return _initialized(cast(Tensor, module.weight), getattr(module, "bias", None))
 
     def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
         m = cast(nn.Linear, module)
@@ -507,7 +506,7 @@ class AttentionProjectionRule(LayerRule, module_type=nn.MultiheadAttention):
         m = cast(nn.MultiheadAttention, module)
         E, prefix = m.embed_dim, f"{name}." if name else ""
         b = m.in_proj_bias
-        out = []
+        out: list[LayerRule] = []
         for i, part in enumerate("qkv"):
             rows = slice(i * E, (i + 1) * E)
             if m._qkv_same_embed_dim:
@@ -811,7 +810,8 @@ def approximations(
         {'0.weight': 'kronecker', '0.bias': 'kronecker', '1.weight': 'diagonal-exact', '1.bias': 'diagonal-exact'}
     """
     label: dict[int, str] = {}
-    for rule in [*layers, *diagonal]:
+    rules: list[LayerRule | DiagonalRule] = [*layers, *diagonal]
+    for rule in rules:
         for p in rule.params():
             label[id(p)] = rule.approximation()
     if fallback == "identity":

@@ -289,9 +289,6 @@ def batch_statistics(
         >>> st.G[0].round(decimals=5), st.n   # 3 examples, output Hessian 2 each
         (tensor([[6.]]), 3.0)
     """
-    js = [j for j in range(len(layers)) if j in capture.outputs]
-    outs = [o for j in js for o in capture.outputs[j]]
-    dcalls = capture.diagonal_calls()
     exact = {id(p) for rule in capture.diagonal for p in rule.params()}
     rademacher = [(i, p) for i, p in enumerate(fallback_params) if id(p) not in exact]
     if rademacher:
@@ -300,15 +297,11 @@ def batch_statistics(
         gp = backprop_columns(f, S_fb, [p for _, p in rademacher], retain_graph=True)
         for (i, _), g in zip(rademacher, gp):
             stats.add_diagonal(i, (g * g).sum(0))
-    gouts = backprop_columns(f, S, outs + [o for _, _, o in dcalls], retain_graph=retain_graph)
-    pos = 0
-    for j in js:
-        layer = layers[j]
-        for inp in capture.inputs[j]:
-            add_layer_statistics(stats, j, layer, inp, gouts[pos])
-            pos += 1
+    calls, dcalls = capture.backprop(f, S, retain_graph=retain_graph, diagonal=True)
+    for j, inp, g in calls:
+        add_layer_statistics(stats, j, layers[j], inp, g)
     index = {id(p): i for i, p in enumerate(fallback_params)}
-    for (r, inp, _), g in zip(dcalls, gouts[pos:]):
+    for r, inp, g in dcalls:
         rule = capture.diagonal[r]
         for p, d in zip(rule.params(), rule.squared_grads(inp, g)):
             if id(p) in index:
