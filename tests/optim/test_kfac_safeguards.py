@@ -143,7 +143,7 @@ def test_a_step_whose_loss_is_not_finite_is_taken_back(monkeypatch):
     state = {k: v.clone() for k, v in opt.state[model[0].weight].items() if k in ("A", "G")}
     damping = opt.param_groups[0]["damping"]
     # a finite, accepted model step so long that the loss after it overflows
-    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: (1e300, 0.0, -1.0))
+    monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: (1e300, 0.0, -1e-3))
     with pytest.warns(RuntimeWarning, match="non-finite loss after the step"):
         opt.step(closure_of(opt, model, loss_fn, X, y))
     for p, b in zip(model.parameters(), before):
@@ -173,3 +173,25 @@ def test_counters_travel_with_the_state_dict():
     opt3.load_state_dict(sd)
     opt3.step(closure_of(opt3, model, loss_fn, X, y))
     assert opt3.counters["n_refused_steps"] >= 0
+
+
+def test_a_model_predicting_a_negative_loss_is_refused_and_the_damping_raised(monkeypatch):
+    """A loss bounded below by 0 cannot fall by more than its value: such a model is refused."""
+    model, loss_fn, X, y = _problem()
+    lam = 0.1
+    Delta, Gd, g = _direction(model, loss_fn, X, y, lam)
+    loss0 = float(loss_fn(model(X), y))
+    alpha = float(-(g @ Delta) / (Delta @ Gd @ Delta + lam * Delta @ Delta))
+    real = kfac_module.step_coefficients
+
+    def overrated(Fq, nrm, gV, damping, weight_decay, momentum):
+        a, m, p = real(Fq, nrm, gV, damping, weight_decay, momentum)
+        return (a, m, -2 * loss0) if momentum is None else (a, m, p)
+
+    monkeypatch.setattr(kfac_module, "step_coefficients", overrated)
+    opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
+    with pytest.warns(RuntimeWarning, match="larger than the loss"):
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert opt.counters["n_refused_steps"] == 1
+    assert opt.param_groups[0]["damping"] > lam
+    assert opt.last_info["alpha"] == pytest.approx(alpha, rel=1e-8)  # its step without momentum

@@ -29,8 +29,13 @@ included) and damping :math:`\lambda`:
    :meth:`KFAC.step`. Without one the damping stays fixed (a one-time warning).
 
 Statistics are gathered by forward hooks during the training forward pass (the Monte-Carlo
-backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works),
-so run one training forward per step. Under ``torch.distributed`` (DDP-wrapped models
+backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works).
+Every training forward since the last step adds to them, so gradient accumulation over
+micro-batches (several forward/backward calls, losses divided by their number, one step)
+gives the big batch's factors for the Monte-Carlo and type-2 Fisher (the empirical Fisher
+reads the gradients of the user's own, scaled losses); the quadratic model measures its
+curvature on the last micro-batch. Under ``torch.autocast`` the statistics are summed and
+the factors kept in float32. Under ``torch.distributed`` (DDP-wrapped models
 included) the factor sums, quadratic-model terms and losses are all-reduced, the
 eigendecompositions are split over ranks (layer ``j`` on rank ``j % world_size``, then
 broadcast); gradients are expected to be averaged already (as DDP does, so use
@@ -84,6 +89,8 @@ COUNTERS = ("n_skipped_steps", "n_refused_steps")
 SAFE_KL_CLIP = 1e-3
 """KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
 _MISSING = object()
+NONNEGATIVE_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
+"""Losses bounded below by 0: a quadratic model predicting a larger decrease than the loss is refused."""
 
 
 class KFAC(torch.optim.Optimizer):
@@ -99,9 +106,17 @@ class KFAC(torch.optim.Optimizer):
         loss_fn: the training loss (``MSELoss``, ``CrossEntropyLoss``,
             ``BCEWithLogitsLoss``); used for the curvature only, its ``reduction``
             (default ``"mean"``) must match the loss you backpropagate.
-        lr: ``None`` (default): step size from the quadratic model; a float: fixed.
-        momentum: ``None`` (default): from the quadratic model when ``lr`` is ``None``,
-            else 0; a float: fixed.
+        params: parameter groups over the model's trainable parameters (dicts with
+            ``"params"`` and any of ``lr``, ``weight_decay``, ``momentum``; for example no
+            weight decay on norms and biases); the parameters not listed form a last group
+            with the defaults. Default: one group. The shared state (damping, counters,
+            step) and the quadratic model's settings live in ``param_groups[0]``.
+        lr: ``None`` (default): the adaptive mode, step size and momentum from the quadratic
+            model; the groups' ``lr`` is then 1.0, a multiplier of the model's step (LR
+            schedulers scale it; it must be the same in every group). A float: the fixed
+            mode, the learning rate of the natural-gradient step (per group).
+        momentum: ``None`` (default): from the quadratic model (within ``[0, 0.95]``) when
+            ``lr`` is ``None``, else 0; a float: fixed.
         damping: initial Tikhonov damping :math:`\lambda` (default 1e-3; the
             Levenberg-Marquardt rule adapts it, in the loss' units).
         adapt_damping: Levenberg-Marquardt adaptation (default ``True``; needs a closure).
@@ -110,7 +125,8 @@ class KFAC(torch.optim.Optimizer):
             (default 0.95).
         min_damping: lower bound of :math:`\lambda` (default 1e-8).
         max_damping: upper bound of :math:`\lambda` (default 1e8).
-        weight_decay: :math:`\eta`, an L2 term added to the gradient and the curvature.
+        weight_decay: :math:`\eta`, an L2 term added to the gradient and the curvature
+            (per group; a layer's block is damped with its weight's group's value).
         factor_decay: :math:`\beta` of the running averages (default 0.95).
         factor_update_period: steps between factor updates (default 1).
         inverse_update_period: steps between eigendecompositions (default 10).
@@ -240,6 +256,7 @@ class KFAC(torch.optim.Optimizer):
         self._params = params  # every optimized parameter, in the model's order
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.reduction = reduction_of(loss_fn)
+        self._nonnegative = isinstance(loss_fn, NONNEGATIVE_LOSSES)
         self.fisher, self.mc_samples, self.fallback = fisher, int(mc_samples), fallback
         self.distributed = distributed
         self.layers, diagonal = find_rules(inner, params, weight_sharing=weight_sharing)
@@ -677,13 +694,17 @@ class KFAC(torch.optim.Optimizer):
             # the weight decay's curvature joins F: [v_a (F + diag(eta)) v_b]
             Fq = (self._quadratic_terms(V) + self._decay_terms(V, etas)).tolist()
             alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, group["momentum"])
-            reason = _refusal(alpha, mu, pred)
+            # a loss bounded below by 0 cannot fall by more than its value in one step
+            floor = -float(loss) if loss is not None and self._nonnegative else -math.inf
+            reason = _refusal(alpha, mu, pred, floor)
             if reason is not None:
                 group["n_refused_steps"] += 1
                 info["refused"] = reason
+                if pred < floor:  # the model overrates its step: trust it less from now on
+                    group["damping"] = self._raised_damping(group)
                 # first the model's step along Delta alone (no momentum) ...
                 alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, 0.0)
-                if _refusal(alpha, mu, pred) is None:
+                if _refusal(alpha, mu, pred, floor) is None:
                     replacement = "the quadratic model's step without momentum"
                 else:
                     # ... else the KL-clipped natural-gradient step, and more damping
@@ -911,8 +932,11 @@ def _groups(model_params: list[Tensor], groups: Iterable[dict] | None) -> list[d
     return out
 
 
-def _refusal(alpha: float, mu: float, pred: float) -> str | None:
-    """Why the quadratic model's ``(alpha, mu)`` and predicted change are refused, or ``None``."""
+def _refusal(alpha: float, mu: float, pred: float, floor: float = -math.inf) -> str | None:
+    """Why the quadratic model's ``(alpha, mu)`` and predicted change are refused, or ``None``.
+
+    ``floor``: the lowest possible change (minus the loss, for a loss bounded below by 0).
+    """
     if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(pred)):
         return f"a non-finite step (learning rate {alpha:.3g}, momentum {mu:.3g})"
     if alpha <= 0.0:
@@ -921,6 +945,8 @@ def _refusal(alpha: float, mu: float, pred: float) -> str | None:
         return f"a momentum {mu:.3g} outside [0, 1)"
     if pred >= 0.0:
         return f"a step that does not reduce the model (predicted change {pred:.3g})"
+    if pred < floor:
+        return f"a decrease {-pred:.3g} larger than the loss {-floor:.3g} (a model that overrates its step)"
     return None
 
 
