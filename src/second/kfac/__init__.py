@@ -59,15 +59,22 @@ The curvature square roots :math:`s_{ik}` (``fisher=``):
 Here :math:`a` is the loss' scale relative to a negative log-likelihood (see
 :mod:`second._losses`).
 
-**Layers.** :class:`~torch.nn.Linear` (with or without bias, any leading dimensions as
-positions), :class:`~torch.nn.Conv2d` (``groups=1``, zero padding; patches by
-:func:`torch.nn.functional.unfold`, channel-major ``(C_in, k_h, k_w)`` like the weight,
-output pixels as positions: the "KFC expand" convention of Grosse & Martens 2016) and
-:class:`~torch.nn.Embedding` (one-hot inputs, so :math:`A` is diagonal). Every other
-parameter gets a diagonal block (``fallback="diagonal"``: an unbiased Rademacher
-estimate :math:`w\sum_{i,k} (\partial s_{ik}^\top f_i / \partial\theta)^2` of the curvature
-diagonal, exact with one datum) or a zero block (``fallback="identity"``: only the
-damping acts there, the inverse is ``I / damping``).
+**Layers** (:mod:`~second.kfac.rules`; a rule covers its module type and every subclass
+that keeps the type's ``forward``). Kronecker blocks: :class:`~torch.nn.Linear` (any
+leading dimensions as positions), :class:`~torch.nn.Conv1d` and :class:`~torch.nn.Conv2d`
+(``groups=1``, any padding; patches channel-major like the weight, output pixels as
+positions: KFC, Grosse & Martens 2016), :class:`~torch.nn.Embedding` (one-hot inputs, so
+:math:`A` is diagonal) and :class:`~torch.nn.MultiheadAttention` (the Q, K and V rows of
+``in_proj_weight`` as three blocks, ``out_proj`` as a fourth). Layers applied at several
+positions of an example use KFAC-expand (default) or KFAC-reduce (``weight_sharing=``,
+Eschenhagen et al. 2023). :class:`~torch.nn.LayerNorm`, :class:`~torch.nn.RMSNorm`,
+:class:`~torch.nn.GroupNorm` and BatchNorm get their exact diagonal
+(:math:`w\sum_{i,k} (\partial s_{ik}^\top f_i / \partial\theta)^2` from per-example
+gradients). Every other parameter, and a parameter tied between two different layers,
+gets a diagonal block (``fallback="diagonal"``: an unbiased Rademacher estimate of the
+same diagonal, exact with one datum) or a zero block (``fallback="identity"``: only the
+damping acts there, the inverse is ``I / damping``). ``approximations()`` on the
+operators and on ``second.optim.KFAC`` reports what each parameter got.
 
 References:
     J. Martens, R. Grosse. Optimizing neural networks with Kronecker-factored
@@ -76,6 +83,8 @@ References:
     convolution layers. ICML 2016.
     T. George et al. Fast approximate natural gradient descent in a Kronecker-factored
     eigenbasis. NeurIPS 2018.
+    R. Eschenhagen et al. Kronecker-factored approximate curvature for modern neural
+    network architectures. NeurIPS 2023.
 """
 
 from . import rules as _rules
