@@ -28,7 +28,7 @@ KNOWN: list[tuple[str, str, str]] = [
     ),
     ("griffe", r"optim/hessian_free\.py:\d+: Parameter 'min_damping, max_damping'", "Newton"),
     ("griffe", r"optim/hessian_free\.py:\d+: Parameter 'boost, drop'", "Newton"),
-    ("griffe", r"operators/curvature\.py:\d+: Parameter 'other arguments'", "engine"),
+    ("griffe", r"operators/(curvature|fisher)\.py:\d+: Parameter 'other arguments'", "engine"),
     # a doctest comment "A[[0, 2]][:, [1]]" read as a Markdown reference link (two pages)
     (AUTOREFS, r"submatrix\.py:\d+: .*Could not find cross-reference target ':, \[1'", "engine"),
 ]

@@ -1,0 +1,167 @@
+r"""The Fisher operator: empirical, Monte-Carlo or type-2 (``FisherOperator(fisher=...)``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._losses import nll_scale, per_sample_losses, sample_targets
+from ..data import sample_generator
+from ..func.graphs import GGNGraph, JacobianGraph
+from .curvature import CurvatureOperator, GGNOperator  # noqa: F401  (GGNOperator: the example)
+
+__all__ = ["FisherOperator", "FISHERS"]
+
+FISHERS = ("empirical", "mc", "type2")
+
+
+class _FisherState:
+    def __init__(self, op: FisherOperator, batch):
+        task = op.task
+        out, _ = op._forward(batch)  # the loss is checked to be a scalar
+        n = out.shape[0]
+        w = 1.0 / n if op.reduction == "mean" else 1.0
+        self.w = w
+        self.out_dim = out.dim()
+        if op.fisher == "empirical":
+            losses = per_sample_losses(task.loss_fn, out, task.targets(batch), op.reduction)
+            self.graph = JacobianGraph(losses, op.params)
+            self.scores = self.outer = None
+        else:
+            a = nll_scale(task.loss_fn, out, op.reduction)
+            # all K samples of all n examples in one batch of K * n (one backward, no loop)
+            K = op.mc_samples
+            f = out.detach().unsqueeze(0).expand(K, *out.shape).reshape(K * n, *out.shape[1:])
+            f = f.clone().requires_grad_(True)
+            yt = sample_targets(task.loss_fn, f, op._sampler)
+            ls = per_sample_losses(task.loss_fn, f, yt, op.reduction)
+            (s,) = torch.autograd.grad(ls.sum(), f)
+            self.scores = s.reshape(K, *out.shape)  # [K, n, ...]
+            self.w = w / (a * op.mc_samples)
+            # with few outputs per example, sum the K outer products once: [n, m, m]
+            m = out[0].numel()
+            Sf = self.scores.reshape(K, n, m)
+            self.outer = torch.einsum("kni,knj->nij", Sf, Sf) if m <= K else None
+            self.graph = JacobianGraph(out, op.params)
+
+
+class FisherOperator(CurvatureOperator):
+    r"""The Fisher matrix: empirical, Monte-Carlo or type-2 (the exact GGN).
+
+    * ``fisher="empirical"``: :math:`w \sum_i \nabla\ell_i \nabla\ell_i^\top` with the observed
+      targets (per-example losses as in :mod:`second._losses`).
+    * ``fisher="mc"``: :math:`\frac{w}{a K} \sum_i \sum_k J_i^\top s_{ik} s_{ik}^\top J_i`
+      with :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik})`, targets :math:`\tilde y_{ik}`
+      sampled from the model's predictive distribution (``mc_samples`` of them). Every
+      product draws the same samples, so the operator is one fixed matrix. Its expectation
+      is the GGN. Supported for MSE, cross-entropy and BCE-with-logits.
+    * ``fisher="type2"``: :math:`\sum_b w_b J_b^\top (\nabla^2_f L_b) J_b`, the GGN (equal to
+      the true Fisher for exponential-family losses), as :class:`GGNOperator`.
+
+    Args:
+        fisher: ``"empirical"`` (default), ``"mc"`` or ``"type2"`` (``docs/glossary.md``).
+        mc_samples: samples per example for ``"mc"``.
+        generator: a ``torch.Generator`` whose state at construction seeds the samples
+            (default: seed 0). The operator draws from a private copy of that state
+            (:func:`second.data.sample_generator`), so ``generator`` itself is never
+            advanced or reset.
+        kind: the deprecated spelling of ``fisher`` (``DeprecationWarning``; removal in 0.3).
+        other arguments: see :class:`CurvatureOperator`.
+
+    Raises:
+        ValueError: an unknown ``fisher``, ``mc_samples < 1``, or both ``fisher`` and ``kind``.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 4).double()
+        >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randint(0, 4, (50,))
+        >>> F = FisherOperator(model, torch.nn.CrossEntropyLoss(), (X, y), fisher="mc",
+        ...                    mc_samples=1000)
+        >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), (X, y)).to_dense()
+        >>> float((F.to_dense() - G).norm() / G.norm()) < 0.1   # E[MC Fisher] = GGN
+        True
+    """
+
+    psd = True
+
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        fisher: str | None = None,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        kind: str | None = None,
+        **kwargs,
+    ):
+        if kind is not None:
+            if fisher is not None:
+                raise ValueError("pass fisher= only (kind= is its deprecated spelling)")
+            warnings.warn(
+                "FisherOperator(kind=...) is deprecated, use fisher= (removal in 0.3)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            fisher = kind
+        fisher = "empirical" if fisher is None else fisher
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher (kind) must be one of {FISHERS}, got {fisher!r}")
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        super().__init__(model, loss_fn, data, params, **kwargs)
+        self.fisher = fisher
+        self.mc_samples = int(mc_samples)
+        self.generator = generator
+        self._sampler = sample_generator(generator, self.device)
+        self._sampler_state = self._sampler.get_state()
+
+    def _restrict_options(self) -> dict:
+        # the samples start where this operator's started, whatever the caller's generator
+        # did since; fisher= replaces a deprecated kind= so the restriction does not warn
+        start = torch.Generator(device=self.device)
+        start.set_state(self._sampler_state)
+        return {"generator": start, "fisher": self.fisher, "kind": None}
+
+    @property
+    def kind(self) -> str:
+        """Deprecated: the ``fisher`` setting."""
+        warnings.warn("FisherOperator.kind is deprecated, use .fisher", DeprecationWarning, 2)
+        return self.fisher
+
+    def _batch_state(self, batch):
+        if self.fisher == "type2":
+            out, loss = self._forward(batch)
+            return GGNGraph(loss, out, self.params)
+        return _FisherState(self, batch)
+
+    def _apply(self, V, batched):
+        # the same samples on every pass over the data: the operator is one fixed matrix
+        self._sampler.set_state(self._sampler_state)
+        return super()._apply(V, batched)
+
+    def _batch_product(self, state, vs, batched):
+        if isinstance(state, GGNGraph):
+            return state.gvp(vs, batched)
+        jv = state.graph.jvp(vs, batched)
+        if state.scores is None:
+            t = jv * state.w
+        elif state.outer is not None:
+            n, m = state.outer.shape[:2]
+            jf = jv.reshape(*jv.shape[: jv.dim() - state.out_dim], n, m)
+            t = torch.einsum("nij,...nj->...ni", state.outer, jf).reshape(jv.shape) * state.w
+        else:
+            S = state.scores  # [K, n, ...]
+            n = S.shape[1]
+            Sf = S.reshape(S.shape[0], n, -1)
+            if batched:
+                jf = jv.reshape(jv.shape[0], 1, n, -1)
+                coef = (Sf.unsqueeze(0) * jf).sum(-1, keepdim=True)  # [k, K, n, 1]
+                t = (coef * Sf.unsqueeze(0)).sum(1).reshape(jv.shape) * state.w
+            else:
+                jf = jv.reshape(1, n, -1)
+                coef = (Sf * jf).sum(-1, keepdim=True)
+                t = (coef * Sf).sum(0).reshape(jv.shape) * state.w
+        return state.graph.vjp(t, batched)
