@@ -395,3 +395,13 @@ def test_a_layer_whose_parameters_two_modules_share_is_one_block():
 def test_embedding_is_always_expand():
     (rule,) = find_rules(nn.Embedding(5, 2), weight_sharing="reduce")[0]
     assert isinstance(rule, EmbeddingRule) and rule.weight_sharing == "expand"
+
+
+def test_an_attention_without_a_rule_leaves_out_proj_to_the_fallback():
+    # its own forward: not covered; out_proj's module is never called, so no Linear block
+    class MyAttention(nn.MultiheadAttention):
+        def forward(self, x):
+            return super().forward(x, x, x, need_weights=False)[0]
+
+    kron, diag = find_rules(nn.Sequential(MyAttention(4, 2), nn.Linear(4, 2)))
+    assert [r.name for r in kron] == ["1"] and diag == []

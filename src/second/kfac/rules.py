@@ -731,6 +731,10 @@ def find_rules(
     inside: set[int] = set()  # parameters a functional rule (attention) applies itself
     for name, m in model.named_modules():
         cls = rule_for(m)
+        if cls is None and isinstance(m, nn.MultiheadAttention):
+            # an attention without a rule (its own forward) still applies out_proj's weights
+            # functionally: out_proj's module is never called, so it gets no block either
+            inside |= {id(p) for p in m.parameters()}
         if cls is None or all(id(p) in inside for p in m.parameters(recurse=False)):
             continue
         for rule in cls.build(name, m, _sharing_for(name, weight_sharing)):
