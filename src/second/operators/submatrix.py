@@ -64,26 +64,27 @@ class SubmatrixOperator(LinearOperator):
         self.psd = bool(op.psd and same)
         self.check_finite = op.check_finite
 
-    @staticmethod
-    def _embed(v: Tensor, index: Tensor, size: int) -> Tensor:
-        out = v.new_zeros((size, *v.shape[1:]))
-        return out.index_add_(0, index, v)
+    def _through(self, product, x: Tensor, adjoint: bool) -> Tensor:
+        """``product`` of the parent on ``x`` embedded at the columns (rows for the adjoint)."""
+        into, out = (
+            (self.row_indices, self.col_indices)
+            if adjoint
+            else (self.col_indices, self.row_indices)
+        )
+        full = x.new_zeros((self.op.shape[0 if adjoint else 1], *x.shape[1:]))
+        return product(full.index_add_(0, into, x)).index_select(0, out)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        Av = self.op._matvec(self._embed(v, self.col_indices, self.op.shape[1]))
-        return Av.index_select(0, self.row_indices)
+        return self._through(self.op._matvec, v, adjoint=False)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        AV = self.op._matmat(self._embed(V, self.col_indices, self.op.shape[1]))
-        return AV.index_select(0, self.row_indices)
+        return self._through(self.op._matmat, V, adjoint=False)
 
     def _rmatvec(self, u: Tensor) -> Tensor:
-        Au = self.op._rmatvec(self._embed(u, self.row_indices, self.op.shape[0]))
-        return Au.index_select(0, self.col_indices)
+        return self._through(self.op._rmatvec, u, adjoint=True)
 
     def _rmatmat(self, U: Tensor) -> Tensor:
-        AU = self.op._rmatmat(self._embed(U, self.row_indices, self.op.shape[0]))
-        return AU.index_select(0, self.col_indices)
+        return self._through(self.op._rmatmat, U, adjoint=True)
 
 
 def _as_indices(indices, size: int, what: str, device: torch.device) -> Tensor:
