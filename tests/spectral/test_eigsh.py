@@ -10,6 +10,7 @@ from second import ConvergenceWarning
 from second.spectral import EigshResult, eigsh
 
 EIG_TOL = 1e-8  # eigenvalue error allowed at tol=1e-10 (float64)
+EIGENVALUE_CRITERION_TOL = 1e-3  # the issue's relative eigenvalue accuracy
 
 
 def sym(n, seed=0, spectrum=None):
@@ -98,10 +99,85 @@ def test_hessian_operator_of_a_small_model():
     torch.testing.assert_close(vals, reference(ev, 3, "BE"), rtol=0, atol=1e-8)
 
 
+class CountingLoader:
+    """A fixed list of batches that counts the examples read from it."""
+
+    def __init__(self, X, y, batch):
+        self.batches = [(X[i : i + batch], y[i : i + batch]) for i in range(0, len(X), batch)]
+        self.n, self.examples = len(X), 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.examples += len(b[0])
+            yield b
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def small_hessian(n=40, batch=10):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model.double()
+    X, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    loader = CountingLoader(X, y, batch)
+    H = second.HessianOperator(model, torch.nn.CrossEntropyLoss(), loader)
+    return H, loader
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_eigenvalue_criterion_meets_its_tolerance_in_fewer_products(which, k):
+    spectrum = torch.cat([-torch.logspace(0, 1.5, 20), torch.logspace(-1, 2, 80)])
+    A = sym(100, spectrum=spectrum)
+    want = reference(torch.linalg.eigvalsh(A), k, which)
+    scale = float(spectrum.abs().max())
+    tol = EIGENVALUE_CRITERION_TOL
+    fast = eigsh(A, k=k, which=which, tol=tol, criterion="eigenvalue", return_result=True)
+    strict = eigsh(A, k=k, which=which, tol=tol, return_result=True)
+    assert fast.converged and fast.info["criterion"] == "eigenvalue"
+    err = (fast.eigenvalues - want).abs()
+    assert float(err.max()) <= tol * scale
+    # the reported bounds hold and are what certified the pairs
+    assert all(e <= b * (1 + 1e-6) + 1e-12 for e, b in zip(err.tolist(), fast.error_bounds))
+    assert all(b <= tol * scale for b in fast.error_bounds)
+    assert fast.matvecs < strict.matvecs
+
+
+def test_top_eigenvalue_uses_block_size_one_by_default():
+    A = sym(60, spectrum=torch.logspace(-2, 1, 60).tolist())
+    res = eigsh(A, k=1, return_result=True)
+    assert res.info["block_size"] == 1 and res.passes == res.matvecs
+    assert eigsh(A, k=3, return_result=True).info["block_size"] == 3
+
+
+@pytest.mark.parametrize("k, block_size", [(1, None), (2, 1), (2, 2)])
+def test_data_passes_are_counted_by_a_counting_loader(k, block_size):
+    H, loader = small_hessian()
+    res = eigsh(H, k=k, block_size=block_size, tol=1e-8, criterion="eigenvalue", return_result=True)
+    ref = reference(torch.linalg.eigvalsh(H.to_dense()), k, "LA")
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    loader.examples = 0
+    res = eigsh(H, k=k, block_size=block_size, tol=1e-8, criterion="eigenvalue", return_result=True)
+    # every block product reads the data once; a data pass is one product's worth of it
+    assert loader.examples == res.passes * loader.n
+    assert res.data_passes == res.matvecs == res.passes * res.info["block_size"]
+
+
+def test_trace_data_passes_with_a_counting_loader():
+    H, loader = small_hessian()
+    loader.examples = 0
+    est = second.trace(H, 12, method="hutchinson", return_result=True)
+    assert loader.examples == est.passes * loader.n  # one block of 12 columns: one read
+    assert est.data_passes == est.matvecs == 12
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="k must be"):
         eigsh(torch.eye(3, dtype=torch.float64), k=4)
     with pytest.raises(ValueError, match="which"):
         eigsh(torch.eye(3, dtype=torch.float64), k=1, which="XX")
+    with pytest.raises(ValueError, match="criterion"):
+        eigsh(torch.eye(3, dtype=torch.float64), k=1, criterion="ritz")
     with pytest.raises(ValueError, match="symmetric"):
         eigsh(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64), k=1)

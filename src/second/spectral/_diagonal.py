@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from .. import distributed as dist
 from .._losses import reduction_of
 from ..data import Task, as_task, iterate_batches, map_batch
 from ..func import parameters_to_vector
@@ -26,6 +27,7 @@ def ggn_diagonal(
     reduction: str | None = None,
     task: Task | None = None,
     chunk_size: int | None = None,
+    distributed: bool | None = None,
 ) -> Tensor:
     r"""The exact diagonal of the generalized Gauss-Newton matrix (= Fisher "type2").
 
@@ -38,6 +40,11 @@ def ggn_diagonal(
     processed ``chunk_size`` at a time (default: as many as keep ``C x chunk x P`` floats under
     ``2^26``), so memory is flat in the number of examples.
 
+    Data parallel, as the curvature operators: under an initialized ``torch.distributed``
+    process group each rank passes its own shard of the data, and the diagonal (and, for a
+    mean loss, the example count) is summed over ranks, so every rank gets the diagonal of the
+    whole dataset.
+
     Args:
         model: the network.
         loss_fn: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (mean or sum).
@@ -46,6 +53,7 @@ def ggn_diagonal(
         reduction: the loss reduction (default: the loss's own).
         task: how to run the model on a batch (default: ``(X, y)`` pairs).
         chunk_size: examples per vectorized product.
+        distributed: sum over the process group (default: when one is initialized).
 
     Returns:
         The flat diagonal (length ``P``), in the parameters' dtype.
@@ -77,7 +85,10 @@ def ggn_diagonal(
     fixed.update({n: b for n, b in model.named_buffers()})
     total = torch.zeros(P, dtype=params[0].dtype, device=device)
     batches = list(iterate_batches(data, task, device))
-    n_total = sum(task.batch_size(b) for b in batches)
+    count = torch.tensor(
+        [float(sum(task.batch_size(b) for b in batches))], dtype=torch.float64, device=device
+    )
+    n_total = float(dist.all_reduce_sum(count, distributed)[0])
 
     def output_of(theta, example):
         batch = map_batch(example, lambda t: t.unsqueeze(0))
@@ -110,4 +121,4 @@ def ggn_diagonal(
 
             grads = vmap(per_example)(examples, cols)
             total += parameters_to_vector([(grads[k] ** 2).sum(dim=(0, 1)) for k in keys])
-    return total
+    return dist.all_reduce_sum(total, distributed)

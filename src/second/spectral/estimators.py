@@ -33,6 +33,9 @@ class Estimate:
         passes: block products, i.e. traversals of the data for an operator over a dataset.
         method: the method used.
 
+    ``data_passes`` is ``matvecs`` in units of one product over all the data (the glossary's
+    data pass: each column of a block product counts).
+
     Example:
         >>> A = torch.diag(torch.linspace(1.0, 2.0, 50, dtype=torch.float64))
         >>> est = trace(A, 40, method="hutchinson", return_result=True)
@@ -45,6 +48,11 @@ class Estimate:
     matvecs: int
     passes: int
     method: str
+
+    @property
+    def data_passes(self) -> float:
+        """Products in units of one product over all the data (``matvecs``)."""
+        return float(self.matvecs)
 
 
 @dataclass
@@ -177,6 +185,21 @@ def _sem(terms: Tensor) -> Tensor:
     return terms.std(dim=0) / math.sqrt(m) if m > 1 else torch.zeros_like(terms[0])
 
 
+def _exchangeable_sketch(count: _Counter, n: int, m: int, g, dtype, device):
+    """XTrace's and XDiag's shared sketch from ``m`` Gaussian probes (``2 m`` products).
+
+    Returns ``(Omega, Q, R, S, A Q)``: the probes, ``A Omega = Q R``, the normalized columns
+    of ``R^{-T}`` (each ``s_i`` spans the direction that leaving probe ``i`` out removes from
+    the range), and the products with ``Q`` (all but ``Omega`` in float64).
+    """
+    Om = torch.randn(n, m, generator=g, dtype=dtype, device=device)
+    Q, R = torch.linalg.qr(count(Om))
+    Qd, Rd = Q.to(torch.float64), R.to(torch.float64)
+    S = torch.linalg.inv(Rd).mT
+    S = S / torch.linalg.vector_norm(S, dim=0)
+    return Om, Qd, Rd, S, count(Q).to(torch.float64)
+
+
 def _xtrace(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, Tensor]:
     """XTrace's exchangeable estimates from ``m`` Gaussian probes (``2 m`` products).
 
@@ -185,13 +208,7 @@ def _xtrace(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, 
     ``R^{-T}``); estimate ``i`` is ``tr(Q_(i)^T A Q_(i)) + w^T (I - P_i) A (I - P_i) w`` with
     ``w = omega_i``, which is unbiased because ``omega_i`` is independent of ``Q_(i)``.
     """
-    Om = torch.randn(n, m, generator=g, dtype=dtype, device=device)
-    Y = count(Om)
-    Q, R = torch.linalg.qr(Y)
-    Rd, Qd = R.to(torch.float64), Q.to(torch.float64)
-    S = torch.linalg.inv(Rd).mT
-    S = S / torch.linalg.vector_norm(S, dim=0)
-    Z = count(Q).to(torch.float64)
+    Om, Qd, Rd, S, Z = _exchangeable_sketch(count, n, m, g, dtype, device)
     H = Qd.T @ Z
     H = 0.5 * (H + H.T)
     W = Qd.T @ Om.to(torch.float64)  # Q^T omega_i
@@ -285,9 +302,12 @@ def _model_ggn(op) -> Tensor | None:
 
     if type(op) is not GGNOperator:
         return None
-    return ggn_diagonal(
-        op.model, op.loss_fn, op.data, op.params, reduction=op.reduction, task=op.task
-    )
+    return ggn_diagonal(op.model, op.loss_fn, op.data, op.params, **_options_of(op))
+
+
+def _options_of(op) -> dict:
+    """The options a curvature operator's model quantities share: reduction, task, ranks."""
+    return {"reduction": op.reduction, "task": op.task, "distributed": op.distributed}
 
 
 def _named_control(op, name: str):
@@ -298,7 +318,7 @@ def _named_control(op, name: str):
         raise ValueError(
             f"control={name!r}: the named control variate is 'ggn', for a HessianOperator"
         )
-    G = GGNOperator(op.model, op.loss_fn, op.data, op.params, reduction=op.reduction, task=op.task)
+    G = GGNOperator(op.model, op.loss_fn, op.data, op.params, **_options_of(op))
     return G, _model_ggn(G)
 
 
@@ -309,13 +329,7 @@ def _xdiag(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, T
     of XTrace; the first term is exact from the kept products, the second is estimated by
     ``omega_i * ((I - P_i) A omega_i) = (s_i^T R_i) omega_i * (Q s_i)``.
     """
-    Om = torch.randn(n, m, generator=g, dtype=dtype, device=device)
-    Y = count(Om)
-    Q, R = torch.linalg.qr(Y)
-    Qd, Rd = Q.to(torch.float64), R.to(torch.float64)
-    S = torch.linalg.inv(Rd).mT
-    S = S / torch.linalg.vector_norm(S, dim=0)
-    Z = count(Q).to(torch.float64)  # A Q
+    Om, Qd, Rd, S, Z = _exchangeable_sketch(count, n, m, g, dtype, device)
     QS, ZS = Qd @ S, Z @ S
     c = (S * Rd).sum(0)  # s_i^T R_i
     base = (Qd * Z).sum(1)  # diag(Q Q^T A)

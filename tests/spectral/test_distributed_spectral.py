@@ -1,0 +1,90 @@
+"""Spectra, traces and diagonals data-sharded over 2 gloo processes equal one process.
+
+The rule is the operators' (see second.operators.curvature): each rank passes its own shard of
+the data, products and exact diagonals are summed over ranks, and the random probes are the
+same on every rank (the default generators are seeded alike), so every rank computes the
+whole dataset's answer. One spawn runs every check; the parent compares with one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from second import GGNOperator, HessianOperator, diagonal, eigsh, trace
+from second.spectral import ggn_diagonal
+
+pytestmark = pytest.mark.distributed
+
+WORLD_SIZE = 2
+N_DATA = 13
+SHARDS = [(0, 5), (5, 13)]  # unequal shards: a mean is weighted by example counts
+SAME_TOL = dict(rtol=1e-9, atol=1e-11)  # float64; only the summation order differs
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(N_DATA, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (N_DATA,))
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def _results(model, loss_fn, data) -> dict:
+    H = HessianOperator(model, loss_fn, data)
+    G = GGNOperator(model, loss_fn, data)
+    out = {
+        "eigsh LA": eigsh(H, k=3, which="LA", tol=1e-10, return_eigenvectors=False),
+        "eigsh BE eigenvalue criterion": eigsh(
+            H, k=2, which="BE", tol=1e-8, criterion="eigenvalue", return_eigenvectors=False
+        ),
+        "ggn_diagonal": ggn_diagonal(model, loss_fn, data),
+        "diagonal exact": diagonal(G, method="exact"),
+        "diagonal control": diagonal(H, 20, control="ggn"),
+        "diagonal xdiag": diagonal(H, 20, method="xdiag"),
+    }
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        est = trace(H, 12, method=method, return_result=True)
+        out[f"trace {method}"] = torch.stack([est.value, est.std_error])
+    return out
+
+
+def _worker(rank: int, outdir: str) -> None:
+    torch.set_num_threads(1)
+    init = f"file://{os.path.join(outdir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD_SIZE)
+    try:
+        model, loss_fn, X, y = _problem()
+        lo, hi = SHARDS[rank]
+        shard = [(X[lo : lo + 2], y[lo : lo + 2]), (X[lo + 2 : hi], y[lo + 2 : hi])]
+        torch.save(_results(model, loss_fn, shard), os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    outdir = str(tmp_path_factory.mktemp("dist_spectral"))
+    mp.spawn(_worker, args=(outdir,), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+def test_sharded_estimates_equal_one_process(rank_results):
+    model, loss_fn, X, y = _problem()
+    expected = _results(model, loss_fn, (X, y))
+    # the check is not vacuous: a shard alone gives another answer
+    alone = ggn_diagonal(model, loss_fn, (X[: SHARDS[0][1]], y[: SHARDS[0][1]]))
+    assert not torch.allclose(alone, expected["ggn_diagonal"], **SAME_TOL)
+    for rank, results in enumerate(rank_results):
+        assert results.keys() == expected.keys()
+        for name, want in expected.items():
+            torch.testing.assert_close(
+                results[name], want, **SAME_TOL, msg=lambda m, n=name, r=rank: f"{n}, rank {r}: {m}"
+            )
