@@ -50,7 +50,8 @@ def _update(h, item) -> None:
     if isinstance(item, Tensor):
         t = item.detach().cpu().contiguous()
         h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the bytes through the buffer protocol: no copy of a large tensor
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     elif isinstance(item, (tuple, list)):
         h.update(f"L{len(item)}".encode())
         for x in item:
@@ -96,13 +97,20 @@ class DiskCache:
         """Write ``obj`` (anything :func:`torch.save` takes) under ``name``, atomically."""
         self._write(self.path(name), name, lambda f: torch.save(obj, f))
 
-    def _write(self, path: Path, name: str, write) -> None:
-        """``write(f)`` to a temporary file, flushed to disk, then moved onto ``path``."""
+    def _write(self, path: Path, name: str, write, *, to_path: bool = False) -> None:
+        """Write a temporary file, flush it to disk, then move it onto ``path``.
+
+        ``write(f)`` writes to the open file (``to_path``: ``write(filename)``).
+        """
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
+                if not to_path:
+                    write(f)
+                    f.flush()
+            if to_path:
+                write(tmp)
+            with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -168,7 +176,7 @@ class DiskCache:
         The file's metadata holds the format, ``name``, ``meta`` (as JSON) and the digest of
         every tensor (names, shapes, dtypes and bytes), checked by :meth:`load_tensors`.
         """
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         ts = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
         header = {
@@ -177,8 +185,8 @@ class DiskCache:
             "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
             "digest": fingerprint(ts),
         }
-        data = save(ts, metadata=header)
-        self._write(self.tensors_path(name), name, lambda f: f.write(data))
+        path = self.tensors_path(name)
+        self._write(path, name, lambda tmp: save_file(ts, tmp, metadata=header), to_path=True)
 
     def load_tensors(
         self, name: str, meta: dict | None = None, shapes: dict[str, tuple] | None = None

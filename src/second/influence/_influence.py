@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .._errors import (
     NonFiniteError,
+    SecondDeprecationWarning,
 )
 from .._losses import reduction_of
 from ..data import Task, as_task, refuse_stochastic
@@ -209,7 +210,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             warnings.warn(
                 "Influence(regularization=...) is deprecated: it is added to damping=, the one "
                 "name for the multiple of the identity added to the curvature (removal in 0.3)",
-                DeprecationWarning,
+                SecondDeprecationWarning,
                 stacklevel=2,
             )
             damping = damping + regularization
@@ -463,13 +464,14 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                     calls, _ = kronecker_gradients(rules, self.model, self.task, chunk, True)
                     block = {}
                     for j, r in enumerate(rules):
-                        M = example_matrices(r, calls[j], rows, like)
-                        check_rows_finite(M, "test example", s)
-                        step = max(1, memory // (4 * M[0].numel() * M.element_size()))
+                        out = mats[j][s : s + rows]
+                        step = max(1, memory // (8 * out[0].numel() * out.element_size()))
                         for b in range(0, rows, step):  # the solve's temporaries stay small
-                            M[b : b + step] = inv.blocks[j].solve(M[b : b + step], lam, inv.split)
-                        block[f"L{j}"] = M.mul_(w)
-                        del calls[j][:]
+                            M = example_matrices(r, calls[j], b, min(b + step, rows))
+                            check_rows_finite(M, "test example", s + b)
+                            out[b : b + step] = inv.blocks[j].solve(M, lam, inv.split).mul_(w)
+                        block[f"L{j}"] = out
+                        calls[j] = []
                     if fb_fn is not None:
                         G = check_rows_finite(
                             fb_fn.gradients(chunk, measure=True), "test example", s
@@ -478,12 +480,16 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                         for i, p in enumerate(fb):
                             k = p.numel()
                             v = G[:, off : off + k].reshape(rows, *p.shape)
-                            block[f"F{i}"] = w * inv.diagonals[i].solve(v, lam).reshape(rows, k)
+                            fvs[i][s : s + rows] = w * inv.diagonals[i].solve(v, lam).reshape(
+                                rows, k
+                            )
+                            block[f"F{i}"] = fvs[i][s : s + rows]
                             off += k
                     for t in block.values():
                         check_rows_finite(t, "inverse-HVP of test example", s)
                     if self.cache is not None:
                         self.cache.save_tensors(name, block)
+                    continue
                 for j in range(len(rules)):
                     mats[j][s : s + rows] = block[f"L{j}"].to(like)
                 for i in range(len(fb)):

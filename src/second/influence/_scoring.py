@@ -54,12 +54,12 @@ def available_memory() -> int | None:
 def default_memory() -> int:
     """The default working memory of a score block, in bytes.
 
-    A sixteenth of the available memory, between 16 MiB and 64 MiB: the products stay
+    A sixteenth of the available memory, between 16 MiB and 32 MiB: the products stay
     large enough to run at full speed, and the blocks small beside the model.
     """
     avail = available_memory()
-    budget = 64 * 2**20 if avail is None else avail // 16
-    return int(min(max(budget, 16 * 2**20), 64 * 2**20))
+    budget = 32 * 2**20 if avail is None else avail // 16
+    return int(min(max(budget, 16 * 2**20), 32 * 2**20))
 
 
 def example_losses(task: Task, out: Tensor, batch) -> Tensor:
@@ -132,11 +132,15 @@ def _calls(rules, cap: Capture, total: Tensor) -> list[list[tuple[Tensor, Tensor
     return calls
 
 
-def example_matrices(layer, calls: list[tuple[Tensor, Tensor]], n: int, like: Tensor) -> Tensor:
-    """Per-example gradients ``[n, d_G, d_A]`` of one layer from its calls (summed)."""
-    M = like.new_zeros(n, layer.d_G, layer.d_A)
-    for a, g in calls:
-        M += layer.per_example_mats(a, g.unsqueeze(0))[0]
+def example_matrices(layer, calls: list[tuple[Tensor, Tensor]], start: int, stop: int) -> Tensor:
+    """Per-example gradients ``[m, d_G, d_A]`` of one layer for examples ``start:stop``."""
+    M = None
+    for a, g in calls:  # a module called twice: its gradients add up
+        m = layer.per_example_mats(a[start:stop], g[start:stop].unsqueeze(0))[0]
+        M = m if M is None else M + m
+    if M is None:  # a layer the examples do not reach: a zero gradient
+        w = layer.weight
+        return w.new_zeros(stop - start, layer.d_G, layer.d_A)
     return M
 
 
@@ -243,7 +247,7 @@ class KroneckerScorer:
             parts = []
             for s in range(0, q, qb):  # [qb width, k] x [k, n], then along width
                 P = (M[s : s + qb].reshape(-1, k) @ left.T).reshape(-1, width, n)
-                parts.append((P * right.T.unsqueeze(0)).sum(1))
+                parts.append(P.mul_(right.T.unsqueeze(0)).sum(1))
             return torch.cat(parts, 0)
         step = max(1, self.memory // max(1, 2 * dG * dA * item))
         flat = M.reshape(q, -1)
