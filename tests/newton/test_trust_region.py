@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from newton_cases import DT, EXACT, NORM_TOL, indefinite, model_value, spd
-from second.newton.trust_region import boundary_step, update_radius
+from second.newton.trust_region import RCOND, boundary_step, update_radius
 from second.optim import (
     exact_trust_region,
     steihaug_cg,
@@ -130,3 +130,63 @@ def test_update_radius_rules():
     assert update_radius(1.0, 0.9, 1.0, True, max_radius=1.5) == 1.5
     assert update_radius(1.0, 0.9, 0.3, False) == 1.0
     assert update_radius(1.0, 0.5, 1.0, True) == 1.0
+
+
+UNRESOLVED_TOL = 1e-3  # a step's walk along an unresolved direction: rounding / delta
+
+
+def _singular_psd(n=6, seed=0):
+    """A PSD matrix with one exact null direction q (eigenvalues 1 ... 1e3 and 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    lam = torch.cat([torch.zeros(1, dtype=DT), torch.logspace(0, 3, n - 1, dtype=DT)])
+    return Q @ torch.diag(lam) @ Q.T, Q[:, 0]
+
+
+def test_exact_trust_region_psd_singular_takes_no_hard_case_walk():
+    """lambda_1 = 0 (up to rounding) and g nearly orthogonal to it: interior, not the boundary."""
+    H, q = _singular_psd()
+    g = torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(1))
+    g = g - (g @ q) * q  # exactly orthogonal to the null direction
+    res = exact_trust_region(H, g, radius=100.0)
+    assert res.status == "exact"
+    assert float(res.step.norm()) < 10.0  # the old hard case walked 100 along q
+    # it is the minimum-norm Newton step (the pseudo-inverse) plus the rounding of g along
+    # the computed null vector (~1e-13) over the smallest shift delta = 1e-12 * 1e3
+    pinv_step = -torch.linalg.pinv(H, hermitian=True) @ g
+    torch.testing.assert_close(res.step, pinv_step, rtol=0, atol=UNRESOLVED_TOL)
+    # with that slope declared negligible the step is the pseudo-inverse step to rounding
+    clean = exact_trust_region(H, g, radius=100.0, negligible=1e-10)
+    torch.testing.assert_close(clean.step, pinv_step, **EXACT)
+
+
+def test_exact_trust_region_drops_negligible_unresolved_slope():
+    """A slope 1e-10 along an unresolved direction: dropped when negligible, followed if not."""
+    H, q = _singular_psd()
+    g = 1e-6 * torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    g = g - (g @ q) * q + 1e-10 * q
+    newton = -torch.linalg.pinv(H, hermitian=True) @ g  # has no component along q
+    delta = RCOND * 1e3  # the smallest shift: rcond times the largest eigenvalue
+    kept = exact_trust_region(H, g, radius=0.5)
+    dropped = exact_trust_region(H, g, radius=0.5, negligible=1e-9)
+    # followed: the slope over the smallest shift, 1e-10 / 1e-9, a walk of 0.1 along q
+    assert math.isclose(float((kept.step @ q).abs()), 1e-10 / delta, rel_tol=1e-3)
+    # dropped: the step is the Newton step on the rest, with no component along q
+    torch.testing.assert_close(dropped.step, newton, **EXACT)
+    assert float((dropped.step @ q).abs()) < 1e-12
+    assert dropped.status == "exact"
+    # the predicted reduction is the model's (the dropped slope moves nothing)
+    assert math.isclose(dropped.predicted_reduction, -model_value(H, g, dropped.step), rel_tol=1e-9)
+    # a slope above the threshold is not dropped
+    again = exact_trust_region(H, g, radius=0.5, negligible=1e-11)
+    torch.testing.assert_close(again.step, kept.step, **EXACT)
+
+
+def test_exact_trust_region_reuses_a_given_eigendecomposition():
+    H = indefinite(8, seed=5)
+    g = torch.randn(8, dtype=DT, generator=torch.Generator().manual_seed(6))
+    eig = torch.linalg.eigh(0.5 * (H + H.T))
+    for radius in (0.1, 1.0, 100.0):
+        a = exact_trust_region(H, g, radius)
+        b = exact_trust_region(H, g, radius, eig=eig)
+        torch.testing.assert_close(a.step, b.step, **EXACT)

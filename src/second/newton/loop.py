@@ -23,9 +23,17 @@ from .precond import LBFGSPreconditioner
 from .result import OptimizeResult
 from .steps import NOISE, cg_subproblem, trust_region_step
 from .stopping import Criteria, limit_message, ray_decreases
-from .trust_region import exact_trust_region
+from .trust_region import RCOND, exact_trust_region
 
-__all__ = ["Objective", "newton_cg", "newton_dense", "MESSAGES", "RayTest"]
+__all__ = [
+    "Objective",
+    "newton_cg",
+    "newton_dense",
+    "dense_hessian",
+    "DENSE_CHUNK",
+    "MESSAGES",
+    "RayTest",
+]
 
 _NOISE = NOISE  # |f| times this: a change of f below it is mostly rounding (float64)
 
@@ -388,6 +396,43 @@ def newton_cg(
     )
 
 
+#: Hessian columns formed per batched pass by :func:`dense_hessian`: one vmap-batched pass
+#: over all ``n`` columns is memory-bound (on the teacher-student MLP 8-32-1, 321 columns in
+#: one pass cost ~113 ms against ~40 ms in passes of 32; see BENCHMARKS.md).
+DENSE_CHUNK = 32
+
+
+def dense_hessian(g: Tensor, xr: Tensor, eye: Tensor | None = None) -> Tensor:
+    r"""The dense Hessian :math:`\nabla^2 f` from a gradient ``g`` with its graph, by columns.
+
+    ``n`` Hessian-vector products batched :data:`DENSE_CHUNK` columns at a time.
+
+    Args:
+        g: the flat gradient, built with ``create_graph=True`` with respect to ``xr``.
+        xr: the flat point.
+        eye: the identity (default: built here).
+
+    Returns:
+        The ``n x n`` matrix (zeros when ``g`` has no graph: ``f`` is linear).
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
+        >>> dense_hessian(g, x).tolist()
+        [[6.0, 0.0], [0.0, 12.0]]
+    """
+    n = xr.numel()
+    if not g.requires_grad:
+        return torch.zeros(n, n, dtype=xr.dtype, device=xr.device)
+    eye = torch.eye(n, dtype=xr.dtype, device=xr.device) if eye is None else eye
+    with torch.enable_grad():
+        cols = [
+            hvp_from_gradient([g], [xr], [eye[i : i + DENSE_CHUNK]], batched=True)[0]
+            for i in range(0, n, DENSE_CHUNK)
+        ]
+    return torch.cat(cols).detach()
+
+
 def newton_dense(
     fun: Callable[[Tensor], Tensor],
     x0: Tensor,
@@ -396,6 +441,8 @@ def newton_dense(
     initial_radius: float = 1.0,
     eta: float = 0.1,
     hessian_every: int = 1,
+    rcond: float = RCOND,
+    negligible: float = 0.5,
 ) -> OptimizeResult:
     r"""Dense trust-region Newton: the exact subproblem on the dense Hessian (small problems).
 
@@ -406,6 +453,15 @@ def newton_dense(
     chosen by the region. ``hessian_every=m`` reuses :math:`H` for up to ``m`` accepted steps
     (a step rejected with a reused Hessian refreshes it).
 
+    Rounding: eigenvalues within ``rcond`` of the largest magnitude are unresolved; the
+    subproblem shifts by at least that much, and the gradient's components along them are
+    dropped while their joint norm is at most ``negligible * gtol`` (see
+    :func:`~second.newton.exact_trust_region`). Without that rule, on a network whose
+    parameters have a (near-)symmetry or a minimizer at infinity, every step walked along
+    such a direction on a slope of ~1e-11, rebuilt the gradient elsewhere by the nonlinearity,
+    and the run crept (teacher-student 4-8-1: 6,144 iterations instead of 435; see
+    BENCHMARKS.md).
+
     Args:
         fun: ``x -> scalar tensor``.
         x0: starting point.
@@ -413,6 +469,10 @@ def newton_dense(
         initial_radius: :math:`\Delta_0` (default 1).
         eta: acceptance threshold on :math:`\rho` (default 0.1).
         hessian_every: Hessian reuse (default 1: every iteration).
+        rcond: the relative eigenvalue rounding level (default
+            :data:`~second.newton.trust_region.RCOND`).
+        negligible: the share of ``gtol`` below which a slope along unresolved directions is
+            dropped (default 0.5; 0 keeps every slope).
 
     Returns:
         An :class:`~second.newton.OptimizeResult` (method ``"newton-exact"``).
@@ -457,17 +517,17 @@ def newton_dense(
         if reason is not None:
             break
         if H is None or age >= hessian_every:
-            if g.requires_grad:
-                with torch.enable_grad():
-                    (cols,) = hvp_from_gradient([g], [xr], [eye], batched=True)
-            else:
-                cols = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+            cols = dense_hessian(g, xr, eye)
             obj.matvecs += n
             H, age = cols.detach(), 0
+            H64 = 0.5 * (H + H.T).to(torch.float64)
+            eig = torch.linalg.eigh(H64)
         stale = False
         while True:
             it += 1
-            sub = exact_trust_region(H, gflat, radius)
+            sub = exact_trust_region(
+                H64, gflat, radius, eig=eig, rcond=rcond, negligible=negligible * criteria.gtol
+            )
             f_new = obj.value(x + sub.step)
             pred = sub.predicted_reduction
             rho = (f - f_new) / pred if pred > 0 else -1.0

@@ -183,18 +183,24 @@ def cg_subproblem(
     return solve
 
 
-def more_damping_update(damping: float, rho: float, *, shrink: float = 0.25) -> float:
+def more_damping_update(
+    damping: float, rho: float, *, shrink: float = 0.25, grow: float | None = None
+) -> float:
     r"""The Levenberg-Marquardt damping as Moré's (1978) trust-region rule reads it.
 
     Moré halves (or more) the region on a poor step and doubles it on a very good one, and
-    a smaller region is a larger damping: :math:`\lambda \leftarrow \lambda / \text{shrink}`
-    when :math:`\rho < 1/4`, :math:`\lambda \leftarrow \text{shrink}\,\lambda` when
-    :math:`\rho > 3/4`, unchanged in between.
+    a smaller region is a larger damping: :math:`\lambda \leftarrow \text{grow}\,\lambda`
+    when :math:`\rho < 1/4` (also for a NaN :math:`\rho`), :math:`\lambda \leftarrow
+    \text{shrink}\,\lambda` when :math:`\rho > 3/4`, unchanged in between. Martens'
+    Hessian-free rule is the same with ``shrink=2/3, grow=3/2``
+    (:class:`~second.optim.HessianFree`).
 
     Args:
         damping: :math:`\lambda`.
         rho: actual / predicted reduction (``-inf`` for a failed trial).
-        shrink: the factor (default 1/4, i.e. the radius halved for a quadratic model).
+        shrink: the factor on a very good step (default 1/4, i.e. the radius halved for a
+            quadratic model).
+        grow: the factor on a poor step (default ``1 / shrink``).
 
     Returns:
         The new damping.
@@ -202,9 +208,11 @@ def more_damping_update(damping: float, rho: float, *, shrink: float = 0.25) -> 
     Example:
         >>> more_damping_update(1.0, -1.0), more_damping_update(1.0, 0.9), more_damping_update(1.0, 0.5)
         (4.0, 0.25, 1.0)
+        >>> more_damping_update(1.0, 0.1, shrink=2 / 3, grow=1.5)
+        1.5
     """
-    if rho < 0.25:
-        return damping / shrink
+    if not rho >= 0.25:  # also catches NaN
+        return damping * (1.0 / shrink if grow is None else grow)
     if rho > 0.75:
         return damping * shrink
     return damping

@@ -45,8 +45,11 @@ class Criteria:
         unbounded_share: largest share of the total decrease of ``f`` the last window may
             hold in the levelling-off test (default 0.01).
         unbounded_gfloor: the unbounded test applies while :math:`\|\nabla f\|` is at
-            least this share of its initial value (default 1e-3): a run that has reduced its
-            gradient a thousandfold is converging, however far it went.
+            least this share of its initial value (default 1e-2): a run that has reduced its
+            gradient a hundredfold is converging, however far it went (teacher-student 4-8-1,
+            seed 3, grows ||x|| geometrically to a minimizer at ||x|| = 528 with the gradient
+            at 1.3e-3 of its initial norm; the random-target sigmoid network, whose infimum
+            is not attained, is caught at 2.9e-2 or above).
         unbounded_reach: how far the ray test goes, in multiples of :math:`\max(1, \|x\|)`
             (default 1e3).
         unbounded_rate: the growth of :math:`\|x\|` each of the last two windows must show
@@ -67,7 +70,7 @@ class Criteria:
     unbounded_window: int = 10
     unbounded_share: float = 0.01
     unbounded_rate: float = 1.15
-    unbounded_gfloor: float = 1e-3
+    unbounded_gfloor: float = 1e-2
     unbounded_reach: float = 1e3
 
     def check(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "RCOND",
     "SubproblemResult",
     "SteihaugPath",
     "steihaug_cg",
@@ -29,6 +30,11 @@ __all__ = [
     "boundary_step",
     "update_radius",
 ]
+
+
+#: Eigenvalues of a dense Hessian within this share of its largest magnitude are taken as
+#: unresolved by rounding (:func:`exact_trust_region`).
+RCOND = 1e-10
 
 
 @dataclass
@@ -260,7 +266,15 @@ def steihaug_cg(
 
 
 def exact_trust_region(
-    H: Tensor, grad: Tensor, radius: float, *, rtol: float = 1e-10, maxiter: int = 100
+    H: Tensor,
+    grad: Tensor,
+    radius: float,
+    *,
+    rtol: float = 1e-10,
+    maxiter: int = 100,
+    eig: tuple[Tensor, Tensor] | None = None,
+    rcond: float = RCOND,
+    negligible: float = 0.0,
 ) -> SubproblemResult:
     r"""The exact minimizer of the trust-region subproblem for a dense symmetric :math:`H`.
 
@@ -269,8 +283,20 @@ def exact_trust_region(
     and either :math:`\lambda = 0, \|p(0)\| \le \Delta` (interior Newton step) or
     :math:`\|p(\lambda)\| = \Delta`, found by Newton's method on
     :math:`1/\Delta - 1/\|p(\lambda)\|` (Moré & Sorensen 1983). In the *hard case*
-    (:math:`g` orthogonal to the lowest eigenvector) the eigenvector component is added
-    to reach the boundary. For small problems only: :math:`O(n^3)`.
+    (:math:`g` orthogonal to the lowest eigenvector of a negative eigenvalue) the
+    eigenvector component is added to reach the boundary. For small problems only:
+    :math:`O(n^3)`.
+
+    Rounding: eigenvalues within :math:`\delta = \mathrm{rcond}\,\max|\lambda_i|` of zero are
+    not resolved by the eigensolver (nor, usually, by the Hessian's own rounding), so
+    :math:`\delta` is the smallest shift used, a Hessian with :math:`\lambda_1 \ge -\delta`
+    is treated as positive semidefinite (its interior step is the Newton step with the
+    unresolved eigenvalues raised to :math:`\delta`), and there is no hard-case walk along an
+    unresolved eigenvector. Gradient components along unresolved eigenvectors
+    whose joint norm is at most ``negligible`` are dropped: a step along a direction of
+    unresolved curvature whose slope is already negligible (e.g. below the stopping
+    tolerance) gains nothing and, on a nonlinear function, disturbs the gradient
+    elsewhere (a symmetry or a minimizer at infinity makes such directions common).
 
     Args:
         H: symmetric ``n x n`` matrix.
@@ -278,6 +304,11 @@ def exact_trust_region(
         radius: :math:`\Delta > 0`.
         rtol: relative accuracy of :math:`\|p\| = \Delta`.
         maxiter: Newton iterations on :math:`\lambda`.
+        eig: ``(values, vectors)`` of ``H`` when already computed (float64).
+        rcond: the relative rounding level :math:`\delta / \max|\lambda_i|` (default
+            :data:`RCOND`).
+        negligible: the slope below which unresolved directions are left alone (default 0:
+            none is).
 
     Returns:
         A :class:`SubproblemResult` with status ``"exact"`` (interior) or ``"boundary"``.
@@ -295,22 +326,31 @@ def exact_trust_region(
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")
     H64 = 0.5 * (H + H.T).to(torch.float64)
     g64 = grad.to(torch.float64)
-    lam, Q = torch.linalg.eigh(H64)
+    lam, Q = torch.linalg.eigh(H64) if eig is None else eig
     c = Q.T @ g64
     lmin = float(lam[0])
     scale = max(float(lam.abs().max()), 1e-300)
-    tiny = 1e-14 * scale
+    tiny = rcond * scale
+    unresolved = lam.abs() <= tiny
+    if negligible > 0 and bool(unresolved.any()):
+        if float(torch.linalg.vector_norm(c[unresolved])) <= negligible:
+            g64 = g64 - Q[:, unresolved] @ c[unresolved]  # the model's slope without them
+            c = c.masked_fill(unresolved, 0.0)
 
     def pnorm(mu: float) -> float:
         return float(torch.linalg.vector_norm(c / (lam + mu)))
 
-    if lmin > tiny:
-        p = -(Q @ (c / lam))
+    if lmin >= -tiny:
+        # positive (semi)definite up to rounding: the Newton step, with the unresolved
+        # eigenvalues raised to delta (a change of H within its rounding)
+        p = -(Q @ (c / lam.clamp_min(tiny)))
         if float(torch.linalg.vector_norm(p)) <= radius:
             return _dense_result(p, H64, g64, "exact", grad)
     mu_lo = max(0.0, -lmin) + tiny
-    # hard case: the boundary is not reachable by shifting alone
     if pnorm(mu_lo) < radius:
+        if lmin >= -tiny:  # the boundary lies between the two: the smallest shift's step
+            return _dense_result(-(Q @ (c / (lam + mu_lo))), H64, g64, "exact", grad)
+        # hard case: the boundary is not reachable by shifting alone
         p = -(Q @ (c / (lam + mu_lo).where(lam + mu_lo > tiny, torch.full_like(lam, math.inf))))
         q1 = Q[:, 0]
         pp, pq = float(p @ p), float(p @ q1)
