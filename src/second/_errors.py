@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 __all__ = [
+    "SecondDeprecationWarning",
     "ConvergenceWarning",
     "NegativeCurvatureWarning",
     "NonDeterministicDataError",
     "NonFiniteError",
 ]
+
+
+class SecondDeprecationWarning(DeprecationWarning):
+    """A deprecated spelling of ``second``'s own API; the message says what to write instead.
+
+    A ``DeprecationWarning`` (every filter on that category applies); its own class lets
+    the test suite turn the uses of ``second``'s deprecated names into errors without
+    touching other libraries' deprecations.
+    """
 
 
 class ConvergenceWarning(UserWarning):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._errors import ConvergenceWarning, NegativeCurvatureWarning
+from ._errors import ConvergenceWarning, NegativeCurvatureWarning, SecondDeprecationWarning
 from .func.vectors import parameters_to_vector
 from .solvers import _neumann as _neumann_mod
 from .solvers._cg import cg
@@ -133,7 +133,7 @@ def neumann(A, *args, **kwargs):
             "second.neumann(A, b, ...) in the solver form is deprecated and will be removed in "
             "0.3: use second.neumann_solve(A, b, ...), which returns the same SolveResult; "
             "second.neumann keeps the seed's form neumann(mvp, parameters, vector, truncate_iter)",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=2,
         )
         return _neumann_mod.neumann_solve(A, *args, **kwargs)

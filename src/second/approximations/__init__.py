@@ -6,12 +6,13 @@
 
 import warnings
 
+from .._errors import SecondDeprecationWarning
 from ..kfac import EKFACInverseOperator, EKFACOperator, KFACInverseOperator, KFACOperator
 
 warnings.warn(
     "second.approximations is deprecated and will be removed in 0.3: import KFACOperator, "
     "EKFACOperator and their inverses from second.kfac (or second)",
-    DeprecationWarning,
+    SecondDeprecationWarning,
     stacklevel=2,
 )
 

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._errors import SecondDeprecationWarning
+
 # the checks and the graph engines were defined here: every name stays importable from here
 from .checks import *  # noqa: F403
 from .checks import as_params, check_finite, check_flat_vector, check_scalar_loss, grad_checked
@@ -182,7 +184,7 @@ def jvp(
     if "retrain_graph" in deprecated:
         warnings.warn(
             "jvp(retrain_graph=...) is deprecated, use retain_graph= (removal in 0.3.0)",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=2,
         )
         retain_graph = deprecated.pop("retrain_graph")

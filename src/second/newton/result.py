@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .._errors import SecondDeprecationWarning
+
 __all__ = ["OptimizeResult"]
 
 
@@ -56,7 +58,7 @@ class OptimizeResult:
         """Deprecated spelling of :attr:`converged`."""
         warnings.warn(
             "OptimizeResult.success is deprecated; use OptimizeResult.converged",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=2,
         )
         return self.converged
@@ -66,7 +68,7 @@ class OptimizeResult:
         """Deprecated spelling of :attr:`matvecs`."""
         warnings.warn(
             "OptimizeResult.nhvp is deprecated; use OptimizeResult.matvecs",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=2,
         )
         return self.matvecs

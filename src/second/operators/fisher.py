@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from .._errors import SecondDeprecationWarning
 from .._losses import nll_scale, per_sample_losses, sample_targets
 from ..data import sample_generator
 from ..func.graphs import GGNGraph, JacobianGraph
@@ -102,7 +103,7 @@ class FisherOperator(CurvatureOperator):
                 raise ValueError("pass fisher= only (kind= is its deprecated spelling)")
             warnings.warn(
                 "FisherOperator(kind=...) is deprecated, use fisher= (removal in 0.3)",
-                DeprecationWarning,
+                SecondDeprecationWarning,
                 stacklevel=2,
             )
             fisher = kind
@@ -128,7 +129,7 @@ class FisherOperator(CurvatureOperator):
     @property
     def kind(self) -> str:
         """Deprecated: the ``fisher`` setting."""
-        warnings.warn("FisherOperator.kind is deprecated, use .fisher", DeprecationWarning, 2)
+        warnings.warn("FisherOperator.kind is deprecated, use .fisher", SecondDeprecationWarning, 2)
         return self.fisher
 
     def _batch_state(self, batch):

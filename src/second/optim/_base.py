@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._errors import SecondDeprecationWarning
 from ..func.products import grad_checked
 
 __all__ = [
@@ -52,7 +53,7 @@ class CounterDict(dict):
         if key == "nhvp":
             warnings.warn(
                 "the optimizer counter 'nhvp' is deprecated and removed in 0.3: read 'matvecs'",
-                DeprecationWarning,
+                SecondDeprecationWarning,
                 stacklevel=3,
             )
             return "matvecs"
@@ -192,7 +193,7 @@ def renamed_options(
             raise TypeError(f"{owner}() got an unexpected keyword argument {old!r}")
         warnings.warn(
             f"{owner}({old}=...) is deprecated and stops working in 0.3: use {new}=...",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=3,
         )
         if current[new] != defaults[new]:
@@ -253,7 +254,7 @@ def call_closure(
                 f"a {owner} closure returning (loss, output) is deprecated and stops working "
                 f"in 0.3: build the optimizer from the model, {owner}(model, ...), and write "
                 f"torch.optim's closure: {CLOSURE_EXAMPLE}",
-                DeprecationWarning,
+                SecondDeprecationWarning,
                 stacklevel=4,
             )
     if not (isinstance(out, Tensor) and out.numel() == 1):
@@ -269,7 +270,7 @@ def call_closure(
             f"a {owner} closure that returns the loss without calling loss.backward() is "
             f"deprecated and stops working in 0.3: write torch.optim's closure: "
             f"{CLOSURE_EXAMPLE}",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=4,
         )
     if out.dim():

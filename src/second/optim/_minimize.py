@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._errors import SecondDeprecationWarning
 from ..newton.least_squares import gauss_newton
 from ..newton.loop import newton_cg, newton_dense
 from ..newton.result import OptimizeResult
@@ -142,7 +143,7 @@ def minimize(
     if tol is not None:
         warnings.warn(
             "minimize(tol=...) is deprecated; use minimize(gtol=...)",
-            DeprecationWarning,
+            SecondDeprecationWarning,
             stacklevel=2,
         )
         if gtol is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning
+from .._errors import ConvergenceWarning, SecondDeprecationWarning
 from ..operators.base import LinearOperator, aslinearoperator
 from ..spectral.lanczos import extreme_eigenvalues
 from ._result import (
@@ -164,7 +164,7 @@ def neumann(A, b, **options) -> SolveResult:
     warnings.warn(
         "second.solvers.neumann is deprecated and will be removed in 0.3: use "
         "second.neumann_solve (the same solver; second.neumann is the seed's functional form)",
-        DeprecationWarning,
+        SecondDeprecationWarning,
         stacklevel=2,
     )
     return neumann_solve(A, b, **options)
