@@ -62,3 +62,23 @@ def contract(opt, loss_fn):
         return loss
 
     return closure
+
+
+class ResidualModel(torch.nn.Module):
+    """The residual ``r(x)`` as a model of its parameter ``x``, for optimizers built from a model.
+
+    ``GaussNewton(model)`` reads the output ``r`` of the last forward call in the closure.
+    """
+
+    def __init__(self, residual, x0):
+        super().__init__()
+        self.residual = residual
+        self.x = torch.nn.Parameter(torch.as_tensor(x0, dtype=DT).clone())
+
+    def forward(self):
+        return self.residual(self.x)
+
+
+def least_squares_closure(opt, model):
+    """torch.optim's closure on ``0.5 ||r(x)||^2`` with ``r = model()``."""
+    return contract(opt, lambda: 0.5 * model().square().sum())

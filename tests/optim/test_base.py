@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from newton_cases import DT, EXACT, rosen, rosen_residual
+from newton_cases import (
+    DT,
+    EXACT,
+    ResidualModel,
+    contract,
+    least_squares_closure,
+    rosen,
+    rosen_residual,
+)
 from second.optim import (
     GaussNewton,
     HessianFree,
@@ -41,36 +49,26 @@ BAD = [
 ]
 
 
-def _closure_for(cls, x):
-    def f():
-        return rosen(x) if cls in (NewtonCG, LiSSA) else None
-
-    def pair():
-        r = rosen_residual(x)
-        return 0.5 * (r * r).sum(), r
-
-    return f if cls in (NewtonCG, LiSSA) else pair
-
-
-def _make(cls, x):
-    kwargs = {NewtonCG: {}, GaussNewton: {}, HessianFree: {}, LiSSA: dict(depth=20)}[cls]
-    return cls([x], **kwargs)
+def _make(cls, x0):
+    """``(optimizer, its parameter, torch.optim's closure)`` on Rosenbrock (least squares for
+    the Gauss-Newton-type optimizers, built from a model)."""
+    if cls in (GaussNewton, HessianFree):
+        model = ResidualModel(rosen_residual, x0)
+        opt = cls(model)
+        return opt, model.x, least_squares_closure(opt, model)
+    x = torch.as_tensor(x0, dtype=DT).clone().requires_grad_(True)
+    opt = cls([x], **({"depth": 20} if cls is LiSSA else {}))
+    return opt, x, contract(opt, lambda: rosen(x))
 
 
 @pytest.mark.parametrize("cls", [NewtonCG, GaussNewton, HessianFree, LiSSA])
 def test_state_dict_round_trip(cls):
-    x = (
-        torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
-        if cls is not LiSSA
-        else torch.tensor([0.9, 0.8], dtype=DT, requires_grad=True)
-    )  # LiSSA needs convexity
-    opt = _make(cls, x)
-    closure = _closure_for(cls, x)
+    x0 = [-1.2, 1.0] if cls is not LiSSA else [0.9, 0.8]  # LiSSA needs convexity
+    opt, x, closure = _make(cls, x0)
     for _ in range(3):
         opt.step(closure)
     sd = opt.state_dict()
-    x2 = x.detach().clone().requires_grad_(True)
-    opt2 = _make(cls, x2)
+    opt2, x2, closure2 = _make(cls, x.detach())
     opt2.load_state_dict(sd)
     s1, s2 = opt.state[x], opt2.state[x2]
     assert set(s1) == set(s2)
@@ -80,7 +78,7 @@ def test_state_dict_round_trip(cls):
     assert opt2.param_groups[0] == {**opt.param_groups[0], "params": opt2.param_groups[0]["params"]}
     # the reloaded optimizer continues exactly like the original
     opt.step(closure)
-    opt2.step(_closure_for(cls, x2))
+    opt2.step(closure2)
     torch.testing.assert_close(x2.detach(), x.detach(), **EXACT)
 
 
@@ -109,15 +107,11 @@ def test_a_new_closure_is_evaluated_afresh(cls):
     yA, yB = torch.randn(20, 1, generator=g, dtype=DT), torch.randn(20, 1, generator=g, dtype=DT)
     model = torch.nn.Linear(3, 1).to(DT)
 
+    opt = cls(model.parameters() if cls is NewtonCG else model)
+
     def make(X, y):
-        def closure():
-            out = model(X)
-            loss = torch.nn.functional.mse_loss(out, y)
-            return loss if cls is NewtonCG else (loss, out)
+        return contract(opt, lambda: torch.nn.functional.mse_loss(model(X), y))
 
-        return closure
-
-    opt = cls(model.parameters())
     cA = make(XA, yA)
     opt.step(cA)
     opt.step(cA)  # same closure: reuses the accepted trial's evaluation

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from newton_cases import DT, EXACT, SOLUTION_TOL, rosen_residual
+from newton_cases import (
+    DT,
+    EXACT,
+    SOLUTION_TOL,
+    ResidualModel,
+    contract,
+    least_squares_closure,
+    rosen_residual,
+)
 from second.optim import (
     GaussNewton,
     minimize,
@@ -19,13 +27,8 @@ def test_gauss_newton_linear_least_squares_in_one_step(solver):
     X = torch.randn(30, 4, generator=g, dtype=DT)
     y = torch.randn(30, 1, generator=g, dtype=DT)
     model = torch.nn.Linear(4, 1).to(DT)
-    opt = GaussNewton(
-        model.parameters(), damping=1e-12, solver=solver, cg_rtol=1e-12, tolerance_grad=1e-10
-    )
-
-    def closure():
-        out = model(X)
-        return torch.nn.functional.mse_loss(out, y), out
+    opt = GaussNewton(model, damping=1e-12, solver=solver, cg_rtol=1e-12, gtol=1e-10)
+    closure = contract(opt, lambda: torch.nn.functional.mse_loss(model(X), y))
 
     opt.step(closure)
     A = torch.cat([X, torch.ones(30, 1, dtype=DT)], 1)
@@ -39,13 +42,11 @@ def test_gauss_newton_linear_least_squares_in_one_step(solver):
 def test_lm_damping_rises_on_rejected_steps():
     assert lm_damping_update(1.0, 2.0, -0.5) == (2.0, 4.0)
     assert lm_damping_update(1.0, 2.0, 0.9)[0] < 1.0
-    x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
+    model = ResidualModel(rosen_residual, [-1.2, 1.0])
+    x = model.x
     # an (almost) undamped, exactly solved GN step overshoots here
-    opt = GaussNewton([x], damping=1e-10, solver="dense")
-
-    def closure():
-        r = rosen_residual(x)
-        return 0.5 * (r * r).sum(), r
+    opt = GaussNewton(model, damping=1e-10, solver="dense")
+    closure = least_squares_closure(opt, model)
 
     dampings = []
     for _ in range(3):
@@ -63,12 +64,10 @@ def test_lm_damping_rises_on_rejected_steps():
 
 @pytest.mark.parametrize("solver", ["cg", "dense"])
 def test_gauss_newton_matches_minimize(solver):
-    x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
-    opt = GaussNewton([x], solver=solver, tolerance_grad=1e-9)
-
-    def closure():
-        r = rosen_residual(x)
-        return 0.5 * (r * r).sum(), r
+    model = ResidualModel(rosen_residual, [-1.2, 1.0])
+    x = model.x
+    opt = GaussNewton(model, solver=solver, gtol=1e-9)
+    closure = least_squares_closure(opt, model)
 
     while opt.stop_reason is None:
         opt.step(closure)
@@ -89,4 +88,4 @@ def test_gauss_newton_closure_must_return_pair():
     x = torch.ones(2, dtype=DT, requires_grad=True)
     opt = GaussNewton([x])
     with pytest.raises(TypeError, match="loss, output"):
-        opt.step(lambda: (x * x).sum())
+        opt.step(contract(opt, lambda: (x * x).sum()))

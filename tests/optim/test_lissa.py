@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from newton_cases import DT
+from newton_cases import DT, contract
 from second.optim import (
     LiSSA,
 )
@@ -27,7 +27,7 @@ def test_lissa_deterministic_is_newton_on_a_quadratic():
     w = torch.zeros(5, dtype=DT, requires_grad=True)
     opt = LiSSA([w], depth=400)
     for _ in range(3):
-        opt.step(lambda: ((X @ w - y) ** 2).mean())
+        opt.step(contract(opt, lambda: ((X @ w - y) ** 2).mean()))
     torch.testing.assert_close(w.detach(), w_star, rtol=0, atol=1e-6)
 
 
@@ -39,7 +39,8 @@ def test_lissa_stochastic_converges_near_the_solution():
     for _ in range(4):
         idx = torch.randint(0, 256, (64,), generator=gen)
         opt.step(
-            lambda: ((X @ w - y) ** 2).mean(), lambda idx=idx: ((X[idx] @ w - y[idx]) ** 2).mean()
+            contract(opt, lambda: ((X @ w - y) ** 2).mean()),
+            contract(opt, lambda idx=idx: ((X[idx] @ w - y[idx]) ** 2).mean()),
         )
     err = float((w.detach() - w_star).norm() / w_star.norm())
     assert err < LISSA_STOCHASTIC_TOL

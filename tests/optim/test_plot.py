@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from newton_cases import DT, rosen
+from newton_cases import DT, contract, rosen
 from second.optim import (
     NewtonCG,
     minimize,
@@ -18,8 +18,8 @@ def test_plot_history():
     matplotlib.use("Agg")
     res = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=DT))
     x = torch.tensor([-1.2, 1.0], dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], max_iter=50)
-    opt.step(lambda: rosen(x))
+    opt = NewtonCG([x], maxiter=50)
+    opt.step(contract(opt, lambda: rosen(x)))
     fig = plot_history({"minimize": res, "optimizer": opt}, x="nfev")
     ax_loss, ax_grad = fig.axes
     assert len(ax_loss.lines) == 2 and len(ax_grad.lines) == 2
