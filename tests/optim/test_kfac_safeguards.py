@@ -186,7 +186,7 @@ def test_a_model_predicting_a_negative_loss_is_refused_and_the_damping_raised(mo
 
     def overrated(Fq, nrm, gV, damping, weight_decay, momentum):
         a, m, p = real(Fq, nrm, gV, damping, weight_decay, momentum)
-        return (a, m, -2 * loss0) if momentum is None else (a, m, p)
+        return (a, m, -1.01 * kfac_module.OVERRATE * loss0) if momentum is None else (a, m, p)
 
     monkeypatch.setattr(kfac_module, "step_coefficients", overrated)
     opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
