@@ -299,11 +299,11 @@ def test_an_interrupted_fit_or_scoring_resumes_to_the_same_scores(tmp_path, monk
     real = _cache.DiskCache._write
     written = []
 
-    def crash(self, path, name, write, **kw):
+    def crash(self, path, name, write):
         if len(written) == stop:
             raise KeyboardInterrupt("simulated crash")
         written.append(name)
-        real(self, path, name, write, **kw)
+        real(self, path, name, write)
 
     monkeypatch.setattr(_cache.DiskCache, "_write", crash)
     with pytest.raises(KeyboardInterrupt):

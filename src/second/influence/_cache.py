@@ -97,20 +97,13 @@ class DiskCache:
         """Write ``obj`` (anything :func:`torch.save` takes) under ``name``, atomically."""
         self._write(self.path(name), name, lambda f: torch.save(obj, f))
 
-    def _write(self, path: Path, name: str, write, *, to_path: bool = False) -> None:
-        """Write a temporary file, flush it to disk, then move it onto ``path``.
-
-        ``write(f)`` writes to the open file (``to_path``: ``write(filename)``).
-        """
+    def _write(self, path: Path, name: str, write) -> None:
+        """``write(f)`` to a temporary file, flushed to disk, then moved onto ``path``."""
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                if not to_path:
-                    write(f)
-                    f.flush()
-            if to_path:
-                write(tmp)
-            with open(tmp, "rb") as f:
+                write(f)
+                f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -176,8 +169,6 @@ class DiskCache:
         The file's metadata holds the format, ``name``, ``meta`` (as JSON) and the digest of
         every tensor (names, shapes, dtypes and bytes), checked by :meth:`load_tensors`.
         """
-        from safetensors.torch import save_file
-
         ts = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
         header = {
             "format": str(_FORMAT),
@@ -185,8 +176,7 @@ class DiskCache:
             "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
             "digest": fingerprint(ts),
         }
-        path = self.tensors_path(name)
-        self._write(path, name, lambda tmp: save_file(ts, tmp, metadata=header), to_path=True)
+        self._write(self.tensors_path(name), name, lambda f: _write_safetensors(f, ts, header))
 
     def load_tensors(
         self, name: str, meta: dict | None = None, shapes: dict[str, tuple] | None = None
@@ -253,6 +243,45 @@ def _invalid(obj, name: str, shape: tuple, dtype: torch.dtype, meta: dict) -> st
     if obj.get("digest") != fingerprint(t):
         return "its content does not match its digest"
     return None
+
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(f, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` in the safetensors format, each straight from its memory (no copy).
+
+    The format: an 8-byte little-endian header length, a JSON header (per tensor its
+    dtype, shape and byte range; ``__metadata__``) padded to 8 bytes, then the bytes.
+    """
+    header: dict = {"__metadata__": metadata}
+    off = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [off, off + n],
+        }
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in tensors.values():
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class CacheStore:

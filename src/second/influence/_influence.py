@@ -143,8 +143,8 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             :math:`O(n (d_{out} + d_{in})\,q\,r)` instead of :math:`O(n\, d_{out} d_{in}\, q)`.
         max_memory: bytes one intermediate block of the scores (and of the EK-FAC
             corrections) may take; the query block and the examples per block follow from
-            it (default ``None``: an eighth of the available memory, between 64 and
-            512 MiB). It changes the speed, not the result.
+            it (default ``None``: a sixty-fourth of the available memory, between 8 and
+            16 MiB). It changes the speed, not the result.
 
     Raises:
         ValueError: on an unknown ``curvature``/``method``, negative ``damping`` or
@@ -468,7 +468,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                         step = max(1, memory // (8 * out[0].numel() * out.element_size()))
                         for b in range(0, rows, step):  # the solve's temporaries stay small
                             M = example_matrices(r, calls[j], b, min(b + step, rows))
-                            check_rows_finite(M, "test example", s + b)
+                            _check_finite(M, "test example", s + b)
                             out[b : b + step] = inv.blocks[j].solve(M, lam, inv.split).mul_(w)
                         block[f"L{j}"] = out
                         calls[j] = []
@@ -486,7 +486,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                             block[f"F{i}"] = fvs[i][s : s + rows]
                             off += k
                     for t in block.values():
-                        check_rows_finite(t, "inverse-HVP of test example", s)
+                        _check_finite(t, "inverse-HVP of test example", s)
                     if self.cache is not None:
                         self.cache.save_tensors(name, block)
                     continue
@@ -533,7 +533,7 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
                         block = None
                 if block is None:
                     block = scorer(chunk)
-                    if not all(bool(torch.isfinite(t).all()) for t in block.values()):
+                    if not all(bool(torch.isfinite(t.sum())) for t in block.values()):
                         raise NonFiniteError(
                             f"scores of training examples {s}..{s + nb - 1} are not finite"
                         )
@@ -635,3 +635,9 @@ def _gradients(fn: ModelFunction, chunk) -> Tensor:
 def _chunk_digest(chunk) -> str:
     """The digest of a chunk's tensors (a pair digests as its two tensors, as before)."""
     return fingerprint(*chunk) if isinstance(chunk, (tuple, list)) else fingerprint(chunk)
+
+
+def _check_finite(t: Tensor, what: str, offset: int) -> None:
+    """Raise naming the non-finite rows of ``t``, checking a sum first (no temporary of its size)."""
+    if not bool(torch.isfinite(t.sum())):  # a NaN/Inf, or a finite sum that overflowed
+        check_rows_finite(t, what, offset)

@@ -54,12 +54,12 @@ def available_memory() -> int | None:
 def default_memory() -> int:
     """The default working memory of a score block, in bytes.
 
-    A sixteenth of the available memory, between 16 MiB and 32 MiB: the products stay
+    A sixty-fourth of the available memory, between 8 MiB and 16 MiB: the products stay
     large enough to run at full speed, and the blocks small beside the model.
     """
     avail = available_memory()
-    budget = 32 * 2**20 if avail is None else avail // 16
-    return int(min(max(budget, 16 * 2**20), 32 * 2**20))
+    budget = 16 * 2**20 if avail is None else avail // 64
+    return int(min(max(budget, 8 * 2**20), 16 * 2**20))
 
 
 def example_losses(task: Task, out: Tensor, batch) -> Tensor:
