@@ -150,3 +150,25 @@ def test_auto_names_the_method_and_deprecated_fields_warn():
         assert small.nhvp == small.matvecs
     with pytest.warns(DeprecationWarning, match="gtol"):
         minimize(f, torch.zeros(3, dtype=DT), tol=1e-8)
+
+
+def test_dense_hessian_in_chunks_equals_the_autograd_hessian():
+    """n = 70 > DENSE_CHUNK: the column chunks are assembled in order."""
+    from second.newton.loop import DENSE_CHUNK, dense_hessian
+
+    n = 70
+    assert n > 2 * DENSE_CHUNK
+    w = torch.randn(n, n, dtype=DT, generator=torch.Generator().manual_seed(0)) / n
+
+    def f(x):
+        return torch.tanh(w @ x).pow(2).sum() + (x**4).sum()
+
+    x = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(1))
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(xr), xr, create_graph=True)
+    H = dense_hessian(g, xr)
+    torch.testing.assert_close(H, torch.autograd.functional.hessian(f, x), rtol=1e-12, atol=1e-12)
+    # a linear function: no graph, a zero Hessian
+    xl = x.clone().requires_grad_(True)
+    (gl,) = torch.autograd.grad((xl * 2).sum(), xl, create_graph=True)
+    assert not dense_hessian(gl, xl).any()

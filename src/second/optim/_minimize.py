@@ -41,7 +41,7 @@ _CORE_OPTIONS = {
         "eta",
         "warm_start",
     },
-    "newton-exact": {"initial_radius", "eta", "hessian_every"},
+    "newton-exact": {"initial_radius", "eta", "hessian_every", "rcond", "negligible"},
 }
 _GN_OPTIONS = {
     "damping_rule",
@@ -93,7 +93,9 @@ def minimize(
     * ``"newton-exact"`` (alias ``"dense"``): dense trust-region Newton
       (:func:`second.newton.newton_dense`, ``n`` batched products per iteration, the exact
       subproblem: an eigenvalue shift for indefinite Hessians); option ``hessian_every=m``
-      reuses the Hessian for up to ``m`` accepted steps.
+      reuses the Hessian for up to ``m`` accepted steps; ``rcond`` and ``negligible`` set
+      how eigenvalues at the rounding level are treated (see
+      :func:`second.newton.newton_dense`).
     * ``"gauss-newton"`` (alias ``"lm"``): Levenberg-Marquardt on the core
       (:func:`second.newton.gauss_newton`): Moré's trust-region damping (default,
       ``damping_rule="more"``) or Nielsen's (``"nielsen"``), dense or CG inner solves
