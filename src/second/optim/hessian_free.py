@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..func.products import GGNGraph, check_scalar_loss, hvp_from_gradient
 from ..newton.model_cg import model_cg
+from ..newton.steps import more_damping_update
 from ._base import (
     NewtonTypeOptimizer,
     check_int,
@@ -271,10 +272,7 @@ class HessianFree(NewtonTypeOptimizer):
         # damping by the reduction ratio of the undamped curvature model
         q = float(torch.dot(g, d)) + 0.5 * (float(torch.dot(d, Ad)) - lam * float(torch.dot(d, d)))
         rho = (best_f - f0) / q if q < 0 else -math.inf
-        if rho < 0.25:
-            lam *= group["boost"]
-        elif rho > 0.75:
-            lam *= group["drop"]
+        lam = more_damping_update(lam, rho, shrink=group["drop"], grow=group["boost"])
         st["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
         # Armijo line search along the chosen iterate
         slope = float(torch.dot(g, d))
