@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -76,3 +77,21 @@ def test_watch_forward_ignores_deep_copies_and_dead_owners():
     net(torch.ones(1, 2))
     watch.remove()
     assert net._forward_hooks == {} and net._forward_pre_hooks == {}
+
+
+def test_attention_capture_restores_f_linear_even_when_the_forward_raises():
+    from torch.nn import functional as F
+
+    original = F.linear
+    att = nn.MultiheadAttention(4, 2)
+    layers = find_layers(att)
+    assert len(layers) == 4  # q, k, v, out_proj
+    with Capture(layers) as cap:
+        x = torch.randn(3, 2, 4)
+        att(x, x, x)
+        assert F.linear is original  # wrapped only while the attention runs
+        assert sorted(cap.outputs) == [0, 1, 2, 3]
+        with pytest.raises(RuntimeError):
+            att(x, torch.randn(3, 2, 5), torch.randn(3, 2, 5))  # wrong key width
+        assert F.linear is original
+    assert att._forward_hooks == {} and att._forward_pre_hooks == {}
