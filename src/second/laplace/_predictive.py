@@ -33,29 +33,6 @@ _JACOBIAN_BUDGET = 2**22
 _per_example_jacobians = per_example_jacobians
 
 
-def _output_gradients(f: Tensor, outputs: list[Tensor]) -> list[Tensor]:
-    """``d f[:, k] / d output`` for every output ``k`` and captured layer output: ``[C, n, ...]``."""
-    n, C = f.shape
-    E = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
-    try:
-        grads = torch.autograd.grad(
-            f, outputs, E, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    except RuntimeError:  # an operation without a batching rule: one backward per output
-        per_k = [
-            torch.autograd.grad(f, outputs, E[k], retain_graph=True, allow_unused=True)
-            for k in range(C)
-        ]
-        grads = tuple(
-            None if per_k[0][i] is None else torch.stack([g[i] for g in per_k])
-            for i in range(len(outputs))
-        )
-    return [
-        torch.zeros(C, *o.shape, dtype=o.dtype, device=o.device) if g is None else g.detach()
-        for g, o in zip(grads, outputs)
-    ]
-
-
 def link_probabilities(
     f: Tensor, cov: Tensor, link: str, n_samples: int = 100, generator=None
 ) -> Tensor:
@@ -197,12 +174,18 @@ class Predictive:
         layers = st.layout.layers
         with torch.enable_grad(), Capture(layers) as cap:
             f = module(inputs)
-            calls = cap.calls()
-            grads = _output_gradients(f, [out for _, _, out in calls])
+            n, C = f.shape
+            E = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
+            calls, _ = cap.backprop(f, E, retain_graph=False)  # [C, *output] per call
         rows: list[list[tuple[Tensor, Tensor]]] = [[] for _ in layers]
-        for (j, inp, _), g in zip(calls, grads):
+        for j, inp, g in calls:  # every position apart: the exact Jacobian, never "reduce"
             layer = layers[j]
-            rows[j].append((layer.input_rows(inp), layer.grad_rows(g)))
+            rows[j].append(
+                (
+                    layer.input_rows(inp, weight_sharing="expand"),
+                    layer.grad_rows(g.detach(), inp, weight_sharing="expand"),
+                )
+            )
         fallback = [st.layout.params[i] for i in st.layout.fallback_index]
         J = per_example_jacobians(module, fallback, inputs) if fallback else None
         return st.jacobian_covariance(c, d, rows, J, f.shape)
