@@ -7,8 +7,10 @@ Fisher) of the summed negative log-likelihood, in one of the structures ``"full"
 a chosen subset. The prior precision :math:`\delta` is a damping applied at call time, so the
 log marginal likelihood and its optimum (:meth:`Laplace.optimize_prior_precision`, by
 MacKay's fixed point or by gradient) cost no refit. Predictives: the linearised network
-with the probit or Laplace-bridge link or by sampling, the network itself by sampling.
-:class:`OnlinePrior` tunes the prior during training. :mod:`second.laplace.metrics`
+with the (centred) probit or Laplace-bridge link or by sampling, the network itself by
+sampling. :class:`OnlinePrior` tunes the prior during training; the defaults (last layer,
+full GGN, centred probit) with the prior of such a training are the configuration that
+``docs/laplace.md`` recommends. :mod:`second.laplace.metrics`
 scores calibration (NLL, ECE, Brier). ``docs/laplace.md`` says which configuration to use.
 """
 
