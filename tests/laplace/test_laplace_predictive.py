@@ -109,6 +109,22 @@ def test_kronecker_glm_covariance_is_j_sigma_jt(kind, structure, subset, per_gro
     assert torch.allclose(cov, ref, rtol=EXACT, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tokens"])
+def test_kronecker_covariance_in_small_chunks(kind, monkeypatch):
+    """A budget of a few floats: one example per chunk and per layer block, the same result."""
+    import second.laplace._predictive as predictive
+
+    model = _model(kind)
+    X = _inputs(kind, 20, 1)
+    y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(2))
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), subset="all", structure="kfac")
+    Xt = _inputs(kind, 5, 3)
+    _, expected = la.functional_covariance(Xt)
+    monkeypatch.setattr(predictive, "_JACOBIAN_BUDGET", 8)
+    _, cov = la.functional_covariance(Xt)
+    assert torch.allclose(cov, expected, rtol=EXACT, atol=1e-14)
+
+
 def test_centered_probit_ignores_the_logits_common_mode():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(4, 3, dtype=torch.float64, generator=g)

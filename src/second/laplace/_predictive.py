@@ -188,7 +188,7 @@ class Predictive:
             )
         fallback = [st.layout.params[i] for i in st.layout.fallback_index]
         J = per_example_jacobians(module, fallback, inputs) if fallback else None
-        return st.jacobian_covariance(c, d, rows, J, f.shape)
+        return st.jacobian_covariance(c, d, rows, J, f.shape, _JACOBIAN_BUDGET)
 
     def _nn_outputs(self, X: Tensor, n_samples: int, generator) -> Tensor:
         """Outputs of the network at parameter samples, ``[S, n, C]``."""

@@ -328,12 +328,12 @@ class KronStructure(_Structure):
         return default and a.shape[1] == 1 and self.blocks[j].QA is not None
 
     def jacobian_width(self) -> int:
-        """Floats per example and output that :meth:`jacobian_covariance` holds at most."""
+        """Floats per example and output that :meth:`jacobian_covariance` holds at once."""
         layers = self.layout.layers
         fallback = sum(self.layout.params[i].numel() for i in self.layout.fallback_index)
-        return max([layer.d_G * layer.d_A for layer in layers] + [1]) + fallback
+        return max([layer.d_G + layer.d_A for layer in layers] + [1]) + fallback
 
-    def jacobian_covariance(self, c, delta, rows, fallback_jacobian, shape) -> Tensor:
+    def jacobian_covariance(self, c, delta, rows, fallback_jacobian, shape, budget) -> Tensor:
         r""":math:`J \Lambda^{-1} J^\top` ``[n, C, C]`` from the Jacobians' factors.
 
         ``rows[j]``: the calls of layer ``j`` as ``(a [n, T, d_A], g [C, n, T, d_G])``, the
@@ -342,9 +342,9 @@ class KronStructure(_Structure):
         calls). With one position and one call it is rank one, so its rotation is
         :math:`u_k w^\top` with :math:`u_k = Q_G^\top g_k`, :math:`w = Q_A^\top a`, and
         :math:`\sum_{ij} u_{ki} u_{li} w_j^2 / (c s_{ij} + \delta)`: no per-example
-        Jacobian is formed. Otherwise the per-example matrices are formed layer by layer.
-        ``fallback_jacobian``: ``[n, C, p]`` columns of the fallback parameters (or ``None``);
-        ``shape``: ``(n, C)``.
+        Jacobian is formed. Otherwise the per-example matrices are formed layer by layer,
+        ``budget`` floats at a time. ``fallback_jacobian``: ``[n, C, p]`` columns of the
+        fallback parameters (or ``None``); ``shape``: ``(n, C)``.
         """
         out, diag = self._spectra(c, delta)
         n, C = shape
@@ -352,7 +352,7 @@ class KronStructure(_Structure):
         for j, calls in enumerate(rows):
             if not calls:
                 continue
-            b, inv = self.blocks[j], 1.0 / out[j]
+            b, inv, layer = self.blocks[j], 1.0 / out[j], self.layout.layers[j]
             a = torch.cat([r[0] for r in calls], dim=1)
             a = a.to(self.dtype) if a.is_floating_point() else a  # an embedding's indices
             g = torch.cat([r[1] for r in calls], dim=2).to(self.dtype)
@@ -361,9 +361,11 @@ class KronStructure(_Structure):
                 w = a[:, 0] @ b.QA  # [n, d_A]
                 z = (w * w) @ inv.T  # [n, d_G]
                 cov += torch.einsum("kni,lni->nkl", u * z, u)
-            else:
-                R = b.rotate(self.layout.layers[j].per_example_mats(a, g))  # [C, n, d_G, d_A]
-                cov += torch.einsum("knga,lnga->nkl", R * inv, R)
+                continue
+            step = max(1, budget // (C * layer.d_G * layer.d_A))
+            for s in range(0, n, step):
+                R = b.rotate(layer.per_example_mats(a[s : s + step], g[:, s : s + step]))
+                cov[s : s + step] += torch.einsum("knga,lnga->nkl", R * inv, R)
         if fallback_jacobian is not None:
             J = fallback_jacobian.to(self.dtype)
             d = torch.cat([1.0 / s.reshape(-1) for s in diag])
