@@ -265,10 +265,10 @@ def test_distributed_requested_without_a_process_group():
 
 def test_mc_fisher_needs_a_likelihood():
     model, X, y, *_ = _setup()
-    op = FisherOperator(model, lambda o, t: ((o - t) ** 2).mean(), (X, y), kind="mc")
+    op = FisherOperator(model, lambda o, t: ((o - t) ** 2).mean(), (X, y), fisher="mc")
     with pytest.raises(NotImplementedError, match="likelihood"):
         op @ torch.ones(N_PARAMS)
     weighted = nn.BCEWithLogitsLoss(pos_weight=torch.ones(2))
-    op = FisherOperator(model, weighted, (X, (y > 0).float()), kind="mc")
+    op = FisherOperator(model, weighted, (X, (y > 0).float()), fisher="mc")
     with pytest.raises(NotImplementedError, match="weighted"):
         op @ torch.ones(N_PARAMS)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import warnings
 
 import pytest
 import torch
 
 import second
+from second._errors import SecondDeprecationWarning
 
 MODULES = sorted(
     info.name
@@ -42,7 +44,9 @@ def _examples(module) -> list[doctest.DocTest]:
 def _importable(name: str):
     """The module, or ``None`` when it needs an optional dependency that is not installed."""
     try:
-        return importlib.import_module(name)
+        with warnings.catch_warnings():  # a deprecated module (second.approximations) on purpose
+            warnings.simplefilter("ignore", SecondDeprecationWarning)
+            return importlib.import_module(name)
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] == "second":
             raise

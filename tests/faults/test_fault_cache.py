@@ -20,7 +20,7 @@ from second.influence import _cache
 
 REG = 0.1
 EXACT = dict(rtol=0, atol=0)  # a resumed or recomputed block is the same computation
-KW = dict(curvature="ggn", regularization=REG, batch_size=4, progressbar=False)
+KW = dict(curvature="ggn", damping=REG, batch_size=4, progressbar=False)
 
 
 def mlp(act=nn.Tanh, seed=0):

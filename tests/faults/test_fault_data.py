@@ -51,7 +51,7 @@ TRAIN, TEST = data(16), data(3, seed=2)
 
 
 def influence(train, curvature="ggn", method="dense", **kw):
-    kw = {"regularization": REG, "damping": 1.0 if curvature == "hessian" else 0.0, **kw}
+    kw = {"damping": REG + (1.0 if curvature == "hessian" else 0.0), **kw}
     return Influence(
         mlp(),
         nn.CrossEntropyLoss(),
@@ -173,14 +173,14 @@ def test_sequence_targets_with_some_ignored_positions_are_not_warned_about():
     y[0, 1] = -100
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        Influence(model, nn.CrossEntropyLoss(), (X, y), regularization=REG, progressbar=False)
+        Influence(model, nn.CrossEntropyLoss(), (X, y), damping=REG, progressbar=False)
 
 
 # ---------------------------------------------------------------------------- generators
 @pytest.mark.parametrize(
     "make",
     [
-        lambda g: FisherOperator(mlp(), nn.CrossEntropyLoss(), TRAIN, kind="mc", generator=g),
+        lambda g: FisherOperator(mlp(), nn.CrossEntropyLoss(), TRAIN, fisher="mc", generator=g),
         lambda g: KFACOperator(mlp(), nn.CrossEntropyLoss(), TRAIN, fisher="mc", generator=g),
         lambda g: EKFACOperator(mlp(), nn.CrossEntropyLoss(), TRAIN, fisher="mc", generator=g),
     ],
@@ -204,7 +204,7 @@ def test_the_generator_state_seeds_the_samples():
             mlp(),
             nn.CrossEntropyLoss(),
             TRAIN,
-            kind="mc",
+            fisher="mc",
             generator=torch.Generator().manual_seed(seed),
         ).to_dense()
 

@@ -48,7 +48,7 @@ WORKER = textwrap.dedent(
         return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
     train, test = data(12, 1), data(2, 2)
-    kw = dict(curvature="ggn", method="dense", regularization=0.1, batch_size=4, progressbar=False)
+    kw = dict(curvature="ggn", method="dense", damping=0.1, batch_size=4, progressbar=False)
     seen = {}
 
     def attempt(name, fn):
@@ -150,7 +150,7 @@ def test_the_ranks_stay_in_step_after_the_failures(outcomes):
         data(12, 1),
         curvature="ggn",
         method="dense",
-        regularization=0.1,
+        damping=0.1,
         batch_size=4,
         progressbar=False,
         distributed=False,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from newton_cases import contract
 from second import ConvergenceWarning, NonFiniteError
 from second.optim import KFAC, GaussNewton, HessianFree, LiSSA, NewtonCG
 
@@ -44,33 +45,21 @@ def unchanged(model, before):
     return all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def setup(cls):
-    """An optimizer on a least-squares problem and ``step(X, y)`` in its closure convention."""
-    model = linear()
-    mse = nn.MSELoss()
+def make(cls, model, **kw):
+    """``cls`` on ``model``: KFAC and the Gauss-Newton-type optimizers take the model."""
     if cls is KFAC:
-        opt = KFAC(model, mse, damping=1e-2)
+        return KFAC(model, nn.MSELoss(), **kw)
+    return cls(model if cls in (GaussNewton, HessianFree) else model.parameters(), **kw)
 
-        def step(X, y):
-            def closure():
-                opt.zero_grad()
-                loss = mse(model(X), y)
-                loss.backward()
-                return loss
 
-            return opt.step(closure)
-
-        return model, opt, step
-    opt = {LiSSA: lambda p: LiSSA(p, depth=50, damping=1e-3)}.get(cls, cls)(model.parameters())
+def setup(cls):
+    """An optimizer on a least-squares problem and ``step(X, y)`` with torch.optim's closure."""
+    model = linear()
+    kw = {KFAC: dict(damping=1e-2), LiSSA: dict(depth=50, damping=1e-3)}.get(cls, {})
+    opt = make(cls, model, **kw)
 
     def step(X, y):
-        def pair():
-            out = model(X)
-            return mse(out, y), out
-
-        if cls in (GaussNewton, HessianFree):
-            return opt.step(pair)
-        return opt.step(lambda: pair()[0])
+        return opt.step(contract(opt, lambda: nn.functional.mse_loss(model(X), y)))
 
     return model, opt, step
 
@@ -166,26 +155,26 @@ def test_kfac_keeps_training_after_a_bad_batch(fisher, fault):
 
 
 # ---------------------------------------------------------------------------- trial points
-def _exp_problem():
-    """exp(w x) fit to 1e4 from w = 0: the first Newton/LM step lands near w = 1e4, where exp overflows."""
-    X = torch.ones(4, 1, dtype=DT)
-    y = torch.full((4, 1), 1e4, dtype=DT)
-    w = torch.zeros(1, dtype=DT, requires_grad=True)
+class _Exp(nn.Module):
+    """exp(w x) from w = 0."""
 
-    def pair():
-        out = torch.exp(w * X)
-        return 0.5 * ((out - y) ** 2).mean(), out
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, dtype=DT))
 
-    return w, pair
+    def forward(self, X):
+        return torch.exp(self.w * X)
 
 
 @pytest.mark.parametrize("cls", [NewtonCG, GaussNewton, HessianFree], ids=lambda c: c.__name__)
 def test_an_overflowing_trial_point_is_rejected_and_the_parameters_restored(cls):
-    w, pair = _exp_problem()
-    if cls is NewtonCG:
-        opt, closure = NewtonCG([w], initial_radius=1e4), lambda: pair()[0]
-    else:
-        opt, closure = cls([w], damping=1e-8), pair
+    """exp(w x) fit to 1e4 from w = 0: the first Newton/LM step lands near w = 1e4, where exp overflows."""
+    X, y = torch.ones(4, 1, dtype=DT), torch.full((4, 1), 1e4, dtype=DT)
+    model = _Exp()
+    w = model.w
+    kw = dict(initial_radius=1e4) if cls is NewtonCG else dict(damping=1e-8)
+    opt = make(cls, model, **kw)
+    closure = contract(opt, lambda: 0.5 * ((model(X) - y) ** 2).mean())
     opt.step(closure)
     st = opt.state[w]
     assert float(w.detach()) == 0.0 and st["n_rejected"] == 1
@@ -205,7 +194,7 @@ def test_lissa_refuses_a_diverging_recursion():
     opt = LiSSA([w], scale=10.0, depth=50)
     for k in range(1, 3):
         with pytest.warns(ConvergenceWarning, match="recursion diverged"):
-            opt.step(lambda: 0.5 * w @ A @ w)
+            opt.step(contract(opt, lambda: 0.5 * w @ A @ w))
         assert torch.equal(w.detach(), torch.ones(2, dtype=DT))
         st = opt.state[w]
         assert st["n_rejected"] == k and st["n_diverged"] == k and st["n_iter"] == 0
@@ -222,7 +211,10 @@ def test_lissa_refuses_exploding_steps_from_tiny_curvature_batches():
         warnings.simplefilter("always", ConvergenceWarning)
         for _ in range(10):
             i = torch.randint(0, 256, (4,), generator=g)
-            opt.step(lambda: ((X @ w - y) ** 2).mean(), lambda i=i: ((X[i] @ w - y[i]) ** 2).mean())
+            opt.step(
+                contract(opt, lambda: ((X @ w - y) ** 2).mean()),
+                contract(opt, lambda i=i: ((X[i] @ w - y[i]) ** 2).mean()),
+            )
             assert bool(torch.isfinite(w).all())
     st = opt.state[w]
     refusals = [c for c in caught if issubclass(c.category, ConvergenceWarning)]
@@ -239,23 +231,8 @@ def _two_layer(a, b):
 def _trained(cls, model):
     X = torch.randn(16, model[0].in_features, dtype=DT)
     y = torch.randn(16, 1, dtype=DT)
-    mse = nn.MSELoss()
-    if cls is KFAC:
-        opt = KFAC(model, mse)
-
-        def closure():
-            opt.zero_grad()
-            loss = mse(model(X), y)
-            loss.backward()
-            return loss
-    else:
-        opt = cls(model.parameters(), **({"damping": 1.0} if cls is LiSSA else {}))
-
-        def closure():
-            out = model(X)
-            loss = mse(out, y)
-            return (loss, out) if cls in (GaussNewton, HessianFree) else loss
-
+    opt = make(cls, model, **({"damping": 1.0} if cls is LiSSA else {}))
+    closure = contract(opt, lambda: nn.functional.mse_loss(model(X), y))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         opt.step(closure)
@@ -263,7 +240,7 @@ def _trained(cls, model):
 
 
 def _fresh(cls, model):
-    return KFAC(model, nn.MSELoss()) if cls is KFAC else cls(model.parameters())
+    return make(cls, model)
 
 
 # a state dict saved before the shapes were recorded is checked through the tensors it holds
@@ -293,7 +270,7 @@ def test_another_models_state_is_refused(cls, legacy):
 def test_a_state_for_another_number_of_parameters_is_refused(cls):
     src, _ = _trained(cls, _two_layer(4, 8))
     model = nn.Sequential(nn.Linear(4, 1, bias=False)).to(DT)
-    target = KFAC(model, nn.MSELoss()) if cls is KFAC else cls(model.parameters())
+    target = make(cls, model)
     with pytest.raises(ValueError, match="saved for 4 parameter tensors, this optimizer has 1"):
         target.load_state_dict(src.state_dict())
 

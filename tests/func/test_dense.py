@@ -103,7 +103,7 @@ def test_mc_fisher_tends_to_ggn(loss_name):
             model64,
             loss_fn,
             (X64, y64),
-            kind="mc",
+            fisher="mc",
             mc_samples=samples,
             generator=torch.Generator().manual_seed(123),
         ).to_dense()
@@ -124,7 +124,7 @@ def test_mc_fisher_sum_reduction_scale():
             model64,
             make_loss("ce", red),
             (X64, y64),
-            kind="mc",
+            fisher="mc",
             mc_samples=3,
             generator=torch.Generator().manual_seed(5),
         ).to_dense()
@@ -135,7 +135,7 @@ def test_mc_fisher_sum_reduction_scale():
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_empirical_fisher_operator(case, dtype):
     model64, X64, y64, loss_fn, model, X, y = _problem(*case, dtype)
-    op = FisherOperator(model, loss_fn, (X, y), kind="empirical")
+    op = FisherOperator(model, loss_fn, (X, y), fisher="empirical")
     expected = ref_empirical_fisher(model64, loss_fn, X64, y64, case[2])
     assert_close(op.to_dense(), expected, PRODUCT_TOL[dtype])
     # and the per-example-gradient formula, spelled out
@@ -174,13 +174,13 @@ def test_spatial_cross_entropy(reduction):
     G = ref_ggn(model, loss_fn, X, y)
     tol = PRODUCT_TOL[torch.float64]
     assert_close(GGNOperator(model, loss_fn, (X, y)).to_dense(), G, tol)
-    ef = FisherOperator(model, loss_fn, (X, y), kind="empirical").to_dense()
+    ef = FisherOperator(model, loss_fn, (X, y), fisher="empirical").to_dense()
     assert_close(ef, ref_empirical_fisher(model, loss_fn, X, y, reduction), tol)
     mc = FisherOperator(
         model,
         loss_fn,
         (X, y),
-        kind="mc",
+        fisher="mc",
         mc_samples=MC_SAMPLES_MANY,
         generator=torch.Generator().manual_seed(0),
     ).to_dense()

@@ -43,7 +43,7 @@ KINDS = {
     "ggn": (GGNOperator, {}, lambda m, lf, X, y, red: ref_ggn(m, lf, X, y)),
     "ef": (
         FisherOperator,
-        {"kind": "empirical"},
+        {"fisher": "empirical"},
         lambda m, lf, X, y, red: ref_empirical_fisher(m, lf, X, y, red),
     ),
 }
@@ -329,7 +329,7 @@ def test_mc_fisher_operator_is_a_fixed_psd_matrix(loss_name):
     model64, X, y, loss_fn, *_ = _problem("mlp_sigmoid", loss_name, "mean", torch.float64)
     n = sum(p.numel() for p in model64.parameters())
     ops = [
-        FisherOperator(model64, loss_fn, data, kind="mc", mc_samples=samples, columns=columns)
+        FisherOperator(model64, loss_fn, data, fisher="mc", mc_samples=samples, columns=columns)
         for data in ((X, y), _split(X, y, SPLIT))
         # 2 samples of 3 outputs: per-sample scores; 50: their summed outer products
         for samples, columns in ((2, "loop"), (2, "vmap"), (50, "loop"), (50, "vmap"))
@@ -346,10 +346,10 @@ def test_mc_fisher_operator_is_a_fixed_psd_matrix(loss_name):
     # the loop and vmap paths use the same samples
     assert_close(ops[0].to_dense(), ops[1].to_dense(), PRODUCT_TOL[torch.float64])
     assert_close(ops[2].to_dense(), ops[3].to_dense(), PRODUCT_TOL[torch.float64])
-    with pytest.raises(ValueError, match="kind"):
-        FisherOperator(model64, loss_fn, (X, y), kind="true")
+    with pytest.raises(ValueError, match="fisher"):
+        FisherOperator(model64, loss_fn, (X, y), fisher="true")
     with pytest.raises(ValueError, match="mc_samples"):
-        FisherOperator(model64, loss_fn, (X, y), kind="mc", mc_samples=0)
+        FisherOperator(model64, loss_fn, (X, y), fisher="mc", mc_samples=0)
 
 
 def test_tuple_inputs_and_repr():

@@ -23,7 +23,7 @@ KINDS = {
     "ggn": (GGNOperator, {}, lambda m, lf, X, y, red: ref_ggn(m, lf, X, y)),
     "ef": (
         FisherOperator,
-        {"kind": "empirical"},
+        {"fisher": "empirical"},
         lambda m, lf, X, y, red: ref_empirical_fisher(m, lf, X, y, red),
     ),
 }
