@@ -102,7 +102,7 @@ def approximation_table() -> str:
     return "\n".join(summary) + "\n\n" + "\n".join(detail)
 
 
-def compare(models, epochs, lm_steps, only=None) -> str:
+def compare(models, epochs, lm_steps, only=None, seeds=(0,)) -> str:
     variants = {
         "KFAC expand (default)": (lambda m, f: second.optim.KFAC(m, f), None),
         "KFAC reduce": (lambda m, f: second.optim.KFAC(m, f, weight_sharing="reduce"), None),
@@ -115,25 +115,31 @@ def compare(models, epochs, lm_steps, only=None) -> str:
             "AdamW lr=0.01", (lambda m, f: torch.optim.AdamW(m.parameters(), lr=1e-2), None)
         )
     lines = [
-        "| model | variant | final (acc / val loss) | CPU s | median step cost vs AdamW | outcome |",
-        "|---|---|---|---|---|---|",
+        "| model | seed | variant | final (acc / val loss) | CPU s | median step cost vs AdamW "
+        "| outcome |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mname in models:
         kind = bench_zoo.MODELS[mname]["kind"]
         train, test = data_for(kind)
-        runs = {}
-        for vname, (make, ctx) in variants.items():
-            with ctx() if ctx else contextlib.nullcontext():
-                runs[vname] = bench_zoo.train(mname, vname, make, 0, epochs, lm_steps, train, test)
-        adam = statistics.median(runs["AdamW lr=0.01"].step_times)
-        for vname, r in runs.items():
-            outcome = r.error or ("non-finite" if r.nonfinite_at is not None else "ok")
-            cost = statistics.median(r.step_times) / adam if r.step_times else float("nan")
-            lines.append(
-                f"| {mname} | {vname} | {r.final:.4f} | {r.cpu[-1] if r.cpu else 0:.1f} | "
-                f"{cost:.2f}x | {outcome} {r.refused or ''} |"
-            )
-            print(lines[-1], flush=True)
+        for seed in seeds:
+            runs = {}
+            for vname, (make, ctx) in variants.items():
+                with ctx() if ctx else contextlib.nullcontext():
+                    runs[vname] = bench_zoo.train(
+                        mname, vname, make, seed, epochs, lm_steps, train, test
+                    )
+            adam = statistics.median(runs["AdamW lr=0.01"].step_times)
+            for vname, r in runs.items():
+                outcome = r.error or ("non-finite" if r.nonfinite_at is not None else "ok")
+                cost = statistics.median(r.step_times) / adam if r.step_times else float("nan")
+                target = "" if r.to_target is None else f", 97% at step {r.steps_to_target}"
+                lines.append(
+                    f"| {mname} | {seed} | {vname} | {r.final:.4f} | "
+                    f"{r.cpu[-1] if r.cpu else 0:.1f} | {cost:.2f}x | "
+                    f"{outcome}{target} {r.refused or ''} |"
+                )
+                print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -142,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--compare", nargs="*", default=[], choices=list(bench_zoo.MODELS))
     parser.add_argument("--variants", nargs="*", default=None, help="substrings of variant names")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lm-steps", type=int, default=400)
     args = parser.parse_args(argv)
@@ -149,7 +156,7 @@ def main(argv=None):
     if args.table or not args.compare:
         print(approximation_table())
     if args.compare:
-        print(compare(args.compare, args.epochs, args.lm_steps, args.variants))
+        print(compare(args.compare, args.epochs, args.lm_steps, args.variants, args.seeds))
 
 
 if __name__ == "__main__":

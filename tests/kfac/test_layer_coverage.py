@@ -283,6 +283,8 @@ def test_weight_sharing_per_layer():
         "1.weight": "kronecker-reduce",
         "1.bias": "kronecker-reduce",
     }
+    by_type = KFACOperator(model, nn.MSELoss(), (X, y), weight_sharing={nn.Linear: "reduce"})
+    assert set(by_type.approximations().values()) == {"kronecker-reduce"}
     with pytest.raises(ValueError, match="weight_sharing"):
         KFACOperator(model, nn.MSELoss(), (X, y), weight_sharing="sum")
 

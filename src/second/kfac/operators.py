@@ -148,7 +148,7 @@ class KFACOperator(CurvatureOperator):
             layers, which otherwise get their exact diagonal).
         weight_sharing: ``"expand"`` (default) or ``"reduce"`` for layers applied at
             several positions of an example (sequences, convolutions, attention), or
-            ``{module name pattern: mode}`` per layer (see :mod:`second.kfac.rules`).
+            ``{module name pattern or type: mode}`` per layer (see :mod:`second.kfac.rules`).
         generator: its state at construction seeds the MC targets and the Rademacher
             signs of the diagonal fallback (default: seed 0). The operator draws from a
             private copy, so ``generator`` itself is never advanced or reset.

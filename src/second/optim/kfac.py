@@ -143,7 +143,7 @@ class KFAC(torch.optim.Optimizer):
         fallback: ``"diagonal"`` (default) or ``"identity"``.
         weight_sharing: ``"expand"`` (default) or ``"reduce"`` for layers applied at several
             positions of an example (sequences, attention, convolutions), or
-            ``{module name pattern: mode}`` per layer (see :mod:`second.kfac.rules`);
+            ``{module name pattern or type: mode}`` per layer (see :mod:`second.kfac.rules`);
             :meth:`approximations` reports what each parameter got.
         distributed: all-reduce statistics (default: when a process group is initialized).
 
