@@ -198,3 +198,17 @@ def test_groups_are_checked():
         second.optim.KFAC(model, loss_fn, params=[{"params": ws}, {"params": ws[:1]}])
     with pytest.raises(ValueError, match="not a trainable parameter"):
         second.optim.KFAC(model, loss_fn, params=[{"params": [torch.zeros(2)]}])
+
+
+def test_mc_targets_follow_the_predictive_distribution():
+    """The MC Fisher's class targets (inverse-CDF sampling): frequencies match the softmax."""
+    from second._losses import sample_targets
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, -torch.inf], [0.0, 0.0, 0.0, 0.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    y = sample_targets(nn.CrossEntropyLoss(), logits, g)
+    for row in range(2):
+        freq = torch.bincount(y[row::2], minlength=4).double() / 20000
+        p = torch.softmax(logits[row].double(), 0)
+        torch.testing.assert_close(freq, p, rtol=0, atol=0.015)  # ~4 standard deviations
+    assert int((y[0::2] == 3).sum()) == 0  # probability 0: never drawn
