@@ -243,7 +243,7 @@ def comparison(args, model, loader, Xte, yte, lt):
 
     # the predictive: laplace-torch's needs ~15 GB on 540 points; fewer points if less is free
     free = available_gb()
-    n_pred = len(yte) if free >= 17 else 180
+    n_pred = len(yte) if free >= 17 or not lt else 180
     Xp = Xte[:n_pred]
     _, tp_s, cp_s, mem_s = repeat(lambda: kf_s.predict(Xp, link="probit"), args.runs)
     label = (
