@@ -36,14 +36,66 @@ CASES = {
 }
 
 
+class SequenceModel(nn.Module):
+    """A linear layer applied at every position, a strided dilated convolution, a shared head."""
+
+    def __init__(self, shared=False):
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1)
+        self.tok = nn.Linear(4, 5)
+        self.head = nn.Linear(5 + 3 * 2 * 2, 3)
+        self.shared = shared
+
+    def forward(self, x):  # x: [n, 2, 6, 6]
+        seq = x.reshape(x.shape[0], -1, 4)[:, :9]  # [n, 9 positions, 4]
+        h = torch.tanh(self.tok(seq)).mean(1)
+        if self.shared:  # the same layer twice: not one record per layer
+            h = torch.tanh(self.tok(seq[:, :3])).mean(1) + h
+        z = torch.tanh(self.c(x)).flatten(1)
+        return self.head(torch.cat([h, z], 1))
+
+
+@pytest.mark.parametrize("method", ["auto", "layers", "vmap"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_against_the_dense_ggn_over_several_batches(name):
+def test_against_the_dense_ggn_over_several_batches(name, method):
     loss_fn, targets = CASES[name]
     model = tiny()
     X, y = torch.randn(13, 4, dtype=torch.float64), targets(13)
     data = [(X[:6], y[:6]), (X[6:], y[6:])]
     dense = torch.diagonal(GGNOperator(model, loss_fn, data).to_dense())
-    torch.testing.assert_close(ggn_diagonal(model, loss_fn, data, chunk_size=4), dense, **DIAG_TOL)
+    d = ggn_diagonal(model, loss_fn, data, chunk_size=4, method=method)
+    torch.testing.assert_close(d, dense, **DIAG_TOL)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("method", ["auto", "layers", "vmap"])
+def test_sequences_strided_convolutions_and_shared_layers(method, shared):
+    torch.manual_seed(2)
+    model = SequenceModel(shared).double()
+    X, y = torch.randn(9, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]
+    loss_fn = nn.CrossEntropyLoss()
+    dense = torch.diagonal(GGNOperator(model, loss_fn, data).to_dense())
+    if shared and method == "layers":  # a layer that runs twice has no per-layer formula
+        with pytest.raises(ValueError, match="more than once"):
+            ggn_diagonal(model, loss_fn, data, method=method)
+        return
+    d = ggn_diagonal(model, loss_fn, data, method=method, chunk_size=2)
+    torch.testing.assert_close(d, dense, **DIAG_TOL)
+
+
+def test_layers_method_refuses_other_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="nn.Linear or nn.Conv2d"):
+        ggn_diagonal(model, nn.CrossEntropyLoss(), (X, y), method="layers")
+    dense = torch.diagonal(GGNOperator(model, nn.CrossEntropyLoss(), (X, y)).to_dense())
+    torch.testing.assert_close(
+        ggn_diagonal(model, nn.CrossEntropyLoss(), (X, y)), dense, **DIAG_TOL
+    )
+    with pytest.raises(ValueError, match="method must be"):
+        ggn_diagonal(model, nn.CrossEntropyLoss(), (X, y), method="backpack")
 
 
 def test_a_cnn_and_a_parameter_subset():
