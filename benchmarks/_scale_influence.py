@@ -98,13 +98,12 @@ def _second(stage: str, model, train, query, root: Path, fisher: str):
     return None
 
 
-def _kronfluence(stage: str, model, train, query, root: Path):
+def kronfluence_task():
+    """kronfluence's task for ``(x, y)`` batches and cross-entropy: labels sampled from the
+    model for the factors (its Monte-Carlo Fisher), the observed loss as the measurement."""
     import torch
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from torch import nn
-    from torch.utils.data import TensorDataset
 
     class Classification(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -119,7 +118,16 @@ def _kronfluence(stage: str, model, train, query, root: Path):
             x, y = batch
             return nn.functional.cross_entropy(model(x), y, reduction="sum")
 
-    task = Classification()
+    return Classification()
+
+
+def _kronfluence(stage: str, model, train, query, root: Path):
+    import torch
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from torch.utils.data import TensorDataset
+
+    task = kronfluence_task()
     model = prepare_model(model, task)
     an = Analyzer(
         analysis_name="scale",

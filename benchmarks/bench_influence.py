@@ -221,28 +221,15 @@ def kronfluence_ekfac(model, Xtr, ytr, test, lam, dense, idx, actual, log):
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.task import Task
     except ImportError as err:
         return {"kronfluence": f"not available: {err}"}
+    from _scale_influence import kronfluence_task
     from torch.utils.data import TensorDataset
-
-    class Clf(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-            return nn.functional.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y, reduction="sum")
 
     def run():
         net = nn.Sequential(nn.Linear(64, 10))  # kronfluence needs a wrapped layer
         net[0].load_state_dict(model.state_dict())
-        task = Clf()
+        task = kronfluence_task()
         net = prepare_model(net, task)
         with tempfile.TemporaryDirectory() as tmp:
             an = Analyzer(
