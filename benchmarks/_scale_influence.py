@@ -99,8 +99,11 @@ def _second(stage: str, model, train, query, root: Path, fisher: str):
 
 
 def kronfluence_task():
-    """kronfluence's task for ``(x, y)`` batches and cross-entropy: labels sampled from the
-    model for the factors (its Monte-Carlo Fisher), the observed loss as the measurement."""
+    """kronfluence's task for ``(x, y)`` batches and cross-entropy.
+
+    Labels sampled from the model for the factors (its Monte-Carlo Fisher), the observed
+    loss as the measurement.
+    """
     import torch
     from kronfluence.task import Task
     from torch import nn
@@ -186,7 +189,8 @@ def worker(lib: str, stage: str, size: str, root: Path, fisher: str) -> dict:
     return {
         "cpu_s": round(cpu, 2),
         "wall_s": round(wall, 2),
-        "peak_mb": round((peak - before) / 2**20, 1),
+        "peak_mb": round((peak - before) / 2**20, 1),  # the stage's increase
+        "peak_abs_mb": round(peak / 2**20, 1),  # the whole process, torch included
     }
 
 
