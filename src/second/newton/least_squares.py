@@ -255,14 +255,12 @@ def gauss_newton(
                 radius = res.radius
             if res.accepted:
                 break
-            if damping_rule == "more" and radius <= criteria.xtol * (1 + xnorms[-1]):
-                reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
-                break
             if damping_rule == "nielsen" and lam >= max_damping:
                 reason, extra = "stalled", "stalled: damping reached max_damping"
                 break
-            if it >= criteria.maxiter:
-                reason = "maxiter"
+            stop = criteria.rejected(it, radius if damping_rule == "more" else None, xnorms[-1])
+            if stop is not None:
+                reason, extra = stop
                 break
         if reason is not None:
             break

@@ -337,11 +337,9 @@ def newton_cg(
                 radius = res.radius
                 if res.accepted:
                     break
-                if radius <= criteria.xtol * (1 + xnorms[-1]):
-                    reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
-                    break
-                if it >= criteria.maxiter:
-                    reason = "maxiter"
+                stop = criteria.rejected(it, radius, xnorms[-1])
+                if stop is not None:
+                    reason, extra = stop
                     break
             if reason is not None:
                 break

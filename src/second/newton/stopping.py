@@ -113,6 +113,22 @@ class Criteria:
             return "time"
         return None
 
+    def rejected(self, it: int, radius: float | None, xnorm: float) -> tuple[str, str] | None:
+        """After a rejected trial: ``(reason, message)`` to stop with, or ``None`` to retry.
+
+        A trust ``radius`` (``None``: none is kept) below ``xtol (1 + ||x||)`` has stalled;
+        ``it`` at ``maxiter`` ends the run.
+
+        Example:
+            >>> Criteria(gtol=1e-8, maxiter=5).rejected(2, 1e-20, 1.0)
+            ('stalled', 'stalled: trust radius 1.000e-20 below xtol')
+        """
+        if radius is not None and radius <= self.xtol * (1 + xnorm):
+            return "stalled", f"stalled: trust radius {radius:.3e} below xtol"
+        if it >= self.maxiter:
+            return "maxiter", ""
+        return None
+
 
 def diverging_iterates(
     xnorms: Sequence[float],
