@@ -74,6 +74,16 @@ from ..kfac import (
     watch_forward,
 )
 from ._base import PARAM_SHAPES, check_state_dict_params
+from ._kfac_checks import (
+    NONNEGATIVE_LOSSES,
+    OVERRATE,
+    check_positive,
+    clamp_damping,
+    first_nonfinite,
+    flat,
+    parameter_groups,
+    refusal,
+)
 from ._kfac_quadratic import (
     chain_jvp,
     generic_jvp,
@@ -89,14 +99,6 @@ COUNTERS = ("n_skipped_steps", "n_refused_steps")
 SAFE_KL_CLIP = 1e-3
 """KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
 _MISSING = object()
-OVERRATE = 2.0
-"""A quadratic model predicting a decrease of more than ``OVERRATE`` times a nonnegative loss is refused.
-
-(1: the physical bound, which refused 21 of the digits CNN's 55 steps and cost 4 points of
-accuracy; 10 let the character transformer reach a loss of 600 first; 2 keeps both.)
-"""
-NONNEGATIVE_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
-"""Losses bounded below by 0: a quadratic model predicting a larger decrease than the loss is refused."""
 
 
 class KFAC(torch.optim.Optimizer):
@@ -195,18 +197,18 @@ class KFAC(torch.optim.Optimizer):
         distributed: bool | None = None,
         weight_sharing: WeightSharing = "expand",
     ):
-        _check_positive("damping", damping, strict=True)
-        _check_positive("min_damping", min_damping, strict=True)
-        _check_positive("max_damping", max_damping, strict=True)
+        check_positive("damping", damping, strict=True)
+        check_positive("min_damping", min_damping, strict=True)
+        check_positive("max_damping", max_damping, strict=True)
         if not min_damping <= damping <= max_damping:
             raise ValueError(
                 f"need min_damping <= damping <= max_damping, got {min_damping}, {damping}, {max_damping}"
             )
         if lr is not None:
-            _check_positive("lr", lr, strict=True)
+            check_positive("lr", lr, strict=True)
         if momentum is not None and not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        _check_positive("weight_decay", weight_decay)
+        check_positive("weight_decay", weight_decay)
         if not 0.0 <= factor_decay < 1.0:
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
         if not 0.0 < damping_adaptation_decay < 1.0:
@@ -222,9 +224,9 @@ class KFAC(torch.optim.Optimizer):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
         if kl_clip is not None:
-            _check_positive("kl_clip", kl_clip, strict=True)
+            check_positive("kl_clip", kl_clip, strict=True)
         if max_update_norm is not None:
-            _check_positive("max_update_norm", max_update_norm, strict=True)
+            check_positive("max_update_norm", max_update_norm, strict=True)
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
         if fallback not in FALLBACKS:
@@ -234,7 +236,7 @@ class KFAC(torch.optim.Optimizer):
         params_list = [p for p in inner.parameters() if p.requires_grad]
         if not params_list:
             raise ValueError("the model has no parameters that require grad")
-        groups = _groups(params_list, params)
+        groups = parameter_groups(params_list, params)
         defaults = dict(
             lr=1.0 if lr is None else lr,
             adaptive=lr is None,
@@ -406,8 +408,8 @@ class KFAC(torch.optim.Optimizer):
             )
         lr = param_group.get("lr")
         if lr is not None:
-            _check_positive("lr", lr, strict=True)
-        _check_positive("weight_decay", param_group.get("weight_decay", 0.0))
+            check_positive("lr", lr, strict=True)
+        check_positive("weight_decay", param_group.get("weight_decay", 0.0))
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------ state helpers
@@ -531,7 +533,7 @@ class KFAC(torch.optim.Optimizer):
                 "groups alike; per-group learning rates need the fixed mode, KFAC(..., lr=...))"
             )
         s = lrs.pop()
-        _check_positive("lr", s, strict=True)
+        check_positive("lr", s, strict=True)
         return float(s)
 
     def _fixed_step(
@@ -575,7 +577,7 @@ class KFAC(torch.optim.Optimizer):
         prev = [self.state[p].get("delta") for p in params]
         if any(d is None for d in prev):
             return None
-        return _flat(prev)
+        return flat(prev)
 
     def _quadratic_terms(self, V: Tensor) -> Tensor:
         r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN for the rows of ``V [k, n]``.
@@ -660,7 +662,7 @@ class KFAC(torch.optim.Optimizer):
                 grads = list(torch._foreach_add(grads, params, alpha=etas[0]))
         else:
             grads = [g.add(p, alpha=e) if e else g for g, p, e in zip(grads, params, etas)]
-        gflat = _flat(grads)
+        gflat = flat(grads)
         new = None
         if pending is not None:
             if self.fisher == "empirical":
@@ -668,7 +670,7 @@ class KFAC(torch.optim.Optimizer):
             new = self._new_factors(pending, group)
         # one reduction and one synchronization for the gradient and all new statistics
         stats = [t for _, _, t in new] if new is not None else []
-        bad = _nonfinite([gflat, *stats])
+        bad = first_nonfinite([gflat, *stats])
         if bad is not None:
             return self._skip("gradient" if bad == 0 else "curvature statistic", group, loss)
         snapshot = self._snapshot(group)
@@ -703,7 +705,7 @@ class KFAC(torch.optim.Optimizer):
             # a loss bounded below by 0 cannot fall by more than its value in one step (with a
             # margin for the model's noise: OVERRATE)
             floor = -float(loss) * OVERRATE if loss is not None and self._nonnegative else -math.inf
-            reason = _refusal(alpha, mu, pred, floor)
+            reason = refusal(alpha, mu, pred, floor)
             if reason is not None:
                 group["n_refused_steps"] += 1
                 info["refused"] = reason
@@ -711,7 +713,7 @@ class KFAC(torch.optim.Optimizer):
                     group["damping"] = self._raised_damping(group)
                 # first the model's step along Delta alone (no momentum) ...
                 alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, 0.0)
-                if _refusal(alpha, mu, pred, floor) is None:
+                if refusal(alpha, mu, pred, floor) is None:
                     replacement = "the quadratic model's step without momentum"
                 else:
                     # ... else the KL-clipped natural-gradient step, and more damping
@@ -805,7 +807,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _raised_damping(self, group: dict) -> float:
         omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
-        return _clamp(group["damping"] / omega, group)
+        return clamp_damping(group["damping"] / omega, group)
 
     def _skip(self, what: str, group: dict, loss: Tensor | None) -> Tensor | None:
         """Refuse a step with a non-finite ``what``: nothing committed, damping raised."""
@@ -873,7 +875,7 @@ class KFAC(torch.optim.Optimizer):
             lam = lam / omega
         elif rho > 0.75:
             lam = lam * omega
-        group["damping"] = _clamp(lam, group)
+        group["damping"] = clamp_damping(lam, group)
         info["rho"] = rho
         return True
 
@@ -905,86 +907,3 @@ class KFAC(torch.optim.Optimizer):
             for k, v in list(st.items()):
                 if isinstance(v, Tensor) and isinstance(p, Tensor):
                     st[k] = v.to(device=p.device, dtype=p.dtype)
-
-
-def _groups(model_params: list[Tensor], groups: Iterable[dict] | None) -> list[dict]:
-    """Parameter groups over the model's trainable parameters; the unlisted ones form a last group.
-
-    Raises:
-        ValueError: a group that is not a dict with ``"params"``, or a parameter that is not
-            a trainable parameter of the model or that is listed twice.
-    """
-    if groups is None:
-        return [{"params": model_params}]
-    own = {id(p) for p in model_params}
-    seen: set[int] = set()
-    out = []
-    for g in groups:
-        if not isinstance(g, dict) or "params" not in g:
-            raise ValueError("KFAC's params= takes parameter groups: dicts with a 'params' entry")
-        ps = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
-        for p in ps:
-            if id(p) not in own:
-                raise ValueError(
-                    "a parameter group holds a tensor that is not a trainable "
-                    "parameter of the model"
-                )
-            if id(p) in seen:
-                raise ValueError("a parameter appears in more than one parameter group")
-            seen.add(id(p))
-        out.append({**g, "params": ps})
-    rest = [p for p in model_params if id(p) not in seen]
-    if rest:
-        out.append({"params": rest})
-    return out
-
-
-def _refusal(alpha: float, mu: float, pred: float, floor: float = -math.inf) -> str | None:
-    """Why the quadratic model's ``(alpha, mu)`` and predicted change are refused, or ``None``.
-
-    ``floor``: the lowest plausible change (``-OVERRATE`` times a loss bounded below by 0).
-    """
-    if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(pred)):
-        return f"a non-finite step (learning rate {alpha:.3g}, momentum {mu:.3g})"
-    if alpha <= 0.0:
-        return f"a non-positive learning rate {alpha:.3g}"
-    if not 0.0 <= mu < 1.0:
-        return f"a momentum {mu:.3g} outside [0, 1)"
-    if pred >= 0.0:
-        return f"a step that does not reduce the model (predicted change {pred:.3g})"
-    if pred < floor:
-        return f"a decrease {-pred:.3g} larger than the loss {-floor:.3g} (a model that overrates its step)"
-    return None
-
-
-def _clamp(lam: float, group: dict) -> float:
-    """``lam`` within ``[min_damping, max_damping]`` (a non-finite value: the upper bound)."""
-    if not math.isfinite(lam):
-        return float(group["max_damping"])
-    return float(min(max(lam, group["min_damping"]), group["max_damping"]))
-
-
-def _nonfinite(ts: list[Tensor]) -> int | None:
-    """The index of the first tensor with a NaN or Inf entry (or whose norm overflows), or ``None``.
-
-    One fused norm per tensor and one synchronization; an order of magnitude cheaper than
-    ``isfinite(t).all()`` on a large factor.
-    """
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(ts)))
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0, 0])
-
-
-def _flat(ts: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _check_positive(name: str, value: float, strict: bool = False) -> None:
-    ok = (
-        isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (value > 0 if strict else value >= 0)
-    )
-    if not ok:
-        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'} and finite, got {value!r}")
