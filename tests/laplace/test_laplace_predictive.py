@@ -152,3 +152,31 @@ def test_default_link_is_the_objects():
     assert torch.equal(la.predict(Xt), la.predict(Xt, link="bridge"))
     with pytest.raises(ValueError, match="link must be one of"):
         Laplace(model, nn.CrossEntropyLoss(), None, link="logit")
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("frozen", [None, "bias", "weight"])
+def test_last_layer_ggn_in_closed_form_is_the_dense_ggn(likelihood, frozen):
+    """The last layer's GGN from its features, with either parameter frozen, in batches."""
+    from second import exact_ggn
+
+    model = _model("mlp")
+    if frozen is not None:
+        getattr(model[2], frozen).requires_grad_(False)
+    X = _inputs("mlp", 25, 1)
+    if likelihood == "classification":
+        y = torch.randint(0, 3, (25,), generator=torch.Generator().manual_seed(2))
+        loss_fn, summed = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
+        scale = 1.0
+    else:
+        y = torch.randn(25, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        loss_fn, summed = nn.MSELoss(), nn.MSELoss(reduction="sum")
+        scale = 0.5  # the Gaussian NLL is half the squared error
+    batches = [(X[:10], y[:10]), (X[10:], y[10:])]
+    la = Laplace(model, loss_fn, batches)
+    params = [p for p in model[2].parameters() if p.requires_grad]
+    out = model(X)
+    ref = scale * exact_ggn(summed(out, y), out, params)
+    assert torch.allclose(la._structure.H, ref, rtol=EXACT, atol=1e-12)
+    H = la._last_layer_ggn(la._inputs(X)[1], y, chunk=7)  # several chunks
+    assert torch.allclose(scale * H, ref, rtol=EXACT, atol=1e-12)

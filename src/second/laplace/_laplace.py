@@ -381,7 +381,9 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         gi = self._group_index
         name = self.structure_name
         if name == "full":
-            H = self._operator(module, fdata, params).to_dense()
+            H = self._last_layer_ggn(*fdata) if self._last is not None else None
+            if H is None:
+                H = self._operator(module, fdata, params).to_dense()
             self._structure = FullStructure(s * H.detach(), gi)
         elif name == "diag":
             self._structure = DiagStructure(s * self._diagonal(module, fdata, params), gi)
@@ -396,6 +398,44 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
             self._structure = self._kron(module, fdata, s)
         self.mean = parameters_to_vector([p.detach() for p in params]).clone()
         return self
+
+    def _last_layer_ggn(self, phi: Tensor, y: Tensor, chunk: int = 4096) -> Tensor | None:
+        r"""The last ``nn.Linear``'s GGN in closed form, or ``None`` where it does not apply.
+
+        With features :math:`\tilde\phi_i = (\phi_i, 1)` and the loss's output Hessian
+        :math:`\Lambda_i` (:math:`\mathrm{diag}(p_i) - p_i p_i^\top` for the summed
+        cross-entropy, :math:`2I` for the summed squared error), the block of output rows
+        :math:`(c, c')` of :math:`\sum_i \Lambda_i \otimes \tilde\phi_i\tilde\phi_i^\top`
+        is :math:`\sum_i \Lambda_{i,cc'} \tilde\phi_i \tilde\phi_i^\top`: ``C`` matrix
+        products instead of ``P`` curvature products.
+        """
+        ggn = self.curvature == "ggn" or (self.curvature == "fisher" and self.fisher == "type2")
+        last = self._last
+        if not ggn or phi.dim() != 2 or not isinstance(last, nn.Linear):
+            return None
+        N, d = phi.shape
+        C = last.out_features
+        H = phi.new_zeros(C * (d + 1), C * (d + 1))
+        with torch.no_grad():
+            for s in range(0, N, chunk):
+                x = phi[s : s + chunk]
+                f = last(x)
+                if self.likelihood == "classification":
+                    p = torch.softmax(f, -1)
+                    Lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+                else:
+                    Lam = 2.0 * torch.eye(C, dtype=f.dtype, device=f.device).expand(len(x), C, C)
+                X1 = torch.cat([x, x.new_ones(len(x), 1)], dim=1)  # [m, d + 1]
+                for c in range(C):
+                    T = (Lam[:, c, :, None] * X1[:, None, :]).reshape(len(x), -1)
+                    H[c * (d + 1) : (c + 1) * (d + 1)] += X1.T @ T
+        # rows (c, a) with the bias as a = d, to the parameters' order: weight, then bias
+        grid = torch.arange(C * (d + 1), device=H.device).reshape(C, d + 1)
+        parts = {id(last.weight): grid[:, :d].reshape(-1)}
+        if last.bias is not None:
+            parts[id(last.bias)] = grid[:, d]
+        order = torch.cat([parts[id(p)] for p in self.params])
+        return H[order][:, order]
 
     def _diagonal(self, module, data, params) -> Tensor:
         if self.curvature == "ggn" or (self.curvature == "fisher" and self.fisher == "type2"):
