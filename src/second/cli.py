@@ -162,40 +162,44 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _verdict(summary: list[dict]) -> str:
     by = {(s["curvature"], s["method"]): s for s in summary}
-    lines = ["", "What this shows:"]
-    sc, mr = (
-        by.get(("hessian", "seed-cg")),
-        by.get(("hessian", "minres-reorth")) or by.get(("hessian", "minres")),
+    sc, c, sn, nm, g = (
+        by.get(key)
+        for key in (
+            ("hessian", "seed-cg"),
+            ("hessian", "cg"),
+            ("hessian", "seed-neumann"),
+            ("hessian", "neumann"),
+            ("ggn", "cg"),
+        )
     )
-    if sc and mr:
-        lines.append(
-            f"- H^-1 g on an indefinite Hessian: the notebook's CG reaches cosine {sc['cosine_median']:.3f} "
+    mr = by.get(("hessian", "minres-reorth")) or by.get(("hessian", "minres"))
+    bad = [f"{s['curvature']}/{s['method']}" for s in summary if s["status"].startswith("NOT")]
+    # each note only where its rows exist (``a and b and f"..."`` formats nothing otherwise)
+    notes = [
+        sc
+        and mr
+        and (
+            f"H^-1 g on an indefinite Hessian: the notebook's CG reaches cosine {sc['cosine_median']:.3f} "
             f"(median) without any warning; {mr['method']} reaches {mr['cosine_median']:.6f} and says it "
             f"converged on {mr['converged']} seeds."
-        )
-    c = by.get(("hessian", "cg"))
-    if c:
-        lines.append(
-            f"- second.cg on the same system stops and reports negative curvature on {c['negative_curvature']} seeds instead of returning a wrong answer."
-        )
-    sn, nm = by.get(("hessian", "seed-neumann")), by.get(("hessian", "neumann"))
-    if sn and nm:
-        lines.append(
-            f"- The notebook's Neumann series gives cosine {sn['cosine_median']:.4f}; second.neumann "
+        ),
+        c
+        and f"second.cg on the same system stops and reports negative curvature on {c['negative_curvature']} seeds instead of returning a wrong answer.",
+        sn
+        and nm
+        and (
+            f"The notebook's Neumann series gives cosine {sn['cosine_median']:.4f}; second.neumann "
             f"detects the indefinite operator and reports divergence on {nm['diverged']} seeds."
-        )
-    g = by.get(("ggn", "cg"))
-    if g:
-        lines.append(
-            f"- On the damped Gauss-Newton matrix (PSD) CG converges on {g['converged']} seeds, "
+        ),
+        g
+        and (
+            f"On the damped Gauss-Newton matrix (PSD) CG converges on {g['converged']} seeds, "
             f"median relative error {g['relerr_median']:.1e}."
-        )
-    bad = [f"{s['curvature']}/{s['method']}" for s in summary if s["status"].startswith("NOT")]
-    if bad:
-        lines.append(
-            f"- Did not converge on every seed (their numbers are not solutions): {', '.join(bad)}."
-        )
-    return "\n".join(lines)
+        ),
+        bool(bad)
+        and f"Did not converge on every seed (their numbers are not solutions): {', '.join(bad)}.",
+    ]
+    return "\n".join(["", "What this shows:", *(f"- {note}" for note in notes if note)])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,22 +53,15 @@ class OptimizeResult:
         """Gradient evaluations plus twice the curvature products (the benchmark's unit)."""
         return self.ngev + 2 * self.matvecs
 
-    @property
-    def success(self) -> bool:
-        """Deprecated spelling of :attr:`converged`."""
-        warnings.warn(
-            "OptimizeResult.success is deprecated; use OptimizeResult.converged",
-            SecondDeprecationWarning,
-            stacklevel=2,
-        )
-        return self.converged
+    success = property(lambda self: self._renamed("success", "converged"))
+    success.__doc__ = "Deprecated spelling of :attr:`converged`."
+    nhvp = property(lambda self: self._renamed("nhvp", "matvecs"))
+    nhvp.__doc__ = "Deprecated spelling of :attr:`matvecs`."
 
-    @property
-    def nhvp(self) -> int:
-        """Deprecated spelling of :attr:`matvecs`."""
+    def _renamed(self, old: str, new: str):
         warnings.warn(
-            "OptimizeResult.nhvp is deprecated; use OptimizeResult.matvecs",
+            f"OptimizeResult.{old} is deprecated; use OptimizeResult.{new}",
             SecondDeprecationWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return self.matvecs
+        return getattr(self, new)
