@@ -158,14 +158,17 @@ class RayTest:
         )
 
 
+def _counts(obj) -> dict[str, int]:
+    """The objective's counters, as history records and results name them."""
+    return dict(nfev=obj.nfev, ngev=obj.ngev, matvecs=obj.matvecs)
+
+
 def _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray=None):
     """Append the iteration's record to ``history`` and return the stopping reason (or None)."""
     history.append(
         dict(
             n_iter=it,
-            nfev=obj.nfev,
-            ngev=obj.ngev,
-            matvecs=obj.matvecs,
+            **_counts(obj),
             loss=f,
             grad_norm=gnorm,
             radius=radius,
@@ -202,9 +205,7 @@ def _finish(obj, x, f, gnorm, it, reason, crit, method, history, t0, xnorms, x0s
         fun=f,
         grad_norm=gnorm,
         nit=it,
-        nfev=obj.nfev,
-        ngev=obj.ngev,
-        matvecs=obj.matvecs,
+        **_counts(obj),
         converged=converged,
         message=message,
         method=method,
