@@ -197,9 +197,7 @@ def test_multi_input_model_with_buffers():
     out = model(X, Z)
     H = exact_ggn(loss_fn(out, y), out, params)
     A = H + REG * torch.eye(H.shape[0], dtype=H.dtype)
-    inf = Influence(
-        model, loss_fn, ((X, Z), y), curvature="ggn", damping=REG, progressbar=False
-    )
+    inf = Influence(model, loss_fn, ((X, Z), y), curvature="ggn", damping=REG, progressbar=False)
     assert rel(inf.scores(((X[:2], Z[:2]), y[:2])), G[:2] @ torch.linalg.solve(A, G.T) / 9) < 1e-10
 
 
@@ -265,9 +263,7 @@ def test_kronecker_curvatures_use_their_own_inverse(curvature):
     Gtr = example_grads_loop(model, loss_fn, *train)
     Gte = example_grads_loop(model, loss_fn, *test)
     ref = Gte @ torch.linalg.solve(A, Gtr.T) / 20
-    inf = Influence(
-        model, loss_fn, train, curvature=curvature, damping=REG, progressbar=False
-    )
+    inf = Influence(model, loss_fn, train, curvature=curvature, damping=REG, progressbar=False)
     assert rel(inf.scores(test), ref) < APPROX_RTOL
 
 

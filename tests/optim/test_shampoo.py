@@ -46,7 +46,9 @@ def test_one_step_without_grafting_matches_dense():
     G = torch.randn(3, 4, dtype=torch.float64)
     W0 = W.detach().clone()
     damping, lr = 1e-3, 0.1
-    opt = so.Shampoo([W], lr=lr, betas=(0.0, 0.5), weight_decay=0.0, relative_damping=damping, graft=None)
+    opt = so.Shampoo(
+        [W], lr=lr, betas=(0.0, 0.5), weight_decay=0.0, relative_damping=damping, graft=None
+    )
     W.grad = G.clone()
     opt.step()
     K = torch.kron(G @ G.T, G.T @ G)  # bias-corrected factors after one step
