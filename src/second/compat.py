@@ -16,9 +16,7 @@ from torch import Tensor
 
 from ._errors import ConvergenceWarning, NegativeCurvatureWarning, SecondDeprecationWarning
 from .func.vectors import parameters_to_vector
-from .solvers import _neumann as _neumann_mod
-from .solvers._cg import cg
-from .solvers._minres import minres
+from .solvers import cg, minres, neumann_solve
 
 __all__ = ["conjugate_gradient", "neumann", "fixed_point", "clip_grad_norm"]
 
@@ -136,7 +134,7 @@ def neumann(A, *args, **kwargs):
             SecondDeprecationWarning,
             stacklevel=2,
         )
-        return _neumann_mod.neumann_solve(A, *args, **kwargs)
+        return neumann_solve(A, *args, **kwargs)
     names = ["parameters", "vector", "truncate_iter"]
     bound = dict(zip(names, args))
     overlap = set(bound) & set(kwargs)
@@ -152,9 +150,7 @@ def neumann(A, *args, **kwargs):
     if bound:
         raise TypeError(f"neumann() got unexpected arguments {sorted(bound)}")
     b = _flat(vector).detach()
-    res = _neumann_mod.neumann_solve(
-        _matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False
-    )
+    res = neumann_solve(_matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False)
     if res.diverged:
         warnings.warn(f"neumann: {res.message}", NegativeCurvatureWarning, stacklevel=2)
     return res.x
@@ -185,9 +181,7 @@ def fixed_point(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     b = _flat(vector).detach()
-    res = _neumann_mod.neumann_solve(
-        _matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False
-    )
+    res = neumann_solve(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
     if res.diverged:
         warnings.warn(f"fixed_point: {res.message}", NegativeCurvatureWarning, stacklevel=2)
     return res.x

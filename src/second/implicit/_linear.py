@@ -10,8 +10,7 @@ from torch import Tensor
 
 from .._errors import NegativeCurvatureWarning
 from ..operators.base import CallableOperator
-from ..solvers import SolveResult, solve
-from ..solvers._result import report
+from ..solvers import SolveResult, report, solve
 
 __all__ = ["default_tol", "solve_symmetric", "solve_options", "METHODS", "SOLVE_OPTIONS"]
 

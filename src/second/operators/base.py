@@ -234,7 +234,7 @@ class LinearOperator:
         together (one batched product per iteration). See
         :class:`second.solvers.InverseOperator`.
         """
-        from ..solvers._inverse import InverseOperator
+        from ..solvers import InverseOperator
 
         return InverseOperator(self, method=method, **options)
 

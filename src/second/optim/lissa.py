@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._errors import ConvergenceWarning
 from ..operators.base import CallableOperator
-from ..solvers._neumann import lissa_recursion
+from ..solvers import lissa_recursion
 from ..spectral.lanczos import extreme_eigenvalues
 from ._base import (
     NewtonTypeOptimizer,

@@ -6,8 +6,8 @@ from ._inverse import InverseOperator
 from ._lowrank import LowRankInverse, lowrank, lowrank_inverse
 from ._lsmr import lsmr
 from ._minres import minres
-from ._neumann import lissa, neumann, neumann_solve
-from ._result import SolveResult
+from ._neumann import LissaRecursion, lissa, lissa_recursion, neumann, neumann_solve
+from ._result import SolveResult, report
 from ._solve import METHODS, choose_method, solve
 
 __all__ = [
@@ -21,9 +21,12 @@ __all__ = [
     "neumann_solve",
     "neumann",
     "lissa",
+    "lissa_recursion",
+    "LissaRecursion",
     "lowrank",
     "dense",
     "LowRankInverse",
     "lowrank_inverse",
     "InverseOperator",
+    "report",
 ]
