@@ -31,6 +31,7 @@ PUBLIC_MODULES = [
 # building blocks documented through the function that returns them.
 NO_EXAMPLE_NEEDED = {
     "SolveResult",
+    "LissaRecursion",
     "OptimizeResult",
     "SubproblemResult",
     "HypergradientResult",

@@ -252,7 +252,24 @@ def check_true_residual(op, b: Tensor, x: Tensor, threshold: float):
 
 
 def report(res: SolveResult, warn: bool, stacklevel: int = 3) -> SolveResult:
-    """Warn about a solve that did not converge or met negative curvature."""
+    """Warn about a solve that did not converge or met negative curvature; return ``res``.
+
+    The one place where the solvers (and the applications that build a :class:`SolveResult`
+    themselves) turn a result's flags into a ``ConvergenceWarning`` or a
+    ``NegativeCurvatureWarning``.
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from second.solvers import SolveResult, report
+        >>> res = SolveResult(x=torch.zeros(2), converged=False, iterations=3, matvecs=3,
+        ...                   method="cg", message="maxiter reached")
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = report(res, warn=True)
+        >>> caught[0].category.__name__
+        'ConvergenceWarning'
+    """
     if not warn:
         return res
     if res.negative_curvature and not res.converged and res.info.get("warn_negative", True):
