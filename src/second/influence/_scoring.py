@@ -205,11 +205,11 @@ class KroneckerScorer:
         calls, n = kronecker_gradients(self.rules, self.model, self.task, batch)
         blocks: dict[str, Tensor] = {}
         for j, layer in enumerate(self.rules):
-            S = torch.zeros(self.q, n, dtype=self.dtype)
+            S = torch.zeros(self.q, n, dtype=self.dtype, device=layer.weight.device)
             for a, g in calls[j]:
                 if a.is_floating_point():
                     a = a.to(self.dtype)
-                S = S.to(g.device) + self._layer_scores(j, layer, a, g.to(self.dtype))
+                S += self._layer_scores(j, layer, a, g.to(self.dtype))
             blocks[layer.name] = S
         if self.fallback_fn is not None:
             G = self.fallback_fn.gradients(batch).to(self.dtype)  # [n, P_fallback]
