@@ -609,8 +609,10 @@ class KFAC(torch.optim.Optimizer):
         once): a non-finite loss, gradient, model output or curvature statistic skips the
         step (``n_skipped_steps``): parameters, factors and eigendecompositions stay as they
         were and the damping is raised. A quadratic-model step with a non-finite or
-        non-positive learning rate, a non-finite or negative momentum, or a predicted
-        change of the loss that is not negative is refused (``n_refused_steps``) and
+        non-positive learning rate, a non-finite momentum (the model's momentum is chosen
+        within ``[0, 0.95]``), a predicted change of the loss that is not negative, or a
+        predicted decrease of more than twice the loss for a loss bounded below by 0 (MSE,
+        cross-entropy, BCE; the damping is then raised) is refused (``n_refused_steps``) and
         replaced by the model's minimizer along :math:`\Delta` alone (no momentum) when that
         one is acceptable, else by the KL-clipped natural-gradient step :math:`\nu\Delta`,
         :math:`\nu = \min(1, \sqrt{c / |\Delta^\top\nabla h|})` (``c = kl_clip``, or
