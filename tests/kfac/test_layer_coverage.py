@@ -189,6 +189,16 @@ def test_convolution_patches_reproduce_the_gradient(conv):
     assert rows_reproduce_gradients(conv.double(), X) == 1
 
 
+def test_norm_rows_in_training_mode_and_without_bias():
+    # training-mode BatchNorm normalizes with the batch's statistics: the per-example
+    # gradients of its affine parameters are still exact
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.LayerNorm(4, bias=False)
+    ).double()
+    assert rows_reproduce_gradients(model, torch.randn(5, 3, dtype=DT)) == 3
+
+
 def test_user_subclass_embedding_and_norm_rows():
     torch.manual_seed(0)
     model = nn.Sequential(
