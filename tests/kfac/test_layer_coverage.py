@@ -23,6 +23,7 @@ from kfac_cases import DT, EXACT_TOL, param_slices
 from second import EKFACOperator, KFACOperator
 from second.func import differentiable_attention
 from second.kfac import (
+    RULES,
     AttentionProjectionRule,
     BatchNormRule,
     Capture,
@@ -418,3 +419,40 @@ def test_an_attention_without_a_rule_leaves_out_proj_to_the_fallback():
 
     kron, diag = find_rules(nn.Sequential(MyAttention(4, 2), nn.Linear(4, 2)))
     assert [r.name for r in kron] == ["1"] and diag == []
+
+
+class Gain(nn.Module):
+    """A user's elementwise layer ``x * g`` (no rule until one is registered)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.fixture
+def gain_rule():
+    """A diagonal rule for ``Gain``, registered the way a newcomer would."""
+
+    class GainRule(DiagonalRule, module_type=Gain):
+        def normalized(self, inp):
+            return inp  # x itself multiplies the weight
+
+        def channel_dims(self, x):
+            return tuple(range(1, x.dim() - 1))  # positions, if any
+
+    yield GainRule
+    RULES.pop(Gain)
+
+
+def test_registering_a_diagonal_rule_gives_the_exact_diagonal(gain_rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Gain(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 2, (6,))
+    K, D, G = ggn_blocks(model, nn.CrossEntropyLoss(), X, y)
+    assert [type(r) for r in K.diagonal_rules] == [gain_rule]
+    assert K.approximations()["2.weight"] == "diagonal-exact"
+    s = param_slices(model)[2]
+    torch.testing.assert_close(D[s, s].diagonal(), G[s, s].diagonal(), **EXACT_TOL[DT])
