@@ -95,3 +95,14 @@ def test_attention_capture_restores_f_linear_even_when_the_forward_raises():
             att(x, torch.randn(3, 2, 5), torch.randn(3, 2, 5))  # wrong key width
         assert F.linear is original
     assert att._forward_hooks == {} and att._forward_pre_hooks == {}
+
+
+def test_two_captures_both_see_the_attention():
+    att = nn.MultiheadAttention(4, 2)
+    x = torch.randn(3, 2, 4)
+    with Capture(find_layers(att)) as a, Capture(find_layers(att)) as b:
+        out = att(x, x, x)[0]
+    assert sorted(a.outputs) == sorted(b.outputs) == [0, 1, 2, 3]
+    for cap in (a, b):  # each capture's pieces lead to the output
+        (g,) = torch.autograd.grad(out.sum(), cap.outputs[3], retain_graph=True)
+        assert bool(g.abs().sum() > 0)

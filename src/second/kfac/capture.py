@@ -39,8 +39,9 @@ _TLS = threading.local()
 
 def _recording_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = _LINEAR(input, weight, bias)
-    stack = getattr(_TLS, "stack", None)
-    return stack[-1](input, weight, out) if stack else out
+    for record in getattr(_TLS, "stack", ()):  # every capture recording in this thread
+        out = record(input, weight, out)
+    return out
 
 
 def _push(recorder: Callable) -> None:
