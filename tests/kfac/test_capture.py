@@ -106,3 +106,11 @@ def test_two_captures_both_see_the_attention():
     for cap in (a, b):  # each capture's pieces lead to the output
         (g,) = torch.autograd.grad(out.sum(), cap.outputs[3], retain_graph=True)
         assert bool(g.abs().sum() > 0)
+
+
+def test_an_input_passed_by_name_is_recorded():
+    net = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with Capture(find_layers(net)) as cap:
+        net(input=x)
+    torch.testing.assert_close(cap.inputs[0][0], x, rtol=0, atol=0)

@@ -115,11 +115,11 @@ class Capture:
                 continue
             for module in layer.modules:
                 hook = self._hook(module, j, self.inputs, self.outputs)
-                self.handles.append(module.register_forward_hook(hook))
+                self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
         for i, rule in enumerate(self.diagonal):
             for module in rule.modules:
                 hook = self._hook(module, i, self.diag_inputs, self.diag_outputs)
-                self.handles.append(module.register_forward_hook(hook))
+                self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
         for module, js in functional.values():
             self._functional_hooks(module, js)
         return self
@@ -128,10 +128,12 @@ class Capture:
         return self.active and torch.is_grad_enabled()
 
     def _hook(self, target: nn.Module, j: int, inputs: dict, outputs: dict):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if not self._recording() or module is not target:
                 return
-            inputs.setdefault(j, []).append(args[0].detach())
+            # the input: the first positional argument, or the first tensor passed by name
+            inp = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+            inputs.setdefault(j, []).append(inp.detach())
             outputs.setdefault(j, []).append(output)
 
         return hook
