@@ -108,9 +108,11 @@ class KFAC(torch.optim.Optimizer):
     mode; ``lr=`` and ``momentum=`` switch to fixed values.
 
     Args:
-        model: the network (or its DDP wrapper); its ``nn.Linear``, ``nn.Conv2d`` and
-            ``nn.Embedding`` layers get Kronecker factors, other trainable parameters a
-            diagonal (``fallback="diagonal"``) or damping-only (``"identity"``) block.
+        model: the network (or its DDP wrapper); its linear, convolution, embedding and
+            attention layers get Kronecker factors, its normalization layers their exact
+            diagonal, other trainable parameters a diagonal estimate
+            (``fallback="diagonal"``) or a damping-only (``"identity"``) block; see
+            :mod:`second.kfac.rules` and :meth:`approximations`.
         loss_fn: the training loss (``MSELoss``, ``CrossEntropyLoss``,
             ``BCEWithLogitsLoss``); used for the curvature only, its ``reduction``
             (default ``"mean"``) must match the loss you backpropagate.
