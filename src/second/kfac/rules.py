@@ -33,7 +33,7 @@ over the positions (a language model). ``"reduce"`` aggregates the positions fir
 exact for a deep linear network whose positions are pooled before the loss (a
 classifier over a sequence or an image), and ``T`` times cheaper to accumulate. The
 default is ``"expand"`` everywhere: a language model needs it (the zoo's character
-transformer, 400 steps: validation loss 1.82 with ``"expand"``, 2.31 with ``"reduce"``).
+transformer, 400 steps: validation loss 1.87 with ``"expand"``, 2.31 with ``"reduce"``).
 For a convolutional classifier ``{nn.Conv2d: "reduce"}`` did as well or better at two
 thirds of the step cost (the zoo's digits CNN, 3 seeds; BENCHMARKS.md).
 
