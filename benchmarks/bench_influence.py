@@ -139,7 +139,7 @@ def convex(lam, top, Xtr, ytr, Xte, yte, log):
     test = (Xte[t : t + 1], yte[t : t + 1])
     log(f"lambda={lam}: trained, ||grad|| = {gn:.1e}; test point {t}, loss {float(losses[t]):.3f}")
     loss_fn = nn.CrossEntropyLoss()
-    base = dict(regularization=lam, progressbar=False)
+    base = dict(damping=lam, progressbar=False)
 
     res = {"lambda": lam, "test_point": t, "train_grad_norm": gn, "methods": {}, "times_s": {}}
     dense_inf = second.Influence(model, loss_fn, (Xtr, ytr), method="dense", **base)
@@ -345,7 +345,7 @@ def nonconvex(lam, top, Xtr, ytr, Xte, yte, log):
             (Xtr, ytr),
             curvature=curv,
             method="dense" if curv != "ekfac" else "auto",
-            regularization=lam,
+            damping=lam,
             progressbar=False,
         )
         preds[curv], res["times_s"][curv] = timed(lambda inf=inf: inf.scores(test)[0])
