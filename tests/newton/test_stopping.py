@@ -26,3 +26,14 @@ def test_diverging_iterates_needs_growth_and_monotonicity():
     bumpy[-3] = 1e4
     assert not diverging_iterates(bumpy)
     assert diverging_iterates([1.0] + [100.0 + k for k in range(12)], factor=50)
+
+
+def test_geometric_growth_applies_only_while_the_gradient_is_steep():
+    """The geometric form needs ||g|| >= unbounded_gfloor * ||g_0|| (default 1e-2)."""
+    c = Criteria(gtol=1e-8, maxiter=100)
+    assert c.unbounded_gfloor == 1e-2
+    grow = [1.0] + [2.0**k for k in range(1, 25)]
+    falls = [25.0 - k for k in range(25)]  # f falls steadily: the levelling-off form is silent
+    steep = dict(it=1, f=1.0, now=0.0, xnorms=grow, fvals=falls, gnorm0=1.0)
+    assert c.check(gnorm=0.02, **steep) == "unbounded"
+    assert c.check(gnorm=0.005, **steep) is None  # reduced 200-fold: converging far out

@@ -105,3 +105,34 @@ def test_the_unbounded_report_never_fires_on_converging_problems(name, method):
     gtol = 1e-6 if "far" in name else 1e-8  # f ~ 1e10 there: 1e-8 is below its rounding
     res = minimize(residual if method == "lm" else f, x0, method=method, gtol=gtol)
     assert res.status == "converged" and res.converged, (name, method, res.message)
+
+
+def _teacher_student(seed, hidden=8, d_in=4, n=400, noise=0.05):
+    """tanh 4-8-1 fitted by 0.5 MSE to a teacher of the same shape (bench_newton.py's)."""
+
+    def init(s):
+        torch.manual_seed(s)
+        layers = [torch.nn.Linear(d_in, hidden), torch.nn.Linear(hidden, 1)]
+        return torch.cat([t.detach().to(DT).reshape(-1) for m in layers for t in m.parameters()])
+
+    def forward(x, X):
+        k = hidden * d_in
+        W1, b1 = x[:k].view(hidden, d_in), x[k : k + hidden]
+        W2, b2 = x[k + hidden : k + 2 * hidden].view(1, hidden), x[-1:]
+        return torch.tanh(X @ W1.T + b1) @ W2.T + b2
+
+    g = torch.Generator().manual_seed(seed)
+    teacher = init(seed + 100)
+    X = torch.randn(n, d_in, generator=g, dtype=DT)
+    y = forward(teacher, X) + noise * torch.randn(n, 1, generator=g, dtype=DT)
+    return (lambda x: 0.25 * ((forward(x, X) - y) ** 2).mean()), init(seed + 1)
+
+
+def test_teacher_student_converging_far_out_is_not_reported_unbounded():
+    """Seed 3 grows ||x|| geometrically to a minimizer at ||x|| ~ 500 (a saturated unit); the
+    geometric test fired there at ||g|| = 1.3e-3 ||g_0|| before its floor was raised to 1e-2."""
+    f, x0 = _teacher_student(3)
+    res = minimize(f, x0, method="auto", gtol=1e-8, maxiter=2000)
+    assert res.method == "newton-exact"
+    assert res.status == "converged" and res.converged, res.message
+    assert float(res.x.norm()) > 100  # it did go far out
