@@ -172,6 +172,23 @@ def test_kronecker_scores_match_the_dense_reference(kind, curvature):
     assert rel(sum(parts.values()), ref) < EXACT_RTOL
 
 
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "attn"])
+def test_kronecker_self_influence_matches_the_dense_reference(kind, curvature):
+    model, X, y = make(kind, 12)
+    loss_fn = nn.CrossEntropyLoss()
+    cls = EKFACOperator if curvature == "ekfac" else KFACOperator
+    K = cls(model, loss_fn, (X, y)).to_dense()
+    A = K + DAMPING * torch.eye(K.shape[0], dtype=K.dtype)
+    G = example_grads_loop(model, loss_fn, X, y)
+    ref = (G * torch.linalg.solve(A, G.T).T).sum(1) / X.shape[0]
+    for memory in (None, 1):  # default blocks, one example per block
+        inf = Influence(
+            model, loss_fn, (X, y), curvature=curvature, batch_size=5, max_memory=memory, **KW
+        )
+        assert rel(inf.self_influence(), ref) < EXACT_RTOL
+
+
 @pytest.mark.parametrize("kind", ["mlp", "seq", "conv"])
 def test_blocked_scores_equal_unblocked(kind):
     model, X, y = make(kind, 12)

@@ -516,26 +516,30 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             self.query_rank,
             memory,
         )
-        q, mods = scorer.q, scorer.modules
+        return self._kronecker_pass(
+            scorer, scorer.q, scorer.modules, f"kscores-{tkey}", "scores", dtype
+        )
+
+    def _kronecker_pass(self, compute, q: int, mods, tag: str, desc: str, dtype) -> dict:
+        """``{module: [q, n_train]}`` filled chunk by chunk by ``compute(chunk)``; cached."""
         out = {m: torch.zeros(q, self.n_train, dtype=dtype, device=self.fn.device) for m in mods}
         total = self.train.n_chunks(self.batch_size)
-        with self._collective("scores"):
-            for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, "scores"):
+        with self._collective(desc):
+            for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, desc):
                 if not self._mine(c):
                     continue
                 nb, block = self.task.batch_size(chunk), None
-                name = f"kscores-{self.key}-{tkey}-{c}"
+                name = f"{tag}-{self.key}-{c}"
                 meta = {"data": _chunk_digest(chunk)}
-                shapes = {m: (q, nb) for m in mods}
                 if self.cache is not None:
-                    block = self.cache.load_tensors(name, meta, shapes)
+                    block = self.cache.load_tensors(name, meta, {m: (q, nb) for m in mods})
                     if block is not None and any(t.dtype != dtype for t in block.values()):
                         block = None
                 if block is None:
-                    block = scorer(chunk)
+                    block = compute(chunk)
                     if not all(bool(torch.isfinite(t.sum())) for t in block.values()):
                         raise NonFiniteError(
-                            f"scores of training examples {s}..{s + nb - 1} are not finite"
+                            f"{desc} of training examples {s}..{s + nb - 1} are not finite"
                         )
                     if self.cache is not None:
                         self.cache.save_tensors(name, block, meta)
@@ -557,6 +561,8 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             A ``[n_train]`` tensor.
         """
         self._check_model()
+        if self.curvature in ("kfac", "ekfac"):
+            return self._kronecker_self_influence()
         if self._dist()[0]:
             self.inverse  # noqa: B018 - built by every rank (the dense one is sharded)
         w = self.weight
@@ -566,6 +572,50 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             return (w * (G.T * X).sum(0)).unsqueeze(0)
 
         return self._train_pass(quad, 1, f"self-{self.key}", "self-influence")[0]
+
+    def _kronecker_self_influence(self) -> Tensor:
+        r""":math:`w \sum_l \langle M_{jl}, (B_l + \mu I)^{-1} M_{jl} \rangle` per example.
+
+        In each block's eigenbasis the quadratic form is a weighted sum of squares of the
+        rotated per-example gradient; for a layer with one position per example that is
+        :math:`\sum_{g,a} (Q_G^\top g)_g^2 (Q_A^\top a)_a^2 / (s + \mu)_{ga}`, one product
+        per layer and chunk.
+        """
+        op = self.operator
+        inv = op.inverse(damping=self.shift)
+        rules, lam, w = op.rules, self.shift, self.weight
+        fb = op.fallback_parameters
+        names = {id(p): k for k, p in self.model.named_parameters()}
+        fb_fn = ModelFunction(self.model, self.task, {names[id(p)]: p for p in fb}) if fb else None
+        memory = self.max_memory or default_memory()
+
+        def compute(chunk) -> dict[str, Tensor]:
+            calls, n = kronecker_gradients(rules, self.model, self.task, chunk)
+            total = self.fn.params[0].new_zeros(n)
+            for j, r in enumerate(rules):
+                E, D = inv.blocks[j], inv.blocks[j].damped_eigenvalues(lam, inv.split)
+                one = len(calls[j]) == 1 and not r.diag_A and calls[j][0][0].shape[1] == 1
+                if one:
+                    a, g = calls[j][0]
+                    ar = a[:, 0] if E.QA is None else a[:, 0] @ E.QA
+                    total += (((g[:, 0] @ E.QG) ** 2) @ (1.0 / D) * ar**2).sum(1)
+                    continue
+                step = max(1, memory // (4 * r.d_G * r.d_A * total.element_size()))
+                for b in range(0, n, step):
+                    M = example_matrices(r, calls[j], b, min(b + step, n))
+                    total[b : b + step] += (E.rotate(M) ** 2 / D).sum((1, 2))
+            if fb_fn is not None:
+                G, off = fb_fn.gradients(chunk), 0
+                for d in inv.diagonals:
+                    k = d.diagonal.numel()
+                    total += (G[:, off : off + k] ** 2 / (d.diagonal.reshape(-1) + lam)).sum(1)
+                    off += k
+            return {"self": (w * total).unsqueeze(0)}
+
+        dtype = self.fn.dtype
+        return self._kronecker_pass(compute, 1, ["self"], "kself", "self-influence", dtype)["self"][
+            0
+        ]
 
     def top_k(self, test_data, k: int = 5) -> TopK:
         """Return the ``k`` most helpful and ``k`` most harmful training points per test point.
