@@ -51,3 +51,17 @@ def test_radius_and_damping_updates():
     assert lm_damping_update(1.0, 2.0, -1.0) == (2.0, 4.0)
     lam, nu = lm_damping_update(1.0, 8.0, 1.0)
     assert lam == pytest.approx(1 / 3) and nu == 2.0
+
+
+def test_more_damping_update_rules_and_martens_factors():
+    import math
+
+    from second.newton import more_damping_update
+
+    assert more_damping_update(1.0, 0.1) == 4.0  # poor step: 1 / shrink
+    assert more_damping_update(1.0, 0.9) == 0.25  # very good step: shrink
+    assert more_damping_update(1.0, 0.5) == 1.0
+    assert more_damping_update(1.0, math.nan) == 4.0  # a NaN ratio is a poor step
+    # Martens' Hessian-free rule (HessianFree's boost and drop)
+    assert more_damping_update(2.0, 0.1, shrink=2 / 3, grow=1.5) == 3.0
+    assert math.isclose(more_damping_update(3.0, 0.8, shrink=2 / 3, grow=1.5), 2.0)
