@@ -49,7 +49,8 @@ def reduction_of(loss_fn: Callable, reduction: str | None = None) -> str:
     return red
 
 
-def _check_plain(loss_fn: nn.Module) -> None:
+def check_plain_loss(loss_fn: nn.Module) -> None:
+    """Refuse a weighted or label-smoothed loss, whose output curvature is not modelled."""
     if (
         getattr(loss_fn, "weight", None) is not None
         or getattr(loss_fn, "pos_weight", None) is not None
@@ -64,7 +65,7 @@ def per_sample_losses(loss_fn: Callable, output: Tensor, target: Tensor, reducti
     kind = loss_kind(loss_fn)
     n = output.shape[0]
     if kind is not None:
-        _check_plain(loss_fn)
+        check_plain_loss(loss_fn)
         if kind == "mse":
             el = nn.functional.mse_loss(output, target, reduction="none")
         elif kind == "bce":

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .._losses import loss_kind, nll_scale, per_sample_losses, sample_targets
+from .._losses import check_plain_loss, loss_kind, nll_scale, per_sample_losses, sample_targets
 
 __all__ = [
     "FISHER_TYPES",
@@ -62,13 +62,7 @@ def check_loss(loss_fn: Callable, fisher: str) -> str | None:
             "(use fisher='empirical')"
         )
     if kind is not None:
-        if (
-            getattr(loss_fn, "weight", None) is not None
-            or getattr(loss_fn, "pos_weight", None) is not None
-        ):
-            raise NotImplementedError("weighted losses (weight=/pos_weight=) are not supported")
-        if getattr(loss_fn, "label_smoothing", 0.0):
-            raise NotImplementedError("label smoothing is not supported")
+        check_plain_loss(loss_fn)
     return kind
 
 
