@@ -121,7 +121,9 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             :attr:`key`), so an interrupted :meth:`scores` call resumes where it stopped;
             a file that does not hold exactly the expected block (shape, dtype, name,
             content digest) is ignored with a warning and recomputed
-            (``docs/reliability.md``).
+            (``docs/reliability.md``). ``"kfac"``/``"ekfac"`` store their factors (after
+            each pass, keyed by :attr:`factors_key`: another ``damping`` reuses them), query
+            gradients and score blocks as ``.safetensors`` files.
         progressbar: progress bars with totals (rank 0 only); ``None`` (default) follows
             :func:`second.set_progress` (bars at a terminal only), ``True``/``False`` force it.
         distributed: shard the work over the ``torch.distributed`` process group (default:
