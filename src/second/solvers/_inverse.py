@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..operators.base import DenseOperator, LinearOperator, aslinearoperator
-from ._result import SolveResult
+from ._result import SolveResult, flat_solution
 
 __all__ = ["InverseOperator"]
 
@@ -72,7 +72,7 @@ class InverseOperator(LinearOperator):
         self.inner_matvecs += res.matvecs if self.method != "dense" else 0
         if self.raise_on_failure and not res.converged:
             raise RuntimeError(f"inverse product: {res.message}")
-        return res.x
+        return flat_solution(res)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._solve(v)

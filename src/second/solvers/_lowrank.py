@@ -233,15 +233,15 @@ def lowrank(
     )
     vals, vecs, c = inv.eigenvalues, inv.U, inv.complement_eigenvalue
 
-    x = inv(pb.b)
-    r = pb.b - (op @ x + damping * x)
+    x = inv(pb.vector)
+    r = pb.vector - (op @ x + damping * x)
     rnorm = _norm(r)
-    threshold = stopping_threshold(_norm(pb.b), tol, atol)
+    threshold = stopping_threshold(_norm(pb.vector), tol, atol)
     res = pb.result(
         x,
         converged=rnorm <= threshold,
         iterations=1,
-        residual_norms=[_norm(pb.b), rnorm],
+        residual_norms=[_norm(pb.vector), rnorm],
         # Lanczos eigenvalues: a looser relative cutoff than a dense eigendecomposition's
         negative_curvature=bool(
             (vals < -eigenvalue_cutoff(vals, rcond=1e3 * torch.finfo(vals.dtype).eps)).any()

@@ -118,12 +118,12 @@ def minres(
             reorthogonalize=reorthogonalize,
             check_residual=check_residual,
         )
-    op, n = pb.A, pb.n
-    odt = pb.b.dtype
+    op, n, b0 = pb.A, pb.n, pb.vector
+    odt = b0.dtype
     work = recurrence_dtype or odt
     if odt.is_complex and not work.is_complex:
         work = torch.complex128 if work == torch.float64 else odt
-    Minv = as_preconditioner(M, n, odt, pb.b.device)
+    Minv = as_preconditioner(M, n, odt, b0.device)
     if reorthogonalize and Minv is not None:
         raise ValueError("reorthogonalize=True is not supported together with a preconditioner")
     maxiter = 5 * n if maxiter is None else int(maxiter)
@@ -136,12 +136,12 @@ def minres(
     def precond(v):
         return v if Minv is None else (Minv @ v.to(odt)).to(work)
 
-    b = pb.b.to(work)
+    b = b0.to(work)
     bnorm = _norm(b)
     threshold = stopping_threshold(bnorm, tol, atol)
     if bnorm == 0.0:
         return pb.result(
-            torch.zeros_like(pb.b),
+            torch.zeros_like(b0),
             converged=True,
             iterations=0,
             residual_norms=[0.0],
@@ -173,7 +173,7 @@ def minres(
     w = torch.zeros_like(b)
     w2 = torch.zeros_like(b)
     r2 = r1.clone()
-    basis = [] if reorthogonalize else None
+    basis: list[torch.Tensor] | None = [] if reorthogonalize else None
     inner_threshold, checks, last_check = threshold, 0, None
     best: tuple[float, torch.Tensor] | None = None  # (true residual, iterate) at a check
     neg_it = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +93,7 @@ def neumann_solve(
             info.update(scale=scale, warn_negative=True)
             history.append(float(column_norms(B).max()))
             return finish(
-                torch.zeros_like(B) if pb.block else torch.zeros_like(pb.b),
+                torch.zeros_like(B) if pb.block else torch.zeros_like(pb.vector),
                 0,
                 f"the operator is indefinite (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
                 "the Neumann series diverges for every scale; use minres, or damping "
@@ -180,18 +180,19 @@ def _batch_operators(A) -> Callable[[int], LinearOperator]:
             return lambda i: A
         # the same operator (kind and options: a Fisher's samples, columns, ...) on each batch
         batches = list(iterate_batches(A.data, A.task, A.device))
-        ops = [None] * len(batches)
+        ops: list[LinearOperator | None] = [None] * len(batches)
 
-        def get(i):
+        def get(i: int) -> LinearOperator:
             j = i % len(batches)
-            if ops[j] is None:
-                ops[j] = A.restrict(batches[j])
-            return ops[j]
+            op_j = ops[j]
+            if op_j is None:
+                op_j = ops[j] = A.restrict(batches[j])
+            return op_j
 
         return get
     if isinstance(A, (list, tuple)):
-        ops = [aslinearoperator(a) for a in A]
-        return lambda i: ops[i % len(ops)]
+        listed = [aslinearoperator(a) for a in A]
+        return lambda i: listed[i % len(listed)]
     if callable(A) and not isinstance(A, (LinearOperator, Tensor)):
         return A
     op = aslinearoperator(A)
@@ -344,7 +345,7 @@ def lissa(
         info.update(warn_negative=True)
         return report(
             pb.result(
-                torch.zeros_like(pb.b),
+                torch.zeros_like(pb.vector),
                 converged=False,
                 iterations=0,
                 residual_norms=[],
@@ -384,8 +385,8 @@ def lissa(
     depth = int(depth)
     bias = q**depth
     info.update(scale=float(scale), contraction=q, depth=depth, predicted_bias=bias)
-    g = generator or torch.Generator(device=pb.b.device).manual_seed(0)
-    steps = range(repeats * depth)
+    g = generator or torch.Generator(device=pb.vector.device).manual_seed(0)
+    steps: Iterable[int] = range(repeats * depth)
     if progressbar is not False:
         from .._progress import progress
 
@@ -396,7 +397,7 @@ def lissa(
         return get(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))) @ p
 
     rec = lissa_recursion(
-        pb.b,
+        pb.vector,
         sample_product,
         depth=depth,
         scale=scale,
@@ -408,7 +409,7 @@ def lissa(
     if rec.x is None:
         return report(
             pb.result(
-                torch.zeros_like(pb.b),
+                torch.zeros_like(pb.vector),
                 converged=False,
                 iterations=counter,
                 residual_norms=[],

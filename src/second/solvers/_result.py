@@ -152,6 +152,13 @@ class Problem:
         return self.B.dtype
 
     @property
+    def vector(self) -> Tensor:
+        """The flat ``b`` of a single right-hand side (a block problem has none)."""
+        if self.b is None:
+            raise ValueError(f"{self.method or 'this method'} takes one right-hand side here")
+        return self.b
+
+    @property
     def matvecs(self) -> int:
         return self.A.matvecs - self._start
 
@@ -168,6 +175,13 @@ class Problem:
     def result(self, x: Tensor, **kwargs) -> SolveResult:
         res = SolveResult(x=self.unflatten(x.to(self.dtype)), matvecs=self.matvecs, **kwargs)
         return res
+
+
+def flat_solution(res: SolveResult) -> Tensor:
+    """``res.x`` of a solve whose ``b`` was a flat tensor (a tuple ``b`` gives a tuple)."""
+    if not isinstance(res.x, Tensor):
+        raise TypeError("expected the solution of a flat right-hand side, got a tuple of tensors")
+    return res.x
 
 
 def check_x0(x0, shape, dtype: torch.dtype, device, of: str) -> Tensor:
