@@ -86,3 +86,19 @@ def test_fallback_diagonal_is_exact_with_one_datum():
     st = _stats(model, nn.MSELoss(reduction="sum"), [(X, y)], fallback=[model.scale])
     z = model.lin(X).detach()[0]
     torch.testing.assert_close(st.diag[0], 2 * z * z)  # d^2/ds^2 of sum (z s - y)^2
+
+
+def test_fallback_diagonal_shares_the_factor_backward():
+    """The Rademacher signs of the fallback diagonal leave the layers' factors as they are
+    (one backward for both), and the diagonal is exact with one datum beside them."""
+    model = Scaled().double()
+    X, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    loss_fn = nn.MSELoss(reduction="sum")
+    plain = _stats(model, loss_fn, [(X, y)])
+    signed = _stats(model, loss_fn, [(X, y)], fallback=[model.scale])
+    assert signed.diag[0] is not None
+    for a, b in zip(signed.A + signed.G, plain.A + plain.G):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    one = _stats(model, loss_fn, [(X[:1], y[:1])], fallback=[model.scale])
+    z = model.lin(X[:1]).detach()[0]
+    torch.testing.assert_close(one.diag[0], 2 * z * z)

@@ -268,3 +268,36 @@ def test_adaptive_trajectory_same_with_and_without_mlp_path():
         assert "mu" in opts[0].last_info
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_damping_adaptation_reevaluates_loss_without_backward():
+    """The loss after the step is a no-grad forward on the captured batch: the closure runs
+    once per step, and damping and parameters follow the closure-evaluated trajectory."""
+    torch.manual_seed(0)
+    models = [tanh_net(), tanh_net()]
+    models[1].load_state_dict(models[0].state_dict())
+    loss_fn = nn.MSELoss()
+    opts = [second.optim.KFAC(m, loss_fn, fisher="type2") for m in models]
+    calls = [0, 0]
+
+    def closure(k, X, y):
+        def run():
+            calls[k] += 1
+            opts[k].zero_grad()
+            out = models[k](X)
+            # k = 1: the loss does not see the model's output itself -> the closure again
+            loss = loss_fn(out if k == 0 else out * 1.0, y)
+            loss.backward()
+            return loss
+
+        return run
+
+    for _ in range(12):
+        X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+        for k in range(2):
+            opts[k].step(closure(k, X, y))
+        assert opts[0].param_groups[0]["damping"] == opts[1].param_groups[0]["damping"]
+    assert calls == [12, 12 + 12 // 5]  # adaptation every 5 steps
+    assert opts[0].param_groups[0]["damping"] != 1e-3  # adapted (twice)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)

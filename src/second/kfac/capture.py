@@ -225,11 +225,30 @@ class Capture:
             ``(layer calls, diagonal calls)``, each ``[(index, input, g [K, *output.shape])]``
             in the order of :meth:`calls` / :meth:`diagonal_calls`.
         """
+        calls, dcalls, _ = self.backprop_with(
+            f, S, [], retain_graph=retain_graph, diagonal=diagonal
+        )
+        return calls, dcalls
+
+    def backprop_with(
+        self,
+        f: Tensor,
+        S: Tensor,
+        extra: Sequence[Tensor],
+        *,
+        retain_graph: bool = True,
+        diagonal: bool = False,
+    ) -> tuple[list[tuple[int, Tensor, Tensor]], list[tuple[int, Tensor, Tensor]], list[Tensor]]:
+        """:meth:`backprop`, and in the same backward the gradients of ``extra`` tensors.
+
+        Returns:
+            ``(layer calls, diagonal calls, [g [K, *t.shape] for t in extra])``.
+        """
         calls = self.calls() + (self.diagonal_calls() if diagonal else [])
-        gs = backprop_columns(f, S, [o for *_, o in calls], retain_graph=retain_graph)
-        out = [(j, inp, g) for (j, inp, _), g in zip(calls, gs)]
-        n = len(self.calls())
-        return out[:n], out[n:]
+        gs = backprop_columns(f, S, [o for *_, o in calls] + list(extra), retain_graph=retain_graph)
+        n, m = len(self.calls()), len(calls)
+        out = [(j, inp, g) for (j, inp, _), g in zip(calls, gs[:m])]
+        return out[:n], out[n:m], gs[m:]
 
     def on_output_grads(self, fn: Callable[[int, Tensor, Tensor], None]) -> None:
         """Call ``fn(layer index, input, gradient at the output)`` in the coming backward.

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .. import distributed as dist
 from .capture import Capture
-from .columns import backprop_columns
 from .rules import LayerRule
 
 __all__ = ["FactorStats", "batch_statistics", "add_layer_statistics"]
@@ -291,13 +290,16 @@ def batch_statistics(
     """
     exact = {id(p) for rule in capture.diagonal for p in rule.params()}
     rademacher = [(i, p) for i, p in enumerate(fallback_params) if id(p) not in exact]
+    extra: list[Tensor] = []
     if rademacher:
+        # one backward for everything: the layers' statistics are sums of squares of each
+        # example's column, so the signs leave them unchanged
         eps = _rademacher((S.shape[0], S.shape[1]), S, generator)
-        S_fb = S * eps.reshape(eps.shape + (1,) * (S.dim() - 2))
-        gp = backprop_columns(f, S_fb, [p for _, p in rademacher], retain_graph=True)
-        for (i, _), g in zip(rademacher, gp):
-            stats.add_diagonal(i, (g * g).sum(0))
-    calls, dcalls = capture.backprop(f, S, retain_graph=retain_graph, diagonal=True)
+        S = S * eps.reshape(eps.shape + (1,) * (S.dim() - 2))
+        extra = [p for _, p in rademacher]
+    calls, dcalls, gp = capture.backprop_with(f, S, extra, retain_graph=retain_graph, diagonal=True)
+    for (i, _), g in zip(rademacher, gp):
+        stats.add_diagonal(i, (g * g).sum(0))
     for j, inp, g in calls:
         add_layer_statistics(stats, j, layers[j], inp, g)
     index = {id(p): i for i, p in enumerate(fallback_params)}

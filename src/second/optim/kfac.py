@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -281,6 +282,21 @@ class KFAC(torch.optim.Optimizer):
         # weak references: a deep copy of the model keeps hooks that point here and ignore
         # the copy (and the optimizer is not copied along with the model)
         self._watch = watch_forward(inner, self._pre_hook, self._top_hook)
+        # the loss on the captured batch, for the damping adaptation's loss after the step
+        self._loss_hook = None
+        if isinstance(loss_fn, nn.Module):
+            on_loss = weakref.WeakMethod(self._on_loss)
+
+            def loss_hook(mod, args, kwargs, output):
+                fn = on_loss()
+                if fn is not None:
+                    fn(args, kwargs, output)
+
+            self._loss_hook = loss_fn.register_forward_hook(loss_hook, with_kwargs=True)
+        self._out_ref: weakref.ref | None = None  # the last training forward's output
+        self._n_forwards = 0  # training forwards since the last step
+        self._step_forwards = 0  # those of the step in progress
+        self._loss_batch: tuple | None = None  # (target args, kwargs, loss) of that output
         self._pending: FactorStats | None = None
         self._pending_bad = False  # the last training forward's output was not finite
         self._warned: set[str] = set()
@@ -317,6 +333,9 @@ class KFAC(torch.optim.Optimizer):
             return
         self._batch = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
         self._fwd = None
+        self._n_forwards += 1
+        self._loss_batch = None
+        self._out_ref = weakref.ref(output) if isinstance(output, Tensor) else None
         if not self._capture.active:
             return
         self._capture.active = False
@@ -347,6 +366,47 @@ class KFAC(torch.optim.Optimizer):
             batch_statistics(self.layers, fb, output, S, self._capture, stats)
             self._capture.clear()
         self._pending = stats
+
+    def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
+        """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
+
+        :meth:`_trial_loss` re-evaluates that loss after the step without a backward pass.
+        """
+        if self._in_step or not torch.is_grad_enabled():
+            return
+        out = self._out_ref() if self._out_ref is not None else None
+        if out is None or not args or args[0] is not out or self._loss_batch is not None:
+            self._loss_batch = None
+            return
+        if not isinstance(output, Tensor) or torch.is_autocast_enabled(out.device.type):
+            return
+        rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in args[1:])
+        self._loss_batch = (rest, kwargs, output.detach())
+
+    def _trial_loss(self, closure) -> tuple[Tensor | None, Tensor]:
+        """``(loss before, loss after)`` the step on the step's batch, for Levenberg-Marquardt.
+
+        With one training forward since the last step whose output went straight into
+        ``loss_fn``, the loss after the step is a forward pass without gradients on the
+        captured batch (no backward); else the closure is called again (``None`` before:
+        the closure's own loss is the reference).
+        """
+        self._in_step = True
+        try:
+            if (
+                self._loss_batch is not None
+                and self._step_forwards == 1
+                and self._batch is not None
+            ):
+                rest, lkw, before = self._loss_batch
+                args, kwargs = self._batch
+                with torch.no_grad():
+                    after = self.loss_fn(self.inner(*args, **kwargs), *rest, **lkw)
+                return before, after
+            with torch.enable_grad():
+                return None, closure()
+        finally:
+            self._in_step = False
 
     def _keep_forward(self, args, kwargs, output: Tensor) -> None:
         """Keep the captured activations of a plain MLP forward for :meth:`_chain_jvp`."""
@@ -394,6 +454,8 @@ class KFAC(torch.optim.Optimizer):
         """Remove the hooks from the model (the optimizer cannot step afterwards)."""
         self._capture.close()
         self._watch.remove()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
 
     def add_param_group(self, param_group: dict) -> None:
         """Parameter groups are fixed at construction (``KFAC(model, loss_fn, params=...)``).
@@ -625,9 +687,13 @@ class KFAC(torch.optim.Optimizer):
         Args:
             closure: re-evaluates the model on the current mini-batch and returns the loss
                 (it may call ``backward``; if it does not, the optimizer does). Needed by
-                the Levenberg-Marquardt damping adaptation, called once more after the
-                step every ``damping_adaptation_interval`` steps. Without a closure, run
-                the forward and backward pass before calling ``step()``.
+                the Levenberg-Marquardt damping adaptation, which every
+                ``damping_adaptation_interval`` steps needs the loss after the step on the
+                same batch: when the closure ran one forward whose output went straight
+                into ``loss_fn`` (``loss_fn(model(x), y)``), that loss is re-evaluated on the
+                captured batch without gradients (no backward; ``p.grad`` keeps the
+                step's gradient); otherwise the closure is called once more. Without a
+                closure, run the forward and backward pass before calling ``step()``.
 
         Returns:
             The closure's loss (before the step), or ``None``.
@@ -643,6 +709,7 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
                 if all(p.grad is None for p in params) and loss.requires_grad:
                     loss.backward()
+        self._step_forwards, self._n_forwards = self._n_forwards, 0
         for key in COUNTERS:  # a state saved before the counters existed
             group.setdefault(key, 0)
         adaptive = group.get("adaptive", group["lr"] is None)
@@ -857,12 +924,9 @@ class KFAC(torch.optim.Optimizer):
 
     def _adapt_damping(self, closure, loss, info, group) -> bool:
         """Levenberg-Marquardt; ``False`` when the loss after the step is not finite."""
-        self._in_step = True
-        try:
-            with torch.enable_grad():
-                new_loss = closure()
-        finally:
-            self._in_step = False
+        before, new_loss = self._trial_loss(closure)
+        if before is not None:
+            loss = before
         vals = torch.tensor([float(loss), float(new_loss)], dtype=torch.float64)
         if self._dist():
             vals = vals.to(self._params[0].device)
