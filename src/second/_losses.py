@@ -49,7 +49,7 @@ def reduction_of(loss_fn: Callable, reduction: str | None = None) -> str:
     return red
 
 
-def check_plain_loss(loss_fn: nn.Module) -> None:
+def check_plain_loss(loss_fn: Callable) -> None:
     """Refuse a weighted or label-smoothed loss, whose output curvature is not modelled."""
     if (
         getattr(loss_fn, "weight", None) is not None

@@ -17,6 +17,7 @@ from torch import Tensor
 from ._errors import ConvergenceWarning, NegativeCurvatureWarning, SecondDeprecationWarning
 from .func.vectors import parameters_to_vector
 from .solvers import cg, minres, neumann_solve
+from .solvers._result import flat_solution
 
 __all__ = ["conjugate_gradient", "neumann", "fixed_point", "clip_grad_norm"]
 
@@ -91,7 +92,7 @@ def conjugate_gradient(
         )
     elif not res.converged:
         warnings.warn(f"conjugate_gradient: {res.message}", _warning_for(res), stacklevel=2)
-    return res.x
+    return flat_solution(res)
 
 
 def _warning_for(res):
@@ -184,7 +185,7 @@ def fixed_point(
     res = neumann_solve(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
     if res.diverged:
         warnings.warn(f"fixed_point: {res.message}", NegativeCurvatureWarning, stacklevel=2)
-    return res.x
+    return flat_solution(res)
 
 
 def clip_grad_norm(

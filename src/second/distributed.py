@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import overload
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,14 @@ def is_main() -> bool:
         True
     """
     return rank() == 0
+
+
+@overload
+def all_reduce_sum(tensors: Tensor, distributed: bool | None = None) -> Tensor: ...
+
+
+@overload
+def all_reduce_sum(tensors: Sequence[Tensor], distributed: bool | None = None) -> list[Tensor]: ...
 
 
 def all_reduce_sum(

@@ -226,6 +226,7 @@ def _by_layers(model, task, batch, plan, params, sqrt, chunk_size) -> Tensor | N
         for (m, w, b), r, g in zip(plan, runs, gs):
             a = r[0][0]
             if type(m) is nn.Conv2d:
+                assert not isinstance(m.padding, str)  # the plan admits numeric padding only
                 cols = nn.functional.unfold(
                     a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
                 )  # [n, in * kh * kw, L]
