@@ -57,6 +57,7 @@ class BlockLayout:
         fallback: the remaining parameters, each with a diagonal block.
 
     Example:
+        >>> from second.kfac import find_layers
         >>> net = torch.nn.Linear(2, 1)
         >>> layout = BlockLayout(list(net.parameters()), find_layers(net), [])
         >>> V = torch.arange(3.0).reshape(3, 1)   # (w1, w2, b) as one column

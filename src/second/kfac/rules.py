@@ -625,7 +625,12 @@ class DiagonalRule:
 
 
 class LayerNormRule(DiagonalRule, module_type=nn.LayerNorm):
-    r"""``nn.LayerNorm``: :math:`\hat x = (x - \mu)/\sigma` over the normalized shape."""
+    r"""``nn.LayerNorm``: :math:`\hat x = (x - \mu)/\sigma` over the normalized shape.
+
+    Example:
+        >>> LayerNormRule("ln", torch.nn.LayerNorm(3)).normalized(torch.tensor([[1.0, 2.0, 3.0]]))
+        tensor([[-1.2247,  0.0000,  1.2247]])
+    """
 
     def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
         m = cast(nn.LayerNorm, self.module)
@@ -637,7 +642,12 @@ class LayerNormRule(DiagonalRule, module_type=nn.LayerNorm):
 
 
 class RMSNormRule(DiagonalRule, module_type=nn.RMSNorm):
-    r"""``nn.RMSNorm``: :math:`\hat x = x / \mathrm{rms}(x)` over the normalized shape."""
+    r"""``nn.RMSNorm``: :math:`\hat x = x / \mathrm{rms}(x)` over the normalized shape.
+
+    Example:
+        >>> RMSNormRule("norm", torch.nn.RMSNorm(2)).normalized(torch.tensor([[3.0, 4.0]]))
+        tensor([[0.8485, 1.1314]])
+    """
 
     def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
         m = cast(nn.RMSNorm, self.module)
@@ -649,7 +659,13 @@ class RMSNormRule(DiagonalRule, module_type=nn.RMSNorm):
 
 
 class GroupNormRule(DiagonalRule, module_type=nn.GroupNorm):
-    """``nn.GroupNorm``: per-channel scale and shift of the group-normalized input."""
+    """``nn.GroupNorm``: per-channel scale and shift of the group-normalized input.
+
+    Example:
+        >>> rule = GroupNormRule("gn", torch.nn.GroupNorm(1, 2))
+        >>> rule.normalized(torch.tensor([[[1.0], [3.0]]])).flatten()
+        tensor([-1.0000,  1.0000])
+    """
 
     def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
         m = cast(nn.GroupNorm, self.module)
@@ -665,6 +681,11 @@ class BatchNormRule(DiagonalRule, module_type=nn.modules.batchnorm._BatchNorm):
     In training mode an example's output depends on the whole batch; the per-example
     gradients of the affine parameters are still exact (the normalized input does not
     depend on them), the GGN itself couples the examples.
+
+    Example:
+        >>> rule = BatchNormRule("bn", torch.nn.BatchNorm1d(2).eval())  # running mean 0, var 1
+        >>> rule.normalized(torch.tensor([[1.0, 3.0]])), rule.approximation()
+        (tensor([[1.0000, 3.0000]]), 'diagonal-exact')
     """
 
     def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
