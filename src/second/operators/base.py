@@ -21,7 +21,7 @@ operators made from a tensor, a callable or a SciPy operator (:class:`DenseOpera
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -168,9 +168,10 @@ class LinearOperator:
         """
         if self.symmetric and self.is_square:
             return self
-        if getattr(self, "_adjoint", None) is None:
-            self._adjoint = _AdjointOperator(self, conjugate=True)
-        return self._adjoint
+        adjoint: LinearOperator | None = getattr(self, "_adjoint", None)
+        if adjoint is None:
+            adjoint = self._adjoint = _AdjointOperator(self, conjugate=True)
+        return adjoint
 
     @property
     def T(self) -> LinearOperator:
@@ -305,16 +306,24 @@ class SumOperator(LinearOperator):
         self.psd = all(op.psd for op in ops)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return sum(op._matvec(v) for op in self.ops)
+        return _sum(op._matvec(v) for op in self.ops)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return sum(op._matmat(V) for op in self.ops)
+        return _sum(op._matmat(V) for op in self.ops)
 
     def _rmatvec(self, u: Tensor) -> Tensor:
-        return sum(op._rmatvec(u) for op in self.ops)
+        return _sum(op._rmatvec(u) for op in self.ops)
 
     def _rmatmat(self, U: Tensor) -> Tensor:
-        return sum(op._rmatmat(U) for op in self.ops)
+        return _sum(op._rmatmat(U) for op in self.ops)
+
+
+def _sum(parts: Iterable[Tensor]) -> Tensor:
+    """The sum of one or more tensors (``sum()``, typed: its start ``0`` is never returned)."""
+    total, *rest = parts
+    for part in rest:
+        total = total + part
+    return total
 
 
 class ScaledOperator(LinearOperator):

@@ -27,6 +27,7 @@ all-reduced, so the result equals the single-process product on all the data.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +108,8 @@ class CurvatureOperator(LinearOperator):
             batched backward, with its per-operator fallbacks, measured slower than the loop),
             ``"vmap"`` otherwise.
     """
+
+    _init_call: tuple[tuple[Any, ...], dict[str, Any]]  # the constructor's arguments
 
     def __new__(cls, *args, **kwargs):
         """Record the constructor's arguments, which :meth:`restrict` calls it with again.
@@ -189,8 +192,8 @@ class CurvatureOperator(LinearOperator):
             >>> torch.allclose(H1.to_dense(), HessianOperator(model, torch.nn.MSELoss(), (X[:3], y[:3])).to_dense())
             True
         """
-        args, kwargs = self._init_call
-        args = list(args)
+        init_args, kwargs = self._init_call
+        args = list(init_args)
         if len(args) > 2:
             args[2] = batch
         else:

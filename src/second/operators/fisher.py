@@ -21,22 +21,25 @@ class _FisherState:
     def __init__(self, op: FisherOperator, batch):
         task = op.task
         out, _ = op._forward(batch)  # the loss is checked to be a scalar
+        loss_fn = task.loss_fn
+        if loss_fn is None:  # _forward has refused a task without one
+            raise ValueError("a Fisher operator needs a loss_fn")
         n = out.shape[0]
         w = 1.0 / n if op.reduction == "mean" else 1.0
         self.w = w
         self.out_dim = out.dim()
         if op.fisher == "empirical":
-            losses = per_sample_losses(task.loss_fn, out, task.targets(batch), op.reduction)
+            losses = per_sample_losses(loss_fn, out, task.targets(batch), op.reduction)
             self.graph = JacobianGraph(losses, op.params)
             self.scores = self.outer = None
         else:
-            a = nll_scale(task.loss_fn, out, op.reduction)
+            a = nll_scale(loss_fn, out, op.reduction)
             # all K samples of all n examples in one batch of K * n (one backward, no loop)
             K = op.mc_samples
             f = out.detach().unsqueeze(0).expand(K, *out.shape).reshape(K * n, *out.shape[1:])
             f = f.clone().requires_grad_(True)
-            yt = sample_targets(task.loss_fn, f, op._sampler)
-            ls = per_sample_losses(task.loss_fn, f, yt, op.reduction)
+            yt = sample_targets(loss_fn, f, op._sampler)
+            ls = per_sample_losses(loss_fn, f, yt, op.reduction)
             (s,) = torch.autograd.grad(ls.sum(), f)
             self.scores = s.reshape(K, *out.shape)  # [K, n, ...]
             self.w = w / (a * op.mc_samples)

@@ -31,7 +31,7 @@ class DenseOperator(LinearOperator):
     def __init__(self, A: Tensor, symmetric: bool | None = None):
         if A.dim() != 2:
             raise ValueError(f"a dense operator needs a matrix, got shape {tuple(A.shape)}")
-        super().__init__(tuple(A.shape), A.dtype, A.device)
+        super().__init__((A.shape[0], A.shape[1]), A.dtype, A.device)
         self.A = A
         if not self.is_square:
             if symmetric:
@@ -48,7 +48,8 @@ class DenseOperator(LinearOperator):
     def _rmatvec(self, u: Tensor) -> Tensor:
         return self.A.mH @ u
 
-    _rmatmat = _rmatvec
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        return self.A.mH @ U
 
     def to_dense(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
         return self.A.clone()
@@ -147,7 +148,8 @@ class IdentityOperator(LinearOperator):
     def _matvec(self, v: Tensor) -> Tensor:
         return v.clone()
 
-    _matmat = _matvec
+    def _matmat(self, V: Tensor) -> Tensor:
+        return V.clone()
 
 
 def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> LinearOperator:
