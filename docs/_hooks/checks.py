@@ -20,12 +20,6 @@ AUTOREFS = "mkdocs_autorefs._internal.plugin"
 # (logger name under mkdocs.plugins, pattern of the message, owner)
 KNOWN: list[tuple[str, str, str]] = [
     # grouped parameter entries ("a, b: ...") are Sphinx/NumPy style, not Google style
-    ("griffe", r"optim/kfac\.py:\d+: Parameter 'min_damping, max_damping'", "KFAC"),
-    (
-        "griffe",
-        r"(approximations/kfac|kfac/operators)\.py:\d+: .*'reduction, check_deterministic, distributed, progressbar'",
-        "KFAC",
-    ),
     ("griffe", r"optim/hessian_free\.py:\d+: Parameter 'min_damping, max_damping'", "Newton"),
     ("griffe", r"optim/hessian_free\.py:\d+: Parameter 'boost, drop'", "Newton"),
     ("griffe", r"operators/(curvature|fisher)\.py:\d+: Parameter 'other arguments'", "engine"),
@@ -37,7 +31,6 @@ KNOWN: list[tuple[str, str, str]] = [
 UNRENDERED: dict[tuple[str, str], str] = {
     ("second", "optim"): "a subpackage: it has its own page (second.optim)",
     ("second", "laplace"): "a subpackage: it has its own page (second.laplace)",
-    ("second.laplace", "metrics"): "a submodule: its functions are rendered under it",
     ("second.newton", "model_cg"): "a submodule: the model CG is documented through its functions",
     (
         "second",
