@@ -181,8 +181,8 @@ def hypergradient(
         L_out = _scalar(outer_loss(w_in, h_in), "outer_loss")
         if not L_out.requires_grad:
             raise ValueError("outer_loss depends neither on params nor on hparams (no graph)")
-        out = torch.autograd.grad(L_out, ws + hs, allow_unused=True)
-        out = [torch.zeros_like(t) if g is None else g for t, g in zip(ws + hs, out, strict=True)]
+        raw = torch.autograd.grad(L_out, ws + hs, allow_unused=True)
+        out = [torch.zeros_like(t) if g is None else g for t, g in zip(ws + hs, raw, strict=True)]
         gw_out, gh_out = out[:nw], out[nw:]
         b = check_finite(parameters_to_vector(gw_out), "the gradient of outer_loss")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,7 +68,7 @@ def solve_symmetric(
         tol = default_tol(b.dtype)
     op = CallableOperator(matvec, b.numel(), b.dtype, b.device)
     op.psd = psd
-    kwargs = dict(damping=damping, tol=tol, atol=atol, maxiter=maxiter, x0=x0)
+    kwargs: dict[str, Any] = dict(damping=damping, tol=tol, atol=atol, maxiter=maxiter, x0=x0)
     if method != "auto":
         if method == "neumann":
             kwargs.pop("x0")

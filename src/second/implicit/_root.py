@@ -5,17 +5,26 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from ..func.products import check_finite, grad_checked
 from ..func.vectors import parameters_to_vector, vector_to_parameters
+from ..solvers import SolveResult
 from ._linear import solve_options, solve_symmetric
 from ._structure import detached_leaves, flatten, zeros_for_none
 
 __all__ = ["implicit_root", "stationary"]
+
+
+class ImplicitSolver(Protocol):
+    """What :func:`implicit_root` returns: the solver, and the last backward solve's result."""
+
+    last_solve: SolveResult | None
+
+    def __call__(self, *args: Any) -> Any: ...
 
 
 def stationary(inner_loss: Callable[..., Tensor]) -> Callable[..., Any]:
@@ -57,7 +66,7 @@ def implicit_root(
     damping: float = 0.0,
     symmetric: bool = True,
     warn: bool = True,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> Callable[[Callable[..., Any]], ImplicitSolver]:
     r"""Decorate an inner solver so autograd differentiates its output implicitly.
 
     ``solver(*args)`` returns :math:`w^*` with :math:`F(w^*, \text{args}) = 0`, where
@@ -121,7 +130,7 @@ def implicit_root(
     """
     options = solve_options(locals())
 
-    def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
+    def decorator(solver: Callable[..., Any]) -> ImplicitSolver:
         @functools.wraps(solver)
         def wrapped(*args):
             arg_leaves, rebuild = _flatten_args(args)
@@ -145,8 +154,9 @@ def implicit_root(
             outs = _ImplicitRoot.apply(spec, *w_leaves, *[arg_leaves[i] for i in diff])
             return w_struct.unflatten(list(outs))
 
-        wrapped.last_solve = None
-        return wrapped
+        implicit = cast(ImplicitSolver, wrapped)  # a function with a last_solve attribute
+        implicit.last_solve = None
+        return implicit
 
     return decorator
 
@@ -243,30 +253,31 @@ class _ImplicitRoot(torch.autograd.Function):
 def _flatten_args(args: tuple) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
     """Flatten positional args one level (tensors, tuples/lists and dicts of tensors)."""
     leaves: list[Any] = []
-    layout = []
+    layout: list[tuple[int, Callable[[list[Any]], Any]]] = []  # (leaves, rebuild from them)
     for a in args:
         if isinstance(a, dict):
-            layout.append(("dict", list(a.keys())))
+            layout.append((len(a), functools.partial(_dict_of, list(a.keys()))))
             leaves.extend(a.values())
         elif isinstance(a, (tuple, list)):
-            layout.append((type(a), len(a)))
+            layout.append((len(a), type(a)))
             leaves.extend(a)
         else:
-            layout.append(("leaf", None))
+            layout.append((1, _only))
             leaves.append(a)
 
     def rebuild(new_leaves: list[Any]) -> tuple:
         out, k = [], 0
-        for kind, meta in layout:
-            if kind == "leaf":
-                out.append(new_leaves[k])
-                k += 1
-            elif kind == "dict":
-                out.append(dict(zip(meta, new_leaves[k : k + len(meta)], strict=True)))
-                k += len(meta)
-            else:
-                out.append(kind(new_leaves[k : k + meta]))
-                k += meta
+        for size, build in layout:
+            out.append(build(new_leaves[k : k + size]))
+            k += size
         return tuple(out)
 
     return leaves, rebuild
+
+
+def _dict_of(keys: list[Any], values: list[Any]) -> dict[Any, Any]:
+    return dict(zip(keys, values, strict=True))
+
+
+def _only(values: list[Any]) -> Any:
+    return values[0]
