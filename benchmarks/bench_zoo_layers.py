@@ -4,14 +4,16 @@
 ``approximations()`` after one training step, summarized per model (parameters and
 entries per approximation) and listed per parameter.
 
-``--compare MODEL ...``: trains the model with KFAC's defaults three ways, same seed and
-batches as ``bench_zoo.py`` (its ``train``): the layer rules as they are (``expand``), with
-``weight_sharing="reduce"``, and with the coverage before the attention/normalization
+``--compare MODEL ...``: trains the model with KFAC's defaults four ways, same seed and
+batches as ``bench_zoo.py`` (its ``train``): the layer rules as they are (the default
+``weight_sharing="auto"``: ``nn.Conv2d`` reduces, the rest expands), with ``"expand"`` and
+with ``"reduce"`` everywhere, and with the coverage before the attention/normalization
 rules (``legacy``: ``nn.MultiheadAttention`` and the norm layers left to the diagonal
 fallback, as before issue 14's layer coverage), plus AdamW at lr 1e-2 for the step cost.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_zoo_layers.py [--table]
-        [--compare char-transformer cnn] [--variants expand legacy] [--epochs 5] [--lm-steps 400]
+        [--compare char-transformer cnn] [--variants auto expand legacy] [--epochs 5]
+        [--lm-steps 400]
 """
 
 from __future__ import annotations
@@ -104,7 +106,11 @@ def approximation_table() -> str:
 
 def compare(models, epochs, lm_steps, only=None, seeds=(0,)) -> str:
     variants = {
-        "KFAC expand (default)": (lambda m, f: second.optim.KFAC(m, f), None),
+        "KFAC auto (default: Conv2d reduce, the rest expand)": (
+            lambda m, f: second.optim.KFAC(m, f),
+            None,
+        ),
+        "KFAC expand": (lambda m, f: second.optim.KFAC(m, f, weight_sharing="expand"), None),
         "KFAC reduce": (lambda m, f: second.optim.KFAC(m, f, weight_sharing="reduce"), None),
         "KFAC legacy coverage": (lambda m, f: second.optim.KFAC(m, f), legacy_coverage),
         "AdamW lr=0.01": (lambda m, f: torch.optim.AdamW(m.parameters(), lr=1e-2), None),

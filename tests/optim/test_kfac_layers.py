@@ -87,3 +87,35 @@ def test_state_dict_round_trip_keeps_the_attention_blocks():
     for key in ("rows[0:8]", "rows[16:24]"):
         for name in ("A", "G"):
             torch.testing.assert_close(st2[key][name], st[key][name], rtol=0, atol=0)
+
+
+def test_auto_weight_sharing_reduces_conv2d_and_expands_the_rest():
+    """The default ``"auto"``: an image convolution reduces, attention and a Conv1d expand."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.conv1d = nn.Conv1d(2, 4, 3)
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.conv1d(torch.tanh(self.conv(x)).flatten(2)).transpose(1, 2)  # [n, T, 4]
+            h = self.att(h, h, h, need_weights=False)[0]
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model, loss_fn = Net().to(DT), nn.CrossEntropyLoss()
+    X, y = torch.randn(8, 1, 6, 6, dtype=DT), torch.randint(0, 3, (8,))
+    opt = KFAC(model, loss_fn)
+    loss_fn(model(X), y).backward()
+    opt.step()
+    got = opt.approximations()
+    assert got["conv.weight"] == got["conv.bias"] == "kronecker-reduce"
+    assert got["conv1d.weight"] == "kronecker-expand"
+    assert got["att.in_proj_weight"] == got["att.out_proj.weight"] == "kronecker-expand"
+    assert (
+        KFAC(copy.deepcopy(model), loss_fn, weight_sharing="expand").layers[0].weight_sharing
+        == "expand"
+    )

@@ -36,8 +36,8 @@ operators' default is ``"expand"`` everywhere. The KFAC optimizer's default, ``"
 (:data:`AUTO_WEIGHT_SHARING`), reduces ``nn.Conv2d`` and expands everything else: a
 language model needs ``"expand"`` (the zoo's character transformer, 400 steps: validation
 loss 1.87 with ``"expand"``, 2.31 with ``"reduce"``), while on the zoo's digits CNN
-``{nn.Conv2d: "reduce"}`` reached 0.975/0.975/0.981 test accuracy on seeds 0-2 against
-0.964/0.972/0.978 with ``"expand"`` at two thirds of the step cost (BENCHMARKS.md). A
+``{nn.Conv2d: "reduce"}`` reached 0.975/0.972/0.975 test accuracy on seeds 0-2 against
+0.961/0.972/0.972 with ``"expand"`` at 0.7x the CPU time (BENCHMARKS.md). A
 convolutional model with a loss per pixel (segmentation) should pass ``"expand"``.
 
 Built in (Kronecker): :class:`~torch.nn.Linear` (any leading dimensions as positions),

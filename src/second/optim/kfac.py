@@ -146,10 +146,13 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: KL clipping constant ``c`` in fixed-``lr`` mode (default ``None``: off).
         max_update_norm: clip the update's 2-norm (default ``None``: off).
         fallback: ``"diagonal"`` (default) or ``"identity"``.
-        weight_sharing: ``"expand"`` (default) or ``"reduce"`` for layers applied at several
-            positions of an example (sequences, attention, convolutions), or
-            ``{module name pattern or type: mode}`` per layer (see :mod:`second.kfac.rules`);
-            :meth:`approximations` reports what each parameter got.
+        weight_sharing: for layers applied at several positions of an example (sequences,
+            attention, convolutions): ``"auto"`` (default: ``nn.Conv2d`` reduces, since an
+            image model's loss pools over the pixels; every other layer expands, since a
+            sequence model's loss is per position; pass ``"expand"`` for a per-pixel loss),
+            ``"expand"`` or ``"reduce"`` for every layer, or ``{module name pattern or type:
+            mode}`` per layer (see :mod:`second.kfac.rules`); :meth:`approximations`
+            reports what each parameter got.
         distributed: all-reduce statistics (default: when a process group is initialized).
 
     Raises:
@@ -198,7 +201,7 @@ class KFAC(torch.optim.Optimizer):
         max_update_norm: float | None = None,
         fallback: str = "diagonal",
         distributed: bool | None = None,
-        weight_sharing: WeightSharing = "expand",
+        weight_sharing: WeightSharing = "auto",
     ):
         check_positive("damping", damping, strict=True)
         check_positive("min_damping", min_damping, strict=True)
