@@ -155,7 +155,7 @@ def deferred_backward(calls: list) -> Iterator[None]:
 
     with _BACKWARD_LOCK:
         original = torch.autograd.backward
-        torch.autograd.backward = record
+        torch.autograd.backward = record  # type: ignore[assignment]  # a recorder takes any kw
         try:
             yield
         finally:

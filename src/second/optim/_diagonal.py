@@ -127,11 +127,12 @@ def closure_gradients(
         res.loss, list(params), create_graph=create_graph, retain_graph=True, zeros_for_unused=True
     )
     with torch.no_grad():
-        for p, g in zip(params, grads):
-            p.grad = g.detach().clone()
+        kept = [g.detach().clone() for g in grads]
+        for p, g in zip(params, kept):
+            p.grad = g
         # the loss is differentiated here, not by backward(), so DDP's hooks do not average
         # the gradient: it is averaged over the ranks now
-        all_reduce_mean([p.grad for p in params])
+        all_reduce_mean(kept)
     return res.loss, grads
 
 
@@ -164,10 +165,19 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
         period = self.param_groups[0]["update_period"]
         return int(self.counters.get("n_steps", 0)) % period == 0
 
+    def _propose(
+        self, p: Tensor, grad: Tensor, estimate: Tensor | None, group: dict
+    ) -> tuple[Tensor, dict]:
+        """The update of ``p`` and its proposed state (each optimizer defines it)."""
+        raise NotImplementedError
+
     def _estimate(
-        self, loss: Tensor, grads: Sequence[Tensor], params: list[Tensor]
+        self, loss: Tensor | None, grads: Sequence[Tensor], params: list[Tensor]
     ) -> list[Tensor]:
-        """Hutchinson's diagonal (override for another estimator)."""
+        """Hutchinson's diagonal (override for another estimator).
+
+        ``loss`` is ``None`` when the gradients came from ``.grad`` rather than a closure.
+        """
         return hutchinson_diagonal(grads, params, self.generator(params[0].device))
 
     def _gradients(self, closure: Callable | None, due: bool):
@@ -185,28 +195,32 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                     return loss.detach(), params, [p.grad for p in params], None
                 est = self._estimate(loss, grads, params)
             return loss.detach(), params, [p.grad for p in params], est
-        grads = [p.grad for p in params]
+        current = [p.grad for p in params]
         if not due:
-            return None, params, grads, None
+            return None, params, current, None
         if self._estimator != "hutchinson":
             raise RuntimeError(
                 f"{owner} estimates its Hessian diagonal from the model's outputs: pass a "
                 "closure to step() (torch.optim's contract: zero the gradients, compute the "
                 "loss, call loss.backward(), return the loss)"
             )
-        if any(g is None or g.grad_fn is None for g in grads):
+        with_graph = [g for g in current if g is not None and g.grad_fn is not None]
+        if len(with_graph) != len(current):
             raise RuntimeError(
                 f"{owner} needs the gradient's graph for its Hessian estimate: pass a closure "
                 "to step(), or call loss.backward(create_graph=True) before step()"
             )
         with torch.enable_grad():
-            est = self._estimate(None, grads, params)
-        for p in params:
-            p.grad = p.grad.detach()
-        return None, params, [p.grad for p in params], est
+            est = self._estimate(None, with_graph, params)
+        detached = [g.detach() for g in with_graph]
+        for p, g in zip(params, detached):
+            p.grad = g
+        return None, params, detached, est
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> Tensor | None:
+    def step(  # type: ignore[override]  # the loss is returned as a tensor
+        self, closure: Callable | None = None
+    ) -> Tensor | None:
         """One step; ``closure`` follows torch.optim's contract and its loss is returned.
 
         Raises:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -146,7 +147,9 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> Tensor | None:
+    def step(  # type: ignore[override]  # the loss is returned as a tensor
+        self, closure: Callable | None = None
+    ) -> Tensor | None:
         """One step; ``closure`` (optional) re-evaluates the loss, which is returned."""
         loss = None
         if closure is not None:
@@ -188,7 +191,8 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
             ``(entries, new)``: ``entries`` a list of ``(group, p, layout, step)``, ``new`` the
             proposed state per parameter.
         """
-        entries, incs = [], []
+        entries = []
+        incs: list[Tensor] = []
         for group, ps in work:
             for p in ps:
                 t = int(self.state[p].get("step", 0)) + 1
@@ -197,10 +201,13 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
                 if layout is not None:
                     incs.extend(factor_increments(layout.to_matrix(p.grad), layout))
         all_reduce_mean(incs)
-        new: dict[Tensor, dict] = {}
-        due, pairs, k = [], [], 0
+        new: dict[Tensor, dict[str, Any]] = {}
+        due: list[Tensor] = []
+        pairs: list[tuple[Tensor, Tensor]] = []
+        k = 0
         for group, p, layout, t in entries:
-            st, ns = self.state[p], {"step": t}
+            st = self.state[p]
+            ns: dict[str, Any] = {"step": t}
             new[p] = ns
             if layout is None:
                 continue

@@ -140,6 +140,7 @@ def generic_jvp(
     params: list[Tensor],
     batch: tuple,
     tangents: list[Tensor],
+    vectorize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Output and ``J v`` by forward-mode AD (vmapped over the vectors) on the captured batch.
 
@@ -149,6 +150,9 @@ def generic_jvp(
         params: those parameters, detached.
         batch: ``(args, kwargs)`` of the captured forward.
         tangents: per parameter ``[k, *p.shape]``.
+        vectorize: vmap over the ``k`` vectors (else one JVP per vector: cheaper for
+            convolutions, whose batched-weight rule is slower on CPU than ``k`` JVPs; the
+            zoo's digits CNN: 7.3 ms vmapped against 6.0 ms for two JVPs).
     """
     from torch.func import functional_call, jvp, vmap
 
@@ -163,12 +167,13 @@ def generic_jvp(
     k = tangents[0].shape[0]
     tangent = dict(zip(names, tangents))
     with differentiable_attention():  # the fused attention kernels have no forward-mode rule
-        try:
-            out, Jv = vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
-        except Exception:  # a module without a batching rule: one JVP per vector
-            res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
-            out, Jv = res[0][0], torch.stack([r[1] for r in res])
-    return out, Jv
+        if vectorize:
+            try:
+                return vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
+            except Exception:  # a module without a batching rule: one JVP per vector
+                pass
+        res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
+    return res[0][0], torch.stack([r[1] for r in res])
 
 
 def ggn_gram(

@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -176,11 +177,13 @@ def minimize(
         unknown = sorted(set(options) - _CORE_OPTIONS[method])
         if unknown:
             raise ValueError(f"unknown options for {method!r}: {unknown}")
+        # a Newton method's fun returns the scalar objective (its loops refuse anything else)
+        objective = cast(Callable[[Tensor], Tensor], fun)
         if method == "newton-exact":
             if "hessian_every" in options:
                 check_int("hessian_every", options["hessian_every"])
-            return newton_dense(fun, x0, criteria, **options)
-        return newton_cg(fun, x0, criteria, **options)
+            return newton_dense(objective, x0, criteria, **options)
+        return newton_cg(objective, x0, criteria, **options)
     unknown = sorted(set(options) - _GN_OPTIONS)
     if unknown:
         raise ValueError(f"unknown options for 'gauss-newton': {unknown}")

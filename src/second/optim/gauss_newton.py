@@ -3,8 +3,10 @@ r"""Gauss-Newton / Levenberg-Marquardt on the generalized Gauss-Newton matrix.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -116,6 +118,21 @@ def unpack_closure_output(out, finite: bool = True) -> tuple[Tensor, Tensor]:
     if not isinstance(output, Tensor) or not output.requires_grad:
         raise ValueError("the closure's output must be the network output, with its graph")
     return loss, output
+
+
+@overload
+def evaluate_output(
+    opt: NewtonTypeOptimizer,
+    capture: OutputCapture | None,
+    closure,
+    need_output: Literal[True] = True,
+) -> tuple[ClosureCall, Tensor]: ...
+
+
+@overload
+def evaluate_output(
+    opt: NewtonTypeOptimizer, capture: OutputCapture | None, closure, need_output: bool
+) -> tuple[ClosureCall, Tensor | None]: ...
 
 
 def evaluate_output(
@@ -249,7 +266,7 @@ class GaussNewton(NewtonTypeOptimizer):
         super().__init__(params, defaults)
 
     # -- evaluation ----------------------------------------------------------------------
-    def _evaluate(self, closure) -> tuple[ClosureCall, Tensor | None]:
+    def _evaluate(self, closure) -> tuple[ClosureCall, Tensor]:
         """One closure call: the loss and the network output."""
         return evaluate_output(self, self._capture, closure)
 
@@ -341,7 +358,9 @@ class GaussNewton(NewtonTypeOptimizer):
 
     # -- step ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def step(  # type: ignore[override]  # closure required, loss returned as a tensor
+        self, closure: Callable[[], Tensor]
+    ) -> Tensor:
         """Perform up to ``maxiter`` Levenberg-Marquardt iterations (:func:`~second.newton.damped_step`).
 
         The closure, the value returned (the loss at the start of the call) and the errors are
@@ -365,12 +384,13 @@ class GaussNewton(NewtonTypeOptimizer):
             first_loss = cache["loss"] if first_loss is None else first_loss
             g, x = cache["g"], cache["x"]
             gnorm = float(torch.linalg.vector_norm(g))
+            holder: dict[str, Any] = {}
             res = damped_step(
                 cache["loss"],
                 g,
                 st["damping"],
-                lambda lam, cache=cache, gnorm=gnorm: self._solve(cache, closure, lam, gnorm),
-                self._trial(closure, x, holder := {}),
+                functools.partial(self._solve, cache, closure, gnorm=gnorm),
+                self._trial(closure, x, holder),
                 nu=st["nu"],
                 rule=group["damping_rule"],
                 eta=group["eta"],
@@ -382,6 +402,7 @@ class GaussNewton(NewtonTypeOptimizer):
             st["damping"], st["nu"] = res.damping, res.nu
             if res.accepted:  # the parameters are at the trial point
                 step_norm = float(torch.linalg.vector_norm(res.step))
+                assert res.finish is not None  # an accepted step was tried
                 res.finish()
                 cache = dict(accepted=holder["point"])
                 self._step_stalled(step_norm)

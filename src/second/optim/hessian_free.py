@@ -181,7 +181,9 @@ class HessianFree(NewtonTypeOptimizer):
         return prod
 
     @torch.no_grad()
-    def step(self, closure: Callable, curvature_closure: Callable | None = None) -> Tensor:
+    def step(  # type: ignore[override]  # closure required, loss returned as a tensor
+        self, closure: Callable, curvature_closure: Callable | None = None
+    ) -> Tensor:
         """One Hessian-free update on the current batch.
 
         Args:

@@ -148,7 +148,7 @@ class LiSSA(NewtonTypeOptimizer):
         return flat_hvp(self, grads)
 
     @torch.no_grad()
-    def step(
+    def step(  # type: ignore[override]  # closure required, loss returned as a tensor
         self, closure: Callable[[], Tensor], curvature_closure: Callable[[], Tensor] | None = None
     ) -> Tensor:
         """One LiSSA-Newton step.
@@ -227,6 +227,7 @@ class LiSSA(NewtonTypeOptimizer):
             )
             return torch.tensor(f0)
         step = rec.x
+        assert step is not None  # the recursion did not diverge
         x = self._gather_flat()
         self._add_flat(step, alpha=-group["lr"])
         try:

@@ -170,7 +170,9 @@ class NewtonCG(NewtonTypeOptimizer):
         st["radius"] = max(st["radius"], (2.0**best_k) * step_norm)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def step(  # type: ignore[override]  # closure required, loss returned as a tensor
+        self, closure: Callable[[], Tensor]
+    ) -> Tensor:
         """Perform up to ``maxiter`` trust-region iterations (:func:`second.newton.trust_region_step`).
 
         Args:
@@ -230,15 +232,18 @@ class NewtonCG(NewtonTypeOptimizer):
             if self._model_failed(res.predicted_reduction, "quadratic"):
                 break
             st["radius"] = res.radius
-            step_norm = res.sub.step_norm
+            sub = res.sub
+            assert sub is not None  # a trust-region step carries its subproblem
+            step_norm = sub.step_norm
             if res.accepted:  # the parameters are at the trial point
                 if res.grad is not None:
                     point = dict(loss=res.f, g=res.grad, hvp=res.product)
                 else:
+                    assert res.finish is not None  # an accepted step was tried
                     g_new, hvp_new = res.finish(True)
                     point = dict(loss=res.f, g=g_new, hvp=hvp_new)
                 cache = dict(accepted=point)
-                if group["extrapolation"] and res.rho > 1.1 and not res.sub.on_boundary:
+                if group["extrapolation"] and res.rho > 1.1 and not sub.on_boundary:
                     self._extrapolate(closure, x, res.step, step_norm, res.f)
                     cache = {}  # the trial graphs were invalidated: evaluate afresh
                 self._step_stalled(step_norm)

@@ -144,6 +144,7 @@ class Shampoo(KroneckerFactoredOptimizer):
         st = self.state[p]
         b1, b2 = group["betas"]
         g = p.grad
+        assert g is not None  # only parameters with a gradient are stepped (_with_grads)
         m = torch.lerp(st["exp_avg"], g, 1 - b1) if "exp_avg" in st else g * (1 - b1)
         v = torch.lerp(st["exp_avg_sq"], g * g, 1 - b2) if "exp_avg_sq" in st else g * g * (1 - b2)
         ns.update(exp_avg=m, exp_avg_sq=v)

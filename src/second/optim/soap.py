@@ -163,6 +163,7 @@ class SOAP(KroneckerFactoredOptimizer):
                 st_v = st_v[perm_G]
             if perm_A is not None:
                 st_v = st_v[:, perm_A]
+        assert p.grad is not None  # only parameters with a gradient are stepped (_with_grads)
         d, m, v = soap_direction(
             p.grad, st_m, st_v, block, layout, t, betas=group["betas"], eps=group["eps"]
         )
