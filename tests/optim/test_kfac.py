@@ -301,3 +301,29 @@ def test_damping_adaptation_reevaluates_loss_without_backward():
     assert opts[0].param_groups[0]["damping"] != 1e-3  # adapted (twice)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_generic_jvp_one_per_vector_matches_vmapped_and_dense():
+    """The per-vector JVPs (convolutional models) equal the vmapped ones and dense J v."""
+    from second.optim._kfac_quadratic import generic_jvp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).to(DT)
+    X = torch.randn(5, 1, 4, 4, dtype=DT)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    tangents = [torch.randn(2, *p.shape, dtype=DT) for p in params]
+    out_v, Jv_v = generic_jvp(model, names, params, ((X,), {}), tangents)
+    out_l, Jv_l = generic_jvp(model, names, params, ((X,), {}), tangents, vectorize=False)
+    torch.testing.assert_close(out_l, out_v, rtol=0, atol=0)
+    torch.testing.assert_close(Jv_l, Jv_v, rtol=1e-12, atol=1e-13)
+
+    def f(*ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (X,))
+
+    J = torch.autograd.functional.jacobian(f, tuple(params))
+    for i in range(2):
+        dense = sum(
+            (Jp.reshape(out_v.numel(), -1) @ t[i].reshape(-1)) for Jp, t in zip(J, tangents)
+        )
+        torch.testing.assert_close(Jv_l[i].reshape(-1), dense, rtol=1e-10, atol=1e-12)

@@ -318,6 +318,7 @@ class KFAC(torch.optim.Optimizer):
         # a plain Sequential of Linear layers and elementwise activations: the quadratic
         # model's JVPs reuse the captured forward (see _chain_jvp)
         self._chain = None if self.fallback_params else mlp_chain(inner, self.layers)
+        self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in inner.modules())
         self._fwd: tuple | None = None
 
     # ------------------------------------------------------------------------ hooks
@@ -662,7 +663,9 @@ class KFAC(torch.optim.Optimizer):
             if self._batch is None:
                 raise RuntimeError("KFAC's quadratic model needs a captured training forward")
             params = [p.detach() for p in self._params]
-            out, Jv = generic_jvp(self.inner, self._names, params, self._batch, tangents)
+            out, Jv = generic_jvp(
+                self.inner, self._names, params, self._batch, tangents, vectorize=not self._conv
+            )
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist())
 
     # ------------------------------------------------------------------------ the step
