@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=",".join(LIBRARIES))
     ap.add_argument("--n-cnn", type=int, default=500)
     ap.add_argument("--out", default="bench-output/diagonal")
+    ap.add_argument("--timeout", type=int, default=900, help="wall seconds per measurement")
+    ap.add_argument("--max-memory-gb", type=float, default=8.0, help="address space per run")
     ap.add_argument("--dense-check", action="store_true")
     ap.add_argument("--hessian-cv", action="store_true", help="the control-variate check only")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -198,10 +201,29 @@ def main(argv: list[str] | None = None) -> None:
         for library in args.only.split(","):
             cmd = [sys.executable, __file__, "--one", name, library]
             cmd += ["--n-cnn", str(args.n_cnn), "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            cap = int(args.max_memory_gb * 2**30)
+
+            def limit(cap=cap):  # a run that would exhaust the shared machine fails instead
+                resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=args.timeout,
+                    preexec_fn=limit,
+                )
+            except subprocess.TimeoutExpired:
+                print(f"| {name} | {library} | stopped after {args.timeout} s wall |", flush=True)
+                continue
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode or not lines:
-                print(f"| {name} | {library} | error: {proc.stderr.strip().splitlines()[-1:]} |")
+                last = proc.stderr.strip().splitlines()[-1:]
+                if "memory" in " ".join(last).lower() or proc.returncode < 0:
+                    last = [f"over the {args.max_memory_gb:g} GB address-space cap ({last})"]
+                print(f"| {name} | {library} | failed: {last} |", flush=True)
                 continue
             r = json.loads(lines[-1])
             ref_path = out / f"{name}-second.pt"

@@ -36,9 +36,15 @@ def run_part(part: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=[*PARTS, "all"], required=True)
+    # -h after --part PART is the part's own help
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    ap.add_argument("--part", choices=[*PARTS, "all"])
     args, rest = ap.parse_known_args(argv)
+    if args.part is None:
+        ap.print_help()
+        if not {"-h", "--help"} & set(rest):
+            ap.error("--part is required")
+        return
     if args.part == "all":
         if rest:
             ap.error("--part all runs every part with its defaults; pass options to one part")
