@@ -237,6 +237,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
     # -- parameters and groups ---------------------------------------------------------------
     def _select(self, subset) -> None:
         model = self.model
+        params: list[Tensor]
         if isinstance(subset, str):
             if subset == "all":
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -265,7 +266,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         if not params:
             raise ValueError("the subset has no parameters that require grad")
         self.params = params
-        owner = {}
+        owner: dict[int, str] = {}
         root = self._last if self._last is not None else model
         for mname, module in root.named_modules():
             for p in module.parameters(recurse=False):
@@ -293,7 +294,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         """One streaming pass: the loss at the mode, N, C, and the last layer's features."""
         device = self.params[0].device
         features: list = []
-        loss, n, C = 0.0, 0, None
+        loss, n, C = 0.0, 0, 0
         hook = None
         if self._last is not None:
             captured: list[Tensor] = []

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._state import LaplaceState
+
 __all__ = ["PriorOptimizationResult", "MarginalLikelihood"]
 
 
@@ -32,7 +34,7 @@ class PriorOptimizationResult:
     message: str
 
 
-class MarginalLikelihood:
+class MarginalLikelihood(LaplaceState):
     """The marginal-likelihood part of :class:`~second.laplace.Laplace` (a mixin).
 
     It reads the fitted structure (``_fitted()``), ``loss``, ``num_data``, ``num_outputs``,
@@ -72,8 +74,7 @@ class MarginalLikelihood:
 
     def scatter(self, prior_precision: float | Tensor | None = None) -> Tensor:
         r""":math:`(\theta_* - \mu_0)^\top \mathrm{diag}(\delta) (\theta_* - \mu_0)`."""
-        self._fitted()
-        d = self._structure.prior(self._delta(prior_precision))
+        d = self._fitted().prior(self._delta(prior_precision))
         return (d * self._centered() ** 2).sum()
 
     def log_det_posterior_precision(
@@ -229,7 +230,11 @@ class MarginalLikelihood:
 
             opt.step(closure)
             closure()
-            gnorm = float(torch.cat([v.grad.reshape(-1) for v in variables]).norm())
+            flat = []
+            for v in variables:
+                assert v.grad is not None  # closure() has just differentiated every variable
+                flat.append(v.grad.reshape(-1))
+            gnorm = float(torch.cat(flat).norm())
             it = int(opt.state[opt._params[0]]["n_iter"])
             converged = gnorm <= tol * max(1.0, abs(float(closure().detach())))
             message = f"gradient norm {gnorm:.2e}"

@@ -12,13 +12,13 @@ Every other structure takes dense per-example Jacobians
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..func.per_example import per_example_jacobians
+from ._state import LaplaceState
 from ._structures import KronStructure
 
 __all__ = ["Predictive", "LINKS", "PREDS"]
@@ -60,7 +60,7 @@ def link_probabilities(
     return torch.softmax(logits, -1).mean(0)
 
 
-class Predictive:
+class Predictive(LaplaceState):
     """The posterior and predictive part of :class:`~second.laplace.Laplace` (a mixin)."""
 
     # -- the posterior -----------------------------------------------------------------------
@@ -107,7 +107,7 @@ class Predictive:
         return self.mean.unsqueeze(0) + st.sample(c, d, Z, generator).T.to(self.mean.dtype)
 
     # -- predictives -------------------------------------------------------------------------
-    def _inputs(self, X) -> tuple[Callable, Tensor]:
+    def _inputs(self, X) -> tuple[nn.Module, Tensor]:
         """The function of the posterior's parameters and its input (the features for LLA)."""
         if self._last is None:
             return self.model, X
@@ -159,7 +159,7 @@ class Predictive:
             J = per_example_jacobians(module, self.params, inputs[start : start + chunk])
             m = J.shape[0]
             Jt = J.reshape(m * C, P).T  # [P, m C]
-            if st.whiten is not None:  # J Sigma J^T = (R J^T)^T (R J^T): one rotation
+            if st.can_whiten:  # J Sigma J^T = (R J^T)^T (R J^T): one rotation
                 W = st.whiten(c, d, Jt.to(st.dtype)).to(f.dtype).reshape(P, m, C)
                 covs.append(torch.einsum("pnc,pnd->ncd", W, W))
             else:

@@ -2,12 +2,13 @@ r"""Saving and loading a fitted Laplace approximation."""
 
 from __future__ import annotations
 
+from ._state import LaplaceState
 from ._structures import DiagStructure, FullStructure, LowRankStructure
 
 __all__ = ["Saving"]
 
 
-class Saving:
+class Saving(LaplaceState):
     """The saving part of :class:`~second.laplace.Laplace` (a mixin)."""
 
     def state_dict(self) -> dict:

@@ -21,6 +21,7 @@ class _Structure:
     """The interface: ``logdet``, ``inv_diag``, ``solve``, ``sample``, ``curvature``, state."""
 
     kind = ""
+    can_whiten = True  # whether whiten() has a cheap square root
 
     def __init__(self, group_index: Tensor):
         self.group_index = group_index
@@ -62,7 +63,9 @@ class _Structure:
     def state(self) -> dict:
         raise NotImplementedError
 
-    dtype: torch.dtype
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
@@ -220,7 +223,7 @@ class LowRankStructure(_Structure):
         DiV = V / D.unsqueeze(1)
         return DiV - DiB @ torch.cholesky_solve(DiB.T @ V, LM)
 
-    whiten = None  # no cheap square root: the predictive uses V^T (Lambda^{-1} V)
+    can_whiten = False  # no cheap square root: the predictive uses V^T (Lambda^{-1} V)
 
     def sample(self, c, delta, Z, generator=None):
         # perturb and solve: Lambda^{-1}(D^{1/2} z1 + B z2) has covariance Lambda^{-1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -219,6 +220,30 @@ def _xtrace(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, 
     cross = (S * (Rd - H @ W)).sum(0)  # s_i^T (R_i - H w_i)
     ests = torch.trace(H) - sHs + (wHw - wR) + 2 * c * cross + c**2 * sHs
     return ests.mean().to(dtype), _sem(ests)
+
+
+@overload
+def diagonal(
+    A,
+    num_matvecs: int = 100,
+    method: str = "hutchinson",
+    *,
+    control: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_result: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def diagonal(
+    A,
+    num_matvecs: int = 100,
+    method: str = "hutchinson",
+    *,
+    control: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_result: bool,
+) -> Tensor | Estimate: ...
 
 
 def diagonal(
