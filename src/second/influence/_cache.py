@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DiskCache", "fingerprint", "STALE_TMP_SECONDS", "CacheStore"]
+__all__ = ["DiskCache", "fingerprint", "chunk_digest", "STALE_TMP_SECONDS", "CacheStore"]
 
 STALE_TMP_SECONDS = 3600.0
 _FORMAT = 2
@@ -44,6 +44,11 @@ def fingerprint(*items) -> str:
     for item in items:
         _update(h, item)
     return h.hexdigest()[:24]
+
+
+def chunk_digest(chunk) -> str:
+    """The digest of a chunk's tensors (a pair digests as its two tensors, as before)."""
+    return fingerprint(*chunk) if isinstance(chunk, (tuple, list)) else fingerprint(chunk)
 
 
 def _update(h, item) -> None:

@@ -20,11 +20,11 @@ from ..data import Task, as_task, refuse_stochastic
 from ..distributed import check_same_across_ranks
 from ..func.per_example import ModelFunction, check_rows_finite
 from ..solvers import choose_method
-from ._cache import DiskCache, fingerprint
+from ._cache import DiskCache, chunk_digest
 from ._curvature import CurvatureInverse
 from ._examples import Examples, warn_ignored
+from ._kronecker import KroneckerScoring
 from ._loo import newton_loo
-from ._scoring import KroneckerScorer, default_memory, example_matrices, kronecker_gradients
 from ._sharding import ShardedWork
 from ._state import StateTracking
 
@@ -52,7 +52,7 @@ class TopK(NamedTuple):
     harmful_indices: Tensor
 
 
-class Influence(StateTracking, CurvatureInverse, ShardedWork):
+class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
     r"""Influence of training points on test losses, for any ``nn.Module``.
 
     ``scores[i, j]`` estimates how much the loss on test point ``i`` would change if
@@ -323,23 +323,21 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             self.inverse  # noqa: B018 - built by every rank (the dense one is sharded)
         V = torch.zeros(test.n, self.fn.numel, dtype=self.fn.dtype, device=self.fn.device)
         P = self.fn.numel
-        total = test.n_chunks(self.batch_size)
-        with self._collective("inverse-HVPs"):
-            for c, s, chunk in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
-                if not self._mine(c):
-                    continue
-                name, rows = f"ihvp-{self.key}-{tkey}-{c}", self.task.batch_size(chunk)
-                block = None
+
+        def body(c: int, s: int, chunk) -> None:
+            name, rows = f"ihvp-{self.key}-{tkey}-{c}", self.task.batch_size(chunk)
+            block = None
+            if self.cache is not None:
+                block = self.cache.load_block(name, (rows, P), self.fn.dtype)
+            if block is None:
+                G = check_rows_finite(self.fn.gradients(chunk, measure=True), "test example", s)
+                block = self._apply_inverse(G.T.contiguous()).T.contiguous()
+                check_rows_finite(block, "inverse-HVP of test example", s)
                 if self.cache is not None:
-                    block = self.cache.load_block(name, (rows, P), self.fn.dtype)
-                if block is None:
-                    G = self.fn.gradients(chunk, measure=True)
-                    G = check_rows_finite(G, "test example", s)
-                    block = self._apply_inverse(G.T.contiguous()).T.contiguous()
-                    check_rows_finite(block, "inverse-HVP of test example", s)
-                    if self.cache is not None:
-                        self.cache.save_block(name, block)
-                V[s : s + rows] = block.to(V)
+                    self.cache.save_block(name, block)
+            V[s : s + rows] = block.to(V)
+
+        self._each_chunk(test, "inverse-HVPs", body)
         V = self._gather(V)
         self._ihvp_memo[tkey] = V
         return V
@@ -347,26 +345,25 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
     def _train_pass(self, fn: Callable, rows: int, tag: str | None, desc: str) -> Tensor:
         """Fill ``[rows, n_train]`` chunk by chunk: ``fn(G_chunk) -> [rows, c]``; cached."""
         out = torch.zeros(rows, self.n_train, dtype=self.fn.dtype, device=self.fn.device)
-        total = self.train.n_chunks(self.batch_size)
-        with self._collective(desc):
-            for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, desc):
-                if not self._mine(c):
-                    continue
-                name = f"{tag}-{c}" if (tag and self.cache is not None) else None
-                nb, block = self.task.batch_size(chunk), None
-                meta = {"data": _chunk_digest(chunk)} if name is not None else None
+
+        def body(c: int, s: int, chunk) -> None:
+            name = f"{tag}-{c}" if (tag and self.cache is not None) else None
+            nb, block = self.task.batch_size(chunk), None
+            meta = {"data": chunk_digest(chunk)} if name is not None else None
+            if name is not None:
+                block = self.cache.load_block(name, (rows, nb), self.fn.dtype, meta)
+            if block is None:
+                G = check_rows_finite(_gradients(self.fn, chunk), "training example", s)
+                block = fn(G)
+                if not bool(torch.isfinite(block).all()):
+                    raise NonFiniteError(
+                        f"{desc} of training examples {s}..{s + nb - 1} are not finite"
+                    )
                 if name is not None:
-                    block = self.cache.load_block(name, (rows, nb), self.fn.dtype, meta)
-                if block is None:
-                    G = check_rows_finite(_gradients(self.fn, chunk), "training example", s)
-                    block = fn(G)
-                    if not bool(torch.isfinite(block).all()):
-                        raise NonFiniteError(
-                            f"{desc} of training examples {s}..{s + nb - 1} are not finite"
-                        )
-                    if name is not None:
-                        self.cache.save_block(name, block, meta)
-                out[:, s : s + nb] = block.to(out)
+                    self.cache.save_block(name, block, meta)
+            out[:, s : s + nb] = block.to(out)
+
+        self._each_chunk(self.train, desc, body)
         return self._gather(out)
 
     def scores(self, test_data, *, per_module: bool = False) -> Tensor | dict[str, Tensor]:
@@ -421,134 +418,6 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             lambda G: w * (V @ G.T), V.shape[0], f"scores-{self.key}-{tkey}", "scores"
         )
 
-    def _kronecker_queries(self, test_data):
-        r"""Preconditioned, ``w``-scaled query gradients per layer and fallback parameter.
-
-        Per Kronecker-factored layer :math:`w\,(B_l + \mu I)^{-1}` applied to the query
-        gradients in matrix form ``[q, d_G, d_A]``, never as dense rows; per other
-        parameter its diagonal solve. Computed once per test set (memory, ``cache_dir``).
-
-        Returns:
-            ``(mats, fallback)``: the layers' matrices and ``(names, V parts, function)``
-            for the other parameters (``None`` when there are none).
-        """
-        self._check_model()
-        test = self._test(test_data)
-        tkey = test.digest(self.batch_size)
-        self._same_on_all_ranks("test data", tkey)
-        warn_ignored(test, self.loss_fn)
-        memo = self._ihvp_memo.get(("kronecker", tkey))
-        if memo is not None:
-            return memo
-        op = self.operator
-        inv = op.inverse(damping=self.shift)  # checks the damped blocks are invertible
-        rules, w, lam = op.rules, self.weight, self.shift
-        fb = op.fallback_parameters
-        names = {id(p): k for k, p in self.model.named_parameters()}
-        fb_names = [names[id(p)] for p in fb]
-        fb_fn = ModelFunction(self.model, self.task, dict(zip(fb_names, fb))) if fb else None
-        like = self.fn.params[0]
-        memory = self.max_memory or default_memory()
-        mats = [like.new_zeros(test.n, r.d_G, r.d_A) for r in rules]
-        fvs = [like.new_zeros(test.n, p.numel()) for p in fb]
-        total = test.n_chunks(self.batch_size)
-        with self._collective("inverse-HVPs"):
-            for c, s, chunk in self._bar(test.chunks(self.batch_size), total, "inverse-HVPs"):
-                if not self._mine(c):
-                    continue
-                name, rows = f"kquery-{self.key}-{tkey}-{c}", self.task.batch_size(chunk)
-                block = None
-                if self.cache is not None:
-                    shapes = {f"L{j}": (rows, r.d_G, r.d_A) for j, r in enumerate(rules)}
-                    shapes.update({f"F{i}": (rows, p.numel()) for i, p in enumerate(fb)})
-                    block = self.cache.load_tensors(name, None, shapes)
-                if block is None:
-                    calls, _ = kronecker_gradients(rules, self.model, self.task, chunk, True)
-                    block = {}
-                    for j, r in enumerate(rules):
-                        out = mats[j][s : s + rows]
-                        step = max(1, memory // (8 * out[0].numel() * out.element_size()))
-                        for b in range(0, rows, step):  # the solve's temporaries stay small
-                            M = example_matrices(r, calls[j], b, min(b + step, rows))
-                            _check_finite(M, "test example", s + b)
-                            out[b : b + step] = inv.blocks[j].solve(M, lam, inv.split).mul_(w)
-                        block[f"L{j}"] = out
-                        calls[j] = []
-                    if fb_fn is not None:
-                        G = check_rows_finite(
-                            fb_fn.gradients(chunk, measure=True), "test example", s
-                        )
-                        off = 0
-                        for i, p in enumerate(fb):
-                            k = p.numel()
-                            v = G[:, off : off + k].reshape(rows, *p.shape)
-                            fvs[i][s : s + rows] = w * inv.diagonals[i].solve(v, lam).reshape(
-                                rows, k
-                            )
-                            block[f"F{i}"] = fvs[i][s : s + rows]
-                            off += k
-                    for t in block.values():
-                        _check_finite(t, "inverse-HVP of test example", s)
-                    if self.cache is not None:
-                        self.cache.save_tensors(name, block)
-                    continue
-                for j in range(len(rules)):
-                    mats[j][s : s + rows] = block[f"L{j}"].to(like)
-                for i in range(len(fb)):
-                    fvs[i][s : s + rows] = block[f"F{i}"].to(like)
-        mats = [self._gather(M) for M in mats]
-        fvs = [self._gather(v) for v in fvs]
-        out = (mats, (fb_names, fvs, fb_fn) if fb else None)
-        self._ihvp_memo[("kronecker", tkey)] = out
-        return out
-
-    def _kronecker_scores(self, test_data) -> dict[str, Tensor]:
-        """Per-module scores from Kronecker-form training gradients, chunk by chunk (cached)."""
-        mats, fallback = self._kronecker_queries(test_data)
-        tkey = self._test(test_data).digest(self.batch_size)
-        dtype = self.score_dtype or self.fn.dtype
-        memory = self.max_memory or default_memory()
-        scorer = KroneckerScorer(
-            self.operator.rules,
-            mats,
-            fallback,
-            self.model,
-            self.task,
-            dtype,
-            self.query_rank,
-            memory,
-        )
-        return self._kronecker_pass(
-            scorer, scorer.q, scorer.modules, f"kscores-{tkey}", "scores", dtype
-        )
-
-    def _kronecker_pass(self, compute, q: int, mods, tag: str, desc: str, dtype) -> dict:
-        """``{module: [q, n_train]}`` filled chunk by chunk by ``compute(chunk)``; cached."""
-        out = {m: torch.zeros(q, self.n_train, dtype=dtype, device=self.fn.device) for m in mods}
-        total = self.train.n_chunks(self.batch_size)
-        with self._collective(desc):
-            for c, s, chunk in self._bar(self.train.chunks(self.batch_size), total, desc):
-                if not self._mine(c):
-                    continue
-                nb, block = self.task.batch_size(chunk), None
-                name = f"{tag}-{self.key}-{c}"
-                meta = {"data": _chunk_digest(chunk)}
-                if self.cache is not None:
-                    block = self.cache.load_tensors(name, meta, {m: (q, nb) for m in mods})
-                    if block is not None and any(t.dtype != dtype for t in block.values()):
-                        block = None
-                if block is None:
-                    block = compute(chunk)
-                    if not all(bool(torch.isfinite(t.sum())) for t in block.values()):
-                        raise NonFiniteError(
-                            f"{desc} of training examples {s}..{s + nb - 1} are not finite"
-                        )
-                    if self.cache is not None:
-                        self.cache.save_tensors(name, block, meta)
-                for m in mods:
-                    out[m][:, s : s + nb] = block[m].to(out[m])
-        return {m: self._gather(t) for m, t in out.items()}
-
     def self_influence(self) -> Tensor:
         r"""Each training point's influence on its own loss, without the ``n x n`` matrix.
 
@@ -574,50 +443,6 @@ class Influence(StateTracking, CurvatureInverse, ShardedWork):
             return (w * (G.T * X).sum(0)).unsqueeze(0)
 
         return self._train_pass(quad, 1, f"self-{self.key}", "self-influence")[0]
-
-    def _kronecker_self_influence(self) -> Tensor:
-        r""":math:`w \sum_l \langle M_{jl}, (B_l + \mu I)^{-1} M_{jl} \rangle` per example.
-
-        In each block's eigenbasis the quadratic form is a weighted sum of squares of the
-        rotated per-example gradient; for a layer with one position per example that is
-        :math:`\sum_{g,a} (Q_G^\top g)_g^2 (Q_A^\top a)_a^2 / (s + \mu)_{ga}`, one product
-        per layer and chunk.
-        """
-        op = self.operator
-        inv = op.inverse(damping=self.shift)
-        rules, lam, w = op.rules, self.shift, self.weight
-        fb = op.fallback_parameters
-        names = {id(p): k for k, p in self.model.named_parameters()}
-        fb_fn = ModelFunction(self.model, self.task, {names[id(p)]: p for p in fb}) if fb else None
-        memory = self.max_memory or default_memory()
-
-        def compute(chunk) -> dict[str, Tensor]:
-            calls, n = kronecker_gradients(rules, self.model, self.task, chunk)
-            total = self.fn.params[0].new_zeros(n)
-            for j, r in enumerate(rules):
-                E, D = inv.blocks[j], inv.blocks[j].damped_eigenvalues(lam, inv.split)
-                one = len(calls[j]) == 1 and not r.diag_A and calls[j][0][0].shape[1] == 1
-                if one:
-                    a, g = calls[j][0]
-                    ar = a[:, 0] if E.QA is None else a[:, 0] @ E.QA
-                    total += (((g[:, 0] @ E.QG) ** 2) @ (1.0 / D) * ar**2).sum(1)
-                    continue
-                step = max(1, memory // (4 * r.d_G * r.d_A * total.element_size()))
-                for b in range(0, n, step):
-                    M = example_matrices(r, calls[j], b, min(b + step, n))
-                    total[b : b + step] += (E.rotate(M) ** 2 / D).sum((1, 2))
-            if fb_fn is not None:
-                G, off = fb_fn.gradients(chunk), 0
-                for d in inv.diagonals:
-                    k = d.diagonal.numel()
-                    total += (G[:, off : off + k] ** 2 / (d.diagonal.reshape(-1) + lam)).sum(1)
-                    off += k
-            return {"self": (w * total).unsqueeze(0)}
-
-        dtype = self.fn.dtype
-        return self._kronecker_pass(compute, 1, ["self"], "kself", "self-influence", dtype)["self"][
-            0
-        ]
 
     def top_k(self, test_data, k: int = 5) -> TopK:
         """Return the ``k`` most helpful and ``k`` most harmful training points per test point.
@@ -682,14 +507,3 @@ def _gradients(fn: ModelFunction, chunk) -> Tensor:
     if isinstance(chunk, (tuple, list)) and len(chunk) == 2:
         return fn.gradients(*chunk)
     return fn.gradients(chunk)
-
-
-def _chunk_digest(chunk) -> str:
-    """The digest of a chunk's tensors (a pair digests as its two tensors, as before)."""
-    return fingerprint(*chunk) if isinstance(chunk, (tuple, list)) else fingerprint(chunk)
-
-
-def _check_finite(t: Tensor, what: str, offset: int) -> None:
-    """Raise naming the non-finite rows of ``t``, checking a sum first (no temporary of its size)."""
-    if not bool(torch.isfinite(t.sum())):  # a NaN/Inf, or a finite sum that overflowed
-        check_rows_finite(t, what, offset)

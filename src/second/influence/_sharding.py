@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 from torch import Tensor
 
@@ -22,6 +24,7 @@ class ShardedWork:
 
     _distributed: bool | None
     progressbar: bool
+    batch_size: int
 
     # -- distributed -----------------------------------------------------------------------
     def _dist(self) -> tuple[bool, int, int]:
@@ -44,6 +47,17 @@ class ShardedWork:
         if not self._dist()[0]:
             return nullcontext()
         return failure_barrier(phase, self.fn.device)
+
+    def _each_chunk(self, examples, desc: str, body: Callable[[int, int, Any], None]) -> None:
+        """``body(c, start, chunk)`` on this rank's chunks of ``examples``, under a progress bar.
+
+        The loop runs inside :meth:`_collective`: if any rank raises, every rank raises.
+        """
+        total = examples.n_chunks(self.batch_size)
+        with self._collective(desc):
+            for c, s, chunk in self._bar(examples.chunks(self.batch_size), total, desc):
+                if self._mine(c):
+                    body(c, s, chunk)
 
     def _same_on_all_ranks(self, what: str, digest: str) -> None:
         if self._dist()[0]:
