@@ -19,8 +19,9 @@
 from .direction import DirectionInfo, dense_newton_direction, forcing_term, truncated_cg
 from .globalize import LineSearchResult, lm_damping_update, strong_wolfe, update_radius
 from .least_squares import LeastSquaresObjective, gauss_newton
-from .loop import Objective, newton_cg, newton_dense
+from .loop import newton_cg, newton_dense
 from .model_cg import InnerCGResult, model_cg
+from .objective import Objective
 from .precond import LBFGSPreconditioner, diagonal_preconditioner
 from .result import OptimizeResult
 from .steps import (

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph
-from .loop import RayTest, _finish, _record_and_check
+from .objective import RayTest, finish, record_and_check
 from .result import OptimizeResult
 from .steps import DAMPING_RULES, cg_subproblem, damped_solve, damped_step, trust_region_step
 from .stopping import Criteria
@@ -201,7 +201,7 @@ def gauss_newton(
     while True:
         f, g = pt.f, pt.g
         gnorm = float(torch.linalg.vector_norm(g))
-        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
+        reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         history[-1]["damping"] = lam
         if reason is not None:
             break
@@ -277,7 +277,7 @@ def gauss_newton(
             reason, extra = "stalled", f"stalled: step norm {snorm:.3e} below xtol"
             break
     gnorm = float(torch.linalg.vector_norm(pt.g))
-    return _finish(
+    return finish(
         obj, x, pt.f, gnorm, it, reason, criteria, "gauss-newton", history, t0, xnorms, shape, extra
     )
 

@@ -2,9 +2,9 @@ r"""The Newton core's loops: matrix-free Newton-CG and dense Newton, as pure fun
 
 Newton-CG is globalized by a trust region or a strong-Wolfe line search.
 
-Every loop evaluates ``fun`` through one :class:`Objective` (which counts evaluations and
-products), asks :class:`~second.newton.stopping.Criteria` whether to stop, and returns an
-:class:`~second.newton.result.OptimizeResult`.
+Every loop evaluates ``fun`` through one :class:`~second.newton.objective.Objective` (which
+counts evaluations and products), asks :class:`~second.newton.stopping.Criteria` whether to
+stop, and returns an :class:`~second.newton.result.OptimizeResult`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from torch import Tensor
 from ..func.products import hvp_from_gradient
 from .direction import forcing_term, truncated_cg
 from .globalize import strong_wolfe, update_radius
+from .objective import MESSAGES, Objective, RayTest, finish, record_and_check
 from .precond import LBFGSPreconditioner
 from .result import OptimizeResult
 from .steps import NOISE, cg_subproblem, trust_region_step
-from .stopping import Criteria, limit_message, ray_decreases
+from .stopping import Criteria
 from .trust_region import RCOND, exact_trust_region
 
 __all__ = [
@@ -36,183 +37,6 @@ __all__ = [
 ]
 
 _NOISE = NOISE  # |f| times this: a change of f below it is mostly rounding (float64)
-
-MESSAGES = {
-    "converged": "converged: ||grad|| = {g:.3e} <= gtol = {gtol:.1e}",
-    "nonfinite": "the objective or its gradient is not finite (f = {f}, ||grad|| = {g})",
-    "unbounded": (
-        "objective unbounded / diverging iterates: ||x|| grew from {x0:.3e} to {x:.3e} over "
-        "the last accepted steps while f fell to {f:.6e}; the infimum is not attained at a "
-        "finite point (or f is unbounded below)"
-    ),
-    "time": "stopped: time limit",
-}
-
-
-class Objective:
-    """``fun`` of one flat vector, with counters: values, gradients (with graph) and products.
-
-    Args:
-        fun: ``x -> scalar tensor`` on a tensor shaped like ``shape``.
-        shape: the shape ``fun`` expects.
-        name: the method name, for error messages.
-
-    Example:
-        >>> obj = Objective(lambda x: (x**2).sum(), (2,))
-        >>> f, g, _ = obj.value_grad(torch.ones(2, dtype=torch.float64))
-        >>> f, g.tolist(), obj.ngev
-        (2.0, [2.0, 2.0], 1)
-    """
-
-    def __init__(self, fun: Callable[[Tensor], Tensor], shape: torch.Size, name: str = "newton"):
-        self.fun, self.shape, self.name = fun, tuple(shape), name
-        self.nfev = self.ngev = self.matvecs = 0
-
-    def _call(self, x: Tensor) -> Tensor:
-        f = self.fun(x.reshape(self.shape))
-        if not isinstance(f, Tensor) or f.numel() != 1:
-            raise ValueError(f"method {self.name!r} needs fun(x) to return a scalar tensor")
-        self.nfev += 1
-        return f.reshape(())
-
-    def value(self, x: Tensor) -> float:
-        """``f(x)`` without a graph."""
-        with torch.no_grad():
-            return float(self._call(x))
-
-    def value_grad(self, x: Tensor, graph: bool = False):
-        """``(f, flat gradient, hvp)``; ``hvp`` is ``None`` unless ``graph``."""
-        f, finish = self.trial(x)
-        g, hvp = finish(graph)
-        return f, g, hvp
-
-    def trial(self, x: Tensor):
-        """``(f, finish)``: the value now, ``finish(graph) -> (gradient, hvp)`` on acceptance.
-
-        The forward graph is kept, so an accepted trial point costs no second forward pass
-        and a rejected one no backward pass.
-        """
-        xr = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            f = self._call(xr)
-
-        def finish(graph: bool = True):
-            with torch.enable_grad():
-                if not f.requires_grad:
-                    g, hvp = torch.zeros_like(xr), (lambda v: torch.zeros_like(v))
-                else:
-                    (g,) = torch.autograd.grad(f, xr, create_graph=graph)
-                    hvp = self._hvp(g, xr) if graph else None
-            self.ngev += 1
-            return g.detach(), hvp
-
-        return float(f.detach()), finish
-
-    def trial_at(self, x: Tensor):
-        """``p -> self.trial(x + p)``: the trial of a step from ``x``."""
-        return lambda p: self.trial(x + p)
-
-    def _hvp(self, g: Tensor, xr: Tensor):
-        def prod(v: Tensor) -> Tensor:
-            self.matvecs += 1
-            with torch.enable_grad():
-                (hv,) = hvp_from_gradient([g], [xr], [v])
-            return hv.detach()
-
-        return prod if g.requires_grad else (lambda v: torch.zeros_like(v))
-
-
-class RayTest:
-    """The ray confirmation of the unbounded test for a loop (:func:`ray_decreases`).
-
-    Call :meth:`accept` with each accepted iterate; the instance is the ``ray`` of
-    :meth:`Criteria.check` (run at most once per ``window`` accepted steps).
-
-    Args:
-        value: ``x -> f(x)`` without a graph.
-        criteria: the run's stopping rules (``unbounded_window``, ``unbounded_reach``).
-        x0: the starting point (flat).
-        f0: :math:`f(x_0)`.
-    """
-
-    def __init__(self, value: Callable[[Tensor], float], criteria: Criteria, x0: Tensor, f0: float):
-        self.value, self.criteria = value, criteria
-        self.xs: list[Tensor] = [x0]
-        self.f = f0
-        self.wait = 0
-
-    def accept(self, x: Tensor, f: float) -> None:
-        """Record an accepted iterate and its value."""
-        self.xs = (self.xs + [x])[-(self.criteria.unbounded_window + 1) :]
-        self.f = f
-        self.wait = max(0, self.wait - 1)
-
-    def __call__(self) -> bool:
-        """Run :func:`ray_decreases` along the drift of the last ``window`` iterates."""
-        if self.wait > 0 or len(self.xs) < 2:
-            return False
-        self.wait = self.criteria.unbounded_window
-        d = self.xs[-1] - self.xs[0]
-        return ray_decreases(
-            self.value, self.xs[-1], d, self.f, reach=self.criteria.unbounded_reach
-        )
-
-
-def _counts(obj) -> dict[str, int]:
-    """The objective's counters, as history records and results name them."""
-    return dict(nfev=obj.nfev, ngev=obj.ngev, matvecs=obj.matvecs)
-
-
-def _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray=None):
-    """Append the iteration's record to ``history`` and return the stopping reason (or None)."""
-    history.append(
-        dict(
-            n_iter=it,
-            **_counts(obj),
-            loss=f,
-            grad_norm=gnorm,
-            radius=radius,
-            x_norm=xnorms[-1],
-            cpu=time.process_time(),
-        )
-    )
-    now = time.perf_counter()
-    return criteria.check(
-        it=it,
-        f=f,
-        gnorm=gnorm,
-        now=now,
-        xnorms=xnorms,
-        fvals=fvals,
-        gnorm0=history[0]["grad_norm"],
-        ray=ray,
-    )
-
-
-def _finish(obj, x, f, gnorm, it, reason, crit, method, history, t0, xnorms, x0shape, extra=""):
-    gtol = crit.gtol
-    if reason == "maxiter":
-        message = limit_message(crit.maxiter, [h["grad_norm"] for h in history])
-    elif reason == "unbounded":
-        message = MESSAGES["unbounded"].format(x0=xnorms[0], x=xnorms[-1], f=f)
-    elif reason in MESSAGES:
-        message = MESSAGES[reason].format(g=gnorm, gtol=gtol, f=f)
-    else:
-        message = extra
-    converged = reason == "converged" and math.isfinite(f) and math.isfinite(gnorm)
-    return OptimizeResult(
-        x=x.detach().reshape(x0shape),
-        fun=f,
-        grad_norm=gnorm,
-        nit=it,
-        **_counts(obj),
-        converged=converged,
-        message=message,
-        method=method,
-        status=reason,
-        history=history,
-        time=time.perf_counter() - t0,
-    )
 
 
 def newton_cg(
@@ -310,7 +134,7 @@ def newton_cg(
     reason, extra = None, ""
     while True:
         gnorm = float(torch.linalg.vector_norm(g))
-        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
+        reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         if reason is not None:
             break
         if isinstance(forcing, str):
@@ -390,9 +214,7 @@ def newton_cg(
             gnorm = float(torch.linalg.vector_norm(g))
             break
     gnorm = float(torch.linalg.vector_norm(g))
-    return _finish(
-        obj, x, f, gnorm, it, reason, criteria, method, history, t0, xnorms, shape, extra
-    )
+    return finish(obj, x, f, gnorm, it, reason, criteria, method, history, t0, xnorms, shape, extra)
 
 
 #: Hessian columns formed per batched pass by :func:`dense_hessian`: one vmap-batched pass
@@ -512,7 +334,7 @@ def newton_dense(
     while True:
         gflat = g.detach()
         gnorm = float(torch.linalg.vector_norm(gflat))
-        reason = _record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
+        reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         if reason is not None:
             break
         if H is None or age >= hessian_every:
@@ -553,6 +375,6 @@ def newton_dense(
         else:
             age += 1
     gnorm = float(torch.linalg.vector_norm(g.detach()))
-    return _finish(
+    return finish(
         obj, x, f, gnorm, it, reason, criteria, "newton-exact", history, t0, xnorms, shape, extra
     )
