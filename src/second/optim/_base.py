@@ -1,13 +1,13 @@
-"""Shared shell of the Newton-type optimizers: flat parameters, counters, stopping."""
+"""Shared shell of the Newton-type optimizers: flat parameters, counters, stopping.
+
+The closure contract is in :mod:`._closure`, the hyperparameter checks in :mod:`._options`.
+"""
 
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -15,20 +15,16 @@ from torch.optim import Optimizer
 
 from .._errors import SecondDeprecationWarning
 from ..func.products import grad_checked
+from ._closure import ClosureCall, call_closure
+from ._options import RENAMED, check_newton_options, hyperparameters, renamed_options
 
 __all__ = [
     "NewtonTypeOptimizer",
-    "ClosureCall",
-    "call_closure",
-    "deferred_backward",
-    "CLOSURE_EXAMPLE",
-    "renamed_options",
-    "hyperparameters",
-    "check_newton_options",
-    "check_positive",
-    "check_nonneg",
-    "check_unit",
+    "CounterDict",
     "check_state_dict_params",
+    "PARAM_SHAPES",
+    "flat_hvp",
+    "flat_dot",
 ]
 
 COUNTERS = ("n_iter", "nfev", "ngev", "matvecs")
@@ -133,212 +129,6 @@ def check_state_dict_params(owner: str, params: Sequence[Tensor], state_dict: di
             f"{owner}.load_state_dict: the state was saved for parameters of other shapes "
             f"({'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}): it belongs to another model"
         )
-
-
-_BACKWARD_LOCK = threading.RLock()
-
-
-@contextmanager
-def deferred_backward(calls: list) -> Iterator[None]:
-    """While active, ``loss.backward()`` records ``loss`` in ``calls`` instead of running.
-
-    ``Tensor.backward`` goes through ``torch.autograd.backward``, which is replaced for the
-    duration (under a lock, restored on exit). A Newton-type optimizer then differentiates the
-    loss itself, with the graph it needs for curvature products (``create_graph``, or the
-    output's graph kept for Gauss-Newton), and a trial point that is rejected costs no backward
-    pass at all: the closure's ``backward()`` costs nothing extra, and no second forward pass
-    is needed.
-    """
-
-    def record(tensors, grad_tensors=None, retain_graph=None, create_graph=False, **kw):
-        calls.append(tensors)
-
-    with _BACKWARD_LOCK:
-        original = torch.autograd.backward
-        torch.autograd.backward = record  # type: ignore[assignment]  # a recorder takes any kw
-        try:
-            yield
-        finally:
-            torch.autograd.backward = original
-
-
-#: The closure the contract asks for, as one line for messages.
-CLOSURE_EXAMPLE = (
-    "def closure(): opt.zero_grad(); loss = loss_fn(model(X), y); loss.backward(); return loss"
-)
-
-#: Deprecated keyword spellings of the Newton-type optimizers and the glossary's names.
-RENAMED = {"tolerance_grad": "gtol", "max_iter": "maxiter", "cg_max_iter": "cg_maxiter"}
-
-
-def renamed_options(
-    owner: str, deprecated: dict, current: dict, defaults: dict, renamed: dict | None = None
-) -> None:
-    """Move deprecated keywords (``tolerance_grad``, ...) onto the glossary's names, in place.
-
-    Args:
-        owner: the optimizer's name, for the messages.
-        deprecated: the extra keyword arguments the constructor received.
-        current: the new names' values (updated in place).
-        defaults: the new names' defaults (to tell whether both spellings were passed).
-        renamed: old name -> new name (default: the Newton-type optimizers' ``RENAMED``).
-
-    Raises:
-        TypeError: an unknown keyword.
-        ValueError: both spellings passed.
-    """
-    for old, val in deprecated.items():
-        new = (RENAMED if renamed is None else renamed).get(old)
-        if new is None or new not in current:
-            raise TypeError(f"{owner}() got an unexpected keyword argument {old!r}")
-        warnings.warn(
-            f"{owner}({old}=...) is deprecated and stops working in 0.3: use {new}=...",
-            SecondDeprecationWarning,
-            stacklevel=3,
-        )
-        if current[new] != defaults[new]:
-            raise ValueError(f"pass {new} only ({old} is its deprecated spelling)")
-        current[new] = val
-
-
-@dataclass
-class ClosureCall:
-    """What one closure call produced.
-
-    Attributes:
-        loss: the scalar loss, with its graph when it was run under autograd.
-        output: the network output (the deprecated ``(loss, output)`` form), else ``None``.
-        backward: whether the closure called ``loss.backward()`` (the contract).
-    """
-
-    loss: Tensor
-    output: Tensor | None
-    backward: bool
-
-
-def call_closure(
-    owner: str, closure: Callable, *, pair: str = "refuse", graph: bool = True
-) -> ClosureCall:
-    """Run a closure under torch.optim's contract, its ``backward()`` deferred.
-
-    The contract: the closure zeroes the gradients, computes the loss, calls
-    ``loss.backward()`` and returns the loss. The old forms keep working for one release
-    with a ``DeprecationWarning`` naming the contract: a loss returned without
-    ``backward()`` (NewtonCG, LiSSA, HessianFree) and, where ``pair="deprecated"``, a
-    ``(loss, output)`` pair (GaussNewton, HessianFree built from parameters).
-
-    Args:
-        owner: the optimizer's name, for the messages.
-        closure: the closure.
-        pair: ``"refuse"`` (a pair is an error), ``"deprecated"`` (accepted with a warning)
-            or ``"accept"`` (accepted silently: an internal closure).
-        graph: run under ``torch.enable_grad()`` (else ``torch.no_grad()``: a value only).
-
-    Returns:
-        A :class:`ClosureCall`.
-
-    Raises:
-        TypeError: the closure returned neither a scalar tensor nor an accepted pair, with
-            the closure the contract asks for.
-    """
-    calls: list = []
-    with deferred_backward(calls), torch.set_grad_enabled(graph):
-        out = closure()
-        if isinstance(out, Tensor) and out.numel() == 1:
-            out = out.reshape(())  # under autograd: the view keeps the graph
-    output = None
-    if isinstance(out, (tuple, list)) and len(out) == 2 and pair != "refuse":
-        out, output = out
-        if pair == "deprecated":
-            warnings.warn(
-                f"a {owner} closure returning (loss, output) is deprecated and stops working "
-                f"in 0.3: build the optimizer from the model, {owner}(model, ...), and write "
-                f"torch.optim's closure: {CLOSURE_EXAMPLE}",
-                SecondDeprecationWarning,
-                stacklevel=4,
-            )
-    if not (isinstance(out, Tensor) and out.numel() == 1):
-        got = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
-        raise TypeError(
-            f"{owner}'s closure must return the scalar loss (got {got}); the contract is "
-            f"torch.optim's: the closure zeroes the gradients, computes the loss, calls "
-            f"backward() and returns the loss: {CLOSURE_EXAMPLE}"
-        )
-    called = bool(calls)
-    if not called and graph and output is None and out.requires_grad:
-        warnings.warn(
-            f"a {owner} closure that returns the loss without calling loss.backward() is "
-            f"deprecated and stops working in 0.3: write torch.optim's closure: "
-            f"{CLOSURE_EXAMPLE}",
-            SecondDeprecationWarning,
-            stacklevel=4,
-        )
-    if out.dim():
-        with torch.set_grad_enabled(graph):
-            out = out.reshape(())
-    return ClosureCall(out, output, called)
-
-
-def check_positive(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def check_nonneg(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number >= 0."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_unit(name: str, value: float, *, closed: bool = False) -> None:
-    """Raise ``ValueError`` unless ``0 < value < 1`` (``<= 1`` with ``closed``)."""
-    ok = isinstance(value, (int, float)) and 0 < value and (value <= 1 if closed else value < 1)
-    if not ok:
-        raise ValueError(f"{name} must lie in (0, 1{']' if closed else ')'}, got {value!r}")
-
-
-def check_int(name: str, value: int, minimum: int = 1) -> None:
-    """Raise ``ValueError`` unless ``value`` is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def hyperparameters(arguments: dict) -> dict:
-    """A constructor's arguments (its ``locals()``) as torch.optim's ``defaults``.
-
-    Everything but ``self``, ``params``, ``seed``, ``model``, ``loss_fn``,
-    ``preconditioner`` and the ``deprecated`` keywords.
-
-    Example:
-        >>> hyperparameters(dict(self=None, params=[], lr=0.1, betas=(0.9, 0.99), seed=0))
-        {'lr': 0.1, 'betas': (0.9, 0.99)}
-    """
-    skip = ("self", "params", "seed", "model", "loss_fn", "preconditioner", "deprecated")
-    return {k: v for k, v in arguments.items() if k not in skip and k != "__class__"}
-
-
-def check_newton_options(options: dict) -> None:
-    """Raise ``ValueError`` for a shared Newton-type option out of range (those present).
-
-    ``maxiter``, ``cg_maxiter`` (or ``None``): integers >= 1; ``cg_rtol`` (or ``None``) in
-    ``(0, 1)``; ``gtol``, ``tolerance_change`` >= 0; with ``min_damping``: ``damping``,
-    ``min_damping``, ``max_damping`` > 0 and ``min_damping <= damping <= max_damping``.
-    """
-    for name in ("maxiter", "cg_maxiter"):
-        if options.get(name) is not None:
-            check_int(name, options[name])
-    if options.get("cg_rtol") is not None:
-        check_unit("cg_rtol", options["cg_rtol"])
-    for name in ("gtol", "tolerance_change"):
-        if name in options:
-            check_nonneg(name, options[name])
-    if "min_damping" in options:
-        lam, lo, hi = options["damping"], options["min_damping"], options["max_damping"]
-        for name, value in (("damping", lam), ("min_damping", lo), ("max_damping", hi)):
-            check_positive(name, value)
-        if not lo <= lam <= hi:
-            raise ValueError(f"damping {lam} must lie in [min_damping, max_damping]")
 
 
 class NewtonTypeOptimizer(Optimizer):

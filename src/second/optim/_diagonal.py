@@ -18,7 +18,8 @@ from torch import Tensor
 from ..func import differentiable_attention
 from ..func.products import grad_checked
 from ..kfac import curvature_columns
-from ._base import call_closure, check_int
+from ._closure import call_closure
+from ._options import check_int
 from ._preconditioned import PreconditionedOptimizer, all_reduce_mean
 
 __all__ = [
@@ -114,7 +115,7 @@ def closure_gradients(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Run a closure under torch.optim's contract and differentiate its loss here.
 
-    The closure's ``backward()`` is deferred (:func:`second.optim._base.call_closure`): the
+    The closure's ``backward()`` is deferred (:func:`second.optim._closure.call_closure`): the
     gradient is taken once, with its graph when ``create_graph`` (a Hessian-vector product
     follows), and written to ``.grad`` detached, averaged over the ranks under
     torch.distributed (DDP's hooks only run in ``backward()``).

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kfac import EigenBlock, eigen_blocks
-from ._base import check_int, check_unit
+from ._options import check_int, check_unit
 from ._preconditioned import PreconditionedOptimizer, all_reduce_mean, decoupled_update
 
 __all__ = [

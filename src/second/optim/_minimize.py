@@ -16,7 +16,7 @@ from ..newton.least_squares import gauss_newton
 from ..newton.loop import newton_cg, newton_dense
 from ..newton.result import OptimizeResult
 from ..newton.stopping import Criteria
-from ._base import check_int, check_nonneg
+from ._options import check_int, check_nonneg
 
 __all__ = ["minimize", "OptimizeResult", "METHODS", "AUTO_DENSE_MAX", "default_maxiter"]
 

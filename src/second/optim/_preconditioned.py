@@ -19,13 +19,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed as dist
-from ._base import (
-    PARAM_SHAPES,
-    check_nonneg,
-    check_positive,
-    check_state_dict_params,
-    hyperparameters,
-)
+from ._base import PARAM_SHAPES, check_state_dict_params
+from ._options import check_nonneg, check_positive, hyperparameters
 
 __all__ = [
     "PreconditionedOptimizer",

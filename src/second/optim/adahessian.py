@@ -28,8 +28,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ._base import check_unit
 from ._diagonal import DiagonalHessianOptimizer
+from ._options import check_unit
 from ._preconditioned import decoupled_update, hyperparameters
 
 __all__ = ["AdaHessian", "adahessian_update"]

@@ -14,11 +14,8 @@ from torch import Tensor
 from ..func.products import GGNGraph, check_scalar_loss
 from ..newton.globalize import lm_damping_update
 from ..newton.steps import DAMPING_RULES, damped_solve, damped_step
-from ._base import (
-    CLOSURE_EXAMPLE,
-    ClosureCall,
-    NewtonTypeOptimizer,
-)
+from ._base import NewtonTypeOptimizer
+from ._closure import CLOSURE_EXAMPLE, ClosureCall
 
 __all__ = [
     "GaussNewton",

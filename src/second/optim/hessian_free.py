@@ -11,12 +11,8 @@ from torch import Tensor
 from ..func.products import GGNGraph, check_scalar_loss, hvp_from_gradient
 from ..newton.model_cg import model_cg
 from ..newton.steps import more_damping_update
-from ._base import (
-    NewtonTypeOptimizer,
-    check_int,
-    check_positive,
-    check_unit,
-)
+from ._base import NewtonTypeOptimizer
+from ._options import check_int, check_positive, check_unit
 from .gauss_newton import OutputCapture, evaluate_output
 
 __all__ = ["HessianFree"]

@@ -12,13 +12,8 @@ from .._errors import ConvergenceWarning
 from ..operators.base import CallableOperator
 from ..solvers import lissa_recursion
 from ..spectral.lanczos import extreme_eigenvalues
-from ._base import (
-    NewtonTypeOptimizer,
-    check_int,
-    check_nonneg,
-    check_positive,
-    flat_hvp,
-)
+from ._base import NewtonTypeOptimizer, flat_hvp
+from ._options import check_int, check_nonneg, check_positive
 
 __all__ = ["LiSSA"]
 

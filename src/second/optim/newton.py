@@ -9,13 +9,9 @@ import torch
 from torch import Tensor
 
 from ..newton.steps import cg_subproblem, trust_region_step
-from ._base import (
-    ClosureCall,
-    NewtonTypeOptimizer,
-    check_int,
-    check_positive,
-    flat_hvp,
-)
+from ._base import NewtonTypeOptimizer, flat_hvp
+from ._closure import ClosureCall
+from ._options import check_int, check_positive
 
 __all__ = ["NewtonCG"]
 

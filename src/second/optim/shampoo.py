@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from ..kfac import EigenBlock
-from ._base import check_nonneg, renamed_options
 from ._gradient_factors import KroneckerFactoredOptimizer
+from ._options import check_nonneg, renamed_options
 from ._preconditioned import hyperparameters
 
 __all__ = ["Shampoo", "shampoo_direction"]

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..kfac import check_loss, unwrap_model, watch_forward
-from ._base import check_nonneg, check_positive
 from ._diagonal import DiagonalHessianOptimizer, gnb_diagonal
+from ._options import check_nonneg, check_positive
 from ._preconditioned import decoupled_update, hyperparameters
 
 __all__ = ["Sophia", "SophiaH", "sophia_update"]
