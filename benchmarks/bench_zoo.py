@@ -405,9 +405,11 @@ def main(argv=None):
                     )
                     runs.append(run)
                     log.write(json.dumps({k: v for k, v in run.__dict__.items()}) + "\n")
+                    ms = sorted(1e3 * t for t in run.step_times) or [math.nan]
                     print(
                         f"{mname:17s} {oname:30s} final {run.final:.4f} CPU "
-                        f"{run.cpu[-1] if run.cpu else 0:.1f}s {run.error}",
+                        f"{run.cpu[-1] if run.cpu else 0:.1f}s step mean / median "
+                        f"{sum(ms) / len(ms):.2f} / {ms[len(ms) // 2]:.2f} ms {run.error}",
                         file=sys.stderr,
                         flush=True,
                     )
