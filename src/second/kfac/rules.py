@@ -56,7 +56,6 @@ from __future__ import annotations
 import fnmatch
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import ClassVar, cast
 
 import torch
@@ -94,10 +93,11 @@ WeightSharing = str | Mapping[str | type[nn.Module], str]
 """``"expand"``, ``"reduce"``, ``"auto"``, or ``{module name pattern or type: mode}`` (else
 ``"expand"``)."""
 
-AUTO_WEIGHT_SHARING: Mapping[str | type[nn.Module], str] = MappingProxyType({nn.Conv2d: "reduce"})
+AUTO_WEIGHT_SHARING: dict[str | type[nn.Module], str] = {nn.Conv2d: "reduce"}
 """``weight_sharing="auto"`` (the KFAC optimizer's default): 2-d convolutions reduce (an image
 model's loss pools over the pixels), every other layer expands (a sequence model's loss is
-per position)."""
+per position). Read when the rules are found, so an entry added here applies to optimizers
+built afterwards."""
 
 
 def _register(cls, module_type: type[nn.Module] | None) -> None:
