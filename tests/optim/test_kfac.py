@@ -274,19 +274,23 @@ def test_damping_adaptation_reevaluates_loss_without_backward():
     """The loss after the step is a no-grad forward on the captured batch: the closure runs
     once per step, and damping and parameters follow the closure-evaluated trajectory."""
     torch.manual_seed(0)
-    models = [tanh_net(), tanh_net()]
-    models[1].load_state_dict(models[0].state_dict())
+    models = [tanh_net(), tanh_net(), tanh_net()]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
     loss_fn = nn.MSELoss()
     opts = [second.optim.KFAC(m, loss_fn, fisher="type2") for m in models]
-    calls = [0, 0]
+    calls = [0, 0, 0]
 
     def closure(k, X, y):
         def run():
             calls[k] += 1
             opts[k].zero_grad()
             out = models[k](X)
-            # k = 1: the loss does not see the model's output itself -> the closure again
-            loss = loss_fn(out if k == 0 else out * 1.0, y)
+            # k = 1: the loss does not see the model's output itself; k = 2: the closure
+            # returns another tensor than loss_fn's (a regularizer) -> the closure again
+            loss = loss_fn(out if k != 1 else out * 1.0, y)
+            if k == 2:
+                loss = loss + 0.0
             loss.backward()
             return loss
 
@@ -294,13 +298,14 @@ def test_damping_adaptation_reevaluates_loss_without_backward():
 
     for _ in range(12):
         X, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
-        for k in range(2):
+        for k in range(3):
             opts[k].step(closure(k, X, y))
-        assert opts[0].param_groups[0]["damping"] == opts[1].param_groups[0]["damping"]
-    assert calls == [12, 12 + 12 // 5]  # adaptation every 5 steps
+        assert len({o.param_groups[0]["damping"] for o in opts}) == 1
+    assert calls == [12, 12 + 12 // 5, 12 + 12 // 5]  # adaptation every 5 steps
     assert opts[0].param_groups[0]["damping"] != 1e-3  # adapted (twice)
-    for p, q in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    for m in models[1:]:
+        for p, q in zip(models[0].parameters(), m.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
 
 
 def test_generic_jvp_one_per_vector_matches_vmapped_and_dense():

@@ -299,7 +299,7 @@ class KFAC(torch.optim.Optimizer):
         self._out_ref: weakref.ref | None = None  # the last training forward's output
         self._n_forwards = 0  # training forwards since the last step
         self._step_forwards = 0  # those of the step in progress
-        self._loss_batch: tuple | None = None  # (target args, kwargs, loss) of that output
+        self._loss_batch: tuple | None = None  # (target args, kwargs, loss ref) of that output
         self._pending: FactorStats | None = None
         self._pending_bad = False  # the last training forward's output was not finite
         self._warned: set[str] = set()
@@ -385,15 +385,15 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(output, Tensor) or torch.is_autocast_enabled(out.device.type):
             return
         rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in args[1:])
-        self._loss_batch = (rest, kwargs, output.detach())
+        self._loss_batch = (rest, kwargs, weakref.ref(output))
 
-    def _trial_loss(self, closure) -> tuple[Tensor | None, Tensor]:
-        """``(loss before, loss after)`` the step on the step's batch, for Levenberg-Marquardt.
+    def _trial_loss(self, closure, loss: Tensor) -> Tensor:
+        """The closure's loss after the step on the step's batch, for Levenberg-Marquardt.
 
-        With one training forward since the last step whose output went straight into
-        ``loss_fn``, the loss after the step is a forward pass without gradients on the
-        captured batch (no backward); else the closure is called again (``None`` before:
-        the closure's own loss is the reference).
+        When the closure ran one training forward and returned ``loss_fn(output, ...)``
+        itself (``loss``, the very tensor), that loss is re-evaluated by a forward pass
+        without gradients on the captured batch (no backward); else the closure is called
+        again (a closure that adds a regularizer, or returns a copy, keeps its own loss).
         """
         self._in_step = True
         try:
@@ -402,13 +402,13 @@ class KFAC(torch.optim.Optimizer):
                 and self._step_forwards == 1
                 and self._batch is not None
             ):
-                rest, lkw, before = self._loss_batch
-                args, kwargs = self._batch
-                with torch.no_grad():
-                    after = self.loss_fn(self.inner(*args, **kwargs), *rest, **lkw)
-                return before, after
+                rest, lkw, ref = self._loss_batch
+                if ref() is loss:
+                    args, kwargs = self._batch
+                    with torch.no_grad():
+                        return self.loss_fn(self.inner(*args, **kwargs), *rest, **lkw)
             with torch.enable_grad():
-                return None, closure()
+                return closure()
         finally:
             self._in_step = False
 
@@ -696,8 +696,8 @@ class KFAC(torch.optim.Optimizer):
                 the Levenberg-Marquardt damping adaptation, which every
                 ``damping_adaptation_interval`` steps needs the loss after the step on the
                 same batch: when the closure ran one forward whose output went straight
-                into ``loss_fn`` (``loss_fn(model(x), y)``), that loss is re-evaluated on the
-                captured batch without gradients (no backward; ``p.grad`` keeps the
+                into ``loss_fn`` and returned that loss (``loss = loss_fn(model(x), y)``),
+                it is re-evaluated on the captured batch without gradients (no backward; ``p.grad`` keeps the
                 step's gradient); otherwise the closure is called once more. Without a
                 closure, run the forward and backward pass before calling ``step()``.
 
@@ -930,9 +930,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _adapt_damping(self, closure, loss, info, group) -> bool:
         """Levenberg-Marquardt; ``False`` when the loss after the step is not finite."""
-        before, new_loss = self._trial_loss(closure)
-        if before is not None:
-            loss = before
+        new_loss = self._trial_loss(closure, loss)
         vals = torch.tensor([float(loss), float(new_loss)], dtype=torch.float64)
         if self._dist():
             vals = vals.to(self._params[0].device)
