@@ -26,7 +26,10 @@ included) and damping :math:`\lambda`:
    undamped model :math:`M_0`; :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
    :math:`\lambda/\omega` if :math:`\rho < 1/4`, :math:`\omega = \text{decay}^{\text{interval}}`.
    This needs the loss after the step on the same batch: pass a closure to
-   :meth:`KFAC.step`. Without one the damping stays fixed (a one-time warning).
+   :meth:`KFAC.step`. When the closure returns ``loss_fn(model(x), y)`` itself, that loss
+   is re-evaluated by a forward pass without gradients on the captured batch (no second
+   closure call, no backward). Without a closure the damping stays fixed (a one-time
+   warning).
 
 Statistics are gathered by forward hooks during the training forward pass (the Monte-Carlo
 backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works).
