@@ -40,15 +40,12 @@ loss 1.87 with ``"expand"``, 2.31 with ``"reduce"``), while on the zoo's digits 
 0.961/0.972/0.972 with ``"expand"`` at 0.7x the CPU time (BENCHMARKS.md). A
 convolutional model with a loss per pixel (segmentation) should pass ``"expand"``.
 
-Built in (Kronecker): :class:`~torch.nn.Linear` (any leading dimensions as positions),
-:class:`~torch.nn.Conv1d` and :class:`~torch.nn.Conv2d` (``groups=1``, any padding mode;
-patches channel-major ``(C_in, k...)`` like the weight, output pixels as positions: KFC),
-:class:`~torch.nn.Embedding` (one-hot inputs, so the input factor is diagonal and held as
-its diagonal), :class:`~torch.nn.MultiheadAttention` (``in_proj_weight`` as three blocks,
-Q, K and V, each with its own input and output-gradient factor; ``out_proj`` as a linear
-layer; both captured from the projections inside the attention's functional forward).
-Diagonal (exact): :class:`~torch.nn.LayerNorm`, :class:`~torch.nn.RMSNorm`,
-:class:`~torch.nn.GroupNorm` and the BatchNorm layers' affine parameters.
+Built in, each in its own module: the Kronecker rules of :class:`~torch.nn.Linear`,
+:class:`~torch.nn.Conv1d`/:class:`~torch.nn.Conv2d` and :class:`~torch.nn.Embedding`
+(:mod:`second.kfac.layers`) and of :class:`~torch.nn.MultiheadAttention`
+(:mod:`second.kfac.attention`: Q, K, V and ``out_proj`` as four blocks); the exact-diagonal
+rules of the normalization layers (:mod:`second.kfac.norms`). Their names are importable
+from here too.
 """
 
 from __future__ import annotations
@@ -60,7 +57,6 @@ from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 __all__ = [
     "LayerRule",
@@ -342,375 +338,6 @@ class LayerRule:
         return f"kronecker-{self.weight_sharing}" if self.shared else "kronecker"
 
 
-class LinearRule(LayerRule, module_type=nn.Linear):
-    """``nn.Linear`` (and subclasses keeping its forward): every leading dimension a position.
-
-    Example:
-        >>> rule = LinearRule("fc", torch.nn.Linear(3, 2, bias=False))
-        >>> rule.matrix_of(torch.ones(2, 3), None).shape
-        torch.Size([2, 3])
-    """
-
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        return _initialized(cast(Tensor, module.weight), getattr(module, "bias", None))
-
-    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
-        m = cast(nn.Linear, module)
-        return m.in_features, m.out_features
-
-    def matrix_of(self, gw: Tensor, gb: Tensor | None) -> Tensor:  # noqa: D102
-        return gw if gb is None else torch.cat([gw, gb.unsqueeze(1)], dim=1)
-
-    def params_of(self, m: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
-        if not self.has_bias:
-            return m, None
-        return m[:, : self.d_in], m[:, self.d_in]
-
-
-class _ConvRule(LayerRule):
-    """Convolutions (``groups=1``): patches as rows, output pixels as positions (KFC).
-
-    The input is padded the way the layer pads it (zeros or its ``padding_mode``, also
-    ``padding="same"``), then unfolded channel-major like the weight.
-    """
-
-    behaviour = ("forward", "_conv_forward")
-    spatial: ClassVar[int]
-
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        m = cast(nn.Conv2d, module)
-        return m.groups == 1 and _initialized(m.weight, m.bias)
-
-    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
-        m = cast(nn.Conv2d, module)
-        return m.weight[0].numel(), m.out_channels
-
-    def features(self, inp: Tensor) -> Tensor:  # noqa: D102
-        m = cast(nn.Conv2d, self.module)
-        pad = m._reversed_padding_repeated_twice
-        if any(pad):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            inp = F.pad(inp, pad, mode=mode)
-        k, d, s = m.kernel_size, m.dilation, m.stride
-        if self.spatial == 1:  # a 1-d convolution as a 2-d one of height 1
-            inp, k, d, s = inp.unsqueeze(2), (1, k[0]), (1, d[0]), (1, s[0])
-        return F.unfold(inp, k, dilation=d, stride=s).transpose(1, 2)  # [n, T, C*k...]
-
-    def positions(self, g: Tensor) -> Tensor:  # noqa: D102
-        K, n = g.shape[:2]
-        return g.reshape(K, n, self.d_G, -1).transpose(2, 3)
-
-
-class Conv1dRule(_ConvRule, module_type=nn.Conv1d):
-    """``nn.Conv1d`` with ``groups=1``: patches ``(C_in, k)`` as rows, output steps as positions.
-
-    Example:
-        >>> conv = torch.nn.Conv1d(2, 3, kernel_size=2, padding=1)
-        >>> Conv1dRule("c", conv).input_rows(torch.ones(1, 2, 4)).shape
-        torch.Size([1, 5, 5])
-    """
-
-    spatial = 1
-
-
-class Conv2dRule(_ConvRule, module_type=nn.Conv2d):
-    """``nn.Conv2d`` with ``groups=1``: patches as rows, output pixels as positions.
-
-    Example:
-        >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
-        >>> Conv2dRule("c", conv).input_rows(torch.ones(1, 2, 3, 3)).shape
-        torch.Size([1, 4, 9])
-    """
-
-    spatial = 2
-
-
-class EmbeddingRule(LayerRule, module_type=nn.Embedding):
-    """``nn.Embedding``: one-hot inputs, so the input factor is diagonal (token counts).
-
-    The matrix form is the weight transposed, ``[embedding_dim, num_embeddings]``; the
-    "input rows" are the ``[n, T]`` indices, and positions at ``padding_idx`` are masked.
-    Always ``"expand"`` (the averaged one-hot rows of ``"reduce"`` are not diagonal).
-
-    Example:
-        >>> rule = EmbeddingRule("e", torch.nn.Embedding(5, 3))
-        >>> A, count = rule.a_stats(rule.input_rows(torch.tensor([[1, 1, 4]])))
-        >>> A.tolist(), count
-        ([0.0, 2.0, 0.0, 0.0, 1.0], 3.0)
-    """
-
-    diag_A = True
-    reducible = False
-
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        m = cast(nn.Embedding, module)
-        return m.max_norm is None and not m.sparse and not m.scale_grad_by_freq
-
-    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
-        m = cast(nn.Embedding, module)
-        return m.num_embeddings, m.embedding_dim
-
-    def input_rows(self, inp: Tensor, weight_sharing: str | None = None) -> Tensor:  # noqa: D102
-        rows = inp.reshape(inp.shape[0], -1)
-        self.shared = self.shared or rows.shape[1] > 1
-        return rows
-
-    def mask(self, inp: Tensor) -> Tensor | None:  # noqa: D102
-        padding_idx = cast(nn.Embedding, self.module).padding_idx
-        if padding_idx is None:
-            return None
-        return torch.ne(inp.reshape(inp.shape[0], -1), padding_idx)
-
-    def a_stats(self, rows: Tensor) -> tuple[Tensor, float]:  # noqa: D102
-        n, T = rows.shape[0], rows.shape[1]
-        idx = rows.reshape(-1)
-        counts = torch.zeros(self.d_A, dtype=self.weight.dtype, device=rows.device)
-        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
-        return counts, float(n * T)
-
-    def per_example_mats(self, arows: Tensor, grows: Tensor) -> Tensor:  # noqa: D102
-        K, n, T, dG = grows.shape
-        out = grows.new_zeros(K, n, dG, self.d_A)
-        idx = arows.reshape(1, n, 1, T).expand(K, n, dG, T)
-        return out.scatter_add_(3, idx, grows.transpose(2, 3))
-
-    def to_mat(self, vw: Tensor, vb: Tensor | None) -> Tensor:  # noqa: D102
-        return vw.transpose(1, 2)
-
-    def from_mat(self, m: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
-        return m.transpose(1, 2), None
-
-
-class AttentionProjectionRule(LayerRule, module_type=nn.MultiheadAttention):
-    """``nn.MultiheadAttention``: the Q, K and V projections and ``out_proj`` as four blocks.
-
-    The attention never calls its ``out_proj`` module: it hands ``in_proj_weight`` (or
-    ``q/k/v_proj_weight``) and ``out_proj.weight`` to
-    :func:`torch.nn.functional.multi_head_attention_forward`, which applies them with
-    ``F.linear``. The capture (:class:`~second.kfac.Capture`) records those calls while
-    the module runs: the Q, K and V blocks own rows ``[0, E)``, ``[E, 2E)`` and
-    ``[2E, 3E)`` of ``in_proj_weight``/``in_proj_bias`` (or a whole ``*_proj_weight``),
-    with the query, key and value as inputs; ``out_proj`` has the attention's output.
-    Inputs are stored batch-first ``[N, T, d]``, gradients arrive sequence-first.
-    ``bias_k``/``bias_v`` (``add_bias_kv``) stay outside (a diagonal block).
-
-    Example:
-        >>> mha = torch.nn.MultiheadAttention(4, 2)
-        >>> " ".join(f"{r.name}:{r.d_G}x{r.d_A}" for r in rule_for(mha).build("att", mha, "expand"))
-        'att.q:4x5 att.k:4x5 att.v:4x5 att.out_proj:4x5'
-    """
-
-    functional = True
-
-    def __init__(
-        self,
-        name: str,
-        module: nn.Module,
-        weight: Tensor,
-        bias: Tensor | None,
-        w_rows: slice | None,
-        b_rows: slice | None,
-        weight_sharing: str,
-    ):
-        self._setup(
-            name, module, weight, bias, w_rows=w_rows, b_rows=b_rows, weight_sharing=weight_sharing
-        )
-        self.d_G, self.d_in = self.w_shape
-        self.d_A = self.d_in + int(self.has_bias)
-
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
-        m = cast(nn.MultiheadAttention, module)
-        return _initialized(*(p for _, p in m.named_parameters(recurse=False)))
-
-    @classmethod
-    def build(cls, name: str, module: nn.Module, weight_sharing: str) -> list[LayerRule]:  # noqa: D102
-        m = cast(nn.MultiheadAttention, module)
-        E, prefix = m.embed_dim, f"{name}." if name else ""
-        b = m.in_proj_bias
-        out: list[LayerRule] = []
-        for i, part in enumerate("qkv"):
-            rows = slice(i * E, (i + 1) * E)
-            if m._qkv_same_embed_dim:
-                w, w_rows = cast(Tensor, m.in_proj_weight), rows
-            else:
-                w, w_rows = cast(Tensor, getattr(m, f"{part}_proj_weight")), None
-            out.append(cls(prefix + part, m, w, b, w_rows, rows, weight_sharing))
-        o = m.out_proj
-        out.append(cls(prefix + "out_proj", m, o.weight, o.bias, None, None, weight_sharing))
-        return out
-
-    def positions(self, g: Tensor) -> Tensor:  # noqa: D102
-        # the functional forward is sequence-first: [K, T, N, d_G] (out_proj: [K, T*N, d_G]
-        # is reshaped by the capture)
-        return g.transpose(1, 2)
-
-    def span(self) -> tuple[int, int]:
-        """The rows ``[start, stop)`` of ``weight`` this block owns."""
-        if self.w_rows is None:
-            return 0, self.weight.shape[0]
-        return self.w_rows.start, self.w_rows.stop
-
-
-class DiagonalRule:
-    r"""A layer whose block is kept as its exact diagonal: per-example gradients squared.
-
-    Subclasses register with ``module_type=`` like :class:`LayerRule` and define
-    :meth:`per_example` (the per-example, per-column gradients of the parameters from
-    the layer's input and the gradient at its output). The block's diagonal is then
-    :math:`w\sum_{i,k} (\partial s_{ik}^\top f_i/\partial\theta)^2`: the exact diagonal
-    of the GGN (``fisher="type2"``) or of the Fisher estimate in use.
-
-    Attributes:
-        name, module: the module and its name.
-        weight, bias: its affine parameters (either may be ``None``).
-
-    Example:
-        >>> ln = torch.nn.LayerNorm(3)
-        >>> rule = LayerNormRule("ln", ln)
-        >>> x, g = torch.randn(2, 3), torch.ones(1, 2, 3)
-        >>> [tuple(t.shape) for t in rule.squared_grads(x, g)]   # weight, bias
-        [(3,), (3,)]
-    """
-
-    module_type: ClassVar[type[nn.Module]]
-    behaviour: ClassVar[tuple[str, ...]] = ("forward",)
-    functional: ClassVar[bool] = False
-    modules: list[nn.Module]
-
-    def __init_subclass__(cls, module_type: type[nn.Module] | None = None, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _register(cls, module_type)
-
-    def __init__(self, name: str, module: nn.Module):
-        self.name, self.module, self.modules = name, module, [module]
-        self.weight = cast("Tensor | None", getattr(module, "weight", None))
-        self.bias = cast("Tensor | None", getattr(module, "bias", None))
-
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:
-        """Whether the module has trainable affine parameters to cover."""
-        ps = [getattr(module, "weight", None), getattr(module, "bias", None)]
-        return any(p is not None for p in ps) and _initialized(*ps)
-
-    @classmethod
-    def build(cls, name: str, module: nn.Module, weight_sharing: str) -> list[DiagonalRule]:
-        """The rule of ``module`` (one)."""
-        return [cls(name, module)]
-
-    def params(self) -> list[Tensor]:
-        """The affine parameters (weight, then bias; those that exist)."""
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    def keys(self) -> set[tuple[int, int]]:
-        """``(id(parameter), 0)`` of the parameters."""
-        return {(id(p), 0) for p in self.params()}
-
-    def normalized(self, inp: Tensor) -> Tensor:
-        """The layer's normalized input, before the affine map."""
-        raise NotImplementedError
-
-    def channel_dims(self, x: Tensor) -> tuple[int, ...]:
-        """Dimensions of ``x [n, ...]`` summed over for the per-example gradients."""
-        raise NotImplementedError
-
-    def per_example(self, inp: Tensor, g: Tensor) -> list[Tensor]:
-        """Per-example, per-column gradients ``[K, n, *p.shape]`` of :meth:`params`."""
-        xh = self.normalized(inp.detach()).to(g.dtype)
-        dims = tuple(d + 1 for d in self.channel_dims(xh))  # g has the leading K
-        out = []
-        if self.weight is not None:
-            out.append((g * xh).sum(dims) if dims else g * xh)
-        if self.bias is not None:
-            out.append(g.sum(dims) if dims else g)
-        return [t.reshape(t.shape[0], t.shape[1], *p.shape) for t, p in zip(out, self.params())]
-
-    def squared_grads(self, inp: Tensor, g: Tensor) -> list[Tensor]:
-        r""":math:`\sum_{k,i}` of the squared per-example gradients, shaped like :meth:`params`."""
-        return [(t * t).sum((0, 1)) for t in self.per_example(inp, g)]
-
-    def approximation(self) -> str:
-        """``"diagonal-exact"``."""
-        return "diagonal-exact"
-
-
-class LayerNormRule(DiagonalRule, module_type=nn.LayerNorm):
-    r"""``nn.LayerNorm``: :math:`\hat x = (x - \mu)/\sigma` over the normalized shape.
-
-    Example:
-        >>> LayerNormRule("ln", torch.nn.LayerNorm(3)).normalized(torch.tensor([[1.0, 2.0, 3.0]]))
-        tensor([[-1.2247,  0.0000,  1.2247]])
-    """
-
-    def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
-        m = cast(nn.LayerNorm, self.module)
-        return F.layer_norm(inp, m.normalized_shape, None, None, m.eps)
-
-    def channel_dims(self, x: Tensor) -> tuple[int, ...]:  # noqa: D102
-        nd = len(cast(nn.LayerNorm, self.module).normalized_shape)
-        return tuple(range(1, x.dim() - nd))
-
-
-class RMSNormRule(DiagonalRule, module_type=nn.RMSNorm):
-    r"""``nn.RMSNorm``: :math:`\hat x = x / \mathrm{rms}(x)` over the normalized shape.
-
-    Example:
-        >>> RMSNormRule("norm", torch.nn.RMSNorm(2)).normalized(torch.tensor([[3.0, 4.0]]))
-        tensor([[0.8485, 1.1314]])
-    """
-
-    def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
-        m = cast(nn.RMSNorm, self.module)
-        return F.rms_norm(inp, m.normalized_shape, None, m.eps)
-
-    def channel_dims(self, x: Tensor) -> tuple[int, ...]:  # noqa: D102
-        nd = len(cast(nn.RMSNorm, self.module).normalized_shape)
-        return tuple(range(1, x.dim() - nd))
-
-
-class GroupNormRule(DiagonalRule, module_type=nn.GroupNorm):
-    """``nn.GroupNorm``: per-channel scale and shift of the group-normalized input.
-
-    Example:
-        >>> rule = GroupNormRule("gn", torch.nn.GroupNorm(1, 2))
-        >>> rule.normalized(torch.tensor([[[1.0], [3.0]]])).flatten()
-        tensor([-1.0000,  1.0000])
-    """
-
-    def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
-        m = cast(nn.GroupNorm, self.module)
-        return F.group_norm(inp, m.num_groups, None, None, m.eps)
-
-    def channel_dims(self, x: Tensor) -> tuple[int, ...]:  # noqa: D102
-        return tuple(range(2, x.dim()))
-
-
-class BatchNormRule(DiagonalRule, module_type=nn.modules.batchnorm._BatchNorm):
-    """BatchNorm (1d/2d/3d): the running statistics in eval mode, the batch's in training.
-
-    In training mode an example's output depends on the whole batch; the per-example
-    gradients of the affine parameters are still exact (the normalized input does not
-    depend on them), the GGN itself couples the examples.
-
-    Example:
-        >>> rule = BatchNormRule("bn", torch.nn.BatchNorm1d(2).eval())  # running mean 0, var 1
-        >>> rule.normalized(torch.tensor([[1.0, 3.0]])), rule.approximation()
-        (tensor([[1.0000, 3.0000]]), 'diagonal-exact')
-    """
-
-    def normalized(self, inp: Tensor) -> Tensor:  # noqa: D102
-        m = cast(nn.BatchNorm1d, self.module)
-        batch = m.training or m.running_mean is None
-        rm, rv = (None, None) if batch else (m.running_mean, m.running_var)
-        return F.batch_norm(inp, rm, rv, None, None, batch, 0.0, m.eps)
-
-    def channel_dims(self, x: Tensor) -> tuple[int, ...]:  # noqa: D102
-        return tuple(range(2, x.dim()))
-
-
 def rule_for(module: nn.Module) -> type[LayerRule] | type[DiagonalRule] | None:
     """The registered rule class for ``module``, or ``None`` if unsupported.
 
@@ -883,3 +510,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
+
+
+# The built-in rules register themselves when their modules are imported: importing them here
+# (after the base classes and the registry exist) fills RULES whichever module is imported first.
+from .attention import AttentionProjectionRule  # noqa: E402
+from .layers import Conv1dRule, Conv2dRule, EmbeddingRule, LinearRule  # noqa: E402
+from .norms import (  # noqa: E402
+    BatchNormRule,
+    DiagonalRule,
+    GroupNormRule,
+    LayerNormRule,
+    RMSNormRule,
+)

@@ -1,0 +1,164 @@
+"""The Kronecker rules of the dense layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``.
+
+Each is a :class:`~second.kfac.rules.LayerRule` registered for its module type (see
+:mod:`second.kfac.rules` for the matrix form and the weight-sharing modes):
+:class:`~torch.nn.Linear` (any leading dimensions as positions), :class:`~torch.nn.Conv1d`
+and :class:`~torch.nn.Conv2d` (``groups=1``, any padding mode; patches channel-major
+``(C_in, k...)`` like the weight, output pixels as positions: KFC),
+:class:`~torch.nn.Embedding` (one-hot inputs, so the input factor is diagonal and held as
+its diagonal).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .rules import LayerRule, _initialized
+
+__all__ = ["LinearRule", "Conv1dRule", "Conv2dRule", "EmbeddingRule"]
+
+
+class LinearRule(LayerRule, module_type=nn.Linear):
+    """``nn.Linear`` (and subclasses keeping its forward): every leading dimension a position.
+
+    Example:
+        >>> rule = LinearRule("fc", torch.nn.Linear(3, 2, bias=False))
+        >>> rule.matrix_of(torch.ones(2, 3), None).shape
+        torch.Size([2, 3])
+    """
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
+        return _initialized(cast(Tensor, module.weight), getattr(module, "bias", None))
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
+        m = cast(nn.Linear, module)
+        return m.in_features, m.out_features
+
+    def matrix_of(self, gw: Tensor, gb: Tensor | None) -> Tensor:  # noqa: D102
+        return gw if gb is None else torch.cat([gw, gb.unsqueeze(1)], dim=1)
+
+    def params_of(self, m: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
+        if not self.has_bias:
+            return m, None
+        return m[:, : self.d_in], m[:, self.d_in]
+
+
+class _ConvRule(LayerRule):
+    """Convolutions (``groups=1``): patches as rows, output pixels as positions (KFC).
+
+    The input is padded the way the layer pads it (zeros or its ``padding_mode``, also
+    ``padding="same"``), then unfolded channel-major like the weight.
+    """
+
+    behaviour = ("forward", "_conv_forward")
+    spatial: ClassVar[int]
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
+        m = cast(nn.Conv2d, module)
+        return m.groups == 1 and _initialized(m.weight, m.bias)
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
+        m = cast(nn.Conv2d, module)
+        return m.weight[0].numel(), m.out_channels
+
+    def features(self, inp: Tensor) -> Tensor:  # noqa: D102
+        m = cast(nn.Conv2d, self.module)
+        pad = m._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            inp = F.pad(inp, pad, mode=mode)
+        k, d, s = m.kernel_size, m.dilation, m.stride
+        if self.spatial == 1:  # a 1-d convolution as a 2-d one of height 1
+            inp, k, d, s = inp.unsqueeze(2), (1, k[0]), (1, d[0]), (1, s[0])
+        return F.unfold(inp, k, dilation=d, stride=s).transpose(1, 2)  # [n, T, C*k...]
+
+    def positions(self, g: Tensor) -> Tensor:  # noqa: D102
+        K, n = g.shape[:2]
+        return g.reshape(K, n, self.d_G, -1).transpose(2, 3)
+
+
+class Conv1dRule(_ConvRule, module_type=nn.Conv1d):
+    """``nn.Conv1d`` with ``groups=1``: patches ``(C_in, k)`` as rows, output steps as positions.
+
+    Example:
+        >>> conv = torch.nn.Conv1d(2, 3, kernel_size=2, padding=1)
+        >>> Conv1dRule("c", conv).input_rows(torch.ones(1, 2, 4)).shape
+        torch.Size([1, 5, 5])
+    """
+
+    spatial = 1
+
+
+class Conv2dRule(_ConvRule, module_type=nn.Conv2d):
+    """``nn.Conv2d`` with ``groups=1``: patches as rows, output pixels as positions.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
+        >>> Conv2dRule("c", conv).input_rows(torch.ones(1, 2, 3, 3)).shape
+        torch.Size([1, 4, 9])
+    """
+
+    spatial = 2
+
+
+class EmbeddingRule(LayerRule, module_type=nn.Embedding):
+    """``nn.Embedding``: one-hot inputs, so the input factor is diagonal (token counts).
+
+    The matrix form is the weight transposed, ``[embedding_dim, num_embeddings]``; the
+    "input rows" are the ``[n, T]`` indices, and positions at ``padding_idx`` are masked.
+    Always ``"expand"`` (the averaged one-hot rows of ``"reduce"`` are not diagonal).
+
+    Example:
+        >>> rule = EmbeddingRule("e", torch.nn.Embedding(5, 3))
+        >>> A, count = rule.a_stats(rule.input_rows(torch.tensor([[1, 1, 4]])))
+        >>> A.tolist(), count
+        ([0.0, 2.0, 0.0, 0.0, 1.0], 3.0)
+    """
+
+    diag_A = True
+    reducible = False
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
+        m = cast(nn.Embedding, module)
+        return m.max_norm is None and not m.sparse and not m.scale_grad_by_freq
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
+        m = cast(nn.Embedding, module)
+        return m.num_embeddings, m.embedding_dim
+
+    def input_rows(self, inp: Tensor, weight_sharing: str | None = None) -> Tensor:  # noqa: D102
+        rows = inp.reshape(inp.shape[0], -1)
+        self.shared = self.shared or rows.shape[1] > 1
+        return rows
+
+    def mask(self, inp: Tensor) -> Tensor | None:  # noqa: D102
+        padding_idx = cast(nn.Embedding, self.module).padding_idx
+        if padding_idx is None:
+            return None
+        return torch.ne(inp.reshape(inp.shape[0], -1), padding_idx)
+
+    def a_stats(self, rows: Tensor) -> tuple[Tensor, float]:  # noqa: D102
+        n, T = rows.shape[0], rows.shape[1]
+        idx = rows.reshape(-1)
+        counts = torch.zeros(self.d_A, dtype=self.weight.dtype, device=rows.device)
+        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+        return counts, float(n * T)
+
+    def per_example_mats(self, arows: Tensor, grows: Tensor) -> Tensor:  # noqa: D102
+        K, n, T, dG = grows.shape
+        out = grows.new_zeros(K, n, dG, self.d_A)
+        idx = arows.reshape(1, n, 1, T).expand(K, n, dG, T)
+        return out.scatter_add_(3, idx, grows.transpose(2, 3))
+
+    def to_mat(self, vw: Tensor, vb: Tensor | None) -> Tensor:  # noqa: D102
+        return vw.transpose(1, 2)
+
+    def from_mat(self, m: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
+        return m.transpose(1, 2), None
