@@ -55,46 +55,36 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist
 from .._losses import reduction_of
 from ..kfac import (
     FALLBACKS,
     FISHER_TYPES,
     Capture,
-    DiagonalBlock,
-    EigenBlock,
     FactorStats,
     KroneckerBlock,
     WeightSharing,
-    add_layer_statistics,
     approximations,
-    batch_statistics,
     check_loss,
-    curvature_columns,
-    eigen_blocks,
     find_rules,
-    nonfinite_rows,
     unwrap_model,
     watch_forward,
 )
 from ._base import PARAM_SHAPES, check_state_dict_params
+from ._kfac_capture import KFACCapture
 from ._kfac_checks import (
     NONNEGATIVE_LOSSES,
     OVERRATE,
     check_positive,
-    clamp_damping,
     first_nonfinite,
     flat,
     parameter_groups,
     refusal,
 )
 from ._kfac_quadratic import (
-    chain_jvp,
-    generic_jvp,
-    ggn_gram,
     mlp_chain,
     step_coefficients,
 )
+from ._kfac_update import KFACUpdate
 
 __all__ = ["KFAC"]
 
@@ -102,10 +92,9 @@ COUNTERS = ("n_skipped_steps", "n_refused_steps")
 """The safeguards' counters, kept in ``param_groups[0]`` (saved with the state)."""
 SAFE_KL_CLIP = 1e-3
 """KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
-_MISSING = object()
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(KFACCapture, KFACUpdate):
     r"""KFAC with the adaptive damping, learning rate and momentum of Martens & Grosse (2015).
 
     See :mod:`second.optim.kfac` for the algorithm. The defaults are the paper's adaptive
@@ -324,139 +313,6 @@ class KFAC(torch.optim.Optimizer):
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in inner.modules())
         self._fwd: tuple | None = None
 
-    # ------------------------------------------------------------------------ hooks
-    def _capturing_now(self) -> bool:
-        group = self.param_groups[0]
-        return group["step"] % group["factor_update_period"] == 0
-
-    def _pre_hook(self, module, args):
-        active = self.inner.training and torch.is_grad_enabled() and not self._in_step
-        self._capture.clear()
-        # between factor updates a plain MLP still records its activations (_chain_jvp)
-        self._capture.active = active and (self._capturing_now() or self._chain is not None)
-
-    def _top_hook(self, module, args, kwargs, output):
-        if not (self.inner.training and torch.is_grad_enabled()) or self._in_step:
-            return
-        self._batch = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
-        self._fwd = None
-        self._n_forwards += 1
-        self._loss_batch = None
-        self._out_ref = weakref.ref(output) if isinstance(output, Tensor) else None
-        if not self._capture.active:
-            return
-        self._capture.active = False
-        if not isinstance(output, Tensor):
-            raise TypeError("KFAC needs a model whose forward returns one tensor (the output)")
-        self._keep_forward(args, kwargs, output)
-        if not self._capturing_now():
-            self._capture.clear()
-            return
-        if nonfinite_rows(output) is not None:  # no statistics from a batch that will be refused
-            self._pending_bad = True
-            self._capture.clear()
-            self._pending = None
-            return
-        if self._pending_bad:
-            self._capture.clear()
-            return
-        fb = self.fallback_params if self.fallback == "diagonal" else []
-        # every training forward since the last step adds to the statistics (accumulation)
-        stats = self._pending or FactorStats(self.layers, fb, lazy=True)
-        if self.fisher == "empirical":
-            # gradients of the user's own loss, captured during their backward
-            self._empirical_hooks(output, stats)
-        else:
-            S = curvature_columns(
-                self.loss_fn, output, None, self.reduction, self.fisher, self.mc_samples
-            )
-            batch_statistics(self.layers, fb, output, S, self._capture, stats)
-            self._capture.clear()
-        self._pending = stats
-
-    def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
-        """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
-
-        :meth:`_trial_loss` re-evaluates that loss after the step without a backward pass.
-        """
-        if self._in_step or not torch.is_grad_enabled():
-            return
-        out = self._out_ref() if self._out_ref is not None else None
-        if out is None or not args or args[0] is not out or self._loss_batch is not None:
-            self._loss_batch = None
-            return
-        if not isinstance(output, Tensor) or torch.is_autocast_enabled(out.device.type):
-            return
-        rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in args[1:])
-        self._loss_batch = (rest, kwargs, weakref.ref(output))
-
-    def _trial_loss(self, closure, loss: Tensor) -> Tensor:
-        """The closure's loss after the step on the step's batch, for Levenberg-Marquardt.
-
-        When the closure ran one training forward and returned ``loss_fn(output, ...)``
-        itself (``loss``, the very tensor), that loss is re-evaluated by a forward pass
-        without gradients on the captured batch (no backward); else the closure is called
-        again (a closure that adds a regularizer, or returns a copy, keeps its own loss).
-        """
-        self._in_step = True
-        try:
-            if (
-                self._loss_batch is not None
-                and self._step_forwards == 1
-                and self._batch is not None
-            ):
-                rest, lkw, ref = self._loss_batch
-                if ref() is loss:
-                    args, kwargs = self._batch
-                    with torch.no_grad():
-                        return self.loss_fn(self.inner(*args, **kwargs), *rest, **lkw)
-            with torch.enable_grad():
-                return closure()
-        finally:
-            self._in_step = False
-
-    def _keep_forward(self, args, kwargs, output: Tensor) -> None:
-        """Keep the captured activations of a plain MLP forward for :meth:`_chain_jvp`."""
-        cap = self._capture
-        if (
-            self._chain is None
-            or kwargs
-            or len(args) != 1
-            or not isinstance(args[0], Tensor)
-            or args[0].dim() != 2
-            or any(len(cap.inputs.get(j, ())) != 1 for j in range(len(self.layers)))
-        ):
-            return
-        dt = self.layers[0].weight.dtype  # an autocast forward's activations: in float32
-        self._fwd = (
-            args[0].detach().to(dt),
-            [cap.inputs[j][0].to(dt) for j in range(len(self.layers))],
-            [cap.outputs[j][0].detach().to(dt) for j in range(len(self.layers))],
-            output.detach().to(dt),
-        )
-
-    def _empirical_hooks(self, output: Tensor, stats: FactorStats) -> None:
-        n = output.shape[0]
-        scale = float(n) if self.reduction == "mean" else 1.0
-        stats.n += n
-        layers = self.layers
-
-        def add(j: int, inp: Tensor, g: Tensor) -> None:
-            add_layer_statistics(stats, j, layers[j], inp, (g * scale).unsqueeze(0))
-
-        self._capture.on_output_grads(add)
-
-    def _empirical_diagonal(self, stats: FactorStats) -> None:
-        """Fallback diagonal for the empirical Fisher: the squared summed gradient.
-
-        Per-example gradients of those parameters are not available from the user's
-        backward; ``(sum_i g_i)^2`` equals ``sum_i g_i^2`` up to cross terms.
-        """
-        scale = stats.n if self.reduction == "mean" else 1.0
-        for i, p in enumerate(stats.fallback_params):
-            if p.grad is not None:
-                stats.diag[i] = (p.grad * scale) ** 2
-
     def close(self) -> None:
         """Remove the hooks from the model (the optimizer cannot step afterwards)."""
         self._capture.close()
@@ -482,194 +338,6 @@ class KFAC(torch.optim.Optimizer):
             check_positive("lr", lr, strict=True)
         check_positive("weight_decay", param_group.get("weight_decay", 0.0))
         super().add_param_group(param_group)
-
-    # ------------------------------------------------------------------------ state helpers
-    def _dist(self) -> bool:
-        return dist.active(self.distributed)
-
-    def _new_factors(
-        self, stats: FactorStats, group: dict
-    ) -> list[tuple[dict, str, Tensor]] | None:
-        """The running factors with ``stats`` folded in, as ``(state, key, tensor)`` to commit.
-
-        Nothing is written: the caller commits after checking the result (``None``: the
-        statistics hold no example).
-        """
-        if self._dist():
-            stats.all_reduce()  # forms the products of pending rows first
-        if stats.n == 0:
-            return None
-        w = 1.0 / stats.n if self.reduction == "mean" else 1.0
-        lstates = [layer.state_in(self.state) for layer in self.layers]
-        dstates = [self.state[p] for p in self.fallback_params]
-        A_run, G_run = [], []
-        for layer, st in zip(self.layers, lstates):
-            A, G = st.get("A"), st.get("G")
-            if A is None or G is None:
-                shape = (layer.d_A,) if layer.diag_A else (layer.d_A, layer.d_A)
-                A, G = layer.weight.new_zeros(shape), layer.weight.new_zeros(layer.d_G, layer.d_G)
-            A_run.append(A)
-            G_run.append(G)
-        d_run = [
-            st.get("diag", torch.zeros_like(p)) for st, p in zip(dstates, self.fallback_params)
-        ]
-        A_new, G_new, d_new = stats.ema(A_run, G_run, d_run, group["factor_decay"], w)
-        return (
-            [(st, "A", t) for st, t in zip(lstates, A_new)]
-            + [(st, "G", t) for st, t in zip(lstates, G_new)]
-            + [(st, "diag", t) for st, t in zip(dstates, d_new)]
-        )
-
-    def _update_inverses(self, group: dict) -> None:
-        """Eigendecompose the bias-corrected factors.
-
-        Under torch.distributed layer ``j`` is decomposed on rank ``j % world_size`` and
-        shared (:func:`second.kfac.eigen_blocks`): the factors are identical on all ranks
-        after the all-reduce, so the result is the same and the work is split.
-        """
-        corr = 1.0 / (1.0 - group["factor_decay"] ** group["factor_steps"])
-        states = [layer.state_in(self.state) for layer in self.layers]
-        blocks = eigen_blocks([(st["A"], st["G"]) for st in states], corr, split=self._dist())
-        for st, e in zip(states, blocks):
-            st["lA"], st["QA"], st["lG"], st["QG"] = e.lA, e.QA, e.lG, e.QG
-        self._inv_version += 1
-
-    def _layer_inverse(self, j: int, layer, lam: float) -> KroneckerBlock:
-        r"""The pi-damped inverse of layer ``j``'s block, cached until damping or spectra change."""
-        key = (lam, self._inv_version)
-        hit = self._inv_cache.get(j)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        st = layer.state_in(self.state)
-        inv = EigenBlock(st["lA"], st["QA"], st["lG"], st["QG"]).inverse(lam)
-        self._inv_cache[j] = (key, inv)
-        return inv
-
-    def _precondition(
-        self, grads: list[Tensor], lam: float, etas: list[float], group: dict
-    ) -> Tensor:
-        """``F_breve^{-1} g``, flat in parameter order, with factored damping ``sqrt(lam + eta)``.
-
-        ``eta``: a layer's weight decay is its weight's group's.
-        """
-        out = grads[0].new_empty(self._numel)
-        index, offsets = self._index, self._offsets
-        for j, layer in enumerate(self.layers):
-            iw = index[id(layer.weight)]
-            ib = index[id(layer.bias)] if layer.has_bias else None
-            M = layer.matrix_of(grads[iw], None if ib is None else grads[ib])
-            inv = self._layer_inverse(j, layer, lam + etas[iw])
-            vw, vb = layer.params_of(inv.matmul(M))
-            o = offsets[iw] + layer.w_offset
-            out[o : o + vw.numel()].view(vw.shape).copy_(vw)
-            if ib is not None and vb is not None:
-                o = offsets[ib] + layer.b_offset
-                out[o : o + vb.numel()].copy_(vb)
-        corr = 1.0 / (1.0 - group["factor_decay"] ** max(group["factor_steps"], 1))
-        for p in self.fallback_params:
-            i = index[id(p)]
-            d = self.state[p].get("diag")
-            d = torch.zeros_like(p) if d is None else d * corr
-            o = offsets[i]
-            out[o : o + p.numel()].view(p.shape).copy_(
-                DiagonalBlock(d).solve(grads[i], lam + etas[i])
-            )
-        return out
-
-    def _per_param(self, key: str) -> list[float]:
-        """A group setting (``lr``, ``weight_decay``, ``momentum``) per parameter, in model order."""
-        groups = self.param_groups
-        if len(groups) == 1:
-            return [groups[0][key]] * len(self._params)
-        where = {id(p): g for g in groups for p in g["params"]}
-        return [where[id(p)][key] for p in self._params]
-
-    def _flat_values(self, values: list[float], like: Tensor) -> Tensor:
-        """A flat vector holding ``values[i]`` on parameter ``i``'s entries."""
-        return torch.cat([like.new_full((n,), float(v)) for v, n in zip(values, self._numels)])
-
-    def _decay_terms(self, V: Tensor, etas: list[float]) -> Tensor:
-        r"""The weight decay's curvature :math:`[v_a^\top \mathrm{diag}(\eta) v_b]`."""
-        if len(set(etas)) == 1:
-            return etas[0] * (V @ V.T)
-        return (V * self._flat_values(etas, V)) @ V.T
-
-    def _adaptive_scale(self) -> float:
-        """The adaptive mode's lr: one multiplier of the quadratic model's step, in every group."""
-        lrs = set(self._per_param("lr"))
-        if len(lrs) != 1:
-            raise ValueError(
-                "in KFAC's adaptive mode lr multiplies the quadratic model's step and must be "
-                f"the same in every parameter group, got {sorted(lrs)} (a scheduler scales all "
-                "groups alike; per-group learning rates need the fixed mode, KFAC(..., lr=...))"
-            )
-        s = lrs.pop()
-        check_positive("lr", s, strict=True)
-        return float(s)
-
-    def _fixed_step(
-        self, Delta: Tensor, prev: Tensor | None, g: Tensor, b1: float, group: dict
-    ) -> tuple[Tensor, float, float]:
-        r"""The fixed-lr update :math:`\nu\,\mathrm{lr}\,\Delta + \mu\delta_0`, per group lr and momentum.
-
-        Returns ``(delta, lr * nu, momentum)`` (the first group's values when they differ).
-        """
-        lrs = self._per_param("lr")
-        moms = [m or 0.0 for m in self._per_param("momentum")]
-        uniform = len(set(lrs)) == 1
-        # KL clipping: nu^2 lr^2 |Delta . g| <= c, the lr per parameter
-        if uniform:
-            lr_g = lrs[0] * lrs[0] * abs(b1)
-        else:
-            lr_vec = self._flat_values(lrs, Delta)
-            lr_g = abs(float((lr_vec * lr_vec * Delta) @ g))
-        nu = 1.0
-        if group["kl_clip"] is not None and lr_g != 0.0:
-            nu = min(1.0, math.sqrt(group["kl_clip"] / lr_g))
-        delta = (lrs[0] * nu) * Delta if uniform else (nu * lr_vec) * Delta
-        if prev is not None and any(moms):
-            if len(set(moms)) == 1:
-                delta.add_(prev, alpha=moms[0])
-            else:
-                delta.addcmul_(self._flat_values(moms, prev), prev)
-        return delta, lrs[0] * nu, moms[0]
-
-    def _unflat(self, v: Tensor) -> list[Tensor]:
-        """Views of a flat vector shaped like the parameters."""
-        return [t.view(p.shape) for t, p in zip(v.split(self._numels), self._params)]
-
-    def _previous_update(self, params: list[Tensor]) -> Tensor | None:
-        """The previous update ``delta_0`` flat (``None`` before the first one)."""
-        views = self._prev_views
-        if views is not None and all(
-            self.state[p].get("delta") is v for p, v in zip(params, views)
-        ):
-            return self._prev_flat
-        prev = [self.state[p].get("delta") for p in params]
-        if any(d is None for d in prev):
-            return None
-        return flat(prev)
-
-    def _quadratic_terms(self, V: Tensor) -> Tensor:
-        r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN for the rows of ``V [k, n]``.
-
-        Forward-mode JVPs: from the captured forward for a plain MLP, else by ``torch.func``.
-        """
-        k = V.shape[0]
-        tangents = [
-            V[:, o : o + m].view(k, *p.shape)
-            for o, m, p in zip(self._offsets, self._numels, self._params)
-        ]
-        if self._fwd is not None and self._chain is not None:
-            out, Jv = chain_jvp(self._chain, self.layers, self._index, self._fwd, tangents)
-        else:
-            if self._batch is None:
-                raise RuntimeError("KFAC's quadratic model needs a captured training forward")
-            params = [p.detach() for p in self._params]
-            out, Jv = generic_jvp(
-                self.inner, self._names, params, self._batch, tangents, vectorize=not self._conv
-            )
-        return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist())
 
     # ------------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -879,80 +547,6 @@ class KFAC(torch.optim.Optimizer):
         """The safeguards' counters: ``n_skipped_steps`` (non-finite) and ``n_refused_steps``."""
         group = self.param_groups[0]
         return {k: int(group.get(k, 0)) for k in COUNTERS}
-
-    def _warn_once(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-    def _raised_damping(self, group: dict) -> float:
-        omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
-        return clamp_damping(group["damping"] / omega, group)
-
-    def _skip(self, what: str, group: dict, loss: Tensor | None) -> Tensor | None:
-        """Refuse a step with a non-finite ``what``: nothing committed, damping raised."""
-        group["damping"] = self._raised_damping(group)
-        group["n_skipped_steps"] += 1
-        group["step"] += 1
-        self._warn_once(
-            "skipped",
-            f"KFAC step {group['step'] - 1}: non-finite {what}; the non-finite update was not "
-            "applied (parameters, statistics and factors unchanged) and the damping is increased "
-            "(counted in param_groups[0]['n_skipped_steps'], warned once)",
-        )
-        self.last_info = {
-            "skipped": True,
-            "reason": f"non-finite {what}",
-            "damping": group["damping"],
-        }
-        return loss
-
-    def _snapshot(self, group: dict) -> tuple:
-        """References to everything a step replaces (the step writes new tensors, never in place)."""
-        keys = ("A", "G", "lA", "QA", "lG", "QG")
-        saved = [
-            (st, k, st.get(k, _MISSING))
-            for st in (lay.state_in(self.state) for lay in self.layers)
-            for k in keys
-        ]
-        saved += [
-            (self.state[p], "diag", self.state[p].get("diag", _MISSING))
-            for p in self.fallback_params
-        ]
-        return saved, group["factor_steps"], group["damping"]
-
-    def _restore(self, snapshot: tuple, group: dict) -> None:
-        saved, group["factor_steps"], _ = snapshot
-        for st, k, v in saved:
-            if v is _MISSING:
-                st.pop(k, None)
-            else:
-                st[k] = v
-        self._inv_cache.clear()
-        self._inv_version += 1
-
-    def _adapt_damping(self, closure, loss, info, group) -> bool:
-        """Levenberg-Marquardt; ``False`` when the loss after the step is not finite."""
-        new_loss = self._trial_loss(closure, loss)
-        vals = torch.tensor([float(loss), float(new_loss)], dtype=torch.float64)
-        if self._dist():
-            vals = vals.to(self._params[0].device)
-            dist.all_reduce_sum(vals)
-            vals = vals.cpu() / dist.world_size()
-        change = float(vals[1] - vals[0])
-        if not math.isfinite(change):
-            return False
-        pred = info["predicted_change"]
-        rho = change / pred if pred < 0 else -math.inf
-        omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
-        lam = group["damping"]
-        if rho < 0.25:
-            lam = lam / omega
-        elif rho > 0.75:
-            lam = lam * omega
-        group["damping"] = clamp_damping(lam, group)
-        info["rho"] = rho
-        return True
 
     # ------------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
