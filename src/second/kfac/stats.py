@@ -205,14 +205,10 @@ class FactorStats:
         beta: float,
         weight: float,
     ) -> None:
-        r"""Fold these statistics into running averages, in place (:meth:`ema`, copied back).
+        """Fold these statistics into running averages, in place.
 
-        Args:
-            A_run: per layer, the running input factor.
-            G_run: per layer, the running gradient factor.
-            diag_run: per fallback parameter, the running diagonal.
-            beta: the decay :math:`\beta \in [0, 1)`.
-            weight: :math:`w` (``1/n`` for a mean-reduced loss, 1 for a sum).
+        The arguments are :meth:`ema`'s; its result is copied into ``A_run``, ``G_run`` and
+        ``diag_run``.
         """
         new = self.ema(A_run, G_run, diag_run, beta, weight)
         for olds, news in zip((A_run, G_run, diag_run), new):
