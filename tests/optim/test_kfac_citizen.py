@@ -212,3 +212,38 @@ def test_mc_targets_follow_the_predictive_distribution():
         p = torch.softmax(logits[row].double(), 0)
         torch.testing.assert_close(freq, p, rtol=0, atol=0.015)  # ~4 standard deviations
     assert int((y[0::2] == 3).sum()) == 0  # probability 0: never drawn
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp-batchnorm1d", "cnn-batchnorm2d"])
+def test_batchnorm_in_training_mode_trains_with_defaults_and_counts_each_batch_once(conv):
+    """The adaptive mode's extra forwards (quadratic model, damping trial) leave BatchNorm's
+    running statistics alone: only the training forward counts, once per step."""
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)
+        )
+        X = torch.randn(64, 1, 8, 8)
+    else:
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        X = torch.randn(64, 8)
+    y = torch.randint(0, 3, (64,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    steps = 12  # two damping adaptations (every 5 steps)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    first = float(loss_fn(model(X), y))
+    for _ in range(steps):
+        opt.step(closure)
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == steps + 1  # the steps' forwards and `first`
+    last = float(loss_fn(model(X), y))
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert last < first
+    assert opt.counters["n_skipped_steps"] == 0

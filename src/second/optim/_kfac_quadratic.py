@@ -158,11 +158,15 @@ def generic_jvp(
 
     args, kwargs = batch
     primals = dict(zip(names, params))
-    # copies: a BatchNorm in training mode must not update its running statistics twice
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    buffers = dict(model.named_buffers())
 
     def f(ps):
-        return functional_call(model, (ps, buffers), args, kwargs)
+        # copies made inside the transform: a BatchNorm in training mode updates its running
+        # statistics in place, which must neither touch the model's (the training forward
+        # already did) nor mutate a tensor captured from outside the transform
+        return functional_call(
+            model, (ps, {k: b.clone() for k, b in buffers.items()}), args, kwargs
+        )
 
     k = tangents[0].shape[0]
     tangent = dict(zip(names, tangents))

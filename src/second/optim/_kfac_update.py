@@ -282,8 +282,12 @@ class KFACUpdate(KFACAttributes):
                 rest, lkw, ref = self._loss_batch
                 if ref() is loss:
                     args, kwargs = self._batch
+                    # on copies of the buffers: a BatchNorm in training mode must not count
+                    # this evaluation in its running statistics
+                    bufs = {k: b.clone() for k, b in self.inner.named_buffers()}
                     with torch.no_grad():
-                        return self.loss_fn(self.inner(*args, **kwargs), *rest, **lkw)
+                        out = torch.func.functional_call(self.inner, bufs, args, kwargs)
+                        return self.loss_fn(out, *rest, **lkw)
             with torch.enable_grad():
                 return closure()
         finally:
