@@ -217,10 +217,12 @@ def newton_cg(
     return finish(obj, x, f, gnorm, it, reason, criteria, method, history, t0, xnorms, shape, extra)
 
 
-#: Hessian columns formed per batched pass by :func:`dense_hessian`: one vmap-batched pass
-#: over all ``n`` columns is memory-bound (on the teacher-student MLP 8-32-1, 321 columns in
-#: one pass cost ~113 ms against ~40 ms in passes of 32; see BENCHMARKS.md).
-DENSE_CHUNK = 32
+#: Hessian columns formed per batched pass by :func:`dense_hessian` (bounds the memory of the
+#: batched pass). Measured on one thread, median of 7: Rosenbrock-100 0.9 / 0.5 / 0.3 ms at
+#: 32 / 64 / 128 columns a pass, the teacher-student MLP 8-32-1 (321 columns, 400 points)
+#: 52-84 ms whatever the chunk on a quiet machine (113 against 40 ms for one pass against passes
+#: of 32 on a loaded one).
+DENSE_CHUNK = 128
 
 
 def dense_hessian(g: Tensor, xr: Tensor, eye: Tensor | None = None) -> Tensor:
