@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import rss
+
 DAMPING = 1e-3
 SIZES = {  # name: (width, n_train, n_query)
     "150k-1k": (256, 1000, 100),
@@ -42,15 +44,6 @@ SIZES = {  # name: (width, n_train, n_query)
 }
 SECOND_ALONE = ("1M-20k", "10M-2k")  # kronfluence only with --kronfluence-1m (1M-20k)
 BATCH = 256
-
-
-def _rss() -> int:
-    """The resident memory of this process now, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _setup(width: int, n: int, q: int):
@@ -180,7 +173,7 @@ def worker(lib: str, stage: str, size: str, root: Path, fisher: str) -> dict:
     torch.set_num_threads(1)
     width, n, q = SIZES[size]
     model, train, query = _setup(width, n, q)
-    before = _rss()
+    before = rss()
     t0, w0 = time.process_time(), time.perf_counter()
     if lib == "second":
         _second(stage, model, train, query, root, fisher)

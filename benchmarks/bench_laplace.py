@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import rss
 from torch import nn
 
 from second.laplace import Laplace, OnlinePrior, ece, nll
@@ -53,21 +54,13 @@ def _import_laplace_torch():
     return laplace
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def measure(fn):
     """``(result, wall seconds, CPU seconds of this thread, peak resident-set increase in bytes)``."""
-    base, peak, stop = _rss(), [0], threading.Event()
+    base, peak, stop = rss(), [0], threading.Event()
 
     def poll():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
+            peak[0] = max(peak[0], rss())
             time.sleep(0.005)
 
     t = threading.Thread(target=poll)
@@ -79,7 +72,7 @@ def measure(fn):
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
         stop.set()
         t.join()
-    return out, elapsed, cpu, max(0, max(peak[0], _rss()) - base)
+    return out, elapsed, cpu, max(0, max(peak[0], rss()) - base)
 
 
 def repeat(fn, runs):
