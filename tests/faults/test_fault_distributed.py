@@ -30,7 +30,7 @@ DIST_RTOL = 1e-10
 
 WORKER = textwrap.dedent(
     """
-    import datetime, json, sys, torch, torch.distributed as dist
+    import datetime, json, os, sys, torch, torch.distributed as dist
     from torch import nn
     from second import Influence
     rank, world, init, out, timeout = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
@@ -83,6 +83,8 @@ WORKER = textwrap.dedent(
         json.dump(seen, f)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's threads can abort the interpreter's finalization (distributed_cases.py)
     """
 )
 

@@ -426,7 +426,7 @@ def test_changed_parameters_invalidate_cached_vectors():
 # ------------------------------------------------------------------------------ distributed
 WORKER = textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import os, sys, torch, torch.distributed as dist
     from torch import nn
     from second import Influence
     rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -446,6 +446,8 @@ WORKER = textwrap.dedent(
         torch.save(res, out)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's threads can abort the interpreter's finalization (distributed_cases.py)
     """
 )
 

@@ -394,3 +394,45 @@ def test_a_killed_writer_leaves_no_corrupt_file(tmp_path):
         i = int(p.stem.split("-")[1])
         got = cache.load_tensors(f"block-{i}", {"i": i}, {"t": (4_000_000,)})
         assert got is not None and float(got["t"][0]) == i
+
+
+def test_the_cache_reads_its_files_without_a_third_party_reader(tmp_path):
+    """Mixed dtypes at unaligned offsets, empty and 0-d tensors round-trip bit for bit."""
+    ts = {
+        "u8": torch.arange(3, dtype=torch.uint8),  # the next tensor starts at byte 3
+        "f64": torch.randn(3, 4, dtype=torch.float64),
+        "bf16": torch.randn(5).bfloat16(),
+        "empty": torch.zeros(0, 3),
+        "flag": torch.tensor(True),
+        "i64": torch.arange(-4, 4),
+    }
+    cache = _cache.DiskCache(tmp_path)
+    cache.save_tensors("mixed", ts, {"k": 1})
+    got = cache.load_tensors("mixed", {"k": 1}, {k: tuple(t.shape) for k, t in ts.items()})
+    assert got is not None and list(got) == list(ts)
+    for k, t in ts.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+
+
+@pytest.mark.parametrize("how", ["short", "long-header", "not-json", "overlap"])
+def test_a_malformed_safetensors_file_is_refused(tmp_path, how):
+    cache = _cache.DiskCache(tmp_path)
+    cache.save_tensors("m", {"a": torch.ones(4), "b": torch.ones(2)})
+    path = cache.tensors_path("m")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n]
+    if how == "short":
+        path.write_bytes(raw[:5])
+    elif how == "long-header":
+        path.write_bytes((len(raw) * 2).to_bytes(8, "little") + raw[8:])
+    elif how == "not-json":
+        path.write_bytes(raw[:8] + b"{" * n + raw[8 + n :])
+    else:  # the second tensor claims the first one's bytes
+        forged = header.replace(b"[16,24]", b"[8,16]")
+        assert forged != header
+        path.write_bytes(raw[:8] + forged + raw[8 + n :])
+    with pytest.raises(ValueError):
+        _cache._read_safetensors(path)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert cache.load_tensors("m") is None

@@ -7,11 +7,10 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import second
+from distributed_cases import spawn_ranks
 
 DIST_TOL = dict(rtol=1e-9, atol=1e-11)  # float64; all-reduce only changes summation order
 STEPS = 3
@@ -57,18 +56,15 @@ def _train(model, X, y, ddp_model=None):
     )
 
 
-def _worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        X, y = _data()
-        shard = slice(rank * N // world, (rank + 1) * N // world)
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        result = _train(model, X[shard], y[shard], ddp)
-        if rank == 0:
-            torch.save(result, out_file)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_file):
+    X, y = _data()
+    shard = slice(rank * N // world, (rank + 1) * N // world)
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    result = _train(model, X[shard], y[shard], ddp)
+    if rank == 0:
+        torch.save(result, out_file)
+    del ddp
 
 
 def test_two_processes_equal_one_process():
@@ -76,8 +72,8 @@ def test_two_processes_equal_one_process():
     model = _model()
     params, A0, damping = _train(model, X, y)
     with tempfile.TemporaryDirectory() as tmp:
-        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.spawn(_worker, args=(2, init_file, out_file), nprocs=2, join=True)
+        out_file = os.path.join(tmp, "out.pt")
+        spawn_ranks(_worker, 2, out_file)
         dparams, dA0, ddamping = torch.load(out_file)
     assert ddamping == pytest.approx(damping, rel=1e-9)
     torch.testing.assert_close(dA0, A0, **DIST_TOL)

@@ -8,16 +8,14 @@ single-process operators on all the data.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import PRODUCT_TOL
 from dense_reference import assert_close
+from distributed_cases import spawn_ranks
 from second import FisherOperator, GGNOperator, HessianOperator
 
 pytestmark = pytest.mark.distributed
@@ -51,42 +49,25 @@ def _products(model, loss_fn, data, v, V, **kw) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        results = {}
-        for reduction in ("mean", "sum"):
-            model, loss_fn, X, y, v, V = _problem(reduction)
-            lo, hi = SHARDS[rank]
-            Xs, ys = X[lo:hi], y[lo:hi]
-            # the shard as one batch, and as several unequal batches
-            results[reduction, "batch"] = _products(model, loss_fn, (Xs, ys), v, V)
-            batches = [(Xs[:1], ys[:1]), (Xs[1:], ys[1:])]
-            results[reduction, "batches"] = _products(model, loss_fn, batches, v, V)
-            # opting out keeps the product local to the shard
-            results[reduction, "local"] = _products(
-                model, loss_fn, (Xs, ys), v, V, distributed=False
-            )
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, outdir: str) -> None:
+    results = {}
+    for reduction in ("mean", "sum"):
+        model, loss_fn, X, y, v, V = _problem(reduction)
+        lo, hi = SHARDS[rank]
+        Xs, ys = X[lo:hi], y[lo:hi]
+        # the shard as one batch, and as several unequal batches
+        results[reduction, "batch"] = _products(model, loss_fn, (Xs, ys), v, V)
+        batches = [(Xs[:1], ys[:1]), (Xs[1:], ys[1:])]
+        results[reduction, "batches"] = _products(model, loss_fn, batches, v, V)
+        # opting out keeps the product local to the shard
+        results[reduction, "local"] = _products(model, loss_fn, (Xs, ys), v, V, distributed=False)
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     outdir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD_SIZE, join=True)
+    spawn_ranks(_worker, WORLD_SIZE, outdir)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 
 

@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from distributed_cases import spawn_ranks
 from second import GGNOperator, HessianOperator, diagonal, eigsh, trace
 from second.spectral import ggn_diagonal
 
@@ -54,25 +53,17 @@ def _results(model, loss_fn, data) -> dict:
     return out
 
 
-def _worker(rank: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    init = f"file://{os.path.join(outdir, 'rendezvous')}"
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD_SIZE)
-    try:
-        model, loss_fn, X, y = _problem()
-        lo, hi = SHARDS[rank]
-        shard = [(X[lo : lo + 2], y[lo : lo + 2]), (X[lo + 2 : hi], y[lo + 2 : hi])]
-        torch.save(_results(model, loss_fn, shard), os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, outdir: str) -> None:
+    model, loss_fn, X, y = _problem()
+    lo, hi = SHARDS[rank]
+    shard = [(X[lo : lo + 2], y[lo : lo + 2]), (X[lo + 2 : hi], y[lo + 2 : hi])]
+    torch.save(_results(model, loss_fn, shard), os.path.join(outdir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     outdir = str(tmp_path_factory.mktemp("dist_spectral"))
-    mp.spawn(_worker, args=(outdir,), nprocs=WORLD_SIZE, join=True)
+    spawn_ranks(_worker, WORLD_SIZE, outdir)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 
 

@@ -197,11 +197,7 @@ class DiskCache:
         if not p.exists():
             return None
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
-                header = f.metadata() or {}
-                ts = {k: f.get_tensor(k) for k in f.keys()}
+            header, ts = _read_safetensors(p)
         except Exception:
             self._reject(name, "it cannot be read", p)
             return None
@@ -287,6 +283,50 @@ def _write_safetensors(f, tensors: dict[str, Tensor], metadata: dict[str, str]) 
     for t in tensors.values():
         if t.numel():
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The metadata and tensors of a safetensors file, mapped from disk (no third-party reader).
+
+    The file is mapped copy-on-write (:func:`torch.from_file`); each tensor is a view of
+    its byte range, copied only when that range is not aligned to its element size.
+    Raises ``ValueError`` on a malformed file (short, a header that is not JSON, byte
+    ranges outside the file or overlapping, an unknown dtype).
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError("shorter than a safetensors header")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    body = size - 8 - n
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)[8 + n :]
+    ts: dict[str, Tensor] = {}
+    end = 0
+    for k, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = _ST_NAMES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        lo, hi = (int(o) for o in info["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if lo < end or hi > body or hi - lo != numel * itemsize:
+            raise ValueError(f"tensor {k!r} has a bad byte range")
+        end = hi
+        raw = data[lo:hi]
+        if (8 + n + lo) % itemsize:
+            raw = raw.clone()
+        ts[k] = raw.view(dtype).reshape(shape)
+    return meta, ts
 
 
 class CacheStore:
