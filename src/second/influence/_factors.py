@@ -3,19 +3,9 @@ r"""Kronecker factors fitted by streaming over the data, restorable from a cache
 :class:`StreamedKFAC` and :class:`StreamedEKFAC` are :class:`~second.kfac.KFACOperator`
 and :class:`~second.kfac.EKFACOperator` with two differences that matter at scale:
 
-* the EK-FAC eigen-corrections come from the Kronecker structure of the per-example
-  gradients (:func:`streamed_corrections`), never from dense per-example gradients: for
-  a layer called once per example with one position (a ``Linear`` on vectors) the
-  per-example, per-column gradient is :math:`g a^\top`, its rotation
-  :math:`(Q_G^\top g)(Q_A^\top a)^\top`, and the sum of its squares over examples and
-  columns one matrix product
-
-  .. math:: s = w \sum_{i,k} (Q_G^\top g_{ik})^{\circ 2}\, \big((Q_A^\top a_i)^{\circ 2}\big)^\top
-            = w\, \big[\textstyle\sum_k (g_{\cdot k} Q_G)^{\circ 2}\big]^\top (a Q_A)^{\circ 2};
-
-  other layers (positions, several calls, embeddings) form the rotated per-example
-  matrices for a few examples at a time, within ``memory`` bytes. Peak memory is the
-  factors plus one batch.
+* the EK-FAC eigen-corrections are those of :func:`second.kfac.eigen_corrections`,
+  computed from the Kronecker structure of the per-example gradients within ``memory``
+  bytes (never dense per-example gradients); peak memory is the factors plus one batch.
 * the statistics and corrections can be restored from a store (``store.load(stage)``)
   and are handed to it after each pass (``store.save(stage, tensors)``), so a fit
   interrupted during its second pass resumes after the first.
@@ -23,96 +13,20 @@ and :class:`~second.kfac.EKFACOperator` with two differences that matter at scal
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import torch
-from torch import Tensor
 
 from .. import distributed as dist
 from .._errors import NonFiniteError
 from ..kfac import (
     DiagonalBlock,
-    EigenBlock,
     EKFACOperator,
     KFACOperator,
     KroneckerBlock,
-    backprop_columns,
+    eigen_corrections,
 )
-from ..kfac.capture import Capture
-from ..kfac.rules import LayerRule
+from ..kfac.correction import DEFAULT_MEMORY
 
-__all__ = ["StreamedKFAC", "StreamedEKFAC", "streamed_corrections", "DEFAULT_MEMORY"]
-
-DEFAULT_MEMORY = 256 * 2**20
-"""Bytes a block of rotated per-example matrices may take (layers with positions)."""
-
-
-def _rows(layer: LayerRule, inp: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Input rows ``[n, T, d_A]`` and gradient rows ``[K, n, T, d_G]``, padding masked."""
-    arows = layer.input_rows(inp, "expand")  # exact per-example gradients: every position
-    grows = layer.grad_rows(g, inp, "expand")
-    mask = layer.mask(inp)
-    if mask is not None:
-        grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
-    return arows, grows
-
-
-def streamed_corrections(
-    layers: Sequence[LayerRule],
-    eigen: Sequence[EigenBlock],
-    passes: Iterable[tuple[Tensor, Tensor, Capture]],
-    *,
-    memory: int = DEFAULT_MEMORY,
-) -> list[Tensor]:
-    r"""The unnormalized EK-FAC eigen-corrections ``[d_G, d_A]`` per layer (times ``w`` later).
-
-    The same sums as :func:`second.kfac.eigen_corrections`,
-    :math:`\sum_{i,k} (Q_G^\top \nabla_W(s_{ik}^\top f_i)\, Q_A)^{\circ 2}`, computed
-    from the rotated input and gradient rows (module docstring): one matrix product per
-    layer and batch when the layer has one call and one position per example, otherwise
-    rotated per-example matrices for as many examples as fit in ``memory`` bytes.
-
-    Args:
-        layers: the layer rules.
-        eigen: per layer, the block whose eigenbasis is used.
-        passes: ``(output f, columns S, capture)`` per batch.
-        memory: bytes one block of per-example matrices may take.
-
-    Returns:
-        Per layer, the sums over examples and columns of the squared rotated gradients.
-    """
-    sums = [
-        torch.zeros(layer.d_G, layer.d_A, dtype=layer.weight.dtype, device=layer.weight.device)
-        for layer in layers
-    ]
-    for out, S, cap in passes:
-        js = [j for j in range(len(layers)) if j in cap.outputs]
-        outs = [o for j in js for o in cap.outputs[j]]
-        gouts = backprop_columns(out, S, outs, retain_graph=False)
-        pos = 0
-        for j in js:
-            layer, E = layers[j], eigen[j]
-            calls = []
-            for inp in cap.inputs[j]:
-                arows, grows = _rows(layer, inp, gouts[pos])
-                pos += 1
-                gr = grows @ E.QG  # rows of Q_G^T g
-                ar = arows if E.QA is None else arows @ E.QA
-                calls.append((ar, gr))
-            if len(calls) == 1 and not layer.diag_A and calls[0][0].shape[1] == 1:
-                ar, gr = calls[0]
-                g2 = (gr[:, :, 0, :] ** 2).sum(0)  # [n, d_G], summed over columns
-                sums[j] += g2.T @ (ar[:, 0, :] ** 2)
-                continue
-            K, n = calls[0][1].shape[:2]
-            step = max(1, memory // max(1, K * layer.d_G * layer.d_A * sums[j].element_size()))
-            for s in range(0, n, step):
-                per = None
-                for ar, gr in calls:  # a module used twice: its gradients add up
-                    m = layer.per_example_mats(ar[s : s + step], gr[:, s : s + step])
-                    per = m if per is None else per + m
-                sums[j] += (per**2).sum((0, 1))  # type: ignore[operator]
-    return sums
+__all__ = ["StreamedKFAC", "StreamedEKFAC", "DEFAULT_MEMORY"]
 
 
 class _Restorable:
@@ -174,13 +88,13 @@ class StreamedKFAC(_Restorable, KFACOperator):
 class StreamedEKFAC(_Restorable, EKFACOperator):
     """:class:`~second.kfac.EKFACOperator` with streamed corrections and a restoring store.
 
-    The eigen-corrections come from :func:`streamed_corrections` (no dense per-example
-    gradient); the factors and the corrections are restored from / saved to ``store``
+    The eigen-corrections come from :func:`~second.kfac.eigen_corrections` within
+    ``memory`` bytes (no dense per-example gradient); the factors and the corrections are restored from / saved to ``store``
     stage by stage (``"factors"`` after the first pass, ``"corrections"`` after the second).
 
     Args:
         store: as for :class:`StreamedKFAC`.
-        memory: bytes for a block of per-example matrices (:func:`streamed_corrections`).
+        memory: bytes for a block of per-example matrices (:func:`~second.kfac.eigen_corrections`).
         other arguments: as :class:`~second.kfac.EKFACOperator`.
     """
 
@@ -197,9 +111,13 @@ class StreamedEKFAC(_Restorable, EKFACOperator):
         if st is not None:
             sums = [st[f"s{j}"] for j in range(len(self.rules))]
         else:
-            sums = streamed_corrections(self.rules, kfac, self._passes(), memory=self.memory)
-            if dist.active(self.distributed):
-                dist.all_reduce_sum(sums)
+            sums = eigen_corrections(
+                self.rules,
+                kfac,
+                self._passes(),
+                distributed=dist.active(self.distributed),
+                memory=self.memory,
+            )
             if self._store is not None:
                 self._store.save("corrections", {f"s{j}": s for j, s in enumerate(sums)})
         for s in sums:

@@ -17,8 +17,11 @@ from torch import Tensor
 from .. import distributed as dist
 from ..kfac import DiagonalBlock, EigenBlock, FactorStats, KroneckerBlock, eigen_blocks
 from ._kfac_capture import KFACAttributes
-from ._kfac_checks import check_positive, clamp_damping, flat
-from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram
+from ._kfac_checks import OVERRATE, check_positive, clamp_damping, flat, refusal
+from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram, step_coefficients
+
+SAFE_KL_CLIP = 1e-3
+"""KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
 
 _MISSING = object()
 
@@ -148,6 +151,74 @@ class KFACUpdate(KFACAttributes):
         s = lrs.pop()
         check_positive("lr", s, strict=True)
         return float(s)
+
+    def _adaptive_step(
+        self,
+        Delta: Tensor,
+        prev: Tensor | None,
+        gflat: Tensor,
+        loss: Tensor | None,
+        lam: float,
+        etas: list[float],
+        group: dict,
+        info: dict,
+    ) -> Tensor:
+        r"""The quadratic model's update :math:`\alpha\Delta + \mu\delta_0`, or its safe replacement.
+
+        The coefficients minimize the exact quadratic model (:func:`step_coefficients`); a
+        step the model proposes with a non-finite or non-positive learning rate, a momentum
+        outside ``[0, 0.95]``, a predicted change that is not negative, or a predicted
+        decrease of more than ``OVERRATE`` times a non-negative loss is refused (counted,
+        warned once) and replaced by the step along ``Delta`` alone, else by the KL-clipped
+        natural-gradient step with the damping raised. ``lr`` scales the result. Records
+        ``alpha``, ``mu``, ``predicted_change``, ``lr_scale`` (and ``refused``) in ``info``.
+        """
+        V = torch.stack([Delta, prev]) if prev is not None else Delta.unsqueeze(0)  # [k, n]
+        # one product for the gradient terms and the norms: [g.v_a, v_a.v_b]
+        Gram = (V @ torch.cat([gflat.unsqueeze(0), V]).T).tolist()
+        gV = [row[0] for row in Gram]  # gradient . (Delta, delta0)
+        nrm = [row[1:] for row in Gram]
+        b1 = gV[0]
+        # the weight decay's curvature joins F: [v_a (F + diag(eta)) v_b]
+        Fq = (self._quadratic_terms(V) + self._decay_terms(V, etas)).tolist()
+        alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, group["momentum"])
+        # a loss bounded below by 0 cannot fall by more than its value in one step (with a
+        # margin for the model's noise: OVERRATE)
+        floor = -float(loss) * OVERRATE if loss is not None and self._nonnegative else -math.inf
+        reason = refusal(alpha, mu, pred, floor)
+        if reason is not None:
+            group["n_refused_steps"] += 1
+            info["refused"] = reason
+            if pred < floor:  # the model overrates its step: trust it less from now on
+                group["damping"] = self._raised_damping(group)
+            # first the model's step along Delta alone (no momentum) ...
+            alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, 0.0)
+            if refusal(alpha, mu, pred, floor) is None:
+                replacement = "the quadratic model's step without momentum"
+            else:
+                # ... else the KL-clipped natural-gradient step, and more damping
+                c = group["kl_clip"] if group["kl_clip"] is not None else SAFE_KL_CLIP
+                descent = math.isfinite(b1) and b1 < 0.0
+                alpha, mu = (min(1.0, math.sqrt(c / -b1)) if descent else 0.0), 0.0
+                curv = Fq[0][0]
+                pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
+                group["damping"] = self._raised_damping(group)
+                replacement = "a KL-clipped natural-gradient step (and the damping raised)"
+            self._warn_once(
+                "refused",
+                f"KFAC step {group['step']}: the quadratic model proposed {reason}; the step "
+                f"was refused and replaced by {replacement} (counted in "
+                "param_groups[0]['n_refused_steps'], warned once)",
+            )
+        # lr: a multiplier of the model's step (a scheduler's factor), the same in every group
+        s = self._adaptive_scale()
+        if s != 1.0:
+            linear = alpha * gV[0] + (mu * gV[1] if prev is not None else 0.0)
+            pred = s * s * (pred - linear) + s * linear
+            alpha, mu = s * alpha, s * mu
+        delta = torch.add(alpha * Delta, prev, alpha=mu) if mu else alpha * Delta
+        info.update(alpha=alpha, mu=mu, predicted_change=pred, lr_scale=s)
+        return delta
 
     def _fixed_step(
         self, Delta: Tensor, prev: Tensor | None, g: Tensor, b1: float, group: dict

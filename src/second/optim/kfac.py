@@ -73,16 +73,13 @@ from ._base import PARAM_SHAPES, check_state_dict_params
 from ._kfac_capture import KFACCapture
 from ._kfac_checks import (
     NONNEGATIVE_LOSSES,
-    OVERRATE,
     check_positive,
     first_nonfinite,
     flat,
     parameter_groups,
-    refusal,
 )
 from ._kfac_quadratic import (
     mlp_chain,
-    step_coefficients,
 )
 from ._kfac_update import KFACUpdate
 
@@ -90,8 +87,6 @@ __all__ = ["KFAC"]
 
 COUNTERS = ("n_skipped_steps", "n_refused_steps")
 """The safeguards' counters, kept in ``param_groups[0]`` (saved with the state)."""
-SAFE_KL_CLIP = 1e-3
-"""KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
 
 
 class KFAC(KFACCapture, KFACUpdate):
@@ -435,61 +430,11 @@ class KFAC(KFACCapture, KFACUpdate):
         # 2. the direction and its step size
         Delta = self._precondition(grads, lam, etas, group).neg_()
         prev = self._previous_update(params)
-        have_prev = prev is not None
         info: dict = {}
-        V = torch.stack([Delta, prev]) if prev is not None else Delta.unsqueeze(0)  # [k, n]
         if adaptive:
-            # one product for the gradient terms and the norms: [g.v_a, v_a.v_b]
-            Gram = (V @ torch.cat([gflat.unsqueeze(0), V]).T).tolist()
-            gV = [row[0] for row in Gram]  # gradient . (Delta, delta0)
-            nrm = [row[1:] for row in Gram]
+            delta = self._adaptive_step(Delta, prev, gflat, loss, lam, etas, group, info)
         else:
-            gV = (V[:1] @ gflat).tolist()
-        b1 = gV[0]
-        if adaptive:
-            # the weight decay's curvature joins F: [v_a (F + diag(eta)) v_b]
-            Fq = (self._quadratic_terms(V) + self._decay_terms(V, etas)).tolist()
-            alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, group["momentum"])
-            # a loss bounded below by 0 cannot fall by more than its value in one step (with a
-            # margin for the model's noise: OVERRATE)
-            floor = -float(loss) * OVERRATE if loss is not None and self._nonnegative else -math.inf
-            reason = refusal(alpha, mu, pred, floor)
-            if reason is not None:
-                group["n_refused_steps"] += 1
-                info["refused"] = reason
-                if pred < floor:  # the model overrates its step: trust it less from now on
-                    group["damping"] = self._raised_damping(group)
-                # first the model's step along Delta alone (no momentum) ...
-                alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, 0.0)
-                if refusal(alpha, mu, pred, floor) is None:
-                    replacement = "the quadratic model's step without momentum"
-                else:
-                    # ... else the KL-clipped natural-gradient step, and more damping
-                    c = group["kl_clip"] if group["kl_clip"] is not None else SAFE_KL_CLIP
-                    descent = math.isfinite(b1) and b1 < 0.0
-                    alpha, mu = (min(1.0, math.sqrt(c / -b1)) if descent else 0.0), 0.0
-                    curv = Fq[0][0]
-                    pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
-                    group["damping"] = self._raised_damping(group)
-                    replacement = "a KL-clipped natural-gradient step (and the damping raised)"
-                self._warn_once(
-                    "refused",
-                    f"KFAC step {group['step']}: the quadratic model proposed {reason}; the step "
-                    f"was refused and replaced by {replacement} (counted in "
-                    "param_groups[0]['n_refused_steps'], warned once)",
-                )
-            # lr: a multiplier of the model's step (a scheduler's factor), the same in every group
-            s = self._adaptive_scale()
-            if s != 1.0:
-                linear = alpha * gV[0] + (mu * gV[1] if have_prev else 0.0)
-                pred = s * s * (pred - linear) + s * linear
-                alpha, mu = s * alpha, s * mu
-            if mu:
-                delta = torch.add(alpha * Delta, prev, alpha=mu)
-            else:
-                delta = alpha * Delta
-            info.update(alpha=alpha, mu=mu, predicted_change=pred, lr_scale=s)
-        else:
+            b1 = float(Delta.unsqueeze(0) @ gflat)
             delta, alpha, mom = self._fixed_step(Delta, prev, gflat, b1, group)
             info.update(alpha=alpha, mu=mom)
         if group["max_update_norm"] is not None:
