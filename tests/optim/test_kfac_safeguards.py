@@ -90,7 +90,9 @@ def test_a_broken_curvature_gives_the_kl_clipped_step_and_more_damping(monkeypat
     nu = min(1.0, math.sqrt(kfac_module.SAFE_KL_CLIP / float(-(g @ Delta))))
     theta0 = second.parameters_to_vector(model.parameters()).detach()
     monkeypatch.setattr(
-        second.optim.KFAC, "_quadratic_terms", lambda self, V: torch.full((len(V), len(V)), math.nan)
+        second.optim.KFAC,
+        "_quadratic_terms",
+        lambda self, V: torch.full((len(V), len(V)), math.nan),
     )
     opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
     with pytest.warns(RuntimeWarning, match="KL-clipped natural-gradient step"):
@@ -105,7 +107,9 @@ def test_a_broken_curvature_gives_the_kl_clipped_step_and_more_damping(monkeypat
 def test_damping_stays_within_its_bounds(monkeypatch):
     model, loss_fn, X, y = _problem()
     monkeypatch.setattr(
-        second.optim.KFAC, "_quadratic_terms", lambda self, V: torch.full((len(V), len(V)), math.nan)
+        second.optim.KFAC,
+        "_quadratic_terms",
+        lambda self, V: torch.full((len(V), len(V)), math.nan),
     )
     opt = second.optim.KFAC(model, loss_fn, damping=0.5, max_damping=1.0, min_damping=1e-3)
     with warnings.catch_warnings():

@@ -216,7 +216,9 @@ class KFACUpdate(KFACAttributes):
             linear = alpha * gV[0] + (mu * gV[1] if prev is not None else 0.0)
             pred = s * s * (pred - linear) + s * linear
             alpha, mu = s * alpha, s * mu
-        delta = torch.add(alpha * Delta, prev, alpha=mu) if mu else alpha * Delta
+        delta = (
+            torch.add(alpha * Delta, prev, alpha=mu) if mu and prev is not None else alpha * Delta
+        )
         info.update(alpha=alpha, mu=mu, predicted_change=pred, lr_scale=s)
         return delta
 
