@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -320,8 +321,11 @@ def test_generic_jvp_one_per_vector_matches_vmapped_and_dense():
     tangents = [torch.randn(2, *p.shape, dtype=DT) for p in params]
     out_v, Jv_v = generic_jvp(model, names, params, ((X,), {}), tangents)
     out_l, Jv_l = generic_jvp(model, names, params, ((X,), {}), tangents, vectorize=False)
+    out_r, Jv_r = generic_jvp(model, names, params, ((X,), {}), tangents, reverse=True)
     torch.testing.assert_close(out_l, out_v, rtol=0, atol=0)
+    torch.testing.assert_close(out_r, out_v, rtol=0, atol=0)
     torch.testing.assert_close(Jv_l, Jv_v, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(Jv_r, Jv_v, rtol=1e-12, atol=1e-13)
 
     def f(*ps):
         return torch.func.functional_call(model, dict(zip(names, ps)), (X,))
@@ -332,3 +336,59 @@ def test_generic_jvp_one_per_vector_matches_vmapped_and_dense():
             (Jp.reshape(out_v.numel(), -1) @ t[i].reshape(-1)) for Jp, t in zip(J, tangents)
         )
         torch.testing.assert_close(Jv_l[i].reshape(-1), dense, rtol=1e-10, atol=1e-12)
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.r, self.fc = (
+            nn.Embedding(11, 4),
+            nn.LSTM(4, 5, batch_first=True),
+            nn.Linear(5, 3),
+        )
+
+    def forward(self, x):
+        return self.fc(self.r(self.e(x))[0][:, -1])
+
+
+FLOAT32_GGN_TOL = dict(rtol=1e-4, atol=1e-6)  # a float32 quadratic form against a float64 GGN
+
+
+def _weight_norm_net():
+    return nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)
+    )
+
+
+@pytest.mark.parametrize("kind", ["lstm", "weight_norm"])
+def test_a_model_without_forward_mode_rules_gets_the_quadratic_model_by_reverse_ad(kind):
+    """An LSTM (float32 on CPU: its kernel has no forward-mode rule) and weight_norm: the
+    quadratic model switches to reverse-over-reverse JVPs, equal to the dense GGN's quadratic
+    form, and KFAC trains."""
+    torch.manual_seed(0)
+    if kind == "lstm":
+        model, X = _LSTMNet(), torch.randint(0, 11, (8, 5))
+    else:
+        model, X = _weight_norm_net(), torch.randn(8, 4)
+    y = torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loss_fn(model(X), y).backward()  # a captured training forward
+    V = torch.randn(2, n)
+    with torch.no_grad():
+        Q = opt._quadratic_terms(V)
+    assert opt._reverse_jvp
+    X64 = X.double() if X.is_floating_point() else X
+    G = second.GGNOperator(copy.deepcopy(model).double(), loss_fn, (X64, y)).to_dense()
+    V64 = V.double()
+    torch.testing.assert_close(Q.double(), V64 @ G @ V64.T, **FLOAT32_GGN_TOL)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(10)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

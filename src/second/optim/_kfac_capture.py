@@ -67,6 +67,7 @@ class KFACAttributes(torch.optim.Optimizer):
     _prev_flat: Tensor | None
     _chain: list[tuple[str, Any]] | None
     _conv: bool
+    _reverse_jvp: bool
     _fwd: tuple | None
 
 

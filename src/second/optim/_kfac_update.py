@@ -268,7 +268,9 @@ class KFACUpdate(KFACAttributes):
     def _quadratic_terms(self, V: Tensor) -> Tensor:
         r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN for the rows of ``V [k, n]``.
 
-        Forward-mode JVPs: from the captured forward for a plain MLP, else by ``torch.func``.
+        Forward-mode JVPs: from the captured forward for a plain MLP, else by ``torch.func``;
+        a model with an operation that has no forward-mode rule (an LSTM on CPU,
+        ``weight_norm``) gets them by reverse-over-reverse AD from then on.
         """
         k = V.shape[0]
         tangents = [
@@ -281,9 +283,14 @@ class KFACUpdate(KFACAttributes):
             if self._batch is None:
                 raise RuntimeError("KFAC's quadratic model needs a captured training forward")
             params = [p.detach() for p in self._params]
-            out, Jv = generic_jvp(
-                self.inner, self._names, params, self._batch, tangents, vectorize=not self._conv
-            )
+            args = (self.inner, self._names, params, self._batch, tangents)
+            try:
+                out, Jv = generic_jvp(*args, vectorize=not self._conv, reverse=self._reverse_jvp)
+            except NotImplementedError:  # an operation without a forward-mode rule (an LSTM,
+                if self._reverse_jvp:  # weight_norm): reverse-over-reverse from now on
+                    raise
+                self._reverse_jvp = True
+                out, Jv = generic_jvp(*args, reverse=True)
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist())
 
     def _warn_once(self, kind: str, message: str) -> None:

@@ -306,6 +306,7 @@ class KFAC(KFACCapture, KFACUpdate):
         # model's JVPs reuse the captured forward (see _chain_jvp)
         self._chain = None if self.fallback_params else mlp_chain(inner, self.layers)
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in inner.modules())
+        self._reverse_jvp = False  # set when a module has no forward-mode rule (LSTM)
         self._fwd: tuple | None = None
 
     def close(self) -> None:
