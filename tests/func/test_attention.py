@@ -110,3 +110,23 @@ def test_influence_on_a_transformer():
     inf = second.Influence(model, loss_fn, (X, y), curvature="ggn", damping=1e-3, progressbar=False)
     S = inf.scores((X[:2], y[:2]))
     assert S.shape == (2, 6) and bool(torch.isfinite(S).all())
+
+
+@pytest.mark.parametrize("style", ["parametrization", "hook"])
+def test_weight_norm_hessian_is_symmetric_and_matches_finite_differences(style):
+    """The fused weight-norm kernel's double backward is wrong; inside the context (every
+    operator's model run) the plain-operation form is used."""
+    fused = torch._weight_norm
+    torch.manual_seed(0)
+    if style == "parametrization":
+        layer = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
+    else:
+        with pytest.warns(FutureWarning):  # the older hook is deprecated, still supported
+            layer = nn.utils.weight_norm(nn.Linear(3, 4))
+    model = nn.Sequential(layer, nn.SiLU(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    Hd = HessianOperator(model, nn.MSELoss(), (X, y)).to_dense()
+    torch.testing.assert_close(Hd, Hd.T, **TOL)
+    columns = list(range(Hd.shape[0]))
+    torch.testing.assert_close(Hd, dense_hessian(model, nn.MSELoss(), X, y, columns), **TOL)
+    assert torch._weight_norm is fused  # restored on leaving the context

@@ -34,3 +34,38 @@ def test_refuses_foreign_parameters_and_bad_outputs():
         per_example_jacobians(flat, [flat[0].weight], torch.zeros(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="no examples"):
         per_example_jacobians(model, [model.weight], torch.zeros(0, 2, dtype=torch.float64))
+
+
+class _GRUNet(nn.Module):
+    """A GRU writes its hidden state in place: it cannot run under vmap over examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.r, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.r(x)[0][:, -1])
+
+
+def test_a_model_that_vmap_cannot_batch_falls_back_to_a_loop_with_a_warning():
+    torch.manual_seed(0)
+    model = _GRUNet().double()
+    X = torch.randn(5, 6, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    with pytest.warns(UserWarning, match="falling back to a loop over examples"):
+        J = per_example_jacobians(model, params, X)
+    torch.testing.assert_close(J, ref_output_jacobians(model, params, X), rtol=0, atol=EXACT)
+
+
+def test_map_examples_stacks_pytrees_and_lets_the_models_own_errors_through():
+    from second.func import map_examples
+
+    out = map_examples(lambda d: {"s": d["a"].sum(), "t": d["a"] * 2}, {"a": torch.ones(3, 2)})
+    assert out["s"].tolist() == [2.0, 2.0, 2.0] and out["t"].shape == (3, 2)
+
+    def broken(x):
+        raise RuntimeError("the model's own bug")
+
+    with pytest.warns(UserWarning, match="vmap over examples failed"):
+        with pytest.raises(RuntimeError, match="own bug"):
+            map_examples(broken, torch.ones(2, 1))

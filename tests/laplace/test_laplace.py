@@ -410,3 +410,24 @@ def test_online_prior_hook_tracks_the_marginal_likelihood_optimum():
     prior.remove()
     opt.step()
     assert prior.steps == 10
+
+
+def test_last_layer_refuses_a_model_whose_output_is_not_the_last_linears():
+    """A tied output embedding: the last nn.Linear is a hidden layer; a silent last-layer
+    Laplace would use its 8 outputs as the model's 10 (classes)."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.h = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.tanh(self.h(self.e(x).mean(1))), self.e.weight)
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    X, y = torch.randint(0, 10, (12, 5)), torch.randint(0, 10, (12,))
+    with pytest.raises(ValueError, match="not the output of its last nn.Linear"):
+        Laplace(model, nn.CrossEntropyLoss(), (X, y))
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), subset="all", structure="kfac")
+    assert la.predict(X[:3]).shape == (3, 10)

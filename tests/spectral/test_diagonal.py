@@ -130,3 +130,23 @@ def test_hessian_diagonal_with_the_ggn_as_control_variate():
     assert err(cv) < 0.5 * err(plain)
     with pytest.raises(ValueError, match="control"):
         diagonal(GGNOperator(model, nn.MSELoss(), (X, y)), 10, control="ggn")
+
+
+def test_a_recurrent_model_that_vmap_cannot_batch():
+    """nn.GRU writes its hidden state in place: the per-example products loop, same diagonal."""
+
+    class GRUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.r(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = GRUNet().double()
+    X, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    dense = torch.diagonal(GGNOperator(model, nn.CrossEntropyLoss(), (X, y)).to_dense())
+    with pytest.warns(UserWarning, match="falling back to a loop over examples"):
+        d = ggn_diagonal(model, nn.CrossEntropyLoss(), (X, y))
+    torch.testing.assert_close(d, dense, **DIAG_TOL)

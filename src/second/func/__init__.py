@@ -8,7 +8,12 @@ through a gradient built with ``create_graph=True``).
 
 from .attention import differentiable_attention
 from .dense import dense_from_matmat, eigenvalue_cutoff, exact_fisher, exact_ggn, exact_hessian
-from .per_example import ModelFunction, per_example_gradients, per_example_jacobians
+from .per_example import (
+    ModelFunction,
+    map_examples,
+    per_example_gradients,
+    per_example_jacobians,
+)
 from .products import (
     GGNGraph,
     JacobianGraph,
@@ -50,6 +55,7 @@ __all__ = [
     "hessian_matvec",
     "ModelFunction",
     "per_example_gradients",
+    "map_examples",
     "per_example_jacobians",
     "clear_cache",
 ]

@@ -11,16 +11,53 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .._errors import NonFiniteError
 from ..data import Task, as_task, map_batch
 from .vectors import parameters_to_vector, vector_to_parameters
 
-__all__ = ["ModelFunction", "per_example_gradients", "per_example_jacobians", "check_rows_finite"]
+__all__ = [
+    "ModelFunction",
+    "per_example_gradients",
+    "per_example_jacobians",
+    "check_rows_finite",
+    "map_examples",
+]
+
+_LOOP_HINT = (
+    "falling back to a loop over examples (slower). Batch norm in training mode, in-place "
+    "operations on inputs and recurrent layers (nn.GRU) are the usual causes"
+)
+
+
+def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
+    """``vmap(fn)(*args)`` over the leading dimension, else ``fn`` on one example at a time.
+
+    Some modules cannot run under :func:`torch.func.vmap` (a recurrent layer that writes
+    its hidden state in place, a batch norm in training mode); their examples are then
+    mapped by a Python loop, with a ``UserWarning``. An error that the loop raises as well
+    is the model's own and propagates.
+
+    Example:
+        >>> map_examples(lambda x: x.sum(), torch.ones(3, 2))
+        tensor([2., 2., 2.])
+    """
+    try:
+        return vmap(fn)(*args)
+    except (RuntimeError, NotImplementedError) as err:
+        warnings.warn(
+            f"vmap over examples failed ({type(err).__name__}: {str(err)[:200]}); {_LOOP_HINT}",
+            stacklevel=3,
+        )
+    n = tree_leaves(args)[0].shape[0]
+    outs = [fn(*tree_map(lambda t, i=i: t[i], args)) for i in range(n)]
+    return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:])
 
 
 def check_rows_finite(G: Tensor, what: str = "example", offset: int = 0) -> Tensor:
@@ -196,8 +233,7 @@ class ModelFunction:
                 self._vmap_ok = False
                 warnings.warn(
                     f"vmap over examples failed ({type(err).__name__}: {str(err)[:200]}); "
-                    "falling back to a loop over examples (slower). Batch norm in training mode "
-                    "and in-place operations on inputs are the usual causes: call model.eval().",
+                    f"{_LOOP_HINT}",
                     stacklevel=3,
                 )
         n = self.task.batch_size(batch)
@@ -303,7 +339,7 @@ def per_example_jacobians(
     parts = []
     with torch.enable_grad():
         for s in range(0, n, step):
-            Js = vmap(jacrev(f), in_dims=(None, 0))(theta, X[s : s + step])
+            Js = map_examples(lambda x: jacrev(f)(theta, x), X[s : s + step])
             m, C = Js[0].shape[:2]
             parts.append(torch.cat([J.reshape(m, C, -1) for J in Js], dim=2).detach())
     return torch.cat(parts)

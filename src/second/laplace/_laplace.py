@@ -48,6 +48,16 @@ def _last_layer(model: nn.Module) -> tuple[str, nn.Module]:
     return found
 
 
+def _check_last_output(last: nn.Module, out: Tensor, f: Tensor) -> None:
+    """Refuse a last layer whose output is not the model's (last-layer Laplace would be wrong)."""
+    if out.numel() != f.numel() or not torch.equal(out.reshape(f.shape), f):
+        raise ValueError(
+            f"subset='last_layer': the model's output is not the output of its last nn.Linear "
+            f"({last}): an output layer that reuses another weight (tied embeddings) or an "
+            "operation after the last Linear. Pass subset='all' or the output layer's parameters"
+        )
+
+
 def _positive(value, name: str) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
     if t.dim() > 1 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
@@ -297,8 +307,10 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         loss, n, C = 0.0, 0, 0
         hook = None
         if self._last is not None:
-            captured: list[Tensor] = []
-            hook = self._last.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+            captured: list[tuple[Tensor, Tensor]] = []
+            hook = self._last.register_forward_hook(
+                lambda m, i, o: captured.append((i[0].detach(), o.detach()))
+            )
         try:
             with torch.no_grad():
                 for batch in iterate_batches(data, self.task, device):
@@ -312,7 +324,9 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
                     n += f.shape[0]
                     C = f.shape[1]
                     if hook is not None:
-                        features.append((captured.pop(), y))
+                        phi, out = captured.pop()
+                        _check_last_output(self._last, out, f)
+                        features.append((phi, y))
                         captured.clear()
         finally:
             if hook is not None:

@@ -11,7 +11,7 @@ from torch.func import functional_call, vjp, vmap
 from .. import distributed as dist
 from .._losses import reduction_of
 from ..data import Task, as_task, iterate_batches, map_batch
-from ..func import parameters_to_vector
+from ..func import map_examples, parameters_to_vector
 
 __all__ = ["ggn_diagonal"]
 
@@ -141,7 +141,7 @@ def ggn_diagonal(
                 _, pull = vjp(lambda th: output_of(th, example), theta0)
                 return vmap(pull)(s)[0]  # dict of [K, *shape]
 
-            grads = vmap(per_example)(examples, cols)
+            grads = map_examples(per_example, examples, cols)
             part += parameters_to_vector([(grads[k] ** 2).sum(dim=(0, 1)) for k in keys])
         return part
 
