@@ -202,3 +202,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict, msg: s
 # every (model, loss, reduction) combination, with readable ids for parametrize
 CASES = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
 CASE_IDS = ["-".join(c) for c in CASES]
+
+
+class GRUNet(nn.Module):
+    """A GRU classifier: it writes its hidden state in place, so vmap over examples fails."""
+
+    def __init__(self, d_in: int = 3, hidden: int = 4, classes: int = 3):
+        super().__init__()
+        self.r, self.fc = nn.GRU(d_in, hidden, batch_first=True), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc(self.r(x)[0][:, -1])

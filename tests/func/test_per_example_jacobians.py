@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dense_reference import ref_output_jacobians
+from dense_reference import GRUNet, ref_output_jacobians
 from second.func import per_example_jacobians
 
 EXACT = 1e-12  # float64, the same derivatives taken two ways
@@ -36,20 +36,9 @@ def test_refuses_foreign_parameters_and_bad_outputs():
         per_example_jacobians(model, [model.weight], torch.zeros(0, 2, dtype=torch.float64))
 
 
-class _GRUNet(nn.Module):
-    """A GRU writes its hidden state in place: it cannot run under vmap over examples."""
-
-    def __init__(self):
-        super().__init__()
-        self.r, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.r(x)[0][:, -1])
-
-
 def test_a_model_that_vmap_cannot_batch_falls_back_to_a_loop_with_a_warning():
     torch.manual_seed(0)
-    model = _GRUNet().double()
+    model = GRUNet(classes=2).double()
     X = torch.randn(5, 6, 3, dtype=torch.float64)
     params = list(model.parameters())
     with pytest.warns(UserWarning, match="falling back to a loop over examples"):

@@ -134,14 +134,7 @@ def test_hessian_diagonal_with_the_ggn_as_control_variate():
 
 def test_a_recurrent_model_that_vmap_cannot_batch():
     """nn.GRU writes its hidden state in place: the per-example products loop, same diagonal."""
-
-    class GRUNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.r, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(self.r(x)[0][:, -1])
+    from dense_reference import GRUNet
 
     torch.manual_seed(0)
     model = GRUNet().double()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -325,7 +326,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
                     C = f.shape[1]
                     if hook is not None:
                         phi, out = captured.pop()
-                        _check_last_output(self._last, out, f)
+                        _check_last_output(cast(nn.Module, self._last), out, f)
                         features.append((phi, y))
                         captured.clear()
         finally:
