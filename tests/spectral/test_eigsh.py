@@ -195,3 +195,24 @@ def test_bad_input():
         eigsh(torch.eye(3, dtype=torch.float64), k=1, criterion="ritz")
     with pytest.raises(ValueError, match="symmetric"):
         eigsh(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64), k=1)
+
+
+FLOAT32_EIG_RTOL = 1e-5  # eigenvalues from float32 products, against float64 eigvalsh
+
+
+def test_a_tolerance_below_the_products_rounding_level_stops_early_and_says_so():
+    """float32 products cannot resolve tol 1e-9: eigsh stops once the bounds stop falling
+    (uncertified, with a warning naming the dtype) instead of spending 20 n products."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    evals = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    A = ((Q * evals) @ Q.T).float()
+    with pytest.warns(ConvergenceWarning, match="stagnated .* torch.float32"):
+        res = eigsh(A, k=2, tol=1e-9, return_result=True)
+    assert not res.converged and res.matvecs < 20 * n // 4
+    top = torch.linalg.eigvalsh(A.double())[-2:]
+    torch.testing.assert_close(res.eigenvalues.double(), top, rtol=FLOAT32_EIG_RTOL, atol=0)
+    # the same in float64 converges
+    res64 = eigsh(A.double(), k=2, tol=1e-9, return_result=True)
+    assert res64.converged

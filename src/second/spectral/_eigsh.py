@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,6 +18,10 @@ __all__ = ["eigsh", "EigshResult"]
 
 WHICH = ("LA", "SA", "LM", "BE")
 CRITERIA = ("residual", "eigenvalue")
+STALL_PASSES = 50
+"""Passes without halving the largest bound, below ``sqrt(eps(dtype)) * max|theta|``, after
+which eigsh stops uncertified (the products' rounding level: float32 operators)."""
+STALL_IMPROVEMENT = 0.5
 
 
 @dataclass
@@ -174,6 +179,7 @@ def eigsh(
     start_matvecs = op.matvecs
     passes = 0
     prev: Tensor | None = None  # the wanted Ritz values of the previous block
+    best, since_best = math.inf, 0  # the smallest largest-bound so far, passes since then
 
     def randn(cols):
         return torch.randn(n, cols, generator=g, dtype=dtype, device=dev)
@@ -232,6 +238,20 @@ def eigsh(
         used = op.matvecs - start_matvecs
         if bool(certified.all()) and idx.numel() == k:
             message = f"converged: {k} pairs certified after {used} products ({passes} passes)"
+            break
+        # near the products' rounding level the bounds stop falling: stop there, uncertified
+        worst = float(bound.max())
+        if idx.numel() == k and worst < STALL_IMPROVEMENT * best:
+            best, since_best = worst, 0
+        else:
+            since_best += 1
+        if since_best >= STALL_PASSES and worst <= math.sqrt(torch.finfo(dtype).eps) * scale:
+            message = (
+                f"stagnated after {used} products: {int(certified.sum())} of {k} pairs "
+                f"certified; largest {criterion} bound {worst:.2e} > {tol * scale:.2e}, not "
+                f"halved in {STALL_PASSES} passes (tol {tol:g} is likely below what {dtype} "
+                "products resolve: use float64 or a larger tol)"
+            )
             break
         if m >= n:  # the basis spans everything: the answer is exact
             certified = torch.ones_like(certified)
