@@ -1,0 +1,218 @@
+"""Every optimizer's defaults and every curvature entry point on models the zoo does not hold.
+
+A user brings a depthwise-separable CNN, a grouped Conv1d, a Conv3d, a transposed convolution,
+an LSTM or a GRU, tied input/output embeddings, ``weight_norm``, frozen parameters or a
+Transformer encoder. For each, this script runs 15 steps of every second optimizer with its
+defaults (is the loss finite and lower?), and, with the model in eval mode, a Hessian, GGN,
+KFAC and EK-FAC product, ``eigsh(k=2)``, influence scores (EK-FAC, GGN, Hessian) and the
+Laplace predictive (last layer, all-layer KFAC, all-layer diagonal). It prints one line per
+check: ``ok``, or the error, and the warnings raised. Not timed.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_models.py [model ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import second
+from second import optim
+from second.laplace import Laplace
+
+N = 48  # examples
+STEPS = 15
+
+
+class DWSep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.bn(F.gelu(self.pw(self.dw(F.relu(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Pooled(nn.Module):
+    """A convolution of any kind, ReLU, mean over positions, a linear head."""
+
+    def __init__(self, conv: nn.Module, channels: int, dims: tuple[int, ...]):
+        super().__init__()
+        self.c, self.dims, self.fc = conv, dims, nn.Linear(channels, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(x)).mean(self.dims))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.e, self.r, self.fc = (
+            nn.Embedding(20, 8),
+            cell(8, 16, batch_first=True),
+            nn.Linear(16, 10),
+        )
+
+    def forward(self, x):
+        return self.fc(self.r(self.e(x))[0][:, -1])
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.h = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.h(self.e(x).mean(1))), self.e.weight)
+
+
+class MLP(nn.Module):
+    def __init__(self, weight_norm: bool = False, frozen: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 10)
+        if weight_norm:
+            self.a = nn.utils.parametrizations.weight_norm(self.a)
+        if frozen:
+            self.a.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(F.silu(self.a(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(
+            16, 2, 32, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.t = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.t(self.e(x)).mean(1))
+
+
+def tokens(shape):
+    return lambda: torch.randint(0, 20, shape)
+
+
+MODELS = {
+    "dwsep-cnn": (DWSep, lambda: torch.randn(N, 1, 8, 8)),
+    "conv1d-groups": (
+        lambda: Pooled(nn.Conv1d(4, 8, 3, groups=2), 8, (2,)),
+        lambda: torch.randn(N, 4, 12),
+    ),
+    "conv3d": (
+        lambda: Pooled(nn.Conv3d(1, 4, 3), 4, (2, 3, 4)),
+        lambda: torch.randn(N, 1, 5, 5, 5),
+    ),
+    "conv-transpose": (
+        lambda: Pooled(nn.ConvTranspose2d(1, 4, 3, stride=2), 4, (2, 3)),
+        lambda: torch.randn(N, 1, 5, 5),
+    ),
+    "lstm": (lambda: Recurrent(nn.LSTM), tokens((N, 7))),
+    "gru": (lambda: Recurrent(nn.GRU), tokens((N, 7))),
+    "tied-embeddings": (Tied, lambda: torch.randint(0, 10, (N, 5))),
+    "weight-norm": (lambda: MLP(weight_norm=True), lambda: torch.randn(N, 6)),
+    "frozen": (lambda: MLP(frozen=True), lambda: torch.randn(N, 6)),
+    "transformer-encoder": (Encoder, tokens((N, 6))),
+}
+
+
+def optimizer(name: str, model: nn.Module, loss_fn):
+    if name in ("KFAC", "Sophia"):  # they take the model and the loss (own curvature passes)
+        return getattr(optim, name)(model, loss_fn)
+    return getattr(optim, name)([p for p in model.parameters() if p.requires_grad])
+
+
+def check(label: str, fn) -> None:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn()
+        said = sorted({str(w.message)[:90] for w in caught if "jit.script" not in str(w.message)})
+        print(f"{label:44s} {result}  {'; '.join(said[:2])}", flush=True)
+    except Exception as err:  # noqa: BLE001 - the probe reports every failure
+        print(f"{label:44s} ERROR {type(err).__name__}: {str(err)[:160]}", flush=True)
+
+
+def train(make, data, name: str) -> str:
+    torch.manual_seed(0)
+    model, X, y, loss_fn = make(), data(), torch.randint(0, 10, (N,)), nn.CrossEntropyLoss()
+    opt = optimizer(name, model, loss_fn)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(STEPS):
+        opt.step(closure)
+    with torch.no_grad():
+        last = float(loss_fn(model(X), y))
+    ok = "ok" if math.isfinite(last) and last < first else "NOT LOWER"
+    return f"{ok} {first:.3f} -> {last:.3f}"
+
+
+def curvature(key: str, make, data) -> None:
+    torch.manual_seed(0)
+    model, X, y, loss_fn = make().eval(), data(), torch.randint(0, 10, (N,)), nn.CrossEntropyLoss()
+    for op in ("HessianOperator", "GGNOperator", "KFACOperator", "EKFACOperator"):
+
+        def product(op=op):
+            A = getattr(second, op)(model, loss_fn, (X, y))
+            return f"ok |Av| {float((A @ torch.randn(A.shape[1])).norm()):.3g}"
+
+        check(f"{key} {op}", product)
+
+    def top2():
+        r = second.eigsh(second.HessianOperator(model, loss_fn, (X, y)), k=2, return_result=True)
+        return f"ok {[round(v, 4) for v in r.eigenvalues.tolist()]} ({r.matvecs} products)"
+
+    check(f"{key} eigsh k=2", top2)
+    for curv in ("ekfac", "ggn", "hessian"):
+
+        def scores(curv=curv):
+            inf = second.Influence(
+                model, loss_fn, (X, y), curvature=curv, damping=1e-2, progressbar=False
+            )
+            return f"ok {tuple(inf.scores((X[:3], y[:3])).shape)}"
+
+        check(f"{key} Influence {curv}", scores)
+    for subset, structure in (("last_layer", "full"), ("all", "kfac"), ("all", "diag")):
+
+        def predict(subset=subset, structure=structure):
+            la = Laplace(model, loss_fn, (X, y), subset=subset, structure=structure)
+            return f"ok {tuple(la.predict(X[:4]).shape)}"
+
+        check(f"{key} Laplace {subset}/{structure}", predict)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", help=f"default: all of {', '.join(MODELS)}")
+    args = ap.parse_args()
+    print(f"second {second.__version__}, torch {torch.__version__}")
+    for key in args.models or MODELS:
+        make, data = MODELS[key]
+        for name in ("KFAC", "SOAP", "Shampoo", "Sophia", "SophiaH", "AdaHessian"):
+            label = f"{key} {name} (defaults, {STEPS} steps)"
+            check(label, lambda make=make, data=data, name=name: train(make, data, name))
+        curvature(key, make, data)
+
+
+if __name__ == "__main__":
+    main()
