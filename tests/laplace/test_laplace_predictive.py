@@ -187,3 +187,59 @@ def test_last_layer_ggn_in_closed_form_is_the_dense_ggn(likelihood, frozen):
     assert torch.allclose(la._structure.H, ref, rtol=EXACT, atol=1e-12)
     H = la._last_layer_ggn(la._inputs(X)[1], y, chunk=7)  # several chunks
     assert torch.allclose(scale * H, ref, rtol=EXACT, atol=1e-12)
+
+
+class _TwoInputs(nn.Module):
+    """``model(x, z)``: two inputs (a dict batch ``{"x", "z", "labels"}`` in the HF style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 5), nn.Linear(2, 5), nn.Linear(5, 3)
+
+    def forward(self, x, z):
+        return self.out(torch.tanh(self.a(x) + self.b(z)))
+
+
+class _Joined(nn.Module):
+    """The same network on one tensor ``[x, z]`` (the reference)."""
+
+    def __init__(self, two: _TwoInputs):
+        super().__init__()
+        self.two = two
+
+    def forward(self, xz):
+        return self.two(xz[:, :3], xz[:, 3:])
+
+
+SAME_PREDICTIVE = dict(rtol=1e-10, atol=1e-12)  # float64, the same computation on two layouts
+
+
+@pytest.mark.parametrize(
+    "subset, structure", [("last_layer", "full"), ("all", "kfac"), ("all", "diag"), ("all", "full")]
+)
+def test_dict_and_tuple_inputs_predict_as_one_tensor(subset, structure):
+    torch.manual_seed(0)
+    two = _TwoInputs().double()
+    x, z = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    loss_fn = nn.CrossEntropyLoss()
+    kw = dict(subset=subset, structure=structure)
+    batches = [
+        {"x": x[s : s + 5], "z": z[s : s + 5], "labels": y[s : s + 5]} for s in (0, 5, 10, 15)
+    ]
+    la = Laplace(two, loss_fn, batches, **kw)
+    xz = torch.cat([x, z], 1)
+    ref = Laplace(
+        _Joined(two), loss_fn, [(xz[s : s + 5], y[s : s + 5]) for s in (0, 5, 10, 15)], **kw
+    )
+    want = ref.predict(torch.cat([x[:4], z[:4]], 1))
+    got_dict = la.predict({"x": x[:4], "z": z[:4], "labels": y[:4]})  # the target is left out
+    got_tuple = la.predict((x[:4], z[:4]))
+    torch.testing.assert_close(got_dict, want, **SAME_PREDICTIVE)
+    torch.testing.assert_close(got_tuple, want, **SAME_PREDICTIVE)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(
+        la.predict((x[:4], z[:4]), pred="nn", n_samples=5, generator=g1),
+        ref.predict(torch.cat([x[:4], z[:4]], 1), pred="nn", n_samples=5, generator=g2),
+        **SAME_PREDICTIVE,
+    )

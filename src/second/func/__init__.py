@@ -10,6 +10,7 @@ from .attention import differentiable_attention
 from .dense import dense_from_matmat, eigenvalue_cutoff, exact_fisher, exact_ggn, exact_hessian
 from .per_example import (
     ModelFunction,
+    call_model,
     map_examples,
     per_example_gradients,
     per_example_jacobians,
@@ -56,6 +57,7 @@ __all__ = [
     "ModelFunction",
     "per_example_gradients",
     "map_examples",
+    "call_model",
     "per_example_jacobians",
     "clear_cache",
 ]

@@ -10,8 +10,9 @@ root is a single layer (a bare ``nn.Linear``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +29,36 @@ __all__ = [
     "per_example_jacobians",
     "check_rows_finite",
     "map_examples",
+    "call_model",
 ]
 
 _LOOP_HINT = (
     "falling back to a loop over examples (slower). Batch norm in training mode, in-place "
     "operations on inputs and recurrent layers (nn.GRU) are the usual causes"
 )
+
+
+def call_model(module: Callable, inputs: Any, params: dict[str, Tensor] | None = None) -> Any:
+    """``module(inputs)``, ``module(*inputs)`` for a tuple or list, ``module(**inputs)`` for a dict.
+
+    With ``params`` (names to tensors), by :func:`torch.func.functional_call` with those
+    parameters in place of the module's.
+
+    Example:
+        >>> call_model(torch.nn.Bilinear(2, 3, 1), (torch.ones(4, 2), torch.ones(4, 3))).shape
+        torch.Size([4, 1])
+    """
+    args: tuple = ()
+    kwargs: dict = {}
+    if isinstance(inputs, Mapping):
+        kwargs = dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args = tuple(inputs)
+    else:
+        args = (inputs,)
+    if params is None:
+        return module(*args, **kwargs)
+    return functional_call(cast(nn.Module, module), params, args, kwargs)
 
 
 def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
@@ -288,8 +313,12 @@ def per_example_gradients(
     return torch.cat(rows)
 
 
+def _rows(t: Tensor, start: int, stop: int) -> Tensor:
+    return t[start:stop]
+
+
 def per_example_jacobians(
-    module: nn.Module, params: Sequence[Tensor], X: Tensor, *, batch_size: int | None = None
+    module: nn.Module, params: Sequence[Tensor], X: Any, *, batch_size: int | None = None
 ) -> Tensor:
     r"""Jacobians of the outputs of every example with respect to some parameters.
 
@@ -304,7 +333,8 @@ def per_example_jacobians(
         module: a network whose output for ``X [n, ...]`` is ``[n, C]``.
         params: parameters of ``module``; the columns follow their order (as
             :func:`~second.parameters_to_vector` flattens them).
-        X: inputs ``[n, ...]``.
+        X: inputs ``[n, ...]``: a tensor, or a tuple or dict of them (the module is called
+            as ``module(*X)`` / ``module(**X)``, see :func:`call_model`).
         batch_size: examples per vmapped call (default: all; memory ``O(batch_size C P)``).
 
     Returns:
@@ -326,20 +356,22 @@ def per_example_jacobians(
     keys = [names[id(p)] for p in params]
 
     def f(theta, x):
-        out = functional_call(module, dict(zip(keys, theta)), (x.unsqueeze(0),))
+        out = call_model(module, map_batch(x, lambda t: t.unsqueeze(0)), dict(zip(keys, theta)))
         if out.dim() != 2:
             raise ValueError(f"the module must give outputs [n, C], got {tuple(out.shape)}")
         return out[0]
 
     theta = tuple(p.detach() for p in params)
-    n = X.shape[0]
+    leaves = tree_leaves(X)
+    n = leaves[0].shape[0] if leaves and leaves[0].dim() else 0
     if n == 0:
         raise ValueError("X has no examples")
     step = n if batch_size is None else max(1, int(batch_size))
     parts = []
     with torch.enable_grad():
         for s in range(0, n, step):
-            Js = map_examples(lambda x: jacrev(f)(theta, x), X[s : s + step])
+            chunk = map_batch(X, partial(_rows, start=s, stop=s + step))
+            Js = map_examples(lambda x: jacrev(f)(theta, x), chunk)
             m, C = Js[0].shape[:2]
             parts.append(torch.cat([J.reshape(m, C, -1) for J in Js], dim=2).detach())
     return torch.cat(parts)

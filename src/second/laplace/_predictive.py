@@ -12,11 +12,14 @@ Every other structure takes dense per-example Jacobians
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from ..data import map_batch
+from ..func import call_model, differentiable_attention
 from ..func.per_example import per_example_jacobians
 from ._state import LaplaceState
 from ._structures import KronStructure
@@ -107,20 +110,26 @@ class Predictive(LaplaceState):
         return self.mean.unsqueeze(0) + st.sample(c, d, Z, generator).T.to(self.mean.dtype)
 
     # -- predictives -------------------------------------------------------------------------
-    def _inputs(self, X) -> tuple[nn.Module, Tensor]:
-        """The function of the posterior's parameters and its input (the features for LLA)."""
+    def _inputs(self, X) -> tuple[nn.Module, Any]:
+        """The function of the posterior's parameters and its input (the features for LLA).
+
+        ``X``: a tensor, a tuple of tensors (``model(*X)``) or a dict (``model(**X)``, a
+        target under the task's ``target_key`` left out).
+        """
+        if isinstance(X, Mapping):
+            X = {k: v for k, v in X.items() if k != self.task.target_key}
         if self._last is None:
             return self.model, X
         captured: list[Tensor] = []
         hook = self._last.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
         try:
-            with torch.no_grad():
-                self.model(X)
+            with torch.no_grad(), differentiable_attention():
+                call_model(self.model, X)
         finally:
             hook.remove()
         return self._last, captured[-1]
 
-    def functional_covariance(self, X: Tensor) -> tuple[Tensor, Tensor]:
+    def functional_covariance(self, X: Any) -> tuple[Tensor, Tensor]:
         r"""The linearised (GLM) predictive of the outputs: :math:`f(x)` and :math:`J_x \Sigma J_x^\top`.
 
         With :math:`J_x = \partial f(x; \theta) / \partial\theta` at :math:`\theta_*`,
@@ -132,15 +141,16 @@ class Predictive(LaplaceState):
         inputs, through the structure's solve.
 
         Args:
-            X: inputs ``[n, ...]``.
+            X: inputs ``[n, ...]``: a tensor, a tuple of tensors (``model(*X)``) or a dict
+                (``model(**X)``; a ``labels`` entry, the task's target key, is left out).
 
         Returns:
             ``(mean [n, C], covariance [n, C, C])``.
         """
         st, c, d = self._c_delta()
         module, inputs = self._inputs(X)
-        with torch.no_grad():
-            f = module(inputs)
+        with torch.no_grad(), differentiable_attention():
+            f = call_model(module, inputs)
         if f.dim() != 2:
             raise ValueError(f"the model must give outputs [n, C], got shape {tuple(f.shape)}")
         n, C = f.shape
@@ -148,7 +158,7 @@ class Predictive(LaplaceState):
             width = st.jacobian_width()
             chunk = max(1, _JACOBIAN_BUDGET // max(1, width * C))
             covs = [
-                self._kron_covariance(st, c, d, module, inputs[s : s + chunk])
+                self._kron_covariance(st, c, d, module, _rows(inputs, s, s + chunk))
                 for s in range(0, n, chunk)
             ]
             return f, torch.cat(covs).to(f.dtype)
@@ -156,7 +166,7 @@ class Predictive(LaplaceState):
         chunk = max(1, _JACOBIAN_BUDGET // max(1, P * C))
         covs = []
         for start in range(0, n, chunk):
-            J = per_example_jacobians(module, self.params, inputs[start : start + chunk])
+            J = per_example_jacobians(module, self.params, _rows(inputs, start, start + chunk))
             m = J.shape[0]
             Jt = J.reshape(m * C, P).T  # [P, m C]
             if st.can_whiten:  # J Sigma J^T = (R J^T)^T (R J^T): one rotation
@@ -167,13 +177,13 @@ class Predictive(LaplaceState):
                 covs.append(torch.einsum("pnc,pnd->ncd", Jt.reshape(P, m, C), S))
         return f, torch.cat(covs)
 
-    def _kron_covariance(self, st: KronStructure, c, d, module, inputs: Tensor) -> Tensor:
+    def _kron_covariance(self, st: KronStructure, c, d, module, inputs: Any) -> Tensor:
         """``J Sigma J^T`` of a chunk of inputs from the layers' inputs and output gradients."""
         from ..kfac import Capture
 
         layers = st.layout.layers
-        with torch.enable_grad(), Capture(layers) as cap:
-            f = module(inputs)
+        with torch.enable_grad(), Capture(layers) as cap, differentiable_attention():
+            f = call_model(module, inputs)
             n, C = f.shape
             E = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
             calls, _ = cap.backprop(f, E, retain_graph=False)  # [C, *output] per call
@@ -190,7 +200,7 @@ class Predictive(LaplaceState):
         J = per_example_jacobians(module, fallback, inputs) if fallback else None
         return st.jacobian_covariance(c, d, rows, J, f.shape, _JACOBIAN_BUDGET)
 
-    def _nn_outputs(self, X: Tensor, n_samples: int, generator) -> Tensor:
+    def _nn_outputs(self, X: Any, n_samples: int, generator) -> Tensor:
         """Outputs of the network at parameter samples, ``[S, n, C]``."""
         module, inputs = self._inputs(X)
         names = {id(p): k for k, p in module.named_parameters()}
@@ -202,12 +212,12 @@ class Predictive(LaplaceState):
                 for p in self.params:
                     vals[names[id(p)]] = t[offsets : offsets + p.numel()].view_as(p)
                     offsets += p.numel()
-                outs.append(functional_call(module, vals, (inputs,)))
+                outs.append(call_model(module, inputs, vals))
         return torch.stack(outs)
 
     def predict(
         self,
-        X: Tensor,
+        X: Any,
         pred: str = "glm",
         link: str | None = None,
         *,
@@ -236,7 +246,8 @@ class Predictive(LaplaceState):
         ``"nn"`` gives the sample mean and covariance of the network's outputs.
 
         Args:
-            X: inputs ``[n, ...]``.
+            X: inputs ``[n, ...]``: a tensor, a tuple of tensors (``model(*X)``) or a dict
+                (``model(**X)``; a ``labels`` entry, the task's target key, is left out).
             pred: ``"glm"`` (default) or ``"nn"``.
             link: ``"probit"``, ``"probit_centered"``, ``"bridge"`` or ``"mc"``
                 (classification, glm); default: the object's :attr:`link`.
@@ -267,3 +278,8 @@ class Predictive(LaplaceState):
         if self.likelihood == "regression":
             return f, cov + self.sigma_noise**2 * torch.eye(f.shape[1], dtype=f.dtype)
         return link_probabilities(f, cov, link, n_samples, generator)
+
+
+def _rows(inputs: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a tensor, or of every tensor of a tuple or dict of inputs."""
+    return map_batch(inputs, lambda t: t[start:stop])

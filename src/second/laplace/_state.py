@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from ..data import Task
     from ._structures import KronStructure, _Structure
 
 __all__ = ["LaplaceState"]
@@ -24,6 +25,7 @@ class LaplaceState:
 
     model: nn.Module
     loss_fn: Callable[[Tensor, Tensor], Tensor]
+    task: Task  # how a batch runs the model and where its targets are
     likelihood: str  # "classification" or "regression"
     link: str
     structure_name: str
