@@ -60,7 +60,8 @@ class Doubled(nn.Linear):
         (nn.Conv1d(2, 3, 3), Conv1dRule),
         (nn.Conv1d(2, 3, 3, padding="same", padding_mode="circular"), Conv1dRule),
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
-        (nn.Conv2d(2, 4, 3, groups=2), None),
+        (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
+        (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
         (nn.Embedding(5, 2, scale_grad_by_freq=True), None),
         (nn.MultiheadAttention(4, 2), AttentionProjectionRule),
         (nn.LayerNorm(3), LayerNormRule),
@@ -456,3 +457,45 @@ def test_registering_a_diagonal_rule_gives_the_exact_diagonal(gain_rule):
     assert K.approximations()["2.weight"] == "diagonal-exact"
     s = param_slices(model)[2]
     torch.testing.assert_close(D[s, s].diagonal(), G[s, s].diagonal(), **EXACT_TOL[DT])
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=3),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),  # depthwise
+    ],
+    ids=["conv1d-groups2", "conv2d-groups3-strided", "conv2d-depthwise"],
+)
+def test_grouped_convolution_rows_reproduce_the_gradient_per_group(conv):
+    torch.manual_seed(0)
+    spatial = (7,) if isinstance(conv, nn.Conv1d) else (6, 5)
+    X = torch.randn(3, conv.in_channels, *spatial, dtype=DT)
+    assert rows_reproduce_gradients(conv.double(), X) == conv.groups
+
+
+def test_grouped_convolution_blocks_are_exact_per_group_for_a_deep_linear_network():
+    # one output position per example: each group's block is exact (the curvature between
+    # groups, like that between layers, is not in the approximation)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6, 2)).double()
+    X, y = torch.randn(5, 4, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    K, D, G = ggn_blocks(model, nn.MSELoss(), X, y)
+    assert [r.name for r in K.rules] == ["0.group0", "0.group1", "2"]
+    assert set(K.approximations().values()) == {"kronecker"}
+    E = EKFACOperator(model, nn.MSELoss(), (X, y)).to_dense()
+    w, b = param_slices(model)[:2]
+    per = 3 * 2 * 3  # a group's weight rows: 3 output channels x 2 input channels x 3 taps
+    for j in range(2):
+        idx = torch.cat(
+            [
+                torch.arange(w.start + j * per, w.start + (j + 1) * per),
+                torch.arange(b.start + 3 * j, b.start + 3 * (j + 1)),
+            ]
+        )
+        block = (idx[:, None], idx[None, :])
+        torch.testing.assert_close(D[block], G[block], **EXACT_TOL[DT], msg=f"group {j}")
+        torch.testing.assert_close(E[block], G[block], **EXACT_TOL[DT], msg=f"group {j}")
+    assert bool(G[w.start : w.start + per, w.start + per : w.stop].abs().max() > 1e-3)
+    assert bool(D[w.start : w.start + per, w.start + per : w.stop].abs().max() == 0)

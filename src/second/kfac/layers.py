@@ -3,8 +3,9 @@
 Each is a :class:`~second.kfac.rules.LayerRule` registered for its module type (see
 :mod:`second.kfac.rules` for the matrix form and the weight-sharing modes):
 :class:`~torch.nn.Linear` (any leading dimensions as positions), :class:`~torch.nn.Conv1d`
-and :class:`~torch.nn.Conv2d` (``groups=1``, any padding mode; patches channel-major
-``(C_in, k...)`` like the weight, output pixels as positions: KFC),
+and :class:`~torch.nn.Conv2d` (any padding mode; patches channel-major ``(C_in, k...)``
+like the weight, output pixels as positions: KFC; one block per group of a grouped
+convolution),
 :class:`~torch.nn.Embedding` (one-hot inputs, so the input factor is diagonal and held as
 its diagonal).
 """
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 from .rules import LayerRule, _initialized
 
-__all__ = ["LinearRule", "Conv1dRule", "Conv2dRule", "EmbeddingRule"]
+__all__ = ["LinearRule", "Conv1dRule", "Conv2dRule", "EmbeddingRule", "MAX_KRONECKER_GROUPS"]
 
 
 class LinearRule(LayerRule, module_type=nn.Linear):
@@ -48,27 +49,59 @@ class LinearRule(LayerRule, module_type=nn.Linear):
         return m[:, : self.d_in], m[:, self.d_in]
 
 
+MAX_KRONECKER_GROUPS = 64
+"""A grouped convolution with at most this many groups gets one Kronecker block per group;
+one with more (a depthwise convolution over many channels) gets the diagonal estimate."""
+
+
 class _ConvRule(LayerRule):
-    """Convolutions (``groups=1``): patches as rows, output pixels as positions (KFC).
+    """Convolutions: patches as rows, output pixels as positions (KFC).
 
     The input is padded the way the layer pads it (zeros or its ``padding_mode``, also
-    ``padding="same"``), then unfolded channel-major like the weight.
+    ``padding="same"``), then unfolded channel-major like the weight. A grouped convolution
+    (``groups`` up to :data:`MAX_KRONECKER_GROUPS`) gets one block per group: the group's
+    input channels as patches, its output channels as ``d_G`` and its rows of the weight
+    and bias (the curvature between groups is dropped, as between layers).
     """
 
     behaviour = ("forward", "_conv_forward")
     spatial: ClassVar[int]
 
+    def __init__(
+        self, name: str, module: nn.Module, *, weight_sharing: str = "expand", group: int = 0
+    ):
+        m = cast(nn.Conv2d, module)
+        self.group, self.groups = group, m.groups
+        rows = None
+        if m.groups > 1:
+            per = m.out_channels // m.groups
+            rows = slice(group * per, (group + 1) * per)
+            name = f"{name}.group{group}" if name else f"group{group}"
+        self._setup(
+            name, m, m.weight, m.bias, w_rows=rows, b_rows=rows, weight_sharing=weight_sharing
+        )
+        self.d_in, self.d_G = m.weight[0].numel(), m.out_channels // m.groups
+        self.d_A = self.d_in + int(self.has_bias)
+
     @classmethod
     def supports(cls, module: nn.Module) -> bool:  # noqa: D102
         m = cast(nn.Conv2d, module)
-        return m.groups == 1 and _initialized(m.weight, m.bias)
+        return m.groups <= MAX_KRONECKER_GROUPS and _initialized(m.weight, m.bias)
+
+    @classmethod
+    def build(cls, name: str, module: nn.Module, weight_sharing: str) -> list[LayerRule]:  # noqa: D102
+        groups = cast(nn.Conv2d, module).groups
+        return [cls(name, module, weight_sharing=weight_sharing, group=j) for j in range(groups)]
 
     def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
         m = cast(nn.Conv2d, module)
-        return m.weight[0].numel(), m.out_channels
+        return m.weight[0].numel(), m.out_channels // m.groups
 
     def features(self, inp: Tensor) -> Tensor:  # noqa: D102
         m = cast(nn.Conv2d, self.module)
+        if self.groups > 1:
+            per = m.in_channels // self.groups
+            inp = inp[:, self.group * per : (self.group + 1) * per]
         pad = m._reversed_padding_repeated_twice
         if any(pad):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -80,11 +113,13 @@ class _ConvRule(LayerRule):
 
     def positions(self, g: Tensor) -> Tensor:  # noqa: D102
         K, n = g.shape[:2]
+        if self.groups > 1:
+            g = g[:, :, self.group * self.d_G : (self.group + 1) * self.d_G]
         return g.reshape(K, n, self.d_G, -1).transpose(2, 3)
 
 
 class Conv1dRule(_ConvRule, module_type=nn.Conv1d):
-    """``nn.Conv1d`` with ``groups=1``: patches ``(C_in, k)`` as rows, output steps as positions.
+    """``nn.Conv1d``: patches ``(C_in, k)`` as rows, output steps as positions (per group).
 
     Example:
         >>> conv = torch.nn.Conv1d(2, 3, kernel_size=2, padding=1)
@@ -96,7 +131,7 @@ class Conv1dRule(_ConvRule, module_type=nn.Conv1d):
 
 
 class Conv2dRule(_ConvRule, module_type=nn.Conv2d):
-    """``nn.Conv2d`` with ``groups=1``: patches as rows, output pixels as positions.
+    """``nn.Conv2d``: patches as rows, output pixels as positions (per group).
 
     Example:
         >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
