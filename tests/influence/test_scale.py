@@ -66,10 +66,11 @@ class Attn(nn.Module):
 
 
 class Conv(nn.Module):
-    def __init__(self):
+    def __init__(self, groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.fc = nn.Linear(2 * 4 * 4, 3)
+        self.groups = groups
+        self.conv = nn.Conv2d(groups, 2 * groups, 3, groups=groups)  # a block per group
+        self.fc = nn.Linear(2 * groups * 4 * 4, 3)
 
     def forward(self, x):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
@@ -87,8 +88,8 @@ def make(kind: str, n: int, seed: int = 1):
         model = Seq() if kind == "seq" else Attn()
         X = torch.randint(0, 7, (n, 5), generator=g)
     else:
-        model = Conv()
-        X = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+        model = Conv(2 if kind == "gconv" else 1)
+        X = torch.randn(n, model.groups, 6, 6, generator=g, dtype=torch.float64)
     return model.double().eval(), X, y
 
 
@@ -134,7 +135,7 @@ KW = dict(damping=DAMPING, progressbar=False)
 
 
 # ------------------------------------------------------------------------ factors
-@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "attn"])
+@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "gconv", "attn"])
 def test_streamed_corrections_equal_dense_per_example_ones(kind):
     model, X, y = make(kind, 12)
     E = EKFACOperator(model, nn.CrossEntropyLoss(), (X, y))
@@ -176,7 +177,7 @@ def test_streamed_factors_over_batches_equal_all_at_once(kind):
 
 # ------------------------------------------------------------------------ scores
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
-@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "attn"])
+@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "gconv", "attn"])
 def test_kronecker_scores_match_the_dense_reference(kind, curvature):
     model, X, y = make(kind, 12)
     test = make(kind, 4, seed=2)[1:]
@@ -185,14 +186,14 @@ def test_kronecker_scores_match_the_dense_reference(kind, curvature):
     inf = Influence(model, loss_fn, (X, y), curvature=curvature, batch_size=5, **KW)
     assert rel(inf.scores(test), ref) < EXACT_RTOL
     parts = inf.scores(test, per_module=True)
-    blocks = [rule.name for rule in inf.operator.rules]  # a module, or attention's q, k, v
+    blocks = [rule.name for rule in inf.operator.rules]  # a module, attention's q, k, v, a group
     names = {name for name, _ in model.named_parameters()}
     assert list(parts)[: len(blocks)] == blocks and set(list(parts)[len(blocks) :]) <= names
     assert rel(sum(parts.values()), ref) < EXACT_RTOL
 
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
-@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "attn"])
+@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "gconv", "attn"])
 def test_kronecker_self_influence_matches_the_dense_reference(kind, curvature):
     model, X, y = make(kind, 12)
     loss_fn = nn.CrossEntropyLoss()

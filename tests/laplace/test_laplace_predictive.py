@@ -57,6 +57,9 @@ def _model(kind):
         return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
     if kind == "conv":
         return nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).double()
+    if kind == "gconv":  # a grouped convolution: a Kronecker block per group
+        layers = [nn.Conv2d(2, 4, 2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)]
+        return nn.Sequential(*layers).double()
     if kind == "shared":
         return _Shared().double()
     if kind == "attention":
@@ -66,8 +69,8 @@ def _model(kind):
 
 def _inputs(kind, n, seed):
     g = torch.Generator().manual_seed(seed)
-    if kind == "conv":
-        return torch.randn(n, 1, 3, 3, dtype=torch.float64, generator=g)
+    if kind in ("conv", "gconv"):
+        return torch.randn(n, 1 if kind == "conv" else 2, 3, 3, dtype=torch.float64, generator=g)
     if kind == "tokens":
         return torch.randint(0, 5, (n, 4), generator=g)
     if kind == "attention":
@@ -83,6 +86,7 @@ def _inputs(kind, n, seed):
         ("mlp", "kfac", "last_layer", False),
         ("layernorm", "kfac", "all", True),
         ("conv", "kfac", "all", False),
+        ("gconv", "ekfac", "all", True),
         ("shared", "kfac", "all", True),
         ("tokens", "ekfac", "all", True),
         pytest.param(
