@@ -29,6 +29,7 @@ from second.kfac import (
     Capture,
     Conv1dRule,
     Conv2dRule,
+    Conv3dRule,
     DiagonalRule,
     EmbeddingRule,
     GroupNormRule,
@@ -62,6 +63,7 @@ class Doubled(nn.Linear):
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
         (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
         (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
+        (nn.Conv3d(2, 3, 2), Conv3dRule),
         (nn.Embedding(5, 2, scale_grad_by_freq=True), None),
         (nn.MultiheadAttention(4, 2), AttentionProjectionRule),
         (nn.LayerNorm(3), LayerNormRule),
@@ -181,12 +183,22 @@ class _Masked(nn.Module):
         nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"),
         nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode="reflect"),
         nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="replicate", bias=False),
+        nn.Conv3d(2, 3, (2, 3, 2), stride=(2, 1, 1), dilation=(1, 2, 1), padding=1),
+        nn.Conv3d(2, 3, 3, padding="same", padding_mode="circular", groups=1),
     ],
-    ids=["conv1d", "conv1d-strided", "conv1d-same-circular", "conv2d-same-reflect", "conv2d-repl"],
+    ids=[
+        "conv1d",
+        "conv1d-strided",
+        "conv1d-same-circular",
+        "conv2d-same-reflect",
+        "conv2d-repl",
+        "conv3d-strided-dilated",
+        "conv3d-same-circular",
+    ],
 )
 def test_convolution_patches_reproduce_the_gradient(conv):
     torch.manual_seed(0)
-    spatial = (7,) if isinstance(conv, nn.Conv1d) else (6, 5)
+    spatial = {nn.Conv1d: (7,), nn.Conv2d: (6, 5), nn.Conv3d: (6, 5, 4)}[type(conv)]
     X = torch.randn(3, 2, *spatial, dtype=DT)
     assert rows_reproduce_gradients(conv.double(), X) == 1
 
@@ -473,6 +485,15 @@ def test_grouped_convolution_rows_reproduce_the_gradient_per_group(conv):
     spatial = (7,) if isinstance(conv, nn.Conv1d) else (6, 5)
     X = torch.randn(3, conv.in_channels, *spatial, dtype=DT)
     assert rows_reproduce_gradients(conv.double(), X) == conv.groups
+
+
+def test_conv3d_block_is_exact_for_a_deep_linear_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 3, 2), nn.Flatten(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(5, 2, 2, 2, 2, dtype=DT), torch.randn(5, 2, dtype=DT)
+    K, D, G = ggn_blocks(model, nn.MSELoss(), X, y)
+    assert set(K.approximations().values()) == {"kronecker"}
+    assert_blocks_exact(model, D, G, ["0.weight", "0.bias", "2.weight", "2.bias"])
 
 
 def test_grouped_convolution_blocks_are_exact_per_group_for_a_deep_linear_network():

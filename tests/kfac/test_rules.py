@@ -12,6 +12,7 @@ from second import KFACOperator
 from second.kfac import (
     RULES,
     Conv2dRule,
+    Conv3dRule,
     EmbeddingRule,
     LinearRule,
     find_layers,
@@ -71,6 +72,7 @@ def test_unregistered_layer_falls_back_to_a_diagonal():
         (nn.Embedding(5, 2, padding_idx=0), EmbeddingRule),
         (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
         (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
+        (nn.Conv3d(2, 3, 2), Conv3dRule),
         (nn.Conv2d(2, 3, 3, padding="same"), Conv2dRule),
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
         (nn.Embedding(5, 2, sparse=True), None),

@@ -12,6 +12,7 @@ its diagonal).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, cast
 
 import torch
@@ -20,7 +21,14 @@ from torch.nn import functional as F
 
 from .rules import LayerRule, _initialized
 
-__all__ = ["LinearRule", "Conv1dRule", "Conv2dRule", "EmbeddingRule", "MAX_KRONECKER_GROUPS"]
+__all__ = [
+    "LinearRule",
+    "Conv1dRule",
+    "Conv2dRule",
+    "Conv3dRule",
+    "EmbeddingRule",
+    "MAX_KRONECKER_GROUPS",
+]
 
 
 class LinearRule(LayerRule, module_type=nn.Linear):
@@ -107,6 +115,8 @@ class _ConvRule(LayerRule):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             inp = F.pad(inp, pad, mode=mode)
         k, d, s = m.kernel_size, m.dilation, m.stride
+        if self.spatial == 3:
+            return _unfold(inp, k, d, s)
         if self.spatial == 1:  # a 1-d convolution as a 2-d one of height 1
             inp, k, d, s = inp.unsqueeze(2), (1, k[0]), (1, d[0]), (1, s[0])
         return F.unfold(inp, k, dilation=d, stride=s).transpose(1, 2)  # [n, T, C*k...]
@@ -130,6 +140,23 @@ class Conv1dRule(_ConvRule, module_type=nn.Conv1d):
     spatial = 1
 
 
+def _unfold(inp: Tensor, k: tuple, d: tuple, s: tuple) -> Tensor:
+    """Patches ``[n, T, C * prod(k)]`` of an (already padded) ``[n, C, *spatial]`` input.
+
+    Channel-major like the weight, positions in the output's row-major order (any number
+    of spatial dimensions; ``F.unfold`` takes two).
+    """
+    n, C = inp.shape[:2]
+    for axis, (ki, di, si) in enumerate(zip(k, d, s)):
+        # windows of the dilated kernel's span, then every di-th element of each window
+        inp = inp.unfold(2 + axis, (ki - 1) * di + 1, si)[..., ::di]
+    dims = len(k)
+    # [n, C, *out, *k] -> [n, *out, C, *k] -> [n, T, C * prod(k)]
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    out = inp.permute(order)
+    return out.reshape(n, -1, C * math.prod(k))
+
+
 class Conv2dRule(_ConvRule, module_type=nn.Conv2d):
     """``nn.Conv2d``: patches as rows, output pixels as positions (per group).
 
@@ -140,6 +167,18 @@ class Conv2dRule(_ConvRule, module_type=nn.Conv2d):
     """
 
     spatial = 2
+
+
+class Conv3dRule(_ConvRule, module_type=nn.Conv3d):
+    """``nn.Conv3d``: patches ``(C_in, k_d, k_h, k_w)`` as rows, output voxels as positions.
+
+    Example:
+        >>> conv = torch.nn.Conv3d(2, 3, kernel_size=2)
+        >>> Conv3dRule("c", conv).input_rows(torch.ones(1, 2, 3, 3, 3)).shape
+        torch.Size([1, 8, 17])
+    """
+
+    spatial = 3
 
 
 class EmbeddingRule(LayerRule, module_type=nn.Embedding):

@@ -63,6 +63,7 @@ __all__ = [
     "LinearRule",
     "Conv1dRule",
     "Conv2dRule",
+    "Conv3dRule",
     "EmbeddingRule",
     "AttentionProjectionRule",
     "DiagonalRule",
@@ -515,7 +516,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # The built-in rules register themselves when their modules are imported: importing them here
 # (after the base classes and the registry exist) fills RULES whichever module is imported first.
 from .attention import AttentionProjectionRule  # noqa: E402
-from .layers import Conv1dRule, Conv2dRule, EmbeddingRule, LinearRule  # noqa: E402
+from .layers import Conv1dRule, Conv2dRule, Conv3dRule, EmbeddingRule, LinearRule  # noqa: E402
 from .norms import (  # noqa: E402
     BatchNormRule,
     DiagonalRule,
