@@ -30,6 +30,7 @@ from second.kfac import (
     Conv1dRule,
     Conv2dRule,
     Conv3dRule,
+    ConvTranspose2dRule,
     DiagonalRule,
     EmbeddingRule,
     GroupNormRule,
@@ -64,6 +65,8 @@ class Doubled(nn.Linear):
         (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
         (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
         (nn.Conv3d(2, 3, 2), Conv3dRule),
+        (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTranspose2dRule),
+        (nn.ConvTranspose2d(2, 4, 2, groups=2), None),
         (nn.Embedding(5, 2, scale_grad_by_freq=True), None),
         (nn.MultiheadAttention(4, 2), AttentionProjectionRule),
         (nn.LayerNorm(3), LayerNormRule),
@@ -485,6 +488,34 @@ def test_grouped_convolution_rows_reproduce_the_gradient_per_group(conv):
     spatial = (7,) if isinstance(conv, nn.Conv1d) else (6, 5)
     X = torch.randn(3, conv.in_channels, *spatial, dtype=DT)
     assert rows_reproduce_gradients(conv.double(), X) == conv.groups
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
+        nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), dilation=(2, 1), padding=(0, 2)),
+        nn.ConvTranspose1d(2, 3, 4, stride=3, padding=1, output_padding=2, bias=False),
+    ],
+    ids=["convT2d-strided-outpad", "convT2d-dilated-cropped", "convT1d"],
+)
+def test_transposed_convolution_rows_reproduce_the_gradient(conv):
+    torch.manual_seed(0)
+    spatial = (5, 4) if isinstance(conv, nn.ConvTranspose2d) else (6,)
+    X = torch.randn(3, 2, *spatial, dtype=DT)
+    assert rows_reproduce_gradients(conv.double(), X) == 1
+
+
+def test_transposed_convolution_block_is_exact_for_a_deep_linear_network():
+    # one position (a 1x1 input and kernel): standard KFAC, exact for MSE; the channels of
+    # the weight [C_in, C_out, 1, 1] are swapped into the matrix form [C_out, C_in + 1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 1), nn.Flatten(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(6, 2, 1, 1, dtype=DT), torch.randn(6, 2, dtype=DT)
+    K, D, G = ggn_blocks(model, nn.MSELoss(), X, y)
+    assert [type(r).__name__ for r in K.rules] == ["ConvTranspose2dRule", "LinearRule"]
+    assert set(K.approximations().values()) == {"kronecker"}
+    assert_blocks_exact(model, D, G, ["0.weight", "0.bias", "2.weight", "2.bias"])
 
 
 def test_conv3d_block_is_exact_for_a_deep_linear_network():

@@ -13,6 +13,7 @@ from second.kfac import (
     RULES,
     Conv2dRule,
     Conv3dRule,
+    ConvTranspose2dRule,
     EmbeddingRule,
     LinearRule,
     find_layers,
@@ -73,6 +74,8 @@ def test_unregistered_layer_falls_back_to_a_diagonal():
         (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
         (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
         (nn.Conv3d(2, 3, 2), Conv3dRule),
+        (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTranspose2dRule),
+        (nn.ConvTranspose2d(2, 4, 2, groups=2), None),
         (nn.Conv2d(2, 3, 3, padding="same"), Conv2dRule),
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
         (nn.Embedding(5, 2, sparse=True), None),

@@ -63,7 +63,9 @@ Here :math:`a` is the loss' scale relative to a negative log-likelihood (see
 that keeps the type's ``forward``). Kronecker blocks: :class:`~torch.nn.Linear` (any
 leading dimensions as positions), :class:`~torch.nn.Conv1d`, :class:`~torch.nn.Conv2d`
 and :class:`~torch.nn.Conv3d` (any padding; patches channel-major like the weight, output
-pixels as positions: KFC, Grosse & Martens 2016; a block per group of a grouped one), :class:`~torch.nn.Embedding` (one-hot inputs, so
+pixels as positions: KFC, Grosse & Martens 2016; a block per group of a grouped one),
+:class:`~torch.nn.ConvTranspose1d`/:class:`~torch.nn.ConvTranspose2d` (as the equivalent
+convolution), :class:`~torch.nn.Embedding` (one-hot inputs, so
 :math:`A` is diagonal) and :class:`~torch.nn.MultiheadAttention` (the Q, K and V rows of
 ``in_proj_weight`` as three blocks, ``out_proj`` as a fourth). Layers applied at several
 positions of an example use KFAC-expand (default) or KFAC-reduce (``weight_sharing=``,

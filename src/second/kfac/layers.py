@@ -26,6 +26,8 @@ __all__ = [
     "Conv1dRule",
     "Conv2dRule",
     "Conv3dRule",
+    "ConvTranspose1dRule",
+    "ConvTranspose2dRule",
     "EmbeddingRule",
     "MAX_KRONECKER_GROUPS",
 ]
@@ -179,6 +181,90 @@ class Conv3dRule(_ConvRule, module_type=nn.Conv3d):
     """
 
     spatial = 3
+
+
+class _ConvTransposeRule(LayerRule):
+    """Transposed convolutions (``groups=1``) as the convolutions they are.
+
+    ``conv_transpose(x, W)`` is a convolution with stride 1 of ``x`` with ``stride - 1`` zeros
+    inserted between its pixels, padded by ``dilation (k - 1) - padding`` (and
+    ``output_padding`` at the end), with the kernel flipped and its channels swapped; the
+    matrix form is that convolution's, ``[C_out, C_in k...]``. A forward called with
+    ``output_size`` (another output padding) is not covered (the shapes would not match).
+    """
+
+    spatial: ClassVar[int]
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:  # noqa: D102
+        m = cast(nn.ConvTranspose2d, module)
+        return m.groups == 1 and _initialized(m.weight, m.bias)
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
+        m = cast(nn.ConvTranspose2d, module)
+        return m.in_channels * math.prod(m.kernel_size), m.out_channels
+
+    def features(self, inp: Tensor) -> Tensor:  # noqa: D102
+        m = cast(nn.ConvTranspose2d, self.module)
+        k, d, s = m.kernel_size, m.dilation, m.stride
+        p, op = cast(tuple[int, ...], m.padding), m.output_padding  # never "same" here
+        x = inp if self.spatial == 2 else inp.unsqueeze(2)
+        if self.spatial == 1:  # as a 2-d one of height 1
+            k, d, s, p, op = (1, k[0]), (1, d[0]), (1, s[0]), (0, p[0]), (0, op[0])
+        n, C, H, W = x.shape
+        if s != (1, 1):  # zeros between the pixels
+            up = x.new_zeros(n, C, (H - 1) * s[0] + 1, (W - 1) * s[1] + 1)
+            up[:, :, :: s[0], :: s[1]] = x
+            x = up
+        lo = [d[i] * (k[i] - 1) - p[i] for i in range(2)]  # negative: a crop
+        x = F.pad(x, (lo[1], lo[1] + op[1], lo[0], lo[0] + op[0]))
+        return F.unfold(x, k, dilation=d).transpose(1, 2)  # [n, T, C_in * k...]
+
+    def positions(self, g: Tensor) -> Tensor:  # noqa: D102
+        K, n = g.shape[:2]
+        return g.reshape(K, n, self.d_G, -1).transpose(2, 3)
+
+    def _flip(self) -> tuple[int, ...]:
+        return tuple(range(-self.spatial, 0))
+
+    def to_mat(self, vw: Tensor, vb: Tensor | None) -> Tensor:  # noqa: D102
+        # [k, C_in, C_out, *kernel] -> the convolution's [k, C_out, C_in * kernel], flipped
+        m = vw.flip(self._flip()).transpose(1, 2).reshape(vw.shape[0], self.d_G, self.d_in)
+        if self.has_bias:
+            if vb is None:
+                raise ValueError(f"layer {self.name!r} has a bias: pass its part too")
+            m = torch.cat([m, vb.unsqueeze(-1)], dim=-1)
+        return m
+
+    def from_mat(self, m: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
+        C_in, C_out, *kernel = self.w_shape
+        vw = m[..., : self.d_in].reshape(m.shape[0], C_out, C_in, *kernel)
+        vw = vw.transpose(1, 2).flip(self._flip())
+        return vw, (m[..., self.d_in] if self.has_bias else None)
+
+
+class ConvTranspose1dRule(_ConvTransposeRule, module_type=nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` (``groups=1``): the equivalent convolution's patches as rows.
+
+    Example:
+        >>> conv = torch.nn.ConvTranspose1d(2, 3, kernel_size=2, stride=2)
+        >>> ConvTranspose1dRule("c", conv).input_rows(torch.ones(1, 2, 4)).shape
+        torch.Size([1, 8, 5])
+    """
+
+    spatial = 1
+
+
+class ConvTranspose2dRule(_ConvTransposeRule, module_type=nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (``groups=1``): the equivalent convolution's patches as rows.
+
+    Example:
+        >>> conv = torch.nn.ConvTranspose2d(2, 3, kernel_size=3, stride=2, padding=1)
+        >>> ConvTranspose2dRule("c", conv).input_rows(torch.ones(1, 2, 4, 4)).shape
+        torch.Size([1, 49, 19])
+    """
+
+    spatial = 2
 
 
 class EmbeddingRule(LayerRule, module_type=nn.Embedding):

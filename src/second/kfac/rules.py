@@ -64,6 +64,8 @@ __all__ = [
     "Conv1dRule",
     "Conv2dRule",
     "Conv3dRule",
+    "ConvTranspose1dRule",
+    "ConvTranspose2dRule",
     "EmbeddingRule",
     "AttentionProjectionRule",
     "DiagonalRule",
@@ -516,7 +518,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # The built-in rules register themselves when their modules are imported: importing them here
 # (after the base classes and the registry exist) fills RULES whichever module is imported first.
 from .attention import AttentionProjectionRule  # noqa: E402
-from .layers import Conv1dRule, Conv2dRule, Conv3dRule, EmbeddingRule, LinearRule  # noqa: E402
+from .layers import (  # noqa: E402
+    Conv1dRule,
+    Conv2dRule,
+    Conv3dRule,
+    ConvTranspose1dRule,
+    ConvTranspose2dRule,
+    EmbeddingRule,
+    LinearRule,
+)
 from .norms import (  # noqa: E402
     BatchNormRule,
     DiagonalRule,
