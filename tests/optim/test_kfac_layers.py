@@ -119,3 +119,41 @@ def test_auto_weight_sharing_reduces_conv2d_and_expands_the_rest():
         KFAC(copy.deepcopy(model), loss_fn, weight_sharing="expand").layers[0].weight_sharing
         == "expand"
     )
+
+
+def test_grouped_convolution_blocks_in_the_optimizer_and_its_state_dict():
+    """A depthwise convolution: one block per group in the optimizer's state (rows of the
+    weight); a saved and restored optimizer continues bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.Flatten(),
+        nn.Linear(4 * 25, 3),
+    )
+    X, y = torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn)
+
+    def closure_of(m, o):
+        def closure():
+            o.zero_grad()
+            loss = loss_fn(m(X), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        opt.step(closure_of(model, opt))
+    assert {f"rows[{j}:{j + 1}]" for j in range(4)} <= set(opt.state[model[2].weight])
+    assert opt.approximations()["2.weight"] == "kronecker-reduce"
+    twin = copy.deepcopy(model)
+    opt2 = KFAC(twin, loss_fn)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(2):
+        opt.step(closure_of(model, opt))
+        opt2.step(closure_of(twin, opt2))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

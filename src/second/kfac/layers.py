@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .rules import LayerRule, _initialized
 
-__all__ = [
+__all__: list[str] = [
     "LinearRule",
     "Conv1dRule",
     "Conv2dRule",

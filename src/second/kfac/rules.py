@@ -58,15 +58,8 @@ from typing import ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-__all__ = [
+__all__: list[str] = [
     "LayerRule",
-    "LinearRule",
-    "Conv1dRule",
-    "Conv2dRule",
-    "Conv3dRule",
-    "ConvTranspose1dRule",
-    "ConvTranspose2dRule",
-    "EmbeddingRule",
     "AttentionProjectionRule",
     "DiagonalRule",
     "LayerNormRule",
@@ -517,16 +510,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 # The built-in rules register themselves when their modules are imported: importing them here
 # (after the base classes and the registry exist) fills RULES whichever module is imported first.
+from . import layers as _layers  # noqa: E402
 from .attention import AttentionProjectionRule  # noqa: E402
-from .layers import (  # noqa: E402
-    Conv1dRule,
-    Conv2dRule,
-    Conv3dRule,
-    ConvTranspose1dRule,
-    ConvTranspose2dRule,
-    EmbeddingRule,
-    LinearRule,
-)
+from .layers import *  # noqa: E402, F403  (Linear, Conv..., Embedding: their names are layers.__all__)
 from .norms import (  # noqa: E402
     BatchNormRule,
     DiagonalRule,
@@ -534,3 +520,5 @@ from .norms import (  # noqa: E402
     LayerNormRule,
     RMSNormRule,
 )
+
+__all__ += _layers.__all__
