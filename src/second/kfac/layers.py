@@ -1,11 +1,12 @@
-"""The Kronecker rules of the dense layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``.
+"""The Kronecker rules of the dense layers: ``nn.Linear``, the convolutions, ``nn.Embedding``.
 
 Each is a :class:`~second.kfac.rules.LayerRule` registered for its module type (see
 :mod:`second.kfac.rules` for the matrix form and the weight-sharing modes):
-:class:`~torch.nn.Linear` (any leading dimensions as positions), :class:`~torch.nn.Conv1d`
-and :class:`~torch.nn.Conv2d` (any padding mode; patches channel-major ``(C_in, k...)``
-like the weight, output pixels as positions: KFC; one block per group of a grouped
-convolution),
+:class:`~torch.nn.Linear` (any leading dimensions as positions), :class:`~torch.nn.Conv1d`,
+:class:`~torch.nn.Conv2d` and :class:`~torch.nn.Conv3d` (any padding mode; patches
+channel-major ``(C_in, k...)`` like the weight, output pixels as positions: KFC; one block
+per group of a grouped convolution), :class:`~torch.nn.ConvTranspose1d` and
+:class:`~torch.nn.ConvTranspose2d` (as the equivalent convolution),
 :class:`~torch.nn.Embedding` (one-hot inputs, so the input factor is diagonal and held as
 its diagonal).
 """
@@ -90,7 +91,7 @@ class _ConvRule(LayerRule):
         self._setup(
             name, m, m.weight, m.bias, w_rows=rows, b_rows=rows, weight_sharing=weight_sharing
         )
-        self.d_in, self.d_G = m.weight[0].numel(), m.out_channels // m.groups
+        self.d_in, self.d_G = self.dims(m)
         self.d_A = self.d_in + int(self.has_bias)
 
     @classmethod
