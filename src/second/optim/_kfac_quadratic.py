@@ -198,7 +198,7 @@ def reverse_jvp(
     With :math:`g(u) = J^\top u` (a backward pass from a dummy cotangent ``u`` that keeps its
     graph), :math:`J v = \partial_u (g(u)^\top v)`: one more backward per vector. It needs
     only double backward, which covers operations that forward-mode AD does not (the CPU
-    LSTM kernel, ``weight_norm``), at about twice the cost of a JVP.
+    kernel of a float32 LSTM), at about twice the cost of a JVP.
 
     Args:
         f: ``parameters -> output``.

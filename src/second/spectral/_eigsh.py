@@ -101,9 +101,11 @@ def eigsh(
     ``k`` are all found (a single-vector Lanczos sees one copy). When the basis reaches ``ncv``
     columns (default ``max(4 k + 2 p, 40)``), it restarts thick: the wanted Ritz vectors and a
     few more are kept with their products, so no product is repeated. It stops as soon as every
-    wanted pair is certified, or after ``maxiter`` products (default ``20 n``). Pairs it could
-    not certify are reported (a :class:`~second.ConvergenceWarning` and ``certified`` in the
-    result). Two stopping rules:
+    wanted pair is certified, or after ``maxiter`` products (default ``20 n``), or when the
+    largest bound has not halved in :data:`STALL_PASSES` passes once below
+    ``sqrt(eps) * max|theta|`` (the products' rounding level, e.g. a float32 operator asked
+    for a tolerance it cannot resolve). Pairs it could not certify are reported (a
+    :class:`~second.ConvergenceWarning` and ``certified`` in the result). Two stopping rules:
 
     * ``criterion="residual"`` (default): the pair's residual
       :math:`\|A y - \theta y\| \le \mathrm{tol} \cdot \max|\theta|` (computed exactly
