@@ -9,8 +9,9 @@ root is a single layer (a bare ``nn.Linear``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
@@ -61,6 +62,18 @@ def call_model(module: Callable, inputs: Any, params: dict[str, Tensor] | None =
     return functional_call(cast(nn.Module, module), params, args, kwargs)
 
 
+@contextlib.contextmanager
+def _quiet_fallbacks() -> Iterator[None]:
+    """Silence torch's note that an operation without a batching rule runs in a slow loop.
+
+    The result is right either way; the note names internal operators (``aten::...``) the
+    user cannot change.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        yield
+
+
 def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
     """``vmap(fn)(*args)`` over the leading dimension, else ``fn`` on one example at a time.
 
@@ -74,7 +87,8 @@ def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
         tensor([2., 2., 2.])
     """
     try:
-        return vmap(fn)(*args)
+        with _quiet_fallbacks():
+            return vmap(fn)(*args)
     except (RuntimeError, NotImplementedError) as err:
         warnings.warn(
             f"vmap over examples failed ({type(err).__name__}: {str(err)[:200]}); {_LOOP_HINT}",
@@ -246,14 +260,16 @@ class ModelFunction:
         if V.dim() == 1:
             return fn(V)
         try:
-            return vmap(fn, in_dims=1, out_dims=1)(V)
+            with _quiet_fallbacks():
+                return vmap(fn, in_dims=1, out_dims=1)(V)
         except RuntimeError:
             return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
 
     def _map(self, fn, batch) -> Tensor:
         if self._vmap_ok:
             try:
-                return vmap(fn)(batch)
+                with _quiet_fallbacks():
+                    return vmap(fn)(batch)
             except (RuntimeError, NotImplementedError) as err:
                 self._vmap_ok = False
                 warnings.warn(
