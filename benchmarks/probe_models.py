@@ -130,9 +130,15 @@ MODELS = {
 }
 
 
+OPTIMIZERS = ("KFAC", "SOAP", "Shampoo", "Sophia", "SophiaH", "AdaHessian")
+NEWTON = ("NewtonCG", "GaussNewton", "HessianFree", "LiSSA")  # full-batch methods
+
+
 def optimizer(name: str, model: nn.Module, loss_fn):
     if name in ("KFAC", "Sophia"):  # they take the model and the loss (own curvature passes)
         return getattr(optim, name)(model, loss_fn)
+    if name in ("GaussNewton", "HessianFree"):  # the model: its outputs for the Gauss-Newton
+        return getattr(optim, name)(model)
     return getattr(optim, name)([p for p in model.parameters() if p.requires_grad])
 
 
@@ -204,14 +210,22 @@ def curvature(key: str, make, data) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help=f"default: all of {', '.join(MODELS)}")
+    ap.add_argument(
+        "--optimizers",
+        nargs="*",
+        default=list(OPTIMIZERS),
+        help=f"default: {' '.join(OPTIMIZERS)}; the full-batch Newton-type: {' '.join(NEWTON)}",
+    )
+    ap.add_argument("--no-curvature", action="store_true", help="only the optimizers")
     args = ap.parse_args()
     print(f"second {second.__version__}, torch {torch.__version__}")
     for key in args.models or MODELS:
         make, data = MODELS[key]
-        for name in ("KFAC", "SOAP", "Shampoo", "Sophia", "SophiaH", "AdaHessian"):
+        for name in args.optimizers:
             label = f"{key} {name} (defaults, {STEPS} steps)"
             check(label, lambda make=make, data=data, name=name: train(make, data, name))
-        curvature(key, make, data)
+        if not args.no_curvature:
+            curvature(key, make, data)
 
 
 if __name__ == "__main__":

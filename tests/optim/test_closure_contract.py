@@ -232,3 +232,48 @@ def test_the_deprecated_nhvp_counter_reads_matvecs():
     opt2 = NewtonCG(model.parameters())
     opt2.load_state_dict(sd)
     assert dict.get(opt2.state[model.weight], "matvecs") == st["matvecs"]
+
+
+class _TinyEncoder(torch.nn.Module):
+    """nn.TransformerEncoderLayer: its fused attention kernel has no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(self.block(x).mean(1))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_curvature_through_attention_in_the_users_closure(cls):
+    """The closure's forward runs the fused attention; the optimizer runs it in the math
+    kernel, so its curvature products work and its steps equal those of a closure that
+    selects the math kernel itself."""
+    from second.func import differentiable_attention
+
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4, 8, dtype=DT), torch.randn(6, 1, dtype=DT)
+    models = [_TinyEncoder().to(DT).eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    # LiSSA: damped and scaled so that its recursion converges on this indefinite Hessian
+    opts = [
+        LiSSA(m.parameters(), depth=20, damping=10.0, scale=100.0) if cls is LiSSA else make(cls, m)
+        for m in models
+    ]
+    start = models[0].out.weight.detach().clone()
+    for _ in range(3):
+        for k, (m, opt) in enumerate(zip(models, opts)):
+
+            def closure(m=m, opt=opt, k=k):
+                opt.zero_grad()
+                with differentiable_attention() if k else torch.enable_grad():
+                    loss = 0.5 * ((m(X) - y) ** 2).mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(models[0].out.weight, start)  # it moved

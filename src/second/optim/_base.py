@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .._errors import SecondDeprecationWarning
+from ..func.attention import differentiable_attention
 from ..func.products import grad_checked
 from ._closure import ClosureCall, call_closure
 from ._options import RENAMED, check_newton_options, hyperparameters, renamed_options
@@ -261,8 +263,14 @@ class NewtonTypeOptimizer(Optimizer):
         return out
 
     def _call(self, closure: Callable, *, pair: str = "refuse", graph: bool = True) -> ClosureCall:
-        """One closure call under the contract (:func:`call_closure`), counted in ``nfev``."""
-        res = call_closure(type(self).__name__, closure, pair=pair, graph=graph)
+        """One closure call under the contract (:func:`call_closure`), counted in ``nfev``.
+
+        With ``graph`` the closure runs inside :func:`~second.func.differentiable_attention`:
+        the curvature products differentiate its graph twice, which the fused attention
+        kernels (and weight_norm's) do not support.
+        """
+        with differentiable_attention() if graph else nullcontext():
+            res = call_closure(type(self).__name__, closure, pair=pair, graph=graph)
         self._state["nfev"] += 1
         return res
 
