@@ -27,9 +27,12 @@ def differentiable_attention() -> Iterator[None]:
     :math:`v\,g/\|v\|`: the derivative of its fused CPU kernel's backward is wrong
     (a Hessian that is not symmetric and disagrees with finite differences of the gradient,
     torch 2.13) and it has no forward-mode rule.
-    Every model run of second's operators, per-example gradients, diagonals and Laplace
-    already happens inside this context; wrap your own forward pass in it when you build the
-    graph for :func:`second.hvp` or :func:`second.gvp` yourself.
+    Every model run of second's operators, per-example gradients, diagonals and Laplace, the
+    closures of its Newton-type and diagonal-Hessian optimizers, and the losses that
+    :func:`second.hypergradient`, :func:`second.implicit_root` and iMAML differentiate
+    already run inside this context; wrap your own forward pass in it when you build the
+    graph for :func:`second.hvp` or :func:`second.gvp` yourself, or in the function you give
+    :func:`second.minimize`.
 
     Example:
         >>> layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning
+from ..func.attention import differentiable_attention
 from ..func.products import check_finite, hessian_matvec
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
@@ -155,7 +156,8 @@ def hypergradient(
     nw = len(ws)
 
     with torch.enable_grad():
-        L_in = _scalar(inner_loss(w_in, h_in), "inner_loss")
+        with differentiable_attention():  # differentiated twice: no fused attention kernel
+            L_in = _scalar(inner_loss(w_in, h_in), "inner_loss")
         # only the w-gradient gets a graph (as a hand-written loop would); whether each
         # hyperparameter is in the graph of inner_loss is checked at the mixed product
         g_w = torch.autograd.grad(L_in, ws, create_graph=True, allow_unused=True)

@@ -10,6 +10,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
+from ..func.attention import differentiable_attention
 from ..func.products import check_finite, grad_checked
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
@@ -199,7 +200,8 @@ class _ImplicitRoot(torch.autograd.Function):
             for i, h in zip(spec.diff, hs, strict=True):
                 leaves[i] = h
             args = spec.rebuild(leaves)
-            F = spec.optimality_fn(spec.w_struct.unflatten(ws), *args)
+            with differentiable_attention():  # differentiated twice: no fused attention kernel
+                F = spec.optimality_fn(spec.w_struct.unflatten(ws), *args)
             F_leaves, _ = flatten(F, "optimality_fn's output")
             shapes_ok = len(F_leaves) == n_w and all(
                 f.shape == w.shape for f, w in zip(F_leaves, ws, strict=True)

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..func.attention import differentiable_attention
 from ..func.products import check_finite, hessian_matvec
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
@@ -204,7 +205,8 @@ def meta_gradient(
         g_test = torch.autograd.grad(L_test, ws, allow_unused=True)
         b = parameters_to_vector(zeros_for_none(ws, g_test))
         check_finite(b, "the gradient of test_loss")
-        L_task = task_loss(w_in)
+        with differentiable_attention():  # differentiated twice: no fused attention kernel
+            L_task = task_loss(w_in)
         g_task = torch.autograd.grad(L_task, ws, create_graph=True, allow_unused=True)
         for name, g in zip(struct.names, g_task, strict=True):
             if g is None:
