@@ -551,3 +551,44 @@ def test_grouped_convolution_blocks_are_exact_per_group_for_a_deep_linear_networ
         torch.testing.assert_close(E[block], G[block], **EXACT_TOL[DT], msg=f"group {j}")
     assert bool(G[w.start : w.start + per, w.start + per : w.stop].abs().max() > 1e-3)
     assert bool(D[w.start : w.start + per, w.start + per : w.stop].abs().max() == 0)
+
+
+class _Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c(x)).mean((2, 3)))
+
+
+class _Split(nn.Module):
+    """The grouped convolution written as two convolutions on channel slices."""
+
+    def __init__(self, grouped: _Grouped):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            for half, conv in enumerate((self.a, self.b)):
+                conv.weight.copy_(grouped.c.weight[2 * half : 2 * half + 2])
+                conv.bias.copy_(grouped.c.bias[2 * half : 2 * half + 2])
+            self.fc.load_state_dict(grouped.fc.state_dict())
+
+    def forward(self, x):
+        h = torch.cat([self.a(x[:, :2]), self.b(x[:, 2:])], 1)
+        return self.fc(torch.tanh(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_a_grouped_convolution_is_its_groups_written_as_separate_convolutions(weight_sharing):
+    torch.manual_seed(0)
+    grouped = _Grouped().double()
+    split = _Split(grouped).double()
+    X, y = torch.randn(6, 4, 5, 5, dtype=DT), torch.randint(0, 3, (6,))
+    kw = dict(weight_sharing=weight_sharing)
+    KG = KFACOperator(grouped, nn.CrossEntropyLoss(), (X, y), **kw).to_dense()
+    KS = KFACOperator(split, nn.CrossEntropyLoss(), (X, y), **kw).to_dense()
+    # grouped: weight [4, 2, 3, 3] (group 0 first), bias [4], head; split: a.w, a.b, b.w, b.b, head
+    order = [*range(36), 72, 73, *range(36, 72), 74, 75, *range(76, 91)]
+    torch.testing.assert_close(KG[order][:, order], KS, **EXACT_TOL[DT])
