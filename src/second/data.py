@@ -22,15 +22,18 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ._errors import NonDeterministicDataError
 from ._losses import sample_targets
 
 __all__ = [
     "Task",
+    "call_model",
     "as_task",
     "map_batch",
     "iterate_batches",
@@ -51,6 +54,29 @@ def _leaves(batch) -> list[Tensor]:
     if isinstance(batch, (tuple, list)):
         return [t for v in batch for t in _leaves(v)]
     return []
+
+
+def call_model(module: Callable, inputs: Any, params: dict[str, Tensor] | None = None) -> Any:
+    """``module(inputs)``, ``module(*inputs)`` for a tuple or list, ``module(**inputs)`` for a dict.
+
+    With ``params`` (names to tensors), by :func:`torch.func.functional_call` with those
+    parameters in place of the module's.
+
+    Example:
+        >>> call_model(torch.nn.Bilinear(2, 3, 1), (torch.ones(4, 2), torch.ones(4, 3))).shape
+        torch.Size([4, 1])
+    """
+    args: tuple = ()
+    kwargs: dict = {}
+    if isinstance(inputs, Mapping):
+        kwargs = dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args = tuple(inputs)
+    else:
+        args = (inputs,)
+    if params is None:
+        return module(*args, **kwargs)
+    return functional_call(cast(nn.Module, module), params, args, kwargs)
 
 
 def map_batch(batch, fn: Callable[[Tensor], Tensor]):
@@ -203,9 +229,8 @@ class Task:
 
         with differentiable_attention():
             if isinstance(batch, Mapping):
-                return model(**{k: v for k, v in batch.items() if k != self.target_key})
-            X = batch[0]
-            return model(X) if isinstance(X, Tensor) else model(*X)
+                return call_model(model, {k: v for k, v in batch.items() if k != self.target_key})
+            return call_model(model, batch[0])
 
     def targets(self, batch) -> Tensor:
         """What the loss compares the output with: ``y``, or ``batch[target_key]``."""

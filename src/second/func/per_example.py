@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .._errors import NonFiniteError
-from ..data import Task, as_task, map_batch
+from ..data import Task, as_task, call_model, map_batch
 from .vectors import parameters_to_vector, vector_to_parameters
 
 __all__ = [
@@ -37,29 +37,6 @@ _LOOP_HINT = (
     "falling back to a loop over examples (slower). Batch norm in training mode, in-place "
     "operations on inputs and recurrent layers (nn.GRU) are the usual causes"
 )
-
-
-def call_model(module: Callable, inputs: Any, params: dict[str, Tensor] | None = None) -> Any:
-    """``module(inputs)``, ``module(*inputs)`` for a tuple or list, ``module(**inputs)`` for a dict.
-
-    With ``params`` (names to tensors), by :func:`torch.func.functional_call` with those
-    parameters in place of the module's.
-
-    Example:
-        >>> call_model(torch.nn.Bilinear(2, 3, 1), (torch.ones(4, 2), torch.ones(4, 3))).shape
-        torch.Size([4, 1])
-    """
-    args: tuple = ()
-    kwargs: dict = {}
-    if isinstance(inputs, Mapping):
-        kwargs = dict(inputs)
-    elif isinstance(inputs, (tuple, list)):
-        args = tuple(inputs)
-    else:
-        args = (inputs,)
-    if params is None:
-        return module(*args, **kwargs)
-    return functional_call(cast(nn.Module, module), params, args, kwargs)
 
 
 @contextlib.contextmanager
