@@ -27,10 +27,8 @@ from second.kfac import (
     AttentionProjectionRule,
     BatchNormRule,
     Capture,
-    Conv1dRule,
-    Conv2dRule,
-    Conv3dRule,
-    ConvTranspose2dRule,
+    ConvRule,
+    ConvTransposeRule,
     DiagonalRule,
     EmbeddingRule,
     GroupNormRule,
@@ -59,13 +57,13 @@ class Doubled(nn.Linear):
         (nn.MultiheadAttention(4, 2).out_proj, LinearRule),  # NonDynamicallyQuantizableLinear
         (Mine(3, 2), LinearRule),
         (Doubled(3, 2), None),
-        (nn.Conv1d(2, 3, 3), Conv1dRule),
-        (nn.Conv1d(2, 3, 3, padding="same", padding_mode="circular"), Conv1dRule),
-        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
-        (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
+        (nn.Conv1d(2, 3, 3), ConvRule),
+        (nn.Conv1d(2, 3, 3, padding="same", padding_mode="circular"), ConvRule),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), ConvRule),
+        (nn.Conv2d(2, 4, 3, groups=2), ConvRule),
         (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
-        (nn.Conv3d(2, 3, 2), Conv3dRule),
-        (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTranspose2dRule),
+        (nn.Conv3d(2, 3, 2), ConvRule),
+        (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTransposeRule),
         (nn.ConvTranspose2d(2, 4, 2, groups=2), None),
         (nn.Embedding(5, 2, scale_grad_by_freq=True), None),
         (nn.MultiheadAttention(4, 2), AttentionProjectionRule),
@@ -513,7 +511,7 @@ def test_transposed_convolution_block_is_exact_for_a_deep_linear_network():
     model = nn.Sequential(nn.ConvTranspose2d(2, 3, 1), nn.Flatten(), nn.Linear(3, 2)).double()
     X, y = torch.randn(6, 2, 1, 1, dtype=DT), torch.randn(6, 2, dtype=DT)
     K, D, G = ggn_blocks(model, nn.MSELoss(), X, y)
-    assert [type(r).__name__ for r in K.rules] == ["ConvTranspose2dRule", "LinearRule"]
+    assert [type(r).__name__ for r in K.rules] == ["ConvTransposeRule", "LinearRule"]
     assert set(K.approximations().values()) == {"kronecker"}
     assert_blocks_exact(model, D, G, ["0.weight", "0.bias", "2.weight", "2.bias"])
 

@@ -11,9 +11,8 @@ from kfac_cases import DT, EXACT_TOL, dense_ggn, layer_blocks
 from second import KFACOperator
 from second.kfac import (
     RULES,
-    Conv2dRule,
-    Conv3dRule,
-    ConvTranspose2dRule,
+    ConvRule,
+    ConvTransposeRule,
     EmbeddingRule,
     LinearRule,
     find_layers,
@@ -69,15 +68,15 @@ def test_unregistered_layer_falls_back_to_a_diagonal():
     "module, rule",
     [
         (nn.Linear(3, 2), LinearRule),
-        (nn.Conv2d(2, 3, 3), Conv2dRule),
+        (nn.Conv2d(2, 3, 3), ConvRule),
         (nn.Embedding(5, 2, padding_idx=0), EmbeddingRule),
-        (nn.Conv2d(2, 4, 3, groups=2), Conv2dRule),
+        (nn.Conv2d(2, 4, 3, groups=2), ConvRule),
         (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
-        (nn.Conv3d(2, 3, 2), Conv3dRule),
-        (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTranspose2dRule),
+        (nn.Conv3d(2, 3, 2), ConvRule),
+        (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTransposeRule),
         (nn.ConvTranspose2d(2, 4, 2, groups=2), None),
-        (nn.Conv2d(2, 3, 3, padding="same"), Conv2dRule),
-        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), Conv2dRule),
+        (nn.Conv2d(2, 3, 3, padding="same"), ConvRule),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), ConvRule),
         (nn.Embedding(5, 2, sparse=True), None),
         (nn.Embedding(5, 2, max_norm=1.0), None),
         (nn.LazyLinear(2), None),  # a subclass of Linear, but its weight is not there yet

@@ -56,7 +56,7 @@ def test_padding_positions_are_dropped():
     torch.testing.assert_close(st.G[0], torch.full((2, 2), 4.0, dtype=DT))
 
 
-def test_ema_into_is_the_running_average():
+def test_ema_is_the_running_average():
     model, loss_fn = tanh_net(), nn.MSELoss(reduction="sum")
     X, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
     beta, w = 0.9, 1.0 / 6
@@ -72,7 +72,7 @@ def test_ema_into_is_the_running_average():
         A0 = [torch.eye(layer.d_A, dtype=DT) for layer in layers]
         G0 = [torch.eye(layer.d_G, dtype=DT) for layer in layers]
         A_run, G_run = [a.clone() for a in A0], [g.clone() for g in G0]
-        st.ema_into(A_run, G_run, [], beta, w)
+        A_run, G_run, _ = st.ema(A_run, G_run, [], beta, w)
         for j in range(len(layers)):
             want_A = beta * A0[j] + (1 - beta) * ref.A[j] / ref.nA[j]
             want_G = beta * G0[j] + (1 - beta) * w * ref.G[j]

@@ -14,7 +14,7 @@ its diagonal).
 from __future__ import annotations
 
 import math
-from typing import ClassVar, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,8 @@ from .rules import LayerRule, _initialized
 
 __all__: list[str] = [
     "LinearRule",
-    "Conv1dRule",
-    "Conv2dRule",
-    "Conv3dRule",
-    "ConvTranspose1dRule",
-    "ConvTranspose2dRule",
+    "ConvRule",
+    "ConvTransposeRule",
     "EmbeddingRule",
     "MAX_KRONECKER_GROUPS",
 ]
@@ -65,24 +62,32 @@ MAX_KRONECKER_GROUPS = 64
 one with more (a depthwise convolution over many channels) gets the diagonal estimate."""
 
 
-class _ConvRule(LayerRule):
-    """Convolutions: patches as rows, output pixels as positions (KFC).
+class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    """``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``: patches as rows, output pixels as positions.
 
     The input is padded the way the layer pads it (zeros or its ``padding_mode``, also
     ``padding="same"``), then unfolded channel-major like the weight. A grouped convolution
     (``groups`` up to :data:`MAX_KRONECKER_GROUPS`) gets one block per group: the group's
     input channels as patches, its output channels as ``d_G`` and its rows of the weight
     and bias (the curvature between groups is dropped, as between layers).
+
+    Example:
+        >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
+        >>> ConvRule("c", conv).input_rows(torch.ones(1, 2, 3, 3)).shape
+        torch.Size([1, 4, 9])
+        >>> conv = torch.nn.Conv1d(2, 3, kernel_size=2, padding=1)
+        >>> ConvRule("c", conv).input_rows(torch.ones(1, 2, 4)).shape
+        torch.Size([1, 5, 5])
     """
 
     behaviour = ("forward", "_conv_forward")
-    spatial: ClassVar[int]
 
     def __init__(
         self, name: str, module: nn.Module, *, weight_sharing: str = "expand", group: int = 0
     ):
         m = cast(nn.Conv2d, module)
         self.group, self.groups = group, m.groups
+        self.spatial = m.weight.dim() - 2
         rows = None
         if m.groups > 1:
             per = m.out_channels // m.groups
@@ -131,18 +136,6 @@ class _ConvRule(LayerRule):
         return g.reshape(K, n, self.d_G, -1).transpose(2, 3)
 
 
-class Conv1dRule(_ConvRule, module_type=nn.Conv1d):
-    """``nn.Conv1d``: patches ``(C_in, k)`` as rows, output steps as positions (per group).
-
-    Example:
-        >>> conv = torch.nn.Conv1d(2, 3, kernel_size=2, padding=1)
-        >>> Conv1dRule("c", conv).input_rows(torch.ones(1, 2, 4)).shape
-        torch.Size([1, 5, 5])
-    """
-
-    spatial = 1
-
-
 def _unfold(inp: Tensor, k: tuple, d: tuple, s: tuple) -> Tensor:
     """Patches ``[n, T, C * prod(k)]`` of an (already padded) ``[n, C, *spatial]`` input.
 
@@ -160,41 +153,25 @@ def _unfold(inp: Tensor, k: tuple, d: tuple, s: tuple) -> Tensor:
     return out.reshape(n, -1, C * math.prod(k))
 
 
-class Conv2dRule(_ConvRule, module_type=nn.Conv2d):
-    """``nn.Conv2d``: patches as rows, output pixels as positions (per group).
-
-    Example:
-        >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
-        >>> Conv2dRule("c", conv).input_rows(torch.ones(1, 2, 3, 3)).shape
-        torch.Size([1, 4, 9])
-    """
-
-    spatial = 2
-
-
-class Conv3dRule(_ConvRule, module_type=nn.Conv3d):
-    """``nn.Conv3d``: patches ``(C_in, k_d, k_h, k_w)`` as rows, output voxels as positions.
-
-    Example:
-        >>> conv = torch.nn.Conv3d(2, 3, kernel_size=2)
-        >>> Conv3dRule("c", conv).input_rows(torch.ones(1, 2, 3, 3, 3)).shape
-        torch.Size([1, 8, 17])
-    """
-
-    spatial = 3
-
-
-class _ConvTransposeRule(LayerRule):
-    """Transposed convolutions (``groups=1``) as the convolutions they are.
+class ConvTransposeRule(LayerRule, module_type=(nn.ConvTranspose1d, nn.ConvTranspose2d)):
+    """``nn.ConvTranspose1d``, ``nn.ConvTranspose2d`` (``groups=1``) as the convolutions they are.
 
     ``conv_transpose(x, W)`` is a convolution with stride 1 of ``x`` with ``stride - 1`` zeros
     inserted between its pixels, padded by ``dilation (k - 1) - padding`` (and
     ``output_padding`` at the end), with the kernel flipped and its channels swapped; the
     matrix form is that convolution's, ``[C_out, C_in k...]``. A forward called with
     ``output_size`` (another output padding) is not covered (the shapes would not match).
+
+    Example:
+        >>> conv = torch.nn.ConvTranspose2d(2, 3, kernel_size=3, stride=2, padding=1)
+        >>> ConvTransposeRule("c", conv).input_rows(torch.ones(1, 2, 4, 4)).shape
+        torch.Size([1, 49, 19])
     """
 
-    spatial: ClassVar[int]
+    @property
+    def spatial(self) -> int:
+        """The number of spatial dimensions (1 or 2)."""
+        return len(self.w_shape) - 2
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:  # noqa: D102
@@ -242,30 +219,6 @@ class _ConvTransposeRule(LayerRule):
         vw = m[..., : self.d_in].reshape(m.shape[0], C_out, C_in, *kernel)
         vw = vw.transpose(1, 2).flip(self._flip())
         return vw, (m[..., self.d_in] if self.has_bias else None)
-
-
-class ConvTranspose1dRule(_ConvTransposeRule, module_type=nn.ConvTranspose1d):
-    """``nn.ConvTranspose1d`` (``groups=1``): the equivalent convolution's patches as rows.
-
-    Example:
-        >>> conv = torch.nn.ConvTranspose1d(2, 3, kernel_size=2, stride=2)
-        >>> ConvTranspose1dRule("c", conv).input_rows(torch.ones(1, 2, 4)).shape
-        torch.Size([1, 8, 5])
-    """
-
-    spatial = 1
-
-
-class ConvTranspose2dRule(_ConvTransposeRule, module_type=nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` (``groups=1``): the equivalent convolution's patches as rows.
-
-    Example:
-        >>> conv = torch.nn.ConvTranspose2d(2, 3, kernel_size=3, stride=2, padding=1)
-        >>> ConvTranspose2dRule("c", conv).input_rows(torch.ones(1, 2, 4, 4)).shape
-        torch.Size([1, 49, 19])
-    """
-
-    spatial = 2
 
 
 class EmbeddingRule(LayerRule, module_type=nn.Embedding):

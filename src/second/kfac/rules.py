@@ -41,7 +41,8 @@ loss 1.87 with ``"expand"``, 2.31 with ``"reduce"``), while on the zoo's digits 
 convolutional model with a loss per pixel (segmentation) should pass ``"expand"``.
 
 Built in, each in its own module: the Kronecker rules of :class:`~torch.nn.Linear`,
-:class:`~torch.nn.Conv1d`/:class:`~torch.nn.Conv2d` and :class:`~torch.nn.Embedding`
+:class:`~torch.nn.Conv1d`/:class:`~torch.nn.Conv2d`/:class:`~torch.nn.Conv3d` and the
+transposed ones (one rule each for all dimensions) and :class:`~torch.nn.Embedding`
 (:mod:`second.kfac.layers`) and of :class:`~torch.nn.MultiheadAttention`
 (:mod:`second.kfac.attention`: Q, K, V and ``out_proj`` as four blocks); the exact-diagonal
 rules of the normalization layers (:mod:`second.kfac.norms`). Their names are importable
@@ -92,10 +93,11 @@ per position). Read when the rules are found, so an entry added here applies to 
 built afterwards."""
 
 
-def _register(cls, module_type: type[nn.Module] | None) -> None:
+def _register(cls, module_type: type[nn.Module] | tuple[type[nn.Module], ...] | None) -> None:
     if module_type is not None:
         cls.module_type = module_type
-        RULES[module_type] = cls
+        for t in module_type if isinstance(module_type, tuple) else (module_type,):
+            RULES[t] = cls
 
 
 def _sharing_for(name: str, module: nn.Module, spec: WeightSharing) -> str:
@@ -152,7 +154,7 @@ class LayerRule:
         ((2, 4), torch.Size([5, 1, 4]))
     """
 
-    module_type: ClassVar[type[nn.Module]]
+    module_type: ClassVar[type[nn.Module] | tuple[type[nn.Module], ...]]
     diag_A: ClassVar[bool] = False
     behaviour: ClassVar[tuple[str, ...]] = ("forward",)
     """Methods a subclass of ``module_type`` must inherit unchanged to be covered."""
@@ -161,7 +163,9 @@ class LayerRule:
     reducible: ClassVar[bool] = True
     """Whether ``weight_sharing="reduce"`` applies (else the rule always expands)."""
 
-    def __init_subclass__(cls, module_type: type[nn.Module] | None = None, **kwargs):
+    def __init_subclass__(
+        cls, module_type: type[nn.Module] | tuple[type[nn.Module], ...] | None = None, **kwargs
+    ):
         super().__init_subclass__(**kwargs)
         _register(cls, module_type)
 

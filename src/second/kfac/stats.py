@@ -5,8 +5,8 @@ For layer :math:`l` the statistics are :math:`\sum_{i,t} a_{it} a_{it}^\top` wit
 (the gradient factor is it times :math:`w = 1/N` for a mean-reduced loss, 1 for a sum),
 plus, for parameters outside the supported layers, a Rademacher estimate of the curvature
 diagonal. Sums and counts from batches, or from the ranks of a process group, merge by
-addition (:meth:`FactorStats.all_reduce`, through :mod:`second.distributed`); :meth:`FactorStats.ema_into` folds them into
-running averages.
+addition (:meth:`FactorStats.all_reduce`, through :mod:`second.distributed`);
+:meth:`FactorStats.ema` folds them into running averages.
 """
 
 from __future__ import annotations
@@ -196,24 +196,6 @@ class FactorStats:
                 d * beta if d_sum is None else torch.add(d * beta, d_sum, alpha=(1 - beta) * weight)
             )
         return A_new, G_new, d_new
-
-    def ema_into(
-        self,
-        A_run: Sequence[Tensor],
-        G_run: Sequence[Tensor],
-        diag_run: Sequence[Tensor],
-        beta: float,
-        weight: float,
-    ) -> None:
-        """Fold these statistics into running averages, in place.
-
-        The arguments are :meth:`ema`'s; its result is copied into ``A_run``, ``G_run`` and
-        ``diag_run``.
-        """
-        new = self.ema(A_run, G_run, diag_run, beta, weight)
-        for olds, news in zip((A_run, G_run, diag_run), new):
-            for old, t in zip(olds, news):
-                old.copy_(t)
 
 
 def add_layer_statistics(
