@@ -7,7 +7,7 @@ import torch
 
 import second
 from second import ConvergenceWarning
-from second.spectral import EigshResult, eigsh
+from second.spectral import COPY_CHECK_STEPS, EigshResult, eigsh
 
 EIG_TOL = 1e-8  # eigenvalue error allowed at tol=1e-10 (float64)
 EIGENVALUE_CRITERION_TOL = 1e-3  # the relative eigenvalue accuracy
@@ -162,7 +162,24 @@ def test_top_eigenvalue_uses_block_size_one_by_default():
     A = sym(60, spectrum=torch.logspace(-2, 1, 60).tolist())
     res = eigsh(A, k=1, return_result=True)
     assert res.info["block_size"] == 1 and res.passes == res.matvecs
-    assert eigsh(A, k=3, return_result=True).info["block_size"] == 3
+    res = eigsh(A, k=3, return_result=True)  # k > 1: one vector too, with the copy check
+    assert res.info["block_size"] == 1 and res.info["copy_check"] == COPY_CHECK_STEPS
+    assert eigsh(A, k=3, block_size=3, return_result=True).info["block_size"] == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_copy_check_finds_a_copy_a_single_vector_misses(seed):
+    # a triple top eigenvalue above a spectrum in [0, 1): one Krylov vector certifies 2, 2 and
+    # the largest of the rest; the check from a fresh vector finds the third copy
+    g = torch.Generator().manual_seed(100 + seed)
+    A = sym(100, seed, [2.0, 2.0, 2.0] + torch.rand(97, generator=g, dtype=torch.float64).tolist())
+    ref = torch.linalg.eigvalsh(A)[-3:]
+    plain = eigsh(A, k=3, block_size=1, criterion="eigenvalue", tol=1e-3, return_result=True)
+    assert float((plain.eigenvalues - ref).abs().max()) > 0.5  # the failure the check is for
+    res = eigsh(A, k=3, criterion="eigenvalue", tol=1e-3, return_result=True)
+    assert res.converged and res.info["copies_found"] >= 1
+    assert float((res.eigenvalues - ref).abs().max()) <= 1e-3 * 2.0
+    assert res.matvecs <= plain.matvecs + 4 * COPY_CHECK_STEPS
 
 
 @pytest.mark.parametrize("k, block_size", [(1, None), (2, 1), (2, 2)])
@@ -216,3 +233,14 @@ def test_a_tolerance_below_the_products_rounding_level_stops_early_and_says_so()
     # the same in float64 converges
     res64 = eigsh(A.double(), k=2, tol=1e-9, return_result=True)
     assert res64.converged
+
+
+def test_many_pairs_with_one_vector_match_the_dense_eigenvalues():
+    # k = 16: Rayleigh-Ritz every k // RITZ_EVERY_PAIRS = 2 products; the same answer
+    A = sym(120, seed=3, spectrum=torch.logspace(-3, 1, 120).tolist())
+    ev = torch.linalg.eigvalsh(A)
+    res = eigsh(A, k=16, tol=1e-10, return_result=True)
+    assert res.converged and res.info["block_size"] == 1 and res.passes == res.matvecs
+    torch.testing.assert_close(res.eigenvalues, ev[-16:], rtol=0, atol=EIG_TOL)
+    V = res.eigenvectors
+    assert torch.allclose(A @ V, V * res.eigenvalues, atol=1e-8)

@@ -1,7 +1,7 @@
 """Spectral tools: Lanczos eigenpairs, trace and diagonal estimators, spectral density."""
 
 from ._diagonal import ggn_diagonal
-from ._eigsh import EigshResult, eigsh
+from ._eigsh import COPY_CHECK_STEPS, EigshResult, eigsh
 from .estimators import Density, Estimate, diagonal, frobenius_norm, spectral_density, trace
 from .lanczos import extreme_eigenvalues, lanczos
 
@@ -12,6 +12,7 @@ __all__ = [
     "ggn_diagonal",
     "eigsh",
     "EigshResult",
+    "COPY_CHECK_STEPS",
     "lanczos",
     "extreme_eigenvalues",
     "trace",

@@ -14,7 +14,7 @@ from .._errors import ConvergenceWarning
 from .._progress import progress
 from ..operators.base import aslinearoperator
 
-__all__ = ["eigsh", "EigshResult"]
+__all__ = ["eigsh", "EigshResult", "COPY_CHECK_STEPS"]
 
 WHICH = ("LA", "SA", "LM", "BE")
 CRITERIA = ("residual", "eigenvalue")
@@ -22,6 +22,14 @@ STALL_PASSES = 50
 """Passes without halving the largest bound, below ``sqrt(eps(dtype)) * max|theta|``, after
 which eigsh stops uncertified (the products' rounding level: float32 operators)."""
 STALL_IMPROVEMENT = 0.5
+RITZ_EVERY_PAIRS = 8
+"""With one vector and ``k`` wanted pairs, the Rayleigh-Ritz step (and the convergence test)
+runs every ``max(1, k // RITZ_EVERY_PAIRS)`` products: its cost grows like ``n m^2`` in the
+basis size ``m``, and a single vector needs many products for many pairs."""
+COPY_CHECK_STEPS = 5
+"""With the default block size for ``k > 1`` (one vector, then a check): the Lanczos steps from a
+fresh random vector, orthogonal to the basis, that must leave the certified pairs unchanged
+before eigsh stops (a single Krylov vector sees one vector of a repeated eigenspace)."""
 
 
 @dataclass
@@ -92,13 +100,18 @@ def eigsh(
     SciPy-shaped. ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic,
     ``"LM"`` largest magnitude, ``"BE"`` both ends (half from each).
 
-    The method: a block Krylov space of ``block_size`` columns (default ``k``: a block as wide
-    as the number of wanted pairs sees eigenvalues of multiplicity up to ``k``; ``1`` for
-    ``k = 1``, plain Lanczos, the fewest products for one eigenvalue),
-    fully re-orthogonalized, with Rayleigh-Ritz on the kept products :math:`Q^\top A Q`. A block
-    whose columns vanish (an invariant subspace, e.g. a repeated eigenvalue) is refilled with
-    random directions orthogonal to the basis, so eigenvalues of multiplicity up to the wanted
-    ``k`` are all found (a single-vector Lanczos sees one copy). When the basis reaches ``ncv``
+    The method: a block Krylov space of ``block_size`` columns, fully re-orthogonalized, with
+    Rayleigh-Ritz on the kept products :math:`Q^\top A Q`. A block whose columns vanish (an
+    invariant subspace, e.g. a repeated eigenvalue) is refilled with random directions
+    orthogonal to the basis. The default (``block_size=None``) is one vector, plain Lanczos,
+    the fewest products; for ``k > 1`` it adds a **copy check**: a single Krylov vector sees
+    one vector of a repeated eigenspace, so once the ``k`` pairs are certified the space is
+    extended by :data:`COPY_CHECK_STEPS` Lanczos steps from a fresh random vector orthogonal
+    to the basis, and eigsh stops only if the wanted Ritz values did not move by more than
+    the tolerance (else it goes on, and checks again: a copy of a wanted eigenvalue with a gap
+    below the wanted ones is found within a few steps). A copy sitting on a continuum of
+    eigenvalues just below it (no gap) can still be missed; ``block_size=k`` (a block as wide
+    as the wanted pairs; about twice the products) sees multiplicities up to ``k`` there too. When the basis reaches ``ncv``
     columns (default ``max(4 k + 2 p, 40)``), it restarts thick: the wanted Ritz vectors and a
     few more are kept with their products, so no product is repeated. It stops as soon as every
     wanted pair is certified, or after ``maxiter`` products (default ``20 n``), or when the
@@ -132,7 +145,8 @@ def eigsh(
         A: a symmetric :class:`~second.LinearOperator`, dense tensor or callable.
         k: number of eigenpairs.
         which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
-        block_size: columns per block product (one data traversal each).
+        block_size: columns per block product (one data traversal each); ``None``: one, with
+            the copy check for ``k > 1`` (see above).
         ncv: basis size before a thick restart.
         tol: relative tolerance of the stopping rule.
         criterion: ``"residual"`` or ``"eigenvalue"`` (see above).
@@ -173,7 +187,10 @@ def eigsh(
         )
     if not getattr(op, "symmetric", True):
         raise ValueError("eigsh needs a symmetric operator; this one declares symmetric=False")
-    p = min(n, block_size or k)
+    # the default for k > 1: one vector, and a check from a fresh one once the pairs certify
+    checks = COPY_CHECK_STEPS if block_size is None and k > 1 else 0
+    p = min(n, block_size or 1)
+    stride = max(1, k // RITZ_EVERY_PAIRS) if p == 1 else 1
     ncv = min(n, max(ncv or 0, 4 * k + 2 * p, 40))
     maxiter = 20 * n if maxiter is None else int(maxiter)
     dtype, dev = op.dtype, op.device
@@ -182,6 +199,8 @@ def eigsh(
     passes = 0
     prev: Tensor | None = None  # the wanted Ritz values of the previous block
     best, since_best = math.inf, 0  # the smallest largest-bound so far, passes since then
+    checking, check_ref = 0, None  # check steps left, the wanted Ritz values they check
+    found = 0  # checks that changed the wanted pairs
 
     def randn(cols):
         return torch.randn(n, cols, generator=g, dtype=dtype, device=dev)
@@ -222,6 +241,20 @@ def eigsh(
         range(maxiter + 2), total=maxiter // p + 1, desc="eigsh", unit="block", enabled=progressbar
     )
     for _ in blocks:
+        if (
+            stride > 1
+            and passes % stride
+            and check_ref is None
+            and Q.shape[1] + p <= ncv
+            and op.matvecs - start_matvecs < maxiter
+        ):  # one vector, many pairs: Rayleigh-Ritz every `stride` products (its cost is n m^2)
+            W = orthonormalize(AQ[:, -p:], Q)
+            if W.shape[1] == 0:
+                W = orthonormalize(randn(min(p, n - Q.shape[1])), Q)
+            if W.shape[1]:
+                Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, _apply(op, W)], dim=1)
+                passes += 1
+                continue
         H = Q.mT @ AQ
         H = 0.5 * (H + H.mT)
         theta, S = torch.linalg.eigh(H.to(torch.float64))
@@ -238,7 +271,16 @@ def eigsh(
         certified = bound <= tol * scale
         m = Q.shape[1]
         used = op.matvecs - start_matvecs
-        if bool(certified.all()) and idx.numel() == k:
+        fresh = False  # the next block: a fresh random direction instead of the Krylov one
+        if check_ref is not None and float((theta[idx] - check_ref).abs().max()) > tol * scale:
+            checking, check_ref, found = 0, None, found + 1  # a pair moved: not yet done
+        done = bool(certified.all()) and idx.numel() == k
+        if done and checks and check_ref is None:  # certified: check from a fresh vector
+            checking, check_ref, fresh, done = checks, theta[idx].clone(), True, False
+        elif done and check_ref is not None and checking > 0:
+            checking -= 1
+            done = checking == 0
+        if done:
             message = f"converged: {k} pairs certified after {used} products ({passes} passes)"
             break
         # near the products' rounding level the bounds stop falling: stop there, uncertified
@@ -273,8 +315,9 @@ def eigsh(
             Sk = S[:, keep].to(dtype)
             Q, AQ = Q @ Sk, AQ @ Sk
             Rk = AQ - Q * theta[keep].to(dtype)
-            W = Rk[:, torch.argsort(torch.linalg.vector_norm(Rk, dim=0), descending=True)[:p]]
-        W = orthonormalize(W, Q)
+            if check_ref is None:  # (a check goes on from its fresh vector's Krylov block)
+                W = Rk[:, torch.argsort(torch.linalg.vector_norm(Rk, dim=0), descending=True)[:p]]
+        W = orthonormalize(randn(p) if fresh else W, Q)
         if W.shape[1] == 0:
             W = orthonormalize(randn(min(p, n - Q.shape[1])), Q)
         if W.shape[1] == 0:
@@ -299,7 +342,14 @@ def eigsh(
         matvecs=op.matvecs - start_matvecs,
         passes=passes,
         message=message,
-        info={"block_size": p, "ncv": ncv, "basis": Q.shape[1], "criterion": criterion},
+        info={
+            "block_size": p,
+            "ncv": ncv,
+            "basis": Q.shape[1],
+            "criterion": criterion,
+            "copy_check": checks,
+            "copies_found": found,
+        },
     )
     if warn and not result.converged:
         warnings.warn(f"eigsh: {message}", ConvergenceWarning, stacklevel=2)
