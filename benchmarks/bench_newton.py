@@ -1034,7 +1034,7 @@ def methods15(prob, budget):
 def _fmt15(r):
     conv = "yes" if r["converged"] else "no"
     return (
-        f"| {r['method']:<28} | {r['cpu']:8.2f} | {r['ngev']:7d} | {r['nhvp']:8d} | "
+        f"| {r['method']:<28} | {r['cpu']:8.3f} | {r['ngev']:7d} | {r['nhvp']:8d} | "
         f"{r['gnorm']:8.1e} | {conv:<3} | {r['status'][:38]:<38} |"
     )
 

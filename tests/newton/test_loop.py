@@ -141,7 +141,7 @@ def test_nan_objective_is_never_converged():
 def test_auto_names_the_method_and_deprecated_fields_warn():
     f = lambda x: ((x - 2) ** 2).sum()  # noqa: E731
     small = minimize(f, torch.zeros(3, dtype=DT))
-    assert small.method == "newton-exact" and small.converged
+    assert small.method == "newton-cg" and small.converged  # CG is cheap here: no switch
     big = minimize(f, torch.zeros(500, dtype=DT))
     assert big.method == "newton-cg" and big.converged
     with pytest.warns(DeprecationWarning, match="converged"):
@@ -172,3 +172,29 @@ def test_dense_hessian_in_chunks_equals_the_autograd_hessian():
     xl = x.clone().requires_grad_(True)
     (gl,) = torch.autograd.grad((xl * 2).sum(), xl, create_graph=True)
     assert not dense_hessian(gl, xl).any()
+
+
+def test_newton_cg_stops_at_its_product_budget():
+    A = torch.diag(torch.logspace(0, 8, 40, dtype=DT))
+    f = lambda x: 0.5 * x @ A @ x - x.sum()  # noqa: E731
+    res = newton_cg(f, torch.zeros(40, dtype=DT), Criteria(gtol=1e-8, maxiter=500), max_matvecs=15)
+    assert res.status == "matvecs" and not res.converged and res.matvecs <= 15
+
+
+def test_auto_switches_to_dense_newton_when_cg_is_costly():
+    from second.optim._minimize import AUTO_SWITCH_MATVECS, AUTO_SWITCH_MIN
+
+    n = 60
+    A = torch.diag(torch.logspace(0, 8, n, dtype=DT))  # CG needs ~n products a direction
+    f = lambda x: 0.5 * x @ A @ x - x.sum()  # noqa: E731
+    res = minimize(f, torch.zeros(n, dtype=DT), gtol=1e-8)
+    assert res.converged and res.method == "newton-cg, then newton-exact"
+    torch.testing.assert_close(res.x, 1 / torch.diagonal(A), rtol=1e-6, atol=0)
+    budget = max(AUTO_SWITCH_MIN, math.ceil(AUTO_SWITCH_MATVECS * n))
+    cg_part = [h for h in res.history if h["matvecs"] <= budget]
+    assert res.matvecs >= budget + n  # the budget spent, then at least one dense Hessian
+    iters = [h["n_iter"] for h in res.history]
+    assert iters == sorted(iters) and res.nit == iters[-1] and len(cg_part) >= 1
+    # well conditioned: CG needs a product or two a step, and auto stays matrix-free
+    easy = minimize(lambda x: ((x - 2) ** 2).sum() + (x**4).sum(), torch.zeros(n, dtype=DT))
+    assert easy.converged and easy.method == "newton-cg"

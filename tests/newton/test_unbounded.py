@@ -133,6 +133,6 @@ def test_teacher_student_converging_far_out_is_not_reported_unbounded():
     geometric test fired there at ||g|| = 1.3e-3 ||g_0|| before its floor was raised to 1e-2."""
     f, x0 = _teacher_student(3)
     res = minimize(f, x0, method="auto", gtol=1e-8, maxiter=2000)
-    assert res.method == "newton-exact"
+    assert res.method == "newton-cg, then newton-exact"  # CG is costly here: dense from x0
     assert res.status == "converged" and res.converged, res.message
     assert float(res.x.norm()) > 100  # it did go far out

@@ -53,6 +53,7 @@ def newton_cg(
     max_radius: float = 1e10,
     eta: float = 0.1,
     warm_start: bool = True,
+    max_matvecs: int | None = None,
 ) -> OptimizeResult:
     r"""Matrix-free Newton-CG: truncated CG on Hessian-vector products, globalized.
 
@@ -88,6 +89,9 @@ def newton_cg(
         max_radius: largest radius (default 1e10).
         eta: acceptance threshold on :math:`\rho` (default 0.1).
         warm_start: warm-start CG from the previous step (line search only).
+        max_matvecs: stop (status ``"matvecs"``) before a direction whose CG would go past
+            this many Hessian-vector products in all (``second.minimize``'s ``"auto"`` then
+            runs dense Newton); default none.
 
     Returns:
         An :class:`~second.newton.OptimizeResult`.
@@ -149,8 +153,14 @@ def newton_cg(
             # used once the last step was an interior (Newton) step, i.e. where the region
             # no longer binds
             M = None
+        cap = cg_maxiter
+        if max_matvecs is not None:
+            cap = min(cg_maxiter, max_matvecs - obj.matvecs)
+            if cap < 1:
+                reason, extra = "matvecs", f"stopped: {obj.matvecs} products (max_matvecs)"
+                break
         if globalization == "trust-region":
-            subproblem = cg_subproblem(hvp, g, rtol=rtol, maxiter=cg_maxiter, M=M)
+            subproblem = cg_subproblem(hvp, g, rtol=rtol, maxiter=cap, M=M)
             while True:
                 it += 1
                 res = trust_region_step(
@@ -173,7 +183,7 @@ def newton_cg(
             g_try, hvp_try = (res.grad, res.product) if res.grad is not None else res.finish(True)
         else:
             x0cg = d_prev if (warm_start and d_prev is not None) else None
-            d, info = truncated_cg(hvp, g, rtol=rtol, maxiter=cg_maxiter, M=M, x0=x0cg)
+            d, info = truncated_cg(hvp, g, rtol=rtol, maxiter=cap, M=M, x0=x0cg)
             if info.negative_curvature is not None and info.iterations > 1:
                 d = d + float(torch.linalg.vector_norm(d)) * info.negative_curvature
             slope = float(torch.dot(g, d))

@@ -29,7 +29,8 @@ class OptimizeResult:
         method: the method that ran (with ``method="auto"``, the one it chose).
         status: a short code for why it stopped: ``"converged"``, ``"maxiter"``, ``"time"``,
             ``"unbounded"`` (diverging iterates: the objective appears unbounded below or its
-            infimum is not attained), ``"stalled"``, ``"nonfinite"``, ``"line_search"``.
+            infimum is not attained), ``"stalled"``, ``"nonfinite"``, ``"line_search"``, ``"matvecs"`` (Newton-CG's
+            ``max_matvecs`` spent).
         history: per-iteration records (``nfev, ngev, matvecs, loss, grad_norm``, ...).
         time: wall-clock seconds.
     """

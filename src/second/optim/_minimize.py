@@ -2,6 +2,7 @@ r"""``second.minimize``: a SciPy-shaped functional entry point on the Newton cor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -18,7 +19,14 @@ from ..newton.result import OptimizeResult
 from ..newton.stopping import Criteria
 from ._options import check_int, check_nonneg
 
-__all__ = ["minimize", "OptimizeResult", "METHODS", "AUTO_DENSE_MAX", "default_maxiter"]
+__all__ = [
+    "minimize",
+    "OptimizeResult",
+    "METHODS",
+    "AUTO_DENSE_MAX",
+    "AUTO_SWITCH_MATVECS",
+    "default_maxiter",
+]
 
 METHODS = ("auto", "newton-cg", "newton-exact", "dense", "gauss-newton", "lm")
 
@@ -29,6 +37,16 @@ METHODS = ("auto", "newton-cg", "newton-exact", "dense", "gauss-newton", "lm")
 #: condition-1e8 quadratic in 0.01 s against Newton-CG's 2.5 s and gets furthest on the
 #: teacher-student network: dense up to 100 unknowns, where it costs at most ~1.5x.
 AUTO_DENSE_MAX = 100
+
+#: Up to :data:`AUTO_DENSE_MAX` unknowns, ``"auto"`` starts matrix-free and runs dense Newton
+#: from ``x0`` instead once Newton-CG has spent this many Hessian-vector products per unknown
+#: without converging: where CG needs a product or two per step (Rosenbrock-100: 46 in 40
+#: iterations) the matrix-free route is the fastest, where it needs many (an ill-conditioned
+#: quadratic, the teacher-student network) the dense one is; a small budget keeps the
+#: iterations of an unbounded problem few (BENCHMARKS.md).
+AUTO_SWITCH_MATVECS = 0.5
+#: ... and at least this many products (a tiny problem's trust region needs a few steps to grow).
+AUTO_SWITCH_MIN = 10
 
 _CORE_OPTIONS = {
     "newton-cg": {
@@ -85,8 +103,12 @@ def minimize(
     r"""Minimize a function of one tensor with a Newton-type method.
 
     Methods:
-    * ``"auto"`` (default): ``"newton-exact"`` for at most :data:`AUTO_DENSE_MAX` unknowns,
-      ``"newton-cg"`` above; ``result.method`` names the one that ran.
+    * ``"auto"`` (default): ``"newton-cg"`` above :data:`AUTO_DENSE_MAX` unknowns; up to
+      it, ``"newton-cg"`` until it has spent :data:`AUTO_SWITCH_MATVECS` times ``n``
+      Hessian-vector products, then ``"newton-exact"`` from ``x0`` (``result.method`` is
+      ``"newton-cg"`` or ``"newton-cg, then newton-exact"``; every product and iteration of
+      both counts). With ``options``, the size
+      alone chooses (``"newton-exact"`` up to :data:`AUTO_DENSE_MAX`).
     * ``"newton-cg"``: matrix-free trust-region Newton (:func:`second.newton.newton_cg`):
       Steihaug-Toint CG on Hessian-vector products with Eisenstat-Walker forcing terms and
       an L-BFGS preconditioner; ``options=dict(globalization="line-search")`` uses
@@ -136,7 +158,7 @@ def minimize(
         ...     return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
         >>> res = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), gtol=1e-8)
         >>> res.converged, res.method, torch.allclose(res.x, torch.ones(2, dtype=torch.float64))
-        (True, 'newton-exact', True)
+        (True, 'newton-cg, then newton-exact', True)
         >>> res = minimize(lambda x: x - 3.0, torch.zeros(2, dtype=torch.float64), method="lm")
         >>> res.converged, torch.allclose(res.x, torch.full((2,), 3.0, dtype=torch.float64))
         (True, True)
@@ -162,6 +184,7 @@ def minimize(
     check_int("maxiter", maxiter, minimum=0)
     options = dict(options or {})
     t0 = time.perf_counter()
+    hybrid = method == "auto" and x0.numel() <= AUTO_DENSE_MAX and not options
     if method == "auto":
         method = "newton-exact" if x0.numel() <= AUTO_DENSE_MAX else "newton-cg"
     if method == "dense":
@@ -179,6 +202,8 @@ def minimize(
             raise ValueError(f"unknown options for {method!r}: {unknown}")
         # a Newton method's fun returns the scalar objective (its loops refuse anything else)
         objective = cast(Callable[[Tensor], Tensor], fun)
+        if hybrid:
+            return _newton_cg_then_dense(objective, x0, criteria, t0)
         if method == "newton-exact":
             if "hessian_every" in options:
                 check_int("hessian_every", options["hessian_every"])
@@ -188,6 +213,36 @@ def minimize(
     if unknown:
         raise ValueError(f"unknown options for 'gauss-newton': {unknown}")
     return gauss_newton(fun, x0, criteria, **options)
+
+
+def _newton_cg_then_dense(
+    fun: Callable[[Tensor], Tensor], x0: Tensor, criteria: Criteria, t0: float
+) -> OptimizeResult:
+    """``"auto"`` on a small problem: Newton-CG while it is cheap, then dense Newton."""
+    budget = max(AUTO_SWITCH_MIN, math.ceil(AUTO_SWITCH_MATVECS * x0.numel()))
+    first = newton_cg(fun, x0, criteria, max_matvecs=budget)
+    if first.status != "matvecs":
+        return first
+    # dense Newton from x0: its own path (Newton-CG's may have led elsewhere), at the price of
+    # the budget's products
+    rest = dataclasses.replace(criteria, maxiter=max(0, criteria.maxiter - first.nit))
+    then = newton_dense(fun, x0, rest)
+    offset = {k: getattr(first, k) for k in ("nfev", "ngev", "matvecs")}
+    history = first.history + [
+        {**h, "n_iter": h["n_iter"] + first.nit, **{k: h[k] + offset[k] for k in offset}}
+        for h in then.history
+    ]
+    return dataclasses.replace(
+        then,
+        nit=first.nit + then.nit,
+        nfev=first.nfev + then.nfev,
+        ngev=first.ngev + then.ngev,
+        matvecs=first.matvecs + then.matvecs,
+        method="newton-cg, then newton-exact",
+        message=f"{then.message} (dense Newton from x0 after {first.nit} Newton-CG iterations)",
+        history=history,
+        time=time.perf_counter() - t0,
+    )
 
 
 def _no_iteration(fun, x0, gtol, method, t0) -> OptimizeResult:
