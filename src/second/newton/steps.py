@@ -35,9 +35,13 @@ __all__ = [
     "NOISE",
 ]
 
-#: A change of ``f`` below ``NOISE * |f|`` is mostly rounding (float64); below it the actual
-#: reduction is measured by the trapezoidal rule on the two gradients instead.
-NOISE = 1e-11
+#: A predicted change of ``f`` below ``NOISE * |f|`` (about the square root of float64's
+#: epsilon) may be mostly rounding: on the condition-1e8 quadratic ``f``'s rounding is ~1e-9
+#: of ``|f|``. Below it the actual reduction is measured by the trapezoidal rule on the two
+#: gradients instead (exact for a quadratic; the trial gradient is needed anyway if the step
+#: is accepted). At 1e-11 the noisy ``f`` differences collapsed the trust radius there and
+#: Newton-CG took 22,198 products instead of 14,769 (BENCHMARKS.md).
+NOISE = 1e-8
 
 #: Damping rules of :func:`damped_step`.
 DAMPING_RULES = ("nielsen", "more")
