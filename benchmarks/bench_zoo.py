@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import second.optim
+from second.func import differentiable_attention
 
 torch.set_num_threads(1)
 OUT = Path("bench-output")
@@ -258,7 +259,11 @@ def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data)
 
         def closure(xb=xb, yb=yb):
             opt.zero_grad()
-            loss = loss_fn(model(xb), yb)
+            if graph:  # a double backward: the math attention kernel (the fused ones lack it)
+                with differentiable_attention():
+                    loss = loss_fn(model(xb), yb)
+            else:
+                loss = loss_fn(model(xb), yb)
             loss.backward(create_graph=graph)
             return loss
 
