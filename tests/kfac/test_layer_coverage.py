@@ -23,6 +23,7 @@ from kfac_cases import DT, EXACT_TOL, param_slices
 from second import EKFACOperator, KFACOperator
 from second.func import differentiable_attention
 from second.kfac import (
+    MAX_KRONECKER_GROUPS,
     RULES,
     AttentionProjectionRule,
     BatchNormRule,
@@ -31,6 +32,7 @@ from second.kfac import (
     ConvTransposeRule,
     DiagonalRule,
     EmbeddingRule,
+    GroupedConvDiagonalRule,
     GroupNormRule,
     LayerNormRule,
     LinearRule,
@@ -61,7 +63,7 @@ class Doubled(nn.Linear):
         (nn.Conv1d(2, 3, 3, padding="same", padding_mode="circular"), ConvRule),
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), ConvRule),
         (nn.Conv2d(2, 4, 3, groups=2), ConvRule),
-        (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
+        (nn.Conv2d(65, 65, 3, groups=65), ConvRule),  # > 64 groups: ConvRule builds a diagonal
         (nn.Conv3d(2, 3, 2), ConvRule),
         (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTransposeRule),
         (nn.ConvTranspose2d(2, 4, 2, groups=2), None),
@@ -590,3 +592,84 @@ def test_a_grouped_convolution_is_its_groups_written_as_separate_convolutions(we
     # grouped: weight [4, 2, 3, 3] (group 0 first), bias [4], head; split: a.w, a.b, b.w, b.b, head
     order = [*range(36), 72, 73, *range(36, 72), 74, 75, *range(76, 91)]
     torch.testing.assert_close(KG[order][:, order], KS, **EXACT_TOL[DT])
+
+
+MANY = MAX_KRONECKER_GROUPS + 2  # channels of a depthwise convolution beyond the Kronecker limit
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(MANY, MANY, 3, stride=2, padding=1, groups=MANY),
+        nn.Conv2d(MANY, 2 * MANY, 3, padding="same", padding_mode="circular", groups=MANY),
+        nn.Conv1d(MANY, MANY, 3, dilation=2, groups=MANY, bias=False),
+        nn.Conv3d(MANY, MANY, 2, groups=MANY),
+    ],
+    ids=["depthwise2d-strided", "depthwise2d-multiplier-circular", "depthwise1d-dilated", "3d"],
+)
+def test_many_groups_per_example_gradients_are_autograd_s(conv):
+    torch.manual_seed(0)
+    conv = conv.double()
+    d = conv.weight.dim() - 2
+    X = torch.randn(3, MANY, *([5] * d), dtype=DT)
+    (kron, diag) = find_rules(conv)
+    assert kron == [] and [type(r) for r in diag] == [GroupedConvDiagonalRule]
+    out = conv(X)
+    g = torch.randn(2, *out.shape, dtype=DT)  # two columns
+    got = diag[0].per_example(X, g)
+    for k in range(2):
+        for i in range(3):
+            grads = torch.autograd.grad(conv(X[i : i + 1]), conv.parameters(), g[k, i : i + 1])
+            for t, ref in zip(got, grads):
+                torch.testing.assert_close(t[k, i], ref, **EXACT_TOL[DT])
+
+
+def test_many_groups_get_the_exact_diagonal_of_their_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, MANY, 2),
+        nn.Tanh(),
+        nn.Conv2d(MANY, MANY, 2, padding=1, groups=MANY),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(MANY * 9, 3),
+    ).double()
+    X, y = torch.randn(4, 1, 3, 3, dtype=DT), torch.randint(0, 3, (4,))
+    K, D, G = ggn_blocks(model, nn.CrossEntropyLoss(), X, y)
+    assert [type(r) for r in K.diagonal_rules] == [GroupedConvDiagonalRule]
+    slices = dict(zip([k for k, _ in model.named_parameters()], param_slices(model)))
+    for pname in ("2.weight", "2.bias"):
+        assert K.approximations()[pname] == "diagonal-exact"
+        s = slices[pname]
+        torch.testing.assert_close(D[s, s].diagonal(), G[s, s].diagonal(), **EXACT_TOL[DT])
+        assert not D[s, s].diagonal(-1).any()  # a diagonal block
+
+
+def test_the_optimizer_trains_a_depthwise_convolution_with_many_groups():
+    import second.optim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, MANY, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(MANY, MANY, 3, padding=1, groups=MANY),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(MANY, 3),
+    )
+    X, y = torch.randn(32, 1, 6, 6), torch.randint(0, 3, (32,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    assert opt.approximations()["2.weight"] == "diagonal-exact"
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    first = closure().item()
+    for _ in range(10):
+        opt.step(closure)
+    assert closure().item() < first

@@ -71,7 +71,7 @@ def test_unregistered_layer_falls_back_to_a_diagonal():
         (nn.Conv2d(2, 3, 3), ConvRule),
         (nn.Embedding(5, 2, padding_idx=0), EmbeddingRule),
         (nn.Conv2d(2, 4, 3, groups=2), ConvRule),
-        (nn.Conv2d(65, 65, 3, groups=65), None),  # depthwise over more than 64 groups
+        (nn.Conv2d(65, 65, 3, groups=65), ConvRule),  # > 64 groups: an exact diagonal (build)
         (nn.Conv3d(2, 3, 2), ConvRule),
         (nn.ConvTranspose2d(2, 3, 2, stride=2), ConvTransposeRule),
         (nn.ConvTranspose2d(2, 4, 2, groups=2), None),

@@ -70,7 +70,8 @@ convolution), :class:`~torch.nn.Embedding` (one-hot inputs, so
 ``in_proj_weight`` as three blocks, ``out_proj`` as a fourth). Layers applied at several
 positions of an example use KFAC-expand (default) or KFAC-reduce (``weight_sharing=``,
 Eschenhagen et al. 2023). :class:`~torch.nn.LayerNorm`, :class:`~torch.nn.RMSNorm`,
-:class:`~torch.nn.GroupNorm` and BatchNorm get their exact diagonal
+:class:`~torch.nn.GroupNorm`, BatchNorm and a convolution with more than
+:data:`~second.kfac.layers.MAX_KRONECKER_GROUPS` groups get their exact diagonal
 (:math:`w\sum_{i,k} (\partial s_{ik}^\top f_i / \partial\theta)^2` from per-example
 gradients). Every other parameter, and a parameter tied between two different layers,
 gets a diagonal block (``fallback="diagonal"``: an unbiased Rademacher estimate of the

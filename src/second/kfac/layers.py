@@ -14,12 +14,15 @@ its diagonal).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
+from .norms import DiagonalRule
 from .rules import LayerRule, _initialized
 
 __all__: list[str] = [
@@ -27,6 +30,7 @@ __all__: list[str] = [
     "ConvRule",
     "ConvTransposeRule",
     "EmbeddingRule",
+    "GroupedConvDiagonalRule",
     "MAX_KRONECKER_GROUPS",
 ]
 
@@ -59,7 +63,8 @@ class LinearRule(LayerRule, module_type=nn.Linear):
 
 MAX_KRONECKER_GROUPS = 64
 """A grouped convolution with at most this many groups gets one Kronecker block per group;
-one with more (a depthwise convolution over many channels) gets the diagonal estimate."""
+one with more (a depthwise convolution over many channels) keeps its block's exact diagonal
+(:class:`GroupedConvDiagonalRule`)."""
 
 
 class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -102,11 +107,15 @@ class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
     @classmethod
     def supports(cls, module: nn.Module) -> bool:  # noqa: D102
         m = cast(nn.Conv2d, module)
-        return m.groups <= MAX_KRONECKER_GROUPS and _initialized(m.weight, m.bias)
+        return _initialized(m.weight, m.bias)
 
     @classmethod
-    def build(cls, name: str, module: nn.Module, weight_sharing: str) -> list[LayerRule]:  # noqa: D102
+    def build(  # noqa: D102
+        cls, name: str, module: nn.Module, weight_sharing: str
+    ) -> Sequence[LayerRule | DiagonalRule]:
         groups = cast(nn.Conv2d, module).groups
+        if groups > MAX_KRONECKER_GROUPS:
+            return [GroupedConvDiagonalRule(name, module)]
         return [cls(name, module, weight_sharing=weight_sharing, group=j) for j in range(groups)]
 
     def dims(self, module: nn.Module) -> tuple[int, int]:  # noqa: D102
@@ -118,10 +127,7 @@ class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if self.groups > 1:
             per = m.in_channels // self.groups
             inp = inp[:, self.group * per : (self.group + 1) * per]
-        pad = m._reversed_padding_repeated_twice
-        if any(pad):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            inp = F.pad(inp, pad, mode=mode)
+        inp = _pad_like(m, inp)
         k, d, s = m.kernel_size, m.dilation, m.stride
         if self.spatial == 3:
             return _unfold(inp, k, d, s)
@@ -134,6 +140,62 @@ class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if self.groups > 1:
             g = g[:, :, self.group * self.d_G : (self.group + 1) * self.d_G]
         return g.reshape(K, n, self.d_G, -1).transpose(2, 3)
+
+
+def _pad_like(m: nn.Module, inp: Tensor) -> Tensor:
+    """``inp`` padded the way the convolution ``m`` pads it (its ``padding_mode``)."""
+    pad = cast(nn.Conv2d, m)._reversed_padding_repeated_twice
+    if not any(pad):
+        return inp
+    mode = cast(nn.Conv2d, m).padding_mode
+    return F.pad(inp, pad, mode="constant" if mode == "zeros" else mode)
+
+
+_WEIGHT_GRAD = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}
+
+
+class GroupedConvDiagonalRule(DiagonalRule):
+    """A convolution with more than :data:`MAX_KRONECKER_GROUPS` groups: its exact diagonal.
+
+    A depthwise convolution over many channels would need one Kronecker block per channel;
+    its block is kept as its exact diagonal instead, from the per-example gradients of the
+    weight and bias: one grouped convolution per column, with the examples folded into the
+    groups (``n * groups`` groups of the padded input and the output gradient), so no patch
+    matrix is formed. Built by :class:`ConvRule` (not registered for a module type).
+
+    Example:
+        >>> conv = torch.nn.Conv2d(65, 65, kernel_size=3, padding=1, groups=65)
+        >>> rule = GroupedConvDiagonalRule("dw", conv)
+        >>> x, g = torch.randn(2, 65, 4, 4), torch.randn(1, 2, 65, 4, 4)
+        >>> [tuple(t.shape) for t in rule.per_example(x, g)]   # weight, bias
+        [(1, 2, 65, 1, 3, 3), (1, 2, 65)]
+    """
+
+    behaviour = ("forward", "_conv_forward")
+
+    def per_example(self, inp: Tensor, g: Tensor) -> list[Tensor]:  # noqa: D102
+        m = cast(nn.Conv2d, self.module)
+        x = _pad_like(m, inp.detach().to(g.dtype))
+        n, out = x.shape[0], []
+        if self.weight is not None:
+            folded = x.reshape(1, n * m.in_channels, *x.shape[2:])
+            size = (n * m.out_channels, *m.weight.shape[1:])
+            grad = _WEIGHT_GRAD[x.dim() - 2]
+            cols = [
+                grad(
+                    folded,
+                    size,
+                    gk.reshape(1, n * m.out_channels, *gk.shape[2:]),
+                    stride=m.stride,
+                    dilation=m.dilation,
+                    groups=n * m.groups,
+                )
+                for gk in g
+            ]
+            out.append(torch.stack(cols).reshape(g.shape[0], n, *m.weight.shape))
+        if self.bias is not None:
+            out.append(g.sum(tuple(range(3, g.dim()))))
+        return out
 
 
 def _unfold(inp: Tensor, k: tuple, d: tuple, s: tuple) -> Tensor:

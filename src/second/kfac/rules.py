@@ -211,8 +211,10 @@ class LayerRule:
         return True
 
     @classmethod
-    def build(cls, name: str, module: nn.Module, weight_sharing: str) -> list[LayerRule]:
-        """The blocks of ``module`` (default: one)."""
+    def build(
+        cls, name: str, module: nn.Module, weight_sharing: str
+    ) -> Sequence[LayerRule | DiagonalRule]:
+        """The blocks of ``module`` (default: one; a rule may also hand it to a diagonal)."""
         return [cls(name, module, weight_sharing=weight_sharing)]
 
     def dims(self, module: nn.Module) -> tuple[int, int]:
