@@ -46,7 +46,7 @@ AUTO_DENSE_MAX = 100
 #: iterations of an unbounded problem few (BENCHMARKS.md).
 AUTO_SWITCH_MATVECS = 0.5
 #: ... and at least this many products (a tiny problem's trust region needs a few steps to grow).
-AUTO_SWITCH_MIN = 10
+AUTO_SWITCH_MIN = 40
 
 _CORE_OPTIONS = {
     "newton-cg": {
