@@ -103,6 +103,81 @@ class Encoder(nn.Module):
         return self.fc(self.t(self.e(x)).mean(1))
 
 
+class ResBlock(nn.Module):
+    """A ResNet basic block (conv-BN-ReLU-conv-BN plus the identity) between a stem and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class PatchViT(nn.Module):
+    """Patches by a strided convolution, a class token and positions (parameters), encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(1, 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 16))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 5, 16))
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.t = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)  # [n, 4, 16]
+        z = torch.cat([self.cls.expand(len(x), -1, -1), p], 1) + self.pos
+        return self.fc(self.norm(self.t(z)[:, 0]))
+
+
+class MobileBlock(nn.Module):
+    """An inverted residual: expand 1x1, depthwise 3x3 over 96 channels, project; Hardswish."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.expand = nn.Conv2d(16, 96, 1)
+        self.dw = nn.Conv2d(96, 96, 3, padding=1, groups=96)
+        self.project = nn.Conv2d(96, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.hardswish(self.stem(x))
+        x = x + self.project(F.hardswish(self.dw(F.hardswish(self.expand(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class BilinearDrop(nn.Module):
+    """``nn.Bilinear`` (no Kronecker rule) and dropout (a random forward in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bl = nn.Linear(6, 8), nn.Bilinear(8, 8, 8)
+        self.drop, self.fc = nn.Dropout(0.2), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.fc(self.drop(torch.tanh(self.bl(h, h))))
+
+
+class MaxNormEmbedding(nn.Module):
+    """``nn.Embedding(max_norm=...)`` renormalizes its rows in place during the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.fc = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.e(x).mean(1))
+
+
 def tokens(shape):
     return lambda: torch.randint(0, 20, shape)
 
@@ -127,6 +202,11 @@ MODELS = {
     "weight-norm": (lambda: MLP(weight_norm=True), lambda: torch.randn(N, 6)),
     "frozen": (lambda: MLP(frozen=True), lambda: torch.randn(N, 6)),
     "transformer-encoder": (Encoder, tokens((N, 6))),
+    "resnet-block": (ResBlock, lambda: torch.randn(N, 1, 8, 8)),
+    "patch-vit": (PatchViT, lambda: torch.randn(N, 1, 8, 8)),
+    "mobile-block": (MobileBlock, lambda: torch.randn(N, 1, 8, 8)),
+    "bilinear-dropout": (BilinearDrop, lambda: torch.randn(N, 6)),
+    "maxnorm-embedding": (MaxNormEmbedding, tokens((N, 5))),
 }
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 __all__ = [
     "SecondDeprecationWarning",
     "ConvergenceWarning",
@@ -40,3 +44,15 @@ class NonDeterministicDataError(RuntimeError):
     stochastic (dropout in training mode), the "operator" is a different matrix
     on every call and iterative solvers silently produce garbage.
     """
+
+
+@contextlib.contextmanager
+def quiet_batching_notes() -> Iterator[None]:
+    """Silence torch's note that an operation without a batching rule runs in a slow loop.
+
+    The result is right either way; the note names internal operators (``aten::...``) the
+    user cannot change. Used around the library's own ``vmap`` calls.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        yield

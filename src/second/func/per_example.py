@@ -9,9 +9,8 @@ root is a single layer (a bare ``nn.Linear``).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .._errors import NonFiniteError
+from .._errors import NonFiniteError, quiet_batching_notes
 from ..data import Task, as_task, call_model, map_batch
 from .vectors import parameters_to_vector, vector_to_parameters
 
@@ -39,18 +38,6 @@ _LOOP_HINT = (
 )
 
 
-@contextlib.contextmanager
-def _quiet_fallbacks() -> Iterator[None]:
-    """Silence torch's note that an operation without a batching rule runs in a slow loop.
-
-    The result is right either way; the note names internal operators (``aten::...``) the
-    user cannot change.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop because")
-        yield
-
-
 def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
     """``vmap(fn)(*args)`` over the leading dimension, else ``fn`` on one example at a time.
 
@@ -64,7 +51,7 @@ def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
         tensor([2., 2., 2.])
     """
     try:
-        with _quiet_fallbacks():
+        with quiet_batching_notes():
             return vmap(fn)(*args)
     except (RuntimeError, NotImplementedError) as err:
         warnings.warn(
@@ -237,7 +224,7 @@ class ModelFunction:
         if V.dim() == 1:
             return fn(V)
         try:
-            with _quiet_fallbacks():
+            with quiet_batching_notes():
                 return vmap(fn, in_dims=1, out_dims=1)(V)
         except RuntimeError:
             return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
@@ -245,7 +232,7 @@ class ModelFunction:
     def _map(self, fn, batch) -> Tensor:
         if self._vmap_ok:
             try:
-                with _quiet_fallbacks():
+                with quiet_batching_notes():
                     return vmap(fn)(batch)
             except (RuntimeError, NotImplementedError) as err:
                 self._vmap_ok = False

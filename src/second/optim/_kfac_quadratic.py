@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from .._errors import quiet_batching_notes
 from ..func import differentiable_attention
 from ..kfac import LayerRule, LinearRule, output_hessian_product
 
@@ -181,7 +182,8 @@ def generic_jvp(
             return reverse_jvp(f, primals, tangent)
         if vectorize:
             try:
-                return vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
+                with quiet_batching_notes():
+                    return vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
             except Exception:  # a module without a batching rule: one JVP per vector
                 pass
         res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
