@@ -247,3 +247,29 @@ def test_batchnorm_in_training_mode_trains_with_defaults_and_counts_each_batch_o
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
     assert last < first
     assert opt.counters["n_skipped_steps"] == 0
+
+
+def test_a_compiled_model_takes_the_steps_of_the_eager_one():
+    # the capture hooks run eagerly (the compiler breaks its graph there); the names are the
+    # user's module's, not the compiled wrapper's
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        net = torch.compile(model, backend="eager") if compiled else model
+        X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+        loss_fn = nn.CrossEntropyLoss()
+        opt = second.optim.KFAC(net, loss_fn)
+        assert set(opt.approximations()) == {n for n, _ in model.named_parameters()}
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(net(X), y)
+            loss.backward()
+            return loss
+
+        torch.manual_seed(1)  # the MC Fisher's samples
+        return torch.stack([opt.step(closure).detach() for _ in range(8)])
+
+    eager, compiled = run(False), run(True)
+    assert eager[-1] < 0.7 * eager[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -136,7 +136,7 @@ class Capture:
             inputs.setdefault(j, []).append(inp.detach())
             outputs.setdefault(j, []).append(output)
 
-        return hook
+        return _eager(hook)
 
     def _functional_hooks(self, target: nn.Module, js: list[int]) -> None:
         """Record the ``F.linear`` calls of ``target``'s own weights while it runs."""
@@ -152,8 +152,8 @@ class Capture:
             if pushed and pushed.pop():
                 _pop()
 
-        self.handles.append(target.register_forward_pre_hook(before))
-        self.handles.append(target.register_forward_hook(after, always_call=True))
+        self.handles.append(target.register_forward_pre_hook(_eager(before)))
+        self.handles.append(target.register_forward_hook(_eager(after), always_call=True))
 
     def _recorder(self, js: list[int]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """One module call's ``F.linear`` recorder: inputs ``[N, T, d]``, outputs split by block."""
@@ -301,6 +301,15 @@ class ForwardWatch:
         self.handles = []
 
 
+def _eager(hook: Callable) -> Callable:
+    """``hook`` run eagerly under ``torch.compile``: the compiler breaks its graph there.
+
+    The hooks keep tensors and run backward passes; traced, they would see fake tensors.
+    In eager mode the wrapper costs a few microseconds a call.
+    """
+    return torch.compiler.disable(hook, recursive=True)
+
+
 def watch_forward(
     module: nn.Module,
     before: Callable[[nn.Module, tuple], None],
@@ -339,6 +348,6 @@ def watch_forward(
         if fn is not None and mod is target():
             fn(mod, args, kwargs, output)
 
-    post = module.register_forward_hook(post_hook, with_kwargs=True)
-    pre = module.register_forward_pre_hook(pre_hook)
+    post = module.register_forward_hook(_eager(post_hook), with_kwargs=True)
+    pre = module.register_forward_pre_hook(_eager(pre_hook))
     return ForwardWatch([post, pre])

@@ -503,7 +503,9 @@ def approximations(
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel`` (else ``model``).
+    """The module inside ``DistributedDataParallel``/``DataParallel`` and ``torch.compile``.
+
+    Parameter names (``approximations()``) are then those of the user's own module.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -511,7 +513,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         True
     """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's
+            model = cast(nn.Module, model._orig_mod)
+        else:
+            return model
 
 
 # The built-in rules register themselves when their modules are imported: importing them here
