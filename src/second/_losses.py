@@ -25,7 +25,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["loss_kind", "reduction_of", "per_sample_losses", "sample_targets", "nll_scale"]
+__all__ = [
+    "loss_kind",
+    "reduction_of",
+    "per_sample_losses",
+    "sample_targets",
+    "nll_scale",
+    "label_smoothing",
+    "linear_loss_note",
+]
 
 
 def loss_kind(loss_fn: Callable) -> str | None:
@@ -50,18 +58,49 @@ def reduction_of(loss_fn: Callable, reduction: str | None = None) -> str:
 
 
 def check_plain_loss(loss_fn: Callable) -> None:
-    """Refuse a weighted or label-smoothed loss, whose output curvature is not modelled."""
+    r"""Refuse a weighted loss, whose output curvature is not modelled.
+
+    Label smoothing is fine: cross-entropy against smoothed targets :math:`q` has the output
+    Hessian :math:`(\sum_c q_c)(\mathrm{diag}\,p - pp^\top) = \mathrm{diag}\,p - pp^\top`,
+    that of the plain loss, and the Monte-Carlo Fisher samples hard labels from :math:`p`.
+    """
     if (
         getattr(loss_fn, "weight", None) is not None
         or getattr(loss_fn, "pos_weight", None) is not None
     ):
         raise NotImplementedError("weighted losses (weight=/pos_weight=) are not supported here")
-    if getattr(loss_fn, "label_smoothing", 0.0):
-        raise NotImplementedError("label smoothing is not supported here")
 
 
-def per_sample_losses(loss_fn: Callable, output: Tensor, target: Tensor, reduction: str) -> Tensor:
-    r"""The vector :math:`(\ell_i)` of per-example losses (see the module docstring)."""
+def linear_loss_note(loss_fn: Callable) -> str | None:
+    """Why a loss linear in the network output has no Gauss-Newton curvature, else ``None``."""
+    if isinstance(loss_fn, nn.NLLLoss):
+        return (
+            "NLLLoss is linear in the model's output (log-probabilities), so its Gauss-Newton "
+            "matrix is zero: use nn.CrossEntropyLoss on the logits (the same objective when "
+            "the model ends in log_softmax), whose GGN is the Fisher"
+        )
+    if isinstance(loss_fn, nn.L1Loss):
+        return (
+            "L1Loss is piecewise linear in the model's output, so its Gauss-Newton matrix is "
+            "zero almost everywhere: use the Hessian, the empirical Fisher or a smooth loss "
+            "(nn.HuberLoss, nn.MSELoss)"
+        )
+    return None
+
+
+def label_smoothing(loss_fn: Callable) -> float:
+    """The loss' label smoothing (0 for none or another loss)."""
+    return float(getattr(loss_fn, "label_smoothing", 0.0) or 0.0)
+
+
+def per_sample_losses(
+    loss_fn: Callable, output: Tensor, target: Tensor, reduction: str, *, sampled: bool = False
+) -> Tensor:
+    r"""The vector :math:`(\ell_i)` of per-example losses (see the module docstring).
+
+    ``sampled=True``: the targets were drawn from the model (the Monte-Carlo Fisher), so the
+    loss is the likelihood's, without label smoothing.
+    """
     kind = loss_kind(loss_fn)
     n = output.shape[0]
     if kind is not None:
@@ -72,7 +111,10 @@ def per_sample_losses(loss_fn: Callable, output: Tensor, target: Tensor, reducti
             el = nn.functional.binary_cross_entropy_with_logits(output, target, reduction="none")
         else:
             ii = getattr(loss_fn, "ignore_index", -100)
-            el = nn.functional.cross_entropy(output, target, reduction="none", ignore_index=ii)
+            ls = 0.0 if sampled else label_smoothing(loss_fn)
+            el = nn.functional.cross_entropy(
+                output, target, reduction="none", ignore_index=ii, label_smoothing=ls
+            )
         el = el.reshape(n, -1)
         return el.mean(1) if reduction == "mean" else el.sum(1)
 

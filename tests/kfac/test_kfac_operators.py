@@ -312,3 +312,37 @@ def test_dict_batches_equal_pair_batches(fisher):
         want = cls(model, loss_fn, pairs, fisher=fisher).to_dense()
         got = cls(model, loss_fn, dicts, fisher=fisher).to_dense()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_label_smoothing_gives_the_plain_loss_curvature():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    smooth, plain = nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss()
+    for make in (KFACOperator, EKFACOperator, GGNOperator):
+        torch.testing.assert_close(
+            make(model, smooth, (X, y)).to_dense(), make(model, plain, (X, y)).to_dense()
+        )
+
+    def fisher(loss_fn):
+        g = torch.Generator().manual_seed(0)
+        F = second.FisherOperator(model, loss_fn, (X, y), fisher="mc", generator=g)
+        return F.to_dense()
+
+    torch.testing.assert_close(fisher(smooth), fisher(plain), rtol=0, atol=0)
+    opt = second.optim.KFAC(nn.Sequential(nn.Linear(4, 3)).double(), smooth)  # no refusal
+    assert opt.approximations()
+
+
+@pytest.mark.parametrize("loss_fn", [nn.NLLLoss(), nn.L1Loss()], ids=["nll", "l1"])
+def test_a_loss_linear_in_the_output_is_refused_with_the_reason(loss_fn):
+    # its Gauss-Newton matrix is zero: an operator of zeros would be garbage, not an answer
+    model = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(1)).double()
+    X = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,)) if isinstance(loss_fn, nn.NLLLoss) else torch.randn(5, 3).double()
+    with pytest.raises(ValueError, match="Gauss-Newton matrix is zero"):
+        GGNOperator(model, loss_fn, (X, y))
+    with pytest.raises(NotImplementedError, match="Gauss-Newton matrix is zero"):
+        KFACOperator(model, loss_fn, (X, y))
+    H = second.HessianOperator(model, loss_fn, (X, y))  # the Hessian is still there
+    assert H.shape == (15, 15)

@@ -24,7 +24,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .._losses import check_plain_loss, loss_kind, nll_scale, per_sample_losses, sample_targets
+from .._losses import (
+    check_plain_loss,
+    label_smoothing,
+    linear_loss_note,
+    loss_kind,
+    nll_scale,
+    per_sample_losses,
+    sample_targets,
+)
 
 __all__ = [
     "FISHER_TYPES",
@@ -47,14 +55,17 @@ def check_loss(loss_fn: Callable, fisher: str) -> str | None:
         ``"mse"``, ``"ce"``, ``"bce"``, or ``None`` for another loss (``"empirical"`` only).
 
     Raises:
-        NotImplementedError: ``fisher="type2"``/``"mc"`` with an unsupported loss, a weighted
-            loss, or label smoothing.
+        NotImplementedError: ``fisher="type2"``/``"mc"`` with an unsupported loss, or a
+            weighted loss (label smoothing is supported: it leaves the output curvature as it is).
 
     Example:
         >>> check_loss(torch.nn.CrossEntropyLoss(), "type2"), check_loss(torch.nn.L1Loss(), "empirical")
         ('ce', None)
     """
     kind = loss_kind(loss_fn)
+    note = linear_loss_note(loss_fn)
+    if note is not None and fisher != "empirical":
+        raise NotImplementedError(f"KFAC with fisher={fisher!r}: {note}")
     if kind is None and fisher != "empirical":
         raise NotImplementedError(
             f"KFAC with fisher={fisher!r} needs the output curvature of the loss: supported are "
@@ -166,6 +177,7 @@ def curvature_columns(
     closed = kind is not None and not (kind == "ce" and 0 <= ii < f.shape[1])
     if closed and y is not None and fisher == "empirical" and kind == "ce":
         closed = not bool(torch.as_tensor(y == ii).any())  # ignored targets: the loss handles them
+        closed = closed and not label_smoothing(loss_fn)  # smoothed targets: the loss too
     bad = None
     if fisher == "mc":  # sample from finite logits; skipped rows get zero columns
         bad = nonfinite_rows(f)
@@ -191,7 +203,8 @@ def curvature_columns(
         cols = []
         for _ in range(mc_samples):
             yt = sample_targets(loss_fn, fd, generator)
-            (s,) = torch.autograd.grad(per_sample_losses(loss_fn, fd, yt, reduction).sum(), fd)
+            ls = per_sample_losses(loss_fn, fd, yt, reduction, sampled=True)
+            (s,) = torch.autograd.grad(ls.sum(), fd)
             cols.append(s)
     return _zero_rows(torch.stack(cols) / math.sqrt(a * mc_samples), bad)
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._arguments import check_argument_order
-from .._losses import reduction_of
+from .._losses import linear_loss_note, reduction_of
 from ..data import (
     SamePassCheck,
     Task,
@@ -167,6 +167,10 @@ class CurvatureOperator(LinearOperator):
             "or a fixed list of batches, or pass check_deterministic=False.",
         )
         self._num_data: int | None = None
+        self._check_loss()
+
+    def _check_loss(self) -> None:
+        """Refuse a loss this curvature is meaningless for (default: none)."""
 
     def restrict(self, batch) -> CurvatureOperator:
         r"""The same operator (same kind and options) on one batch of the data.
@@ -414,6 +418,11 @@ class GGNOperator(CurvatureOperator):
     """
 
     psd = True
+
+    def _check_loss(self) -> None:
+        note = linear_loss_note(self.loss_fn)
+        if note is not None:
+            raise ValueError(f"{type(self).__name__}: {note}")
 
     def _batch_state(self, batch):
         out, loss = self._forward(batch)

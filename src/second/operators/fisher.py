@@ -39,7 +39,7 @@ class _FisherState:
             f = out.detach().unsqueeze(0).expand(K, *out.shape).reshape(K * n, *out.shape[1:])
             f = f.clone().requires_grad_(True)
             yt = sample_targets(loss_fn, f, op._sampler)
-            ls = per_sample_losses(loss_fn, f, yt, op.reduction)
+            ls = per_sample_losses(loss_fn, f, yt, op.reduction, sampled=True)
             (s,) = torch.autograd.grad(ls.sum(), f)
             self.scores = s.reshape(K, *out.shape)  # [K, n, ...]
             self.w = w / (a * op.mc_samples)
