@@ -68,7 +68,11 @@ def check_plain_loss(loss_fn: Callable) -> None:
         getattr(loss_fn, "weight", None) is not None
         or getattr(loss_fn, "pos_weight", None) is not None
     ):
-        raise NotImplementedError("weighted losses (weight=/pos_weight=) are not supported here")
+        raise NotImplementedError(
+            "weighted losses (weight=/pos_weight=) are not supported here: their output "
+            "curvature depends on each example's target (its class weight); GGNOperator and "
+            "HessianOperator differentiate the loss as given and do support them"
+        )
 
 
 def linear_loss_note(loss_fn: Callable) -> str | None:
