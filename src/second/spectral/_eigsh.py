@@ -310,7 +310,9 @@ def eigsh(
             break
         # next block: the residuals of the wanted and nearby Ritz pairs, orthogonalized
         W = AQ[:, -p:]  # the next Krylov block, before orthogonalization
-        if m + p > ncv:  # thick restart: keep the wanted Ritz pairs and a few more
+        if ncv - p < m < ncv:  # room for part of a block: fill the basis first
+            W = W[:, : ncv - m]
+        elif m >= ncv:  # thick restart: keep the wanted Ritz pairs and a few more
             keep = _select(theta, min(m - p, k + p), which)
             Sk = S[:, keep].to(dtype)
             Q, AQ = Q @ Sk, AQ @ Sk
