@@ -33,6 +33,8 @@ __all__ = [
     "nll_scale",
     "label_smoothing",
     "linear_loss_note",
+    "target_weights",
+    "is_weighted",
 ]
 
 
@@ -57,22 +59,87 @@ def reduction_of(loss_fn: Callable, reduction: str | None = None) -> str:
     return red
 
 
-def check_plain_loss(loss_fn: Callable) -> None:
-    r"""Refuse a weighted loss, whose output curvature is not modelled.
-
-    Label smoothing is fine: cross-entropy against smoothed targets :math:`q` has the output
-    Hessian :math:`(\sum_c q_c)(\mathrm{diag}\,p - pp^\top) = \mathrm{diag}\,p - pp^\top`,
-    that of the plain loss, and the Monte-Carlo Fisher samples hard labels from :math:`p`.
-    """
-    if (
+def is_weighted(loss_fn: Callable) -> bool:
+    """Whether the loss weighs its terms by class (``weight=``) or positives (``pos_weight=``)."""
+    return (
         getattr(loss_fn, "weight", None) is not None
         or getattr(loss_fn, "pos_weight", None) is not None
-    ):
+    )
+
+
+def check_plain_loss(loss_fn: Callable) -> None:
+    r"""Refuse a weighted loss where the targets are not known (the optimizers' statistics).
+
+    A weighted loss' output curvature depends on each example's target (its class weight);
+    the operators, which see the targets, scale by :func:`target_weights`. Label smoothing is
+    fine everywhere: cross-entropy against smoothed targets :math:`q` has the output Hessian
+    :math:`(\sum_c q_c)(\mathrm{diag}\,p - pp^\top) = \mathrm{diag}\,p - pp^\top`, that of
+    the plain loss, and the Monte-Carlo Fisher samples hard labels from :math:`p`.
+    """
+    if is_weighted(loss_fn):
         raise NotImplementedError(
             "weighted losses (weight=/pos_weight=) are not supported here: their output "
-            "curvature depends on each example's target (its class weight); GGNOperator and "
-            "HessianOperator differentiate the loss as given and do support them"
+            "curvature depends on each example's target (its class weight), which the "
+            "optimizer's statistics do not see; the curvature operators (KFACOperator, "
+            "FisherOperator, GGNOperator, ...) do support them"
         )
+
+
+def target_weights(
+    loss_fn: Callable, output: Tensor, target: Tensor | None, reduction: str
+) -> Tensor | None:
+    r"""Per-position weights :math:`c` of the output curvature that depend on the targets.
+
+    The curvature routines write a batch loss as :math:`w_b \sum_i \ell_i` with the plain
+    per-example loss (module docstring). A loss whose terms depend on the targets differs from
+    that by a weight per position (cross-entropy: per example and spatial position; BCE: per
+    element): its output Hessian is :math:`c` times the plain one. For cross-entropy, ignored
+    targets (``ignore_index``) weigh 0, class weights weigh :math:`w_y` (with label smoothing
+    :math:`(1-\varepsilon) w_y + \varepsilon \bar w`), and ``reduction="mean"`` divides by the
+    sum of the weights of the valid targets, as torch does, instead of the number of
+    positions. For BCE-with-logits, :math:`c = \mathrm{weight}\,(p_w y + 1 - y)`.
+
+    Returns:
+        ``c`` shaped ``[n, *positions]`` (cross-entropy) or like ``output`` (BCE), or ``None``
+        when every weight is 1 (or the targets are not given).
+
+    Example:
+        >>> f, y = torch.zeros(3, 2), torch.tensor([0, -100, 1])
+        >>> target_weights(torch.nn.CrossEntropyLoss(), f, y, "mean")   # 3 examples, 2 valid
+        tensor([1.5000, 0.0000, 1.5000])
+    """
+    kind = loss_kind(loss_fn)
+    if target is None or kind not in ("ce", "bce"):
+        return None
+    w = getattr(loss_fn, "weight", None)
+    if kind == "bce":
+        pw = getattr(loss_fn, "pos_weight", None)
+        if w is None and pw is None:
+            return None
+        y = target.to(output.dtype)
+        c = torch.ones_like(output) if pw is None else pw.to(output) * y + 1 - y
+        return c if w is None else c * w.to(output)
+    if target.is_floating_point():  # class probabilities: torch's mean divides by n * d
+        if w is None:
+            return None
+        shape = [1, -1] + [1] * (output.dim() - 2)
+        return (target * w.to(output).reshape(shape)).sum(1)
+    ii = getattr(loss_fn, "ignore_index", -100)
+    valid = target != ii
+    if w is None and bool(valid.all()):
+        return None
+    eps = label_smoothing(loss_fn)
+    if w is None:
+        raw = valid.to(output.dtype)
+        norm = raw
+    else:
+        wy = w.to(output)[target.clamp(min=0)] * valid
+        raw = (1 - eps) * wy + eps * w.to(output).mean() * valid if eps else wy
+        norm = wy
+    if reduction == "sum":
+        return raw
+    total = norm.sum()
+    return raw * (raw.numel() / total) if bool(total > 0) else torch.zeros_like(raw)
 
 
 def linear_loss_note(loss_fn: Callable) -> str | None:
@@ -108,17 +175,32 @@ def per_sample_losses(
     kind = loss_kind(loss_fn)
     n = output.shape[0]
     if kind is not None:
-        check_plain_loss(loss_fn)
         if kind == "mse":
             el = nn.functional.mse_loss(output, target, reduction="none")
         elif kind == "bce":
-            el = nn.functional.binary_cross_entropy_with_logits(output, target, reduction="none")
+            w, pw = (
+                (None, None)
+                if sampled
+                else (getattr(loss_fn, "weight", None), getattr(loss_fn, "pos_weight", None))
+            )
+            el = nn.functional.binary_cross_entropy_with_logits(
+                output, target, weight=w, pos_weight=pw, reduction="none"
+            )
         else:
             ii = getattr(loss_fn, "ignore_index", -100)
             ls = 0.0 if sampled else label_smoothing(loss_fn)
+            w = None if sampled else getattr(loss_fn, "weight", None)
             el = nn.functional.cross_entropy(
-                output, target, reduction="none", ignore_index=ii, label_smoothing=ls
+                output, target, weight=w, reduction="none", ignore_index=ii, label_smoothing=ls
             )
+            if not sampled and reduction == "mean" and not target.is_floating_point():
+                # torch's mean divides by the weights of the valid targets, not the positions
+                valid = target != ii
+                norm = valid.to(el.dtype) if w is None else w.to(el)[target.clamp(min=0)] * valid
+                total = norm.sum()
+                if not bool(valid.all()) or w is not None:
+                    scale = el.numel() / total if bool(total > 0) else 0.0
+                    el = el * scale
         el = el.reshape(n, -1)
         return el.mean(1) if reduction == "mean" else el.sum(1)
 

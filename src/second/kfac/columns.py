@@ -26,12 +26,14 @@ from torch import Tensor
 
 from .._losses import (
     check_plain_loss,
+    is_weighted,
     label_smoothing,
     linear_loss_note,
     loss_kind,
     nll_scale,
     per_sample_losses,
     sample_targets,
+    target_weights,
 )
 
 __all__ = [
@@ -48,7 +50,7 @@ FISHER_TYPES = ("type2", "mc", "empirical")
 """The Fisher estimates KFAC supports (``fisher=``; see the glossary)."""
 
 
-def check_loss(loss_fn: Callable, fisher: str) -> str | None:
+def check_loss(loss_fn: Callable, fisher: str, *, targets_known: bool = False) -> str | None:
     """Check that KFAC supports ``loss_fn`` with this Fisher type; return its kind.
 
     Returns:
@@ -56,7 +58,9 @@ def check_loss(loss_fn: Callable, fisher: str) -> str | None:
 
     Raises:
         NotImplementedError: ``fisher="type2"``/``"mc"`` with an unsupported loss, or a
-            weighted loss (label smoothing is supported: it leaves the output curvature as it is).
+            weighted loss unless ``targets_known`` (the operators see the targets and scale by
+            :func:`~second._losses.target_weights`; label smoothing is supported: it leaves the
+            output curvature as it is).
 
     Example:
         >>> check_loss(torch.nn.CrossEntropyLoss(), "type2"), check_loss(torch.nn.L1Loss(), "empirical")
@@ -72,15 +76,19 @@ def check_loss(loss_fn: Callable, fisher: str) -> str | None:
             f"MSELoss, CrossEntropyLoss and BCEWithLogitsLoss, got {type(loss_fn).__name__} "
             "(use fisher='empirical')"
         )
-    if kind is not None:
+    if kind is not None and not targets_known:
         check_plain_loss(loss_fn)
     return kind
 
 
-def output_hessian_sqrt(loss_fn: Callable, f: Tensor, reduction: str) -> Tensor:
+def output_hessian_sqrt(
+    loss_fn: Callable, f: Tensor, reduction: str, target: Tensor | None = None
+) -> Tensor:
     r"""Columns ``S [K, n, *f.shape[1:]]`` with :math:`\sum_k s_{ik} s_{ik}^\top = \nabla^2_f \ell_i`.
 
-    Exact factorizations of the per-example output Hessian (see the module docstring).
+    Exact factorizations of the per-example output Hessian (see the module docstring). With
+    the targets, a loss whose curvature depends on them (ignored targets, class weights,
+    ``pos_weight``) is scaled by :func:`~second._losses.target_weights`.
 
     Example:
         >>> S = output_hessian_sqrt(torch.nn.MSELoss(reduction="sum"), torch.zeros(1, 2), "sum")
@@ -99,6 +107,9 @@ def output_hessian_sqrt(loss_fn: Callable, f: Tensor, reduction: str) -> Tensor:
         else:
             s = torch.sigmoid(f)
             diag = (a * s * (1 - s)).sqrt().reshape(n, D)
+        c = target_weights(loss_fn, f, target, reduction)
+        if c is not None:
+            diag = diag * c.sqrt().reshape(n, D)
         eye = torch.eye(D, dtype=f.dtype, device=f.device)
         S = eye.unsqueeze(1) * diag.unsqueeze(0)  # [D, n, D]
         return S.reshape(D, *f.shape)
@@ -110,13 +121,21 @@ def output_hessian_sqrt(loss_fn: Callable, f: Tensor, reduction: str) -> Tensor:
     # column c at position q: sqrt(a) (sqrt(p_c) e_c - p sqrt(p_c)) at q, zero elsewhere
     cols = torch.diag_embed(sq) - p.unsqueeze(-1) * sq.unsqueeze(-2)  # [n, P, C(out), C(col)]
     cols = cols * math.sqrt(a)
+    c = target_weights(loss_fn, f, target, reduction)
+    if c is not None:
+        cols = cols * c.sqrt().reshape(n, P, 1, 1)
     eye = torch.eye(P, dtype=f.dtype, device=f.device)
     S = torch.einsum("iqoc,qr->cqior", cols, eye)  # [C(col), P(col), n, C, P]
     return S.reshape(C * P, *f.shape)
 
 
-def output_hessian_product(loss_fn: Callable, f: Tensor, t: Tensor, reduction: str) -> Tensor:
+def output_hessian_product(
+    loss_fn: Callable, f: Tensor, t: Tensor, reduction: str, target: Tensor | None = None
+) -> Tensor:
     r"""Per-example :math:`(\nabla^2_f \ell_i)\, t_i` for ``t`` shaped ``[k, *f.shape]``.
+
+    With the targets, scaled by :func:`~second._losses.target_weights` (as
+    :func:`output_hessian_sqrt`).
 
     Raises:
         NotImplementedError: a loss other than MSE, cross-entropy or BCE-with-logits.
@@ -131,12 +150,15 @@ def output_hessian_product(loss_fn: Callable, f: Tensor, t: Tensor, reduction: s
     a = nll_scale(loss_fn, f, reduction)
     if kind == "mse":
         return 2.0 * a * t
+    c = target_weights(loss_fn, f, target, reduction)
     if kind == "bce":
         s = torch.sigmoid(f)
-        return a * s * (1 - s) * t
+        out = a * s * (1 - s) * t
+        return out if c is None else out * c
     if kind == "ce":
         p = torch.softmax(f, dim=1)
-        return a * (p * t - p * (p * t).sum(dim=2, keepdim=True))
+        out = a * (p * t - p * (p * t).sum(dim=2, keepdim=True))
+        return out if c is None else out * c.unsqueeze(1)
     raise NotImplementedError(f"no output curvature for {type(loss_fn).__name__}")
 
 
@@ -169,7 +191,7 @@ def curvature_columns(
         torch.Size([2, 3, 2])
     """
     if fisher == "type2":
-        return output_hessian_sqrt(loss_fn, f, reduction)
+        return output_hessian_sqrt(loss_fn, f, reduction, y)
     if fisher == "empirical" and y is None:
         raise ValueError("fisher='empirical' needs the observed targets y")
     kind = loss_kind(loss_fn)
@@ -178,6 +200,10 @@ def curvature_columns(
     if closed and y is not None and fisher == "empirical" and kind == "ce":
         closed = not bool(torch.as_tensor(y == ii).any())  # ignored targets: the loss handles them
         closed = closed and not label_smoothing(loss_fn)  # smoothed targets: the loss too
+    if fisher == "empirical" and is_weighted(loss_fn):
+        closed = False  # class weights: the loss' own gradients
+    # sampled columns are the likelihood's; the loss' target-dependent weights scale them
+    c = target_weights(loss_fn, f, y, reduction) if fisher == "mc" else None
     bad = None
     if fisher == "mc":  # sample from finite logits; skipped rows get zero columns
         bad = nonfinite_rows(f)
@@ -193,7 +219,7 @@ def curvature_columns(
             _loss_gradient(kind, fd, sample_targets(loss_fn, fd, generator), a)
             for _ in range(mc_samples)
         ]
-        return _zero_rows(torch.stack(cols) / math.sqrt(a * mc_samples), bad)
+        return _zero_rows(_weigh(torch.stack(cols), c) / math.sqrt(a * mc_samples), bad)
     fd = f.detach().requires_grad_(True)
     with torch.enable_grad():
         if y is not None and fisher == "empirical":
@@ -206,7 +232,17 @@ def curvature_columns(
             ls = per_sample_losses(loss_fn, fd, yt, reduction, sampled=True)
             (s,) = torch.autograd.grad(ls.sum(), fd)
             cols.append(s)
-    return _zero_rows(torch.stack(cols) / math.sqrt(a * mc_samples), bad)
+    return _zero_rows(_weigh(torch.stack(cols), c) / math.sqrt(a * mc_samples), bad)
+
+
+def _weigh(S: Tensor, c: Tensor | None) -> Tensor:
+    """Columns ``S [K, n, ...]`` scaled by ``sqrt(c)`` (per position, or per element)."""
+    if c is None:
+        return S
+    r = c.sqrt()
+    if r.dim() < S.dim() - 1:  # cross-entropy: one weight per example and position
+        r = r.unsqueeze(1)
+    return S * r
 
 
 def nonfinite_rows(f: Tensor) -> Tensor | None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._errors import NonFiniteError
+from .._losses import loss_kind
 from ..data import Task, sample_generator
 from ..operators.base import LinearOperator
 from ..operators.curvature import CurvatureOperator
@@ -217,7 +218,7 @@ class KFACOperator(CurvatureOperator):
         damping = check_damping(damping)
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-        check_loss(loss_fn, fisher)
+        check_loss(loss_fn, fisher, targets_known=True)
         super().__init__(
             unwrap_model(model),
             loss_fn,
@@ -251,7 +252,9 @@ class KFACOperator(CurvatureOperator):
         for batch in self._batches():
             with Capture(self.rules, self.diagonal_rules) as cap:
                 out, _ = self._forward(batch)
-            y = self.task.targets(batch) if self.fisher == "empirical" else None
+            # the targets: the empirical Fisher's, and any loss whose curvature they weigh
+            wanted = self.fisher == "empirical" or loss_kind(self.loss_fn) in ("ce", "bce")
+            y = self.task.targets(batch) if wanted else None
             S = curvature_columns(
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
             )

@@ -129,7 +129,8 @@ def ggn_diagonal(
         with torch.no_grad():
             f = task.output(model, batch)
         # the output Hessian's square root, for the batch's share of the loss
-        S = _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total)  # [K, n, *f.shape[1:]]
+        y = _targets(task, loss_fn, batch)
+        S = _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total, y)  # [K, n, *f.shape[1:]]
         K, n = S.shape[0], S.shape[1]
         chunk = chunk_size or max(1, MEMORY_BUDGET // max(1, K * P))
         for start in range(0, n, chunk):
@@ -148,7 +149,8 @@ def ggn_diagonal(
     for batch in batches:
         part = None
         if layers is not None:
-            sqrt = lambda f: _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total)  # noqa: E731
+            y = _targets(task, loss_fn, batch)
+            sqrt = lambda f, y=y: _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total, y)  # noqa: E731
             part = _by_layers(model, task, batch, layers, params, sqrt, chunk_size)
             if part is None and method == "layers":
                 raise ValueError(
@@ -159,13 +161,23 @@ def ggn_diagonal(
     return dist.all_reduce_sum(total, distributed)
 
 
-def _scaled_sqrt(output_hessian_sqrt, loss_fn, f: Tensor, red: str, n_total: float) -> Tensor:
+def _targets(task, loss_fn, batch) -> Tensor | None:
+    """The batch's targets where the loss' curvature depends on them (cross-entropy, BCE)."""
+    from .._losses import loss_kind
+
+    return task.targets(batch) if loss_kind(loss_fn) in ("ce", "bce") else None
+
+
+def _scaled_sqrt(
+    output_hessian_sqrt, loss_fn, f: Tensor, red: str, n_total: float, y: Tensor | None = None
+) -> Tensor:
     """The output Hessian's square root ``[K, n, *f.shape[1:]]`` for the batch's share.
 
     For a mean loss the per-example factors are scaled by ``1 / sqrt(N)``, ``N`` the examples
-    of all the data (over all ranks).
+    of all the data (over all ranks); the targets weigh a loss that depends on them
+    (ignored targets, class weights).
     """
-    S = output_hessian_sqrt(loss_fn, f.detach(), red)
+    S = output_hessian_sqrt(loss_fn, f.detach(), red, y)
     return S / n_total**0.5 if red == "mean" else S
 
 
