@@ -166,21 +166,24 @@ def test_top_eigenvalue_uses_block_size_one_by_default():
     A = sym(60, spectrum=torch.logspace(-2, 1, 60).tolist())
     res = eigsh(A, k=1, return_result=True)
     assert res.info["block_size"] == 1 and res.passes == res.matvecs
-    res = eigsh(A, k=3, return_result=True)  # k > 1: one vector too, with the copy check
+    res = eigsh(A, k=3, return_result=True)  # k > 1: a block as wide as k, no check needed
+    assert res.info["block_size"] == 3 and res.info["copy_check"] == 0
+    res = eigsh(A, k=3, block_size=1, return_result=True)  # one vector: with the copy check
     assert res.info["block_size"] == 1 and res.info["copy_check"] == COPY_CHECK_STEPS
-    assert eigsh(A, k=3, block_size=3, return_result=True).info["block_size"] == 3
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_copy_check_finds_a_copy_a_single_vector_misses(seed):
+def test_copy_check_finds_a_copy_a_single_vector_misses(seed, monkeypatch):
     # a triple top eigenvalue above a spectrum in [0, 1): one Krylov vector certifies 2, 2 and
     # the largest of the rest; the check from a fresh vector finds the third copy
     g = torch.Generator().manual_seed(100 + seed)
     A = sym(100, seed, [2.0, 2.0, 2.0] + torch.rand(97, generator=g, dtype=torch.float64).tolist())
     ref = torch.linalg.eigvalsh(A)[-3:]
-    plain = eigsh(A, k=3, block_size=1, criterion="eigenvalue", tol=1e-3, return_result=True)
+    with monkeypatch.context() as m:
+        m.setattr("second.spectral._eigsh.COPY_CHECK_STEPS", 0)  # plain single-vector Lanczos
+        plain = eigsh(A, k=3, block_size=1, criterion="eigenvalue", tol=1e-3, return_result=True)
     assert float((plain.eigenvalues - ref).abs().max()) > 0.5  # the failure the check is for
-    res = eigsh(A, k=3, criterion="eigenvalue", tol=1e-3, return_result=True)
+    res = eigsh(A, k=3, block_size=1, criterion="eigenvalue", tol=1e-3, return_result=True)
     assert res.converged and res.info["copies_found"] >= 1
     assert float((res.eigenvalues - ref).abs().max()) <= 1e-3 * 2.0
     assert res.matvecs <= plain.matvecs + 4 * COPY_CHECK_STEPS
@@ -243,7 +246,7 @@ def test_many_pairs_with_one_vector_match_the_dense_eigenvalues():
     # k = 16: Rayleigh-Ritz every k // RITZ_EVERY_PAIRS = 2 products; the same answer
     A = sym(120, seed=3, spectrum=torch.logspace(-3, 1, 120).tolist())
     ev = torch.linalg.eigvalsh(A)
-    res = eigsh(A, k=16, tol=1e-10, return_result=True)
+    res = eigsh(A, k=16, block_size=1, tol=1e-10, return_result=True)
     assert res.converged and res.info["block_size"] == 1 and res.passes == res.matvecs
     torch.testing.assert_close(res.eigenvalues, ev[-16:], rtol=0, atol=EIG_TOL)
     V = res.eigenvectors
@@ -261,3 +264,43 @@ def test_many_pairs_of_a_small_operator(n, k, block):
     torch.testing.assert_close(
         res.eigenvalues, torch.linalg.eigvalsh(A)[-k:], rtol=0, atol=1e-7 * 10
     )
+
+
+@pytest.mark.parametrize("mult", [2, 3])
+def test_the_default_block_sees_copies_close_to_the_rest_of_the_spectrum(mult):
+    # a repeated top eigenvalue 5% of the spread above a continuum: one Krylov vector (even
+    # with the copy check) misses copies here; the default block as wide as k does not
+    n = 200
+    spectrum = [1.05] * mult + torch.linspace(0, 1, n - mult).tolist()
+    for seed in range(3):
+        A = sym(n, seed=seed, spectrum=spectrum)
+        res = eigsh(A, k=mult, return_result=True, generator=torch.Generator().manual_seed(seed))
+        assert res.converged and res.info["block_size"] == mult
+        torch.testing.assert_close(
+            res.eigenvalues, torch.full((mult,), 1.05, dtype=torch.float64), rtol=0, atol=1e-6
+        )
+
+
+def test_the_copy_check_compares_the_wanted_values_as_a_set():
+    # which="LM" on a spectrum symmetric about 0: +s and -s trade places in the order by |s| at
+    # rounding level; that is no move (it used to restart the check 64 times)
+    g = torch.Generator().manual_seed(0)
+    m = 60
+    B = torch.randn(m, m, generator=g, dtype=torch.float64)
+    A = torch.zeros(2 * m, 2 * m, dtype=torch.float64)
+    A[:m, m:], A[m:, :m] = B, B.T
+    res = eigsh(A, k=6, which="LM", block_size=1, tol=1e-8, return_result=True)
+    ev = torch.linalg.eigvalsh(A)
+    ref = ev[ev.abs().argsort()[-6:]].sort().values
+    assert res.converged and res.info["copies_found"] == 0
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=0, atol=1e-6)
+
+
+def test_the_product_limit_during_the_copy_check_is_reported_as_such():
+    A = sym(50, spectrum=torch.linspace(0.1, 10, 50).tolist())
+    full = eigsh(A, k=2, block_size=1, tol=1e-6, return_result=True)
+    res = eigsh(
+        A, k=2, block_size=1, tol=1e-6, maxiter=full.matvecs - 2, return_result=True, warn=False
+    )
+    assert "during the copy check" in res.message and not res.info["copy_check_complete"]
+    assert full.info["copy_check_complete"]

@@ -27,7 +27,7 @@ RITZ_EVERY_PAIRS = 8
 runs every ``max(1, k // RITZ_EVERY_PAIRS)`` products: its cost grows like ``n m^2`` in the
 basis size ``m``, and a single vector needs many products for many pairs."""
 COPY_CHECK_STEPS = 5
-"""With the default block size for ``k > 1`` (one vector, then a check): the Lanczos steps from a
+"""With ``block_size=1`` and ``k > 1`` (one vector, then a check): the Lanczos steps from a
 fresh random vector, orthogonal to the basis, that must leave the certified pairs unchanged
 before eigsh stops (a single Krylov vector sees one vector of a repeated eigenspace)."""
 
@@ -103,15 +103,17 @@ def eigsh(
     The method: a block Krylov space of ``block_size`` columns, fully re-orthogonalized, with
     Rayleigh-Ritz on the kept products :math:`Q^\top A Q`. A block whose columns vanish (an
     invariant subspace, e.g. a repeated eigenvalue) is refilled with random directions
-    orthogonal to the basis. The default (``block_size=None``) is one vector, plain Lanczos,
-    the fewest products; for ``k > 1`` it adds a **copy check**: a single Krylov vector sees
-    one vector of a repeated eigenspace, so once the ``k`` pairs are certified the space is
-    extended by :data:`COPY_CHECK_STEPS` Lanczos steps from a fresh random vector orthogonal
-    to the basis, and eigsh stops only if the wanted Ritz values did not move by more than
-    the tolerance (else it goes on, and checks again: a copy of a wanted eigenvalue with a gap
-    below the wanted ones is found within a few steps). A copy sitting on a continuum of
-    eigenvalues just below it (no gap) can still be missed; ``block_size=k`` (a block as wide
-    as the wanted pairs; about twice the products) sees multiplicities up to ``k`` there too. When the basis reaches ``ncv``
+    orthogonal to the basis. The default block (``block_size=None``) is as wide as ``k``: it
+    sees eigenvalues of multiplicity up to ``k`` (for ``k = 1`` it is plain Lanczos, the fewest
+    products for one eigenvalue). ``block_size=1`` for ``k > 1`` is the cheapest on a spectrum
+    without repeated eigenvalues (about half the products of block ``k`` on a network Hessian,
+    BENCHMARKS.md), but a single Krylov vector sees one vector of a repeated eigenspace; it
+    adds a **copy check**: once the ``k`` pairs are certified the space is extended by
+    :data:`COPY_CHECK_STEPS` Lanczos steps from a fresh random vector orthogonal to the basis,
+    and eigsh stops only if the wanted Ritz values did not move by more than the tolerance
+    (else it goes on, and checks again). The check finds a copy well separated from the rest
+    of the spectrum (a gap of a fifth of its spread or more); a closer one can be missed
+    (it would need many more steps), which the default block does not. When the basis reaches ``ncv``
     columns (default ``max(4 k + 2 p, 40)``), it restarts thick: the wanted Ritz vectors and a
     few more are kept with their products, so no product is repeated. It stops as soon as every
     wanted pair is certified, or after ``maxiter`` products (default ``20 n``), or when the
@@ -145,8 +147,8 @@ def eigsh(
         A: a symmetric :class:`~second.LinearOperator`, dense tensor or callable.
         k: number of eigenpairs.
         which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
-        block_size: columns per block product (one data traversal each); ``None``: one, with
-            the copy check for ``k > 1`` (see above).
+        block_size: columns per block product (one data traversal each); default ``k``;
+            ``1`` for ``k > 1`` adds the copy check (see above).
         ncv: basis size before a thick restart.
         tol: relative tolerance of the stopping rule.
         criterion: ``"residual"`` or ``"eigenvalue"`` (see above).
@@ -187,9 +189,10 @@ def eigsh(
         )
     if not getattr(op, "symmetric", True):
         raise ValueError("eigsh needs a symmetric operator; this one declares symmetric=False")
-    # the default for k > 1: one vector, and a check from a fresh one once the pairs certify
-    checks = COPY_CHECK_STEPS if block_size is None and k > 1 else 0
-    p = min(n, block_size or 1)
+    # a block as wide as k by default (it sees multiplicities up to k); one vector on request,
+    # with a check from a fresh vector once the pairs certify
+    p = min(n, block_size or k)
+    checks = COPY_CHECK_STEPS if p == 1 and k > 1 else 0
     stride = max(1, k // RITZ_EVERY_PAIRS) if p == 1 else 1
     ncv = min(n, max(ncv or 0, 4 * k + 2 * p, 40))
     maxiter = 20 * n if maxiter is None else int(maxiter)
@@ -272,7 +275,7 @@ def eigsh(
         m = Q.shape[1]
         used = op.matvecs - start_matvecs
         fresh = False  # the next block: a fresh random direction instead of the Krylov one
-        if check_ref is not None and float((theta[idx] - check_ref).abs().max()) > tol * scale:
+        if check_ref is not None and _moved(theta[idx], check_ref, tol * scale):
             checking, check_ref, found = 0, None, found + 1  # a pair moved: not yet done
         done = bool(certified.all()) and idx.numel() == k
         if done and checks and check_ref is None:  # certified: check from a fresh vector
@@ -300,6 +303,12 @@ def eigsh(
         if m >= n:  # the basis spans everything: the answer is exact
             certified = torch.ones_like(certified)
             message = f"exact: the basis spans R^{n} ({used} products)"
+            break
+        if used >= maxiter and check_ref is not None and bool(certified.all()):
+            message = (
+                f"product limit ({maxiter}) reached during the copy check: {k} pairs certified, "
+                "but the check for copies of a repeated eigenvalue did not finish"
+            )
             break
         if used >= maxiter:
             message = (
@@ -351,6 +360,7 @@ def eigsh(
             "criterion": criterion,
             "copy_check": checks,
             "copies_found": found,
+            "copy_check_complete": not checks or check_ref is None or checking == 0,
         },
     )
     if warn and not result.converged:
@@ -360,6 +370,11 @@ def eigsh(
     if not return_eigenvectors:
         return result.eigenvalues
     return result.eigenvalues, result.eigenvectors
+
+
+def _moved(vals: Tensor, ref: Tensor, tol: float) -> bool:
+    """Whether the wanted Ritz values moved by more than ``tol`` (as sets: sorted)."""
+    return float((vals.sort().values - ref.sort().values).abs().max()) > tol
 
 
 def _apply(op, V: Tensor) -> Tensor:
