@@ -48,6 +48,13 @@ AUTO_SWITCH_MATVECS = 0.5
 #: ... and at least this many products (a tiny problem's trust region needs a few steps to grow).
 AUTO_SWITCH_MIN = 40
 
+#: Dense Newton continues from Newton-CG's point if ``||x||`` stayed within this factor of
+#: ``max(1, ||x0||)``, ``f`` went down and ``||grad||`` fell below :data:`AUTO_RESTART_GRAD`
+#: of its initial value (Newton-CG nearly there), else it restarts from ``x0`` (a diverging
+#: problem's unbounded test then sees the whole run).
+AUTO_RESTART_GROWTH = 4.0
+AUTO_RESTART_GRAD = 1e-3
+
 _CORE_OPTIONS = {
     "newton-cg": {
         "globalization",
@@ -218,20 +225,42 @@ def minimize(
 def _newton_cg_then_dense(
     fun: Callable[[Tensor], Tensor], x0: Tensor, criteria: Criteria, t0: float
 ) -> OptimizeResult:
-    """``"auto"`` on a small problem: Newton-CG while it is cheap, then dense Newton."""
+    """``"auto"`` on a small problem: Newton-CG while it is cheap, then dense Newton.
+
+    Dense Newton goes on from Newton-CG's point when that is nearly a solution (``f`` lower,
+    ``||grad||`` below :data:`AUTO_RESTART_GRAD` of its start, ``||x||`` within
+    :data:`AUTO_RESTART_GROWTH` of ``max(1, ||x0||)``), else it starts again from ``x0``: on the
+    teacher-student network Newton-CG heads for a region of saturated units, and on a problem
+    whose infimum is not attained the unbounded test should see the whole run.
+    """
     budget = max(AUTO_SWITCH_MIN, math.ceil(AUTO_SWITCH_MATVECS * x0.numel()))
     first = newton_cg(fun, x0, criteria, max_matvecs=budget)
     if first.status != "matvecs":
         return first
-    # dense Newton from x0: its own path (Newton-CG's may have led elsewhere), at the price of
-    # the budget's products
+    h0 = first.history[0] if first.history else {"loss": math.inf, "grad_norm": math.inf}
+    near = float(first.x.norm()) <= AUTO_RESTART_GROWTH * max(1.0, float(x0.norm()))
+    close = first.grad_norm <= AUTO_RESTART_GRAD * h0["grad_norm"]
+    go_on = first.fun < h0["loss"] and near and close
+    start = first.x if go_on else x0
     rest = dataclasses.replace(criteria, maxiter=max(0, criteria.maxiter - first.nit))
-    then = newton_dense(fun, x0, rest)
+    then = newton_dense(fun, start, rest)
     offset = {k: getattr(first, k) for k in ("nfev", "ngev", "matvecs")}
-    history = first.history + [
-        {**h, "n_iter": h["n_iter"] + first.nit, **{k: h[k] + offset[k] for k in offset}}
+    history = [{**h, "method": "newton-cg"} for h in first.history] + [
+        {
+            **h,
+            "n_iter": h["n_iter"] + first.nit,
+            **{k: h[k] + offset[k] for k in offset},
+            "method": "newton-exact",
+        }
         for h in then.history
     ]
+    message = then.message
+    if then.status == "maxiter":  # the user's limit, not the dense part's share of it
+        message = (
+            f"stopped: iteration limit ({criteria.maxiter}) reached before the tolerance; "
+            f"||grad|| = {then.grad_norm:.3e} > gtol = {criteria.gtol:.1e}"
+        )
+    where = "from Newton-CG's point" if go_on else "from x0"
     return dataclasses.replace(
         then,
         nit=first.nit + then.nit,
@@ -239,7 +268,7 @@ def _newton_cg_then_dense(
         ngev=first.ngev + then.ngev,
         matvecs=first.matvecs + then.matvecs,
         method="newton-cg, then newton-exact",
-        message=f"{then.message} (dense Newton from x0 after {first.nit} Newton-CG iterations)",
+        message=f"{message} (dense Newton {where} after {first.nit} Newton-CG iterations)",
         history=history,
         time=time.perf_counter() - t0,
     )
