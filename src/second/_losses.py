@@ -124,22 +124,39 @@ def target_weights(
             return None
         shape = [1, -1] + [1] * (output.dim() - 2)
         return (target * w.to(output).reshape(shape)).sum(1)
-    ii = getattr(loss_fn, "ignore_index", -100)
-    valid = target != ii
-    if w is None and bool(valid.all()):
+    weights = _class_target_weights(loss_fn, target, output)
+    if weights is None:
         return None
-    eps = label_smoothing(loss_fn)
-    if w is None:
-        raw = valid.to(output.dtype)
-        norm = raw
-    else:
-        wy = w.to(output)[target.clamp(min=0)] * valid
-        raw = (1 - eps) * wy + eps * w.to(output).mean() * valid if eps else wy
-        norm = wy
+    raw, norm = weights
     if reduction == "sum":
         return raw
+    return raw * _mean_rescale(norm)
+
+
+def _class_target_weights(
+    loss_fn: Callable, target: Tensor, like: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """Per position, the Hessian's weight and torch's mean weight of class targets.
+
+    Both are ``w_y`` (0 where the target is ignored; the first with label smoothing), or
+    ``None`` when both are 1 everywhere.
+    """
+    w = getattr(loss_fn, "weight", None)
+    valid = target != getattr(loss_fn, "ignore_index", -100)
+    if w is None and bool(valid.all()):
+        return None
+    if w is None:
+        ones = valid.to(like.dtype)
+        return ones, ones
+    wy = w.to(like)[target.clamp(min=0)] * valid
+    eps = label_smoothing(loss_fn)
+    return ((1 - eps) * wy + eps * w.to(like).mean() * valid if eps else wy), wy
+
+
+def _mean_rescale(norm: Tensor) -> Tensor | float:
+    """From a mean over positions to torch's mean over the weights ``norm`` of the targets."""
     total = norm.sum()
-    return raw * (raw.numel() / total) if bool(total > 0) else torch.zeros_like(raw)
+    return norm.numel() / total if bool(total > 0) else 0.0
 
 
 def linear_loss_note(loss_fn: Callable) -> str | None:
@@ -195,12 +212,9 @@ def per_sample_losses(
             )
             if not sampled and reduction == "mean" and not target.is_floating_point():
                 # torch's mean divides by the weights of the valid targets, not the positions
-                valid = target != ii
-                norm = valid.to(el.dtype) if w is None else w.to(el)[target.clamp(min=0)] * valid
-                total = norm.sum()
-                if not bool(valid.all()) or w is not None:
-                    scale = el.numel() / total if bool(total > 0) else 0.0
-                    el = el * scale
+                weights = _class_target_weights(loss_fn, target, el)
+                if weights is not None:
+                    el = el * _mean_rescale(weights[1])
         el = el.reshape(n, -1)
         return el.mean(1) if reduction == "mean" else el.sum(1)
 
