@@ -37,11 +37,15 @@ __all__ = [
 
 #: A predicted change of ``f`` below ``NOISE * |f|`` (about the square root of float64's
 #: epsilon) may be mostly rounding: on the condition-1e8 quadratic ``f``'s rounding is ~1e-9
-#: of ``|f|``. Below it the actual reduction is measured by the trapezoidal rule on the two
-#: gradients instead (exact for a quadratic; the trial gradient is needed anyway if the step
-#: is accepted). At 1e-11 the noisy ``f`` differences collapsed the trust radius there and
-#: Newton-CG took 22,198 products instead of 14,769 (BENCHMARKS.md).
+#: of ``|f|``. There, when the change of ``f`` disagrees with the model, the actual reduction
+#: is measured by the trapezoidal rule on the two gradients instead (exact for a quadratic; the
+#: trial gradient is needed anyway if the step is accepted). With the rounding threshold alone
+#: the noisy ``f`` differences collapsed the trust radius there and Newton-CG took 22,198
+#: products instead of 14,769 (BENCHMARKS.md).
 NOISE = 1e-8
+
+#: Below ``ROUNDING * |f|`` a change of ``f`` is rounding whatever it looks like.
+ROUNDING = 1e-11
 
 #: Damping rules of :func:`damped_step`.
 DAMPING_RULES = ("nielsen", "more")
@@ -83,11 +87,19 @@ class StepResult:
 
 
 def _ratio(f: float, g: Tensor, step: Tensor, pred: float, f_try: float, finish):
-    """``(rho, grad, product)``: the reduction ratio, with the trapezoidal rule near rounding."""
+    """``(rho, grad, product)``: the reduction ratio, with the trapezoidal rule near rounding.
+
+    Below ``ROUNDING * |f|`` the difference of ``f`` is rounding: the trapezoidal rule on the
+    two gradients measures the reduction. Up to ``NOISE * |f|`` it may be (an ill-conditioned
+    ``f`` rounds far above its epsilon): the trapezoidal rule is used there only when the
+    difference of ``f`` disagrees with the quadratic model (a ratio off 1 by more than a half,
+    which a step this small rarely shows unless ``f`` is noise).
+    """
     if not math.isfinite(f_try):
         return -math.inf, None, None
     actual, g_try, prod = f - f_try, None, None
-    if pred < NOISE * max(abs(f), abs(f_try)):
+    scale = max(abs(f), abs(f_try))
+    if pred < ROUNDING * scale or (pred < NOISE * scale and abs(actual / pred - 1) > 0.5):
         g_try, prod = finish(True)
         actual = -0.5 * float(torch.dot(g + g_try, step))
     return actual / pred, g_try, prod
