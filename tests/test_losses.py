@@ -138,3 +138,25 @@ def test_operators_see_the_weights(name):
     assert (F - G).abs().max() <= 0.06 * G.abs().max()
     K = second.KFACOperator(model, loss_fn, (X, y))  # weighted losses are accepted here
     assert torch.isfinite(K.to_dense()).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("embedding", [False, True], ids=["mlp", "embedding"])
+def test_kfac_with_ignored_examples_is_kfac_of_the_others(reduction, embedding):
+    # ignored examples contribute neither gradient rows nor input rows: the KFAC and EK-FAC
+    # matrices equal those of the batch without them (a mean then over the valid examples)
+    torch.manual_seed(0)
+    if embedding:
+        model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Tanh(), nn.Linear(8, 3))
+        X = torch.randint(0, 7, (9, 2))
+    else:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        X = torch.randn(9, 4, dtype=DT)
+    model = model.double()
+    y = _ce_targets((9,), 3)
+    valid = y != -100
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    for make in (second.KFACOperator, second.EKFACOperator):
+        full = make(model, loss_fn, (X, y)).to_dense()
+        kept = make(model, loss_fn, (X[valid], y[valid])).to_dense()
+        torch.testing.assert_close(full, kept, **TOL)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._errors import NonFiniteError
-from .._losses import loss_kind
+from .._losses import loss_kind, target_weights
 from ..data import Task, sample_generator
 from ..operators.base import LinearOperator
 from ..operators.curvature import CurvatureOperator
@@ -247,7 +247,11 @@ class KFACOperator(CurvatureOperator):
 
     # -- construction ----------------------------------------------------------------------
     def _passes(self):
-        """Yield ``(f, S, capture)`` for every batch, the graph kept while the caller works."""
+        """Yield ``(f, S, capture, keep)`` for every batch, the graph kept while the caller works.
+
+        ``keep`` marks the examples whose loss terms are not all ignored (``None``: all); the
+        others' inputs stay out of the input factors (their columns are zero already).
+        """
         self.generator.set_state(self._generator_state)
         for batch in self._batches():
             with Capture(self.rules, self.diagonal_rules) as cap:
@@ -258,12 +262,14 @@ class KFACOperator(CurvatureOperator):
             S = curvature_columns(
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
             )
-            yield out, S, cap
+            c = target_weights(self.loss_fn, out, y, self.reduction)
+            keep = None if c is None else c.reshape(c.shape[0], -1).sum(1) > 0
+            yield out, S, cap, keep
             del out, S, cap
 
     def _compute_factors(self) -> None:
         stats = FactorStats(self.rules, self._fallback if self.fallback == "diagonal" else [])
-        for out, S, cap in self._passes():
+        for out, S, cap, keep in self._passes():
             batch_statistics(
                 self.rules,
                 stats.fallback_params,
@@ -273,6 +279,7 @@ class KFACOperator(CurvatureOperator):
                 stats,
                 generator=self.generator,
                 retain_graph=False,
+                keep=keep,
             )
         stats.tensors()
         if dist.active(self.distributed):
@@ -470,8 +477,9 @@ class EKFACOperator(KFACOperator):
         """Recompute factors, eigenbases and the corrected eigenvalues (two data passes)."""
         super().refresh()
         kfac = self.eigen()
+        passes = ((out, S, cap) for out, S, cap, _ in self._passes())
         sums = eigen_corrections(
-            self.rules, kfac, self._passes(), distributed=dist.active(self.distributed)
+            self.rules, kfac, passes, distributed=dist.active(self.distributed)
         )
         w = 1.0 / self.num_data if self.reduction == "mean" else 1.0
         self.scales = [s * w for s in sums]

@@ -199,12 +199,19 @@ class FactorStats:
 
 
 def add_layer_statistics(
-    stats: FactorStats, j: int, layer: LayerRule, inp: Tensor, g: Tensor
+    stats: FactorStats,
+    j: int,
+    layer: LayerRule,
+    inp: Tensor,
+    g: Tensor,
+    keep: Tensor | None = None,
 ) -> None:
     """Add one call of layer ``j``: its input ``inp`` and backpropagated columns ``g [K, ...]``.
 
     Padding positions (``layer.mask``, e.g. an embedding's padding index) are dropped from
-    the input factor and zeroed in the gradient factor.
+    the input factor and zeroed in the gradient factor; so are the examples ``keep`` marks
+    ``False`` (``[n]``; examples whose loss terms are all ignored), when the call's input has
+    the batch first.
 
     Example:
         >>> from second.kfac import find_layers
@@ -224,6 +231,12 @@ def add_layer_statistics(
     arows = layer.input_rows(inp)
     grows = layer.grad_rows(g, inp)
     mask = layer.mask(inp)
+    if keep is not None and arows.shape[0] == keep.shape[0] and not bool(keep.all()):
+        if layer.diag_A:  # index rows [n, T] (an embedding): through the mask
+            rows = keep.reshape(-1, 1).expand(arows.shape[0], arows.shape[1])
+            mask = rows if mask is None else mask & rows
+        else:  # dense rows: drop the examples
+            arows, grows = arows[keep], grows[:, keep]
     if mask is not None:
         arows = arows[mask].reshape(1, -1)
         grows = grows * mask.reshape(1, *mask.shape, 1).to(grows.dtype)
@@ -245,8 +258,12 @@ def batch_statistics(
     *,
     generator: torch.Generator | None = None,
     retain_graph: bool = True,
+    keep: Tensor | None = None,
 ) -> None:
     """Add one batch's statistics: columns ``S`` backpropagated from the output ``f``.
+
+    ``keep`` (``[n]``): examples whose inputs count in the input factors (see
+    :func:`add_layer_statistics`).
 
     ``capture`` holds the batch's layer calls. Fallback parameters of the capture's
     exact-diagonal rules (normalization layers) get the squared per-example gradients;
@@ -279,7 +296,7 @@ def batch_statistics(
     for (i, _), g in zip(rademacher, gp):
         stats.add_diagonal(i, (g * g).sum(0))
     for j, inp, g in calls:
-        add_layer_statistics(stats, j, layers[j], inp, g)
+        add_layer_statistics(stats, j, layers[j], inp, g, keep)
     index = {id(p): i for i, p in enumerate(fallback_params)}
     for r, inp, g in dcalls:
         rule = capture.diagonal[r]
