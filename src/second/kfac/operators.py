@@ -246,11 +246,12 @@ class KFACOperator(CurvatureOperator):
         self.refresh()
 
     # -- construction ----------------------------------------------------------------------
-    def _passes(self):
-        """Yield ``(f, S, capture, keep)`` for every batch, the graph kept while the caller works.
+    def _passes(self, with_keep: bool = False):
+        """Yield ``(f, S, capture)`` for every batch, the graph kept while the caller works.
 
-        ``keep`` marks the examples whose loss terms are not all ignored (``None``: all); the
-        others' inputs stay out of the input factors (their columns are zero already).
+        ``with_keep``: ``(f, S, capture, keep)``, ``keep`` marking the examples whose loss
+        terms are not all ignored (``None``: all); the others' inputs stay out of the input
+        factors (their columns are zero already).
         """
         self.generator.set_state(self._generator_state)
         for batch in self._batches():
@@ -262,14 +263,17 @@ class KFACOperator(CurvatureOperator):
             S = curvature_columns(
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
             )
-            c = target_weights(self.loss_fn, out, y, self.reduction)
-            keep = None if c is None else c.reshape(c.shape[0], -1).sum(1) > 0
-            yield out, S, cap, keep
+            if with_keep:
+                c = target_weights(self.loss_fn, out, y, self.reduction)
+                keep = None if c is None else c.reshape(c.shape[0], -1).sum(1) > 0
+                yield out, S, cap, keep
+            else:
+                yield out, S, cap
             del out, S, cap
 
     def _compute_factors(self) -> None:
         stats = FactorStats(self.rules, self._fallback if self.fallback == "diagonal" else [])
-        for out, S, cap, keep in self._passes():
+        for out, S, cap, keep in self._passes(with_keep=True):
             batch_statistics(
                 self.rules,
                 stats.fallback_params,
@@ -477,9 +481,8 @@ class EKFACOperator(KFACOperator):
         """Recompute factors, eigenbases and the corrected eigenvalues (two data passes)."""
         super().refresh()
         kfac = self.eigen()
-        passes = ((out, S, cap) for out, S, cap, _ in self._passes())
         sums = eigen_corrections(
-            self.rules, kfac, passes, distributed=dist.active(self.distributed)
+            self.rules, kfac, self._passes(), distributed=dist.active(self.distributed)
         )
         w = 1.0 / self.num_data if self.reduction == "mean" else 1.0
         self.scales = [s * w for s in sums]
