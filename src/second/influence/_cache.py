@@ -35,7 +35,10 @@ from torch import Tensor
 __all__ = ["DiskCache", "fingerprint", "chunk_digest", "STALE_TMP_SECONDS", "CacheStore"]
 
 STALE_TMP_SECONDS = 3600.0
-_FORMAT = 2
+_FORMAT = 3
+"""The cache format; 3 since the factors of losses whose curvature depends on the targets
+(ignored targets, class weights, label smoothing) are computed from them: files of earlier
+versions are recomputed."""
 
 
 def fingerprint(*items) -> str:
