@@ -92,6 +92,7 @@ def test_output_curvature_is_the_loss_hessian(name, reduction):
             w * Ht[:, i].reshape(2, -1), t[:, i].reshape(2, -1) @ H[i, :, i], **TOL
         )
     # the sampled columns carry the same weights: their mean over many samples is the Hessian
+    # (20,000 samples: a relative standard error of about 1%; 5% is five of them)
     g = torch.Generator().manual_seed(0)
     M = curvature_columns(loss_fn, f, y, reduction, "mc", mc_samples=20000, generator=g)
     M = M.reshape(-1, n, f[0].numel())
@@ -135,6 +136,7 @@ def test_operators_see_the_weights(name):
         mc_samples=4000,
         generator=torch.Generator().manual_seed(0),
     ).to_dense()
+    # a Monte-Carlo estimate (4,000 samples a datum, about 2% relative standard error)
     assert (F - G).abs().max() <= 0.06 * G.abs().max()
     K = second.KFACOperator(model, loss_fn, (X, y))  # weighted losses are accepted here
     assert torch.isfinite(K.to_dense()).all()

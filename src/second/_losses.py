@@ -35,6 +35,8 @@ __all__ = [
     "linear_loss_note",
     "target_weights",
     "is_weighted",
+    "needs_targets",
+    "weigh_columns",
 ]
 
 
@@ -157,6 +159,25 @@ def _mean_rescale(norm: Tensor) -> Tensor | float:
     """From a mean over positions to torch's mean over the weights ``norm`` of the targets."""
     total = norm.sum()
     return norm.numel() / total if bool(total > 0) else 0.0
+
+
+def needs_targets(loss_fn: Callable) -> bool:
+    """Whether the loss' output curvature can depend on the targets (:func:`target_weights`)."""
+    return loss_kind(loss_fn) in ("ce", "bce")
+
+
+def weigh_columns(S: Tensor, c: Tensor | None) -> Tensor:
+    """Columns ``S [K, n, ...]`` of the output curvature scaled by ``sqrt(c)``.
+
+    ``c`` from :func:`target_weights`: one weight per example and position (cross-entropy,
+    broadcast over the classes) or per element (BCE); ``None`` leaves ``S`` as it is.
+    """
+    if c is None:
+        return S
+    r = c.sqrt()
+    if r.dim() < S.dim() - 1:  # cross-entropy: no class dimension
+        r = r.unsqueeze(1)
+    return S * r
 
 
 def linear_loss_note(loss_fn: Callable) -> str | None:

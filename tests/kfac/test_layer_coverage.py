@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dense_reference import ref_ggn
-from kfac_cases import DT, EXACT_TOL, param_slices
+from kfac_cases import DT, EXACT_TOL, closure_of, param_slices
 from second import EKFACOperator, KFACOperator
 from second.func import differentiable_attention
 from second.kfac import (
@@ -662,13 +662,7 @@ def test_the_optimizer_trains_a_depthwise_convolution_with_many_groups():
     loss_fn = nn.CrossEntropyLoss()
     opt = second.optim.KFAC(model, loss_fn)
     assert opt.approximations()["2.weight"] == "diagonal-exact"
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        return loss
-
+    closure = closure_of(opt, model, loss_fn, X, y)
     first = closure().item()
     for _ in range(10):
         opt.step(closure)

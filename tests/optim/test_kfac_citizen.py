@@ -260,13 +260,7 @@ def test_a_compiled_model_takes_the_steps_of_the_eager_one():
         loss_fn = nn.CrossEntropyLoss()
         opt = second.optim.KFAC(net, loss_fn)
         assert set(opt.approximations()) == {n for n, _ in model.named_parameters()}
-
-        def closure():
-            opt.zero_grad()
-            loss = loss_fn(net(X), y)
-            loss.backward()
-            return loss
-
+        closure = closure_of(opt, net, loss_fn, X, y)
         torch.manual_seed(1)  # the MC Fisher's samples
         return torch.stack([opt.step(closure).detach() for _ in range(8)])
 

@@ -34,6 +34,7 @@ from .._losses import (
     per_sample_losses,
     sample_targets,
     target_weights,
+    weigh_columns,
 )
 
 __all__ = [
@@ -219,7 +220,7 @@ def curvature_columns(
             _loss_gradient(kind, fd, sample_targets(loss_fn, fd, generator), a)
             for _ in range(mc_samples)
         ]
-        return _zero_rows(_weigh(torch.stack(cols), c) / math.sqrt(a * mc_samples), bad)
+        return _zero_rows(weigh_columns(torch.stack(cols), c) / math.sqrt(a * mc_samples), bad)
     fd = f.detach().requires_grad_(True)
     with torch.enable_grad():
         if y is not None and fisher == "empirical":
@@ -232,17 +233,7 @@ def curvature_columns(
             ls = per_sample_losses(loss_fn, fd, yt, reduction, sampled=True)
             (s,) = torch.autograd.grad(ls.sum(), fd)
             cols.append(s)
-    return _zero_rows(_weigh(torch.stack(cols), c) / math.sqrt(a * mc_samples), bad)
-
-
-def _weigh(S: Tensor, c: Tensor | None) -> Tensor:
-    """Columns ``S [K, n, ...]`` scaled by ``sqrt(c)`` (per position, or per element)."""
-    if c is None:
-        return S
-    r = c.sqrt()
-    if r.dim() < S.dim() - 1:  # cross-entropy: one weight per example and position
-        r = r.unsqueeze(1)
-    return S * r
+    return _zero_rows(weigh_columns(torch.stack(cols), c) / math.sqrt(a * mc_samples), bad)
 
 
 def nonfinite_rows(f: Tensor) -> Tensor | None:

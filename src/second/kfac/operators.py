@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._errors import NonFiniteError
-from .._losses import loss_kind, target_weights
+from .._losses import needs_targets, target_weights
 from ..data import Task, sample_generator
 from ..operators.base import LinearOperator
 from ..operators.curvature import CurvatureOperator
@@ -258,7 +258,7 @@ class KFACOperator(CurvatureOperator):
             with Capture(self.rules, self.diagonal_rules) as cap:
                 out, _ = self._forward(batch)
             # the targets: the empirical Fisher's, and any loss whose curvature they weigh
-            wanted = self.fisher == "empirical" or loss_kind(self.loss_fn) in ("ce", "bce")
+            wanted = self.fisher == "empirical" or needs_targets(self.loss_fn)
             y = self.task.targets(batch) if wanted else None
             S = curvature_columns(
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator

@@ -7,7 +7,13 @@ import warnings
 import torch
 
 from .._errors import SecondDeprecationWarning
-from .._losses import nll_scale, per_sample_losses, sample_targets, target_weights
+from .._losses import (
+    nll_scale,
+    per_sample_losses,
+    sample_targets,
+    target_weights,
+    weigh_columns,
+)
 from ..data import sample_generator
 from ..func.graphs import GGNGraph, JacobianGraph
 from .curvature import CurvatureOperator, GGNOperator  # noqa: F401  (GGNOperator: the example)
@@ -44,10 +50,7 @@ class _FisherState:
             s = s.reshape(K, *out.shape)  # [K, n, ...]
             # the likelihood's scores, weighted as the loss weighs its targets (ignored, classes)
             c = target_weights(loss_fn, out, task.targets(batch), op.reduction)
-            if c is not None:
-                r = c.sqrt()
-                s = s * (r.unsqueeze(1) if r.dim() < out.dim() else r)
-            self.scores = s
+            self.scores = weigh_columns(s, c)
             self.w = w / (a * op.mc_samples)
             # with few outputs per example, sum the K outer products once: [n, m, m]
             m = out[0].numel()

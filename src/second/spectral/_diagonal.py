@@ -163,9 +163,9 @@ def ggn_diagonal(
 
 def _targets(task, loss_fn, batch) -> Tensor | None:
     """The batch's targets where the loss' curvature depends on them (cross-entropy, BCE)."""
-    from .._losses import loss_kind
+    from .._losses import needs_targets
 
-    return task.targets(batch) if loss_kind(loss_fn) in ("ce", "bce") else None
+    return task.targets(batch) if needs_targets(loss_fn) else None
 
 
 def _scaled_sqrt(

@@ -229,6 +229,11 @@ def eigsh(
             scale = 1.0
         return W
 
+    def extend(W, Q):
+        """The next block: ``W`` orthonormalized against the basis, else random directions."""
+        W = orthonormalize(W, Q)
+        return W if W.shape[1] else orthonormalize(randn(min(p, n - Q.shape[1])), Q)
+
     if v0 is not None:
         V = v0.reshape(n, -1).to(dtype=dtype, device=dev)
         if V.shape[1] < p:
@@ -251,9 +256,7 @@ def eigsh(
             and Q.shape[1] + p <= ncv
             and op.matvecs - start_matvecs < maxiter
         ):  # one vector, many pairs: Rayleigh-Ritz every `stride` products (its cost is n m^2)
-            W = orthonormalize(AQ[:, -p:], Q)
-            if W.shape[1] == 0:
-                W = orthonormalize(randn(min(p, n - Q.shape[1])), Q)
+            W = extend(AQ[:, -p:], Q)
             if W.shape[1]:
                 Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, _apply(op, W)], dim=1)
                 passes += 1
@@ -328,9 +331,7 @@ def eigsh(
             Rk = AQ - Q * theta[keep].to(dtype)
             if check_ref is None:  # (a check goes on from its fresh vector's Krylov block)
                 W = Rk[:, torch.argsort(torch.linalg.vector_norm(Rk, dim=0), descending=True)[:p]]
-        W = orthonormalize(randn(p) if fresh else W, Q)
-        if W.shape[1] == 0:
-            W = orthonormalize(randn(min(p, n - Q.shape[1])), Q)
+        W = extend(randn(p) if fresh else W, Q)
         if W.shape[1] == 0:
             certified = torch.ones_like(certified)
             message = "exact: no direction left outside the basis"
