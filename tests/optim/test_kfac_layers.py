@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_cases import DT, INVERSE_TOL
+from kfac_cases import DT, INVERSE_TOL, closure_of
 from second import KFACOperator
 from second.optim import KFAC
 
@@ -136,24 +136,15 @@ def test_grouped_convolution_blocks_in_the_optimizer_and_its_state_dict():
     loss_fn = nn.CrossEntropyLoss()
     opt = KFAC(model, loss_fn)
 
-    def closure_of(m, o):
-        def closure():
-            o.zero_grad()
-            loss = loss_fn(m(X), y)
-            loss.backward()
-            return loss
-
-        return closure
-
     for _ in range(3):
-        opt.step(closure_of(model, opt))
+        opt.step(closure_of(opt, model, loss_fn, X, y))
     assert {f"rows[{j}:{j + 1}]" for j in range(4)} <= set(opt.state[model[2].weight])
     assert opt.approximations()["2.weight"] == "kronecker-reduce"
     twin = copy.deepcopy(model)
     opt2 = KFAC(twin, loss_fn)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for _ in range(2):
-        opt.step(closure_of(model, opt))
-        opt2.step(closure_of(twin, opt2))
+        opt.step(closure_of(opt, model, loss_fn, X, y))
+        opt2.step(closure_of(opt2, twin, loss_fn, X, y))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
