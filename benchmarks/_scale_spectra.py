@@ -51,7 +51,7 @@ QUANTITIES = ("top1", "top5", "trace")
 BATCH = 250
 
 
-def build_cnn() -> nn.Module:
+def build_cnn(hidden: int = 184) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1),
         nn.ReLU(),
@@ -60,9 +60,9 @@ def build_cnn() -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(3136, 184),
+        nn.Linear(3136, hidden),
         nn.ReLU(),
-        nn.Linear(184, 10),
+        nn.Linear(hidden, 10),
     )
 
 
@@ -102,12 +102,14 @@ class CountingLoader:
         return self.examples / self.n
 
 
-def trained_model(n: int, cache: Path, dtype=torch.float32) -> tuple[nn.Module, CountingLoader]:
+def trained_model(
+    n: int, cache: Path, dtype=torch.float32, hidden: int = 184
+) -> tuple[nn.Module, CountingLoader]:
     """The CNN after 40 Adam steps on batches of 50 (cached), and a counting loader."""
     X, y = make_data(n)
-    path = cache / f"cnn_{n}.pt"
+    path = cache / (f"cnn_{n}.pt" if hidden == 184 else f"cnn_{n}_h{hidden}.pt")
     torch.manual_seed(0)
-    model = build_cnn()
+    model = build_cnn(hidden)
     if path.exists():
         model.load_state_dict(torch.load(path))
     else:
@@ -264,7 +266,7 @@ def one(args) -> dict:
     torch.set_num_threads(1)
     library, quantity = args.one
     dtype = torch.float64 if library == "reference" else torch.float32
-    model, loader = trained_model(args.n, Path(args.cache), dtype)
+    model, loader = trained_model(args.n, Path(args.cache), dtype, args.hidden)
     if library == "reference":
         out, cost = timed(lambda: _reference(model, loader, args))
     else:
@@ -276,6 +278,7 @@ def one(args) -> dict:
 
 def _spawn(library: str, quantity: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", library, quantity, "--n", str(args.n)]
+    cmd += ["--hidden", str(args.hidden)]
     cmd += ["--cache", args.cache, "--trace-probes", str(args.trace_probes)]
     cmd += ["--curvlinops-trace-max-n", str(args.curvlinops_trace_max_n)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -316,6 +319,12 @@ def _row(r: dict, ref: dict | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="training examples")
+    ap.add_argument(
+        "--hidden",
+        type=int,
+        default=184,
+        help="width of the hidden linear layer (184: 597,874 parameters; 3,180: 10.0M)",
+    )
     ap.add_argument("--only", default=",".join(LIBRARIES), help="libraries, comma-separated")
     ap.add_argument("--quantity", default=",".join(QUANTITIES), help="top1,top5,trace")
     ap.add_argument("--trace-probes", type=int, default=30)
@@ -331,8 +340,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(one(args)))
         return
     cache = Path(args.cache)
-    trained_model(args.n, cache)  # train once, outside the measurements
-    ref_path = cache / f"reference_{args.n}.json"
+    trained_model(args.n, cache, hidden=args.hidden)  # train once, outside the measurements
+    tag = "" if args.hidden == 184 else f"_h{args.hidden}"
+    ref_path = cache / f"reference_{args.n}{tag}.json"
     if not ref_path.exists():
         ref = _spawn("reference", "top6", args)
         if "error" in ref:

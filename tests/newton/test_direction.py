@@ -6,7 +6,14 @@ import math
 
 import torch
 
-from second.newton import dense_newton_direction, forcing_term, truncated_cg
+from second.newton import (
+    ResidualBasis,
+    dense_newton_direction,
+    forcing_term,
+    model_cg,
+    steihaug_cg,
+    truncated_cg,
+)
 
 DT = torch.float64
 EXACT = dict(rtol=1e-9, atol=1e-10)
@@ -83,3 +90,76 @@ def test_dense_newton_direction_flips_negative_eigenvalues():
     torch.testing.assert_close(d, torch.tensor([-1.0, -1.0, 0.0], dtype=DT), **EXACT)
     assert info.curvature == -2.0 and float(g @ d) < 0
     assert float(info.negative_curvature @ g) <= 0
+
+
+# -------------------------------------------------------------- re-orthogonalized residuals
+def _ill_conditioned(n=60, cond=1e8):
+    H = spd(n, cond)
+    H = 0.5 * (H + H.T)
+    g = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(3))
+    return H, g
+
+
+def test_residual_basis_projects_off_stored_residuals_in_the_preconditioner_inner_product():
+    n = 5
+    M = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=DT))
+    r1 = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], dtype=DT)
+    r2 = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0], dtype=DT)
+    basis = ResidualBasis(torch.zeros(n, dtype=DT), preconditioned=True)
+    basis.add(r1, M @ r1)
+    q2 = r2 - r1 * float(r1 @ M @ r2) / float(r1 @ M @ r1)  # CG's residuals are M-orthogonal
+    basis.add(q2, M @ q2)
+    v = torch.tensor([3.0, -1.0, 0.5, 2.0, 1.0], dtype=DT)
+    w = basis.project(v)
+    # M-orthogonal to both stored residuals, and v - w in their span
+    assert abs(float(r1 @ M @ w)) < 1e-12 and abs(float(r2 @ M @ w)) < 1e-12
+    coef = torch.linalg.lstsq(torch.stack([r1, r2], 1), v - w).solution
+    torch.testing.assert_close(torch.stack([r1, r2], 1) @ coef, v - w, **EXACT)
+
+
+def test_residual_basis_respects_its_memory_and_the_dimension():
+    like = torch.zeros(10, dtype=DT)
+    assert ResidualBasis(like, preconditioned=False).capacity == 10  # never more than n
+    assert ResidualBasis(like, preconditioned=False, memory=3 * 80).capacity == 3
+    assert ResidualBasis(like, preconditioned=True, memory=3 * 80).capacity == 1
+    off = ResidualBasis(like, preconditioned=False, memory=0)
+    off.add(torch.ones(10, dtype=DT))
+    assert off.size == 0 and torch.equal(
+        off.project(torch.ones(10, dtype=DT)), torch.ones(10, dtype=DT)
+    )
+
+
+def test_reorthogonalized_cg_solves_an_ill_conditioned_system_in_about_n_products():
+    # condition 1e8, n = 60: in floating point plain CG loses the residuals' orthogonality
+    # and is still far off after 3n products; re-orthogonalized, about n suffice
+    H, g = _ill_conditioned()
+    n = g.numel()
+    exact = -torch.linalg.solve(H, g)
+    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=2 * n)
+    assert info.status == "converged" and info.matvecs <= n + 10
+    assert float(torch.linalg.vector_norm(H @ d + g)) <= 1e-7 * float(torch.linalg.vector_norm(g))
+    # energy-norm error, the quantity CG minimizes
+    e = d - exact
+    assert float(e @ H @ e) <= 1e-10 * float(exact @ H @ exact)
+    _, pinfo = truncated_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=3 * n, reorthogonalize=False)
+    assert pinfo.status == "maxiter"
+
+
+def test_reorthogonalized_cg_with_a_preconditioner_and_in_steihaug_and_model_cg():
+    H, g = _ill_conditioned()
+    n = g.numel()
+    exact = -torch.linalg.solve(H, g)
+    # a rough diagonal preconditioner: the residuals are M-orthogonal then
+    Mdiag = 1.0 / torch.diagonal(H)
+    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=2 * n, M=lambda r: Mdiag * r)
+    assert info.status == "converged" and info.matvecs <= n + 10
+    torch.testing.assert_close(H @ d, -g, rtol=0, atol=1e-6 * float(g.norm()))
+    # Steihaug-Toint CG in a region that does not bind: the Newton step
+    res = steihaug_cg(lambda v: H @ v, g, 1e6, rtol=1e-7, maxiter=2 * n)
+    assert res.status == "converged" and res.hvps <= n + 10
+    torch.testing.assert_close(H @ res.step, -g, rtol=0, atol=1e-6 * float(g.norm()))
+    # the optimizers' inner CG (damped, here undamped)
+    out = model_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=2 * n)
+    assert out.status == "converged" and out.products <= n + 10
+    e = out.x - exact
+    assert float(e @ H @ e) <= 1e-10 * float(exact @ H @ exact)

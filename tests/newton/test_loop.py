@@ -222,8 +222,9 @@ def test_auto_goes_on_from_a_nearly_converged_newton_cg_point():
 def test_noisy_differences_of_f_are_measured_by_the_gradients(monkeypatch):
     # an ill-conditioned quadratic (condition 1e8): f rounds far above its epsilon, so at
     # small steps the change of f is noise; where it disagrees with the model the trapezoidal
-    # rule on the gradients measures the reduction (with the rounding threshold alone: 61
-    # iterations and 509 products instead of 4 and 159)
+    # rule on the gradients measures the reduction (plain CG, whose many small steps show it:
+    # with the rounding threshold alone 61 iterations and 509 products instead of 4 and 159;
+    # re-orthogonalized CG, the default, takes 57)
     import second.newton.steps as steps
 
     n = 20
@@ -233,15 +234,19 @@ def test_noisy_differences_of_f_are_measured_by_the_gradients(monkeypatch):
     A = 0.5 * (A + A.T)
     b = torch.randn(n, generator=g, dtype=DT)
 
-    def run():
+    def run(reorthogonalize=False):
         return newton_cg(
-            lambda x: 0.5 * x @ (A @ x) - b @ x, torch.zeros(n, dtype=DT), Criteria(1e-8, 500)
+            lambda x: 0.5 * x @ (A @ x) - b @ x,
+            torch.zeros(n, dtype=DT),
+            Criteria(1e-8, 500),
+            reorthogonalize=reorthogonalize,
         )
 
-    res = run()
+    res, default = run(), run(True)
     monkeypatch.setattr(steps, "NOISE", steps.ROUNDING)
     plain = run()
     assert res.converged and plain.converged and res.matvecs < 0.5 * plain.matvecs
+    assert default.converged and default.matvecs < 0.5 * res.matvecs
 
 
 def test_a_constant_offset_barely_changes_newton_cg():

@@ -3,7 +3,7 @@
 ``second.minimize`` and the Newton-type optimizers of :mod:`second.optim` run on it.
 
 * direction: :func:`truncated_cg` (Eisenstat-Walker :func:`forcing_term`, warm start,
-  negative curvature), :func:`steihaug_cg` and :func:`exact_trust_region` (trust-region
+  negative curvature, residuals re-orthogonalized by :class:`ResidualBasis`), :func:`steihaug_cg` and :func:`exact_trust_region` (trust-region
   subproblems), :func:`dense_newton_direction`, :func:`model_cg` (damped CG with Martens'
   progress rule);
 * preconditioners: :class:`LBFGSPreconditioner`, :func:`diagonal_preconditioner`;
@@ -16,7 +16,14 @@
   residual form, :class:`LeastSquaresObjective`); result: :class:`OptimizeResult`.
 """
 
-from .direction import DirectionInfo, dense_newton_direction, forcing_term, truncated_cg
+from .direction import (
+    REORTH_MEMORY,
+    DirectionInfo,
+    ResidualBasis,
+    dense_newton_direction,
+    forcing_term,
+    truncated_cg,
+)
 from .globalize import LineSearchResult, lm_damping_update, strong_wolfe, update_radius
 from .least_squares import LeastSquaresObjective, gauss_newton
 from .loop import newton_cg, newton_dense
@@ -40,6 +47,8 @@ __all__ = [
     "forcing_term",
     "dense_newton_direction",
     "DirectionInfo",
+    "ResidualBasis",
+    "REORTH_MEMORY",
     "steihaug_cg",
     "exact_trust_region",
     "SubproblemResult",

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DirectionInfo", "forcing_term", "truncated_cg", "dense_newton_direction"]
+__all__ = [
+    "DirectionInfo",
+    "REORTH_MEMORY",
+    "ResidualBasis",
+    "forcing_term",
+    "truncated_cg",
+    "dense_newton_direction",
+]
 
 
 @dataclass
@@ -46,6 +53,85 @@ class DirectionInfo:
     negative_curvature: Tensor | None = None
     curvature: float = 0.0
     warm_started: bool = False
+
+
+#: Bytes the CG loops of the Newton core may spend on stored residuals for re-orthogonalization
+#: (:class:`ResidualBasis`); past it CG goes on without (default 64 MiB: 800 residuals of
+#: 10,000 float64 unknowns, 16 of a million float32 ones, with a preconditioner half as many).
+REORTH_MEMORY = 64 * 2**20
+
+
+class ResidualBasis:
+    r"""Full re-orthogonalization of CG residuals, within a memory budget.
+
+    In exact arithmetic CG's residuals are mutually orthogonal (:math:`M`-orthogonal with a
+    preconditioner, :math:`r_i^\top M r_j = 0`); in floating point they lose it on an
+    ill-conditioned :math:`H`, and CG then needs many times ``n`` products (a quadratic of
+    condition 1e8 in 100 unknowns: 3,000 CG iterations for a residual of 0.1, 100 with the
+    residuals re-orthogonalized). Each new residual is projected, twice (Gram-Schmidt), off
+    the stored ones: :math:`r \leftarrow r - \sum_i r_i (z_i^\top r)` with
+    :math:`z_i = M r_i` scaled so that :math:`z_i^\top r_i = 1`. At most
+    ``memory`` bytes of residuals are kept (:data:`REORTH_MEMORY`), and at most ``n`` of
+    them (then the space is spanned); past that the loop is plain CG.
+
+    Args:
+        like: a vector of the problem's size, dtype and device.
+        preconditioned: whether :math:`z_i \neq r_i` (two vectors kept per residual).
+        memory: bytes (default :data:`REORTH_MEMORY`; 0 turns the re-orthogonalization off).
+
+    Example:
+        >>> b = ResidualBasis(torch.zeros(3, dtype=torch.float64), preconditioned=False)
+        >>> b.add(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+        >>> b.project(torch.tensor([1e-3, 2.0, 0.0], dtype=torch.float64)).tolist()
+        [0.0, 2.0, 0.0]
+    """
+
+    def __init__(self, like: Tensor, *, preconditioned: bool, memory: int | None = None):
+        n = like.numel()
+        per = n * like.element_size() * (2 if preconditioned else 1)
+        budget = REORTH_MEMORY if memory is None else memory
+        self.capacity = min(n, budget // max(per, 1))
+        self._preconditioned = preconditioned
+        self._like = like
+        self._R: Tensor | None = None  # [rows, n], grown by doubling
+        self._Z: Tensor | None = None
+        self.size = 0
+
+    def add(self, r: Tensor, z: Tensor | None = None) -> None:
+        """Store residual ``r`` (and ``z = M r``); ignored when full or when ``r^T z <= 0``."""
+        if self.size >= self.capacity:
+            return
+        rz = float(torch.dot(r, r if z is None else z))
+        if not (rz > 0 and math.isfinite(rz)):
+            return
+        if self._R is None or self.size == self._R.shape[0]:
+            rows = min(self.capacity, max(8, 2 * self.size))
+            grown = self._like.new_empty(rows, self._like.numel())
+            if self._R is not None:
+                grown[: self.size] = self._R[: self.size]
+            self._R = grown
+            if self._preconditioned:
+                grown_z = self._like.new_empty(rows, self._like.numel())
+                if self._Z is not None:
+                    grown_z[: self.size] = self._Z[: self.size]
+                self._Z = grown_z
+        scale = 1.0 / math.sqrt(rz)
+        torch.mul(r.reshape(-1), scale, out=self._R[self.size])
+        if self._preconditioned:
+            assert self._Z is not None and z is not None
+            torch.mul(z.reshape(-1), scale, out=self._Z[self.size])
+        self.size += 1
+
+    def project(self, r: Tensor) -> Tensor:
+        """``r`` with its components along the stored residuals removed (twice)."""
+        if not self.size:
+            return r
+        assert self._R is not None
+        R = self._R[: self.size]
+        Z = self._Z[: self.size] if self._Z is not None else R
+        for _ in range(2):
+            r = r - R.T @ (Z @ r)
+        return r
 
 
 def forcing_term(
@@ -107,6 +193,7 @@ def truncated_cg(
     M: Callable[[Tensor], Tensor] | None = None,
     x0: Tensor | None = None,
     atol: float = 0.0,
+    reorthogonalize: bool = True,
 ) -> tuple[Tensor, DirectionInfo]:
     r"""Truncated (preconditioned) CG on the Newton system :math:`H d = -g`.
 
@@ -130,6 +217,9 @@ def truncated_cg(
             definite (default none).
         x0: warm start (default zero).
         atol: absolute residual tolerance (default 0).
+        reorthogonalize: re-orthogonalize the residuals (:class:`ResidualBasis`, default
+            ``True``): on an ill-conditioned :math:`H` CG then needs about ``n`` products
+            instead of many times that.
 
     Returns:
         ``(d, info)``: the direction and a :class:`DirectionInfo`.
@@ -172,6 +262,8 @@ def truncated_cg(
     rz = float(torch.dot(r, z))
     if M is not None and not rz > 0:
         raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+    basis = ResidualBasis(g, preconditioned=M is not None, memory=None if reorthogonalize else 0)
+    basis.add(r, z if M is not None else None)
     p = -z
     for j in range(maxiter):
         Hp = hvp(p)
@@ -198,7 +290,7 @@ def truncated_cg(
             break
         alpha = rz / pHp
         x = x + alpha * p
-        r = r + alpha * Hp
+        r = basis.project(r + alpha * Hp)
         if float(torch.linalg.vector_norm(r)) <= threshold:
             info.status = "converged"
             break
@@ -206,6 +298,7 @@ def truncated_cg(
         rz_new = float(torch.dot(r, z))
         if M is not None and not rz_new > 0:
             raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+        basis.add(r, z if M is not None else None)
         p = -z + (rz_new / rz) * p
         rz = rz_new
     info.model_decrease = -0.5 * (float(torch.dot(g, x)) + float(torch.dot(x, r)))

@@ -129,6 +129,7 @@ def gauss_newton(
     cg_maxiter: int | None = None,
     min_damping: float = 1e-15,
     max_damping: float = 1e15,
+    reorthogonalize: bool = True,
 ) -> OptimizeResult:
     r"""Gauss-Newton with Levenberg-Marquardt globalization, dense or matrix-free.
 
@@ -164,6 +165,8 @@ def gauss_newton(
         cg_maxiter: CG iterations per solve (default ``max(20, min(n, 250))``).
         min_damping: floor for :math:`\lambda` (default 1e-15).
         max_damping: ceiling; reaching it stops the run as stalled (default 1e15).
+        reorthogonalize: re-orthogonalize the CG residuals of the matrix-free solves
+            (:class:`~second.newton.ResidualBasis`, default ``True``).
 
     Returns:
         An :class:`~second.newton.OptimizeResult` with ``method="gauss-newton"``.
@@ -216,12 +219,22 @@ def gauss_newton(
                 return exact_trust_region(G, g, r)
         else:
             subproblem = cg_subproblem(
-                lambda v, pt=pt: obj.gvp(pt, v), g, rtol=rtol, maxiter=cg_maxiter
+                lambda v, pt=pt: obj.gvp(pt, v),
+                g,
+                rtol=rtol,
+                maxiter=cg_maxiter,
+                reorthogonalize=reorthogonalize,
             )
 
         def solve(lam_, pt=pt, g=g, eig=eig, rtol=rtol):
             return damped_solve(
-                g, lam_, eig=eig, gvp=lambda v: obj.gvp(pt, v), maxiter=cg_maxiter, rtol=rtol
+                g,
+                lam_,
+                eig=eig,
+                gvp=lambda v: obj.gvp(pt, v),
+                maxiter=cg_maxiter,
+                rtol=rtol,
+                reorthogonalize=reorthogonalize,
             )
 
         trials: dict = {}

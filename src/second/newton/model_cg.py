@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .direction import ResidualBasis
+
 __all__ = ["InnerCGResult", "model_cg"]
 
 
@@ -51,6 +53,7 @@ def model_cg(
     progress_tol: float | None = None,
     min_iter: int = 1,
     save_at: set[int] | None = None,
+    reorthogonalize: bool = True,
 ) -> InnerCGResult:
     r"""CG on :math:`A d = -g`, stopping on the residual or on stalled model progress.
 
@@ -69,6 +72,8 @@ def model_cg(
         progress_tol: :math:`\epsilon` for Martens' rule (``None``: off).
         min_iter: iterations before Martens' rule may stop.
         save_at: iterations whose iterates are kept (for CG-iterate backtracking).
+        reorthogonalize: re-orthogonalize the residuals
+            (:class:`~second.newton.ResidualBasis`, default ``True``).
 
     Returns:
         An :class:`InnerCGResult`.
@@ -92,6 +97,8 @@ def model_cg(
     z = r
     p = r.clone()
     rr = float(torch.dot(r, r))
+    basis = ResidualBasis(g, preconditioned=False, memory=None if reorthogonalize else 0)
+    basis.add(r)
     threshold = rtol * float(torch.linalg.vector_norm(g))
     phis = [0.5 * float(torch.dot(x, Ax)) + float(torch.dot(g, x))]
     saved: list[tuple[int, Tensor, Tensor]] = []
@@ -111,7 +118,7 @@ def model_cg(
             alpha = rr / pAp
             x = x + alpha * p
             Ax = Ax + alpha * Ap
-            r = r - alpha * Ap
+            r = basis.project(r - alpha * Ap)
             phi = 0.5 * float(torch.dot(x, Ax)) + float(torch.dot(g, x))
             phis.append(phi)
             if i in save_at:
@@ -125,6 +132,7 @@ def model_cg(
                 if i > k and phi < 0 and (phi - phis[i - k]) / phi < k * progress_tol:
                     status = "progress"
                     break
+            basis.add(r)
             z = r
             p = z + (rr_new / rr) * p
             rr = rr_new

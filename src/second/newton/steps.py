@@ -165,6 +165,7 @@ def cg_subproblem(
     rtol: float,
     maxiter: int,
     M: Callable[[Tensor], Tensor] | None = None,
+    reorthogonalize: bool = True,
 ) -> Callable[[float], SubproblemResult]:
     r"""``radius -> SubproblemResult`` by Steihaug-Toint CG, solved once and then re-cut.
 
@@ -177,6 +178,7 @@ def cg_subproblem(
         rtol: relative CG tolerance (the forcing term).
         maxiter: CG iterations.
         M: optional preconditioner :math:`M \approx H^{-1}`.
+        reorthogonalize: re-orthogonalize CG's residuals (default ``True``).
 
     Returns:
         The subproblem solver for :func:`trust_region_step`.
@@ -191,7 +193,11 @@ def cg_subproblem(
 
     def solve(radius: float) -> SubproblemResult:
         if not last:
-            last.append(steihaug_cg(hvp, g, radius, rtol=rtol, maxiter=maxiter, M=M))
+            last.append(
+                steihaug_cg(
+                    hvp, g, radius, rtol=rtol, maxiter=maxiter, M=M, reorthogonalize=reorthogonalize
+                )
+            )
         elif last[0].path is not None:
             last[0] = last[0].path.cut(radius)
         return last[0]
@@ -242,6 +248,7 @@ def damped_solve(
     gvp: Callable[[Tensor], Tensor] | None = None,
     maxiter: int = 250,
     rtol: float = 1e-10,
+    reorthogonalize: bool = True,
 ) -> tuple[Tensor, float]:
     r"""The damped Gauss-Newton step and the reduction its undamped model predicts.
 
@@ -258,6 +265,7 @@ def damped_solve(
         gvp: ``v -> G v`` (matrix-free; used when ``eig`` is ``None``).
         maxiter: CG iterations (default 250).
         rtol: relative CG tolerance (default 1e-10).
+        reorthogonalize: re-orthogonalize CG's residuals (default ``True``).
 
     Returns:
         ``(p, pred)``.
@@ -279,7 +287,13 @@ def damped_solve(
         return (Q @ w).to(g.dtype), -float(c @ w + 0.5 * (ev * w * w).sum())
     if gvp is None:
         raise ValueError("damped_solve needs eig (dense) or gvp (matrix-free)")
-    res = model_cg(lambda v: gvp(v) + damping * v, g, maxiter=maxiter, rtol=rtol)
+    res = model_cg(
+        lambda v: gvp(v) + damping * v,
+        g,
+        maxiter=maxiter,
+        rtol=rtol,
+        reorthogonalize=reorthogonalize,
+    )
     # phi = g.p + p.(G + lam I)p / 2, so the undamped model is phi - lam ||p||^2 / 2
     return res.x, -(res.phi - 0.5 * damping * float(torch.dot(res.x, res.x)))
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .direction import ResidualBasis
+
 __all__ = [
     "RCOND",
     "SubproblemResult",
@@ -161,6 +163,7 @@ def steihaug_cg(
     atol: float = 0.0,
     maxiter: int | None = None,
     M: Callable[[Tensor], Tensor] | None = None,
+    reorthogonalize: bool = True,
 ) -> SubproblemResult:
     r"""Steihaug-Toint truncated conjugate gradient for the trust-region subproblem.
 
@@ -191,6 +194,8 @@ def steihaug_cg(
         M: preconditioner ``r -> M r`` with :math:`M \approx H^{-1}` symmetric positive
             definite; the region is then the ellipsoid :math:`\|p\|_{M^{-1}} \le \Delta`,
             whose norms are updated by recurrences (no product with :math:`M^{-1}`).
+        reorthogonalize: re-orthogonalize the residuals
+            (:class:`~second.newton.ResidualBasis`, default ``True``).
 
     Returns:
         A :class:`SubproblemResult`.
@@ -225,6 +230,8 @@ def steihaug_cg(
     rz = float(torch.dot(r, z))
     if rz <= 0:
         raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+    basis = ResidualBasis(grad, preconditioned=M is not None, memory=None if reorthogonalize else 0)
+    basis.add(r, z if M is not None else None)
     d = -z
     dPd = rz  # d^T P d with P = M^{-1}: (M r)^T M^{-1} (M r) = r^T M r
     pPd = 0.0
@@ -249,7 +256,7 @@ def steihaug_cg(
             res = path.cut(radius)
             res.hvps = hvps
             return res
-        r = r + alpha * Hd
+        r = basis.project(r + alpha * Hd)
         pPp = new_pPp
         if float(torch.linalg.vector_norm(r)) <= threshold:
             path.end_status = "converged"
@@ -258,6 +265,7 @@ def steihaug_cg(
         rz_new = float(torch.dot(r, z))
         if M is not None and rz_new <= 0:
             raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+        basis.add(r, z if M is not None else None)
         beta = rz_new / rz
         rz = rz_new
         # P-norm recurrences (Gould et al. 1999; exact in exact arithmetic)

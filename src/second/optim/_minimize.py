@@ -66,6 +66,7 @@ _CORE_OPTIONS = {
         "max_radius",
         "eta",
         "warm_start",
+        "reorthogonalize",
     },
     "newton-exact": {"initial_radius", "eta", "hessian_every", "rcond", "negligible"},
 }
@@ -78,6 +79,7 @@ _GN_OPTIONS = {
     "cg_maxiter",
     "min_damping",
     "max_damping",
+    "reorthogonalize",
 }
 _CRITERIA_OPTIONS = {"xtol", "detect_unbounded", "unbounded_factor", "unbounded_window"}
 
@@ -149,7 +151,8 @@ def minimize(
         maxiter: iteration limit (default ``max(1000, 20 n)``).
         max_time: wall-clock limit in seconds (default none).
         options: method options (e.g. ``globalization``, ``preconditioner``, ``cg_maxiter``,
-            ``initial_radius``, ``hessian_every``, ``damping_rule``, ``damping``, ``solver``) and stopping options
+            ``initial_radius``, ``hessian_every``, ``damping_rule``, ``damping``, ``solver``,
+            ``reorthogonalize``) and stopping options
             (``xtol``, ``detect_unbounded``, ``unbounded_factor``, ``unbounded_window``).
         tol: deprecated spelling of ``gtol``.
 

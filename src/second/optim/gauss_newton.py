@@ -331,7 +331,12 @@ class GaussNewton(NewtonTypeOptimizer):
             rtol = min(0.5, math.sqrt(gnorm))
         maxiter = group["cg_maxiter"] or min(g.numel(), 250)
         return damped_solve(
-            g, damping, gvp=lambda v: self._gvp(graph, v), maxiter=maxiter, rtol=rtol
+            g,
+            damping,
+            gvp=lambda v: self._gvp(graph, v),
+            maxiter=maxiter,
+            rtol=rtol,
+            reorthogonalize=False,  # mini-batch curvature: plain CG
         )
 
     def _trial(self, closure, x: Tensor, holder: dict):

@@ -234,6 +234,7 @@ class HessianFree(NewtonTypeOptimizer):
             rtol=1e-10,
             progress_tol=group["progress_tol"],
             save_at=_save_points(maxiter),
+            reorthogonalize=False,  # mini-batch curvature: plain CG, as Martens'
         )
         del cpair
         # a non-finite solution (overflowing curvature) must not seed the next warm start

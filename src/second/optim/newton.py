@@ -215,6 +215,7 @@ class NewtonCG(NewtonTypeOptimizer):
                     rtol=rtol,
                     maxiter=maxiter,
                     M=self.preconditioner,
+                    reorthogonalize=False,  # mini-batch curvature: plain CG
                 )
             res = trust_region_step(
                 cache["loss"],

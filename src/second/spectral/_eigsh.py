@@ -13,6 +13,7 @@ from torch import Tensor
 from .._errors import ConvergenceWarning
 from .._progress import progress
 from ..operators.base import aslinearoperator
+from ._inner import gram, rows_per_chunk
 
 __all__ = ["eigsh", "EigshResult", "COPY_CHECK_STEPS"]
 
@@ -30,6 +31,32 @@ COPY_CHECK_STEPS = 5
 """With ``block_size=1`` and ``k > 1`` (one vector, then a check): the Lanczos steps from a
 fresh random vector, orthogonal to the basis, that must leave the certified pairs unchanged
 before eigsh stops (a single Krylov vector sees one vector of a repeated eigenspace)."""
+
+
+def _symmetric(T: Tensor) -> Tensor:
+    return 0.5 * (T + T.mT)
+
+
+def _bordered(T: Tensor, Q: Tensor, W: Tensor, AW: Tensor) -> Tensor:
+    """The projected matrix of the basis ``[Q, W]`` from that of ``Q`` (``n (m + p) p`` work)."""
+    C = gram(Q, AW)
+    return torch.cat(
+        [torch.cat([T, C], dim=1), torch.cat([C.mT, _symmetric(gram(W, AW))], dim=1)], dim=0
+    )
+
+
+def _residual_norms(Q: Tensor, AQ: Tensor, S: Tensor, theta: Tensor) -> Tensor:
+    """``||A Q s_j - theta_j Q s_j||`` for the columns ``s_j`` of ``S`` (float64, by row chunks)."""
+    S64 = S.to(torch.float64)
+    sq = torch.zeros(S.shape[1], dtype=torch.float64, device=S.device)
+    step = rows_per_chunk(2 * Q.shape[1] + S.shape[1])
+    for i in range(0, Q.shape[0], step):
+        R = (
+            AQ[i : i + step].to(torch.float64) @ S64
+            - (Q[i : i + step].to(torch.float64) @ S64) * theta
+        )
+        sq += (R * R).sum(0)
+    return sq.sqrt()
 
 
 @dataclass
@@ -208,17 +235,37 @@ def eigsh(
     def randn(cols):
         return torch.randn(n, cols, generator=g, dtype=dtype, device=dev)
 
+    def project(W, Q):
+        """``W`` less its components along the orthonormal ``Q`` (twice, float64 coefficients)."""
+        if Q is not None and Q.shape[1]:
+            for _ in range(2):
+                W = W - Q @ gram(Q, W).to(dtype)
+        return W
+
+    def normalize(W):
+        """An orthonormal basis of ``W``'s columns and their singular values, largest first.
+
+        A float64 basis: by SVD. A lower-precision one: from the float64 Gram matrix, which
+        resolves singular values down to 1e-8 of the largest, far below the
+        ``1e3 eps(float32)`` at which a direction counts as vanished.
+        """
+        if dtype == torch.float64:
+            U, s, _ = torch.linalg.svd(W, full_matrices=False)
+            return U, s
+        lam, V = torch.linalg.eigh(gram(W, W))
+        lam, V = lam.flip(0).clamp_min(0.0), V.flip(1)
+        s = lam.sqrt()
+        return W @ (V / s.clamp_min(1e-300)).to(dtype), s
+
     def orthonormalize(W, Q):
         """Orthonormalize W against Q and itself; refill vanished columns with random ones."""
         scale = max(float(torch.linalg.matrix_norm(W)) if W.numel() else 0.0, 1.0)
         for attempt in range(4):
-            for _ in range(2):
-                if Q is not None and Q.shape[1]:
-                    W = W - Q @ (Q.mT @ W)
-            U, s, _ = torch.linalg.svd(W, full_matrices=False)
+            U, s = normalize(project(W, Q))
             keep = s > 1e3 * torch.finfo(dtype).eps * scale
             if bool(keep.all()) or attempt == 3:
-                return U[:, keep]
+                # a second pass: orthonormal to the working precision (CholeskyQR2)
+                return normalize(project(U[:, keep], Q))[0]
             room = n - (0 if Q is None else Q.shape[1])
             missing = min(int((~keep).sum()), room - int(keep.sum()))
             W = (
@@ -242,6 +289,7 @@ def eigsh(
         V = randn(p)
     Q = orthonormalize(V, None)
     AQ = _apply(op, Q)
+    T = _symmetric(gram(Q, AQ))  # the projected matrix Q^T A Q, kept as the basis grows
     passes += 1
     # every pass adds at least one product, so the product limit ends the loop first; the
     # bar's total is the limit in full blocks (it stops as soon as the pairs are certified)
@@ -258,16 +306,15 @@ def eigsh(
         ):  # one vector, many pairs: Rayleigh-Ritz every `stride` products (its cost is n m^2)
             W = extend(AQ[:, -p:], Q)
             if W.shape[1]:
-                Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, _apply(op, W)], dim=1)
+                AW = _apply(op, W)
+                T = _bordered(T, Q, W, AW)
+                Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, AW], dim=1)
                 passes += 1
                 continue
-        H = Q.mT @ AQ
-        H = 0.5 * (H + H.mT)
-        theta, S = torch.linalg.eigh(H.to(torch.float64))
+        theta, S = torch.linalg.eigh(T)
         idx = _select(theta, k, which)
-        Y = Q.to(torch.float64) @ S[:, idx]
-        R = AQ.to(torch.float64) @ S[:, idx] - Y * theta[idx]
-        res = torch.linalg.vector_norm(R, dim=0)
+        res = _residual_norms(Q, AQ, S[:, idx], theta[idx])
+        Q_rr = Q  # the basis of this Rayleigh-Ritz step (the eigenvectors are Q_rr S)
         scale = max(float(theta.abs().max()), 1e-300)
         if criterion == "residual":
             bound = res
@@ -328,6 +375,7 @@ def eigsh(
             keep = _select(theta, min(m - p, k + p), which)
             Sk = S[:, keep].to(dtype)
             Q, AQ = Q @ Sk, AQ @ Sk
+            T = _symmetric(gram(Q, AQ))
             Rk = AQ - Q * theta[keep].to(dtype)
             if check_ref is None:  # (a check goes on from its fresh vector's Krylov block)
                 W = Rk[:, torch.argsort(torch.linalg.vector_norm(Rk, dim=0), descending=True)[:p]]
@@ -338,6 +386,7 @@ def eigsh(
             break
         AW = _apply(op, W)
         passes += 1
+        T = _bordered(T, Q, W, AW)
         Q, AQ = torch.cat([Q, W], dim=1), torch.cat([AQ, AW], dim=1)
     else:  # pragma: no cover - the product limit breaks first
         message = f"product limit ({maxiter}) reached"
@@ -346,7 +395,9 @@ def eigsh(
     certified = certified[order]
     result = EigshResult(
         eigenvalues=vals[order].to(dtype),
-        eigenvectors=Y[:, order].to(dtype) if return_eigenvectors or return_result else None,
+        eigenvectors=(
+            Q_rr @ S[:, idx[order]].to(dtype) if return_eigenvectors or return_result else None
+        ),
         residual_norms=res[order].tolist(),
         error_bounds=bound[order].tolist(),
         certified=certified.tolist(),
@@ -387,9 +438,7 @@ def _apply(op, V: Tensor) -> Tensor:
 
 def _ritz_residuals(Q: Tensor, AQ: Tensor, S: Tensor, theta: Tensor, j: Tensor) -> Tensor:
     """``||A Q s_j - theta_j Q s_j||`` of the Ritz pairs ``j`` (float64)."""
-    Sj = S[:, j].to(Q.dtype)
-    Rj = (AQ @ Sj - (Q @ Sj) * theta[j].to(Q.dtype)).to(torch.float64)
-    return torch.linalg.vector_norm(Rj, dim=0)
+    return _residual_norms(Q, AQ, S[:, j], theta[j])
 
 
 def _eigenvalue_bound(

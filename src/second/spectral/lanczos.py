@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..operators.base import LinearOperator, aslinearoperator
+from ._inner import gram
 
 __all__ = ["lanczos", "extreme_eigenvalues", "tridiagonal"]
 
@@ -26,7 +27,8 @@ def lanczos(
         v0: starting vector (normalized inside).
         m: number of steps (capped at ``n``).
         reorthogonalize: full re-orthogonalization (twice, Gram-Schmidt) against all
-            previous vectors, which keeps Ritz values free of spurious copies.
+            previous vectors, which keeps Ritz values free of spurious copies. Inner
+            products are accumulated in float64 (:func:`second.spectral._inner.gram`).
 
     Returns:
         ``(alpha, beta, Q)``: the diagonal (float64, ``k``), off-diagonal (float64,
@@ -37,21 +39,21 @@ def lanczos(
     m = min(int(m), n)
     Q = torch.zeros((n, m), dtype=A.dtype, device=A.device)
     alphas, betas = [], []
-    q = v0 / torch.linalg.vector_norm(v0)
+    q = v0 / _norm(v0)
     q_prev = torch.zeros_like(q)
     beta_prev = 0.0
     anorm = 0.0
     for j in range(m):
         Q[:, j] = q
         w = A @ q
-        alpha = float(torch.dot(q, w))
+        alpha = float(gram(q[:, None], w[:, None]))
         alphas.append(alpha)
         w = w - alpha * q - beta_prev * q_prev
         if reorthogonalize:
             Qj = Q[:, : j + 1]
             for _ in range(2):
-                w = w - Qj @ (Qj.T @ w)
-        beta = float(torch.linalg.vector_norm(w))
+                w = w - Qj @ gram(Qj, w[:, None])[:, 0].to(w.dtype)
+        beta = _norm(w)
         anorm = max(anorm, math.hypot(alpha, beta))
         if j == m - 1:
             break
@@ -66,6 +68,11 @@ def lanczos(
         torch.tensor(betas[: k - 1], dtype=torch.float64),
         Q[:, :k],
     )
+
+
+def _norm(v: Tensor) -> float:
+    """``||v||`` accumulated in float64 (a float32 sum over many entries is good to ~1e-4)."""
+    return math.sqrt(float(gram(v[:, None], v[:, None])))
 
 
 def tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
