@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from second.newton import (
@@ -163,3 +164,29 @@ def test_reorthogonalized_cg_with_a_preconditioner_and_in_steihaug_and_model_cg(
     assert out.status == "converged" and out.products <= n + 10
     e = out.x - exact
     assert float(e @ H @ e) <= 1e-10 * float(exact @ H @ exact)
+
+
+def test_reorthogonalized_cg_reports_an_unmet_tolerance_once_the_space_is_spanned():
+    # condition 1e15: n re-orthogonalized residuals span the space before the tolerance is met;
+    # the loop stops there and says "maxiter", it does not claim convergence
+    n = 40
+    H = spd(n, 1e15)
+    H = 0.5 * (H + H.T)
+    g = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(3))
+    for status in (
+        truncated_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=10 * n)[1].status,
+        steihaug_cg(lambda v: H @ v, g, 1e30, rtol=1e-12, maxiter=10 * n).status,
+        model_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=10 * n).status,
+    ):
+        assert status == "maxiter"
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_reorthogonalized_cg_keeps_an_operator_that_requires_grad_differentiable():
+    h = torch.tensor([1.0, 4.0, 9.0], dtype=DT, requires_grad=True)
+    g = torch.ones(3, dtype=DT)
+    d, info = truncated_cg(lambda v: h.detach() * v + 0 * h * v, g, rtol=1e-12, maxiter=10)
+    assert info.status == "converged" and d.requires_grad
+    torch.testing.assert_close(d.detach(), -g / h.detach(), **EXACT)
+    assert steihaug_cg(lambda v: h * v, g, 10.0, rtol=1e-12).status == "converged"
+    assert model_cg(lambda v: h * v, g, rtol=1e-12).status == "converged"

@@ -326,3 +326,16 @@ def test_a_long_float32_basis_stays_orthonormal_and_its_ritz_values_in_the_spect
     vals = res.eigenvalues.to(torch.float64)
     assert bool((vals <= top.max().double() * (1 + 1e-6)).all())
     torch.testing.assert_close(vals, top.sort().values.double(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_operators(dtype):
+    # the share of a direction's norm below which it counts as vanished is capped at 1e-2
+    # (1e3 eps would discard every Krylov direction of a half-precision operator)
+    d = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    d[:3] = torch.tensor([3.0, 2.5, 2.0])
+    res = eigsh(torch.diag(d).to(dtype), k=3, tol=3e-2, return_result=True, warn=False)
+    assert res.converged and res.matvecs <= 30
+    torch.testing.assert_close(
+        res.eigenvalues.float(), torch.tensor([2.0, 2.5, 3.0]), rtol=1e-2, atol=0
+    )

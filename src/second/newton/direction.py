@@ -72,7 +72,8 @@ class ResidualBasis:
     the stored ones: :math:`r \leftarrow r - \sum_i r_i (z_i^\top r)` with
     :math:`z_i = M r_i` scaled so that :math:`z_i^\top r_i = 1`. At most
     ``memory`` bytes of residuals are kept (:data:`REORTH_MEMORY`), and at most ``n`` of
-    them (then the space is spanned); past that the loop is plain CG.
+    them; past the memory the loop is plain CG, and once ``n`` are stored they span the space
+    and CG stops (:attr:`spans`; status ``"maxiter"`` unless the residual met the tolerance).
 
     Args:
         like: a vector of the problem's size, dtype and device.
@@ -116,11 +117,17 @@ class ResidualBasis:
                     grown_z[: self.size] = self._Z[: self.size]
                 self._Z = grown_z
         scale = 1.0 / math.sqrt(rz)
-        torch.mul(r.reshape(-1), scale, out=self._R[self.size])
+        # detached copies: the projection stays differentiable through the new residual
+        self._R[self.size].copy_(r.detach().reshape(-1)).mul_(scale)
         if self._preconditioned:
             assert self._Z is not None and z is not None
-            torch.mul(z.reshape(-1), scale, out=self._Z[self.size])
+            self._Z[self.size].copy_(z.detach().reshape(-1)).mul_(scale)
         self.size += 1
+
+    @property
+    def spans(self) -> bool:
+        """Whether the stored residuals span the whole space (CG cannot go further)."""
+        return self.size >= self._like.numel()
 
     def project(self, r: Tensor) -> Tensor:
         """``r`` with its components along the stored residuals removed (twice)."""
@@ -290,10 +297,13 @@ def truncated_cg(
             break
         alpha = rz / pHp
         x = x + alpha * p
-        r = basis.project(r + alpha * Hp)
+        r = r + alpha * Hp
         if float(torch.linalg.vector_norm(r)) <= threshold:
             info.status = "converged"
             break
+        if basis.spans:  # n residuals stored: this one cannot be orthogonal to them
+            break  # (status "maxiter": the tolerance was not met)
+        r = basis.project(r)
         z = M(r) if M is not None else r
         rz_new = float(torch.dot(r, z))
         if M is not None and not rz_new > 0:

@@ -118,15 +118,18 @@ def model_cg(
             alpha = rr / pAp
             x = x + alpha * p
             Ax = Ax + alpha * Ap
-            r = basis.project(r - alpha * Ap)
+            r = r - alpha * Ap
             phi = 0.5 * float(torch.dot(x, Ax)) + float(torch.dot(g, x))
             phis.append(phi)
             if i in save_at:
                 saved.append((i, x.clone(), Ax.clone()))
-            rr_new = float(torch.dot(r, r))
-            if math.sqrt(rr_new) <= threshold:
+            if float(torch.linalg.vector_norm(r)) <= threshold:
                 status = "converged"
                 break
+            if basis.spans:  # n residuals stored: this one cannot be orthogonal to them
+                break  # (status "maxiter": the tolerance was not met)
+            r = basis.project(r)
+            rr_new = float(torch.dot(r, r))
             if progress_tol is not None and i >= min_iter:
                 k = max(10, i // 10)
                 if i > k and phi < 0 and (phi - phis[i - k]) / phi < k * progress_tol:

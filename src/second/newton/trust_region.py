@@ -256,11 +256,14 @@ def steihaug_cg(
             res = path.cut(radius)
             res.hvps = hvps
             return res
-        r = basis.project(r + alpha * Hd)
+        r = r + alpha * Hd
         pPp = new_pPp
         if float(torch.linalg.vector_norm(r)) <= threshold:
             path.end_status = "converged"
             break
+        if basis.spans:  # n residuals stored: this one cannot be orthogonal to them
+            break  # (status "maxiter": the tolerance was not met)
+        r = basis.project(r)
         z = M(r) if M is not None else r
         rz_new = float(torch.dot(r, z))
         if M is not None and rz_new <= 0:

@@ -257,13 +257,19 @@ def eigsh(
         s = lam.sqrt()
         return W @ (V / s.clamp_min(1e-300)).to(dtype), s
 
+    # a direction whose remainder is below this share of its norm counts as vanished (for
+    # half precision at most 1e-2: 1e3 eps would discard every Krylov direction)
+    vanished = min(1e3 * torch.finfo(dtype).eps, 1e-2)
+
     def orthonormalize(W, Q):
         """Orthonormalize W against Q and itself; refill vanished columns with random ones."""
         scale = max(float(torch.linalg.matrix_norm(W)) if W.numel() else 0.0, 1.0)
         for attempt in range(4):
             U, s = normalize(project(W, Q))
-            keep = s > 1e3 * torch.finfo(dtype).eps * scale
+            keep = s > vanished * scale
             if bool(keep.all()) or attempt == 3:
+                if dtype == torch.float64:
+                    return U[:, keep]
                 # a second pass: orthonormal to the working precision (CholeskyQR2)
                 return normalize(project(U[:, keep], Q))[0]
             room = n - (0 if Q is None else Q.shape[1])
@@ -350,7 +356,7 @@ def eigsh(
                 "products resolve: use float64 or a larger tol)"
             )
             break
-        if m >= n:  # the basis spans everything: the answer is exact
+        if m >= n and idx.numel() == k:  # the basis spans everything: the answer is exact
             certified = torch.ones_like(certified)
             message = f"exact: the basis spans R^{n} ({used} products)"
             break
@@ -381,8 +387,11 @@ def eigsh(
                 W = Rk[:, torch.argsort(torch.linalg.vector_norm(Rk, dim=0), descending=True)[:p]]
         W = extend(randn(p) if fresh else W, Q)
         if W.shape[1] == 0:
-            certified = torch.ones_like(certified)
-            message = "exact: no direction left outside the basis"
+            if idx.numel() == k:
+                certified = torch.ones_like(certified)
+                message = "exact: no direction left outside the basis"
+            else:
+                message = f"no direction left outside a basis of {m} (fewer than k = {k})"
             break
         AW = _apply(op, W)
         passes += 1
