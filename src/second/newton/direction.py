@@ -124,6 +124,31 @@ class ResidualBasis:
             self._Z[self.size].copy_(z.detach().reshape(-1)).mul_(scale)
         self.size += 1
 
+    def advance(
+        self, r: Tensor, M: Callable[[Tensor], Tensor] | None, threshold: float
+    ) -> tuple[str | None, Tensor, Tensor, float]:
+        r"""CG's new residual ``r``: ``(status, r, z, r^T z)`` with :math:`z = M r`.
+
+        ``status`` is ``"converged"`` when :math:`\|r\| \le` ``threshold`` and
+        ``"maxiter"`` when the stored residuals already span the space (the loop ends
+        either way); else ``None``, and ``r`` is projected off the stored residuals and
+        stored itself.
+
+        Raises:
+            ValueError: ``M`` is not positive definite on ``r``.
+        """
+        if float(torch.linalg.vector_norm(r)) <= threshold:
+            return "converged", r, r, 0.0
+        if self.spans:  # n residuals stored: this one cannot be orthogonal to them
+            return "maxiter", r, r, 0.0
+        r = self.project(r)
+        z = M(r) if M is not None else r
+        rz = float(torch.dot(r, z))
+        if M is not None and not rz > 0:
+            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+        self.add(r, z if M is not None else None)
+        return None, r, z, rz
+
     @property
     def spans(self) -> bool:
         """Whether the stored residuals span the whole space (CG cannot go further)."""
@@ -297,18 +322,10 @@ def truncated_cg(
             break
         alpha = rz / pHp
         x = x + alpha * p
-        r = r + alpha * Hp
-        if float(torch.linalg.vector_norm(r)) <= threshold:
-            info.status = "converged"
+        end, r, z, rz_new = basis.advance(r + alpha * Hp, M, threshold)
+        if end is not None:
+            info.status = end
             break
-        if basis.spans:  # n residuals stored: this one cannot be orthogonal to them
-            break  # (status "maxiter": the tolerance was not met)
-        r = basis.project(r)
-        z = M(r) if M is not None else r
-        rz_new = float(torch.dot(r, z))
-        if M is not None and not rz_new > 0:
-            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
-        basis.add(r, z if M is not None else None)
         p = -z + (rz_new / rz) * p
         rz = rz_new
     info.model_decrease = -0.5 * (float(torch.dot(g, x)) + float(torch.dot(x, r)))

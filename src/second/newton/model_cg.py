@@ -94,7 +94,6 @@ def model_cg(
         Ax = matvec(x)
         products += 1
     r = -g - Ax  # residual of A d = -g
-    z = r
     p = r.clone()
     rr = float(torch.dot(r, r))
     basis = ResidualBasis(g, preconditioned=False, memory=None if reorthogonalize else 0)
@@ -123,20 +122,15 @@ def model_cg(
             phis.append(phi)
             if i in save_at:
                 saved.append((i, x.clone(), Ax.clone()))
-            if float(torch.linalg.vector_norm(r)) <= threshold:
-                status = "converged"
+            end, r, z, rr_new = basis.advance(r, None, threshold)
+            if end is not None:
+                status = end
                 break
-            if basis.spans:  # n residuals stored: this one cannot be orthogonal to them
-                break  # (status "maxiter": the tolerance was not met)
-            r = basis.project(r)
-            rr_new = float(torch.dot(r, r))
             if progress_tol is not None and i >= min_iter:
                 k = max(10, i // 10)
                 if i > k and phi < 0 and (phi - phis[i - k]) / phi < k * progress_tol:
                     status = "progress"
                     break
-            basis.add(r)
-            z = r
             p = z + (rr_new / rr) * p
             rr = rr_new
     if not saved or saved[-1][0] != i:

@@ -256,19 +256,11 @@ def steihaug_cg(
             res = path.cut(radius)
             res.hvps = hvps
             return res
-        r = r + alpha * Hd
         pPp = new_pPp
-        if float(torch.linalg.vector_norm(r)) <= threshold:
-            path.end_status = "converged"
+        end, r, z, rz_new = basis.advance(r + alpha * Hd, M, threshold)
+        if end is not None:
+            path.end_status = end
             break
-        if basis.spans:  # n residuals stored: this one cannot be orthogonal to them
-            break  # (status "maxiter": the tolerance was not met)
-        r = basis.project(r)
-        z = M(r) if M is not None else r
-        rz_new = float(torch.dot(r, z))
-        if M is not None and rz_new <= 0:
-            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
-        basis.add(r, z if M is not None else None)
         beta = rz_new / rz
         rz = rz_new
         # P-norm recurrences (Gould et al. 1999; exact in exact arithmetic)
