@@ -7,6 +7,7 @@ import torch
 from ..func.dense import eigenvalue_cutoff
 from ..operators.base import CallableOperator, aslinearoperator
 from ..spectral import eigsh, lanczos
+from ..spectral._inner import coefficients, project_off
 from ..spectral.lanczos import tridiagonal
 from ._result import Problem, SolveResult, _norm, report, stopping_threshold
 
@@ -52,7 +53,7 @@ class LowRankInverse:
             )
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        c = self.U.T @ v
+        c = coefficients(self.U, v)
         return self.U @ (
             c / (self.eigenvalues + self.damping).reshape(-1, *([1] * (c.dim() - 1)))
         ) + (v - self.U @ c) / (self.complement_eigenvalue + self.damping)
@@ -63,7 +64,7 @@ def _complement_probes(op, vecs, probes: int, generator) -> torch.Tensor:
     g = generator or torch.Generator(device=op.device).manual_seed(0)
     Z = torch.randint(0, 2, (op.shape[0], probes), generator=g, device=op.device)
     Z = Z.to(op.dtype) * 2 - 1
-    return Z - vecs @ (vecs.T @ Z)
+    return project_off(Z, vecs)
 
 
 def _slq_complement(
@@ -89,7 +90,7 @@ def _slq_complement(
     name = "weighted" if weighted else "harmonic"
 
     def proj(v):
-        return v - vecs @ (vecs.T @ v)
+        return project_off(v, vecs)
 
     pap = CallableOperator(lambda v: proj(op @ proj(v)), n, op.dtype, op.device)
     Z = _complement_probes(op, vecs, probes, generator)

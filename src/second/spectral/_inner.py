@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["GRAM_CHUNK_BYTES", "gram", "rows_per_chunk"]
+__all__ = ["GRAM_CHUNK_BYTES", "coefficients", "gram", "project_off", "rows_per_chunk"]
 
 GRAM_CHUNK_BYTES = 64 * 2**20
 """Float64 scratch for the inner products of a lower-precision basis, taken a chunk of rows at
@@ -30,3 +30,14 @@ def gram(A: Tensor, B: Tensor) -> Tensor:
     for i in range(0, A.shape[0], step):
         out += A[i : i + step].to(torch.float64).mT @ B[i : i + step].to(torch.float64)
     return out
+
+
+def coefficients(U: Tensor, v: Tensor) -> Tensor:
+    """``U^T v`` (``v`` a vector or a block of columns) in ``v``'s dtype, accumulated in float64."""
+    c = gram(U, v.reshape(v.shape[0], -1)).to(v.dtype)
+    return c.reshape(U.shape[1], *v.shape[1:])
+
+
+def project_off(v: Tensor, U: Tensor) -> Tensor:
+    """``(I - U U^T) v`` for orthonormal columns ``U``, the coefficients accumulated in float64."""
+    return v - U @ coefficients(U, v)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._progress import progress
 from ..operators.base import aslinearoperator
+from ._inner import gram, project_off
 from .lanczos import lanczos, tridiagonal
 
 __all__ = [
@@ -162,9 +163,9 @@ def trace(
         S = _rademacher(n, k, g, op.dtype, op.device)
         Q, _ = torch.linalg.qr(count(S))
         G = _rademacher(n, max(1, num_matvecs - 2 * k), g, op.dtype, op.device)
-        G = G - Q @ (Q.T @ G)
+        G = project_off(G, Q)
         terms = (G * count(G)).sum(0).to(torch.float64)
-        value = torch.trace(Q.T @ count(Q)) + terms.mean().to(op.dtype)
+        value = torch.trace(gram(Q, count(Q))).to(op.dtype) + terms.mean().to(op.dtype)
         err, used = _sem(terms), method
     else:
         value, err = _xtrace(count, n, max(2, num_matvecs // 2), g, op.dtype, op.device)
