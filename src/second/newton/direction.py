@@ -55,10 +55,10 @@ class DirectionInfo:
     warm_started: bool = False
 
 
-#: Bytes the CG loops of the Newton core may spend on stored residuals for re-orthogonalization
-#: (:class:`ResidualBasis`); past it CG goes on without (default 64 MiB: 800 residuals of
-#: 10,000 float64 unknowns, 16 of a million float32 ones, with a preconditioner half as many).
 REORTH_MEMORY = 64 * 2**20
+"""Bytes the CG loops of the Newton core may spend on stored residuals for re-orthogonalization
+(:class:`ResidualBasis`); past it CG goes on without (64 MiB: 800 residuals of 10,000 float64
+unknowns, 16 of a million float32 ones, with a preconditioner half as many)."""
 
 
 class ResidualBasis:
