@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -267,3 +268,36 @@ def test_a_compiled_model_takes_the_steps_of_the_eager_one():
     eager, compiled = run(False), run(True)
     assert eager[-1] < 0.7 * eager[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "type2", "empirical"])
+def test_padding_in_the_targets_is_warned_once(fisher):
+    # the statistics are gathered before the loss sees its targets, so ignored positions
+    # (padding) count in them; the optimizer says so once (the empirical Fisher's gradients
+    # leave them out, so it does not), and the warning points at the loss call
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 20))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn, fisher=fisher)
+    x = torch.randint(0, 20, (8, 12))
+    y = torch.randint(0, 20, (8, 12))
+
+    def closure(y=y):
+        opt.zero_grad()
+        loss = loss_fn(model(x).reshape(-1, 20), y.reshape(-1))
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.step(closure)  # no padding: no warning
+        padded = y.clone()
+        padded[:, 8:] = -100
+        for _ in range(3):
+            opt.step(lambda: closure(padded))
+    notes = [w for w in seen if "targets are ignored" in str(w.message)]
+    if fisher == "empirical":
+        assert not notes
+    else:
+        assert len(notes) == 1 and "32 of 96 positions" in str(notes[0].message)
+        assert notes[0].filename == __file__

@@ -7,6 +7,7 @@ captured batch and activations of the quadratic model, the loss of the damping a
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,22 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
+
+
+def _data_key(t: Tensor) -> tuple[weakref.ref, int, int]:
+    """What identifies ``t``'s elements in any view of them: its base, size and address."""
+    return weakref.ref(t._base if t._base is not None else t), t.numel(), t.data_ptr()
+
+
+def _same_data(a: Tensor, key: tuple[weakref.ref, int, int] | None) -> bool:
+    """Whether ``a`` holds the elements :func:`_data_key` identified (``out.reshape(-1, C)``).
+
+    Also when ``out`` itself is gone: a view keeps its base alive.
+    """
+    if key is None:
+        return False
+    base = a._base if a._base is not None else a
+    return base is key[0]() and a.numel() == key[1] and a.data_ptr() == key[2]
 
 
 class KFACAttributes(torch.optim.Optimizer):
@@ -49,6 +66,7 @@ class KFACAttributes(torch.optim.Optimizer):
     _capture: Capture
     _watch: ForwardWatch
     _out_ref: weakref.ref | None
+    _out_key: tuple[weakref.ref, int, int] | None
     _n_forwards: int
     _step_forwards: int
     _loss_batch: tuple | None
@@ -92,6 +110,7 @@ class KFACCapture(KFACAttributes):
         self._n_forwards += 1
         self._loss_batch = None
         self._out_ref = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._out_key = _data_key(output) if isinstance(output, Tensor) else None
         if not self._capture.active:
             return
         self._capture.active = False
@@ -131,6 +150,8 @@ class KFACCapture(KFACAttributes):
         if self._in_step or not torch.is_grad_enabled():
             return
         out = self._out_ref() if self._out_ref is not None else None
+        if args and isinstance(args[0], Tensor) and _same_data(args[0], self._out_key):
+            self._note_ignored_targets(args, kwargs)  # the output, or a reshaped view of it
         if out is None or not args or args[0] is not out or self._loss_batch is not None:
             self._loss_batch = None
             return
@@ -138,6 +159,34 @@ class KFACCapture(KFACAttributes):
             return
         rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in args[1:])
         self._loss_batch = (rest, kwargs, weakref.ref(output))
+
+    def _note_ignored_targets(self, args: tuple, kwargs: dict) -> None:
+        """Warn once when a cross-entropy target has ignored positions (``ignore_index``).
+
+        The Monte-Carlo and type-2 statistics are gathered in the forward pass, before the
+        loss sees its targets, so they count those positions (padding) as well; the
+        empirical Fisher's gradients do not.
+        """
+        if "ignored" in self._warned or self.fisher == "empirical":
+            return
+        if not isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not isinstance(target, Tensor) or target.is_floating_point():
+            return
+        ignored = int((target == self.loss_fn.ignore_index).sum())
+        if ignored:
+            self._warned.add("ignored")
+            warnings.warn(
+                f"KFAC's curvature statistics include the {ignored} of {target.numel()} "
+                f"positions whose targets are ignored (ignore_index="
+                f"{self.loss_fn.ignore_index}): the optimizer gathers them in the forward "
+                "pass, before the targets are seen, so its factors count padding as data "
+                "(KFACOperator and the other curvature operators leave ignored targets out; "
+                "fisher='empirical' does too). Warned once.",
+                RuntimeWarning,
+                stacklevel=7,  # the user's loss_fn(...) call (through torch's hook dispatch)
+            )
 
     def _keep_forward(self, args, kwargs, output: Tensor) -> None:
         """Keep the captured activations of a plain MLP forward for :meth:`_chain_jvp`."""

@@ -284,6 +284,7 @@ class KFAC(KFACCapture, KFACUpdate):
 
             self._loss_hook = loss_fn.register_forward_hook(loss_hook, with_kwargs=True)
         self._out_ref: weakref.ref | None = None  # the last training forward's output
+        self._out_key: tuple | None = None  # its elements, in any view (see _kfac_capture)
         self._n_forwards = 0  # training forwards since the last step
         self._step_forwards = 0  # those of the step in progress
         self._loss_batch: tuple | None = None  # (target args, kwargs, loss ref) of that output
