@@ -89,8 +89,12 @@ class CNN(nn.Module):
 
 
 class CharLM(nn.Module):
-    def __init__(self, vocab=256, d=64, heads=4, layers=2, context=64):
+    """``classes_first``: logits ``[B, vocab, T]`` for ``CrossEntropyLoss`` as they are; else
+    ``[B, T, vocab]``, the common layout, with the loss on ``out.reshape(-1, vocab)``."""
+
+    def __init__(self, vocab=256, d=64, heads=4, layers=2, context=64, classes_first=True):
         super().__init__()
+        self.classes_first = classes_first
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(context, d))
         layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
@@ -103,7 +107,8 @@ class CharLM(nn.Module):
         T = idx.shape[1]
         h = self.emb(idx) + self.pos[:T]
         h = self.enc(h, mask=self.mask[:T, :T], is_causal=True)
-        return self.head(self.norm(h)).transpose(1, 2)  # [B, vocab, T] for CrossEntropyLoss
+        logits = self.head(self.norm(h))
+        return logits.transpose(1, 2) if self.classes_first else logits
 
 
 def autoencoder():
@@ -132,6 +137,8 @@ MODELS: dict[str, dict] = {
         kind="classify",
     ),
     "char-transformer": dict(make=CharLM, kind="lm"),
+    # the same with [B, T, vocab] logits and the loss on a reshaped view (a user's usual code)
+    "char-transformer-flat": dict(make=lambda: CharLM(classes_first=False), kind="lm-flat"),
 }
 
 
@@ -203,7 +210,7 @@ class Run:
 
 def batches(kind, data, seed, epochs, lm_steps, batch_size=128, context=64):
     g = torch.Generator().manual_seed(seed)
-    if kind == "lm":
+    if kind in ("lm", "lm-flat"):
         text = data
         for _ in range(lm_steps):
             start = torch.randint(0, len(text) - context - 1, (32,), generator=g)
@@ -219,6 +226,13 @@ def batches(kind, data, seed, epochs, lm_steps, batch_size=128, context=64):
             yield X[idx], (X[idx] if kind == "autoencode" else y[idx])
 
 
+def loss_of(kind, loss_fn, out, y):
+    """The training loss; ``"lm-flat"``: on the logits viewed as ``[B * T, vocab]``."""
+    if kind == "lm-flat":
+        return loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return loss_fn(out, y)
+
+
 def evaluate(kind, model, test, loss_fn) -> float:
     with torch.no_grad():
         if kind == "classify":
@@ -228,7 +242,7 @@ def evaluate(kind, model, test, loss_fn) -> float:
             X, _ = test
             return float(loss_fn(model(X), X))
         Xv, yv = test
-        return float(loss_fn(model(Xv), yv))
+        return float(loss_of(kind, loss_fn, model(Xv), yv))
 
 
 def refused_counters(opt) -> dict:
@@ -261,9 +275,9 @@ def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data)
             opt.zero_grad()
             if graph:  # a double backward: the math attention kernel (the fused ones lack it)
                 with differentiable_attention():
-                    loss = loss_fn(model(xb), yb)
+                    loss = loss_of(kind, loss_fn, model(xb), yb)
             else:
-                loss = loss_fn(model(xb), yb)
+                loss = loss_of(kind, loss_fn, model(xb), yb)
             loss.backward(create_graph=graph)
             return loss
 
@@ -278,7 +292,7 @@ def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data)
         dt = time.thread_time() - t0
         cpu += dt
         run.step_times.append(dt)
-        value = float(loss) if loss is not None else float(loss_fn(model(xb), yb))
+        value = float(loss) if loss is not None else float(loss_of(kind, loss_fn, model(xb), yb))
         run.losses.append(value)
         run.cpu.append(cpu)
         if not math.isfinite(value):
@@ -395,7 +409,7 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     with open(OUT / "zoo.jsonl", "w") as log:
         for mname in args.models:
-            is_lm = MODELS[mname]["kind"] == "lm"
+            is_lm = MODELS[mname]["kind"] in ("lm", "lm-flat")
             for oname, make in opts.items():
                 for seed in args.seeds:
                     run = train(

@@ -92,3 +92,16 @@ class Scaled(nn.Module):
 
     def forward(self, x):
         return self.lin(x) * self.scale
+
+
+class TokenModel(nn.Module):
+    """Embedding -> tanh -> Linear, position-wise: logits ``[B, T, V]`` (or ``[B, V, T]``)."""
+
+    def __init__(self, vocab: int = 20, dim: int = 6, classes_first: bool = False):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
+        self.classes_first = classes_first
+
+    def forward(self, x):
+        out = self.head(torch.tanh(self.emb(x)))
+        return out.transpose(1, 2) if self.classes_first else out

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import second
-from kfac_cases import DT, closure_of, tanh_net
+from kfac_cases import DT, TokenModel, closure_of, tanh_net
 
 OPTIM_TOL = dict(rtol=1e-6, atol=1e-8)  # optimizer update vs the operator inverse (float64)
 FACTOR_TOL = dict(rtol=1e-10, atol=1e-12)  # float64 factors, two summation orders
@@ -270,34 +269,79 @@ def test_a_compiled_model_takes_the_steps_of_the_eager_one():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fisher", ["mc", "type2", "empirical"])
-def test_padding_in_the_targets_is_warned_once(fisher):
-    # the statistics are gathered before the loss sees its targets, so ignored positions
-    # (padding) count in them; the optimizer says so once (the empirical Fisher's gradients
-    # leave them out, so it does not), and the warning points at the loss call
+def _token_run(x, y, *, view: bool, steps: int = 2, **options):
+    """KFAC's factors and parameters after ``steps`` steps on one batch of tokens."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 20))
+    model = TokenModel(classes_first=not view).double()
     loss_fn = nn.CrossEntropyLoss()
-    opt = second.optim.KFAC(model, loss_fn, fisher=fisher)
-    x = torch.randint(0, 20, (8, 12))
-    y = torch.randint(0, 20, (8, 12))
+    opt = second.optim.KFAC(model, loss_fn, **{"fisher": "type2", **options})
 
-    def closure(y=y):
+    def closure():
         opt.zero_grad()
-        loss = loss_fn(model(x).reshape(-1, 20), y.reshape(-1))
+        out = model(x)
+        loss = loss_fn(out.reshape(-1, 20), y.reshape(-1)) if view else loss_fn(out, y)
         loss.backward()
         return loss
 
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        opt.step(closure)  # no padding: no warning
-        padded = y.clone()
-        padded[:, 8:] = -100
-        for _ in range(3):
-            opt.step(lambda: closure(padded))
-    notes = [w for w in seen if "targets are ignored" in str(w.message)]
-    if fisher == "empirical":
-        assert not notes
-    else:
-        assert len(notes) == 1 and "32 of 96 positions" in str(notes[0].message)
-        assert notes[0].filename == __file__
+    for _ in range(steps):
+        opt.step(closure)
+    factors = [layer.state_in(opt.state)[key].clone() for layer in opt.layers for key in ("A", "G")]
+    return factors, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"fisher": "empirical"}, {"factor_update_period": 2}], ids=str
+)
+def test_a_loss_on_a_reshaped_view_of_the_output_gets_its_own_curvature(options):
+    # logits [B, T, V] with the loss on out.reshape(-1, V) (classes last, the common language
+    # model pattern) must give the curvature of the loss as written: the same factors and
+    # steps as logits [B, V, T] given to the loss directly (the output's dim 1 is not the
+    # classes here, as KFAC assumed when it gathered its statistics and took the quadratic
+    # model's curvature; the empirical Fisher's factors never depended on it, its quadratic
+    # model did; between factor updates the quadratic model still needs the view)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 20, (6, 5), generator=g)
+    f_view, p_view = _token_run(x, y, view=True, steps=3, **options)
+    f_ref, p_ref = _token_run(x, y, view=False, steps=3, **options)
+    for a, b in zip(f_view + p_view, f_ref + p_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("view", [True, False])
+def test_ignored_targets_leave_the_statistics_as_if_the_positions_were_not_there(view):
+    # padding (ignore_index) in a position-wise model: the factors and steps equal those of
+    # the batch without the padded positions (before, they counted as data)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (6, 7), generator=g)
+    padded = y.clone()
+    padded[:, 5:] = -100
+    f_pad, p_pad = _token_run(x, padded, view=view)
+    f_cut, p_cut = _token_run(x[:, :5], y[:, :5], view=view)
+    for a, b in zip(f_pad + p_pad, f_cut + p_cut):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_loss_computed_without_loss_fn_costs_one_batch_of_statistics_and_says_so():
+    torch.manual_seed(0)
+    model = TokenModel()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    x, y = torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (4, 5))
+
+    def closure(functional=False):
+        opt.zero_grad()
+        logits = model(x).reshape(-1, 20)
+        if functional:
+            loss = nn.functional.cross_entropy(logits, y.reshape(-1))
+        else:
+            loss = loss_fn(logits, y.reshape(-1))
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the loss call re-did the statistics: the next forward leaves them to it
+    steps = opt.param_groups[0]["factor_steps"]
+    with pytest.warns(RuntimeWarning, match="adds no curvature statistics"):
+        opt.step(lambda: closure(functional=True))
+    assert opt.param_groups[0]["factor_steps"] == steps  # this batch added none
+    opt.step(lambda: closure(functional=True))  # gathered in the forward pass again
+    assert opt.param_groups[0]["factor_steps"] == steps + 1

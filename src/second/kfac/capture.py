@@ -263,6 +263,16 @@ class Capture:
             out.register_hook(hook)
         self.clear()
 
+    def snapshot(self) -> Capture:
+        """The recorded calls, without hooks (the lists copied, the tensors shared)."""
+        snap = Capture(self.layers, self.diagonal)
+        snap.active = False
+        snap.inputs = {j: list(v) for j, v in self.inputs.items()}
+        snap.outputs = {j: list(v) for j, v in self.outputs.items()}
+        snap.diag_inputs = {j: list(v) for j, v in self.diag_inputs.items()}
+        snap.diag_outputs = {j: list(v) for j, v in self.diag_outputs.items()}
+        return snap
+
     def clear(self) -> None:
         """Forget the recorded calls (the hooks stay)."""
         for d in (self.inputs, self.outputs, self.diag_inputs, self.diag_outputs):

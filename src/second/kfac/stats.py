@@ -86,6 +86,21 @@ class FactorStats:
         rows, self.rows[j] = self.rows[j], []
         return rows
 
+    def merge(self, other: FactorStats) -> None:
+        """Add ``other``'s sums, pending rows and counts (statistics of the same layers)."""
+        for j in range(len(self.layers)):
+            Ao, Go = other.A[j], other.G[j]
+            if Ao is not None and Go is not None:
+                At, Gt = self.A[j], self.G[j]
+                self.A[j] = Ao if At is None else At + Ao
+                self.G[j] = Go if Gt is None else Gt + Go
+            self.rows[j].extend(other.rows[j])
+            self.nA[j] += other.nA[j]
+        for i, d in enumerate(other.diag):
+            if d is not None:
+                self.add_diagonal(i, d)
+        self.n += other.n
+
     def add_diagonal(self, i: int, d: Tensor) -> None:
         """Add to the diagonal estimate of fallback parameter ``i``."""
         cur = self.diag[i]
@@ -210,8 +225,8 @@ def add_layer_statistics(
 
     Padding positions (``layer.mask``, e.g. an embedding's padding index) are dropped from
     the input factor and zeroed in the gradient factor; so are the examples ``keep`` marks
-    ``False`` (``[n]``; examples whose loss terms are all ignored), when the call's input has
-    the batch first.
+    ``False`` (``[n]``; examples whose loss terms are all ignored), or the positions (``[n,
+    T]``: ignored targets of a sequence), when the call's rows lead with that shape.
 
     Example:
         >>> from second.kfac import find_layers
@@ -231,11 +246,17 @@ def add_layer_statistics(
     arows = layer.input_rows(inp)
     grows = layer.grad_rows(g, inp)
     mask = layer.mask(inp)
-    if keep is not None and arows.shape[0] == keep.shape[0] and not bool(keep.all()):
+    if keep is not None and keep.dim() > 1 and arows.dim() == 2 and arows.shape[0] == keep.numel():
+        keep = keep.reshape(-1)  # positions, where the rows come flattened
+    if (
+        keep is not None
+        and tuple(arows.shape[: keep.dim()]) == tuple(keep.shape)
+        and not bool(keep.all())
+    ):
         if layer.diag_A:  # index rows [n, T] (an embedding): through the mask
-            rows = keep.reshape(-1, 1).expand(arows.shape[0], arows.shape[1])
+            rows = keep.reshape(*keep.shape, *[1] * (arows.dim() - keep.dim())).expand(arows.shape)
             mask = rows if mask is None else mask & rows
-        else:  # dense rows: drop the examples
+        else:  # dense rows: drop the examples (or positions)
             arows, grows = arows[keep], grows[:, keep]
     if mask is not None:
         arows = arows[mask].reshape(1, -1)

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from .._losses import target_weights
 from ..func import differentiable_attention
 from ..func.products import grad_checked
 from ..kfac import curvature_columns
@@ -69,6 +70,7 @@ def gnb_diagonal(
     loss_fn: Callable,
     params: Sequence[Tensor],
     generator: torch.Generator | None,
+    target: Tensor | None = None,
 ) -> list[Tensor]:
     r"""The Gauss-Newton-Bartlett estimate :math:`\hat g \odot \hat g` of the GGN diagonal.
 
@@ -87,6 +89,8 @@ def gnb_diagonal(
             ``nn.BCEWithLogitsLoss``, mean or sum).
         params: the parameters.
         generator: the generator of the sampled targets.
+        target: the loss' targets, where they weigh the terms (ignored ones:
+            ``ignore_index``; :func:`second._losses.target_weights`).
 
     Returns:
         One detached estimate per parameter.
@@ -102,7 +106,8 @@ def gnb_diagonal(
         [(1, 2), (1,)]
     """
     reduction = getattr(loss_fn, "reduction", "mean")
-    S = curvature_columns(loss_fn, output, None, reduction, "mc", 1, generator)[0]
+    y = target if target_weights(loss_fn, output, target, reduction) is not None else None
+    S = curvature_columns(loss_fn, output, y, reduction, "mc", 1, generator)[0]
     w = 1.0 / output.shape[0] if reduction == "mean" else 1.0
     g = grad_checked(
         output, list(params), S.to(output.dtype), retain_graph=True, zeros_for_unused=True

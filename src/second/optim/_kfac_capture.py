@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._losses import target_weights
 from ..kfac import (
     Capture,
     DiagonalRule,
@@ -27,22 +28,7 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
-
-
-def _data_key(t: Tensor) -> tuple[weakref.ref, int, int]:
-    """What identifies ``t``'s elements in any view of them: its base, size and address."""
-    return weakref.ref(t._base if t._base is not None else t), t.numel(), t.data_ptr()
-
-
-def _same_data(a: Tensor, key: tuple[weakref.ref, int, int] | None) -> bool:
-    """Whether ``a`` holds the elements :func:`_data_key` identified (``out.reshape(-1, C)``).
-
-    Also when ``out`` itself is gone: a view keeps its base alive.
-    """
-    if key is None:
-        return False
-    base = a._base if a._base is not None else a
-    return base is key[0]() and a.numel() == key[1] and a.data_ptr() == key[2]
+from ._views import DataKey, data_key, same_data
 
 
 class KFACAttributes(torch.optim.Optimizer):
@@ -66,7 +52,12 @@ class KFACAttributes(torch.optim.Optimizer):
     _capture: Capture
     _watch: ForwardWatch
     _out_ref: weakref.ref | None
-    _out_key: tuple[weakref.ref, int, int] | None
+    _out_key: DataKey | None
+    _last: tuple[FactorStats | None, Capture | None] | None
+    _defer: bool
+    _loss_watch: bool
+    _ce_loss: bool
+    _loss_view: tuple | None
     _n_forwards: int
     _step_forwards: int
     _loss_batch: tuple | None
@@ -110,7 +101,9 @@ class KFACCapture(KFACAttributes):
         self._n_forwards += 1
         self._loss_batch = None
         self._out_ref = weakref.ref(output) if isinstance(output, Tensor) else None
-        self._out_key = _data_key(output) if isinstance(output, Tensor) else None
+        self._out_key = data_key(output) if isinstance(output, Tensor) else None
+        self._loss_view = None
+        self._flush_forward()  # the previous forward's (micro-batch's) statistics
         if not self._capture.active:
             return
         self._capture.active = False
@@ -129,18 +122,104 @@ class KFACCapture(KFACAttributes):
             self._capture.clear()
             return
         fb = self.fallback_params if self.fallback == "diagonal" else []
-        # every training forward since the last step adds to the statistics (accumulation)
-        stats = self._pending or FactorStats(self.layers, fb, lazy=True)
         if self.fisher == "empirical":
-            # gradients of the user's own loss, captured during their backward
+            # gradients of the user's own loss, captured during their backward; every
+            # training forward since the last step adds to them (accumulation)
+            stats = self._pending or FactorStats(self.layers, fb, lazy=True)
             self._empirical_hooks(output, stats)
-        else:
-            S = curvature_columns(
-                self.loss_fn, output, None, self.reduction, self.fisher, self.mc_samples
-            )
-            batch_statistics(self.layers, fb, output, S, self._capture, stats)
+            self._pending = stats
+            return
+        # a cross-entropy loss module may see a view of the output (its classes along
+        # another dimension) or ignored targets: its call re-does these statistics
+        snap = self._capture.snapshot() if self._loss_watch else None
+        if snap is not None and self._defer:  # the loss call did so last time: leave it to it
+            self._last = (None, snap)
             self._capture.clear()
-        self._pending = stats
+            return
+        S = curvature_columns(
+            self.loss_fn, output, None, self.reduction, self.fisher, self.mc_samples
+        )
+        this = FactorStats(self.layers, fb, lazy=True)
+        batch_statistics(self.layers, fb, output, S, self._capture, this)
+        self._capture.clear()
+        self._last = (this, snap)
+
+    def _kept_positions(self, kept: Tensor, x: Tensor, view: bool) -> Tensor | None:
+        """The positions of the output whose targets count, from those of the loss input ``x``.
+
+        ``kept``: per position of ``x`` (cross-entropy: all dimensions but the classes, dim
+        1). Without a view these are the output's. For a view of a contiguous output its
+        elements are mapped back by their offsets and a position of the output (all its
+        dimensions but the last, e.g. ``[B, T]`` of ``[B, T, V]`` logits) counts when any
+        of its elements does; ``None`` (every position counts) for other outputs.
+        """
+        key = self._out_key
+        if not view:
+            return kept
+        if key is None or not key[5]:
+            return None
+        cls = kept.unsqueeze(1).expand(x.shape) if x.dim() > 1 else kept
+        numel, offset = key[1], key[4]
+        where = torch.arange(offset + numel, device=x.device).as_strided(
+            x.shape, x.stride(), x.storage_offset()
+        )
+        flat = torch.zeros(numel, dtype=torch.bool, device=x.device)
+        flat[(where - offset).reshape(-1)] = cls.reshape(-1)
+        return flat.reshape(key[3]).any(-1)
+
+    def _flush_forward(self) -> None:
+        """Fold the last training forward's statistics into the step's (accumulation)."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        this = last[0]
+        if this is None:  # left to a loss call that did not come (the graph is gone now)
+            self._defer = False
+            if "unseen" not in self._warned:
+                self._warned.add("unseen")
+                warnings.warn(
+                    "KFAC: the loss was not computed with loss_fn on this forward's output, "
+                    "so this batch adds no curvature statistics (the next batches are "
+                    "gathered in the forward pass again). Warned once.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return
+        if self._pending is None:
+            self._pending = this
+        else:
+            self._pending.merge(this)
+
+    def _redo_statistics(self, x: Tensor, target: Tensor | None) -> None:
+        """Take the cross-entropy loss' own input ``x`` and targets for the curvature.
+
+        Needed when ``x`` is a view of the output with another shape (``out.reshape(-1, C)``:
+        the classes along another dimension than the output's dim 1) or when the targets
+        weigh the positions (ignored ones: ``ignore_index``): the quadratic model takes its
+        curvature the same way (:attr:`_loss_view`), and the last forward's statistics are
+        re-done on ``x`` (while the graph is alive: the loss is computed before backward).
+        """
+        key = self._out_key
+        view = key is not None and tuple(x.shape) != key[3]
+        c = target_weights(self.loss_fn, x, target, self.reduction)
+        y = target if c is not None else None
+        if view or c is not None:
+            self._loss_view = (
+                (tuple(x.shape), x.stride(), x.storage_offset()) if view else None,
+                y.detach() if y is not None else None,
+            )
+        this, snap = self._last if self._last is not None else (None, None)
+        if snap is None:
+            return
+        if not view and c is None and this is not None:  # the forward's are the loss' own
+            self._last, self._defer = (this, None), False
+            return
+        fb = self.fallback_params if self.fallback == "diagonal" else []
+        S = curvature_columns(self.loss_fn, x, y, self.reduction, self.fisher, self.mc_samples)
+        keep = None if c is None else self._kept_positions(c > 0, x, view)
+        redone = FactorStats(self.layers, fb, lazy=True)
+        batch_statistics(self.layers, fb, x, S, snap, redone, keep=keep)
+        self._last, self._defer = (redone, None), bool(view or c is not None)
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
         """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
@@ -150,8 +229,10 @@ class KFACCapture(KFACAttributes):
         if self._in_step or not torch.is_grad_enabled():
             return
         out = self._out_ref() if self._out_ref is not None else None
-        if args and isinstance(args[0], Tensor) and _same_data(args[0], self._out_key):
-            self._note_ignored_targets(args, kwargs)  # the output, or a reshaped view of it
+        if self._ce_loss and args and isinstance(args[0], Tensor):
+            if same_data(args[0], self._out_key):  # the output, or a view of it
+                target = args[1] if len(args) > 1 else kwargs.get("target")
+                self._redo_statistics(args[0], target if isinstance(target, Tensor) else None)
         if out is None or not args or args[0] is not out or self._loss_batch is not None:
             self._loss_batch = None
             return
@@ -159,34 +240,6 @@ class KFACCapture(KFACAttributes):
             return
         rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in args[1:])
         self._loss_batch = (rest, kwargs, weakref.ref(output))
-
-    def _note_ignored_targets(self, args: tuple, kwargs: dict) -> None:
-        """Warn once when a cross-entropy target has ignored positions (``ignore_index``).
-
-        The Monte-Carlo and type-2 statistics are gathered in the forward pass, before the
-        loss sees its targets, so they count those positions (padding) as well; the
-        empirical Fisher's gradients do not.
-        """
-        if "ignored" in self._warned or self.fisher == "empirical":
-            return
-        if not isinstance(self.loss_fn, nn.CrossEntropyLoss):
-            return
-        target = args[1] if len(args) > 1 else kwargs.get("target")
-        if not isinstance(target, Tensor) or target.is_floating_point():
-            return
-        ignored = int((target == self.loss_fn.ignore_index).sum())
-        if ignored:
-            self._warned.add("ignored")
-            warnings.warn(
-                f"KFAC's curvature statistics include the {ignored} of {target.numel()} "
-                f"positions whose targets are ignored (ignore_index="
-                f"{self.loss_fn.ignore_index}): the optimizer gathers them in the forward "
-                "pass, before the targets are seen, so its factors count padding as data "
-                "(KFACOperator and the other curvature operators leave ignored targets out; "
-                "fisher='empirical' does too). Warned once.",
-                RuntimeWarning,
-                stacklevel=7,  # the user's loss_fn(...) call (through torch's hook dispatch)
-            )
 
     def _keep_forward(self, args, kwargs, output: Tensor) -> None:
         """Keep the captured activations of a plain MLP forward for :meth:`_chain_jvp`."""

@@ -241,18 +241,20 @@ def ggn_gram(
     out: Tensor,
     Jv: Tensor,
     distributed: bool,
+    target: Tensor | None = None,
 ) -> Tensor:
     r"""The matrix :math:`[v_a^\top J^\top H J v_b]` of the batch GGN from ``Jv [k, *out.shape]``.
 
     Args:
         loss_fn: the loss (its output Hessian :math:`H`).
         reduction: ``"mean"`` divides by the number of examples (over all ranks).
-        out: the network output.
+        out: the network output (as the loss sees it).
         Jv: the Jacobian-vector products.
         distributed: sum the terms and counts over the process group.
+        target: the targets, where they weigh the positions (ignored ones).
     """
     k = Jv.shape[0]
-    HJv = output_hessian_product(loss_fn, out, Jv, reduction)
+    HJv = output_hessian_product(loss_fn, out, Jv, reduction, target)
     Q = Jv.reshape(k, -1) @ HJv.reshape(k, -1).T
     Q = 0.5 * (Q + Q.T)
     n = float(out.shape[0])

@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .._losses import reduction_of
+from .._losses import loss_kind, reduction_of
 from ..kfac import (
     FALLBACKS,
     FISHER_TYPES,
@@ -82,6 +82,7 @@ from ._kfac_quadratic import (
     mlp_chain,
 )
 from ._kfac_update import KFACUpdate
+from ._views import watch_loss
 
 __all__ = ["KFAC"]
 
@@ -273,18 +274,16 @@ class KFAC(KFACCapture, KFACUpdate):
         # the copy (and the optimizer is not copied along with the model)
         self._watch = watch_forward(inner, self._pre_hook, self._top_hook)
         # the loss on the captured batch, for the damping adaptation's loss after the step
-        self._loss_hook = None
-        if isinstance(loss_fn, nn.Module):
-            on_loss = weakref.WeakMethod(self._on_loss)
-
-            def loss_hook(mod, args, kwargs, output):
-                fn = on_loss()
-                if fn is not None:
-                    fn(args, kwargs, output)
-
-            self._loss_hook = loss_fn.register_forward_hook(loss_hook, with_kwargs=True)
+        self._loss_hook = watch_loss(loss_fn, self._on_loss)
         self._out_ref: weakref.ref | None = None  # the last training forward's output
         self._out_key: tuple | None = None  # its elements, in any view (see _kfac_capture)
+        # the last forward's statistics (and its calls, while its loss may re-do them); the
+        # loss call re-does them on its view of the output or with ignored targets
+        self._last: tuple | None = None
+        self._defer = False  # the loss call re-did them last time: leave them to it
+        self._ce_loss = self._loss_hook is not None and loss_kind(loss_fn) == "ce"
+        self._loss_watch = self._ce_loss and fisher != "empirical"
+        self._loss_view: tuple | None = None  # (view of the output, targets) of the loss call
         self._n_forwards = 0  # training forwards since the last step
         self._step_forwards = 0  # those of the step in progress
         self._loss_batch: tuple | None = None  # (target args, kwargs, loss ref) of that output
@@ -387,6 +386,7 @@ class KFAC(KFACCapture, KFACUpdate):
         for key in COUNTERS:  # a state saved before the counters existed
             group.setdefault(key, 0)
         adaptive = group.get("adaptive", group["lr"] is None)
+        self._flush_forward()
         pending, bad_output = self._pending, self._pending_bad
         self._pending, self._pending_bad = None, False
         if pending is None and not bad_output and group["factor_steps"] == 0:

@@ -40,6 +40,7 @@ from ..kfac import check_loss, unwrap_model, watch_forward
 from ._diagonal import DiagonalHessianOptimizer, gnb_diagonal
 from ._options import check_nonneg, check_positive
 from ._preconditioned import decoupled_update, hyperparameters
+from ._views import DataKey, data_key, same_data, watch_loss
 
 __all__ = ["Sophia", "SophiaH", "sophia_update"]
 
@@ -232,7 +233,12 @@ class Sophia(_SophiaBase):
         super().__init__(model.parameters() if params is None else params, defaults, seed=seed)
         self.loss_fn = loss_fn
         self._output: Tensor | None = None
+        self._out_key: DataKey | None = None
+        # what the loss module saw: the output or a view of it (logits.reshape(-1, V)), and
+        # the targets, for the estimate's curvature columns
+        self._loss_input: tuple[Tensor, Tensor | None] | None = None
         self._watch = watch_forward(unwrap_model(model), self._before, self._after)
+        self._loss_hook = watch_loss(loss_fn, self._on_loss)
 
     def _before(self, module: nn.Module, args: tuple) -> None:
         pass
@@ -240,21 +246,36 @@ class Sophia(_SophiaBase):
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor):
             self._output = output
+            self._out_key = data_key(output)
+            self._loss_input = None
+
+    def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
+        if self._output is None or not args or not isinstance(args[0], Tensor):
+            return
+        if same_data(args[0], self._out_key):
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            self._loss_input = (args[0], target if isinstance(target, Tensor) else None)
 
     def close(self) -> None:
-        """Remove the forward hooks from the model."""
+        """Remove the forward hooks from the model and the loss."""
         self._watch.remove()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
 
     def _gradients(self, closure: Callable | None, due: bool):
-        self._output = None
+        self._output = self._loss_input = None
         try:
             return super()._gradients(closure, due)
         finally:
-            self._output = None
+            self._output = self._loss_input = None
 
     def _estimate(self, loss, grads, params):
         if self._output is None:
             raise RuntimeError(
                 "Sophia saw no forward pass of its model in the closure (with gradients on)"
             )
-        return gnb_diagonal(self._output, self.loss_fn, params, self.generator(params[0].device))
+        # the loss' own input (a view of the output: its classes where the loss has them)
+        # and targets (ignored ones weigh 0), where the loss module saw them
+        f, y = self._loss_input if self._loss_input is not None else (self._output, None)
+        return gnb_diagonal(f, self.loss_fn, params, self.generator(params[0].device), y)
