@@ -269,19 +269,28 @@ def test_a_compiled_model_takes_the_steps_of_the_eager_one():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-def _token_run(x, y, *, view: bool, steps: int = 2, **options):
-    """KFAC's factors and parameters after ``steps`` steps on one batch of tokens."""
+def _flat_loss(loss_fn, out, y):
+    return loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _token_run(x, y, *, view: bool = True, steps: int = 2, loss=None, model=None, **options):
+    """KFAC's factors and parameters after ``steps`` steps on one batch of tokens.
+
+    ``loss(loss_fn, out, y)``: how the closure computes the loss (default: on
+    ``out.reshape(-1, V)`` for ``view``, else on the ``[B, V, T]`` output as it is).
+    """
     torch.manual_seed(0)
-    model = TokenModel(classes_first=not view).double()
+    model = model or TokenModel(classes_first=not view)
+    model = model.double()
     loss_fn = nn.CrossEntropyLoss()
     opt = second.optim.KFAC(model, loss_fn, **{"fisher": "type2", **options})
+    loss = loss or (_flat_loss if view else (lambda fn, out, y: fn(out, y)))
 
     def closure():
         opt.zero_grad()
-        out = model(x)
-        loss = loss_fn(out.reshape(-1, 20), y.reshape(-1)) if view else loss_fn(out, y)
-        loss.backward()
-        return loss
+        value = loss(loss_fn, model(x), y)
+        value.backward()
+        return value
 
     for _ in range(steps):
         opt.step(closure)
@@ -345,3 +354,108 @@ def test_a_loss_computed_without_loss_fn_costs_one_batch_of_statistics_and_says_
     assert opt.param_groups[0]["factor_steps"] == steps  # this batch added none
     opt.step(lambda: closure(functional=True))  # gathered in the forward pass again
     assert opt.param_groups[0]["factor_steps"] == steps + 1
+
+
+def _assert_same(run_a, run_b, factors_only=False):
+    (fa, pa), (fb, pb) = run_a, run_b
+    pairs = zip(fa, fb) if factors_only else zip(fa + pa, fb + pb)
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_loss_may_be_called_by_keyword_or_on_a_shifted_copy_or_a_transpose():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 20, (4, 6), generator=g), torch.randint(0, 20, (4, 6), generator=g)
+    ref = _token_run(x, y, view=False)
+    by_name = _token_run(
+        x, y, loss=lambda fn, out, y: fn(input=out.reshape(-1, 20), target=y.reshape(-1))
+    )
+    _assert_same(by_name, ref)
+    # the transformers' shifted copy: logits[:, :-1].contiguous().view(-1, V) against y[:, 1:]
+    shifted = _token_run(
+        x,
+        y,
+        loss=lambda fn, out, y: fn(out[:, :-1].contiguous().view(-1, 20), y[:, 1:].reshape(-1)),
+    )
+    ref_shifted = _token_run(x, y, view=False, loss=lambda fn, out, y: fn(out[:, :, :-1], y[:, 1:]))
+    _assert_same(shifted, ref_shifted)
+    # T == V: a transpose has the output's shape but not its classes
+    xs, ys = torch.randint(0, 20, (3, 20), generator=g), torch.randint(0, 20, (3, 20), generator=g)
+    square = _token_run(xs, ys, loss=lambda fn, out, y: fn(out.transpose(1, 2), y))
+    _assert_same(square, _token_run(xs, ys, view=False))
+
+
+class _SeqFirst(nn.Module):
+    """Logits ``[T, B, V]`` (a sequence-first model) from rows in ``[T, B]`` order."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 6), nn.Linear(6, 20)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x.T)))
+
+
+def test_a_sequence_first_output_and_layers_with_padding():
+    # the loss on out.permute(1, 2, 0) ([B, V, T]) of a [T, B, V] output: the classes and the
+    # ignored positions are the loss'; the layers' rows are [T, B], so with B == T the
+    # positions' mask could be taken transposed: it is applied only where the dropped rows
+    # carry no gradient, so G is exact (and A counts the padding there)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 20, (5, 5), generator=g), torch.randint(0, 20, (5, 5), generator=g)
+    padded = y.clone()
+    padded[:, 3:] = -100
+
+    def seq_loss(fn, out, y):
+        return fn(out.permute(1, 2, 0), y)
+
+    ref = TokenModel(classes_first=True)
+    model = _SeqFirst()
+    model.load_state_dict(ref.state_dict())
+    _assert_same(
+        _token_run(x, y, model=model, loss=seq_loss), _token_run(x, y, view=False, model=ref)
+    )
+    (f_pad, _), (f_cut, _) = (
+        _token_run(x, padded, model=_SeqFirst(), loss=seq_loss, steps=1),
+        _token_run(x[:, :3], y[:, :3], model=_SeqFirst(), loss=seq_loss, steps=1),
+    )
+    for G_pad, G_cut in zip(f_pad[1::2], f_cut[1::2]):
+        torch.testing.assert_close(G_pad, G_cut, rtol=1e-9, atol=1e-12)
+
+
+def test_accumulation_with_every_forward_before_the_losses():
+    # micro-batches whose forwards all run before their losses (padded, on views): after one
+    # step the factors of the big batch, and later (when the loss calls do the statistics)
+    # those of forward-loss pairs (before, all but the last micro-batch were dropped)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 20, (6, 5), generator=g)
+    y[:, 4:] = -100
+
+    def run(chunks, forwards_first, steps):
+        torch.manual_seed(0)
+        model = TokenModel().double()
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        opt = second.optim.KFAC(model, loss_fn, fisher="type2")
+
+        def closure():
+            opt.zero_grad()
+            pairs = zip(x.chunk(chunks), y.chunk(chunks))
+            if forwards_first:
+                outs = [(model(xb), yb) for xb, yb in pairs]
+            else:
+                outs = ((model(xb), yb) for xb, yb in pairs)
+            total = torch.zeros((), dtype=torch.float64)
+            for out, yb in outs:
+                loss = _flat_loss(loss_fn, out, yb)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        for _ in range(steps):
+            opt.step(closure)
+        return [layer.state_in(opt.state)[k] for layer in opt.layers for k in ("A", "G")]
+
+    for a, b in zip(run(1, False, 1), run(2, True, 1)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(run(2, False, 3), run(2, True, 3)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

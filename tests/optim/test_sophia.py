@@ -138,3 +138,26 @@ def test_sophia_g_takes_its_estimate_on_the_loss_input_and_targets(monkeypatch):
     # 1,000 draws: 0.049 off; without the targets (padding counted) 0.097, the output's dim 1
     # as the classes 0.80
     assert float((mean - exact).norm() / exact.norm()) < 0.075
+
+
+def test_sophia_g_ignores_loss_calls_without_gradients():
+    # a metric logged under no_grad with the same loss module must not replace the loss' input
+    torch.manual_seed(0)
+    model = TokenModel(12, 4)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = so.Sophia(model, loss_fn, update_period=1)
+    x, y = torch.randint(0, 12, (3, 4)), torch.randint(0, 12, (3, 4))
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        loss = loss_fn(out.reshape(-1, 12), y.reshape(-1))
+        with torch.no_grad():
+            loss_fn(out.reshape(-1, 12), y.reshape(-1))
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure))
+    for _ in range(20):
+        last = float(opt.step(closure))
+    assert last < first

@@ -246,8 +246,23 @@ def add_layer_statistics(
     arows = layer.input_rows(inp)
     grows = layer.grad_rows(g, inp)
     mask = layer.mask(inp)
-    if keep is not None and keep.dim() > 1 and arows.dim() == 2 and arows.shape[0] == keep.numel():
+    if (
+        keep is not None
+        and keep.dim() > 1
+        and arows.shape[0] == keep.numel()
+        and (arows.dim() == 2 or arows.shape[1] == 1)
+    ):
         keep = keep.reshape(-1)  # positions, where the rows come flattened
+    if keep is not None and keep.dim() > 1:
+        # positions are matched by shape alone ([B, T] rows of a [T, B] layout look the same
+        # when B == T): drop only rows that carry no gradient, as ignored positions do
+        lead = tuple(keep.shape)
+        if (
+            tuple(arows.shape[: keep.dim()]) != lead
+            or tuple(grows.shape[1 : 1 + keep.dim()]) != lead
+            or bool(grows[:, ~keep].ne(0).any())
+        ):
+            keep = None
     if (
         keep is not None
         and tuple(arows.shape[: keep.dim()]) == tuple(keep.shape)
@@ -256,7 +271,9 @@ def add_layer_statistics(
         if layer.diag_A:  # index rows [n, T] (an embedding): through the mask
             rows = keep.reshape(*keep.shape, *[1] * (arows.dim() - keep.dim())).expand(arows.shape)
             mask = rows if mask is None else mask & rows
-        else:  # dense rows: drop the examples (or positions)
+        elif keep.dim() > 1:  # dense rows of positions: keep them as one batch of positions
+            arows, grows = arows[keep].unsqueeze(0), grows[:, keep].unsqueeze(1)
+        else:  # dense rows: drop the examples
             arows, grows = arows[keep], grows[:, keep]
     if mask is not None:
         arows = arows[mask].reshape(1, -1)

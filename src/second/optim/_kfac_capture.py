@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,34 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
-from ._views import DataKey, data_key, same_data
+from ._views import kept_positions, loss_input, selection
+
+
+@dataclass(eq=False)
+class _Forward:
+    """One training forward of the step, until its loss call and ``backward()``.
+
+    ``out``: its output (while a cross-entropy loss call may still come: released when the
+    backward reaches it); ``this``: its statistics (``None``: left to the loss call,
+    ``deferred``); ``snap``: its layer calls, while the loss call may re-do them;
+    ``matched``: a loss call took it.
+    """
+
+    out: Tensor | None = None
+    this: FactorStats | None = None
+    snap: Capture | None = None
+    deferred: bool = False
+    matched: bool = False
+    busy: bool = False  # the optimizer's own backward passes through the output
+
+
+def _released(entry: weakref.ref) -> Callable[[Tensor], None]:
+    def hook(grad: Tensor) -> None:  # the user's backward reached the output: no loss follows
+        e = entry()
+        if e is not None and not e.busy:
+            e.out, e.snap = None, None
+
+    return hook
 
 
 class KFACAttributes(torch.optim.Optimizer):
@@ -52,8 +80,7 @@ class KFACAttributes(torch.optim.Optimizer):
     _capture: Capture
     _watch: ForwardWatch
     _out_ref: weakref.ref | None
-    _out_key: DataKey | None
-    _last: tuple[FactorStats | None, Capture | None] | None
+    _forwards: list[_Forward]
     _defer: bool
     _loss_watch: bool
     _ce_loss: bool
@@ -101,9 +128,12 @@ class KFACCapture(KFACAttributes):
         self._n_forwards += 1
         self._loss_batch = None
         self._out_ref = weakref.ref(output) if isinstance(output, Tensor) else None
-        self._out_key = data_key(output) if isinstance(output, Tensor) else None
         self._loss_view = None
-        self._flush_forward()  # the previous forward's (micro-batch's) statistics
+        entry = _Forward()
+        if self._ce_loss and isinstance(output, Tensor) and output.requires_grad:
+            entry.out = output
+            output.register_hook(_released(weakref.ref(entry)))
+        self._forwards.append(entry)
         if not self._capture.active:
             return
         self._capture.active = False
@@ -129,97 +159,77 @@ class KFACCapture(KFACAttributes):
             self._empirical_hooks(output, stats)
             self._pending = stats
             return
-        # a cross-entropy loss module may see a view of the output (its classes along
-        # another dimension) or ignored targets: its call re-does these statistics
-        snap = self._capture.snapshot() if self._loss_watch else None
-        if snap is not None and self._defer:  # the loss call did so last time: leave it to it
-            self._last = (None, snap)
+        # a cross-entropy loss may see a re-arrangement of the output (its classes along
+        # another dimension) or ignore targets: its call re-does these statistics
+        if self._loss_watch and entry.out is not None:
+            entry.snap = self._capture.snapshot()
+        if entry.snap is not None and self._defer:  # the loss call did so last time
+            entry.deferred = True
             self._capture.clear()
             return
         S = curvature_columns(
             self.loss_fn, output, None, self.reduction, self.fisher, self.mc_samples
         )
-        this = FactorStats(self.layers, fb, lazy=True)
-        batch_statistics(self.layers, fb, output, S, self._capture, this)
+        entry.this = FactorStats(self.layers, fb, lazy=True)
+        entry.busy = True
+        try:
+            batch_statistics(self.layers, fb, output, S, self._capture, entry.this)
+        finally:
+            entry.busy = False
         self._capture.clear()
-        self._last = (this, snap)
 
-    def _kept_positions(self, kept: Tensor, x: Tensor, view: bool) -> Tensor | None:
-        """The positions of the output whose targets count, from those of the loss input ``x``.
+    def _flush_forwards(self) -> None:
+        """Fold the step's forwards' statistics into the step's (accumulation)."""
+        entries, self._forwards = self._forwards, []
+        for entry in entries:
+            if entry.deferred:  # left to a loss call that did not come (the graph is gone)
+                self._defer = False
+                if "unseen" not in self._warned:
+                    self._warned.add("unseen")
+                    warnings.warn(
+                        "KFAC: the loss was not computed with loss_fn from this forward's "
+                        "output, so this batch adds no curvature statistics (the next "
+                        "batches are gathered in the forward pass again). Warned once.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+            elif entry.this is not None:
+                if self._pending is None:
+                    self._pending = entry.this
+                else:
+                    self._pending.merge(entry.this)
 
-        ``kept``: per position of ``x`` (cross-entropy: all dimensions but the classes, dim
-        1). Without a view these are the output's. For a view of a contiguous output its
-        elements are mapped back by their offsets and a position of the output (all its
-        dimensions but the last, e.g. ``[B, T]`` of ``[B, T, V]`` logits) counts when any
-        of its elements does; ``None`` (every position counts) for other outputs.
-        """
-        key = self._out_key
-        if not view:
-            return kept
-        if key is None or not key[5]:
-            return None
-        cls = kept.unsqueeze(1).expand(x.shape) if x.dim() > 1 else kept
-        numel, offset = key[1], key[4]
-        where = torch.arange(offset + numel, device=x.device).as_strided(
-            x.shape, x.stride(), x.storage_offset()
-        )
-        flat = torch.zeros(numel, dtype=torch.bool, device=x.device)
-        flat[(where - offset).reshape(-1)] = cls.reshape(-1)
-        return flat.reshape(key[3]).any(-1)
-
-    def _flush_forward(self) -> None:
-        """Fold the last training forward's statistics into the step's (accumulation)."""
-        last, self._last = self._last, None
-        if last is None:
-            return
-        this = last[0]
-        if this is None:  # left to a loss call that did not come (the graph is gone now)
-            self._defer = False
-            if "unseen" not in self._warned:
-                self._warned.add("unseen")
-                warnings.warn(
-                    "KFAC: the loss was not computed with loss_fn on this forward's output, "
-                    "so this batch adds no curvature statistics (the next batches are "
-                    "gathered in the forward pass again). Warned once.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return
-        if self._pending is None:
-            self._pending = this
-        else:
-            self._pending.merge(this)
-
-    def _redo_statistics(self, x: Tensor, target: Tensor | None) -> None:
+    def _take_loss(
+        self, entry: _Forward, x: Tensor, sel: Tensor | None, target: Tensor | None
+    ) -> None:
         """Take the cross-entropy loss' own input ``x`` and targets for the curvature.
 
-        Needed when ``x`` is a view of the output with another shape (``out.reshape(-1, C)``:
-        the classes along another dimension than the output's dim 1) or when the targets
-        weigh the positions (ignored ones: ``ignore_index``): the quadratic model takes its
-        curvature the same way (:attr:`_loss_view`), and the last forward's statistics are
-        re-done on ``x`` (while the graph is alive: the loss is computed before backward).
+        ``x`` is the forward's output or ``out.reshape(-1)[sel]`` (``out.reshape(-1, C)``, a
+        shifted copy, a transpose: :func:`~second.optim._views.selection`), its classes
+        along its dim 1; targets may weigh its positions (ignored ones: ``ignore_index``).
+        The quadratic model takes its curvature the same way (:attr:`_loss_view`), and the
+        forward's statistics are re-done on ``x`` (its graph is alive: the loss is computed
+        before ``backward()``), the ignored positions left out.
         """
-        key = self._out_key
-        view = key is not None and tuple(x.shape) != key[3]
         c = target_weights(self.loss_fn, x, target, self.reduction)
-        y = target if c is not None else None
-        if view or c is not None:
-            self._loss_view = (
-                (tuple(x.shape), x.stride(), x.storage_offset()) if view else None,
-                y.detach() if y is not None else None,
-            )
-        this, snap = self._last if self._last is not None else (None, None)
-        if snap is None:
+        y = target.detach() if c is not None and target is not None else None
+        if entry is self._forwards[-1] and (sel is not None or c is not None):
+            self._loss_view = (sel, y)
+        snap, out = entry.snap, entry.out
+        if snap is None or out is None:
             return
-        if not view and c is None and this is not None:  # the forward's are the loss' own
-            self._last, self._defer = (this, None), False
-            return
+        if sel is None and c is None:  # the forward's statistics are the loss' own
+            self._defer = False
+            if entry.this is not None:
+                entry.snap = None
+                return
         fb = self.fallback_params if self.fallback == "diagonal" else []
         S = curvature_columns(self.loss_fn, x, y, self.reduction, self.fisher, self.mc_samples)
-        keep = None if c is None else self._kept_positions(c > 0, x, view)
-        redone = FactorStats(self.layers, fb, lazy=True)
-        batch_statistics(self.layers, fb, x, S, snap, redone, keep=keep)
-        self._last, self._defer = (redone, None), bool(view or c is not None)
+        keep = None if c is None else kept_positions(c > 0, sel, tuple(out.shape))
+        entry.this = FactorStats(self.layers, fb, lazy=True)
+        batch_statistics(self.layers, fb, x, S, snap, entry.this, keep=keep)
+        entry.snap, entry.deferred = None, False
+        self._defer = sel is not None or c is not None
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
         """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
@@ -229,10 +239,20 @@ class KFACCapture(KFACAttributes):
         if self._in_step or not torch.is_grad_enabled():
             return
         out = self._out_ref() if self._out_ref is not None else None
-        if self._ce_loss and args and isinstance(args[0], Tensor):
-            if same_data(args[0], self._out_key):  # the output, or a view of it
-                target = args[1] if len(args) > 1 else kwargs.get("target")
-                self._redo_statistics(args[0], target if isinstance(target, Tensor) else None)
+        x, target = loss_input(args, kwargs)
+        if self._ce_loss and x is not None and x.requires_grad:
+            for entry in reversed(self._forwards):  # the latest forward this loss comes from
+                if entry.out is None or entry.matched:
+                    continue
+                entry.busy = True
+                try:
+                    sel = None if x is entry.out else selection(x, entry.out)
+                    if x is entry.out or sel is not None:
+                        entry.matched = True
+                        self._take_loss(entry, x, sel, target)
+                        break
+                finally:
+                    entry.busy = False
         if out is None or not args or args[0] is not out or self._loss_batch is not None:
             self._loss_batch = None
             return

@@ -291,20 +291,10 @@ class KFACUpdate(KFACAttributes):
                     raise
                 self._reverse_jvp = True
                 out, Jv = generic_jvp(*args, reverse=True)
-        view, target = self._loss_view if self._loss_view is not None else (None, None)
-        key = self._out_key
-        if view is not None and key is not None and key[5]:
-            # the loss saw a view of the (contiguous) output: its elements by their offsets
-            shape, stride, offset = view
-
-            def as_loss_input(t: Tensor) -> Tensor:
-                flat = t.contiguous().reshape(-1)
-                return flat.as_strided(shape, stride, flat.storage_offset() + offset - key[4])
-
-            out = as_loss_input(out)
-            Jv = torch.stack([as_loss_input(j) for j in Jv])
-        elif view is not None:
-            target = None  # (a view of a non-contiguous output: the output as it is)
+        sel, target = self._loss_view if self._loss_view is not None else (None, None)
+        if sel is not None:  # the loss saw a re-arrangement of the output: take it the same way
+            out = out.reshape(-1)[sel]
+            Jv = Jv.reshape(k, -1)[:, sel.reshape(-1)].reshape(k, *sel.shape)
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist(), target)
 
     def _warn_once(self, kind: str, message: str) -> None:

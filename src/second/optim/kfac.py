@@ -276,14 +276,13 @@ class KFAC(KFACCapture, KFACUpdate):
         # the loss on the captured batch, for the damping adaptation's loss after the step
         self._loss_hook = watch_loss(loss_fn, self._on_loss)
         self._out_ref: weakref.ref | None = None  # the last training forward's output
-        self._out_key: tuple | None = None  # its elements, in any view (see _kfac_capture)
-        # the last forward's statistics (and its calls, while its loss may re-do them); the
-        # loss call re-does them on its view of the output or with ignored targets
-        self._last: tuple | None = None
+        # the step's forwards (statistics, and the calls a cross-entropy loss call re-does on
+        # its own view of the output and targets: see _kfac_capture._Forward)
+        self._forwards: list = []
         self._defer = False  # the loss call re-did them last time: leave them to it
         self._ce_loss = self._loss_hook is not None and loss_kind(loss_fn) == "ce"
         self._loss_watch = self._ce_loss and fisher != "empirical"
-        self._loss_view: tuple | None = None  # (view of the output, targets) of the loss call
+        self._loss_view: tuple | None = None  # (selection, targets) of the last loss call
         self._n_forwards = 0  # training forwards since the last step
         self._step_forwards = 0  # those of the step in progress
         self._loss_batch: tuple | None = None  # (target args, kwargs, loss ref) of that output
@@ -315,6 +314,7 @@ class KFAC(KFACCapture, KFACUpdate):
         self._watch.remove()
         if self._loss_hook is not None:
             self._loss_hook.remove()
+        self._forwards.clear()
 
     def add_param_group(self, param_group: dict) -> None:
         """Parameter groups are fixed at construction (``KFAC(model, loss_fn, params=...)``).
@@ -386,7 +386,7 @@ class KFAC(KFACCapture, KFACUpdate):
         for key in COUNTERS:  # a state saved before the counters existed
             group.setdefault(key, 0)
         adaptive = group.get("adaptive", group["lr"] is None)
-        self._flush_forward()
+        self._flush_forwards()
         pending, bad_output = self._pending, self._pending_bad
         self._pending, self._pending_bad = None, False
         if pending is None and not bad_output and group["factor_steps"] == 0:

@@ -40,7 +40,7 @@ from ..kfac import check_loss, unwrap_model, watch_forward
 from ._diagonal import DiagonalHessianOptimizer, gnb_diagonal
 from ._options import check_nonneg, check_positive
 from ._preconditioned import decoupled_update, hyperparameters
-from ._views import DataKey, data_key, same_data, watch_loss
+from ._views import depends_on, loss_input, watch_loss
 
 __all__ = ["Sophia", "SophiaH", "sophia_update"]
 
@@ -233,7 +233,6 @@ class Sophia(_SophiaBase):
         super().__init__(model.parameters() if params is None else params, defaults, seed=seed)
         self.loss_fn = loss_fn
         self._output: Tensor | None = None
-        self._out_key: DataKey | None = None
         # what the loss module saw: the output or a view of it (logits.reshape(-1, V)), and
         # the targets, for the estimate's curvature columns
         self._loss_input: tuple[Tensor, Tensor | None] | None = None
@@ -246,15 +245,15 @@ class Sophia(_SophiaBase):
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor):
             self._output = output
-            self._out_key = data_key(output)
             self._loss_input = None
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
-        if self._output is None or not args or not isinstance(args[0], Tensor):
+        """Keep the first loss call, with gradients, on the output (or computed from it)."""
+        if self._output is None or self._loss_input is not None or not torch.is_grad_enabled():
             return
-        if same_data(args[0], self._out_key):
-            target = args[1] if len(args) > 1 else kwargs.get("target")
-            self._loss_input = (args[0], target if isinstance(target, Tensor) else None)
+        x, target = loss_input(args, kwargs)
+        if x is not None and x.requires_grad and depends_on(x, self._output):
+            self._loss_input = (x, target)
 
     def close(self) -> None:
         """Remove the forward hooks from the model and the loss."""
