@@ -398,9 +398,8 @@ class _SeqFirst(nn.Module):
 
 def test_a_sequence_first_output_and_layers_with_padding():
     # the loss on out.permute(1, 2, 0) ([B, V, T]) of a [T, B, V] output: the classes and the
-    # ignored positions are the loss'; the layers' rows are [T, B], so with B == T the
-    # positions' mask could be taken transposed: it is applied only where the dropped rows
-    # carry no gradient, so G is exact (and A counts the padding there)
+    # ignored positions are the loss', mapped onto the output's [T, B] positions, which are
+    # the layers' rows here (B == T: a mask taken by shape alone could be transposed)
     g = torch.Generator().manual_seed(4)
     x, y = torch.randint(0, 20, (5, 5), generator=g), torch.randint(0, 20, (5, 5), generator=g)
     padded = y.clone()
@@ -416,11 +415,11 @@ def test_a_sequence_first_output_and_layers_with_padding():
         _token_run(x, y, model=model, loss=seq_loss), _token_run(x, y, view=False, model=ref)
     )
     (f_pad, _), (f_cut, _) = (
-        _token_run(x, padded, model=_SeqFirst(), loss=seq_loss, steps=1),
-        _token_run(x[:, :3], y[:, :3], model=_SeqFirst(), loss=seq_loss, steps=1),
+        _token_run(x, padded, model=copy.deepcopy(model), loss=seq_loss, steps=1),
+        _token_run(x[:, :3], y[:, :3], model=copy.deepcopy(model), loss=seq_loss, steps=1),
     )
-    for G_pad, G_cut in zip(f_pad[1::2], f_cut[1::2]):
-        torch.testing.assert_close(G_pad, G_cut, rtol=1e-9, atol=1e-12)
+    for a, b in zip(f_pad, f_cut):  # A and G: the padded positions left out of both
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_accumulation_with_every_forward_before_the_losses():
@@ -459,3 +458,89 @@ def test_accumulation_with_every_forward_before_the_losses():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     for a, b in zip(run(2, False, 3), run(2, True, 3)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class _Mixing(nn.Module):
+    """Tokens -> Linear -> a causal running mean over positions -> Linear: positions coupled."""
+
+    def __init__(self, classes_first=False):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(20, 6), nn.Linear(6, 6), nn.Linear(6, 20)
+        self.classes_first = classes_first
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(self.emb(x)))
+        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
+        out = self.head(h.cumsum(1) / steps)
+        return out.transpose(1, 2) if self.classes_first else out
+
+
+def test_position_coupling_layers_and_a_gradient_taken_before_the_loss():
+    # layers that couple positions (attention does): the type-2 columns are one per class and
+    # position of the output, as for the loss on [B, V, T]; and a backward through the output
+    # before the cross-entropy call (an auxiliary z-loss) changes nothing
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randint(0, 20, (4, 5), generator=g), torch.randint(0, 20, (4, 5), generator=g)
+    ref = _Mixing(classes_first=True)
+    model = _Mixing()
+    model.load_state_dict(ref.state_dict())
+    _assert_same(_token_run(x, y, model=model), _token_run(x, y, view=False, model=ref))
+
+    def with_z_loss(fn, out, y):
+        (out.logsumexp(-1) ** 2).mean().mul(1e-4).backward(retain_graph=True)
+        return _flat_loss(fn, out, y)
+
+    (f_z, _), (f_ref, _) = (
+        _token_run(x, y, model=copy.deepcopy(model), loss=with_z_loss, steps=1),
+        _token_run(x, y, model=copy.deepcopy(ref), view=False, steps=1),
+    )
+    for a, b in zip(f_z, f_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_segmentation_loss_on_flattened_pixels_is_the_loss_on_the_output():
+    # [B, C, H, W] logits with the loss on out.permute(0, 2, 3, 1).reshape(-1, C): the same
+    # curvature as the loss on the output (a convolution in KFAC's "reduce" mode)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1)).double()
+    x = torch.randn(3, 2, 5, 5, dtype=DT)
+    y = torch.randint(0, 3, (3, 5, 5))
+    runs = []
+    for flat in (False, True):
+        model = copy.deepcopy(net)
+        loss_fn = nn.CrossEntropyLoss()
+        opt = second.optim.KFAC(model, loss_fn, fisher="type2")
+
+        def closure(model=model, loss_fn=loss_fn, opt=opt, flat=flat):
+            opt.zero_grad()
+            out = model(x)
+            if flat:
+                loss = loss_fn(out.permute(0, 2, 3, 1).reshape(-1, 3), y.reshape(-1))
+            else:
+                loss = loss_fn(out, y)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        runs.append([layer.state_in(opt.state)[k] for layer in opt.layers for k in ("A", "G")])
+        runs[-1] += [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_selection_map_is_exact_and_refuses_what_is_not_one():
+    from second.optim._views import selection
+
+    w = torch.ones((), requires_grad=True)
+    out = torch.randn(2, 4, 5) * w
+    for x in (
+        out.reshape(-1, 5),
+        out[:, :-1].contiguous().view(-1, 5),
+        out.transpose(1, 2),
+        out.reshape(-1, 5).bfloat16(),
+    ):
+        sel = selection(x, out)
+        assert sel is not None and torch.equal(out.reshape(-1)[sel].to(x.dtype), x)
+    for x in (2 * out, out.sum(-1), 0.5 * (out[..., :-1] + out[..., 1:]), torch.randn(3)):
+        assert selection(x, out) is None

@@ -29,17 +29,17 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
-from ._views import kept_positions, loss_input, selection
+from ._views import loss_input, loss_on_output
 
 
 @dataclass(eq=False)
 class _Forward:
     """One training forward of the step, until its loss call and ``backward()``.
 
-    ``out``: its output (while a cross-entropy loss call may still come: released when the
-    backward reaches it); ``this``: its statistics (``None``: left to the loss call,
-    ``deferred``); ``snap``: its layer calls, while the loss call may re-do them;
-    ``matched``: a loss call took it.
+    ``out``: its output (while a cross-entropy loss call may still come: until the loss call
+    or the step); ``this``: its statistics (``None``: left to the loss call, ``deferred``);
+    ``snap``: its layer calls, while the loss call may re-do them; ``matched``: a loss call
+    took it.
     """
 
     out: Tensor | None = None
@@ -47,16 +47,6 @@ class _Forward:
     snap: Capture | None = None
     deferred: bool = False
     matched: bool = False
-    busy: bool = False  # the optimizer's own backward passes through the output
-
-
-def _released(entry: weakref.ref) -> Callable[[Tensor], None]:
-    def hook(grad: Tensor) -> None:  # the user's backward reached the output: no loss follows
-        e = entry()
-        if e is not None and not e.busy:
-            e.out, e.snap = None, None
-
-    return hook
 
 
 class KFACAttributes(torch.optim.Optimizer):
@@ -132,7 +122,6 @@ class KFACCapture(KFACAttributes):
         entry = _Forward()
         if self._ce_loss and isinstance(output, Tensor) and output.requires_grad:
             entry.out = output
-            output.register_hook(_released(weakref.ref(entry)))
         self._forwards.append(entry)
         if not self._capture.active:
             return
@@ -171,11 +160,7 @@ class KFACCapture(KFACAttributes):
             self.loss_fn, output, None, self.reduction, self.fisher, self.mc_samples
         )
         entry.this = FactorStats(self.layers, fb, lazy=True)
-        entry.busy = True
-        try:
-            batch_statistics(self.layers, fb, output, S, self._capture, entry.this)
-        finally:
-            entry.busy = False
+        batch_statistics(self.layers, fb, output, S, self._capture, entry.this)
         self._capture.clear()
 
     def _flush_forwards(self) -> None:
@@ -199,37 +184,39 @@ class KFACCapture(KFACAttributes):
                 else:
                     self._pending.merge(entry.this)
 
-    def _take_loss(
-        self, entry: _Forward, x: Tensor, sel: Tensor | None, target: Tensor | None
-    ) -> None:
-        """Take the cross-entropy loss' own input ``x`` and targets for the curvature.
+    def _take_loss(self, entry: _Forward, dim: int, target: Tensor | None) -> None:
+        """Take the cross-entropy loss as written for the curvature of ``entry``'s forward.
 
-        ``x`` is the forward's output or ``out.reshape(-1)[sel]`` (``out.reshape(-1, C)``, a
-        shifted copy, a transpose: :func:`~second.optim._views.selection`), its classes
-        along its dim 1; targets may weigh its positions (ignored ones: ``ignore_index``).
-        The quadratic model takes its curvature the same way (:attr:`_loss_view`), and the
-        forward's statistics are re-done on ``x`` (its graph is alive: the loss is computed
-        before ``backward()``), the ignored positions left out.
+        The loss is cross-entropy on ``out.movedim(dim, 1)`` against ``target`` on the
+        output's positions (:func:`~second.optim._views.loss_on_output`: ``out.reshape(-1,
+        C)``, a shifted copy and a transpose are the output with its classes along ``dim``;
+        ignored targets, and positions the loss does not see, weigh 0). The quadratic model
+        takes its curvature the same way (:attr:`_loss_view`), and the forward's statistics
+        are re-done (its graph is alive: the loss is computed before ``backward()``), the
+        ignored positions left out.
         """
-        c = target_weights(self.loss_fn, x, target, self.reduction)
+        out = entry.out
+        assert out is not None
+        f = out.movedim(dim, 1) if dim != 1 else out
+        c = target_weights(self.loss_fn, f, target, self.reduction)
         y = target.detach() if c is not None and target is not None else None
-        if entry is self._forwards[-1] and (sel is not None or c is not None):
-            self._loss_view = (sel, y)
-        snap, out = entry.snap, entry.out
-        if snap is None or out is None:
+        if entry is self._forwards[-1] and (dim != 1 or c is not None):
+            self._loss_view = (dim, y)
+        snap, entry.out = entry.snap, None
+        if snap is None:
             return
-        if sel is None and c is None:  # the forward's statistics are the loss' own
+        entry.snap = None
+        if dim == 1 and c is None:  # the forward's statistics are the loss' own
             self._defer = False
             if entry.this is not None:
-                entry.snap = None
                 return
         fb = self.fallback_params if self.fallback == "diagonal" else []
-        S = curvature_columns(self.loss_fn, x, y, self.reduction, self.fisher, self.mc_samples)
-        keep = None if c is None else kept_positions(c > 0, sel, tuple(out.shape))
+        S = curvature_columns(self.loss_fn, f, y, self.reduction, self.fisher, self.mc_samples)
+        keep = None if c is None else c > 0
         entry.this = FactorStats(self.layers, fb, lazy=True)
-        batch_statistics(self.layers, fb, x, S, snap, entry.this, keep=keep)
-        entry.snap, entry.deferred = None, False
-        self._defer = sel is not None or c is not None
+        batch_statistics(self.layers, fb, f, S, snap, entry.this, keep=keep)
+        entry.deferred = False
+        self._defer = dim != 1 or c is not None
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
         """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
@@ -244,15 +231,15 @@ class KFACCapture(KFACAttributes):
             for entry in reversed(self._forwards):  # the latest forward this loss comes from
                 if entry.out is None or entry.matched:
                     continue
-                entry.busy = True
-                try:
-                    sel = None if x is entry.out else selection(x, entry.out)
-                    if x is entry.out or sel is not None:
-                        entry.matched = True
-                        self._take_loss(entry, x, sel, target)
-                        break
-                finally:
-                    entry.busy = False
+                if x is entry.out:
+                    match: tuple | None = (1, target)
+                else:
+                    ignore = getattr(self.loss_fn, "ignore_index", -100)
+                    match = None if target is None else loss_on_output(x, entry.out, target, ignore)
+                if match is not None:
+                    entry.matched = True
+                    self._take_loss(entry, *match)
+                    break
         if out is None or not args or args[0] is not out or self._loss_batch is not None:
             self._loss_batch = None
             return

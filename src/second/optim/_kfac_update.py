@@ -291,10 +291,9 @@ class KFACUpdate(KFACAttributes):
                     raise
                 self._reverse_jvp = True
                 out, Jv = generic_jvp(*args, reverse=True)
-        sel, target = self._loss_view if self._loss_view is not None else (None, None)
-        if sel is not None:  # the loss saw a re-arrangement of the output: take it the same way
-            out = out.reshape(-1)[sel]
-            Jv = Jv.reshape(k, -1)[:, sel.reshape(-1)].reshape(k, *sel.shape)
+        dim, target = self._loss_view if self._loss_view is not None else (1, None)
+        if dim != 1:  # the loss has the output's classes along `dim` (_take_loss)
+            out, Jv = out.movedim(dim, 1), Jv.movedim(dim + 1, 2)
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist(), target)
 
     def _warn_once(self, kind: str, message: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["depends_on", "selection", "kept_positions", "loss_input", "watch_loss"]
+__all__ = ["depends_on", "selection", "loss_on_output", "loss_input", "watch_loss"]
 
 
 def loss_input(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None]:
@@ -67,48 +67,72 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
     if ones is None or not bool((ones == 1).all()):
         return None
     n = out.numel()
-    base = 2 ** min(int(-math.log2(torch.finfo(out.dtype).eps)), 24)  # exact integers
+    bits = min(int(-math.log2(torch.finfo(t.dtype).eps)) for t in (out, x))
+    base = 2 ** min(bits, 24)  # integers both dtypes carry exactly
     flat = torch.arange(n, device=out.device)
     sel = torch.zeros(x.shape, dtype=torch.long, device=out.device)
     scale = 1
     while True:
         digit = ((flat // scale) % base).to(out.dtype).reshape(out.shape)
         part = apply(digit)
-        if part is None:
-            return None
+        if part is None or not bool((part == part.round()).all()):
+            return None  # a weighted average, not a selection
         sel += part.round().long() * scale
         scale *= base
         if scale >= n:
-            return sel
+            break
+    if int(sel.min()) < 0 or int(sel.max()) >= n:
+        return None
+    probe = torch.rand(out.shape, dtype=out.dtype, device=out.device)
+    moved = apply(probe)
+    if moved is None or not torch.equal(moved, probe.reshape(-1)[sel].to(moved.dtype)):
+        return None
+    return sel
 
 
-def kept_positions(kept: Tensor, sel: Tensor | None, out_shape: tuple) -> Tensor | None:
-    """The output's positions (its dims but its classes') whose loss terms count.
+def loss_on_output(
+    x: Tensor, out: Tensor, target: Tensor, ignore_index: int
+) -> tuple[int, Tensor] | None:
+    """A cross-entropy loss on ``x`` written as the same loss on ``out``: ``(dim, target)``.
 
-    ``kept``: per position of the loss input (cross-entropy: its dims but dim 1, the
-    classes); ``sel``: :func:`selection` (``None``: the input is the output itself). The
-    output's class dimension is where a step along the input's classes moves; positions of
-    the output the loss does not see count as not kept. ``None`` when it cannot be told.
+    ``x`` (classes along its dim 1) holds some of ``out``'s elements (:func:`selection`):
+    the same loss is cross-entropy on ``out.movedim(dim, 1)`` against ``target`` on ``out``'s
+    positions (all its dims but ``dim``), ``ignore_index`` where ``x`` has no position
+    (``logits[:, :-1]``). ``None`` when ``x`` is not such a re-arrangement (a class step of
+    ``x`` must be a step along one dim of ``out``, each position of ``out`` used once) or the
+    targets are not class indices.
     """
-    if sel is None:
-        return kept
-    if sel.dim() < 2 or sel.shape[1] < 2:
+    if target.is_floating_point() or x.dim() < 2:
         return None
-    strides = [math.prod(out_shape[d + 1 :]) for d in range(len(out_shape))]
-
-    def coords(flat: Tensor) -> list[Tensor]:
-        return [(flat // s) % n for s, n in zip(strides, out_shape)]
-
-    first, second = coords(sel.select(1, 0)), coords(sel.select(1, 1))
-    moved = [d for d in range(len(out_shape)) if bool((first[d] != second[d]).any())]
-    if len(moved) != 1:
+    sel = selection(x, out)
+    if sel is None or sel.shape[1] < 2:
         return None
-    cd = moved[0]
-    pos_shape = tuple(n for d, n in enumerate(out_shape) if d != cd)
-    keep = torch.zeros(pos_shape, dtype=torch.bool, device=kept.device)
-    index = tuple(c.reshape(-1) for d, c in enumerate(first) if d != cd)
-    keep[index] = kept.reshape(-1)
-    return keep
+    shape = tuple(out.shape)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    step = sel.select(1, 1) - sel.select(1, 0)
+    s = int(step.reshape(-1)[0])
+    dims = [d for d in range(len(shape)) if strides[d] == s and shape[d] == x.shape[1]]
+    if len(dims) != 1 or not bool((step == s).all()):
+        return None
+    dim = dims[0]
+    first = sel.select(1, 0)
+    if target.numel() != first.numel():
+        return None
+    classes = torch.arange(x.shape[1], device=sel.device).reshape(1, -1, *[1] * (sel.dim() - 2))
+    if not torch.equal(sel, first.unsqueeze(1) + s * classes):
+        return None
+    coords = [(first // st) % n for st, n in zip(strides, shape)]
+    if bool((coords[dim] != 0).any()):
+        return None
+    pos_shape = tuple(n for d, n in enumerate(shape) if d != dim)
+    index = tuple(c.reshape(-1) for d, c in enumerate(coords) if d != dim)
+    y = torch.full(pos_shape, ignore_index, dtype=torch.long, device=target.device)
+    used = torch.zeros(pos_shape, dtype=torch.int32, device=target.device)
+    used.index_put_(index, torch.ones_like(index[0], dtype=torch.int32), accumulate=True)
+    if int(used.max()) > 1:
+        return None  # a position of the output used twice
+    y[index] = target.reshape(-1).to(torch.long)
+    return dim, y
 
 
 def watch_loss(loss_fn: Any, method: Callable[[tuple, dict, Any], None]) -> Any:
