@@ -104,7 +104,12 @@ class KFAC(KFACCapture, KFACUpdate):
             :mod:`second.kfac.rules` and :meth:`approximations`.
         loss_fn: the training loss (``MSELoss``, ``CrossEntropyLoss``,
             ``BCEWithLogitsLoss``); used for the curvature only, its ``reduction``
-            (default ``"mean"``) must match the loss you backpropagate.
+            (default ``"mean"``) must match the loss you backpropagate. Call it in the
+            closure: a ``CrossEntropyLoss`` called on the output or on a view, slice or copy
+            of it (``logits.reshape(-1, V)``, ``logits[:, :-1].contiguous().view(-1, V)``)
+            gives the curvature of the loss as written, with its classes and its ignored
+            targets (``ignore_index``); a loss computed without it takes the output's dim 1
+            as the classes and counts every position.
         params: parameter groups over the model's trainable parameters (dicts with
             ``"params"`` and any of ``lr``, ``weight_decay``, ``momentum``; for example no
             weight decay on norms and biases); the parameters not listed form a last group
