@@ -19,7 +19,11 @@ the median step cost relative to Adam. One JSON line per run, a Markdown table, 
 in ``bench-output/zoo_*.png``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_zoo.py [--quick] [--models ...]
-        [--optimizers ...] [--epochs 5] [--lm-steps 400] [--seeds 0]
+        [--optimizers ...] [--epochs 5] [--lm-steps 400] [--seeds 0] [--cpu-budget S]
+
+``--cpu-budget S`` trains the character LMs for S CPU-seconds each instead of a number of
+steps: the comparison at equal CPU time (the table's last loss column is then the final
+training loss at the budget, "final" the validation loss).
 """
 
 from __future__ import annotations
@@ -254,7 +258,10 @@ def refused_counters(opt) -> dict:
     return {k: v for k, v in st.items() if k.startswith(keys) and v}
 
 
-def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data) -> Run:
+def train(
+    mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data, cpu_budget=None
+) -> Run:
+    """One run; ``cpu_budget``: stop once the training thread has spent this many CPU-s."""
     spec = MODELS[mname]
     kind = spec["kind"]
     torch.manual_seed(seed)
@@ -297,6 +304,8 @@ def train(mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data)
         run.cpu.append(cpu)
         if not math.isfinite(value):
             run.nonfinite_at = step
+            break
+        if cpu_budget is not None and cpu >= cpu_budget:
             break
         if kind == "classify" and run.to_target is None:
             model.eval()
@@ -390,6 +399,12 @@ def main(argv=None):
     parser.add_argument("--lm-steps", type=int, default=400, help="steps of the character LM")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--quick", action="store_true", help="1 epoch, 40 LM steps")
+    parser.add_argument(
+        "--cpu-budget",
+        type=float,
+        default=None,
+        help="train the character LMs for this many CPU-seconds instead of --lm-steps",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.lm_steps = 1, 40
@@ -418,9 +433,10 @@ def main(argv=None):
                         make,
                         seed,
                         args.epochs,
-                        args.lm_steps,
+                        10**7 if args.cpu_budget and is_lm else args.lm_steps,
                         lm_train if is_lm else train_d,
                         lm_test if is_lm else test_d,
+                        cpu_budget=args.cpu_budget if is_lm else None,
                     )
                     runs.append(run)
                     log.write(json.dumps({k: v for k, v in run.__dict__.items()}) + "\n")

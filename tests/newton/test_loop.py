@@ -53,6 +53,37 @@ def test_newton_dense_one_step_on_a_quadratic_equals_the_newton_step():
     assert res.matvecs == 6
 
 
+def test_newton_dense_forms_a_quadratics_hessian_once():
+    # the Hessian predicts every change of a quadratic's gradient: formed once, then reused
+    # through the radius-limited steps and the final Newton step (reuse_tol=0: each time)
+    A, b, f = ill_quadratic(n=12, cond=1e6)
+    crit = Criteria(gtol=1e-9, maxiter=100)
+    lazy = newton_dense(f, torch.zeros(12, dtype=DT), crit, initial_radius=0.1)
+    every = newton_dense(f, torch.zeros(12, dtype=DT), crit, initial_radius=0.1, reuse_tol=0.0)
+    assert lazy.converged and every.converged
+    assert lazy.nit == every.nit > 2  # the same steps: the Hessian is exact either way
+    assert lazy.matvecs == 12 and every.matvecs == 12 * (every.ngev - 1)
+    torch.testing.assert_close(lazy.x, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-6)
+
+
+def test_newton_dense_reforms_a_hessian_that_stops_predicting_the_gradient():
+    # Rosenbrock: far from the solution the gradient's change is poorly predicted (the
+    # Hessian is formed again), near it well (reused): between one and ngev Hessians
+    def rosen(x):
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    crit = Criteria(gtol=1e-10, maxiter=500)
+    x0 = torch.tensor([-1.2, 1.0], dtype=DT)
+    lazy = newton_dense(rosen, x0, crit)
+    every = newton_dense(rosen, x0, crit, reuse_tol=0.0)
+    assert lazy.converged and every.converged
+    torch.testing.assert_close(lazy.x, torch.ones(2, dtype=DT), rtol=0, atol=1e-8)
+    hessians, every_h = lazy.matvecs // 2, every.matvecs // 2
+    assert 1 < hessians < every_h <= every.ngev
+    # a Hessian reused for a step whose gradient it predicted to within 1e-2 of its change
+    assert lazy.ngev <= every.ngev + 3
+
+
 def test_rejected_trust_region_step_shrinks_the_radius_without_products():
     def rosen(x):
         return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2

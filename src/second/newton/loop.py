@@ -18,13 +18,13 @@ from torch import Tensor
 
 from ..func.products import hvp_from_gradient
 from .direction import forcing_term, truncated_cg
-from .globalize import strong_wolfe, update_radius
+from .globalize import strong_wolfe
 from .objective import MESSAGES, Objective, RayTest, finish, record_and_check
 from .precond import LBFGSPreconditioner
 from .result import OptimizeResult
 from .steps import NOISE, cg_subproblem, trust_region_step
 from .stopping import Criteria
-from .trust_region import RCOND, exact_trust_region
+from .trust_region import RCOND, SubproblemResult, exact_trust_region
 
 __all__ = [
     "Objective",
@@ -32,6 +32,7 @@ __all__ = [
     "newton_dense",
     "dense_hessian",
     "DENSE_CHUNK",
+    "REUSE_TOL",
     "MESSAGES",
     "RayTest",
 ]
@@ -242,6 +243,15 @@ def newton_cg(
 #: of 32 on a loaded one).
 DENSE_CHUNK = 128
 
+#: :func:`newton_dense` keeps its Hessian (and its eigendecomposition) for the next step while
+#: it predicted the change of the gradient over the last accepted step to this relative
+#: accuracy, ``||g_new - g - H s|| <= REUSE_TOL * ||g_new - g||``: a Newton step on that
+#: Hessian then lowers ``||g||`` by about this factor at the cost of one gradient instead of
+#: ``n`` products and an eigendecomposition (on a quadratic the Hessian is formed once; near a
+#: solution of a smooth problem the ratio falls like the step). A step that the reused Hessian
+#: gets rejected, or one that predicts the gradient worse, forms it again.
+REUSE_TOL = 1e-2
+
 
 def dense_hessian(g: Tensor, xr: Tensor, eye: Tensor | None = None) -> Tensor:
     r"""The dense Hessian :math:`\nabla^2 f` from a gradient ``g`` with its graph, by columns.
@@ -282,6 +292,7 @@ def newton_dense(
     initial_radius: float = 1.0,
     eta: float = 0.1,
     hessian_every: int = 1,
+    reuse_tol: float = REUSE_TOL,
     rcond: float = RCOND,
     negligible: float = 0.5,
 ) -> OptimizeResult:
@@ -292,7 +303,9 @@ def newton_dense(
     :math:`-(H + \mu I)^{-1} g` with the smallest shift :math:`\mu \ge \max(0, -\lambda_1)`
     that keeps it in the region, i.e. an eigenvalue modification of an indefinite Hessian
     chosen by the region. ``hessian_every=m`` reuses :math:`H` for up to ``m`` accepted steps
-    (a step rejected with a reused Hessian refreshes it).
+    (a step rejected with a reused Hessian refreshes it); beyond that, :math:`H` is kept while
+    it predicts the change of the gradient over the last step to ``reuse_tol`` (see
+    :data:`REUSE_TOL`).
 
     Rounding: eigenvalues within ``rcond`` of the largest magnitude are unresolved; the
     subproblem shifts by at least that much, and the gradient's components along them are
@@ -310,6 +323,9 @@ def newton_dense(
         initial_radius: :math:`\Delta_0` (default 1).
         eta: acceptance threshold on :math:`\rho` (default 0.1).
         hessian_every: Hessian reuse (default 1: every iteration).
+        reuse_tol: the relative error of the gradient's change, as :math:`H` predicts it,
+            up to which :math:`H` is kept for the next step (default :data:`REUSE_TOL`; 0
+            forms it whenever ``hessian_every`` says).
         rcond: the relative eigenvalue rounding level (default
             :data:`~second.newton.trust_region.RCOND`).
         negligible: the share of ``gtol`` below which a slope along unresolved directions is
@@ -321,8 +337,8 @@ def newton_dense(
     Example:
         >>> res = newton_dense(lambda x: ((x - 1) ** 4).sum() + (x**2).sum(),
         ...                    torch.zeros(3, dtype=torch.float64), Criteria(gtol=1e-10, maxiter=50))
-        >>> res.converged, res.matvecs == 3 * (res.ngev - 1)
-        (True, True)
+        >>> res.converged, res.matvecs // 3, res.ngev  # Hessians formed (3 products each), gradients
+        (True, 4, 7)
     """
     t0 = time.perf_counter()
     shape = x0.shape
@@ -331,25 +347,40 @@ def newton_dense(
     obj = Objective(fun, shape, "newton-exact")
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
 
-    def evaluate(xv):
-        xr = xv.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            fv = obj._call(xr)
-            (gv,) = (
-                torch.autograd.grad(fv, xr, create_graph=True)
-                if fv.requires_grad
-                else (torch.zeros_like(xr),)
-            )
-        obj.ngev += 1
-        return float(fv.detach()), gv, xr
+    point: dict = {}
 
-    f, g, xr = evaluate(x)
+    def trial_at(xc: Tensor):
+        """``p -> (f(xc + p), finish)``; ``finish`` keeps the gradient's graph in ``point``."""
+
+        def trial(p: Tensor):
+            xr = (xc + p).detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                fv = obj._call(xr)
+
+            def finish_trial(graph: bool = True):
+                with torch.enable_grad():
+                    (gv,) = (
+                        torch.autograd.grad(fv, xr, create_graph=True)
+                        if fv.requires_grad
+                        else (torch.zeros_like(xr),)
+                    )
+                obj.ngev += 1
+                point.update(f=float(fv.detach()), g=gv, xr=xr)
+                return gv.detach(), None
+
+            return float(fv.detach()), finish_trial
+
+        return trial
+
+    f0, first = trial_at(x)(torch.zeros_like(x))
+    first()
+    f, g, xr = f0, point["g"], point["xr"]
     radius = float(initial_radius)
     history: list[dict] = []
     xnorms = [float(torch.linalg.vector_norm(x))]
     fvals = [f]
     ray = RayTest(obj.value, criteria, x, f)
-    H, age, it = None, 0, 0
+    H, age, it, fresh = None, 0, 0, False
     reason, extra = None, ""
     while True:
         gflat = g.detach()
@@ -360,41 +391,61 @@ def newton_dense(
         if H is None or age >= hessian_every:
             cols = dense_hessian(g, xr, eye)
             obj.matvecs += n
-            H, age = cols.detach(), 0
+            H, age, fresh = cols.detach(), 0, True
             H64 = 0.5 * (H + H.T).to(torch.float64)
             eig = torch.linalg.eigh(H64)
-        stale = False
+
+        def subproblem(r: float, g=gflat, H64=H64, eig=eig) -> SubproblemResult:
+            return exact_trust_region(
+                H64, g, r, eig=eig, rcond=rcond, negligible=negligible * criteria.gtol
+            )
+
+        res = None
         while True:
             it += 1
-            sub = exact_trust_region(
-                H64, gflat, radius, eig=eig, rcond=rcond, negligible=negligible * criteria.gtol
+            # the shared step: rho by the trapezoidal rule where f's change is rounding
+            res = trust_region_step(
+                f, gflat, radius, subproblem, trial_at(x), eta=eta, max_radius=math.inf
             )
-            f_new = obj.value(x + sub.step)
-            pred = sub.predicted_reduction
-            rho = (f - f_new) / pred if pred > 0 else -1.0
-            if not math.isfinite(f_new):
-                rho = -math.inf
-            radius = update_radius(radius, rho, sub.step_norm, sub.on_boundary)
-            if rho > eta:
-                x = x + sub.step
-                xnorms.append(float(torch.linalg.vector_norm(x)))
-                fvals.append(f_new)
-                ray.accept(x, f_new)
+            # a model that predicts no decrease (a zero step): shrink, as for a bad step
+            radius = res.radius if res.predicted_reduction > 0 else 0.25 * res.sub.step_norm
+            if res.accepted:
                 break
-            if age > 0:
-                stale = True
+            if not fresh:  # rejected with a Hessian from an earlier point: form it here
+                H = None
                 break
             if radius <= criteria.xtol * (1 + xnorms[-1]) or it >= criteria.maxiter:
                 break
         if radius <= criteria.xtol * (1 + xnorms[-1]):
             reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
             break
-        f, g, xr = evaluate(x)
-        if stale:
-            H = None
+        if not res.accepted:
+            continue  # the same point: a fresh Hessian, or the iteration limit next
+        if res.grad is None:
+            res.finish(True)
+        g_old, fresh = gflat, False
+        x = x + res.step
+        f, g, xr = res.f, point["g"], point["xr"]
+        xnorms.append(float(torch.linalg.vector_norm(x)))
+        fvals.append(f)
+        ray.accept(x, f)
+        if (
+            age + 1 >= hessian_every
+            and reuse_tol > 0
+            and _predicts(H64, g_old, g, res.step, reuse_tol)
+        ):
+            age = 0  # the Hessian still predicts the gradient: keep it
         else:
             age += 1
     gnorm = float(torch.linalg.vector_norm(g.detach()))
     return finish(
         obj, x, f, gnorm, it, reason, criteria, "newton-exact", history, t0, xnorms, shape, extra
     )
+
+
+def _predicts(H: Tensor, g_old: Tensor, g_new: Tensor, step: Tensor, tol: float) -> bool:
+    """Whether ``g_old + H step`` is within ``tol`` of ``g_new`` relative to their change."""
+    y = (g_new.detach() - g_old).to(H.dtype)
+    err = y - H @ step.to(H.dtype)
+    ynorm = float(torch.linalg.vector_norm(y))
+    return ynorm > 0 and float(torch.linalg.vector_norm(err)) <= tol * ynorm

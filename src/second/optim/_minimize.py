@@ -68,7 +68,14 @@ _CORE_OPTIONS = {
         "warm_start",
         "reorthogonalize",
     },
-    "newton-exact": {"initial_radius", "eta", "hessian_every", "rcond", "negligible"},
+    "newton-exact": {
+        "initial_radius",
+        "eta",
+        "hessian_every",
+        "reuse_tol",
+        "rcond",
+        "negligible",
+    },
 }
 _GN_OPTIONS = {
     "damping_rule",
