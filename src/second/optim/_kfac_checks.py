@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..func.checks import finite_flags
+
 OVERRATE = 2.0
 """A quadratic model predicting a decrease of more than ``OVERRATE`` times a nonnegative loss is refused.
 
@@ -80,12 +82,11 @@ def clamp_damping(lam: float, group: dict) -> float:
 
 
 def first_nonfinite(ts: list[Tensor]) -> int | None:
-    """The index of the first tensor with a NaN or Inf entry (or whose norm overflows), or ``None``.
+    """The index of the first tensor with a NaN or Inf entry (or whose sum overflows), or ``None``.
 
-    One fused norm per tensor and one synchronization; an order of magnitude cheaper than
-    ``isfinite(t).all()`` on a large factor.
+    One reduction per tensor and one synchronization (:func:`~second.func.checks.finite_flags`).
     """
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(ts)))
+    finite = finite_flags(ts)
     if bool(finite.all()):
         return None
     return int((~finite).nonzero()[0, 0])

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed as dist
+from ..func.checks import finite_flags
 from ._base import PARAM_SHAPES, check_state_dict_params
 from ._options import check_nonneg, check_positive, hyperparameters
 
@@ -178,8 +179,8 @@ class PreconditionedOptimizer(Optimizer):
     @staticmethod
     def _finite(tensors: Iterable[Tensor | None], device: torch.device) -> bool:
         """Whether every tensor is finite, on every rank (one collective)."""
-        flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]
-        ok = bool(torch.stack(flags).all()) if flags else True
+        ts = [t for t in tensors if t is not None and t.numel()]
+        ok = bool(finite_flags(ts).all()) if ts else True
         return dist.all_ranks(ok, device)
 
     @torch.no_grad()
