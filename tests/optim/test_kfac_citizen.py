@@ -316,17 +316,48 @@ def test_a_loss_on_a_reshaped_view_of_the_output_gets_its_own_curvature(options)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
 @pytest.mark.parametrize("view", [True, False])
-def test_ignored_targets_leave_the_statistics_as_if_the_positions_were_not_there(view):
+def test_ignored_targets_leave_the_statistics_as_if_the_positions_were_not_there(view, fisher):
     # padding (ignore_index) in a position-wise model: the factors and steps equal those of
-    # the batch without the padded positions (before, they counted as data)
+    # the batch without the padded positions (before, they counted as data; the empirical
+    # Fisher's, gathered from the user's backward, counted them in A and scaled G by the
+    # padded share until the sixth session)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (6, 7), generator=g)
     padded = y.clone()
     padded[:, 5:] = -100
-    f_pad, p_pad = _token_run(x, padded, view=view)
-    f_cut, p_cut = _token_run(x[:, :5], y[:, :5], view=view)
+    f_pad, p_pad = _token_run(x, padded, view=view, fisher=fisher)
+    f_cut, p_cut = _token_run(x[:, :5], y[:, :5], view=view, fisher=fisher)
     for a, b in zip(f_pad + p_pad, f_cut + p_cut):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_empirical_fisher_leaves_out_ignored_examples():
+    # one row per example, 3 of 8 targets ignored: the factors of the 5 kept examples
+    # (before: A 55% and G 60% off, the ignored rows counted and G scaled by 8/5)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    y[[1, 4, 6]] = -100
+    kept = y != -100
+
+    def factors(Xb, yb):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        loss_fn = nn.CrossEntropyLoss()
+        opt = second.optim.KFAC(model, loss_fn, fisher="empirical", lr=0.1, momentum=0.0)
+
+        def closure():
+            opt.zero_grad()
+            value = loss_fn(model(Xb), yb)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        return [layer.state_in(opt.state)[k].clone() for layer in opt.layers for k in ("A", "G")]
+
+    for a, b in zip(factors(X, y), factors(X[kept], y[kept])):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 

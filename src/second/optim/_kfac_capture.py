@@ -7,6 +7,7 @@ captured batch and activations of the quadratic model, the loss of the damping a
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable
@@ -47,6 +48,25 @@ class _Forward:
     snap: Capture | None = None
     deferred: bool = False
     matched: bool = False
+    emp: _Empirical | None = None
+
+
+@dataclass(eq=False)
+class _Empirical:
+    """The empirical Fisher's backward hooks of one forward: ``n`` rows added to ``stats``.
+
+    ``cancel()`` (its loss call re-does the statistics) takes the rows back and makes the
+    hooks add nothing.
+    """
+
+    stats: FactorStats
+    n: int
+    active: bool = True
+
+    def cancel(self) -> None:
+        if self.active:
+            self.active = False
+            self.stats.n -= self.n
 
 
 class KFACAttributes(torch.optim.Optimizer):
@@ -72,6 +92,7 @@ class KFACAttributes(torch.optim.Optimizer):
     _out_ref: weakref.ref | None
     _forwards: list[_Forward]
     _defer: bool
+    _mapping: bool
     _loss_watch: bool
     _ce_loss: bool
     _loss_view: tuple | None
@@ -145,7 +166,9 @@ class KFACCapture(KFACAttributes):
             # gradients of the user's own loss, captured during their backward; every
             # training forward since the last step adds to them (accumulation)
             stats = self._pending or FactorStats(self.layers, fb, lazy=True)
-            self._empirical_hooks(output, stats)
+            if self._loss_watch and entry.out is not None:
+                entry.snap = self._capture.snapshot()  # for a loss call that re-does them
+            entry.emp = self._empirical_hooks(output, stats)
             self._pending = stats
             return
         # a cross-entropy loss may see a re-arrangement of the output (its classes along
@@ -206,6 +229,13 @@ class KFACCapture(KFACAttributes):
         if snap is None:
             return
         entry.snap = None
+        if entry.emp is not None:  # the empirical Fisher: its backward hooks gather them
+            if dim == 1 and c is None:
+                return  # rows are examples, every target counts: the hooks' statistics hold
+            # the hooks would count ignored targets (and the batch size for a mean over the
+            # kept ones), or take the output's rows for examples: the loss as written instead
+            entry.emp.cancel()
+            y = target.detach() if target is not None else None
         if dim == 1 and c is None:  # the forward's statistics are the loss' own
             self._defer = False
             if entry.this is not None:
@@ -213,6 +243,13 @@ class KFACCapture(KFACAttributes):
         fb = self.fallback_params if self.fallback == "diagonal" else []
         S = curvature_columns(self.loss_fn, f, y, self.reduction, self.fisher, self.mc_samples)
         keep = None if c is None else c > 0
+        if entry.emp is not None and keep is not None:
+            # S holds n * dL/df per row (n rows); the empirical Fisher's per-example gradients
+            # are m * dL/df over the m rows with a kept target, averaged over those m: the
+            # statistics (averaged over n) take sqrt(m / n) S
+            n = keep.shape[0]
+            m = int(keep.reshape(n, -1).any(1).sum())
+            S = S * math.sqrt(m / n)
         entry.this = FactorStats(self.layers, fb, lazy=True)
         batch_statistics(self.layers, fb, f, S, snap, entry.this, keep=keep)
         entry.deferred = False
@@ -235,7 +272,13 @@ class KFACCapture(KFACAttributes):
                     match: tuple | None = (1, target)
                 else:
                     ignore = getattr(self.loss_fn, "ignore_index", -100)
-                    match = None if target is None else loss_on_output(x, entry.out, target, ignore)
+                    self._mapping = True
+                    try:
+                        match = (
+                            None if target is None else loss_on_output(x, entry.out, target, ignore)
+                        )
+                    finally:
+                        self._mapping = False
                 if match is not None:
                     entry.matched = True
                     self._take_loss(entry, *match)
@@ -268,16 +311,20 @@ class KFACCapture(KFACAttributes):
             output.detach().to(dt),
         )
 
-    def _empirical_hooks(self, output: Tensor, stats: FactorStats) -> None:
+    def _empirical_hooks(self, output: Tensor, stats: FactorStats) -> _Empirical:
         n = output.shape[0]
         scale = float(n) if self.reduction == "mean" else 1.0
         stats.n += n
         layers = self.layers
+        token = _Empirical(stats, n)
 
         def add(j: int, inp: Tensor, g: Tensor) -> None:
-            add_layer_statistics(stats, j, layers[j], inp, (g * scale).unsqueeze(0))
+            # not the backward pass of a loss call's index map, which reaches the output
+            if token.active and not self._mapping:
+                add_layer_statistics(stats, j, layers[j], inp, (g * scale).unsqueeze(0))
 
         self._capture.on_output_grads(add)
+        return token
 
     def _empirical_diagonal(self, stats: FactorStats) -> None:
         """Fallback diagonal for the empirical Fisher: the squared summed gradient.

@@ -108,8 +108,9 @@ class KFAC(KFACCapture, KFACUpdate):
             closure: a ``CrossEntropyLoss`` called on the output or on a view, slice or copy
             of it (``logits.reshape(-1, V)``, ``logits[:, :-1].contiguous().view(-1, V)``)
             gives the curvature of the loss as written, with its classes and its ignored
-            targets (``ignore_index``); a loss computed without it takes the output's dim 1
-            as the classes and counts every position.
+            targets (``ignore_index``; also for ``fisher="empirical"``, which otherwise
+            takes its statistics from your backward pass); a loss computed without it takes
+            the output's dim 1 as the classes and counts every position.
         params: parameter groups over the model's trainable parameters (dicts with
             ``"params"`` and any of ``lr``, ``weight_decay``, ``momentum``; for example no
             weight decay on norms and biases); the parameters not listed form a last group
@@ -285,8 +286,9 @@ class KFAC(KFACCapture, KFACUpdate):
         # its own view of the output and targets: see _kfac_capture._Forward)
         self._forwards: list = []
         self._defer = False  # the loss call re-did them last time: leave them to it
+        self._mapping = False  # a loss call is mapping its input onto the output
         self._ce_loss = self._loss_hook is not None and loss_kind(loss_fn) == "ce"
-        self._loss_watch = self._ce_loss and fisher != "empirical"
+        self._loss_watch = self._ce_loss
         self._loss_view: tuple | None = None  # (selection, targets) of the last loss call
         self._n_forwards = 0  # training forwards since the last step
         self._step_forwards = 0  # those of the step in progress
