@@ -84,6 +84,26 @@ def test_newton_dense_reforms_a_hessian_that_stops_predicting_the_gradient():
     assert lazy.ngev <= every.ngev + 3
 
 
+def test_newton_dense_forms_the_hessian_again_before_it_calls_a_stall():
+    # a kink in the curvature (20x to its left) near x = 1e6, where xtol (1 + |x|) is ~1e-8:
+    # the reused Hessian's step is rejected and its radius would fall below xtol; the Hessian
+    # is formed at the point instead, in the same region, and the run converges
+    c = 1e6
+    tiny = 1e-14 * (1 + c)
+    right, left = 1.0e6, 2.0e7
+    slope = 3 * right * tiny
+
+    def f(x):
+        u = x[0] - c
+        return slope * u + 0.5 * torch.where(u > 0, right, left) * u * u
+
+    x0 = torch.tensor([c + 300 * tiny], dtype=DT)
+    crit = Criteria(gtol=0.5 * right * tiny, maxiter=50)
+    res = newton_dense(f, x0, crit, initial_radius=300.1 * tiny)
+    assert res.converged, res.message
+    assert res.matvecs == 2  # formed at x0, reused once, rejected, formed again
+
+
 def test_rejected_trust_region_step_shrinks_the_radius_without_products():
     def rosen(x):
         return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2

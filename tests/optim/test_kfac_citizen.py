@@ -333,9 +333,12 @@ def test_ignored_targets_leave_the_statistics_as_if_the_positions_were_not_there
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_the_empirical_fisher_leaves_out_ignored_examples():
-    # one row per example, 3 of 8 targets ignored: the factors of the 5 kept examples
-    # (before: A 55% and G 60% off, the ignored rows counted and G scaled by 8/5)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("norm", [False, True], ids=["mlp", "layernorm"])
+def test_the_empirical_fisher_leaves_out_ignored_examples(reduction, norm):
+    # one row per example, 3 of 8 targets ignored: the factors (and a LayerNorm's fallback
+    # diagonal) of the 5 kept examples (before: A 55% and G 60% off, the ignored rows counted
+    # and G scaled by 8/5)
     g = torch.Generator().manual_seed(3)
     X = torch.randn(8, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (8,), generator=g)
@@ -344,8 +347,9 @@ def test_the_empirical_fisher_leaves_out_ignored_examples():
 
     def factors(Xb, yb):
         torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-        loss_fn = nn.CrossEntropyLoss()
+        mods = [nn.Linear(5, 4), *([nn.LayerNorm(4)] if norm else []), nn.Tanh(), nn.Linear(4, 3)]
+        model = nn.Sequential(*mods).double()
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
         opt = second.optim.KFAC(model, loss_fn, fisher="empirical", lr=0.1, momentum=0.0)
 
         def closure():
@@ -355,10 +359,33 @@ def test_the_empirical_fisher_leaves_out_ignored_examples():
             return value
 
         opt.step(closure)
-        return [layer.state_in(opt.state)[k].clone() for layer in opt.layers for k in ("A", "G")]
+        out = [layer.state_in(opt.state)[k].clone() for layer in opt.layers for k in ("A", "G")]
+        return out + [opt.state[p]["diag"].clone() for p in opt.fallback_params]
 
-    for a, b in zip(factors(X, y), factors(X[kept], y[kept])):
+    padded, cut = factors(X, y), factors(X[kept], y[kept])
+    assert len(padded) == (6 if norm else 4)
+    for a, b in zip(padded, cut):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_loss_call_leaves_the_global_random_stream_alone():
+    # the empirical Fisher's statistics re-done at a loss call with ignored targets draw no
+    # random signs for a fallback diagonal (it comes from the gradient at the step)
+    X = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    y[[1, 4]] = -100
+    draws = []
+    for attach in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+        model = model.double()
+        loss_fn = nn.CrossEntropyLoss()
+        if attach:
+            second.optim.KFAC(model, loss_fn, fisher="empirical", lr=0.1)
+        torch.manual_seed(123)
+        loss_fn(model(X), y)
+        draws.append(torch.rand(1).item())
+    assert draws[0] == draws[1]
 
 
 def test_a_loss_computed_without_loss_fn_costs_one_batch_of_statistics_and_says_so():

@@ -44,7 +44,12 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     half = (torch.float16, torch.bfloat16)  # summed in float32: a half sum overflows at 65504
-    sums = [t.sum(dtype=torch.float32) if t.dtype in half else t.sum() for t in tensors]
+    sums = [
+        t.sum(dtype=torch.float32)
+        if t.dtype in half
+        else (t.to(torch.complex64).sum() if t.dtype == torch.complex32 else t.sum())
+        for t in tensors
+    ]
     return torch.stack([torch.isfinite(s) for s in sums])
 
 

@@ -400,9 +400,10 @@ def newton_dense(
                 H64, g, r, eig=eig, rcond=rcond, negligible=negligible * criteria.gtol
             )
 
-        res = None
+        res, reform = None, False
         while True:
             it += 1
+            before = radius
             # the shared step: rho by the trapezoidal rule where f's change is rounding
             res = trust_region_step(
                 f, gflat, radius, subproblem, trial_at(x), eta=eta, max_radius=math.inf
@@ -411,11 +412,13 @@ def newton_dense(
             radius = res.radius if res.predicted_reduction > 0 else 0.25 * res.sub.step_norm
             if res.accepted:
                 break
-            if not fresh:  # rejected with a Hessian from an earlier point: form it here
-                H = None
+            if not fresh:  # rejected with a Hessian from an earlier point: form it here,
+                H, radius, reform = None, before, True  # and try the same region again
                 break
             if radius <= criteria.xtol * (1 + xnorms[-1]) or it >= criteria.maxiter:
                 break
+        if reform:
+            continue
         if radius <= criteria.xtol * (1 + xnorms[-1]):
             reason, extra = "stalled", f"stalled: trust radius {radius:.3e} below xtol"
             break

@@ -93,6 +93,7 @@ class KFACAttributes(torch.optim.Optimizer):
     _forwards: list[_Forward]
     _defer: bool
     _mapping: bool
+    _emp_ignored: float
     _loss_watch: bool
     _ce_loss: bool
     _loss_view: tuple | None
@@ -240,16 +241,18 @@ class KFACCapture(KFACAttributes):
             self._defer = False
             if entry.this is not None:
                 return
-        fb = self.fallback_params if self.fallback == "diagonal" else []
+        # the empirical Fisher's fallback diagonal comes from the gradient at the step
+        fb = self.fallback_params if self.fallback == "diagonal" and entry.emp is None else []
         S = curvature_columns(self.loss_fn, f, y, self.reduction, self.fisher, self.mc_samples)
         keep = None if c is None else c > 0
-        if entry.emp is not None and keep is not None:
+        if entry.emp is not None and keep is not None and self.reduction == "mean":
             # S holds n * dL/df per row (n rows); the empirical Fisher's per-example gradients
             # are m * dL/df over the m rows with a kept target, averaged over those m: the
             # statistics (averaged over n) take sqrt(m / n) S
             n = keep.shape[0]
             m = int(keep.reshape(n, -1).any(1).sum())
             S = S * math.sqrt(m / n)
+            self._emp_ignored += n - m
         entry.this = FactorStats(self.layers, fb, lazy=True)
         batch_statistics(self.layers, fb, f, S, snap, entry.this, keep=keep)
         entry.deferred = False
@@ -326,13 +329,16 @@ class KFACCapture(KFACAttributes):
         self._capture.on_output_grads(add)
         return token
 
-    def _empirical_diagonal(self, stats: FactorStats) -> None:
+    def _empirical_diagonal(self, stats: FactorStats, ignored: float = 0.0) -> None:
         """Fallback diagonal for the empirical Fisher: the squared summed gradient.
 
         Per-example gradients of those parameters are not available from the user's
-        backward; ``(sum_i g_i)^2`` equals ``sum_i g_i^2`` up to cross terms.
+        backward; ``(sum_i g_i)^2`` equals ``sum_i g_i^2`` up to cross terms. ``ignored``:
+        the examples among ``stats.n`` whose targets were all ignored (a mean loss averaged
+        over the others).
         """
-        scale = stats.n if self.reduction == "mean" else 1.0
+        kept = stats.n - ignored
+        scale = math.sqrt(stats.n * kept) if self.reduction == "mean" else 1.0
         for i, p in enumerate(stats.fallback_params):
             if p.grad is not None:
                 stats.diag[i] = (p.grad * scale) ** 2

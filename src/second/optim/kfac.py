@@ -287,6 +287,7 @@ class KFAC(KFACCapture, KFACUpdate):
         self._forwards: list = []
         self._defer = False  # the loss call re-did them last time: leave them to it
         self._mapping = False  # a loss call is mapping its input onto the output
+        self._emp_ignored = 0.0  # empirical Fisher: examples of the statistics all ignored
         self._ce_loss = self._loss_hook is not None and loss_kind(loss_fn) == "ce"
         self._loss_watch = self._ce_loss
         self._loss_view: tuple | None = None  # (selection, targets) of the last loss call
@@ -396,6 +397,7 @@ class KFAC(KFACCapture, KFACUpdate):
         self._flush_forwards()
         pending, bad_output = self._pending, self._pending_bad
         self._pending, self._pending_bad = None, False
+        ignored, self._emp_ignored = self._emp_ignored, 0.0
         if pending is None and not bad_output and group["factor_steps"] == 0:
             raise RuntimeError(
                 "KFAC has no curvature statistics yet: run the model's forward pass in training "
@@ -418,7 +420,7 @@ class KFAC(KFACCapture, KFACUpdate):
         new = None
         if pending is not None:
             if self.fisher == "empirical":
-                self._empirical_diagonal(pending)
+                self._empirical_diagonal(pending, ignored)
             new = self._new_factors(pending, group)
         # one reduction and one synchronization for the gradient and all new statistics
         stats = [t for _, _, t in new] if new is not None else []
