@@ -351,14 +351,7 @@ def test_the_empirical_fisher_leaves_out_ignored_examples(reduction, norm):
         model = nn.Sequential(*mods).double()
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
         opt = second.optim.KFAC(model, loss_fn, fisher="empirical", lr=0.1, momentum=0.0)
-
-        def closure():
-            opt.zero_grad()
-            value = loss_fn(model(Xb), yb)
-            value.backward()
-            return value
-
-        opt.step(closure)
+        opt.step(closure_of(opt, model, loss_fn, Xb, yb))
         out = [layer.state_in(opt.state)[k].clone() for layer in opt.layers for k in ("A", "G")]
         return out + [opt.state[p]["diag"].clone() for p in opt.fallback_params]
 

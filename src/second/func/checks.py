@@ -43,14 +43,19 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
-    half = (torch.float16, torch.bfloat16)  # summed in float32: a half sum overflows at 65504
-    sums = [
-        t.sum(dtype=torch.float32)
-        if t.dtype in half
-        else (t.to(torch.complex64).sum() if t.dtype == torch.complex32 else t.sum())
-        for t in tensors
-    ]
+    sums = [_total(t) for t in tensors]
+    if len({s.dtype for s in sums}) == 1:  # one stack, one isfinite (the common case)
+        return torch.isfinite(torch.stack(sums))
     return torch.stack([torch.isfinite(s) for s in sums])
+
+
+def _total(t: Tensor) -> Tensor:
+    """``t.sum()``; half precision summed in float32 (a float16 sum overflows at 65504)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.sum(dtype=torch.float32)
+    if t.dtype == torch.complex32:  # no complex-half sum
+        return t.to(torch.complex64).sum()
+    return t.sum()
 
 
 def as_params(parameters: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:

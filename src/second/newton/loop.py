@@ -347,34 +347,9 @@ def newton_dense(
     obj = Objective(fun, shape, "newton-exact")
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
 
-    point: dict = {}
-
-    def trial_at(xc: Tensor):
-        """``p -> (f(xc + p), finish)``; ``finish`` keeps the gradient's graph in ``point``."""
-
-        def trial(p: Tensor):
-            xr = (xc + p).detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                fv = obj._call(xr)
-
-            def finish_trial(graph: bool = True):
-                with torch.enable_grad():
-                    (gv,) = (
-                        torch.autograd.grad(fv, xr, create_graph=True)
-                        if fv.requires_grad
-                        else (torch.zeros_like(xr),)
-                    )
-                obj.ngev += 1
-                point.update(f=float(fv.detach()), g=gv, xr=xr)
-                return gv.detach(), None
-
-            return float(fv.detach()), finish_trial
-
-        return trial
-
-    f0, first = trial_at(x)(torch.zeros_like(x))
-    first()
-    f, g, xr = f0, point["g"], point["xr"]
+    f, _, _ = obj.value_grad(x, graph=True)
+    assert obj.graph is not None
+    g, xr = obj.graph
     radius = float(initial_radius)
     history: list[dict] = []
     xnorms = [float(torch.linalg.vector_norm(x))]
@@ -406,7 +381,7 @@ def newton_dense(
             before = radius
             # the shared step: rho by the trapezoidal rule where f's change is rounding
             res = trust_region_step(
-                f, gflat, radius, subproblem, trial_at(x), eta=eta, max_radius=math.inf
+                f, gflat, radius, subproblem, obj.trial_at(x), eta=eta, max_radius=math.inf
             )
             # a model that predicts no decrease (a zero step): shrink, as for a bad step
             radius = res.radius if res.predicted_reduction > 0 else 0.25 * res.sub.step_norm
@@ -424,11 +399,12 @@ def newton_dense(
             break
         if not res.accepted:
             continue  # the same point: a fresh Hessian, or the iteration limit next
-        if res.grad is None:
+        if res.grad is None:  # else the trapezoidal rule took this trial's gradient already
             res.finish(True)
+        assert obj.graph is not None  # the accepted trial's: its gradient was taken last
         g_old, fresh = gflat, False
         x = x + res.step
-        f, g, xr = res.f, point["g"], point["xr"]
+        (g, xr), f = obj.graph, res.f
         xnorms.append(float(torch.linalg.vector_norm(x)))
         fvals.append(f)
         ray.accept(x, f)

@@ -51,6 +51,9 @@ class Objective:
     def __init__(self, fun: Callable[[Tensor], Tensor], shape: torch.Size, name: str = "newton"):
         self.fun, self.shape, self.name = fun, tuple(shape), name
         self.nfev = self.ngev = self.matvecs = 0
+        #: ``(gradient with its graph, point)`` of the last ``finish(graph=True)``: what
+        #: :func:`~second.newton.dense_hessian` differentiates.
+        self.graph: tuple[Tensor, Tensor] | None = None
 
     def _call(self, x: Tensor) -> Tensor:
         f = self.fun(x.reshape(self.shape))
@@ -87,6 +90,8 @@ class Objective:
                 else:
                     (g,) = torch.autograd.grad(f, xr, create_graph=graph)
                     hvp = self._hvp(g, xr) if graph else None
+                if graph:
+                    self.graph = (g, xr)
             self.ngev += 1
             return g.detach(), hvp
 
