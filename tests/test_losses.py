@@ -41,6 +41,12 @@ CASES = {
         lambda: _ce_targets((6,), 3),
     ),
     "ce-sequence-ignore": (nn.CrossEntropyLoss(), (3, 4, 5), lambda: _ce_targets((3, 5), 4)),
+    # segmentation's ignore_index 255, beyond the classes, with class weights (it raised)
+    "ce-weight-ignore-255": (
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=DT), ignore_index=255),
+        (6, 3),
+        lambda: _ce_targets((6,), 3).masked_fill(_ce_targets((6,), 3) == -100, 255),
+    ),
     "bce-pos-weight": (
         nn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 0.5], dtype=DT)),
         (6, 2),

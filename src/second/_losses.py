@@ -150,7 +150,7 @@ def _class_target_weights(
     if w is None:
         ones = valid.to(like.dtype)
         return ones, ones
-    wy = w.to(like)[target.clamp(min=0)] * valid
+    wy = w.to(like)[torch.where(valid, target, 0)] * valid  # ignore_index may be >= C
     eps = label_smoothing(loss_fn)
     return ((1 - eps) * wy + eps * w.to(like).mean() * valid if eps else wy), wy
 

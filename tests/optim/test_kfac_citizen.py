@@ -595,3 +595,33 @@ def test_a_selection_map_is_exact_and_refuses_what_is_not_one():
         assert sel is not None and torch.equal(out.reshape(-1)[sel].to(x.dtype), x)
     for x in (2 * out, out.sum(-1), 0.5 * (out[..., :-1] + out[..., 1:]), torch.randn(3)):
         assert selection(x, out) is None
+
+
+def test_a_batch_with_padding_after_one_without_computes_its_statistics_once(monkeypatch):
+    # the loss call re-does a padded batch's statistics; once it has, later forwards leave
+    # them to it, so a padded batch after an unpadded one is not computed twice (forward and
+    # loss call): Monte-Carlo columns drawn 2, 1, 1 times for padded, plain, padded batches
+    import second.optim._kfac_capture as capture_module
+
+    calls = []
+    real = capture_module.curvature_columns
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "curvature_columns", counted)
+    torch.manual_seed(0)
+    model = TokenModel(classes_first=True).double()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (6, 7), generator=g)
+    padded = y.clone()
+    padded[:, 5:] = -100
+    per_step = []
+    for targets in (padded, y, padded):
+        calls.clear()
+        opt.step(closure_of(opt, model, loss_fn, x, targets))
+        per_step.append(len(calls))
+    assert per_step == [2, 1, 1]

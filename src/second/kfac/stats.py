@@ -91,9 +91,7 @@ class FactorStats:
         for j in range(len(self.layers)):
             Ao, Go = other.A[j], other.G[j]
             if Ao is not None and Go is not None:
-                At, Gt = self.A[j], self.G[j]
-                self.A[j] = Ao if At is None else At + Ao
-                self.G[j] = Go if Gt is None else Gt + Go
+                self.add(j, Ao, 0.0, Go)
             self.rows[j].extend(other.rows[j])
             self.nA[j] += other.nA[j]
         for i, d in enumerate(other.diag):
@@ -115,10 +113,7 @@ class FactorStats:
         """Form pending products and zero-fill; return the sums ``(A, G, diag)`` per layer."""
         for j in range(len(self.rows)):
             for a, g in self.take_rows(j):
-                A, G = a.T @ a, g.T @ g
-                At, Gt = self.A[j], self.G[j]
-                self.A[j] = A if At is None else At + A
-                self.G[j] = G if Gt is None else Gt + G
+                self.add(j, a.T @ a, 0.0, g.T @ g)  # rows counted when they were added
         A_sums, G_sums, diags = [], [], []
         for j, layer in enumerate(self.layers):
             w = layer.weight

@@ -98,11 +98,15 @@ class ResidualBasis:
         self._Z: Tensor | None = None
         self.size = 0
 
-    def add(self, r: Tensor, z: Tensor | None = None) -> None:
-        """Store residual ``r`` (and ``z = M r``); ignored when full or when ``r^T z <= 0``."""
+    def add(self, r: Tensor, z: Tensor | None = None, rz: float | None = None) -> None:
+        """Store residual ``r`` (and ``z = M r``); ignored when full or when ``r^T z <= 0``.
+
+        ``rz``: ``r^T z``, when the caller has it already.
+        """
         if self.size >= self.capacity:
             return
-        rz = float(torch.dot(r, r if z is None else z))
+        if rz is None:
+            rz = float(torch.dot(r, r if z is None else z))
         if not (rz > 0 and math.isfinite(rz)):
             return
         if self._R is None or self.size == self._R.shape[0]:
@@ -137,16 +141,19 @@ class ResidualBasis:
         Raises:
             ValueError: ``M`` is not positive definite on ``r``.
         """
-        if float(torch.linalg.vector_norm(r)) <= threshold:
+        # nothing to project off and no preconditioner (plain CG): r^T r is all it takes
+        rr = float(torch.dot(r, r)) if M is None and not self.size else None
+        norm = math.sqrt(rr) if rr is not None and rr >= 0 else float(torch.linalg.vector_norm(r))
+        if norm <= threshold:
             return "converged", r, r, 0.0
         if self.spans:  # n residuals stored: this one cannot be orthogonal to them
             return "maxiter", r, r, 0.0
         r = self.project(r)
         z = M(r) if M is not None else r
-        rz = float(torch.dot(r, z))
+        rz = rr if rr is not None else float(torch.dot(r, z))
         if M is not None and not rz > 0:
             raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
-        self.add(r, z if M is not None else None)
+        self.add(r, z if M is not None else None, rz)
         return None, r, z, rz
 
     @property

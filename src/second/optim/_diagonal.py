@@ -15,7 +15,6 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from .._losses import target_weights
 from ..func import differentiable_attention
 from ..func.products import grad_checked
 from ..kfac import curvature_columns
@@ -106,8 +105,8 @@ def gnb_diagonal(
         [(1, 2), (1,)]
     """
     reduction = getattr(loss_fn, "reduction", "mean")
-    y = target if target_weights(loss_fn, output, target, reduction) is not None else None
-    S = curvature_columns(loss_fn, output, y, reduction, "mc", 1, generator)[0]
+    # the Monte-Carlo columns use the targets only for their weights (ignored, class weights)
+    S = curvature_columns(loss_fn, output, target, reduction, "mc", 1, generator)[0]
     w = 1.0 / output.shape[0] if reduction == "mean" else 1.0
     g = grad_checked(
         output, list(params), S.to(output.dtype), retain_graph=True, zeros_for_unused=True

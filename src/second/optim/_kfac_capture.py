@@ -39,15 +39,14 @@ class _Forward:
 
     ``out``: its output (while a cross-entropy loss call may still come: until the loss call
     or the step); ``this``: its statistics (``None``: left to the loss call, ``deferred``);
-    ``snap``: its layer calls, while the loss call may re-do them; ``matched``: a loss call
-    took it.
+    ``snap``: its layer calls, while the loss call may re-do them; ``emp``: the empirical
+    Fisher's backward hooks of this forward.
     """
 
     out: Tensor | None = None
     this: FactorStats | None = None
     snap: Capture | None = None
     deferred: bool = False
-    matched: bool = False
     emp: _Empirical | None = None
 
 
@@ -237,10 +236,8 @@ class KFACCapture(KFACAttributes):
             # kept ones), or take the output's rows for examples: the loss as written instead
             entry.emp.cancel()
             y = target.detach() if target is not None else None
-        if dim == 1 and c is None:  # the forward's statistics are the loss' own
-            self._defer = False
-            if entry.this is not None:
-                return
+        if dim == 1 and c is None and entry.this is not None:
+            return  # the forward's statistics are the loss' own
         # the empirical Fisher's fallback diagonal comes from the gradient at the step
         fb = self.fallback_params if self.fallback == "diagonal" and entry.emp is None else []
         S = curvature_columns(self.loss_fn, f, y, self.reduction, self.fisher, self.mc_samples)
@@ -256,7 +253,9 @@ class KFACCapture(KFACAttributes):
         entry.this = FactorStats(self.layers, fb, lazy=True)
         batch_statistics(self.layers, fb, f, S, snap, entry.this, keep=keep)
         entry.deferred = False
-        self._defer = dim != 1 or c is not None
+        # once a loss call has re-done them, later forwards leave them to it (a batch without
+        # padding after one with it would otherwise be computed twice, in the forward and here)
+        self._defer = self._defer or dim != 1 or c is not None
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
         """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
@@ -269,7 +268,7 @@ class KFACCapture(KFACAttributes):
         x, target = loss_input(args, kwargs)
         if self._ce_loss and x is not None and x.requires_grad:
             for entry in reversed(self._forwards):  # the latest forward this loss comes from
-                if entry.out is None or entry.matched:
+                if entry.out is None:  # its loss call came (or it has no graph)
                     continue
                 if x is entry.out:
                     match: tuple | None = (1, target)
@@ -283,7 +282,6 @@ class KFACCapture(KFACAttributes):
                     finally:
                         self._mapping = False
                 if match is not None:
-                    entry.matched = True
                     self._take_loss(entry, *match)
                     break
         if out is None or not args or args[0] is not out or self._loss_batch is not None:

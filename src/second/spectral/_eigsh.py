@@ -13,7 +13,7 @@ from torch import Tensor
 from .._errors import ConvergenceWarning
 from .._progress import progress
 from ..operators.base import aslinearoperator
-from ._inner import gram, rows_per_chunk
+from ._inner import gram, project_off, rows_per_chunk
 
 __all__ = ["eigsh", "EigshResult", "COPY_CHECK_STEPS"]
 
@@ -239,7 +239,7 @@ def eigsh(
         """``W`` less its components along the orthonormal ``Q`` (twice, float64 coefficients)."""
         if Q is not None and Q.shape[1]:
             for _ in range(2):
-                W = W - Q @ gram(Q, W).to(dtype)
+                W = project_off(W, Q)
         return W
 
     def normalize(W):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..operators.base import LinearOperator, aslinearoperator
-from ._inner import gram
+from ._inner import gram, project_off
 
 __all__ = ["lanczos", "extreme_eigenvalues", "tridiagonal"]
 
@@ -52,7 +52,7 @@ def lanczos(
         if reorthogonalize:
             Qj = Q[:, : j + 1]
             for _ in range(2):
-                w = w - Qj @ gram(Qj, w[:, None])[:, 0].to(w.dtype)
+                w = project_off(w, Qj)
         beta = _norm(w)
         anorm = max(anorm, math.hypot(alpha, beta))
         if j == m - 1:
