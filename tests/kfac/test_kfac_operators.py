@@ -17,6 +17,7 @@ from kfac_cases import (
     INVERSE_TOL,
     LOSSES,
     Scaled,
+    TokenModel,
     deep_linear,
     dense_ggn,
     layer_blocks,
@@ -312,6 +313,41 @@ def test_dict_batches_equal_pair_batches(fisher):
         want = cls(model, loss_fn, pairs, fisher=fisher).to_dense()
         got = cls(model, loss_fn, dicts, fisher=fisher).to_dense()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_padded_positions_stay_out_of_the_factors(cls, fisher):
+    # ragged sequences padded with ignore_index: the operator equals the sum over each
+    # sequence cut at its own length (before, only examples whose targets were all ignored
+    # were left out, so the padded positions of a partly padded sequence counted in A: 37%
+    # off on this batch, while the optimizer already left them out)
+    torch.manual_seed(0)
+    model = TokenModel(classes_first=True).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (6, 7), generator=g)
+    lengths = [2, 5, 5, 7, 5, 3]
+    padded = y.clone()
+    for i, t in enumerate(lengths):
+        padded[i, t:] = -100
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    got = cls(model, loss_fn, [(x, padded)], fisher=fisher)
+    cut = [(x[i : i + 1, :t], y[i : i + 1, :t]) for i, t in enumerate(lengths)]
+    want = cls(model, loss_fn, cut, fisher=fisher)
+    for a, b in zip(got.A + got.G, want.A + want.G):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.to_dense(), want.to_dense(), rtol=1e-10, atol=1e-12)
+    # the mean over the kept positions: the batch without the padded columns
+    mean = nn.CrossEntropyLoss()
+    padded = y.clone()
+    padded[:, 5:] = -100
+    got = cls(model, mean, [(x, padded)], fisher=fisher).to_dense()
+    torch.testing.assert_close(
+        got,
+        cls(model, mean, [(x[:, :5], y[:, :5])], fisher=fisher).to_dense(),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_label_smoothing_gives_the_plain_loss_curvature():

@@ -249,9 +249,10 @@ class KFACOperator(CurvatureOperator):
     def _passes(self, with_keep: bool = False):
         """Yield ``(f, S, capture)`` for every batch, the graph kept while the caller works.
 
-        ``with_keep``: ``(f, S, capture, keep)``, ``keep`` marking the examples whose loss
-        terms are not all ignored (``None``: all); the others' inputs stay out of the input
-        factors (their columns are zero already).
+        ``with_keep``: ``(f, S, capture, keep)``, ``keep`` marking the loss terms that are
+        not ignored (``[n, *positions]``; ``None``: all); the ignored examples' or positions'
+        inputs stay out of the input factors (their columns are zero already), as the
+        optimizer leaves them out.
         """
         self.generator.set_state(self._generator_state)
         for batch in self._batches():
@@ -265,7 +266,7 @@ class KFACOperator(CurvatureOperator):
             )
             if with_keep:
                 c = target_weights(self.loss_fn, out, y, self.reduction)
-                keep = None if c is None else c.reshape(c.shape[0], -1).sum(1) > 0
+                keep = None if c is None else c > 0
                 yield out, S, cap, keep
             else:
                 yield out, S, cap
