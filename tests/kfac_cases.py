@@ -25,6 +25,22 @@ LOSSES = {
         lambda: nn.CrossEntropyLoss(reduction="sum"),
         lambda n, c: torch.randint(0, c, (n,)),
     ),
+    # class probabilities (distillation, mixup): the curvature is sum_k w_k p_k times the
+    # plain one (p after label smoothing); rows that sum to 0.5, class weights, smoothing
+    "ce-soft": (
+        lambda: nn.CrossEntropyLoss(),
+        lambda n, c: torch.softmax(torch.randn(n, c, dtype=DT), 1),
+    ),
+    "ce-soft-half-sum": (
+        lambda: nn.CrossEntropyLoss(reduction="sum"),
+        lambda n, c: 0.5 * torch.softmax(torch.randn(n, c, dtype=DT), 1),
+    ),
+    "ce-soft-weighted-smoothed": (
+        lambda: nn.CrossEntropyLoss(
+            weight=torch.linspace(0.5, 2.0, 3, dtype=DT), label_smoothing=0.2
+        ),
+        lambda n, c: 0.5 * torch.softmax(torch.randn(n, c, dtype=DT), 1),
+    ),
     "bce-mean": (lambda: nn.BCEWithLogitsLoss(), lambda n, c: torch.rand(n, c, dtype=DT).round()),
     "bce-sum": (
         lambda: nn.BCEWithLogitsLoss(reduction="sum"),

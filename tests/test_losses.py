@@ -47,6 +47,27 @@ CASES = {
         (6, 3),
         lambda: _ce_targets((6,), 3).masked_fill(_ce_targets((6,), 3) == -100, 255),
     ),
+    # class probabilities that sum to 0.7, with class weights and label smoothing
+    "ce-probabilities-weight-smoothing": (
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=DT), label_smoothing=0.2),
+        (6, 3),
+        lambda: (
+            0.7
+            * torch.softmax(
+                torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=DT), 1
+            )
+        ),
+    ),
+    "ce-probabilities-sequence": (
+        nn.CrossEntropyLoss(),
+        (3, 4, 5),
+        lambda: (
+            0.5
+            * torch.softmax(
+                torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(3), dtype=DT), 1
+            )
+        ),
+    ),
     "bce-pos-weight": (
         nn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 0.5], dtype=DT)),
         (6, 2),

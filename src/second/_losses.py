@@ -39,6 +39,10 @@ __all__ = [
     "weigh_columns",
 ]
 
+# class-probability targets whose rows sum to 1 within this are taken as summing to 1 (a
+# float32 softmax over many classes is off by ~1e-6): no per-position curvature weight
+SOFT_TARGET_SUM_TOL = 1e-5
+
 
 def loss_kind(loss_fn: Callable) -> str | None:
     """``"mse"``, ``"ce"``, ``"bce"`` for the supported ``torch.nn`` losses, else ``None``."""
@@ -99,7 +103,8 @@ def target_weights(
     targets (``ignore_index``) weigh 0, class weights weigh :math:`w_y` (with label smoothing
     :math:`(1-\varepsilon) w_y + \varepsilon \bar w`), and ``reduction="mean"`` divides by the
     sum of the weights of the valid targets, as torch does, instead of the number of
-    positions. For BCE-with-logits, :math:`c = \mathrm{weight}\,(p_w y + 1 - y)`.
+    positions. Class probabilities :math:`p` weigh :math:`\sum_k w_k p_k` (1 when they sum
+    to 1 without class weights). For BCE-with-logits, :math:`c = \mathrm{weight}\,(p_w y + 1 - y)`.
 
     Returns:
         ``c`` shaped ``[n, *positions]`` (cross-entropy) or like ``output`` (BCE), or ``None``
@@ -121,11 +126,18 @@ def target_weights(
         y = target.to(output.dtype)
         c = torch.ones_like(output) if pw is None else pw.to(output) * y + 1 - y
         return c if w is None else c * w.to(output)
-    if target.is_floating_point():  # class probabilities: torch's mean divides by n * d
-        if w is None:
-            return None
+    if target.is_floating_point():
+        # class probabilities p: the Hessian is sum_k w_k p_k times the plain one (p after
+        # label smoothing); torch's mean divides by the number of positions
         shape = [1, -1] + [1] * (output.dim() - 2)
-        return (target * w.to(output).reshape(shape)).sum(1)
+        p = target.to(output.dtype)
+        c = (p if w is None else p * w.to(output).reshape(shape)).sum(1)
+        eps = label_smoothing(loss_fn)
+        if eps:
+            c = (1 - eps) * c + eps * (1.0 if w is None else float(w.to(output).mean()))
+        if w is None and bool(((c - 1).abs() <= SOFT_TARGET_SUM_TOL).all()):
+            return None
+        return c
     weights = _class_target_weights(loss_fn, target, output)
     if weights is None:
         return None

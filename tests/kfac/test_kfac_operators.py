@@ -93,11 +93,16 @@ def test_conv_patches_follow_weight_layout():
     torch.testing.assert_close(K[s, s], 2 * a.T @ a, **EXACT_TOL[DT])
 
 
-def test_empirical_kfac_equals_empirical_fisher_one_datum():
-    model, loss_fn = tanh_net(), nn.CrossEntropyLoss()
-    X, y = torch.randn(1, 4, dtype=DT), torch.randint(0, 3, (1,))
+@pytest.mark.parametrize(
+    "loss", ["ce-mean", "ce-soft", "ce-soft-half-sum", "ce-soft-weighted-smoothed"]
+)
+def test_empirical_kfac_equals_empirical_fisher_one_datum(loss):
+    # class-probability targets included (their closed-form gradient raised before)
+    make_loss, make_y = LOSSES[loss]
+    model, loss_fn = tanh_net(), make_loss()
+    X, y = torch.randn(1, 4, dtype=DT), make_y(1, 3)
     K = KFACOperator(model, loss_fn, (X, y), fisher="empirical").to_dense()
-    losses = nn.functional.cross_entropy(model(X), y, reduction="none")
+    losses = loss_fn(model(X), y).reshape(1)
     Fm = exact_fisher(losses, list(model.parameters()))
     for s in layer_blocks(model):
         torch.testing.assert_close(K[s, s], Fm[s, s], **EXACT_TOL[DT])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -333,6 +334,36 @@ def test_ignored_targets_leave_the_statistics_as_if_the_positions_were_not_there
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_class_probability_targets_on_a_reshaped_or_shifted_view(fisher):
+    # distillation-style targets (probabilities, shaped like the loss input) on
+    # out.reshape(-1, V) and on the shifted copy out[:, :-1].reshape(-1, V): the factors and
+    # steps of the loss as written (before, the view was not mapped for such targets and the
+    # statistics took the output's dim 1, the positions, for the classes: 20-340% off)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 20, (6, 5), generator=g)
+    p = torch.softmax(torch.randn(6, 5, 20, generator=g, dtype=torch.float64), -1)
+
+    def flat(fn, out, y):
+        return fn(out.reshape(-1, 20), y.reshape(-1, 20))
+
+    def shifted(fn, out, y):
+        return fn(out[:, :-1].reshape(-1, 20), y[:, :-1].reshape(-1, 20))
+
+    def classes_first(fn, out, y):
+        return fn(out, y.transpose(1, 2))
+
+    want = _token_run(x, p, view=False, loss=classes_first, fisher=fisher)
+    got = _token_run(x, p, view=True, loss=flat, fisher=fisher)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the shifted copy: the batch without the last position (the model is position-wise)
+    want = _token_run(x[:, :-1], p[:, :-1], view=False, loss=classes_first, fisher=fisher)
+    got = _token_run(x, p, view=True, loss=shifted, fisher=fisher)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("norm", [False, True], ids=["mlp", "layernorm"])
 def test_the_empirical_fisher_leaves_out_ignored_examples(reduction, norm):
@@ -625,3 +656,34 @@ def test_a_batch_with_padding_after_one_without_computes_its_statistics_once(mon
         opt.step(closure_of(opt, model, loss_fn, x, targets))
         per_step.append(len(calls))
     assert per_step == [2, 1, 1]
+
+
+def test_a_loss_on_a_function_of_the_output_is_reported_once():
+    # a scaled output (temperature) is not a re-arrangement of the output's elements: the
+    # curvature KFAC takes is loss_fn's on the output itself, and it says so, once; a loss on
+    # an exact copy (out / 1) or on another tensor says nothing
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = second.optim.KFAC(model, loss_fn)
+    X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+
+    def closure(scale):
+        def run():
+            opt.zero_grad()
+            value = loss_fn(model(X) / scale, y)
+            value.backward()
+            return value
+
+        return run
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.step(closure(1.0))
+        unrelated = loss_fn(torch.randn(5, 3, requires_grad=True), y[:5])
+        unrelated.backward()
+        assert not [w for w in seen if "re-arrangement" in str(w.message)]
+        opt.step(closure(2.0))
+        opt.step(closure(2.0))
+    found = [w for w in seen if "re-arrangement of its elements" in str(w.message)]
+    assert len(found) == 1 and issubclass(found[0].category, RuntimeWarning)

@@ -264,6 +264,9 @@ def _loss_gradient(kind: str, f: Tensor, y: Tensor, a: float) -> Tensor:
     if kind == "bce":
         return a * (torch.sigmoid(f) - y)
     p = torch.softmax(f, dim=1)
+    if y.is_floating_point():  # class probabilities: the gradient of -sum_k y_k log p_k
+        y = y.to(p.dtype)
+        return a * (p * y.sum(1, keepdim=True) - y)
     onehot = torch.zeros_like(p).scatter_(1, y.unsqueeze(1), 1.0)
     return a * (p - onehot)
 

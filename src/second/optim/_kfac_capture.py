@@ -30,7 +30,7 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
-from ._views import loss_input, loss_on_output
+from ._views import depends_on, loss_input, loss_on_output
 
 
 @dataclass(eq=False)
@@ -257,6 +257,26 @@ class KFACCapture(KFACAttributes):
         # padding after one with it would otherwise be computed twice, in the forward and here)
         self._defer = self._defer or dim != 1 or c is not None
 
+    def _unmapped(self, x: Tensor, out: Tensor) -> bool:
+        """Warn once when the loss sees a function of ``out`` that is not its elements."""
+        self._mapping = True
+        try:
+            if not depends_on(x, out):
+                return False
+        finally:
+            self._mapping = False
+        if "unmapped" not in self._warned:
+            self._warned.add("unmapped")
+            warnings.warn(
+                "KFAC: the loss module's input is computed from the model's output but is not "
+                "the output or a re-arrangement of its elements (views, slices, transposes, "
+                "copies; for example a scaled output), so the curvature is that of loss_fn on "
+                "the output itself, its classes along dim 1. Warned once.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return True
+
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
         """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
 
@@ -277,12 +297,16 @@ class KFACCapture(KFACAttributes):
                     self._mapping = True
                     try:
                         match = (
-                            None if target is None else loss_on_output(x, entry.out, target, ignore)
+                            None
+                            if target is None
+                            else loss_on_output(x, entry.out, target, ignore, self.reduction)
                         )
                     finally:
                         self._mapping = False
                 if match is not None:
                     self._take_loss(entry, *match)
+                    break
+                if self._unmapped(x, entry.out):
                     break
         if out is None or not args or args[0] is not out or self._loss_batch is not None:
             self._loss_batch = None

@@ -91,18 +91,22 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
 
 
 def loss_on_output(
-    x: Tensor, out: Tensor, target: Tensor, ignore_index: int
+    x: Tensor, out: Tensor, target: Tensor, ignore_index: int, reduction: str = "mean"
 ) -> tuple[int, Tensor] | None:
     """A cross-entropy loss on ``x`` written as the same loss on ``out``: ``(dim, target)``.
 
     ``x`` (classes along its dim 1) holds some of ``out``'s elements (:func:`selection`):
     the same loss is cross-entropy on ``out.movedim(dim, 1)`` against ``target`` on ``out``'s
     positions (all its dims but ``dim``), ``ignore_index`` where ``x`` has no position
-    (``logits[:, :-1]``). ``None`` when ``x`` is not such a re-arrangement (a class step of
-    ``x`` must be a step along one dim of ``out``, each position of ``out`` used once) or the
-    targets are not class indices.
+    (``logits[:, :-1]``). Class-probability targets (shaped like ``x``) come back shaped
+    like ``out.movedim(dim, 1)``, zero where ``x`` has no position and, for a mean, scaled
+    by the ratio of ``out``'s positions to ``x``'s (torch divides such a mean by the
+    positions the loss sees; the loss, its gradient and its curvature are linear in the
+    probabilities). ``None`` when ``x`` is not such a re-arrangement (a class step of ``x``
+    must be a step along one dim of ``out``, each position of ``out`` used once).
     """
-    if target.is_floating_point() or x.dim() < 2:
+    soft = target.is_floating_point()
+    if x.dim() < 2 or (soft and tuple(target.shape) != tuple(x.shape)):
         return None
     sel = selection(x, out)
     if sel is None or sel.shape[1] < 2:
@@ -116,7 +120,7 @@ def loss_on_output(
         return None
     dim = dims[0]
     first = sel.select(1, 0)
-    if target.numel() != first.numel():
+    if not soft and target.numel() != first.numel():
         return None
     classes = torch.arange(x.shape[1], device=sel.device).reshape(1, -1, *[1] * (sel.dim() - 2))
     if not torch.equal(sel, first.unsqueeze(1) + s * classes):
@@ -131,6 +135,12 @@ def loss_on_output(
     used.index_put_(index, torch.ones_like(index[0], dtype=torch.int32), accumulate=True)
     if int(used.max()) > 1:
         return None  # a position of the output used twice
+    if soft:
+        p = target.new_zeros(out.numel())
+        p[sel.reshape(-1)] = target.reshape(-1)
+        if reduction == "mean":
+            p = p * (out.numel() / x.numel())
+        return dim, p.reshape(shape).movedim(dim, 1)
     y[index] = target.reshape(-1).to(torch.long)
     return dim, y
 
