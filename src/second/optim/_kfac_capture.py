@@ -117,6 +117,11 @@ class KFACAttributes(torch.optim.Optimizer):
     _reverse_jvp: bool
     _fwd: tuple | None
 
+    def _warn_once(self, kind: str, message: str, stacklevel: int = 4) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
 
 class KFACCapture(KFACAttributes):
     """The forward hooks of :class:`second.optim.KFAC` (statistics, captured batch, loss)."""
@@ -192,15 +197,13 @@ class KFACCapture(KFACAttributes):
         for entry in entries:
             if entry.deferred:  # left to a loss call that did not come (the graph is gone)
                 self._defer = False
-                if "unseen" not in self._warned:
-                    self._warned.add("unseen")
-                    warnings.warn(
-                        "KFAC: the loss was not computed with loss_fn from this forward's "
-                        "output, so this batch adds no curvature statistics (the next "
-                        "batches are gathered in the forward pass again). Warned once.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
+                self._warn_once(
+                    "unseen",
+                    "KFAC: the loss was not computed with loss_fn from this forward's "
+                    "output, so this batch adds no curvature statistics (the next "
+                    "batches are gathered in the forward pass again). Warned once.",
+                    stacklevel=5,
+                )
             elif entry.this is not None:
                 if self._pending is None:
                     self._pending = entry.this
@@ -265,16 +268,14 @@ class KFACCapture(KFACAttributes):
                 return False
         finally:
             self._mapping = False
-        if "unmapped" not in self._warned:
-            self._warned.add("unmapped")
-            warnings.warn(
-                "KFAC: the loss module's input is computed from the model's output but is not "
-                "the output or a re-arrangement of its elements (views, slices, transposes, "
-                "copies; for example a scaled output), so the curvature is that of loss_fn on "
-                "the output itself, its classes along dim 1. Warned once.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+        self._warn_once(
+            "unmapped",
+            "KFAC: the loss module's input is computed from the model's output but is not "
+            "the output or a re-arrangement of its elements (views, slices, transposes, "
+            "copies; for example a scaled output), so the curvature is that of loss_fn on "
+            "the output itself, its classes along dim 1. Warned once.",
+            stacklevel=6,
+        )
         return True
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:

@@ -9,7 +9,6 @@ with the Levenberg-Marquardt damping adaptation.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -295,11 +294,6 @@ class KFACUpdate(KFACAttributes):
         if dim != 1:  # the loss has the output's classes along `dim` (_take_loss)
             out, Jv = out.movedim(dim, 1), Jv.movedim(dim + 1, 2)
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist(), target)
-
-    def _warn_once(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _raised_damping(self, group: dict) -> float:
         omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
