@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["depends_on", "selection", "loss_on_output", "loss_input", "watch_loss"]
+__all__ = [
+    "depends_on",
+    "selection",
+    "graph_signature",
+    "loss_on_output",
+    "loss_input",
+    "watch_loss",
+]
 
 
 def loss_input(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None]:
@@ -90,6 +98,96 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
     return sel
 
 
+# re-arrangements found, by the graph between the loss input and the output (its ops and
+# their saved sizes, dims, offsets): a training loop computes the same one every step, and
+# finding it costs several backward passes and ~10 bytes per logit (a large vocabulary)
+PLACEMENT_CACHE_SIZE = 16
+_placements: OrderedDict[tuple, tuple[int, Tensor] | None] = OrderedDict()
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list, torch.Size)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
+    """What determines how ``x`` was computed from ``out``, or ``None`` if it cannot be read.
+
+    The chain of autograd nodes from ``x`` back to ``out`` with their saved sizes, dims and
+    offsets, and both tensors' shapes, strides and dtypes: two calls with the same signature
+    re-arrange the output the same way. ``None`` (never cached) when a node has more than one
+    differentiable input or saves a tensor (a mask, an index: the map would depend on
+    values), or is a Python ``autograd.Function`` (its state is not visible).
+    """
+    root = out.grad_fn
+    node = x.grad_fn
+    if root is None or node is None:
+        return None
+    chain: list[tuple] = [("output_nr", x.output_nr)]  # which output of a split, unbind
+    while node is not root:
+        if isinstance(node, torch.autograd.function.BackwardCFunction) or len(chain) > 64:
+            return None
+        saved = []
+        for name in sorted(a for a in dir(node) if a.startswith("_saved_")):
+            value = getattr(node, name)
+            if not _plain(value):
+                return None
+            saved.append((name, value))
+        chain.append((type(node).__name__, tuple(saved)))
+        nexts = [(f, nr) for f, nr in node.next_functions if f is not None]
+        if len(nexts) != 1:
+            return None
+        node, nr = nexts[0]
+        chain.append(("edge", nr))
+    geometry = tuple((tuple(t.shape), t.stride(), t.dtype, str(t.device)) for t in (x, out))
+    return geometry + tuple(chain)
+
+
+def _placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
+    """Where ``x`` sits in ``out``: ``(dim, first)``, or ``None`` (see :func:`loss_on_output`).
+
+    ``x``'s classes (its dim 1) are ``out``'s dim ``dim``, and row ``i`` of ``x`` starts at
+    ``out.reshape(-1)[first[i]]``. Cached by :func:`graph_signature`.
+    """
+    key = graph_signature(x, out)
+    if key is not None and key in _placements:
+        _placements.move_to_end(key)
+        return _placements[key]
+    found = _find_placement(x, out)
+    if key is not None:
+        _placements[key] = found
+        while len(_placements) > PLACEMENT_CACHE_SIZE:
+            _placements.popitem(last=False)
+    return found
+
+
+def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
+    sel = selection(x, out)
+    if sel is None or sel.shape[1] < 2:
+        return None
+    shape = tuple(out.shape)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    step = sel.select(1, 1) - sel.select(1, 0)
+    s = int(step.reshape(-1)[0])
+    dims = [d for d in range(len(shape)) if strides[d] == s and shape[d] == x.shape[1]]
+    if len(dims) != 1 or not bool((step == s).all()):
+        return None
+    dim = dims[0]
+    first = sel.select(1, 0)
+    classes = torch.arange(x.shape[1], device=sel.device).reshape(1, -1, *[1] * (sel.dim() - 2))
+    if not torch.equal(sel, first.unsqueeze(1) + s * classes):
+        return None
+    if bool((((first // s) % shape[dim]) != 0).any()):
+        return None
+    positions = first // (s * shape[dim]) * s + first % s  # the flat position, dim removed
+    counts = torch.bincount(positions.reshape(-1), minlength=out.numel() // shape[dim])
+    if int(counts.max()) > 1:
+        return None  # a position of the output used twice
+    return dim, first.clone()
+
+
 def loss_on_output(
     x: Tensor, out: Tensor, target: Tensor, ignore_index: int, reduction: str = "mean"
 ) -> tuple[int, Tensor] | None:
@@ -104,45 +202,38 @@ def loss_on_output(
     positions the loss sees; the loss, its gradient and its curvature are linear in the
     probabilities). ``None`` when ``x`` is not such a re-arrangement (a class step of ``x``
     must be a step along one dim of ``out``, each position of ``out`` used once).
+
+    The re-arrangement is found once per graph signature (:func:`graph_signature`): a
+    training loop's later calls cost an index copy, no backward pass.
     """
     soft = target.is_floating_point()
     if x.dim() < 2 or (soft and tuple(target.shape) != tuple(x.shape)):
         return None
-    sel = selection(x, out)
-    if sel is None or sel.shape[1] < 2:
+    if not (x.requires_grad and out.requires_grad) or x is out:
         return None
+    if not (x.is_floating_point() and out.is_floating_point()):
+        return None
+    placed = _placement(x, out)
+    if placed is None:
+        return None
+    dim, first = placed
     shape = tuple(out.shape)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    step = sel.select(1, 1) - sel.select(1, 0)
-    s = int(step.reshape(-1)[0])
-    dims = [d for d in range(len(shape)) if strides[d] == s and shape[d] == x.shape[1]]
-    if len(dims) != 1 or not bool((step == s).all()):
-        return None
-    dim = dims[0]
-    first = sel.select(1, 0)
-    if not soft and target.numel() != first.numel():
-        return None
-    classes = torch.arange(x.shape[1], device=sel.device).reshape(1, -1, *[1] * (sel.dim() - 2))
-    if not torch.equal(sel, first.unsqueeze(1) + s * classes):
-        return None
-    coords = [(first // st) % n for st, n in zip(strides, shape)]
-    if bool((coords[dim] != 0).any()):
-        return None
-    pos_shape = tuple(n for d, n in enumerate(shape) if d != dim)
-    index = tuple(c.reshape(-1) for d, c in enumerate(coords) if d != dim)
-    y = torch.full(pos_shape, ignore_index, dtype=torch.long, device=target.device)
-    used = torch.zeros(pos_shape, dtype=torch.int32, device=target.device)
-    used.index_put_(index, torch.ones_like(index[0], dtype=torch.int32), accumulate=True)
-    if int(used.max()) > 1:
-        return None  # a position of the output used twice
+    s = math.prod(shape[dim + 1 :])
+    moved = (*shape[:dim], *shape[dim + 1 :])
     if soft:
+        classes = torch.arange(x.shape[1], device=first.device)
+        classes = classes.reshape(1, -1, *[1] * (first.dim() - 1))
         p = target.new_zeros(out.numel())
-        p[sel.reshape(-1)] = target.reshape(-1)
+        p[(first.unsqueeze(1) + s * classes).reshape(-1)] = target.reshape(-1)
         if reduction == "mean":
             p = p * (out.numel() / x.numel())
         return dim, p.reshape(shape).movedim(dim, 1)
-    y[index] = target.reshape(-1).to(torch.long)
-    return dim, y
+    if target.numel() != first.numel():
+        return None
+    positions = first // (s * shape[dim]) * s + first % s
+    y = torch.full((math.prod(moved),), ignore_index, dtype=torch.long, device=target.device)
+    y[positions.reshape(-1)] = target.reshape(-1).to(torch.long)
+    return dim, y.reshape(moved)
 
 
 def watch_loss(loss_fn: Any, method: Callable[[tuple, dict, Any], None]) -> Any:
