@@ -24,9 +24,10 @@ def test_the_map_is_found_once_per_graph_and_reused(monkeypatch):
     results = []
     for _ in range(3):
         out = _output()
-        results.append(
-            loss_on_output(out[:, :-1].contiguous().view(-1, 5), out, y.reshape(-1), -100)
-        )
+        x = out[:, :-1].contiguous().view(-1, 5)
+        state = torch.get_rng_state()
+        results.append(loss_on_output(x, out, y.reshape(-1), -100))
+        assert torch.equal(torch.get_rng_state(), state)  # the user's random stream untouched
     assert len(calls) == 1
     for dim, target in results:
         assert dim == 2 and torch.equal(target, results[0][1])

@@ -91,7 +91,9 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
             break
     if int(sel.min()) < 0 or int(sel.max()) >= n:
         return None
-    probe = torch.rand(out.shape, dtype=out.dtype, device=out.device)
+    # a fixed probe from a generator of its own: the user's random stream stays untouched
+    probe_gen = torch.Generator(device=out.device).manual_seed(0)
+    probe = torch.rand(out.shape, dtype=out.dtype, device=out.device, generator=probe_gen)
     moved = apply(probe)
     if moved is None or not torch.equal(moved, probe.reshape(-1)[sel].to(moved.dtype)):
         return None
