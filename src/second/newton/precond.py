@@ -8,7 +8,6 @@ the same hook (their inverse operator's ``matvec``).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import torch
@@ -23,20 +22,8 @@ class LBFGSPreconditioner:
     Holds the last ``memory`` pairs :math:`(s_i, y_i)` (steps and gradient changes, or
     :math:`(p, Hp)` pairs from CG) with :math:`s_i^\top y_i > \epsilon \|s_i\| \|y_i\|`
     (others are skipped, which keeps :math:`M` positive definite), and applies
-    :math:`M r` with the initial scaling :math:`\gamma = s^\top y / y^\top y` of the
-    newest pair, in the compact form of Byrd, Nocedal & Schnabel (1994): with
-    :math:`S, Y` the stacked pairs, :math:`R` the upper triangle of :math:`S Y^\top` and
-    :math:`D` its diagonal,
-
-    .. math:: M r = \gamma r + \begin{bmatrix} S \\ Y \end{bmatrix}^\top
-              \begin{bmatrix} R^{-\top}(D + \gamma Y Y^\top) R^{-1} & -\gamma R^{-\top} \\
-              -\gamma R^{-1} & 0 \end{bmatrix}
-              \begin{bmatrix} S \\ Y \end{bmatrix} r,
-
-    three products per call (the two-loop recursion's :math:`4m` vector operations cost ten
-    times as much on small problems; the small matrix is formed once per new pair). Its
-    result is the two-loop recursion's, which it falls back to if the small matrix is not
-    finite. Without pairs it is the identity.
+    :math:`M r` by the two-loop recursion with the initial scaling
+    :math:`\gamma = s^\top y / y^\top y` of the newest pair. Without pairs it is the identity.
     The directions it learns are the ones the iteration has been travelling along, which on
     an ill-conditioned problem are the low-curvature ones CG resolves last.
 
@@ -63,7 +50,6 @@ class LBFGSPreconditioner:
         self.memory = memory
         self.eps = eps
         self.pairs: deque[tuple[Tensor, Tensor, float]] = deque(maxlen=memory)
-        self._compact: tuple[float, Tensor, Tensor, Tensor] | bool | None = None
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Add a pair; returns whether it passed the curvature condition."""
@@ -71,42 +57,15 @@ class LBFGSPreconditioner:
         if not sy > self.eps * float(torch.linalg.vector_norm(s) * torch.linalg.vector_norm(y)):
             return False
         self.pairs.append((s.detach().clone(), y.detach().clone(), 1.0 / sy))
-        self._compact = None
         return True
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __call__(self, r: Tensor) -> Tensor:
-        """``M r`` (``r`` itself without pairs)."""
+        """``M r`` by the two-loop recursion (``r`` itself without pairs)."""
         if not self.pairs:
             return r.clone()
-        if self._compact is None:
-            self._compact = self._compact_form()
-        if self._compact is False:
-            return self._two_loop(r)
-        gamma, SY, SYt, W = self._compact
-        return torch.addmv(r, SYt, W @ (SY @ r), beta=gamma)
-
-    def _compact_form(self) -> tuple[float, Tensor, Tensor, Tensor] | bool:
-        S = torch.stack([s for s, _, _ in self.pairs])
-        Y = torch.stack([y for _, y, _ in self.pairs])
-        StY = S @ Y.T
-        R = torch.triu(StY)
-        gamma = float(StY[-1, -1]) / float(torch.dot(Y[-1], Y[-1]))
-        eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-        Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
-        top = Rinv.T @ (torch.diag(torch.diagonal(StY)) + gamma * (Y @ Y.T)) @ Rinv
-        W = torch.cat(
-            [torch.cat([top, -gamma * Rinv.T], 1), torch.cat([-gamma * Rinv, 0 * R], 1)]
-        )
-        if not (math.isfinite(gamma) and bool(torch.isfinite(W).all())):
-            return False
-        SY = torch.cat([S, Y])
-        return gamma, SY, SY.T.contiguous(), W
-
-    def _two_loop(self, r: Tensor) -> Tensor:
-        """``M r`` by the two-loop recursion."""
         q = r.clone()
         alphas = []
         for s, y, rho in reversed(self.pairs):
