@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from second.optim import _views
-from second.optim._views import graph_signature, loss_on_output
+from second.optim._views import depends_on, graph_signature, loss_on_output
 
 
 def _output():
@@ -50,3 +50,15 @@ def test_the_signature_tells_re_arrangements_apart():
     assert graph_signature((out * mask).reshape(-1, 5), out) is None
     assert graph_signature(out[:, torch.tensor([0, 2])].reshape(-1, 5), out) is None
     assert graph_signature(out.reshape(-1, 5), out) is not None
+
+
+def test_depends_on_walks_the_graph_without_a_backward_pass():
+    w = torch.randn(3, requires_grad=True)
+    t = torch.randn(4, 3) * w
+    a, b = t.split(2)
+    fired = []
+    t.register_hook(lambda grad: fired.append(1))  # a user's hook on the output
+    assert depends_on(a * 2, a) and depends_on(a.reshape(-1), t) and depends_on(t.sum(), w)
+    assert not depends_on(b * 2, a)  # the other chunk of the same split
+    assert not depends_on(t, a) and not depends_on(torch.randn(3, requires_grad=True) * 1, w)
+    assert not fired

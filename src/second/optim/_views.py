@@ -37,13 +37,36 @@ def loss_input(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None]
 
 
 def depends_on(x: Tensor, out: Tensor) -> bool:
-    """Whether ``x`` was computed from ``out`` (a backward over the graph between them only)."""
+    """Whether ``x`` was computed from ``out``: a walk of ``x``'s autograd graph.
+
+    No backward pass (no allocation the size of the output, no tensor hooks fired). An edge
+    is a node and which of its outputs it is, so two chunks of one split are told apart.
+    """
     if not (x.requires_grad and out.requires_grad) or x is out:
         return x is out
-    (g,) = torch.autograd.grad(
-        x, out, grad_outputs=torch.zeros_like(x), retain_graph=True, allow_unused=True
-    )
-    return g is not None
+    if x.grad_fn is None:
+        return False
+    leaf = out.grad_fn is None
+    goal = (out.grad_fn, out.output_nr)
+    seen: set = set()
+    stack = [x.grad_fn]
+    if (x.grad_fn, x.output_nr) == goal:
+        return True
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for fn, nr in node.next_functions:
+            if fn is None:
+                continue
+            if leaf:
+                if getattr(fn, "variable", None) is out:
+                    return True
+            elif fn is goal[0] and nr == goal[1]:
+                return True
+            stack.append(fn)
+    return False
 
 
 def selection(x: Tensor, out: Tensor) -> Tensor | None:
