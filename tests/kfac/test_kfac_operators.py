@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import sys
@@ -352,6 +353,52 @@ def test_padded_positions_stay_out_of_the_factors(cls, fisher):
         cls(model, mean, [(x[:, :5], y[:, :5])], fisher=fisher).to_dense(),
         rtol=1e-10,
         atol=1e-12,
+    )
+
+
+class _EncoderHead(nn.Module):
+    """A layer with a row per example (``enc``) before one with a row per position."""
+
+    def __init__(self, positions=4, classes=5):
+        super().__init__()
+        self.enc, self.head = nn.Linear(3, 6), nn.Linear(6, classes)
+        self.register_buffer("pos", torch.randn(positions, 6))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.enc(x)).unsqueeze(1) + self.pos).transpose(1, 2)
+
+
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_an_example_with_every_target_ignored_leaves_every_layer(fisher):
+    # the per-position mask does not fit the encoder's rows: there, the examples whose
+    # positions are all ignored are left out (they stayed in after the per-position change)
+    torch.manual_seed(0)
+    model, loss_fn = _EncoderHead().double(), nn.CrossEntropyLoss(reduction="sum")
+    X, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 5, (5, 4))
+    ignored = y.clone()
+    ignored[0] = -100
+    ignored[1, 2:] = -100
+    got = KFACOperator(model, loss_fn, [(X, ignored)], fisher=fisher)
+    keep = ignored != -100
+    want = KFACOperator(model, loss_fn, [(X[1:], y[1:])], fisher=fisher)
+    torch.testing.assert_close(got.A[0], want.A[0], rtol=1e-12, atol=1e-14)
+    assert keep[1:].all(1).sum() == 3  # the head's rows: positions, checked in the test above
+
+    def optimizer_factor(inputs, targets):  # the optimizer's, after one step
+        net = copy.deepcopy(model)
+        opt = second.optim.KFAC(net, loss_fn, fisher=fisher)
+
+        def closure():
+            opt.zero_grad()
+            value = loss_fn(net(inputs), targets)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        return opt.layers[0].state_in(opt.state)["A"]
+
+    torch.testing.assert_close(
+        optimizer_factor(X, ignored), optimizer_factor(X[1:], y[1:]), rtol=1e-12, atol=1e-14
     )
 
 

@@ -62,3 +62,43 @@ def test_depends_on_walks_the_graph_without_a_backward_pass():
     assert not depends_on(b * 2, a)  # the other chunk of the same split
     assert not depends_on(t, a) and not depends_on(torch.randn(3, requires_grad=True) * 1, w)
     assert not fired
+
+
+def test_graphs_that_cannot_be_read_are_not_mapped_and_do_not_raise():
+    # a graph already freed (a loss evaluated again after its backward), a compiled one (no
+    # double backward): no map, no error; an in-place op on a slice hides its operand, so
+    # such graphs are searched every time rather than cached
+    import torch.nn as nn
+
+    lin = nn.Linear(3, 3).double()
+    y = torch.randint(0, 3, (8,))
+    a = lin(torch.randn(2, 4, 3, dtype=torch.float64))
+    a.sum().backward()
+    b = lin(torch.randn(2, 4, 3, dtype=torch.float64))
+    assert graph_signature(a.reshape(-1, 3), b) is None
+    assert loss_on_output(a.reshape(-1, 3), b, y, -100) is None
+
+    @torch.compile(backend="aot_eager")
+    def shift(t):
+        return t[:, :-1].reshape(-1, t.shape[-1])
+
+    out = _output()
+    assert loss_on_output(shift(out), out, torch.randint(0, 5, (20,)), -100) is None
+
+    out = _output()
+    x = out.clone()
+    x[..., 0].mul_(0.5)
+    assert graph_signature(x.reshape(-1, 5), out) is None
+    assert loss_on_output(x.reshape(-1, 5), out, torch.randint(0, 5, (24,)), -100) is None
+
+
+def test_smoothed_probabilities_are_mapped_only_onto_all_positions():
+    # label smoothing is not linear in the targets: on a shifted copy the positions the loss
+    # does not see would get weight eps, so no map; a full re-arrangement maps
+    out = _output()
+    p = torch.softmax(torch.randn(4, 6, 5, dtype=torch.float64), -1)
+    shifted = out[:, :-1].reshape(-1, 5), p[:, :-1].reshape(-1, 5)
+    assert loss_on_output(*shifted[:1], out, shifted[1], -100, "mean", 0.2) is None
+    assert loss_on_output(*shifted[:1], out, shifted[1], -100, "mean", 0.0) is not None
+    dim, mapped = loss_on_output(out.reshape(-1, 5), out, p.reshape(-1, 5), -100, "mean", 0.2)
+    assert dim == 2 and torch.equal(mapped, p.transpose(1, 2))

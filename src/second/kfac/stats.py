@@ -257,7 +257,15 @@ def add_layer_statistics(
             or tuple(grows.shape[1 : 1 + keep.dim()]) != lead
             or bool(grows[:, ~keep].ne(0).any())
         ):
-            keep = None
+            # a layer with a row per example (an encoder before a per-position head): the
+            # examples whose positions are all ignored, if their rows carry no gradient
+            keep = keep.reshape(keep.shape[0], -1).any(1)
+            if (
+                arows.shape[0] != keep.shape[0]
+                or grows.shape[1] != keep.shape[0]
+                or bool(grows[:, ~keep].ne(0).any())
+            ):
+                keep = None
     if (
         keep is not None
         and tuple(arows.shape[: keep.dim()]) == tuple(keep.shape)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._losses import target_weights
+from .._losses import label_smoothing, target_weights
 from ..kfac import (
     Capture,
     DiagonalRule,
@@ -271,9 +271,10 @@ class KFACCapture(KFACAttributes):
         self._warn_once(
             "unmapped",
             "KFAC: the loss module's input is computed from the model's output but is not "
-            "the output or a re-arrangement of its elements (views, slices, transposes, "
-            "copies; for example a scaled output), so the curvature is that of loss_fn on "
-            "the output itself, its classes along dim 1. Warned once.",
+            "the output or a re-arrangement of its elements that KFAC can map (views, "
+            "slices, transposes, copies, with the classes along one dim of the output and "
+            "each position used once; not, for example, a scaled output), so the curvature "
+            "is that of loss_fn on the output itself, its classes along dim 1. Warned once.",
             stacklevel=6,
         )
         return True
@@ -300,7 +301,14 @@ class KFACCapture(KFACAttributes):
                         match = (
                             None
                             if target is None
-                            else loss_on_output(x, entry.out, target, ignore, self.reduction)
+                            else loss_on_output(
+                                x,
+                                entry.out,
+                                target,
+                                ignore,
+                                self.reduction,
+                                label_smoothing(self.loss_fn),
+                            )
                         )
                     finally:
                         self._mapping = False

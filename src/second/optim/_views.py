@@ -74,12 +74,24 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
 
     Returns ``sel`` shaped like ``x`` with ``x = out.reshape(-1)[sel]`` (flat indices in
     ``out``'s row-major order), or ``None`` when ``x`` does not come from ``out`` or is not a
-    selection of its elements (a sum, a scaling, ...). ``x`` is a linear function
-    :math:`x = M\,\mathrm{out}` of ``out`` with a 0/1 matrix :math:`M` that has one 1 per row;
-    :math:`M t` is found by differentiating :math:`M^\top u` (one backward with its graph) with
-    respect to :math:`u`, and the indices go through it in digits small enough for the dtype
-    to carry exactly. Costs a few backward passes over the graph between ``out`` and ``x``.
+    selection of its elements (a sum, a scaling, ...), or when the graph between them cannot
+    be differentiated twice (``torch.compile``'s, or one already freed). ``x`` is a linear
+    function :math:`x = M\,\mathrm{out}` of ``out`` with a 0/1 matrix :math:`M` that has one
+    1 per row; :math:`M t` is found by differentiating :math:`M^\top u` (one backward with its
+    graph) with respect to :math:`u`, and the indices go through it in digits small enough
+    for the dtype to carry exactly. Costs a few backward passes over the graph between
+    ``out`` and ``x``.
     """
+    try:
+        return _search(x, out)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # no double backward through the graph: not a map we can find
+        return None
+
+
+def _search(x: Tensor, out: Tensor) -> Tensor | None:
+    """See :func:`selection` (which turns its autograd errors into ``None``)."""
     if x is out or not (x.requires_grad and out.requires_grad):
         return None
     if not (x.is_floating_point() and out.is_floating_point()):
@@ -137,36 +149,79 @@ def _plain(value: Any) -> bool:
     return isinstance(value, _PLAIN)
 
 
+# autograd nodes of ops that only re-arrange (or copy, cast, repeat) elements, whose saved
+# sizes, dims, offsets and the shapes at both ends determine what they do; other nodes (an
+# in-place op on a slice, an index, arithmetic) leave the graph uncached
+REARRANGING = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "AliasBackward0",
+        "TransposeBackward0",
+        "TBackward0",
+        "PermuteBackward0",
+        "SliceBackward0",
+        "SelectBackward0",
+        "CloneBackward0",
+        "ToCopyBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "ExpandBackward0",
+        "UnfoldBackward0",
+        "DiagonalBackward0",
+        "AsStridedBackward0",
+        "FlipBackward0",
+        "RollBackward0",
+        "SplitBackward0",
+        "SplitWithSizesBackward0",
+        "UnbindBackward0",
+        "RepeatBackward0",
+    }
+)
+
+
 def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
     """What determines how ``x`` was computed from ``out``, or ``None`` if it cannot be read.
 
-    The chain of autograd nodes from ``x`` back to ``out`` with their saved sizes, dims and
-    offsets, and both tensors' shapes, strides and dtypes: two calls with the same signature
-    re-arrange the output the same way. ``None`` (never cached) when a node has more than one
-    differentiable input or saves a tensor (a mask, an index: the map would depend on
-    values), or is a Python ``autograd.Function`` (its state is not visible).
+    The chain of autograd nodes from ``x`` back to ``out`` (each a :data:`REARRANGING` op
+    with one differentiable input) with their saved sizes, dims and offsets and the output
+    of each it takes, and both tensors' shapes, strides, storage offsets, dtypes and output
+    numbers: two calls with the same signature re-arrange the output the same way. ``None``
+    (never cached) for any other node, a chain that does not reach ``out``, or saved values
+    that cannot be read (a freed graph).
     """
     root = out.grad_fn
     node = x.grad_fn
     if root is None or node is None:
         return None
-    chain: list[tuple] = [("output_nr", x.output_nr)]  # which output of a split, unbind
-    while node is not root:
-        if isinstance(node, torch.autograd.function.BackwardCFunction) or len(chain) > 64:
+    nodes: list[tuple[Any, int]] = []
+    while node is not root:  # first the path, then its saved values (only on the path)
+        if type(node).__name__ not in REARRANGING or len(nodes) > 64:
             return None
-        saved = []
-        for name in sorted(a for a in dir(node) if a.startswith("_saved_")):
-            value = getattr(node, name)
-            if not _plain(value):
-                return None
-            saved.append((name, value))
-        chain.append((type(node).__name__, tuple(saved)))
         nexts = [(f, nr) for f, nr in node.next_functions if f is not None]
         if len(nexts) != 1:
             return None
-        node, nr = nexts[0]
-        chain.append(("edge", nr))
-    geometry = tuple((tuple(t.shape), t.stride(), t.dtype, str(t.device)) for t in (x, out))
+        nodes.append((node, nexts[0][1]))
+        node = nexts[0][0]
+    chain: list[tuple] = []
+    for node, nr in nodes:
+        saved = []
+        for name in sorted(a for a in dir(node) if a.startswith("_saved_")):
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # saved values of a freed graph
+                return None
+            if not _plain(value):
+                return None
+            saved.append((name, value))
+        chain.append((type(node).__name__, tuple(saved), nr))
+    geometry = tuple(
+        (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, str(t.device), t.output_nr)
+        for t in (x, out)
+    )
     return geometry + tuple(chain)
 
 
@@ -214,7 +269,12 @@ def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
 
 
 def loss_on_output(
-    x: Tensor, out: Tensor, target: Tensor, ignore_index: int, reduction: str = "mean"
+    x: Tensor,
+    out: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
 ) -> tuple[int, Tensor] | None:
     """A cross-entropy loss on ``x`` written as the same loss on ``out``: ``(dim, target)``.
 
@@ -225,8 +285,10 @@ def loss_on_output(
     like ``out.movedim(dim, 1)``, zero where ``x`` has no position and, for a mean, scaled
     by the ratio of ``out``'s positions to ``x``'s (torch divides such a mean by the
     positions the loss sees; the loss, its gradient and its curvature are linear in the
-    probabilities). ``None`` when ``x`` is not such a re-arrangement (a class step of ``x``
-    must be a step along one dim of ``out``, each position of ``out`` used once).
+    probabilities; with ``label_smoothing`` they are not, and only a re-arrangement of all
+    of ``out``'s positions is mapped). ``None`` when ``x`` is not such a re-arrangement (a
+    class step of ``x`` must be a step along one dim of ``out``, each position of ``out`` used
+    once).
 
     The re-arrangement is found once per graph signature (:func:`graph_signature`): a
     training loop's later calls cost an index copy, no backward pass.
@@ -234,6 +296,8 @@ def loss_on_output(
     soft = target.is_floating_point()
     if x.dim() < 2 or (soft and tuple(target.shape) != tuple(x.shape)):
         return None
+    if soft and label_smoothing and x.numel() != out.numel():
+        return None  # smoothing is not linear in the targets: unseen positions would count
     if not (x.requires_grad and out.requires_grad) or x is out:
         return None
     if not (x.is_floating_point() and out.is_floating_point()):

@@ -1,0 +1,103 @@
+"""What finding the loss input in the model output costs KFAC per loss call.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_loss_map.py [--vocab 2000 8000] [--batch 8] [--context 512]
+
+Language-model code computes its loss on ``logits[:, :-1].contiguous().view(-1, V)``; KFAC's
+loss hook maps that tensor back onto the model output (``second.optim._views.loss_on_output``)
+to take the curvature of the loss as written. The map is searched by backward passes over the
+graph between the two and cached by the graph's signature, so a training loop pays for it once.
+For each vocabulary size, in a fresh subprocess (peak memory is a high-water mark): the first
+call (a search) and the median of 20 later calls (cache hits), CPU seconds of the thread and
+the resident memory the call added, beside the loss and its backward pass on the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def measure(vocab: int, batch: int, context: int) -> dict:
+    from second.optim._views import loss_on_output
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, vocab, generator=g, requires_grad=True)
+    h = torch.randn(batch, context, 64, generator=g)
+    y = torch.randint(0, vocab, (batch, context), generator=g)
+
+    def call():
+        out = h @ w
+        x = out[:, :-1].contiguous().view(-1, vocab)
+        t = time.thread_time()
+        found = loss_on_output(x, out, y[:, :-1].reshape(-1), -100)
+        return time.thread_time() - t, found, x
+
+    before = _rss_mb()
+    first, found, x = call()
+    grown = _rss_mb() - before
+    assert found is not None and found[0] == 2
+    later = [call()[0] for _ in range(20)]
+    t = time.thread_time()
+    nn.functional.cross_entropy(x, y[:, :-1].reshape(-1)).backward()
+    loss_s = time.thread_time() - t
+    return dict(
+        vocab=vocab,
+        logits_mb=batch * context * vocab * 4 / 1e6,
+        first_s=first,
+        first_mb=grown,
+        cached_ms=1e3 * statistics.median(later),
+        loss_s=loss_s,
+    )
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, nargs="+", default=[2000, 8000])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.vocab[0], args.batch, args.context)))
+        return
+    print(f"torch {torch.__version__}, batch {args.batch}, context {args.context}, one thread\n")
+    print(
+        "| vocabulary | logits MB | first call CPU s | its memory MB | later calls CPU ms (median of 20) | loss + backward CPU s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for v in args.vocab:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            "--vocab",
+            str(v),
+            "--batch",
+            str(args.batch),
+            "--context",
+            str(args.context),
+        ]
+        r = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
+        print(
+            f"| {v:,} | {r['logits_mb']:.0f} | {r['first_s']:.2f} | {r['first_mb']:.0f} | "
+            f"{r['cached_ms']:.2f} | {r['loss_s']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
