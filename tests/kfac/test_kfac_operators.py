@@ -19,6 +19,7 @@ from kfac_cases import (
     LOSSES,
     Scaled,
     TokenModel,
+    closure_of,
     deep_linear,
     dense_ggn,
     layer_blocks,
@@ -387,14 +388,7 @@ def test_an_example_with_every_target_ignored_leaves_every_layer(fisher):
     def optimizer_factor(inputs, targets):  # the optimizer's, after one step
         net = copy.deepcopy(model)
         opt = second.optim.KFAC(net, loss_fn, fisher=fisher)
-
-        def closure():
-            opt.zero_grad()
-            value = loss_fn(net(inputs), targets)
-            value.backward()
-            return value
-
-        opt.step(closure)
+        opt.step(closure_of(opt, net, loss_fn, inputs, targets))
         return opt.layers[0].state_in(opt.state)["A"]
 
     torch.testing.assert_close(
