@@ -50,6 +50,9 @@ def test_the_signature_tells_re_arrangements_apart():
     assert graph_signature((out * mask).reshape(-1, 5), out) is None
     assert graph_signature(out[:, torch.tensor([0, 2])].reshape(-1, 5), out) is None
     assert graph_signature(out.reshape(-1, 5), out) is not None
+    # one cast (bfloat16 logits to float32) is known from the ends; two are not
+    assert graph_signature(out.float().reshape(-1, 5), out) is not None
+    assert graph_signature(out.half().double().reshape(-1, 5), out) is None
 
 
 def test_depends_on_walks_the_graph_without_a_backward_pass():

@@ -206,6 +206,8 @@ def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
             return None
         nodes.append((node, nexts[0][1]))
         node = nexts[0][0]
+    if sum(type(n).__name__ == "ToCopyBackward0" for n, _ in nodes) > 1:
+        return None  # a cast saves no dtype: the one in between two casts is not known
     chain: list[tuple] = []
     for node, nr in nodes:
         saved = []
