@@ -69,6 +69,10 @@ def depends_on(x: Tensor, out: Tensor) -> bool:
     return False
 
 
+# torch.OutOfMemoryError from torch 2.5; the CUDA one before (a RuntimeError too)
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def selection(x: Tensor, out: Tensor) -> Tensor | None:
     r"""The index map of ``x``'s elements into ``out``'s, when ``x`` only re-arranges them.
 
@@ -84,7 +88,7 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
     """
     try:
         return _search(x, out)
-    except torch.OutOfMemoryError:
+    except _OUT_OF_MEMORY:
         raise
     except RuntimeError:  # no double backward through the graph: not a map we can find
         return None
@@ -137,7 +141,7 @@ def _search(x: Tensor, out: Tensor) -> Tensor | None:
 
 # re-arrangements found, by the graph between the loss input and the output (its ops and
 # their saved sizes, dims, offsets): a training loop computes the same one every step, and
-# finding it costs several backward passes and ~10 bytes per logit (a large vocabulary)
+# finding it costs several backward passes and ~15 bytes per logit (a large vocabulary)
 PLACEMENT_CACHE_SIZE = 16
 _placements: OrderedDict[tuple, tuple[int, Tensor] | None] = OrderedDict()
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
