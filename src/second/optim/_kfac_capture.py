@@ -262,12 +262,8 @@ class KFACCapture(KFACAttributes):
 
     def _unmapped(self, x: Tensor, out: Tensor) -> bool:
         """Warn once when the loss sees a function of ``out`` that is not its elements."""
-        self._mapping = True
-        try:
-            if not depends_on(x, out):
-                return False
-        finally:
-            self._mapping = False
+        if not depends_on(x, out):  # a walk of the graph: no backward, no hooks to pause
+            return False
         self._warn_once(
             "unmapped",
             "KFAC: the loss module's input is computed from the model's output but is not "

@@ -249,6 +249,15 @@ def _placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
     return found
 
 
+def _positions(first: Tensor, step: int, classes: int) -> Tensor:
+    """The flat index of each row's position among the output's positions (classes removed).
+
+    ``first``: the flat index of the row's class 0 in the output, whose classes lie along a
+    dim of ``classes`` entries ``step`` apart.
+    """
+    return first // (step * classes) * step + first % step
+
+
 def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
     sel = selection(x, out)
     if sel is None or sel.shape[1] < 2:
@@ -267,7 +276,7 @@ def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
         return None
     if bool((((first // s) % shape[dim]) != 0).any()):
         return None
-    positions = first // (s * shape[dim]) * s + first % s  # the flat position, dim removed
+    positions = _positions(first, s, shape[dim])
     counts = torch.bincount(positions.reshape(-1), minlength=out.numel() // shape[dim])
     if int(counts.max()) > 1:
         return None  # a position of the output used twice
@@ -325,7 +334,7 @@ def loss_on_output(
         return dim, p.reshape(shape).movedim(dim, 1)
     if target.numel() != first.numel():
         return None
-    positions = first // (s * shape[dim]) * s + first % s
+    positions = _positions(first, s, shape[dim])
     y = torch.full((math.prod(moved),), ignore_index, dtype=torch.long, device=target.device)
     y[positions.reshape(-1)] = target.reshape(-1).to(torch.long)
     return dim, y.reshape(moved)
