@@ -658,20 +658,77 @@ def test_a_batch_with_padding_after_one_without_computes_its_statistics_once(mon
     assert per_step == [2, 1, 1]
 
 
+class _Affine(nn.Module):
+    """``inner(x) * scale + shift``: the model whose output is what the loss sees."""
+
+    def __init__(self, inner, scale, shift):
+        super().__init__()
+        self.inner, self.scale, self.shift = inner, scale, shift
+
+    def forward(self, x):
+        return self.inner(x) * self.scale + self.shift
+
+
+AFFINE_CASES = {  # (scale, shift over the classes): a temperature, a logit bias, an additive mask
+    "temperature": (0.5, 0.0),
+    "odd temperature": (1 / 3, 0.0),
+    "logit bias": (1.0, "bias"),
+    "additive mask": (1.0, "mask"),
+    "temperature and bias": (-0.7, "bias"),
+}
+
+
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat view", "classes first"])
+@pytest.mark.parametrize("case", list(AFFINE_CASES))
+def test_a_loss_on_a_scaled_or_shifted_output_gets_the_curvature_at_its_input(case, flat, fisher):
+    # loss_fn(out / T + b) (distillation's temperature, a logit adjustment, a mask of classes):
+    # KFAC takes the curvature of the loss as written, at its input's values and times the
+    # scale on the way back, i.e. the factors and steps of a model whose output is
+    # out / T + b itself; on the flat view of [B, T, V] logits as on [B, V, T] ones
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, 20, (4, 6), generator=g), torch.randint(2, 20, (4, 6), generator=g)
+    scale, kind = AFFINE_CASES[case]
+    shift = torch.zeros(20, dtype=DT)
+    if kind == "bias":
+        shift = torch.randn(20, generator=g, dtype=DT)
+    elif kind == "mask":
+        shift[:2] = -1e4  # classes 0 and 1 masked off (no target is one of them)
+
+    def on_flat(loss_fn, out, t):
+        return loss_fn((out * scale + shift).reshape(-1, 20), t.reshape(-1))
+
+    def on_classes_first(loss_fn, out, t):
+        return loss_fn(out * scale + shift.reshape(20, 1), t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mapped: no "unmapped" warning
+        if flat:
+            run = _token_run(x, y, loss=on_flat, fisher=fisher)
+        else:
+            run = _token_run(x, y, view=False, loss=on_classes_first, fisher=fisher)
+    reference = _Affine(TokenModel(classes_first=True), scale, shift.reshape(20, 1))
+    torch.manual_seed(0)  # the same inner parameters as _token_run's model
+    reference.inner = TokenModel(classes_first=True)
+    want = _token_run(x, y, view=False, model=reference, fisher=fisher)
+    _assert_same(run, want)
+
+
 def test_a_loss_on_a_function_of_the_output_is_reported_once():
-    # a scaled output (temperature) is not a re-arrangement of the output's elements: the
-    # curvature KFAC takes is loss_fn's on the output itself, and it says so, once; a loss on
-    # an exact copy (out / 1) or on another tensor says nothing
+    # a soft-capped output (tanh) is not a re-arrangement of the output's elements, scaled or
+    # shifted: the curvature KFAC takes is loss_fn's on the output itself, and it says so,
+    # once; a loss on a temperature (mapped) or on another tensor says nothing
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     loss_fn = nn.CrossEntropyLoss()
     opt = second.optim.KFAC(model, loss_fn)
     X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
 
-    def closure(scale):
+    def closure(cap):
         def run():
             opt.zero_grad()
-            value = loss_fn(model(X) / scale, y)
+            out = model(X)
+            value = loss_fn(out / 2.0 if cap is None else cap * torch.tanh(out / cap), y)
             value.backward()
             return value
 
@@ -679,11 +736,11 @@ def test_a_loss_on_a_function_of_the_output_is_reported_once():
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        opt.step(closure(1.0))
+        opt.step(closure(None))
         unrelated = loss_fn(torch.randn(5, 3, requires_grad=True), y[:5])
         unrelated.backward()
         assert not [w for w in seen if "re-arrangement" in str(w.message)]
-        opt.step(closure(2.0))
-        opt.step(closure(2.0))
+        opt.step(closure(5.0))
+        opt.step(closure(5.0))
     found = [w for w in seen if "re-arrangement of its elements" in str(w.message)]
     assert len(found) == 1 and issubclass(found[0].category, RuntimeWarning)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from second.optim import _views
@@ -17,8 +18,8 @@ def test_the_map_is_found_once_per_graph_and_reused(monkeypatch):
     # a training loop re-arranges its output the same way every step: the second call finds
     # the map in the cache (no backward pass), and gives what a fresh search gives
     calls = []
-    find = _views.selection
-    monkeypatch.setattr(_views, "selection", lambda x, out: calls.append(1) or find(x, out))
+    find = _views.affine_selection
+    monkeypatch.setattr(_views, "affine_selection", lambda x, out: calls.append(1) or find(x, out))
     monkeypatch.setattr(_views, "_placements", type(_views._placements)())
     y = torch.randint(0, 5, (4, 5))
     results = []
@@ -29,8 +30,9 @@ def test_the_map_is_found_once_per_graph_and_reused(monkeypatch):
         results.append(loss_on_output(x, out, y.reshape(-1), -100))
         assert torch.equal(torch.get_rng_state(), state)  # the user's random stream untouched
     assert len(calls) == 1
-    for dim, target in results:
-        assert dim == 2 and torch.equal(target, results[0][1])
+    for view in results:
+        assert view.dim == 2 and torch.equal(view.target, results[0].target)
+        assert view.scale == 1.0 and view.values is None
     want = torch.full((4, 6), -100)
     want[:, :-1] = y
     assert torch.equal(results[0][1], want)
@@ -103,5 +105,65 @@ def test_smoothed_probabilities_are_mapped_only_onto_all_positions():
     shifted = out[:, :-1].reshape(-1, 5), p[:, :-1].reshape(-1, 5)
     assert loss_on_output(*shifted[:1], out, shifted[1], -100, "mean", 0.2) is None
     assert loss_on_output(*shifted[:1], out, shifted[1], -100, "mean", 0.0) is not None
-    dim, mapped = loss_on_output(out.reshape(-1, 5), out, p.reshape(-1, 5), -100, "mean", 0.2)
-    assert dim == 2 and torch.equal(mapped, p.transpose(1, 2))
+    view = loss_on_output(out.reshape(-1, 5), out, p.reshape(-1, 5), -100, "mean", 0.2)
+    assert view.dim == 2 and torch.equal(view.target, p.transpose(1, 2))
+
+
+def test_a_scaled_or_shifted_selection_is_found_and_keyed_by_its_numbers():
+    # x = s * (elements of out) + c: found with its scale and cached; a shift's constant does
+    # not change the map (same key), a scale does (another key)
+    from second.optim._views import affine_selection, path_kind
+
+    out = _output()
+    bias, mask = torch.randn(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    mask[:2] = float("-inf")
+    for x, scale in (
+        ((out / 3.0).reshape(-1, 5), 1 / 3),
+        ((out + bias).reshape(-1, 5), 1.0),
+        ((out + mask).reshape(-1, 5), 1.0),
+        ((bias - 0.5 * out)[:, :-1].reshape(-1, 5), -0.5),
+        (-(out * torch.tensor(2.0, dtype=torch.float64)).transpose(1, 2), -2.0),
+    ):
+        assert path_kind(x, out) in ("scaled", "shifted")
+        sel, s, shifted = affine_selection(x, out)
+        assert shifted == (path_kind(x, out) == "shifted") and s == pytest.approx(scale, rel=1e-15)
+        c = x - s * out.reshape(-1)[sel]
+        assert torch.allclose(c, c.reshape(-1, 5)[:1].expand_as(c.reshape(-1, 5)).reshape(c.shape))
+    assert graph_signature((out + bias).reshape(-1, 5), out) == graph_signature(
+        (out + 7.0).reshape(-1, 5), out
+    )
+    assert graph_signature((out / 2.0).reshape(-1, 5), out) != graph_signature(
+        (out / 3.0).reshape(-1, 5), out
+    )
+    assert graph_signature((bias - out).reshape(-1, 5), out) != graph_signature(
+        (out - bias).reshape(-1, 5), out
+    )
+
+
+def test_what_is_not_a_scaled_or_shifted_selection_is_refused_without_a_search(monkeypatch):
+    # arithmetic with something that is not a number (per-class factors), with another tensor
+    # that requires gradients, a replacement (masked_fill), a nonlinearity: no map, found by a
+    # walk of the graph (no backward pass: the search is never called)
+    from second.optim._views import path_kind
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched")
+
+    monkeypatch.setattr(_views, "_search", no_search)
+    out = _output()
+    other = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([True, True, False, True, True])
+    y = torch.randint(0, 5, (24,))
+    for x in (
+        out * torch.linspace(1, 2, 5, dtype=torch.float64),
+        out + other,
+        out + out,
+        1.0 / out,
+        out.masked_fill(~keep, float("-inf")),
+        5.0 * torch.tanh(out / 5.0),
+        out.softmax(-1),
+    ):
+        assert path_kind(x.reshape(-1, 5), out) is None
+        assert loss_on_output(x.reshape(-1, 5), out, y, -100) is None
+    assert path_kind(out[torch.ones(4, 6, dtype=torch.bool)], out) == "selection"
+    assert path_kind(torch.cat([out[:2], out[2:]]).reshape(-1, 5), out) == "selection"

@@ -30,7 +30,7 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
-from ._views import depends_on, loss_input, loss_on_output
+from ._views import LossView, depends_on, loss_input, loss_on_output, loss_point
 
 
 @dataclass(eq=False)
@@ -95,7 +95,7 @@ class KFACAttributes(torch.optim.Optimizer):
     _emp_ignored: float
     _loss_watch: bool
     _ce_loss: bool
-    _loss_view: tuple | None
+    _loss_view: LossView | None
     _n_forwards: int
     _step_forwards: int
     _loss_batch: tuple | None
@@ -210,7 +210,7 @@ class KFACCapture(KFACAttributes):
                 else:
                     self._pending.merge(entry.this)
 
-    def _take_loss(self, entry: _Forward, dim: int, target: Tensor | None) -> None:
+    def _take_loss(self, entry: _Forward, view: LossView) -> None:
         """Take the cross-entropy loss as written for the curvature of ``entry``'s forward.
 
         The loss is cross-entropy on ``out.movedim(dim, 1)`` against ``target`` on the
@@ -219,15 +219,21 @@ class KFACCapture(KFACAttributes):
         ignored targets, and positions the loss does not see, weigh 0). The quadratic model
         takes its curvature the same way (:attr:`_loss_view`), and the forward's statistics
         are re-done (its graph is alive: the loss is computed before ``backward()``), the
-        ignored positions left out.
+        ignored positions left out. A loss on a scaled or shifted output (a temperature, a
+        logit bias, an additive mask) has its curvature at its input's values
+        (:func:`~second.optim._views.loss_point`) and its columns times ``view.scale`` on
+        the way back.
         """
         out = entry.out
         assert out is not None
+        dim, target, scale, values = view
         f = out.movedim(dim, 1) if dim != 1 else out
-        c = target_weights(self.loss_fn, f, target, self.reduction)
+        at = loss_point(f, view)  # where the loss is evaluated
+        c = target_weights(self.loss_fn, at, target, self.reduction)
         y = target.detach() if c is not None and target is not None else None
-        if entry is self._forwards[-1] and (dim != 1 or c is not None):
-            self._loss_view = (dim, y)
+        plain = dim == 1 and c is None and values is None and scale == 1.0
+        if entry is self._forwards[-1] and not plain:
+            self._loss_view = LossView(dim, y, scale, values)
         snap, entry.out = entry.snap, None
         if snap is None:
             return
@@ -239,11 +245,12 @@ class KFACCapture(KFACAttributes):
             # kept ones), or take the output's rows for examples: the loss as written instead
             entry.emp.cancel()
             y = target.detach() if target is not None else None
-        if dim == 1 and c is None and entry.this is not None:
+        if plain and entry.this is not None:
             return  # the forward's statistics are the loss' own
         # the empirical Fisher's fallback diagonal comes from the gradient at the step
         fb = self.fallback_params if self.fallback == "diagonal" and entry.emp is None else []
-        S = curvature_columns(self.loss_fn, f, y, self.reduction, self.fisher, self.mc_samples)
+        S = curvature_columns(self.loss_fn, at, y, self.reduction, self.fisher, self.mc_samples)
+        S = S * scale if scale != 1.0 else S  # d loss / d out = scale * d loss / d x
         keep = None if c is None else c > 0
         if entry.emp is not None and keep is not None and self.reduction == "mean":
             # S holds n * dL/df per row (n rows); the empirical Fisher's per-example gradients
@@ -258,7 +265,7 @@ class KFACCapture(KFACAttributes):
         entry.deferred = False
         # once a loss call has re-done them, later forwards leave them to it (a batch without
         # padding after one with it would otherwise be computed twice, in the forward and here)
-        self._defer = self._defer or dim != 1 or c is not None
+        self._defer = self._defer or not plain
 
     def _unmapped(self, x: Tensor, out: Tensor) -> bool:
         """Warn once when the loss sees a function of ``out`` that is not its elements."""
@@ -268,8 +275,9 @@ class KFACCapture(KFACAttributes):
             "unmapped",
             "KFAC: the loss module's input is computed from the model's output but is not "
             "the output or a re-arrangement of its elements that KFAC can map (views, "
-            "slices, transposes, copies, with the classes along one dim of the output and "
-            "each position used once; not, for example, a scaled output), so the curvature "
+            "slices, transposes, copies, indexing, times a number or plus a constant, with "
+            "the classes along one dim of the output and each position used once; not, for "
+            "example, a soft-capped output or one filled by masked_fill), so the curvature "
             "is that of loss_fn on the output itself, its classes along dim 1. Warned once.",
             stacklevel=6,
         )
@@ -289,7 +297,7 @@ class KFACCapture(KFACAttributes):
                 if entry.out is None:  # its loss call came (or it has no graph)
                     continue
                 if x is entry.out:
-                    match: tuple | None = (1, target)
+                    match: LossView | None = LossView(1, target)
                 else:
                     ignore = getattr(self.loss_fn, "ignore_index", -100)
                     self._mapping = True
@@ -309,7 +317,7 @@ class KFACCapture(KFACAttributes):
                     finally:
                         self._mapping = False
                 if match is not None:
-                    self._take_loss(entry, *match)
+                    self._take_loss(entry, match)
                     break
                 if self._unmapped(x, entry.out):
                     break

@@ -18,6 +18,7 @@ from ..kfac import DiagonalBlock, EigenBlock, FactorStats, KroneckerBlock, eigen
 from ._kfac_capture import KFACAttributes
 from ._kfac_checks import OVERRATE, check_positive, clamp_damping, flat, refusal
 from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram, step_coefficients
+from ._views import LossView, loss_point
 
 SAFE_KL_CLIP = 1e-3
 """KL clipping constant of the step that replaces a refused quadratic-model step (no ``kl_clip``)."""
@@ -290,10 +291,12 @@ class KFACUpdate(KFACAttributes):
                     raise
                 self._reverse_jvp = True
                 out, Jv = generic_jvp(*args, reverse=True)
-        dim, target = self._loss_view if self._loss_view is not None else (1, None)
-        if dim != 1:  # the loss has the output's classes along `dim` (_take_loss)
-            out, Jv = out.movedim(dim, 1), Jv.movedim(dim + 1, 2)
-        return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist(), target)
+        view = self._loss_view if self._loss_view is not None else LossView(1, None)
+        if view.dim != 1:  # the loss has the output's classes along `dim` (_take_loss)
+            out, Jv = out.movedim(view.dim, 1), Jv.movedim(view.dim + 1, 2)
+        if view.values is not None or view.scale != 1.0:  # a scaled or shifted output
+            out, Jv = loss_point(out, view), Jv * view.scale
+        return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist(), view.target)
 
     def _raised_damping(self, group: dict) -> float:
         omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]

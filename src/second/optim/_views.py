@@ -14,7 +14,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,12 @@ from torch import Tensor, nn
 __all__ = [
     "depends_on",
     "selection",
+    "affine_selection",
+    "path_kind",
     "graph_signature",
     "loss_on_output",
+    "LossView",
+    "loss_point",
     "loss_input",
     "watch_loss",
 ]
@@ -79,23 +83,42 @@ def selection(x: Tensor, out: Tensor) -> Tensor | None:
     Returns ``sel`` shaped like ``x`` with ``x = out.reshape(-1)[sel]`` (flat indices in
     ``out``'s row-major order), or ``None`` when ``x`` does not come from ``out`` or is not a
     selection of its elements (a sum, a scaling, ...), or when the graph between them cannot
-    be differentiated twice (``torch.compile``'s, or one already freed). ``x`` is a linear
-    function :math:`x = M\,\mathrm{out}` of ``out`` with a 0/1 matrix :math:`M` that has one
-    1 per row; :math:`M t` is found by differentiating :math:`M^\top u` (one backward with its
-    graph) with respect to :math:`u`, and the indices go through it in digits small enough
-    for the dtype to carry exactly. Costs a few backward passes over the graph between
-    ``out`` and ``x``.
+    be differentiated twice (``torch.compile``'s, or one already freed). See
+    :func:`affine_selection`, which also takes a scaled or shifted selection.
     """
+    found = affine_selection(x, out)
+    return found[0] if found is not None and found[1] == 1.0 and not found[2] else None
+
+
+def affine_selection(x: Tensor, out: Tensor) -> tuple[Tensor, float, bool] | None:
+    r"""``(sel, scale, shifted)`` with ``x = scale * out.reshape(-1)[sel] + shift``.
+
+    ``x`` is computed from ``out`` by the ops of :data:`SELECTING` (views, slices, copies,
+    indexing, concatenation) and arithmetic with constants (:data:`AFFINE`: a temperature,
+    a logit bias, an additive mask): a linear function :math:`x = s\,M\,\mathrm{out} + c`
+    with a 0/1 matrix :math:`M` that has one 1 per row, a number :math:`s` and a constant
+    :math:`c`. ``shifted`` says whether a sum with a constant is on the path (then ``x``'s
+    values are not ``scale`` times ``out``'s). ``None`` for any other graph (found by a walk of the graph, no backward
+    pass), for a linear map that is not such a selection, or a graph that cannot be
+    differentiated twice. :math:`M t` is found by differentiating :math:`M^\top u` (one
+    backward with its graph) with respect to :math:`u`, and the indices go through it in
+    digits small enough for the dtype to carry exactly. Costs a few backward passes over the
+    graph between ``out`` and ``x``.
+    """
+    kind = path_kind(x, out)
+    if kind is None:
+        return None
     try:
-        return _search(x, out)
+        found = _search(x, out, exact=kind == "selection")
     except _OUT_OF_MEMORY:
         raise
     except RuntimeError:  # no double backward through the graph: not a map we can find
         return None
+    return None if found is None else (found[0], found[1], kind == "shifted")
 
 
-def _search(x: Tensor, out: Tensor) -> Tensor | None:
-    """See :func:`selection` (which turns its autograd errors into ``None``)."""
+def _search(x: Tensor, out: Tensor, exact: bool) -> tuple[Tensor, float] | None:
+    """See :func:`affine_selection` (which turns its autograd errors into ``None``)."""
     if x is out or not (x.requires_grad and out.requires_grad):
         return None
     if not (x.is_floating_point() and out.is_floating_point()):
@@ -111,22 +134,36 @@ def _search(x: Tensor, out: Tensor) -> Tensor | None:
         return r
 
     ones = apply(torch.ones_like(out))
-    if ones is None or not bool((ones == 1).all()):
+    if ones is None or ones.numel() == 0:
+        return None
+    scale = float(ones.reshape(-1)[0])
+    if not (math.isfinite(scale) and scale != 0 and bool((ones == scale).all())):
+        return None
+    if exact and scale != 1.0:
         return None
     n = out.numel()
     bits = min(int(-math.log2(torch.finfo(t.dtype).eps)) for t in (out, x))
-    base = 2 ** min(bits, 24)  # integers both dtypes carry exactly
+    # integers both dtypes carry exactly; times a scale, each rounding is off by a few
+    # units in the last place, so the digits keep half the bits and are rounded
+    base = 2 ** min(bits, 24) if scale == 1.0 else 2 ** max(bits // 2, 2)
     flat = torch.arange(n, device=out.device)
     sel = torch.zeros(x.shape, dtype=torch.long, device=out.device)
-    scale = 1
+    step = 1
     while True:
-        digit = ((flat // scale) % base).to(out.dtype).reshape(out.shape)
+        digit = ((flat // step) % base).to(out.dtype).reshape(out.shape)
         part = apply(digit)
-        if part is None or not bool((part == part.round()).all()):
-            return None  # a weighted average, not a selection
-        sel += part.round().long() * scale
-        scale *= base
-        if scale >= n:
+        if part is None:
+            return None
+        if scale == 1.0:
+            if not bool((part == part.round()).all()):
+                return None  # a weighted average, not a selection
+        else:
+            part = part / scale
+            if not bool(((part - part.round()).abs() <= 0.25).all()):
+                return None
+        sel += part.round().long() * step
+        step *= base
+        if step >= n:
             break
     if int(sel.min()) < 0 or int(sel.max()) >= n:
         return None
@@ -134,16 +171,22 @@ def _search(x: Tensor, out: Tensor) -> Tensor | None:
     probe_gen = torch.Generator(device=out.device).manual_seed(0)
     probe = torch.rand(out.shape, dtype=out.dtype, device=out.device, generator=probe_gen)
     moved = apply(probe)
-    if moved is None or not torch.equal(moved, probe.reshape(-1)[sel].to(moved.dtype)):
+    if moved is None:
         return None
-    return sel
+    want = probe.reshape(-1)[sel].to(moved.dtype)
+    if scale == 1.0:
+        if not torch.equal(moved, want):
+            return None
+    elif not torch.allclose(moved, scale * want, rtol=64 * torch.finfo(moved.dtype).eps, atol=0):
+        return None
+    return sel, scale
 
 
 # re-arrangements found, by the graph between the loss input and the output (its ops and
 # their saved sizes, dims, offsets): a training loop computes the same one every step, and
 # finding it costs several backward passes and ~15 bytes per logit (a large vocabulary)
 PLACEMENT_CACHE_SIZE = 16
-_placements: OrderedDict[tuple, tuple[int, Tensor] | None] = OrderedDict()
+_placements: OrderedDict[tuple, Placement | None] = OrderedDict()
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
@@ -187,13 +230,106 @@ REARRANGING = frozenset(
 )
 
 
+# nodes whose outputs are elements of their inputs, the index ones included (their indices
+# change from call to call, so graphs with them are searched every time, never cached)
+SELECTING = REARRANGING | frozenset(
+    {
+        "SqueezeBackward3",
+        "SqueezeBackward4",
+        "SqueezeBackward5",
+        "TransposeBackward1",
+        "AsStridedBackward1",
+        "LazyCloneBackward0",
+        "NarrowCopyBackward0",
+        "ReshapeCopyBackward0",
+        "UnsafeSplitBackward0",
+        "UnsafeSplitWithSizesBackward0",
+        "IndexBackward0",
+        "UnsafeIndexBackward0",
+        "IndexSelectBackward0",
+        "GatherBackward0",
+        "MaskedSelectBackward0",
+        "TakeBackward0",
+        "CatBackward0",
+        "StackBackward0",
+        "BackwardHookFunctionBackward",
+    }
+)
+
+# arithmetic with a constant operand (one differentiable input; a factor or divisor that is a
+# number): a temperature, a logit bias, an additive mask
+AFFINE = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0", "NegBackward0"})
+
+
+def _constant_operand(node: Any, position: int) -> Any:
+    """The constant operand of an :data:`AFFINE` node differentiated at input ``position``.
+
+    ``None`` where there is none to read (a sum's constant is not saved), else the number
+    (a 0-dim tensor's value and dtype), or ``False`` when it is not a number.
+    """
+    name = type(node).__name__
+    if name not in ("MulBackward0", "DivBackward0"):
+        return None
+    if name == "DivBackward0" and position != 0:
+        return False  # c / out is not linear in out
+    try:
+        c = getattr(node, "_saved_other" if position == 0 else "_saved_self")
+    except RuntimeError:  # a freed graph
+        return False
+    if not isinstance(c, Tensor) or c.dim() != 0:
+        return False
+    return (float(c), c.dtype)
+
+
+def path_kind(x: Tensor, out: Tensor, limit: int = 256) -> str | None:
+    """How ``x`` was computed from ``out``, by a walk of ``x``'s autograd graph.
+
+    ``"selection"`` when every node between them is one of :data:`SELECTING`, ``"scaled"``
+    when :data:`AFFINE` products or quotients with numbers are among them too, ``"shifted"``
+    when sums with constants are (with or without products), and ``None`` for any
+    other node, a path that ends elsewhere than at ``out`` (``x`` depends on another tensor
+    that requires gradients), or more than ``limit`` nodes.
+    """
+    if x is out or not (x.requires_grad and out.requires_grad) or x.grad_fn is None:
+        return None
+    leaf = out.grad_fn is None
+    goal = (out.grad_fn, out.output_nr)
+    kind = "selection"
+    seen: set = set()
+    stack = [(x.grad_fn, x.output_nr)]
+    while stack:
+        node, nr = stack.pop()
+        if (node, nr) == goal or (leaf and getattr(node, "variable", None) is out):
+            continue
+        if node is goal[0] or node in seen:
+            if node is goal[0]:
+                return None  # another output of the node that made `out`
+            continue
+        seen.add(node)
+        if len(seen) > limit:
+            return None
+        name = type(node).__name__
+        edges = [(i, fn, k) for i, (fn, k) in enumerate(node.next_functions) if fn is not None]
+        if name in AFFINE:
+            if len(edges) != 1 or _constant_operand(node, edges[0][0]) is False:
+                return None
+            shift = name in ("AddBackward0", "SubBackward0")
+            kind = "shifted" if shift or kind == "shifted" else "scaled"
+        elif name not in SELECTING or not edges:
+            return None
+        stack.extend((fn, k) for _, fn, k in edges)
+    return kind
+
+
 def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
     """What determines how ``x`` was computed from ``out``, or ``None`` if it cannot be read.
 
-    The chain of autograd nodes from ``x`` back to ``out`` (each a :data:`REARRANGING` op
-    with one differentiable input) with their saved sizes, dims and offsets and the output
-    of each it takes, and both tensors' shapes, strides, storage offsets, dtypes and output
-    numbers: two calls with the same signature re-arrange the output the same way. ``None``
+    The chain of autograd nodes from ``x`` back to ``out`` (each a :data:`REARRANGING` op,
+    or :data:`AFFINE` arithmetic with a number or a constant, with one differentiable input)
+    with their saved sizes, dims, offsets and numbers, the input of each that is
+    differentiated and the output of the next it takes, and both tensors' shapes, strides,
+    storage offsets, dtypes and output numbers: two calls with the same signature
+    re-arrange (and scale) the output the same way; a shift's constant may differ. ``None``
     (never cached) for any other node, a chain that does not reach ``out``, or saved values
     that cannot be read (a freed graph).
     """
@@ -201,21 +337,30 @@ def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
     node = x.grad_fn
     if root is None or node is None:
         return None
-    nodes: list[tuple[Any, int]] = []
+    nodes: list[tuple[Any, int, int]] = []
     while node is not root:  # first the path, then its saved values (only on the path)
-        if type(node).__name__ not in REARRANGING or len(nodes) > 64:
+        name = type(node).__name__
+        if not (name in REARRANGING or name in AFFINE) or len(nodes) > 64:
             return None
-        nexts = [(f, nr) for f, nr in node.next_functions if f is not None]
+        nexts = [(i, f, nr) for i, (f, nr) in enumerate(node.next_functions) if f is not None]
         if len(nexts) != 1:
             return None
-        nodes.append((node, nexts[0][1]))
-        node = nexts[0][0]
-    if sum(type(n).__name__ == "ToCopyBackward0" for n, _ in nodes) > 1:
+        nodes.append((node, nexts[0][2], nexts[0][0]))
+        node = nexts[0][1]
+    if sum(type(n).__name__ == "ToCopyBackward0" for n, _, _ in nodes) > 1:
         return None  # a cast saves no dtype: the one in between two casts is not known
     chain: list[tuple] = []
-    for node, nr in nodes:
+    for node, nr, position in nodes:
         saved = []
+        affine = type(node).__name__ in AFFINE
+        if affine:  # its operand: a number (a shift's constant does not change the map)
+            constant = _constant_operand(node, position)
+            if constant is False:
+                return None
+            saved.append(("constant", constant))
         for name in sorted(a for a in dir(node) if a.startswith("_saved_")):
+            if affine and name in ("_saved_self", "_saved_other"):
+                continue
             try:
                 value = getattr(node, name)
             except RuntimeError:  # saved values of a freed graph
@@ -223,7 +368,7 @@ def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
             if not _plain(value):
                 return None
             saved.append((name, value))
-        chain.append((type(node).__name__, tuple(saved), nr))
+        chain.append((type(node).__name__, tuple(saved), nr, position))
     geometry = tuple(
         (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, str(t.device), t.output_nr)
         for t in (x, out)
@@ -231,11 +376,28 @@ def graph_signature(x: Tensor, out: Tensor) -> tuple | None:
     return geometry + tuple(chain)
 
 
-def _placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
-    """Where ``x`` sits in ``out``: ``(dim, first)``, or ``None`` (see :func:`loss_on_output`).
+class Placement(NamedTuple):
+    """Where a loss input ``x`` sits in the output ``out`` (:func:`_placement`)."""
 
-    ``x``'s classes (its dim 1) are ``out``'s dim ``dim``, and row ``i`` of ``x`` starts at
-    ``out.reshape(-1)[first[i]]``. Cached by :func:`graph_signature`.
+    dim: int  # x's classes (its dim 1) are out's dim `dim`
+    first: Tensor  # row i of x starts at out.reshape(-1)[first[i]]
+    scale: float  # x = scale * (those elements) + a constant
+    shifted: bool  # a sum with a constant on the path: x's values are not scale * out's
+
+
+class LossView(NamedTuple):
+    """A cross-entropy loss on ``x`` as the same loss on ``out`` (:func:`loss_on_output`)."""
+
+    dim: int  # the loss' classes are out's dim `dim`
+    target: Tensor | None  # on out's positions (or probabilities like out.movedim(dim, 1))
+    scale: float = 1.0  # d x / d out on the elements x holds
+    values: Tensor | None = None  # x's values in out.movedim(dim, 1)'s layout, when shifted
+
+
+def _placement(x: Tensor, out: Tensor) -> Placement | None:
+    """Where ``x`` sits in ``out``, or ``None`` (see :func:`loss_on_output`).
+
+    Cached by :func:`graph_signature`.
     """
     key = graph_signature(x, out)
     if key is not None and key in _placements:
@@ -258,10 +420,17 @@ def _positions(first: Tensor, step: int, classes: int) -> Tensor:
     return first // (step * classes) * step + first % step
 
 
-def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
-    sel = selection(x, out)
-    if sel is None or sel.shape[1] < 2:
+def _elements(first: Tensor, step: int, classes: int) -> Tensor:
+    """The flat index in the output of each element of ``x`` (``first`` plus its class)."""
+    k = torch.arange(classes, device=first.device).reshape(1, -1, *[1] * (first.dim() - 1))
+    return first.unsqueeze(1) + step * k
+
+
+def _find_placement(x: Tensor, out: Tensor) -> Placement | None:
+    found = affine_selection(x, out)
+    if found is None or found[0].shape[1] < 2:
         return None
+    sel, scale, shifted = found
     shape = tuple(out.shape)
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     step = sel.select(1, 1) - sel.select(1, 0)
@@ -271,8 +440,7 @@ def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
         return None
     dim = dims[0]
     first = sel.select(1, 0)
-    classes = torch.arange(x.shape[1], device=sel.device).reshape(1, -1, *[1] * (sel.dim() - 2))
-    if not torch.equal(sel, first.unsqueeze(1) + s * classes):
+    if not torch.equal(sel, _elements(first, s, x.shape[1])):
         return None
     if bool((((first // s) % shape[dim]) != 0).any()):
         return None
@@ -280,7 +448,7 @@ def _find_placement(x: Tensor, out: Tensor) -> tuple[int, Tensor] | None:
     counts = torch.bincount(positions.reshape(-1), minlength=out.numel() // shape[dim])
     if int(counts.max()) > 1:
         return None  # a position of the output used twice
-    return dim, first.clone()
+    return Placement(dim, first.clone(), scale, shifted)
 
 
 def loss_on_output(
@@ -290,20 +458,24 @@ def loss_on_output(
     ignore_index: int,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> tuple[int, Tensor] | None:
-    """A cross-entropy loss on ``x`` written as the same loss on ``out``: ``(dim, target)``.
+) -> LossView | None:
+    r"""A cross-entropy loss on ``x`` written as the same loss on ``out`` (a :class:`LossView`).
 
-    ``x`` (classes along its dim 1) holds some of ``out``'s elements (:func:`selection`):
-    the same loss is cross-entropy on ``out.movedim(dim, 1)`` against ``target`` on ``out``'s
-    positions (all its dims but ``dim``), ``ignore_index`` where ``x`` has no position
-    (``logits[:, :-1]``). Class-probability targets (shaped like ``x``) come back shaped
-    like ``out.movedim(dim, 1)``, zero where ``x`` has no position and, for a mean, scaled
-    by the ratio of ``out``'s positions to ``x``'s (torch divides such a mean by the
-    positions the loss sees; the loss, its gradient and its curvature are linear in the
-    probabilities; with ``label_smoothing`` they are not, and only a re-arrangement of all
-    of ``out``'s positions is mapped). ``None`` when ``x`` is not such a re-arrangement (a
-    class step of ``x`` must be a step along one dim of ``out``, each position of ``out`` used
-    once).
+    ``x`` (classes along its dim 1) holds some of ``out``'s elements
+    (:func:`affine_selection`), possibly times a number and plus a constant (a temperature,
+    a logit bias, an additive mask): the same loss is cross-entropy on ``out.movedim(dim,
+    1)`` against ``target`` on ``out``'s positions (all its dims but ``dim``),
+    ``ignore_index`` where ``x`` has no position (``logits[:, :-1]``), evaluated at ``x``'s
+    values: ``scale`` times ``out``'s, or ``values`` (``x``'s in that layout) when ``x`` is
+    shifted; :math:`\partial x / \partial\,\mathrm{out}` = ``scale`` on the elements
+    ``x`` holds.
+    Class-probability targets (shaped like ``x``) come back shaped like ``out.movedim(dim,
+    1)``, zero where ``x`` has no position and, for a mean, scaled by the ratio of ``out``'s
+    positions to ``x``'s (torch divides such a mean by the positions the loss sees; the
+    loss, its gradient and its curvature are linear in the probabilities; with
+    ``label_smoothing`` they are not, and only a re-arrangement of all of ``out``'s positions
+    is mapped). ``None`` when ``x`` is not such a function of ``out`` (a class step of ``x``
+    must be a step along one dim of ``out``, each position of ``out`` used once).
 
     The re-arrangement is found once per graph signature (:func:`graph_signature`): a
     training loop's later calls cost an index copy, no backward pass.
@@ -320,24 +492,37 @@ def loss_on_output(
     placed = _placement(x, out)
     if placed is None:
         return None
-    dim, first = placed
+    dim, first = placed.dim, placed.first
     shape = tuple(out.shape)
     s = math.prod(shape[dim + 1 :])
     moved = (*shape[:dim], *shape[dim + 1 :])
+    values = None
+    if placed.shifted:  # the loss is evaluated at x's values (out's where x has none)
+        v = out.detach().reshape(-1).clone()
+        v[_elements(first, s, x.shape[1]).reshape(-1)] = x.detach().reshape(-1).to(v.dtype)
+        values = v.reshape(shape).movedim(dim, 1)
     if soft:
-        classes = torch.arange(x.shape[1], device=first.device)
-        classes = classes.reshape(1, -1, *[1] * (first.dim() - 1))
         p = target.new_zeros(out.numel())
-        p[(first.unsqueeze(1) + s * classes).reshape(-1)] = target.reshape(-1)
+        p[_elements(first, s, x.shape[1]).reshape(-1)] = target.reshape(-1)
         if reduction == "mean":
             p = p * (out.numel() / x.numel())
-        return dim, p.reshape(shape).movedim(dim, 1)
+        return LossView(dim, p.reshape(shape).movedim(dim, 1), placed.scale, values)
     if target.numel() != first.numel():
         return None
     positions = _positions(first, s, shape[dim])
     y = torch.full((math.prod(moved),), ignore_index, dtype=torch.long, device=target.device)
     y[positions.reshape(-1)] = target.reshape(-1).to(torch.long)
-    return dim, y.reshape(moved)
+    return LossView(dim, y.reshape(moved), placed.scale, values)
+
+
+def loss_point(f: Tensor, view: LossView) -> Tensor:
+    """The loss input's values in the layout of ``f``, the output with the loss' classes on dim 1.
+
+    ``f`` itself, ``scale * f``, or the shifted ``values``.
+    """
+    if view.values is not None:
+        return view.values
+    return f.detach() * view.scale if view.scale != 1.0 else f
 
 
 def watch_loss(loss_fn: Any, method: Callable[[tuple, dict, Any], None]) -> Any:

@@ -82,7 +82,7 @@ from ._kfac_quadratic import (
     mlp_chain,
 )
 from ._kfac_update import KFACUpdate
-from ._views import watch_loss
+from ._views import LossView, watch_loss
 
 __all__ = ["KFAC"]
 
@@ -290,7 +290,7 @@ class KFAC(KFACCapture, KFACUpdate):
         self._emp_ignored = 0.0  # empirical Fisher: examples of the statistics all ignored
         self._ce_loss = self._loss_hook is not None and loss_kind(loss_fn) == "ce"
         self._loss_watch = self._ce_loss
-        self._loss_view: tuple | None = None  # (selection, targets) of the last loss call
+        self._loss_view: LossView | None = None  # the last loss call on the output (_views)
         self._n_forwards = 0  # training forwards since the last step
         self._step_forwards = 0  # those of the step in progress
         self._loss_batch: tuple | None = None  # (target args, kwargs, loss ref) of that output
