@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -433,3 +434,97 @@ def test_last_layer_refuses_a_model_whose_output_is_not_the_last_linears():
         Laplace(model, nn.CrossEntropyLoss(), (X, y))
     la = Laplace(model, nn.CrossEntropyLoss(), (X, y), subset="all", structure="kfac")
     assert la.predict(X[:3]).shape == (3, 10)
+
+
+STRUCTURES_ON_DATA = ["full", "diag", "lowrank", "kfac"]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES_ON_DATA)
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_one_output_regression_takes_targets_n_as_n_by_1(subset, structure):
+    # targets [n] of outputs [n, 1] (1-D regression as usually written) are the outputs' targets
+    # in every structure, as for [n, 1] targets; the curvature operators once broadcast them
+    # to [n, n] (a curvature n times too large). Exact: a linear model against the closed form.
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1).double()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(20, 2, dtype=torch.float64, generator=g), torch.randn(20, generator=g)
+    Xa = torch.cat([X, torch.ones(20, 1, dtype=torch.float64)], 1)
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    H = Xa.T @ Xa
+    loglik = -0.5 * float(((Xa @ theta - y) ** 2).sum()) - 20 * math.log(math.sqrt(2 * math.pi))
+    la = Laplace(model, nn.MSELoss(), (X, y), subset=subset, structure=structure, rank=3)
+    column = Laplace(model, nn.MSELoss(), (X, y[:, None]), subset=subset, structure=structure)
+    assert torch.allclose(
+        la.log_marginal_likelihood(), column.log_marginal_likelihood(), rtol=EXACT
+    )
+    if structure in ("full", "lowrank", "kfac"):  # exact for one linear layer
+        ref = _dense_lml(H, theta, torch.ones(3, dtype=torch.float64), loglik)
+        assert torch.allclose(la.log_marginal_likelihood(), ref, rtol=ITERATIVE)
+    with pytest.raises(ValueError, match="shaped like the outputs"):
+        Laplace(nn.Linear(2, 2).double(), nn.MSELoss(), (X, y), subset=subset)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_ignored_targets_are_no_data(subset, structure):
+    # targets equal to ignore_index (padding) count neither in the likelihood, the curvature nor
+    # num_data: the same posterior as the labelled examples alone
+    model = _mlp()
+    X, y = _cls_data()
+    y[:8] = 7
+    keep = y != 7
+    loss_fn = nn.CrossEntropyLoss(ignore_index=7)
+    la = Laplace(model, loss_fn, (X, y), subset=subset, structure=structure)
+    ref = Laplace(
+        model, nn.CrossEntropyLoss(), (X[keep], y[keep]), subset=subset, structure=structure
+    )
+    assert la.num_data == ref.num_data == int(keep.sum())
+    assert la.loss == pytest.approx(ref.loss, rel=EXACT)
+    assert torch.allclose(la.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=EXACT)
+    with pytest.raises(ValueError, match="every target is ignored"):
+        Laplace(model, loss_fn, (X, torch.full_like(y, 7)), subset=subset, structure=structure)
+
+
+def test_losses_that_are_not_a_likelihood_and_models_in_training_mode_are_refused():
+    from second import NonDeterministicDataError, NonFiniteError
+
+    X, y = _cls_data()
+    model = _mlp()
+    for loss_fn in (
+        nn.CrossEntropyLoss(weight=torch.ones(3)),
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+    ):
+        with pytest.raises(ValueError, match="categorical"):
+            Laplace(model, loss_fn, (X, y))
+    for layer in (nn.Dropout(0.2), nn.BatchNorm1d(4)):
+        noisy = nn.Sequential(nn.Linear(3, 4), layer, nn.Tanh(), nn.Linear(4, 3)).double()
+        for subset in ("last_layer", "all"):
+            for structure in ("full", "diag"):
+                with pytest.raises(NonDeterministicDataError, match="eval"):
+                    Laplace(
+                        noisy, nn.CrossEntropyLoss(), (X, y), subset=subset, structure=structure
+                    )
+        noisy.eval()
+        Laplace(noisy, nn.CrossEntropyLoss(), (X, y))  # fine in eval mode
+    X[3, 1] = float("nan")  # not "tied embeddings", not a NaN marginal likelihood
+    for subset in ("last_layer", "all"):
+        for structure in ("full", "diag"):
+            with pytest.raises(NonFiniteError, match="not finite"):
+                Laplace(model, nn.CrossEntropyLoss(), (X, y), subset=subset, structure=structure)
+
+
+def test_an_unconverged_prior_optimisation_warns_and_a_converged_one_does_not():
+    from second import ConvergenceWarning
+
+    model = _mlp(out=2)
+    X, y = _reg_data()
+    for method in ("mackay", "gradient"):
+        la = Laplace(model, nn.MSELoss(), (X, y), subset="all", prior_precision=1e4)
+        with pytest.warns(ConvergenceWarning, match="did not converge"):
+            result = la.optimize_prior_precision(method, maxiter=2)
+        assert not result.converged
+        la = Laplace(_mlp(), nn.CrossEntropyLoss(), _cls_data(), subset="all")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert la.optimize_prior_precision(method).converged

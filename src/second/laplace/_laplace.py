@@ -3,13 +3,15 @@ r"""The Laplace approximation of a trained network's posterior, on the library's
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from ..data import Task, as_task, iterate_batches
+from .._errors import NonFiniteError
+from ..data import Task, as_task, iterate_batches, refuse_stochastic
 from ..func import parameters_to_vector
 from ..operators import FisherOperator, GGNOperator, HessianOperator
 from ._marglik import MarginalLikelihood, PriorOptimizationResult
@@ -27,6 +29,13 @@ FISHERS = ("type2", "mc", "empirical")
 
 def _likelihood(loss_fn) -> str:
     if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing:
+            option = "weight" if loss_fn.weight is not None else "label_smoothing"
+            raise ValueError(
+                f"Laplace's classification likelihood is categorical: nn.CrossEntropyLoss with "
+                f"{option}= is not a log-likelihood (the posterior and its marginal likelihood "
+                "would be another model's); pass nn.CrossEntropyLoss() (ignore_index is kept)"
+            )
         return "classification"
     if isinstance(loss_fn, nn.MSELoss):
         return "regression"
@@ -57,6 +66,19 @@ def _check_last_output(last: nn.Module, out: Tensor, f: Tensor) -> None:
             f"({last}): an output layer that reuses another weight (tied embeddings) or an "
             "operation after the last Linear. Pass subset='all' or the output layer's parameters"
         )
+
+
+@functools.cache
+def _column_targets(cls: type) -> type:
+    """``cls`` (a :class:`~second.Task`) with targets ``[n]`` read as ``[n, 1]``."""
+
+    class ColumnTargets(cls):  # type: ignore[valid-type, misc]
+        def targets(self, batch) -> Tensor:
+            y = super().targets(batch)
+            return y.reshape(-1, 1) if y.dim() == 1 else y
+
+    ColumnTargets.__name__ = ColumnTargets.__qualname__ = f"{cls.__name__}ColumnTargets"
+    return ColumnTargets
 
 
 def _positive(value, name: str) -> Tensor:
@@ -140,7 +162,9 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
 
     Args:
         model: the trained network (``model(X)`` gives logits ``[n, C]`` or outputs ``[n, C]``).
-        loss_fn: ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``.
+        loss_fn: ``nn.CrossEntropyLoss()`` (its ``ignore_index`` targets are no data; class
+            ``weight`` and ``label_smoothing`` are refused: not a log-likelihood) or
+            ``nn.MSELoss()`` (targets shaped like the outputs, or ``[n]`` for one output).
         data: the training data: one ``(X, y)`` batch or an iterable of batches (a
             ``DataLoader``), read in one streaming pass plus what the curvature needs; or
             ``None`` to build an unfitted object for :meth:`load_state_dict`.
@@ -160,8 +184,9 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         link: the classification predictive's default link (:meth:`predict`):
             ``"probit_centered"`` (default), ``"probit"``, ``"bridge"`` or ``"mc"``.
         task: how to run the model on a batch (:class:`second.Task`).
-        check_deterministic: refuse a model in training mode with dropout or batch norm, and
-            data that changes between passes (default ``True``).
+        check_deterministic: refuse a model in training mode with dropout or batch norm
+            (:class:`~second.NonDeterministicDataError`, every subset and structure), and data
+            that changes between passes (default ``True``).
 
     Attributes:
         params: the parameters of the posterior; mean: :math:`\theta_*` (flat);
@@ -171,7 +196,9 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
     Raises:
         ValueError: an unsupported loss, structure, curvature, fisher or subset, a
             non-positive prior precision, temperature or noise, a KFAC structure with the
-            Hessian or with a hand-picked parameter subset.
+            Hessian or with a hand-picked parameter subset, regression targets of another
+            shape than the outputs, every target ignored.
+        NonFiniteError: a non-finite output of the model on the data.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -305,8 +332,11 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         """One streaming pass: the loss at the mode, N, C, and the last layer's features."""
         device = self.params[0].device
         features: list = []
-        loss, n, C = 0.0, 0, 0
+        loss, n, C, batches = 0.0, 0, 0, 0
+        self._reshape_targets = False
         hook = None
+        if self.check_deterministic:
+            refuse_stochastic(self.model, "the posterior would be fitted to random features")
         if self._last is not None:
             captured: list[tuple[Tensor, Tensor]] = []
             hook = self._last.register_forward_hook(
@@ -321,9 +351,16 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
                         raise ValueError(
                             f"the model must give outputs [n, C], got shape {tuple(f.shape)}"
                         )
+                    if not bool(torch.isfinite(f).all()):
+                        raise NonFiniteError(
+                            f"the model's output on batch {batches} is not finite (NaN/Inf in "
+                            "the inputs or the parameters)"
+                        )
+                    y = self._likelihood_targets(f, y)
                     loss += float(self._summed_loss(f, y))
-                    n += f.shape[0]
+                    n += self._counted(y)
                     C = f.shape[1]
+                    batches += 1
                     if hook is not None:
                         phi, out = captured.pop()
                         _check_last_output(cast(nn.Module, self._last), out, f)
@@ -332,19 +369,45 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         finally:
             if hook is not None:
                 hook.remove()
-        if n == 0:
+        if batches == 0:
             raise ValueError("the data is empty")
+        if n == 0:
+            raise ValueError(f"every target is ignored (ignore_index={self._ignore_index})")
         self.loss, self.num_data, self.num_outputs = loss, n, int(C)
         return features
 
+    @property
+    def _ignore_index(self) -> int:
+        return int(getattr(self.loss_fn, "ignore_index", -100))
+
+    def _likelihood_targets(self, f: Tensor, y: Tensor) -> Tensor:
+        """Regression targets in the outputs' shape (``[n]`` for outputs ``[n, 1]``)."""
+        if self.likelihood == "classification" or y.shape == f.shape:
+            return y
+        if y.shape != (f.shape[0],) or f.shape[1] != 1:
+            raise ValueError(
+                f"regression targets must be shaped like the outputs {tuple(f.shape)} (or "
+                f"[n] for one output), got {tuple(y.shape)}"
+            )
+        self._reshape_targets = True
+        return y.reshape(f.shape)
+
+    def _counted(self, y: Tensor) -> int:
+        """The examples whose targets count (classification: not ``ignore_index``)."""
+        if self.likelihood == "classification":
+            return int((y != self._ignore_index).sum())
+        return int(y.shape[0])
+
     def _summed_loss(self, f: Tensor, y: Tensor) -> Tensor:
         if self.likelihood == "classification":
-            return nn.functional.cross_entropy(f, y, reduction="sum")
+            return nn.functional.cross_entropy(
+                f, y, reduction="sum", ignore_index=self._ignore_index
+            )
         return 0.5 * ((f - y.reshape(f.shape)) ** 2).sum()
 
     def _sum_loss_fn(self) -> nn.Module:
         if self.likelihood == "classification":
-            return nn.CrossEntropyLoss(reduction="sum")
+            return nn.CrossEntropyLoss(reduction="sum", ignore_index=self._ignore_index)
         return nn.MSELoss(reduction="sum")
 
     @property
@@ -390,6 +453,8 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
         else:
             # the same batches, read by the user's task, with the summed loss
             self._fit_task = copy.copy(self.task)
+            if self._reshape_targets:
+                self._fit_task.__class__ = _column_targets(cast(type, type(self.task)))
             self._fit_task.loss_fn = self._sum_loss_fn()
             module, fdata = self.model, data
         params = self.params
@@ -439,6 +504,8 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
                 if self.likelihood == "classification":
                     p = torch.softmax(f, -1)
                     Lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+                    kept = (y[s : s + chunk] != self._ignore_index).to(Lam.dtype)
+                    Lam = Lam * kept[:, None, None]  # an ignored target is no datum
                 else:
                     Lam = 2.0 * torch.eye(C, dtype=f.dtype, device=f.device).expand(len(x), C, C)
                 X1 = torch.cat([x, x.new_ones(len(x), 1)], dim=1)  # [m, d + 1]
@@ -474,6 +541,7 @@ class Laplace(MarginalLikelihood, Predictive, Saving):
             data,
             fisher=fisher,
             mc_samples=self.mc_samples,
+            task=self._fit_task,
             check_deterministic=self.check_deterministic,
         )
         if [id(p) for p in op.params] != [id(p) for p in self.params]:

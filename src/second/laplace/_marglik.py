@@ -3,11 +3,13 @@ r"""The Laplace log marginal likelihood and the optimisation of the prior (and t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .._errors import ConvergenceWarning
 from ._state import LaplaceState
 
 __all__ = ["PriorOptimizationResult", "MarginalLikelihood"]
@@ -144,7 +146,11 @@ class MarginalLikelihood(LaplaceState):
           :math:`\sigma^2 \leftarrow 2\,\mathrm{loss} / (T (NC - \gamma))`. It stops when
           no value changes by more than ``tol`` relative.
         * ``"gradient"``: L-BFGS with a strong-Wolfe line search on the logarithms;
-          stops when the gradient norm is below ``tol``.
+          stops when the gradient norm relative to :math:`\max(1, |\mathrm{LML}|)` is below
+          ``tol``, or when no logarithm changes by more than ``tol`` while that norm is below
+          :math:`\sqrt{\mathrm{tol}}` (the line search at the LML's rounding level).
+
+        A run that stops at ``maxiter`` warns (:class:`~second.ConvergenceWarning`).
 
         The result is stored in :attr:`prior_precision` (and :attr:`sigma_noise`).
 
@@ -215,9 +221,11 @@ class MarginalLikelihood(LaplaceState):
             opt = torch.optim.LBFGS(
                 variables,
                 lr=1.0,
-                max_iter=maxiter,
-                tolerance_grad=tol,
+                max_iter=1,  # one iteration a step: the change of the variables is checked
+                max_eval=25,
+                tolerance_grad=0.0,
                 tolerance_change=0.0,
+                history_size=20,
                 line_search_fn="strong_wolfe",
             )
 
@@ -228,21 +236,45 @@ class MarginalLikelihood(LaplaceState):
                 loss.backward()
                 return loss
 
-            opt.step(closure)
-            closure()
-            flat = []
-            for v in variables:
-                assert v.grad is not None  # closure() has just differentiated every variable
-                flat.append(v.grad.reshape(-1))
-            gnorm = float(torch.cat(flat).norm())
-            it = int(opt.state[opt._params[0]]["n_iter"])
-            converged = gnorm <= tol * max(1.0, abs(float(closure().detach())))
-            message = f"gradient norm {gnorm:.2e}"
+            def grad_norm() -> float:
+                f = float(closure().detach())
+                flat = []
+                for v in variables:
+                    assert v.grad is not None  # closure() has just differentiated every variable
+                    flat.append(v.grad.reshape(-1))
+                return float(torch.cat(flat).norm()) / max(1.0, abs(f))
+
+            converged, it, gnorm = False, 0, grad_norm()
+            message = f"reached maxiter={maxiter}"
+            for iteration in range(1, maxiter + 1):
+                it = iteration
+                before = torch.cat([v.detach().reshape(-1) for v in variables])
+                opt.step(closure)
+                change = float(
+                    (torch.cat([v.detach().reshape(-1) for v in variables]) - before).abs().max()
+                )
+                gnorm = grad_norm()
+                # the relative change of the values (a change of the logarithms), as MacKay's
+                # stops; or a gradient already below tol. A step that no longer moves (the line
+                # search at the rounding level of the LML) counts only with a small gradient
+                if gnorm <= tol or (change <= tol and gnorm <= math.sqrt(tol)):
+                    converged = True
+                    break
+            message = f"relative gradient norm {gnorm:.2e}" + ("" if converged else f", {message}")
             delta, sigma = log_d.detach().exp(), log_s.detach().exp()
         self.prior_precision = delta if per_group else delta.reshape(())
         if fit_sigma_noise:
             self.sigma_noise = float(sigma)
         lml = float(self.log_marginal_likelihood())
+        if not converged:
+            warnings.warn(
+                f"optimize_prior_precision({method!r}) did not converge ({message}); the last "
+                "values are stored in prior_precision"
+                + (" and sigma_noise" if fit_sigma_noise else "")
+                + " (raise maxiter, or check result.converged)",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         return PriorOptimizationResult(
             self.prior_precision.clone(), self.sigma_noise, lml, it, converged, message
         )

@@ -273,10 +273,14 @@ class Predictive(LaplaceState):
             mean = outs.mean(0)
             dev = outs - mean
             cov = torch.einsum("snc,snd->ncd", dev, dev) / max(1, n_samples - 1)
-            return mean, cov + self.sigma_noise**2 * torch.eye(mean.shape[1], dtype=mean.dtype)
+            return mean, cov + self.sigma_noise**2 * torch.eye(
+                mean.shape[1], dtype=mean.dtype, device=mean.device
+            )
         f, cov = self.functional_covariance(X)
         if self.likelihood == "regression":
-            return f, cov + self.sigma_noise**2 * torch.eye(f.shape[1], dtype=f.dtype)
+            return f, cov + self.sigma_noise**2 * torch.eye(
+                f.shape[1], dtype=f.dtype, device=f.device
+            )
         return link_probabilities(f, cov, link, n_samples, generator)
 
 
