@@ -133,40 +133,50 @@ def _search(x: Tensor, out: Tensor, exact: bool) -> tuple[Tensor, float] | None:
         (r,) = torch.autograd.grad(gu, u, grad_outputs=t, retain_graph=True, allow_unused=True)
         return r
 
-    ones = apply(torch.ones_like(out))
-    if ones is None or ones.numel() == 0:
-        return None
-    scale = float(ones.reshape(-1)[0])
-    if not (math.isfinite(scale) and scale != 0 and bool((ones == scale).all())):
-        return None
-    if exact and scale != 1.0:
-        return None
+    # a graph of copies only (`exact`: path_kind checked every node) is a selection by
+    # construction: its indices are read in one or two passes; arithmetic on the path needs
+    # the checks that the map is one number times a selection
+    scale = 1.0
+    if not exact:
+        ones = apply(torch.ones_like(out))
+        if ones is None or ones.numel() == 0:
+            return None
+        scale = float(ones.reshape(-1)[0])
+        if not (math.isfinite(scale) and scale != 0 and bool((ones == scale).all())):
+            return None
     n = out.numel()
     bits = min(int(-math.log2(torch.finfo(t.dtype).eps)) for t in (out, x))
     # integers both dtypes carry exactly; times a scale, each rounding is off by a few
     # units in the last place, so the digits keep half the bits and are rounded
     base = 2 ** min(bits, 24) if scale == 1.0 else 2 ** max(bits // 2, 2)
-    flat = torch.arange(n, device=out.device)
-    sel = torch.zeros(x.shape, dtype=torch.long, device=out.device)
+    flat = torch.arange(n, device=out.device) if n > base else None
+    sel: Tensor | None = None
     step = 1
     while True:
-        digit = ((flat // step) % base).to(out.dtype).reshape(out.shape)
+        if flat is None:  # one digit: the indices themselves (no integer division)
+            digit = torch.arange(n, dtype=out.dtype, device=out.device).reshape(out.shape)
+        else:
+            digit = ((flat // step) % base).to(out.dtype).reshape(out.shape)
         part = apply(digit)
         if part is None:
             return None
-        if scale == 1.0:
-            if not bool((part == part.round()).all()):
-                return None  # a weighted average, not a selection
-        else:
+        if scale != 1.0:
             part = part / scale
             if not bool(((part - part.round()).abs() <= 0.25).all()):
                 return None
-        sel += part.round().long() * step
+            part = part.round()
+        elif not exact and not bool((part == part.round()).all()):
+            return None  # a weighted average, not a selection
+        index = part.long()
+        sel = index if sel is None else sel.add_(index, alpha=step)
         step *= base
         if step >= n:
             break
+    assert sel is not None
     if int(sel.min()) < 0 or int(sel.max()) >= n:
         return None
+    if exact:
+        return sel, scale
     # a fixed probe from a generator of its own: the user's random stream stays untouched
     probe_gen = torch.Generator(device=out.device).manual_seed(0)
     probe = torch.rand(out.shape, dtype=out.dtype, device=out.device, generator=probe_gen)
@@ -315,8 +325,8 @@ def path_kind(x: Tensor, out: Tensor, limit: int = 256) -> str | None:
                 return None
             shift = name in ("AddBackward0", "SubBackward0")
             kind = "shifted" if shift or kind == "shifted" else "scaled"
-        elif name not in SELECTING or not edges:
-            return None
+        elif name not in SELECTING or not edges or len(edges) != len(node.next_functions):
+            return None  # not a copy, or a copy that takes some elements from a constant
         stack.extend((fn, k) for _, fn, k in edges)
     return kind
 
@@ -498,8 +508,8 @@ def loss_on_output(
     moved = (*shape[:dim], *shape[dim + 1 :])
     values = None
     if placed.shifted:  # the loss is evaluated at x's values (out's where x has none)
-        v = out.detach().reshape(-1).clone()
-        v[_elements(first, s, x.shape[1]).reshape(-1)] = x.detach().reshape(-1).to(v.dtype)
+        index = _elements(first, s, x.shape[1]).reshape(-1)  # unique: scatter, not index_put
+        v = out.detach().reshape(-1).scatter(0, index, x.detach().reshape(-1).to(out.dtype))
         values = v.reshape(shape).movedim(dim, 1)
     if soft:
         p = target.new_zeros(out.numel())
