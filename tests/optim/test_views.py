@@ -162,6 +162,7 @@ def test_what_is_not_a_scaled_or_shifted_selection_is_refused_without_a_search(m
         out.masked_fill(~keep, float("-inf")),
         5.0 * torch.tanh(out / 5.0),
         out.softmax(-1),
+        torch.cat([out, torch.zeros(1, 6, 5, dtype=torch.float64)]),  # rows from a constant
     ):
         assert path_kind(x.reshape(-1, 5), out) is None
         assert loss_on_output(x.reshape(-1, 5), out, y, -100) is None
