@@ -2,11 +2,13 @@ r"""Tuning the prior precision during training, as a ``torch.optim`` step hook."
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .._errors import ConvergenceWarning
 from ._laplace import Laplace
 
 __all__ = ["OnlinePrior"]
@@ -35,7 +37,8 @@ class OnlinePrior:
         method: ``"mackay"`` (default) or ``"gradient"``.
         per_group: one prior precision per group of parameters (default: a scalar).
         maxiter: iterations of each optimisation (default 20: a few updates suffice while
-            training, the next call continues from the current value).
+            training, the next call continues from the current value; an optimisation that
+            stops there does not warn).
         prior_precision: the starting value (default 1).
         laplace_options: further :class:`Laplace` arguments (default ``subset="all"``,
             ``structure="kfac"``: the whole network's marginal likelihood).
@@ -110,9 +113,11 @@ class OnlinePrior:
                 prior_precision=self.prior_precision,
                 **self.options,
             )
-            res = la.optimize_prior_precision(
-                self.method, per_group=self.per_group, maxiter=self.maxiter
-            )
+            with warnings.catch_warnings():  # a few iterations per update, by design
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                res = la.optimize_prior_precision(
+                    self.method, per_group=self.per_group, maxiter=self.maxiter
+                )
         finally:
             self.model.train(training)
         self.prior_precision = res.prior_precision
