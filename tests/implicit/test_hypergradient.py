@@ -295,3 +295,74 @@ def test_bad_inputs():
         hypergradient(inner, outer, w, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="unknown method"):
         hypergradient(inner, outer, w, h, method="normal_cg")
+
+
+def test_inner_tol_is_relative_to_the_problem_scale():
+    # inner_tol was absolute on ||grad_w L_in||: a loss scaled by 1e-6 hid an inner point 0.1
+    # off the optimum (hypergradient 24% off, ||grad|| = 5e-7 < 1e-4), and a loss scaled by
+    # 1e8 warned at a point 1e-9 off (hypergradient exact to 2e-9). The test is now on the
+    # Newton step, the estimated distance to the optimum, relative to ||params||.
+    inner, outer, w_star, h, exact = ridge(torch.float64)
+
+    def small(w, h):
+        return 1e-6 * inner(w, h)
+
+    off = w_star + 0.1
+    with pytest.warns(ConvergenceWarning, match="inner problem is not solved"):
+        res = hypergradient(small, outer, off, h)
+    assert res.inner_residual < 1e-4  # the old absolute test passed this point
+    assert rel(res.grad, exact) > 0.1  # and the hypergradient is visibly wrong there
+    H = hessian(small)(off, h)
+    step = float(torch.linalg.solve(H, jacrev(small)(off, h)).norm())  # dense float64 Newton
+    assert abs(res.info["newton_step"] - step) <= 1e-2 * step
+
+    def big(w, h):
+        return 1e8 * inner(w, h)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = hypergradient(big, outer, w_star + 1e-9, h)
+    assert res.inner_residual > 1e-4  # the old absolute test warned here
+    assert rel(res.grad, exact) <= REL_TOL[torch.float64]  # 1e-9 off w*: still exact
+
+
+def test_frozen_parameter_is_refused():
+    # dict(model.named_parameters()) with a frozen bias silently made it an inner variable
+    torch.manual_seed(0)
+    X = torch.randn(50, 3, dtype=torch.float64)
+    y = torch.randn(50, 1, dtype=torch.float64)
+    Xv = torch.randn(20, 3, dtype=torch.float64)
+    yv = torch.randn(20, 1, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+    model.bias.requires_grad_(False)
+    call = torch.func.functional_call
+
+    def inner(p, h):
+        return ((call(model, p, (X,)) - y) ** 2).mean() + h.exp().sum() * (p["weight"] ** 2).sum()
+
+    def outer(p, h):
+        return ((call(model, p, (Xv,)) - yv) ** 2).mean()
+
+    h = torch.tensor([-1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"frozen parameters .*params\['bias'\]"):
+        hypergradient(inner, outer, dict(model.named_parameters()), h)
+
+    # the fix the message names: only the trainable parameters (functional_call takes the
+    # module's own bias), at their optimum; against the dense implicit function theorem
+    b = model.bias.detach()
+
+    def inner_w(w, h):
+        return inner({"weight": w.reshape(1, 3), "bias": b}, h)
+
+    w = newton(inner_w, torch.zeros(3, dtype=torch.float64), h)
+    trainable = {"weight": w.reshape(1, 3)}
+    res = hypergradient(inner, outer, trainable, h)
+    ref = dense_ift(inner_w, lambda w, h: outer({"weight": w.reshape(1, 3), "bias": b}, h), w, h)
+    assert rel(res.grad, ref) <= REL_TOL[torch.float64]
+
+
+def test_negative_damping_is_refused():
+    inner, outer, w, h, _ = ridge(torch.float64)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+            hypergradient(inner, outer, w, h, damping=bad)

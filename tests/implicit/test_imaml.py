@@ -98,6 +98,48 @@ def test_imaml_bad_arguments():
         imaml.adapt(f, torch.zeros(2), 1.0, momentum=1.0)
 
 
+def test_imaml_frozen_parameters_are_refused():
+    # a frozen nn.Parameter (requires_grad=False) silently became an adapted inner variable
+    theta, task, test = imaml_task()
+    net = {k: torch.nn.Parameter(v.clone()) for k, v in theta.items()}
+    net["b1"].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"params holds frozen parameters .*params\['b1'\]"):
+        imaml.meta_gradient(task, test, net, 2.0)
+    with pytest.raises(ValueError, match=r"theta holds frozen parameters .*theta\['b1'\]"):
+        imaml.adapt(task, net, 2.0, steps=1)
+
+    # leaving it out (a constant of task and test) gives the dense meta-gradient
+    b1 = theta["b1"]
+    free = {k: v for k, v in theta.items() if k != "b1"}
+    task_w = lambda p: task({**p, "b1": b1})
+    test_w = lambda p: test({**p, "b1": b1})
+    w = imaml.adapt(task_w, free, 2.0, steps=3000, lr=0.1, momentum=0.9)
+    grad, _ = imaml.meta_gradient(task_w, test_w, w, 2.0)
+    keys = list(free)
+
+    def unflat(z):
+        out, o = {}, 0
+        for k in keys:
+            n = free[k].numel()
+            out[k] = z[o : o + n].reshape(free[k].shape)
+            o += n
+        return out
+
+    z = torch.cat([w[k].reshape(-1) for k in keys])
+    H = hessian(lambda z: task_w(unflat(z)))(z)
+    g = jacrev(lambda z: test_w(unflat(z)))(z)
+    dense = torch.linalg.solve(torch.eye(len(z), dtype=z.dtype) + H / 2.0, g)
+    assert set(grad) == set(keys)
+    assert rel(torch.cat([grad[k].reshape(-1) for k in keys]), dense) <= REL_TOL[torch.float64]
+
+
+def test_imaml_negative_damping_is_refused():
+    f = lambda w: (w**2).sum()
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+            imaml.meta_gradient(f, f, torch.zeros(2), 1.0, damping=bad)
+
+
 # ----------------------------------------------------------------------------- examples (slow)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -9,27 +12,74 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import NegativeCurvatureWarning
+from .._errors import ConvergenceWarning, NegativeCurvatureWarning
 from ..operators.base import CallableOperator
 from ..solvers import SolveResult, report, solve
 
-__all__ = ["default_tol", "solve_symmetric", "solve_options", "METHODS", "SOLVE_OPTIONS"]
+__all__ = [
+    "default_tol",
+    "solve_symmetric",
+    "solve_options",
+    "check_damping",
+    "newton_step",
+    "warn_if_unsolved",
+    "external_stacklevel",
+    "METHODS",
+    "SOLVE_OPTIONS",
+    "NEWTON_TOL",
+]
 
 METHODS = ("auto", "cg", "minres", "dense", "neumann")
 
 #: The keywords of the public implicit functions that go on to :func:`solve_symmetric`.
 SOLVE_OPTIONS = ("method", "tol", "atol", "maxiter", "damping", "warn")
 
+#: Relative residual tolerance of the Newton-step estimate behind ``inner_tol``: the check
+#: needs the step's size to a few percent, not the step itself.
+NEWTON_TOL = 1e-2
+
 
 def solve_options(arguments: dict) -> dict:
-    """The :data:`SOLVE_OPTIONS` among a function's arguments (its ``locals()``).
+    """The :data:`SOLVE_OPTIONS` among a function's arguments (its ``locals()``), checked.
+
+    Raises:
+        ValueError: ``damping`` is negative or not finite (:func:`check_damping`).
 
     Example:
         >>> solve_options(dict(method="cg", tol=None, atol=0.0, maxiter=5, damping=0.1,
         ...                    warn=True, params=None))
         {'method': 'cg', 'tol': None, 'atol': 0.0, 'maxiter': 5, 'damping': 0.1, 'warn': True}
     """
+    check_damping(arguments["damping"])
     return {name: arguments[name] for name in SOLVE_OPTIONS}
+
+
+def check_damping(damping: float) -> None:
+    """Refuse a damping that is not a finite number ``>= 0``.
+
+    In implicit differentiation the damping regularizes the inner problem's Jacobian
+    (Tikhonov): a negative one would shift a positive definite Hessian towards singular
+    or indefinite and change the implicit gradient, not stabilize it.
+
+    Raises:
+        ValueError: ``damping < 0``, NaN or infinite.
+        TypeError: ``damping`` is not a real number.
+
+    Example:
+        >>> check_damping(-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: damping must be a finite number >= 0, got -1.0...
+    """
+    if isinstance(damping, bool) or not isinstance(damping, (int, float, torch.Tensor)):
+        raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
+    value = float(damping)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"damping must be a finite number >= 0, got {damping!r}: in implicit "
+            "differentiation it is Tikhonov damping of the inner problem's Jacobian, and a "
+            "negative shift would move it towards a singular or indefinite matrix"
+        )
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -94,3 +144,88 @@ def solve_symmetric(
     elif not res.converged and warn:
         report(res, warn, stacklevel=stacklevel)
     return res
+
+
+def newton_step(
+    matvec: Callable[[Tensor], Tensor], g: Tensor, *, damping: float, maxiter: int | None
+) -> float:
+    r"""Estimate :math:`\|(A + \lambda I)^{-1} g\|`, the Newton step from the current point.
+
+    For an optimality residual ``g`` (the inner gradient, or :math:`F(w)`) and its
+    symmetric Jacobian ``A`` known by ``matvec``, the step is the distance to the root
+    to first order. Solved by CG (MINRES on non-positive curvature) to the relative
+    residual :data:`NEWTON_TOL`, quietly: the estimate only feeds a warning.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64))
+        >>> newton_step(lambda v: A @ v, torch.tensor([2.0, 0.0], dtype=torch.float64),
+        ...             damping=0.0, maxiter=None)
+        1.0
+    """
+    if not bool(g.any()):
+        return 0.0
+    res = solve_symmetric(
+        matvec,
+        g,
+        method="auto",
+        tol=NEWTON_TOL,
+        atol=0.0,
+        maxiter=maxiter,
+        damping=damping,
+        warn=False,
+    )
+    x = res.x if isinstance(res.x, Tensor) else torch.cat([t.reshape(-1) for t in res.x])
+    return float(torch.linalg.vector_norm(x.detach()))
+
+
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # second/
+)
+
+
+def external_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line.
+
+    Counted for a ``warnings.warn`` in the caller of this function: the first frame
+    outside ``second`` and ``torch`` (a warning raised in a backward pass runs under
+    torch's autograd engine, at a depth that depends on how the backward was called).
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn_if_unsolved(
+    step: float,
+    w_norm: float,
+    residual: float,
+    inner_tol: float,
+    *,
+    what: str,
+    matrix: str,
+    residual_name: str,
+    consequence: str,
+) -> bool:
+    r"""Warn (:class:`~second.ConvergenceWarning`) unless ``step <= inner_tol * w_norm``.
+
+    The relative test of ``inner_tol``: the Newton step (the estimated distance to the
+    root) must be at most ``inner_tol`` times the norm of the variables. It does not
+    change when the inner objective is multiplied by a constant, nor when the variables
+    are rescaled. Returns whether it warned; the warning points at the user's line.
+    """
+    if step <= inner_tol * w_norm:
+        return False
+    warnings.warn(
+        f"{what}: the Newton step ||{matrix}^-1 {residual_name}|| = {step:.3e} (the estimated "
+        f"distance to the solution) > inner_tol * ||params|| = {inner_tol:.1e} * {w_norm:.3e} "
+        f"(||{residual_name}|| = {residual:.3e}). The implicit function theorem holds at a "
+        f"solution; away from it {consequence} is wrong by an amount that grows with this "
+        "distance (run the inner solver longer, or pass inner_tol=None)",
+        ConvergenceWarning,
+        stacklevel=external_stacklevel(),
+    )
+    return True

@@ -9,12 +9,19 @@ from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..func.attention import differentiable_attention
 from ..func.products import check_finite, grad_checked
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
-from ._linear import solve_options, solve_symmetric
+from ._linear import (
+    external_stacklevel,
+    newton_step,
+    solve_options,
+    solve_symmetric,
+    warn_if_unsolved,
+)
 from ._structure import detached_leaves, flatten, zeros_for_none
 
 __all__ = ["implicit_root", "stationary"]
@@ -66,6 +73,7 @@ def implicit_root(
     maxiter: int | None = None,
     damping: float = 0.0,
     symmetric: bool = True,
+    inner_tol: float | None = 1e-4,
     warn: bool = True,
 ) -> Callable[[Callable[..., Any]], ImplicitSolver]:
     r"""Decorate an inner solver so autograd differentiates its output implicitly.
@@ -83,11 +91,20 @@ def implicit_root(
         \Big(\frac{\partial F}{\partial w}\Big)^{\!\top} u = \bar w, \qquad
         \bar a = -\Big(\frac{\partial F}{\partial a}\Big)^{\!\top} u
 
-    for every tensor argument :math:`a` that requires grad. All tensors of
-    :math:`w^*` (a tuple or dict of several parameters) form one vector, so the
-    solve uses the full Jacobian, off-diagonal blocks included. Each product with
-    :math:`(\partial F/\partial w)^\top` is one backward pass through the graph of
-    :math:`F`, built once per backward.
+    for every tensor :math:`a` that requires grad among the arguments, at any depth of
+    nesting in tuples, lists and dicts (``solver(s, {"reg": (a, l)})``: tensors held
+    by other objects are constants). All tensors of :math:`w^*` (a tuple or dict of
+    several parameters) form one vector, so the solve uses the full Jacobian,
+    off-diagonal blocks included. Each product with :math:`(\partial F/\partial w)^\top`
+    is one backward pass through the graph of :math:`F`, built once per backward.
+
+    Second derivatives: under ``create_graph=True`` the gradient is itself
+    differentiable (Hessians, Hessian-vector products, meta-gradients through the
+    solver): :math:`w^*` is followed through its own implicit rule, and :math:`u` as
+    the implicit function of :math:`(w^*, \text{args}, \bar w)` that solves the system
+    above, so differentiating it costs one more solve with
+    :math:`\partial F/\partial w` and needs the third derivatives of the inner loss
+    (for :func:`stationary`).
 
     With ``symmetric=True`` (default: :math:`F` is a gradient, so its Jacobian is a
     Hessian) the solve is CG with a MINRES fallback on negative curvature
@@ -105,7 +122,17 @@ def implicit_root(
         maxiter: iteration limit of the solve.
         damping: :math:`\lambda \ge 0` added to :math:`\partial F/\partial w`.
         symmetric: whether :math:`\partial F/\partial w` is symmetric (default ``True``).
-        warn: warn about unconverged solves and negative curvature.
+        inner_tol: relative accuracy the solver's output must have, as in
+            :func:`second.hypergradient`: the backward warns
+            (:class:`~second.ConvergenceWarning`) when the Newton step
+            :math:`\delta = (\partial F/\partial w + \lambda I)^{-1} F(w)`, the estimated
+            distance to the root, has :math:`\|\delta\| > \mathrm{inner\_tol}\,\|w\|`; away
+            from a root the implicit gradient is wrong to first order in :math:`\delta`.
+            The step is one more solve (to relative residual ``1e-2``) with
+            ``symmetric=True``, and free with ``symmetric=False`` (the Jacobian is formed);
+            none is run when :math:`F(w) = 0`. ``None`` (or ``warn=False``) skips the check.
+        warn: warn about unconverged solves, negative curvature and an output that is not
+            a root (``inner_tol``).
 
     Returns:
         A decorator: ``implicit_root(F)(solver)`` has ``solver``'s signature. Its
@@ -115,8 +142,8 @@ def implicit_root(
     Raises:
         TypeError: the solver returns something other than a tensor, a tuple/list or a
             dict of floating tensors.
-        ValueError: (in backward) ``optimality_fn`` returns a different layout from the
-            solver's output.
+        ValueError: ``damping`` is negative or not finite; (in backward)
+            ``optimality_fn`` returns a different layout from the solver's output.
 
     Example:
         >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
@@ -134,7 +161,8 @@ def implicit_root(
     def decorator(solver: Callable[..., Any]) -> ImplicitSolver:
         @functools.wraps(solver)
         def wrapped(*args):
-            arg_leaves, rebuild = _flatten_args(args)
+            arg_leaves, tree = tree_flatten(args)  # nested tuples, lists, dicts: every tensor
+            rebuild = functools.partial(_rebuild, tree)
             diff = [
                 i for i, a in enumerate(arg_leaves) if isinstance(a, Tensor) and a.requires_grad
             ]
@@ -152,6 +180,7 @@ def implicit_root(
                 return w_struct.unflatten(w_leaves)
             spec = _Spec(optimality_fn, rebuild, arg_leaves, diff, w_struct, wrapped)
             spec.options, spec.symmetric, spec.n_w = options, symmetric, len(w_leaves)
+            spec.inner_tol = inner_tol
             outs = _ImplicitRoot.apply(spec, *w_leaves, *[arg_leaves[i] for i in diff])
             return w_struct.unflatten(list(outs))
 
@@ -175,6 +204,7 @@ class _Spec:
     options: dict = field(default_factory=dict)  # solve_options
     symmetric: bool = True
     n_w: int = 0  # the number of output leaves
+    inner_tol: float | None = None  # the root check of the backward (None: none)
 
 
 class _ImplicitRoot(torch.autograd.Function):
@@ -191,60 +221,14 @@ class _ImplicitRoot(torch.autograd.Function):
         spec = ctx.spec
         n_w = spec.n_w
         saved = ctx.saved_tensors
-        w_saved, diff_saved = saved[:n_w], saved[n_w:]
-        opts = spec.options
-        with torch.enable_grad():
-            ws = detached_leaves(w_saved)
-            hs = detached_leaves(diff_saved)
-            leaves = list(spec.arg_leaves)
-            for i, h in zip(spec.diff, hs, strict=True):
-                leaves[i] = h
-            args = spec.rebuild(leaves)
-            with differentiable_attention():  # differentiated twice: no fused attention kernel
-                F = spec.optimality_fn(spec.w_struct.unflatten(ws), *args)
-            F_leaves, _ = flatten(F, "optimality_fn's output")
-            shapes_ok = len(F_leaves) == n_w and all(
-                f.shape == w.shape for f, w in zip(F_leaves, ws, strict=True)
-            )
-            if not shapes_ok:
-                raise ValueError(
-                    "optimality_fn must return tensors laid out like the solver's output "
-                    f"(shapes {[tuple(w.shape) for w in ws]}), got "
-                    f"{[tuple(f.shape) for f in F_leaves]}"
-                )
-            live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
-            b = parameters_to_vector(zeros_for_none(ws, w_bar))
-
-            def vjp_w(u: Tensor) -> Tensor:
-                us = vector_to_parameters(u, ws)
-                if not live:
-                    return torch.zeros_like(u)
-                F_live, u_live = [F_leaves[i] for i in live], [us[i] for i in live]
-                out = grad_checked(F_live, ws, u_live, retain_graph=True, zeros_for_unused=True)
-                return parameters_to_vector(out)
-
-            if spec.symmetric:
-                res = solve_symmetric(
-                    vjp_w, b, **opts, what="the Jacobian of optimality_fn", stacklevel=6
-                )
-                u = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
-            else:
-                res = None
-                n = b.numel()
-                eye = torch.eye(n, dtype=b.dtype, device=b.device)
-                JT = torch.stack([vjp_w(eye[:, j]) for j in range(n)], dim=1)  # J^T columns
-                JT = JT + opts["damping"] * eye
-                u = torch.linalg.solve(JT, b)
-            spec.owner.last_solve = res
-            us = vector_to_parameters(u.detach(), ws)
-            if live:
-                grads = torch.autograd.grad(
-                    [F_leaves[i] for i in live], hs, [us[i] for i in live], allow_unused=True
-                )
-            else:
-                grads = [None] * len(hs)
+        w_saved, h_saved = list(saved[:n_w]), list(saved[n_w:])
+        w_bar_full = zeros_for_none(w_saved, w_bar)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph too
+            grads = _gradient_with_graph(spec, w_saved, h_saved, w_bar_full)
+        else:
+            grads = _gradient(spec, w_saved, h_saved, w_bar_full)
         out = []
-        for _h, g, need in zip(hs, grads, ctx.needs_input_grad[1 + n_w :], strict=True):
+        for g, need in zip(grads, ctx.needs_input_grad[1 + n_w :], strict=True):
             if g is None or not need:
                 out.append(None)
             else:
@@ -252,34 +236,173 @@ class _ImplicitRoot(torch.autograd.Function):
         return (None, *([None] * n_w), *out)
 
 
-def _flatten_args(args: tuple) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
-    """Flatten positional args one level (tensors, tuples/lists and dicts of tensors)."""
-    leaves: list[Any] = []
-    layout: list[tuple[int, Callable[[list[Any]], Any]]] = []  # (leaves, rebuild from them)
-    for a in args:
-        if isinstance(a, dict):
-            layout.append((len(a), functools.partial(_dict_of, list(a.keys()))))
-            leaves.extend(a.values())
-        elif isinstance(a, (tuple, list)):
-            layout.append((len(a), type(a)))
-            leaves.extend(a)
-        else:
-            layout.append((1, _only))
-            leaves.append(a)
-
-    def rebuild(new_leaves: list[Any]) -> tuple:
-        out, k = [], 0
-        for size, build in layout:
-            out.append(build(new_leaves[k : k + size]))
-            k += size
-        return tuple(out)
-
-    return leaves, rebuild
+def _evaluate(spec: _Spec, ws: list[Tensor], hs: list[Tensor]) -> list[Tensor]:
+    """``optimality_fn`` at ``ws`` with ``hs`` in place of the differentiable arguments."""
+    leaves = list(spec.arg_leaves)
+    for i, h in zip(spec.diff, hs, strict=True):
+        leaves[i] = h
+    args = spec.rebuild(leaves)
+    with differentiable_attention():  # differentiated twice: no fused attention kernel
+        F = spec.optimality_fn(spec.w_struct.unflatten(ws), *args)
+    F_leaves, _ = flatten(F, "optimality_fn's output")
+    shapes_ok = len(F_leaves) == len(ws) and all(
+        f.shape == w.shape for f, w in zip(F_leaves, ws, strict=True)
+    )
+    if not shapes_ok:
+        raise ValueError(
+            "optimality_fn must return tensors laid out like the solver's output "
+            f"(shapes {[tuple(w.shape) for w in ws]}), got "
+            f"{[tuple(f.shape) for f in F_leaves]}"
+        )
+    return F_leaves
 
 
-def _dict_of(keys: list[Any], values: list[Any]) -> dict[Any, Any]:
-    return dict(zip(keys, values, strict=True))
+def _adjoint_solve(
+    spec: _Spec, ws: list[Tensor], hs: list[Tensor], w_bar: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    r"""Solve :math:`(\partial F/\partial w + \lambda I)^\top u = \bar w` at fresh leaves.
+
+    Returns ``u`` (laid out like ``ws``, detached), :math:`F`'s leaves (with their graph)
+    and the indices of those that depend on anything. Checks first that ``ws`` is a root
+    (``inner_tol``), and sets the owner's ``last_solve``.
+    """
+    opts = spec.options
+    F_leaves = _evaluate(spec, ws, hs)
+    live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
+    b = parameters_to_vector([t.detach() for t in w_bar])
+
+    def vjp_w(u: Tensor) -> Tensor:
+        us = vector_to_parameters(u, ws)
+        if not live:
+            return torch.zeros_like(u)
+        F_live, u_live = [F_leaves[i] for i in live], [us[i] for i in live]
+        out = grad_checked(F_live, ws, u_live, retain_graph=True, zeros_for_unused=True)
+        return parameters_to_vector(out)
+
+    check = opts["warn"] and spec.inner_tol is not None
+    f = parameters_to_vector([t.detach() for t in F_leaves])
+    step = 0.0
+    res: SolveResult | None
+    if spec.symmetric:
+        if check:  # the Jacobian is symmetric: J^T's products are J's
+            step = newton_step(vjp_w, f, damping=opts["damping"], maxiter=opts["maxiter"])
+        res = solve_symmetric(
+            vjp_w,
+            b,
+            **opts,
+            what="the Jacobian of optimality_fn",
+            stacklevel=external_stacklevel() + 1,  # a warning in solve_symmetric
+        )
+        u = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
+    else:
+        res = None
+        n = b.numel()
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        JT = torch.stack([vjp_w(eye[:, j]) for j in range(n)], dim=1)  # J^T columns
+        JT = JT + opts["damping"] * eye
+        if check and bool(f.any()):
+            step = float(torch.linalg.vector_norm(torch.linalg.solve(JT.mT, f.to(JT.dtype))))
+        u = torch.linalg.solve(JT, b)
+    if check:
+        warn_if_unsolved(
+            step,
+            float(torch.linalg.vector_norm(parameters_to_vector([w.detach() for w in ws]))),
+            float(torch.linalg.vector_norm(f)),
+            cast(float, spec.inner_tol),
+            what="implicit_root: the solver's output is not a root of optimality_fn",
+            matrix="(dF/dw + damping I)",
+            residual_name="F(w)",
+            consequence="the implicit gradient",
+        )
+    spec.owner.last_solve = res
+    return list(vector_to_parameters(u.detach(), ws)), F_leaves, live
 
 
-def _only(values: list[Any]) -> Any:
-    return values[0]
+def _gradient(
+    spec: _Spec, w_saved: list[Tensor], h_saved: list[Tensor], w_bar: list[Tensor]
+) -> list[Tensor | None]:
+    r""":math:`(\partial F/\partial a)^\top u` for each differentiable argument, no graph."""
+    with torch.enable_grad():
+        ws = detached_leaves(w_saved)
+        hs = detached_leaves(h_saved)
+        us, F_leaves, live = _adjoint_solve(spec, ws, hs, w_bar)
+        if not live:
+            return [None] * len(hs)
+        return list(
+            torch.autograd.grad(
+                [F_leaves[i] for i in live], hs, [us[i] for i in live], allow_unused=True
+            )
+        )
+
+
+def _gradient_with_graph(
+    spec: _Spec, w_saved: list[Tensor], h_saved: list[Tensor], w_bar: list[Tensor]
+) -> list[Tensor | None]:
+    r"""The same product, differentiable in the arguments and the cotangent.
+
+    Every quantity it depends on gets its own graph: :math:`w^*` by this Function again
+    (the implicit rule), :math:`u` by the implicit function of
+    :math:`G(u; w, a, \bar w) = (\partial F/\partial w + \lambda I)^\top u - \bar w`
+    (:func:`_adjoint_root`), and the partial derivative in :math:`a` is taken at an alias
+    of :math:`a`, so that its path through :math:`w^*(a)` is not followed here, only when
+    this gradient is differentiated.
+    """
+    w = list(_ImplicitRoot.apply(spec, *[t.detach() for t in w_saved], *h_saved))
+    u = _adjoint_root(spec)(tuple(w), tuple(h_saved), tuple(w_bar))
+    h_alias = [h.view_as(h) for h in h_saved]
+    F_leaves = _evaluate(spec, w, h_alias)
+    live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
+    if not live:
+        return [None] * len(h_saved)
+    return list(
+        torch.autograd.grad(
+            [F_leaves[i] for i in live],
+            h_alias,
+            [u[i] for i in live],
+            create_graph=True,
+            allow_unused=True,
+        )
+    )
+
+
+def _adjoint_root(spec: _Spec) -> ImplicitSolver:
+    r"""``(w, args, w_bar) -> u``, the solution of the backward's system, as an implicit root.
+
+    Its optimality condition :math:`G = (\partial F/\partial w)^\top u + \lambda u - \bar w`
+    carries the damping (so the root's own damping is 0); its Jacobian in :math:`u` is
+    :math:`(\partial F/\partial w + \lambda I)^\top`, symmetric when
+    :math:`\partial F/\partial w` is. A third derivative recurses the same way.
+    """
+    damping = spec.options["damping"]
+
+    Leaves = tuple[Tensor, ...]
+
+    def G(u: Leaves, w: Leaves, hs: Leaves, w_bar: Leaves) -> Leaves:
+        w_in = [t if t.requires_grad else t.detach().requires_grad_(True) for t in w]
+        F_leaves = _evaluate(spec, w_in, list(hs))
+        live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
+        jtu: list[Tensor | None] = [None] * len(w_in)
+        if live:
+            jtu = list(
+                torch.autograd.grad(
+                    [F_leaves[i] for i in live],
+                    w_in,
+                    [u[i] for i in live],
+                    create_graph=True,
+                    allow_unused=True,
+                )
+            )
+        jtu_full = zeros_for_none(w_in, jtu)
+        return tuple(j + damping * x - b for j, x, b in zip(jtu_full, u, w_bar, strict=True))
+
+    def solve_u(w: Leaves, hs: Leaves, w_bar: Leaves) -> Leaves:
+        with torch.enable_grad():
+            us, _, _ = _adjoint_solve(spec, detached_leaves(w), detached_leaves(hs), list(w_bar))
+        return tuple(us)
+
+    options = dict(spec.options, damping=0.0)
+    return implicit_root(G, **options, symmetric=spec.symmetric, inner_tol=None)(solve_u)
+
+
+def _rebuild(tree: TreeSpec, leaves: list[Any]) -> tuple:
+    return tuple(tree_unflatten(list(leaves), tree))

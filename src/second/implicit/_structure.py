@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Structure", "flatten"]
+__all__ = ["Structure", "flatten", "refuse_frozen"]
 
 
 class Structure:
@@ -65,6 +65,40 @@ def flatten(obj: Any, what: str) -> tuple[list[Tensor], Structure]:
         if not isinstance(leaf, Tensor):
             raise TypeError(f"{name} is a {type(leaf).__name__}, not a torch.Tensor")
     return leaves, Structure(kind, keys, names)
+
+
+def refuse_frozen(leaves: Sequence[Tensor], names: Sequence[str], what: str) -> None:
+    """Refuse frozen parameters (an ``nn.Parameter`` with ``requires_grad=False``) as variables.
+
+    A frozen parameter is a constant of the model: made an inner variable, it would be
+    solved for (and, away from its own optimum, make the inner problem look unsolved). A
+    plain tensor is taken as a variable whatever its ``requires_grad`` (a solver's output
+    usually has none).
+
+    Raises:
+        ValueError: naming every frozen entry, with the one-line fix.
+
+    Example:
+        >>> frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        >>> refuse_frozen([torch.zeros(1), frozen], ["p['w']", "p['b']"], "params")
+        Traceback (most recent call last):
+        ...
+        ValueError: params holds frozen parameters (nn.Parameter with requires_grad=False): p['b']. ...
+    """
+    frozen = [
+        name
+        for name, t in zip(names, leaves, strict=True)
+        if isinstance(t, torch.nn.Parameter) and not t.requires_grad
+    ]
+    if frozen:
+        raise ValueError(
+            f"{what} holds frozen parameters (nn.Parameter with requires_grad=False): "
+            f"{', '.join(frozen)}. A frozen parameter is a constant, not a variable to solve "
+            f"for: leave it out of {what} (e.g. {{k: p for k, p in "
+            "model.named_parameters() if p.requires_grad}; torch.func.functional_call "
+            "takes the module's own value for a missing name), or set requires_grad=True "
+            "if it is trained by the inner problem"
+        )
 
 
 def detached_leaves(leaves: Sequence[Tensor], requires_grad: bool = True) -> list[Tensor]:

@@ -35,7 +35,7 @@ from ..func.products import check_finite, hessian_matvec
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
 from ._linear import solve_options, solve_symmetric
-from ._structure import detached_leaves, flatten, zeros_for_none
+from ._structure import detached_leaves, flatten, refuse_frozen, zeros_for_none
 
 __all__ = ["proximal", "adapt", "meta_gradient", "MetaGradient"]
 
@@ -112,7 +112,9 @@ def adapt(
         The adapted parameters, laid out like ``theta``, detached.
 
     Raises:
-        ValueError: ``lam <= 0``, ``steps < 0``, ``lr <= 0`` or ``momentum`` outside ``[0, 1)``.
+        ValueError: ``lam <= 0``, ``steps < 0``, ``lr <= 0``, ``momentum`` outside ``[0, 1)``,
+            or ``theta`` holds a frozen parameter (an ``nn.Parameter`` with
+            ``requires_grad=False``: a constant, leave it out of ``theta``).
 
     Example:
         >>> w = adapt(lambda w: ((w - 3.0) ** 2).sum(), torch.zeros(1), lam=2.0, steps=200, lr=0.1)
@@ -127,6 +129,7 @@ def adapt(
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     t_leaves, struct = flatten(theta, "theta")
+    refuse_frozen(t_leaves, struct.names, "theta")
     anchors = [t.detach() for t in t_leaves]
     ws = [t.clone() for t in anchors]
     bufs = [torch.zeros_like(t) for t in anchors]
@@ -186,7 +189,9 @@ def meta_gradient(
         ``grad, solve = meta_gradient(...)`` works as before).
 
     Raises:
-        ValueError: ``lam <= 0``, or a parameter not in the graph of ``task_loss``.
+        ValueError: ``lam <= 0``, a parameter not in the graph of ``task_loss``, a frozen
+            parameter in ``params`` (an ``nn.Parameter`` with ``requires_grad=False``: a
+            constant, leave it out), or ``damping`` negative or not finite.
 
     Example:
         >>> task = lambda w: 0.5 * 3.0 * (w ** 2).sum()     # H = 3 I
@@ -198,6 +203,7 @@ def meta_gradient(
     options = solve_options(locals())
     _check_lam(lam)
     w_leaves, struct = flatten(params, "params")
+    refuse_frozen(w_leaves, struct.names, "params")
     ws = detached_leaves(w_leaves)
     with torch.enable_grad():
         w_in = struct.unflatten(ws)
