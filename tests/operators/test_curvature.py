@@ -481,3 +481,227 @@ def test_fisher_keyword_and_type2():
         Fk = FisherOperator(model, loss_fn, (X, y), kind="empirical")
     with pytest.warns(DeprecationWarning, match=r"\.fisher"):
         assert Fk.kind == "empirical"
+
+
+# ------------------------------------------------------- weighted and ignored targets (mean)
+# torch's mean of these losses divides by the class weights of the valid targets: the
+# dataset loss is sum_i w_i l_i / sum_i w_i, and each batch weighs by its share of the weights
+CLASS_WEIGHT = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
+WEIGHTED_LOSSES = {
+    "ignore_index": dict(),
+    "weight": dict(weight=CLASS_WEIGHT),
+    "weight-smoothing": dict(weight=CLASS_WEIGHT, label_smoothing=0.2),
+}
+IGNORED = [2, 3, 7]  # with batches of 2, the second batch has no valid target
+
+
+def _weighted_problem(loss_name: str):
+    torch.manual_seed(2)
+    model = make_model("mlp_tanh")
+    X, y = make_data("mlp_tanh", "ce", n=N_DATA)
+    y[IGNORED] = -100
+    return model, nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name]), X, y
+
+
+def _weighted_layouts(X, y):
+    """The data batched in several ways, one of them with a batch of ignored targets only."""
+    loaders = [DataLoader(TensorDataset(X, y), batch_size=bs) for bs in (2, 3, 4)]
+    return [*loaders, _split(X, y, SPLIT)]
+
+
+def _ref_weighted_empirical_fisher(model, loss_fn, X, y) -> torch.Tensor:
+    """``(1/N) sum_i g_i g_i^T``, ``g_i`` the gradient of ``N w_i l_i / W``.
+
+    torch's mean over all the data is ``(1/N) sum_i N w_i l_i / W``: ``w_i l_i`` is the
+    summed loss of example ``i`` alone, ``W`` the sum of the valid targets' class weights.
+    """
+    summed = nn.CrossEntropyLoss(
+        weight=loss_fn.weight, label_smoothing=loss_fn.label_smoothing, reduction="sum"
+    )
+    valid = y != loss_fn.ignore_index
+    W = float(valid.sum()) if loss_fn.weight is None else float(loss_fn.weight[y[valid]].sum())
+    out = model(X)
+    torch.testing.assert_close(loss_fn(out, y), summed(out, y) / W)  # the reference's premise
+    n = X.shape[0]
+    G = torch.stack([ref_gradient(model, summed, X[i : i + 1], y[i : i + 1]) for i in range(n)])
+    G = G * (n / W)
+    return G.T @ G / n
+
+
+WEIGHTED_KINDS = {
+    "hessian": (HessianOperator, {}, lambda m, lf, X, y: ref_hessian(m, lf, X, y)),
+    "ggn": (GGNOperator, {}, lambda m, lf, X, y: ref_ggn(m, lf, X, y)),
+    "type2": (FisherOperator, {"fisher": "type2"}, lambda m, lf, X, y: ref_ggn(m, lf, X, y)),
+    "ef": (FisherOperator, {"fisher": "empirical"}, _ref_weighted_empirical_fisher),
+}
+
+
+@pytest.mark.parametrize("cache_graphs", [False, True])
+@pytest.mark.parametrize("kind", list(WEIGHTED_KINDS))
+@pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
+def test_weighted_mean_loss_gives_the_dataset_operator_however_batched(
+    loss_name, kind, cache_graphs
+):
+    """Regression: batches weighed n_b / N, not by their share of the class weights."""
+    model, loss_fn, X, y = _weighted_problem(loss_name)
+    cls, kw, reference = WEIGHTED_KINDS[kind]
+    A = reference(model, loss_fn, X, y)  # torch's loss on all N_DATA examples at once
+    assert_close(cls(model, loss_fn, (X, y), **kw).to_dense(), A, TOL)
+    for data in _weighted_layouts(X, y):
+        op = cls(model, loss_fn, data, cache_graphs=cache_graphs, **kw)
+        assert_close(op.to_dense(), A, TOL)
+        assert op.num_data == N_DATA
+
+
+def test_weighted_mean_mc_fisher_estimates_the_dataset_ggn_however_batched():
+    model, loss_fn, X, y = _weighted_problem("weight")
+    G = ref_ggn(model, loss_fn, X, y)
+    for data in [(X, y), *_weighted_layouts(X, y)[1:]]:
+        F = FisherOperator(model, loss_fn, data, fisher="mc", mc_samples=2000).to_dense()
+        assert float((F - G).norm() / G.norm()) < 0.1  # batches weighed n_b / N: 0.5 and more
+
+
+@pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
+def test_weighted_mean_loss_and_gradient_are_torchs_on_all_the_data(loss_name):
+    model, loss_fn, X, y = _weighted_problem(loss_name)
+    expected_loss = loss_fn(model(X), y)
+    expected_grad = ref_gradient(model, loss_fn, X, y)
+    for data in [(X, y), *_weighted_layouts(X, y)]:
+        loss, g = GGNOperator(model, loss_fn, data).loss_and_gradient()
+        assert_close(loss, expected_loss, TOL)
+        assert_close(g, expected_grad, TOL)
+
+
+class _PerPosition(nn.Module):
+    """Logits ``[n, C, T]`` computed position by position from inputs ``[n, T, 3]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.net(x).transpose(1, 2)
+
+
+@pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
+def test_padded_sequences_give_the_operator_of_all_the_tokens(loss_name):
+    # each batch padded (ignore_index) to its own longest sequence, as a collate function
+    # does: the batches weigh by their valid tokens' class weights, not by their sequences
+    torch.manual_seed(3)
+    model = _PerPosition().double()
+    lengths = [5, 2, 3, 1, 4, 2]
+    X = torch.randn(len(lengths), 5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (len(lengths), 5))
+    for i, n in enumerate(lengths):
+        y[i, n:] = -100
+    loss_fn = nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name])
+    batches = []
+    for lo in range(0, len(lengths), 2):
+        T = max(lengths[lo : lo + 2])
+        batches.append((X[lo : lo + 2, :T], y[lo : lo + 2, :T]))
+    H = HessianOperator(model, loss_fn, batches).to_dense()
+    assert_close(H, ref_hessian(model, loss_fn, X, y), TOL)
+    loss, g = HessianOperator(model, loss_fn, batches).loss_and_gradient()
+    assert_close(loss, loss_fn(model(X), y), TOL)
+    assert_close(g, ref_gradient(model, loss_fn, X, y), TOL)
+
+
+def test_data_whose_every_target_is_ignored_is_refused_clearly():
+    model, loss_fn, X, y = _weighted_problem("ignore_index")
+    y = torch.full_like(y, -100)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for data in [(X, y), DataLoader(TensorDataset(X, y), batch_size=4)]:
+        op = HessianOperator(model, loss_fn, data)
+        with pytest.raises(ValueError, match="ignore_index"):
+            op @ v
+        with pytest.raises(ValueError, match="ignore_index"):
+            op.loss_and_gradient()
+    # a sum of no terms is zero, not an error
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    op = HessianOperator(model, summed, DataLoader(TensorDataset(X, y), batch_size=4))
+    assert torch.equal(op @ v, torch.zeros_like(v))
+
+
+def test_unweighted_mean_weighs_batches_by_their_examples_exactly():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "ce", "mean", torch.float64)
+    batches = _split(X, y, SPLIT)
+    v = torch.randn(sum(p.numel() for p in model64.parameters()), dtype=torch.float64)
+    acc = torch.zeros_like(v)
+    for b in batches:
+        acc.add_(HessianOperator(model64, loss_fn, b) @ v, alpha=float(b[0].shape[0]))
+    assert torch.equal(HessianOperator(model64, loss_fn, batches) @ v, acc / N_DATA)
+
+
+# ------------------------------------------------------------------------- the reduction
+def test_a_reduction_contradicting_the_loss_is_refused():
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", "mean", torch.float64)
+    batches = _split(X, y, SPLIT)
+    with pytest.raises(ValueError, match="contradicts"):
+        HessianOperator(model64, nn.MSELoss(), batches, reduction="sum")
+    with pytest.raises(ValueError, match="contradicts"):
+        GGNOperator(model64, nn.MSELoss(reduction="sum"), (X, y), reduction="mean")
+    summed = nn.MSELoss(reduction="sum")
+    H = HessianOperator(model64, summed, batches, reduction="sum")  # agreeing is fine
+    assert_close(H.to_dense(), ref_hessian(model64, summed, X, y), TOL)
+
+
+def test_a_plain_function_that_sums_over_several_batches_warns_once():
+    import warnings
+
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "mse", "mean", torch.float64)
+    batches = _split(X, y, SPLIT)
+    v = torch.randn(sum(p.numel() for p in model64.parameters()), dtype=torch.float64)
+
+    def summed(out, target):
+        return ((out - target) ** 2).sum()
+
+    def mean(out, target):
+        return ((out - target) ** 2).mean()
+
+    op = HessianOperator(model64, summed, batches)
+    with pytest.warns(UserWarning, match='reduction="sum"'):
+        op @ v
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op @ v  # once
+        HessianOperator(model64, summed, batches, reduction="sum") @ v
+        HessianOperator(model64, summed, (X, y)) @ v  # one batch: no dependence on batching
+        H = HessianOperator(model64, mean, batches)
+        assert_close(H.to_dense(), ref_hessian(model64, mean, X, y), TOL)
+
+
+# -------------------------------------------------------------------------- kept graphs
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+@pytest.mark.parametrize("cache_graphs", [False, True])
+def test_kept_graphs_follow_an_optimizer_step(cls, cache_graphs):
+    """Regression: the kept graphs raised autograd's "modified by an inplace operation"."""
+    model64, X, y, loss_fn, *_ = _problem("mlp_tanh", "ce", "mean", torch.float64)
+    reference = ref_hessian if cls is HessianOperator else ref_ggn
+    data = _split(X, y, SPLIT) if cache_graphs else (X, y)
+    op = cls(model64, loss_fn, data, cache_graphs=cache_graphs)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    assert_close(op @ v, reference(model64, loss_fn, X, y) @ v, TOL)
+    assert op._kept_states() is op._kept_states()  # unchanged parameters: kept
+    opt = torch.optim.SGD(model64.parameters(), lr=0.5)
+    loss_fn(model64(X), y).backward()
+    opt.step()
+    assert_close(op @ v, reference(model64, loss_fn, X, y) @ v, TOL)
+    # a write through .data bumps no version counter: refresh() is needed
+    for p in model64.parameters():
+        p.data.mul_(1.5)
+    op.refresh()
+    assert_close(op @ v, reference(model64, loss_fn, X, y) @ v, TOL)
+
+
+# ------------------------------------------------------------------ restrict, continued
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, FisherOperator])
+def test_restrict_with_parameters_given_as_a_generator(cls):
+    """Regression: the recorded generator was consumed: "no parameters given"."""
+    model, loss_fn, X, y, batches = _restrict_problem()
+    op = cls(model, loss_fn, batches, model.parameters())
+    expected = cls(model, loss_fn, batches[1]).to_dense()
+    assert_close(op.restrict(batches[1]).to_dense(), expected, TOL)
+    last = list(model.parameters())[2:]
+    op = cls(model, loss_fn, batches, params=(p for p in last))
+    expected = cls(model, loss_fn, batches[0], params=last).to_dense()
+    assert_close(op.restrict(batches[0]).to_dense(), expected, TOL)

@@ -24,6 +24,10 @@ WORLD_SIZE = 2
 N_DATA = 11
 SHARDS = [(0, 4), (4, 11)]  # unequal shards: the mean must be weighted by example counts
 KINDS = {"hessian": HessianOperator, "ggn": GGNOperator, "ef": FisherOperator}
+# "weighted": class weights, and ignored targets making rank 0's first batch weigh nothing;
+# "ignored-shard": every target of rank 0's shard is ignored (mean losses, weighed by the
+# class weights of the valid targets on all ranks)
+LOSSES = ("mean", "sum", "weighted", "ignored-shard")
 
 
 def _problem(reduction: str):
@@ -33,7 +37,15 @@ def _problem(reduction: str):
     y = torch.randint(0, 3, (N_DATA,))
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     V = torch.randn(v.shape[0], 3, dtype=torch.float64)
-    return model, nn.CrossEntropyLoss(reduction=reduction), X, y, v, V
+    if reduction == "weighted":
+        y[[0, 6]] = -100
+        loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64))
+    elif reduction == "ignored-shard":
+        y[: SHARDS[0][1]] = -100
+        loss_fn = nn.CrossEntropyLoss()
+    else:
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    return model, loss_fn, X, y, v, V
 
 
 def _products(model, loss_fn, data, v, V, **kw) -> dict:
@@ -51,7 +63,7 @@ def _products(model, loss_fn, data, v, V, **kw) -> dict:
 
 def _worker(rank: int, world: int, outdir: str) -> None:
     results = {}
-    for reduction in ("mean", "sum"):
+    for reduction in LOSSES:
         model, loss_fn, X, y, v, V = _problem(reduction)
         lo, hi = SHARDS[rank]
         Xs, ys = X[lo:hi], y[lo:hi]
@@ -60,7 +72,10 @@ def _worker(rank: int, world: int, outdir: str) -> None:
         batches = [(Xs[:1], ys[:1]), (Xs[1:], ys[1:])]
         results[reduction, "batches"] = _products(model, loss_fn, batches, v, V)
         # opting out keeps the product local to the shard
-        results[reduction, "local"] = _products(model, loss_fn, (Xs, ys), v, V, distributed=False)
+        if reduction != "ignored-shard":
+            results[reduction, "local"] = _products(
+                model, loss_fn, (Xs, ys), v, V, distributed=False
+            )
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 
@@ -72,7 +87,7 @@ def rank_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["batch", "batches"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", LOSSES)
 def test_sharded_products_equal_single_process(rank_results, reduction, layout):
     model, loss_fn, X, y, v, V = _problem(reduction)
     expected = _products(model, loss_fn, (X, y), v, V)

@@ -4,10 +4,18 @@ Each operator is built from ``(model, loss_fn, data, params=None)``. ``data`` is
 one ``(X, y)`` batch or any iterable of batches (a ``DataLoader``). The product is
 the curvature of the dataset objective
 
-.. math:: L(\theta) = \sum_b \frac{n_b}{N} L_b(\theta) \quad(\text{mean reduction}),
+.. math:: L(\theta) = \sum_b \frac{W_b}{W} L_b(\theta) \quad(\text{mean reduction}),
           \qquad L(\theta) = \sum_b L_b(\theta) \quad(\text{sum reduction}),
 
-so splitting a dataset into batches does not change the operator.
+the loss torch computes on all the data at once, so splitting a dataset into batches
+does not change the operator. :math:`W_b` is what torch's mean divides the batch's loss
+by and :math:`W = \sum_b W_b`: the number of examples :math:`n_b` for most losses; for
+``CrossEntropyLoss`` and ``NLLLoss`` with class-index targets the sum of the class weights
+of the targets that are not ``ignore_index`` (the number of valid targets without
+``weight=``; the number of positions for class-probability targets). A batch whose every
+target is ignored weighs 0 and is skipped. The weights come from the targets alone, in
+the same pass as the product. A plain function as the loss (without a ``.reduction``) is
+taken to be a mean over the batch unless ``reduction="sum"`` is passed.
 
 Speed: on a single batch the operator builds the gradient graph once, and every
 product is one further backward pass through it (for a matrix of columns, one
@@ -26,7 +34,11 @@ all-reduced, so the result equals the single-process product on all the data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -34,7 +46,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._arguments import check_argument_order
-from .._losses import linear_loss_note, reduction_of
+from .._losses import _class_target_weights, linear_loss_note, reduction_of
 from ..data import (
     SamePassCheck,
     Task,
@@ -73,6 +85,38 @@ __all__ = [
 ]
 
 
+def _mean_weight(loss_fn: Callable | None, target: Any, n: int) -> float:
+    r"""What torch's ``reduction="mean"`` divides a batch's loss by (:math:`W_b`).
+
+    The number of examples ``n``, except for ``CrossEntropyLoss``/``NLLLoss`` with class
+    indices: the sum of the class weights of the valid targets (``ignore_index`` excluded;
+    the number of valid targets without ``weight=``), and with class probabilities the
+    number of positions. The units agree across batches, so :math:`W_b / \sum_b W_b` is
+    the batch's share of the loss on all the data at once. Without class weights and with
+    no ignored target it is ``n`` times the positions per example (``n`` for classification).
+    """
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or not isinstance(target, Tensor):
+        return float(n)
+    if target.is_floating_point():  # class probabilities [n, C, *positions]
+        return float(target.numel() // target.shape[1]) if target.dim() > 1 else float(n)
+    # summed in float64 (float32 where there is none): half precision counts only to 256
+    dtype = torch.float32 if target.device.type == "mps" else torch.float64
+    weights = _class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
+    if weights is None:  # every target valid, no class weights
+        return float(target.numel())
+    return float(weights[1].sum())
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside ``second`` (for its caller's warning)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class CurvatureOperator(LinearOperator):
     """Base class of the dataset-level curvature operators.
 
@@ -91,7 +135,13 @@ class CurvatureOperator(LinearOperator):
             parameter of ``model`` with ``requires_grad``).
         task: how to run the model on a batch (:class:`second.Task`; default: ``(X, y)``
             pairs and dicts of tensors with targets under ``"labels"``).
-        reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` or ``"mean"``.
+        reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction``, or ``"mean"`` for
+            a loss without one (a plain function). Over several batches the operator weighs
+            batch ``b`` by its share ``W_b / W`` of the dataset mean (module docstring), so a
+            plain function that *sums* over the batch needs ``reduction="sum"``: otherwise
+            the result depends on the batching (a warning says so when the first pass sees
+            the loss of a batch equal the sum of its halves' losses). A ``reduction`` that
+            contradicts ``loss_fn.reduction`` is refused.
         check_deterministic: verify that an iterable yields the same batches on every
             pass and that the model is not stochastic (dropout in training mode).
         distributed: all-reduce over the process group (default: when one is initialized).
@@ -107,6 +157,16 @@ class CurvatureOperator(LinearOperator):
             examples x parameters exceed ``8e6`` (a column then costs milliseconds, and vmap's
             batched backward, with its per-operator fallbacks, measured slower than the loop),
             ``"vmap"`` otherwise.
+
+    Kept graphs (a single batch, or ``cache_graphs=True``) are rebuilt when a parameter
+    was changed in place since they were built (``optimizer.step()``, ``p.add_(...)`` under
+    ``torch.no_grad()``: autograd's version counters tell). A write through ``p.data`` is
+    invisible to them: call :meth:`refresh` after one.
+
+    Raises:
+        ValueError: ``reduction`` is neither ``"mean"`` nor ``"sum"`` or contradicts
+            ``loss_fn.reduction``; on a product, the mean loss has no weight at all (every
+            target of the data is ``ignore_index``, or has class weight 0).
     """
 
     _init_call: tuple[tuple[Any, ...], dict[str, Any]]  # the constructor's arguments
@@ -138,13 +198,23 @@ class CurvatureOperator(LinearOperator):
     ):
         check_argument_order(type(self).__name__, data, params)
         self.params = trainable_parameters(model) if params is None else as_params(params)
+        self._record_params(params)
         p0 = self.params[0]
         super().__init__(sum(p.numel() for p in self.params), p0.dtype, p0.device)
         self.model = model
         self.loss_fn = loss_fn
         self.task = as_task(task, loss_fn)
         self.data = data
-        self.reduction = reduction_of(loss_fn, reduction)
+        loss = self.task.loss_fn if self.task.loss_fn is not None else loss_fn
+        own = getattr(loss, "reduction", None)
+        if reduction is not None and isinstance(own, str) and own != reduction:
+            raise ValueError(
+                f"reduction={reduction!r} contradicts the loss' own reduction {own!r}: the "
+                f"loss computes the {own} over each batch, so weighing the batches as a "
+                f"{reduction} would make the operator depend on how the data is batched; "
+                f"leave reduction=None or set {type(loss).__name__}(reduction={reduction!r})"
+            )
+        self.reduction = reduction_of(loss, reduction)
         self.check_deterministic = check_deterministic
         self.distributed = distributed
         self.progressbar = progressbar
@@ -161,6 +231,15 @@ class CurvatureOperator(LinearOperator):
                 "if you mean it",
             )
         self._states: list | None = None  # kept per-batch graphs, built lazily
+        self._versions: tuple[int, ...] = ()  # the parameters' versions when they were built
+        # a plain function as a "mean" loss: check on the first pass that it does not sum
+        self._check_summing = (
+            reduction is None
+            and not self.single_batch
+            and check_deterministic
+            and loss is not None
+            and not hasattr(loss, "reduction")
+        )
         self._pass_check = SamePassCheck(
             "the data",
             "A curvature operator must be the same matrix on every product: use shuffle=False "
@@ -168,6 +247,16 @@ class CurvatureOperator(LinearOperator):
         )
         self._num_data: int | None = None
         self._check_loss()
+
+    def _record_params(self, params) -> None:
+        """Keep the parameters as a tuple in the recorded call (a generator is read once)."""
+        if params is None or not hasattr(self, "_init_call"):
+            return
+        args, kwargs = self._init_call
+        if len(args) > 3 and args[3] is params:
+            self._init_call = ((*args[:3], self.params, *args[4:]), kwargs)
+        elif kwargs.get("params") is params:
+            kwargs["params"] = self.params
 
     def _check_loss(self) -> None:
         """Refuse a loss this curvature is meaningless for (default: none)."""
@@ -241,8 +330,34 @@ class CurvatureOperator(LinearOperator):
             return parameters_to_columns(ts)
         return parameters_to_vector(ts)
 
-    def _weight(self, n_b: int) -> float:
-        return float(n_b) if self.reduction == "mean" else 1.0
+    def _batch_weight(self, batch, n_b: int) -> float:
+        """:math:`W_b`, what the loss' mean divides the batch by (1 for a sum)."""
+        if self.reduction == "sum":
+            return 1.0
+        loss_fn = self.task.loss_fn
+        if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+            return float(n_b)
+        return _mean_weight(loss_fn, self.task.targets(batch), n_b)
+
+    def _skipped(self, w_b: float) -> bool:
+        """A batch without weight in the dataset mean (every target ignored): no product."""
+        return self.reduction == "mean" and w_b == 0.0
+
+    def _scale(self, n_b: float, w_b: float) -> float:
+        """The factor a batch's product is summed with: :math:`W_b` (mean) or 1 (sum)."""
+        return w_b
+
+    def _divisor(self, count: float, total: float) -> float:
+        """What the sum of the scaled products is divided by: :math:`W` (mean) or 1 (sum)."""
+        return total if self.reduction == "mean" else 1.0
+
+    def _check_total(self, total: float) -> None:
+        if self.reduction == "mean" and total == 0.0:
+            raise ValueError(
+                f"{type(self).__name__}: the mean loss has no weight: every target of the "
+                "data is the loss' ignore_index (or has class weight 0), so torch's mean loss "
+                "is 0/0 (NaN) and has no curvature"
+            )
 
     def _batches(self):
         """Batches, checking the data is the same on every pass."""
@@ -254,14 +369,57 @@ class CurvatureOperator(LinearOperator):
             it = progress(it, total=total, desc=type(self).__name__, unit="batch", enabled=True)
         if self.check_deterministic and not self.single_batch:
             it = self._pass_check(it)
+        if self._check_summing:
+            it = self._summing_check(it)
         yield from it
 
-    def _reduce(self, acc: Tensor, count: float) -> tuple[Tensor, float]:
+    def _summing_check(self, batches: Iterator) -> Iterator:
+        """Yield ``batches``; on the second one, warn if a plain-function loss sums."""
+        for i, batch in enumerate(batches):
+            if i == 1 and self._check_summing:
+                self._check_summing = False
+                self._warn_if_summing(batch)
+            yield batch
+
+    def _warn_if_summing(self, batch) -> None:
+        """Warn when the loss of ``batch`` is the sum of its halves' losses, not their mean.
+
+        Advisory: a loss that cannot be evaluated on half a batch is left alone.
+        """
+        n = self.task.batch_size(batch)
+        if n < 2:
+            return
+        k = n // 2
+        try:
+            with torch.no_grad():
+                out = self.task.output(self.model, batch)
+                if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
+                    return
+                whole = float(self.task.loss(out, batch))
+                a = float(self.task.loss(out[:k], self.task.take(batch, slice(0, k))))
+                b = float(self.task.loss(out[k:], self.task.take(batch, slice(k, n))))
+        except Exception:  # noqa: BLE001  (only a hint: never fail the product for it)
+            return
+        summed, averaged = a + b, (k * a + (n - k) * b) / n
+        tol = 1e-4 * max(abs(whole), abs(summed), abs(averaged))
+        if abs(whole - summed) <= tol < abs(whole - averaged):
+            warnings.warn(
+                f"{type(self).__name__}: loss_fn has no .reduction, so the operator takes it "
+                "to be a mean over the batch and weighs each batch by its share of the "
+                "examples, but its value on a batch is the sum of its values on the two "
+                "halves: it looks like a sum, and the operator would then depend on how the "
+                'data is batched; pass reduction="sum" (or make the loss a mean)',
+                UserWarning,
+                stacklevel=_outside_stacklevel(),
+            )
+
+    def _reduce(self, acc: Tensor, count: float, total: float) -> tuple[Tensor, float, float]:
+        """All-reduce the accumulated products, the example count and the total weight."""
         if dist.active(self.distributed):
-            buf = torch.cat([acc.reshape(-1), acc.new_tensor([count])])
+            buf = torch.cat([acc.reshape(-1), acc.new_tensor([count, total])])
             dist.all_reduce_sum(buf)
-            return buf[:-1].reshape(acc.shape), float(buf[-1])
-        return acc, count
+            return buf[:-2].reshape(acc.shape), float(buf[-2]), float(buf[-1])
+        return acc, count, total
 
     def _mode(self, batched: bool, n_b: int) -> str:
         """``"vec"`` for a vector; ``"loop"`` or ``"vmap"`` over the columns of a matrix."""
@@ -286,10 +444,20 @@ class CurvatureOperator(LinearOperator):
         return self._join(self._batch_product(state, vs, mode == "vmap"), mode == "vmap")
 
     def _states_of(self, batches):
-        return ((self._batch_state(b), self.task.batch_size(b)) for b in batches)
+        """``(state, n_b, W_b)`` per batch; no state (``None``) for a skipped batch."""
+        for b in batches:
+            n_b = self.task.batch_size(b)
+            w_b = self._batch_weight(b, n_b)
+            yield (None if self._skipped(w_b) else self._batch_state(b)), n_b, w_b
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
 
     def _kept_states(self) -> list:
+        if self._states is not None and self._versions != self._param_versions():
+            self._states = None  # a parameter changed in place (an optimizer step): rebuild
         if self._states is None:
+            self._versions = self._param_versions()
             if self.single_batch:
                 batches = iterate_batches(self.data, self.task, self.device)
             else:
@@ -307,22 +475,28 @@ class CurvatureOperator(LinearOperator):
             return self._product(state, prepared[mode], mode)
 
         if self.single_batch:
-            ((state, n_b),) = self._kept_states()
-            out = product(state, n_b)
+            ((state, n_b, w_b),) = self._kept_states()
+            skip = self._skipped(w_b)
             if not dist.active(self.distributed):
-                return out
-            acc, count = out * self._weight(n_b), float(n_b)
+                if skip:
+                    self._check_total(0.0)
+                return product(state, n_b)
+            acc = torch.zeros_like(V) if skip else product(state, n_b)
+            acc, count, total = acc * self._scale(n_b, w_b), float(n_b), w_b
         else:
             states = self._kept_states() if self.cache_graphs else self._states_of(self._batches())
-            acc, count = torch.zeros_like(V), 0.0
-            for state, n_b in states:
-                acc.add_(product(state, n_b), alpha=self._weight(n_b))
+            acc, count, total = torch.zeros_like(V), 0.0, 0.0
+            for state, n_b, w_b in states:
+                if not self._skipped(w_b):
+                    acc.add_(product(state, n_b), alpha=self._scale(n_b, w_b))
                 count += n_b
+                total += w_b
                 del state
-        acc, count = self._reduce(acc, count)
+        acc, count, total = self._reduce(acc, count, total)
         self._num_data = int(count)
+        self._check_total(total)
         if self.reduction == "mean":
-            acc.div_(count)
+            acc.div_(self._divisor(count, total))
         return acc
 
     def _matvec(self, v: Tensor) -> Tensor:
@@ -338,26 +512,35 @@ class CurvatureOperator(LinearOperator):
         if self._num_data is None:
             batches = iterate_batches(self.data, self.task)
             count = float(sum(self.task.batch_size(b) for b in batches))
-            _, count = self._reduce(torch.zeros(1, dtype=self.dtype, device=self.device), count)
+            zero = torch.zeros(1, dtype=self.dtype, device=self.device)
+            _, count, _ = self._reduce(zero, count, 0.0)
             self._num_data = int(count)
         return self._num_data
 
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
-        """The dataset loss and its flat gradient (detached), reduced like the operator."""
+        """The dataset loss and its flat gradient (detached), reduced like the operator.
+
+        The loss is torch's loss on all the data at once (each batch weighed by its share
+        :math:`W_b / W` of the mean, see the module docstring), also over several batches.
+        """
         acc = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
-        count = 0.0
+        count = total = 0.0
         for batch in self._batches():
             n_b = self.task.batch_size(batch)
+            w = self._batch_weight(batch, n_b)
+            count += n_b
+            total += w
+            if self._skipped(w):
+                continue
             _, loss = self._forward(batch)
             g = grad_checked(loss, self.params)
-            w = self._weight(n_b)
             acc[:-1].add_(parameters_to_vector(g), alpha=w)
             acc[-1] += w * loss.detach()
-            count += n_b
-        acc, count = self._reduce(acc, count)
+        acc, count, total = self._reduce(acc, count, total)
         self._num_data = int(count)
+        self._check_total(total)
         if self.reduction == "mean":
-            acc.div_(count)
+            acc.div_(total)
         check_finite(acc, "gradient")
         return acc[-1], acc[:-1]
 
@@ -366,7 +549,12 @@ class CurvatureOperator(LinearOperator):
         return self.loss_and_gradient()[1]
 
     def refresh(self) -> None:
-        """Forget cached graphs (call after changing the parameters in place)."""
+        """Forget kept graphs.
+
+        An in-place change of a parameter through autograd (``optimizer.step()``) is noticed
+        by the next product, which rebuilds them; a write through ``p.data`` is not: call
+        ``refresh()`` after one.
+        """
         self._states = None
 
 

@@ -63,7 +63,9 @@ class FisherOperator(CurvatureOperator):
     r"""The Fisher matrix: empirical, Monte-Carlo or type-2 (the exact GGN).
 
     * ``fisher="empirical"``: :math:`w \sum_i \nabla\ell_i \nabla\ell_i^\top` with the observed
-      targets (per-example losses as in :mod:`second._losses`).
+      targets (per-example losses as in :mod:`second._losses`, whose mean is the dataset
+      loss: with class weights or ignored targets under a mean, each batch's are rescaled
+      from its own mean to the dataset's, so the batching does not change the matrix).
     * ``fisher="mc"``: :math:`\frac{w}{a K} \sum_i \sum_k J_i^\top s_{ik} s_{ik}^\top J_i`
       with :math:`s_{ik} = \nabla_f \ell(f_i, \tilde y_{ik})`, targets :math:`\tilde y_{ik}`
       sampled from the model's predictive distribution (``mc_samples`` of them). Every
@@ -149,6 +151,21 @@ class FisherOperator(CurvatureOperator):
             out, loss = self._forward(batch)
             return GGNGraph(loss, out, self.params)
         return _FisherState(self, batch)
+
+    # The empirical Fisher is quadratic in the per-example losses. With a loss whose mean
+    # divides by the targets' weights (ignore_index, class weights: W_b, see curvature.py),
+    # a batch's per-example losses are scaled by n_b / W_b, the dataset's by N / W: the batch's
+    # product is summed with weight W_b^2 / n_b and the sum divided by W^2 / N (n_b and N
+    # for other losses, as for the other operators).
+    def _scale(self, n_b: float, w_b: float) -> float:
+        if self.fisher == "empirical" and self.reduction == "mean":
+            return w_b * w_b / n_b
+        return super()._scale(n_b, w_b)
+
+    def _divisor(self, count: float, total: float) -> float:
+        if self.fisher == "empirical" and self.reduction == "mean":
+            return total * total / count
+        return super()._divisor(count, total)
 
     def _apply(self, V, batched):
         # the same samples on every pass over the data: the operator is one fixed matrix

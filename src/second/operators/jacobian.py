@@ -84,6 +84,7 @@ class _Jacobian:
             "or a fixed list of batches, or pass check_deterministic=False.",
         )
         self._states: list[JacobianGraph] | None = None
+        self._versions: tuple[int, ...] = ()  # the parameters' versions when they were built
         if self.single_batch or self.cache_graphs:
             self.output_shapes = [tuple(g.out.shape) for g in self._kept_states()]
         else:  # one pass without graphs to learn the number of rows
@@ -112,7 +113,11 @@ class _Jacobian:
         yield from it
 
     def _kept_states(self) -> list[JacobianGraph]:
+        versions = tuple(p._version for p in self.params)
+        if self._states is not None and versions != self._versions:
+            self._states = None  # a parameter changed in place (an optimizer step): rebuild
         if self._states is None:
+            self._versions = versions
             self._states = [JacobianGraph(self._forward(b), self.params) for b in self._batches()]
         return self._states
 
@@ -246,7 +251,12 @@ class _JacobianBase(LinearOperator):
         return sum(s[0] if s else 1 for s in self._core.output_shapes)
 
     def refresh(self) -> None:
-        """Forget kept graphs (call after changing the parameters in place)."""
+        """Forget kept graphs.
+
+        An in-place change of a parameter through autograd (``optimizer.step()``) is noticed
+        by the next product, which rebuilds them; a write through ``p.data`` is not: call
+        ``refresh()`` after one.
+        """
         self._core.refresh()
 
     def _jacobian(self, V: Tensor) -> Tensor:
