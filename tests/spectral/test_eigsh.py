@@ -339,3 +339,58 @@ def test_half_precision_operators(dtype):
     torch.testing.assert_close(
         res.eigenvalues.float(), torch.tensor([2.0, 2.5, 3.0]), rtol=1e-2, atol=0
     )
+
+
+def test_a_basis_of_the_whole_space_certifies_only_pairs_that_meet_tol():
+    """float32, n = 30, tol 1e-10: every pair was certified "exact" with bounds 1000x tol."""
+    n = 30
+    A = sym(n, spectrum=torch.linspace(1.0, 2.0, n)).float()
+    with pytest.warns(ConvergenceWarning, match="spans R\\^30.*below what torch.float32"):
+        res = eigsh(A, k=3, tol=1e-10, return_result=True)
+    assert not any(res.certified) and not res.converged
+    for bound, ok in zip(res.error_bounds, res.certified):
+        assert ok == (bound <= 1e-10 * float(res.eigenvalues.abs().max()))
+    # a tolerance float32 resolves: certified, from the same whole-space basis
+    res = eigsh(A, k=3, tol=1e-4, return_result=True)
+    assert res.converged
+    top = torch.linalg.eigvalsh(A.double())[-3:]
+    torch.testing.assert_close(res.eigenvalues.double(), top, rtol=FLOAT32_EIG_RTOL, atol=0)
+    # float64 at the default tolerance: exact
+    res = eigsh(A.double(), k=3, ncv=n, return_result=True)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, top, rtol=0, atol=EIG_TOL)
+
+
+NONSYMMETRIC = [[1.0, 5.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]  # eigenvalues 1, 2, 3
+
+
+def test_a_nonsymmetric_scipy_operator_or_callable_is_refused():
+    """SciPy operators and callables are declared symmetric when wrapped: eigsh certified 6.56."""
+    import numpy as np
+    import scipy.sparse.linalg as sla
+
+    M = np.array(NONSYMMETRIC)
+    T = torch.tensor(NONSYMMETRIC, dtype=torch.float64)
+    for A in (sla.aslinearoperator(M), second.aslinearoperator(lambda v: T @ v, 3, dtype=T.dtype)):
+        for k, block in ((1, None), (2, None), (2, 1)):
+            with pytest.raises(ValueError, match="eigsh needs a symmetric operator"):
+                eigsh(A, k=k, block_size=block)
+    # a symmetric SciPy operator is not a false alarm (float32 and float64)
+    S = sym(50, seed=3)
+    for dtype in (np.float64, np.float32):
+        vals = eigsh(sla.aslinearoperator(S.numpy().astype(dtype)), k=2, return_eigenvectors=False)
+        torch.testing.assert_close(vals, torch.linalg.eigvalsh(S)[-2:], rtol=1e-5, atol=0)
+
+
+def test_a_nonsymmetric_operator_past_the_probe_is_not_certified(monkeypatch):
+    """The whole-space basis alone used to certify; now the residuals must meet tol too."""
+    import scipy.sparse.linalg as sla
+
+    from second.spectral import _eigsh
+
+    monkeypatch.setattr(_eigsh, "check_symmetric_basis", lambda *a, **k: None, raising=False)
+    with pytest.warns(ConvergenceWarning, match="likely not symmetric"):
+        res = eigsh(
+            sla.aslinearoperator(torch.tensor(NONSYMMETRIC).numpy()), k=1, return_result=True
+        )
+    assert not res.converged and res.certified == [False]

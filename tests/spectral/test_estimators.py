@@ -90,3 +90,37 @@ def test_spectral_density_is_a_density(A):
     # SLQ integrates smooth functions: the mean eigenvalue tr(A)/n
     mean_est = float((nodes * weights).sum() / 4)
     assert mean_est == pytest.approx(float(ref.mean()), abs=0.5 * float(ref.std()))
+
+
+def test_lanczos_estimates_refuse_a_nonsymmetric_operator():
+    """extreme_eigenvalues and spectral_density returned numbers for a nonsymmetric matrix."""
+    import numpy as np
+    import scipy.sparse.linalg as sla
+
+    from second.spectral import extreme_eigenvalues
+
+    M = np.array([[1.0, 5.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    calls = {
+        "extreme_eigenvalues": lambda A: extreme_eigenvalues(A),
+        "spectral_density": lambda A: spectral_density(A, num_probes=2, lanczos_steps=3),
+    }
+    for name, call in calls.items():
+        with pytest.raises(
+            ValueError, match=f"{name} needs a symmetric operator; this one declares"
+        ):
+            call(torch.tensor(M))  # a dense tensor: its symmetry is known
+        with pytest.raises(ValueError, match=f"{name} needs a symmetric operator, and this one is"):
+            call(sla.aslinearoperator(M))  # declared symmetric when wrapped: found by the probe
+
+
+def test_lanczos_estimates_of_a_float32_hessian_are_not_false_alarms():
+    from second.spectral import extreme_eigenvalues
+
+    p = seed_problem(0, torch.float32)
+    H = second.HessianOperator(p.model, p.loss_fn, p.data)
+    ref = torch.linalg.eigvalsh(H.to_dense().double())
+    lo, hi = extreme_eigenvalues(H, steps=H.shape[0])
+    assert hi == pytest.approx(float(ref[-1]), rel=1e-3)
+    assert lo == pytest.approx(float(ref[0]), abs=1e-3 * float(ref.abs().max()))
+    grid, density, nodes, weights = spectral_density(H, num_probes=2, lanczos_steps=20)
+    assert bool(torch.isfinite(density).all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from .._losses import reduction_of
 from ..data import Task, as_task, iterate_batches, map_batch
 from ..func import map_examples, parameters_to_vector
 
-__all__ = ["ggn_diagonal"]
+__all__ = ["ggn_diagonal", "batch_coupled_modules"]
 
 MEMORY_BUDGET = 2**26  # floats of per-example gradients held at once (256 MB in float32)
 
@@ -43,7 +44,11 @@ def ggn_diagonal(
       back-propagated through the batch to the layers' outputs (``C`` ordinary backward passes)
       and each layer's diagonal is formed from its inputs: :math:`(g^{\odot 2})^\top
       a^{\odot 2}` for a linear layer on one vector per example, the squared per-example
-      gradients (unfolded inputs times output gradients) otherwise.
+      gradients (unfolded inputs times output gradients) otherwise. A parameter must be
+      used by its layer alone: one registered in two modules (a weight shared by two layers,
+      an embedding tied to the output head) is refused, and every backward pass checks that
+      the layers' gradients, summed over the examples, are the parameters' own gradients
+      (a parameter also used outside its layer, say by ``F.linear``, fails the check).
     * ``method="vmap"``: any model; one vector-Jacobian product per example and column,
       batched with :func:`torch.func.vmap`. Examples are processed ``chunk_size`` at a time
       (default: as many as keep ``C x chunk x P`` floats under ``2^26``).
@@ -51,6 +56,12 @@ def ggn_diagonal(
       ``"vmap"``.
 
     Memory is flat in the number of examples either way.
+
+    Both need the loss to be a sum of per-example terms of per-example outputs: a model that
+    normalizes with the statistics of the batch (batch norm in training mode, or without
+    running statistics) couples the examples, has no per-example decomposition, and is
+    refused (call ``model.eval()``; :func:`~second.spectral.diagonal` estimates the diagonal
+    of such a model's :class:`~second.GGNOperator`).
 
     Data parallel, as the curvature operators: under an initialized ``torch.distributed``
     process group each rank passes its own shard of the data, and the diagonal (and, for a
@@ -70,6 +81,12 @@ def ggn_diagonal(
 
     Returns:
         The flat diagonal (length ``P``), in the parameters' dtype.
+
+    Raises:
+        ValueError: an unknown ``method``; ``method="layers"`` on a model it does not cover
+            (see above); a batch-coupled model.
+        NotImplementedError: a loss other than the three above (its output Hessian has no
+            factorization here).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -92,12 +109,10 @@ def ggn_diagonal(
     keys = [names[id(p)] for p in params]
     if method not in ("auto", "layers", "vmap"):
         raise ValueError(f"method must be 'auto', 'layers' or 'vmap', got {method!r}")
-    layers = None if method == "vmap" else _layer_plan(model, params)
+    refuse_unsupported(model, loss_fn)
+    layers, why = (None, "") if method == "vmap" else _layer_plan(model, params)
     if method == "layers" and layers is None:
-        raise ValueError(
-            "method='layers' needs every parameter in an nn.Linear or nn.Conv2d (groups=1, "
-            "numeric padding, zero padding mode); use method='vmap'"
-        )
+        raise ValueError(f"method='layers' {why}; use method='vmap'")
     red = reduction_of(loss_fn, reduction)
     task = as_task(task, loss_fn)
     device = params[0].device
@@ -111,15 +126,17 @@ def ggn_diagonal(
     )
     n_total = float(dist.all_reduce_sum(count, distributed)[0])
 
-    def output_of(theta, example):
-        batch = map_batch(example, lambda t: t.unsqueeze(0))
+    def batch_output(theta, batch):
         full = dict(fixed)
         full.update(theta)
 
         def run(*args, **kwargs):
             return functional_call(model, full, args, kwargs)
 
-        return task.output(run, batch)[0]
+        return task.output(run, batch)
+
+    def output_of(theta, example):
+        return batch_output(theta, map_batch(example, lambda t: t.unsqueeze(0)))[0]
 
     theta0 = {k: p.detach() for k, p in zip(keys, params)}
 
@@ -147,18 +164,95 @@ def ggn_diagonal(
         return part
 
     for batch in batches:
-        part = None
+        part: Tensor | None = None
         if layers is not None:
             y = _targets(task, loss_fn, batch)
             sqrt = lambda f, y=y: _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total, y)  # noqa: E731
-            part = _by_layers(model, task, batch, layers, params, sqrt, chunk_size)
-            if part is None and method == "layers":
-                raise ValueError(
-                    "method='layers': a Linear/Conv2d layer ran more than once, or on inputs "
-                    "without the batch in the first dimension; use method='vmap'"
-                )
+            theta = {k: p.detach().requires_grad_() for k, p in zip(keys, params)}
+            forward = lambda b, theta=theta: batch_output(theta, b)  # noqa: E731
+            got = _by_layers(forward, task, batch, layers, params, theta, keys, sqrt, chunk_size)
+            if isinstance(got, str):
+                if method == "layers":
+                    raise ValueError(f"method='layers': {got}; use method='vmap'")
+                if got is _OUTSIDE:  # the model's structure: not for this batch only
+                    layers = None
+            else:
+                part = got
         total += by_vmap(batch) if part is None else part
     return dist.all_reduce_sum(total, distributed)
+
+
+def batch_coupled_modules(model: nn.Module) -> list[str]:
+    """Modules that normalize with the batch's statistics, as ``"name (Type)"`` labels.
+
+    Batch norm in training mode, or without running statistics (``track_running_stats=False``
+    normalizes with the batch's statistics in eval mode too), makes an example's output depend
+    on the others in its batch. Instance, layer and group norm are per example.
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(3, track_running_stats=False)
+        >>> batch_coupled_modules(torch.nn.Sequential(torch.nn.Linear(2, 3), bn).eval())
+        ['1 (BatchNorm1d)']
+    """
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or (m.running_mean is None and m.running_var is None)
+        ):
+            found.append(f"{name or type(m).__name__} ({type(m).__name__})")
+    return found
+
+
+def unsupported_reason(model: nn.Module, loss_fn: Callable) -> str | None:
+    """Why :func:`ggn_diagonal` cannot give this model's and loss' diagonal, else ``None``."""
+    found = _unsupported(model, loss_fn)
+    return None if found is None else found[1]
+
+
+def _unsupported(model: nn.Module, loss_fn: Callable) -> tuple[type[Exception], str] | None:
+    """The error type and reason :func:`refuse_unsupported` raises, else ``None``."""
+    from .._losses import linear_loss_note, loss_kind
+
+    note = linear_loss_note(loss_fn)
+    if note is not None:
+        return NotImplementedError, note
+    if loss_kind(loss_fn) is None:
+        return NotImplementedError, (
+            "the exact GGN diagonal factorizes the output Hessian of MSELoss, "
+            f"CrossEntropyLoss and BCEWithLogitsLoss; {type(loss_fn).__name__} is not one of them"
+        )
+    coupled = batch_coupled_modules(model)
+    if coupled:
+        return ValueError, (
+            f"the model normalizes with the statistics of the batch ({', '.join(coupled[:3])}: "
+            "batch norm in training mode, or without running statistics), which couples the "
+            "examples of a batch: the GGN diagonal has no per-example decomposition"
+        )
+    return None
+
+
+def refuse_unsupported(model: nn.Module, loss_fn: Callable) -> None:
+    """Raise where :func:`ggn_diagonal` cannot give the exact diagonal.
+
+    Raises:
+        NotImplementedError: a loss without a factorized output Hessian (not ``MSELoss``,
+            ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``).
+        ValueError: a model that couples the examples of a batch
+            (:func:`batch_coupled_modules`).
+    """
+    found = _unsupported(model, loss_fn)
+    if found is None:
+        return
+    kind, why = found
+    if kind is ValueError:
+        hint = "call model.eval() first (batch norm with running statistics)"
+    else:
+        hint = "the GGNOperator takes any loss"
+    raise kind(
+        f"ggn_diagonal: {why}. Instead: {hint}; estimate the diagonal of a GGNOperator with "
+        "diagonal(G, method='hutchinson'), or take diagonal(G, method='exact') from its unit-"
+        "vector products on a small model"
+    )
 
 
 def _targets(task, loss_fn, batch) -> Tensor | None:
@@ -183,12 +277,25 @@ def _scaled_sqrt(
 
 def _layer_plan(
     model: nn.Module, params: list[Tensor]
-) -> list[tuple[nn.Module, bool, bool]] | None:
-    """``(layer, weight wanted, bias wanted)`` covering ``params``.
+) -> tuple[list[tuple[nn.Module, bool, bool]] | None, str]:
+    """``(layer, weight wanted, bias wanted)`` covering ``params``, or ``None`` and why not.
 
-    ``None`` if some parameter is not in a plain ``nn.Linear`` or ``nn.Conv2d``.
+    ``None`` if some parameter is not in a plain ``nn.Linear`` or ``nn.Conv2d``, or is
+    registered in more than one module (a weight shared by two layers, an embedding tied to
+    an output head): its layer's gradient is then only part of the parameter's.
     """
     wanted = {id(p) for p in params}
+    owners: dict[int, set[tuple[int, str]]] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for name, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            if id(p) in wanted:
+                owners.setdefault(id(p), set()).add((id(m), name))
+    shared = [i for i, p in enumerate(params) if len(owners.get(id(p), ())) > 1]
+    if shared:
+        return None, (
+            f"cannot take parameters {shared}: each is registered in more than one module (a "
+            "shared or tied weight), so no single layer's gradient is the parameter's"
+        )
     plan, covered = [], set()
     for m in model.modules():
         if type(m) not in (nn.Linear, nn.Conv2d):
@@ -203,13 +310,30 @@ def _layer_plan(
             plan.append((m, w, b))
             covered |= {id(m.weight)} if w else set()
             covered |= {id(m.bias)} if b else set()
-    return plan if covered == wanted else None
+    if covered != wanted:
+        return None, (
+            "needs every parameter in an nn.Linear or nn.Conv2d (groups=1, numeric padding, "
+            "zero padding mode)"
+        )
+    return plan, ""
 
 
-def _by_layers(model, task, batch, plan, params, sqrt, chunk_size) -> Tensor | None:
+def layer_check_rtol(dtype: torch.dtype) -> float:
+    """How far (relative to ``||g|| ||a||``) the layers' summed gradients may be from autograd's.
+
+    ``sqrt(eps)`` of the dtype: far above the rounding of the sums, far below a use of the
+    parameter outside its layer.
+    """
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _by_layers(forward, task, batch, plan, params, theta, keys, sqrt, chunk_size) -> Tensor | str:
     """One batch's diagonal from the layers' inputs and back-propagated output factors.
 
-    ``None`` when a layer ran other than once or its input's first dimension is not the batch.
+    ``forward(batch)`` runs the model with the parameters ``theta`` (a dict by ``keys``, in
+    the order of ``params``). Returns why not (a string) when a layer ran other than once,
+    its input's first dimension is not the batch, or the layers' gradients summed over the
+    examples are not autograd's gradients of the parameters (a use outside the layer).
     """
     n_b = task.batch_size(batch)
     records: dict[nn.Module, list] = {m: [] for m, _, _ in plan}
@@ -220,32 +344,52 @@ def _by_layers(model, task, batch, plan, params, sqrt, chunk_size) -> Tensor | N
     handles = [m.register_forward_hook(keep) for m, _, _ in plan]
     try:
         with torch.enable_grad():
-            f = task.output(model, batch)
+            f = forward(batch)
     finally:
         for h in handles:
             h.remove()
     runs = [records[m] for m, _, _ in plan]
     if any(len(r) != 1 or r[0][0].shape[0] != n_b or not r[0][1].requires_grad for r in runs):
-        return None
+        return (
+            "a Linear/Conv2d layer ran more than once, or on inputs without the batch in the "
+            "first dimension"
+        )
     if any(type(m) is nn.Conv2d and r[0][0].dim() != 4 for (m, _, _), r in zip(plan, runs)):
-        return None
+        return "a Conv2d layer ran on inputs without a batch dimension"
     S = sqrt(f)
     K = S.shape[0]
-    diag = {id(p): torch.zeros_like(p) for p in params}
+    leaves = [theta[k] for k in keys]
     outs = [r[0][1] for r in runs]
+    # one backward pass of a random mix of the columns checks that each layer's gradient,
+    # summed over the examples, is its parameters' own (no use outside the layer)
+    mix = torch.randn(K, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mixed = torch.tensordot(mix.to(dtype=S.dtype, device=S.device), S, dims=1)
+    grads = torch.autograd.grad(
+        f, outs + leaves, grad_outputs=mixed, retain_graph=True, allow_unused=True
+    )
+    position = {id(p): i for i, p in enumerate(params)}
+    rtol = layer_check_rtol(f.dtype)
+    for (m, w, b), r, g in zip(plan, runs, grads[: len(outs)]):
+        cols, g = _layer_columns(m, r[0][0], g)
+        scale = float(torch.linalg.vector_norm(g))
+        true = grads[len(outs) :]
+        if b and not _agrees(
+            g.sum((0, 1)),
+            true[position[id(m.bias)]],
+            rtol * scale * math.sqrt(g.shape[0] * g.shape[1]),
+        ):
+            return _OUTSIDE
+        if w and not _agrees(
+            torch.einsum("npo,nip->oi", g, cols).reshape(m.weight.shape),
+            true[position[id(m.weight)]],
+            rtol * scale * float(torch.linalg.vector_norm(cols)),
+        ):
+            return _OUTSIDE
+    diag = {id(p): torch.zeros_like(p) for p in params}
     for k in range(K):
         gs = torch.autograd.grad(f, outs, grad_outputs=S[k], retain_graph=k < K - 1)
         for (m, w, b), r, g in zip(plan, runs, gs):
-            a = r[0][0]
-            if type(m) is nn.Conv2d:
-                assert not isinstance(m.padding, str)  # the plan admits numeric padding only
-                cols = nn.functional.unfold(
-                    a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
-                )  # [n, in * kh * kw, L]
-                g = g.reshape(g.shape[0], g.shape[1], -1).mT  # [n, L, out]
-            else:
-                cols = a.reshape(a.shape[0], -1, a.shape[-1]).mT  # [n, in, T]
-                g = g.reshape(g.shape[0], -1, g.shape[-1])  # [n, T, out]
+            cols, g = _layer_columns(m, r[0][0], g)
             if b:
                 diag[id(m.bias)] += (g.sum(1) ** 2).sum(0)
             if w:
@@ -253,6 +397,36 @@ def _by_layers(model, task, batch, plan, params, sqrt, chunk_size) -> Tensor | N
                     m.weight.shape
                 )
     return parameters_to_vector([diag[id(p)] for p in params])
+
+
+def _layer_columns(m: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's inputs ``[n, in, T]`` and output gradients ``[n, T, out]`` by position.
+
+    Example ``i``'s weight gradient is ``g_i^T cols_i^T``: a linear layer's positions are its
+    input's middle dimensions, a convolution's its unfolded patches.
+    """
+    if type(m) is nn.Conv2d:
+        assert not isinstance(m.padding, str)  # the plan admits numeric padding only
+        cols = nn.functional.unfold(
+            a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+        )  # [n, in * kh * kw, L]
+        g = g.reshape(g.shape[0], g.shape[1], -1).mT  # [n, L, out]
+    else:
+        cols = a.reshape(a.shape[0], -1, a.shape[-1]).mT  # [n, in, T]
+        g = g.reshape(g.shape[0], -1, g.shape[-1])  # [n, T, out]
+    return cols.to(g.dtype), g
+
+
+_OUTSIDE = (
+    "a parameter is also used outside its layer (the layers' gradients summed over the "
+    "examples differ from autograd's)"
+)
+
+
+def _agrees(got: Tensor, want: Tensor | None, atol: float) -> bool:
+    """Whether ``got`` is ``want`` (``None``: zero) to ``atol`` in norm."""
+    diff = got if want is None else got - want
+    return float(torch.linalg.vector_norm(diff)) <= atol
 
 
 def _squared_gradients(cols: Tensor, g: Tensor, chunk_size: int | None) -> Tensor:

@@ -14,6 +14,7 @@ from .._errors import ConvergenceWarning
 from .._progress import progress
 from ..operators.base import aslinearoperator
 from ._inner import gram, project_off, rows_per_chunk
+from ._symmetry import check_symmetric_basis
 
 __all__ = ["eigsh", "EigshResult", "COPY_CHECK_STEPS"]
 
@@ -170,6 +171,10 @@ def eigsh(
     ``data_passes`` in the result counts products in units of one product over all the data
     (a block of ``p`` columns is ``p`` passes).
 
+    A pair is certified only when its bound meets ``tol``, also once the basis spans the
+    whole space (its Ritz pairs are then exact up to the products' rounding): the message
+    says whether ``tol`` is below what the dtype resolves.
+
     Args:
         A: a symmetric :class:`~second.LinearOperator`, dense tensor or callable.
         k: number of eigenpairs.
@@ -193,7 +198,10 @@ def eigsh(
 
     Raises:
         ValueError: ``k`` outside ``[1, n]``, an unknown ``which`` or ``criterion``, or an
-            operator that declares itself nonsymmetric.
+            operator that declares itself nonsymmetric or is clearly not symmetric (a probe
+            compares ``u^T A v`` with ``v^T A u`` on the first basis vectors, from products
+            eigsh takes anyway: a SciPy operator or a callable is declared symmetric when
+            wrapped).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -302,7 +310,11 @@ def eigsh(
     blocks = progress(
         range(maxiter + 2), total=maxiter // p + 1, desc="eigsh", unit="block", enabled=progressbar
     )
+    probed = False  # the symmetry probe (on the first two basis vectors and more)
     for _ in blocks:
+        if not probed and Q.shape[1] >= 2:
+            check_symmetric_basis(Q, AQ, "eigsh", dtype)
+            probed = True
         if (
             stride > 1
             and passes % stride
@@ -356,9 +368,16 @@ def eigsh(
                 "products resolve: use float64 or a larger tol)"
             )
             break
-        if m >= n and idx.numel() == k:  # the basis spans everything: the answer is exact
-            certified = torch.ones_like(certified)
-            message = f"exact: the basis spans R^{n} ({used} products)"
+        if m >= n and idx.numel() == k:  # the basis spans everything: exact up to rounding
+            message = _exact_message(
+                f"the basis spans R^{n} ({used} products)",
+                certified,
+                bound,
+                tol * scale,
+                scale,
+                criterion,
+                dtype,
+            )
             break
         if used >= maxiter and check_ref is not None and bool(certified.all()):
             message = (
@@ -388,8 +407,15 @@ def eigsh(
         W = extend(randn(p) if fresh else W, Q)
         if W.shape[1] == 0:
             if idx.numel() == k:
-                certified = torch.ones_like(certified)
-                message = "exact: no direction left outside the basis"
+                message = _exact_message(
+                    "no direction left outside the basis",
+                    certified,
+                    bound,
+                    tol * scale,
+                    scale,
+                    criterion,
+                    dtype,
+                )
             else:
                 message = f"no direction left outside a basis of {m} (fewer than k = {k})"
             break
@@ -431,6 +457,36 @@ def eigsh(
     if not return_eigenvectors:
         return result.eigenvalues
     return result.eigenvalues, result.eigenvectors
+
+
+def _exact_message(
+    how: str,
+    certified: Tensor,
+    bound: Tensor,
+    threshold: float,
+    scale: float,
+    criterion: str,
+    dtype: torch.dtype,
+) -> str:
+    """How a run whose basis holds every direction ended: exact, or which bounds miss ``tol``.
+
+    Rayleigh-Ritz on a basis of the whole space is exact up to the products' rounding, so a
+    pair is still certified only if its bound meets the tolerance: a bound at the rounding
+    level means ``tol`` is below what the dtype resolves; one far above it means the
+    operator is not symmetric (its Ritz pairs are not eigenpairs).
+    """
+    if bool(certified.all()):
+        return f"exact: {how}"
+    worst = float(bound.max())
+    missed = f"{int((~certified).sum())} of {certified.numel()} pairs"
+    if worst <= math.sqrt(torch.finfo(dtype).eps) * scale:
+        why = f"tol is below what {dtype} products resolve: use float64 or a larger tol"
+    else:
+        why = "far above rounding: the operator is likely not symmetric"
+    return (
+        f"{how}, but {missed} miss the tolerance: largest {criterion} bound {worst:.2e} > "
+        f"{threshold:.2e} ({why})"
+    )
 
 
 def _moved(vals: Tensor, ref: Tensor, tol: float) -> bool:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
+from .. import distributed as dist
 from .._progress import progress
-from ..operators.base import aslinearoperator
+from ..operators.base import LinearOperator, aslinearoperator
 from ._inner import gram, project_off
-from .lanczos import lanczos, tridiagonal
+from ._symmetry import check_symmetric_basis
+from .lanczos import _lanczos, tridiagonal
 
 __all__ = [
     "trace",
@@ -30,7 +33,8 @@ class Estimate:
 
     Attributes:
         value: the estimate (a scalar tensor, or a vector for a diagonal).
-        std_error: its estimated standard error (same shape; 0 for an exact method).
+        std_error: its estimated standard error (same shape; 0 for an exact method, NaN
+            when the spread is unknown: a random estimate from a single term).
         matvecs: operator products used (a block of ``k`` columns counts ``k``).
         passes: block products, i.e. traversals of the data for an operator over a dataset.
         method: the method used.
@@ -103,8 +107,30 @@ def _rademacher(n: int, k: int, g: torch.Generator, dtype, device) -> Tensor:
     return torch.randint(0, 2, (n, k), generator=g, device=device).to(dtype) * 2 - 1
 
 
-def _gen(generator, device) -> torch.Generator:
-    return generator or torch.Generator(device=device).manual_seed(0)
+def _gen(generator: torch.Generator | None, op) -> torch.Generator:
+    """The caller's generator, else one seeded from torch's global generator.
+
+    Without a generator the seed is drawn from the global one, so ``torch.manual_seed``
+    makes an estimate reproducible and repeated calls draw new probes. For an operator whose
+    products are summed over a process group (every rank must draw the same probes) rank 0's
+    seed is taken on every rank.
+    """
+    if generator is not None:
+        return generator
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(op.device)
+    if _collective(op):
+        seed = dist.all_reduce_sum(seed * int(dist.rank() == 0))
+    return torch.Generator(device=op.device).manual_seed(int(seed.item()))
+
+
+def _collective(op, depth: int = 0) -> bool:
+    """Whether ``op``'s products are all-reduced over a process group (through wrappers)."""
+    if depth > 16 or not dist.active():
+        return False
+    if hasattr(op, "distributed") and hasattr(op, "model"):  # a curvature operator over data
+        return op.distributed is not False
+    inner = [*getattr(op, "ops", ()), getattr(op, "op", None)]
+    return any(_collective(o, depth + 1) for o in inner if isinstance(o, LinearOperator))
 
 
 def trace(
@@ -123,13 +149,30 @@ def trace(
       dominant range :math:`Q` of :math:`A S`, whose trace is taken exactly, and Hutchinson
       handles the rest; error :math:`O(1/m)` for matrices with decaying spectra.
     * ``"xtrace"`` (Epperly, Tropp & Webber, 2024): every probe serves both as a range
-      sample and as a Hutchinson probe, by leave-one-out projections; exact for a matrix of
-      rank below ``num_matvecs / 2 - 1``, and the most accurate of the three per product.
+      sample and as a Hutchinson probe, by leave-one-out projections; exact for a symmetric
+      matrix of rank below ``num_matvecs / 2 - 1``, and the most accurate of the three per
+      product. It needs a symmetric operator: one that is not (declared, or found so from the
+      kept products) raises ``ValueError``.
     * ``"exact"``: the sum of :math:`e_i^\top A e_i` over all ``n`` unit vectors (batched).
+      ``"hutch++"`` and ``"xtrace"`` take it too when the budget covers the whole space.
 
     With ``return_result=True`` an :class:`Estimate` carries the standard error (from the
-    spread of the Hutchinson terms, or of XTrace's exchangeable estimates), the products and
-    the data passes.
+    spread of the Hutchinson terms, or of XTrace's exchangeable estimates; NaN from a single
+    term), the products and the data passes.
+
+    Args:
+        A: a square :class:`~second.LinearOperator`, dense tensor or SciPy operator.
+        num_matvecs: the budget of operator products.
+        method: ``"hutch++"``, ``"hutchinson"``, ``"xtrace"`` or ``"exact"``.
+        generator: the random generator of the probes. Default: a fresh one seeded from
+            torch's global generator (``torch.manual_seed`` makes the estimate reproducible,
+            and repeated calls draw new probes); for a curvature operator summed over a
+            ``torch.distributed`` group, rank 0's seed on every rank.
+        return_result: return an :class:`Estimate` instead of the value.
+
+    Raises:
+        ValueError: an unknown ``method``, ``num_matvecs < 1``, or ``"xtrace"`` on an operator
+            that is not symmetric.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
@@ -142,7 +185,7 @@ def trace(
     """
     op = aslinearoperator(A)
     n = op.shape[0]
-    g = _gen(generator, op.device)
+    g = _gen(generator, op)
     count = _Counter(op)
     zero = torch.zeros((), dtype=torch.float64)
     if method not in ("hutch++", "hutchinson", "xtrace", "exact"):
@@ -151,7 +194,9 @@ def trace(
         )
     if method != "exact" and num_matvecs < 1:
         raise ValueError("num_matvecs must be >= 1")
-    if method == "exact" or (method in ("hutch++", "xtrace") and num_matvecs >= 2 * n):
+    if method == "exact" or (
+        method in ("hutch++", "xtrace") and (num_matvecs >= 2 * n or _probes(num_matvecs) > n)
+    ):
         # the budget covers the whole space: take the trace exactly
         value, err, used = torch.diagonal(_dense(op, count)).sum(), zero, "exact"
     elif method == "hutchinson":
@@ -168,11 +213,28 @@ def trace(
         value = torch.trace(gram(Q, count(Q))).to(op.dtype) + terms.mean().to(op.dtype)
         err, used = _sem(terms), method
     else:
-        value, err = _xtrace(count, n, max(2, num_matvecs // 2), g, op.dtype, op.device)
+        _refuse_nonsymmetric(op, "xtrace")
+        value, err = _xtrace(count, n, _probes(num_matvecs), g, op.dtype, op.device)
         used = method
     if not return_result:
         return value
     return Estimate(value, err, count.matvecs, count.passes, used)
+
+
+def _probes(num_matvecs: int) -> int:
+    """XTrace's and XDiag's Gaussian probes for a budget (each takes two products)."""
+    return max(2, num_matvecs // 2)
+
+
+def _refuse_nonsymmetric(op, method: str) -> None:
+    """XTrace and XDiag need a symmetric operator: refuse one that declares otherwise."""
+    if not getattr(op, "symmetric", True):
+        raise ValueError(
+            f"method={method!r} needs a symmetric operator (its leave-one-out formulas take "
+            "A = A^T: biased otherwise, with a standard error that does not show it); this one "
+            "is not symmetric: use method='hutchinson'"
+            + (" or 'hutch++'" if method == "xtrace" else "")
+        )
 
 
 def _dense(op, count: _Counter) -> Tensor:
@@ -182,12 +244,12 @@ def _dense(op, count: _Counter) -> Tensor:
 
 
 def _sem(terms: Tensor) -> Tensor:
-    """The standard error of the mean of ``terms`` (0 for a single term)."""
+    """The standard error of the mean of ``terms`` (NaN, unknown, for a single term)."""
     m = terms.shape[0]
-    return terms.std(dim=0) / math.sqrt(m) if m > 1 else torch.zeros_like(terms[0])
+    return terms.std(dim=0) / math.sqrt(m) if m > 1 else torch.full_like(terms[0], math.nan)
 
 
-def _exchangeable_sketch(count: _Counter, n: int, m: int, g, dtype, device):
+def _exchangeable_sketch(count: _Counter, n: int, m: int, g, dtype, device, what: str):
     """XTrace's and XDiag's shared sketch from ``m`` Gaussian probes (``2 m`` products).
 
     Returns ``(Omega, Q, R, S, A Q)``: the probes, ``A Omega = Q R``, the normalized columns
@@ -199,7 +261,10 @@ def _exchangeable_sketch(count: _Counter, n: int, m: int, g, dtype, device):
     Qd, Rd = Q.to(torch.float64), R.to(torch.float64)
     S = torch.linalg.inv(Rd).mT
     S = S / torch.linalg.vector_norm(S, dim=0)
-    return Om, Qd, Rd, S, count(Q).to(torch.float64)
+    AQ = count(Q)
+    # Q^T A Q is symmetric for a symmetric A (a free probe of a wrapped SciPy operator)
+    check_symmetric_basis(Q, AQ, f"method={what!r}", dtype, "method='hutchinson'")
+    return Om, Qd, Rd, S, AQ.to(torch.float64)
 
 
 def _xtrace(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, Tensor]:
@@ -210,7 +275,7 @@ def _xtrace(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, 
     ``R^{-T}``); estimate ``i`` is ``tr(Q_(i)^T A Q_(i)) + w^T (I - P_i) A (I - P_i) w`` with
     ``w = omega_i``, which is unbiased because ``omega_i`` is independent of ``Q_(i)``.
     """
-    Om, Qd, Rd, S, Z = _exchangeable_sketch(count, n, m, g, dtype, device)
+    Om, Qd, Rd, S, Z = _exchangeable_sketch(count, n, m, g, dtype, device, "xtrace")
     H = Qd.T @ Z
     H = 0.5 * (H + H.T)
     W = Qd.T @ Om.to(torch.float64)  # Q^T omega_i
@@ -269,15 +334,36 @@ def diagonal(
       same model and data, whose diagonal is exact (:func:`ggn_diagonal`): the Hessian's
       diagonal is then the GGN's plus an estimate of the (usually small) residual term.
     * ``"xdiag"`` (Epperly, Tropp & Webber, 2024): the exchangeable leave-one-out
-      estimator, exact for a matrix of rank below ``num_matvecs / 2 - 1``.
+      estimator, exact for a symmetric matrix of rank below ``num_matvecs / 2 - 1``; it
+      needs a symmetric operator (biased otherwise), and takes the exact diagonal when the
+      budget covers the whole space (``num_matvecs >= 2 n``).
     * ``"exact"``: from ``n`` batched unit-vector products (small models); for a
       :class:`~second.GGNOperator`, by :func:`ggn_diagonal` instead (one backward pass per
-      output dimension, any number of parameters).
+      output dimension, any number of parameters). Where :func:`ggn_diagonal` does not apply
+      (a loss other than ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``; a model
+      whose batch norm couples the examples) a warning says so and the ``n`` products are
+      taken.
 
-    With ``return_result=True`` an :class:`Estimate` carries per-entry standard errors.
+    With ``return_result=True`` an :class:`Estimate` carries per-entry standard errors
+    (NaN from a single probe).
+
+    Args:
+        A: a square :class:`~second.LinearOperator`, dense tensor or SciPy operator.
+        num_matvecs: the budget of operator products (randomized methods).
+        method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
+        control: a control variate for ``"hutchinson"`` (see above).
+        generator: the random generator of the probes. Default: a fresh one seeded from
+            torch's global generator (``torch.manual_seed`` makes the estimate reproducible,
+            and repeated calls draw new probes); for a curvature operator summed over a
+            ``torch.distributed`` group, rank 0's seed on every rank.
+        return_result: return an :class:`Estimate` instead of the value.
 
     Raises:
-        ValueError: an unknown ``method``, or ``num_matvecs < 1`` for a randomized one.
+        ValueError: an unknown ``method``; ``num_matvecs < 1`` for a randomized one;
+            ``"xdiag"`` on an operator that is not symmetric; ``control="ggn"`` on a model
+            whose batch norm couples the examples.
+        NotImplementedError: ``control="ggn"`` with a loss :func:`ggn_diagonal` does not
+            factorize.
 
     Example:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -289,6 +375,10 @@ def diagonal(
     count = _Counter(op)
     if method not in ("hutchinson", "xdiag", "exact"):
         raise ValueError(f"method must be 'hutchinson', 'xdiag' or 'exact', got {method!r}")
+    if method != "exact" and num_matvecs < 1:
+        raise ValueError("num_matvecs must be >= 1")
+    if method == "xdiag" and (num_matvecs >= 2 * n or _probes(num_matvecs) > n):
+        method = "exact"  # the budget covers the whole space: take the diagonal exactly
     model_diag = _model_ggn(op) if method == "exact" else None
     if model_diag is not None:
         value, err = model_diag, torch.zeros_like(model_diag)
@@ -296,11 +386,10 @@ def diagonal(
         value = torch.diagonal(_dense(op, count)).clone()
         err = torch.zeros_like(value)
     else:
-        if num_matvecs < 1:
-            raise ValueError("num_matvecs must be >= 1")
-        g = _gen(generator, op.device)
+        g = _gen(generator, op)
         if method == "xdiag":
-            value, err = _xdiag(count, n, max(2, num_matvecs // 2), g, op.dtype, op.device)
+            _refuse_nonsymmetric(op, "xdiag")
+            value, err = _xdiag(count, n, _probes(num_matvecs), g, op.dtype, op.device)
         else:
             Z = _rademacher(n, num_matvecs, g, op.dtype, op.device)
             AZ = count(Z)
@@ -315,18 +404,31 @@ def diagonal(
                 AZ = AZ - (Cop @ Z if Z.shape[1] > 1 else (Cop @ Z[:, 0]).unsqueeze(1))
             terms = (Z * AZ).to(torch.float64)
             value = terms.mean(dim=1).to(op.dtype) + (0 if base is None else base)
-            err = terms.std(dim=1) / math.sqrt(num_matvecs) if num_matvecs > 1 else 0 * value
+            err = _sem(terms.T)
     if not return_result:
         return value
     return Estimate(value, err, count.matvecs, count.passes, method)
 
 
 def _model_ggn(op) -> Tensor | None:
-    """The exact GGN diagonal of a GGN operator over a model, by per-example products."""
+    """The exact GGN diagonal of a GGN operator over a model, by per-example products.
+
+    ``None`` (the caller takes the dense diagonal) for another operator, and, with a
+    warning, for a loss or model :func:`ggn_diagonal` cannot take.
+    """
     from ..operators import GGNOperator
-    from ._diagonal import ggn_diagonal
+    from ._diagonal import ggn_diagonal, unsupported_reason
 
     if type(op) is not GGNOperator:
+        return None
+    why = unsupported_reason(op.model, op.loss_fn)
+    if why is not None:
+        warnings.warn(
+            f"diagonal(method='exact'): {why}. Taking the diagonal from the operator's "
+            f"{op.shape[0]} unit-vector products instead.",
+            UserWarning,
+            stacklevel=3,
+        )
         return None
     return ggn_diagonal(op.model, op.loss_fn, op.data, op.params, **_options_of(op))
 
@@ -344,8 +446,18 @@ def _named_control(op, name: str):
         raise ValueError(
             f"control={name!r}: the named control variate is 'ggn', for a HessianOperator"
         )
+    from ._diagonal import ggn_diagonal, refuse_unsupported, unsupported_reason
+
+    try:
+        refuse_unsupported(op.model, op.loss_fn)
+    except (ValueError, NotImplementedError) as err:
+        raise type(err)(
+            f"control='ggn' needs the GGN's exact diagonal, which ggn_diagonal cannot give: "
+            f"{unsupported_reason(op.model, op.loss_fn)}. Pass control=(C, diag_C) with a "
+            "control whose diagonal you have, or no control"
+        ) from err
     G = GGNOperator(op.model, op.loss_fn, op.data, op.params, **_options_of(op))
-    return G, _model_ggn(G)
+    return G, ggn_diagonal(G.model, G.loss_fn, G.data, G.params, **_options_of(G))
 
 
 def _xdiag(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, Tensor]:
@@ -355,7 +467,7 @@ def _xdiag(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, T
     of XTrace; the first term is exact from the kept products, the second is estimated by
     ``omega_i * ((I - P_i) A omega_i) = (s_i^T R_i) omega_i * (Q s_i)``.
     """
-    Om, Qd, Rd, S, Z = _exchangeable_sketch(count, n, m, g, dtype, device)
+    Om, Qd, Rd, S, Z = _exchangeable_sketch(count, n, m, g, dtype, device, "xdiag")
     QS, ZS = Qd @ S, Z @ S
     c = (S * Rd).sum(0)  # s_i^T R_i
     base = (Qd * Z).sum(1)  # diag(Q Q^T A)
@@ -373,7 +485,17 @@ def frobenius_norm(
     r"""Estimate :math:`\|A\|_F` from :math:`\|A\|_F^2 = \mathbb E\|A z\|^2` (Gaussian z).
 
     The relative error of :math:`\|A\|_F^2` is about :math:`\sqrt{2/m}\,\|A^\top A\|_F /
-    \|A\|_F^2`; the standard error reported is that of the square root (delta method).
+    \|A\|_F^2`; the standard error reported is that of the square root (delta method; NaN
+    from a single probe).
+
+    Args:
+        A: a :class:`~second.LinearOperator`, dense tensor or SciPy operator.
+        num_matvecs: the number of Gaussian probes (one product each).
+        generator: the random generator of the probes. Default: a fresh one seeded from
+            torch's global generator (``torch.manual_seed`` makes the estimate reproducible,
+            and repeated calls draw new probes); for a curvature operator summed over a
+            ``torch.distributed`` group, rank 0's seed on every rank.
+        return_result: return an :class:`Estimate` instead of the value.
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))
@@ -385,7 +507,7 @@ def frobenius_norm(
     if num_matvecs < 1:
         raise ValueError("num_matvecs must be >= 1")
     count = _Counter(op)
-    g = _gen(generator, op.device)
+    g = _gen(generator, op)
     Z = torch.randn(op.shape[1], num_matvecs, generator=g, dtype=op.dtype, device=op.device)
     terms = (count(Z).to(torch.float64) ** 2).sum(0)
     sq = terms.mean()
@@ -415,11 +537,27 @@ def spectral_density(
     converge fast. The density on ``grid`` is the measure smoothed by a Gaussian of
     width ``sigma`` (default 1% of the spectral range).
 
+    Args:
+        A: a symmetric :class:`~second.LinearOperator`, dense tensor or SciPy operator.
+        num_probes: Gaussian starting vectors.
+        lanczos_steps: Lanczos steps (products) per probe.
+        grid: the points where the density is evaluated, or their number.
+        sigma: the width of the Gaussian smoothing.
+        generator: the random generator of the probes. Default: a fresh one seeded from
+            torch's global generator (``torch.manual_seed`` makes the density reproducible);
+            for a curvature operator summed over a ``torch.distributed`` group, rank 0's
+            seed on every rank.
+        return_result: return a :class:`Density`.
+
     Returns:
         ``(grid, density, nodes, weights)``; ``nodes``/``weights`` are
         ``[num_probes, steps]`` (weights of each probe sum to 1). With ``return_result=True``
         a :class:`Density` that adds the pointwise standard error of the density (from the
-        spread of the probes' densities) and the products used.
+        spread of the probes' densities; NaN from a single probe) and the products used.
+
+    Raises:
+        ValueError: an operator that declares itself nonsymmetric, or one that is clearly not
+            symmetric (a probe at every Lanczos step, from the products it takes anyway).
 
     Example:
         >>> A = torch.diag(torch.linspace(-1.0, 1.0, 100, dtype=torch.float64))
@@ -429,12 +567,12 @@ def spectral_density(
     """
     op = aslinearoperator(A)
     n = op.shape[0]
-    g = _gen(generator, op.device)
+    g = _gen(generator, op)
     start = op.matvecs
     all_nodes, all_weights = [], []
     for _ in progress(range(num_probes), desc="spectral_density", unit="probe"):
         z = torch.randn(n, generator=g, dtype=op.dtype, device=op.device)
-        alpha, beta, _ = lanczos(op, z, lanczos_steps)
+        alpha, beta, _ = _lanczos(op, z, lanczos_steps, check="spectral_density")
         theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
         m = min(lanczos_steps, n)
         pad = m - theta.numel()

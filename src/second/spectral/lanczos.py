@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..operators.base import LinearOperator, aslinearoperator
 from ._inner import gram, project_off
+from ._symmetry import check_symmetric_pair
 
 __all__ = ["lanczos", "extreme_eigenvalues", "tridiagonal"]
 
@@ -35,8 +36,22 @@ def lanczos(
         ``k - 1``) and the basis ``Q`` (``n x k``, operator dtype), ``k <= m`` (fewer when
         an invariant subspace is found).
     """
+    return _lanczos(A, v0, m, reorthogonalize=reorthogonalize)
+
+
+def _lanczos(
+    A: LinearOperator, v0: Tensor, m: int, *, reorthogonalize: bool = True, check: str = ""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lanczos`; with ``check`` (the caller's name), a symmetry probe at every step.
+
+    For a symmetric ``A``, ``q_{j-1}^T A q_j`` is the ``beta_{j-1} = q_j^T A q_{j-1}`` already
+    found: one inner product per step compares them, and a ``ValueError`` (naming ``check``)
+    reports an operator that is clearly not symmetric.
+    """
     n = A.shape[0]
     m = min(int(m), n)
+    if check and not getattr(A, "symmetric", True):
+        raise ValueError(f"{check} needs a symmetric operator; this one declares symmetric=False")
     Q = torch.zeros((n, m), dtype=A.dtype, device=A.device)
     alphas, betas = [], []
     q = v0 / _norm(v0)
@@ -46,6 +61,10 @@ def lanczos(
     for j in range(m):
         Q[:, j] = q
         w = A @ q
+        if check and j > 0:  # q_{j-1}^T A q_j against q_j^T A q_{j-1} = beta_{j-1}
+            c = float(gram(Q[:, j - 1 : j], w[:, None]))
+            scale = max(anorm, abs(c), beta_prev)
+            check_symmetric_pair(abs(c - beta_prev), scale, A.dtype, check)
         alpha = float(gram(q[:, None], w[:, None]))
         alphas.append(alpha)
         w = w - alpha * q - beta_prev * q_prev
@@ -87,10 +106,14 @@ def extreme_eigenvalues(
 
     Ritz values lie inside the spectrum: the estimate of ``lambda_max`` is a lower bound
     and that of ``lambda_min`` an upper bound, both converging fast at the ends.
+
+    Raises:
+        ValueError: an operator that declares itself nonsymmetric, or one that is clearly
+            not symmetric (a probe at every step, from the products Lanczos takes anyway).
     """
     op = aslinearoperator(A)
     g = generator or torch.Generator(device=op.device).manual_seed(0)
     v0 = torch.randn(op.shape[0], generator=g, dtype=op.dtype, device=op.device)
-    alpha, beta, _ = lanczos(op, v0, steps)
+    alpha, beta, _ = _lanczos(op, v0, steps, check="extreme_eigenvalues")
     theta = torch.linalg.eigvalsh(tridiagonal(alpha, beta))
     return float(theta[0]), float(theta[-1])
