@@ -426,3 +426,34 @@ def test_a_loss_linear_in_the_output_is_refused_with_the_reason(loss_fn):
         KFACOperator(model, loss_fn, (X, y))
     H = second.HessianOperator(model, loss_fn, (X, y))  # the Hessian is still there
     assert H.shape == (15, 15)
+
+
+WEIGHTED_LOSSES = {
+    "ignore_index": nn.CrossEntropyLoss(),
+    "class weights": nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0, 0.5], dtype=DT)),
+    "weights and smoothing": nn.CrossEntropyLoss(
+        weight=torch.tensor([1.0, 4.0, 0.5], dtype=DT), label_smoothing=0.2
+    ),
+}
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+@pytest.mark.parametrize("loss", list(WEIGHTED_LOSSES))
+def test_weighted_mean_losses_do_not_depend_on_the_batching(loss, cls):
+    # torch's mean of a weighted or padded cross-entropy divides each batch by its valid
+    # targets' weights: a batch's share of the mean over all the data is W_b / W (it was
+    # n_b / N: factors 2-10% off with some splits), and a batch whose targets are all ignored
+    # is no datum (it raised on its NaN loss)
+    torch.manual_seed(0)
+    X = torch.randn(12, 4, dtype=DT)
+    y = torch.randint(0, 3, (12,))
+    y[:3] = -100  # the first batch of 3 has no valid target
+    y[7] = -100
+    loss_fn = WEIGHTED_LOSSES[loss]
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    whole = cls(model, loss_fn, (X, y)).to_dense()
+    for size in (3, 4, 5):
+        batches = [(X[i : i + size], y[i : i + size]) for i in range(0, 12, size)]
+        torch.testing.assert_close(cls(model, loss_fn, batches).to_dense(), whole)
+    with pytest.raises(ValueError, match="no weight"):
+        cls(model, loss_fn, (X, torch.full_like(y, -100)))

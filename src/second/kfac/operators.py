@@ -255,7 +255,15 @@ class KFACOperator(CurvatureOperator):
         optimizer leaves them out.
         """
         self.generator.set_state(self._generator_state)
+        self._weight_total = 0.0
         for batch in self._batches():
+            # torch's mean divides a batch by W_b (its valid targets' weights): the batch's
+            # share of the mean over all the data is W_b / W, not n_b / N (refresh divides)
+            n_b = self.task.batch_size(batch)
+            w_b = self._batch_weight(batch, n_b)
+            self._weight_total += w_b
+            if self._skipped(w_b):
+                continue  # every target ignored: no datum (and a NaN batch loss)
             with Capture(self.rules, self.diagonal_rules) as cap:
                 out, _ = self._forward(batch)
             # the targets: the empirical Fisher's, and any loss whose curvature they weigh
@@ -264,6 +272,8 @@ class KFACOperator(CurvatureOperator):
             S = curvature_columns(
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
             )
+            if self.reduction == "mean" and w_b != n_b:  # statistics are quadratic in S
+                S = S * math.sqrt(w_b / n_b)
             if with_keep:
                 c = target_weights(self.loss_fn, out, y, self.reduction)
                 keep = None if c is None else c > 0
@@ -287,10 +297,17 @@ class KFACOperator(CurvatureOperator):
                 keep=keep,
             )
         stats.tensors()
+        total = self._weight_total
         if dist.active(self.distributed):
             stats.all_reduce()
+            buf = torch.tensor([total], dtype=torch.float64, device=self.device)
+            dist.all_reduce_sum(buf)
+            total = float(buf)
+        self._check_total(total)
         self._num_data = int(stats.n)
-        w = 1.0 / stats.n if self.reduction == "mean" else 1.0
+        # sum_b (W_b / n_b) (n_b-sums of batch b) / W: each batch by its share W_b / W
+        self._mean_scale = stats.n / total if self.reduction == "mean" else 1.0
+        w = self._mean_scale / stats.n if self.reduction == "mean" else 1.0
         A_sums, G_sums, diags = stats.sums()
         self.A: list[Tensor] = [A / max(nA, 1.0) for A, nA in zip(A_sums, stats.nA)]
         self.G: list[Tensor] = [G * w for G in G_sums]
@@ -485,7 +502,7 @@ class EKFACOperator(KFACOperator):
         sums = eigen_corrections(
             self.rules, kfac, self._passes(), distributed=dist.active(self.distributed)
         )
-        w = 1.0 / self.num_data if self.reduction == "mean" else 1.0
+        w = self._mean_scale / self.num_data if self.reduction == "mean" else 1.0
         self.scales = [s * w for s in sums]
         self._eigen = [e.with_eigenvalues(s) for e, s in zip(kfac, self.scales)]
 
