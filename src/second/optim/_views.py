@@ -98,9 +98,9 @@ def affine_selection(x: Tensor, out: Tensor) -> tuple[Tensor, float, bool] | Non
     a logit bias, an additive mask): a linear function :math:`x = s\,M\,\mathrm{out} + c`
     with a 0/1 matrix :math:`M` that has one 1 per row, a number :math:`s` and a constant
     :math:`c`. ``shifted`` says whether a sum with a constant is on the path (then ``x``'s
-    values are not ``scale`` times ``out``'s). ``None`` for any other graph (found by a walk of the graph, no backward
-    pass), for a linear map that is not such a selection, or a graph that cannot be
-    differentiated twice. :math:`M t` is found by differentiating :math:`M^\top u` (one
+    values are not ``scale`` times ``out``'s). ``None`` for any other graph (found by a
+    walk of the graph, no backward pass), for a linear map that is not such a selection, or
+    a graph that cannot be differentiated twice. :math:`M t` is found by differentiating :math:`M^\top u` (one
     backward with its graph) with respect to :math:`u`, and the indices go through it in
     digits small enough for the dtype to carry exactly. Costs a few backward passes over the
     graph between ``out`` and ``x``.
