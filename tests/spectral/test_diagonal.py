@@ -317,3 +317,91 @@ def test_a_loss_without_a_factorized_output_hessian():
     torch.testing.assert_close(est.value, torch.diagonal(ref_ggn(model, loss_fn, X, y)), **DIAG_TOL)
     with pytest.raises(NotImplementedError, match="control='ggn'.*HuberLoss"):
         diagonal(HessianOperator(model, loss_fn, (X, y)), 10, control="ggn")
+
+
+# ------------------------------------------------------- weighted and ignored targets (mean)
+# torch's mean divides by the class weights of the valid targets: the diagonal over batches is
+# that of sum_i w_i l_i / sum_i w_i on all the data, each batch counting its share of W
+CLASS_WEIGHT = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
+WEIGHTED_LOSSES = {
+    "ignore_index": dict(),
+    "weight": dict(weight=CLASS_WEIGHT),
+    "weight-smoothing": dict(weight=CLASS_WEIGHT, label_smoothing=0.2),
+}
+
+
+def _weighted_layouts(X, y):
+    """One batch; batches of 2 (the second fully ignored), 3 and 4; an unequal split."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loaders = [DataLoader(TensorDataset(X, y), batch_size=bs) for bs in (2, 3, 4)]
+    return [(X, y), *loaders, [(X[:5], y[:5]), (X[5:6], y[5:6]), (X[6:], y[6:])]]
+
+
+@pytest.mark.parametrize("method", ["auto", "layers", "vmap"])
+@pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
+def test_a_weighted_mean_loss_gives_the_dataset_diagonal_however_batched(loss_name, method):
+    """Regression: each batch counted n_b / N of its own mean, not W_b / W (3-47% off)."""
+    model = tiny()
+    X, y = torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 3, (11,))
+    y[[2, 3, 7]] = -100
+    loss_fn = nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name])
+    want = torch.diagonal(_dense_ggn(model, loss_fn, X, y))  # torch's loss on all the data
+    for data in _weighted_layouts(X, y):
+        G = GGNOperator(model, loss_fn, data)
+        torch.testing.assert_close(torch.diagonal(G.to_dense()), want, **DIAG_TOL)
+        d = ggn_diagonal(model, loss_fn, data, method=method, chunk_size=2)
+        torch.testing.assert_close(d, want, **DIAG_TOL)
+        if method == "auto":
+            torch.testing.assert_close(diagonal(G, method="exact"), want, **DIAG_TOL)
+    # the check is not vacuous: counting each batch by its examples is another diagonal
+    halves = [(X[:5], y[:5]), (X[5:], y[5:])]
+    parts = [ggn_diagonal(model, loss_fn, b, method=method) for b in halves]
+    assert not torch.allclose((5 * parts[0] + 6 * parts[1]) / 11, want, rtol=1e-3)
+
+
+class _PerPosition(nn.Module):
+    """Logits ``[n, C, T]`` computed position by position from inputs ``[n, T, 3]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.net(x).transpose(1, 2)
+
+
+@pytest.mark.parametrize("method", ["layers", "vmap"])
+@pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
+def test_padded_sequences_give_the_diagonal_of_all_the_tokens(loss_name, method):
+    from dense_reference import ref_ggn
+
+    # each batch padded (ignore_index) to its own longest sequence: the batches weigh by their
+    # valid tokens' class weights, not by their sequences
+    torch.manual_seed(3)
+    model = _PerPosition().double()
+    lengths = [5, 2, 3, 1, 4, 2]
+    X = torch.randn(len(lengths), 5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (len(lengths), 5))
+    for i, n in enumerate(lengths):
+        y[i, n:] = -100
+    loss_fn = nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name])
+    batches = []
+    for lo in range(0, len(lengths), 2):
+        T = max(lengths[lo : lo + 2])
+        batches.append((X[lo : lo + 2, :T], y[lo : lo + 2, :T]))
+    want = torch.diagonal(ref_ggn(model, loss_fn, X, y))
+    torch.testing.assert_close(
+        ggn_diagonal(model, loss_fn, batches, method=method), want, **DIAG_TOL
+    )
+
+
+def test_data_whose_every_target_is_ignored_is_refused_clearly():
+    model = tiny()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.full((6,), -100)
+    for data in [(X, y), [(X[:2], y[:2]), (X[2:], y[2:])]]:
+        with pytest.raises(ValueError, match="no weight.*ignore_index"):
+            ggn_diagonal(model, nn.CrossEntropyLoss(), data)
+    # a sum of no terms is zero, not an error
+    d = ggn_diagonal(model, nn.CrossEntropyLoss(reduction="sum"), [(X[:2], y[:2]), (X[2:], y[2:])])
+    assert torch.equal(d, torch.zeros_like(d))

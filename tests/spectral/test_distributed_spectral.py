@@ -23,6 +23,9 @@ pytestmark = pytest.mark.distributed
 WORLD_SIZE = 2
 N_DATA = 13
 SHARDS = [(0, 5), (5, 13)]  # unequal shards: a mean is weighted by example counts
+WEIGHTED_LOSS = nn.CrossEntropyLoss(
+    weight=torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64), ignore_index=1
+)
 SAME_TOL = dict(rtol=1e-9, atol=1e-11)  # float64; only the summation order differs
 
 
@@ -43,6 +46,9 @@ def _results(model, loss_fn, data) -> dict:
             H, k=2, which="BE", tol=1e-8, criterion="eigenvalue", return_eigenvectors=False
         ),
         "ggn_diagonal": ggn_diagonal(model, loss_fn, data),
+        # a weighted mean: the ranks' total weight is summed (rank 0's first batch, all of
+        # class 1, is fully ignored and skipped)
+        "ggn_diagonal weighted": ggn_diagonal(model, WEIGHTED_LOSS, data),
         "diagonal exact": diagonal(G, method="exact"),
         "diagonal control": diagonal(H, 20, control="ggn"),
         "diagonal xdiag": diagonal(H, 20, method="xdiag"),

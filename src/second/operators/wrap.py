@@ -3,6 +3,14 @@ r"""Linear operators made from a dense tensor, a callable or a SciPy operator.
 :class:`DenseOperator` wraps a matrix, :class:`CallableOperator` a product function,
 :class:`IdentityOperator` is :math:`I`, and :func:`aslinearoperator` turns any of these
 (or a SciPy ``LinearOperator``) into a :class:`~second.operators.LinearOperator`.
+
+Symmetry: a matrix is checked; a product function or a SciPy operator cannot be, so it is
+*declared* with ``symmetric=True``/``False``, or left undeclared. An undeclared square one is
+taken as symmetric (``op.symmetric`` is ``True``, as always: the symmetric-only methods, CG,
+MINRES, eigsh, Lanczos, accept it) with ``op.symmetry_known = False``; eigsh, Lanczos and the
+XTrace/XDiag estimators compare ``u^T A v`` with ``v^T A u`` on the products they take anyway
+and refuse one that is clearly not symmetric. One declared ``symmetric=False`` is refused by
+the symmetric-only methods at once.
 """
 
 from __future__ import annotations
@@ -26,7 +34,13 @@ __all__ = [
 
 
 class DenseOperator(LinearOperator):
-    """Wraps a dense matrix: square, or rectangular ``m x n`` (then never symmetric)."""
+    """Wraps a dense matrix: square, or rectangular ``m x n`` (then never symmetric).
+
+    ``symmetric`` defaults to what the entries say (:func:`is_symmetric`); ``True`` declares
+    a matrix symmetric whose asymmetry is rounding.
+    """
+
+    symmetry_known = True  # from the entries, or declared
 
     def __init__(self, A: Tensor, symmetric: bool | None = None):
         if A.dim() != 2:
@@ -78,8 +92,22 @@ class CallableOperator(LinearOperator):
     """Wraps a matvec callable ``f(v) -> A v`` on flat vectors of length ``n``.
 
     ``n`` may be a shape ``(m, n)`` for a rectangular operator. ``rmatvec`` (``u -> A^H u``)
-    and ``rmatmat`` give the transposed product. ``symmetric`` defaults to ``True`` for a
-    square operator given without ``rmatvec`` (as before), ``False`` otherwise.
+    and ``rmatmat`` give the transposed product.
+
+    ``symmetric`` declares whether the operator is symmetric (Hermitian when complex):
+    ``False`` has the symmetric-only methods (CG, MINRES, eigsh, Lanczos, XTrace, XDiag)
+    refuse it, ``True`` has them trust it. Undeclared (``None``, the default), a square
+    operator given without ``rmatvec`` is taken as symmetric, as before, but
+    ``symmetry_known`` is ``False``: eigsh, Lanczos and the estimators probe it on the
+    products they take (module docstring); with ``rmatvec``, or rectangular, it is not.
+
+    Example:
+        >>> A = torch.tensor([[1.0, 5.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> op = CallableOperator(lambda v: A @ v, 2, torch.float64)   # undeclared
+        >>> op.symmetric, op.symmetry_known
+        (True, False)
+        >>> CallableOperator(lambda v: A @ v, 2, torch.float64, symmetric=False).symmetric
+        False
     """
 
     def __init__(
@@ -99,6 +127,8 @@ class CallableOperator(LinearOperator):
         self._fm = matmat
         self._rf = rmatvec
         self._rfm = rmatmat
+        # declared, or known from the shape; else taken as symmetric without an rmatvec
+        self.symmetry_known = symmetric is not None or not self.is_square
         if symmetric is None:
             symmetric = self.is_square and rmatvec is None
         if symmetric and not self.is_square:
@@ -139,6 +169,7 @@ class IdentityOperator(LinearOperator):
     """The identity ``I`` of size ``n``: ``IdentityOperator(n, dtype, device)``."""
 
     psd = True
+    symmetry_known = True
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         super().__init__(n, dtype, device)
@@ -152,21 +183,53 @@ class IdentityOperator(LinearOperator):
         return V.clone()
 
 
-def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> LinearOperator:
+def aslinearoperator(
+    A,
+    n: int | None = None,
+    *,
+    dtype=None,
+    device=None,
+    symmetric: bool | None = None,
+) -> LinearOperator:
     """Turn a :class:`LinearOperator`, a dense tensor, a SciPy operator or a callable into one.
 
     A callable needs ``n`` (or a shape ``(m, n)``; optionally ``dtype``/``device``, default
     float32/cpu). A rectangular SciPy operator keeps its ``rmatvec``.
 
+    ``symmetric`` declares the symmetry of a callable or a SciPy operator (see
+    :class:`CallableOperator`): ``False`` has the symmetric-only methods (CG, MINRES,
+    eigsh, Lanczos, XTrace, XDiag) refuse it, and a square SciPy operator then keeps its
+    ``rmatvec`` for the transposed product. ``None`` (default) takes a SciPy operator's own
+    declaration where it has one (a boolean ``symmetric`` attribute; SciPy's operators carry
+    none, ``scipy.sparse.linalg.aslinearoperator`` of a symmetric matrix included), else
+    leaves the symmetry unknown: a square operator is taken as symmetric, as before, with
+    ``symmetry_known = False``, and the spectral methods probe it on the products they take.
+    For a dense tensor it is :class:`DenseOperator`'s (default: what the entries say); a
+    :class:`LinearOperator` is returned as it is, and a ``symmetric`` that contradicts its
+    own is refused.
+
+    Raises:
+        ValueError: a callable without ``n``; ``symmetric=True`` for a rectangular operator;
+            a ``symmetric`` that contradicts a :class:`LinearOperator`'s own.
+        TypeError: anything else.
+
     Example:
         >>> op = aslinearoperator(lambda v: 2 * v, 3)
         >>> op.shape, op @ torch.ones(3)
         ((3, 3), tensor([2., 2., 2.]))
+        >>> aslinearoperator(lambda v: v.flip(0).cumsum(0), 3, symmetric=False).symmetric
+        False
     """
     if isinstance(A, LinearOperator):
+        if symmetric is not None and bool(symmetric) != A.symmetric:
+            raise ValueError(
+                f"symmetric={symmetric!r} contradicts the operator's own "
+                f"symmetric={A.symmetric} ({type(A).__name__}); declare the symmetry when "
+                "building it"
+            )
         return A
     if isinstance(A, Tensor):
-        return DenseOperator(A)
+        return DenseOperator(A, symmetric=symmetric)
     if hasattr(A, "matvec") and isinstance(getattr(A, "dtype", None), np.dtype):
         sp = A
         tdtype = dtype or torch.float64
@@ -177,13 +240,23 @@ def aslinearoperator(A, n: int | None = None, *, dtype=None, device=None) -> Lin
 
             return f
 
-        if sp.shape[0] == sp.shape[1]:  # square: symmetric as before (declare it otherwise)
-            return CallableOperator(wrap(sp.matvec), sp.shape[0], tdtype, device or "cpu")
+        if symmetric is None:
+            own = getattr(sp, "symmetric", None)  # a declaration, where the operator has one
+            symmetric = bool(own) if isinstance(own, (bool, np.bool_)) else None
+        # a square operator is taken as symmetric (its own adjoint) unless declared otherwise
+        keep_rmatvec = sp.shape[0] != sp.shape[1] or (symmetric is not None and not symmetric)
         return CallableOperator(
-            wrap(sp.matvec), tuple(sp.shape), tdtype, device or "cpu", rmatvec=wrap(sp.rmatvec)
+            wrap(sp.matvec),
+            tuple(sp.shape),
+            tdtype,
+            device or "cpu",
+            symmetric=symmetric,
+            rmatvec=wrap(sp.rmatvec) if keep_rmatvec else None,
         )
     if callable(A):
         if n is None:
             raise ValueError("a callable matvec needs the size n")
-        return CallableOperator(A, n, dtype or torch.get_default_dtype(), device or "cpu")
+        return CallableOperator(
+            A, n, dtype or torch.get_default_dtype(), device or "cpu", symmetric=symmetric
+        )
     raise TypeError(f"cannot make a linear operator from {type(A).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -63,10 +64,18 @@ def ggn_diagonal(
     refused (call ``model.eval()``; :func:`~second.spectral.diagonal` estimates the diagonal
     of such a model's :class:`~second.GGNOperator`).
 
+    Over several batches the diagonal is that of the loss torch computes on all the data at
+    once, as the curvature operators' (:class:`~second.GGNOperator`): for a mean loss batch
+    ``b`` counts :math:`W_b / W`, :math:`W_b` what torch's mean divides its loss by (the
+    examples; for ``CrossEntropyLoss`` with class indices the class weights of the targets
+    that are not ``ignore_index``) and :math:`W = \sum_b W_b`. A batch whose every target is
+    ignored weighs 0 and is skipped. The weights come from the targets alone, before the
+    single pass over the data.
+
     Data parallel, as the curvature operators: under an initialized ``torch.distributed``
     process group each rank passes its own shard of the data, and the diagonal (and, for a
-    mean loss, the example count) is summed over ranks, so every rank gets the diagonal of the
-    whole dataset.
+    mean loss, the total weight :math:`W`) is summed over ranks, so every rank gets the
+    diagonal of the whole dataset.
 
     Args:
         model: the network.
@@ -84,7 +93,8 @@ def ggn_diagonal(
 
     Raises:
         ValueError: an unknown ``method``; ``method="layers"`` on a model it does not cover
-            (see above); a batch-coupled model.
+            (see above); a batch-coupled model; a mean loss without weight (every target of
+            the data is ``ignore_index``, or has class weight 0).
         NotImplementedError: a loss other than the three above (its output Hessian has no
             factorization here).
 
@@ -121,10 +131,18 @@ def ggn_diagonal(
     fixed.update({n: b for n, b in model.named_buffers()})
     total = torch.zeros(P, dtype=params[0].dtype, device=device)
     batches = list(iterate_batches(data, task, device))
-    count = torch.tensor(
-        [float(sum(task.batch_size(b) for b in batches))], dtype=torch.float64, device=device
-    )
-    n_total = float(dist.all_reduce_sum(count, distributed)[0])
+    # each batch's targets and share of the loss: its weight W_b in torch's mean (the examples,
+    # or the class weights of the valid targets) over the total W = sum_b W_b of all ranks
+    targets = [_targets(task, loss_fn, b) for b in batches]
+    weights = [_batch_weight(task, loss_fn, red, b, y) for b, y in zip(batches, targets)]
+    summed = torch.tensor([math.fsum(weights)], dtype=torch.float64, device=device)
+    w_total = float(dist.all_reduce_sum(summed, distributed)[0])
+    if red == "mean" and w_total == 0.0:
+        raise ValueError(
+            "ggn_diagonal: the mean loss has no weight: every target of the data is the loss' "
+            "ignore_index (or has class weight 0), so torch's mean loss is 0/0 (NaN) and has "
+            "no curvature"
+        )
 
     def batch_output(theta, batch):
         full = dict(fixed)
@@ -140,14 +158,13 @@ def ggn_diagonal(
 
     theta0 = {k: p.detach() for k, p in zip(keys, params)}
 
-    def by_vmap(batch) -> Tensor:
+    def by_vmap(batch, y: Tensor | None, divisor: float) -> Tensor:
         """The batch's share by per-example vector-Jacobian products (any model)."""
         part = torch.zeros(P, dtype=params[0].dtype, device=device)
         with torch.no_grad():
             f = task.output(model, batch)
         # the output Hessian's square root, for the batch's share of the loss
-        y = _targets(task, loss_fn, batch)
-        S = _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total, y)  # [K, n, *f.shape[1:]]
+        S = _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, divisor, y)  # [K, n, *f.shape[1:]]
         K, n = S.shape[0], S.shape[1]
         chunk = chunk_size or max(1, MEMORY_BUDGET // max(1, K * P))
         for start in range(0, n, chunk):
@@ -163,11 +180,19 @@ def ggn_diagonal(
             part += parameters_to_vector([(grads[k] ** 2).sum(dim=(0, 1)) for k in keys])
         return part
 
-    for batch in batches:
+    for batch, y, w_b in zip(batches, targets, weights):
+        if red == "mean" and w_b == 0.0:
+            continue  # every target ignored: no share of the loss
+        # the batch's diagonal (of its own loss, times n_b) is divided by n_b W / W_b: the
+        # batch counts W_b / W of the mean (N for every batch of an unweighted loss, n_b for
+        # the only batch)
+        n_b = task.batch_size(batch)
+        divisor = float(n_b) if w_b == w_total else w_total * n_b / w_b
         part: Tensor | None = None
         if layers is not None:
-            y = _targets(task, loss_fn, batch)
-            sqrt = lambda f, y=y: _scaled_sqrt(output_hessian_sqrt, loss_fn, f, red, n_total, y)  # noqa: E731
+            sqrt = partial(
+                _scaled_sqrt, output_hessian_sqrt, loss_fn, red=red, divisor=divisor, y=y
+            )
             theta = {k: p.detach().requires_grad_() for k, p in zip(keys, params)}
             forward = lambda b, theta=theta: batch_output(theta, b)  # noqa: E731
             got = _by_layers(forward, task, batch, layers, params, theta, keys, sqrt, chunk_size)
@@ -178,7 +203,7 @@ def ggn_diagonal(
                     layers = None
             else:
                 part = got
-        total += by_vmap(batch) if part is None else part
+        total += by_vmap(batch, y, divisor) if part is None else part
     return dist.all_reduce_sum(total, distributed)
 
 
@@ -262,17 +287,33 @@ def _targets(task, loss_fn, batch) -> Tensor | None:
     return task.targets(batch) if needs_targets(loss_fn) else None
 
 
-def _scaled_sqrt(
-    output_hessian_sqrt, loss_fn, f: Tensor, red: str, n_total: float, y: Tensor | None = None
-) -> Tensor:
-    """The output Hessian's square root ``[K, n, *f.shape[1:]]`` for the batch's share.
+def _batch_weight(task, loss_fn, red: str, batch, y: Tensor | None) -> float:
+    """:math:`W_b`, what torch's mean divides the batch's loss by (1 for a sum).
 
-    For a mean loss the per-example factors are scaled by ``1 / sqrt(N)``, ``N`` the examples
-    of all the data (over all ranks); the targets weigh a loss that depends on them
-    (ignored targets, class weights).
+    As the curvature operators (:func:`second.operators.curvature._mean_weight`): the
+    examples ``n_b``, or for cross-entropy with class indices the summed class weights of
+    the valid targets (0 when every target is ignored).
+    """
+    from ..operators.curvature import _mean_weight
+
+    if red == "sum":
+        return 1.0
+    return _mean_weight(loss_fn, y, task.batch_size(batch))
+
+
+def _scaled_sqrt(
+    output_hessian_sqrt, loss_fn, f: Tensor, red: str, divisor: float, y: Tensor | None = None
+) -> Tensor:
+    r"""The output Hessian's square root ``[K, n, *f.shape[1:]]`` for the batch's share.
+
+    ``output_hessian_sqrt`` factors ``n_b`` times the Hessian of the batch's own loss (the
+    targets weigh a loss that depends on them: ignored targets, class weights). For a mean
+    loss the factors are scaled by ``1 / sqrt(divisor)``, ``divisor`` :math:`= n_b W / W_b`
+    so that the batch counts :math:`W_b / W` of the loss on all the data (over all ranks);
+    it is the number of examples ``N`` for an unweighted loss.
     """
     S = output_hessian_sqrt(loss_fn, f.detach(), red, y)
-    return S / n_total**0.5 if red == "mean" else S
+    return S / divisor**0.5 if red == "mean" else S
 
 
 def _layer_plan(
