@@ -107,3 +107,47 @@ def test_regularization_is_a_deprecated_part_of_damping():
     torch.testing.assert_close(old.scores(test), new.scores(test))
     with pytest.raises(ValueError, match="regularization"):
         Influence(model, loss_fn, train, regularization=-1.0, **kw)
+
+
+class PerToken(nn.Module):
+    """``[n, T, 3] -> [n, 3, T]``: a per-token classifier for any length ``T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(x).transpose(1, 2)
+
+
+def _tokens(n, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, T, 3, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n, T), generator=g
+    )
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "kfac"])
+def test_sequences_of_another_length_are_scored(curvature):
+    torch.manual_seed(0)
+    model, loss_fn = PerToken().double(), nn.CrossEntropyLoss()
+    short, long = _tokens(8, 5, 1), _tokens(6, 8, 2)
+    kw = dict(curvature=curvature, damping=0.1, progressbar=False)
+    # padded per batch: the two training batches have different lengths
+    inf = Influence(model, loss_fn, [short, long], **kw)
+    S = inf.scores(long)
+    assert S.shape == (6, 14)
+    # the test batch is the second training batch: its self-scores are on the diagonal
+    torch.testing.assert_close(torch.diagonal(S[:, 8:]), inf.self_influence()[8:])
+    # a test length never seen in training
+    assert Influence(model, loss_fn, short, **kw).scores(_tokens(2, 7, 3)).shape == (2, 8)
+
+
+def test_test_examples_the_model_cannot_run_are_refused_clearly():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    X, y = data(10)
+    inf = Influence(model, loss_fn, (X, y), progressbar=False)
+    with pytest.raises(ValueError, match="shapes .* fails on them"):
+        inf.scores((torch.randn(2, 5, dtype=torch.float64), y[:2]))
+    with pytest.raises(ValueError, match="as many dimensions"):
+        inf.scores((X[:2, None], y[:2]))

@@ -5,6 +5,14 @@ The per-example loss :math:`\ell_i` is the loss of a batch of one,
 for every example of a batch comes from one ``vmap(grad(...))`` over
 ``functional_call``: no module hooks, so any ``nn.Module`` works, including one whose
 root is a single layer (a bare ``nn.Linear``).
+
+The loss of a batch of one is not the example's share of a dataset's mean loss when
+torch's mean is weighted: ``CrossEntropyLoss(weight=w)`` divides a batch of one by its own
+class weight (which cancels it), a padded sequence's loss by its own number of valid
+tokens, and an example whose every target is ignored has the loss 0/0 (NaN). Its term in
+the mean over all the data is :math:`(W_i / W)\,\ell_i`, with :math:`W_i` what torch's
+mean counts example :math:`i` as and :math:`W` their sum; :class:`second.Influence`
+weighs the gradients so.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .._errors import NonFiniteError, quiet_batching_notes
@@ -130,6 +138,7 @@ class ModelFunction:
         }
         self.fixed.update(dict(model.named_buffers()))
         self._vmap_ok = True
+        self._forward_ok = True  # forward-over-reverse products (else reverse-over-reverse)
 
     # -- flat <-> dict ---------------------------------------------------------------------
     def flat(self) -> Tensor:
@@ -188,16 +197,40 @@ class ModelFunction:
 
         ``kind="hessian"``: :math:`\nabla^2 \ell_i V`; ``"ggn"``: :math:`J_i^\top
         (\nabla_f^2 \ell_i) J_i V`; ``"fisher"``: :math:`\nabla\ell_i \nabla\ell_i^\top V`.
+
+        The second derivatives are forward-over-reverse (``jvp`` of ``grad``). Where torch
+        has no forward-mode derivative of a loss' backward (``F.huber_loss``) or fails in it
+        (``F.mse_loss`` in torch 2.13: "ZeroTensors are immutable"), they are taken
+        reverse-over-reverse instead (``vjp`` of ``grad``: the same symmetric matrix).
         """
         theta = self.flat()
         if kind == "fisher":
             gi = grad(self.batch_loss)(theta, batch1, measure)
             return gi * (gi @ V) if V.dim() == 1 else torch.outer(gi, gi @ V)
+        if self._forward_ok:
+            try:
+                return self._second_products(theta, batch1, V, kind, measure, True)
+            except (RuntimeError, NotImplementedError):
+                # retried reverse-over-reverse below; an error of the model's own raises there
+                pass
+        out = self._second_products(theta, batch1, V, kind, measure, False)
+        self._forward_ok = False
+        return out
+
+    def _second_products(
+        self, theta: Tensor, batch1, V: Tensor, kind: str, measure: bool, forward: bool
+    ) -> Tensor:
+        """:meth:`hessian_products` for the Hessian or the GGN, ``forward``-over-reverse or not."""
+
+        def second(fn, x, v):  # the symmetric second derivative of fn at x, times v
+            if forward:
+                return jvp(grad(fn), (x,), (v,))[1]
+            return vjp(grad(fn), x)[1](v)[0]
+
         if kind == "hessian":
-            g = grad(self.batch_loss)
 
             def hv(v):
-                return jvp(lambda t: g(t, batch1, measure), (theta,), (v,))[1]
+                return second(lambda t: self.batch_loss(t, batch1, measure), theta, v)
 
             return self._columns(hv, V)
 
@@ -213,8 +246,8 @@ class ModelFunction:
 
         def gv(v):
             _, jv = jvp(out_fn, (theta,), (v,))
-            _, hjv = jvp(grad(loss_of_out), (f0,), (jv,))
-            _, vjp_fn = torch.func.vjp(out_fn, theta)
+            hjv = second(loss_of_out, f0, jv)
+            _, vjp_fn = vjp(out_fn, theta)
             return vjp_fn(hjv)[0]
 
         return self._columns(gv, V)

@@ -34,7 +34,9 @@ class CurvatureInverse:
     def _make_operator(self):
         kw = dict(self.curvature_options)
         args = (self.model, self.loss_fn, self.train_data, list(self.fn.params))
-        common = dict(reduction=self.reduction, distributed=False)
+        # the task (a custom Task's output and loss) and only a declared reduction: for a
+        # plain-function loss the operator's own check that it does not sum then runs
+        common = dict(reduction=self._operator_reduction, distributed=False, task=self.task)
         if self.curvature == "hessian":
             return HessianOperator(*args, **common, **kw)
         if self.curvature == "ggn":
@@ -52,7 +54,7 @@ class CurvatureInverse:
             self.loss_fn,
             self.train_data,
             damping=0.0,
-            reduction=self.reduction,
+            reduction=self._operator_reduction,
             distributed=False,
             task=self.task,
             store=store,

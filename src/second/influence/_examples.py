@@ -6,11 +6,36 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import Tensor, nn
 
-from ..data import SamePassCheck, Task, iterate_batches
+from .._losses import _class_target_weights
+from ..data import SamePassCheck, Task, _leaves, iterate_batches
 from ._cache import fingerprint
 
-__all__ = ["Examples", "warn_ignored"]
+__all__ = ["Examples", "warn_ignored", "example_mean_weights", "zero_rows"]
+
+
+def example_mean_weights(loss_fn, target, n: int) -> Tensor | None:
+    r"""Each example's weight :math:`W_j` in torch's ``reduction="mean"``, ``[n]`` float64.
+
+    What the mean of a batch divides by is :math:`W_b = \sum_{j \in b} W_j`
+    (``second.operators.curvature._mean_weight``): for ``CrossEntropyLoss``/``NLLLoss`` with
+    class indices the class weights of the example's valid targets (``ignore_index``
+    excluded: the number of valid targets without ``weight=``), with class probabilities
+    its number of positions. ``None`` for any other loss: every example weighs 1.
+    """
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or not isinstance(target, Tensor):
+        return None
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if target.is_floating_point():  # class probabilities [n, C, *positions]
+        positions = target[0].numel() // target.shape[1] if target.dim() > 1 else 1
+        return torch.full((n,), float(positions), dtype=torch.float64)
+    dtype = torch.float32 if target.device.type == "mps" else torch.float64
+    weights = _class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
+    if weights is None:  # every target valid, no class weights: the positions count
+        return torch.full((n,), float(target[0].numel()), dtype=torch.float64)
+    return weights[1].reshape(n, -1).sum(1).to(device="cpu", dtype=torch.float64)
 
 
 class Examples:
@@ -19,25 +44,31 @@ class Examples:
     Results are indexed by example, so an iterable must yield the same batches in the same
     order on every pass: every pass after the first is checked against it
     (:class:`~second.data.SamePassCheck`, order-sensitive), and a shuffling ``DataLoader``
-    raises :class:`~second.NonDeterministicDataError`. ``ignored`` lists the examples whose
-    every target equals ``ignore_index``.
+    raises :class:`~second.NonDeterministicDataError`. A single in-memory batch is watched
+    through its tensors' autograd version counters instead (:meth:`changed`).
+
+    ``mean_weights`` holds each example's weight :math:`W_j` in torch's mean of the loss
+    (:func:`example_mean_weights`; ``None`` for a loss other than cross-entropy or NLL:
+    every example weighs 1), and ``ignored`` the examples of weight zero: every target
+    equal to ``ignore_index``, or of class weight 0.
 
     Args:
         data: one batch, an iterable of batches, or a map-style ``Dataset``.
         what: how the data is named in messages ("training data").
         task: how to read a batch.
         device: where chunks and examples are moved.
-        ignore_index: the loss' ``ignore_index`` (``None``: none).
+        loss_fn: the loss (``None``: the task's), which gives the weights.
 
     Raises:
         ValueError: the data holds no example, or a batch's tensors disagree on its size.
         TypeError: a batch the task cannot read.
     """
 
-    def __init__(
-        self, data, what: str, task: Task, device: torch.device, ignore_index: int | None = None
-    ):
+    def __init__(self, data, what: str, task: Task, device: torch.device, loss_fn=None):
         self.what, self.task, self.device = what, task, device
+        loss = task.loss_fn if task.loss_fn is not None else loss_fn
+        self.ignore_index = getattr(loss, "ignore_index", None)
+        weighs = isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss))
         self.single = task.is_batch(data)
         self.data = data
         self._check = SamePassCheck(
@@ -46,25 +77,58 @@ class Examples:
             "(DataLoader(shuffle=False), a list of batches).",
             ordered=True,
         )
-        n, first, ignored, sizes = 0, None, [], []
+        n, first, sizes = 0, None, []
+        weights: list[Tensor | None] = []
         try:
             for batch in self._batches():
                 nb = task.batch_size(batch)
                 sizes.append(nb)
                 if first is None:
                     first = _example_shapes(batch)
-                if ignore_index is not None and nb:
-                    y = task.targets(batch)
-                    if not y.is_floating_point():
-                        mask = (y == ignore_index).reshape(nb, -1).all(1)
-                        ignored += (torch.nonzero(mask).reshape(-1) + n).tolist()
+                weights.append(
+                    example_mean_weights(loss, task.targets(batch), nb) if weighs else None
+                )
                 n += nb
         except ValueError as err:
             raise ValueError(f"{what}: {err}") from None
         self.n = n
         self.sizes = sizes
         self.example_shapes = first
-        self.ignored = ignored
+        self.mean_weights: Tensor | None = None
+        if any(w is not None for w in weights):
+            self.mean_weights = torch.cat(
+                [
+                    torch.ones(nb, dtype=torch.float64) if w is None else w
+                    for w, nb in zip(weights, sizes)
+                ]
+            )
+        self.ignored: list[int] = (
+            [] if self.mean_weights is None else (self.mean_weights == 0).nonzero()[:, 0].tolist()
+        )
+        self._versions = self._tensor_versions()
+
+    def _tensor_versions(self) -> tuple | None:
+        """A single batch's tensors (their ids) and autograd version counters."""
+        if not self.single:
+            return None
+        return tuple((id(t), t._version) for t in _leaves(self.data))
+
+    def changed(self) -> bool:
+        """Whether a single batch's tensors were changed in place since they were read.
+
+        In-place torch operations bump a tensor's version counter; writes through
+        ``.data`` or a NumPy view do not, and are not seen (call ``refresh()`` then).
+        An iterable of batches is checked on every pass instead (its batches must not
+        change at all).
+        """
+        return self.single and self._tensor_versions() != self._versions
+
+    def zero_weight(self, start: int, stop: int) -> Tensor | None:
+        """A ``[stop - start]`` mask of the examples of weight zero there (``None``: none)."""
+        if not self.ignored or self.mean_weights is None:
+            return None
+        mask = self.mean_weights[start:stop] == 0
+        return mask if bool(mask.any()) else None
 
     def _batches(self) -> Iterator:
         it = iterate_batches(self.data, self.task)
@@ -115,13 +179,22 @@ def _example_shapes(batch) -> tuple:
 
 
 def warn_ignored(examples: Examples, loss_fn) -> None:
-    """Warn that examples whose every target is the loss' ``ignore_index`` have no influence."""
+    """Warn that examples of weight zero in the loss' mean (ignored targets) have no influence."""
     if examples.ignored:
         k = len(examples.ignored)
         warnings.warn(
             f"{k} {examples.what} example(s) (first: {examples.ignored[:10]}) have every target "
-            f"equal to the loss' ignore_index ({loss_fn.ignore_index}): their loss is ignored, "
-            "so their gradient and every influence score involving them are zero",
+            f"equal to the loss' ignore_index ({examples.ignore_index}) or of class weight 0: "
+            "their loss is ignored, so their gradient and every influence score involving "
+            "them are zero",
             UserWarning,
             stacklevel=3,
         )
+
+
+def zero_rows(G: Tensor, mask: Tensor | None) -> Tensor:
+    """``G`` with the rows of ``mask`` set to zero (their NaN too; ``None``: unchanged)."""
+    if mask is None:
+        return G
+    m = mask.to(G.device).reshape(-1, *([1] * (G.dim() - 1)))
+    return torch.where(m, torch.zeros((), dtype=G.dtype, device=G.device), G)

@@ -9,6 +9,11 @@ and :class:`~second.kfac.EKFACOperator` with two differences that matter at scal
 * the statistics and corrections can be restored from a store (``store.load(stage)``)
   and are handed to it after each pass (``store.save(stage, tensors)``), so a fit
   interrupted during its second pass resumes after the first.
+
+Both weigh every batch as :class:`~second.kfac.KFACOperator` does: by its share
+:math:`W_b / W` of torch's mean over all the data (the columns of batch :math:`b` scaled
+by :math:`\sqrt{W_b / n_b}` in ``_passes``, the sums divided by :math:`W`), the
+eigen-corrections included; the factor :math:`N / W` is stored with the factors.
 """
 
 from __future__ import annotations
@@ -40,13 +45,14 @@ class _Restorable:
     def _restore_factors(self) -> bool:
         """Set the factors from the store's ``"factors"`` stage; ``False`` if absent."""
         st = None if self._store is None else self._store.load("factors")
-        if st is None:
+        if st is None or "mean_scale" not in st:
             return False
         nl, nf = len(self.rules), len(self._fallback)  # type: ignore[attr-defined]
         self.A = [st[f"A{j}"] for j in range(nl)]
         self.G = [st[f"G{j}"] for j in range(nl)]
         self.diag = [st[f"diag{i}"] for i in range(nf)]
         self._num_data = int(st["n"].item())
+        self._mean_scale = float(st["mean_scale"].item())
         self.blocks = [KroneckerBlock(A, G) for A, G in zip(self.A, self.G)]
         self.diagonals = [DiagonalBlock(d) for d in self.diag]
         return True
@@ -58,6 +64,7 @@ class _Restorable:
         tensors.update({f"G{j}": G for j, G in enumerate(self.G)})
         tensors.update({f"diag{i}": d for i, d in enumerate(self.diag)})
         tensors["n"] = torch.tensor([self._num_data], dtype=torch.float64)
+        tensors["mean_scale"] = torch.tensor([self._mean_scale], dtype=torch.float64)
         self._store.save("factors", tensors)
 
     def _fit_factors(self) -> None:
@@ -123,6 +130,7 @@ class StreamedEKFAC(_Restorable, EKFACOperator):
         for s in sums:
             if not bool(torch.isfinite(s).all()):
                 raise NonFiniteError("an EK-FAC eigen-correction has NaN or Inf entries")
-        w = 1.0 / self.num_data if self.reduction == "mean" else 1.0
+        # the sums weigh batch b by W_b / n_b (columns scaled in _passes): divide by W
+        w = self._mean_scale / self.num_data if self.reduction == "mean" else 1.0
         self.scales = [s * w for s in sums]
         self._eigen = [e.with_eigenvalues(s) for e, s in zip(kfac, self.scales)]

@@ -1,13 +1,15 @@
 """What determines an influence result, as data a digest can be taken of.
 
-An influence score depends on the loss function, the code of the forward pass, every
-parameter (trainable or frozen) and every buffer, besides the data and the settings.
-:func:`setup_description` describes the first two without tensors' values, in a form that
-is the same in every process (memory addresses stripped); :func:`state_tensors` lists
-the third. The cache key and the in-process staleness check digest both.
+An influence score depends on the loss function, the code of the forward pass, the
+:class:`~second.Task` (how a batch is run, its loss and the measurement), every parameter
+(trainable or frozen) and every buffer, besides the data and the settings.
+:func:`setup_description` describes the first three without tensors' values, in a form
+that is the same in every process (memory addresses stripped); :func:`state_tensors`
+lists the last. The cache key and the in-process staleness check digest both.
 
 What a description cannot see: module-level globals and helper functions called from a
-``forward`` or a loss function. Pass ``Influence(..., version=...)`` when those change.
+``forward``, a loss function or a task's methods. Pass ``Influence(..., version=...)``
+when those change.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import types
 
 from torch import Tensor, nn
 
-__all__ = ["setup_description", "state_tensors", "describe"]
+__all__ = ["setup_description", "state_tensors", "describe", "describe_task"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _SIMPLE = (bool, int, float, str, bytes, type(None))
@@ -126,10 +128,37 @@ def _has_contents(cell) -> bool:
     return True
 
 
-def setup_description(model: nn.Module, loss_fn, version) -> list:
-    """The loss function, the model's module tree (forward code, modes, hooks) and ``version``."""
+def describe_task(task) -> list:
+    """A task's class, its settings (its loss too) and the code of what a subclass defines.
+
+    Every function, static or class method and property defined by the classes between
+    ``type(task)`` and :class:`~second.Task` is described by its code, defaults and
+    closure (as ``forward`` is), so a changed ``output``, ``loss`` or ``measurement`` of a
+    subclass of the same name changes the description.
+    """
+    from ..data import Task
+
+    if task is None:
+        return []
+    methods = []
+    for cls in type(task).__mro__:
+        if cls is Task or cls is object:
+            break
+        for name, attr in sorted(vars(cls).items()):
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            if isinstance(attr, property):
+                attr = [attr.fget, attr.fset]
+            if isinstance(attr, types.FunctionType) or isinstance(attr, list):
+                methods.append([_qualname(cls), name, describe(attr)])
+    attrs = {k: describe(v) for k, v in sorted(vars(task).items())}
+    return [_qualname(type(task)), attrs, methods]
+
+
+def setup_description(model: nn.Module, loss_fn, version, task=None) -> list:
+    """The loss, the module tree (forward code, modes, hooks), the task and ``version``."""
     modes = [m.training for m in model.modules()]
-    return [describe(loss_fn), _module_tree(model), modes, describe(version)]
+    return [describe(loss_fn), _module_tree(model), modes, describe(version), describe_task(task)]
 
 
 def state_tensors(model: nn.Module) -> list:

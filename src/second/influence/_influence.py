@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,13 +17,13 @@ from .._errors import (
     SecondDeprecationWarning,
 )
 from .._losses import reduction_of
-from ..data import Task, as_task, refuse_stochastic
+from ..data import Task, as_task, iterate_batches, refuse_stochastic
 from ..distributed import check_same_across_ranks
 from ..func.per_example import ModelFunction, check_rows_finite
 from ..solvers import choose_method
 from ._cache import DiskCache, chunk_digest
 from ._curvature import CurvatureInverse
-from ._examples import Examples, warn_ignored
+from ._examples import Examples, warn_ignored, zero_rows
 from ._kronecker import KroneckerScoring
 from ._loo import newton_loo
 from ._sharding import ShardedWork
@@ -59,13 +60,20 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
     training point ``j`` were removed and the model retrained (module docstring for the
     derivation):
 
-    .. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
+    .. math:: \texttt{scores[i, j]} = w_j\, \nabla\ell^{\mathrm{test}}_i{}^\top
               (C + \mu I)^{-1} \nabla\ell_j
 
     with :math:`C` the curvature of the data term (``curvature``), :math:`\mu` the
-    ``damping``, and :math:`w = 1/n` for a loss with ``reduction="mean"`` (``1`` for
-    ``"sum"``). **Positive: j helped test point i** (removing it would raise the loss);
-    negative: j hurt it.
+    ``damping``, :math:`\ell_j` the loss of example :math:`j` alone and :math:`w_j` its
+    share of the training objective: :math:`w_j = W_j / W` for a loss with
+    ``reduction="mean"``, where :math:`W_j` is what torch's mean counts example :math:`j` as
+    (1; for ``CrossEntropyLoss``/``NLLLoss`` with class indices the class weights of its
+    valid targets: its class weight, or its number of non-ignored positions) and
+    :math:`W = \sum_j W_j` (so :math:`w_j = 1/n` for a plain mean), and :math:`w_j = 1` for
+    ``"sum"``. :math:`w_j \nabla\ell_j` is the gradient of example :math:`j`'s term in
+    the loss torch computes on all the training data at once; an example of weight 0 (every
+    target ignored, or class weight 0) has influence 0. **Positive: j helped test point i**
+    (removing it would raise the loss); negative: j hurt it.
 
     .. warning::
         Include the weight decay the model was trained with in ``damping`` (objective
@@ -81,7 +89,13 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
         model: the trained network. Put it in ``eval()`` mode (dropout makes every
             curvature product a different matrix).
         loss_fn: ``loss_fn(model(X), y)`` -> scalar, e.g. ``nn.CrossEntropyLoss()``. The
-            per-example loss is the loss of a batch of one.
+            per-example loss :math:`\ell_j` is the loss of a batch of one, weighted by
+            :math:`w_j` (above).
+        reduction: how ``loss_fn`` reduces a batch: ``"mean"`` or ``"sum"`` (default
+            ``None``: ``loss_fn.reduction``, else ``"mean"``). Declare it for a plain function
+            that sums (``lambda o, t: ((o - t) ** 2).sum()``): undeclared, such a function is
+            taken for a mean and a ``UserWarning`` says that its value looks like a sum. A
+            value that contradicts ``loss_fn.reduction`` raises ``ValueError``.
         train_data: the training set: one batch, an iterable of batches (a ``DataLoader``
             with ``shuffle=False``) or a map-style ``Dataset`` (:mod:`second.data`).
             ``(X, y)`` pairs and dicts of tensors (targets under ``"labels"``) work as they
@@ -99,7 +113,8 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             ``rank`` eigenpairs plus the exact complement term; needs
             ``damping > 0``). Ignored for ``"kfac"``/``"ekfac"``.
         damping: :math:`\mu \ge 0`, added to the curvature as :math:`\mu I` (default 0):
-            the training run's L2 coefficient plus any numerical damping.
+            the training run's L2 coefficient plus any numerical damping. Any real scalar
+            (a Python or NumPy number, a 0-d NumPy array or tensor).
         regularization: the deprecated spelling of (a part of) ``damping``: it is added to
             it, with a ``DeprecationWarning`` (removal in 0.3).
         rank: eigenpairs for ``method="lowrank"`` (default 50).
@@ -134,8 +149,10 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             share makes the others raise ``RuntimeError`` instead of waiting for it.
         version: a tag for what the cache key cannot see (default ``None``): the key
             covers the loss function's class and settings, the model's module tree and
-            the code of every ``forward``, all parameters and buffers, but not globals or
-            helper functions a ``forward`` calls. Change ``version`` when those change.
+            the code of every ``forward``, the task's class, settings and the code of every
+            method a :class:`~second.Task` subclass defines, all parameters and buffers,
+            but not globals or helper functions a ``forward``, the loss or the task calls.
+            Change ``version`` when those change.
         score_dtype: the dtype of the products and of the scores of ``"kfac"``/``"ekfac"``
             (default ``None``: the model's; ``torch.bfloat16`` or ``torch.float16`` halve
             the memory and time of the products at a loss of precision).
@@ -151,7 +168,9 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
     Raises:
         ValueError: on an unknown ``curvature``/``method``, negative ``damping`` or
             ``regularization``, empty or mismatched data, a model without trainable
-            parameters, or different data on different ranks.
+            parameters, training data of no weight in the mean (every target ignored),
+            a batch-coupled model (batch norm without running statistics), or
+            different data on different ranks.
         NonDeterministicDataError: if the model is in training mode with dropout, or the
             data changes between passes (a shuffling ``DataLoader``), for every curvature.
         NonFiniteError: (from the methods) when a test or training example has a
@@ -159,7 +178,14 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
 
     Warns:
         UserWarning: when training examples have every target equal to the loss'
-            ``ignore_index``: their loss, gradient and influence are zero.
+            ``ignore_index`` (or of class weight 0): their weight, gradient and influence
+            are zero; when a ``loss_fn`` without ``.reduction`` looks like a sum.
+
+    The training data is read when the results need it: a single ``(X, y)`` batch changed
+    in place (an in-place torch operation, which bumps the tensors' version counters) is
+    read again, and everything computed from it is recomputed. Writes through ``.data`` or a
+    NumPy view are not seen: call :meth:`refresh` after them. An iterable of batches must
+    not change (a ``NonDeterministicDataError`` otherwise).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -200,14 +226,14 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
         score_dtype: torch.dtype | None = None,
         query_rank: int | None = None,
         max_memory: int | None = None,
+        reduction: str | None = None,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for name, val in (("damping", damping), ("regularization", regularization or 0.0)):
-            if not (isinstance(val, (int, float)) and math.isfinite(val) and val >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        damping = _real(damping, "damping")
+        regularization = None if regularization is None else _real(regularization, "regularization")
         if regularization is not None:
             warnings.warn(
                 "Influence(regularization=...) is deprecated: it is added to damping=, the one "
@@ -231,12 +257,28 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
         self.score_dtype, self.query_rank = score_dtype, query_rank
         self.max_memory = max_memory
         refuse_stochastic(model, "every influence result would change from call to call")
+        _refuse_batch_coupled(model)
         self.model, self.loss_fn = model, loss_fn
         self.version = version
         self.task = as_task(task, loss_fn)
         self.fn = ModelFunction(model, self.task)
+        loss = self.task.loss_fn if self.task.loss_fn is not None else loss_fn
+        own = getattr(loss, "reduction", None)
+        if reduction is not None and reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or None, got {reduction!r}")
+        if reduction is not None and isinstance(own, str) and own != reduction:
+            raise ValueError(
+                f"reduction={reduction!r} contradicts the loss' own reduction {own!r}: leave "
+                f"reduction=None or set {type(loss).__name__}(reduction={reduction!r})"
+            )
+        # what the operators are told: only a reduction that the user or the loss declares,
+        # so that for a plain function their own check that it does not sum runs too
+        self._operator_reduction = (
+            reduction if reduction is not None else (own if isinstance(own, str) else None)
+        )
+        self.reduction = reduction_of(loss, reduction)
         self.curvature, self.method = curvature, method
-        self.damping = float(damping)
+        self.damping = damping
         self.rank = int(rank)
         self._user_tol = tol
         self.tol = tol if tol is not None else DEFAULT_TOL.get(self.fn.dtype, 1e-5)
@@ -245,23 +287,16 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
         self.curvature_options = dict(curvature_options or {})
         self.batch_size = int(batch_size)
         self.progressbar = progressbar
-        self.reduction = reduction_of(loss_fn)
-        self.train = Examples(
-            train_data,
-            "training data",
-            self.task,
-            self.fn.device,
-            getattr(loss_fn, "ignore_index", None),
-        )
         self.train_data = train_data
-        self.n_train = self.train.n
-        self.weight = 1.0 / self.n_train if self.reduction == "mean" else 1.0
+        self._read_train()
         warn_ignored(self.train, loss_fn)
+        if self._operator_reduction is None and loss is not None:
+            if _warn_if_summing(self.task, model, train_data, self.fn.device):
+                self._operator_reduction = "mean"  # warned once: not again by the operator
         self._distributed = distributed
         self.cache = DiskCache(cache_dir) if cache_dir is not None else None
         self._identity: tuple[str, str] | None = None
-        self._train_digest: str | None = None
-        self.refresh()
+        self._refresh(reread=False)
         if self._dist()[0]:
             check_same_across_ranks("training data", self.train_digest, self.fn.device)
 
@@ -286,19 +321,30 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
 
     # -- public API ------------------------------------------------------------------------
     def _test(self, test_data) -> Examples:
-        ex = Examples(
-            test_data,
-            "test data",
-            self.task,
-            self.fn.device,
-            getattr(self.loss_fn, "ignore_index", None),
+        ex = Examples(test_data, "test data", self.task, self.fn.device, self.loss_fn)
+        if ex.example_shapes == self.train.example_shapes:
+            return ex
+        # other sizes can be fine (another sequence length, image size): the same tensors,
+        # with as many dimensions each, on which the model and the loss run
+        shapes = (
+            f"test examples have input/target shapes {ex.example_shapes} but training "
+            f"examples have {self.train.example_shapes}"
         )
-        if ex.example_shapes != self.train.example_shapes:
-            raise ValueError(
-                f"test examples have input/target shapes {ex.example_shapes} but training "
-                f"examples have {self.train.example_shapes}"
-            )
+        if _ranks(ex.example_shapes) != _ranks(self.train.example_shapes):
+            raise ValueError(f"{shapes}: they need the same tensors, each with as many dimensions")
+        one = ex.take([0])[0]
+        try:
+            with torch.no_grad():
+                self.task.measurement(self.model, one)
+        except Exception as err:
+            raise ValueError(f"{shapes}, and the model or the loss fails on them: {err}") from err
         return ex
+
+    def _test_zero_rows(self, test: Examples, start: int, stop: int) -> Tensor | None:
+        """The test examples of weight zero in ``start:stop`` whose loss is the measurement."""
+        if type(self.task).measurement is not Task.measurement:
+            return None
+        return test.zero_weight(start, stop)
 
     def inverse_hvps(self, test_data) -> Tensor:
         r"""Return :math:`(C + \mu I)^{-1} \nabla\ell^{\mathrm{test}}_i`, one row each.
@@ -330,7 +376,9 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             if self.cache is not None:
                 block = self.cache.load_block(name, (rows, P), self.fn.dtype)
             if block is None:
-                G = check_rows_finite(self.fn.gradients(chunk, measure=True), "test example", s)
+                G = self.fn.gradients(chunk, measure=True)
+                G = zero_rows(G, self._test_zero_rows(test, s, s + rows))
+                G = check_rows_finite(G, "test example", s)
                 block = self._apply_inverse(G.T.contiguous()).T.contiguous()
                 check_rows_finite(block, "inverse-HVP of test example", s)
                 if self.cache is not None:
@@ -343,7 +391,10 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
         return V
 
     def _train_pass(self, fn: Callable, rows: int, tag: str | None, desc: str) -> Tensor:
-        """Fill ``[rows, n_train]`` chunk by chunk: ``fn(G_chunk) -> [rows, c]``; cached."""
+        """Fill ``[rows, n_train]`` chunk by chunk: ``fn(G_chunk, start) -> [rows, c]``; cached.
+
+        ``G_chunk`` are the per-example gradients, zero for the examples of weight zero.
+        """
         out = torch.zeros(rows, self.n_train, dtype=self.fn.dtype, device=self.fn.device)
 
         def body(c: int, s: int, chunk) -> None:
@@ -353,8 +404,9 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             if name is not None:
                 block = self.cache.load_block(name, (rows, nb), self.fn.dtype, meta)
             if block is None:
-                G = check_rows_finite(_gradients(self.fn, chunk), "training example", s)
-                block = fn(G)
+                G = zero_rows(_gradients(self.fn, chunk), self.train.zero_weight(s, s + nb))
+                G = check_rows_finite(G, "training example", s)
+                block = fn(G, s)
                 if not bool(torch.isfinite(block).all()):
                     raise NonFiniteError(
                         f"{desc} of training examples {s}..{s + nb - 1} are not finite"
@@ -369,7 +421,7 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
     def scores(self, test_data, *, per_module: bool = False) -> Tensor | dict[str, Tensor]:
         r"""Influence of every training point on every test point.
 
-        .. math:: \texttt{scores[i, j]} = w\, \nabla\ell^{\mathrm{test}}_i{}^\top
+        .. math:: \texttt{scores[i, j]} = w_j\, \nabla\ell^{\mathrm{test}}_i{}^\top
                   (C + \mu I)^{-1} \nabla\ell_j
                   \approx \ell^{\mathrm{test}}_i(\hat\theta_{-j})
                   - \ell^{\mathrm{test}}_i(\hat\theta)
@@ -397,8 +449,8 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             or the dict of per-module scores.
 
         Raises:
-            ValueError: if the test examples' shapes differ from the training examples',
-                or ``per_module`` with another curvature.
+            ValueError: if the test examples' tensors differ in number or dimensions from the
+                training examples', or ``per_module`` with another curvature.
         """
         if self.curvature in ("kfac", "ekfac"):
             parts = self._kronecker_scores(test_data)
@@ -413,15 +465,14 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             raise ValueError("per_module scores need curvature='kfac' or 'ekfac'")
         V = self.inverse_hvps(test_data)
         tkey = self._test(test_data).digest(self.batch_size)
-        w = self.weight
         return self._train_pass(
-            lambda G: w * (V @ G.T), V.shape[0], f"scores-{self.key}-{tkey}", "scores"
+            lambda G, s: self._weigh(V @ G.T, s), V.shape[0], f"scores-{self.key}-{tkey}", "scores"
         )
 
     def self_influence(self) -> Tensor:
         r"""Each training point's influence on its own loss, without the ``n x n`` matrix.
 
-        .. math:: s_j = w\, \nabla\ell_j^\top (C + \mu I)^{-1} \nabla\ell_j
+        .. math:: s_j = w_j\, \nabla\ell_j^\top (C + \mu I)^{-1} \nabla\ell_j
 
         (the change of :math:`\ell_j` when :math:`j` is removed; non-negative for a
         positive-definite curvature; large values flag outliers and mislabeled points).
@@ -436,11 +487,10 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             return self._kronecker_self_influence()
         if self._dist()[0]:
             self.inverse  # noqa: B018 - built by every rank (the dense one is sharded)
-        w = self.weight
 
-        def quad(G: Tensor) -> Tensor:
+        def quad(G: Tensor, s: int) -> Tensor:
             X = self._apply_inverse(G.T.contiguous())
-            return (w * (G.T * X).sum(0)).unsqueeze(0)
+            return self._weigh((G.T * X).sum(0).unsqueeze(0), s)
 
         return self._train_pass(quad, 1, f"self-{self.key}", "self-influence")[0]
 
@@ -470,11 +520,13 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
 
         One Newton step on the leave-one-out objective, with its exact curvature,
 
-        .. math:: \Delta_j = (C + \mu I - w\,C_j)^{-1}\, w\nabla\ell_j,
+        .. math:: \Delta_j = (C + \mu I - w_j\,C_j)^{-1}\, w_j\nabla\ell_j,
 
-        (:math:`C_j` the chosen curvature of example :math:`j` alone: its Hessian, GGN,
-        or :math:`\nabla\ell_j\nabla\ell_j^\top` for the Fisher; the GGN for K-FAC and
-        EK-FAC), and the test loss to second order,
+        (:math:`w_j C_j` example :math:`j`'s term in the chosen curvature: :math:`C_j` its
+        Hessian or GGN alone (the GGN for K-FAC and EK-FAC); for the empirical Fisher, whose
+        terms are quadratic in the weighted gradients, :math:`C_j = n w_j \nabla\ell_j
+        \nabla\ell_j^\top` for a mean, :math:`\nabla\ell_j\nabla\ell_j^\top` for a sum),
+        and the test loss to second order,
 
         .. math:: \ell^{\mathrm{test}}_i(\hat\theta_{-j}) - \ell^{\mathrm{test}}_i(\hat\theta)
                   \approx \nabla\ell^{\mathrm{test}\top}_i \Delta_j
@@ -500,6 +552,85 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             IndexError: if an index is outside ``[0, n_train)``.
         """
         return newton_loo(self, test_data, train_indices)
+
+
+def _real(val, name: str) -> float:
+    """``val`` as a float when it is a finite real scalar >= 0 (Python, NumPy, 0-d tensor)."""
+    x = None
+    if isinstance(val, bool):
+        pass
+    elif isinstance(val, numbers.Real):  # int, float, NumPy's real scalars
+        x = float(val)
+    elif isinstance(val, torch.Tensor):
+        if val.dim() == 0 and not val.dtype.is_complex and val.dtype != torch.bool:
+            x = float(val)
+    elif type(val).__module__ == "numpy" and getattr(val, "ndim", None) == 0:
+        if getattr(val.dtype, "kind", "") in ("f", "i", "u"):
+            x = float(val)
+    if x is None or not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite real number >= 0, got {val!r}")
+    return x
+
+
+def _refuse_batch_coupled(model: nn.Module) -> None:
+    """Refuse batch norm that normalizes with the batch's statistics in eval mode too."""
+    from ..spectral._diagonal import batch_coupled_modules
+
+    coupled = [m for m in batch_coupled_modules(model) if "BatchNorm" in m]
+    if coupled:
+        raise ValueError(
+            f"the model normalizes with each batch's statistics ({', '.join(coupled[:5])}: "
+            "batch norm with track_running_stats=False does so in eval mode too), so an "
+            "example's loss depends on the other examples of its batch and the training loss "
+            "is not a sum over examples: influence is not defined for it. Use running "
+            "statistics (track_running_stats=True and eval()), or a per-example "
+            "normalization (LayerNorm, GroupNorm)"
+        )
+
+
+def _warn_if_summing(task: Task, model: nn.Module, data, device) -> bool:
+    """Warn when a loss without ``.reduction`` sums its first batch's halves, not averages them.
+
+    Advisory: a loss that cannot be evaluated on half a batch is left alone. Returns
+    whether it warned.
+    """
+    try:
+        batch = task.to(next(iter(iterate_batches(data, task))), device)
+        n = task.batch_size(batch)
+        if n < 2:
+            return False
+        k = n // 2
+        with torch.no_grad():
+            out = task.output(model, batch)
+            if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
+                return False
+            whole = float(task.loss(out, batch))
+            a = float(task.loss(out[:k], task.take(batch, slice(0, k))))
+            b = float(task.loss(out[k:], task.take(batch, slice(k, n))))
+    except Exception:  # noqa: BLE001  (only a hint: never fail for it)
+        return False
+    summed, averaged = a + b, (k * a + (n - k) * b) / n
+    tol = 1e-4 * max(abs(whole), abs(summed), abs(averaged))
+    if abs(whole - summed) <= tol < abs(whole - averaged):
+        warnings.warn(
+            "Influence: loss_fn has no .reduction, so it is taken to be a mean over the batch "
+            "(each example weighs 1/n), but its value on a batch is the sum of its values on "
+            "the two halves: it looks like a sum. Pass Influence(..., reduction='sum') if it "
+            "is one (or reduction='mean' to silence this warning)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return True
+    return False
+
+
+def _ranks(shapes):
+    """The layout of :func:`~second.influence._examples._example_shapes`: dimensions only."""
+    if isinstance(shapes, tuple) and all(isinstance(d, int) for d in shapes):
+        return len(shapes)
+    if isinstance(shapes, (tuple, list)):
+        return tuple(_ranks(x) for x in shapes)
+    return shapes
 
 
 def _gradients(fn: ModelFunction, chunk) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 from .._errors import NonFiniteError
 from ..func.per_example import ModelFunction, check_rows_finite
 from ._cache import chunk_digest
-from ._examples import warn_ignored
+from ._examples import warn_ignored, zero_rows
 from ._scoring import KroneckerScorer, default_memory, example_matrices, kronecker_gradients
 
 __all__ = ["KroneckerScoring"]
@@ -36,11 +36,13 @@ class KroneckerScoring:
         return ModelFunction(self.model, self.task, {names[id(p)]: p for p in fb})
 
     def _kronecker_queries(self, test_data):
-        r"""Preconditioned, ``w``-scaled query gradients per layer and fallback parameter.
+        r"""Preconditioned query gradients per layer and fallback parameter.
 
         Per Kronecker-factored layer :math:`w\,(B_l + \mu I)^{-1}` applied to the query
         gradients in matrix form ``[q, d_G, d_A]``, never as dense rows; per other
-        parameter its diagonal solve. Computed once per test set (memory, ``cache_dir``).
+        parameter its diagonal solve. :math:`w` is the training examples' common weight
+        (1 when their weights differ: the scores weigh each training example then).
+        Computed once per test set (memory, ``cache_dir``).
 
         Returns:
             ``(mats, fallback)``: the layers' matrices and ``(names, V parts, function)``
@@ -56,7 +58,8 @@ class KroneckerScoring:
             return memo
         op = self.operator
         inv = op.inverse(damping=self.shift)  # checks the damped blocks are invertible
-        rules, w, lam = op.rules, self.weight, self.shift
+        rules, lam = op.rules, self.shift
+        w = 1.0 if self.weight is None else self.weight
         fb = op.fallback_parameters
         fb_fn = self._fallback_function(fb)
         like = self.fn.params[0]
@@ -71,13 +74,17 @@ class KroneckerScoring:
                 out = mats[j][s : s + rows]
                 step = max(1, memory // (8 * out[0].numel() * out.element_size()))
                 for b in range(0, rows, step):  # the solve's temporaries stay small
-                    M = example_matrices(r, calls[j], b, min(b + step, rows))
+                    e = min(b + step, rows)
+                    M = example_matrices(r, calls[j], b, e)
+                    M = zero_rows(M, self._test_zero_rows(test, s + b, s + e))
                     check_finite(M, "test example", s + b)
                     out[b : b + step] = inv.blocks[j].solve(M, lam, inv.split).mul_(w)
                 block[f"L{j}"] = out
                 calls[j] = []
             if fb_fn is not None:
-                G = check_rows_finite(fb_fn.gradients(chunk, measure=True), "test example", s)
+                G = fb_fn.gradients(chunk, measure=True)
+                G = zero_rows(G, self._test_zero_rows(test, s, s + rows))
+                G = check_rows_finite(G, "test example", s)
                 off = 0
                 for i, p in enumerate(fb):
                     k = p.numel()
@@ -129,14 +136,21 @@ class KroneckerScoring:
             self.query_rank,
             memory,
         )
+
+        def compute(chunk, s: int) -> dict[str, Tensor]:
+            block = scorer(chunk)
+            if self.weight is None:  # the queries carry no weight: each example its own
+                block = {m: self._weigh(t, s) for m, t in block.items()}
+            return block
+
         return self._kronecker_pass(
-            scorer, scorer.q, scorer.modules, f"kscores-{tkey}", "scores", dtype
+            compute, scorer.q, scorer.modules, f"kscores-{tkey}", "scores", dtype
         )
 
     def _kronecker_pass(
         self, compute: Callable, q: int, mods, tag: str, desc: str, dtype
     ) -> dict[str, Tensor]:
-        """``{module: [q, n_train]}`` filled chunk by chunk by ``compute(chunk)``; cached."""
+        """``{module: [q, n_train]}`` filled chunk by chunk by ``compute(chunk, start)``; cached."""
         out = {m: torch.zeros(q, self.n_train, dtype=dtype, device=self.fn.device) for m in mods}
 
         def body(c: int, s: int, chunk) -> None:
@@ -148,7 +162,7 @@ class KroneckerScoring:
                 if block is not None and any(t.dtype != dtype for t in block.values()):
                     block = None
             if block is None:
-                block = compute(chunk)
+                block = compute(chunk, s)
                 if not all(bool(torch.isfinite(t.sum())) for t in block.values()):
                     raise NonFiniteError(
                         f"{desc} of training examples {s}..{s + nb - 1} are not finite"
@@ -162,7 +176,7 @@ class KroneckerScoring:
         return {m: self._gather(t) for m, t in out.items()}
 
     def _kronecker_self_influence(self) -> Tensor:
-        r""":math:`w \sum_l \langle M_{jl}, (B_l + \mu I)^{-1} M_{jl} \rangle` per example.
+        r""":math:`w_j \sum_l \langle M_{jl}, (B_l + \mu I)^{-1} M_{jl} \rangle` per example.
 
         In each block's eigenbasis the quadratic form is a weighted sum of squares of the
         rotated per-example gradient; for a layer with one position per example that is
@@ -171,11 +185,11 @@ class KroneckerScoring:
         """
         op = self.operator
         inv = op.inverse(damping=self.shift)
-        rules, lam, w = op.rules, self.shift, self.weight
+        rules, lam = op.rules, self.shift
         fb_fn = self._fallback_function(op.fallback_parameters)
         memory = self.max_memory or default_memory()
 
-        def compute(chunk) -> dict[str, Tensor]:
+        def compute(chunk, s: int) -> dict[str, Tensor]:
             calls, n = kronecker_gradients(rules, self.model, self.task, chunk)
             total = self.fn.params[0].new_zeros(n)
             for j, r in enumerate(rules):
@@ -196,7 +210,7 @@ class KroneckerScoring:
                     k = d.diagonal.numel()
                     total += (G[:, off : off + k] ** 2 / (d.diagonal.reshape(-1) + lam)).sum(1)
                     off += k
-            return {"self": (w * total).unsqueeze(0)}
+            return {"self": self._weigh(total.unsqueeze(0), s)}
 
         parts = self._kronecker_pass(compute, 1, ["self"], "kself", "self-influence", self.fn.dtype)
         return parts["self"][0]

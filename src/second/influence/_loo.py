@@ -14,6 +14,7 @@ from ..func.dense import dense_from_matmat
 from ..func.per_example import ModelFunction, check_rows_finite
 from ..solvers import solve
 from ._cache import fingerprint
+from ._examples import zero_rows
 from ._inverse import DenseInverse
 
 if TYPE_CHECKING:
@@ -37,12 +38,14 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
     inf._same_on_all_ranks("training indices", fingerprint(idx))
     tests = test.take(range(test.n))
     Gt = torch.stack([inf.fn.gradients(one, measure=True)[0] for one in tests])
+    unweighted = inf._test_zero_rows(test, 0, test.n)  # test examples of weight zero: 0
+    Gt = zero_rows(Gt, unweighted)
     check_rows_finite(Gt, "test example")
     out = torch.zeros(test.n, len(idx), dtype=inf.fn.dtype, device=inf.fn.device)
     if not idx:
         return out
     kind = {"hessian": "hessian", "fisher": "fisher"}.get(inf.curvature, "ggn")
-    P, w = inf.fn.numel, inf.weight
+    P = inf.fn.numel
     examples = inf.train.take(idx)
     deltas = torch.zeros(P, len(idx), dtype=inf.fn.dtype, device=inf.fn.device)
     inv = inf.inverse
@@ -52,19 +55,26 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
             if not inf._mine(pos):
                 continue
             one = examples[pos]
+            # example j's share of the objective (w_j = W_j / W for a mean); weight 0: no change
+            w = inf.weight if inf.weight is not None else float(inf.weights[idx[pos]])
+            if w == 0:
+                continue
             g = inf.fn.gradients(one)[0]
             check_rows_finite(g[None], "training example", idx[pos])
             b = w * g
+            # the example's term in the curvature: w_j C_j, linear in the loss, except the
+            # empirical Fisher's, quadratic in the weighted gradient: n w_j^2 g_j g_j^T
+            cw = w * (inf.n_train * w) if kind == "fisher" and inf.weight is None else w
             if isinstance(inv, DenseInverse):
                 Hj = _dense_example_curvature(inf.fn, one, kind)
-                M = inv.matrix - w * Hj
+                M = inv.matrix - cw * Hj
                 L, info = torch.linalg.cholesky_ex(M)
                 if int(info) == 0:
                     d = torch.cholesky_solve(b.to(torch.float64)[:, None], L)[:, 0]
                 else:
                     d = None
             else:
-                d = _loo_iterative(inf, inv, one, b, kind)
+                d = _loo_iterative(inf, inv, one, b, kind, cw)
             if d is None:
                 # the leave-one-out curvature is not positive definite: a Newton step along
                 # its negative direction would overshoot arbitrarily; keep the first order
@@ -81,14 +91,19 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
         )
     deltas = inf._gather(deltas)
     for i, one in enumerate(tests):
+        if unweighted is not None and bool(unweighted[i]):
+            continue
         HD = inf.fn.hessian_products(one, deltas, "hessian", measure=True)
         out[i] = Gt[i] @ deltas + 0.5 * (deltas * HD).sum(0)
     return out
 
 
-def _loo_iterative(inf: Influence, inv, one, b: Tensor, kind: str) -> Tensor | None:
-    """The leave-one-out Newton step by CG/MINRES; ``None`` when it meets negative curvature."""
-    op, shift, w = inf.operator, inf.shift, inf.weight
+def _loo_iterative(inf: Influence, inv, one, b: Tensor, kind: str, w: float) -> Tensor | None:
+    """The leave-one-out Newton step by CG/MINRES; ``None`` when it meets negative curvature.
+
+    ``w``: the weight of the example's curvature in the whole one.
+    """
+    op, shift = inf.operator, inf.shift
 
     def matvec(v: Tensor) -> Tensor:
         return op @ v + shift * v - w * inf.fn.hessian_products(one, v, kind)

@@ -1,0 +1,112 @@
+"""What an Influence's results depend on: a custom Task's code, the training tensors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from second import Influence, Task
+
+# Tolerance: relative error against a fresh Influence on the same inputs (same arithmetic).
+FRESH_RTOL = 1e-12
+DAMPING = 0.5
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def data(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return X, torch.randint(0, 3, (n,), generator=g)
+
+
+def _first(self, model, batch):
+    return model(batch[0])[:, 0].sum()
+
+
+def _third(self, model, batch):
+    return model(batch[0])[:, 2].sum()
+
+
+# two versions of one Task class (the same module and name): only their code differs
+PickV1 = type("Pick", (Task,), {"measurement": _first})
+PickV2 = type("Pick", (Task,), {"measurement": _third})
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "kfac"])
+def test_the_cache_key_sees_a_tasks_code(curvature, tmp_path):
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(15), data(2, seed=2)
+    kw = dict(curvature=curvature, damping=DAMPING, progressbar=False)
+    old = Influence(model, loss_fn, train, task=PickV1(), cache_dir=tmp_path, **kw).scores(test)
+    cached = Influence(model, loss_fn, train, task=PickV2(), cache_dir=tmp_path, **kw).scores(test)
+    fresh = Influence(model, loss_fn, train, task=PickV2(), **kw).scores(test)
+    assert not torch.equal(cached, old)
+    assert rel(cached, fresh) < FRESH_RTOL
+    # the same code again is a cache hit: the same numbers, bit for bit
+    again = Influence(model, loss_fn, train, task=PickV2(), cache_dir=tmp_path, **kw).scores(test)
+    assert torch.equal(again, cached)
+
+
+def test_a_changed_task_method_refreshes_an_influence():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(15), data(2, seed=2)
+    Local = type("Local", (Task,), {"measurement": _first})
+    inf = Influence(model, loss_fn, train, task=Local(), curvature="ggn", damping=DAMPING)
+    inf.scores(test)
+    Local.measurement = _third  # the class patched after the scores
+    fresh = Influence(model, loss_fn, train, task=Local(), curvature="ggn", damping=DAMPING)
+    assert rel(inf.scores(test), fresh.scores(test)) < FRESH_RTOL
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "kfac", "ekfac"])
+def test_a_training_batch_changed_in_place_is_read_again(curvature):
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    X, y = data(15)
+    test = data(2, seed=2)
+    kw = dict(curvature=curvature, damping=DAMPING, progressbar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an indefinite Hessian is warned about
+        inf = Influence(model, loss_fn, (X, y), **kw)
+        inf.scores(test)
+        inf.self_influence()
+        X.sub_(X.mean(0)).div_(X.std(0))  # standardized in place
+        fresh = Influence(model, loss_fn, (X, y), **kw)
+        assert rel(inf.scores(test), fresh.scores(test)) < FRESH_RTOL
+        assert rel(inf.self_influence(), fresh.self_influence()) < FRESH_RTOL
+
+
+def test_targets_changed_in_place_change_the_weights():
+    model = mlp()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64))
+    X, y = data(15)
+    test = data(2, seed=2)
+    inf = Influence(model, loss_fn, (X, y), curvature="ggn", damping=DAMPING)
+    inf.scores(test)
+    y[:5] = 1
+    fresh = Influence(model, loss_fn, (X, y), curvature="ggn", damping=DAMPING)
+    assert rel(inf.scores(test), fresh.scores(test)) < FRESH_RTOL
+    assert torch.equal(inf.weights, fresh.weights)
+
+
+def test_a_write_through_data_needs_refresh():
+    """``.data`` writes do not bump the version counter: refresh() reads the batch again."""
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    X, y = data(15)
+    test = data(2, seed=2)
+    inf = Influence(model, loss_fn, (X, y), curvature="ggn", damping=DAMPING)
+    inf.scores(test)
+    X.data.mul_(2.0)
+    inf.refresh()
+    fresh = Influence(model, loss_fn, (X, y), curvature="ggn", damping=DAMPING)
+    assert rel(inf.scores(test), fresh.scores(test)) < FRESH_RTOL
