@@ -394,3 +394,21 @@ def test_a_nonsymmetric_operator_past_the_probe_is_not_certified(monkeypatch):
             sla.aslinearoperator(torch.tensor(NONSYMMETRIC).numpy()), k=1, return_result=True
         )
     assert not res.converged and res.certified == [False]
+
+
+def test_eigenvectors_are_orthonormal_with_a_null_space_that_fills_the_basis():
+    # a 10-dimensional null space: the basis grows columns nearly in its own span, whose
+    # rounding along it the normalization multiplies; the second orthonormalization pass
+    # keeps the eigenvectors orthonormal to the working precision (it was 3.7e-6 in float64)
+    g = torch.Generator().manual_seed(0)
+    n = 30
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    spectrum = torch.cat(
+        [torch.zeros(10, dtype=torch.float64), torch.linspace(1, 2, 20, dtype=torch.float64)]
+    )
+    A = Q @ torch.diag(spectrum) @ Q.T
+    res = second.eigsh(A, k=3, which="SA", return_result=True)
+    V = res.eigenvectors
+    assert res.converged
+    assert float((V.T @ V - torch.eye(3, dtype=V.dtype)).abs().max()) < 1e-12
+    assert float((A @ V).norm()) < 1e-12
