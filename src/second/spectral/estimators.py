@@ -551,7 +551,9 @@ def spectral_density(
 
     Returns:
         ``(grid, density, nodes, weights)``; ``nodes``/``weights`` are
-        ``[num_probes, steps]`` (weights of each probe sum to 1). With ``return_result=True``
+        ``[num_probes, steps]`` (weights of each probe sum to 1; a probe that found an
+        invariant subspace in fewer steps repeats its last node at weight 0). With
+        ``return_result=True``
         a :class:`Density` that adds the pointwise standard error of the density (from the
         spread of the probes' densities; NaN from a single probe) and the products used.
 
@@ -577,7 +579,9 @@ def spectral_density(
         m = min(lanczos_steps, n)
         pad = m - theta.numel()
         w = S[0] ** 2
-        all_nodes.append(torch.cat([theta, theta.new_zeros(pad)]))
+        # a probe whose Lanczos stopped early (an invariant subspace) is padded with copies
+        # of its last node at weight 0: no spurious node at 0 in the nodes, range or sigma
+        all_nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
         all_weights.append(torch.cat([w, w.new_zeros(pad)]))
     nodes = torch.stack(all_nodes)
     weights = torch.stack(all_weights)
