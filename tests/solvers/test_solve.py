@@ -185,3 +185,36 @@ def test_nan_product_is_an_error_not_a_silent_loop(method):
     op.check_finite = False  # even with the operator's own check off, the solver refuses
     with pytest.raises(second.NonFiniteError):
         method(op, torch.ones(4, dtype=torch.float64))
+
+
+def test_auto_takes_lsmr_for_a_scipy_operator_that_declares_itself_nonsymmetric():
+    # a raw SciPy operator whose `symmetric` attribute is False: "auto" must not pick a
+    # symmetric method (which refuses it) above the dense threshold
+    import numpy as np
+    import scipy.sparse.linalg as sla
+
+    from second.solvers._solve import DENSE_THRESHOLD
+
+    n = DENSE_THRESHOLD + 10
+    d = np.linspace(1.0, 2.0, n)
+
+    def mv(v):
+        v = np.asarray(v).reshape(-1)
+        out = d * v
+        out[1:] += 0.3 * v[:-1]  # lower bidiagonal: not symmetric
+        return out
+
+    def rmv(v):
+        v = np.asarray(v).reshape(-1)
+        out = d * v
+        out[:-1] += 0.3 * v[1:]
+        return out
+
+    A = sla.LinearOperator((n, n), matvec=mv, rmatvec=rmv, dtype=np.float64)
+    A.symmetric = False
+    assert choose_method(A, n) == "lsmr"
+    b = torch.ones(n, dtype=torch.float64)
+    res = second.solve(second.aslinearoperator(A, symmetric=False), b, tol=1e-10)
+    assert res.converged
+    x = res.x.numpy()
+    assert np.linalg.norm(mv(x) - b.numpy()) <= 1e-8 * np.linalg.norm(b.numpy())

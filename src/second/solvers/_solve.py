@@ -78,7 +78,7 @@ def choose_method(A, n: int, damping: float = 0.0) -> str:
     """The method ``"auto"`` picks (see :func:`solve`)."""
     if n <= DENSE_THRESHOLD:
         return "dense"
-    if isinstance(A, LinearOperator) and not A.symmetric:
+    if getattr(A, "symmetric", True) is False:  # ours, or a SciPy operator that says so
         return "lsmr"  # cg and minres need symmetry
     psd = isinstance(A, LinearOperator) and A.psd
     if psd and damping >= 0:

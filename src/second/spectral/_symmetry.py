@@ -44,7 +44,8 @@ def check_symmetric_pair(
         f"{what} needs a symmetric operator, and this one is not: for orthonormal u, v, "
         f"|u^T A v - v^T A u| = {asymmetry:.3g} against products of norm {scale:.3g} (more "
         f"than {symmetry_rtol(dtype):.0e} of it, far above rounding). A SciPy operator or a "
-        "callable is taken as symmetric when wrapped; symmetrize it ((A + A^T) / 2)"
+        "callable is taken as symmetric when wrapped unless declared otherwise "
+        "(aslinearoperator(A, symmetric=False)); symmetrize it ((A + A^T) / 2)"
         + (f", or use {instead}" if instead else "")
     )
 
