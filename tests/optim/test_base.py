@@ -12,6 +12,7 @@ from newton_cases import (
     ResidualModel,
     contract,
     least_squares_closure,
+    quadratic_problem,
     rosen,
     rosen_residual,
 )
@@ -121,3 +122,90 @@ def test_a_new_closure_is_evaluated_afresh(cls):
     opt.step(make(XB, yB))
     assert opt.history[-1]["loss"] == pytest.approx(expected, rel=1e-12)
     assert opt.state[model.weight]["nfev"] == nfev + 2  # fresh evaluation + one trial
+
+
+# -- parameter groups, duplicates, frozen parameters, the returned loss ---------------------
+
+ALL = [NewtonCG, GaussNewton, HessianFree, LiSSA]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_add_param_group_is_refused_and_changes_nothing(cls):
+    """The constructor refuses several groups; a group added later was never optimized."""
+    a = torch.ones(2, dtype=DT, requires_grad=True)
+    b = torch.zeros(2, dtype=DT, requires_grad=True)
+    opt = cls([a])
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [a]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_a_parameter_listed_twice_is_refused(cls):
+    # NewtonCG solved for the coordinates twice: one exact-Newton step ended 0.69 away
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="listed twice"):
+        cls([x, x])
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, LiSSA])
+def test_a_frozen_parameter_is_skipped(cls):
+    # torch.optim's rule, as GaussNewton and HessianFree built from a model: a parameter that
+    # does not require grad is not optimized (it raised a raw autograd error)
+    A, b, _, _ = quadratic_problem(4)
+    x = torch.zeros(3, dtype=DT, requires_grad=True)
+    frozen = torch.full((1,), 0.5, dtype=DT)  # the last coordinate, held fixed
+    opt = cls([x, frozen], **({"depth": 400} if cls is LiSSA else {"maxiter": 10}))
+    closure = contract(opt, lambda: 0.5 * torch.cat([x, frozen]) @ A @ torch.cat([x, frozen])
+                       - b @ torch.cat([x, frozen]))  # fmt: skip
+    for _ in range(10):
+        opt.step(closure)
+    # the minimizer over the first three coordinates with the fourth at 0.5 (float64)
+    expect = torch.linalg.solve(A[:3, :3], b[:3] - A[:3, 3] * 0.5)
+    torch.testing.assert_close(x.detach(), expect, rtol=1e-8, atol=1e-8)
+    assert torch.equal(frozen, torch.full((1,), 0.5, dtype=DT)) and frozen.grad is None
+    sd = opt.state_dict()  # the state dict still describes both parameters
+    assert sd["param_shapes"] == [[3], [1]]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_step_returns_the_closures_loss_tensor(cls):
+    # as torch.optim.LBFGS: the closure's own loss (detached), in its dtype; it was a float32
+    # tensor built from a Python float (4.000000003141593 came back as tensor(4.))
+    shift = 3.141592653589793e-9
+    if cls in (GaussNewton, HessianFree):
+        model = ResidualModel(lambda x: x - 2.0, [0.0, 0.0])
+        opt = cls(model)
+        closure = contract(opt, lambda: 0.5 * model().square().sum() + shift)
+    else:
+        x = torch.zeros(2, dtype=DT, requires_grad=True)
+        opt = cls([x])
+        closure = contract(opt, lambda: 0.5 * ((x - 2) ** 2).sum() + shift)
+    expect = 4.0 + shift  # at the start, x = 0
+    loss = opt.step(closure)
+    assert loss.dtype == DT and not loss.requires_grad
+    assert float(loss) == expect
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, LiSSA])
+def test_a_nan_loss_is_named_as_such(cls):
+    from second import NonFiniteError
+
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+    opt = cls([x])
+    with pytest.raises(NonFiniteError, match="loss is not finite"):
+        opt.step(contract(opt, lambda: (x**2).sum() * float("nan")))
+    assert torch.equal(x.detach(), torch.ones(2, dtype=DT))
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, GaussNewton, HessianFree])
+def test_a_learning_rate_scheduler_says_there_is_no_learning_rate(cls):
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+    opt = cls([x])
+    with pytest.raises(KeyError, match="no learning rate"):
+        torch.optim.lr_scheduler.StepLR(opt, 1)
+    # the group still reads and saves as a plain dict
+    assert "lr" not in opt.param_groups[0] and opt.param_groups[0].get("lr") is None
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(KeyError, match="no learning rate"):
+        torch.optim.lr_scheduler.StepLR(opt, 1)

@@ -277,3 +277,130 @@ def test_curvature_through_attention_in_the_users_closure(cls):
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     assert not torch.equal(models[0].out.weight, start)  # it moved
+
+
+# -- what the closure does beyond the contract is ignored, and said once -------------------
+
+DIFFERENTIATE_THE_LOSS = OPTIMIZERS + ["SophiaH", "AdaHessian", "Sophia"]
+
+
+def _make_any(cls, model):
+    import second.optim as so
+
+    if cls == "Sophia":
+        return so.Sophia(model, torch.nn.MSELoss(), lr=0.01)
+    if isinstance(cls, str):
+        return getattr(so, cls)(model.parameters(), lr=0.01)
+    return make(cls, model)
+
+
+def _name(c):
+    return c if isinstance(c, str) else c.__name__
+
+
+def _misuse_warnings(record):
+    return [w for w in record if "beyond torch.optim's contract" in str(w.message)]
+
+
+@pytest.mark.parametrize("cls", DIFFERENTIATE_THE_LOSS, ids=_name)
+def test_gradient_accumulation_in_the_closure_warns_once(cls):
+    """Two micro-batches, backward() on each, the last loss returned: the optimizer
+    differentiates the returned loss only, and says so once, naming the fix."""
+    model, X, y, _ = problem()
+    opt = _make_any(cls, model)
+    halves = (slice(0, 20), slice(20, 40))
+
+    def closure():
+        opt.zero_grad()
+        for rows in halves:
+            loss = 0.5 * ((model(X[rows]) - y[rows]) ** 2).mean()
+            loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        if cls in (GaussNewton, HessianFree):  # the model ran twice: no single output
+            with pytest.raises(TypeError, match="ran 2 times"):
+                opt.step(closure)
+        else:
+            for _ in range(3):
+                opt.step(closure)
+    (w,) = _misuse_warnings(rec)
+    assert issubclass(w.category, UserWarning)
+    assert "called backward() 2 times" in str(w.message)
+    assert "sum of their losses" in str(w.message) and "loss.backward(); return loss" in str(
+        w.message
+    )
+    assert w.filename == __file__  # it points at the user's step() call
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, "SophiaH", "AdaHessian"], ids=_name)
+def test_the_gradient_used_is_the_returned_losss(cls):
+    # the documented behaviour behind the warning, against float64 autograd
+    model, X, y, _ = problem()
+    w0 = model.weight.detach().clone()
+    opt = _make_any(cls, model)
+
+    def closure():
+        opt.zero_grad()
+        for rows in (slice(0, 20), slice(20, 40)):
+            loss = 0.5 * ((model(X[rows]) - y[rows]) ** 2).mean()
+            loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt.step(closure)
+    if cls is NewtonCG:  # one exact Newton step on the last micro-batch's quadratic
+        Xb, yb = X[20:], y[20:].reshape(-1)
+        expect = torch.linalg.solve(Xb.T @ Xb, Xb.T @ yb)
+        torch.testing.assert_close(model.weight.detach().reshape(-1), expect)
+        return
+    w = w0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(0.5 * ((X[20:] @ w.T - y[20:]) ** 2).mean(), w)
+    torch.testing.assert_close(model.weight.grad, g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [NewtonCG, "SophiaH"], ids=_name)
+@pytest.mark.parametrize("misuse", ["clip", "grad_changed", "scaled"])
+def test_clipping_or_editing_grad_in_the_closure_warns(cls, misuse):
+    model, X, y, _ = problem()
+    opt = _make_any(cls, model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def closure():
+        opt.zero_grad(set_to_none=misuse != "grad_changed")
+        loss = 0.5 * ((model(X) - y) ** 2).mean()
+        (loss * 2.0 if misuse == "scaled" else loss).backward()
+        if misuse == "clip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        elif misuse == "grad_changed":
+            model.weight.grad.mul_(0.5)  # an edit in place, where .grad exists
+        return loss
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt.step(closure)
+    (w,) = _misuse_warnings(rec)
+    expect = {
+        "clip": "clip_grad_norm_",
+        "grad_changed": "changed .grad after backward()",
+        "scaled": "on a tensor other than the loss it returns",
+    }[misuse]
+    assert expect in str(w.message)
+
+
+@pytest.mark.parametrize("cls", DIFFERENTIATE_THE_LOSS, ids=_name)
+def test_the_contract_closure_does_not_warn(cls):
+    model, X, y, _ = problem()
+    opt = _make_any(cls, model)
+    closure = contract_closure(opt, model, X, y, [])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(closure)
+    assert not _misuse_warnings(rec)
+    # and the patched functions are restored after the closure
+    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
+    assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"

@@ -210,3 +210,79 @@ def test_closure_contract_leaves_the_gradient(name):
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
         assert p.grad.grad_fn is None
+
+
+# -- parameters the loss does not use, refused groups, duplicates --------------------------
+
+
+def _with_unused(net):
+    """Groups of ``net``'s parameters plus one the loss never uses (float64)."""
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    return [{"params": list(net.parameters())}, {"params": [extra]}], extra
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_the_loss_does_not_use_is_skipped(name):
+    """torch.optim's rule: no gradient, no step, no state; the others step as without it."""
+    net, ref = model(), model()
+    groups, extra = _with_unused(net)
+    opt = build(name, net, params=groups, **OPTIONS[name], weight_decay=0.1)
+    opt_ref = build(name, ref, **OPTIONS[name], weight_decay=0.1)
+    run(opt, net, 3)
+    run(opt_ref, ref, 3)
+    assert torch.equal(extra.detach(), torch.ones(3, dtype=torch.float64))  # no weight decay
+    assert extra.grad is None
+    assert not opt.state.get(extra)  # no state
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["SophiaH", "AdaHessian"])
+def test_without_closure_a_parameter_without_gradient_is_skipped(name):
+    """``loss.backward(create_graph=True)`` then ``step()``: a ``None`` grad is no error."""
+    net, ref = model(), model()
+    groups, extra = _with_unused(net)
+    opt = build(name, net, params=groups, **OPTIONS[name])
+    opt_ref = build(name, ref, **OPTIONS[name])
+    for k in range(3):
+        X, y = batch(k)
+        for o, m in ((opt, net), (opt_ref, ref)):
+            o.zero_grad()
+            LOSS(m(X), y).backward(create_graph=True)
+            o.step()
+    assert torch.equal(extra.detach(), torch.ones(3, dtype=torch.float64))
+    assert not opt.state.get(extra)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [(n, dict(lr=-1.0)) for n in NAMES]
+    + [("SophiaH", dict(update_period=3)), ("AdaHessian", dict(update_period=3))],
+)
+def test_a_refused_parameter_group_is_not_kept(name, bad):
+    net = model()
+    opt = build(name, net, **OPTIONS[name])
+    b = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    groups = list(opt.param_groups)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [b], **bad})
+    assert opt.param_groups == groups
+    run(opt, net, 1)
+    assert b not in opt.state and torch.equal(b.detach(), torch.ones(2, dtype=torch.float64))
+    # the same parameter can still be added properly
+    opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == len(groups) + 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_listed_twice_is_refused(name):
+    net = model()
+    w = net[0].weight
+    with pytest.raises(ValueError, match="listed twice"):
+        build(name, net, params=[w, net[0].bias, w], **OPTIONS[name])
+    opt = build(name, net, params=[net[0].weight], **OPTIONS[name])
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": [net[2].weight, net[2].weight]})
+    assert len(opt.param_groups) == 1

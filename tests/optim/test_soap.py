@@ -109,3 +109,42 @@ def test_converges_on_logistic_regression():
         opt.step()
     assert float(loss) < 0.1
     assert float((net(X).argmax(1) == y).double().mean()) > 0.97
+
+
+def test_bfloat16_parameters_run_past_the_power_iteration_refresh():
+    # the refreshes after the first are one power-iteration step, qr(F Q): there is no QR in
+    # bfloat16, so it runs in float32 (as the first eigendecomposition does); 10 steps with
+    # precondition_frequency=3 take three such refreshes
+    from second.optim._gradient_factors import _power_step
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    F = A @ A.T
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64)).Q
+    ref = _power_step(F, Q, "G")
+    got = _power_step(F.bfloat16(), Q.bfloat16(), "G")
+    assert got["QG"].dtype == torch.bfloat16
+    assert torch.equal(got["perm_G"], ref["perm_G"])
+    # QR's columns are defined up to sign: compare |Q|
+    torch.testing.assert_close(got["QG"].double().abs(), ref["QG"].abs(), atol=0.05, rtol=0)
+
+    X = torch.randn(32, 6, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+
+    def train(dtype, eps):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).bfloat16().to(dtype)
+        opt = so.SOAP(net.parameters(), lr=0.01, eps=eps, precondition_frequency=3)
+        for _ in range(10):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(X.to(dtype)), y).backward()
+            opt.step()
+        assert opt.counters["n_refused"] == 0
+        assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+        return [p.detach().double() for p in net.parameters()]
+
+    train(torch.bfloat16, 1e-8)  # the defaults: finite
+    # with an eps above bfloat16's rounding (Adam's ratios of rounding noise stay small)
+    # it follows the float64 trajectory from the same (bfloat16-rounded) start
+    for p, q in zip(train(torch.bfloat16, 1e-3), train(torch.float64, 1e-3)):
+        torch.testing.assert_close(p, q, atol=0.05, rtol=0)

@@ -161,3 +161,24 @@ def test_sophia_g_ignores_loss_calls_without_gradients():
     for _ in range(20):
         last = float(opt.step(closure))
     assert last < first
+
+
+def test_sophiah_a_parameter_without_an_estimate_takes_a_bounded_sign_step():
+    # documented: where the running estimate is 0 (a group added between two estimates) the
+    # step is the clipped one, sign(m) * lr, on every coordinate; Sophia needs no estimate
+    # before a parameter's first step (AdaHessian does: see test_adahessian.py)
+    a = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    opt = so.SophiaH([a], lr=0.05, update_period=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((a - 2) ** 2).sum() + ((b - 2) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.add_param_group({"params": [b]})
+    opt.step(closure)
+    torch.testing.assert_close(b.detach(), torch.tensor([1.05, 2.95], dtype=torch.float64))
+    assert torch.equal(opt.state[b]["hessian"], torch.zeros(2, dtype=torch.float64))

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from .._errors import SecondDeprecationWarning
 from ..func.attention import differentiable_attention
 from ..func.products import grad_checked
-from ._closure import ClosureCall, call_closure
+from ._closure import ClosureCall, call_closure, warn_closure_misuse
 from ._options import RENAMED, check_newton_options, hyperparameters, renamed_options
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "PARAM_SHAPES",
     "flat_hvp",
     "flat_dot",
+    "refuse_duplicates",
 ]
 
 COUNTERS = ("n_iter", "nfev", "ngev", "matvecs")
@@ -133,10 +134,59 @@ def check_state_dict_params(owner: str, params: Sequence[Tensor], state_dict: di
         )
 
 
+def refuse_duplicates(owner: str, param_group: dict) -> None:
+    """Raise ``ValueError`` when a parameter is listed twice in ``param_group``.
+
+    torch.optim only warns (and an optimizer then steps the parameter twice, or, for a
+    flat-vector method, solves for its coordinates twice). Called before
+    ``Optimizer.add_param_group``; an iterable ``params`` is materialized into a list.
+
+    Example:
+        >>> w = torch.zeros(2)
+        >>> refuse_duplicates("SOAP", {"params": [w, w]})
+        Traceback (most recent call last):
+        ...
+        ValueError: SOAP: parameter 1 (shape (2,)) is listed twice in one parameter group (first as parameter 0): list each parameter once
+    """
+    if not isinstance(param_group, dict):
+        return
+    params = param_group.get("params")
+    if params is None or isinstance(params, (Tensor, set, str, bytes)):
+        return  # one tensor, or torch.optim's own errors
+    params = param_group["params"] = list(params)
+    first: dict[int, int] = {}
+    for i, entry in enumerate(params):
+        t = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else entry  # (name, p)
+        j = first.setdefault(id(t), i)
+        if j != i:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else "?"
+            raise ValueError(
+                f"{owner}: parameter {i} (shape {shape}) is listed twice in one parameter "
+                f"group (first as parameter {j}): list each parameter once"
+            )
+
+
+class _Group(dict):
+    """A parameter group of an optimizer without a learning rate: reading ``"lr"`` says so."""
+
+    owner = "this optimizer"  # the optimizer's name, set by the optimizer
+
+    def __missing__(self, key):
+        if key == "lr":
+            raise KeyError(
+                f"'lr': {self.owner} has no learning rate (its step "
+                "length comes from its trust region, damping or line search), so a "
+                "learning-rate scheduler does not apply to it"
+            )
+        raise KeyError(key)
+
+
 class NewtonTypeOptimizer(Optimizer):
     """Base class: one parameter group treated as one flat vector, with evaluation counters.
 
-    The optimizer state (``optimizer.state[first_param]``, saved by ``state_dict``) holds
+    The parameters that do not require grad (frozen ones) are skipped, as torch.optim does:
+    the flat vector holds the others. The optimizer state (``optimizer.state[first_param]``,
+    saved by ``state_dict``) holds
     ``n_iter``, ``nfev`` (closure evaluations), ``ngev`` (gradient evaluations), ``matvecs``
     (curvature-vector products), the last ``loss`` and ``grad_norm``, ``stop_reason``
     (``None`` while running) and ``history``, one record per iteration.
@@ -149,11 +199,53 @@ class NewtonTypeOptimizer(Optimizer):
             raise ValueError(
                 f"{type(self).__name__} doesn't support per-parameter options (parameter groups)"
             )
-        self._params: list[Tensor] = self.param_groups[0]["params"]
-        dtypes = {p.dtype for p in self._params}
+        dtypes = {p.dtype for p in self._all}
         if len(dtypes) > 1:
             raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}")
         self._cache: dict = {}
+        self._label_group()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add the one parameter group (the constructor does); a second one is an error.
+
+        Raises:
+            ValueError: a second group (the optimizer treats one group as one flat vector),
+                or a parameter listed twice.
+        """
+        name = type(self).__name__
+        if self.param_groups:
+            raise ValueError(
+                f"{name} doesn't support per-parameter options (parameter groups): it treats "
+                "its parameters as one flat vector; build it with all of them instead of "
+                "adding a group"
+            )
+        refuse_duplicates(name, param_group)
+        super().add_param_group(param_group)
+
+    def _label_group(self) -> None:
+        """The group as a :class:`_Group`, whose missing ``"lr"`` names the optimizer."""
+        group = self.param_groups[0]
+        if "lr" not in group and not isinstance(group, _Group):
+            group = self.param_groups[0] = _Group(group)
+        if isinstance(group, _Group):
+            group.owner = type(self).__name__
+
+    @property
+    def _all(self) -> list[Tensor]:
+        """Every parameter of the group, frozen ones included (the state dict's)."""
+        return self.param_groups[0]["params"]
+
+    @property
+    def _params(self) -> list[Tensor]:
+        """The parameters that require grad: the flat vector's.
+
+        Raises:
+            ValueError: none requires grad.
+        """
+        params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__}: no parameter requires grad")
+        return params
 
     _renamed_defaults: dict = {}  # the defaults of the options with a deprecated spelling
 
@@ -175,12 +267,13 @@ class NewtonTypeOptimizer(Optimizer):
     # -- state ---------------------------------------------------------------------------
     @property
     def _state(self) -> dict:
-        st = self.state[self._params[0]]
+        first = self._all[0]
+        st = self.state[first]
         if not isinstance(st, CounterDict):  # a fresh or a loaded state
             st = CounterDict(st)
             if "nhvp" in dict(st):  # saved before the renaming
                 st["matvecs"] = dict.pop(st, "nhvp")
-            self.state[self._params[0]] = st
+            self.state[first] = st
         if "n_iter" not in st:
             for key in COUNTERS:
                 st[key] = 0
@@ -206,7 +299,7 @@ class NewtonTypeOptimizer(Optimizer):
     def state_dict(self) -> dict:
         """The state of ``torch.optim.Optimizer``, plus the parameter shapes it belongs to."""
         sd = super().state_dict()
-        sd[PARAM_SHAPES] = [list(p.shape) for p in self._params]
+        sd[PARAM_SHAPES] = [list(p.shape) for p in self._all]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -215,14 +308,15 @@ class NewtonTypeOptimizer(Optimizer):
         Raises:
             ValueError: if it was saved for another number or shapes of parameters.
         """
-        check_state_dict_params(type(self).__name__, self._params, state_dict)
+        check_state_dict_params(type(self).__name__, self._all, state_dict)
         for group in state_dict.get("param_groups", []):
             for old, new in RENAMED.items():  # a state saved before the renaming
                 if old in group and new not in group:
                     group[new] = group.pop(old)
         super().load_state_dict(state_dict)
+        self._label_group()
         self._cache = {}
-        if self._params[0] in self.state:
+        if self._all[0] in self.state:
             _ = self._state  # the counters in their CounterDict (an old "nhvp" renamed)
 
     def _record(self, **extra) -> None:
@@ -270,8 +364,11 @@ class NewtonTypeOptimizer(Optimizer):
         kernels (and weight_norm's) do not support.
         """
         with differentiable_attention() if graph else nullcontext():
-            res = call_closure(type(self).__name__, closure, pair=pair, graph=graph)
+            res = call_closure(
+                type(self).__name__, closure, pair=pair, graph=graph, params=self._params
+            )
         self._state["nfev"] += 1
+        warn_closure_misuse(self, res)
         return res
 
     def _value(self, closure: Callable, *, pair: str = "refuse") -> float:
@@ -362,21 +459,44 @@ class NewtonTypeOptimizer(Optimizer):
         if step_norm <= self.param_groups[0]["tolerance_change"]:
             self._state["stop_reason"] = f"stalled: step norm {step_norm:.3e} <= tolerance_change"
 
-    def _end(self, cache: dict, closure: Callable, first_loss: float | None) -> Tensor:
-        """Keep the cache for the next call; the loss at the start of this one."""
+    def _loss_tensor(self, point: dict) -> Tensor:
+        """The loss of a point record: the closure's own tensor (detached) where it is kept."""
+        loss = point.get("loss_t")
+        if loss is None:  # a record without the tensor: the value, in the parameters' dtype
+            p = self._params[0]
+            value = point.get("loss")
+            value = value if value is not None else float("nan")
+            loss = torch.tensor(value, dtype=p.dtype, device=p.device)
+        return loss
+
+    def _end(self, cache: dict, closure: Callable, first_loss: Tensor | None) -> Tensor:
+        """Keep the cache for the next call; the loss at the start of this one.
+
+        That loss is the closure's tensor, detached (its dtype and device), as
+        ``torch.optim.LBFGS`` returns it.
+        """
         cache["versions"] = self._versions()
         cache["closure"] = closure
         self._cache = cache
-        if first_loss is None:
-            loss = self._state["loss"]
-            first_loss = loss if loss is not None else float("nan")
-        return torch.tensor(first_loss)
+        if first_loss is None:  # no iteration ran: the loss at the current point
+            point = cache.get("accepted", cache)
+            first_loss = self._loss_tensor(point if "loss" in point else dict(self._state))
+        return first_loss
 
     # -- evaluation ----------------------------------------------------------------------
     def _gradient(
         self, loss: Tensor, create_graph: bool, retain_graph: bool | None = None
     ) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Gradient tensors (with graph when asked) and the detached flat gradient."""
+        """Gradient tensors (with graph when asked) and the detached flat gradient.
+
+        Raises:
+            NonFiniteError: the loss, or else the gradient, has NaN or Inf entries.
+        """
+        from .._errors import NonFiniteError
+
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the loss is not finite ({value}) at the current point")
         grads = grad_checked(
             loss,
             self._params,
@@ -386,9 +506,7 @@ class NewtonTypeOptimizer(Optimizer):
         self._state["ngev"] += 1
         flat = torch.cat([g.detach().reshape(-1) for g in grads])
         if not bool(torch.isfinite(flat).all()):
-            from .._errors import NonFiniteError
-
-            raise NonFiniteError("the gradient has NaN or Inf entries")
+            raise NonFiniteError("the gradient has NaN or Inf entries (the loss is finite)")
         return grads, flat
 
 

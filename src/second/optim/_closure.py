@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,14 +15,39 @@ from torch import Tensor
 
 from .._errors import SecondDeprecationWarning
 
-__all__ = ["ClosureCall", "call_closure", "deferred_backward", "CLOSURE_EXAMPLE"]
+__all__ = [
+    "ClosureCall",
+    "call_closure",
+    "deferred_backward",
+    "warn_closure_misuse",
+    "CLOSURE_EXAMPLE",
+]
 
 _BACKWARD_LOCK = threading.RLock()
 
 
+#: gradient clipping in ``torch.nn.utils``: inside a closure whose ``backward()`` is deferred
+#: it finds no gradient (``deferred_backward`` records the calls)
+_CLIPPERS = ("clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_")
+
+
+def _recording(fn: Callable, name: str, clips: list) -> Callable:
+    def clip(*args, **kwargs):
+        clips.append(name)
+        return fn(*args, **kwargs)
+
+    return clip
+
+
 @contextmanager
-def deferred_backward(calls: list) -> Iterator[None]:
+def deferred_backward(
+    calls: list, on_call: Callable[[], None] | None = None, clips: list | None = None
+) -> Iterator[None]:
     """While active, ``loss.backward()`` records ``loss`` in ``calls`` instead of running.
+
+    ``on_call`` (if given) runs after each recorded call. With ``clips`` the gradient
+    clipping functions of ``torch.nn.utils`` (``clip_grad_norm_``, ...), called through that
+    module, record their names there (and run: they find no gradient to clip).
 
     ``Tensor.backward`` goes through ``torch.autograd.backward``, which is replaced for the
     duration (under a lock, restored on exit). A Newton-type optimizer then differentiates the
@@ -32,14 +59,26 @@ def deferred_backward(calls: list) -> Iterator[None]:
 
     def record(tensors, grad_tensors=None, retain_graph=None, create_graph=False, **kw):
         calls.append(tensors)
+        if on_call is not None:
+            on_call()
 
     with _BACKWARD_LOCK:
         original = torch.autograd.backward
         torch.autograd.backward = record  # type: ignore[assignment]  # a recorder takes any kw
+        patched = []
+        if clips is not None:
+            for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+                for name in _CLIPPERS:
+                    fn = getattr(module, name, None)
+                    if fn is not None:
+                        patched.append((module, name, fn))
+                        setattr(module, name, _recording(fn, name, clips))
         try:
             yield
         finally:
             torch.autograd.backward = original
+            for module, name, fn in reversed(patched):
+                setattr(module, name, fn)
 
 
 #: The closure the contract asks for, as one line for messages.
@@ -56,15 +95,104 @@ class ClosureCall:
         loss: the scalar loss, with its graph when it was run under autograd.
         output: the network output (the deprecated ``(loss, output)`` form), else ``None``.
         backward: whether the closure called ``loss.backward()`` (the contract).
+        misuse: what the closure did beyond the contract that the optimizer ignores
+            (``backward()`` more than once or on another tensor than the returned loss,
+            ``.grad`` changed after ``backward()``, ``torch.nn.utils.clip_grad_norm_``), else
+            ``None``; see :func:`warn_closure_misuse`.
     """
 
     loss: Tensor
     output: Tensor | None
     backward: bool
+    misuse: str | None = None
+
+
+def _grad_marks(params: Sequence[Tensor]) -> list[tuple[Tensor, int] | None]:
+    """Each parameter's ``.grad`` and its version (``None`` where there is none)."""
+    return [None if p.grad is None else (p.grad, p.grad._version) for p in params]
+
+
+def _same_marks(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x is y or (x is not None and y is not None and x[0] is y[0] and x[1] == y[1])
+        for x, y in zip(a, b)
+    )
+
+
+def _is(tensors: object, returned: object) -> bool:
+    """Whether ``backward()`` ran on ``returned`` (as ``loss.backward()`` or ``[loss]``)."""
+    if isinstance(tensors, (tuple, list)) and len(tensors) == 1:
+        tensors = tensors[0]
+    return tensors is returned
+
+
+def _misuse(calls: list, returned: object, grads_changed: bool, clips: list) -> str | None:
+    """What the closure did with ``backward()`` and ``.grad`` that a deferred backward ignores."""
+    what = []
+    if len(calls) > 1:
+        what.append(f"called backward() {len(calls)} times")
+    if any(not _is(c, returned) for c in calls):
+        what.append("called backward() on a tensor other than the loss it returns")
+    if grads_changed:
+        what.append("changed .grad after backward()")
+    if clips:
+        what.append(f"called torch.nn.utils.{clips[0]}() (it found no gradient to clip)")
+    if not what:
+        return None
+    return what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+
+
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # second/
+)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of a ``warnings.warn`` in the caller pointing at the user's line.
+
+    The first frame outside ``second`` and ``torch`` (``step`` runs under torch's
+    ``no_grad`` decorator).
+    """
+    frame = sys._getframe(2)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn_closure_misuse(opt: object, res: ClosureCall) -> None:
+    """Warn (once per optimizer) that what ``res.misuse`` describes was ignored.
+
+    The optimizers that differentiate the returned loss themselves (Newton-type, Sophia,
+    SophiaH, AdaHessian) defer the closure's ``backward()``: gradient accumulation over
+    several ``backward()`` calls, a ``backward()`` on a scaled loss, or ``.grad`` edited
+    inside the closure (``clip_grad_norm_``) have no effect on the step.
+    """
+    if res.misuse is None or getattr(opt, "_closure_warned", False):
+        return
+    owner = type(opt).__name__
+    warnings.warn(
+        f"{owner} ignores what this closure does beyond torch.optim's contract: it "
+        f"{res.misuse}. {owner} defers the closure's backward() and differentiates the loss "
+        f"the closure returns, once, so gradients accumulated over several backward() calls "
+        f"and .grad changes made inside the closure (clip_grad_norm_, ...) are not used. "
+        f"Return the loss to differentiate (for micro-batches, the sum of their losses) and "
+        f"call backward() once, on it: {CLOSURE_EXAMPLE}",
+        UserWarning,
+        stacklevel=_outside_stacklevel(),
+    )
+    opt._closure_warned = True  # type: ignore[attr-defined]  # any optimizer object
 
 
 def call_closure(
-    owner: str, closure: Callable, *, pair: str = "refuse", graph: bool = True
+    owner: str,
+    closure: Callable,
+    *,
+    pair: str = "refuse",
+    graph: bool = True,
+    params: Sequence[Tensor] = (),
 ) -> ClosureCall:
     """Run a closure under torch.optim's contract, its ``backward()`` deferred.
 
@@ -80,17 +208,30 @@ def call_closure(
         pair: ``"refuse"`` (a pair is an error), ``"deprecated"`` (accepted with a warning)
             or ``"accept"`` (accepted silently: an internal closure).
         graph: run under ``torch.enable_grad()`` (else ``torch.no_grad()``: a value only).
+        params: the optimizer's parameters, whose ``.grad`` is watched after each
+            ``backward()`` (a change there is reported in ``ClosureCall.misuse``).
 
     Returns:
-        A :class:`ClosureCall`.
+        A :class:`ClosureCall`; its ``misuse`` says what the closure did beyond the contract
+        (several ``backward()`` calls, one on another tensor than the returned loss, ``.grad``
+        changed after it, gradient clipping through ``torch.nn.utils``), which the caller
+        reports with :func:`warn_closure_misuse`.
 
     Raises:
         TypeError: the closure returned neither a scalar tensor nor an accepted pair, with
             the closure the contract asks for.
     """
     calls: list = []
-    with deferred_backward(calls), torch.set_grad_enabled(graph):
+    clips: list = []
+    marks: list = []
+
+    def mark() -> None:
+        marks[:] = _grad_marks(params)
+
+    with deferred_backward(calls, mark, clips), torch.set_grad_enabled(graph):
         out = closure()
+        returned = out
+        changed = bool(calls) and not _same_marks(_grad_marks(params), marks)
         if isinstance(out, Tensor) and out.numel() == 1:
             out = out.reshape(())  # under autograd: the view keeps the graph
     output = None
@@ -123,4 +264,6 @@ def call_closure(
     if out.dim():
         with torch.set_grad_enabled(graph):
             out = out.reshape(())
-    return ClosureCall(out, output, called)
+    if output is not None and isinstance(returned, (tuple, list)):
+        returned = returned[0]
+    return ClosureCall(out, output, called, _misuse(calls, returned, changed, clips))

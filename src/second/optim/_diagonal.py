@@ -15,10 +15,11 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from .. import distributed as dist
 from ..func import differentiable_attention
 from ..func.products import grad_checked
 from ..kfac import curvature_columns
-from ._closure import call_closure
+from ._closure import ClosureCall, call_closure, warn_closure_misuse
 from ._options import check_int
 from ._preconditioned import PreconditionedOptimizer, all_reduce_mean
 
@@ -38,7 +39,7 @@ def rademacher(like: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def hutchinson_diagonal(
-    grads: Sequence[Tensor], params: Sequence[Tensor], generator: torch.Generator | None
+    grads: Sequence[Tensor | None], params: Sequence[Tensor], generator: torch.Generator | None
 ) -> list[Tensor]:
     r"""Hutchinson's estimate :math:`z \odot H z` of the Hessian diagonal, :math:`z` Rademacher.
 
@@ -46,7 +47,9 @@ def hutchinson_diagonal(
     Hessian-vector product through ``grads`` (built with ``create_graph=True``).
 
     Args:
-        grads: the gradient, with its graph.
+        grads: the gradient, with its graph; ``None`` (or a gradient without a graph) for a
+            parameter the loss does not use: its estimate is zero (and ``None`` draws no
+            signs).
         params: the parameters it was taken with respect to.
         generator: the generator of the signs.
 
@@ -59,9 +62,29 @@ def hutchinson_diagonal(
         >>> hutchinson_diagonal([g], [w], torch.Generator().manual_seed(0))  # exact: diagonal H
         [tensor([ 6., 12.])]
     """
-    zs = [rademacher(p, generator) for p in params]
-    hz = grad_checked(list(grads), list(params), zs, retain_graph=True, zeros_for_unused=True)
-    return [(z * h).detach() for z, h in zip(zs, hz)]
+    # a parameter without a gradient draws no signs (the others' are those drawn without
+    # it); a gradient without a graph (a parameter the loss does not use, or uses linearly)
+    # has a zero Hessian row, and so (by symmetry) a zero column: its estimate is 0, exactly
+    zs: list[Tensor | None] = [
+        None if g is None else rademacher(p, generator) for p, g in zip(params, grads)
+    ]
+    out = [torch.zeros_like(p) for p in params]
+    live: list[tuple[int, Tensor, Tensor]] = [
+        (i, g, z)
+        for i, (g, z) in enumerate(zip(grads, zs))
+        if g is not None and z is not None and g.requires_grad
+    ]
+    if live:
+        hz = grad_checked(
+            [g for _, g, _ in live],
+            [params[i] for i, _, _ in live],
+            [z for _, _, z in live],
+            retain_graph=True,
+            zeros_for_unused=True,
+        )
+        for (i, _, z), h in zip(live, hz):
+            out[i] = (z * h).detach()
+    return out
 
 
 def gnb_diagonal(
@@ -116,29 +139,44 @@ def gnb_diagonal(
 
 def closure_gradients(
     owner: str, closure: Callable, params: Sequence[Tensor], *, create_graph: bool
-) -> tuple[Tensor, tuple[Tensor, ...]]:
+) -> tuple[ClosureCall, tuple[Tensor | None, ...], list[Tensor | None]]:
     """Run a closure under torch.optim's contract and differentiate its loss here.
 
     The closure's ``backward()`` is deferred (:func:`second.optim._closure.call_closure`): the
     gradient is taken once, with its graph when ``create_graph`` (a Hessian-vector product
     follows), and written to ``.grad`` detached, averaged over the ranks under
-    torch.distributed (DDP's hooks only run in ``backward()``).
+    torch.distributed (DDP's hooks only run in ``backward()``). A parameter the loss does not
+    use (on any rank) gets no gradient: ``None``, and its ``.grad`` is left as the closure
+    left it (``None`` after ``zero_grad()``), as ``backward()`` leaves it.
 
     Returns:
-        ``(loss, grads)``: the loss (graph kept) and the gradients.
+        ``(call, grads, kept)``: the closure call (its loss with the graph kept), the
+        gradients (with their graph when asked; ``None`` where unused) and the detached
+        gradients written to ``.grad`` (``None`` where unused on every rank).
     """
-    res = call_closure(owner, closure, graph=True)
-    grads = grad_checked(
-        res.loss, list(params), create_graph=create_graph, retain_graph=True, zeros_for_unused=True
+    res = call_closure(owner, closure, graph=True, params=params)
+    if not params:  # every parameter frozen: nothing to differentiate
+        return res, (), []
+    grads = torch.autograd.grad(
+        res.loss, list(params), create_graph=create_graph, retain_graph=True, allow_unused=True
     )
     with torch.no_grad():
-        kept = [g.detach().clone() for g in grads]
-        for p, g in zip(params, kept):
-            p.grad = g
-        # the loss is differentiated here, not by backward(), so DDP's hooks do not average
-        # the gradient: it is averaged over the ranks now
-        all_reduce_mean(kept)
-    return res.loss, grads
+        kept: list[Tensor | None] = [None if g is None else g.detach().clone() for g in grads]
+        if dist.active():
+            # the loss is differentiated here, not by backward(), so DDP's hooks do not
+            # average the gradient: it is averaged over the ranks now, with the same tensors
+            # on every rank (zeros where unused here) and a flag per parameter: used anywhere
+            full = [torch.zeros_like(p) if k is None else k for p, k in zip(params, kept)]
+            used = torch.tensor(
+                [float(k is not None) for k in kept], dtype=full[0].dtype, device=full[0].device
+            )
+            all_reduce_mean([*full, used])
+            flags = used.tolist()
+            kept = [k if u > 0 else None for k, u in zip(full, flags)]
+        for p, k in zip(params, kept):
+            if k is not None:
+                p.grad = k
+    return res, grads, kept
 
 
 class DiagonalHessianOptimizer(PreconditionedOptimizer):
@@ -149,6 +187,12 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
     leaves the gradient in ``.grad``, asks :meth:`_estimate` for the diagonal, averages it
     over the ranks and hands everything to ``_propose``. ``counters`` holds ``n_steps``
     (committed steps) and ``n_refused``.
+
+    A parameter without a gradient (one the loss does not use, as ``backward()`` would leave
+    it) is skipped, as torch.optim does: no step, no state. A subclass whose update needs an
+    estimate (:meth:`_needs_estimate`: AdaHessian's) gets one on a parameter's first step
+    even off the ``update_period`` schedule (a parameter added, unfrozen or used late), at the
+    cost of one more gradient with its graph and one Hessian-vector product on that step.
     """
 
     _estimator = "hutchinson"
@@ -157,10 +201,9 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
         super()._check_group(group)
         check_int("update_period", group["update_period"])
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a parameter group (validated; ``update_period`` must be the first group's)."""
-        super().add_param_group(param_group)
-        if self.param_groups[-1]["update_period"] != self.param_groups[0]["update_period"]:
+    def _check_added(self, group: dict) -> None:
+        super()._check_added(group)
+        if group["update_period"] != self.param_groups[0]["update_period"]:
             raise ValueError("update_period must be the same in every parameter group")
 
     def _trainable(self) -> list[Tensor]:
@@ -170,6 +213,10 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
         period = self.param_groups[0]["update_period"]
         return int(self.counters.get("n_steps", 0)) % period == 0
 
+    def _needs_estimate(self, p: Tensor) -> bool:
+        """Whether ``p`` cannot be stepped before its first estimate (default: it can)."""
+        return False
+
     def _propose(
         self, p: Tensor, grad: Tensor, estimate: Tensor | None, group: dict
     ) -> tuple[Tensor, dict]:
@@ -177,50 +224,82 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
         raise NotImplementedError
 
     def _estimate(
-        self, loss: Tensor | None, grads: Sequence[Tensor], params: list[Tensor]
+        self, loss: Tensor | None, grads: Sequence[Tensor | None], params: list[Tensor]
     ) -> list[Tensor]:
         """Hutchinson's diagonal (override for another estimator).
 
-        ``loss`` is ``None`` when the gradients came from ``.grad`` rather than a closure.
+        ``loss`` is ``None`` when the gradients came from ``.grad`` rather than a closure;
+        a ``None`` gradient is a parameter the loss does not use.
         """
         return hutchinson_diagonal(grads, params, self.generator(params[0].device))
 
     def _gradients(self, closure: Callable | None, due: bool):
-        """``(loss, params, grads, estimate or None)`` from the closure or from ``.grad``."""
+        """``(loss, params, grads, estimate or None, scope)`` from the closure or ``.grad``.
+
+        ``grads`` has ``None`` for a parameter without a gradient; ``scope`` is ``None``
+        (the estimate is for every parameter) or the parameters whose first estimate was
+        taken off the schedule (the estimate is for them only).
+        """
         params = self._trainable()
         owner = type(self).__name__
+        if not params:  # every parameter frozen: the closure's loss, nothing to step
+            if closure is None:
+                return None, params, [], None, None
+            with torch.enable_grad():
+                res = call_closure(owner, closure, graph=True)
+            return res.loss.detach(), params, [], None, None
+        waiting = set() if due else {p for p in params if self._needs_estimate(p)}
+        hutchinson = self._estimator == "hutchinson"
         if closure is not None:
+            second_order = due and hutchinson
             # a Hessian-vector product through attention needs the math kernel
-            second_order = due and self._estimator == "hutchinson"
-            with torch.enable_grad(), differentiable_attention() if second_order else nullcontext():
-                loss, grads = closure_gradients(owner, closure, params, create_graph=second_order)
+            attention = second_order or bool(waiting)
+            with torch.enable_grad(), differentiable_attention() if attention else nullcontext():
+                res, grads, kept = closure_gradients(
+                    owner, closure, params, create_graph=second_order
+                )
+                warn_closure_misuse(self, res)
+                loss = res.loss
+                scope = None
                 if not due:
-                    return loss.detach(), params, [p.grad for p in params], None
+                    late = {p for p, k in zip(params, kept) if k is not None and p in waiting}
+                    if not late:
+                        return loss.detach(), params, kept, None, None
+                    # their first step: their first estimate, now (a gradient with its graph)
+                    grads = torch.autograd.grad(
+                        loss, params, create_graph=True, retain_graph=True, allow_unused=True
+                    )
+                    scope = late
                 if not self._finite(grads, params[0].device):
-                    return loss.detach(), params, [p.grad for p in params], None
+                    return loss.detach(), params, kept, None, None
                 est = self._estimate(loss, grads, params)
-            return loss.detach(), params, [p.grad for p in params], est
+            return loss.detach(), params, kept, est, scope
         current = [p.grad for p in params]
-        if not due:
-            return None, params, current, None
-        if self._estimator != "hutchinson":
+        live = [g for g in current if g is not None]
+        late = {p for p, g in zip(params, current) if g is not None and p in waiting}
+        if not due and not late:
+            return None, params, current, None, None
+        if not hutchinson:
             raise RuntimeError(
                 f"{owner} estimates its Hessian diagonal from the model's outputs: pass a "
                 "closure to step() (torch.optim's contract: zero the gradients, compute the "
                 "loss, call loss.backward(), return the loss)"
             )
-        with_graph = [g for g in current if g is not None and g.grad_fn is not None]
-        if len(with_graph) != len(current):
-            raise RuntimeError(
-                f"{owner} needs the gradient's graph for its Hessian estimate: pass a closure "
-                "to step(), or call loss.backward(create_graph=True) before step()"
-            )
+        if any(g.grad_fn is None for g in live):
+            if due:
+                raise RuntimeError(
+                    f"{owner} needs the gradient's graph for its Hessian estimate: pass a "
+                    "closure to step(), or call loss.backward(create_graph=True) before step()"
+                )
+            # a parameter's first estimate needs the graph too: it waits (not stepped)
+            return None, params, current, None, None
         with torch.enable_grad():
-            est = self._estimate(None, with_graph, params)
-        detached = [g.detach() for g in with_graph]
+            est = self._estimate(None, current, params)
+        detached = [None if g is None else g.detach() for g in current]
         for p, g in zip(params, detached):
-            p.grad = g
-        return None, params, detached, est
+            if g is not None:
+                p.grad = g
+        return None, params, detached, est, (None if due else late)
 
     @torch.no_grad()
     def step(  # type: ignore[override]  # the loss is returned as a tensor
@@ -233,7 +312,7 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                 with its graph (``loss.backward(create_graph=True)``) was given.
         """
         due = self._due()
-        loss, params, grads, est = self._gradients(closure, due)
+        loss, params, grads, est, scope = self._gradients(closure, due)
         if not params:
             return loss
         device = params[0].device
@@ -247,12 +326,16 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                 self._refuse("the curvature estimate has NaN or Inf entries")
                 return loss
         estimate = dict(zip(params, est)) if est is not None else {}
+        if scope is not None:  # first estimates off the schedule: for those parameters only
+            estimate = {p: e for p, e in estimate.items() if p in scope}
         index = {p: i for i, p in enumerate(params)}
         ps, updates, states = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in index or grads[index[p]] is None:
                     continue
+                if p not in estimate and self._needs_estimate(p):
+                    continue  # no estimate yet (without a closure: no graph): it waits
                 u, ns = self._propose(p, grads[index[p]], estimate.get(p), group)
                 ps.append(p)
                 updates.append(u)

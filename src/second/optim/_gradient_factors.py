@@ -114,10 +114,15 @@ def factor_eigenbases(
 
 
 def _power_step(F: Tensor, Q: Tensor, side: str) -> dict:
-    """One sorted power-iteration step of the basis ``Q`` towards the eigenvectors of ``F``."""
+    """One sorted power-iteration step of the basis ``Q`` towards the eigenvectors of ``F``.
+
+    The QR runs in ``F``'s dtype, at least float32 (there is none in bfloat16 or float16),
+    as :func:`second.kfac.sym_eigh` does; the basis is returned in ``F``'s dtype.
+    """
     est = (Q * (F @ Q)).sum(0)
     order = torch.argsort(est, descending=True)
-    Qn = torch.linalg.qr(F @ Q[:, order]).Q
+    work = F.dtype if F.dtype in (torch.float32, torch.float64) else torch.float32
+    Qn = torch.linalg.qr(F.to(work) @ Q[:, order].to(work)).Q.to(F.dtype)
     return {f"l{side}": est[order].clamp_min(0.0), f"Q{side}": Qn, f"perm_{side}": order}
 
 

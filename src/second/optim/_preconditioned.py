@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from .. import distributed as dist
 from ..func.checks import finite_flags
-from ._base import PARAM_SHAPES, check_state_dict_params
+from ._base import PARAM_SHAPES, check_state_dict_params, refuse_duplicates
 from ._options import check_nonneg, check_positive, hyperparameters
 
 __all__ = [
@@ -106,9 +106,23 @@ class PreconditionedOptimizer(Optimizer):
         return group
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a parameter group (its hyperparameters validated like the constructor's)."""
+        """Add a parameter group (its hyperparameters validated like the constructor's).
+
+        Raises:
+            ValueError: a parameter listed twice, or a hyperparameter out of range; the
+                group is then not added (``param_groups`` is unchanged).
+        """
+        refuse_duplicates(type(self).__name__, param_group)
         super().add_param_group(param_group)
-        self._checked(self.param_groups[-1])
+        try:
+            self._check_added(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()  # a refused group is not kept
+            raise
+
+    def _check_added(self, group: dict) -> None:
+        """Check a group just added (with the defaults filled in); raise to refuse it."""
+        self._checked(group)
 
     # -- state ---------------------------------------------------------------------------
     def _params(self) -> list[Tensor]:

@@ -111,7 +111,16 @@ class AdaHessian(DiagonalHessianOptimizer):
         TypeError: a model passed instead of its parameters.
 
     The closure, the refused steps (``optimizer.counters['n_refused']``) and
-    torch.distributed work as for :class:`~second.optim.SophiaH`.
+    torch.distributed work as for :class:`~second.optim.SophiaH`. A parameter without a
+    gradient (not used by the loss) is skipped: no step, no state.
+
+    A parameter's first step always takes its first estimate, also with ``update_period > 1``
+    off the schedule (a group added with ``add_param_group``, a parameter unfrozen or first
+    used late): the update divides by the estimate, and without one it would be
+    :math:`\eta\,\hat m/\epsilon`. That step costs one more gradient with its graph and one
+    Hessian-vector product (estimates for the other parameters stay on their schedule).
+    Without a closure the first estimate needs ``loss.backward(create_graph=True)``; until a
+    step brings one, the parameter is not stepped (its state stays empty).
 
     Example:
         On a separable quadratic the estimate is exact and the first step with
@@ -154,6 +163,11 @@ class AdaHessian(DiagonalHessianOptimizer):
         check_unit("hessian_power", g["hessian_power"], closed=True)
         if not isinstance(g["spatial_average"], bool):
             raise ValueError(f"spatial_average must be a bool, got {g['spatial_average']!r}")
+
+    def _needs_estimate(self, p: Tensor) -> bool:
+        # without an estimate v = 0 and the step would be lr * m / eps: a parameter's first
+        # step takes its first estimate, on the schedule or not
+        return p not in self.state or int(self.state[p].get("hessian_step", 0)) == 0
 
     def _propose(self, p: Tensor, grad: Tensor, estimate: Tensor | None, group: dict):
         st = self.state[p]

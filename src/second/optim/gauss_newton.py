@@ -274,7 +274,8 @@ class GaussNewton(NewtonTypeOptimizer):
             _, g = self._gradient(call.loss, create_graph=False, retain_graph=True)
         if call.backward:
             self._write_grad(g)
-        return dict(loss=float(call.loss.detach()), pair=(call.loss, out), g=g)
+        loss = call.loss.detach()
+        return dict(loss=float(loss), loss_t=loss, pair=(call.loss, out), g=g)
 
     # -- curvature -----------------------------------------------------------------------
     def _graph(self, cache, closure) -> GGNGraph:
@@ -380,10 +381,10 @@ class GaussNewton(NewtonTypeOptimizer):
                 cache, gnorm = self._arrive(
                     cache, lambda: self._point(*self._evaluate(closure)), damping=st["damping"]
                 )
-                first_loss = cache["loss"] if first_loss is None else first_loss
+                first_loss = self._loss_tensor(cache) if first_loss is None else first_loss
                 if self._gtol_met(gnorm):
                     break
-            first_loss = cache["loss"] if first_loss is None else first_loss
+            first_loss = self._loss_tensor(cache) if first_loss is None else first_loss
             g, x = cache["g"], cache["x"]
             gnorm = float(torch.linalg.vector_norm(g))
             holder: dict[str, Any] = {}

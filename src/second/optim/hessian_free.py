@@ -187,7 +187,8 @@ class HessianFree(NewtonTypeOptimizer):
             curvature_closure: the same for the curvature batch (default: ``closure``'s batch).
 
         Returns:
-            The loss on the gradient batch before the update (detached).
+            The loss on the gradient batch before the update: the closure's tensor,
+            detached (its dtype and device).
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure")
@@ -210,7 +211,7 @@ class HessianFree(NewtonTypeOptimizer):
         if gnorm <= group["gtol"]:
             st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= gtol"
             self._record(damping=st["damping"])
-            return torch.tensor(f0)
+            return loss.detach()
         if curvature_closure is None:
             cpair = (loss, output)
         else:
@@ -266,7 +267,7 @@ class HessianFree(NewtonTypeOptimizer):
             st["n_iter"] += 1
             st["rate"] = 0.0
             self._record(damping=st["damping"], rho=-math.inf, rate=0.0, cg=res.iterations)
-            return torch.tensor(f0)
+            return loss.detach()
         d, Ad = best
         # damping by the reduction ratio of the undamped curvature model
         q = float(torch.dot(g, d)) + 0.5 * (float(torch.dot(d, Ad)) - lam * float(torch.dot(d, d)))
@@ -296,4 +297,4 @@ class HessianFree(NewtonTypeOptimizer):
         st["n_iter"] += 1
         st["rate"] = rate if accepted else 0.0
         self._record(damping=st["damping"], rho=rho, rate=st["rate"], cg=res.iterations)
-        return torch.tensor(f0)
+        return loss.detach()

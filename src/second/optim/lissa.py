@@ -68,7 +68,7 @@ class LiSSA(NewtonTypeOptimizer):
         opt.step(closure(X, y), closure(X[i], y[i]))   # full gradient, a random mini-batch
 
     Args:
-        params: parameters (one group).
+        params: parameters (one group; those that do not require grad are skipped).
         lr: step size :math:`\eta` (default 1.0).
         depth: recursion terms per estimate (default 100).
         repeats: independent estimates averaged (default 1).
@@ -154,7 +154,11 @@ class LiSSA(NewtonTypeOptimizer):
                 ``closure``, which makes the recursion a deterministic Neumann series).
 
         Returns:
-            The loss before the step (detached).
+            The loss before the step: the closure's tensor, detached (its dtype and device).
+
+        Raises:
+            NonFiniteError: the loss, or else its gradient, is not finite at the current
+                point (the parameters are unchanged).
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure")
@@ -175,7 +179,7 @@ class LiSSA(NewtonTypeOptimizer):
         self._record()
         if gnorm <= group["gtol"]:
             st["stop_reason"] = f"converged: ||grad|| = {gnorm:.3e} <= gtol"
-            return torch.tensor(f0)
+            return loss.detach()
         st["stop_reason"] = None
         lam = group["damping"]
 
@@ -220,7 +224,7 @@ class LiSSA(NewtonTypeOptimizer):
                 f"{(j + 1) * gnorm:.3e}): a mini-batch Hessian exceeds 2 * scale = {2 * s:.3e} "
                 "or has negative curvature",
             )
-            return torch.tensor(f0)
+            return loss.detach()
         step = rec.x
         assert step is not None  # the recursion did not diverge
         x = self._gather_flat()
@@ -237,9 +241,9 @@ class LiSSA(NewtonTypeOptimizer):
                 f"the step (norm {float(torch.linalg.vector_norm(step)) * group['lr']:.3e}) "
                 f"raised the loss from {f0:.6e} to {f_new:.6e}",
             )
-            return torch.tensor(f0)
+            return loss.detach()
         st["n_iter"] += 1
-        return torch.tensor(f0)
+        return loss.detach()
 
     def _refuse(self, s: float, why: str) -> None:
         st, group = self._state, self.param_groups[0]

@@ -51,11 +51,15 @@ class NewtonCG(NewtonTypeOptimizer):
     The optimizer runs that ``backward()`` itself, with the graph the Hessian-vector products
     need (and not at all at a rejected trial point), so the contract costs no extra forward
     or backward pass; after :meth:`step`, ``.grad`` holds the gradient at the current point.
-    A closure that returns the loss without calling ``backward()`` (the old form) still works
-    until 0.3, with a ``DeprecationWarning``.
+    It is the returned loss that is differentiated: more ``backward()`` calls in the closure
+    (gradient accumulation: return the sum of the micro-batch losses instead), a
+    ``backward()`` on another tensor, or ``.grad`` edits (``clip_grad_norm_``) are ignored,
+    with one ``UserWarning``. A closure that returns the loss without calling ``backward()``
+    (the old form) still works until 0.3, with a ``DeprecationWarning``.
 
     Args:
-        params: parameters to optimize (one group).
+        params: parameters to optimize (one group; those that do not require grad are
+            skipped; ``add_param_group`` is refused).
         initial_radius: :math:`\Delta_0` (default 1.0).
         max_radius: largest radius (default 1e10).
         eta: acceptance threshold on :math:`\rho`, in :math:`[0, 1/4)` (default 0.1).
@@ -75,7 +79,8 @@ class NewtonCG(NewtonTypeOptimizer):
             spellings of ``gtol``, ``maxiter``, ``cg_maxiter``; removed in 0.3).
 
     Raises:
-        ValueError: invalid hyperparameters, or several parameter groups.
+        ValueError: invalid hyperparameters, several parameter groups, or a parameter
+            listed twice.
         TypeError: an unknown keyword; at :meth:`step`, a closure that returns no scalar loss.
 
     State (``optimizer.state[first_param]``, see :class:`NewtonTypeOptimizer`): counters
@@ -134,14 +139,19 @@ class NewtonCG(NewtonTypeOptimizer):
             grads, g = self._gradient(call.loss, create_graph=True)
         if call.backward:
             self._write_grad(g)
-        return dict(loss=float(call.loss.detach()), g=g, hvp=flat_hvp(self, grads))
+        loss = call.loss.detach()
+        return dict(loss=float(loss), loss_t=loss, g=g, hvp=flat_hvp(self, grads))
 
-    def _trial(self, closure, x: Tensor):
-        """``p -> (f(x + p), finish)``: scatter the step, run the closure; graph kept."""
+    def _trial(self, closure, x: Tensor, holder: dict):
+        """``p -> (f(x + p), finish)``: scatter the step, run the closure; graph kept.
+
+        The trial's loss tensor is left in ``holder["loss_t"]``.
+        """
 
         def trial(p: Tensor):
             call = self._evaluate_at(x, p, lambda: self._call(closure))
-            f = float(call.loss.detach())
+            holder["loss_t"] = call.loss.detach()
+            f = float(holder["loss_t"])
 
             def finish(graph: bool = True):
                 point = self._point(call)
@@ -176,11 +186,14 @@ class NewtonCG(NewtonTypeOptimizer):
                 ``backward()``, return the loss).
 
         Returns:
-            The loss at the start of the call (detached).
+            The loss at the start of the call: the closure's tensor, detached (its dtype and
+            device, as ``torch.optim.LBFGS`` returns it).
 
         Raises:
             ValueError: no closure.
             TypeError: the closure returns no scalar loss.
+            NonFiniteError: the loss, or else its gradient, is not finite at the current
+                point (the parameters are unchanged).
         """
         cache = self._begin(closure)
         group = self.param_groups[0]
@@ -192,7 +205,7 @@ class NewtonCG(NewtonTypeOptimizer):
                 cache, gnorm = self._arrive(
                     cache, lambda: self._point(self._call(closure)), radius=st["radius"]
                 )
-                first_loss = cache["loss"] if first_loss is None else first_loss
+                first_loss = self._loss_tensor(cache) if first_loss is None else first_loss
                 if not (math.isfinite(cache["loss"]) and math.isfinite(gnorm)):
                     st["stop_reason"] = (
                         f"the objective or its gradient is not finite at the current point "
@@ -201,7 +214,7 @@ class NewtonCG(NewtonTypeOptimizer):
                     break
                 if self._gtol_met(gnorm):
                     break
-            first_loss = cache["loss"] if first_loss is None else first_loss
+            first_loss = self._loss_tensor(cache) if first_loss is None else first_loss
             g, x = cache["g"], cache["x"]
             if "subproblem" not in cache:
                 gnorm = float(torch.linalg.vector_norm(g))
@@ -217,12 +230,13 @@ class NewtonCG(NewtonTypeOptimizer):
                     M=self.preconditioner,
                     reorthogonalize=False,  # mini-batch curvature: plain CG
                 )
+            holder: dict = {}
             res = trust_region_step(
                 cache["loss"],
                 g,
                 st["radius"],
                 cache["subproblem"],
-                self._trial(closure, x),
+                self._trial(closure, x, holder),
                 eta=group["eta"],
                 max_radius=group["max_radius"],
             )
@@ -233,12 +247,13 @@ class NewtonCG(NewtonTypeOptimizer):
             assert sub is not None  # a trust-region step carries its subproblem
             step_norm = sub.step_norm
             if res.accepted:  # the parameters are at the trial point
+                loss_t = holder.get("loss_t")  # one trial per trust-region step: this one
                 if res.grad is not None:
-                    point = dict(loss=res.f, g=res.grad, hvp=res.product)
+                    point = dict(loss=res.f, loss_t=loss_t, g=res.grad, hvp=res.product)
                 else:
                     assert res.finish is not None  # an accepted step was tried
                     g_new, hvp_new = res.finish(True)
-                    point = dict(loss=res.f, g=g_new, hvp=hvp_new)
+                    point = dict(loss=res.f, loss_t=loss_t, g=g_new, hvp=hvp_new)
                 cache = dict(accepted=point)
                 if group["extrapolation"] and res.rho > 1.1 and not sub.on_boundary:
                     self._extrapolate(closure, x, res.step, step_norm, res.f)

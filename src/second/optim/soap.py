@@ -22,6 +22,16 @@ ones (its rows and columns permuted with the basis' columns at a refresh). A
 side longer than ``max_precond_dim`` keeps a diagonal factor (no rotation there); a
 parameter with both sides longer gets plain AdamW. With :math:`Q_L = Q_R = I` this is
 exactly ``torch.optim.AdamW``.
+
+Two differences from the reference code of Vyas et al.: at a refresh the basis is updated
+with the factors that include the current gradient *before* that gradient is rotated (the
+reference rotates it with the old basis, then refreshes), and the first step is taken (the
+reference only accumulates the factors on it). That first step runs in the eigenbasis of
+:math:`G_1` itself, where the rotated gradient is diagonal up to rounding, so its
+off-diagonal entries (about ``1e-16`` relative) get Adam ratios of about
+``1e-16 / (1e-16 + eps)``: two implementations of this rule agree there only to about the
+rounding over ``eps``, not to machine precision. Parameters in ``bfloat16`` work: the
+eigendecompositions and QR factorizations run in float32.
 """
 
 from __future__ import annotations

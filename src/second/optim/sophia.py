@@ -130,6 +130,14 @@ class SophiaH(_SophiaBase):
     ``optimizer.counters['n_refused']``, one ``RuntimeWarning``). Under
     ``torch.distributed`` the estimates are averaged over the ranks.
 
+    A parameter the loss does not use gets no gradient and is skipped, as in torch.optim
+    (no step, no state). A parameter added (or unfrozen) between two estimates has
+    :math:`h = 0` until the next one: its steps are the clipped ones,
+    :math:`\eta\,\mathrm{sign}(m)`. The closure's ``backward()`` is deferred and the
+    returned loss differentiated: more ``backward()`` calls (gradient accumulation) or
+    ``.grad`` edits in the closure (``clip_grad_norm_``) are ignored, with one
+    ``UserWarning`` (return the sum of the micro-batch losses instead).
+
     Example:
         Without a closure, from a gradient with its graph; the exact curvature here is
         ``[2, 8]``, and a Newton step (length 2) is clipped to ``lr``:
@@ -184,7 +192,7 @@ class Sophia(_SophiaBase):
         NotImplementedError: a loss without a known output curvature.
 
     ``step(closure)`` needs the closure on the estimate steps (``RuntimeError`` otherwise).
-    Safety and torch.distributed as in :class:`SophiaH`.
+    Safety, unused parameters, the closure and torch.distributed as in :class:`SophiaH`.
 
     Example:
         >>> _ = torch.manual_seed(0)
