@@ -11,7 +11,7 @@ import torch
 
 from second import __version__
 from second.cli import build_parser, main
-from second.compare import METHODS, format_table, run_compare, summarize
+from second.compare import METHODS, Row, format_table, run_compare, summarize
 
 
 def _exit(argv):
@@ -100,6 +100,34 @@ def test_format_table_flags_unconverged_rows_before_their_numbers():
     }
     line = format_table([row]).splitlines()[-1]
     assert line.index("NOT CONVERGED on 5/5") < line.index("0.999971")
+
+
+def _row(seed, cosine, error):
+    return Row(
+        seed=seed,
+        curvature="hessian",
+        method="cg",
+        cosine=cosine,
+        relative_error=error,
+        matvecs=10,
+        seconds=0.001,
+        converged=math.isfinite(error),
+        negative_curvature=False,
+        diverged=not math.isfinite(error),
+        message="",
+    )
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_summary_medians_count_a_nan_seed_as_the_worst(order):
+    """statistics.median sorts, and NaN sorts nowhere: errors [nan, 1.0, 0.01] had the median
+    0.01 (the best seed's), and the answer moved with the seeds' order."""
+    values = [(math.nan, math.nan), (0.3, 1.0), (0.999, 0.01)]
+    rows = [_row(i, *values[i]) for i in order]
+    (s,) = summarize(rows)
+    assert s["relerr_median"] == 1.0 and s["cosine_median"] == 0.3
+    assert math.isnan(s["relerr_max"]) and math.isnan(s["cosine_min"])
+    assert s["nan_seeds"] == 1
 
 
 @pytest.mark.parametrize(

@@ -328,8 +328,10 @@ def test_neumann_seed_form_converges_on_a_positive_definite_system():
     params = (torch.zeros(2, 3, dtype=torch.float64, requires_grad=True),)
     x = second.neumann(lambda v: A @ v, params, vector=b, truncate_iter=200)
     assert second.relative_error(x, torch.linalg.solve(A, b)) < 1e-8
-    # positional seed call, and truncation: K terms give the partial sum sum_{i<=K} (I - A)^i b
-    x3 = second.neumann(lambda v: A @ v, params, b, 3)
+    # positional seed call, and truncation: K terms give the partial sum sum_{i<=K} (I - A)^i b,
+    # which has not converged and says so (never silently)
+    with pytest.warns(second.ConvergenceWarning, match="more terms needed"):
+        x3 = second.neumann(lambda v: A @ v, params, b, 3)
     I = torch.eye(6, dtype=torch.float64)
     M = I - A
     partial = b + M @ b + M @ M @ b + M @ M @ M @ b
@@ -342,6 +344,40 @@ def test_neumann_seed_form_warns_on_an_indefinite_system():
     with pytest.warns(NegativeCurvatureWarning):
         x = second.neumann(lambda v: A @ v, [torch.zeros(3)], vector=b, truncate_iter=400)
     assert torch.isfinite(x).all()
+
+
+SEED_SERIES_TOL = dict(rtol=1e-12, atol=1e-14)  # a few float64 products
+SEED_SERIES_SOLVE_TOL = dict(rtol=1e-10, atol=1e-12)  # stopped at residual 1e-12, cond 4
+
+
+def test_seed_forms_warn_whenever_the_series_has_not_converged():
+    """Regression: a slowly diverging series (below the 1e4 growth guard in 10 terms) and an
+    indefinite matrix returned b / s with no warning."""
+    b = torch.ones(3, dtype=torch.float64)
+    params = [torch.zeros(3)]
+    A = torch.diag(torch.tensor([0.5, 1.0, 2.5], dtype=torch.float64))  # lambda_max / s = 2.5
+    with pytest.warns(second.ConvergenceWarning, match="contraction .* > 1.*scale is too small"):
+        x = second.neumann(lambda v: A @ v, params, vector=b, truncate_iter=10)
+    assert isinstance(x, torch.Tensor) and x.shape == (3,)
+    Ai = torch.diag(torch.tensor([-0.5, 1.0, 1.5], dtype=torch.float64))  # the notebook's case
+    with pytest.warns(NegativeCurvatureWarning, match="negative curvature detected"):
+        second.neumann(lambda v: Ai @ v, params, vector=b, truncate_iter=10)
+    with pytest.warns(second.ConvergenceWarning, match="contraction .* > 1"):
+        second.fixed_point(lambda v: A @ v, b, num_iter=20, lr=1.0)
+    with pytest.warns(NegativeCurvatureWarning, match="negative curvature detected"):
+        second.fixed_point(lambda v: Ai @ v, b, num_iter=20, lr=1.0)
+
+
+def test_seed_neumann_with_a_scale_returns_the_scaled_sum():
+    """The documented value: (1/s) sum_{i<=K} (I - A/s)^i v, an approximation of A^-1 v."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    M = torch.eye(3, dtype=torch.float64) - A / 4
+    with pytest.warns(second.ConvergenceWarning, match="more terms needed"):
+        x = second.neumann(lambda v: A @ v, [torch.zeros(3)], vector=b, truncate_iter=3, scale=4.0)
+    assert_close(x, (b + M @ b + M @ M @ b + M @ M @ M @ b) / 4, SEED_SERIES_TOL)
+    x = second.neumann(lambda v: A @ v, [torch.zeros(3)], vector=b, truncate_iter=400, scale=4.0)
+    assert_close(x, torch.linalg.solve(A, b), SEED_SERIES_SOLVE_TOL)
 
 
 def test_neumann_solver_form_returns_a_result():
@@ -358,7 +394,8 @@ def test_fixed_point():
     b = torch.randn(6, dtype=torch.float64)
     x = second.fixed_point(lambda v: A @ v, b, num_iter=500, lr=0.3)
     assert second.relative_error(x, torch.linalg.solve(A, b)) < 1e-8
-    with pytest.warns(NegativeCurvatureWarning):  # lr too large: the iteration diverges
+    # lr too large (lambda_max lr = 4 > 2): the iteration diverges; not negative curvature
+    with pytest.warns(second.ConvergenceWarning, match="contraction .* > 1"):
         second.fixed_point(lambda v: A @ v, b, num_iter=200, lr=1.0)
     with pytest.raises(ValueError, match="lr"):
         second.fixed_point(lambda v: A @ v, b, lr=0.0)

@@ -272,6 +272,19 @@ def _status(values: list[bool | None]) -> str:
     return "converged" if k == len(values) else f"NOT CONVERGED on {len(values) - k}/{len(values)}"
 
 
+def _median_worst(values: list[float], worst: float) -> float:
+    """The median with NaN counted as ``worst`` (``-inf`` for a cosine, ``inf`` for an error).
+
+    ``statistics.median`` sorts, and a list holding NaN sorts in no defined order: the median
+    of ``[nan, 1.0, 0.01]`` came out as 0.01, the best seed's value.
+
+    Example:
+        >>> _median_worst([float("nan"), 1.0, 0.01], math.inf)
+        1.0
+    """
+    return statistics.median(worst if math.isnan(v) else v for v in values)
+
+
 def summarize(rows: list[Row]) -> list[dict]:
     """Aggregate rows over seeds: median/min cosine, median/max error, median cost.
 
@@ -279,6 +292,11 @@ def summarize(rows: list[Row]) -> list[dict]:
     method said it converged on every seed), ``"NOT CONVERGED on k/n"`` (it said it did not on
     ``k`` of ``n`` seeds: its cosine and error are those of an unfinished answer), or
     ``"unchecked"`` (the seed notebook's loops, which report nothing).
+
+    A NaN cosine or error (a non-finite answer) counts as the worst value in every statistic:
+    ``-inf`` for the cosine, ``inf`` for the error, so a median or an extreme over seeds that
+    include one is never better than the finite seeds alone say (the tables print ``-inf`` /
+    ``inf``, the README excerpt ``NaN``); ``nan_seeds`` counts such seeds.
     """
     out = []
     keys = []
@@ -293,10 +311,11 @@ def summarize(rows: list[Row]) -> list[dict]:
             {
                 "curvature": curvature,
                 "method": method,
-                "cosine_median": statistics.median(cos),
+                "cosine_median": _median_worst(cos, -math.inf),
                 "cosine_min": min(cos, key=lambda c: c if math.isfinite(c) else -math.inf),
-                "relerr_median": statistics.median(err),
+                "relerr_median": _median_worst(err, math.inf),
                 "relerr_max": max(err, key=lambda e: e if math.isfinite(e) else math.inf),
+                "nan_seeds": sum(math.isnan(c) or math.isnan(e) for c, e in zip(cos, err)),
                 "matvecs_median": statistics.median(r.matvecs for r in rs),
                 "ms_median": 1e3 * statistics.median(r.seconds for r in rs),
                 "status": _status([r.converged for r in rs]),

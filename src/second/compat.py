@@ -107,11 +107,15 @@ def neumann(A, *args, **kwargs):
     deprecated (removed in 0.3).
 
     The seed form (recognized by a ``parameters`` sequence before ``vector``, or the
-    ``vector``/``truncate_iter`` keywords) returns the flat sum
-    :math:`\sum_{i=0}^{K} (I - A/s)^i v` with ``K = truncate_iter`` and ``s = scale``
-    (default 1, the seed's), stopping early when converged and warning when the series
-    diverges (an indefinite matrix, or :math:`\lambda_{\max} > 2s`), in which case it
-    returns the best partial sum.
+    ``vector``/``truncate_iter`` keywords) returns the flat scaled sum
+    :math:`\frac1s \sum_{i=0}^{K} (I - A/s)^i v`, an approximation of :math:`A^{-1} v`,
+    with ``K = truncate_iter`` and ``s = scale`` (default 1, the seed's, where it is the
+    seed's plain sum). It stops early once the relative residual is below ``1e-12``. When
+    it has not converged after ``K`` terms it returns the best partial sum seen and warns,
+    saying why: negative curvature detected (an indefinite matrix, as the seed notebook's
+    Hessian: :class:`~second.NegativeCurvatureWarning`; no scale helps), contraction > 1
+    (:math:`\lambda_{\max} > 2s`: the scale is too small), a residual that grows, or
+    too few terms (:class:`~second.ConvergenceWarning` for these).
 
     Example:
         >>> A = torch.diag(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
@@ -152,8 +156,8 @@ def neumann(A, *args, **kwargs):
         raise TypeError(f"neumann() got unexpected arguments {sorted(bound)}")
     b = _flat(vector).detach()
     res = neumann_solve(_matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False)
-    if res.diverged:
-        warnings.warn(f"neumann: {res.message}", NegativeCurvatureWarning, stacklevel=2)
+    if not res.converged:
+        warnings.warn(f"neumann: {res.message}", _warning_for(res), stacklevel=2)
     return res.x
 
 
@@ -172,7 +176,9 @@ def fixed_point(
     Iterates :math:`u_{k+1} = u_k - \mathrm{lr}\, A u_k + v` from :math:`u_0 = v` and returns
     :math:`\mathrm{lr}\, u_K`, which tends to :math:`A^{-1}v` when :math:`0 < \mathrm{lr} <
     2/\lambda_{\max}` and ``A`` is positive definite: a Neumann series with scale ``1/lr``.
-    Divergence is detected and warned about.
+    It stops early once converged (relative residual ``1e-12``); otherwise it warns and says
+    why, as :func:`neumann`'s seed form (negative curvature detected, ``lr`` too large, a
+    growing residual, or too few iterations), returning the best iterate seen.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
@@ -183,8 +189,8 @@ def fixed_point(
         raise ValueError(f"lr must be > 0, got {lr}")
     b = _flat(vector).detach()
     res = neumann_solve(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
-    if res.diverged:
-        warnings.warn(f"fixed_point: {res.message}", NegativeCurvatureWarning, stacklevel=2)
+    if not res.converged:
+        warnings.warn(f"fixed_point: {res.message}", _warning_for(res), stacklevel=2)
     return flat_solution(res)
 
 

@@ -113,3 +113,34 @@ def test_bad_input_raises():
         gauss_newton(lambda x: x, x0, Criteria(gtol=1e-8, maxiter=5), solver="x")
     with pytest.raises(ValueError, match="unknown options"):
         minimize(lambda x: x, x0, method="lm", options=dict(cg_max_iter=3))
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [
+        lambda x: x.detach() - 1.0,  # a residual with no graph to x
+        lambda x: (((x.detach() - 1.0) ** 2).sum(), x.detach() - 1.0),  # a detached pair
+    ],
+    ids=["residual", "pair"],
+)
+def test_a_residual_without_a_graph_raises(fun):
+    """It was reported converged at x0 (the missing gradient was taken as zero)."""
+    with pytest.raises(ValueError, match="does not depend on x through autograd"):
+        minimize(fun, torch.zeros(3, dtype=DT), method="lm")
+
+
+def test_a_pair_whose_loss_does_not_use_its_output_raises():
+    def pair(x):
+        out = torch.tanh(x)
+        return ((torch.tanh(x) - 0.5) ** 2).sum(), out  # the loss of another copy of out
+
+    with pytest.raises(ValueError, match="does not use the output"):
+        minimize(pair, torch.zeros(3, dtype=DT), method="lm")
+
+
+def test_a_residual_that_ignores_a_coordinate_converges():
+    res = minimize(lambda x: x[:2] - 1.0, torch.zeros(3, dtype=DT), method="lm", gtol=1e-10)
+    assert res.converged
+    torch.testing.assert_close(
+        res.x, torch.tensor([1.0, 1.0, 0.0], dtype=DT), rtol=0, atol=SOLUTION_TOL
+    )

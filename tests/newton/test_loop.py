@@ -326,3 +326,44 @@ def test_a_constant_offset_barely_changes_newton_cg():
     base = minimize(rosen, x0, method="newton-cg", gtol=1e-6)
     off = minimize(lambda x: rosen(x) + 1e8, x0, method="newton-cg", gtol=1e-6)
     assert base.converged and off.converged and off.matvecs <= 1.2 * base.matvecs
+
+
+# -- dense Newton: a zero Hessian, and a stall -------------------------------------------
+
+STALL_NIT = 20  # a stalled run must stop within a few iterations of reaching rounding
+STALL_RTOL = 1e-12  # where it stalls: the solution to rounding (condition 1e4)
+
+
+def test_newton_dense_on_a_linear_objective_reports_unbounded():
+    """H = 0: exact_trust_region made a NaN step and the run raised about the radius."""
+    res = minimize(lambda x: x.sum(), torch.zeros(3, dtype=DT), method="newton-exact")
+    assert res.status == "unbounded" and not res.converged, res.message
+
+
+def test_newton_dense_on_a_piecewise_linear_objective_does_not_crash():
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 3, generator=gen, dtype=DT), torch.randn(20, generator=gen, dtype=DT)
+
+    def relu_l1(w):  # the Hessian is zero almost everywhere
+        return (torch.relu(X @ w[:3] + w[3]) - y).abs().mean()
+
+    for kwargs in (dict(method="newton-exact"), dict(options=dict(xtol=1e-12))):
+        res = minimize(relu_l1, torch.full((4,), 0.1, dtype=DT), **kwargs)
+        assert res.status in ("converged", "stalled") and math.isfinite(res.fun), res.message
+        if res.converged:  # truthful: the gradient at x is what it claims
+            x = res.x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(relu_l1(x), x)
+            assert float(g.norm()) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["newton-exact", "auto"])
+def test_newton_dense_detects_a_stall_like_newton_cg(method):
+    """gtol = 0 is below rounding: dense Newton ran its 1000 iterations, forming the Hessian
+    each time, and told the user to raise maxiter; Newton-CG stopped as stalled."""
+    A = torch.diag(torch.logspace(0, 4, 10, dtype=DT))
+    res = minimize(
+        lambda x: 0.5 * x @ A @ x - x.sum(), torch.zeros(10, dtype=DT), method=method, gtol=0
+    )
+    assert res.status == "stalled" and not res.converged, res.message
+    assert res.nit <= STALL_NIT and "below xtol" in res.message
+    torch.testing.assert_close(res.x, 1 / torch.diagonal(A), rtol=STALL_RTOL, atol=0)

@@ -190,3 +190,31 @@ def test_exact_trust_region_reuses_a_given_eigendecomposition():
         a = exact_trust_region(H, g, radius)
         b = exact_trust_region(H, g, radius, eig=eig)
         torch.testing.assert_close(a.step, b.step, **EXACT)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-300, 1e-200], ids=["zero", "1e-300", "1e-200"])
+@pytest.mark.parametrize("radius", [1e-3, 1.0, 1e6])
+def test_exact_trust_region_on_a_zero_or_negligible_hessian_steps_to_the_boundary(scale, radius):
+    """H = 0 crashed: the shift floor rcond * 1e-300 is subnormal, c / shift overflowed and
+    the step came out NaN ("the trust-region radius must be > 0, got nan" one step later)."""
+    H = scale * spd(5, seed=3)
+    g = torch.randn(5, dtype=DT, generator=torch.Generator().manual_seed(4))
+    res = exact_trust_region(H, g, radius)
+    boundary = -radius * g / g.norm()  # the minimizer of the linear model in the region
+    torch.testing.assert_close(res.step, boundary, **EXACT)
+    assert res.status == "boundary" and abs(res.step_norm - radius) <= NORM_TOL * radius
+    assert math.isclose(res.predicted_reduction, radius * float(g.norm()), rel_tol=1e-12)
+
+
+def test_exact_trust_region_with_a_small_but_resolved_hessian_is_still_exact():
+    """The linear shortcut applies only below rounding: H = 1e-12 I, radius 1e6 is solved."""
+    H = 1e-12 * torch.eye(3, dtype=DT)
+    g = torch.tensor([1e-9, 0.0, 0.0], dtype=DT)
+    res = exact_trust_region(H, g, 1e6)
+    torch.testing.assert_close(res.step, torch.tensor([-1e3, 0.0, 0.0], dtype=DT), **EXACT)
+    assert res.status == "exact"
+
+
+def test_exact_trust_region_zero_hessian_and_gradient_is_a_zero_step():
+    res = exact_trust_region(torch.zeros(3, 3, dtype=DT), torch.zeros(3, dtype=DT), 1.0)
+    assert float(res.step.norm()) == 0.0 and res.predicted_reduction == 0.0

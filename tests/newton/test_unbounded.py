@@ -136,3 +136,43 @@ def test_teacher_student_converging_far_out_is_not_reported_unbounded():
     assert res.method == "newton-cg, then newton-exact"  # CG is costly here: dense from x0
     assert res.status == "converged" and res.converged, res.message
     assert float(res.x.norm()) > 100  # it did go far out
+
+
+# f -> -inf ever faster: the accelerating form (they ran to maxiter, "nonfinite" or "stalled")
+FALLING = {
+    "-||x||^2": (lambda x: -(x**2).sum(), torch.full((2,), 0.1, dtype=DT)),
+    "saddle x0^2 - x1^2": (lambda x: x[0] ** 2 - x[1] ** 2, torch.tensor([1.0, 0.1], dtype=DT)),
+    "-x^4": (lambda x: -(x**4).sum(), torch.full((2,), 0.5, dtype=DT)),
+    "linear": (lambda x: x.sum(), torch.zeros(3, dtype=DT)),
+}
+FALLING_NIT = 60  # they are caught after 2 windows of 10 accepted steps (21 iterations here)
+
+
+@pytest.mark.parametrize("name", list(FALLING))
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("auto", None),
+        ("newton-cg", None),
+        ("newton-exact", None),
+        ("newton-cg", dict(globalization="line-search")),
+    ],
+    ids=["auto", "newton-cg", "newton-exact", "newton-cg-ls"],
+)
+def test_objectives_falling_without_bound_are_reported_unbounded(name, method, options):
+    if name == "-x^4" and options:
+        pytest.skip("the line search jumps x 1e7-fold a step: see the overflow test below")
+    f, x0 = FALLING[name]
+    res = minimize(f, x0, method=method, maxiter=300, options=options)
+    assert res.status == "unbounded" and not res.converged, res.message
+    assert res.message.startswith("objective unbounded below") and "fell" in res.message
+    assert res.nit <= FALLING_NIT and math.isfinite(res.fun) and math.isfinite(res.grad_norm)
+
+
+def test_a_curvature_overflow_before_the_test_can_fire_is_nonfinite_not_a_crash():
+    """The line search on -x^4 multiplies ||x|| by ~1e7 a step: the Hessian-vector product
+    overflows at the 7th iteration, before two windows of steps; it raised FloatingPointError."""
+    f, x0 = FALLING["-x^4"]
+    res = minimize(f, x0, method="newton-cg", options=dict(globalization="line-search"))
+    assert res.status == "nonfinite" and not res.converged
+    assert "Hessian-vector product is not finite" in res.message and math.isfinite(res.fun)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -79,3 +81,117 @@ def test_minimize_newton_exact_lazy_hessian():
     assert lazy.matvecs < fresh.matvecs
     with pytest.raises(ValueError):
         minimize(rosen, x0, method="newton-exact", options=dict(hessian_every=0))
+
+
+# -- method="auto" returns the better of its two parts ------------------------------------
+
+
+def rosen_nd(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def rosen_start(n):
+    x = torch.full((n,), -1.2, dtype=DT)
+    x[1::2] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("maxiter", [37, 40])
+def test_auto_never_returns_worse_than_its_newton_cg_part(maxiter):
+    """Dense Newton restarted from x0 under the iteration limit ended at f = 174.8 (maxiter
+    37) and 9.7 (40), above the f = 5.84 Newton-CG had reached; that point was thrown away."""
+    res = minimize(rosen_nd, rosen_start(10), maxiter=maxiter)
+    assert res.method == "newton-cg, then newton-exact" and not res.converged
+    best_cg = min(h["loss"] for h in res.history if h["method"] == "newton-cg")
+    best_dense = min(h["loss"] for h in res.history if h["method"] == "newton-exact")
+    assert best_cg < best_dense  # the case in point: the dense part ended higher
+    assert res.fun == best_cg and res.fun == float(rosen_nd(res.x))
+    assert "the result is Newton-CG's last point" in res.message
+    assert res.status == "maxiter" and res.nit == maxiter  # both parts' iterations count
+    assert res.nfev == res.history[-1]["nfev"] and res.matvecs == res.history[-1]["matvecs"]
+
+
+def test_auto_returns_the_dense_result_when_it_converges():
+    res = minimize(rosen_nd, rosen_start(10), gtol=1e-8)
+    assert res.converged and res.method == "newton-cg, then newton-exact"
+    assert "Newton-CG's last point" not in res.message
+
+
+# -- maxiter=0: the method's own evaluation at x0 -------------------------------------------
+
+
+def test_maxiter_0_evaluates_the_lm_objective():
+    """A one-residual vector was taken as the objective itself (fun = -3 instead of 4.5)."""
+    res = minimize(lambda x: x - 3.0, torch.zeros(1, dtype=DT), method="lm", maxiter=0)
+    one = minimize(lambda x: x - 3.0, torch.zeros(1, dtype=DT), method="lm", maxiter=1)
+    assert res.fun == one.history[0]["loss"] == 4.5
+    assert res.grad_norm == one.history[0]["grad_norm"] == 3.0
+    assert (res.nit, res.nfev, res.ngev, res.matvecs) == (0, 1, 1, 0)
+    assert res.status == "maxiter" and res.method == "gauss-newton"
+    assert "limit (0)" in res.message and "fell" not in res.message
+
+
+@pytest.mark.parametrize("method", ["auto", "newton-cg", "newton-exact", "lm"])
+def test_maxiter_0_reports_a_nan_objective_as_nonfinite(method):
+    fun = (lambda x: x * float("nan")) if method == "lm" else (lambda x: (x * float("nan")).sum())
+    res = minimize(fun, torch.zeros(2, dtype=DT), method=method, maxiter=0)
+    assert res.status == "nonfinite" and not res.converged
+
+
+@pytest.mark.parametrize("method", ["auto", "newton-cg", "newton-exact"])
+def test_maxiter_0_refuses_what_the_method_refuses(method):
+    with pytest.raises(ValueError, match="scalar"):
+        minimize(lambda x: x - 3.0, torch.zeros(2, dtype=DT), method=method, maxiter=0)
+    with pytest.raises(ValueError, match="does not depend on x through autograd"):
+        minimize(
+            lambda x: (x.detach() ** 2).sum(), torch.zeros(2, dtype=DT), method=method, maxiter=0
+        )
+
+
+def test_maxiter_0_at_a_minimizer_converges_and_auto_names_the_same_method():
+    res = minimize(lambda x: ((x - 1) ** 2).sum(), torch.ones(2, dtype=DT), maxiter=0)
+    assert res.converged and res.nit == 0
+    ran = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=DT), maxiter=0)
+    assert ran.method == minimize(rosen, torch.tensor([-1.2, 1.0], dtype=DT), maxiter=1).method
+
+
+# -- options out of range -----------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ("newton-cg", dict(max_time=float("nan")), "max_time"),
+    ("newton-cg", dict(max_time=-1.0), "max_time"),
+    ("newton-cg", dict(options=dict(cg_maxiter=0)), "cg_maxiter"),
+    ("newton-cg", dict(options=dict(eta=2.0)), "eta"),
+    ("newton-exact", dict(options=dict(eta=0.0)), "eta"),
+    ("newton-cg", dict(options=dict(forcing=5.0)), "forcing"),
+    ("newton-cg", dict(options=dict(forcing="fixed")), "forcing"),
+    ("newton-cg", dict(options=dict(xtol=-1.0)), "xtol"),
+    ("newton-cg", dict(options=dict(initial_radius=-1.0)), "initial_radius"),
+    ("newton-exact", dict(options=dict(initial_radius=0.0)), "initial_radius"),
+    ("newton-cg", dict(options=dict(max_radius=0.0)), "max_radius"),
+    ("newton-cg", dict(options=dict(memory=-1)), "memory"),
+    ("newton-cg", dict(options=dict(unbounded_window=0)), "unbounded_window"),
+    ("newton-exact", dict(options=dict(reuse_tol=-1.0)), "reuse_tol"),
+    ("lm", dict(options=dict(damping=-1.0, damping_rule="nielsen")), "damping"),
+    ("lm", dict(options=dict(min_damping=1.0, max_damping=0.5)), "min_damping"),
+]
+
+
+@pytest.mark.parametrize("method,kwargs,name", BAD_OPTIONS, ids=[b[2] for b in BAD_OPTIONS])
+def test_options_out_of_range_raise(method, kwargs, name):
+    """They failed silently (max_time NaN ignored, cg_maxiter=0 the default) or late, with a
+    message about something else (eta=2: every step rejected until maxiter)."""
+    fun = (lambda x: x - 1.0) if method == "lm" else rosen
+    with pytest.raises(ValueError, match=name):
+        minimize(fun, torch.zeros(2, dtype=DT), method=method, **kwargs)
+
+
+def test_options_in_range_are_accepted():
+    res = minimize(
+        rosen,
+        torch.tensor([-1.2, 1.0], dtype=DT),
+        method="newton-cg",
+        max_time=60.0,
+        options=dict(cg_maxiter=5, eta=0.2, forcing=0.1, xtol=0.0, max_radius=math.inf),
+    )
+    assert res.converged

@@ -79,3 +79,41 @@ def test_parameter_shaped_rhs_round_trips():
     assert isinstance(res.x, tuple) and res.x[0].shape == (2, 2) and res.x[1].shape == (2,)
     flat = torch.cat([t.reshape(-1) for t in res.x])
     assert relative_error(flat, exact(A, torch.cat([b[0].reshape(-1), b[1]]))) < 1e-10
+
+
+def test_cg_no_false_negative_curvature_from_an_underflowing_p_A_p():
+    """Regression: with b ~ 1e-19 in float32, p^T A p underflowed to 0 on an SPD matrix."""
+    A = sym_matrix(torch.linspace(1, 10, 8).tolist()).float()
+    b = rhs(8).float() * 1e-19
+    res = cg(A, b, tol=1e-6)
+    assert res.converged and not res.negative_curvature
+    assert relative_error(res.x, exact(A, b)) < SOLVE_TOL[torch.float32]
+
+
+def _inconsistent_psd(n=8, rank=5, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
+    S = (U * torch.arange(1.0, rank + 1, dtype=torch.float64)) @ U.T
+    b = S @ torch.randn(n, generator=g, dtype=torch.float64)
+    b = b + 0.5 * (torch.eye(n, dtype=torch.float64) - U @ U.T) @ torch.randn(
+        n, generator=g, dtype=torch.float64
+    )
+    return S, b
+
+
+def test_cg_on_a_singular_inconsistent_system_says_so():
+    """Regression: a PSD matrix with b off its range was called "not positive definite"."""
+    S, b = _inconsistent_psd()
+    with pytest.warns(NegativeCurvatureWarning, match="inconsistent.*lsmr"):
+        res = cg(S, b, tol=1e-8)
+    assert not res.converged and "not positive definite" not in res.message
+    true = float((b - S @ res.x).norm())
+    assert res.residual_norm == pytest.approx(true, rel=1e-10)  # the x returned
+    assert true < float(b.norm())  # the best iterate, not the diverging last one
+
+
+def test_cg_names_a_nonsymmetric_preconditioner():
+    A = sym_matrix(torch.linspace(1, 10, 8).tolist())
+    M = torch.linalg.inv(A) + 0.3 * torch.triu(torch.ones(8, 8, dtype=torch.float64), 1)
+    with pytest.warns(ConvergenceWarning, match="M is not symmetric"):
+        cg(A, rhs(8), M=M)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import second
+from conftest import SOLVE_TOL
 from second import (
     NegativeCurvatureWarning,
     cg,
@@ -218,3 +219,53 @@ def test_auto_takes_lsmr_for_a_scipy_operator_that_declares_itself_nonsymmetric(
     assert res.converged
     x = res.x.numpy()
     assert np.linalg.norm(mv(x) - b.numpy()) <= 1e-8 * np.linalg.norm(b.numpy())
+
+
+# --------------------------------------------------- tiny float32 b, NaN operators (regressions)
+TINY_F32_RELRES = 2e-6  # tol 1e-6 plus the float32 rounding floor 20 eps
+SMALL_METHODS = ["cg", "minres", "neumann", "lsmr", "dense"]
+
+
+@pytest.mark.parametrize("magnitude", [1e-19, 1e-23])
+@pytest.mark.parametrize("method", SMALL_METHODS)
+def test_tolerance_is_relative_for_a_tiny_float32_b(method, magnitude):
+    """Regression: ||b|| underflowed in float32, so x = 0 with converged=True ("b = 0")."""
+    A = sym_matrix(torch.linspace(1, 10, 8).tolist()).float()
+    b = rhs(8).float() * magnitude
+    res = solve(A, b, method=method, tol=1e-6)
+    x_ref = exact(A, b)
+    true = float((b.double() - A.double() @ res.x.double()).norm() / b.double().norm())
+    assert res.converged and "b = 0" not in res.message, res.message
+    assert true < TINY_F32_RELRES
+    assert relative_error(res.x, x_ref) < SOLVE_TOL[torch.float32]
+
+
+def test_cg_block_with_a_tiny_column_solves_every_column():
+    A = sym_matrix(torch.linspace(1, 10, 8).tolist()).float()
+    B = torch.stack([rhs(8).float() * 1e-23, rhs(8, seed=2).float()], dim=1)
+    res = cg(A, B, tol=1e-6)
+    assert res.info["converged_columns"] == [True, True]
+    for j in range(2):
+        assert relative_error(res.x[:, j], exact(A, B[:, j])) < SOLVE_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "neumann", "lowrank", "dense"])
+def test_an_operator_with_nan_entries_is_a_non_finite_error(method):
+    """Regression: NaN != NaN made a symmetric matrix "declare symmetric=False" (dense: an
+    internal LAPACK assertion)."""
+    A = sym_matrix(torch.linspace(1, 10, 6).tolist())
+    A[2, 3] = A[3, 2] = float("nan")
+    with pytest.raises(second.NonFiniteError, match="NaN"):
+        solve(A, rhs(6), method=method)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "neumann", "lsmr"])
+def test_a_float64_b_beyond_the_inner_products_range_is_refused_not_zeroed(method):
+    """Regression: ||b||^2 underflowed in float64 too (b ~ 1e-170): x = 0, converged=True."""
+    A = sym_matrix(torch.linspace(1, 10, 8).tolist())
+    b = rhs(8) * 1e-170
+    with pytest.raises(ValueError, match="outside"):
+        solve(A, b, method=method)
+    res = solve(A, b, method="dense")  # no inner products of b with itself: exact
+    assert res.converged
+    assert relative_error(res.x * 1e170, exact(A, b * 1e170)) < SOLVE_TOL[torch.float64]

@@ -13,6 +13,9 @@ The public functions :func:`second.func.hvp`, :func:`~second.func.gvp`, ... are 
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -34,23 +37,44 @@ __all__ = [
     "grad_of_live",
     "JacobianGraph",
     "GGNGraph",
+    "bypassing_parameters",
 ]
 
 _CACHE_SIZE = 8
-_graph_cache: OrderedDict[tuple, tuple[weakref.ref, tuple[Tensor, ...]]] = OrderedDict()
+_graph_cache: OrderedDict[tuple, tuple[weakref.ref, object, tuple[int, ...]]] = OrderedDict()
+
+
+#: The error for a memoized graph whose parameters changed in place since it was built.
+STALE = (
+    "a parameter was modified in place (e.g. by an optimizer step or under torch.no_grad()) "
+    "after the loss was computed: the loss's graph, and the gradient graph memoized for it, "
+    "still describe the old values; compute the loss again from the current parameters"
+)
+
+
+def _versions(params: Sequence[Tensor]) -> tuple[int, ...]:
+    return tuple(p._version for p in params)
 
 
 def _cached(key_tensor: Tensor, params: Sequence[Tensor], tag: str, build, keep: bool):
-    """Memoize ``build()`` (tensors with graph) for the lifetime of ``key_tensor``."""
+    """Memoize ``build()`` (tensors with graph) for the lifetime of ``key_tensor``.
+
+    The entry records the parameters' in-place version counters: a later call after an
+    in-place change raises ``ValueError`` (:data:`STALE`) instead of returning the products
+    of the old graph (autograd itself misses this when the graph saved no parameter, e.g.
+    ``tanh(X @ W)`` keeps ``X`` and the output).
+    """
     if not keep:
         return build()
     key = (tag, id(key_tensor), tuple(id(p) for p in params))
     entry = _graph_cache.get(key)
     if entry is not None and entry[0]() is key_tensor:
+        if entry[2] != _versions(params):
+            raise ValueError(STALE)
         _graph_cache.move_to_end(key)
         return entry[1]
     value = build()
-    _graph_cache[key] = (weakref.ref(key_tensor), value)
+    _graph_cache[key] = (weakref.ref(key_tensor), value, _versions(params))
     weakref.finalize(key_tensor, _graph_cache.pop, key, None)
     while len(_graph_cache) > _CACHE_SIZE:
         _graph_cache.popitem(last=False)
@@ -310,16 +334,79 @@ class JacobianGraph:
         )
 
 
+def bypassing_parameters(loss: Tensor, output: Tensor, params: Sequence[Tensor]) -> list[int]:
+    r"""The indices of ``params`` the ``loss`` reaches by a path that does not pass ``output``.
+
+    A walk of the loss's autograd graph (no backward pass) that stops at ``output``: only the
+    part of the graph between the loss and the output is visited, unless another path leads
+    elsewhere. Such a path, a weight-decay term ``wd * ||w||^2`` added to the loss say, is a
+    part of :math:`\nabla^2_\theta L` that the Gauss-Newton matrix
+    :math:`J^\top (\nabla^2_f L) J` of ``output`` does not contain.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> out = 3.0 * w
+        >>> bypassing_parameters((out**2).sum(), out, [w]), bypassing_parameters(
+        ...     (out**2).sum() + 0.1 * (w**2).sum(), out, [w])
+        ([], [0])
+    """
+    stop = (output.grad_fn, output.output_nr) if output.grad_fn is not None else None
+    leaves = {id(p): i for i, p in enumerate(params) if p.grad_fn is None}
+    nodes = {id(p.grad_fn): i for i, p in enumerate(params) if p.grad_fn is not None}
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [(loss.grad_fn, loss.output_nr)]
+    while stack:
+        node, nr = stack.pop()
+        if node is None:
+            continue
+        if stop is not None and node is stop[0] and nr == stop[1]:
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None and variable is output:
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if variable is not None and id(variable) in leaves:
+            found.add(leaves[id(variable)])
+        if id(node) in nodes:
+            found.add(nodes[id(node)])
+        stack.extend(node.next_functions)
+    return sorted(found)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside ``second`` (for its caller's warning)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
 class GGNGraph(JacobianGraph):
     r"""The graphs a Gauss-Newton product needs, built once per (loss, output) pair.
 
     :class:`JacobianGraph` of the output, plus ``g_f = dL/df`` with its graph for
     :math:`(\nabla^2_f L)\, t`; :meth:`gvp` is :math:`J^\top (\nabla^2_f L) J v`.
 
+    The loss must depend on the parameters only through ``output``: a term that reaches
+    them another way (weight decay added to the loss, an auxiliary loss on a hidden layer)
+    is not in :math:`J^\top (\nabla^2_f L) J`. Such paths are found by a walk of the
+    loss's graph between the loss and ``output`` (no backward pass,
+    :func:`bypassing_parameters`) and reported by a ``UserWarning``; add their curvature
+    separately (e.g. ``wd * v`` for ``wd/2 ||w||^2``).
+
     Args:
         loss: scalar loss computed from ``output``.
         output: the network output, with its graph.
         params: the tensors to differentiate with respect to.
+
+    Raises:
+        ValueError: ``output`` has no graph, or the loss does not use it (e.g. a recomputed
+            copy of the output was passed instead of the tensor the loss was computed from).
 
     Example:
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
@@ -329,8 +416,32 @@ class GGNGraph(JacobianGraph):
     """
 
     def __init__(self, loss: Tensor, output: Tensor, params: Sequence[Tensor]):
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            raise ValueError(
+                "the output (logit) has no autograd graph: pass the network output the loss "
+                "was computed from, with its graph"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss does not require grad: it was computed without an autograd graph"
+            )
         super().__init__(output, params)
-        (self.g_out,) = torch.autograd.grad(loss, output, create_graph=True)
+        (g_out,) = torch.autograd.grad(loss, output, create_graph=True, allow_unused=True)
+        if g_out is None:
+            raise ValueError(
+                "the loss does not use the output (logit) it was given: pass the very tensor "
+                "the loss was computed from, not a recomputed copy or another output"
+            )
+        self.g_out = g_out
+        bypass = bypassing_parameters(loss, output, self.params)
+        if bypass:
+            warnings.warn(
+                f"the loss depends on parameter(s) {bypass} other than through the output "
+                "(e.g. a weight-decay term added to the loss): the Gauss-Newton product "
+                "J^T (d2L/df2) J leaves that part of the curvature out",
+                UserWarning,
+                stacklevel=_outside_stacklevel(),
+            )
 
     @property
     def output(self) -> Tensor:

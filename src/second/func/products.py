@@ -77,7 +77,8 @@ def hvp(
 
     Raises:
         ValueError: non-scalar loss, a parameter without grad or not in the graph,
-            a vector of the wrong size or device.
+            a vector of the wrong size or device, or parameters modified in place since
+            the gradient graph was memoized for this loss (compute the loss again).
         TypeError: a vector of the wrong dtype.
         NonFiniteError: the loss or the product is NaN/Inf.
 
@@ -115,9 +116,17 @@ def gvp(
     that output. ``G`` is positive semi-definite whenever the loss is convex in
     the output (MSE, cross-entropy, BCE-with-logits), unlike the Hessian.
 
+    **The loss must depend on the parameters only through** ``logit``: a term that
+    reaches them another way (weight decay added to the loss, an auxiliary loss on a
+    hidden layer) is not part of :math:`G` and is left out of the product. Such a
+    path is detected when the graphs are built (a walk of the loss's graph, no extra
+    backward pass) and reported by a ``UserWarning``; add its curvature separately
+    (``wd * v`` for a term ``wd/2 ||w||^2``).
+
     Args:
         loss: scalar loss computed from ``logit``.
-        logit: the network output the loss was computed from.
+        logit: the network output the loss was computed from (the same tensor, not a
+            recomputed copy).
         parameters: tensors to differentiate with respect to.
         vector: flat or parameter-shaped.
         retain_graph: keep and memoize the graphs (default ``True``).
@@ -125,6 +134,14 @@ def gvp(
 
     Returns:
         :math:`G v`.
+
+    Raises:
+        ValueError: a non-scalar loss, a ``logit`` without a graph or one the loss does not
+            use, a parameter ``logit`` does not depend on, a bad vector, or parameters
+            modified in place since the graphs were memoized for this loss.
+
+    Warns:
+        UserWarning: the loss reaches a parameter other than through ``logit``.
 
     Example:
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)

@@ -11,15 +11,17 @@ layers, fallback) are in :mod:`second.kfac`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
-from .._errors import NonFiniteError
+from .._errors import NonFiniteError, SecondDeprecationWarning
 from .._losses import needs_targets, target_weights
 from ..data import Task, sample_generator
+from ..func.dense import eigenvalue_cutoff
 from ..operators.base import LinearOperator
 from ..operators.curvature import CurvatureOperator
 from .blocks import DiagonalBlock, EigenBlock, KroneckerBlock
@@ -422,7 +424,14 @@ class KFACOperator(CurvatureOperator):
         :math:`\lambda > 0`.
 
         Args:
-            damping: :math:`\lambda`; default the operator's own ``damping``.
+            damping: :math:`\lambda`; default the operator's own ``damping``. A given
+                ``damping`` *replaces* the operator's own (the inverse of
+                :math:`B_{\text{undamped}} + \lambda I`), unlike ``A.inverse(method,
+                damping=...)`` and ``solve(A, b, damping=...)``, which add to it (docs/
+                glossary.md, *damping*). This is deprecated on an operator with a nonzero
+                damping of its own (``SecondDeprecationWarning``; from 0.3 it adds): build
+                the operator with ``damping=0`` and pass ``damping=`` here, or call
+                ``inverse()`` for the operator's own, which mean the same in both.
             pi_damping: factored (per-factor) damping instead of the exact one.
 
         Returns:
@@ -432,8 +441,39 @@ class KFACOperator(CurvatureOperator):
         Raises:
             ValueError: negative damping, or a singular block with zero damping.
         """
-        lam = check_damping(self.damping if damping is None else damping)
+        lam = check_damping(_inverse_damping(self, damping))
         return KFACInverseOperator(self, lam, "pi" if pi_damping else "exact")
+
+
+def _inverse_damping(op: KFACOperator, damping: float | None) -> float:
+    """The damping :meth:`KFACOperator.inverse` uses; warns where it replaces the own one."""
+    if damping is None:
+        return op.damping
+    if op.damping:
+        name = type(op).__name__
+        warnings.warn(
+            f"{name}.inverse(damping={damping:g}) replaces the operator's own damping "
+            f"{op.damping:g} (it inverts B_undamped + {damping:g} I), while A.inverse(method, "
+            "damping=...) and second.solve(A, b, damping=...) add to it; from 0.3 it will add "
+            f"too. Build the {name} with damping=0 and pass damping= here, or call inverse() "
+            "for the operator's own damping: both mean the same now and in 0.3",
+            SecondDeprecationWarning,
+            stacklevel=3,
+        )
+    return damping
+
+
+def _refuse_singular(why: str, damping: float) -> None:
+    raise ValueError(
+        f"the approximation is singular ({why}; e.g. a constant input feature, or a "
+        "LayerNorm before a Linear layer, whose inputs sum to 0): pass damping > 0 to invert "
+        "it"
+        + (
+            f" (larger than {damping:.1e}: that one is below the rounding level)"
+            if damping > 0
+            else ""
+        )
+    )
 
 
 class _EigenInverse(LinearOperator):
@@ -445,13 +485,23 @@ class _EigenInverse(LinearOperator):
         super().__init__(base.shape[0], base.dtype, base.device)
         self.layout, self.damping, self.split = base.layout, damping, split
         self.blocks, self.diagonals = base.eigen(), base.diagonals
-        spectra = [b.damped_eigenvalues(damping, split) for b in self.blocks]
-        for s in [*spectra, *(d.diagonal + damping for d in self.diagonals)]:
-            if bool((s <= 0).any()):
-                raise ValueError(
-                    "the approximation is singular (a factor has a zero eigenvalue, e.g. from a "
-                    "constant input feature): pass damping > 0 to invert it"
+        # A null eigenvalue of a block comes out of the eigendecomposition (and EK-FAC's
+        # squares of rotated gradients) as rounding noise, +-1e-17 or 1e-33 rather than 0:
+        # second's one cutoff (docs/glossary.md, "cutoff") tells it from a real eigenvalue,
+        # relative to the block's largest. A diagonal block's entries are exact (sums of
+        # squares), so only a zero one is singular there.
+        for j, b in enumerate(self.blocks):
+            s = b.damped_eigenvalues(damping, split)
+            cut = eigenvalue_cutoff(s, dtype=s.dtype)
+            if bool((s <= cut).any()):
+                _refuse_singular(
+                    f"block {j} has a damped eigenvalue {float(s.min()):.1e} within the "
+                    f"rounding cutoff {cut:.1e} of its largest {float(s.abs().max()):.1e}",
+                    damping,
                 )
+        for d in self.diagonals:
+            if bool((d.diagonal + damping <= 0).any()):
+                _refuse_singular("a diagonal block has a zero entry", damping)
 
     def _matmat(self, V: Tensor) -> Tensor:
         lam, split = self.damping, self.split
@@ -520,7 +570,8 @@ class EKFACOperator(KFACOperator):
         r"""``(B + \lambda I)^{-1} = (Q_A\otimes Q_G)\,\mathrm{diag}(s + \lambda)^{-1}(Q_A\otimes Q_G)^\top``.
 
         Args:
-            damping: :math:`\lambda` (default: the operator's own).
+            damping: :math:`\lambda` (default: the operator's own); a given one replaces
+                the operator's own, which is deprecated as for :meth:`KFACOperator.inverse`.
             pi_damping: not defined for EK-FAC; ``True`` raises.
 
         Returns:
@@ -533,5 +584,5 @@ class EKFACOperator(KFACOperator):
             raise ValueError(
                 "EK-FAC has no per-factor damping: use the exact damping (pi_damping=False)"
             )
-        lam = check_damping(self.damping if damping is None else damping)
+        lam = check_damping(_inverse_damping(self, damping))
         return EKFACInverseOperator(self, lam, "exact")

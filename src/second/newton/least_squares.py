@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph
-from .objective import RayTest, finish, record_and_check
+from .objective import NO_GRAPH, RayTest, finish, gradient_or_raise, record_and_check
 from .result import OptimizeResult
 from .steps import DAMPING_RULES, cg_subproblem, damped_solve, damped_step, trust_region_step
-from .stopping import Criteria
+from .stopping import Criteria, safe_norm
 from .trust_region import exact_trust_region
 
 __all__ = ["gauss_newton", "LeastSquaresObjective", "DENSE_GGN_MAX"]
@@ -68,8 +68,15 @@ class LeastSquaresObjective:
                     "method 'gauss-newton' needs fun(x) to return a residual vector or a "
                     "(loss, output) pair; for a scalar objective use 'newton-cg'"
                 )
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "method 'gauss-newton' needs the loss of a (loss, output) pair to be a "
+                    "scalar tensor"
+                )
             loss = loss.reshape(())
         self.nfev += 1
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise ValueError(NO_GRAPH)
         return self.Point(float(loss.detach()), loss, output, xr)
 
     def value(self, x: Tensor) -> float:
@@ -85,11 +92,8 @@ class LeastSquaresObjective:
         """Add the gradient and the GGN graph to an evaluated point (once)."""
         if pt.g is None:
             with torch.enable_grad():
-                if pt.loss.requires_grad:
-                    (g,) = torch.autograd.grad(pt.loss, pt.xr, retain_graph=True)
-                    pt.graph = GGNGraph(pt.loss, pt.out, [pt.xr])
-                else:
-                    g = torch.zeros_like(pt.xr)
+                g = gradient_or_raise(pt.loss, pt.xr, retain_graph=True)
+                pt.graph = GGNGraph(pt.loss, pt.out, [pt.xr])
             pt.g = g.detach().reshape(-1)
             self.ngev += 1
         return pt
@@ -195,7 +199,7 @@ def gauss_newton(
     obj = LeastSquaresObjective(fun, shape)
     pt = obj.point(x)
     history: list[dict] = []
-    xnorms = [float(torch.linalg.vector_norm(x))]
+    xnorms = [safe_norm(x)]
     fvals = [pt.f]
     ray = RayTest(obj.value, criteria, x, pt.f)
     radius = float(initial_radius) if initial_radius is not None else max(1.0, xnorms[0])
@@ -203,7 +207,7 @@ def gauss_newton(
     it, reason, extra = 0, None, ""
     while True:
         f, g = pt.f, pt.g
-        gnorm = float(torch.linalg.vector_norm(g))
+        gnorm = safe_norm(g)
         reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         history[-1]["damping"] = lam
         if reason is not None:
@@ -279,17 +283,18 @@ def gauss_newton(
             break
         x = x + res.step
         pt = obj.finish(trials["pt"])
-        xnorms.append(float(torch.linalg.vector_norm(x)))
+        xnorms.append(safe_norm(x))
         fvals.append(pt.f)
         ray.accept(x, pt.f)
-        snorm = float(torch.linalg.vector_norm(res.step))
+        snorm = safe_norm(res.step)
         if (
-            snorm <= criteria.xtol * (1 + xnorms[-1])
-            and float(torch.linalg.vector_norm(pt.g)) > criteria.gtol
+            math.isfinite(xnorms[-1])
+            and snorm <= criteria.xtol * (1 + xnorms[-1])
+            and safe_norm(pt.g) > criteria.gtol
         ):
             reason, extra = "stalled", f"stalled: step norm {snorm:.3e} below xtol"
             break
-    gnorm = float(torch.linalg.vector_norm(pt.g))
+    gnorm = safe_norm(pt.g)
     return finish(
         obj, x, pt.f, gnorm, it, reason, criteria, "gauss-newton", history, t0, xnorms, shape, extra
     )

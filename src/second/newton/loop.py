@@ -23,7 +23,7 @@ from .objective import MESSAGES, Objective, RayTest, finish, record_and_check
 from .precond import LBFGSPreconditioner
 from .result import OptimizeResult
 from .steps import NOISE, cg_subproblem, trust_region_step
-from .stopping import Criteria
+from .stopping import Criteria, safe_norm
 from .trust_region import RCOND, SubproblemResult, exact_trust_region
 
 __all__ = [
@@ -132,7 +132,7 @@ def newton_cg(
     obj = Objective(fun, shape, method)
     f, g, hvp = obj.value_grad(x, graph=True)
     history: list[dict] = []
-    xnorms = [float(torch.linalg.vector_norm(x))]
+    xnorms = [safe_norm(x)]
     fvals = [f]
     ray = RayTest(obj.value, criteria, x, f)
     radius = float(initial_radius)
@@ -142,7 +142,7 @@ def newton_cg(
     it = 0
     reason, extra = None, ""
     while True:
-        gnorm = float(torch.linalg.vector_norm(g))
+        gnorm = safe_norm(g)
         reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         if reason is not None:
             break
@@ -170,9 +170,13 @@ def newton_cg(
             )
             while True:
                 it += 1
-                res = trust_region_step(
-                    f, g, radius, subproblem, obj.trial_at(x), eta=eta, max_radius=max_radius
-                )
+                try:
+                    res = trust_region_step(
+                        f, g, radius, subproblem, obj.trial_at(x), eta=eta, max_radius=max_radius
+                    )
+                except FloatingPointError as err:  # a product overflowed at x
+                    reason, extra = "nonfinite", _overflow(err, f, xnorms[-1])
+                    break
                 if not res.predicted_reduction > 0:
                     reason, extra = "stalled", "stalled: the quadratic model predicts no decrease"
                     break
@@ -190,9 +194,13 @@ def newton_cg(
             g_try, hvp_try = (res.grad, res.product) if res.grad is not None else res.finish(True)
         else:
             x0cg = d_prev if (warm_start and d_prev is not None) else None
-            d, info = truncated_cg(
-                hvp, g, rtol=rtol, maxiter=cap, M=M, x0=x0cg, reorthogonalize=reorthogonalize
-            )
+            try:
+                d, info = truncated_cg(
+                    hvp, g, rtol=rtol, maxiter=cap, M=M, x0=x0cg, reorthogonalize=reorthogonalize
+                )
+            except FloatingPointError as err:  # a product overflowed at x
+                reason, extra = "nonfinite", _overflow(err, f, xnorms[-1])
+                break
             if info.negative_curvature is not None and info.iterations > 1:
                 d = d + float(torch.linalg.vector_norm(d)) * info.negative_curvature
             slope = float(torch.dot(g, d))
@@ -219,20 +227,16 @@ def newton_cg(
             d_prev = step
         if isinstance(precond, LBFGSPreconditioner):
             precond.update(step, g_try - g)
-        snorm = float(torch.linalg.vector_norm(step))
+        snorm = safe_norm(step)
         x = x + step
         f, g, hvp = f_try, g_try, hvp_try
-        xnorms.append(float(torch.linalg.vector_norm(x)))
+        xnorms.append(safe_norm(x))
         fvals.append(f)
         ray.accept(x, f)
-        if (
-            snorm <= criteria.xtol * (1 + xnorms[-1])
-            and float(torch.linalg.vector_norm(g)) > criteria.gtol
-        ):
+        if _stalled(snorm, xnorms[-1], g, criteria):
             reason, extra = "stalled", f"stalled: step norm {snorm:.3e} below xtol"
-            gnorm = float(torch.linalg.vector_norm(g))
             break
-    gnorm = float(torch.linalg.vector_norm(g))
+    gnorm = safe_norm(g)
     return finish(obj, x, f, gnorm, it, reason, criteria, method, history, t0, xnorms, shape, extra)
 
 
@@ -352,14 +356,14 @@ def newton_dense(
     g, xr = obj.graph
     radius = float(initial_radius)
     history: list[dict] = []
-    xnorms = [float(torch.linalg.vector_norm(x))]
+    xnorms = [safe_norm(x)]
     fvals = [f]
     ray = RayTest(obj.value, criteria, x, f)
     H, age, it, fresh = None, 0, 0, False
     reason, extra = None, ""
     while True:
         gflat = g.detach()
-        gnorm = float(torch.linalg.vector_norm(gflat))
+        gnorm = safe_norm(gflat)
         reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
         if reason is not None:
             break
@@ -405,9 +409,13 @@ def newton_dense(
         g_old, fresh = gflat, False
         x = x + res.step
         (g, xr), f = obj.graph, res.f
-        xnorms.append(float(torch.linalg.vector_norm(x)))
+        xnorms.append(safe_norm(x))
         fvals.append(f)
         ray.accept(x, f)
+        snorm = safe_norm(res.step)
+        if _stalled(snorm, xnorms[-1], g.detach(), criteria):  # as Newton-CG: x no longer moves
+            reason, extra = "stalled", f"stalled: step norm {snorm:.3e} below xtol"
+            break
         if (
             age + 1 >= hessian_every
             and reuse_tol > 0
@@ -416,9 +424,25 @@ def newton_dense(
             age = 0  # the Hessian still predicts the gradient: keep it
         else:
             age += 1
-    gnorm = float(torch.linalg.vector_norm(g.detach()))
+    gnorm = safe_norm(g.detach())
     return finish(
         obj, x, f, gnorm, it, reason, criteria, "newton-exact", history, t0, xnorms, shape, extra
+    )
+
+
+def _overflow(err: Exception, f: float, xnorm: float) -> str:
+    return f"{err} (f = {f:.6e}, ||x|| = {xnorm:.3e}): the curvature overflows there"
+
+
+def _stalled(snorm: float, xnorm: float, g: Tensor, criteria: Criteria) -> bool:
+    """An accepted step below ``xtol (1 + ||x||)`` with the gradient still above ``gtol``.
+
+    Finite norms only: an overflowing ``||x||`` must not make every step look small.
+    """
+    return (
+        math.isfinite(xnorm)
+        and snorm <= criteria.xtol * (1 + xnorm)
+        and safe_norm(g) > criteria.gtol
     )
 
 

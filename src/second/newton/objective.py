@@ -19,7 +19,23 @@ from ..func.products import hvp_from_gradient
 from .result import OptimizeResult
 from .stopping import Criteria, limit_message, ray_decreases
 
-__all__ = ["Objective", "RayTest", "MESSAGES", "record_and_check", "finish"]
+__all__ = [
+    "Objective",
+    "RayTest",
+    "MESSAGES",
+    "NO_GRAPH",
+    "record_and_check",
+    "finish",
+    "gradient_or_raise",
+]
+
+#: The error for an objective with no autograd path to ``x``: its gradient is not zero, it is
+#: unknown (a detached value would otherwise be reported converged at ``x0``).
+NO_GRAPH = (
+    "the objective does not depend on x through autograd: fun(x) returned a value without an "
+    "autograd graph back to x (computed from x.detach(), through float() / .item() / numpy, "
+    "or under torch.no_grad()); compute it from x with torch operations"
+)
 
 MESSAGES = {
     "converged": "converged: ||grad|| = {g:.3e} <= gtol = {gtol:.1e}",
@@ -28,6 +44,11 @@ MESSAGES = {
         "objective unbounded / diverging iterates: ||x|| grew from {x0:.3e} to {x:.3e} over "
         "the last accepted steps while f fell to {f:.6e}; the infimum is not attained at a "
         "finite point (or f is unbounded below)"
+    ),
+    "unbounded_below": (
+        "objective unbounded below: f fell ever faster from {f0:.6e} to {f:.6e} while ||x|| "
+        "grew geometrically from {x0:.3e} to {x:.3e}, and it keeps falling along the "
+        "iterates' drift as far as it was tested"
     ),
     "time": "stopped: time limit",
 }
@@ -82,14 +103,13 @@ class Objective:
         xr = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             f = self._call(xr)
+        if not f.requires_grad:
+            raise ValueError(NO_GRAPH)
 
         def finish(graph: bool = True):
             with torch.enable_grad():
-                if not f.requires_grad:
-                    g, hvp = torch.zeros_like(xr), (lambda v: torch.zeros_like(v))
-                else:
-                    (g,) = torch.autograd.grad(f, xr, create_graph=graph)
-                    hvp = self._hvp(g, xr) if graph else None
+                g = gradient_or_raise(f, xr, create_graph=graph)
+                hvp = self._hvp(g, xr) if graph else None
                 if graph:
                     self.graph = (g, xr)
             self.ngev += 1
@@ -109,6 +129,26 @@ class Objective:
             return hv.detach()
 
         return prod if g.requires_grad else (lambda v: torch.zeros_like(v))
+
+
+def gradient_or_raise(f: Tensor, xr: Tensor, **options) -> Tensor:
+    r""":math:`\nabla f` at the leaf ``xr``, or :data:`NO_GRAPH` as a ``ValueError``.
+
+    A graph that reaches ``xr`` gives the gradient, with zeros for the coordinates ``f`` does
+    not depend on; a value with no graph, or one whose graph never reaches ``xr`` (it
+    depends on other tensors only), raises (``options`` go to ``torch.autograd.grad``).
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> gradient_or_raise((x[0] ** 2).reshape(()), x).tolist()  # no path to x[1]: zero there
+        [2.0, 0.0]
+    """
+    if not f.requires_grad:
+        raise ValueError(NO_GRAPH)
+    (g,) = torch.autograd.grad(f, xr, allow_unused=True, **options)
+    if g is None:
+        raise ValueError(NO_GRAPH)
+    return g
 
 
 class RayTest:
@@ -182,9 +222,13 @@ def finish(obj, x, f, gnorm, it, reason, crit, method, history, t0, xnorms, x0sh
     """The run's :class:`~second.newton.result.OptimizeResult`, its message from ``reason``."""
     gtol = crit.gtol
     if reason == "maxiter":
-        message = limit_message(crit.maxiter, [h["grad_norm"] for h in history])
+        message = limit_message(crit.maxiter, [h["grad_norm"] for h in history], gtol)
     elif reason == "unbounded":
-        message = MESSAGES["unbounded"].format(x0=xnorms[0], x=xnorms[-1], f=f)
+        fvals = [h["loss"] for h in history]
+        key = "unbounded_below" if crit.falls_without_bound(fvals) else "unbounded"
+        message = MESSAGES[key].format(x0=xnorms[0], x=xnorms[-1], f=f, f0=fvals[0])
+    elif reason == "nonfinite" and extra:  # the loop's own account (e.g. a product overflowed)
+        message = extra
     elif reason in MESSAGES:
         message = MESSAGES[reason].format(g=gnorm, gtol=gtol, f=f)
     else:

@@ -6,9 +6,37 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-__all__ = ["Criteria", "diverging_iterates", "ray_decreases", "limit_message"]
+__all__ = ["Criteria", "diverging_iterates", "ray_decreases", "limit_message", "safe_norm"]
+
+
+def safe_norm(v: Tensor) -> float:
+    r""":math:`\|v\|_2` as a float that neither overflows nor underflows for finite entries.
+
+    Where the plain norm overflows or underflows (``torch.linalg.vector_norm`` squares the
+    entries: a vector of entries ~1e155 has the norm ``inf`` there) it is computed again on
+    ``v`` scaled by :math:`\max_i |v_i|`.
+
+    NaN if an entry is NaN, ``inf`` if one is infinite (or the norm itself exceeds the
+    largest float).
+
+    Example:
+        >>> safe_norm(torch.full((4,), 1e200, dtype=torch.float64))  # vector_norm: inf
+        2e+200
+        >>> safe_norm(torch.zeros(3))
+        0.0
+    """
+    n = float(torch.linalg.vector_norm(v.detach()))
+    if 1e-140 < n < math.inf or v.numel() == 0:  # squares neither overflowed nor underflowed
+        return n
+    m = v.detach().abs().max()
+    if not bool(torch.isfinite(m)) or float(m) == 0.0:
+        if bool(torch.isnan(v).any()):
+            return math.nan
+        return float(m)
+    return float(m) * float(torch.linalg.vector_norm(v.detach() / m))
 
 
 @dataclass
@@ -17,15 +45,19 @@ class Criteria:
 
     1. ``"nonfinite"``: the objective or gradient is NaN/Inf (never a success);
     2. ``"converged"``: :math:`\|\nabla f(x)\|_2 \le` ``gtol``;
-    3. ``"unbounded"`` (when ``detect_unbounded``): :func:`diverging_iterates` in either of
-       two forms: the iterates run off while ``f`` levels off (``unbounded_share``; confirmed
+    3. ``"unbounded"`` (when ``detect_unbounded``): :func:`diverging_iterates` in one of
+       three forms: the iterates run off while ``f`` levels off (``unbounded_share``; confirmed
        by the ray test :func:`ray_decreases` when the loop passes one, as the core's loops
        do: a coercive objective, such as an ill-conditioned quadratic whose minimizer is far
        away, rises along the drift far enough out), or they
        grow geometrically (``unbounded_rate`` over each of the last two windows) while the
        gradient is still at least ``unbounded_gfloor`` of its initial norm and the decrease
        of ``f`` slows (the last window's no larger than the one before: a trust-region walk
-       to a far minimizer grows its steps and its decrease together);
+       to a far minimizer grows its steps and its decrease together), or they grow
+       geometrically while ``f`` falls ever faster (the last window's decrease at least the
+       one before), far below its start (:math:`f < f_0 - \mathrm{unbounded\_drop}\,
+       (|f_0| + 1)`), with the gradient still steep, and the ray test confirms it: ``f``
+       heads for :math:`-\infty` (:math:`-\|x\|^2`, a saddle, a linear function);
     4. ``"maxiter"``: ``maxiter`` iterations;
     5. ``"time"``: the wall-clock ``deadline`` (a ``time.perf_counter()`` value) passed.
 
@@ -54,6 +86,9 @@ class Criteria:
             (default 1e3).
         unbounded_rate: the growth of :math:`\|x\|` each of the last two windows must show
             (default 1.15: sustained geometric growth).
+        unbounded_drop: how far ``f`` must have fallen, in units of :math:`|f_0| + 1`, for
+            the accelerating form (default 10; on the suite's converging problems that form's
+            other conditions never hold together).
 
     Example:
         >>> c = Criteria(gtol=1e-8, maxiter=10)
@@ -72,6 +107,7 @@ class Criteria:
     unbounded_rate: float = 1.15
     unbounded_gfloor: float = 1e-2
     unbounded_reach: float = 1e3
+    unbounded_drop: float = 10.0
 
     def check(
         self,
@@ -98,20 +134,37 @@ class Criteria:
             common = dict(factor=self.unbounded_factor, window=self.unbounded_window)
             levels_off = diverging_iterates(xnorms, fvals, share=self.unbounded_share, **common)
             steep = gnorm0 is None or gnorm >= self.unbounded_gfloor * gnorm0
-            geometric = (
-                steep
-                and diverging_iterates(xnorms, None, rate=self.unbounded_rate, **common)
-                and _decrease_slows(fvals, self.unbounded_window)
-            )
-            if levels_off and ray is not None:
-                levels_off = ray()
-            if levels_off or geometric:
+            grows = steep and diverging_iterates(xnorms, None, rate=self.unbounded_rate, **common)
+            geometric = grows and _decrease_slows(fvals, self.unbounded_window)
+            falls = grows and not geometric and self.falls_without_bound(fvals)
+            if (levels_off or falls) and ray is not None:
+                confirmed = ray()
+                levels_off, falls = levels_off and confirmed, falls and confirmed
+            if levels_off or geometric or falls:
                 return "unbounded"
         if it >= self.maxiter:
             return "maxiter"
         if now > self.deadline:
             return "time"
         return None
+
+    def falls_without_bound(self, fvals: Sequence[float] | None) -> bool:
+        r"""Whether ``f`` fell ever faster, far below its start (the accelerating form's test).
+
+        True when the last window's decrease is at least the one before and
+        :math:`f < f_0 - \mathrm{unbounded\_drop}\,(|f_0| + 1)` (``fvals[0]`` at
+        :math:`x_0`, one value per accepted step).
+
+        Example:
+            >>> Criteria(gtol=0.0, maxiter=1).falls_without_bound([-(2.0**k) for k in range(25)])
+            True
+        """
+        return (
+            fvals is not None
+            and len(fvals) > 0
+            and fvals[-1] < fvals[0] - self.unbounded_drop * (abs(fvals[0]) + 1)
+            and _decrease_grows(fvals, self.unbounded_window)
+        )
 
     def rejected(self, it: int, radius: float | None, xnorm: float) -> tuple[str, str] | None:
         """After a rejected trial: ``(reason, message)`` to stop with, or ``None`` to retry.
@@ -243,11 +296,40 @@ def _decrease_slows(fvals: Sequence[float] | None, window: int) -> bool:
     return last <= before
 
 
-def limit_message(maxiter: int, gnorms: Sequence[float]) -> str:
-    """Why the iteration limit stopped the run, and how far the gradient fell."""
+def _decrease_grows(fvals: Sequence[float], window: int) -> bool:
+    """Whether the last window decreased ``f`` (by > 0) at least as much as the one before."""
+    if len(fvals) < 2 * window + 1:
+        return False
+    last = fvals[-(window + 1)] - fvals[-1]
+    before = fvals[-(2 * window + 1)] - fvals[-(window + 1)]
+    return last > 0 and last >= before
+
+
+def limit_message(maxiter: int, gnorms: Sequence[float], gtol: float | None = None) -> str:
+    """Why the iteration limit stopped the run, and where the gradient norm went.
+
+    Example:
+        >>> limit_message(5, [1.0, 1e-3])
+        'stopped: iteration limit (5) reached before the tolerance; ||grad|| fell from 1.000e+00 to 1.000e-03 (factor 1.00e+03); raise maxiter to continue'
+        >>> limit_message(0, [2.0], gtol=1e-6)
+        'stopped: iteration limit (0) reached before the tolerance; ||grad|| = 2.000e+00 > gtol = 1.0e-06'
+    """
     msg = f"stopped: iteration limit ({maxiter}) reached before the tolerance"
-    if gnorms:
-        g0, g1 = gnorms[0], gnorms[-1]
-        if g0 and g1 is not None and math.isfinite(g0) and math.isfinite(g1):
-            msg += f"; ||grad|| fell from {g0:.3e} to {g1:.3e} (factor {g0 / max(g1, 1e-300):.2e})"
-    return msg + "; raise maxiter to continue"
+    if not gnorms:
+        return msg + "; raise maxiter to continue"
+    g0, g1 = gnorms[0], gnorms[-1]
+    if not (g0 is not None and g1 is not None and math.isfinite(g0) and math.isfinite(g1)):
+        return msg + "; raise maxiter to continue"
+    if len(gnorms) == 1:  # no iteration ran (maxiter=0)
+        return (
+            msg + f"; ||grad|| = {g1:.3e}" + (f" > gtol = {gtol:.1e}" if gtol is not None else "")
+        )
+    if g1 < g0:
+        return (
+            msg + f"; ||grad|| fell from {g0:.3e} to {g1:.3e} (factor {g0 / max(g1, 1e-300):.2e})"
+            "; raise maxiter to continue"
+        )
+    return (
+        msg + f"; ||grad|| grew from {g0:.3e} to {g1:.3e} (factor {g1 / max(g0, 1e-300):.2e}); "
+        "raise maxiter to continue, or check that the objective is bounded below"
+    )

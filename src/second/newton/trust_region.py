@@ -303,7 +303,10 @@ def exact_trust_region(
     whose joint norm is at most ``negligible`` are dropped: a step along a direction of
     unresolved curvature whose slope is already negligible (e.g. below the stopping
     tolerance) gains nothing and, on a nonlinear function, disturbs the gradient
-    elsewhere (a symmetry or a minimizer at infinity makes such directions common).
+    elsewhere (a symmetry or a minimizer at infinity makes such directions common). A
+    Hessian whose term is below rounding next to the gradient's over the whole region
+    (:math:`\|H\|\,\Delta \le 10^{-16} \|g\|`, e.g. :math:`H = 0` for a linear or
+    piecewise-linear objective) leaves a linear model: the step is :math:`-\Delta\, g/\|g\|`.
 
     Args:
         H: symmetric ``n x n`` matrix.
@@ -336,7 +339,14 @@ def exact_trust_region(
     lam, Q = torch.linalg.eigh(H64) if eig is None else eig
     c = Q.T @ g64
     lmin = float(lam[0])
-    scale = max(float(lam.abs().max()), 1e-300)
+    gn = float(torch.linalg.vector_norm(g64))
+    scale = float(lam.abs().max())
+    if 0 < gn < math.inf and scale * radius <= _LINEAR * gn:
+        # H = 0, or so small that its term is rounding next to g's over the region (and a
+        # shift at its rounding level would overflow c / shift): the model is linear, and its
+        # minimizer in the region is the boundary step along -g
+        return _dense_result(-(radius / gn) * g64, H64, g64, "boundary", grad)
+    scale = max(scale, 1e-300)
     tiny = rcond * scale
     unresolved = lam.abs() <= tiny
     if negligible > 0 and bool(unresolved.any()):
@@ -374,6 +384,11 @@ def exact_trust_region(
         mu = mu_new if mu_new > mu_lo else 0.5 * (mu + mu_lo)
     p = -(Q @ (c / (lam + mu)))
     return _dense_result(p, H64, g64, "boundary", grad)
+
+
+#: :func:`exact_trust_region` takes the model as linear where ``||H|| radius <= _LINEAR ||g||``
+#: (the curvature term is below float64 rounding of the linear one over the whole region).
+_LINEAR = 1e-16
 
 
 def _dense_result(p64: Tensor, H64: Tensor, g64: Tensor, status: str, like: Tensor):

@@ -17,7 +17,7 @@ from ..newton.least_squares import gauss_newton
 from ..newton.loop import newton_cg, newton_dense
 from ..newton.result import OptimizeResult
 from ..newton.stopping import Criteria
-from ._options import check_int, check_nonneg
+from ._options import check_int, check_nonneg, check_positive, check_unit
 
 __all__ = [
     "minimize",
@@ -91,6 +91,48 @@ _GN_OPTIONS = {
 _CRITERIA_OPTIONS = {"xtol", "detect_unbounded", "unbounded_factor", "unbounded_window"}
 
 
+def _check_options(options: dict) -> None:
+    """Raise ``ValueError`` for a numeric option out of its range (those present, not ``None``).
+
+    A bad value otherwise fails silently (``cg_maxiter=0`` meant the default) or late, with a
+    message about something else (``eta=2`` rejected every step until ``maxiter``).
+    """
+    opts = {k: v for k, v in options.items() if v is not None}
+    for name in ("cg_maxiter", "unbounded_window", "hessian_every"):
+        if name in opts:
+            check_int(name, opts[name])
+    if "memory" in opts:
+        check_int("memory", opts["memory"], minimum=0)
+    if "eta" in opts:
+        check_unit("eta", opts["eta"])
+    forcing = opts.get("forcing")
+    if forcing is not None and not (isinstance(forcing, str) and forcing == "eisenstat-walker"):
+        if isinstance(forcing, str):
+            raise ValueError(
+                f"forcing must be 'eisenstat-walker' or a number in (0, 1), got {forcing!r}"
+            )
+        check_unit("forcing", forcing)
+    for name in ("initial_radius", "unbounded_factor", "max_damping"):
+        if name in opts:
+            check_positive(name, opts[name])
+    if "max_radius" in opts:
+        r = opts["max_radius"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+            raise ValueError(f"max_radius must be a number > 0 (inf allowed), got {r!r}")
+    for name in ("xtol", "damping", "min_damping", "reuse_tol", "rcond", "negligible"):
+        if name in opts:
+            check_nonneg(name, opts[name])
+    if (
+        "min_damping" in opts
+        and "max_damping" in opts
+        and opts["min_damping"] > opts["max_damping"]
+    ):
+        raise ValueError(
+            f"min_damping ({opts['min_damping']!r}) must not exceed max_damping "
+            f"({opts['max_damping']!r})"
+        )
+
+
 def default_maxiter(n: int) -> int:
     """The default iteration limit of :func:`minimize`: ``max(1000, 20 n)`` for ``n`` unknowns.
 
@@ -123,7 +165,11 @@ def minimize(
       it, ``"newton-cg"`` until it has spent :data:`AUTO_SWITCH_MATVECS` times ``n``
       Hessian-vector products, then ``"newton-exact"`` from ``x0`` (``result.method`` is
       ``"newton-cg"`` or ``"newton-cg, then newton-exact"``; every product and iteration of
-      both counts). With ``options``, the size
+      both counts). Dense Newton continues from Newton-CG's point when that is nearly a
+      solution, else it restarts from ``x0``, so it may converge to another (possibly
+      higher) local minimum than Newton-CG alone would; when it stops without converging
+      above the value Newton-CG reached, the result is Newton-CG's point (the message says
+      so). With ``options``, the size
       alone chooses (``"newton-exact"`` up to :data:`AUTO_DENSE_MAX`).
     * ``"newton-cg"``: matrix-free trust-region Newton (:func:`second.newton.newton_cg`):
       Steihaug-Toint CG on Hessian-vector products with Eisenstat-Walker forcing terms and
@@ -144,11 +190,15 @@ def minimize(
       \mathrm{loss}) J`).
 
     Stopping rule: :math:`\|\nabla f(x)\|_2 \le` ``gtol`` (``converged``); or diverging
-    iterates (``status="unbounded"``: :math:`\|x\|` grew 100-fold over
-    :math:`\max(1, \|x_0\|)` and at each of the last 10 accepted steps, which says the
-    objective is unbounded below or its infimum is not attained); or ``maxiter``
-    iterations, ``max_time`` seconds, or a stalled method (step or radius below ``xtol``).
-    A NaN objective is never a success.
+    iterates (``status="unbounded"``: :math:`\|x\|` grew ``unbounded_factor``-fold (default
+    10) over :math:`\max(1, \|x_0\|)` and at each of the last ``unbounded_window`` (10)
+    accepted steps while ``f`` levelled off or fell ever faster, which says the objective is
+    unbounded below or its infimum is not attained; see
+    :class:`~second.newton.Criteria`); or ``maxiter`` iterations, ``max_time`` seconds, or
+    a stalled method (step or radius below ``xtol``). A NaN objective is never a success.
+    ``maxiter=0`` evaluates ``fun`` at ``x0`` exactly as the method's iteration 0 does.
+    ``fun`` must be computed from ``x`` by torch operations: a value with no autograd path
+    to ``x`` (``x.detach()``, a ``float()`` round trip) raises ``ValueError``.
 
     Args:
         fun: the objective (see the methods for what it returns).
@@ -168,7 +218,8 @@ def minimize(
         ``method``, ``nit``, ``nfev``, ``ngev``, ``matvecs``, ...).
 
     Raises:
-        ValueError: an unknown method or option, bad tolerances, or a ``fun`` of the wrong form.
+        ValueError: an unknown method or option, an option or tolerance out of range, a
+            ``fun`` of the wrong form, or one with no autograd path to ``x``.
 
     Example:
         >>> def rosen(x):
@@ -208,8 +259,16 @@ def minimize(
         method = "newton-exact"
     if method == "lm":
         method = "gauss-newton"
-    if maxiter == 0:
-        return _no_iteration(fun, x0, gtol, method, t0)
+    if max_time is not None and (
+        isinstance(max_time, bool)
+        or not isinstance(max_time, (int, float))
+        or math.isnan(max_time)
+        or max_time < 0
+    ):
+        raise ValueError(f"max_time must be a number of seconds >= 0 (or None), got {max_time!r}")
+    _check_options(options)
+    # maxiter=0 runs the method's own loop: it evaluates fun at x0 as its iteration 0 does
+    # (the same objective, checks and status) and stops there
     deadline = math.inf if max_time is None else t0 + max_time
     crit_opts = {k: options.pop(k) for k in list(options) if k in _CRITERIA_OPTIONS}
     criteria = Criteria(gtol=gtol, maxiter=maxiter, deadline=deadline, **crit_opts)
@@ -264,52 +323,40 @@ def _newton_cg_then_dense(
         }
         for h in then.history
     ]
+    # dense Newton stopped short of a solution above a point Newton-CG had already reached:
+    # return that point (the run's best), not the dense part's last
+    best = first if not then.converged and _lower(first.fun, then.fun) else then
     message = then.message
     if then.status == "maxiter":  # the user's limit, not the dense part's share of it
         message = (
             f"stopped: iteration limit ({criteria.maxiter}) reached before the tolerance; "
-            f"||grad|| = {then.grad_norm:.3e} > gtol = {criteria.gtol:.1e}"
+            f"||grad|| = {best.grad_norm:.3e} > gtol = {criteria.gtol:.1e}"
         )
     where = "from Newton-CG's point" if go_on else "from x0"
+    message = f"{message} (dense Newton {where} after {first.nit} Newton-CG iterations)"
+    if best is first:
+        message += (
+            f"; the result is Newton-CG's last point (f = {first.fun:.6e}), lower than dense "
+            f"Newton's (f = {then.fun:.6e})"
+        )
     return dataclasses.replace(
         then,
+        x=best.x,
+        fun=best.fun,
+        grad_norm=best.grad_norm,
         nit=first.nit + then.nit,
         nfev=first.nfev + then.nfev,
         ngev=first.ngev + then.ngev,
         matvecs=first.matvecs + then.matvecs,
         method="newton-cg, then newton-exact",
-        message=f"{message} (dense Newton {where} after {first.nit} Newton-CG iterations)",
+        message=message,
         history=history,
         time=time.perf_counter() - t0,
     )
 
 
-def _no_iteration(fun, x0, gtol, method, t0) -> OptimizeResult:
-    """``maxiter=0``: evaluate at ``x0`` and report (SciPy returns a status, not an error)."""
-    x = x0.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        out = fun(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        f = out if out.numel() == 1 else 0.5 * (out * out).sum()
-        (g,) = torch.autograd.grad(f.reshape(()), x)
-    fval, gnorm = float(f.detach()), float(torch.linalg.vector_norm(g))
-    converged = math.isfinite(fval) and gnorm <= gtol
-    return OptimizeResult(
-        x=x.detach().reshape(x0.shape),
-        fun=fval,
-        grad_norm=gnorm,
-        nit=0,
-        nfev=1,
-        ngev=1,
-        matvecs=0,
-        converged=converged,
-        message=(
-            f"converged: ||grad|| = {gnorm:.3e} <= gtol = {gtol:.1e} at x0"
-            if converged
-            else "stopped: iteration limit (0) reached before the tolerance"
-        ),
-        method=method,
-        status="converged" if converged else "maxiter",
-        time=time.perf_counter() - t0,
-    )
+def _lower(a: float, b: float) -> bool:
+    """Whether ``a`` is a lower objective value than ``b`` (NaN is the worst)."""
+    if math.isnan(a):
+        return False
+    return math.isnan(b) or a < b

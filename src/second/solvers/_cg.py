@@ -18,6 +18,8 @@ from ._result import (
     column_norms,
     inner,
     measurable_residual,
+    preconditioner_hint,
+    real_dtype,
     report,
     stopping_threshold,
     true_residual_norms,
@@ -28,7 +30,11 @@ __all__ = ["cg"]
 STAGNATION_WINDOW = 100  # iterations without a 1% gain in the best residual: stagnated
 
 # how a column's solve ended
-ACTIVE, CONVERGED, NEGATIVE, STAGNATED, MISSED, LIMIT = range(6)
+ACTIVE, CONVERGED, NEGATIVE, STAGNATED, MISSED, LIMIT, SINGULAR = range(7)
+
+# p^T A p <= 0 with |p^T A p| <= 100 eps ||A|| ||p||^2 is a null direction to rounding (a
+# singular semidefinite operator, b off its range), not negative curvature
+SINGULAR_CURVATURE = 100.0
 
 
 def cg(
@@ -72,7 +78,12 @@ def cg(
     with :math:`p^\top A p \le 0` it stops *before* stepping along it, returns the
     last iterate with ``negative_curvature=True`` and ``converged=False``, and warns
     (:class:`~second.NegativeCurvatureWarning`). Use :func:`minres` for indefinite
-    systems such as the Hessian away from a minimum.
+    systems such as the Hessian away from a minimum. A :math:`p^\top A p` that is zero to
+    rounding (:math:`|p^\top A p| \le 100\,\varepsilon \|A\| \|p\|^2`) is a null
+    direction of a singular semidefinite operator (``b`` is then not in its range): the
+    message says so and suggests ``lsmr`` or ``dense``, and the iterate of least residual
+    seen is returned. Norms and inner products accumulate in float64 whatever the dtype, so
+    a small but normal float32 ``b`` (``1e-20``) keeps ``tol`` relative.
 
     Args:
         A: a :class:`~second.LinearOperator`, a dense tensor, or a callable matvec.
@@ -126,7 +137,10 @@ def cg(
             return R
         Z = (Minv @ R[:, 0]).unsqueeze(1) if R.shape[1] == 1 else Minv @ R
         if bool((inner(R, Z) <= 0).any()):
-            raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
+            raise ValueError(
+                "the preconditioner M is not positive definite (r^T M r <= 0)"
+                + preconditioner_hint(Minv)
+            )
         return Z
 
     status = torch.full((k,), ACTIVE, dtype=torch.long)
@@ -150,6 +164,8 @@ def cg(
     mark_r, mark_it = rn.clone(), torch.zeros(k, dtype=torch.long)
     checks = torch.zeros(k, dtype=torch.long)
     neg_it: list[int | None] = [None] * k
+    eps = torch.finfo(real_dtype(op.dtype)).eps
+    curvature_scale = 0.0  # the largest Rayleigh quotient p^T A p / ||p||^2 seen: ~ ||A||
     it = 0
     while bool((status == ACTIVE).any()) and it < maxiter:
         it += 1
@@ -158,8 +174,12 @@ def cg(
         pAp = inner(P[:, act], AP)
         if not bool(torch.isfinite(pAp).all()):
             raise NonFiniteError(f"cg: the product A p is not finite at iteration {it}")
-        for j in act[pAp <= 0].tolist():  # stop before stepping along it
-            status[j], neg_it[j] = NEGATIVE, it
+        pp = column_norms(P[:, act]) ** 2
+        null = pAp.abs() <= SINGULAR_CURVATURE * eps * curvature_scale * pp
+        for j, zero in zip(act[pAp <= 0].tolist(), null[pAp <= 0].tolist()):
+            # stop before stepping along it
+            status[j], neg_it[j] = (SINGULAR if zero else NEGATIVE), it
+        curvature_scale = max(curvature_scale, float((pAp / pp.clamp_min(1e-300)).max()))
         keep = pAp > 0
         a, AP, pAp = act[keep], AP[:, keep], pAp[keep]
         if a.numel() == 0:
@@ -212,7 +232,8 @@ def cg(
         P[:, a] = Z + beta * P[:, a]
     status[status == ACTIVE] = LIMIT
     track = _Track(X, best_X, best_r, rn, true_r, thr, floor, status, neg_it)
-    return _finish(pb, op, track, it, history, columns_history, check_residual, maxiter, warn)
+    hint = preconditioner_hint(Minv)
+    return _finish(pb, op, track, it, history, columns_history, check_residual, maxiter, warn, hint)
 
 
 @dataclass
@@ -231,13 +252,13 @@ class _Track:
 
 
 def _finish(
-    pb, op, t: _Track, it, history, columns_history, check_residual, maxiter, warn
+    pb, op, t: _Track, it, history, columns_history, check_residual, maxiter, warn, hint=""
 ) -> SolveResult:
     """Assemble the result: the best iterate for columns that stagnated or ran out."""
     X, best_X, best_r, rn, true_r = t.X, t.best_X, t.best_r, t.rn, t.true_r
     thr, floor, status, neg_it = t.thr, t.floor, t.status, t.neg_it
     k = X.shape[1]
-    fallback = (status == STAGNATED) | (status == MISSED) | (status == LIMIT)
+    fallback = (status == STAGNATED) | (status == MISSED) | (status == LIMIT) | (status == SINGULAR)
     use_best = fallback & (best_r < rn)
     X = torch.where(use_best.unsqueeze(0), best_X, X)
     # the residual reported is that of the x returned
@@ -249,8 +270,10 @@ def _finish(
         true_r[idx] = true_residual_norms(op, pb.B[:, idx], X[:, idx])
     bnorm = column_norms(pb.B)
     messages = []
+    reported = []
     for j in range(k):
         r = float(true_r[j]) if not math.isnan(float(true_r[j])) else float(min(rn[j], best_r[j]))
+        reported.append(r)
         rel = r / float(bnorm[j]) if bnorm[j] > 0 else 0.0
         s = int(status[j])
         if s == CONVERGED:
@@ -265,6 +288,15 @@ def _finish(
                 "not positive definite; stopped before stepping along it (use minres, damping, "
                 "or the Gauss-Newton matrix)"
             )
+        elif s == SINGULAR:
+            messages.append(
+                f"p^T A p ~ 0 at iteration {neg_it[j]} (|p^T A p| <= {SINGULAR_CURVATURE:g} eps "
+                "||A|| ||p||^2): a null direction of the operator, which is singular there "
+                "rather than negative definite, so b is not in its range (an inconsistent "
+                f"system), ||r|| = {r:.3e} > {float(thr[j]):.3e}; returned the iterate of least "
+                "residual seen (use lsmr or method='dense' for a least-squares solution, or "
+                "damping > 0)"
+            )
         elif s in (STAGNATED, MISSED):
             messages.append(
                 f"stagnated at relative residual {rel:.2e} (tolerance {float(thr[j]) / max(float(bnorm[j]), 1e-300):.1e}): "
@@ -277,6 +309,8 @@ def _finish(
                 f"did not converge in {maxiter} iterations: ||r|| = {r:.3e} > {float(thr[j]):.3e}"
             )
     converged_cols = (status == CONVERGED).tolist()
+    if bool(use_best.any()):  # the residual of the x returned, not of the last iterate
+        history[-1] = max(reported)
     info: dict = {}
     if check_residual:
         info["true_residual"] = true_r.tolist() if pb.block else float(true_r[0])
@@ -300,6 +334,8 @@ def _finish(
         )
     else:
         message = messages[0]
+    if not all(converged_cols):
+        message += hint
     res = pb.result(
         X if pb.block else X[:, 0],
         converged=all(converged_cols),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import NonFiniteError
 from ..func.dense import eigenvalue_cutoff
 from ._result import (
     Problem,
@@ -52,6 +53,9 @@ def dense(
         A :class:`~second.SolveResult` with ``info["eigenvalues"]`` (float64) and
         ``negative_curvature`` set when the matrix has a negative eigenvalue.
 
+    Raises:
+        NonFiniteError: the matrix has NaN or Inf entries.
+
     Example:
         >>> res = dense(torch.tensor([[2.0, 0.0], [0.0, -4.0]]), torch.tensor([1.0, 1.0]))
         >>> res.x, res.negative_curvature
@@ -61,6 +65,8 @@ def dense(
     n = pb.n
     wide = torch.complex128 if pb.dtype.is_complex else torch.float64
     Ad = pb.A.to_dense(chunk_size=chunk_size).to(wide)  # the system as given (+ damping)
+    if not bool(torch.isfinite(Ad).all()):  # LAPACK would fail with an internal error
+        raise NonFiniteError("dense: the operator's matrix has NaN or Inf entries")
     B = pb.B.to(wide)
     bnorm = column_norms(B)
     thr = torch.tensor(

@@ -14,6 +14,7 @@ from ..operators.base import aslinearoperator
 from ._result import (
     SolveResult,
     _norm,
+    check_magnitude,
     check_x0,
     measurable_residual,
     report,
@@ -110,6 +111,7 @@ def lsmr(
         ``scipy.sparse.linalg.lsmr``.
     """
     op, b, x0 = _validate(A, b, x0)
+    check_magnitude(b.reshape(-1, 1), "lsmr")
     m, n = op.shape
     damping = float(damping)
     if not math.isfinite(damping) or damping < 0:

@@ -19,11 +19,23 @@ from ._result import (
     callbacks,
     check_true_residual,
     inner,
+    preconditioner_hint,
     report,
     stopping_threshold,
 )
 
 __all__ = ["minres"]
+
+SINGULAR = 10.0  # gamma <= 10 eps ||T_k||: the Lanczos matrix is singular in its last direction
+
+
+def _inconsistent(k: int, r: float, threshold: float) -> str:
+    return (
+        f"the system looks singular and inconsistent (b is not in the range of A): at "
+        f"iteration {k} the Krylov space reached a null direction of A (gamma ~ 0); returned "
+        f"the least-squares iterate before it, true ||r|| = {r:.3e} > {threshold:.3e}. Use "
+        "lsmr or method='dense' for the minimum-norm least-squares solution, or damping > 0"
+    )
 
 
 def minres(
@@ -153,7 +165,10 @@ def minres(
     y = precond(r1)
     beta1_sq = float(inner(r1, y))
     if beta1_sq < 0:
-        raise ValueError("the preconditioner M is not positive definite")
+        raise ValueError(
+            "the preconditioner M is not positive definite (r^T M r < 0)"
+            + preconditioner_hint(Minv)
+        )
     beta1 = math.sqrt(beta1_sq)
     history = [_norm(r1)]
     if history[0] <= threshold:
@@ -176,7 +191,8 @@ def minres(
     basis: list[torch.Tensor] | None = [] if reorthogonalize else None
     inner_threshold, checks, last_check = threshold, 0, None
     best: tuple[float, torch.Tensor] | None = None  # (true residual, iterate) at a check
-    neg_it = None
+    last_estimate = None  # the estimate at the last failed check
+    neg_it = singular_it = None
     converged = stagnated = False
     stop_msg = ""
     k = 0
@@ -203,7 +219,10 @@ def minres(
         oldb = beta
         bsq = float(inner(r2, y))
         if bsq < 0:
-            raise ValueError("the preconditioner M is not positive definite")
+            raise ValueError(
+                "the preconditioner M is not positive definite (r^T M r < 0)"
+                + preconditioner_hint(Minv)
+            )
         beta = math.sqrt(bsq)
         tnorm2 += alfa * alfa + oldb * oldb + beta * beta
         # apply the previous rotation, then make a new one
@@ -212,7 +231,15 @@ def minres(
         gbar = sn * dbar - cs * alfa
         epsln = sn * beta
         dbar = -cs * beta
-        gamma = max(math.hypot(gbar, beta), eps)
+        gamma = math.hypot(gbar, beta)
+        if gamma <= SINGULAR * eps * math.sqrt(tnorm2):
+            # T_k is singular: the Krylov space has reached a null direction of A (with
+            # beta ~ 0 it is invariant), which no step can use. x_{k-1} is the minimum
+            # residual over it, a least-squares solution; the step would divide by ~0
+            singular_it = k
+            stop_msg = "singular"
+            break
+        gamma = max(gamma, eps)
         cs, sn = gbar / gamma, beta / gamma
         phi = cs * phibar
         phibar = sn * phibar
@@ -222,7 +249,11 @@ def minres(
         rnorm = phibar  # with a preconditioner this estimates the M^-1-norm of the residual
         history.append(float(rnorm))
         callbacks(callback, x, pb)
-        if rnorm <= inner_threshold:
+        due = rnorm <= inner_threshold
+        # after a failed check, look again once the estimate has fallen tenfold: a truth that
+        # stays put while the estimate falls is stagnation (float32 below its floor)
+        recheck = last_estimate is not None and rnorm <= 0.1 * last_estimate
+        if due or recheck:
             if check_residual and checks < MAX_CHECKS and k < maxiter:
                 # the estimate drifts from the truth in finite precision: look before stopping
                 last_check = check_true_residual(op, b, x, threshold)
@@ -234,12 +265,17 @@ def minres(
                         best = (last_check[0], x.clone())
                     if stagnated:
                         break
-                    inner_threshold *= 0.5 * threshold / last_check[0]
+                    inner_threshold = min(inner_threshold, rnorm * 0.5 * threshold / last_check[0])
+                    last_estimate = rnorm
                     last_check = None
                     continue
-            converged = True
-            stop_msg = f"converged: ||r|| ~ {rnorm:.3e} <= {threshold:.3e}"
-            break
+                converged = True
+                stop_msg = f"converged: ||r|| ~ {rnorm:.3e} <= {threshold:.3e}"
+                break
+            if due:
+                converged = True
+                stop_msg = f"converged: ||r|| ~ {rnorm:.3e} <= {threshold:.3e}"
+                break
         anorm = math.sqrt(tnorm2)
         if beta <= eps * anorm:
             # invariant Krylov subspace found: x is the exact minimum-residual solution there
@@ -252,14 +288,26 @@ def minres(
         )
 
     info: dict = {}
+    estimate = history[-1]
     if check_residual:
         # reuse the in-loop check when it was made on the final iterate
         true_r, floor, ok = last_check or check_true_residual(op, b, x, threshold)
+        if not ok and best is not None and not stagnated and singular_it is None:
+            # the iteration ran out after a failed check: stagnated unless it halved the best
+            stagnated = true_r > STAGNATION_GAIN * best[0]
         if not ok and best is not None and best[0] < true_r:
             true_r, x = best[0], best[1]
         info.update(true_residual=true_r, measurable_residual=floor)
         history[-1] = true_r
-        if stagnated:
+        if singular_it is not None:
+            converged = ok
+            stop_msg = (
+                f"converged: true ||r|| = {true_r:.3e} <= {threshold:.3e} (the Krylov space is "
+                "exhausted)"
+                if ok
+                else _inconsistent(singular_it, true_r, threshold)
+            )
+        elif stagnated:
             converged = False
             stop_msg = (
                 f"stagnated at relative residual {true_r / bnorm:.2e} (tolerance "
@@ -274,6 +322,18 @@ def minres(
                     f"{true_r:.3e} > {threshold:.3e} (+ rounding floor {floor:.1e}; loss of "
                     "orthogonality: try recurrence_dtype=torch.float64 or reorthogonalize=True)"
                 )
+            elif k == maxiter and stop_msg.startswith("did not converge"):
+                stop_msg = (
+                    f"did not converge in {maxiter} iterations: true ||r|| = {true_r:.3e} > "
+                    f"{threshold:.3e}"
+                )
+                if not 0.5 * true_r <= estimate <= 2 * true_r:
+                    stop_msg += (
+                        f" (the recurrence's estimate {estimate:.3e} has drifted from it: "
+                        "the system may be singular and inconsistent (lsmr or dense give a "
+                        "least-squares solution), or the Lanczos vectors lost orthogonality "
+                        "(recurrence_dtype=torch.float64, reorthogonalize=True))"
+                    )
             converged = False
         elif not converged:
             converged = True
@@ -281,14 +341,24 @@ def minres(
                 f"converged: true ||r|| = {true_r:.3e} <= {threshold:.3e} "
                 f"(+ rounding floor {floor:.1e})"
             )
+    if singular_it is not None and not check_residual:
+        converged = estimate <= threshold
+        stop_msg = (
+            f"converged: ||r|| ~ {estimate:.3e} <= {threshold:.3e}"
+            if converged
+            else _inconsistent(singular_it, estimate, threshold)
+        )
+    if not converged:
+        stop_msg += preconditioner_hint(Minv)
     info["stagnated"] = stagnated
+    info["inconsistent"] = singular_it is not None and not converged
     if neg_it is not None:
         stop_msg += f"; the operator is indefinite (v^T A v < 0 at iteration {neg_it})"
     info["warn_negative"] = False
     res = pb.result(
         x,
         converged=converged,
-        iterations=k,
+        iterations=k if singular_it is None else k - 1,
         residual_norms=history,
         negative_curvature=neg_it is not None,
         negative_curvature_iteration=neg_it,

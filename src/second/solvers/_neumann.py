@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning, SecondDeprecationWarning
+from .._errors import SecondDeprecationWarning
 from ..operators.base import LinearOperator, aslinearoperator
 from ..spectral.lanczos import extreme_eigenvalues
 from ._result import (
@@ -64,9 +64,17 @@ def neumann_solve(
     If the estimate shows a negative eigenvalue the series cannot converge: it is
     reported at once (``negative_curvature=True``, ``diverged=True``) with ``x = 0``
     and a warning instead of iterating. A residual that grows past
-    ``divergence_factor * ||b||`` stops the iteration the same way (the best iterate
-    seen is returned, flagged). ``info`` holds the scale, the eigenvalue estimates and
-    the predicted contraction.
+    ``divergence_factor * ||b||`` stops the iteration (``diverged=True``; the best iterate
+    seen is returned). ``info`` holds the scale, the eigenvalue estimates and the predicted
+    contraction.
+
+    A result that did not converge says why and warns: with a given ``scale`` the ends of
+    the spectrum are then estimated (``lanczos_steps`` more products) to tell *negative
+    curvature detected* (an eigenvalue < 0: ``negative_curvature=True``,
+    :class:`~second.NegativeCurvatureWarning`; no scale helps) from *contraction > 1*
+    (:math:`\lambda_{\max} > 2s`: the scale is too small), a residual that grows for
+    another reason, and a slow contraction (more terms needed);
+    :class:`~second.ConvergenceWarning` for the last three.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
@@ -121,6 +129,57 @@ def neumann_solve(
     P = B.clone() if pb.x0 is None else pb.x0.reshape(B.shape) * scale
     P[:, bnorm == 0] = 0  # b = 0: x = 0 is exact, whatever x0 says
     best_P, best_r = P.clone(), torch.full_like(bnorm, math.inf)
+    diverging = False
+
+    def why() -> tuple[str, bool]:
+        """Why the series did not converge, and whether negative curvature was detected."""
+        q = history[-1] / history[-2] if len(history) > 1 and history[-2] > 0 else math.nan
+        info["observed_contraction"] = q
+        growing = diverging or history[-1] > history[0] or q >= 1
+        if "contraction" not in info and not growing:  # a given scale, converging slowly
+            if math.isnan(q):
+                return "maxiter = 0: only the first term was taken", False
+            ratio = float((best_r / thr.clamp_min(1e-300)).max())
+            more = math.ceil(math.log(ratio) / -math.log(q)) if 0 < q < 1 and ratio > 1 else None
+            return (
+                f"observed contraction ~ {q:.4f} per term"
+                + (f": about {more} more terms needed" if more is not None else ""),
+                False,
+            )
+        if "lambda_min_estimate" not in info:  # a given scale: look at the spectrum's ends
+            lo, hi = extreme_eigenvalues(op, steps=lanczos_steps)
+            info.update(lambda_min_estimate=lo, lambda_max_estimate=hi)
+            info["contraction"] = max(abs(1 - lo / scale), abs(1 - hi / scale))
+        lo, hi, q = info["lambda_min_estimate"], info["lambda_max_estimate"], info["contraction"]
+        s2 = 2 * float(scale)
+        if lo < -1e-8 * abs(hi):
+            return (
+                f"negative curvature detected (Lanczos finds an eigenvalue ~ {lo:.3e} < 0): "
+                "the operator is indefinite and the Neumann series diverges for every scale; "
+                f"use minres, or damping >= {-lo:.3e}, or the Gauss-Newton matrix",
+                True,
+            )
+        if hi >= s2:
+            return (
+                f"contraction ~ {q:.4f} > 1: lambda_max ~ {hi:.3e} > 2 * scale = {s2:.3e}, the "
+                f"scale is too small; use scale >= {1.05 * hi:.3e} (scale=None estimates it)",
+                False,
+            )
+        if growing:
+            return (
+                f"the residual is growing ({history[0]:.3e} -> {history[-1]:.3e}): an "
+                f"eigenvalue lies outside (0, 2 * scale) = (0, {s2:.3e}) that the Lanczos "
+                f"estimates [{lo:.3e}, {hi:.3e}] miss",
+                False,
+            )
+        ratio = float((best_r / thr.clamp_min(1e-300)).max())
+        more = math.ceil(math.log(ratio) / -math.log(q)) if 0 < q < 1 and ratio > 1 else None
+        return (
+            f"contraction ~ {q:.4f} per term"
+            + (f": about {more} more terms needed" if more is not None else ""),
+            False,
+        )
+
     for k in range(maxiter + 1):
         AP = apply(P)
         R = B - AP / scale
@@ -133,15 +192,16 @@ def neumann_solve(
             message = f"converged: ||r|| = {float(rn.max()):.3e} <= {float(thr.max()):.3e}"
             return finish(out(P), k, message, converged=True)
         if not bool(torch.isfinite(rn).all()) or bool((rn > divergence_factor * bnorm).any()):
-            info["warn_negative"] = True
+            diverging = True
+            reason, negative = why()
+            info["warn_negative"] = negative
             return finish(
                 out(best_P),
                 k,
                 f"diverged: ||r|| grew to {float(rn.max()):.3e} (from {float(bnorm.max()):.3e}); "
-                "the operator has an eigenvalue outside (0, 2 s): it is indefinite or the scale "
-                "is too small. Returned the best iterate",
+                f"{reason}. Returned the best iterate",
                 diverged=True,
-                negative_curvature=True,
+                negative_curvature=negative,
             )
         if k == maxiter:
             break
@@ -150,12 +210,14 @@ def neumann_solve(
             callback(out(P) if pb.block else pb.unflatten(P[:, 0] / scale))
     if pb.block:
         info["converged_columns"] = (best_r <= thr).tolist()
+    reason, negative = why()
+    info["warn_negative"] = negative
     return finish(
         out(best_P),
         maxiter,
         f"did not converge in {maxiter} terms: ||r|| = {float(best_r.max()):.3e} > "
-        f"{float(thr.max()):.3e} (contraction ~ {info.get('contraction', float('nan')):.4f} "
-        "per term)",
+        f"{float(thr.max()):.3e}; {reason}",
+        negative_curvature=negative,
     )
 
 
@@ -170,33 +232,133 @@ def neumann(A, b, **options) -> SolveResult:
     return neumann_solve(A, b, **options)
 
 
-def _batch_operators(A) -> Callable[[int], LinearOperator]:
-    """A function ``i -> operator of mini-batch i`` for LiSSA's stochastic products."""
+@dataclass
+class _Batches:
+    """LiSSA's mini-batch operators and how to sample them so that ``E[factor A_i] = A``.
+
+    ``get(i)`` is the operator of mini-batch ``i``; ``count`` the number of mini-batches
+    (``None`` for a user's function without ``num_batches``: ``i`` is then a random sample
+    index, a seed); ``cdf`` the cumulative sampling probabilities (``None``: uniform);
+    ``factor`` multiplies every sampled product.
+    """
+
+    get: Callable[[int], LinearOperator]
+    count: int | None
+    cdf: Tensor | None = None
+    factor: float = 1.0
+
+    def draw(self, g: torch.Generator) -> int:
+        """A random mini-batch index, drawn with the sampling probabilities."""
+        if self.count is None:
+            return int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
+        u = float(torch.rand(1, generator=g, dtype=torch.float64, device=g.device))
+        if self.cdf is None:
+            return min(int(u * self.count), self.count - 1)
+        at = torch.searchsorted(self.cdf, torch.tensor([u], dtype=torch.float64), right=True)
+        return min(int(at), self.count - 1)
+
+    def indices(self, k: int) -> list[int]:
+        """The first ``k`` mini-batches that can be sampled (for the scale estimate)."""
+        if self.count is None:
+            return list(range(k))
+        if self.cdf is None:
+            return list(range(min(k, self.count)))
+        p = torch.diff(self.cdf, prepend=self.cdf.new_zeros(1))
+        return (p > 0).nonzero().flatten()[:k].tolist()
+
+
+_INDEX_HINT = (
+    "lissa calls a function A with random sample indices i in [0, 2**31 - 1) (a seed for "
+    "its own mini-batch) unless num_batches=B is given, which draws i uniformly from "
+    "0..B-1; pass num_batches, or a list of operators"
+)
+
+
+def _batch_operators(A, num_batches: int | None = None) -> _Batches:
+    r"""LiSSA's stochastic products: the mini-batch operators and their sampling.
+
+    A :class:`~second.CurvatureOperator` over several batches is
+    :math:`A = \sum_b c_b A_b` with :math:`A_b` = ``A.restrict(batch b)``, the batch's own
+    mean (or sum): :math:`c_b = W_b / W` for a mean (:math:`W_b` what torch's mean divides
+    batch :math:`b` by; a batch whose every target is ignored weighs 0) and :math:`c_b = 1`
+    for a sum. Batch :math:`b` is sampled with probability :math:`c_b / C`, :math:`C =
+    \sum_b c_b`, and its product multiplied by :math:`C` (1 for a mean, the number of
+    batches for a sum), so :math:`E[C A_i] = A`. Of the unbiased schemes this is the one
+    of least variance when the batch curvatures are alike (importance sampling by weight;
+    uniform sampling reweighted by :math:`B c_b` has the larger second moment
+    :math:`B \sum_b c_b^2 \ge C^2` by Cauchy-Schwarz), and every sampled operator is
+    :math:`C A_b`, a curvature of the operator's own size, so one scale fits them all.
+    """
     from ..data import iterate_batches
     from ..operators.curvature import CurvatureOperator
 
+    if num_batches is not None and not (
+        callable(A) and not isinstance(A, (LinearOperator, Tensor, list, tuple))
+    ):
+        raise ValueError("num_batches is for a function i -> operator; A is not one")
     if isinstance(A, CurvatureOperator):
         if A.single_batch:
-            return lambda i: A
+            return _Batches(lambda i: A, 1)
         # the same operator (kind and options: a Fisher's samples, columns, ...) on each batch
         batches = list(iterate_batches(A.data, A.task, A.device))
+        sizes = [A.task.batch_size(bt) for bt in batches]
+        weights = [A._batch_weight(bt, n_b) for bt, n_b in zip(batches, sizes)]
+        if A.reduction == "mean":
+            A._check_total(float(sum(weights)))
+            div = A._divisor(float(sum(sizes)), float(sum(weights)))
+        else:
+            div = 1.0
+        c = torch.tensor(
+            [
+                0.0 if A._skipped(w_b) else A._scale(n_b, w_b) / div
+                for n_b, w_b in zip(sizes, weights)
+            ],
+            dtype=torch.float64,
+        )
+        total = float(c.sum())
         ops: list[LinearOperator | None] = [None] * len(batches)
 
         def get(i: int) -> LinearOperator:
-            j = i % len(batches)
-            op_j = ops[j]
-            if op_j is None:
-                op_j = ops[j] = A.restrict(batches[j])
-            return op_j
+            op_i = ops[i]
+            if op_i is None:
+                op_i = ops[i] = A.restrict(batches[i])
+            return op_i
 
-        return get
+        p = c / total
+        uniform = bool((p.max() - p.min()) <= 1e-12 * p.max())
+        cdf = None if uniform else torch.cumsum(p, 0)
+        if cdf is not None:
+            cdf[-1] = 1.0
+        return _Batches(get, len(batches), cdf, total)
     if isinstance(A, (list, tuple)):
         listed = [aslinearoperator(a) for a in A]
-        return lambda i: listed[i % len(listed)]
+        if not listed:
+            raise ValueError("lissa got an empty list of operators")
+        return _Batches(lambda i: listed[i], len(listed))
     if callable(A) and not isinstance(A, (LinearOperator, Tensor)):
-        return A
+        if num_batches is not None and int(num_batches) < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+
+        def call(i: int) -> LinearOperator:
+            try:
+                return A(i)
+            except (IndexError, KeyError) as e:
+                raise ValueError(f"A({i}) raised {type(e).__name__}: {e}. {_INDEX_HINT}") from e
+
+        return _Batches(call, None if num_batches is None else int(num_batches))
     op = aslinearoperator(A)
-    return lambda i: op
+    return _Batches(lambda i: op, 1)
+
+
+def _extremes(A, steps: int, generator) -> tuple[float, float, int]:
+    """Lanczos ``(lambda_min, lambda_max)`` estimates and the products they took."""
+    op = aslinearoperator(A)
+    before = op.matvecs
+    lo, hi = extreme_eigenvalues(op, steps=steps, generator=generator)
+    return lo, hi, op.matvecs - before
+
+
+_GROWTH_SLACK = 10.0  # LiSSA's guard: ||p_j|| <= 10 (j + 1) ||b|| (a contraction gives 1x)
 
 
 @dataclass
@@ -292,6 +454,7 @@ def lissa(
     generator: torch.Generator | None = None,
     progressbar: bool | None = None,
     warn: bool = True,
+    num_batches: int | None = None,
 ) -> SolveResult:
     r"""LiSSA: a stochastic Neumann series over mini-batch curvature (Agarwal et al., 2016).
 
@@ -299,8 +462,23 @@ def lissa(
     :math:`p_0 = b,\ p_{j+1} = b + (I - (A_{i_j} + \lambda I)/s)\, p_j`, :math:`x = p_{d}/s`,
     where :math:`A_{i_j}` is the curvature of a random mini-batch.
 
-    ``A`` is a :class:`~second.CurvatureOperator` over an iterable of batches (one
-    operator per batch is built), a list of operators, or a function ``i -> operator``.
+    ``A`` is one of:
+
+    - a :class:`~second.CurvatureOperator` over an iterable of batches: the operator per
+      batch is ``A.restrict(batch)``, the batch's own mean (or sum), and batch :math:`b` is
+      drawn with probability :math:`W_b / W` (its share of torch's mean loss on all the
+      data; a batch whose every target is ignored is never drawn) for a mean, uniformly
+      and its product multiplied by the number of batches for a sum, so the expected
+      product is the operator's (sampling by weight has the least variance of the unbiased
+      schemes when the batch curvatures are alike, and keeps every sampled operator at the
+      full operator's size, so one scale fits them all);
+    - a list of operators: the operator is their mean, each drawn uniformly;
+    - a function ``i -> operator``: with ``num_batches=B`` the operator is the mean of
+      ``A(0), ..., A(B-1)``, ``i`` drawn uniformly from them; without it ``i`` is a random
+      sample index in :math:`[0, 2^{31})` (a seed from which the function draws its own
+      mini-batch; ``A(0), ..., A(scale_batches - 1)`` are also called for the scale). A
+      function that raises ``IndexError`` or ``KeyError`` on such an index is reported with
+      this hint (``ValueError``).
 
     ``scale=None`` takes :math:`s = 1.05 \max(\lambda_{\max}(A), \max_i \lambda_{\max}(A_i)) +
     \lambda` over the full operator and the first ``scale_batches`` mini-batch operators
@@ -312,13 +490,21 @@ def lissa(
     :math:`q = 1 - (\lambda_{\min} + \lambda)/s`. Scale and contraction are estimated by
     Lanczos on ``full_operator`` (default: ``A`` itself when it is one operator, else the
     first batch's). ``depth=None`` chooses :math:`d = \lceil \ln(\mathrm{tol}) / \ln q \rceil`
-    (capped at ``max_depth``); a fixed depth that leaves :math:`q^d >` ``bias_warning``
-    warns (:class:`~second.ConvergenceWarning`): this is the silent failure where
-    LiSSA at default settings returns a fraction of the true magnitude.
+    (capped at ``max_depth``). A fixed depth that leaves :math:`q^d >` ``tol`` is not
+    converged and warns (:class:`~second.ConvergenceWarning`); above ``bias_warning`` the
+    message also says which fraction of the solution's slowest component is missing (the
+    silent failure where LiSSA at default settings returns a fraction of the true
+    magnitude).
+
+    A ``scale`` at or below :math:`\lambda_{\max}/2` (contraction :math:`q \ge 1`) makes
+    the recursion diverge: it is not run, and the result (``x = 0``) is flagged
+    ``diverged`` with a warning. A run whose partial sums grow past :math:`10 (j + 1)
+    \|b\|` (a mini-batch curvature above :math:`2s`, or indefinite) is stopped and
+    flagged the same way.
 
     ``converged`` means the predicted bias :math:`q^d \le` ``tol``; the stochastic error is
     not bounded by it (average more ``repeats``). ``info`` holds scale, contraction, depth
-    and ``predicted_bias``.
+    and ``predicted_bias``. ``matvecs`` counts every product, the Lanczos estimates' too.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
@@ -326,65 +512,70 @@ def lissa(
         >>> torch.allclose(res.x, torch.tensor([1.0, 0.5], dtype=torch.float64))
         True
     """
-    get = _batch_operators(A)
-    first = get(0)
-    ref = (
-        full_operator
-        if full_operator is not None
-        else (A if isinstance(A, LinearOperator) else first)
-    )
+    batches = _batch_operators(A, num_batches)
+    get = batches.get
+    first = A if isinstance(A, LinearOperator) else get(batches.indices(1)[0])
+    ref = full_operator if full_operator is not None else first
     pb = Problem(
         first, b, None, damping, method="lissa", allow_complex=False, allow_negative_damping=False
     )
     info: dict = {}
-    lo, hi = extreme_eigenvalues(aslinearoperator(ref), steps=lanczos_steps, generator=generator)
-    setup_matvecs = lanczos_steps
+    lo, hi, setup_matvecs = _extremes(ref, lanczos_steps, generator)
     lo_d, hi_d = lo + damping, hi + damping
     info.update(lambda_min_estimate=lo_d, lambda_max_estimate=hi_d)
+
+    def refuse(message: str, products: int = 0, **flags) -> SolveResult:
+        res = pb.result(
+            torch.zeros_like(pb.vector),
+            converged=False,
+            iterations=products,
+            residual_norms=[],
+            diverged=True,
+            method="lissa",
+            info=info,
+            message=message,
+            **flags,
+        )
+        res.matvecs = products + setup_matvecs
+        return report(res, warn)
+
     if lo_d <= 0:
         info.update(warn_negative=True)
-        return report(
-            pb.result(
-                torch.zeros_like(pb.vector),
-                converged=False,
-                iterations=0,
-                residual_norms=[],
-                negative_curvature=True,
-                diverged=True,
-                method="lissa",
-                info=info,
-                message=(
-                    f"the damped operator is not positive definite (eigenvalue ~ {lo_d:.3e}): "
-                    f"LiSSA diverges; add damping >= {-lo:.3e}"
-                ),
-            ),
-            warn,
+        return refuse(
+            f"the damped operator is not positive definite (eigenvalue ~ {lo_d:.3e}): "
+            f"LiSSA diverges; add damping >= {-lo:.3e}",
+            negative_curvature=True,
         )
     if scale is None:
         # every mini-batch operator must contract too: bound the largest batch eigenvalue
         # (distinct operators only: a single operator was estimated above)
-        distinct = {id(o): o for o in (get(i) for i in range(scale_batches))}
+        distinct = {id(o): o for o in (get(i) for i in batches.indices(scale_batches))}
         distinct.pop(id(ref), None)
-        batch_max = max(
-            [hi]
-            + [
-                extreme_eigenvalues(aslinearoperator(o), steps=lanczos_steps, generator=generator)[
-                    1
-                ]
-                for o in distinct.values()
-            ]
-        )
+        batch_max = hi
+        for o in distinct.values():
+            _, hi_o, used = _extremes(o, lanczos_steps, generator)
+            batch_max = max(batch_max, batches.factor * hi_o)  # the sampled operator: C A_i
+            setup_matvecs += used
         scale = 1.05 * (batch_max + damping)
-        setup_matvecs += lanczos_steps * len(distinct)
         info["batch_lambda_max_estimate"] = batch_max + damping
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     q = max(1 - lo_d / scale, abs(1 - hi_d / scale))
+    info.update(scale=float(scale), contraction=q)
+    if q >= 1:
+        return refuse(
+            f"scale {scale:.3e} is below lambda_max / 2 ~ {hi_d / 2:.3e} (contraction "
+            f"{q:.4f} >= 1): the recursion diverges; pass scale >= {1.05 * hi_d:.3e}, or "
+            "scale=None to estimate it"
+        )
     if depth is None:
         depth = min(max_depth, math.ceil(math.log(max(tol, 1e-300)) / math.log(max(q, 1e-300))))
+        depth = max(depth, 1)
     depth = int(depth)
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
     bias = q**depth
-    info.update(scale=float(scale), contraction=q, depth=depth, predicted_bias=bias)
+    info.update(depth=depth, predicted_bias=bias)
     g = generator or torch.Generator(device=pb.vector.device).manual_seed(0)
     steps: Iterable[int] = range(repeats * depth)
     if progressbar is not False:
@@ -392,10 +583,13 @@ def lissa(
 
         steps = progress(steps, desc="lissa", unit="product", enabled=progressbar)
     it = iter(steps)
+    factor = batches.factor
 
     def sample_product(p):
-        return get(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))) @ p
+        Ap = get(batches.draw(g)) @ p
+        return Ap if factor == 1.0 else factor * Ap
 
+    bnorm = float(column_norms(pb.vector.unsqueeze(1))[0])
     rec = lissa_recursion(
         pb.vector,
         sample_product,
@@ -403,38 +597,33 @@ def lissa(
         scale=scale,
         damping=damping,
         repeats=repeats,
+        bound=lambda j: _GROWTH_SLACK * (j + 1) * bnorm,
         tick=lambda: next(it),
     )
     counter = rec.products
-    if rec.x is None:
-        return report(
-            pb.result(
-                torch.zeros_like(pb.vector),
-                converged=False,
-                iterations=counter,
-                residual_norms=[],
-                diverged=True,
-                method="lissa",
-                info=info,
-                message="the recursion overflowed: a mini-batch curvature exceeds 2 * scale",
-            ),
-            warn,
+    if rec.diverged is not None:
+        j, norm = rec.diverged
+        return refuse(
+            f"the recursion diverged (||p_{j}|| = {norm:.3e} > {_GROWTH_SLACK:g} (j + 1) ||b|| "
+            f"= {_GROWTH_SLACK * (j + 1) * bnorm:.3e}): a mini-batch curvature exceeds "
+            f"2 * scale = {2 * scale:.3e} or is indefinite; raise scale or damping",
+            counter,
         )
-    x = rec.x
+    assert rec.x is not None  # the recursion did not diverge
     converged = bias <= tol
     msg = (
         f"depth {depth}, scale {scale:.3e}, contraction {q:.6f}: predicted truncation bias "
         f"{bias:.2e}"
     )
-    if bias > bias_warning:
-        msg += (
-            f" leaves ~{100 * bias:.0f}% of the solution's slowest component missing; "
-            f"use depth >= {math.ceil(math.log(tol) / math.log(q))} or more damping"
-        )
-        if warn:
-            warnings.warn(f"lissa: {msg}", ConvergenceWarning, stacklevel=2)
+    if converged:
+        msg += f" <= tol {tol:.1e} (the stochastic error is not bounded by it)"
+    else:
+        msg += f" > tol {tol:.1e}"
+        if bias > bias_warning:
+            msg += f": ~{100 * bias:.0f}% of the solution's slowest component is missing"
+        msg += f"; use depth >= {math.ceil(math.log(max(tol, 1e-300)) / math.log(max(q, 1e-300)))}, depth=None or more damping"
     res = pb.result(
-        x,
+        rec.x,
         converged=converged,
         iterations=counter,
         residual_norms=[],
@@ -443,4 +632,4 @@ def lissa(
         message=msg,
     )
     res.matvecs = counter + setup_matvecs
-    return res
+    return report(res, warn)

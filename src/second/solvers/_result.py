@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning, NegativeCurvatureWarning
+from .._errors import ConvergenceWarning, NegativeCurvatureWarning, NonFiniteError
 from ..operators.base import LinearOperator, aslinearoperator
+from ..operators.wrap import DenseOperator
 
 __all__ = ["SolveResult"]
 
@@ -118,6 +119,14 @@ class Problem:
             raise TypeError(f"b has dtype {flat.dtype}, the operator {op.dtype}")
         if op.device != flat.device:
             raise ValueError(f"b is on {flat.device}, the operator on {op.device}")
+        dense_matrix = getattr(op, "A", None) if isinstance(op, DenseOperator) else None
+        if dense_matrix is not None and not bool(torch.isfinite(dense_matrix).all()):
+            # before the symmetry test: NaN != NaN makes a symmetric matrix look nonsymmetric
+            raise NonFiniteError(
+                f"{method or 'the solver'}: the operator's matrix has NaN or Inf entries"
+            )
+        if method in ITERATIVE_METHODS:
+            check_magnitude(self.B, method)
         if method in SYMMETRIC_METHODS and not op.symmetric:
             raise ValueError(
                 f"{method} needs a symmetric (Hermitian) operator and this one declares "
@@ -204,6 +213,7 @@ MAX_CHECKS = 3  # true-residual checks (one product each) before giving up on a 
 STAGNATION_GAIN = 0.5  # a later true-residual check must halve the best one seen, or it stagnated
 
 SYMMETRIC_METHODS = frozenset({"cg", "minres", "neumann", "lissa", "lowrank"})
+ITERATIVE_METHODS = frozenset({"cg", "minres", "neumann", "lissa"})
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,16 +221,43 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.empty(0, dtype=dtype).real.dtype
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and inner products accumulate in: float64 (complex128 for complex)."""
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
 def inner(a: Tensor, b: Tensor) -> Tensor:
-    """``Re(a^H b)``, column by column for matrices (a real tensor of shape ``[k]`` or ``[]``)."""
+    """``Re(a^H b)``, column by column for matrices (a real tensor of shape ``[k]`` or ``[]``).
+
+    Computed in float64 (complex128) whatever the dtype: in float32 or bfloat16 the products
+    of entries around ``1e-20`` underflow to 0, which made ``tol`` absolute there and read
+    as ``p^T A p = 0`` (non-positive curvature) on a positive-definite operator.
+    """
+    w = wide(a.dtype)
+    a, b = a.to(w), b.to(w)
     if a.dim() == 2:
         return (a.conj() * b).real.sum(0) if a.is_complex() else (a * b).sum(0)
     return torch.vdot(a, b).real if a.is_complex() else torch.dot(a, b)
 
 
 def column_norms(V: Tensor) -> Tensor:
-    """Euclidean norms of the columns of ``V`` (float64)."""
-    return torch.linalg.vector_norm(V, dim=0).to(torch.float64)
+    """Euclidean norms of the columns of ``V``, accumulated in float64 (a float64 tensor).
+
+    The sum of squares of float32 entries of ``1e-23`` underflows to 0 in float32; in
+    float64 it does not, so a small but normal ``b`` keeps its norm and ``tol`` stays relative.
+    A column whose float64 sum of squares still under- or overflows (entries below ``1e-154``
+    or above ``1e154``) is scaled by its largest entry first: a norm is 0 only for a zero column.
+    """
+    n = torch.linalg.vector_norm(V, dim=0, dtype=wide(V.dtype)).to(torch.float64)
+    suspect = (n == 0) | torch.isinf(n)
+    if bool(suspect.any()):  # rare: only then look at the entries again
+        W = V[:, suspect].to(wide(V.dtype))
+        m = W.abs().amax(0)
+        ok = (m > 0) & torch.isfinite(m)
+        scaled = torch.linalg.vector_norm(W[:, ok] / m[ok], dim=0) * m[ok]
+        idx = suspect.nonzero().flatten()[ok]
+        n[idx] = scaled.to(torch.float64)
+    return n
 
 
 def true_residual_norms(op, B: Tensor, X: Tensor) -> Tensor:
@@ -302,8 +339,51 @@ def as_preconditioner(M, n: int, dtype, device) -> LinearOperator | None:
     return aslinearoperator(M, n, dtype=dtype, device=device)
 
 
+def preconditioner_hint(M: LinearOperator | None) -> str:
+    """A note for a failed solve whose preconditioner is not symmetric (else ``""``).
+
+    CG and MINRES need a symmetric positive-definite ``M``; a nonsymmetric one shows as
+    ``r^T M r <= 0`` or as no convergence at all. It is not refused: the inverse of a
+    symmetric matrix is symmetric only to rounding, which a matrix's entries may exceed.
+    """
+    if M is None or M.symmetric:
+        return ""
+    return (
+        f"; the preconditioner M is not symmetric ({type(M).__name__}: its entries, or its "
+        "declaration, say so) and cg and minres need a symmetric positive-definite M ~ A^-1: "
+        "symmetrize it ((M + M^T) / 2)"
+    )
+
+
 def _norm(v: Tensor) -> float:
-    return float(torch.linalg.vector_norm(v))
+    """The Euclidean norm, accumulated in float64 (see :func:`column_norms`)."""
+    return float(column_norms(v.reshape(-1, 1))[0])
+
+
+# The iterative solvers' inner products are sums of squares of b's magnitude: in float64 they
+# under- or overflow for a b whose norm is outside this range (in float32 and lower they are
+# accumulated in float64, which covers the whole range)
+SAFE_NORM = (1e-140, 1e140)
+
+
+def check_magnitude(B: Tensor, method: str) -> None:
+    """Refuse a float64 ``b`` whose norm the iterative solvers' inner products cannot carry.
+
+    Raises:
+        ValueError: a nonzero column of ``B`` (float64 or complex128) has a norm outside
+            :data:`SAFE_NORM`; scaling ``b`` (the solution scales with it) or ``dense`` fixes it.
+    """
+    if B.dtype not in (torch.float64, torch.complex128):
+        return
+    n = column_norms(B)
+    out = (n > 0) & ((n < SAFE_NORM[0]) | (n > SAFE_NORM[1]))
+    if bool(out.any()):
+        raise ValueError(
+            f"{method}: ||b|| = {float(n[out][0]):.3e} is outside [{SAFE_NORM[0]:.0e}, "
+            f"{SAFE_NORM[1]:.0e}], where the float64 inner products of an iterative solver "
+            "under- or overflow; solve for b / ||b|| and scale x back (the solution is linear "
+            "in b), or use method='dense'"
+        )
 
 
 def by_columns(solver, pb: Problem, warn: bool, **options) -> SolveResult:
@@ -312,16 +392,38 @@ def by_columns(solver, pb: Problem, warn: bool, **options) -> SolveResult:
     The columns' results merge into one: ``x`` is ``n x k``, ``converged`` means every
     column converged, ``matvecs`` and ``iterations`` add up, and ``info`` keeps
     ``converged_columns``, ``messages`` and the per-column results under ``columns``.
+    ``residual_norms[i]`` is the largest column residual after ``i`` iterations (a column
+    that has stopped keeps its last), so ``residual_norms[0]`` is at ``x0``, as for a
+    lock-step block solve. A ``callback`` in ``options`` gets the ``n x k`` block, as
+    :func:`cg` gives it: the columns solved so far, the iterate of the column being
+    solved, and ``x0`` (or 0) for the columns still to come.
     """
     results = []
+    k = pb.B.shape[1]
+    user_callback = options.pop("callback", None)
+    X = torch.zeros_like(pb.B) if pb.x0 is None else pb.x0.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", NegativeCurvatureWarning)
-        for j in range(pb.B.shape[1]):
+        for j in range(k):
             x0 = None if pb.x0 is None else pb.x0[:, j]
-            results.append(solver(pb.A, pb.B[:, j], x0=x0, damping=0.0, warn=False, **options))
+
+            def column_callback(x, j=j):
+                X[:, j] = x
+                user_callback(X.clone())
+
+            cb = None if user_callback is None else column_callback
+            res_j = solver(pb.A, pb.B[:, j], x0=x0, damping=0.0, warn=False, callback=cb, **options)
+            X[:, j] = res_j.x
+            results.append(res_j)
     ok = [r.converged for r in results]
-    k = len(results)
+    depth = max((len(r.residual_norms) for r in results), default=0)
+    history = [
+        max(
+            r.residual_norms[min(i, len(r.residual_norms) - 1)] for r in results if r.residual_norms
+        )
+        for i in range(depth)
+    ]
     message = f"{sum(ok)} of {k} columns converged"
     if not all(ok):
         message += (
@@ -336,7 +438,7 @@ def by_columns(solver, pb: Problem, warn: bool, **options) -> SolveResult:
         converged=all(ok),
         iterations=sum(r.iterations for r in results),
         matvecs=pb.matvecs,
-        residual_norms=[max(r.residual_norm for r in results)],
+        residual_norms=history,
         negative_curvature=any(r.negative_curvature for r in results),
         negative_curvature_iteration=min(negs) if negs else None,
         diverged=any(r.diverged for r in results),

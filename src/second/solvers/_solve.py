@@ -13,7 +13,7 @@ from ._lowrank import lowrank
 from ._lsmr import lsmr
 from ._minres import minres
 from ._neumann import lissa, neumann_solve
-from ._result import SolveResult, measurable_residual, report, stopping_threshold
+from ._result import SolveResult, _norm, measurable_residual, report, stopping_threshold
 
 __all__ = ["solve", "METHODS", "choose_method"]
 
@@ -31,11 +31,7 @@ def _lsmr_square(A, b, *, damping: float = 0.0, **options) -> SolveResult:
         A = aslinearoperator(A, n, dtype=dt, device=dev).damped(damping)
     res = lsmr(A, b, **options)
     if res.converged:  # a least-squares stationary point need not solve a square system
-        bnorm = float(
-            torch.linalg.vector_norm(
-                b if isinstance(b, torch.Tensor) else torch.cat([t.reshape(-1) for t in b])
-            )
-        )
+        bnorm = _norm(b if isinstance(b, torch.Tensor) else torch.cat([t.reshape(-1) for t in b]))
         dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
         limit = stopping_threshold(bnorm, options.get("tol", 1e-6), options.get("atol", 0.0))
         limit += measurable_residual(dt, bnorm)
