@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -56,3 +59,27 @@ def quiet_batching_notes() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop because")
         yield
+
+
+@functools.cache
+def _internal_dirs() -> tuple[str, ...]:
+    import torch
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep  # second/
+    return (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, here)
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` that points a ``warnings.warn`` in the caller at the user's line.
+
+    The first frame outside ``second`` and ``torch``: a step runs under torch's ``no_grad``
+    decorator, and a warning raised in a backward pass under the autograd engine, at depths
+    that depend on how they were called.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    internal = _internal_dirs()
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -138,7 +138,7 @@ def target_weights(
         if w is None and bool(((c - 1).abs() <= SOFT_TARGET_SUM_TOL).all()):
             return None
         return c
-    weights = _class_target_weights(loss_fn, target, output)
+    weights = class_target_weights(loss_fn, target, output)
     if weights is None:
         return None
     raw, norm = weights
@@ -147,7 +147,7 @@ def target_weights(
     return raw * _mean_rescale(norm)
 
 
-def _class_target_weights(
+def class_target_weights(
     loss_fn: Callable, target: Tensor, like: Tensor
 ) -> tuple[Tensor, Tensor] | None:
     """Per position, the Hessian's weight and torch's mean weight of class targets.
@@ -245,7 +245,7 @@ def per_sample_losses(
             )
             if not sampled and reduction == "mean" and not target.is_floating_point():
                 # torch's mean divides by the weights of the valid targets, not the positions
-                weights = _class_target_weights(loss_fn, target, el)
+                weights = class_target_weights(loss_fn, target, el)
                 if weights is not None:
                     el = el * _mean_rescale(weights[1])
         el = el.reshape(n, -1)

@@ -33,6 +33,7 @@ from ._losses import sample_targets
 
 __all__ = [
     "Task",
+    "tensor_leaves",
     "call_model",
     "as_task",
     "map_batch",
@@ -45,14 +46,14 @@ __all__ = [
 ]
 
 
-def _leaves(batch) -> list[Tensor]:
+def tensor_leaves(batch) -> list[Tensor]:
     """Every tensor in a batch (tuples, lists and dicts, recursively), in order."""
     if isinstance(batch, Tensor):
         return [batch]
     if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _leaves(v)]
+        return [t for v in batch.values() for t in tensor_leaves(v)]
     if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _leaves(v)]
+        return [t for v in batch for t in tensor_leaves(v)]
     return []
 
 
@@ -193,11 +194,11 @@ class Task:
             sizes = {int(v.shape[0]) if v.dim() else 0 for v in batch.values()}
         else:
             X, y = batch
-            sizes = {int(_leaves(X)[0].shape[0]) if _leaves(X)[0].dim() else 0}
+            sizes = {int(tensor_leaves(X)[0].shape[0]) if tensor_leaves(X)[0].dim() else 0}
             sizes.add(int(y.shape[0]) if y.dim() else 0)
             if len(sizes) > 1:
                 raise ValueError(
-                    f"batch inputs have {_leaves(X)[0].shape[0]} examples but targets have "
+                    f"batch inputs have {tensor_leaves(X)[0].shape[0]} examples but targets have "
                     f"{y.shape[0] if y.dim() else 0}"
                 )
         if len(sizes) > 1:
@@ -205,7 +206,7 @@ class Task:
 
     def batch_size(self, batch) -> int:
         """The number of examples in ``batch`` (the leading size of its first tensor)."""
-        leaves = _leaves(batch)
+        leaves = tensor_leaves(batch)
         if not leaves:
             raise TypeError(f"a batch of type {type(batch).__name__} holds no tensor")
         return int(leaves[0].shape[0]) if leaves[0].dim() else 0
@@ -373,7 +374,7 @@ def batch_fingerprint(batch, ordered: bool = False) -> tuple:
         False
     """
     fp = []
-    for t in _leaves(batch):
+    for t in tensor_leaves(batch):
         tf = t.detach().to(torch.float64)
         item: tuple = (tuple(t.shape), round(float(tf.sum()), 6), round(float((tf * tf).sum()), 6))
         if ordered and tf.dim() > 0 and tf.shape[0] > 0:
@@ -436,7 +437,7 @@ class SamePassCheck:
             )
 
     def _fingerprint(self, i: int, batch) -> tuple:
-        ts = _leaves(batch)
+        ts = tensor_leaves(batch)
         known = self._tensors.get(i)
         if known is not None and self.fingerprints is not None and i < len(self.fingerprints):
             refs, versions = known

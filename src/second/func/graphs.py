@@ -13,8 +13,6 @@ The public functions :func:`second.func.hvp`, :func:`~second.func.gvp`, ... are 
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -23,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._errors import outside_stacklevel
 from .checks import check_scalar_loss, grad_checked
 from .vectors import parameters_to_vector, vector_to_parameters
 
@@ -376,16 +375,6 @@ def bypassing_parameters(loss: Tensor, output: Tensor, params: Sequence[Tensor])
     return sorted(found)
 
 
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside ``second`` (for its caller's warning)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return level
-
-
 class GGNGraph(JacobianGraph):
     r"""The graphs a Gauss-Newton product needs, built once per (loss, output) pair.
 
@@ -440,7 +429,7 @@ class GGNGraph(JacobianGraph):
                 "(e.g. a weight-decay term added to the loss): the Gauss-Newton product "
                 "J^T (d2L/df2) J leaves that part of the curvature out",
                 UserWarning,
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
 
     @property

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning, NegativeCurvatureWarning
+from .._errors import ConvergenceWarning, NegativeCurvatureWarning, outside_stacklevel
 from ..operators.base import CallableOperator
 from ..solvers import SolveResult, report, solve
 
@@ -23,7 +21,6 @@ __all__ = [
     "check_damping",
     "newton_step",
     "warn_if_unsolved",
-    "external_stacklevel",
     "METHODS",
     "SOLVE_OPTIONS",
     "NEWTON_TOL",
@@ -178,27 +175,6 @@ def newton_step(
     return float(torch.linalg.vector_norm(x.detach()))
 
 
-_INTERNAL = (
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # second/
-)
-
-
-def external_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the user's line.
-
-    Counted for a ``warnings.warn`` in the caller of this function: the first frame
-    outside ``second`` and ``torch`` (a warning raised in a backward pass runs under
-    torch's autograd engine, at a depth that depends on how the backward was called).
-    """
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
 def warn_if_unsolved(
     step: float,
     w_norm: float,
@@ -226,6 +202,6 @@ def warn_if_unsolved(
         f"solution; away from it {consequence} is wrong by an amount that grows with this "
         "distance (run the inner solver longer, or pass inner_tol=None)",
         ConvergenceWarning,
-        stacklevel=external_stacklevel(),
+        stacklevel=outside_stacklevel(),
     )
     return True

@@ -3,7 +3,7 @@ r"""``implicit_root``: give any inner solver implicit gradients through ordinary
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from .._errors import outside_stacklevel
 from ..func.attention import differentiable_attention
 from ..func.products import check_finite, grad_checked
 from ..func.vectors import parameters_to_vector, vector_to_parameters
 from ..solvers import SolveResult
 from ._linear import (
-    external_stacklevel,
     newton_step,
     solve_options,
     solve_symmetric,
@@ -291,7 +291,7 @@ def _adjoint_solve(
             b,
             **opts,
             what="the Jacobian of optimality_fn",
-            stacklevel=external_stacklevel() + 1,  # a warning in solve_symmetric
+            stacklevel=outside_stacklevel() + 1,  # a warning in solve_symmetric
         )
         u = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
     else:
@@ -350,14 +350,20 @@ def _gradient_with_graph(
     w = list(_ImplicitRoot.apply(spec, *[t.detach() for t in w_saved], *h_saved))
     u = _adjoint_root(spec)(tuple(w), tuple(h_saved), tuple(w_bar))
     h_alias = [h.view_as(h) for h in h_saved]
-    F_leaves = _evaluate(spec, w, h_alias)
+    return _vjp_with_graph(_evaluate(spec, w, h_alias), h_alias, u)
+
+
+def _vjp_with_graph(
+    F_leaves: list[Tensor], inputs: list[Tensor], u: Sequence[Tensor]
+) -> list[Tensor | None]:
+    r""":math:`(\partial F/\partial\,\mathrm{inputs})^\top u` with its graph (``None``: no path)."""
     live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
     if not live:
-        return [None] * len(h_saved)
+        return [None] * len(inputs)
     return list(
         torch.autograd.grad(
             [F_leaves[i] for i in live],
-            h_alias,
+            inputs,
             [u[i] for i in live],
             create_graph=True,
             allow_unused=True,
@@ -379,20 +385,7 @@ def _adjoint_root(spec: _Spec) -> ImplicitSolver:
 
     def G(u: Leaves, w: Leaves, hs: Leaves, w_bar: Leaves) -> Leaves:
         w_in = [t if t.requires_grad else t.detach().requires_grad_(True) for t in w]
-        F_leaves = _evaluate(spec, w_in, list(hs))
-        live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
-        jtu: list[Tensor | None] = [None] * len(w_in)
-        if live:
-            jtu = list(
-                torch.autograd.grad(
-                    [F_leaves[i] for i in live],
-                    w_in,
-                    [u[i] for i in live],
-                    create_graph=True,
-                    allow_unused=True,
-                )
-            )
-        jtu_full = zeros_for_none(w_in, jtu)
+        jtu_full = zeros_for_none(w_in, _vjp_with_graph(_evaluate(spec, w_in, list(hs)), w_in, u))
         return tuple(j + damping * x - b for j, x, b in zip(jtu_full, u, w_bar, strict=True))
 
     def solve_u(w: Leaves, hs: Leaves, w_bar: Leaves) -> Leaves:

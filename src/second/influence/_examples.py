@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._losses import _class_target_weights
-from ..data import SamePassCheck, Task, _leaves, iterate_batches
+from .._losses import class_target_weights
+from ..data import SamePassCheck, Task, iterate_batches, tensor_leaves
 from ._cache import fingerprint
 
 __all__ = ["Examples", "warn_ignored", "example_mean_weights", "zero_rows"]
@@ -19,7 +19,7 @@ def example_mean_weights(loss_fn, target, n: int) -> Tensor | None:
     r"""Each example's weight :math:`W_j` in torch's ``reduction="mean"``, ``[n]`` float64.
 
     What the mean of a batch divides by is :math:`W_b = \sum_{j \in b} W_j`
-    (``second.operators.curvature._mean_weight``): for ``CrossEntropyLoss``/``NLLLoss`` with
+    (``second.operators.curvature.mean_weight``): for ``CrossEntropyLoss``/``NLLLoss`` with
     class indices the class weights of the example's valid targets (``ignore_index``
     excluded: the number of valid targets without ``weight=``), with class probabilities
     its number of positions. ``None`` for any other loss: every example weighs 1.
@@ -32,7 +32,7 @@ def example_mean_weights(loss_fn, target, n: int) -> Tensor | None:
         positions = target[0].numel() // target.shape[1] if target.dim() > 1 else 1
         return torch.full((n,), float(positions), dtype=torch.float64)
     dtype = torch.float32 if target.device.type == "mps" else torch.float64
-    weights = _class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
+    weights = class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
     if weights is None:  # every target valid, no class weights: the positions count
         return torch.full((n,), float(target[0].numel()), dtype=torch.float64)
     return weights[1].reshape(n, -1).sum(1).to(device="cpu", dtype=torch.float64)
@@ -111,7 +111,7 @@ class Examples:
         """A single batch's tensors (their ids) and autograd version counters."""
         if not self.single:
             return None
-        return tuple((id(t), t._version) for t in _leaves(self.data))
+        return tuple((id(t), t._version) for t in tensor_leaves(self.data))
 
     def changed(self) -> bool:
         """Whether a single batch's tensors were changed in place since they were read.

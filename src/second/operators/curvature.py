@@ -34,11 +34,8 @@ all-reduced, so the result equals the single-process product on all the data.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from types import FrameType
 from typing import Any
 
 import torch
@@ -46,7 +43,8 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._arguments import check_argument_order
-from .._losses import _class_target_weights, linear_loss_note, reduction_of
+from .._errors import outside_stacklevel
+from .._losses import class_target_weights, linear_loss_note, reduction_of
 from ..data import (
     SamePassCheck,
     Task,
@@ -85,7 +83,7 @@ __all__ = [
 ]
 
 
-def _mean_weight(loss_fn: Callable | None, target: Any, n: int) -> float:
+def mean_weight(loss_fn: Callable | None, target: Any, n: int) -> float:
     r"""What torch's ``reduction="mean"`` divides a batch's loss by (:math:`W_b`).
 
     The number of examples ``n``, except for ``CrossEntropyLoss``/``NLLLoss`` with class
@@ -101,20 +99,10 @@ def _mean_weight(loss_fn: Callable | None, target: Any, n: int) -> float:
         return float(target.numel() // target.shape[1]) if target.dim() > 1 else float(n)
     # summed in float64 (float32 where there is none): half precision counts only to 256
     dtype = torch.float32 if target.device.type == "mps" else torch.float64
-    weights = _class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
+    weights = class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
     if weights is None:  # every target valid, no class weights
         return float(target.numel())
     return float(weights[1].sum())
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside ``second`` (for its caller's warning)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class CurvatureOperator(LinearOperator):
@@ -337,7 +325,33 @@ class CurvatureOperator(LinearOperator):
         loss_fn = self.task.loss_fn
         if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
             return float(n_b)
-        return _mean_weight(loss_fn, self.task.targets(batch), n_b)
+        return mean_weight(loss_fn, self.task.targets(batch), n_b)
+
+    def batch_shares(self, batches: Sequence) -> Tensor:
+        r"""Each batch's share :math:`c_b` of the operator: :math:`A = \sum_b c_b A_b`.
+
+        :math:`A_b` is :meth:`restrict` to batch ``b``: for a mean loss :math:`c_b =
+        W_b / W` (torch's divisor of the batch over the total; 0 for a batch whose targets
+        are all ignored), for a sum 1 (``float64``, on the CPU). What a stochastic solver
+        samples batches by.
+
+        Raises:
+            ValueError: a mean loss whose data has no valid target.
+        """
+        sizes = [self.task.batch_size(b) for b in batches]
+        weights = [self._batch_weight(b, n_b) for b, n_b in zip(batches, sizes)]
+        if self.reduction == "mean":
+            self._check_total(float(sum(weights)))
+            div = self._divisor(float(sum(sizes)), float(sum(weights)))
+        else:
+            div = 1.0
+        return torch.tensor(
+            [
+                0.0 if self._skipped(w_b) else self._scale(n_b, w_b) / div
+                for n_b, w_b in zip(sizes, weights)
+            ],
+            dtype=torch.float64,
+        )
 
     def _skipped(self, w_b: float) -> bool:
         """A batch without weight in the dataset mean (every target ignored): no product."""
@@ -410,7 +424,7 @@ class CurvatureOperator(LinearOperator):
                 "halves: it looks like a sum, and the operator would then depend on how the "
                 'data is batched; pass reduction="sum" (or make the loss a mean)',
                 UserWarning,
-                stacklevel=_outside_stacklevel(),
+                stacklevel=outside_stacklevel(),
             )
 
     def _reduce(self, acc: Tensor, count: float, total: float) -> tuple[Tensor, float, float]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning
+from .._errors import SecondDeprecationWarning, outside_stacklevel
 
 __all__ = [
     "ClosureCall",
@@ -142,26 +140,6 @@ def _misuse(calls: list, returned: object, grads_changed: bool, clips: list) -> 
     return what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
 
 
-_INTERNAL = (
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # second/
-)
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` of a ``warnings.warn`` in the caller pointing at the user's line.
-
-    The first frame outside ``second`` and ``torch`` (``step`` runs under torch's
-    ``no_grad`` decorator).
-    """
-    frame = sys._getframe(2)
-    level = 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
 def warn_closure_misuse(opt: object, res: ClosureCall) -> None:
     """Warn (once per optimizer) that what ``res.misuse`` describes was ignored.
 
@@ -181,7 +159,7 @@ def warn_closure_misuse(opt: object, res: ClosureCall) -> None:
         f"Return the loss to differentiate (for micro-batches, the sum of their losses) and "
         f"call backward() once, on it: {CLOSURE_EXAMPLE}",
         UserWarning,
-        stacklevel=_outside_stacklevel(),
+        stacklevel=outside_stacklevel(),
     )
     opt._closure_warned = True  # type: ignore[attr-defined]  # any optimizer object
 

@@ -38,6 +38,17 @@ def _inconsistent(k: int, r: float, threshold: float) -> str:
     )
 
 
+def _m_norm(r: torch.Tensor, y: torch.Tensor, Minv) -> float:
+    r""":math:`\sqrt{r^\top M r}` with ``y = M r``; a negative value is M's fault."""
+    sq = float(inner(r, y))
+    if sq < 0:
+        raise ValueError(
+            "the preconditioner M is not positive definite (r^T M r < 0)"
+            + preconditioner_hint(Minv)
+        )
+    return math.sqrt(sq)
+
+
 def minres(
     A,
     b,
@@ -163,13 +174,7 @@ def minres(
     x = torch.zeros_like(b) if pb.x0 is None else pb.x0.to(work).clone()
     r1 = b.clone() if pb.x0 is None else b - matvec(x)
     y = precond(r1)
-    beta1_sq = float(inner(r1, y))
-    if beta1_sq < 0:
-        raise ValueError(
-            "the preconditioner M is not positive definite (r^T M r < 0)"
-            + preconditioner_hint(Minv)
-        )
-    beta1 = math.sqrt(beta1_sq)
+    beta1 = _m_norm(r1, y, Minv)
     history = [_norm(r1)]
     if history[0] <= threshold:
         return pb.result(
@@ -217,13 +222,7 @@ def minres(
         r2 = y
         y = precond(r2)
         oldb = beta
-        bsq = float(inner(r2, y))
-        if bsq < 0:
-            raise ValueError(
-                "the preconditioner M is not positive definite (r^T M r < 0)"
-                + preconditioner_hint(Minv)
-            )
-        beta = math.sqrt(bsq)
+        beta = _m_norm(r2, y, Minv)
         tnorm2 += alfa * alfa + oldb * oldb + beta * beta
         # apply the previous rotation, then make a new one
         oldeps = epsln

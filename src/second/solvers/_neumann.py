@@ -37,6 +37,15 @@ def _auto_scale(op, steps: int, generator) -> tuple[float, float, float]:
     return 1.05 * hi, lo, hi
 
 
+def _more_terms(what: str, q: float, best_r: Tensor, thr: Tensor) -> str:
+    """``"<what> ~ q per term: about N more terms needed"`` for a series still converging."""
+    ratio = float((best_r / thr.clamp_min(1e-300)).max())
+    more = math.ceil(math.log(ratio) / -math.log(q)) if 0 < q < 1 and ratio > 1 else None
+    return f"{what} ~ {q:.4f} per term" + (
+        f": about {more} more terms needed" if more is not None else ""
+    )
+
+
 def neumann_solve(
     A,
     b,
@@ -139,13 +148,7 @@ def neumann_solve(
         if "contraction" not in info and not growing:  # a given scale, converging slowly
             if math.isnan(q):
                 return "maxiter = 0: only the first term was taken", False
-            ratio = float((best_r / thr.clamp_min(1e-300)).max())
-            more = math.ceil(math.log(ratio) / -math.log(q)) if 0 < q < 1 and ratio > 1 else None
-            return (
-                f"observed contraction ~ {q:.4f} per term"
-                + (f": about {more} more terms needed" if more is not None else ""),
-                False,
-            )
+            return _more_terms("observed contraction", q, best_r, thr), False
         if "lambda_min_estimate" not in info:  # a given scale: look at the spectrum's ends
             lo, hi = extreme_eigenvalues(op, steps=lanczos_steps)
             info.update(lambda_min_estimate=lo, lambda_max_estimate=hi)
@@ -172,13 +175,7 @@ def neumann_solve(
                 f"estimates [{lo:.3e}, {hi:.3e}] miss",
                 False,
             )
-        ratio = float((best_r / thr.clamp_min(1e-300)).max())
-        more = math.ceil(math.log(ratio) / -math.log(q)) if 0 < q < 1 and ratio > 1 else None
-        return (
-            f"contraction ~ {q:.4f} per term"
-            + (f": about {more} more terms needed" if more is not None else ""),
-            False,
-        )
+        return _more_terms("contraction", q, best_r, thr), False
 
     for k in range(maxiter + 1):
         AP = apply(P)
@@ -301,20 +298,7 @@ def _batch_operators(A, num_batches: int | None = None) -> _Batches:
             return _Batches(lambda i: A, 1)
         # the same operator (kind and options: a Fisher's samples, columns, ...) on each batch
         batches = list(iterate_batches(A.data, A.task, A.device))
-        sizes = [A.task.batch_size(bt) for bt in batches]
-        weights = [A._batch_weight(bt, n_b) for bt, n_b in zip(batches, sizes)]
-        if A.reduction == "mean":
-            A._check_total(float(sum(weights)))
-            div = A._divisor(float(sum(sizes)), float(sum(weights)))
-        else:
-            div = 1.0
-        c = torch.tensor(
-            [
-                0.0 if A._skipped(w_b) else A._scale(n_b, w_b) / div
-                for n_b, w_b in zip(sizes, weights)
-            ],
-            dtype=torch.float64,
-        )
+        c = A.batch_shares(batches)
         total = float(c.sum())
         ops: list[LinearOperator | None] = [None] * len(batches)
 

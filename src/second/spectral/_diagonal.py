@@ -290,15 +290,15 @@ def _targets(task, loss_fn, batch) -> Tensor | None:
 def _batch_weight(task, loss_fn, red: str, batch, y: Tensor | None) -> float:
     """:math:`W_b`, what torch's mean divides the batch's loss by (1 for a sum).
 
-    As the curvature operators (:func:`second.operators.curvature._mean_weight`): the
+    As the curvature operators (:func:`second.operators.curvature.mean_weight`): the
     examples ``n_b``, or for cross-entropy with class indices the summed class weights of
     the valid targets (0 when every target is ignored).
     """
-    from ..operators.curvature import _mean_weight
+    from ..operators.curvature import mean_weight
 
     if red == "sum":
         return 1.0
-    return _mean_weight(loss_fn, y, task.batch_size(batch))
+    return mean_weight(loss_fn, y, task.batch_size(batch))
 
 
 def _scaled_sqrt(
