@@ -744,3 +744,146 @@ def test_a_loss_on_a_function_of_the_output_is_reported_once():
         opt.step(closure(5.0))
     found = [w for w in seen if "re-arrangement of its elements" in str(w.message)]
     assert len(found) == 1 and issubclass(found[0].category, RuntimeWarning)
+
+
+def test_a_clipped_update_is_compared_with_the_model_of_the_step_taken():
+    # max_update_norm scales the step after the quadratic model chose it: the damping
+    # adaptation must compare the loss change with the model's change of the clipped step
+    # (it used the unclipped one: rho ~0.015 instead of ~0.99, the damping rose every time)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(32, 3, dtype=DT), torch.randint(0, 3, (32,))
+    opt = second.optim.KFAC(
+        model, loss_fn, fisher="type2", damping_adaptation_interval=1, max_update_norm=0.05
+    )
+    for _ in range(4):
+        params = list(model.parameters())
+        before = [p.detach().clone() for p in params]
+        out = model(X)
+        loss = loss_fn(out, y)
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params, retain_graph=True)])
+        F = second.exact_ggn(loss, out, params)
+
+        def closure():
+            opt.zero_grad()
+            value = loss_fn(model(X), y)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        d = torch.cat([(p.detach() - q).reshape(-1) for p, q in zip(model.parameters(), before)])
+        assert float(d.norm()) == pytest.approx(0.05, rel=1e-9)
+        damping = opt.last_info["damping"]
+        taken = float(g @ d + 0.5 * d @ F @ d + 0.5 * damping * d @ d)
+        assert opt.last_info["predicted_change"] == pytest.approx(taken, rel=0.05)
+        assert 0.75 < opt.last_info["rho"] < 1.25
+
+
+def test_parameters_without_a_gradient_do_not_move():
+    # as in torch.optim: a parameter the loss does not use (grad None) gets no weight decay,
+    # no momentum and no step; the others step as without it
+    class TwoHeads(nn.Module):  # a second head this loss does not use
+        def __init__(self, trunk):
+            super().__init__()
+            self.trunk, self.unused = trunk, nn.Linear(8, 2).double()
+
+        def forward(self, x):
+            return self.trunk(x)
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    alone = copy.deepcopy(trunk)
+    model = TwoHeads(trunk)
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 3, (16,))
+    nets = (model, alone)
+    opts = [
+        second.optim.KFAC(n, loss_fn, lr=0.1, momentum=0.9, weight_decay=0.1, fisher="type2")
+        for n in nets
+    ]
+    unused = [p.detach().clone() for p in model.unused.parameters()]
+    for _ in range(3):
+        for opt, net in zip(opts, nets):
+            opt.zero_grad()
+            loss_fn(net(X), y).backward()
+            opt.step()
+    for p, q in zip(model.unused.parameters(), unused):
+        assert torch.equal(p, q) and p.grad is None
+    for p, q in zip(trunk.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_a_resumed_monte_carlo_run_gathers_its_statistics_where_the_uninterrupted_one_does():
+    # whether a loss call re-does the forwards' statistics is part of the state: a resumed run
+    # draws the same Monte-Carlo targets as the uninterrupted one (it drew them twice)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 20, (4, 6), generator=g), torch.randint(0, 20, (4, 6), generator=g)
+
+    def run(split: int | None):
+        torch.manual_seed(0)
+        model = TokenModel().double()
+        loss_fn = nn.CrossEntropyLoss()
+        opt = second.optim.KFAC(model, loss_fn, fisher="mc", inverse_update_period=2)
+
+        def closure():
+            opt.zero_grad()
+            value = _flat_loss(loss_fn, model(x), y)
+            value.backward()
+            return value
+
+        for k in range(6):
+            if k == split:
+                state, weights, rng = (
+                    opt.state_dict(),
+                    copy.deepcopy(model.state_dict()),
+                    (torch.get_rng_state()),
+                )
+                model = TokenModel().double()
+                model.load_state_dict(weights)
+                opt = second.optim.KFAC(model, loss_fn, fisher="mc", inverse_update_period=2)
+                opt.load_state_dict(state)
+                torch.set_rng_state(rng)
+            opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(None), run(3)):
+        assert torch.equal(a, b)
+
+
+def test_losses_kfac_cannot_see_as_written_are_reported_once():
+    # an elementwise loss on a slice of the output, or a cross-entropy computed without the
+    # loss_fn given to KFAC on [B, T, V] logits: the curvature KFAC takes is another loss's,
+    # so it says so (once); the same losses on the whole output or through loss_fn say nothing
+    torch.manual_seed(0)
+    X, Y = torch.randn(16, 4, dtype=DT), torch.randn(16, 3, dtype=DT)
+    x, y = torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (4, 5))
+
+    def steps(model, loss_fn, loss_of, data, n=2):
+        opt = second.optim.KFAC(model, loss_fn, fisher="type2")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(n):
+
+                def closure():
+                    opt.zero_grad()
+                    value = loss_of(model(data[0]), data[1])
+                    value.backward()
+                    return value
+
+                opt.step(closure)
+        return [str(w.message) for w in seen if "KFAC:" in str(w.message)]
+
+    mse = nn.MSELoss()
+    sliced = steps(tanh_net(), mse, lambda out, t: mse(out[:, -1:], t[:, -1:]), (X, Y))
+    assert len(sliced) == 1 and "not all of its elements" in sliced[0]
+    assert not steps(tanh_net(), mse, lambda out, t: mse(out.reshape(-1), t.reshape(-1)), (X, Y))
+    ce = nn.CrossEntropyLoss()
+    functional = steps(
+        TokenModel().double(),
+        ce,
+        lambda out, t: nn.functional.cross_entropy(out.reshape(-1, 20), t.reshape(-1)),
+        (x, y),
+    )
+    assert len(functional) == 1 and "classes along dim 1" in functional[0]
+    assert not steps(TokenModel().double(), ce, lambda out, t: _flat_loss(ce, out, t), (x, y))

@@ -30,7 +30,7 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
-from ._views import LossView, depends_on, loss_input, loss_on_output, loss_point
+from ._views import LossView, depends_on, loss_input, loss_on_output, loss_point, path_kind
 
 
 @dataclass(eq=False)
@@ -48,6 +48,7 @@ class _Forward:
     snap: Capture | None = None
     deferred: bool = False
     emp: _Empirical | None = None
+    seen: bool = False  # a call of the loss module came from this output
 
 
 @dataclass(eq=False)
@@ -209,6 +210,17 @@ class KFACCapture(KFACAttributes):
                     self._pending = entry.this
                 else:
                     self._pending.merge(entry.this)
+            if entry.out is not None and not entry.seen and entry.out.dim() > 2:
+                self._warn_once(
+                    "dim1",
+                    "KFAC: loss_fn was not called on this forward's output (or a view of it) "
+                    f"before step(), so its curvature was taken with the classes along dim 1 of "
+                    f"the {list(entry.out.shape)} output, as for loss_fn(output, target). "
+                    "If the loss was computed another way (F.cross_entropy, another "
+                    "CrossEntropyLoss instance, on out.reshape(-1, V)), call the loss_fn "
+                    "given to KFAC instead. Warned once.",
+                    stacklevel=5,
+                )
 
     def _take_loss(self, entry: _Forward, view: LossView) -> None:
         """Take the cross-entropy loss as written for the curvature of ``entry``'s forward.
@@ -283,6 +295,29 @@ class KFACCapture(KFACAttributes):
         )
         return True
 
+    def _check_elementwise_input(self, x: Tensor, out: Tensor) -> None:
+        """Warn once when an elementwise loss (MSE, BCE) sees part or a function of ``out``.
+
+        Its curvature on all of ``out``'s elements, re-arranged, is the same; on a slice, or on
+        a scaled output, it is not, and KFAC takes loss_fn's on the whole output.
+        """
+        if not (x.requires_grad and out.requires_grad):
+            return
+        kind = path_kind(x, out)
+        if kind == "selection" and x.numel() == out.numel():
+            return  # a view or copy of every element
+        if kind is None and not depends_on(x, out):
+            return  # another tensor
+        self._warn_once(
+            "elementwise",
+            "KFAC: the loss module's input is computed from the model's output but is not "
+            "all of its elements (a slice, an index) or not the elements themselves (a scaled "
+            "or transformed output): KFAC's statistics and quadratic model take the curvature "
+            "of loss_fn on the whole output. Apply loss_fn to the output itself, or compute "
+            "what the loss sees inside the model's forward. Warned once.",
+            stacklevel=6,
+        )
+
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:
         """Keep the target of ``loss_fn(output, target)`` on the last training forward's output.
 
@@ -292,10 +327,14 @@ class KFACCapture(KFACAttributes):
             return
         out = self._out_ref() if self._out_ref is not None else None
         x, target = loss_input(args, kwargs)
+        if not self._ce_loss and x is not None and out is not None and x is not out:
+            self._check_elementwise_input(x, out)
         if self._ce_loss and x is not None and x.requires_grad:
             for entry in reversed(self._forwards):  # the latest forward this loss comes from
                 if entry.out is None:  # its loss call came (or it has no graph)
                     continue
+                if x is entry.out or depends_on(x, entry.out):
+                    entry.seen = True
                 if x is entry.out:
                     match: LossView | None = LossView(1, target)
                 else:

@@ -26,6 +26,11 @@ SAFE_KL_CLIP = 1e-3
 _MISSING = object()
 
 
+def scaled_change(pred: float, linear: float, s: float) -> float:
+    """The quadratic model's change for the step times ``s`` (linear part ``s``, rest ``s**2``)."""
+    return s * s * (pred - linear) + s * linear
+
+
 class KFACUpdate(KFACAttributes):
     """The step's helpers of :class:`second.optim.KFAC` (factors, preconditioning, safeguards)."""
 
@@ -212,14 +217,14 @@ class KFACUpdate(KFACAttributes):
             )
         # lr: a multiplier of the model's step (a scheduler's factor), the same in every group
         s = self._adaptive_scale()
+        linear = alpha * gV[0] + (mu * gV[1] if prev is not None else 0.0)
         if s != 1.0:
-            linear = alpha * gV[0] + (mu * gV[1] if prev is not None else 0.0)
-            pred = s * s * (pred - linear) + s * linear
+            pred, linear = scaled_change(pred, linear, s), s * linear
             alpha, mu = s * alpha, s * mu
         delta = (
             torch.add(alpha * Delta, prev, alpha=mu) if mu and prev is not None else alpha * Delta
         )
-        info.update(alpha=alpha, mu=mu, predicted_change=pred, lr_scale=s)
+        info.update(alpha=alpha, mu=mu, predicted_change=pred, linear_change=linear, lr_scale=s)
         return delta
 
     def _fixed_step(

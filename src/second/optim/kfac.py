@@ -34,10 +34,13 @@ included) and damping :math:`\lambda`:
 Statistics are gathered by forward hooks during the training forward pass (the Monte-Carlo
 backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works).
 Every training forward since the last step adds to them, so gradient accumulation over
-micro-batches (several forward/backward calls, losses divided by their number, one step)
-gives the big batch's factors for the Monte-Carlo and type-2 Fisher (the empirical Fisher
-reads the gradients of the user's own, scaled losses); the quadratic model measures its
-curvature on the last micro-batch. Under ``torch.autocast`` the statistics are summed and
+micro-batches (several forward/backward calls, one step; each loss divided by their number
+for a mean-reduced loss, as the big batch's gradient needs, not divided for a sum) gives the
+big batch's factors for the Monte-Carlo and type-2 Fisher; the quadratic model measures its
+curvature on the last micro-batch. The empirical Fisher reads the gradients of the user's
+own backward pass: a loss scaled by ``c`` (divided by the number of micro-batches, or by a
+gradient scaler) scales its ``G`` factors by ``c**2``, so accumulate with the type-2 or
+Monte-Carlo Fisher, or unscaled losses. Under ``torch.autocast`` the statistics are summed and
 the factors kept in float32. Under ``torch.distributed`` (DDP-wrapped models
 included) the factor sums, quadratic-model terms and losses are all-reduced, the
 eigendecompositions are split over ranks (layer ``j`` on rank ``j % world_size``, then
@@ -81,13 +84,18 @@ from ._kfac_checks import (
 from ._kfac_quadratic import (
     mlp_chain,
 )
-from ._kfac_update import KFACUpdate
+from ._kfac_update import KFACUpdate, scaled_change
 from ._views import LossView, watch_loss
 
 __all__ = ["KFAC"]
 
 COUNTERS = ("n_skipped_steps", "n_refused_steps")
 """The safeguards' counters, kept in ``param_groups[0]`` (saved with the state)."""
+
+
+#: whether a loss call re-does the forwards' statistics (it did on the last step): saved so a
+#: resumed run gathers them where the uninterrupted one would (the same Monte-Carlo draws)
+DEFER_KEY = "kfac_statistics_at_loss"
 
 
 class KFAC(KFACCapture, KFACUpdate):
@@ -101,7 +109,10 @@ class KFAC(KFACCapture, KFACUpdate):
             attention layers get Kronecker factors, its normalization layers their exact
             diagonal, other trainable parameters a diagonal estimate
             (``fallback="diagonal"``) or a damping-only (``"identity"``) block; see
-            :mod:`second.kfac.rules` and :meth:`approximations`.
+            :mod:`second.kfac.rules` and :meth:`approximations`. Its forward returns one
+            tensor, the output ``loss_fn`` is applied to (a tuple or dict raises
+            ``TypeError``). Parameters without a gradient at a step (unused by the loss) do
+            not move, as in ``torch.optim``.
         loss_fn: the training loss (``MSELoss``, ``CrossEntropyLoss``,
             ``BCEWithLogitsLoss``); used for the curvature only, its ``reduction``
             (default ``"mean"``) must match the loss you backpropagate. Call it in the
@@ -410,6 +421,11 @@ class KFAC(KFACCapture, KFACUpdate):
             return self._skip("model output", group, loss)
         lam = group["damping"]
         etas = self._per_param("weight_decay")
+        # a parameter without a gradient (unused by the loss) does not move, as in torch.optim:
+        # no weight decay, no momentum, its part of the step zeroed
+        unused = [p.grad is None for p in params]
+        if any(unused):
+            etas = [0.0 if u else e for u, e in zip(unused, etas)]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         if len(set(etas)) == 1:
             if etas[0]:
@@ -441,6 +457,8 @@ class KFAC(KFACCapture, KFACUpdate):
         # 2. the direction and its step size
         Delta = self._precondition(grads, lam, etas, group).neg_()
         prev = self._previous_update(params)
+        if any(unused):
+            Delta, prev = self._without(unused, Delta), self._without(unused, prev)
         info: dict = {}
         if adaptive:
             delta = self._adaptive_step(Delta, prev, gflat, loss, lam, etas, group, info)
@@ -451,7 +469,13 @@ class KFAC(KFACCapture, KFACUpdate):
         if group["max_update_norm"] is not None:
             norm = float(delta.norm())
             if norm > group["max_update_norm"]:
-                delta = delta * (group["max_update_norm"] / norm)
+                kappa = group["max_update_norm"] / norm
+                delta = delta * kappa
+                if "predicted_change" in info:  # the damping adaptation compares with it
+                    info["predicted_change"] = scaled_change(
+                        info["predicted_change"], info["linear_change"], kappa
+                    )
+                    info["linear_change"] *= kappa
         if not bool(torch.isfinite(delta).all()):
             self._restore(snapshot, group)
             return self._skip("update", group, loss)
@@ -504,11 +528,22 @@ class KFAC(KFACCapture, KFACUpdate):
         group = self.param_groups[0]
         return {k: int(group.get(k, 0)) for k in COUNTERS}
 
+    def _without(self, unused: list[bool], v: Tensor | None) -> Tensor | None:
+        """The flat vector ``v`` with the parts of the ``unused`` parameters zeroed."""
+        if v is None:
+            return None
+        v = v.clone()
+        for u, o, m in zip(unused, self._offsets, self._numels):
+            if u:
+                v[o : o + m] = 0.0
+        return v
+
     # ------------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
         """The state of ``torch.optim.Optimizer``, plus the parameter shapes it belongs to."""
         sd = super().state_dict()
         sd[PARAM_SHAPES] = [list(p.shape) for g in self.param_groups for p in g["params"]]
+        sd[DEFER_KEY] = self._defer  # where the next forward's statistics are gathered
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -525,6 +560,7 @@ class KFAC(KFACCapture, KFACUpdate):
             if g["lr"] is None:
                 g["lr"], g["adaptive"] = 1.0, True
             g.setdefault("adaptive", False)
+        self._defer = bool(state_dict.get(DEFER_KEY, False))
         self._inv_cache.clear()
         self._prev_views = self._prev_flat = None
         self._index = {id(p): i for i, p in enumerate(self._params)}
