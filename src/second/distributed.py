@@ -45,6 +45,8 @@ __all__ = [
     "all_reduce_sum",
     "all_gather",
     "check_same_across_ranks",
+    "check_same_values_across_ranks",
+    "collective_operator",
     "all_ranks",
     "failure_barrier",
 ]
@@ -174,7 +176,9 @@ def _digest_row(digest: str) -> list[int]:
     return [int(digest[i : i + 6] or "0", 16) for i in range(0, len(digest), 6)]
 
 
-def check_same_across_ranks(what: str, digest: str, device: torch.device) -> None:
+def check_same_across_ranks(
+    what: str, digest: str, device: torch.device, hint: str | None = None
+) -> None:
     """Raise ``ValueError`` on every rank unless every rank passes the same ``digest``.
 
     A no-op without a process group.
@@ -183,6 +187,8 @@ def check_same_across_ranks(what: str, digest: str, device: torch.device) -> Non
         what: what the digest describes, for the message ("the training data").
         digest: a hex digest of the local value.
         device: where the exchanged tensor lives.
+        hint: what the user should do, ending the message (default: every rank passes
+            the same value, the work is split over ranks).
 
     Raises:
         ValueError: on every rank, naming the ranks whose digest differs from rank 0's.
@@ -201,8 +207,62 @@ def check_same_across_ranks(what: str, digest: str, device: torch.device) -> Non
     if differ:
         raise ValueError(
             f"{what} differs between ranks: rank(s) {differ} hold other {what} than rank 0. "
-            f"Every rank must pass the same {what}; the work, not the data, is split over ranks."
+            + (
+                hint
+                if hint is not None
+                else f"Every rank must pass the same {what}; the work, not the data, is split "
+                "over ranks."
+            )
         )
+
+
+def collective_operator(op, depth: int = 0) -> bool:
+    """Whether ``op``'s products are all-reduced over a process group (through wrappers).
+
+    A curvature operator over data under an initialized process group (unless built with
+    ``distributed=False``), or a wrapper (a sum, a damped or scaled operator) of one.
+    """
+    from .operators.base import LinearOperator
+
+    if depth > 16 or not active():
+        return False
+    if hasattr(op, "distributed") and hasattr(op, "model"):  # a curvature operator over data
+        return op.distributed is not False
+    inner = [*getattr(op, "ops", ()), getattr(op, "op", None)]
+    return any(collective_operator(o, depth + 1) for o in inner if isinstance(o, LinearOperator))
+
+
+def check_same_values_across_ranks(what: str, op, *values, hint: str) -> None:
+    """Raise ``ValueError`` on every rank unless the ranks pass the same ``values``.
+
+    Only for an operator whose products are summed over the ranks
+    (:func:`collective_operator`): every rank then computes the same answer from the same
+    inputs (right-hand sides, starting vectors, random generators), and an input that
+    differs per rank (a local gradient, a generator seeded with the rank) would give each
+    rank a wrong answer of its own. A no-op otherwise. Costs one small ``all_reduce``.
+
+    Args:
+        what: what the values are, for the message ("b", "the generator's state").
+        op: the operator.
+        values: tensors, generators (their state), numbers or ``None``.
+        hint: what the user should do, ending the message.
+    """
+    if not collective_operator(op):
+        return
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in values:
+        if isinstance(v, torch.Generator):
+            v = v.get_state()
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"R{type(v).__name__}:{v!r};".encode())
+    check_same_across_ranks(what, h.hexdigest()[:24], op.device, hint)
 
 
 def all_ranks(flag: bool, device: torch.device) -> bool:

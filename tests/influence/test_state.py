@@ -110,3 +110,45 @@ def test_a_write_through_data_needs_refresh():
     inf.refresh()
     fresh = Influence(model, loss_fn, (X, y), curvature="ggn", damping=DAMPING)
     assert rel(inf.scores(test), fresh.scores(test)) < FRESH_RTOL
+
+
+def test_the_cache_key_separates_settings_whose_reprs_concatenate_alike(tmp_path):
+    """Regression: (damping 0.1, rank 25) and (0.12, 5) shared a key and a cache."""
+    X, y = data(40)
+    test = (X[:3], y[:3])
+
+    def run(damping, rank, cache):
+        inf = Influence(
+            mlp(), nn.CrossEntropyLoss(), (X, y), curvature="ggn", method="lowrank",
+            damping=damping, rank=rank, cache_dir=cache, progressbar=False,
+        )  # fmt: skip
+        return inf.key, inf.scores(test)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k1, _ = run(0.1, 25, tmp_path)
+        k2, cached = run(0.12, 5, tmp_path)
+        _, fresh = run(0.12, 5, None)
+    assert k1 != k2
+    assert rel(cached, fresh) <= FRESH_RTOL
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ((0.01, 52), (0.015, 2)),
+        (([1, 23],), ([12, 3],)),
+        (("ab", "c"), ("a", "bc")),
+        (({"a": 1, "b": 23},), ({"a": 12, "b": 3},)),
+        ((1,), (1.0,)),
+        ((1,), ("1",)),
+        (([1, 2],), ((1, 2),)),
+        (([[1], 2],), ([1, [2]],)),
+        ((torch.zeros(2), torch.zeros(1)), (torch.zeros(1), torch.zeros(2))),
+    ],
+)
+def test_fingerprint_tags_every_item_with_its_type_and_length(a, b):
+    from second.influence._cache import fingerprint
+
+    assert fingerprint(*a) != fingerprint(*b)
+    assert fingerprint(*a) == fingerprint(*a)

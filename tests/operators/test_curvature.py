@@ -705,3 +705,24 @@ def test_restrict_with_parameters_given_as_a_generator(cls):
     op = cls(model, loss_fn, batches, params=(p for p in last))
     expected = cls(model, loss_fn, batches[0], params=last).to_dense()
     assert_close(op.restrict(batches[0]).to_dense(), expected, TOL)
+
+
+# Tolerance: a float16 product against the float32 one on the same data (float16 rounding
+# of the inputs, parameters and the result: eps 1e-3).
+HALF_RTOL = 5e-3
+
+
+def test_float16_products_over_many_examples_are_accumulated_in_float32():
+    """Regression: the weighted sum W_b (A_b v) in float16 overflowed past 65504 examples."""
+    torch.manual_seed(0)
+    X, y = torch.randn(80_000, 3), torch.randn(80_000, 2)
+    m32 = nn.Linear(3, 2)
+    m16 = nn.Linear(3, 2).half()
+    m16.load_state_dict({k: t.half() for k, t in m32.state_dict().items()})
+    data32 = list(zip(X.split(10_000), y.split(10_000), strict=True))
+    data16 = [(a.half(), b.half()) for a, b in data32]
+    v = torch.ones(8)
+    want = GGNOperator(m32, nn.MSELoss(), data32) @ v
+    got = GGNOperator(m16, nn.MSELoss(), data16) @ v.half()
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=HALF_RTOL, atol=0.0)

@@ -111,3 +111,98 @@ def test_distributed_false_keeps_the_shard_local(rank_results, reduction):
         for key in expected:
             assert_close(got[key], expected[key], tol, msg=f"rank {rank}: {key}")
         assert int(got["num_data"]) == hi - lo
+
+
+# --- half precision: the example counts are reduced in float64 ----------------------------
+
+HALF_SHARDS = {"bf16": (torch.bfloat16, [301, 258]), "fp16": (torch.float16, [40_000, 40_001])}
+# Tolerance: a half-precision product summed over ranks against one process on the union
+# (float32 accumulation on both sides; only the summation order differs).
+HALF_RTOL = 1e-2
+
+
+def _half_data(dtype, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g).to(dtype), torch.randn(n, 2, generator=g).to(dtype)
+
+
+def _half_model(dtype):
+    torch.manual_seed(0)
+    return nn.Linear(3, 2).to(dtype)
+
+
+def _half_worker(rank: int, world: int, outdir: str) -> None:
+    from second import KFACOperator
+
+    out = {}
+    for name, (dtype, sizes) in HALF_SHARDS.items():
+        data = [_half_data(dtype, sizes[rank], rank)]
+        G = GGNOperator(_half_model(dtype), nn.MSELoss(), data)
+        out[name] = (G @ torch.ones(8, dtype=dtype)).float()
+        out[name + " num_data"] = G.num_data
+        K = KFACOperator(_half_model(dtype), nn.MSELoss(), data)
+        out[name + " kfac num_data"] = K.num_data
+        out[name + " kfac"] = [f.float() for f in (*K.A, *K.G)]
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def half_results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist_half"))
+    spawn_ranks(_half_worker, WORLD_SIZE, outdir)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("name", list(HALF_SHARDS))
+def test_half_precision_counts_are_exact_over_ranks(half_results, name):
+    """Regression: counts packed in bfloat16 rounded 559 to 560; in float16 80001 overflowed."""
+    from second import KFACOperator
+
+    dtype, sizes = HALF_SHARDS[name]
+    data = [_half_data(dtype, sizes[r], r) for r in range(WORLD_SIZE)]
+    G = GGNOperator(_half_model(dtype), nn.MSELoss(), data)
+    want = (G @ torch.ones(8, dtype=dtype)).float()
+    K = KFACOperator(_half_model(dtype), nn.MSELoss(), data)
+    factors = [f.float() for f in (*K.A, *K.G)]
+    for res in half_results:
+        assert res[name + " num_data"] == sum(sizes)
+        assert res[name + " kfac num_data"] == sum(sizes)
+        torch.testing.assert_close(res[name], want, rtol=HALF_RTOL, atol=0.0)
+        for got, ref in zip(res[name + " kfac"], factors, strict=True):
+            torch.testing.assert_close(
+                got, ref, rtol=HALF_RTOL, atol=HALF_RTOL * float(ref.abs().max())
+            )
+
+
+# --- Monte-Carlo Fisher: independent samples per rank --------------------------------------
+
+
+def _mc_worker(rank: int, world: int, outdir: str) -> None:
+    from second import KFACOperator
+
+    model, loss_fn, X, y = _problem("mean")[:4]
+    data = (X, y)  # the same data on every rank: only the samples can differ
+    F = FisherOperator(model, loss_fn, data, fisher="mc", distributed=False)
+    out = {"fisher": F.to_dense()}
+    out["fisher shared"] = FisherOperator(model, loss_fn, data, fisher="mc").to_dense()
+    out["kfac shared"] = KFACOperator(model, loss_fn, data, fisher="mc").to_dense()
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def test_monte_carlo_samples_differ_per_rank(tmp_path):
+    """Regression: every rank drew the same Monte-Carlo targets (seed 0 everywhere)."""
+    from second import KFACOperator
+
+    spawn_ranks(_mc_worker, WORLD_SIZE, str(tmp_path))
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    model, loss_fn, X, y = _problem("mean")[:4]
+    one = FisherOperator(model, loss_fn, (X, y), fisher="mc").to_dense()
+    # distributed=False: rank 0 keeps the samples of one process
+    assert_close(res[0]["fisher"], one, PRODUCT_TOL[torch.float64])
+    for key in ("fisher shared", "kfac shared"):
+        # summed over ranks: both ranks agree, and it is not one rank's draw twice
+        assert_close(res[1][key], res[0][key], PRODUCT_TOL[torch.float64])
+    assert not torch.allclose(res[0]["fisher shared"], one)
+    assert not torch.allclose(
+        res[0]["kfac shared"], KFACOperator(model, loss_fn, (X, y), fisher="mc").to_dense()
+    )

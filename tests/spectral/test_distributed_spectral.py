@@ -85,3 +85,77 @@ def test_sharded_estimates_equal_one_process(rank_results):
             torch.testing.assert_close(
                 results[name], want, **SAME_TOL, msg=lambda m, n=name, r=rank: f"{n}, rank {r}: {m}"
             )
+
+
+# --- inputs that differ per rank: every rank must raise the same clear error -------------
+
+PER_RANK_CASES = ("trace", "diagonal", "eigsh generator", "eigsh v0", "cg b", "lissa")
+
+
+def _expect_error(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _per_rank_worker(rank: int, world: int, outdir: str) -> None:
+    from second import cg, lissa
+
+    model, loss_fn, X, y = _problem()
+    lo, hi = SHARDS[rank]
+    shard = [(X[lo : lo + 2], y[lo : lo + 2]), (X[lo + 2 : hi], y[lo + 2 : hi])]
+    G = GGNOperator(model, loss_fn, shard)
+    n = G.shape[0]
+    mine = torch.Generator().manual_seed(rank)  # a per-rank seed: refused
+    same = torch.Generator().manual_seed(7)  # the same seed on every rank: accepted
+    b = torch.ones(n, dtype=torch.float64)
+    out = {
+        "trace": _expect_error(lambda: trace(G, 8, method="hutchinson", generator=mine)),
+        "diagonal": _expect_error(lambda: diagonal(G, 8, generator=mine)),
+        "eigsh generator": _expect_error(
+            lambda: eigsh(G, k=1, generator=mine, return_eigenvectors=False)
+        ),
+        "eigsh v0": _expect_error(
+            lambda: eigsh(G, k=1, v0=torch.randn(n, generator=mine, dtype=torch.float64))
+        ),
+        "cg b": _expect_error(lambda: cg(G, b * (rank + 1), damping=0.1)),
+        "lissa": _expect_error(lambda: lissa(G, b, damping=0.1, warn=False)),
+        "same generator trace": trace(G, 8, method="hutchinson", generator=same),
+        "same b cg": cg(G, b, damping=0.1, tol=1e-12).x,
+    }
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def per_rank_results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist_per_rank"))
+    spawn_ranks(_per_rank_worker, WORLD_SIZE, outdir)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("case", PER_RANK_CASES)
+def test_inputs_that_differ_per_rank_are_refused_on_every_rank(per_rank_results, case):
+    """Regression: a per-rank generator or b gave each rank a wrong answer of its own;
+    lissa solved each rank's own shard and reported converged."""
+    for res in per_rank_results:
+        msg = res[case]
+        assert "differs between ranks" in msg or "cg or minres" in msg, msg
+
+
+def test_inputs_alike_on_every_rank_give_the_single_process_answer(per_rank_results):
+    from second import cg
+
+    model, loss_fn, X, y = _problem()
+    G = GGNOperator(model, loss_fn, (X, y))
+    b = torch.ones(G.shape[0], dtype=torch.float64)
+    expected = {
+        "same generator trace": trace(
+            G, 8, method="hutchinson", generator=torch.Generator().manual_seed(7)
+        ),
+        "same b cg": cg(G, b, damping=0.1, tol=1e-12).x,
+    }
+    for res in per_rank_results:
+        for key, want in expected.items():
+            torch.testing.assert_close(res[key], want, **SAME_TOL)

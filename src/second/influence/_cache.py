@@ -35,10 +35,11 @@ from torch import Tensor
 __all__ = ["DiskCache", "fingerprint", "chunk_digest", "STALE_TMP_SECONDS", "CacheStore"]
 
 STALE_TMP_SECONDS = 3600.0
-_FORMAT = 3
+_FORMAT = 4
 """The cache format; 3 since the factors of losses whose curvature depends on the targets
-(ignored targets, class weights, label smoothing) are computed from them: files of earlier
-versions are recomputed."""
+(ignored targets, class weights, label smoothing) are computed from them; 4 since
+:func:`fingerprint` tags every item with its type and length (keys of different settings
+could collide before): files of earlier versions are recomputed."""
 
 
 def fingerprint(*items) -> str:
@@ -55,21 +56,40 @@ def chunk_digest(chunk) -> str:
 
 
 def _update(h, item) -> None:
+    """Feed ``item`` to ``h`` unambiguously.
+
+    Every item starts with a type tag, and every variable-length part (a string, the
+    bytes of a tensor, a list, a dict) with its length, so that no two different
+    sequences of items hash the same bytes (``0.01, 52`` and ``0.015, 2`` did).
+    """
     if isinstance(item, Tensor):
         t = item.detach().cpu().contiguous()
-        h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
-        if t.numel():  # the bytes through the buffer protocol: no copy of a large tensor
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        _tagged(h, b"T", f"{tuple(t.shape)}{t.dtype}".encode())
+        data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+        _tagged(h, b"B", data)  # the bytes through the buffer protocol: no copy
     elif isinstance(item, (tuple, list)):
-        h.update(f"L{len(item)}".encode())
+        h.update(b"L" if isinstance(item, list) else b"U")
+        h.update(len(item).to_bytes(8, "little"))
         for x in item:
             _update(h, x)
     elif isinstance(item, dict):
+        h.update(b"D" + len(item).to_bytes(8, "little"))
         for k in sorted(item, key=str):
             _update(h, str(k))
             _update(h, item[k])
-    else:
-        h.update(repr(item).encode())
+    elif isinstance(item, str):
+        _tagged(h, b"S", item.encode("utf-8", "surrogatepass"))
+    elif isinstance(item, bytes):
+        _tagged(h, b"Y", item)
+    else:  # numbers, None, booleans, dtypes ...: the type's name tags the repr
+        _tagged(h, b"R" + type(item).__qualname__.encode(), repr(item).encode())
+
+
+def _tagged(h, tag: bytes, data) -> None:
+    """``tag``, the length of ``data`` and ``data``."""
+    h.update(tag)
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
 
 
 class DiskCache:

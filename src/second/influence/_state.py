@@ -122,7 +122,7 @@ class StateTracking:
         """
         if self._key is None:
             self._key = fingerprint(
-                "influence-v5",
+                "influence-v6",
                 self.factors_key,
                 self.method,
                 self.damping,
@@ -147,7 +147,7 @@ class StateTracking:
             return self._factors_key
         train = self.train_digest if self.cache is not None else self.n_train
         self._factors_key = fingerprint(
-            "influence-factors-v2",
+            "influence-factors-v3",
             type(self.task).__module__,
             type(self.task).__qualname__,
             {k: v for k, v in vars(self.task).items() if k != "loss_fn"},

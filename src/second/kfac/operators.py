@@ -155,7 +155,9 @@ class KFACOperator(CurvatureOperator):
             ``{module name pattern or type: mode}`` per layer (see :mod:`second.kfac.rules`).
         generator: its state at construction seeds the MC targets and the Rademacher
             signs of the diagonal fallback (default: seed 0). The operator draws from a
-            private copy, so ``generator`` itself is never advanced or reset.
+            private copy, so ``generator`` itself is never advanced or reset. With
+            ``fisher="mc"`` under ``torch.distributed`` the seed is offset by the rank (rank
+            0 draws the samples of one process), so the ranks' samples are independent.
         task: how to run the model on a batch (:class:`second.Task`; default: ``(X, y)``
             pairs and dicts of tensors with the targets under ``"labels"``).
         reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction``.
@@ -234,7 +236,8 @@ class KFACOperator(CurvatureOperator):
         )
         self.fisher, self.damping, self.mc_samples = fisher, damping, int(mc_samples)
         self.fallback = fallback
-        self.generator = sample_generator(generator, self.device)  # private: see its docs
+        per_rank = fisher == "mc" and distributed is not False  # independent samples per rank
+        self.generator = sample_generator(generator, self.device, per_rank=per_rank)
         self._generator_state = self.generator.get_state()
         self.weight_sharing = weight_sharing
         self.rules, self.diagonal_rules = find_rules(

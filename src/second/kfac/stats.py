@@ -135,8 +135,11 @@ class FactorStats:
         """Sum the statistics and counts over the process group (every rank gets all)."""
         ts = self.tensors()
         ref = self.layers[0].weight if self.layers else self.fallback_params[0]
-        counts = ref.new_tensor([self.n, *self.nA])
-        dist.all_reduce_sum([*ts, counts])
+        # the counts in float64, apart: in a half-precision weight's dtype they would be
+        # rounded (bfloat16 is exact only up to 256) or overflow (float16 at 65504)
+        counts = torch.tensor([self.n, *self.nA], dtype=torch.float64, device=ref.device)
+        dist.all_reduce_sum(ts)
+        dist.all_reduce_sum(counts)
         self.n = float(counts[0])
         self.nA = [float(c) for c in counts[1:]]
 

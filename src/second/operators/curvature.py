@@ -428,11 +428,18 @@ class CurvatureOperator(LinearOperator):
             )
 
     def _reduce(self, acc: Tensor, count: float, total: float) -> tuple[Tensor, float, float]:
-        """All-reduce the accumulated products, the example count and the total weight."""
+        """All-reduce the accumulated products, the example count and the total weight.
+
+        The counts go in a float64 tensor of their own: in a half-precision model's dtype
+        they would be rounded (bfloat16 is exact only up to 256) or overflow (float16 at
+        65504).
+        """
         if dist.active(self.distributed):
-            buf = torch.cat([acc.reshape(-1), acc.new_tensor([count, total])])
-            dist.all_reduce_sum(buf)
-            return buf[:-2].reshape(acc.shape), float(buf[-2]), float(buf[-1])
+            counts = torch.tensor([count, total], dtype=torch.float64, device=acc.device)
+            acc = acc.contiguous()  # the same memory layout on every rank
+            dist.all_reduce_sum(acc)
+            dist.all_reduce_sum(counts)
+            return acc, float(counts[0]), float(counts[1])
         return acc, count, total
 
     def _mode(self, batched: bool, n_b: int) -> str:
@@ -488,6 +495,9 @@ class CurvatureOperator(LinearOperator):
                 prepared[mode] = self._prepare(V, mode)
             return self._product(state, prepared[mode], mode)
 
+        # weighted sums of half-precision products in float32: in float16 a sum over many
+        # examples overflows (65504), in bfloat16 it loses its low digits
+        wide = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
         if self.single_batch:
             ((state, n_b, w_b),) = self._kept_states()
             skip = self._skipped(w_b)
@@ -495,14 +505,14 @@ class CurvatureOperator(LinearOperator):
                 if skip:
                     self._check_total(0.0)
                 return product(state, n_b)
-            acc = torch.zeros_like(V) if skip else product(state, n_b)
+            acc = V.new_zeros(V.shape, dtype=wide) if skip else product(state, n_b).to(wide)
             acc, count, total = acc * self._scale(n_b, w_b), float(n_b), w_b
         else:
             states = self._kept_states() if self.cache_graphs else self._states_of(self._batches())
-            acc, count, total = torch.zeros_like(V), 0.0, 0.0
+            acc, count, total = V.new_zeros(V.shape, dtype=wide), 0.0, 0.0
             for state, n_b, w_b in states:
                 if not self._skipped(w_b):
-                    acc.add_(product(state, n_b), alpha=self._scale(n_b, w_b))
+                    acc.add_(product(state, n_b).to(wide), alpha=self._scale(n_b, w_b))
                 count += n_b
                 total += w_b
                 del state
@@ -511,7 +521,7 @@ class CurvatureOperator(LinearOperator):
         self._check_total(total)
         if self.reduction == "mean":
             acc.div_(self._divisor(count, total))
-        return acc
+        return acc.to(V.dtype)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._apply(v, batched=False)

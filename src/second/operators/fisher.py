@@ -80,7 +80,9 @@ class FisherOperator(CurvatureOperator):
         generator: a ``torch.Generator`` whose state at construction seeds the samples
             (default: seed 0). The operator draws from a private copy of that state
             (:func:`second.data.sample_generator`), so ``generator`` itself is never
-            advanced or reset.
+            advanced or reset. For ``"mc"`` under ``torch.distributed`` the seed is offset
+            by the rank (rank 0 draws the samples of one process), so the ranks' samples
+            are independent.
         kind: the deprecated spelling of ``fisher`` (``DeprecationWarning``; removal in 0.3).
         other arguments: see :class:`CurvatureOperator`.
 
@@ -130,7 +132,8 @@ class FisherOperator(CurvatureOperator):
         self.fisher = fisher
         self.mc_samples = int(mc_samples)
         self.generator = generator
-        self._sampler = sample_generator(generator, self.device)
+        per_rank = fisher == "mc" and self.distributed is not False
+        self._sampler = sample_generator(generator, self.device, per_rank=per_rank)
         self._sampler_state = self._sampler.get_state()
 
     def _restrict_options(self) -> dict:

@@ -296,6 +296,17 @@ def _batch_operators(A, num_batches: int | None = None) -> _Batches:
     if isinstance(A, CurvatureOperator):
         if A.single_batch:
             return _Batches(lambda i: A, 1)
+        from .. import distributed as dist
+
+        if dist.active(A.distributed):
+            # each rank would sample its own shard's batches: the expected operator would be
+            # that rank's curvature, not the whole dataset's, and the ranks' answers would differ
+            raise ValueError(
+                "lissa samples the mini-batches of one process: on a CurvatureOperator summed "
+                "over a torch.distributed group (each rank a shard) it would solve each rank's "
+                "own system. Use cg or minres, whose products are reduced over the ranks, or "
+                "pass distributed=False to solve with this rank's data alone"
+            )
         # the same operator (kind and options: a Fisher's samples, columns, ...) on each batch
         batches = list(iterate_batches(A.data, A.task, A.device))
         c = A.batch_shares(batches)
@@ -485,6 +496,12 @@ def lissa(
     ``diverged`` with a warning. A run whose partial sums grow past :math:`10 (j + 1)
     \|b\|` (a mini-batch curvature above :math:`2s`, or indefinite) is stopped and
     flagged the same way.
+
+    Under ``torch.distributed``, a :class:`~second.CurvatureOperator` over several batches
+    that is summed over the ranks (each rank a shard) is refused (``ValueError``): LiSSA
+    samples the batches of one process, so it would solve each rank's own system. Use
+    :func:`~second.cg` or :func:`~second.minres` (their products are reduced over the ranks).
+    A single-batch operator is used whole (its products are reduced) and works.
 
     ``converged`` means the predicted bias :math:`q^d \le` ``tol``; the stochastic error is
     not bounded by it (average more ``repeats``). ``info`` holds scale, contraction, depth

@@ -154,6 +154,18 @@ class Problem:
             x0f = x0 if isinstance(x0, Tensor) else torch.cat([t.reshape(-1) for t in x0])
             want = self.B.shape if self.block else flat.shape
             self.x0 = check_x0(x0f, want, flat.dtype, flat.device, "those of b")
+        from .. import distributed as dist
+
+        dist.check_same_values_across_ranks(
+            f"the system ({method or 'solver'}'s b, x0 and damping)",
+            op,
+            self.B,
+            self.x0,
+            damping,
+            hint="The operator's products are summed over the ranks, so every rank solves the "
+            "same system: pass the same b on every rank (all-reduce a local gradient first), "
+            "or build the operator with distributed=False to solve with this rank's data alone.",
+        )
         self._start = op.matvecs
 
     @property

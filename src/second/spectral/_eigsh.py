@@ -16,6 +16,12 @@ from ..operators.base import aslinearoperator
 from ._inner import gram, project_off, rows_per_chunk
 from ._symmetry import check_symmetric_basis
 
+_SAME_START_HINT = (
+    "The operator's products are summed over the ranks, so every rank must start from the "
+    "same block: pass the same v0 (or none) and a generator seeded alike on every rank (not "
+    "with the rank), or none."
+)
+
 __all__ = ["eigsh", "EigshResult", "COPY_CHECK_STEPS"]
 
 WHICH = ("LA", "SA", "LM", "BE")
@@ -232,6 +238,11 @@ def eigsh(
     ncv = min(n, max(ncv or 0, 4 * k + 2 * p, 40))
     maxiter = 20 * n if maxiter is None else int(maxiter)
     dtype, dev = op.dtype, op.device
+    from .. import distributed as dist
+
+    dist.check_same_values_across_ranks(
+        "eigsh's start (v0 and the generator's state)", op, v0, generator, hint=_SAME_START_HINT
+    )
     g = generator or torch.Generator(device=dev).manual_seed(0)
     start_matvecs = op.matvecs
     passes = 0

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import distributed as dist
 from .._progress import progress
-from ..operators.base import LinearOperator, aslinearoperator
+from ..operators.base import aslinearoperator
 from ._inner import gram, project_off
 from ._symmetry import check_symmetric_basis
 from .lanczos import _lanczos, tridiagonal
@@ -113,9 +113,11 @@ def _gen(generator: torch.Generator | None, op) -> torch.Generator:
     Without a generator the seed is drawn from the global one, so ``torch.manual_seed``
     makes an estimate reproducible and repeated calls draw new probes. For an operator whose
     products are summed over a process group (every rank must draw the same probes) rank 0's
-    seed is taken on every rank.
+    seed is taken on every rank; a caller's generator must then be in the same state on every
+    rank (``ValueError`` otherwise: probes that differ per rank estimate no matrix).
     """
     if generator is not None:
+        dist.check_same_values_across_ranks("the generator's state", op, generator, hint=_GEN_HINT)
         return generator
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(op.device)
     if _collective(op):
@@ -123,14 +125,16 @@ def _gen(generator: torch.Generator | None, op) -> torch.Generator:
     return torch.Generator(device=op.device).manual_seed(int(seed.item()))
 
 
+_GEN_HINT = (
+    "The operator's products are summed over the ranks, so every rank must draw the same "
+    "random probes: seed the generator alike on every rank (not with the rank), or pass "
+    "generator=None (rank 0's seed is then used everywhere)."
+)
+
+
 def _collective(op, depth: int = 0) -> bool:
     """Whether ``op``'s products are all-reduced over a process group (through wrappers)."""
-    if depth > 16 or not dist.active():
-        return False
-    if hasattr(op, "distributed") and hasattr(op, "model"):  # a curvature operator over data
-        return op.distributed is not False
-    inner = [*getattr(op, "ops", ()), getattr(op, "op", None)]
-    return any(_collective(o, depth + 1) for o in inner if isinstance(o, LinearOperator))
+    return dist.collective_operator(op, depth)
 
 
 def trace(

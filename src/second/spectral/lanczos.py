@@ -111,7 +111,16 @@ def extreme_eigenvalues(
         ValueError: an operator that declares itself nonsymmetric, or one that is clearly
             not symmetric (a probe at every step, from the products Lanczos takes anyway).
     """
+    from .. import distributed as dist
+
     op = aslinearoperator(A)
+    dist.check_same_values_across_ranks(
+        "the generator's state",
+        op,
+        generator,
+        hint="The operator's products are summed over the ranks, so every rank must start "
+        "from the same vector: seed the generator alike on every rank (not with the rank).",
+    )
     g = generator or torch.Generator(device=op.device).manual_seed(0)
     v0 = torch.randn(op.shape[0], generator=g, dtype=op.dtype, device=op.device)
     alpha, beta, _ = _lanczos(op, v0, steps, check="extreme_eigenvalues")
