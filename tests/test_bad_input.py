@@ -230,10 +230,12 @@ def test_empty_data(cls):
     model, X, y, *_ = _setup()
     v = torch.ones(N_PARAMS)
     empty_loader = DataLoader(TensorDataset(X[:0], y[:0]), batch_size=2)
-    for data in ([], iter([]), empty_loader, [(X[:0], y[:0])]):
+    for data in ([], empty_loader, [(X[:0], y[:0])]):
         op = cls(model, nn.MSELoss(), data)
         with pytest.raises(ValueError, match="the data is empty"):
             op @ v
+    with pytest.raises(TypeError, match="one-shot iterator"):  # read once, empty after
+        cls(model, nn.MSELoss(), iter([]))
     with pytest.raises(ValueError, match="the data is empty"):
         cls(model, nn.MSELoss(), []).loss_and_gradient()
 

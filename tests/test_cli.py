@@ -126,8 +126,11 @@ def test_summary_medians_count_a_nan_seed_as_the_worst(order):
     rows = [_row(i, *values[i]) for i in order]
     (s,) = summarize(rows)
     assert s["relerr_median"] == 1.0 and s["cosine_median"] == 0.3
-    assert math.isnan(s["relerr_max"]) and math.isnan(s["cosine_min"])
+    # the extremes too (regression: they were the NaN itself, printed "nan")
+    assert s["relerr_max"] == math.inf and s["cosine_min"] == -math.inf
     assert s["nan_seeds"] == 1
+    line = format_table([s]).splitlines()[-1]
+    assert "-inf" in line and "/ inf" in line and "nan" not in line
 
 
 @pytest.mark.parametrize(
@@ -162,7 +165,9 @@ def test_cli_out_dir_under_a_file(tmp_path, capsys):
     f.write_text("")
     argv = ["compare", "--seeds", "1", "--methods", "cg", "--no-plot"]
     assert _exit([*argv, "--out-dir", str(f / "sub")]) == 2
-    assert "--out-dir" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # regression: the message named the path asked for, not the file in its way
+    assert f"--out-dir: {str(f)!r} is a file" in err
 
 
 def test_cli_version(capsys):
@@ -185,3 +190,48 @@ def test_every_option_has_help_text():
 def test_the_command_has_no_traceback_on_a_missing_command(capsys):
     assert _exit([]) == 2
     assert "required: COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hessian-damping", "-1", "--methods", "cg,lissa"], "--hessian-damping: lissa needs"),
+        (
+            ["--ggn-damping", "-5", "--methods", "lissa"],
+            "--ggn-damping: lissa needs a damping >= 0",
+        ),
+        (["--ggn-damping", "0", "--methods", "lowrank"], "--methods: lowrank needs a damping > 0"),
+    ],
+)
+def test_a_damping_the_chosen_method_refuses_is_an_error_before_computing(
+    argv, message, tmp_path, capsys
+):
+    """Regression: a traceback after the exact solutions (lissa), or an IndexError / an
+    empty table with exit 0 (lowrank with no positive damping)."""
+    assert _exit(["compare", "--seeds", "1", "--out-dir", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("second compare: error: argument ") and message in err[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_methods_a_damping_rules_out_are_named_in_the_report(tmp_path, capsys, monkeypatch):
+    """Regression: with the default methods, zero damping dropped the lowrank row silently
+    (and a negative one made lissa raise)."""
+    import second.cli
+
+    monkeypatch.setattr("second.compare.DEFAULT_METHODS", ("cg", "lissa", "lowrank"))
+    argv = ["compare", "--seeds", "1", "--no-plot", "--no-progress", "--out-dir", str(tmp_path)]
+    assert second.cli.main([*argv, "--hessian-damping", "-1"]) == 0
+    out = capsys.readouterr().out
+    for method, need in (("lissa", ">= 0"), ("lowrank", "> 0")):
+        note = f"Note: {method} is not run on the Hessian: it needs a damping {need}"
+        assert note in out and note in (tmp_path / "compare.md").read_text()
+    assert "| ggn | lowrank |" in out and "| hessian | lowrank |" not in out
+
+
+def test_a_bad_progress_variable_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """Regression: a traceback with exit status 1."""
+    monkeypatch.setenv("SECOND_PROGRESS", "maybe")
+    assert _exit(["compare", "--seeds", "1", "--methods", "cg", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: SECOND_PROGRESS='maybe'" in err[-1] and "yes" in err[-1]

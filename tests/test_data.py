@@ -284,3 +284,76 @@ def test_the_fingerprint_sees_every_element_and_the_pairing_of_examples():
     )
     nan = torch.tensor([[float("nan"), 1.0]])
     assert batch_fingerprint((nan, nan)) == batch_fingerprint((nan.clone(), nan.clone()))
+
+
+@pytest.mark.parametrize("kind", ["generator", "zip", "iter(loader)"])
+def test_one_shot_iterators_are_refused_at_construction(kind):
+    """Regression: a generator worked for one product; the second said "the data is empty"."""
+    X, y = torch.randn(12, 2), torch.randn(12, 1)
+    model = nn.Linear(2, 1)
+    make = {
+        "generator": lambda: ((X[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)),
+        "zip": lambda: zip(X.split(4), y.split(4)),
+        "iter(loader)": lambda: iter(DataLoader(TensorDataset(X, y), batch_size=4)),
+    }[kind]
+    for cls in (HessianOperator, GGNOperator, FisherOperator):
+        with pytest.raises(TypeError, match="one-shot iterator"):
+            cls(model, nn.MSELoss(), make())
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        JacobianOperator(model, make())
+    # what can be read again keeps working
+    reread = [
+        list(zip(X.split(4), y.split(4))),
+        tuple(zip(X.split(4), y.split(4))),
+        DataLoader(TensorDataset(X, y), batch_size=4),
+        TensorDataset(X, y),
+        (X, y),
+    ]
+    ref = HessianOperator(model, nn.MSELoss(), (X, y)).to_dense()
+    for data in reread:
+        assert_close(
+            HessianOperator(model, nn.MSELoss(), data).to_dense(), ref, PRODUCT_TOL[torch.float32]
+        )
+
+
+def test_layout_messages_name_the_problem():
+    """Regression: misleading or missing messages of Task.check for common layouts."""
+    from torch.utils.data import IterableDataset
+
+    X, y = torch.randn(5, 3), torch.randn(5)
+
+    class Examples(IterableDataset):  # single examples, not batches
+        def __iter__(self):
+            return iter(zip(X, y))
+
+    with pytest.raises(ValueError, match="wrap it in torch.utils.data.DataLoader"):
+        list(iterate_batches(Examples()))
+    batch = {"input": X, "labels": y, "id": [f"ex{i}" for i in range(5)]}
+    with pytest.raises(TypeError, match="entry 'id' is a list, not a tensor"):
+        list(iterate_batches([batch]))
+    with pytest.raises(ValueError, match="batch input 1 have 4 examples but targets have 5"):
+        list(iterate_batches(((X, X[:4]), y)))
+    assert len(list(iterate_batches(((X, X), y)))) == 1
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, JacobianOperator])
+def test_the_progress_total_counts_batches_of_a_dataset(cls, monkeypatch):
+    """Regression: a map-style Dataset's bar counted examples (1/1000) but read 4 batches."""
+    import second._progress as progress_module
+
+    totals = []
+
+    def fake(it, total=None, **kw):
+        totals.append(total)
+        return it
+
+    monkeypatch.setattr(progress_module, "progress", fake)
+    X, y = torch.randn(1000, 2), torch.randn(1000, 1)
+    model = nn.Linear(2, 1)
+    args = (model, nn.MSELoss()) if cls is HessianOperator else (model,)
+    op = cls(*args, TensorDataset(X, y), progressbar=True)
+    op @ torch.ones(op.shape[1])
+    assert totals and set(totals) == {4}
+    totals.clear()
+    cls(*args, [(X[:10], y[:10])] * 3, progressbar=True) @ torch.ones(op.shape[1])
+    assert set(totals) == {3}

@@ -44,6 +44,10 @@ def test_environment_variable_with_a_wrong_word_is_an_error(monkeypatch):
     monkeypatch.setenv("SECOND_PROGRESS", "sometimes")
     with pytest.raises(ValueError, match="SECOND_PROGRESS='sometimes'"):
         progress_enabled()
+    with pytest.raises(ValueError) as info:  # regression: yes and no were not listed
+        progress_enabled()
+    listed = set(str(info.value).split(":", 1)[1].replace(",", " ").split())
+    assert {"0", "1", "true", "false", "yes", "no", "on", "off"} <= listed
 
 
 def test_precedence_call_then_switch_then_environment(monkeypatch):

@@ -1,7 +1,9 @@
 """Optional dependencies: one place that imports them and says which extra to install.
 
-``second`` needs only torch, NumPy, SciPy and tqdm. Plots need matplotlib (the ``plot``
-extra) and the built-in ``digits`` problem needs scikit-learn (the ``data`` extra). Every
+``second`` needs only torch, NumPy and SciPy. Progress bars need tqdm (the ``progress``
+extra; without it the work runs without a bar, after a one-line hint), plots need matplotlib
+(the ``plot`` extra) and the built-in ``digits`` problem needs scikit-learn (the ``data``
+extra). Every
 optional import goes through :func:`require`, so a missing package always ends in the same
 one-line message naming the extra, e.g. ``pip install 'second[plot]'``.
 """

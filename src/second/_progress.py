@@ -72,7 +72,10 @@ def progress_enabled(enabled: bool | None = None) -> bool:
     if env in _FALSE:
         return False
     if env:
-        raise ValueError(f"SECOND_PROGRESS={env!r}: expected one of 0, 1, false, true, off, on")
+        raise ValueError(
+            f"SECOND_PROGRESS={env!r}: expected one of 1, true, yes, on (bars) or 0, false, "
+            "no, off (none), in any case, or unset (bars only when stderr is a terminal)"
+        )
     stream = sys.stderr
     return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
 

@@ -75,6 +75,14 @@ def _method_list(text: str) -> tuple[str, ...]:
     return methods
 
 
+def _file_in_the_way(path: Path) -> str:
+    """The first of ``path`` and its parents that is a file (``path`` itself if none is)."""
+    for p in [*reversed(path.parents), path]:
+        if p.is_file():
+            return str(p)
+    return str(path)
+
+
 # ----------------------------------------------------------------------------- compare
 def _header(args: argparse.Namespace) -> str:
     return (
@@ -92,7 +100,9 @@ def _header(args: argparse.Namespace) -> str:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import (
+        DAMPING_NEEDS,
         DEFAULT_METHODS,
+        damping_skips,
         jsonable,
         plot_residuals,
         run_compare,
@@ -102,11 +112,38 @@ def _compare(args: argparse.Namespace) -> int:
     from .problems import check_problem
 
     parser: argparse.ArgumentParser = args.parser
+    methods = args.methods or DEFAULT_METHODS
+    damping = {"hessian": args.hessian_damping, "ggn": args.ggn_damping}
+    skips = damping_skips(methods, damping)
+    flags = {"hessian": "--hessian-damping", "ggn": "--ggn-damping"}
+    if args.methods:  # a method asked for by name that its damping rules out: refuse it now
+        for method in methods:
+            out = [c for c in damping if method in skips[c]]
+            if method == "lissa" and out:
+                parser.error(
+                    f"argument {flags[out[0]]}: lissa needs a damping >= 0, got "
+                    f"{damping[out[0]]:g} (drop lissa from --methods; cg, minres and dense "
+                    "take a negative damping)"
+                )
+            if len(out) == len(damping):
+                parser.error(
+                    f"argument --methods: {method} needs a damping {DAMPING_NEEDS[method]}, but "
+                    f"--hessian-damping is {damping['hessian']:g} and --ggn-damping is "
+                    f"{damping['ggn']:g}: it would run on neither matrix"
+                )
+    notes = [
+        f"Note: {method} is not run on the {'Hessian' if c == 'hessian' else 'Gauss-Newton matrix'}: "
+        f"it needs a damping {DAMPING_NEEDS[method]} and {flags[c]} is {damping[c]:g}."
+        for c in damping
+        for method in skips[c]
+    ]
     out_dir = Path(args.out_dir)
     try:  # refuse a bad --out-dir before computing, not after
         out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        parser.error(f"argument --out-dir: {str(out_dir)!r} is a file, not a directory")
+        parser.error(
+            f"argument --out-dir: {_file_in_the_way(out_dir)!r} is a file, not a directory"
+        )
     except OSError as err:
         parser.error(f"argument --out-dir: cannot create {str(out_dir)!r}: {err.strerror}")
     try:
@@ -115,7 +152,6 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"second: {err}", file=sys.stderr)
         return 1
 
-    methods = args.methods or DEFAULT_METHODS
     torch.set_num_threads(args.threads)
     rows, facts = run_compare(
         problem=args.problem,
@@ -127,7 +163,8 @@ def _compare(args: argparse.Namespace) -> int:
         tol=args.tol,
         progress=args.progress,
     )
-    report = write_outputs(rows, facts, out_dir, plot=False, header=_header(args))
+    header = "\n".join([_header(args), *(f"\n{note}" for note in notes)])
+    report = write_outputs(rows, facts, out_dir, plot=False, header=header)
     summary = summarize(rows)
     written = [str(out_dir / "compare.md"), str(out_dir / "compare.json")]
     if args.json:
@@ -139,6 +176,8 @@ def _compare(args: argparse.Namespace) -> int:
                             k: v for k, v in vars(args).items() if k not in ("func", "parser")
                         },
                         "summary": summary,
+                        "not_run": {c: m for c, m in skips.items() if m},
+                        "notes": notes,
                         "facts": facts,
                         "outputs": written,
                     }
@@ -311,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.progress is None:
-        args.progress = progress_enabled()
+        try:
+            args.progress = progress_enabled()
+        except ValueError as err:  # a bad SECOND_PROGRESS: a one-line error, exit 2
+            getattr(args, "parser", parser).error(str(err))
     return args.func(args)
 
 

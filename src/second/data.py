@@ -180,10 +180,7 @@ class Task:
             ValueError: inputs and targets hold different numbers of examples.
         """
         if not self.is_batch(batch):
-            raise TypeError(
-                "each batch must be an (X, y) pair of tensors or a dict of tensors, got "
-                f"{type(batch).__name__} (pass task=second.Task subclass for other batches)"
-            )
+            raise TypeError(_layout_message(batch))
         if isinstance(batch, Mapping):
             if self.target_key not in batch:
                 raise TypeError(
@@ -194,13 +191,19 @@ class Task:
             sizes = {int(v.shape[0]) if v.dim() else 0 for v in batch.values()}
         else:
             X, y = batch
-            sizes = {int(tensor_leaves(X)[0].shape[0]) if tensor_leaves(X)[0].dim() else 0}
-            sizes.add(int(y.shape[0]) if y.dim() else 0)
-            if len(sizes) > 1:
-                raise ValueError(
-                    f"batch inputs have {tensor_leaves(X)[0].shape[0]} examples but targets have "
-                    f"{y.shape[0] if y.dim() else 0}"
-                )
+            n_y = int(y.shape[0]) if y.dim() else 0
+            for i, x in enumerate(tensor_leaves(X)):
+                n_x = int(x.shape[0]) if x.dim() else 0
+                if n_x != n_y:
+                    which = "batch inputs" if isinstance(X, Tensor) else f"batch input {i}"
+                    hint = (
+                        " (an IterableDataset of single examples? wrap it in "
+                        "torch.utils.data.DataLoader(data, batch_size=...))"
+                        if not y.dim() or x.dim() == 1
+                        else ""
+                    )
+                    raise ValueError(f"{which} have {n_x} examples but targets have {n_y}{hint}")
+            sizes = {n_y}
         if len(sizes) > 1:
             raise ValueError(f"the tensors of a batch hold different numbers of examples {sizes}")
 
@@ -297,6 +300,74 @@ def as_task(task: Task | None, loss_fn: Callable | None) -> Task:
     return task
 
 
+def _layout_message(batch) -> str:
+    """Why ``batch`` is not a batch the default task reads (naming a non-tensor entry)."""
+    if isinstance(batch, Mapping):
+        bad = [k for k, v in batch.items() if not isinstance(v, Tensor)]
+        if bad:
+            k = bad[0]
+            return (
+                "each batch must be an (X, y) pair of tensors or a dict of tensors, got a "
+                f"dict whose entry {k!r} is a {type(batch[k]).__name__}, not a tensor (drop "
+                "it from the batches, e.g. in a collate_fn, or pass task=second.Task "
+                "subclass that reads this layout)"
+            )
+    return (
+        "each batch must be an (X, y) pair of tensors or a dict of tensors, got "
+        f"{type(batch).__name__} (pass task=second.Task subclass for other batches)"
+    )
+
+
+def refuse_one_shot(data, what: str) -> None:
+    """Raise unless ``data`` can be read more than once (a one-shot iterator cannot).
+
+    A generator, ``zip(...)``, ``map(...)`` or ``iter(loader)`` is exhausted by the first
+    pass, and an object that reads its data on every product needs a second pass.
+
+    Args:
+        data: the data given to ``what``.
+        what: who reads the data, for the message.
+
+    Raises:
+        TypeError: ``data`` is an iterator (``iter(data) is data``).
+
+    Example:
+        >>> refuse_one_shot([(torch.ones(2, 1), torch.ones(2))], "an operator")
+        >>> refuse_one_shot(iter([]), "an operator")
+        Traceback (most recent call last):
+            ...
+        TypeError: an operator reads the data on every pass, but it was given a one-shot iterator (list_iterator), which is empty after the first pass: pass a list of batches, a DataLoader or a Dataset instead (e.g. list(data))
+    """
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"{what} reads the data on every pass, but it was given a one-shot iterator "
+            f"({type(data).__name__}), which is empty after the first pass: pass a list of "
+            "batches, a DataLoader or a Dataset instead (e.g. list(data))"
+        )
+
+
+def batch_count(data, task: Task) -> int | None:
+    """How many batches :func:`iterate_batches` reads from ``data`` (``None``: unknown).
+
+    One for a single batch, ``ceil(len / task.dataset_batch_size)`` for a map-style
+    ``Dataset`` (read in batches of that size), ``len(data)`` for another sized iterable.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> batch_count(TensorDataset(torch.ones(1000, 2), torch.ones(1000)), Task())
+        4
+    """
+    if task.is_batch(data):
+        return 1
+    if _is_map_dataset(data):
+        try:
+            n = len(data)
+        except TypeError:
+            return None
+        return -(-n // task.dataset_batch_size)
+    return len(data) if hasattr(data, "__len__") else None
+
+
 def _is_map_dataset(data) -> bool:
     from torch.utils.data import Dataset, IterableDataset
 
@@ -319,13 +390,22 @@ def _batches_of(data, task: Task) -> Iterable:
         ) from None
 
 
-def iterate_batches(data, task: Task | None = None, device: torch.device | None = None) -> Iterator:
+def iterate_batches(
+    data,
+    task: Task | None = None,
+    device: torch.device | None = None,
+    *,
+    allow_empty: bool = False,
+) -> Iterator:
     """Yield the non-empty batches of ``data``, checked and moved to ``device``.
 
     Args:
         data: one batch, an iterable of batches, or a map-style ``Dataset``.
         task: how to read a batch (default :class:`Task`).
         device: where to move every tensor (``None``: leave them).
+        allow_empty: yield nothing for data without an example instead of raising (a
+            rank's shard of distributed data may be empty while the union is not; the
+            caller checks the reduced count).
 
     Yields:
         The batches, in order; empty ones are skipped.
@@ -348,7 +428,7 @@ def iterate_batches(data, task: Task | None = None, device: torch.device | None 
             continue
         count += 1
         yield task.to(batch, device)
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError("the data is empty: it yielded no (non-empty) batch")
 
 

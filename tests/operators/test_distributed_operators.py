@@ -206,3 +206,47 @@ def test_monte_carlo_samples_differ_per_rank(tmp_path):
     assert not torch.allclose(
         res[0]["kfac shared"], KFACOperator(model, loss_fn, (X, y), fisher="mc").to_dense()
     )
+
+
+# --- an empty shard: it adds nothing; data empty on every rank: every rank raises ----------
+
+
+def _empty_shard_worker(rank: int, world: int, outdir: str) -> None:
+    from second import KFACOperator
+
+    model, loss_fn, X, y, v, V = _problem("mean")
+    out: dict = {}
+    empties = {"list": [], "batch": (X[:0], y[:0]), "empty batches": [(X[:0], y[:0])]}
+    for layout, empty in empties.items():
+        data = [(X[:5], y[:5]), (X[5:], y[5:])] if rank == 0 else empty
+        out[layout] = _products(model, loss_fn, data, v, V)
+        out[layout]["kfac"] = KFACOperator(model, loss_fn, data).to_dense()
+    errors = {}
+    for name, make in {**KINDS, "kfac": KFACOperator}.items():
+        try:
+            make(model, loss_fn, []) @ v
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def test_empty_shard_adds_nothing_and_all_empty_fails_everywhere(tmp_path):
+    """Regression: a rank with an empty shard raised at once while its peers hung."""
+    from second import KFACOperator
+
+    spawn_ranks(_empty_shard_worker, WORLD_SIZE, str(tmp_path))
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    model, loss_fn, X, y, v, V = _problem("mean")
+    expected = _products(model, loss_fn, (X, y), v, V)
+    expected["kfac"] = KFACOperator(model, loss_fn, (X, y)).to_dense()
+    tol = PRODUCT_TOL[torch.float64]
+    for rank, results in enumerate(res):
+        for layout in ("list", "batch", "empty batches"):
+            for key in expected:
+                got = results[layout][key]
+                assert_close(got, expected[key], tol, msg=f"rank {rank} {layout}: {key}")
+        # no example on any rank: every rank raises the same error (no rank waits alone)
+        assert set(results["errors"]) == {"hessian", "ggn", "ef", "kfac"}
+        for msg in results["errors"].values():
+            assert "the data is empty on every rank" in msg

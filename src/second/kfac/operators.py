@@ -308,6 +308,8 @@ class KFACOperator(CurvatureOperator):
             buf = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.all_reduce_sum(buf)
             total = float(buf)
+        if stats.n == 0:  # no datum on any rank: empty data, or every target ignored
+            _ = self.num_data  # raises on every rank if the data holds no example
         self._check_total(total)
         self._num_data = int(stats.n)
         # sum_b (W_b / n_b) (n_b-sums of batch b) / W: each batch by its share W_b / W

@@ -49,7 +49,9 @@ from ..data import (
     SamePassCheck,
     Task,
     as_task,
+    batch_count,
     iterate_batches,
+    refuse_one_shot,
     refuse_stochastic,
 )
 from ..func.products import (
@@ -185,6 +187,7 @@ class CurvatureOperator(LinearOperator):
         columns: str = "auto",
     ):
         check_argument_order(type(self).__name__, data, params)
+        refuse_one_shot(data, type(self).__name__)
         self.params = trainable_parameters(model) if params is None else as_params(params)
         self._record_params(params)
         p0 = self.params[0]
@@ -365,6 +368,16 @@ class CurvatureOperator(LinearOperator):
         """What the sum of the scaled products is divided by: :math:`W` (mean) or 1 (sum)."""
         return total if self.reduction == "mean" else 1.0
 
+    def _check_nonempty(self, count: float) -> None:
+        """Raise when the data (over every rank) holds no example.
+
+        Under ``torch.distributed`` a rank's shard may be empty (it adds nothing); the
+        reduced count is the same on every rank, so all of them raise together.
+        """
+        if count == 0.0:
+            where = " on every rank" if dist.active(self.distributed) else ""
+            raise ValueError(f"the data is empty{where}: it yielded no (non-empty) batch")
+
     def _check_total(self, total: float) -> None:
         if self.reduction == "mean" and total == 0.0:
             raise ValueError(
@@ -375,11 +388,13 @@ class CurvatureOperator(LinearOperator):
 
     def _batches(self):
         """Batches, checking the data is the same on every pass."""
-        it = iterate_batches(self.data, self.task, self.device)
+        it = iterate_batches(
+            self.data, self.task, self.device, allow_empty=dist.active(self.distributed)
+        )
         if self.progressbar and not self.single_batch:
             from .._progress import progress
 
-            total = len(self.data) if hasattr(self.data, "__len__") else None
+            total = batch_count(self.data, self.task)
             it = progress(it, total=total, desc=type(self).__name__, unit="batch", enabled=True)
         if self.check_deterministic and not self.single_batch:
             it = self._pass_check(it)
@@ -480,7 +495,9 @@ class CurvatureOperator(LinearOperator):
         if self._states is None:
             self._versions = self._param_versions()
             if self.single_batch:
-                batches = iterate_batches(self.data, self.task, self.device)
+                batches = iterate_batches(
+                    self.data, self.task, self.device, allow_empty=dist.active(self.distributed)
+                )
             else:
                 batches = self._batches()
             self._states = list(self._states_of(batches))
@@ -498,8 +515,11 @@ class CurvatureOperator(LinearOperator):
         # weighted sums of half-precision products in float32: in float16 a sum over many
         # examples overflows (65504), in bfloat16 it loses its low digits
         wide = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
-        if self.single_batch:
-            ((state, n_b, w_b),) = self._kept_states()
+        kept = self._kept_states() if self.single_batch else None
+        if kept == []:  # an empty shard of distributed data: it adds nothing
+            acc, count, total = V.new_zeros(V.shape, dtype=wide), 0.0, 0.0
+        elif kept is not None:
+            ((state, n_b, w_b),) = kept
             skip = self._skipped(w_b)
             if not dist.active(self.distributed):
                 if skip:
@@ -517,6 +537,7 @@ class CurvatureOperator(LinearOperator):
                 total += w_b
                 del state
         acc, count, total = self._reduce(acc, count, total)
+        self._check_nonempty(count)
         self._num_data = int(count)
         self._check_total(total)
         if self.reduction == "mean":
@@ -534,10 +555,13 @@ class CurvatureOperator(LinearOperator):
     def num_data(self) -> int:
         """Number of examples ``N`` in the data (summed over ranks)."""
         if self._num_data is None:
-            batches = iterate_batches(self.data, self.task)
+            batches = iterate_batches(
+                self.data, self.task, allow_empty=dist.active(self.distributed)
+            )
             count = float(sum(self.task.batch_size(b) for b in batches))
             zero = torch.zeros(1, dtype=self.dtype, device=self.device)
             _, count, _ = self._reduce(zero, count, 0.0)
+            self._check_nonempty(count)
             self._num_data = int(count)
         return self._num_data
 
@@ -561,6 +585,7 @@ class CurvatureOperator(LinearOperator):
             acc[:-1].add_(parameters_to_vector(g), alpha=w)
             acc[-1] += w * loss.detach()
         acc, count, total = self._reduce(acc, count, total)
+        self._check_nonempty(count)
         self._num_data = int(count)
         self._check_total(total)
         if self.reduction == "mean":

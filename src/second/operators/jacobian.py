@@ -29,7 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NonDeterministicDataError
-from ..data import SamePassCheck, Task, as_task, iterate_batches, refuse_stochastic
+from ..data import (
+    SamePassCheck,
+    Task,
+    as_task,
+    batch_count,
+    iterate_batches,
+    refuse_one_shot,
+    refuse_stochastic,
+)
 from ..func.products import JacobianGraph, as_params, check_finite, trainable_parameters
 from ..func.vectors import (
     columns_to_parameters,
@@ -56,6 +64,7 @@ class _Jacobian:
         columns: str,
         task: Task | None = None,
     ):
+        refuse_one_shot(data, "JacobianOperator")
         self.params = trainable_parameters(model) if params is None else as_params(params)
         p0 = self.params[0]
         self.dtype, self.device = p0.dtype, p0.device
@@ -106,7 +115,7 @@ class _Jacobian:
         if self.progressbar and not self.single_batch:
             from .._progress import progress
 
-            total = len(self.data) if hasattr(self.data, "__len__") else None
+            total = batch_count(self.data, self.task)
             it = progress(it, total=total, desc="JacobianOperator", unit="batch", enabled=True)
         if self.check_deterministic and not self.single_batch:
             it = self._pass_check(it)
