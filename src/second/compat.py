@@ -110,12 +110,13 @@ def neumann(A, *args, **kwargs):
     ``vector``/``truncate_iter`` keywords) returns the flat scaled sum
     :math:`\frac1s \sum_{i=0}^{K} (I - A/s)^i v`, an approximation of :math:`A^{-1} v`,
     with ``K = truncate_iter`` and ``s = scale`` (default 1, the seed's, where it is the
-    seed's plain sum). It stops early once the relative residual is below ``1e-12``. When
-    it has not converged after ``K`` terms it returns the best partial sum seen and warns,
-    saying why: negative curvature detected (an indefinite matrix, as the seed notebook's
-    Hessian: :class:`~second.NegativeCurvatureWarning`; no scale helps), contraction > 1
-    (:math:`\lambda_{\max} > 2s`: the scale is too small), a residual that grows, or
-    too few terms (:class:`~second.ConvergenceWarning` for these).
+    seed's plain sum). It stops early once the relative residual is below ``1e-12``. A
+    series that goes wrong returns the best partial sum seen and warns, saying why:
+    negative curvature detected (an indefinite matrix, as the seed notebook's Hessian:
+    :class:`~second.NegativeCurvatureWarning`; no scale helps), contraction > 1
+    (:math:`\lambda_{\max} > 2s`: the scale is too small) or a residual that grows
+    (:class:`~second.ConvergenceWarning`). A series still converging after ``K`` terms is
+    the truncation asked for: it does not warn.
 
     Example:
         >>> A = torch.diag(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
@@ -156,9 +157,21 @@ def neumann(A, *args, **kwargs):
         raise TypeError(f"neumann() got unexpected arguments {sorted(bound)}")
     b = _flat(vector).detach()
     res = neumann_solve(_matvec(A), b, scale=scale, maxiter=truncate_iter, tol=1e-12, warn=False)
-    if not res.converged:
+    if _went_wrong(res):
         warnings.warn(f"neumann: {res.message}", _warning_for(res), stacklevel=2)
     return res.x
+
+
+def _went_wrong(res) -> bool:
+    """A truncated series gone wrong: diverging, a growing residual or negative curvature.
+
+    The seed forms truncate the series on purpose (``truncate_iter``, ``num_iter``): a
+    series still converging when it stops is what was asked for, and does not warn.
+    """
+    info = res.info
+    return not res.converged and bool(
+        res.diverged or info.get("warn_negative") or info.get("growing")
+    )
 
 
 def _is_param_seq(x) -> bool:
@@ -176,9 +189,10 @@ def fixed_point(
     Iterates :math:`u_{k+1} = u_k - \mathrm{lr}\, A u_k + v` from :math:`u_0 = v` and returns
     :math:`\mathrm{lr}\, u_K`, which tends to :math:`A^{-1}v` when :math:`0 < \mathrm{lr} <
     2/\lambda_{\max}` and ``A`` is positive definite: a Neumann series with scale ``1/lr``.
-    It stops early once converged (relative residual ``1e-12``); otherwise it warns and says
-    why, as :func:`neumann`'s seed form (negative curvature detected, ``lr`` too large, a
-    growing residual, or too few iterations), returning the best iterate seen.
+    It stops early once converged (relative residual ``1e-12``); a series that goes wrong
+    warns and says why, as :func:`neumann`'s seed form (negative curvature detected, ``lr``
+    too large, a growing residual), returning the best iterate seen; one still converging
+    when ``num_iter`` ends is the truncation asked for and does not warn.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
@@ -189,7 +203,7 @@ def fixed_point(
         raise ValueError(f"lr must be > 0, got {lr}")
     b = _flat(vector).detach()
     res = neumann_solve(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
-    if not res.converged:
+    if _went_wrong(res):
         warnings.warn(f"fixed_point: {res.message}", _warning_for(res), stacklevel=2)
     return flat_solution(res)
 

@@ -62,3 +62,24 @@ def test_inverse_damping_replacing_the_own_one_is_deprecated(cls):
     torch.testing.assert_close(
         K0.inverse(damping=0.1) @ v, torch.linalg.solve(undamped + 0.1 * eye, v), **INVERSE_TOL
     )
+
+
+@pytest.mark.parametrize("dtype, damping", [(torch.float32, 0.1), (torch.float64, 1e-8)])
+def test_a_small_positive_damping_inverts_a_singular_block(dtype, damping):
+    # (B + damping I)^{-1} of a block with a null direction (a dead input feature) is well
+    # defined for a damping above the rounding noise of its eigenvalues (eps * the largest,
+    # ~0.03 in float32 and ~5e-11 in float64 here), even below the rank cutoff: not refused
+    torch.manual_seed(0)
+    model = nn.Linear(20, 10, bias=False).to(dtype)
+    X = 30 * torch.randn(64, 20, dtype=dtype)
+    X[:, 0] = 0.0
+    y = torch.randn(64, 10, dtype=dtype)
+    op = KFACOperator(model, nn.MSELoss(reduction="sum"), (X, y))
+    v = torch.randn(op.shape[0], dtype=dtype)
+    back = op.inverse(damping=damping) @ (op @ v + damping * v)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((back - v).norm() / v.norm()) < rtol
+    with pytest.raises(ValueError, match="damping"):
+        op.inverse(damping=0.0)
+    with pytest.raises(ValueError, match="rounding level"):
+        op.inverse(damping=1e-3 if dtype == torch.float32 else 1e-12)

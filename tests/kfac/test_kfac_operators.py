@@ -437,9 +437,10 @@ WEIGHTED_LOSSES = {
 }
 
 
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
 @pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
 @pytest.mark.parametrize("loss", list(WEIGHTED_LOSSES))
-def test_weighted_mean_losses_do_not_depend_on_the_batching(loss, cls):
+def test_weighted_mean_losses_do_not_depend_on_the_batching(loss, cls, fisher):
     # torch's mean of a weighted or padded cross-entropy divides each batch by its valid
     # targets' weights: a batch's share of the mean over all the data is W_b / W (it was
     # n_b / N: factors 2-10% off with some splits), and a batch whose targets are all ignored
@@ -451,9 +452,9 @@ def test_weighted_mean_losses_do_not_depend_on_the_batching(loss, cls):
     y[7] = -100
     loss_fn = WEIGHTED_LOSSES[loss]
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    whole = cls(model, loss_fn, (X, y)).to_dense()
+    whole = cls(model, loss_fn, (X, y), fisher=fisher).to_dense()
     for size in (3, 4, 5):
         batches = [(X[i : i + size], y[i : i + size]) for i in range(0, 12, size)]
-        torch.testing.assert_close(cls(model, loss_fn, batches).to_dense(), whole)
+        torch.testing.assert_close(cls(model, loss_fn, batches, fisher=fisher).to_dense(), whole)
     with pytest.raises(ValueError, match="no weight"):
-        cls(model, loss_fn, (X, torch.full_like(y, -100)))
+        cls(model, loss_fn, (X, torch.full_like(y, -100)), fisher=fisher)

@@ -726,3 +726,19 @@ def test_float16_products_over_many_examples_are_accumulated_in_float32():
     got = GGNOperator(m16, nn.MSELoss(), data16) @ v.half()
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, rtol=HALF_RTOL, atol=0.0)
+
+
+def test_float16_loss_and_gradient_over_many_examples_are_accumulated_in_float32():
+    """Regression: loss_and_gradient summed W_b * loss_b in float16 (inf past 65504)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(80_000, 2), torch.randn(80_000, 1)
+    m32 = nn.Linear(2, 1)
+    m16 = nn.Linear(2, 1).half()
+    m16.load_state_dict({k: t.half() for k, t in m32.state_dict().items()})
+    data32 = list(zip(X.split(40_000), y.split(40_000), strict=True))
+    data16 = [(a.half(), b.half()) for a, b in data32]
+    want_loss, want_grad = GGNOperator(m32, nn.MSELoss(), data32).loss_and_gradient()
+    loss, grad = GGNOperator(m16, nn.MSELoss(), data16).loss_and_gradient()
+    assert loss.dtype == grad.dtype == torch.float16
+    torch.testing.assert_close(loss.float(), want_loss, rtol=HALF_RTOL, atol=0.0)
+    torch.testing.assert_close(grad.float(), want_grad, rtol=HALF_RTOL, atol=1e-3)

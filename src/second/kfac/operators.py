@@ -260,13 +260,14 @@ class KFACOperator(CurvatureOperator):
         optimizer leaves them out.
         """
         self.generator.set_state(self._generator_state)
-        self._weight_total = 0.0
+        self._weight_total = self._examples_total = 0.0
         for batch in self._batches():
             # torch's mean divides a batch by W_b (its valid targets' weights): the batch's
             # share of the mean over all the data is W_b / W, not n_b / N (refresh divides)
             n_b = self.task.batch_size(batch)
             w_b = self._batch_weight(batch, n_b)
             self._weight_total += w_b
+            self._examples_total += n_b
             if self._skipped(w_b):
                 continue  # every target ignored: no datum (and a NaN batch loss)
             with Capture(self.rules, self.diagonal_rules) as cap:
@@ -278,7 +279,9 @@ class KFACOperator(CurvatureOperator):
                 self.loss_fn, out, y, self.reduction, self.fisher, self.mc_samples, self.generator
             )
             if self.reduction == "mean" and w_b != n_b:  # statistics are quadratic in S
-                S = S * math.sqrt(w_b / n_b)
+                # the empirical Fisher is quadratic in the losses too: its batch counts
+                # (W_b / n_b)^2, as FisherOperator's does
+                S = S * (w_b / n_b if self.fisher == "empirical" else math.sqrt(w_b / n_b))
             if with_keep:
                 c = target_weights(self.loss_fn, out, y, self.reduction)
                 keep = None if c is None else c > 0
@@ -302,19 +305,22 @@ class KFACOperator(CurvatureOperator):
                 keep=keep,
             )
         stats.tensors()
-        total = self._weight_total
+        total, examples = self._weight_total, self._examples_total
         if dist.active(self.distributed):
             stats.all_reduce()
-            buf = torch.tensor([total], dtype=torch.float64, device=self.device)
+            buf = torch.tensor([total, examples], dtype=torch.float64, device=self.device)
             dist.all_reduce_sum(buf)
-            total = float(buf)
+            total, examples = float(buf[0]), float(buf[1])
         if stats.n == 0:  # no datum on any rank: empty data, or every target ignored
             _ = self.num_data  # raises on every rank if the data holds no example
         self._check_total(total)
-        self._num_data = int(stats.n)
-        # sum_b (W_b / n_b) (n_b-sums of batch b) / W: each batch by its share W_b / W
-        self._mean_scale = stats.n / total if self.reduction == "mean" else 1.0
-        w = self._mean_scale / stats.n if self.reduction == "mean" else 1.0
+        self._num_data = int(examples)  # every example, those of all-ignored batches too
+        # sum_b (W_b / n_b) (n_b-sums of batch b) / W: each batch by its share W_b / W; the
+        # empirical Fisher, quadratic in the losses, by (W_b / n_b)^2 N / W^2 (FisherOperator's)
+        self._mean_scale = examples / total if self.reduction == "mean" else 1.0
+        if self.fisher == "empirical":
+            self._mean_scale = self._mean_scale**2
+        w = self._mean_scale / examples if self.reduction == "mean" else 1.0
         A_sums, G_sums, diags = stats.sums()
         self.A: list[Tensor] = [A / max(nA, 1.0) for A, nA in zip(A_sums, stats.nA)]
         self.G: list[Tensor] = [G * w for G in G_sums]
@@ -495,13 +501,30 @@ class _EigenInverse(LinearOperator):
         # second's one cutoff (docs/glossary.md, "cutoff") tells it from a real eigenvalue,
         # relative to the block's largest. A diagonal block's entries are exact (sums of
         # squares), so only a zero one is singular there.
+        # With damping > 0 the damped block is invertible whatever its null directions, as
+        # long as the damping is above the rounding noise of its eigenvalues (eps times the
+        # largest): then a null eigenvalue's +-noise cannot cancel it; the cutoff is for the
+        # undamped inverse.
         for j, b in enumerate(self.blocks):
             s = b.damped_eigenvalues(damping, split)
+            if damping > 0:
+                top = float(b.eigenvalues.abs().max())
+                noise = torch.finfo(s.dtype).eps * top
+                if bool((s <= 0).any()) or (
+                    damping <= noise and bool((b.eigenvalues <= noise).any())
+                ):
+                    _refuse_singular(
+                        f"block {j} has a (near-)null eigenvalue and the damping {damping:.1e} "
+                        f"is below the rounding level {noise:.1e} of its eigenvalues (largest "
+                        f"{top:.1e}; use a larger damping or float64)",
+                        damping,
+                    )
+                continue
             cut = eigenvalue_cutoff(s, dtype=s.dtype)
             if bool((s <= cut).any()):
                 _refuse_singular(
-                    f"block {j} has a damped eigenvalue {float(s.min()):.1e} within the "
-                    f"rounding cutoff {cut:.1e} of its largest {float(s.abs().max()):.1e}",
+                    f"block {j} has an eigenvalue {float(s.min()):.1e} within the rounding "
+                    f"cutoff {cut:.1e} of its largest {float(s.abs().max()):.1e}",
                     damping,
                 )
         for d in self.diagonals:

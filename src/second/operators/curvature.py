@@ -571,7 +571,9 @@ class CurvatureOperator(LinearOperator):
         The loss is torch's loss on all the data at once (each batch weighed by its share
         :math:`W_b / W` of the mean, see the module docstring), also over several batches.
         """
-        acc = torch.zeros(self.shape[0] + 1, dtype=self.dtype, device=self.device)
+        # a sum over many examples overflows half precision: accumulate in float32 (as _apply)
+        wide = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        acc = torch.zeros(self.shape[0] + 1, dtype=wide, device=self.device)
         count = total = 0.0
         for batch in self._batches():
             n_b = self.task.batch_size(batch)
@@ -583,7 +585,7 @@ class CurvatureOperator(LinearOperator):
             _, loss = self._forward(batch)
             g = grad_checked(loss, self.params)
             acc[:-1].add_(parameters_to_vector(g), alpha=w)
-            acc[-1] += w * loss.detach()
+            acc[-1] += w * loss.detach().to(acc.dtype)
         acc, count, total = self._reduce(acc, count, total)
         self._check_nonempty(count)
         self._num_data = int(count)
@@ -591,6 +593,7 @@ class CurvatureOperator(LinearOperator):
         if self.reduction == "mean":
             acc.div_(total)
         check_finite(acc, "gradient")
+        acc = acc.to(self.dtype)
         return acc[-1], acc[:-1]
 
     def gradient(self) -> Tensor:

@@ -145,6 +145,7 @@ def neumann_solve(
         q = history[-1] / history[-2] if len(history) > 1 and history[-2] > 0 else math.nan
         info["observed_contraction"] = q
         growing = diverging or history[-1] > history[0] or q >= 1
+        info["growing"] = growing
         if "contraction" not in info and not growing:  # a given scale, converging slowly
             if math.isnan(q):
                 return "maxiter = 0: only the first term was taken", False

@@ -180,6 +180,7 @@ def ggn_diagonal(
             part += parameters_to_vector([(grads[k] ** 2).sum(dim=(0, 1)) for k in keys])
         return part
 
+    check = True  # whether the layer path still has to check for uses outside the layers
     for batch, y, w_b in zip(batches, targets, weights):
         if red == "mean" and w_b == 0.0:
             continue  # every target ignored: no share of the loss
@@ -195,7 +196,9 @@ def ggn_diagonal(
             )
             theta = {k: p.detach().requires_grad_() for k, p in zip(keys, params)}
             forward = lambda b, theta=theta: batch_output(theta, b)  # noqa: E731
-            got = _by_layers(forward, task, batch, layers, params, theta, keys, sqrt, chunk_size)
+            got = _by_layers(
+                forward, task, batch, layers, params, theta, keys, sqrt, chunk_size, check
+            )
             if isinstance(got, str):
                 if method == "layers":
                     raise ValueError(f"method='layers': {got}; use method='vmap'")
@@ -203,6 +206,7 @@ def ggn_diagonal(
                     layers = None
             else:
                 part = got
+                check = False  # a use outside the layers is the model's: checked once
         total += by_vmap(batch, y, divisor) if part is None else part
     return dist.all_reduce_sum(total, distributed)
 
@@ -368,7 +372,9 @@ def layer_check_rtol(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def _by_layers(forward, task, batch, plan, params, theta, keys, sqrt, chunk_size) -> Tensor | str:
+def _by_layers(
+    forward, task, batch, plan, params, theta, keys, sqrt, chunk_size, check: bool = True
+) -> Tensor | str:
     """One batch's diagonal from the layers' inputs and back-propagated output factors.
 
     ``forward(batch)`` runs the model with the parameters ``theta`` (a dict by ``keys``, in
@@ -402,30 +408,10 @@ def _by_layers(forward, task, batch, plan, params, theta, keys, sqrt, chunk_size
     leaves = [theta[k] for k in keys]
     outs = [r[0][1] for r in runs]
     # one backward pass of a random mix of the columns checks that each layer's gradient,
-    # summed over the examples, is its parameters' own (no use outside the layer)
-    mix = torch.randn(K, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    mixed = torch.tensordot(mix.to(dtype=S.dtype, device=S.device), S, dims=1)
-    grads = torch.autograd.grad(
-        f, outs + leaves, grad_outputs=mixed, retain_graph=True, allow_unused=True
-    )
-    position = {id(p): i for i, p in enumerate(params)}
-    rtol = layer_check_rtol(f.dtype)
-    for (m, w, b), r, g in zip(plan, runs, grads[: len(outs)]):
-        cols, g = _layer_columns(m, r[0][0], g)
-        scale = float(torch.linalg.vector_norm(g))
-        true = grads[len(outs) :]
-        if b and not _agrees(
-            g.sum((0, 1)),
-            true[position[id(m.bias)]],
-            rtol * scale * math.sqrt(g.shape[0] * g.shape[1]),
-        ):
-            return _OUTSIDE
-        if w and not _agrees(
-            torch.einsum("npo,nip->oi", g, cols).reshape(m.weight.shape),
-            true[position[id(m.weight)]],
-            rtol * scale * float(torch.linalg.vector_norm(cols)),
-        ):
-            return _OUTSIDE
+    # summed over the examples, is its parameters' own (no use outside the layer); on the
+    # first batch only (``check``): it is a property of the model, not of the data
+    if check and (bad := _outside_use(f, S, outs, leaves, plan, runs, params)) is not None:
+        return bad
     diag = {id(p): torch.zeros_like(p) for p in params}
     for k in range(K):
         gs = torch.autograd.grad(f, outs, grad_outputs=S[k], retain_graph=k < K - 1)
@@ -456,6 +442,35 @@ def _layer_columns(m: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         cols = a.reshape(a.shape[0], -1, a.shape[-1]).mT  # [n, in, T]
         g = g.reshape(g.shape[0], -1, g.shape[-1])  # [n, T, out]
     return cols.to(g.dtype), g
+
+
+def _outside_use(f, S, outs, leaves, plan, runs, params) -> str | None:
+    """``_OUTSIDE`` when a planned parameter is used outside its layer, else ``None``."""
+    K = S.shape[0]
+    mix = torch.randn(K, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mixed = torch.tensordot(mix.to(dtype=S.dtype, device=S.device), S, dims=1)
+    grads = torch.autograd.grad(
+        f, outs + leaves, grad_outputs=mixed, retain_graph=True, allow_unused=True
+    )
+    position = {id(p): i for i, p in enumerate(params)}
+    rtol = layer_check_rtol(f.dtype)
+    for (m, w, b), r, g in zip(plan, runs, grads[: len(outs)]):
+        cols, g = _layer_columns(m, r[0][0], g)
+        scale = float(torch.linalg.vector_norm(g))
+        true = grads[len(outs) :]
+        if b and not _agrees(
+            g.sum((0, 1)),
+            true[position[id(m.bias)]],
+            rtol * scale * math.sqrt(g.shape[0] * g.shape[1]),
+        ):
+            return _OUTSIDE
+        if w and not _agrees(
+            torch.einsum("npo,nip->oi", g, cols).reshape(m.weight.shape),
+            true[position[id(m.weight)]],
+            rtol * scale * float(torch.linalg.vector_norm(cols)),
+        ):
+            return _OUTSIDE
+    return None
 
 
 _OUTSIDE = (
