@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .func.vectors import safe_norm
+
 __all__ = ["relative_error", "cosine_similarity"]
 
 Vectors = Tensor | Sequence[Tensor] | float | Sequence[float]
@@ -88,14 +90,14 @@ def relative_error(approx: Vectors, exact: Vectors) -> float:
         0.7071067811865475
     """
     a, e = _flat_pair(approx, exact)
-    se, s = _scale(e), max(_scale(a), _scale(e))
-    if se == 0:
+    den = safe_norm(e)
+    if den == 0:
         raise ValueError("the exact vector is zero: the relative error is undefined")
-    if not (math.isfinite(s) and math.isfinite(se)):  # NaN / Inf: let them propagate
-        return float(torch.linalg.vector_norm(a - e) / torch.linalg.vector_norm(e))
-    num = float(torch.linalg.vector_norm(a / s - e / s))
-    den = float(torch.linalg.vector_norm(e / se))
-    return (s / se) * (num / den) if num else 0.0
+    s = max(_scale(a), _scale(e))  # a - e on the scaled vectors: no overflow near 1e308
+    if not math.isfinite(s):  # NaN / Inf: let them propagate
+        return safe_norm(a - e) / den
+    num = safe_norm(a / s - e / s) * s
+    return num / den if num else 0.0
 
 
 def cosine_similarity(a: Vectors, b: Vectors) -> float:

@@ -13,6 +13,8 @@ __all__ = [
     "columns_to_parameters",
     "parameters_to_columns",
     "as_tensor_list",
+    "column_norms",
+    "safe_norm",
 ]
 
 
@@ -183,3 +185,51 @@ def _check_like(v: Tensor, p: Tensor, what: str) -> None:
         raise TypeError(f"{what} has dtype {v.dtype} but the parameters have {p.dtype}")
     if v.device != p.device:
         raise ValueError(f"{what} is on {v.device} but the parameters are on {p.device}")
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and inner products accumulate in: float64 (complex128 for complex)."""
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def column_norms(V: Tensor) -> Tensor:
+    """Euclidean norms of the columns of ``V``, accumulated in float64 (a float64 tensor).
+
+    The sum of squares of float32 entries of ``1e-23`` underflows to 0 in float32; in
+    float64 it does not, so a small but normal vector keeps its norm (and a solver's ``tol``
+    stays relative). A column whose float64 sum of squares still under- or overflows
+    (entries below ``1e-154`` or above ``1e154``) is scaled by its largest entry first: a
+    norm is 0 only for a zero column. NaN for a column with a NaN, ``inf`` for one with an
+    infinite entry. The library's one overflow-safe norm (:func:`safe_norm` for one vector).
+
+    Example:
+        >>> column_norms(torch.tensor([[3.0, 1e200], [4.0, 1e200]], dtype=torch.float64))
+        tensor([ 5.0000e+00, 1.4142e+200], dtype=torch.float64)
+    """
+    n = torch.linalg.vector_norm(V, dim=0, dtype=wide(V.dtype)).to(torch.float64)
+    suspect = (n == 0) | torch.isinf(n)
+    if bool(suspect.any()):  # rare: only then look at the entries again
+        W = V[:, suspect].to(wide(V.dtype))
+        m = W.abs().amax(0)
+        ok = (m > 0) & torch.isfinite(m)
+        scaled = torch.linalg.vector_norm(W[:, ok] / m[ok], dim=0) * m[ok]
+        idx = suspect.nonzero().flatten()[ok]
+        n[idx] = scaled.to(torch.float64)
+    return n
+
+
+def safe_norm(v: Tensor) -> float:
+    r""":math:`\|v\|_2` as a float that neither overflows nor underflows for finite entries.
+
+    :func:`column_norms` of the flattened ``v``: NaN if an entry is NaN, ``inf`` if one is
+    infinite (or the norm itself exceeds the largest float).
+
+    Example:
+        >>> safe_norm(torch.full((4,), 1e200, dtype=torch.float64))  # vector_norm: inf
+        2e+200
+        >>> safe_norm(torch.zeros(3))
+        0.0
+    """
+    if v.numel() == 0:
+        return 0.0
+    return float(column_norms(v.detach().reshape(-1, 1))[0])

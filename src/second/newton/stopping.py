@@ -6,37 +6,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from ..func.vectors import safe_norm
+
 __all__ = ["Criteria", "diverging_iterates", "ray_decreases", "limit_message", "safe_norm"]
-
-
-def safe_norm(v: Tensor) -> float:
-    r""":math:`\|v\|_2` as a float that neither overflows nor underflows for finite entries.
-
-    Where the plain norm overflows or underflows (``torch.linalg.vector_norm`` squares the
-    entries: a vector of entries ~1e155 has the norm ``inf`` there) it is computed again on
-    ``v`` scaled by :math:`\max_i |v_i|`.
-
-    NaN if an entry is NaN, ``inf`` if one is infinite (or the norm itself exceeds the
-    largest float).
-
-    Example:
-        >>> safe_norm(torch.full((4,), 1e200, dtype=torch.float64))  # vector_norm: inf
-        2e+200
-        >>> safe_norm(torch.zeros(3))
-        0.0
-    """
-    n = float(torch.linalg.vector_norm(v.detach()))
-    if 1e-140 < n < math.inf or v.numel() == 0:  # squares neither overflowed nor underflowed
-        return n
-    m = v.detach().abs().max()
-    if not bool(torch.isfinite(m)) or float(m) == 0.0:
-        if bool(torch.isnan(v).any()):
-            return math.nan
-        return float(m)
-    return float(m) * float(torch.linalg.vector_norm(v.detach() / m))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning, NegativeCurvatureWarning, NonFiniteError
+from ..func.vectors import column_norms, wide
 from ..operators.base import LinearOperator, aslinearoperator
 from ..operators.wrap import DenseOperator
 
@@ -233,11 +234,6 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.empty(0, dtype=dtype).real.dtype
 
 
-def wide(dtype: torch.dtype) -> torch.dtype:
-    """The dtype norms and inner products accumulate in: float64 (complex128 for complex)."""
-    return torch.complex128 if dtype.is_complex else torch.float64
-
-
 def inner(a: Tensor, b: Tensor) -> Tensor:
     """``Re(a^H b)``, column by column for matrices (a real tensor of shape ``[k]`` or ``[]``).
 
@@ -250,26 +246,6 @@ def inner(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() == 2:
         return (a.conj() * b).real.sum(0) if a.is_complex() else (a * b).sum(0)
     return torch.vdot(a, b).real if a.is_complex() else torch.dot(a, b)
-
-
-def column_norms(V: Tensor) -> Tensor:
-    """Euclidean norms of the columns of ``V``, accumulated in float64 (a float64 tensor).
-
-    The sum of squares of float32 entries of ``1e-23`` underflows to 0 in float32; in
-    float64 it does not, so a small but normal ``b`` keeps its norm and ``tol`` stays relative.
-    A column whose float64 sum of squares still under- or overflows (entries below ``1e-154``
-    or above ``1e154``) is scaled by its largest entry first: a norm is 0 only for a zero column.
-    """
-    n = torch.linalg.vector_norm(V, dim=0, dtype=wide(V.dtype)).to(torch.float64)
-    suspect = (n == 0) | torch.isinf(n)
-    if bool(suspect.any()):  # rare: only then look at the entries again
-        W = V[:, suspect].to(wide(V.dtype))
-        m = W.abs().amax(0)
-        ok = (m > 0) & torch.isfinite(m)
-        scaled = torch.linalg.vector_norm(W[:, ok] / m[ok], dim=0) * m[ok]
-        idx = suspect.nonzero().flatten()[ok]
-        n[idx] = scaled.to(torch.float64)
-    return n
 
 
 def true_residual_norms(op, B: Tensor, X: Tensor) -> Tensor:
