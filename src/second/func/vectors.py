@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -232,4 +233,9 @@ def safe_norm(v: Tensor) -> float:
     """
     if v.numel() == 0:
         return 0.0
-    return float(column_norms(v.detach().reshape(-1, 1))[0])
+    v = v.detach()
+    if v.dtype == torch.float64:  # the common case on a hot path: one reduction, one sync
+        n = float(torch.linalg.vector_norm(v))
+        if 1e-140 < n < math.inf:  # its squares neither overflowed nor underflowed
+            return n
+    return float(column_norms(v.reshape(-1, 1))[0])
