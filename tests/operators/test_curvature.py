@@ -36,6 +36,7 @@ from second import (
     SumOperator,
 )
 from second.solvers import lissa
+from weighted_cases import WEIGHTED_LOSSES, padded_sequences
 
 PROBLEMS = [("mlp_tanh", "mse"), ("mlp_sigmoid", "ce"), ("cnn", "bce"), ("cnn", "ce")]
 KINDS = {
@@ -486,12 +487,6 @@ def test_fisher_keyword_and_type2():
 # ------------------------------------------------------- weighted and ignored targets (mean)
 # torch's mean of these losses divides by the class weights of the valid targets: the
 # dataset loss is sum_i w_i l_i / sum_i w_i, and each batch weighs by its share of the weights
-CLASS_WEIGHT = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
-WEIGHTED_LOSSES = {
-    "ignore_index": dict(),
-    "weight": dict(weight=CLASS_WEIGHT),
-    "weight-smoothing": dict(weight=CLASS_WEIGHT, label_smoothing=0.2),
-}
 IGNORED = [2, 3, 7]  # with batches of 2, the second batch has no valid target
 
 
@@ -572,33 +567,11 @@ def test_weighted_mean_loss_and_gradient_are_torchs_on_all_the_data(loss_name):
         assert_close(g, expected_grad, TOL)
 
 
-class _PerPosition(nn.Module):
-    """Logits ``[n, C, T]`` computed position by position from inputs ``[n, T, 3]``."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-
-    def forward(self, x):
-        return self.net(x).transpose(1, 2)
-
-
 @pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
 def test_padded_sequences_give_the_operator_of_all_the_tokens(loss_name):
     # each batch padded (ignore_index) to its own longest sequence, as a collate function
     # does: the batches weigh by their valid tokens' class weights, not by their sequences
-    torch.manual_seed(3)
-    model = _PerPosition().double()
-    lengths = [5, 2, 3, 1, 4, 2]
-    X = torch.randn(len(lengths), 5, 3, dtype=torch.float64)
-    y = torch.randint(0, 3, (len(lengths), 5))
-    for i, n in enumerate(lengths):
-        y[i, n:] = -100
-    loss_fn = nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name])
-    batches = []
-    for lo in range(0, len(lengths), 2):
-        T = max(lengths[lo : lo + 2])
-        batches.append((X[lo : lo + 2, :T], y[lo : lo + 2, :T]))
+    model, loss_fn, X, y, batches = padded_sequences(loss_name)
     H = HessianOperator(model, loss_fn, batches).to_dense()
     assert_close(H, ref_hessian(model, loss_fn, X, y), TOL)
     loss, g = HessianOperator(model, loss_fn, batches).loss_and_gradient()
@@ -712,15 +685,20 @@ def test_restrict_with_parameters_given_as_a_generator(cls):
 HALF_RTOL = 5e-3
 
 
+def _half_twins(d_in: int, d_out: int, batch: int):
+    """A float32 ``nn.Linear`` and its float16 copy, with 80,000 examples in batches of both."""
+    torch.manual_seed(0)
+    X, y = torch.randn(80_000, d_in), torch.randn(80_000, d_out)
+    m32 = nn.Linear(d_in, d_out)
+    m16 = nn.Linear(d_in, d_out).half()
+    m16.load_state_dict({k: t.half() for k, t in m32.state_dict().items()})
+    data32 = list(zip(X.split(batch), y.split(batch), strict=True))
+    return m32, m16, data32, [(a.half(), b.half()) for a, b in data32]
+
+
 def test_float16_products_over_many_examples_are_accumulated_in_float32():
     """Regression: the weighted sum W_b (A_b v) in float16 overflowed past 65504 examples."""
-    torch.manual_seed(0)
-    X, y = torch.randn(80_000, 3), torch.randn(80_000, 2)
-    m32 = nn.Linear(3, 2)
-    m16 = nn.Linear(3, 2).half()
-    m16.load_state_dict({k: t.half() for k, t in m32.state_dict().items()})
-    data32 = list(zip(X.split(10_000), y.split(10_000), strict=True))
-    data16 = [(a.half(), b.half()) for a, b in data32]
+    m32, m16, data32, data16 = _half_twins(3, 2, 10_000)
     v = torch.ones(8)
     want = GGNOperator(m32, nn.MSELoss(), data32) @ v
     got = GGNOperator(m16, nn.MSELoss(), data16) @ v.half()
@@ -730,13 +708,7 @@ def test_float16_products_over_many_examples_are_accumulated_in_float32():
 
 def test_float16_loss_and_gradient_over_many_examples_are_accumulated_in_float32():
     """Regression: loss_and_gradient summed W_b * loss_b in float16 (inf past 65504)."""
-    torch.manual_seed(0)
-    X, y = torch.randn(80_000, 2), torch.randn(80_000, 1)
-    m32 = nn.Linear(2, 1)
-    m16 = nn.Linear(2, 1).half()
-    m16.load_state_dict({k: t.half() for k, t in m32.state_dict().items()})
-    data32 = list(zip(X.split(40_000), y.split(40_000), strict=True))
-    data16 = [(a.half(), b.half()) for a, b in data32]
+    m32, m16, data32, data16 = _half_twins(2, 1, 40_000)
     want_loss, want_grad = GGNOperator(m32, nn.MSELoss(), data32).loss_and_gradient()
     loss, grad = GGNOperator(m16, nn.MSELoss(), data16).loss_and_gradient()
     assert loss.dtype == grad.dtype == torch.float16

@@ -8,6 +8,7 @@ from torch import nn
 
 from second import GGNOperator, HessianOperator
 from second.spectral import diagonal, ggn_diagonal
+from weighted_cases import WEIGHTED_LOSSES, padded_sequences
 
 DIAG_TOL = dict(rtol=1e-10, atol=1e-12)  # exact in float64, up to summation order
 
@@ -322,12 +323,6 @@ def test_a_loss_without_a_factorized_output_hessian():
 # ------------------------------------------------------- weighted and ignored targets (mean)
 # torch's mean divides by the class weights of the valid targets: the diagonal over batches is
 # that of sum_i w_i l_i / sum_i w_i on all the data, each batch counting its share of W
-CLASS_WEIGHT = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
-WEIGHTED_LOSSES = {
-    "ignore_index": dict(),
-    "weight": dict(weight=CLASS_WEIGHT),
-    "weight-smoothing": dict(weight=CLASS_WEIGHT, label_smoothing=0.2),
-}
 
 
 def _weighted_layouts(X, y):
@@ -360,17 +355,6 @@ def test_a_weighted_mean_loss_gives_the_dataset_diagonal_however_batched(loss_na
     assert not torch.allclose((5 * parts[0] + 6 * parts[1]) / 11, want, rtol=1e-3)
 
 
-class _PerPosition(nn.Module):
-    """Logits ``[n, C, T]`` computed position by position from inputs ``[n, T, 3]``."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-
-    def forward(self, x):
-        return self.net(x).transpose(1, 2)
-
-
 @pytest.mark.parametrize("method", ["layers", "vmap"])
 @pytest.mark.parametrize("loss_name", list(WEIGHTED_LOSSES))
 def test_padded_sequences_give_the_diagonal_of_all_the_tokens(loss_name, method):
@@ -378,18 +362,7 @@ def test_padded_sequences_give_the_diagonal_of_all_the_tokens(loss_name, method)
 
     # each batch padded (ignore_index) to its own longest sequence: the batches weigh by their
     # valid tokens' class weights, not by their sequences
-    torch.manual_seed(3)
-    model = _PerPosition().double()
-    lengths = [5, 2, 3, 1, 4, 2]
-    X = torch.randn(len(lengths), 5, 3, dtype=torch.float64)
-    y = torch.randint(0, 3, (len(lengths), 5))
-    for i, n in enumerate(lengths):
-        y[i, n:] = -100
-    loss_fn = nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name])
-    batches = []
-    for lo in range(0, len(lengths), 2):
-        T = max(lengths[lo : lo + 2])
-        batches.append((X[lo : lo + 2, :T], y[lo : lo + 2, :T]))
+    model, loss_fn, X, y, batches = padded_sequences(loss_name)
     want = torch.diagonal(ref_ggn(model, loss_fn, X, y))
     torch.testing.assert_close(
         ggn_diagonal(model, loss_fn, batches, method=method), want, **DIAG_TOL

@@ -494,9 +494,6 @@ class NewtonTypeOptimizer(Optimizer):
         """
         from .._errors import NonFiniteError
 
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError(f"the loss is not finite ({value}) at the current point")
         grads = grad_checked(
             loss,
             self._params,
@@ -505,7 +502,11 @@ class NewtonTypeOptimizer(Optimizer):
         )
         self._state["ngev"] += 1
         flat = torch.cat([g.detach().reshape(-1) for g in grads])
-        if not bool(torch.isfinite(flat).all()):
+        # one synchronization for the loss and the gradient; which one, only on failure
+        if not bool(torch.isfinite(torch.cat([flat, loss.detach().reshape(1).to(flat)])).all()):
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteError(f"the loss is not finite ({value}) at the current point")
             raise NonFiniteError("the gradient has NaN or Inf entries (the loss is finite)")
         return grads, flat
 

@@ -206,12 +206,7 @@ class NewtonCG(NewtonTypeOptimizer):
                     cache, lambda: self._point(self._call(closure)), radius=st["radius"]
                 )
                 first_loss = self._loss_tensor(cache) if first_loss is None else first_loss
-                if not (math.isfinite(cache["loss"]) and math.isfinite(gnorm)):
-                    st["stop_reason"] = (
-                        f"the objective or its gradient is not finite at the current point "
-                        f"(loss {cache['loss']}, ||grad|| {gnorm}): not a minimum"
-                    )
-                    break
+                # (a non-finite loss or gradient has raised NonFiniteError in _gradient)
                 if self._gtol_met(gnorm):
                     break
             first_loss = self._loss_tensor(cache) if first_loss is None else first_loss
