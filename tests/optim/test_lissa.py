@@ -53,7 +53,7 @@ LISSA_SHARED_TOL = 1e-12  # float64: the same recursion, different call paths
 
 def test_lissa_step_is_the_solvers_recursion_on_the_dense_hessian():
     """One optimizer step equals lr times second.solvers' recursion on the dense Hessian."""
-    from second.solvers._neumann import lissa_recursion
+    from second.solvers._lissa import lissa_recursion
 
     X, y, _ = convex_problem()
     w = torch.zeros(5, dtype=DT, requires_grad=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import second
-from second.optim._preconditioners import gnb_diagonal, hutchinson_diagonal, rademacher
+from second.optim._diagonal import gnb_diagonal, hutchinson_diagonal, rademacher
 
 N_DRAWS = 4000
 SIGMAS = 5.0  # the tolerance of a Monte-Carlo mean, in standard errors

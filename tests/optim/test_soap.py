@@ -7,7 +7,7 @@ from torch import nn
 
 import second.optim as so
 from second.kfac import EigenBlock
-from second.optim._preconditioners import matrix_layout
+from second.optim._gradient_factors import matrix_layout
 from second.optim.soap import soap_direction
 
 TOL = dict(rtol=1e-12, atol=1e-14)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._losses import class_target_weights
 from ..data import SamePassCheck, Task, iterate_batches, tensor_leaves
+from ..func.per_example import ModelFunction
 from ._cache import fingerprint
 
 __all__ = ["Examples", "warn_ignored", "example_mean_weights", "zero_rows"]
@@ -176,6 +177,22 @@ def _example_shapes(batch) -> tuple:
     if isinstance(batch, dict):
         return tuple((k, tuple(v.shape[1:])) for k, v in batch.items())
     return ()
+
+
+def _ranks(shapes):
+    """The layout of :func:`_example_shapes`: dimensions only."""
+    if isinstance(shapes, tuple) and all(isinstance(d, int) for d in shapes):
+        return len(shapes)
+    if isinstance(shapes, (tuple, list)):
+        return tuple(_ranks(x) for x in shapes)
+    return shapes
+
+
+def _gradients(fn: ModelFunction, chunk) -> Tensor:
+    """Per-example gradients of a chunk; a pair as ``fn.gradients(X, y)``, as it always was."""
+    if isinstance(chunk, (tuple, list)) and len(chunk) == 2:
+        return fn.gradients(*chunk)
+    return fn.gradients(chunk)
 
 
 def warn_ignored(examples: Examples, loss_fn) -> None:

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..data import refuse_stochastic
 from ..func.per_example import ModelFunction
 from ._cache import fingerprint
+from ._checks import _refuse_batch_coupled
 from ._examples import Examples
 from ._identity import setup_description, state_tensors
 
@@ -33,8 +34,6 @@ class StateTracking:
         self._refresh(reread=True)
 
     def _refresh(self, reread: bool) -> None:
-        from ._influence import _refuse_batch_coupled
-
         refuse_stochastic(self.model, "every influence result would change from call to call")
         _refuse_batch_coupled(self.model)
         if reread and self.train.single:

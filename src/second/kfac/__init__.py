@@ -11,8 +11,9 @@ The package, in the order data flows through it:
   blocks (:class:`KroneckerBlock`, :class:`EigenBlock`, :class:`DiagonalBlock`), damped at
   call time, exactly or pi-split;
 * :mod:`~second.kfac.correction`: EK-FAC's eigen-corrections;
-* :mod:`~second.kfac.operators`: :class:`KFACOperator`, :class:`EKFACOperator` and their
-  inverses.
+* :mod:`~second.kfac.operators`: :class:`KFACOperator` (its blocks mapped to parameter
+  order by :class:`BlockLayout`); :mod:`~second.kfac.ekfac`: :class:`EKFACOperator`;
+  :mod:`~second.kfac.inverse`: their inverses.
 
 ``second.optim.KFAC`` uses the same parts with running averages of the statistics.
 
@@ -108,16 +109,12 @@ from .correction import eigen_corrections
 from .damping import DAMPING_SPLITS as DAMPING_SPLITS
 from .damping import check_damping, pi_factor, pi_split
 from .eigen import sym_eigh
+from .ekfac import EKFACOperator
+from .inverse import EKFACInverseOperator, KFACInverseOperator
 from .operators import (
     FALLBACKS as FALLBACKS,
 )
-from .operators import (
-    BlockLayout,
-    EKFACInverseOperator,
-    EKFACOperator,
-    KFACInverseOperator,
-    KFACOperator,
-)
+from .operators import BlockLayout, KFACOperator
 from .rules import *  # noqa: F403  (the layer rules: their names are rules.__all__)
 from .rules import WEIGHT_SHARING as WEIGHT_SHARING
 from .rules import WeightSharing as WeightSharing

@@ -1,34 +1,33 @@
-r"""KFAC and EK-FAC as linear operators over the parameters, and their inverses.
+r"""KFAC as a linear operator over the parameters, and the layout of its blocks.
 
 :class:`KFACOperator` gathers the factor statistics over the data (one pass) and acts as
 :math:`\mathrm{blockdiag}(A_l \otimes G_l) + \lambda I` in the order of
-``model.parameters()``; :class:`EKFACOperator` re-fits the eigenvalues in the Kronecker
-eigenbasis (a second pass). Their ``inverse(damping, pi_damping=...)`` returns an operator
-whose product solves the damped system block by block. Conventions (scaling, Fisher types,
-layers, fallback) are in :mod:`second.kfac`.
+``model.parameters()``, mapped to its blocks by :class:`BlockLayout`; its
+``inverse(damping, pi_damping=...)`` returns an operator whose product solves the damped
+system block by block (:mod:`second.kfac.inverse`). :class:`~second.kfac.EKFACOperator`
+(:mod:`second.kfac.ekfac`) re-fits the eigenvalues in the Kronecker eigenbasis (a second
+pass). Conventions (scaling, Fisher types, layers, fallback) are in :mod:`second.kfac`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
-from .._errors import NonFiniteError, SecondDeprecationWarning
+from .._errors import NonFiniteError
 from .._losses import needs_targets, target_weights
 from ..data import Task, sample_generator
-from ..func.dense import eigenvalue_cutoff
 from ..operators.base import LinearOperator
 from ..operators.curvature import CurvatureOperator
 from .blocks import DiagonalBlock, EigenBlock, KroneckerBlock
 from .capture import Capture
 from .columns import FISHER_TYPES, check_loss, curvature_columns
-from .correction import eigen_corrections
 from .damping import check_damping
+from .inverse import KFACInverseOperator, _inverse_damping
 from .rules import (
     LayerRule,
     WeightSharing,
@@ -38,14 +37,7 @@ from .rules import (
 )
 from .stats import FactorStats, batch_statistics
 
-__all__ = [
-    "FALLBACKS",
-    "BlockLayout",
-    "KFACOperator",
-    "EKFACOperator",
-    "KFACInverseOperator",
-    "EKFACInverseOperator",
-]
+__all__ = ["FALLBACKS", "BlockLayout", "KFACOperator"]
 
 FALLBACKS = ("diagonal", "identity")
 """Blocks for parameters outside supported layers: a diagonal estimate, or damping only."""
@@ -454,163 +446,3 @@ class KFACOperator(CurvatureOperator):
         """
         lam = check_damping(_inverse_damping(self, damping))
         return KFACInverseOperator(self, lam, "pi" if pi_damping else "exact")
-
-
-def _inverse_damping(op: KFACOperator, damping: float | None) -> float:
-    """The damping :meth:`KFACOperator.inverse` uses; warns where it replaces the own one."""
-    if damping is None:
-        return op.damping
-    if op.damping:
-        name = type(op).__name__
-        warnings.warn(
-            f"{name}.inverse(damping={damping:g}) replaces the operator's own damping "
-            f"{op.damping:g} (it inverts B_undamped + {damping:g} I), while A.inverse(method, "
-            "damping=...) and second.solve(A, b, damping=...) add to it; from 0.3 it will add "
-            f"too. Build the {name} with damping=0 and pass damping= here, or call inverse() "
-            "for the operator's own damping: both mean the same now and in 0.3",
-            SecondDeprecationWarning,
-            stacklevel=3,
-        )
-    return damping
-
-
-def _refuse_singular(why: str, damping: float) -> None:
-    raise ValueError(
-        f"the approximation is singular ({why}; e.g. a constant input feature, or a "
-        "LayerNorm before a Linear layer, whose inputs sum to 0): pass damping > 0 to invert "
-        "it"
-        + (
-            f" (larger than {damping:.1e}: that one is below the rounding level)"
-            if damping > 0
-            else ""
-        )
-    )
-
-
-class _EigenInverse(LinearOperator):
-    """``(B + damping)^{-1}`` block by block, damping applied at every product."""
-
-    psd = True
-
-    def __init__(self, base: KFACOperator, damping: float, split: str):
-        super().__init__(base.shape[0], base.dtype, base.device)
-        self.layout, self.damping, self.split = base.layout, damping, split
-        self.blocks, self.diagonals = base.eigen(), base.diagonals
-        # A null eigenvalue of a block comes out of the eigendecomposition (and EK-FAC's
-        # squares of rotated gradients) as rounding noise, +-1e-17 or 1e-33 rather than 0:
-        # second's one cutoff (docs/glossary.md, "cutoff") tells it from a real eigenvalue,
-        # relative to the block's largest. A diagonal block's entries are exact (sums of
-        # squares), so only a zero one is singular there.
-        # With damping > 0 the damped block is invertible whatever its null directions, as
-        # long as the damping is above the rounding noise of its eigenvalues (eps times the
-        # largest): then a null eigenvalue's +-noise cannot cancel it; the cutoff is for the
-        # undamped inverse.
-        for j, b in enumerate(self.blocks):
-            s = b.damped_eigenvalues(damping, split)
-            if damping > 0:
-                top = float(b.eigenvalues.abs().max())
-                noise = torch.finfo(s.dtype).eps * top
-                if bool((s <= 0).any()) or (
-                    damping <= noise and bool((b.eigenvalues <= noise).any())
-                ):
-                    _refuse_singular(
-                        f"block {j} has a (near-)null eigenvalue and the damping {damping:.1e} "
-                        f"is below the rounding level {noise:.1e} of its eigenvalues (largest "
-                        f"{top:.1e}; use a larger damping or float64)",
-                        damping,
-                    )
-                continue
-            cut = eigenvalue_cutoff(s, dtype=s.dtype)
-            if bool((s <= cut).any()):
-                _refuse_singular(
-                    f"block {j} has an eigenvalue {float(s.min()):.1e} within the rounding "
-                    f"cutoff {cut:.1e} of its largest {float(s.abs().max()):.1e}",
-                    damping,
-                )
-        for d in self.diagonals:
-            if bool((d.diagonal + damping <= 0).any()):
-                _refuse_singular("a diagonal block has a zero entry", damping)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        lam, split = self.damping, self.split
-        return self.layout.apply(
-            V,
-            lambda j, M: self.blocks[j].solve(M, lam, split),
-            lambda i, v: self.diagonals[i].solve(v, lam),
-        )
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._matmat(v.unsqueeze(1)).squeeze(1)
-
-
-class KFACInverseOperator(_EigenInverse):
-    """Inverse of a damped KFAC approximation (see :meth:`KFACOperator.inverse`)."""
-
-
-class EKFACInverseOperator(_EigenInverse):
-    """Inverse of a damped EK-FAC approximation (see :meth:`EKFACOperator.inverse`)."""
-
-
-class EKFACOperator(KFACOperator):
-    r"""Eigenvalue-corrected KFAC: KFAC's eigenbasis with re-fitted eigenvalues.
-
-    .. math::
-
-        B \approx (Q_A \otimes Q_G)\,\mathrm{diag}(s)\,(Q_A \otimes Q_G)^\top + \lambda I,\qquad
-        s = w \sum_{i,k} \big(\mathrm{vec}(Q_G^\top \nabla_{W} (s_{ik}^\top f_i)\, Q_A)\big)^2,
-
-    the second moments of the per-example gradients in the Kronecker eigenbasis
-    (George et al. 2018; :mod:`second.kfac.correction`). With the same Fisher type,
-    :math:`s` is the diagonal of the exact block in that basis, so EK-FAC is the
-    Frobenius-closest matrix with KFAC's eigenvectors and at least as accurate as KFAC.
-    Costs a second pass over the data. Arguments as :class:`KFACOperator`.
-
-    Example:
-        >>> model = torch.nn.Linear(3, 2).double()
-        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-        >>> E = EKFACOperator(model, torch.nn.MSELoss(), (X, y))
-        >>> E.to_dense().shape
-        torch.Size([8, 8])
-    """
-
-    def refresh(self) -> None:
-        """Recompute factors, eigenbases and the corrected eigenvalues (two data passes)."""
-        super().refresh()
-        kfac = self.eigen()
-        sums = eigen_corrections(
-            self.rules, kfac, self._passes(), distributed=dist.active(self.distributed)
-        )
-        w = self._mean_scale / self.num_data if self.reduction == "mean" else 1.0
-        self.scales = [s * w for s in sums]
-        self._eigen = [e.with_eigenvalues(s) for e, s in zip(kfac, self.scales)]
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        lam, blocks = self.damping, self.eigen()
-        return self.layout.apply(
-            V,
-            lambda j, M: blocks[j].matmul(M, lam),
-            lambda i, v: self.diagonals[i].matmul(v, lam),
-        )
-
-    def inverse(  # type: ignore[override]  # as KFACOperator.inverse
-        self, damping: float | None = None, *, pi_damping: bool = False
-    ) -> LinearOperator:
-        r"""``(B + \lambda I)^{-1} = (Q_A\otimes Q_G)\,\mathrm{diag}(s + \lambda)^{-1}(Q_A\otimes Q_G)^\top``.
-
-        Args:
-            damping: :math:`\lambda` (default: the operator's own); a given one replaces
-                the operator's own, which is deprecated as for :meth:`KFACOperator.inverse`.
-            pi_damping: not defined for EK-FAC; ``True`` raises.
-
-        Returns:
-            An :class:`EKFACInverseOperator`.
-
-        Raises:
-            ValueError: ``pi_damping=True``, negative damping, or singular with zero damping.
-        """
-        if pi_damping:
-            raise ValueError(
-                "EK-FAC has no per-factor damping: use the exact damping (pi_damping=False)"
-            )
-        lam = check_damping(_inverse_damping(self, damping))
-        return EKFACInverseOperator(self, lam, "exact")

@@ -27,15 +27,15 @@ Data parallel: when a ``torch.distributed`` process group is initialized, every
 rank holds a shard of the data and products, gradients and batch counts are
 all-reduced, so the result equals the single-process product on all the data.
 
-:class:`CurvatureOperator` is the engine (data traversal, batching of columns, reduction,
+:class:`CurvatureOperator` is the engine (data traversal from :mod:`._traversal`, the
+batches' weights and the reduction from :mod:`._weighting`, batching of columns,
 ``restrict``); a curvature fills in the per-batch product. The Fisher is in
 :mod:`second.operators.fisher` and re-exported here.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,33 +43,19 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .._arguments import check_argument_order
-from .._errors import outside_stacklevel
-from .._losses import class_target_weights, linear_loss_note, reduction_of
-from ..data import (
-    SamePassCheck,
-    Task,
-    as_task,
-    batch_count,
-    iterate_batches,
-    refuse_one_shot,
-    refuse_stochastic,
-)
+from .._losses import linear_loss_note
+from ..data import Task, as_task, iterate_batches
 from ..func.products import (
     GGNGraph,
-    as_params,
     check_finite,
     check_scalar_loss,
     flatten_gradient,
     grad_checked,
     hvp_from_flat_gradient,
-    trainable_parameters,
 )
-from ..func.vectors import (
-    columns_to_parameters,
-    parameters_to_columns,
-    parameters_to_vector,
-    vector_to_parameters,
-)
+from ..func.vectors import parameters_to_vector
+from ._weighting import BatchWeighting
+from ._weighting import mean_weight as mean_weight  # importable from here, as before
 from .base import LinearOperator
 
 # Work (examples x parameters of a batch) above which "auto" loops over columns on CPU:
@@ -85,35 +71,14 @@ __all__ = [
 ]
 
 
-def mean_weight(loss_fn: Callable | None, target: Any, n: int) -> float:
-    r"""What torch's ``reduction="mean"`` divides a batch's loss by (:math:`W_b`).
-
-    The number of examples ``n``, except for ``CrossEntropyLoss``/``NLLLoss`` with class
-    indices: the sum of the class weights of the valid targets (``ignore_index`` excluded;
-    the number of valid targets without ``weight=``), and with class probabilities the
-    number of positions. The units agree across batches, so :math:`W_b / \sum_b W_b` is
-    the batch's share of the loss on all the data at once. Without class weights and with
-    no ignored target it is ``n`` times the positions per example (``n`` for classification).
-    """
-    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or not isinstance(target, Tensor):
-        return float(n)
-    if target.is_floating_point():  # class probabilities [n, C, *positions]
-        return float(target.numel() // target.shape[1]) if target.dim() > 1 else float(n)
-    # summed in float64 (float32 where there is none): half precision counts only to 256
-    dtype = torch.float32 if target.device.type == "mps" else torch.float64
-    weights = class_target_weights(loss_fn, target, target.new_empty(0, dtype=dtype))
-    if weights is None:  # every target valid, no class weights
-        return float(target.numel())
-    return float(weights[1].sum())
-
-
-class CurvatureOperator(LinearOperator):
+class CurvatureOperator(BatchWeighting, LinearOperator):
     """Base class of the dataset-level curvature operators.
 
     Subclasses implement ``_batch_state(batch)`` (graphs for one batch) and
     ``_batch_product(state, vs, batched)`` (the batch-level product, reduced like
     the loss). The base class handles parameters, data traversal and weighting,
-    determinism checks, distributed reduction and caching, and :meth:`restrict`.
+    determinism checks, distributed reduction and caching (the traversal from
+    :mod:`._traversal`, the weighting from :mod:`._weighting`), and :meth:`restrict`.
 
     Args:
         model: the network.
@@ -160,6 +125,7 @@ class CurvatureOperator(LinearOperator):
     """
 
     _init_call: tuple[tuple[Any, ...], dict[str, Any]]  # the constructor's arguments
+    _kind, _varies = "curvature", "matrix"  # as the data traversal's messages name them
 
     def __new__(cls, *args, **kwargs):
         """Record the constructor's arguments, which :meth:`restrict` calls it with again.
@@ -187,42 +153,18 @@ class CurvatureOperator(LinearOperator):
         columns: str = "auto",
     ):
         check_argument_order(type(self).__name__, data, params)
-        refuse_one_shot(data, type(self).__name__)
-        self.params = trainable_parameters(model) if params is None else as_params(params)
+        size, dtype, device = self._take_params(model, data, params)
         self._record_params(params)
-        p0 = self.params[0]
-        super().__init__(sum(p.numel() for p in self.params), p0.dtype, p0.device)
-        self.model = model
+        super().__init__(size, dtype, device)
         self.loss_fn = loss_fn
-        self.task = as_task(task, loss_fn)
-        self.data = data
-        loss = self.task.loss_fn if self.task.loss_fn is not None else loss_fn
-        own = getattr(loss, "reduction", None)
-        if reduction is not None and isinstance(own, str) and own != reduction:
-            raise ValueError(
-                f"reduction={reduction!r} contradicts the loss' own reduction {own!r}: the "
-                f"loss computes the {own} over each batch, so weighing the batches as a "
-                f"{reduction} would make the operator depend on how the data is batched; "
-                f"leave reduction=None or set {type(loss).__name__}(reduction={reduction!r})"
-            )
-        self.reduction = reduction_of(loss, reduction)
-        self.check_deterministic = check_deterministic
+        task = as_task(task, loss_fn)
+        loss = task.loss_fn if task.loss_fn is not None else loss_fn
+        self.reduction = self._resolve_reduction(loss, reduction)
         self.distributed = distributed
-        self.progressbar = progressbar
         if columns not in ("auto", "vmap", "loop"):
             raise ValueError(f"columns must be 'auto', 'vmap' or 'loop', got {columns!r}")
         self.columns = columns
-        self.cache_graphs = bool(cache_graphs)
-        self.single_batch = self.task.is_batch(data)
-        if check_deterministic:
-            refuse_stochastic(
-                model,
-                "every product would see a different matrix (dropout, RReLU) or update the "
-                "model's running statistics (batch norm); or pass check_deterministic=False "
-                "if you mean it",
-            )
-        self._states: list | None = None  # kept per-batch graphs, built lazily
-        self._versions: tuple[int, ...] = ()  # the parameters' versions when they were built
+        self._init_traversal(model, data, task, check_deterministic, progressbar, cache_graphs)
         # a plain function as a "mean" loss: check on the first pass that it does not sum
         self._check_summing = (
             reduction is None
@@ -230,11 +172,6 @@ class CurvatureOperator(LinearOperator):
             and check_deterministic
             and loss is not None
             and not hasattr(loss, "reduction")
-        )
-        self._pass_check = SamePassCheck(
-            "the data",
-            "A curvature operator must be the same matrix on every product: use shuffle=False "
-            "or a fixed list of batches, or pass check_deterministic=False.",
         )
         self._num_data: int | None = None
         self._check_loss()
@@ -294,10 +231,7 @@ class CurvatureOperator(LinearOperator):
         """
         return {}
 
-    # -- subclass hooks ------------------------------------------------------------------
-    def _batch_state(self, batch):
-        raise NotImplementedError
-
+    # -- subclass hooks (and _batch_state, the traversal's) ---------------------------------
     def _batch_product(self, state, vs: list[Tensor], batched: bool) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
@@ -310,152 +244,6 @@ class CurvatureOperator(LinearOperator):
         loss = self.task.loss(out, batch)
         check_scalar_loss(loss)
         return out, loss
-
-    def _split(self, V: Tensor, batched: bool) -> list[Tensor]:
-        if batched:
-            return columns_to_parameters(V, self.params)
-        return list(vector_to_parameters(V, self.params))
-
-    def _join(self, ts: Sequence[Tensor], batched: bool) -> Tensor:
-        if batched:
-            return parameters_to_columns(ts)
-        return parameters_to_vector(ts)
-
-    def _batch_weight(self, batch, n_b: int) -> float:
-        """:math:`W_b`, what the loss' mean divides the batch by (1 for a sum)."""
-        if self.reduction == "sum":
-            return 1.0
-        loss_fn = self.task.loss_fn
-        if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-            return float(n_b)
-        return mean_weight(loss_fn, self.task.targets(batch), n_b)
-
-    def batch_shares(self, batches: Sequence) -> Tensor:
-        r"""Each batch's share :math:`c_b` of the operator: :math:`A = \sum_b c_b A_b`.
-
-        :math:`A_b` is :meth:`restrict` to batch ``b``: for a mean loss :math:`c_b =
-        W_b / W` (torch's divisor of the batch over the total; 0 for a batch whose targets
-        are all ignored), for a sum 1 (``float64``, on the CPU). What a stochastic solver
-        samples batches by.
-
-        Raises:
-            ValueError: a mean loss whose data has no valid target.
-        """
-        sizes = [self.task.batch_size(b) for b in batches]
-        weights = [self._batch_weight(b, n_b) for b, n_b in zip(batches, sizes)]
-        if self.reduction == "mean":
-            self._check_total(float(sum(weights)))
-            div = self._divisor(float(sum(sizes)), float(sum(weights)))
-        else:
-            div = 1.0
-        return torch.tensor(
-            [
-                0.0 if self._skipped(w_b) else self._scale(n_b, w_b) / div
-                for n_b, w_b in zip(sizes, weights)
-            ],
-            dtype=torch.float64,
-        )
-
-    def _skipped(self, w_b: float) -> bool:
-        """A batch without weight in the dataset mean (every target ignored): no product."""
-        return self.reduction == "mean" and w_b == 0.0
-
-    def _scale(self, n_b: float, w_b: float) -> float:
-        """The factor a batch's product is summed with: :math:`W_b` (mean) or 1 (sum)."""
-        return w_b
-
-    def _divisor(self, count: float, total: float) -> float:
-        """What the sum of the scaled products is divided by: :math:`W` (mean) or 1 (sum)."""
-        return total if self.reduction == "mean" else 1.0
-
-    def _check_nonempty(self, count: float) -> None:
-        """Raise when the data (over every rank) holds no example.
-
-        Under ``torch.distributed`` a rank's shard may be empty (it adds nothing); the
-        reduced count is the same on every rank, so all of them raise together.
-        """
-        if count == 0.0:
-            where = " on every rank" if dist.active(self.distributed) else ""
-            raise ValueError(f"the data is empty{where}: it yielded no (non-empty) batch")
-
-    def _check_total(self, total: float) -> None:
-        if self.reduction == "mean" and total == 0.0:
-            raise ValueError(
-                f"{type(self).__name__}: the mean loss has no weight: every target of the "
-                "data is the loss' ignore_index (or has class weight 0), so torch's mean loss "
-                "is 0/0 (NaN) and has no curvature"
-            )
-
-    def _batches(self):
-        """Batches, checking the data is the same on every pass."""
-        it = iterate_batches(
-            self.data, self.task, self.device, allow_empty=dist.active(self.distributed)
-        )
-        if self.progressbar and not self.single_batch:
-            from .._progress import progress
-
-            total = batch_count(self.data, self.task)
-            it = progress(it, total=total, desc=type(self).__name__, unit="batch", enabled=True)
-        if self.check_deterministic and not self.single_batch:
-            it = self._pass_check(it)
-        if self._check_summing:
-            it = self._summing_check(it)
-        yield from it
-
-    def _summing_check(self, batches: Iterator) -> Iterator:
-        """Yield ``batches``; on the second one, warn if a plain-function loss sums."""
-        for i, batch in enumerate(batches):
-            if i == 1 and self._check_summing:
-                self._check_summing = False
-                self._warn_if_summing(batch)
-            yield batch
-
-    def _warn_if_summing(self, batch) -> None:
-        """Warn when the loss of ``batch`` is the sum of its halves' losses, not their mean.
-
-        Advisory: a loss that cannot be evaluated on half a batch is left alone.
-        """
-        n = self.task.batch_size(batch)
-        if n < 2:
-            return
-        k = n // 2
-        try:
-            with torch.no_grad():
-                out = self.task.output(self.model, batch)
-                if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
-                    return
-                whole = float(self.task.loss(out, batch))
-                a = float(self.task.loss(out[:k], self.task.take(batch, slice(0, k))))
-                b = float(self.task.loss(out[k:], self.task.take(batch, slice(k, n))))
-        except Exception:  # noqa: BLE001  (only a hint: never fail the product for it)
-            return
-        summed, averaged = a + b, (k * a + (n - k) * b) / n
-        tol = 1e-4 * max(abs(whole), abs(summed), abs(averaged))
-        if abs(whole - summed) <= tol < abs(whole - averaged):
-            warnings.warn(
-                f"{type(self).__name__}: loss_fn has no .reduction, so the operator takes it "
-                "to be a mean over the batch and weighs each batch by its share of the "
-                "examples, but its value on a batch is the sum of its values on the two "
-                "halves: it looks like a sum, and the operator would then depend on how the "
-                'data is batched; pass reduction="sum" (or make the loss a mean)',
-                UserWarning,
-                stacklevel=outside_stacklevel(),
-            )
-
-    def _reduce(self, acc: Tensor, count: float, total: float) -> tuple[Tensor, float, float]:
-        """All-reduce the accumulated products, the example count and the total weight.
-
-        The counts go in a float64 tensor of their own: in a half-precision model's dtype
-        they would be rounded (bfloat16 is exact only up to 256) or overflow (float16 at
-        65504).
-        """
-        if dist.active(self.distributed):
-            counts = torch.tensor([count, total], dtype=torch.float64, device=acc.device)
-            acc = acc.contiguous()  # the same memory layout on every rank
-            dist.all_reduce_sum(acc)
-            dist.all_reduce_sum(counts)
-            return acc, float(counts[0]), float(counts[1])
-        return acc, count, total
 
     def _mode(self, batched: bool, n_b: int) -> str:
         """``"vec"`` for a vector; ``"loop"`` or ``"vmap"`` over the columns of a matrix."""
@@ -478,30 +266,6 @@ class CurvatureOperator(LinearOperator):
             cols = [self._join(self._batch_product(state, c, False), False) for c in vs]
             return torch.stack(cols, dim=1)
         return self._join(self._batch_product(state, vs, mode == "vmap"), mode == "vmap")
-
-    def _states_of(self, batches):
-        """``(state, n_b, W_b)`` per batch; no state (``None``) for a skipped batch."""
-        for b in batches:
-            n_b = self.task.batch_size(b)
-            w_b = self._batch_weight(b, n_b)
-            yield (None if self._skipped(w_b) else self._batch_state(b)), n_b, w_b
-
-    def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.params)
-
-    def _kept_states(self) -> list:
-        if self._states is not None and self._versions != self._param_versions():
-            self._states = None  # a parameter changed in place (an optimizer step): rebuild
-        if self._states is None:
-            self._versions = self._param_versions()
-            if self.single_batch:
-                batches = iterate_batches(
-                    self.data, self.task, self.device, allow_empty=dist.active(self.distributed)
-                )
-            else:
-                batches = self._batches()
-            self._states = list(self._states_of(batches))
-        return self._states
 
     def _apply(self, V: Tensor, batched: bool) -> Tensor:
         prepared: dict[str, object] = {}  # V split once per product and mode
@@ -555,9 +319,7 @@ class CurvatureOperator(LinearOperator):
     def num_data(self) -> int:
         """Number of examples ``N`` in the data (summed over ranks)."""
         if self._num_data is None:
-            batches = iterate_batches(
-                self.data, self.task, allow_empty=dist.active(self.distributed)
-            )
+            batches = iterate_batches(self.data, self.task, allow_empty=self._allow_empty())
             count = float(sum(self.task.batch_size(b) for b in batches))
             zero = torch.zeros(1, dtype=self.dtype, device=self.device)
             _, count, _ = self._reduce(zero, count, 0.0)
@@ -599,15 +361,6 @@ class CurvatureOperator(LinearOperator):
     def gradient(self) -> Tensor:
         """The flat dataset gradient (detached)."""
         return self.loss_and_gradient()[1]
-
-    def refresh(self) -> None:
-        """Forget kept graphs.
-
-        An in-place change of a parameter through autograd (``optimizer.step()``) is noticed
-        by the next product, which rebuilds them; a write through ``p.data`` is not: call
-        ``refresh()`` after one.
-        """
-        self._states = None
 
 
 class HessianOperator(CurvatureOperator):

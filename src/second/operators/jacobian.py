@@ -14,11 +14,12 @@ order, so ``J @ v`` lines up with ``torch.cat([model(X_b).flatten() for X_b in b
 is :math:`J^\top` (``P x M``); ``J.T`` of one is the other, sharing its graphs. With them
 the generalized Gauss-Newton matrix is :math:`J^\top (\nabla^2_f L) J`.
 
-Products run on the same kept graphs as the curvature operators (:mod:`.curvature`): on a
-single batch the graph is built once and ``J v`` costs one backward pass through the
-double-vjp graph, ``J^T u`` one backward pass through the forward graph; a matrix of ``k``
-columns is one vmap-batched pass. Over an iterable of batches every product traverses
-the data again (or keeps every batch's graphs with ``cache_graphs=True``).
+Products run on kept graphs as the curvature operators' do (the same data traversal,
+:mod:`._traversal`): on a single batch the graph is built once and ``J v`` costs one
+backward pass through the double-vjp graph, ``J^T u`` one backward pass through the
+forward graph; a matrix of ``k`` columns is one vmap-batched pass. Over an iterable of
+batches every product traverses the data again (or keeps every batch's graphs with
+``cache_graphs=True``).
 """
 
 from __future__ import annotations
@@ -29,29 +30,22 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NonDeterministicDataError
-from ..data import (
-    SamePassCheck,
-    Task,
-    as_task,
-    batch_count,
-    iterate_batches,
-    refuse_one_shot,
-    refuse_stochastic,
-)
-from ..func.products import JacobianGraph, as_params, check_finite, trainable_parameters
-from ..func.vectors import (
-    columns_to_parameters,
-    parameters_to_columns,
-    parameters_to_vector,
-    vector_to_parameters,
-)
+from ..data import Task, as_task
+from ..func.products import JacobianGraph, check_finite
+from ._traversal import DataTraversal
 from .base import LinearOperator
 
 __all__ = ["JacobianOperator", "TransposedJacobianOperator"]
 
 
-class _Jacobian:
-    """The shared state of ``J`` and ``J^T``: parameters, data traversal and kept graphs."""
+class _Jacobian(DataTraversal):
+    """The shared state of ``J`` and ``J^T``: parameters, data traversal and kept graphs.
+
+    The traversal (:mod:`._traversal`) keeps one :class:`~second.func.graphs.JacobianGraph`
+    per batch; the messages and the progress bar name ``JacobianOperator``.
+    """
+
+    _kind = _varies = "Jacobian"
 
     def __init__(
         self,
@@ -64,42 +58,23 @@ class _Jacobian:
         columns: str,
         task: Task | None = None,
     ):
-        refuse_one_shot(data, "JacobianOperator")
-        self.params = trainable_parameters(model) if params is None else as_params(params)
-        p0 = self.params[0]
-        self.dtype, self.device = p0.dtype, p0.device
-        self.num_params = sum(p.numel() for p in self.params)
+        self.num_params, self.dtype, self.device = self._take_params(model, data, params)
         if columns not in ("vmap", "loop"):
             raise ValueError(f"columns must be 'vmap' or 'loop', got {columns!r}")
-        self.model, self.columns = model, columns
+        self.columns = columns
         if isinstance(data, Tensor):  # a batch of inputs without targets
             data = (data, data.new_empty((data.shape[0] if data.dim() else 0, 0)))
-        self.data = data
-        self.task = as_task(task, None)
-        self.single_batch = self.task.is_batch(data)
-        self.check_deterministic = check_deterministic
-        self.progressbar = progressbar
-        self.cache_graphs = bool(cache_graphs)
-        if check_deterministic:
-            refuse_stochastic(
-                model,
-                "every product would see a different Jacobian (dropout, RReLU) or update the "
-                "model's running statistics (batch norm); or pass check_deterministic=False "
-                "if you mean it",
-            )
-        self._pass_check = SamePassCheck(
-            "the data",
-            "A Jacobian operator must be the same matrix on every product: use shuffle=False "
-            "or a fixed list of batches, or pass check_deterministic=False.",
-        )
-        self._states: list[JacobianGraph] | None = None
-        self._versions: tuple[int, ...] = ()  # the parameters' versions when they were built
+        task = as_task(task, None)
+        self._init_traversal(model, data, task, check_deterministic, progressbar, cache_graphs)
         if self.single_batch or self.cache_graphs:
             self.output_shapes = [tuple(g.out.shape) for g in self._kept_states()]
         else:  # one pass without graphs to learn the number of rows
             with torch.no_grad():
                 self.output_shapes = [tuple(self._forward(b).shape) for b in self._batches()]
         self.num_outputs = sum(int(torch.Size(s).numel()) for s in self.output_shapes)
+
+    def _traversal_name(self) -> str:
+        return "JacobianOperator"
 
     # -- data ----------------------------------------------------------------------------
     def _forward(self, batch) -> Tensor:
@@ -110,32 +85,15 @@ class _Jacobian:
             raise TypeError(f"the model returns {out.dtype}, its parameters are {self.dtype}")
         return check_finite(out, "model output")
 
-    def _batches(self):
-        it = iterate_batches(self.data, self.task, self.device)
-        if self.progressbar and not self.single_batch:
-            from .._progress import progress
-
-            total = batch_count(self.data, self.task)
-            it = progress(it, total=total, desc="JacobianOperator", unit="batch", enabled=True)
-        if self.check_deterministic and not self.single_batch:
-            it = self._pass_check(it)
-        yield from it
-
-    def _kept_states(self) -> list[JacobianGraph]:
-        versions = tuple(p._version for p in self.params)
-        if self._states is not None and versions != self._versions:
-            self._states = None  # a parameter changed in place (an optimizer step): rebuild
-        if self._states is None:
-            self._versions = versions
-            self._states = [JacobianGraph(self._forward(b), self.params) for b in self._batches()]
-        return self._states
+    def _batch_state(self, batch) -> JacobianGraph:
+        return JacobianGraph(self._forward(batch), self.params)
 
     def _graphs(self):
         """Every batch's graph with its number of rows, checked against the first pass."""
         if self.single_batch or self.cache_graphs:
             graphs = iter(self._kept_states())
         else:
-            graphs = (JacobianGraph(self._forward(b), self.params) for b in self._batches())
+            graphs = self._states_of(self._batches())
         count = 0
         for i, graph in enumerate(graphs):
             if i >= len(self.output_shapes) or tuple(graph.out.shape) != self.output_shapes[i]:
@@ -151,21 +109,6 @@ class _Jacobian:
                 f"the data yielded {count} batches, {len(self.output_shapes)} when the operator "
                 "was built"
             )
-
-    def refresh(self) -> None:
-        self._states = None
-
-    # -- parameter-shaped views ------------------------------------------------------------
-    def _split(self, V: Tensor, batched: bool) -> list[Tensor]:
-        if batched:
-            return columns_to_parameters(V, self.params)
-        return list(vector_to_parameters(V, self.params))
-
-    @staticmethod
-    def _join(ts: Sequence[Tensor], batched: bool) -> Tensor:
-        if batched:
-            return parameters_to_columns(ts)
-        return parameters_to_vector(ts)
 
     # -- products ------------------------------------------------------------------------
     def jvp(self, V: Tensor) -> Tensor:

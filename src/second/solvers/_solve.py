@@ -9,10 +9,11 @@ import torch
 from ..operators.base import LinearOperator, aslinearoperator
 from ._cg import cg
 from ._dense import dense
+from ._lissa import lissa
 from ._lowrank import lowrank
 from ._lsmr import lsmr
 from ._minres import minres
-from ._neumann import lissa, neumann_solve
+from ._neumann import neumann_solve
 from ._result import SolveResult, _norm, measurable_residual, report, stopping_threshold
 
 __all__ = ["solve", "METHODS", "choose_method"]

@@ -2,7 +2,8 @@
 
 from ._diagonal import ggn_diagonal
 from ._eigsh import COPY_CHECK_STEPS, EigshResult, eigsh
-from .estimators import Density, Estimate, diagonal, frobenius_norm, spectral_density, trace
+from .density import Density, spectral_density
+from .estimators import Estimate, diagonal, frobenius_norm, trace
 from .lanczos import extreme_eigenvalues, lanczos
 
 __all__ = [

@@ -12,10 +12,10 @@ from torch.func import functional_call, vjp, vmap
 
 from .. import distributed as dist
 from .._losses import reduction_of
-from ..data import Task, as_task, iterate_batches, map_batch
+from ..data import Task, as_task, batch_coupled_modules, iterate_batches, map_batch
 from ..func import map_examples, parameters_to_vector
 
-__all__ = ["ggn_diagonal", "batch_coupled_modules"]
+__all__ = ["ggn_diagonal"]
 
 MEMORY_BUDGET = 2**26  # floats of per-example gradients held at once (256 MB in float32)
 
@@ -209,27 +209,6 @@ def ggn_diagonal(
                 check = False  # a use outside the layers is the model's: checked once
         total += by_vmap(batch, y, divisor) if part is None else part
     return dist.all_reduce_sum(total, distributed)
-
-
-def batch_coupled_modules(model: nn.Module) -> list[str]:
-    """Modules that normalize with the batch's statistics, as ``"name (Type)"`` labels.
-
-    Batch norm in training mode, or without running statistics (``track_running_stats=False``
-    normalizes with the batch's statistics in eval mode too), makes an example's output depend
-    on the others in its batch. Instance, layer and group norm are per example.
-
-    Example:
-        >>> bn = torch.nn.BatchNorm1d(3, track_running_stats=False)
-        >>> batch_coupled_modules(torch.nn.Sequential(torch.nn.Linear(2, 3), bn).eval())
-        ['1 (BatchNorm1d)']
-    """
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or (m.running_mean is None and m.running_var is None)
-        ):
-            found.append(f"{name or type(m).__name__} ({type(m).__name__})")
-    return found
 
 
 def unsupported_reason(model: nn.Module, loss_fn: Callable) -> str | None:

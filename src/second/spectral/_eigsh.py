@@ -308,6 +308,10 @@ def eigsh(
         W = orthonormalize(W, Q)
         return W if W.shape[1] else orthonormalize(randn(min(p, n - Q.shape[1])), Q)
 
+    def exact(how: str) -> str:
+        """How a run ended whose basis holds every direction, by this pass's bounds."""
+        return _exact_message(how, certified, bound, tol * scale, scale, criterion, dtype)
+
     if v0 is not None:
         V = v0.reshape(n, -1).to(dtype=dtype, device=dev)
         if V.shape[1] < p:
@@ -382,15 +386,7 @@ def eigsh(
             )
             break
         if m >= n and idx.numel() == k:  # the basis spans everything: exact up to rounding
-            message = _exact_message(
-                f"the basis spans R^{n} ({used} products)",
-                certified,
-                bound,
-                tol * scale,
-                scale,
-                criterion,
-                dtype,
-            )
+            message = exact(f"the basis spans R^{n} ({used} products)")
             break
         if used >= maxiter and check_ref is not None and bool(certified.all()):
             message = (
@@ -420,15 +416,7 @@ def eigsh(
         W = extend(randn(p) if fresh else W, Q)
         if W.shape[1] == 0:
             if idx.numel() == k:
-                message = _exact_message(
-                    "no direction left outside the basis",
-                    certified,
-                    bound,
-                    tol * scale,
-                    scale,
-                    criterion,
-                    dtype,
-                )
+                message = exact("no direction left outside the basis")
             else:
                 message = f"no direction left outside a basis of {m} (fewer than k = {k})"
             break
