@@ -101,6 +101,28 @@ def _collective(op, depth: int = 0) -> bool:
     return dist.collective_operator(op, depth)
 
 
+@overload
+def trace(
+    A,
+    num_matvecs: int = 100,
+    method: str = "hutch++",
+    *,
+    generator: torch.Generator | None = None,
+    return_result: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def trace(
+    A,
+    num_matvecs: int = 100,
+    method: str = "hutch++",
+    *,
+    generator: torch.Generator | None = None,
+    return_result: Literal[True],
+) -> Estimate: ...
+
+
 def trace(
     A,
     num_matvecs: int = 100,
@@ -276,8 +298,8 @@ def diagonal(
     *,
     control: Tensor | None = None,
     generator: torch.Generator | None = None,
-    return_result: bool,
-) -> Tensor | Estimate: ...
+    return_result: Literal[True],
+) -> Estimate: ...
 
 
 def diagonal(
@@ -441,6 +463,26 @@ def _xdiag(count: _Counter, n: int, m: int, g, dtype, device) -> tuple[Tensor, T
     base = (Qd * Z).sum(1)  # diag(Q Q^T A)
     ests = base.unsqueeze(1) - QS * ZS + c * Om.to(torch.float64) * QS  # [n, m]
     return ests.mean(1).to(dtype), _sem(ests.T)
+
+
+@overload
+def frobenius_norm(
+    A,
+    num_matvecs: int = 30,
+    *,
+    generator: torch.Generator | None = None,
+    return_result: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def frobenius_norm(
+    A,
+    num_matvecs: int = 30,
+    *,
+    generator: torch.Generator | None = None,
+    return_result: Literal[True],
+) -> Estimate: ...
 
 
 def frobenius_norm(
