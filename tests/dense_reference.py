@@ -81,6 +81,40 @@ def cast(model: nn.Module, X, y, dtype: torch.dtype, device: str | torch.device 
     return m, X.to(device=device, dtype=dtype), y
 
 
+# the operator tests' dataset: N_DATA examples, split into batches of SPLIT examples
+N_DATA = 10
+SPLIT = [2, 5, 3]  # unequal batch sizes
+
+
+def make_problem(model_name, loss_name, reduction, dtype, n=N_DATA, device="cpu"):
+    """``(model64, X64, y64, loss_fn, model, X, y)``: a seeded float64 problem and its copy
+    in ``dtype`` on ``device``."""
+    torch.manual_seed(1)
+    model64 = make_model(model_name)
+    X64, y64 = make_data(model_name, loss_name, n)
+    loss_fn = make_loss(loss_name, reduction)
+    model, X, y = cast(model64, X64, y64, dtype, device)
+    return model64, X64, y64, loss_fn, model, X, y
+
+
+def split_batches(X, y, sizes):
+    """``(X, y)`` as a list of consecutive batches of ``sizes`` examples."""
+    out, start = [], 0
+    for s in sizes:
+        out.append((X[start : start + s], y[start : start + s]))
+        start += s
+    return out
+
+
+def two_batch_problem(loss_name: str = "ce"):
+    """``(model, loss_fn, X, y, batches)``: eight examples in two batches of four."""
+    torch.manual_seed(0)
+    model = make_model("mlp_tanh")
+    X, y = make_data("mlp_tanh", loss_name, n=8)
+    loss_fn = nn.CrossEntropyLoss() if loss_name == "ce" else nn.MSELoss()
+    return model, loss_fn, X, y, [(X[:4], y[:4]), (X[4:], y[4:])]
+
+
 # CPU always; an accelerator where one exists (the references stay on the CPU in float64)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,9 +1,13 @@
-"""Weighted and padded cross-entropy cases shared by the operator and diagonal tests."""
+"""Weighted, padded and ignored-target cross-entropy cases shared by the operator tests
+and the diagonal tests."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dense_reference import N_DATA, SPLIT, make_data, make_model, split_batches
 
 CLASS_WEIGHT = torch.tensor([1.0, 2.5, 0.5], dtype=torch.float64)
 WEIGHTED_LOSSES = {  # CrossEntropyLoss options: torch's mean divides by the valid weights
@@ -40,3 +44,21 @@ def padded_sequences(loss_name: str):
         T = max(lengths[lo : lo + 2])
         batches.append((X[lo : lo + 2, :T], y[lo : lo + 2, :T]))
     return model, loss_fn, X, y, batches
+
+
+IGNORED = [2, 3, 7]  # with batches of 2, the second batch has no valid target
+
+
+def weighted_problem(loss_name: str):
+    """``(model, loss_fn, X, y)``: N_DATA examples, the IGNORED ones' targets ignored."""
+    torch.manual_seed(2)
+    model = make_model("mlp_tanh")
+    X, y = make_data("mlp_tanh", "ce", n=N_DATA)
+    y[IGNORED] = -100
+    return model, nn.CrossEntropyLoss(**WEIGHTED_LOSSES[loss_name]), X, y
+
+
+def weighted_layouts(X, y):
+    """The data batched in several ways, one of them with a batch of ignored targets only."""
+    loaders = [DataLoader(TensorDataset(X, y), batch_size=bs) for bs in (2, 3, 4)]
+    return [*loaders, split_batches(X, y, SPLIT)]
