@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._optional import require
 from ._progress import progress as progress_bar
+from .func import eigenvalue_cutoff
 from .metrics import cosine_similarity, relative_error
 from .operators import GGNOperator, HessianOperator
 from .problems import PROBLEMS
@@ -59,6 +60,11 @@ METHODS = (*DEFAULT_METHODS, "dense")
 # what a method needs of the damping: lowrank inverts (A + damping I) on the complement of
 # its kept eigenvectors (damping > 0), LiSSA refuses a shift (damping >= 0)
 DAMPING_NEEDS = {"lowrank": "> 0", "lissa": ">= 0"}
+
+REFERENCE_RCOND = 1e-10
+"""The reference solution's relative eigenvalue cutoff (:func:`second.func.eigenvalue_cutoff`):
+looser than the default ``n eps``, so that the exact zero modes of a float64 Hessian (the
+softmax shift, constant features), which carry no gradient, are dropped with their rounding."""
 
 
 def damping_skips(methods: Sequence[str], damping: dict[str, float]) -> dict[str, list[str]]:
@@ -129,7 +135,8 @@ def exact_solution(problem, curvature: str, damping: float) -> tuple[Tensor, Ten
     """The float64 reference ``(x, g, kept eigenvalues)`` for ``(A + damping I) x = g``.
 
     ``A`` is the Hessian or GGN of ``problem`` (converted to float64) and ``g`` its gradient;
-    ``x`` is the minimum-norm solution (eigenvalues below ``1e-10 max|lambda|`` are dropped).
+    ``x`` is the minimum-norm solution (eigenvalues below ``REFERENCE_RCOND max|lambda|`` are
+    dropped).
     """
     problem64 = problem.to(torch.float64)
     op_cls = HessianOperator if curvature == "hessian" else GGNOperator
@@ -140,7 +147,7 @@ def exact_solution(problem, curvature: str, damping: float) -> tuple[Tensor, Ten
     evals, vecs = torch.linalg.eigh(0.5 * (A + A.T))
     # the minimum-norm solution: exact zero modes (e.g. the softmax shift, constant features)
     # carry no gradient, and Krylov methods started at 0 never leave their complement
-    keep = evals.abs() > 1e-10 * evals.abs().max()
+    keep = evals.abs() > eigenvalue_cutoff(evals, rcond=REFERENCE_RCOND)
     x = vecs[:, keep] @ ((vecs[:, keep].T @ g) / evals[keep])
     return x, g, evals[keep]
 

@@ -17,7 +17,6 @@ from torch import Tensor
 from ._errors import ConvergenceWarning, NegativeCurvatureWarning, SecondDeprecationWarning
 from .func.vectors import parameters_to_vector
 from .solvers import cg, minres, neumann_solve
-from .solvers._result import flat_solution
 
 __all__ = ["conjugate_gradient", "neumann", "fixed_point", "clip_grad_norm"]
 
@@ -92,7 +91,8 @@ def conjugate_gradient(
         )
     elif not res.converged:
         warnings.warn(f"conjugate_gradient: {res.message}", _warning_for(res), stacklevel=2)
-    return flat_solution(res)
+    assert isinstance(res.x, Tensor)  # b is flat, so is x
+    return res.x
 
 
 def _warning_for(res):
@@ -205,7 +205,8 @@ def fixed_point(
     res = neumann_solve(_matvec(mvp), b, scale=1.0 / lr, maxiter=num_iter, tol=1e-12, warn=False)
     if _went_wrong(res):
         warnings.warn(f"fixed_point: {res.message}", _warning_for(res), stacklevel=2)
-    return flat_solution(res)
+    assert isinstance(res.x, Tensor)  # b is flat, so is x
+    return res.x
 
 
 def clip_grad_norm(

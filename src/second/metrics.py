@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .func.vectors import safe_norm
+from .func.vectors import parameters_to_vector, safe_norm
 
 __all__ = ["relative_error", "cosine_similarity"]
 
@@ -64,7 +64,7 @@ def _flat_pair(a, b) -> tuple[Tensor, Tensor]:
         )
     complex_ = any(t.is_complex() for t in pa + pb)
     dtype = torch.complex128 if complex_ else torch.float64
-    x, y = (torch.cat([t.reshape(-1).to(dtype) for t in p]) for p in (pa, pb))
+    x, y = (parameters_to_vector([t.to(dtype) for t in p]) for p in (pa, pb))
     return x, y.to(x.device)
 
 

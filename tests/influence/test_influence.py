@@ -302,6 +302,32 @@ def test_newton_loo_matches_dense_reference(method):
     assert rel(est, ref) < NEWTON_RTOL
 
 
+@pytest.mark.parametrize("fisher", ["type2", "mc"])
+def test_newton_loo_of_a_type2_or_mc_fisher_removes_the_examples_ggn_term(fisher):
+    """The leave-one-out curvature drops the example's own term of the matrix: for the type-2
+    Fisher (equal to the GGN) and the Monte-Carlo one (whose expectation it is) that term is
+    the example's GGN, not its empirical Fisher (the outer product of its gradient)."""
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(16), data(2, seed=2)
+    idx = torch.tensor([0, 5, 11])
+    ggn = Influence(model, loss_fn, train, curvature="ggn", damping=1.0, progressbar=False)
+    ref = ggn.newton_loo(test, idx)
+    opts = {"fisher": fisher}
+    if fisher == "mc":  # many samples: the MC Fisher near its expectation, the GGN
+        opts.update(mc_samples=4000, generator=torch.Generator().manual_seed(0))
+    inf = Influence(
+        model,
+        loss_fn,
+        train,
+        curvature="fisher",
+        curvature_options=opts,
+        damping=1.0,
+        progressbar=False,
+    )
+    tol = NEWTON_RTOL if fisher == "type2" else 0.05
+    assert rel(inf.newton_loo(test, idx), ref) < tol
+
+
 def _fit_logistic(X, y, weights, lam, theta0, tol=1e-12):
     """Newton on w-weighted mean logistic loss + lam/2 ||theta||^2 (theta = [w, b])."""
     n = X.shape[0]

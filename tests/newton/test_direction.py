@@ -29,7 +29,7 @@ def spd(n, cond, seed=0):
 def test_truncated_cg_solves_the_newton_system():
     H = spd(8, 100.0)
     g = torch.randn(8, dtype=DT, generator=torch.Generator().manual_seed(1))
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=100)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-12, maxiter=100)
     torch.testing.assert_close(d, -torch.linalg.solve(H, g), **EXACT)
     assert info.status == "converged" and info.matvecs == info.iterations
     assert math.isclose(info.model_decrease, -float(g @ d + 0.5 * d @ H @ d), rel_tol=1e-9)
@@ -38,7 +38,7 @@ def test_truncated_cg_solves_the_newton_system():
 def test_truncated_cg_forcing_term_is_the_residual_bound():
     H = spd(30, 1e4)
     g = torch.randn(30, dtype=DT, generator=torch.Generator().manual_seed(2))
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=0.1, maxiter=100)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=0.1, maxiter=100)
     assert info.status == "converged"
     assert float(torch.linalg.vector_norm(H @ d + g)) <= 0.1 * float(torch.linalg.vector_norm(g))
 
@@ -47,10 +47,10 @@ def test_truncated_cg_warm_start_is_used_only_when_it_decreases_the_model():
     H = spd(10, 1e3)
     g = torch.randn(10, dtype=DT, generator=torch.Generator().manual_seed(3))
     exact = -torch.linalg.solve(H, g)
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-10, maxiter=100, x0=exact)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-10, maxiter=100, x0=exact)
     assert info.warm_started and info.iterations == 0 and info.matvecs == 1
     torch.testing.assert_close(d, exact, **EXACT)
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-10, maxiter=100, x0=-exact)  # uphill
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-10, maxiter=100, x0=-exact)  # uphill
     assert not info.warm_started
     torch.testing.assert_close(d, exact, **EXACT)
 
@@ -58,7 +58,7 @@ def test_truncated_cg_warm_start_is_used_only_when_it_decreases_the_model():
 def test_truncated_cg_reports_and_signs_negative_curvature():
     H = torch.diag(torch.tensor([2.0, 1.0, -3.0], dtype=DT))
     g = torch.tensor([1.0, 1.0, 0.3], dtype=DT)
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=10)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-12, maxiter=10)
     assert info.status == "negative_curvature" and info.iterations == 2
     s = info.negative_curvature
     assert math.isclose(float(s.norm()), 1.0, rel_tol=1e-12)
@@ -71,7 +71,7 @@ def test_preconditioned_truncated_cg_with_the_exact_inverse_takes_one_step():
     H = spd(12, 1e6)
     Hinv = torch.linalg.inv(H)
     g = torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(4))
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-8, maxiter=50, M=lambda r: Hinv @ r)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-8, maxiter=50, M=lambda r: Hinv @ r)
     assert info.iterations == 1
     torch.testing.assert_close(d, -Hinv @ g, rtol=1e-6, atol=1e-8)
 
@@ -136,13 +136,13 @@ def test_reorthogonalized_cg_solves_an_ill_conditioned_system_in_about_n_product
     H, g = _ill_conditioned()
     n = g.numel()
     exact = -torch.linalg.solve(H, g)
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=2 * n)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-7, maxiter=2 * n)
     assert info.status == "converged" and info.matvecs <= n + 10
     assert float(torch.linalg.vector_norm(H @ d + g)) <= 1e-7 * float(torch.linalg.vector_norm(g))
     # energy-norm error, the quantity CG minimizes
     e = d - exact
     assert float(e @ H @ e) <= 1e-10 * float(exact @ H @ exact)
-    _, pinfo = truncated_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=3 * n, reorthogonalize=False)
+    _, pinfo = truncated_cg(lambda v: H @ v, g, tol=1e-7, maxiter=3 * n, reorthogonalize=False)
     assert pinfo.status == "maxiter"
 
 
@@ -152,16 +152,16 @@ def test_reorthogonalized_cg_with_a_preconditioner_and_in_steihaug_and_model_cg(
     exact = -torch.linalg.solve(H, g)
     # a rough diagonal preconditioner: the residuals are M-orthogonal then
     Mdiag = 1.0 / torch.diagonal(H)
-    d, info = truncated_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=2 * n, M=lambda r: Mdiag * r)
+    d, info = truncated_cg(lambda v: H @ v, g, tol=1e-7, maxiter=2 * n, M=lambda r: Mdiag * r)
     assert info.status == "converged" and info.matvecs <= n + 10
     torch.testing.assert_close(H @ d, -g, rtol=0, atol=1e-6 * float(g.norm()))
     # Steihaug-Toint CG in a region that does not bind: the Newton step
-    res = steihaug_cg(lambda v: H @ v, g, 1e6, rtol=1e-7, maxiter=2 * n)
-    assert res.status == "converged" and res.hvps <= n + 10
+    res = steihaug_cg(lambda v: H @ v, g, 1e6, tol=1e-7, maxiter=2 * n)
+    assert res.status == "converged" and res.matvecs <= n + 10
     torch.testing.assert_close(H @ res.step, -g, rtol=0, atol=1e-6 * float(g.norm()))
     # the optimizers' inner CG (damped, here undamped)
-    out = model_cg(lambda v: H @ v, g, rtol=1e-7, maxiter=2 * n)
-    assert out.status == "converged" and out.products <= n + 10
+    out = model_cg(lambda v: H @ v, g, tol=1e-7, maxiter=2 * n)
+    assert out.status == "converged" and out.matvecs <= n + 10
     e = out.x - exact
     assert float(e @ H @ e) <= 1e-10 * float(exact @ H @ exact)
 
@@ -174,9 +174,9 @@ def test_reorthogonalized_cg_reports_an_unmet_tolerance_once_the_space_is_spanne
     H = 0.5 * (H + H.T)
     g = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(3))
     for status in (
-        truncated_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=10 * n)[1].status,
-        steihaug_cg(lambda v: H @ v, g, 1e30, rtol=1e-12, maxiter=10 * n).status,
-        model_cg(lambda v: H @ v, g, rtol=1e-12, maxiter=10 * n).status,
+        truncated_cg(lambda v: H @ v, g, tol=1e-12, maxiter=10 * n)[1].status,
+        steihaug_cg(lambda v: H @ v, g, 1e30, tol=1e-12, maxiter=10 * n).status,
+        model_cg(lambda v: H @ v, g, tol=1e-12, maxiter=10 * n).status,
     ):
         assert status == "maxiter"
 
@@ -185,8 +185,8 @@ def test_reorthogonalized_cg_reports_an_unmet_tolerance_once_the_space_is_spanne
 def test_reorthogonalized_cg_keeps_an_operator_that_requires_grad_differentiable():
     h = torch.tensor([1.0, 4.0, 9.0], dtype=DT, requires_grad=True)
     g = torch.ones(3, dtype=DT)
-    d, info = truncated_cg(lambda v: h.detach() * v + 0 * h * v, g, rtol=1e-12, maxiter=10)
+    d, info = truncated_cg(lambda v: h.detach() * v + 0 * h * v, g, tol=1e-12, maxiter=10)
     assert info.status == "converged" and d.requires_grad
     torch.testing.assert_close(d.detach(), -g / h.detach(), **EXACT)
-    assert steihaug_cg(lambda v: h * v, g, 10.0, rtol=1e-12).status == "converged"
-    assert model_cg(lambda v: h * v, g, rtol=1e-12).status == "converged"
+    assert steihaug_cg(lambda v: h * v, g, 10.0, tol=1e-12).status == "converged"
+    assert model_cg(lambda v: h * v, g, tol=1e-12).status == "converged"

@@ -18,7 +18,7 @@ def quartic(t):
 def test_strong_wolfe_conditions_hold(t0):
     f0, d0, _ = quartic(0.0)
     res = strong_wolfe(quartic, f0, d0, t0=t0, c1=1e-4, c2=0.1)
-    assert res.success, res.message
+    assert res.converged, res.message
     f, d, _ = quartic(res.t)
     assert f <= f0 + 1e-4 * res.t * d0
     assert abs(d) <= 0.1 * abs(d0)
@@ -32,13 +32,13 @@ def test_strong_wolfe_shrinks_past_non_finite_values():
         return (t - 0.3) ** 2, 2 * (t - 0.3), None
 
     res = strong_wolfe(phi, 0.09, -0.6)
-    assert res.success and 0 < res.t <= 0.5
+    assert res.converged and 0 < res.t <= 0.5
 
 
 def test_strong_wolfe_failure_returns_zero_step():
     # a wrong slope: the function rises although phi'(0) claims descent
     res = strong_wolfe(lambda t: (1.0 + t, 1.0, None), 1.0, -1.0, max_evals=8)
-    assert not res.success and res.t == 0.0 and "no decrease" in res.message
+    assert not res.converged and res.t == 0.0 and "no decrease" in res.message
     assert res.evaluations == 8
     with pytest.raises(ValueError, match="descent"):
         strong_wolfe(lambda t: (t, 1.0, None), 0.0, 1.0)

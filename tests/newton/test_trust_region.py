@@ -25,7 +25,7 @@ def test_boundary_step_solves_the_quadratic():
 def test_steihaug_interior_equals_newton_step():
     H = spd(8)
     g = torch.randn(8, dtype=DT)
-    res = steihaug_cg(lambda v: H @ v, g, radius=1e6, rtol=1e-12)
+    res = steihaug_cg(lambda v: H @ v, g, radius=1e6, tol=1e-12)
     assert res.status == "converged"
     assert res.iterations <= 8
     torch.testing.assert_close(res.step, -torch.linalg.solve(H, g), **EXACT)
@@ -35,7 +35,7 @@ def test_steihaug_interior_equals_newton_step():
 def test_steihaug_indefinite_goes_to_boundary_along_negative_curvature():
     H = torch.diag(torch.tensor([2.0, -1.0, 1.0], dtype=DT))
     g = torch.tensor([0.1, 1.0, 0.1], dtype=DT)  # g^T H g < 0: negative curvature at once
-    res = steihaug_cg(lambda v: H @ v, g, radius=3.0, rtol=1e-12)
+    res = steihaug_cg(lambda v: H @ v, g, radius=3.0, tol=1e-12)
     assert res.status == "negative_curvature"
     assert abs(res.step_norm - 3.0) < NORM_TOL
     assert abs(float(res.step.norm()) - 3.0) < NORM_TOL
@@ -49,7 +49,7 @@ def test_steihaug_indefinite_goes_to_boundary_along_negative_curvature():
 def test_steihaug_random_indefinite_reaches_boundary_and_decreases_model():
     H = indefinite(20, seed=3)
     g = torch.randn(20, dtype=DT, generator=torch.Generator().manual_seed(4))
-    res = steihaug_cg(lambda v: H @ v, g, radius=5.0, rtol=1e-10)
+    res = steihaug_cg(lambda v: H @ v, g, radius=5.0, tol=1e-10)
     assert res.on_boundary
     assert abs(res.step_norm - 5.0) < NORM_TOL
     # at least the Cauchy decrease along -g
@@ -60,7 +60,7 @@ def test_steihaug_random_indefinite_reaches_boundary_and_decreases_model():
 def test_steihaug_spd_small_radius_stops_on_boundary():
     H = spd(10)
     g = torch.randn(10, dtype=DT)
-    res = steihaug_cg(lambda v: H @ v, g, radius=1e-2, rtol=1e-12)
+    res = steihaug_cg(lambda v: H @ v, g, radius=1e-2, tol=1e-12)
     assert res.status == "boundary"
     assert abs(float(res.step.norm()) - 1e-2) < NORM_TOL
 
@@ -69,8 +69,8 @@ def test_steihaug_spd_small_radius_stops_on_boundary():
 @pytest.mark.parametrize("small", [1e-3, 0.3, 2.0])
 def test_path_cut_equals_fresh_solve(H, small):
     g = torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(7))
-    big = steihaug_cg(lambda v: H @ v, g, radius=50.0, rtol=1e-10)
-    fresh = steihaug_cg(lambda v: H @ v, g, radius=small, rtol=1e-10)
+    big = steihaug_cg(lambda v: H @ v, g, radius=50.0, tol=1e-10)
+    fresh = steihaug_cg(lambda v: H @ v, g, radius=small, tol=1e-10)
     cut = big.path.cut(small)
     assert cut.status == fresh.status
     torch.testing.assert_close(cut.step, fresh.step, **EXACT)
@@ -81,10 +81,10 @@ def test_preconditioned_steihaug_uses_the_preconditioner_norm():
     H = spd(10, cond=1e4)
     Hinv = torch.linalg.inv(H)
     g = torch.randn(10, dtype=DT)
-    exact = steihaug_cg(lambda v: H @ v, g, radius=1e8, rtol=1e-12, M=lambda r: Hinv @ r)
+    exact = steihaug_cg(lambda v: H @ v, g, radius=1e8, tol=1e-12, M=lambda r: Hinv @ r)
     assert exact.iterations == 1  # M = H^-1: one preconditioned CG step is Newton's step
     torch.testing.assert_close(exact.step, -Hinv @ g, **EXACT)
-    res = steihaug_cg(lambda v: H @ v, g, radius=1e-3, rtol=1e-12, M=lambda r: Hinv @ r)
+    res = steihaug_cg(lambda v: H @ v, g, radius=1e-3, tol=1e-12, M=lambda r: Hinv @ r)
     # the region is ||p||_{M^-1} = sqrt(p^T H p) <= radius
     assert res.on_boundary
     assert abs(math.sqrt(float(res.step @ H @ res.step)) - 1e-3) < 1e-12
@@ -113,7 +113,7 @@ def test_exact_trust_region_satisfies_optimality(radius, kind):
     assert mu >= -1e-8
     assert float(torch.linalg.eigvalsh(H + mu * torch.eye(8, dtype=DT))[0]) >= -1e-8
     # no Steihaug step does better
-    st = steihaug_cg(lambda v: H @ v, g, radius=radius, rtol=1e-12)
+    st = steihaug_cg(lambda v: H @ v, g, radius=radius, tol=1e-12)
     assert res.predicted_reduction >= st.predicted_reduction - 1e-10
 
 

@@ -28,7 +28,7 @@ BAD = [
     (NewtonCG, dict(initial_radius=2.0, max_radius=1.0)),
     (NewtonCG, dict(eta=0.3)),
     (NewtonCG, dict(maxiter=0)),
-    (NewtonCG, dict(cg_rtol=1.5)),
+    (NewtonCG, dict(cg_tol=1.5)),
     (NewtonCG, dict(gtol=-1.0)),
     (NewtonCG, dict(preconditioner=3)),
     (GaussNewton, dict(damping=-1.0)),

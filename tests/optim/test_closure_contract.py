@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from second._errors import SecondDeprecationWarning
 from second.optim import GaussNewton, HessianFree, LiSSA, NewtonCG
 
 DT = torch.float64
@@ -204,15 +205,42 @@ def test_deprecated_option_names_map_onto_the_glossary(cls, old, new):
         cls(model.parameters(), **{old: 7, new: 9})
 
 
+@pytest.mark.parametrize("cls", [NewtonCG, GaussNewton], ids=lambda c: c.__name__)
+def test_cg_rtol_is_the_deprecated_spelling_of_cg_tol(cls):
+    weights, groups = [], []
+    for spelling in ("cg_tol", "cg_rtol"):
+        model, X, y, _ = problem()
+        params = model if cls is GaussNewton else model.parameters()
+        if spelling == "cg_rtol":
+            with pytest.warns(SecondDeprecationWarning, match=r"\(cg_rtol=.*use cg_tol="):
+                opt = cls(params, maxiter=5, cg_rtol=1e-3)
+        else:
+            opt = cls(params, maxiter=5, cg_tol=1e-3)
+        opt.step(contract_closure(opt, model, X, y, []))
+        weights.append(model.weight.detach().clone())
+        groups.append(opt.param_groups[0])
+    assert torch.equal(weights[0], weights[1])  # the same run, to the bit
+    assert groups[1]["cg_tol"] == 1e-3 and "cg_rtol" not in groups[1]
+    with pytest.raises(ValueError, match="pass cg_tol only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SecondDeprecationWarning)
+        cls(params, cg_rtol=1e-3, cg_tol=1e-4)
+    with pytest.raises(ValueError, match="cg_tol must lie in"):
+        cls(params, cg_tol=1.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'cg_rtol'"):
+        HessianFree(model, cg_rtol=1e-3)  # it never had one
+
+
 def test_a_state_saved_with_the_old_option_names_loads():
     model, X, y, _ = problem()
-    opt = NewtonCG(model.parameters(), maxiter=3)
+    opt = NewtonCG(model.parameters(), maxiter=3, cg_tol=1e-3)
     sd = opt.state_dict()
     group = sd["param_groups"][0]
     group["tolerance_grad"], group["max_iter"] = group.pop("gtol"), group.pop("maxiter")
+    group["cg_rtol"] = group.pop("cg_tol")
     opt2 = NewtonCG(model.parameters())
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["maxiter"] == 3 and "max_iter" not in opt2.param_groups[0]
+    assert opt2.param_groups[0]["cg_tol"] == 1e-3 and "cg_rtol" not in opt2.param_groups[0]
 
 
 def test_the_deprecated_nhvp_counter_reads_matvecs():

@@ -27,7 +27,7 @@ def test_gauss_newton_linear_least_squares_in_one_step(solver):
     X = torch.randn(30, 4, generator=g, dtype=DT)
     y = torch.randn(30, 1, generator=g, dtype=DT)
     model = torch.nn.Linear(4, 1).to(DT)
-    opt = GaussNewton(model, damping=1e-12, solver=solver, cg_rtol=1e-12, gtol=1e-10)
+    opt = GaussNewton(model, damping=1e-12, solver=solver, cg_tol=1e-12, gtol=1e-10)
     closure = contract(opt, lambda: torch.nn.functional.mse_loss(model(X), y))
 
     opt.step(closure)

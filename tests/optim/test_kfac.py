@@ -309,9 +309,9 @@ def test_damping_adaptation_reevaluates_loss_without_backward():
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
 
 
-def test_generic_jvp_one_per_vector_matches_vmapped_and_dense():
+def test_module_jvp_one_per_vector_matches_vmapped_and_dense():
     """The per-vector JVPs (convolutional models) equal the vmapped ones and dense J v."""
-    from second.optim._kfac_quadratic import generic_jvp
+    from second.func.forward import module_jvp
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).to(DT)
@@ -319,9 +319,9 @@ def test_generic_jvp_one_per_vector_matches_vmapped_and_dense():
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]
     tangents = [torch.randn(2, *p.shape, dtype=DT) for p in params]
-    out_v, Jv_v = generic_jvp(model, names, params, ((X,), {}), tangents)
-    out_l, Jv_l = generic_jvp(model, names, params, ((X,), {}), tangents, vectorize=False)
-    out_r, Jv_r = generic_jvp(model, names, params, ((X,), {}), tangents, reverse=True)
+    out_v, Jv_v = module_jvp(model, names, params, ((X,), {}), tangents)
+    out_l, Jv_l = module_jvp(model, names, params, ((X,), {}), tangents, vectorize=False)
+    out_r, Jv_r = module_jvp(model, names, params, ((X,), {}), tangents, reverse=True)
     torch.testing.assert_close(out_l, out_v, rtol=0, atol=0)
     torch.testing.assert_close(out_r, out_v, rtol=0, atol=0)
     torch.testing.assert_close(Jv_l, Jv_v, rtol=1e-12, atol=1e-13)

@@ -16,7 +16,7 @@ from second.optim import (
 def test_newton_cg_one_step_on_a_quadratic():
     A, b, x_star, f = quadratic_problem(n=6)
     x = torch.zeros(6, dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], initial_radius=1e3, cg_rtol=1e-12, gtol=1e-9)
+    opt = NewtonCG([x], initial_radius=1e3, cg_tol=1e-12, gtol=1e-9)
     opt.step(contract(opt, lambda: f(x)))
     assert torch.allclose(x.detach(), x_star, atol=SOLUTION_TOL, rtol=0)
     st = opt.state[x]
@@ -45,7 +45,7 @@ def test_newton_cg_rejected_step_costs_no_hvp():
     def f():  # convex, but the Newton step from 3 lands at -27: far too long
         return (torch.sqrt(1 + x * x) - 1).sum()
 
-    opt = NewtonCG([x], initial_radius=100.0, cg_rtol=1e-12)
+    opt = NewtonCG([x], initial_radius=100.0, cg_tol=1e-12)
     step = contract(opt, f)  # one closure object: the optimizer reuses its evaluations
     opt.step(step)
     st = opt.state[x]
@@ -61,7 +61,7 @@ def test_newton_cg_with_preconditioner_converges():
     A, b, x_star, f = quadratic_problem(n=6)
     Ainv = torch.linalg.inv(A)
     x = torch.zeros(6, dtype=DT, requires_grad=True)
-    opt = NewtonCG([x], initial_radius=1e3, cg_rtol=1e-12, preconditioner=lambda r: Ainv @ r)
+    opt = NewtonCG([x], initial_radius=1e3, cg_tol=1e-12, preconditioner=lambda r: Ainv @ r)
     opt.step(contract(opt, lambda: f(x)))
     assert opt.state[x]["matvecs"] == 1
     torch.testing.assert_close(x.detach(), x_star, rtol=0, atol=SOLUTION_TOL)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from newton_cases import DT, contract, rosen
+from second._errors import SecondDeprecationWarning
 from second.optim import (
     NewtonCG,
     minimize,
@@ -26,6 +27,15 @@ def test_plot_history():
     assert list(ax_loss.lines[0].get_xdata()) == [h["nfev"] for h in res.history]
     with pytest.raises(ValueError):
         plot_history(res, x="seconds")
+    new = plot_history(res, x="matvecs")
+    with pytest.warns(SecondDeprecationWarning, match=r'x="nhvp".*use x="matvecs"'):
+        old = plot_history(res, x="nhvp")
+    for a, b in zip(old.axes, new.axes, strict=True):
+        assert a.get_xlabel() == b.get_xlabel() == "matvecs"
+        assert [list(line.get_xydata().ravel()) for line in a.lines] == [
+            list(line.get_xydata().ravel()) for line in b.lines
+        ]
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    for f in (fig, old, new):
+        plt.close(f)

@@ -126,12 +126,17 @@ def test_x0_and_jacobi_preconditioner(name, method):
 
 
 @pytest.mark.parametrize("low", [False, True], ids=["double", "single"])
-@pytest.mark.parametrize("method", ["cg", "minres", "dense"])
-@pytest.mark.parametrize("name", ["poisson1d", "rand-sym-pd", "rand-sym"])
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        (name, method)
+        for name in ("poisson1d", "rand-sym-pd", "rand-sym")
+        for method in ("cg", "minres", "dense")
+        if method != "cg" or CASES[name].pd  # CG's grid is for positive definite matrices
+    ],
+)
 def test_atol_rtol_grid(name, method, low):
     case = CASES[name]
-    if method == "cg" and not case.pd:
-        return
     A, b = case.cast(low)
     bnorm = float(torch.linalg.vector_norm(case.b))
     met = 0

@@ -7,6 +7,7 @@ import torch
 
 import second
 from second import ConvergenceWarning, lissa, relative_error
+from second._errors import SecondDeprecationWarning
 from spectra import LISSA_RELERR, rhs, sym_matrix
 
 
@@ -171,3 +172,11 @@ def test_lissa_counts_the_products_lanczos_made():
     op = second.CallableOperator(mv, 6, torch.float64)
     res = lissa(op, rhs(6), tol=1e-3, progressbar=False)
     assert res.matvecs == len(calls)
+
+
+def test_lissa_recursion_products_is_matvecs():
+    A = sym_matrix(torch.linspace(1, 2, 4).tolist())
+    rec = second.solvers.lissa_recursion(rhs(4), lambda p: A @ p, depth=30, scale=2.5)
+    assert rec.matvecs == 30
+    with pytest.warns(SecondDeprecationWarning, match=r"LissaRecursion\.products.*\.matvecs"):
+        assert rec.products == rec.matvecs

@@ -167,6 +167,7 @@ def test_not_converged_is_reported_and_warned():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_converged_always_means_the_recomputed_rule_holds(dtype):
     """The conformance invariant, on ill-conditioned systems and tolerances the dtype cannot meet."""
+    converged = 0
     for seed, (shape, cond, tol, damping) in enumerate(
         [
             ((40, 40), 1e6, 1e-8, 0.0),
@@ -186,7 +187,11 @@ def test_converged_always_means_the_recomputed_rule_holds(dtype):
         b = torch.randn(m, generator=g, dtype=torch.float64)
         res = lsmr(A.to(dtype), b.to(dtype), damping=damping, tol=tol, warn=False)
         if res.converged:
+            converged += 1
             assert _rule_holds(A, b, res.x, damping, tol, res), (seed, res.message)
+        else:  # a solve that stops short says why
+            assert res.message
+    assert converged >= 1  # not vacuous: the reachable cases converge
 
 
 def test_bad_input():

@@ -28,6 +28,7 @@ from .products import (
     vjp,
 )
 from .vectors import (
+    add_vector_to_parameters,
     columns_to_parameters,
     parameters_to_columns,
     parameters_to_vector,
@@ -47,6 +48,7 @@ __all__ = [
     "eigenvalue_cutoff",
     "parameters_to_vector",
     "vector_to_parameters",
+    "add_vector_to_parameters",
     "columns_to_parameters",
     "parameters_to_columns",
     "JacobianGraph",

@@ -191,34 +191,65 @@ class ModelFunction:
         return self._map(lambda ex: g(theta, ex, measure), batch).detach()
 
     def hessian_products(
-        self, batch1, V: Tensor, kind: str = "hessian", measure: bool = False
+        self,
+        batch1,
+        V: Tensor,
+        curvature: str = "hessian",
+        measure: bool = False,
+        *,
+        fisher: str = "empirical",
+        **deprecated,
     ) -> Tensor:
         r"""Curvature of a batch of one's loss times the columns of ``V`` (``[P, k]``).
 
-        ``kind="hessian"``: :math:`\nabla^2 \ell_i V`; ``"ggn"``: :math:`J_i^\top
-        (\nabla_f^2 \ell_i) J_i V`; ``"fisher"``: :math:`\nabla\ell_i \nabla\ell_i^\top V`.
+        ``curvature="hessian"``: :math:`\nabla^2 \ell_i V`; ``"ggn"``: :math:`J_i^\top
+        (\nabla_f^2 \ell_i) J_i V`; ``"fisher"``: the empirical Fisher
+        :math:`\nabla\ell_i \nabla\ell_i^\top V` (``fisher="empirical"``, the one Fisher
+        offered here: one example's type-2 Fisher is its ``"ggn"``). ``kind`` is the deprecated
+        spelling of ``curvature`` (removed in 0.3).
 
         The second derivatives are forward-over-reverse (``jvp`` of ``grad``). Where torch
         has no forward-mode derivative of a loss' backward (``F.huber_loss``) or fails in it
         (``F.mse_loss`` in torch 2.13: "ZeroTensors are immutable"), they are taken
         reverse-over-reverse instead (``vjp`` of ``grad``: the same symmetric matrix).
+
+        Raises:
+            ValueError: an unknown ``curvature``, or a ``fisher`` other than ``"empirical"``.
         """
+        if deprecated:
+            from ..optim._options import renamed_keyword  # lazily: second.optim imports this
+
+            curvature = renamed_keyword(
+                "ModelFunction.hessian_products",
+                deprecated,
+                "kind",
+                "curvature",
+                curvature,
+                "hessian",
+            )
+        if curvature not in ("hessian", "ggn", "fisher"):
+            raise ValueError(f"curvature must be 'hessian', 'ggn' or 'fisher', got {curvature!r}")
+        if curvature == "fisher" and fisher != "empirical":
+            raise ValueError(
+                f"fisher must be 'empirical' here, got {fisher!r} (one example's type-2 Fisher "
+                "is curvature='ggn')"
+            )
         theta = self.flat()
-        if kind == "fisher":
+        if curvature == "fisher":
             gi = grad(self.batch_loss)(theta, batch1, measure)
             return gi * (gi @ V) if V.dim() == 1 else torch.outer(gi, gi @ V)
         if self._forward_ok:
             try:
-                return self._second_products(theta, batch1, V, kind, measure, True)
+                return self._second_products(theta, batch1, V, curvature, measure, True)
             except (RuntimeError, NotImplementedError):
                 # retried reverse-over-reverse below; an error of the model's own raises there
                 pass
-        out = self._second_products(theta, batch1, V, kind, measure, False)
+        out = self._second_products(theta, batch1, V, curvature, measure, False)
         self._forward_ok = False
         return out
 
     def _second_products(
-        self, theta: Tensor, batch1, V: Tensor, kind: str, measure: bool, forward: bool
+        self, theta: Tensor, batch1, V: Tensor, curvature: str, measure: bool, forward: bool
     ) -> Tensor:
         """:meth:`hessian_products` for the Hessian or the GGN, ``forward``-over-reverse or not."""
 
@@ -227,7 +258,7 @@ class ModelFunction:
                 return jvp(grad(fn), (x,), (v,))[1]
             return vjp(grad(fn), x)[1](v)[0]
 
-        if kind == "hessian":
+        if curvature == "hessian":
 
             def hv(v):
                 return second(lambda t: self.batch_loss(t, batch1, measure), theta, v)

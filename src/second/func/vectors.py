@@ -11,6 +11,7 @@ from torch import Tensor
 __all__ = [
     "parameters_to_vector",
     "vector_to_parameters",
+    "add_vector_to_parameters",
     "columns_to_parameters",
     "parameters_to_columns",
     "as_tensor_list",
@@ -42,16 +43,20 @@ def parameters_to_vector(parameters: Iterable[Tensor] | Tensor) -> Tensor:
     """
     if isinstance(parameters, Tensor):
         return parameters.reshape(-1)
-    tensors = list(parameters)
-    if not tensors:
-        raise ValueError("parameters_to_vector got an empty sequence of tensors")
-    for i, t in enumerate(tensors):
-        if t is None:
-            raise ValueError(
-                f"entry {i} is None: a gradient is None when its parameter is not in the "
-                "graph of the loss (pass allow_unused=True to autograd, or drop that parameter)"
-            )
-    return torch.cat([t.reshape(-1) for t in tensors])
+    tensors = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
+    try:  # the checks only on failure: this is on the optimizers' per-product path
+        return torch.cat([t.reshape(-1) for t in tensors])
+    except Exception:
+        if not tensors:
+            raise ValueError("parameters_to_vector got an empty sequence of tensors") from None
+        for i, t in enumerate(tensors):
+            if t is None:
+                raise ValueError(
+                    f"entry {i} is None: a gradient is None when its parameter is not in the "
+                    "graph of the loss (pass allow_unused=True to autograd, or drop that "
+                    "parameter)"
+                ) from None
+        raise
 
 
 def vector_to_parameters(vector: Tensor, parameters: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -75,21 +80,57 @@ def vector_to_parameters(vector: Tensor, parameters: Sequence[Tensor]) -> tuple[
         >>> a.shape, b
         (torch.Size([2, 2]), tensor([4.]))
     """
-    parameters = list(parameters)
+    parameters = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
     if vector.dim() != 1:
         raise ValueError(f"vector must be 1-D, got shape {tuple(vector.shape)}")
-    total = sum(p.numel() for p in parameters)
-    if vector.numel() != total:
+    out = []
+    offset = 0
+    try:  # the size is checked after the split (one pass: the optimizers' per-product path)
+        for p in parameters:
+            n = p.numel()
+            out.append(vector[offset : offset + n].view_as(p))  # a third of view(shape)'s cost
+            offset += n
+    except RuntimeError:  # a piece past the end of a vector that is too short
+        if sum(p.numel() for p in parameters) == vector.numel():
+            raise
+        offset = -1
+    if offset != vector.numel():
+        total = sum(p.numel() for p in parameters)
         raise ValueError(
             f"vector has {vector.numel()} entries but the parameters have {total} in total"
         )
-    out = []
-    offset = 0
-    for p in parameters:
-        n = p.numel()
-        out.append(vector[offset : offset + n].view(p.shape))
-        offset += n
     return tuple(out)
+
+
+def add_vector_to_parameters(
+    vector: Tensor, parameters: Sequence[Tensor], *, alpha: float = 1.0
+) -> None:
+    """Add ``alpha * vector`` to the parameters in place, without recording it in autograd.
+
+    The in-place counterpart of :func:`vector_to_parameters`: ``vector`` is split by the
+    parameters' shapes (the order of :func:`parameters_to_vector`) and each piece is added
+    to its parameter with ``p.add_(piece, alpha=alpha)`` under :func:`torch.no_grad`, so
+    leaf parameters that require grad can be updated (an optimizer step).
+
+    Args:
+        vector: a 1-D tensor with ``sum(p.numel() for p in parameters)`` entries.
+        parameters: the tensors to update.
+        alpha: the factor on ``vector`` (default 1).
+
+    Raises:
+        ValueError: if the sizes do not match.
+
+    Example:
+        >>> a, b = torch.zeros(2, 2, requires_grad=True), torch.ones(1, requires_grad=True)
+        >>> add_vector_to_parameters(torch.arange(5.0), [a, b], alpha=-1.0)
+        >>> a, b
+        (tensor([[ 0., -1.],
+                [-2., -3.]], requires_grad=True), tensor([-3.], requires_grad=True))
+    """
+    parameters = list(parameters)
+    with torch.no_grad():
+        for p, piece in zip(parameters, vector_to_parameters(vector, parameters)):
+            p.add_(piece, alpha=alpha)
 
 
 def columns_to_parameters(matrix: Tensor, parameters: Sequence[Tensor]) -> list[Tensor]:

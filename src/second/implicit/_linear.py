@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning, NegativeCurvatureWarning, outside_stacklevel
+from ..func.vectors import parameters_to_vector
 from ..operators.base import CallableOperator
 from ..solvers import SolveResult, report, solve
 
@@ -171,7 +172,7 @@ def newton_step(
         damping=damping,
         warn=False,
     )
-    x = res.x if isinstance(res.x, Tensor) else torch.cat([t.reshape(-1) for t in res.x])
+    x = parameters_to_vector(res.x)
     return float(torch.linalg.vector_norm(x.detach()))
 
 

@@ -13,8 +13,14 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from .._errors import outside_stacklevel
 from ..func.attention import differentiable_attention
+from ..func.dense import dense_from_matmat
 from ..func.products import check_finite, grad_checked
-from ..func.vectors import parameters_to_vector, vector_to_parameters
+from ..func.vectors import (
+    columns_to_parameters,
+    parameters_to_columns,
+    parameters_to_vector,
+    vector_to_parameters,
+)
 from ..solvers import SolveResult
 from ._linear import (
     newton_step,
@@ -271,13 +277,16 @@ def _adjoint_solve(
     live = [i for i, f in enumerate(F_leaves) if f.requires_grad]
     b = parameters_to_vector([t.detach() for t in w_bar])
 
-    def vjp_w(u: Tensor) -> Tensor:
-        us = vector_to_parameters(u, ws)
+    def vjp_w(u: Tensor, batched: bool = False) -> Tensor:
+        """(dF/dw)^T u; ``batched``: on the k columns of a [P, k] ``u``, one vmap-batched pass."""
         if not live:
             return torch.zeros_like(u)
+        us = columns_to_parameters(u, ws) if batched else vector_to_parameters(u, ws)
         F_live, u_live = [F_leaves[i] for i in live], [us[i] for i in live]
-        out = grad_checked(F_live, ws, u_live, retain_graph=True, zeros_for_unused=True)
-        return parameters_to_vector(out)
+        out = grad_checked(
+            F_live, ws, u_live, retain_graph=True, zeros_for_unused=True, is_grads_batched=batched
+        )
+        return parameters_to_columns(out) if batched else parameters_to_vector(out)
 
     check = opts["warn"] and spec.inner_tol is not None
     f = parameters_to_vector([t.detach() for t in F_leaves])
@@ -298,7 +307,9 @@ def _adjoint_solve(
         res = None
         n = b.numel()
         eye = torch.eye(n, dtype=b.dtype, device=b.device)
-        JT = torch.stack([vjp_w(eye[:, j]) for j in range(n)], dim=1)  # J^T columns
+        JT = dense_from_matmat(
+            functools.partial(vjp_w, batched=True), vjp_w, n, dtype=b.dtype, device=b.device
+        )
         JT = JT + opts["damping"] * eye
         if check and bool(f.any()):
             step = float(torch.linalg.vector_norm(torch.linalg.solve(JT.mT, f.to(JT.dtype))))

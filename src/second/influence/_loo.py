@@ -44,7 +44,7 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
     out = torch.zeros(test.n, len(idx), dtype=inf.fn.dtype, device=inf.fn.device)
     if not idx:
         return out
-    kind = {"hessian": "hessian", "fisher": "fisher"}.get(inf.curvature, "ggn")
+    curvature = _example_curvature(inf)
     P = inf.fn.numel
     examples = inf.train.take(idx)
     deltas = torch.zeros(P, len(idx), dtype=inf.fn.dtype, device=inf.fn.device)
@@ -64,9 +64,9 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
             b = w * g
             # the example's term in the curvature: w_j C_j, linear in the loss, except the
             # empirical Fisher's, quadratic in the weighted gradient: n w_j^2 g_j g_j^T
-            cw = w * (inf.n_train * w) if kind == "fisher" and inf.weight is None else w
+            cw = w * (inf.n_train * w) if curvature == "fisher" and inf.weight is None else w
             if isinstance(inv, DenseInverse):
-                Hj = _dense_example_curvature(inf.fn, one, kind)
+                Hj = _dense_example_curvature(inf.fn, one, curvature)
                 M = inv.matrix - cw * Hj
                 L, info = torch.linalg.cholesky_ex(M)
                 if int(info) == 0:
@@ -74,7 +74,7 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
                 else:
                     d = None
             else:
-                d = _loo_iterative(inf, inv, one, b, kind, cw)
+                d = _loo_iterative(inf, inv, one, b, curvature, cw)
             if d is None:
                 # the leave-one-out curvature is not positive definite: a Newton step along
                 # its negative direction would overshoot arbitrarily; keep the first order
@@ -93,12 +93,26 @@ def newton_loo(inf: Influence, test_data, train_indices: Sequence[int] | Tensor)
     for i, one in enumerate(tests):
         if unweighted is not None and bool(unweighted[i]):
             continue
-        HD = inf.fn.hessian_products(one, deltas, "hessian", measure=True)
+        HD = inf.fn.hessian_products(one, deltas, curvature="hessian", measure=True)
         out[i] = Gt[i] @ deltas + 0.5 * (deltas * HD).sum(0)
     return out
 
 
-def _loo_iterative(inf: Influence, inv, one, b: Tensor, kind: str, w: float) -> Tensor | None:
+def _example_curvature(inf: Influence) -> str:
+    """What one example's term of the curvature is: its Hessian, empirical Fisher or GGN.
+
+    The empirical Fisher's term is the outer product of the example's gradient; the GGN's,
+    the type-2 Fisher's (which equals it) and the Monte-Carlo Fisher's (whose expectation it
+    is) is the example's GGN.
+    """
+    if inf.curvature == "hessian":
+        return "hessian"
+    opts = inf.curvature_options
+    fisher = opts.get("fisher") or opts.get("kind") or "empirical"
+    return "fisher" if inf.curvature == "fisher" and fisher == "empirical" else "ggn"
+
+
+def _loo_iterative(inf: Influence, inv, one, b: Tensor, curvature: str, w: float) -> Tensor | None:
     """The leave-one-out Newton step by CG/MINRES; ``None`` when it meets negative curvature.
 
     ``w``: the weight of the example's curvature in the whole one.
@@ -106,7 +120,7 @@ def _loo_iterative(inf: Influence, inv, one, b: Tensor, kind: str, w: float) -> 
     op, shift = inf.operator, inf.shift
 
     def matvec(v: Tensor) -> Tensor:
-        return op @ v + shift * v - w * inf.fn.hessian_products(one, v, kind)
+        return op @ v + shift * v - w * inf.fn.hessian_products(one, v, curvature=curvature)
 
     x0 = inv(b[:, None])[:, 0]
     M = (lambda v: inv(v[:, None])[:, 0]) if inv.explicit else None
@@ -119,10 +133,10 @@ def _loo_iterative(inf: Influence, inv, one, b: Tensor, kind: str, w: float) -> 
     return res.x
 
 
-def _dense_example_curvature(fn: ModelFunction, one, kind: str) -> Tensor:
+def _dense_example_curvature(fn: ModelFunction, one, curvature: str) -> Tensor:
     """One example's curvature (a batch of one), dense in float64 and symmetrized."""
     H = dense_from_matmat(
-        lambda E: fn.hessian_products(one, E, kind),
+        lambda E: fn.hessian_products(one, E, curvature=curvature),
         None,
         fn.numel,
         dtype=fn.dtype,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning
+from ..func.vectors import parameters_to_vector
 from ._state import LaplaceState
 
 __all__ = ["PriorOptimizationResult", "MarginalLikelihood"]
@@ -238,20 +239,20 @@ class MarginalLikelihood(LaplaceState):
 
             def grad_norm() -> float:
                 f = float(closure().detach())
-                flat = []
+                grads = []
                 for v in variables:
                     assert v.grad is not None  # closure() has just differentiated every variable
-                    flat.append(v.grad.reshape(-1))
-                return float(torch.cat(flat).norm()) / max(1.0, abs(f))
+                    grads.append(v.grad)
+                return float(parameters_to_vector(grads).norm()) / max(1.0, abs(f))
 
             converged, it, gnorm = False, 0, grad_norm()
             message = f"reached maxiter={maxiter}"
             for iteration in range(1, maxiter + 1):
                 it = iteration
-                before = torch.cat([v.detach().reshape(-1) for v in variables])
+                before = parameters_to_vector([v.detach() for v in variables])
                 opt.step(closure)
                 change = float(
-                    (torch.cat([v.detach().reshape(-1) for v in variables]) - before).abs().max()
+                    (parameters_to_vector([v.detach() for v in variables]) - before).abs().max()
                 )
                 gnorm = grad_norm()
                 # the relative change of the values (a change of the logarithms), as MacKay's

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ConvergenceWarning
+from ..func.vectors import parameters_to_vector
 from ._laplace import Laplace
 
 __all__ = ["OnlinePrior"]
@@ -128,7 +129,7 @@ class OnlinePrior:
         r""":math:`\tfrac12 \sum_g \delta_g \|\theta_g - \mu_0\|^2` at the current parameters (differentiable)."""
         t = self._template
         d = self.prior_precision.to(t.params[0].dtype)
-        theta = torch.cat([p.reshape(-1) for p in t.params])
+        theta = parameters_to_vector(t.params)
         mu = t.prior_mean.to(theta.dtype)
         gi = t._group_index
         prior = d.expand(gi.shape) if d.dim() == 0 else d[gi]

@@ -5,7 +5,7 @@
 * direction: :func:`truncated_cg` (Eisenstat-Walker :func:`forcing_term`, warm start,
   negative curvature, residuals re-orthogonalized by :class:`ResidualBasis`), :func:`steihaug_cg` and :func:`exact_trust_region` (trust-region
   subproblems), :func:`dense_newton_direction`, :func:`model_cg` (damped CG with Martens'
-  progress rule);
+  progress rule); :data:`RCOND`, the eigenvalue rounding level of the dense ones;
 * preconditioners: :class:`LBFGSPreconditioner`, :func:`diagonal_preconditioner`;
 * globalization: :func:`strong_wolfe`, :func:`update_radius`, :func:`lm_damping_update`;
 * one globalized step (shared by the loops and the optimizers): :func:`trust_region_step`
@@ -17,6 +17,7 @@
 """
 
 from .direction import (
+    RCOND,
     REORTH_MEMORY,
     DirectionInfo,
     ResidualBasis,
@@ -49,6 +50,7 @@ __all__ = [
     "DirectionInfo",
     "ResidualBasis",
     "REORTH_MEMORY",
+    "RCOND",
     "steihaug_cg",
     "exact_trust_region",
     "SubproblemResult",

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .result import renamed_property
 from .trust_region import update_radius
 
 __all__ = ["LineSearchResult", "strong_wolfe", "update_radius", "lm_damping_update"]
@@ -25,7 +26,8 @@ class LineSearchResult:
         f: the objective at ``x + t d``.
         g: the gradient there (whatever ``phi`` returned with it).
         evaluations: calls of ``phi``.
-        success: whether ``t`` satisfies the strong Wolfe conditions.
+        converged: whether ``t`` satisfies the strong Wolfe conditions (``success`` is its
+            deprecated spelling).
         message: why it stopped.
     """
 
@@ -33,8 +35,10 @@ class LineSearchResult:
     f: float
     g: object
     evaluations: int
-    success: bool
+    converged: bool
     message: str
+
+    success = renamed_property("success", "converged")
 
 
 def _cubic_min(t1, f1, d1, t2, f2, d2, lo, hi):
@@ -69,7 +73,7 @@ def strong_wolfe(
     by bracketing (doubling from ``t0``) and zooming with safeguarded cubic interpolation.
     A non-finite :math:`\phi(t)` counts as "too far" and shrinks the bracket. When
     ``max_evals`` runs out, the best point satisfying the sufficient-decrease condition
-    is returned with ``success=False``; if there is none, ``t = 0`` (a line-search failure:
+    is returned with ``converged=False``; if there is none, ``t = 0`` (a line-search failure:
     the caller must not move).
 
     Args:
@@ -91,7 +95,7 @@ def strong_wolfe(
 
     Example:
         >>> res = strong_wolfe(lambda t: ((t - 3) ** 2, 2 * (t - 3), None), 9.0, -6.0)
-        >>> res.success, res.t   # the first trial already meets both conditions
+        >>> res.converged, res.t   # the first trial already meets both conditions
         (True, 1.0)
     """
     if not dphi0 < 0:

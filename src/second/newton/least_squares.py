@@ -212,7 +212,7 @@ def gauss_newton(
         history[-1]["damping"] = lam
         if reason is not None:
             break
-        rtol = max(min(0.5, math.sqrt(gnorm)), 0.5 * criteria.gtol / gnorm)
+        tol = max(min(0.5, math.sqrt(gnorm)), 0.5 * criteria.gtol / gnorm)
         eig = None
         if dense:
             G = obj.dense(pt)
@@ -225,19 +225,19 @@ def gauss_newton(
             subproblem = cg_subproblem(
                 lambda v, pt=pt: obj.gvp(pt, v),
                 g,
-                rtol=rtol,
+                tol=tol,
                 maxiter=cg_maxiter,
                 reorthogonalize=reorthogonalize,
             )
 
-        def solve(lam_, pt=pt, g=g, eig=eig, rtol=rtol):
+        def solve(lam_, pt=pt, g=g, eig=eig, tol=tol):
             return damped_solve(
                 g,
                 lam_,
                 eig=eig,
                 gvp=lambda v: obj.gvp(pt, v),
                 maxiter=cg_maxiter,
-                rtol=rtol,
+                tol=tol,
                 reorthogonalize=reorthogonalize,
             )
 

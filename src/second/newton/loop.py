@@ -147,11 +147,11 @@ def newton_cg(
         if reason is not None:
             break
         if isinstance(forcing, str):
-            rtol = forcing_term(gnorm, gnorm_prev, eta_prev)
+            tol = forcing_term(gnorm, gnorm_prev, eta_prev)
         else:
-            rtol = float(forcing)
-        rtol = max(rtol, 0.5 * criteria.gtol / gnorm)  # no need to solve below gtol
-        gnorm_prev, eta_prev = gnorm, rtol
+            tol = float(forcing)
+        tol = max(tol, 0.5 * criteria.gtol / gnorm)  # no need to solve below gtol
+        gnorm_prev, eta_prev = gnorm, tol
         M = precond
         if isinstance(precond, LBFGSPreconditioner) and (not len(precond) or not interior):
             # the quasi-Newton preconditioner reshapes the trust region (||p||_{M^-1}); it is
@@ -166,7 +166,7 @@ def newton_cg(
                 break
         if globalization == "trust-region":
             subproblem = cg_subproblem(
-                hvp, g, rtol=rtol, maxiter=cap, M=M, reorthogonalize=reorthogonalize
+                hvp, g, tol=tol, maxiter=cap, M=M, reorthogonalize=reorthogonalize
             )
             while True:
                 it += 1
@@ -196,7 +196,7 @@ def newton_cg(
             x0cg = d_prev if (warm_start and d_prev is not None) else None
             try:
                 d, info = truncated_cg(
-                    hvp, g, rtol=rtol, maxiter=cap, M=M, x0=x0cg, reorthogonalize=reorthogonalize
+                    hvp, g, tol=tol, maxiter=cap, M=M, x0=x0cg, reorthogonalize=reorthogonalize
                 )
             except FloatingPointError as err:  # a product overflowed at x
                 reason, extra = "nonfinite", _overflow(err, f, xnorms[-1])
@@ -331,7 +331,7 @@ def newton_dense(
             up to which :math:`H` is kept for the next step (default :data:`REUSE_TOL`; 0
             forms it whenever ``hessian_every`` says).
         rcond: the relative eigenvalue rounding level (default
-            :data:`~second.newton.trust_region.RCOND`).
+            :data:`~second.newton.RCOND`).
         negligible: the share of ``gtol`` below which a slope along unresolved directions is
             dropped (default 0.5; 0 keeps every slope).
 

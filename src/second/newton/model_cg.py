@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .direction import ResidualBasis
+from .result import renamed_property
 
 __all__ = ["InnerCGResult", "model_cg"]
 
@@ -28,7 +29,8 @@ class InnerCGResult:
         Ax: :math:`A d` (from the recursive residual).
         phi: :math:`\phi(d)`.
         iterations: CG iterations.
-        products: products with ``A`` (including one for a non-zero ``x0``).
+        matvecs: products with ``A`` (including one for a non-zero ``x0``; ``products`` is
+            its deprecated spelling).
         saved: ``(iteration, d_i, A d_i)`` for the iterations listed in ``save_at`` and the last.
         status: ``"converged"``, ``"progress"`` (Martens' rule), ``"negative_curvature"``
             or ``"maxiter"``.
@@ -38,9 +40,11 @@ class InnerCGResult:
     Ax: Tensor
     phi: float
     iterations: int
-    products: int
+    matvecs: int
     saved: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
     status: str = "maxiter"
+
+    products = renamed_property("products", "matvecs")
 
 
 def model_cg(
@@ -49,15 +53,16 @@ def model_cg(
     *,
     x0: Tensor | None = None,
     maxiter: int = 250,
-    rtol: float = 1e-6,
+    tol: float = 1e-6,
     progress_tol: float | None = None,
     min_iter: int = 1,
     save_at: set[int] | None = None,
     reorthogonalize: bool = True,
+    **deprecated,
 ) -> InnerCGResult:
     r"""CG on :math:`A d = -g`, stopping on the residual or on stalled model progress.
 
-    Stopping rule: :math:`\|A d_i + g\| \le \mathrm{rtol}\,\|g\|`, or (with ``progress_tol``
+    Stopping rule: :math:`\|A d_i + g\| \le \mathrm{tol}\,\|g\|`, or (with ``progress_tol``
     :math:`=\epsilon`) Martens' rule :math:`i > k`, :math:`\phi_i < 0` and
     :math:`(\phi_i - \phi_{i-k}) / \phi_i < k\epsilon` with :math:`k = \max(10, i/10)`,
     or ``maxiter``. A direction with :math:`p^\top A p \le 0` stops the loop at the current
@@ -68,12 +73,13 @@ def model_cg(
         g: the gradient.
         x0: warm start (costs one product).
         maxiter: iteration limit.
-        rtol: relative residual tolerance.
+        tol: relative residual tolerance (default 1e-6).
         progress_tol: :math:`\epsilon` for Martens' rule (``None``: off).
         min_iter: iterations before Martens' rule may stop.
         save_at: iterations whose iterates are kept (for CG-iterate backtracking).
         reorthogonalize: re-orthogonalize the residuals
             (:class:`~second.newton.ResidualBasis`, default ``True``).
+        **deprecated: ``rtol``, the deprecated spelling of ``tol`` (removed in 0.3).
 
     Returns:
         An :class:`InnerCGResult`.
@@ -84,21 +90,25 @@ def model_cg(
         >>> torch.allclose(res.x, torch.tensor([-1.0, -1.0], dtype=torch.float64))
         True
     """
+    if deprecated:
+        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
+
+        tol = renamed_keyword("model_cg", deprecated, "rtol", "tol", tol, 1e-6)
     save_at = save_at or set()
-    products = 0
+    matvecs = 0
     if x0 is None:
         x = torch.zeros_like(g)
         Ax = torch.zeros_like(g)
     else:
         x = x0.clone()
         Ax = matvec(x)
-        products += 1
+        matvecs += 1
     r = -g - Ax  # residual of A d = -g
     p = r.clone()
     rr = float(torch.dot(r, r))
     basis = ResidualBasis(g, preconditioned=False, memory=None if reorthogonalize else 0)
     basis.add(r)
-    threshold = rtol * float(torch.linalg.vector_norm(g))
+    threshold = tol * float(torch.linalg.vector_norm(g))
     phis = [0.5 * float(torch.dot(x, Ax)) + float(torch.dot(g, x))]
     saved: list[tuple[int, Tensor, Tensor]] = []
     status = "maxiter"
@@ -108,7 +118,7 @@ def model_cg(
     else:
         for i in range(1, maxiter + 1):
             Ap = matvec(p)
-            products += 1
+            matvecs += 1
             pAp = float(torch.dot(p, Ap))
             if not pAp > 0:
                 status = "negative_curvature"
@@ -137,5 +147,5 @@ def model_cg(
         saved.append((i, x.clone(), Ax.clone()))
     phi = 0.5 * float(torch.dot(x, Ax)) + float(torch.dot(g, x))
     return InnerCGResult(
-        x=x, Ax=Ax, phi=phi, iterations=i, products=products, saved=saved, status=status
+        x=x, Ax=Ax, phi=phi, iterations=i, matvecs=matvecs, saved=saved, status=status
     )

@@ -9,7 +9,35 @@ from torch import Tensor
 
 from .._errors import SecondDeprecationWarning
 
-__all__ = ["OptimizeResult"]
+__all__ = ["OptimizeResult", "renamed_property"]
+
+
+def renamed_property(old: str, new: str) -> property:
+    """The deprecated read-only attribute ``old`` of a result record: ``new``, with a warning.
+
+    Example:
+        >>> import warnings
+        >>> class Record:
+        ...     matvecs = 3
+        ...     products = renamed_property("products", "matvecs")
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     Record().products
+        3
+        >>> str(caught[0].message)
+        'Record.products is deprecated; use Record.matvecs'
+    """
+
+    def get(self):
+        owner = type(self).__name__
+        warnings.warn(
+            f"{owner}.{old} is deprecated; use {owner}.{new}",
+            SecondDeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated spelling of :attr:`{new}`.")
 
 
 @dataclass
@@ -54,15 +82,5 @@ class OptimizeResult:
         """Gradient evaluations plus twice the curvature products (the benchmark's unit)."""
         return self.ngev + 2 * self.matvecs
 
-    success = property(lambda self: self._renamed("success", "converged"))
-    success.__doc__ = "Deprecated spelling of :attr:`converged`."
-    nhvp = property(lambda self: self._renamed("nhvp", "matvecs"))
-    nhvp.__doc__ = "Deprecated spelling of :attr:`matvecs`."
-
-    def _renamed(self, old: str, new: str):
-        warnings.warn(
-            f"OptimizeResult.{old} is deprecated; use OptimizeResult.{new}",
-            SecondDeprecationWarning,
-            stacklevel=3,
-        )
-        return getattr(self, new)
+    success = renamed_property("success", "converged")
+    nhvp = renamed_property("nhvp", "matvecs")

@@ -162,10 +162,11 @@ def cg_subproblem(
     hvp: Callable[[Tensor], Tensor],
     g: Tensor,
     *,
-    rtol: float,
+    tol: float | None = None,
     maxiter: int,
     M: Callable[[Tensor], Tensor] | None = None,
     reorthogonalize: bool = True,
+    **deprecated,
 ) -> Callable[[float], SubproblemResult]:
     r"""``radius -> SubproblemResult`` by Steihaug-Toint CG, solved once and then re-cut.
 
@@ -175,27 +176,32 @@ def cg_subproblem(
     Args:
         hvp: ``v -> H v`` on flat vectors.
         g: the flat gradient.
-        rtol: relative CG tolerance (the forcing term).
+        tol: relative CG tolerance (the forcing term; required).
         maxiter: CG iterations.
         M: optional preconditioner :math:`M \approx H^{-1}`.
         reorthogonalize: re-orthogonalize CG's residuals (default ``True``).
+        **deprecated: ``rtol``, the deprecated spelling of ``tol`` (removed in 0.3).
 
     Returns:
         The subproblem solver for :func:`trust_region_step`.
 
     Example:
         >>> H = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
-        >>> solve = cg_subproblem(lambda v: H @ v, torch.ones(2, dtype=torch.float64), rtol=1e-12, maxiter=5)
-        >>> solve(10.0).step.tolist(), solve(0.5).hvps
+        >>> solve = cg_subproblem(lambda v: H @ v, torch.ones(2, dtype=torch.float64), tol=1e-12, maxiter=5)
+        >>> solve(10.0).step.tolist(), solve(0.5).matvecs
         ([-1.0, -0.25], 0)
     """
+    if deprecated or tol is None:
+        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
+
+        tol = renamed_keyword("cg_subproblem", deprecated, "rtol", "tol", tol)
     last: list[SubproblemResult] = []
 
     def solve(radius: float) -> SubproblemResult:
         if not last:
             last.append(
                 steihaug_cg(
-                    hvp, g, radius, rtol=rtol, maxiter=maxiter, M=M, reorthogonalize=reorthogonalize
+                    hvp, g, radius, tol=tol, maxiter=maxiter, M=M, reorthogonalize=reorthogonalize
                 )
             )
         elif last[0].path is not None:
@@ -247,8 +253,9 @@ def damped_solve(
     eig: tuple[Tensor, Tensor] | None = None,
     gvp: Callable[[Tensor], Tensor] | None = None,
     maxiter: int = 250,
-    rtol: float = 1e-10,
+    tol: float = 1e-10,
     reorthogonalize: bool = True,
+    **deprecated,
 ) -> tuple[Tensor, float]:
     r"""The damped Gauss-Newton step and the reduction its undamped model predicts.
 
@@ -264,8 +271,9 @@ def damped_solve(
         eig: :math:`G`'s eigendecomposition (dense).
         gvp: ``v -> G v`` (matrix-free; used when ``eig`` is ``None``).
         maxiter: CG iterations (default 250).
-        rtol: relative CG tolerance (default 1e-10).
+        tol: relative CG tolerance (default 1e-10).
         reorthogonalize: re-orthogonalize CG's residuals (default ``True``).
+        **deprecated: ``rtol``, the deprecated spelling of ``tol`` (removed in 0.3).
 
     Returns:
         ``(p, pred)``.
@@ -279,6 +287,10 @@ def damped_solve(
         >>> p.tolist(), damped_solve(g, 1.0, gvp=lambda v: G @ v)[0].allclose(p)
         ([-0.5, -0.25], True)
     """
+    if deprecated:
+        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
+
+        tol = renamed_keyword("damped_solve", deprecated, "rtol", "tol", tol, 1e-10)
     if eig is not None:
         ev, Q = eig
         ev = ev.clamp_min(0)
@@ -291,7 +303,7 @@ def damped_solve(
         lambda v: gvp(v) + damping * v,
         g,
         maxiter=maxiter,
-        rtol=rtol,
+        tol=tol,
         reorthogonalize=reorthogonalize,
     )
     # phi = g.p + p.(G + lam I)p / 2, so the undamped model is phi - lam ||p||^2 / 2

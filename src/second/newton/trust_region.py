@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .direction import ResidualBasis
+from .direction import RCOND, ResidualBasis
+from .result import renamed_property
 
 __all__ = [
     "RCOND",
@@ -34,16 +35,7 @@ __all__ = [
 ]
 
 
-#: Eigenvalues of a dense Hessian within this share of its largest magnitude are taken as
-#: unresolved by rounding (:func:`exact_trust_region`). Deliberately above the glossary's
-#: pseudo-inverse cutoff (``n eps``): it is a shift floor for a trust-region model, not a
-#: rank decision, and an autograd Hessian carries more rounding than eigh's backward error.
-#: Chosen on the teacher-student networks (bench_newton.py, BENCHMARKS.md): 1e-10 took
-#: 306-435 iterations on six seeds, 1e-12 up to 657 and 1e-14 up to 1,154.
-RCOND = 1e-10
-
-
-@dataclass
+@dataclass(init=False)
 class SubproblemResult:
     r"""The approximate minimizer of a trust-region subproblem.
 
@@ -55,8 +47,11 @@ class SubproblemResult:
             step left the region), ``"negative_curvature"`` (followed a direction with
             :math:`d^\top H d \le 0` to the boundary), ``"maxiter"``, or ``"exact"``.
         iterations: CG iterations (0 for the dense solver).
-        hvps: Hessian-vector products used (0 when replayed from a stored path).
+        matvecs: Hessian-vector products used (0 when replayed from a stored path).
         path: the stored CG path, for re-solving with a smaller radius at no product cost.
+
+    ``hvps`` is the deprecated spelling of ``matvecs``, as an attribute and as a constructor
+    keyword (removed in 0.3); the constructor is the dataclass's, with that keyword.
     """
 
     step: Tensor
@@ -64,8 +59,28 @@ class SubproblemResult:
     step_norm: float
     status: str
     iterations: int = 0
-    hvps: int = 0
+    matvecs: int = 0
     path: SteihaugPath | None = field(default=None, repr=False)
+
+    def __init__(
+        self,
+        step: Tensor,
+        predicted_reduction: float,
+        step_norm: float,
+        status: str,
+        iterations: int = 0,
+        matvecs: int = 0,
+        path: SteihaugPath | None = None,
+        **deprecated,
+    ) -> None:
+        if deprecated:
+            from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
+
+            matvecs = renamed_keyword("SubproblemResult", deprecated, "hvps", "matvecs", matvecs, 0)
+        self.step, self.predicted_reduction, self.step_norm = step, predicted_reduction, step_norm
+        self.status, self.iterations, self.matvecs, self.path = status, iterations, matvecs, path
+
+    hvps = renamed_property("hvps", "matvecs")
 
     @property
     def on_boundary(self) -> bool:
@@ -159,11 +174,12 @@ def steihaug_cg(
     grad: Tensor,
     radius: float,
     *,
-    rtol: float = 0.1,
+    tol: float = 0.1,
     atol: float = 0.0,
     maxiter: int | None = None,
     M: Callable[[Tensor], Tensor] | None = None,
     reorthogonalize: bool = True,
+    **deprecated,
 ) -> SubproblemResult:
     r"""Steihaug-Toint truncated conjugate gradient for the trust-region subproblem.
 
@@ -175,7 +191,7 @@ def steihaug_cg(
       (status ``"negative_curvature"``);
     * an iterate outside the region: stop where the CG segment crosses the boundary
       (status ``"boundary"``);
-    * the residual :math:`\|g + H p_j\| \le \max(\mathrm{rtol}\,\|g\|, \mathrm{atol})`
+    * the residual :math:`\|g + H p_j\| \le \max(\mathrm{tol}\,\|g\|, \mathrm{atol})`
       (status ``"converged"``, an interior point);
     * ``maxiter`` iterations (status ``"maxiter"``).
 
@@ -188,7 +204,7 @@ def steihaug_cg(
         hvp: ``v -> H v`` on flat vectors.
         grad: the gradient :math:`g` (flat).
         radius: :math:`\Delta > 0`.
-        rtol: relative residual tolerance (default 0.1).
+        tol: relative residual tolerance (default 0.1).
         atol: absolute residual tolerance (default 0).
         maxiter: CG iteration limit (default ``n``... ``2 n``).
         M: preconditioner ``r -> M r`` with :math:`M \approx H^{-1}` symmetric positive
@@ -196,6 +212,7 @@ def steihaug_cg(
             whose norms are updated by recurrences (no product with :math:`M^{-1}`).
         reorthogonalize: re-orthogonalize the residuals
             (:class:`~second.newton.ResidualBasis`, default ``True``).
+        **deprecated: ``rtol``, the deprecated spelling of ``tol`` (removed in 0.3).
 
     Returns:
         A :class:`SubproblemResult`.
@@ -214,13 +231,17 @@ def steihaug_cg(
         Steihaug (1983); Toint (1981); Nocedal & Wright, *Numerical Optimization*, Alg. 7.2;
         Gould, Lucidi, Roma & Toint (1999) for the preconditioned norms.
     """
+    if deprecated:
+        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
+
+        tol = renamed_keyword("steihaug_cg", deprecated, "rtol", "tol", tol, 0.1)
     if not radius > 0:
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")
     n = grad.numel()
     maxiter = 2 * n if maxiter is None else int(maxiter)
     path = SteihaugPath(grad)
     gnorm = float(torch.linalg.vector_norm(grad))
-    threshold = max(rtol * gnorm, atol)
+    threshold = max(tol * gnorm, atol)
     if gnorm == 0.0 or gnorm <= threshold:
         path.end_status = "converged"
         res = path.cut(radius)
@@ -236,10 +257,10 @@ def steihaug_cg(
     dPd = rz  # d^T P d with P = M^{-1}: (M r)^T M^{-1} (M r) = r^T M r
     pPd = 0.0
     pPp = 0.0
-    hvps = 0
+    matvecs = 0
     for j in range(maxiter):
         Hd = hvp(d)
-        hvps += 1
+        matvecs += 1
         dHd = float(torch.dot(d, Hd))
         path.iterations = j + 1
         if not math.isfinite(dHd):
@@ -247,14 +268,14 @@ def steihaug_cg(
         if dHd <= 0:
             path.add(d, Hd, None, dPd, pPd)
             res = path.cut(radius)
-            res.hvps = hvps
+            res.matvecs = matvecs
             return res
         alpha = rz / dHd
         new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
         path.add(d, Hd, alpha, dPd, pPd)
         if new_pPp >= radius * radius:
             res = path.cut(radius)
-            res.hvps = hvps
+            res.matvecs = matvecs
             return res
         pPp = new_pPp
         end, r, z, rz_new = basis.advance(r + alpha * Hd, M, threshold)
@@ -268,7 +289,7 @@ def steihaug_cg(
         dPd = rz + beta * beta * dPd
         d = -z + beta * d
     res = path.cut(radius)
-    res.hvps = hvps
+    res.matvecs = matvecs
     return res
 
 
@@ -277,11 +298,12 @@ def exact_trust_region(
     grad: Tensor,
     radius: float,
     *,
-    rtol: float = 1e-10,
+    tol: float = 1e-10,
     maxiter: int = 100,
     eig: tuple[Tensor, Tensor] | None = None,
     rcond: float = RCOND,
     negligible: float = 0.0,
+    **deprecated,
 ) -> SubproblemResult:
     r"""The exact minimizer of the trust-region subproblem for a dense symmetric :math:`H`.
 
@@ -312,13 +334,15 @@ def exact_trust_region(
         H: symmetric ``n x n`` matrix.
         grad: gradient (length ``n``).
         radius: :math:`\Delta > 0`.
-        rtol: relative accuracy of :math:`\|p\| = \Delta`.
-        maxiter: Newton iterations on :math:`\lambda`.
+        tol: relative accuracy of :math:`\|p\| = \Delta`: the iteration on :math:`\lambda`
+            stops at :math:`|\|p(\lambda)\| - \Delta| \le \mathrm{tol}\,\Delta` (default 1e-10).
+        maxiter: Newton iterations on :math:`\lambda` (a limit, default 100).
         eig: ``(values, vectors)`` of ``H`` when already computed (float64).
         rcond: the relative rounding level :math:`\delta / \max|\lambda_i|` (default
             :data:`RCOND`).
         negligible: the slope below which unresolved directions are left alone (default 0:
             none is).
+        **deprecated: ``rtol``, the deprecated spelling of ``tol`` (removed in 0.3).
 
     Returns:
         A :class:`SubproblemResult` with status ``"exact"`` (interior) or ``"boundary"``.
@@ -332,6 +356,10 @@ def exact_trust_region(
         >>> torch.allclose(res.step, torch.tensor([-1.0, 0.0], dtype=torch.float64))
         True
     """
+    if deprecated:
+        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
+
+        tol = renamed_keyword("exact_trust_region", deprecated, "rtol", "tol", tol, 1e-10)
     if not radius > 0:
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")
     H64 = 0.5 * (H + H.T).to(torch.float64)
@@ -377,7 +405,7 @@ def exact_trust_region(
     for _ in range(maxiter):
         w = c / (lam + mu)
         nrm = float(torch.linalg.vector_norm(w))
-        if abs(nrm - radius) <= rtol * radius:
+        if abs(nrm - radius) <= tol * radius:
             break
         dn = -float((w * w / (lam + mu)).sum()) / nrm  # d||p||/dmu
         mu_new = mu - (1 / radius - 1 / nrm) / (dn / (nrm * nrm))

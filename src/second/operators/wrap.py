@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..func.vectors import parameters_to_vector
 from .base import LinearOperator
 
 __all__ = [
@@ -138,7 +139,7 @@ class CallableOperator(LinearOperator):
     @staticmethod
     def _checked(out, rows: int, v: Tensor, what: str) -> Tensor:
         if isinstance(out, (tuple, list)):
-            out = torch.cat([t.reshape(-1) for t in out])
+            out = parameters_to_vector(out)
         if out.shape != (rows, *v.shape[1:]):
             raise ValueError(
                 f"the {what} returned shape {tuple(out.shape)} for input {tuple(v.shape)}, "

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from .._errors import SecondDeprecationWarning
 from ..func.attention import differentiable_attention
 from ..func.products import grad_checked
+from ..func.vectors import add_vector_to_parameters, parameters_to_vector, vector_to_parameters
 from ._closure import ClosureCall, call_closure, warn_closure_misuse
 from ._options import RENAMED, check_newton_options, hyperparameters, renamed_options
 
@@ -330,31 +331,18 @@ class NewtonTypeOptimizer(Optimizer):
         return sum(p.numel() for p in self._params)
 
     def _gather_flat(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
+        return parameters_to_vector([p.detach() for p in self._params])
 
     @torch.no_grad()
     def _set_flat(self, x: Tensor) -> None:
-        offset = 0
-        for p in self._params:
-            n = p.numel()
-            p.copy_(x[offset : offset + n].view_as(p))
-            offset += n
+        for p, xp in zip(self._params, vector_to_parameters(x, self._params)):
+            p.copy_(xp)
 
-    @torch.no_grad()
     def _add_flat(self, d: Tensor, alpha: float = 1.0) -> None:
-        offset = 0
-        for p in self._params:
-            n = p.numel()
-            p.add_(d[offset : offset + n].view_as(p), alpha=alpha)
-            offset += n
+        add_vector_to_parameters(d, self._params, alpha=alpha)
 
-    def _split(self, v: Tensor) -> list[Tensor]:
-        out, offset = [], 0
-        for p in self._params:
-            n = p.numel()
-            out.append(v[offset : offset + n].view_as(p))
-            offset += n
-        return out
+    def _split(self, v: Tensor) -> tuple[Tensor, ...]:
+        return vector_to_parameters(v, self._params)
 
     def _call(self, closure: Callable, *, pair: str = "refuse", graph: bool = True) -> ClosureCall:
         """One closure call under the contract (:func:`call_closure`), counted in ``nfev``.
@@ -501,7 +489,7 @@ class NewtonTypeOptimizer(Optimizer):
             retain_graph=True if create_graph else retain_graph,
         )
         self._state["ngev"] += 1
-        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        flat = parameters_to_vector([g.detach() for g in grads])
         # one synchronization for the loss and the gradient; which one, only on failure
         if not bool(torch.isfinite(torch.cat([flat, loss.detach().reshape(1).to(flat)])).all()):
             value = float(loss.detach())
@@ -519,7 +507,7 @@ def flat_hvp(opt: NewtonTypeOptimizer, grads: Sequence[Tensor]) -> Callable[[Ten
         opt._state["matvecs"] += 1
         with torch.enable_grad():
             out = hvp_from_gradient(grads, opt._params, opt._split(v))
-        return torch.cat([t.reshape(-1) for t in out])
+        return parameters_to_vector(out)
 
     return prod
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from ..func.checks import finite_flags
+from ..func.vectors import parameters_to_vector
 
 OVERRATE = 2.0
 """A quadratic model predicting a decrease of more than ``OVERRATE`` times a nonnegative loss is refused.
@@ -93,7 +93,8 @@ def first_nonfinite(ts: list[Tensor]) -> int | None:
 
 
 def flat(ts: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
+    """The tensors flattened into one vector in order (:func:`~second.func.parameters_to_vector`)."""
+    return parameters_to_vector(ts)
 
 
 def check_positive(name: str, value: float, strict: bool = False) -> None:

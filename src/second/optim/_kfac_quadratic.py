@@ -4,7 +4,7 @@ The optimizer picks its step size and momentum from the exact mini-batch GGN,
 :math:`v_a^\top J^\top H J v_b`, which needs :math:`J v` for two vectors. For a plain
 ``nn.Sequential`` MLP (:func:`mlp_chain`) the tangents are pushed through the activations
 the training forward already computed (:func:`chain_jvp`); any other model runs
-forward-mode AD on the captured batch (:func:`generic_jvp`).
+forward-mode AD on the captured batch (:func:`second.func.forward.module_jvp`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
-from .._errors import quiet_batching_notes
-from ..func import differentiable_attention
 from ..kfac import LayerRule, LinearRule, output_hessian_product
 
 _ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity, nn.GELU, nn.SiLU, nn.LeakyReLU)
@@ -133,106 +131,6 @@ def _derivative(act: nn.Module, x: Tensor) -> Tensor:
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def generic_jvp(
-    model: nn.Module,
-    names: list[str],
-    params: list[Tensor],
-    batch: tuple,
-    tangents: list[Tensor],
-    vectorize: bool = True,
-    reverse: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Output and ``J v`` by forward-mode AD (vmapped over the vectors) on the captured batch.
-
-    Args:
-        model: the (unwrapped) model.
-        names: the names of its trainable parameters.
-        params: those parameters, detached.
-        batch: ``(args, kwargs)`` of the captured forward.
-        tangents: per parameter ``[k, *p.shape]``.
-        vectorize: vmap over the ``k`` vectors (else one JVP per vector: cheaper for
-            convolutions, whose batched-weight rule is slower on CPU than ``k`` JVPs; the
-            zoo's digits CNN: 7.3 ms vmapped against 6.0 ms for two JVPs).
-        reverse: by reverse-over-reverse AD instead (:func:`reverse_jvp`), for models with
-            an operation that has no forward-mode rule.
-
-    Raises:
-        NotImplementedError: (forward mode) an operation has no forward-mode rule.
-    """
-    from torch.func import functional_call, jvp, vmap
-
-    args, kwargs = batch
-    primals = dict(zip(names, params))
-    buffers = dict(model.named_buffers())
-
-    def f(ps):
-        # copies made inside the transform: a BatchNorm in training mode updates its running
-        # statistics in place, which must neither touch the model's (the training forward
-        # already did) nor mutate a tensor captured from outside the transform
-        return functional_call(
-            model, (ps, {k: b.clone() for k, b in buffers.items()}), args, kwargs
-        )
-
-    k = tangents[0].shape[0]
-    tangent = dict(zip(names, tangents))
-    with differentiable_attention():  # the fused attention kernels have no forward-mode rule
-        if reverse:
-            return reverse_jvp(f, primals, tangent)
-        if vectorize:
-            try:
-                with quiet_batching_notes():
-                    return vmap(lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0))(tangent)  # type: ignore[arg-type, misc]
-            except Exception:  # a module without a batching rule: one JVP per vector
-                pass
-        res = [jvp(f, (primals,), ({n: t[i] for n, t in tangent.items()},)) for i in range(k)]
-    return res[0][0], torch.stack([r[1] for r in res])
-
-
-def reverse_jvp(
-    f: Callable[[dict[str, Tensor]], Tensor],
-    primals: dict[str, Tensor],
-    tangents: dict[str, Tensor],
-) -> tuple[Tensor, Tensor]:
-    r"""Output and ``J v`` of ``f`` for each of the ``k`` tangents, by two reverse passes.
-
-    With :math:`g(u) = J^\top u` (a backward pass from a dummy cotangent ``u`` that keeps its
-    graph), :math:`J v = \partial_u (g(u)^\top v)`: one more backward per vector. It needs
-    only double backward, which covers operations that forward-mode AD does not (the CPU
-    kernel of a float32 LSTM), at about twice the cost of a JVP.
-
-    Args:
-        f: ``parameters -> output``.
-        primals: the parameters by name.
-        tangents: per name ``[k, *p.shape]``.
-
-    Example:
-        >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-        >>> out, Jv = reverse_jvp(lambda ps: A @ ps["x"], {"x": torch.ones(2)},
-        ...                       {"x": torch.tensor([[1.0, 0.0]])})
-        >>> Jv
-        tensor([[1., 3.]])
-    """
-    names = list(primals)
-    k = tangents[names[0]].shape[0]
-    with torch.enable_grad():
-        ps = {n: p.detach().requires_grad_(True) for n, p in primals.items()}
-        out = f(ps)
-        u = torch.zeros_like(out, requires_grad=True)
-        gs = torch.autograd.grad(
-            out, [ps[n] for n in names], u, create_graph=True, allow_unused=True
-        )
-        used = [(g, tangents[n]) for n, g in zip(names, gs) if g is not None and g.requires_grad]
-        if not used:  # the output does not depend on the parameters
-            return out.detach(), out.new_zeros(k, *out.shape)
-        Jv = [
-            torch.autograd.grad(
-                [g for g, _ in used], u, [t[i] for _, t in used], retain_graph=i < k - 1
-            )[0]
-            for i in range(k)
-        ]
-    return out.detach(), torch.stack(Jv)
 
 
 def ggn_gram(

@@ -14,10 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
+from ..func.forward import module_jvp
+from ..func.vectors import columns_to_parameters, vector_to_parameters
 from ..kfac import DiagonalBlock, EigenBlock, FactorStats, KroneckerBlock, eigen_blocks
 from ._kfac_capture import KFACAttributes
 from ._kfac_checks import OVERRATE, check_positive, clamp_damping, flat, refusal
-from ._kfac_quadratic import chain_jvp, generic_jvp, ggn_gram, step_coefficients
+from ._kfac_quadratic import chain_jvp, ggn_gram, step_coefficients
 from ._views import LossView, loss_point
 
 SAFE_KL_CLIP = 1e-3
@@ -256,7 +258,7 @@ class KFACUpdate(KFACAttributes):
 
     def _unflat(self, v: Tensor) -> list[Tensor]:
         """Views of a flat vector shaped like the parameters."""
-        return [t.view(p.shape) for t, p in zip(v.split(self._numels), self._params)]
+        return list(vector_to_parameters(v, self._params))
 
     def _previous_update(self, params: list[Tensor]) -> Tensor | None:
         """The previous update ``delta_0`` flat (``None`` before the first one)."""
@@ -277,11 +279,7 @@ class KFACUpdate(KFACAttributes):
         a model with an operation that has no forward-mode rule (an LSTM on CPU,
         ``weight_norm``) gets them by reverse-over-reverse AD from then on.
         """
-        k = V.shape[0]
-        tangents = [
-            V[:, o : o + m].view(k, *p.shape)
-            for o, m, p in zip(self._offsets, self._numels, self._params)
-        ]
+        tangents = columns_to_parameters(V.T, self._params)  # views of V's column blocks
         if self._fwd is not None and self._chain is not None:
             out, Jv = chain_jvp(self._chain, self.layers, self._index, self._fwd, tangents)
         else:
@@ -290,12 +288,12 @@ class KFACUpdate(KFACAttributes):
             params = [p.detach() for p in self._params]
             args = (self.inner, self._names, params, self._batch, tangents)
             try:
-                out, Jv = generic_jvp(*args, vectorize=not self._conv, reverse=self._reverse_jvp)
+                out, Jv = module_jvp(*args, vectorize=not self._conv, reverse=self._reverse_jvp)
             except NotImplementedError:  # an operation without a forward-mode rule (an LSTM,
                 if self._reverse_jvp:  # weight_norm): reverse-over-reverse from now on
                     raise
                 self._reverse_jvp = True
-                out, Jv = generic_jvp(*args, reverse=True)
+                out, Jv = module_jvp(*args, reverse=True)
         view = self._loss_view if self._loss_view is not None else LossView(1, None)
         if view.dim != 1:  # the loss has the output's classes along `dim` (_take_loss)
             out, Jv = out.movedim(view.dim, 1), Jv.movedim(view.dim + 1, 2)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
+from .._errors import SecondDeprecationWarning
 from .._optional import require
 
 __all__ = ["plot_history", "history_of"]
 
-X_AXES = ("cost", "nfev", "ngev", "matvecs", "nhvp", "n_iter")
+X_AXES = ("cost", "nfev", "ngev", "matvecs", "n_iter")
 
 
 def history_of(run) -> list[dict]:
@@ -29,7 +32,8 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
         runs: one run or a ``{label: run}`` dict; a run is a Newton-type optimizer, an
             :class:`~second.optim.OptimizeResult` or a list of history records.
         x: ``"cost"`` (gradient evaluations + 2 x curvature products, default), ``"nfev"``,
-            ``"ngev"``, ``"matvecs"`` (``"nhvp"``: the optimizers' name) or ``"n_iter"``.
+            ``"ngev"``, ``"matvecs"`` or ``"n_iter"`` (``"nhvp"``: the deprecated spelling of
+            ``"matvecs"``, removed in 0.3).
         axes: two matplotlib axes to draw into (default: a new figure).
         logy: logarithmic y axes (default ``True``).
 
@@ -48,6 +52,13 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
         >>> len(fig.axes)
         2
     """
+    if x == "nhvp":
+        warnings.warn(
+            'plot_history(x="nhvp") is deprecated and stops working in 0.3: use x="matvecs"',
+            SecondDeprecationWarning,
+            stacklevel=2,
+        )
+        x = "matvecs"
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     plt = require("matplotlib.pyplot", extra="plot", purpose="plot_history")
@@ -61,12 +72,12 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
     for label, run in runs.items():
         hist = [r for r in history_of(run) if r.get("loss") is not None]
 
-        def products(r):
+        def products(r):  # a record saved before the renaming has "nhvp"
             return r["matvecs"] if "matvecs" in r else r["nhvp"]
 
         if x == "cost":
             xs = [r["ngev"] + 2 * products(r) for r in hist]
-        elif x in ("matvecs", "nhvp"):
+        elif x == "matvecs":
             xs = [products(r) for r in hist]
         else:
             xs = [r[x] for r in hist]

@@ -203,11 +203,13 @@ class GaussNewton(NewtonTypeOptimizer):
         solver: ``"cg"`` (default) or ``"dense"``.
         maxiter: LM iterations per :meth:`step` call (default 1).
         cg_maxiter: CG iterations per solve (default: ``min(P, 250)``).
-        cg_rtol: fixed relative CG tolerance (default ``None``: ``min(0.5, sqrt(||g||))``).
+        cg_tol: fixed relative CG tolerance (default ``None``: ``min(0.5, sqrt(||g||))``).
         gtol: stop when :math:`\|g\| \le` this (default 1e-7).
         tolerance_change: stop when an accepted step is smaller (default 1e-12).
         damping_rule: ``"nielsen"`` (default) or ``"more"``.
-        **deprecated: ``tolerance_grad``, ``max_iter``, ``cg_max_iter`` (removed in 0.3).
+        **deprecated: ``tolerance_grad``, ``max_iter``, ``cg_max_iter``, ``cg_rtol`` (the
+            deprecated spellings of ``gtol``, ``maxiter``, ``cg_maxiter``, ``cg_tol``; removed
+            in 0.3).
 
     Raises:
         ValueError: invalid hyperparameters.
@@ -234,7 +236,7 @@ class GaussNewton(NewtonTypeOptimizer):
         method*; Schraudolph (2002) for the generalized Gauss-Newton matrix.
     """
 
-    _renamed_defaults = dict(gtol=1e-7, maxiter=1, cg_maxiter=None)
+    _renamed_defaults = dict(gtol=1e-7, maxiter=1, cg_maxiter=None, cg_tol=None)
 
     def __init__(
         self,
@@ -246,7 +248,7 @@ class GaussNewton(NewtonTypeOptimizer):
         solver: str = "cg",
         maxiter: int = 1,
         cg_maxiter: int | None = None,
-        cg_rtol: float | None = None,
+        cg_tol: float | None = None,
         gtol: float = 1e-7,
         tolerance_change: float = 1e-12,
         damping_rule: str = "nielsen",
@@ -327,16 +329,16 @@ class GaussNewton(NewtonTypeOptimizer):
         if group["solver"] == "dense":
             return damped_solve(g, damping, eig=self._dense(cache, closure))
         graph = self._graph(cache, closure)
-        rtol = group["cg_rtol"]
-        if rtol is None:
-            rtol = min(0.5, math.sqrt(gnorm))
+        tol = group["cg_tol"]
+        if tol is None:
+            tol = min(0.5, math.sqrt(gnorm))
         maxiter = group["cg_maxiter"] or min(g.numel(), 250)
         return damped_solve(
             g,
             damping,
             gvp=lambda v: self._gvp(graph, v),
             maxiter=maxiter,
-            rtol=rtol,
+            tol=tol,
             reorthogonalize=False,  # mini-batch curvature: plain CG
         )
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph, check_scalar_loss, hvp_from_gradient
+from ..func.vectors import parameters_to_vector
 from ..newton.model_cg import model_cg
 from ..newton.steps import more_damping_update
 from ._base import NewtonTypeOptimizer
@@ -163,7 +164,7 @@ class HessianFree(NewtonTypeOptimizer):
                 st["matvecs"] += 1
                 with torch.enable_grad():
                     res = graph.gvp(self._split(v))
-                return torch.cat([t.reshape(-1) for t in res])
+                return parameters_to_vector(res)
         else:
             loss = pair_or_loss[0] if isinstance(pair_or_loss, (tuple, list)) else pair_or_loss
             grads, _ = self._gradient(loss, create_graph=True)
@@ -172,7 +173,7 @@ class HessianFree(NewtonTypeOptimizer):
                 st["matvecs"] += 1
                 with torch.enable_grad():
                     res = hvp_from_gradient(grads, params, self._split(v))
-                return torch.cat([t.reshape(-1) for t in res])
+                return parameters_to_vector(res)
 
         return prod
 
@@ -232,7 +233,7 @@ class HessianFree(NewtonTypeOptimizer):
             g,
             x0=x0,
             maxiter=maxiter,
-            rtol=1e-10,
+            tol=1e-10,
             progress_tol=group["progress_tol"],
             save_at=_save_points(maxiter),
             reorthogonalize=False,  # mini-batch curvature: plain CG, as Martens'

@@ -81,9 +81,7 @@ from ._kfac_checks import (
     flat,
     parameter_groups,
 )
-from ._kfac_quadratic import (
-    mlp_chain,
-)
+from ._kfac_quadratic import mlp_chain
 from ._kfac_update import KFACUpdate, scaled_change
 from ._views import LossView, watch_loss
 

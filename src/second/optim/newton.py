@@ -31,7 +31,7 @@ class NewtonCG(NewtonTypeOptimizer):
     A rejected step is re-solved by cutting the stored CG path at the smaller radius, so it
     costs one closure evaluation and no Hessian products. The CG tolerance follows the
     forcing sequence :math:`\min(1/2, \sqrt{\|g\|})\,\|g\|` (superlinear local convergence)
-    unless ``cg_rtol`` is given.
+    unless ``cg_tol`` is given.
 
     For deterministic, full-batch problems: the closure must return the same function of
     the parameters every time it is called. Pass the same closure object on every call:
@@ -65,7 +65,7 @@ class NewtonCG(NewtonTypeOptimizer):
         eta: acceptance threshold on :math:`\rho`, in :math:`[0, 1/4)` (default 0.1).
         maxiter: trust-region iterations per :meth:`step` call (default 1).
         cg_maxiter: CG iterations per subproblem (default: the number of parameters).
-        cg_rtol: fixed relative CG tolerance (default ``None``: the forcing sequence).
+        cg_tol: fixed relative CG tolerance (default ``None``: the forcing sequence).
         gtol: stop when :math:`\|g\|_2 \le` this (default 1e-7).
         tolerance_change: stop when an accepted step or the radius is smaller (default 1e-12).
         preconditioner: optional ``M`` with :math:`M \approx H^{-1}` symmetric positive definite,
@@ -75,8 +75,9 @@ class NewtonCG(NewtonTypeOptimizer):
             model's by 10% (:math:`\rho > 1.1`, typical of valleys that flatten out, e.g.
             saturating units), try up to this many doublings of the step, keeping the best
             (loss evaluations only; default 0: off).
-        **deprecated: ``tolerance_grad``, ``max_iter``, ``cg_max_iter`` (the deprecated
-            spellings of ``gtol``, ``maxiter``, ``cg_maxiter``; removed in 0.3).
+        **deprecated: ``tolerance_grad``, ``max_iter``, ``cg_max_iter``, ``cg_rtol`` (the
+            deprecated spellings of ``gtol``, ``maxiter``, ``cg_maxiter``, ``cg_tol``; removed
+            in 0.3).
 
     Raises:
         ValueError: invalid hyperparameters, several parameter groups, or a parameter
@@ -103,7 +104,7 @@ class NewtonCG(NewtonTypeOptimizer):
         Steihaug (1983); Nocedal & Wright, *Numerical Optimization*, Algorithms 4.1 and 7.2.
     """
 
-    _renamed_defaults = dict(gtol=1e-7, maxiter=1, cg_maxiter=None)
+    _renamed_defaults = dict(gtol=1e-7, maxiter=1, cg_maxiter=None, cg_tol=None)
 
     def __init__(
         self,
@@ -113,7 +114,7 @@ class NewtonCG(NewtonTypeOptimizer):
         eta: float = 0.1,
         maxiter: int = 1,
         cg_maxiter: int | None = None,
-        cg_rtol: float | None = None,
+        cg_tol: float | None = None,
         gtol: float = 1e-7,
         tolerance_change: float = 1e-12,
         preconditioner: Callable[[Tensor], Tensor] | None = None,
@@ -213,14 +214,14 @@ class NewtonCG(NewtonTypeOptimizer):
             g, x = cache["g"], cache["x"]
             if "subproblem" not in cache:
                 gnorm = float(torch.linalg.vector_norm(g))
-                rtol = group["cg_rtol"]
-                if rtol is None:
-                    rtol = min(0.5, math.sqrt(gnorm))
+                tol = group["cg_tol"]
+                if tol is None:
+                    tol = min(0.5, math.sqrt(gnorm))
                 maxiter = group["cg_maxiter"] or g.numel()
                 cache["subproblem"] = cg_subproblem(
                     cache["hvp"],
                     g,
-                    rtol=rtol,
+                    tol=tol,
                     maxiter=maxiter,
                     M=self.preconditioner,
                     reorthogonalize=False,  # mini-batch curvature: plain CG

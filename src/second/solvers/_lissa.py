@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..newton.result import renamed_property
 from ..operators.base import LinearOperator, aslinearoperator
 from ..spectral.lanczos import extreme_eigenvalues
 from ._result import Problem, SolveResult, column_norms, report
@@ -157,14 +158,16 @@ class LissaRecursion:
     Attributes:
         x: the averaged estimate :math:`\frac{1}{R}\sum_r p^{(r)}_d / s` (``None`` when the
             recursion diverged).
-        products: curvature products made.
+        matvecs: curvature products made (``products`` is its deprecated spelling).
         diverged: ``(j, ||p_j||)`` at the first term that broke the guard or was not finite
             (``None`` when none did).
     """
 
     x: Tensor | None
-    products: int
+    matvecs: int
     diverged: tuple[int, float] | None = None
+
+    products = renamed_property("products", "matvecs")
 
 
 def lissa_recursion(
@@ -203,27 +206,27 @@ def lissa_recursion(
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
         >>> r = lissa_recursion(torch.ones(2, dtype=torch.float64), lambda p: A @ p, depth=200, scale=2.5)
-        >>> torch.allclose(r.x, torch.tensor([1.0, 0.5], dtype=torch.float64)), r.products
+        >>> torch.allclose(r.x, torch.tensor([1.0, 0.5], dtype=torch.float64)), r.matvecs
         (True, 200)
     """
     acc = torch.zeros_like(b)
-    products = 0
+    matvecs = 0
     for _ in range(repeats):
         p = b.clone()
         for j in range(depth):
             if tick is not None:
                 tick()
             Ap = product(p)
-            products += 1
+            matvecs += 1
             if damping:
                 Ap = Ap + damping * p
             p = b + p - Ap / scale
             norm = float(torch.linalg.vector_norm(p))
             limit = math.inf if bound is None else bound(j + 1)
             if not norm <= limit:  # also catches a non-finite term
-                return LissaRecursion(None, products, (j + 1, norm))
+                return LissaRecursion(None, matvecs, (j + 1, norm))
         acc += p / scale
-    return LissaRecursion(acc / repeats, products)
+    return LissaRecursion(acc / repeats, matvecs)
 
 
 def lissa(
@@ -395,7 +398,7 @@ def lissa(
         bound=lambda j: _GROWTH_SLACK * (j + 1) * bnorm,
         tick=lambda: next(it),
     )
-    counter = rec.products
+    counter = rec.matvecs
     if rec.diverged is not None:
         j, norm = rec.diverged
         return refuse(

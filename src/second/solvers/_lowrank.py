@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..func.dense import eigenvalue_cutoff
+from ..func.inner import coefficients, project_off
 from ..operators.base import CallableOperator, aslinearoperator
 from ..spectral import eigsh, lanczos
-from ..spectral._inner import coefficients, project_off
 from ..spectral.lanczos import tridiagonal
 from ._result import Problem, SolveResult, _norm, report, stopping_threshold
 

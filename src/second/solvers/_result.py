@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConvergenceWarning, NegativeCurvatureWarning, NonFiniteError
-from ..func.vectors import column_norms, wide
+from ..func.vectors import column_norms, parameters_to_vector, vector_to_parameters, wide
 from ..operators.base import LinearOperator, aslinearoperator
 from ..operators.wrap import DenseOperator
 
@@ -92,14 +92,14 @@ class Problem:
                 raise ValueError(
                     f"b must be {accepted} or a sequence of tensors, got shape {tuple(b.shape)}"
                 )
-            self.shapes = None
+            self.parts: list[Tensor] | None = None
             flat = b
         else:
             parts = list(b)
             if not parts or not all(isinstance(t, Tensor) for t in parts):
                 raise TypeError("b must be a tensor or a non-empty sequence of tensors")
-            self.shapes = [t.shape for t in parts]
-            flat = torch.cat([t.reshape(-1) for t in parts])
+            self.parts = parts  # their shapes: the form of the solution
+            flat = parameters_to_vector(parts)
         if flat.is_complex() and not allow_complex:
             raise TypeError(
                 f"{method or 'this method'} does not take complex systems (dtype {flat.dtype}); "
@@ -152,7 +152,7 @@ class Problem:
         if x0 is None:
             self.x0 = None
         else:
-            x0f = x0 if isinstance(x0, Tensor) else torch.cat([t.reshape(-1) for t in x0])
+            x0f = x0 if isinstance(x0, Tensor) else parameters_to_vector(x0)
             want = self.B.shape if self.block else flat.shape
             self.x0 = check_x0(x0f, want, flat.dtype, flat.device, "those of b")
         from .. import distributed as dist
@@ -185,14 +185,9 @@ class Problem:
         return self.A.matvecs - self._start
 
     def unflatten(self, x: Tensor):
-        if self.shapes is None:
+        if self.parts is None:
             return x
-        out, offset = [], 0
-        for s in self.shapes:
-            k = int(torch.Size(s).numel())
-            out.append(x[offset : offset + k].reshape(s))
-            offset += k
-        return tuple(out)
+        return vector_to_parameters(x, self.parts)
 
     def result(self, x: Tensor, **kwargs) -> SolveResult:
         res = SolveResult(x=self.unflatten(x.to(self.dtype)), matvecs=self.matvecs, **kwargs)

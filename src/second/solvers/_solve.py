@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..func.vectors import parameters_to_vector
 from ..operators.base import LinearOperator, aslinearoperator
 from ._cg import cg
 from ._dense import dense
@@ -32,7 +33,7 @@ def _lsmr_square(A, b, *, damping: float = 0.0, **options) -> SolveResult:
         A = aslinearoperator(A, n, dtype=dt, device=dev).damped(damping)
     res = lsmr(A, b, **options)
     if res.converged:  # a least-squares stationary point need not solve a square system
-        bnorm = _norm(b if isinstance(b, torch.Tensor) else torch.cat([t.reshape(-1) for t in b]))
+        bnorm = _norm(b if isinstance(b, torch.Tensor) else parameters_to_vector(b))
         dt = b.dtype if isinstance(b, torch.Tensor) else b[0].dtype
         limit = stopping_threshold(bnorm, options.get("tol", 1e-6), options.get("atol", 0.0))
         limit += measurable_residual(dt, bnorm)

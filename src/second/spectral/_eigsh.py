@@ -12,8 +12,8 @@ from torch import Tensor
 
 from .._errors import ConvergenceWarning
 from .._progress import progress
+from ..func.inner import gram, project_off, rows_per_chunk
 from ..operators.base import aslinearoperator
-from ._inner import gram, project_off, rows_per_chunk
 from ._symmetry import check_symmetric_basis
 
 _SAME_START_HINT = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._inner import gram
+from ..func.inner import gram
 
 __all__ = ["PROBE_COLUMNS", "symmetry_rtol", "check_symmetric_pair", "check_symmetric_basis"]
 

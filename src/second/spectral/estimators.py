@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
+from ..func.inner import gram, project_off
 from ..operators.base import aslinearoperator
-from ._inner import gram, project_off
 from ._symmetry import check_symmetric_basis
 
 __all__ = ["trace", "diagonal", "frobenius_norm", "Estimate"]

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..func.inner import gram, project_off
 from ..operators.base import LinearOperator, aslinearoperator
-from ._inner import gram, project_off
 from ._symmetry import check_symmetric_pair
 
 __all__ = ["lanczos", "extreme_eigenvalues", "tridiagonal"]
@@ -29,7 +29,7 @@ def lanczos(
         m: number of steps (capped at ``n``).
         reorthogonalize: full re-orthogonalization (twice, Gram-Schmidt) against all
             previous vectors, which keeps Ritz values free of spurious copies. Inner
-            products are accumulated in float64 (:func:`second.spectral._inner.gram`).
+            products are accumulated in float64 (:func:`second.func.inner.gram`).
 
     Returns:
         ``(alpha, beta, Q)``: the diagonal (float64, ``k``), off-diagonal (float64,
