@@ -11,6 +11,12 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
+from ..func import (
+    columns_to_parameters,
+    dense_from_matmat,
+    parameters_to_columns,
+    parameters_to_vector,
+)
 from ..func.products import GGNGraph, check_scalar_loss
 from ..newton.globalize import lm_damping_update
 from ..newton.steps import DAMPING_RULES, damped_solve, damped_step
@@ -295,32 +301,25 @@ class GaussNewton(NewtonTypeOptimizer):
         self._state["matvecs"] += 1
         with torch.enable_grad():
             out = graph.gvp(self._split(v))
-        return torch.cat([t.reshape(-1) for t in out])
+        return parameters_to_vector(out)
 
     def _dense(self, cache, closure):
         if "eig" not in cache:
             graph = self._graph(cache, closure)
-            n = cache["g"].numel()
-            eye = torch.eye(n, dtype=cache["g"].dtype, device=cache["g"].device)
-            cols = []
-            for start in range(0, n, 256):
-                E = eye[start : start + 256]
-                vs = [t for t in self._split_batched(E)]
+            g = cache["g"]
+
+            def matmat(E: Tensor) -> Tensor:
                 with torch.enable_grad():
-                    out = graph.gvp(vs, batched=True)
-                cols.append(torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1))
-            self._state["matvecs"] += n
-            G = torch.cat(cols, dim=0).to(torch.float64)
+                    out = graph.gvp(columns_to_parameters(E, self._params), batched=True)
+                return parameters_to_columns(out)
+
+            G = dense_from_matmat(
+                matmat, None, g.numel(), dtype=g.dtype, device=g.device, chunk_size=256
+            )
+            self._state["matvecs"] += g.numel()
+            G = G.to(torch.float64)
             cache["eig"] = torch.linalg.eigh(0.5 * (G + G.T))
         return cache["eig"]
-
-    def _split_batched(self, E: Tensor) -> list[Tensor]:
-        out, offset = [], 0
-        for p in self._params:
-            n = p.numel()
-            out.append(E[:, offset : offset + n].reshape(E.shape[0], *p.shape))
-            offset += n
-        return out
 
     def _solve(self, cache, closure, damping: float, gnorm: float) -> tuple[Tensor, float]:
         """The step and the predicted reduction ``-(g.d + d.G d / 2)``."""
