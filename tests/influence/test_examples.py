@@ -1,4 +1,5 @@
-"""Influence reads any data through second.Task: dict batches, map-style Datasets, a measurement."""
+"""Influence reads any data through second.Task: dict batches, map-style Datasets, a measurement,
+several inputs, iterables of batches (influence/_examples.py); per-example gradients."""
 
 from __future__ import annotations
 
@@ -7,19 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from second import Influence, Task, exact_ggn
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def data(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(
-        0, 3, (n,), generator=g
-    )
+from influence_cases import NEWTON_RTOL, REG, SCORE_RTOL, data, example_grads_loop, mlp, rel
+from second import Influence, Task, exact_ggn, per_example_gradients
 
 
 class Keyword(nn.Module):
@@ -151,3 +141,67 @@ def test_test_examples_the_model_cannot_run_are_refused_clearly():
         inf.scores((torch.randn(2, 5, dtype=torch.float64), y[:2]))
     with pytest.raises(ValueError, match="as many dimensions"):
         inf.scores((X[:2, None], y[:2]))
+
+
+def test_per_example_gradients_match_autograd_loop():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    X, y = data(11)
+    G = per_example_gradients(model, loss_fn, X, y, batch_size=4)
+    assert rel(G, example_grads_loop(model, loss_fn, X, y)) < 1e-12
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Linear(3, 2), nn.Linear(4, 2), nn.BatchNorm1d(2)
+
+    def forward(self, x, z):
+        return self.bn(self.a(x) + self.b(z))
+
+
+def test_multi_input_model_with_buffers():
+    torch.manual_seed(0)
+    model = TwoInputs().double().eval()
+    X, Z = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,))
+    loss_fn = nn.CrossEntropyLoss()
+    G = per_example_gradients(model, loss_fn, (X, Z), y)
+    params = list(model.parameters())
+    ref = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(
+                        loss_fn(model(X[i : i + 1], Z[i : i + 1]), y[i : i + 1]), params
+                    )
+                ]
+            )
+            for i in range(9)
+        ]
+    )
+    assert rel(G, ref) < 1e-12
+    out = model(X, Z)
+    H = exact_ggn(loss_fn(out, y), out, params)
+    A = H + REG * torch.eye(H.shape[0], dtype=H.dtype)
+    inf = Influence(model, loss_fn, ((X, Z), y), curvature="ggn", damping=REG, progressbar=False)
+    assert rel(inf.scores(((X[:2], Z[:2]), y[:2])), G[:2] @ torch.linalg.solve(A, G.T) / 9) < 1e-10
+
+
+def test_iterable_of_batches_equals_one_batch():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    X, y = data(20)
+    test = data(2, seed=2)
+    batches = [(X[i : i + 7], y[i : i + 7]) for i in range(0, 20, 7)]
+    a = Influence(model, loss_fn, (X, y), curvature="ggn", damping=REG, progressbar=False)
+    b = Influence(
+        model,
+        loss_fn,
+        batches,
+        curvature="ggn",
+        damping=REG,
+        batch_size=3,
+        progressbar=False,
+    )
+    assert rel(b.scores(test), a.scores(test)) < SCORE_RTOL["dense"]
+    assert rel(b.newton_loo(test, [4, 17]), a.newton_loo(test, [4, 17])) < NEWTON_RTOL

@@ -10,15 +10,12 @@ from torch import nn
 from torch.func import functional_call, grad, hessian
 
 from dense_reference import ref_per_example_gradients
+from influence_cases import rel
 from second import Influence, Task
 
 # Tolerances: relative error of the whole score matrix against a dense float64 reference.
 DENSE_RTOL = 1e-9
 DAMPING = 0.1
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 class Scaled(Task):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from influence_cases import REG, data, example_grads_loop, mlp, rel
 from second import Influence, Task
 from second.influence import _cache
 from second.influence._factors import StreamedEKFAC
@@ -28,11 +29,8 @@ from second.kfac import EKFACOperator, KFACOperator, eigen_corrections
 EXACT_RTOL = 1e-10  # float64: the same sums in another order
 SKETCH_RTOL = 1e-10  # a sketch of full rank is the exact matrix
 FLOAT32_RTOL = 1e-5  # float32 products of a float64 model
+APPROX_RTOL = 1e-8  # K-FAC / EK-FAC integration vs their own dense matrix
 DAMPING = 0.1
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 class Seq(nn.Module):
@@ -91,17 +89,6 @@ def make(kind: str, n: int, seed: int = 1):
         model = Conv(2 if kind == "gconv" else 1)
         X = torch.randn(n, model.groups, 6, 6, generator=g, dtype=torch.float64)
     return model.double().eval(), X, y
-
-
-def example_grads_loop(model, fn, X, y):
-    """Per-example gradients of ``fn(model(x_i), y_i)`` by plain autograd (the reference)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def one(i):
-        grads = torch.autograd.grad(fn(model(X[i : i + 1]), y[i : i + 1]), params)
-        return torch.cat([g.reshape(-1) for g in grads])
-
-    return torch.stack([one(i) for i in range(X.shape[0])])
 
 
 def dense_reference(model, loss_fn, train, test, curvature="ekfac", measure=None):
@@ -207,6 +194,20 @@ def test_kronecker_self_influence_matches_the_dense_reference(kind, curvature):
             model, loss_fn, (X, y), curvature=curvature, batch_size=5, max_memory=memory, **KW
         )
         assert rel(inf.self_influence(), ref) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_kronecker_curvatures_use_their_own_inverse(curvature):
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(20), data(2, seed=2)
+    cls = KFACOperator if curvature == "kfac" else EKFACOperator
+    K = cls(model, loss_fn, train).to_dense()
+    A = K + REG * torch.eye(K.shape[0], dtype=K.dtype)
+    Gtr = example_grads_loop(model, loss_fn, *train)
+    Gte = example_grads_loop(model, loss_fn, *test)
+    ref = Gte @ torch.linalg.solve(A, Gtr.T) / 20
+    inf = Influence(model, loss_fn, train, curvature=curvature, damping=REG, progressbar=False)
+    assert rel(inf.scores(test), ref) < APPROX_RTOL
 
 
 @pytest.mark.parametrize("kind", ["mlp", "seq", "conv"])

@@ -1,4 +1,5 @@
-"""What an Influence's results depend on: a custom Task's code, the training tensors."""
+"""What an Influence's results depend on: a custom Task's code, the training tensors, the
+parameters (influence/_state.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from influence_cases import REG, SCORE_RTOL, data, mlp, reference_scores, rel
 from second import Influence, Task
 
 # Tolerance: relative error against a fresh Influence on the same inputs (same arithmetic).
 FRESH_RTOL = 1e-12
 DAMPING = 0.5
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def data(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    return X, torch.randint(0, 3, (n,), generator=g)
 
 
 def _first(self, model, batch):
@@ -110,6 +97,19 @@ def test_a_write_through_data_needs_refresh():
     inf.refresh()
     fresh = Influence(model, loss_fn, (X, y), curvature="ggn", damping=DAMPING)
     assert rel(inf.scores(test), fresh.scores(test)) < FRESH_RTOL
+
+
+def test_changed_parameters_invalidate_cached_vectors():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    train, test = data(10), data(2, seed=2)
+    inf = Influence(model, loss_fn, train, curvature="ggn", damping=REG, progressbar=False)
+    before = inf.scores(test)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    after = inf.scores(test)
+    ref, *_ = reference_scores(model, loss_fn, train, test, "ggn", REG)
+    assert rel(after, ref) < SCORE_RTOL["dense"]
+    assert rel(after, before) > 1e-3
 
 
 def test_the_cache_key_separates_settings_whose_reprs_concatenate_alike(tmp_path):

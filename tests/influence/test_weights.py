@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dense_reference import ref_ggn, ref_hessian, ref_per_example_gradients
+from influence_cases import data, mlp, rel
 from second import Influence
 from second.influence._factors import StreamedEKFAC
 from second.kfac import EKFACOperator, KFACOperator
@@ -35,21 +36,6 @@ KW = dict(damping=DAMPING, method="dense", progressbar=False)
 
 # the untrained models' Hessians are indefinite: the references invert the same matrix
 pytestmark = pytest.mark.filterwarnings("ignore::second.NegativeCurvatureWarning")
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def data(n, seed=1, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    return X, torch.randint(0, classes, (n,), generator=g)
 
 
 def reference(model, loss_fn, train, test, weights, kind="hessian"):

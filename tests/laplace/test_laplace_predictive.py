@@ -1,4 +1,5 @@
-"""The Kronecker GLM covariance (factored Jacobians) and the links, against dense float64."""
+"""The predictives (laplace/_predictive.py): the GLM covariance (dense and factored
+Jacobians), the links and the sampled predictives, against dense float64."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import torch
 from torch import nn
 
 from dense_reference import ref_output_jacobians
+from laplace_cases import EXACT, _cls_data, _mlp, _reg_data
 from second.laplace import Laplace
 from second.laplace._predictive import link_probabilities
-
-EXACT = 1e-9  # the same algebra done two ways (float64)
 
 
 class _Shared(nn.Module):
@@ -247,3 +247,61 @@ def test_dict_and_tuple_inputs_predict_as_one_tensor(subset, structure):
         ref.predict(torch.cat([x[:4], z[:4]], 1), pred="nn", n_samples=5, generator=g2),
         **SAME_PREDICTIVE,
     )
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac"])
+def test_glm_covariance_is_j_sigma_jt(structure):
+    model = _mlp()
+    X, y = _cls_data()
+    la = Laplace(
+        model, nn.CrossEntropyLoss(), (X, y), structure=structure, prior_precision=2.0, subset="all"
+    )
+    Xt = _cls_data(n=7, seed=5)[0]
+    f, cov = la.functional_covariance(Xt)
+    J = ref_output_jacobians(model, list(model.parameters()), Xt)
+    Sigma = la.posterior_covariance()
+    ref = torch.einsum("ncp,pq,ndq->ncd", J, Sigma, J)
+    assert torch.allclose(f, model(Xt).detach())
+    assert torch.allclose(cov, ref, rtol=1e-8, atol=1e-12)
+    # probit on this covariance
+    var = torch.diagonal(ref, dim1=1, dim2=2)
+    probit = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * var), -1)
+    assert torch.allclose(la.predict(Xt, link="probit"), probit, rtol=1e-8)
+
+
+def test_last_layer_glm_and_regression_predictive():
+    model = _mlp(out=2)
+    X, y = _reg_data()
+    la = Laplace(model, nn.MSELoss(), (X, y), subset="last_layer", sigma_noise=0.3)
+    Xt = _reg_data(n=5, seed=7)[0]
+    J = ref_output_jacobians(model, list(model[2].parameters()), Xt)
+    ref = torch.einsum("ncp,pq,ndq->ncd", J, la.posterior_covariance(), J)
+    mean, cov = la.predict(Xt)
+    assert torch.allclose(mean, model(Xt).detach())
+    assert torch.allclose(cov, ref + 0.09 * torch.eye(2, dtype=torch.float64), rtol=1e-8)
+
+
+def test_mc_predictives_converge_to_their_targets():
+    model = _mlp()
+    X, y = _cls_data()
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), subset="last_layer", prior_precision=5.0)
+    Xt = X[:5]
+    g = torch.Generator().manual_seed(0)
+    mc = la.predict(Xt, link="mc", n_samples=20000, generator=g)
+    nn_ = la.predict(Xt, pred="nn", n_samples=20000, generator=g)
+    # a linear last layer: the network's samples are the linearised ones
+    assert torch.allclose(mc, nn_, atol=0.01)
+    assert torch.allclose(mc.sum(1), torch.ones(5, dtype=torch.float64))
+    bridge = la.predict(Xt, link="bridge")
+    assert torch.allclose(bridge.sum(1), torch.ones(5, dtype=torch.float64))
+
+
+def test_bridge_formula():
+    model = _mlp()
+    X, y = _cls_data()
+    la = Laplace(model, nn.CrossEntropyLoss(), (X, y), prior_precision=3.0, subset="all")
+    f, cov = la.functional_covariance(X[:3])
+    v = torch.diagonal(cov, dim1=1, dim2=2)
+    C = 3
+    alpha = (1 - 2 / C + f.exp() / C**2 * torch.exp(-f).sum(1, keepdim=True)) / v
+    assert torch.allclose(la.predict(X[:3], link="bridge"), alpha / alpha.sum(1, keepdim=True))
