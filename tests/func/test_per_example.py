@@ -54,7 +54,6 @@ def test_kind_is_the_deprecated_spelling_of_curvature(curvature):
     if curvature == "fisher":  # the empirical Fisher: g g^T V
         gi = fn.gradients((x, y))[0]
         assert torch.equal(new, torch.outer(gi, gi @ V))
-        assert torch.equal(fn.hessian_products((x, y), V, "fisher", fisher="empirical"), new)
 
 
 def test_hessian_products_refuses_an_unknown_curvature():
@@ -64,5 +63,5 @@ def test_hessian_products_refuses_an_unknown_curvature():
     V = torch.randn(fn.numel, dtype=torch.float64)
     with pytest.raises(ValueError, match="curvature must be"):
         fn.hessian_products(batch, V, curvature="kfac")
-    with pytest.raises(ValueError, match="curvature='ggn'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'fisher'"):
         fn.hessian_products(batch, V, curvature="fisher", fisher="type2")

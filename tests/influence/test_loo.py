@@ -123,7 +123,9 @@ def test_newton_loo_of_a_type2_or_mc_fisher_removes_the_examples_ggn_term(fisher
         damping=1.0,
         progressbar=False,
     )
-    tol = NEWTON_RTOL if fisher == "type2" else 0.05
+    # MC: the 4,000-sample Fisher itself differs from the GGN (1.3e-3 here); the example's
+    # empirical-Fisher term, the old mistake, puts it 8e-2 off
+    tol = NEWTON_RTOL if fisher == "type2" else 1e-2
     assert rel(inf.newton_loo(test, idx), ref) < tol
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .._deprecation import renamed_keyword
 from .._errors import NonFiniteError, quiet_batching_notes
 from ..data import Task, as_task, call_model, map_batch
 from .vectors import parameters_to_vector, vector_to_parameters
@@ -196,17 +197,14 @@ class ModelFunction:
         V: Tensor,
         curvature: str = "hessian",
         measure: bool = False,
-        *,
-        fisher: str = "empirical",
         **deprecated,
     ) -> Tensor:
         r"""Curvature of a batch of one's loss times the columns of ``V`` (``[P, k]``).
 
         ``curvature="hessian"``: :math:`\nabla^2 \ell_i V`; ``"ggn"``: :math:`J_i^\top
         (\nabla_f^2 \ell_i) J_i V`; ``"fisher"``: the empirical Fisher
-        :math:`\nabla\ell_i \nabla\ell_i^\top V` (``fisher="empirical"``, the one Fisher
-        offered here: one example's type-2 Fisher is its ``"ggn"``). ``kind`` is the deprecated
-        spelling of ``curvature`` (removed in 0.3).
+        :math:`\nabla\ell_i \nabla\ell_i^\top V` (one example's type-2 Fisher is its
+        ``"ggn"``). ``kind`` is the deprecated spelling of ``curvature`` (removed in 0.3).
 
         The second derivatives are forward-over-reverse (``jvp`` of ``grad``). Where torch
         has no forward-mode derivative of a loss' backward (``F.huber_loss``) or fails in it
@@ -214,11 +212,9 @@ class ModelFunction:
         reverse-over-reverse instead (``vjp`` of ``grad``: the same symmetric matrix).
 
         Raises:
-            ValueError: an unknown ``curvature``, or a ``fisher`` other than ``"empirical"``.
+            ValueError: an unknown ``curvature``.
         """
         if deprecated:
-            from ..optim._options import renamed_keyword  # lazily: second.optim imports this
-
             curvature = renamed_keyword(
                 "ModelFunction.hessian_products",
                 deprecated,
@@ -229,11 +225,6 @@ class ModelFunction:
             )
         if curvature not in ("hessian", "ggn", "fisher"):
             raise ValueError(f"curvature must be 'hessian', 'ggn' or 'fisher', got {curvature!r}")
-        if curvature == "fisher" and fisher != "empirical":
-            raise ValueError(
-                f"fisher must be 'empirical' here, got {fisher!r} (one example's type-2 Fisher "
-                "is curvature='ggn')"
-            )
         theta = self.flat()
         if curvature == "fisher":
             gi = grad(self.batch_loss)(theta, batch1, measure)

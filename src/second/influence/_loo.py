@@ -107,9 +107,9 @@ def _example_curvature(inf: Influence) -> str:
     """
     if inf.curvature == "hessian":
         return "hessian"
-    opts = inf.curvature_options
-    fisher = opts.get("fisher") or opts.get("kind") or "empirical"
-    return "fisher" if inf.curvature == "fisher" and fisher == "empirical" else "ggn"
+    if inf.curvature == "fisher" and inf.operator.fisher == "empirical":
+        return "fisher"
+    return "ggn"
 
 
 def _loo_iterative(inf: Influence, inv, one, b: Tensor, curvature: str, w: float) -> Tensor | None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._deprecation import renamed_keyword
+
 __all__ = [
     "DirectionInfo",
     "RCOND",
@@ -291,8 +293,6 @@ def truncated_cg(
         ('negative_curvature', True, -1.0)
     """
     if deprecated or tol is None:
-        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
         tol = renamed_keyword("truncated_cg", deprecated, "rtol", "tol", tol)
     gnorm = float(torch.linalg.vector_norm(g))
     threshold = max(tol * gnorm, atol)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .result import renamed_property
+from .._deprecation import renamed_property
 from .trust_region import update_radius
 
 __all__ = ["LineSearchResult", "strong_wolfe", "update_radius", "lm_damping_update"]

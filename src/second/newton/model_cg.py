@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._deprecation import renamed_keyword, renamed_property
 from .direction import ResidualBasis
-from .result import renamed_property
 
 __all__ = ["InnerCGResult", "model_cg"]
 
@@ -91,8 +91,6 @@ def model_cg(
         True
     """
     if deprecated:
-        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
         tol = renamed_keyword("model_cg", deprecated, "rtol", "tol", tol, 1e-6)
     save_at = save_at or set()
     matvecs = 0

@@ -2,42 +2,13 @@ r"""The result record of the Newton core (SciPy's ``OptimizeResult`` fields, our
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning
+from .._deprecation import renamed_property
 
-__all__ = ["OptimizeResult", "renamed_property"]
-
-
-def renamed_property(old: str, new: str) -> property:
-    """The deprecated read-only attribute ``old`` of a result record: ``new``, with a warning.
-
-    Example:
-        >>> import warnings
-        >>> class Record:
-        ...     matvecs = 3
-        ...     products = renamed_property("products", "matvecs")
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     Record().products
-        3
-        >>> str(caught[0].message)
-        'Record.products is deprecated; use Record.matvecs'
-    """
-
-    def get(self):
-        owner = type(self).__name__
-        warnings.warn(
-            f"{owner}.{old} is deprecated; use {owner}.{new}",
-            SecondDeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(self, new)
-
-    return property(get, doc=f"Deprecated spelling of :attr:`{new}`.")
+__all__ = ["OptimizeResult"]
 
 
 @dataclass

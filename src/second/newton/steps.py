@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._deprecation import renamed_keyword
 from .globalize import lm_damping_update
 from .model_cg import model_cg
 from .trust_region import SubproblemResult, steihaug_cg, update_radius
@@ -192,8 +193,6 @@ def cg_subproblem(
         ([-1.0, -0.25], 0)
     """
     if deprecated or tol is None:
-        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
         tol = renamed_keyword("cg_subproblem", deprecated, "rtol", "tol", tol)
     last: list[SubproblemResult] = []
 
@@ -288,8 +287,6 @@ def damped_solve(
         ([-0.5, -0.25], True)
     """
     if deprecated:
-        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
         tol = renamed_keyword("damped_solve", deprecated, "rtol", "tol", tol, 1e-10)
     if eig is not None:
         ev, Q = eig

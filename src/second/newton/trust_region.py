@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._deprecation import renamed_keyword, renamed_property
 from .direction import RCOND, ResidualBasis
-from .result import renamed_property
 
 __all__ = [
     "RCOND",
@@ -74,8 +74,6 @@ class SubproblemResult:
         **deprecated,
     ) -> None:
         if deprecated:
-            from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
             matvecs = renamed_keyword("SubproblemResult", deprecated, "hvps", "matvecs", matvecs, 0)
         self.step, self.predicted_reduction, self.step_norm = step, predicted_reduction, step_norm
         self.status, self.iterations, self.matvecs, self.path = status, iterations, matvecs, path
@@ -232,8 +230,6 @@ def steihaug_cg(
         Gould, Lucidi, Roma & Toint (1999) for the preconditioned norms.
     """
     if deprecated:
-        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
         tol = renamed_keyword("steihaug_cg", deprecated, "rtol", "tol", tol, 0.1)
     if not radius > 0:
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")
@@ -357,8 +353,6 @@ def exact_trust_region(
         True
     """
     if deprecated:
-        from ..optim._options import renamed_keyword  # lazily: second.optim imports the core
-
         tol = renamed_keyword("exact_trust_region", deprecated, "rtol", "tol", tol, 1e-10)
     if not radius > 0:
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")

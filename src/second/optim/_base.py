@@ -14,12 +14,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._deprecation import renamed_options
 from .._errors import SecondDeprecationWarning
 from ..func.attention import differentiable_attention
 from ..func.products import grad_checked
 from ..func.vectors import add_vector_to_parameters, parameters_to_vector, vector_to_parameters
 from ._closure import ClosureCall, call_closure, warn_closure_misuse
-from ._options import RENAMED, check_newton_options, hyperparameters, renamed_options
+from ._options import RENAMED, check_newton_options, hyperparameters
 
 __all__ = [
     "NewtonTypeOptimizer",
@@ -260,7 +261,11 @@ class NewtonTypeOptimizer(Optimizer):
         """
         options = hyperparameters(arguments)
         renamed_options(
-            type(self).__name__, arguments.get("deprecated", {}), options, self._renamed_defaults
+            type(self).__name__,
+            arguments.get("deprecated", {}),
+            options,
+            self._renamed_defaults,
+            RENAMED,
         )
         check_newton_options(options)
         return options

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from ..func.checks import finite_flags
-from ..func.vectors import parameters_to_vector
 
 OVERRATE = 2.0
 """A quadratic model predicting a decrease of more than ``OVERRATE`` times a nonnegative loss is refused.
@@ -90,11 +89,6 @@ def first_nonfinite(ts: list[Tensor]) -> int | None:
     if bool(finite.all()):
         return None
     return int((~finite).nonzero()[0, 0])
-
-
-def flat(ts: list[Tensor]) -> Tensor:
-    """The tensors flattened into one vector in order (:func:`~second.func.parameters_to_vector`)."""
-    return parameters_to_vector(ts)
 
 
 def check_positive(name: str, value: float, strict: bool = False) -> None:

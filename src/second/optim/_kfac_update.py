@@ -15,10 +15,10 @@ from torch import Tensor
 
 from .. import distributed as dist
 from ..func.forward import module_jvp
-from ..func.vectors import columns_to_parameters, vector_to_parameters
+from ..func.vectors import columns_to_parameters, parameters_to_vector, vector_to_parameters
 from ..kfac import DiagonalBlock, EigenBlock, FactorStats, KroneckerBlock, eigen_blocks
 from ._kfac_capture import KFACAttributes
-from ._kfac_checks import OVERRATE, check_positive, clamp_damping, flat, refusal
+from ._kfac_checks import OVERRATE, check_positive, clamp_damping, refusal
 from ._kfac_quadratic import chain_jvp, ggn_gram, step_coefficients
 from ._views import LossView, loss_point
 
@@ -270,7 +270,7 @@ class KFACUpdate(KFACAttributes):
         prev = [self.state[p].get("delta") for p in params]
         if any(d is None for d in prev):
             return None
-        return flat(prev)
+        return parameters_to_vector(prev)
 
     def _quadratic_terms(self, V: Tensor) -> Tensor:
         r"""The matrix :math:`[v_a^\top F v_b]` of the exact mini-batch GGN for the rows of ``V [k, n]``.

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .._losses import loss_kind, reduction_of
+from ..func.vectors import parameters_to_vector
 from ..kfac import (
     FALLBACKS,
     FISHER_TYPES,
@@ -78,7 +79,6 @@ from ._kfac_checks import (
     NONNEGATIVE_LOSSES,
     check_positive,
     first_nonfinite,
-    flat,
     parameter_groups,
 )
 from ._kfac_quadratic import mlp_chain
@@ -430,7 +430,7 @@ class KFAC(KFACCapture, KFACUpdate):
                 grads = list(torch._foreach_add(grads, params, alpha=etas[0]))
         else:
             grads = [g.add(p, alpha=e) if e else g for g, p, e in zip(grads, params, etas)]
-        gflat = flat(grads)
+        gflat = parameters_to_vector(grads)
         new = None
         if pending is not None:
             if self.fisher == "empirical":

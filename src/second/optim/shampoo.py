@@ -29,9 +29,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .._deprecation import renamed_options
 from ..kfac import EigenBlock
 from ._gradient_factors import KroneckerFactoredOptimizer
-from ._options import check_nonneg, renamed_options
+from ._options import check_nonneg
 from ._preconditioned import hyperparameters
 
 __all__ = ["Shampoo", "shampoo_direction"]

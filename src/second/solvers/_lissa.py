@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..newton.result import renamed_property
+from .._deprecation import renamed_property
 from ..operators.base import LinearOperator, aslinearoperator
 from ..spectral.lanczos import extreme_eigenvalues
 from ._result import Problem, SolveResult, column_norms, report
