@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._losses import label_smoothing, target_weights
+from ..func.forward import RandomState
 from ..kfac import (
     Capture,
     DiagonalRule,
@@ -104,6 +105,8 @@ class KFACAttributes(torch.optim.Optimizer):
     _pending_bad: bool
     _warned: set[str]
     _batch: tuple | None
+    _rng: RandomState | None
+    _rng_next: RandomState | None
     _in_step: bool
     _index: dict[int, int]
     _inv_cache: dict[int, tuple[tuple, KroneckerBlock]]
@@ -133,6 +136,8 @@ class KFACCapture(KFACAttributes):
 
     def _pre_hook(self, module, args):
         active = self.inner.training and torch.is_grad_enabled() and not self._in_step
+        if active:  # what the forward will draw (dropout), for the step's re-runs of it
+            self._rng_next = RandomState(self._params[0].device)
         self._capture.clear()
         # between factor updates a plain MLP still records its activations (_chain_jvp)
         self._capture.active = active and (self._capturing_now() or self._chain is not None)
@@ -141,6 +146,7 @@ class KFACCapture(KFACAttributes):
         if not (self.inner.training and torch.is_grad_enabled()) or self._in_step:
             return
         self._batch = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
+        self._rng = self._rng_next
         self._fwd = None
         self._n_forwards += 1
         self._loss_batch = None

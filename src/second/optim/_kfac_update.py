@@ -9,6 +9,7 @@ with the Levenberg-Marquardt damping adaptation.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -288,12 +289,14 @@ class KFACUpdate(KFACAttributes):
             params = [p.detach() for p in self._params]
             args = (self.inner, self._names, params, self._batch, tangents)
             try:
-                out, Jv = module_jvp(*args, vectorize=not self._conv, reverse=self._reverse_jvp)
+                out, Jv = module_jvp(
+                    *args, vectorize=not self._conv, reverse=self._reverse_jvp, rng=self._rng
+                )
             except NotImplementedError:  # an operation without a forward-mode rule (an LSTM,
                 if self._reverse_jvp:  # weight_norm): reverse-over-reverse from now on
                     raise
                 self._reverse_jvp = True
-                out, Jv = module_jvp(*args, reverse=True)
+                out, Jv = module_jvp(*args, reverse=True, rng=self._rng)
         view = self._loss_view if self._loss_view is not None else LossView(1, None)
         if view.dim != 1:  # the loss has the output's classes along `dim` (_take_loss)
             out, Jv = out.movedim(view.dim, 1), Jv.movedim(view.dim + 1, 2)
@@ -368,7 +371,8 @@ class KFACUpdate(KFACAttributes):
                     # on copies of the buffers: a BatchNorm in training mode must not count
                     # this evaluation in its running statistics
                     bufs = {k: b.clone() for k, b in self.inner.named_buffers()}
-                    with torch.no_grad():
+                    replay = self._rng.replay if self._rng is not None else nullcontext
+                    with torch.no_grad(), replay():  # the training forward's dropout masks
                         out = torch.func.functional_call(self.inner, bufs, args, kwargs)
                         return self.loss_fn(out, *rest, **lkw)
             with torch.enable_grad():

@@ -31,6 +31,13 @@ included) and damping :math:`\lambda`:
    closure call, no backward). Without a closure the damping stays fixed (a one-time
    warning).
 
+A forward that draws random numbers (dropout) is re-run by the quadratic model's products and
+the loss after the step with the draws of the step's training forward
+(:class:`second.func.forward.RandomState`): both describe the network the gradient came from,
+with its masks (fresh masks made the model that of another network, and on the digits MLPs
+with dropout 10-17 of 55 steps were refused). A closure called again for that loss (one that
+does more than ``loss_fn(model(x), y)``) draws its own.
+
 Statistics are gathered by forward hooks during the training forward pass (the Monte-Carlo
 backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works).
 Every training forward since the last step adds to them, so gradient accumulation over
@@ -59,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from .._losses import loss_kind, reduction_of
+from ..func.forward import RandomState
 from ..func.vectors import parameters_to_vector
 from ..kfac import (
     FALLBACKS,
@@ -307,6 +315,10 @@ class KFAC(KFACCapture, KFACUpdate):
         self._pending_bad = False  # the last training forward's output was not finite
         self._warned: set[str] = set()
         self._batch: tuple | None = None
+        # the generators before the captured forward: its re-runs (the quadratic model's
+        # products, the loss after the step) draw its dropout masks (second.func.forward)
+        self._rng: RandomState | None = None
+        self._rng_next: RandomState | None = None
         self._in_step = False
         self._warned_closure = False
         self.last_info: dict = {}
