@@ -15,7 +15,9 @@ Every run uses torch.optim's closure contract (zero_grad, loss, backward, return
 same initialization and batch order. Measured: loss against steps and against CPU-seconds of
 the training thread (``time.thread_time``, evaluation excluded), wall time, test accuracy or
 validation loss, whether any loss went non-finite, the optimizer's refused-step counters, and
-the median step cost relative to Adam. One JSON line per run, a Markdown table, and plots
+the median step cost relative to Adam. The same models with dropout (``mlp-relu-dropout``,
+``mlp-gelu-dropout``, ``cnn-dropout``, ``char-transformer-dropout``) run when named in
+``--models``. One JSON line per run, a Markdown table, and plots
 in ``bench-output/zoo_*.png``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_zoo.py [--quick] [--models ...]
@@ -81,27 +83,32 @@ def stdlib_text(max_bytes: int = 1_500_000) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- models
 class CNN(nn.Module):
-    def __init__(self):
+    """``dropout``: before the linear layer (the zoo's CNN has none)."""
+
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32 * 4 * 4, 10)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
         x = torch.relu(self.c1(x.view(-1, 1, 8, 8)))
         x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
-        return self.fc(x.flatten(1))
+        return self.fc(self.drop(x.flatten(1)))
 
 
 class CharLM(nn.Module):
     """``classes_first``: logits ``[B, vocab, T]`` for ``CrossEntropyLoss`` as they are; else
     ``[B, T, vocab]``, the common layout, with the loss on ``out.reshape(-1, vocab)``."""
 
-    def __init__(self, vocab=256, d=64, heads=4, layers=2, context=64, classes_first=True):
+    def __init__(
+        self, vocab=256, d=64, heads=4, layers=2, context=64, classes_first=True, dropout=0.0
+    ):
         super().__init__()
         self.classes_first = classes_first
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(context, d))
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=dropout, batch_first=True)
         self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
@@ -143,6 +150,31 @@ MODELS: dict[str, dict] = {
     "char-transformer": dict(make=CharLM, kind="lm"),
     # the same with [B, T, vocab] logits and the loss on a reshaped view (a user's usual code)
     "char-transformer-flat": dict(make=lambda: CharLM(classes_first=False), kind="lm-flat"),
+}
+
+# with dropout (random draws in every training forward): run on request (--models ...)
+DROPOUT_MODELS: dict[str, dict] = {
+    "mlp-relu-dropout": dict(
+        make=lambda: nn.Sequential(
+            nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10)
+        ),
+        kind="classify",
+    ),
+    "mlp-gelu-dropout": dict(
+        make=lambda: nn.Sequential(
+            nn.Linear(64, 128),
+            nn.GELU(),
+            nn.Dropout(0.3),
+            nn.Linear(128, 64),
+            nn.GELU(),
+            nn.Dropout(0.3),
+            nn.Linear(64, 10),
+        ),
+        kind="classify",
+    ),
+    "cnn-dropout": dict(make=lambda: CNN(dropout=0.25), kind="classify"),
+    # nn.TransformerEncoderLayer's default dropout, in the attention and the feed-forward
+    "char-transformer-dropout": dict(make=lambda: CharLM(dropout=0.1), kind="lm"),
 }
 
 
@@ -262,7 +294,7 @@ def train(
     mname, oname, make_opt, seed, epochs, lm_steps, train_data, test_data, cpu_budget=None
 ) -> Run:
     """One run; ``cpu_budget``: stop once the training thread has spent this many CPU-s."""
-    spec = MODELS[mname]
+    spec = MODELS[mname] if mname in MODELS else DROPOUT_MODELS[mname]
     kind = spec["kind"]
     torch.manual_seed(seed)
     model = spec["make"]()
@@ -393,7 +425,9 @@ def plot(runs: list[Run]) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--models", nargs="*", default=list(MODELS), choices=[*MODELS, *DROPOUT_MODELS]
+    )
     parser.add_argument("--optimizers", nargs="*", default=None, help="names to run (default all)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs on digits (batch 128)")
     parser.add_argument("--lm-steps", type=int, default=400, help="steps of the character LM")
@@ -424,7 +458,7 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     with open(OUT / "zoo.jsonl", "w") as log:
         for mname in args.models:
-            is_lm = MODELS[mname]["kind"] in ("lm", "lm-flat")
+            is_lm = {**MODELS, **DROPOUT_MODELS}[mname]["kind"] in ("lm", "lm-flat")
             for oname, make in opts.items():
                 for seed in args.seeds:
                     run = train(

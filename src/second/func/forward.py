@@ -128,9 +128,12 @@ def module_jvp(
             try:
                 # randomness="same": one draw for all vectors, the one an unbatched call makes
                 with quiet_batching_notes(), replay():
-                    return vmap(
-                        lambda t: jvp(f, (primals,), (t,)), out_dims=(None, 0), randomness="same"
-                    )(tangent)  # type: ignore[arg-type, misc, return-value]
+                    both = vmap(
+                        lambda t: jvp(f, (primals,), (t,)),
+                        out_dims=(None, 0),  # type: ignore[arg-type]  # None: not mapped
+                        randomness="same",
+                    )
+                    return both(tangent)  # type: ignore[misc, return-value]
             except Exception:  # a module without a batching rule: one JVP per vector
                 pass
         res = []

@@ -9,7 +9,6 @@ with the Levenberg-Marquardt damping adaptation.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -370,9 +369,11 @@ class KFACUpdate(KFACAttributes):
                     args, kwargs = self._batch
                     # on copies of the buffers: a BatchNorm in training mode must not count
                     # this evaluation in its running statistics
+                    # (a forward with dropout draws afresh here, as a closure call would: with
+                    # the training forward's masks instead, the dropout transformer of
+                    # bench_zoo.py trained worse, BENCHMARKS.md)
                     bufs = {k: b.clone() for k, b in self.inner.named_buffers()}
-                    replay = self._rng.replay if self._rng is not None else nullcontext
-                    with torch.no_grad(), replay():  # the training forward's dropout masks
+                    with torch.no_grad():
                         out = torch.func.functional_call(self.inner, bufs, args, kwargs)
                         return self.loss_fn(out, *rest, **lkw)
             with torch.enable_grad():

@@ -31,12 +31,11 @@ included) and damping :math:`\lambda`:
    closure call, no backward). Without a closure the damping stays fixed (a one-time
    warning).
 
-A forward that draws random numbers (dropout) is re-run by the quadratic model's products and
-the loss after the step with the draws of the step's training forward
-(:class:`second.func.forward.RandomState`): both describe the network the gradient came from,
-with its masks (fresh masks made the model that of another network, and on the digits MLPs
-with dropout 10-17 of 55 steps were refused). A closure called again for that loss (one that
-does more than ``loss_fn(model(x), y)``) draws its own.
+A forward that draws random numbers (dropout) is re-run by the quadratic model's products with
+the draws of the step's training forward (:class:`second.func.forward.RandomState`): the
+curvature is that of the network the gradient came from, with its masks (fresh masks made it
+another network's, and on the digits MLPs with dropout 10-17 of 55 steps were refused). The
+loss after the step (damping adaptation) is evaluated with fresh draws.
 
 Statistics are gathered by forward hooks during the training forward pass (the Monte-Carlo
 backward runs inside the forward, so a plain ``loss.backward(); opt.step()`` loop works).
@@ -315,8 +314,8 @@ class KFAC(KFACCapture, KFACUpdate):
         self._pending_bad = False  # the last training forward's output was not finite
         self._warned: set[str] = set()
         self._batch: tuple | None = None
-        # the generators before the captured forward: its re-runs (the quadratic model's
-        # products, the loss after the step) draw its dropout masks (second.func.forward)
+        # the generators before the captured forward: the quadratic model's products re-run
+        # it with its dropout masks (second.func.forward.RandomState)
         self._rng: RandomState | None = None
         self._rng_next: RandomState | None = None
         self._in_step = False
