@@ -70,3 +70,54 @@ def test_gradient_or_raise_keeps_zeros_for_unused_coordinates():
     torch.testing.assert_close(g, torch.tensor([0.0, 4.0, 0.0], dtype=DT), **EXACT_GRAD)
     with pytest.raises(ValueError, match=NO_PATH):
         gradient_or_raise(x.detach().sum(), x)
+
+
+def _mlp_objective():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(30, 3, generator=g, dtype=DT), torch.randn(30, generator=g, dtype=DT)
+
+    def f(w):
+        h = torch.tanh(X @ w[:12].reshape(3, 4))
+        return 0.5 * ((h @ w[12:16] - y) ** 2).mean()
+
+    return f, torch.randn(16, generator=g, dtype=DT)
+
+
+def test_products_and_gradients_equal_torch_autograd_bitwise():
+    """The Objective calls the autograd engine as torch.autograd.grad does: the same numbers."""
+    f, w = _mlp_objective()
+    obj = Objective(f, w.shape)
+    fw, g, hvp = obj.value_grad(w, graph=True)
+    wr = w.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(f(wr), wr, create_graph=True)
+    v = torch.randn(16, generator=torch.Generator().manual_seed(1), dtype=DT)
+    (hv_ref,) = torch.autograd.grad(g_ref, wr, v, retain_graph=True)
+    torch.testing.assert_close(g, g_ref.detach(), **EXACT_GRAD)
+    torch.testing.assert_close(hvp(v), hv_ref, **EXACT_GRAD)
+    assert not hvp(v).requires_grad and obj.matvecs == 2 and obj.ngev == 1
+    # a vector of another shape takes torch.autograd.grad's own path (and its checks)
+    with pytest.raises(RuntimeError):
+        hvp(torch.ones(3, dtype=DT))
+
+
+def test_newton_cg_under_no_grad_is_the_same_run():
+    """The products and gradients need no grad mode of the caller's."""
+    f, w = _mlp_objective()
+    res = minimize(f, w.clone(), method="newton-cg", gtol=1e-10)
+    with torch.no_grad():
+        quiet = minimize(f, w.clone(), method="newton-cg", gtol=1e-10)
+    assert res.converged and (res.nit, res.matvecs) == (quiet.nit, quiet.matvecs)
+    torch.testing.assert_close(quiet.x, res.x, **EXACT_GRAD)
+
+
+def test_without_torchs_private_engine_call_the_run_is_the_same(monkeypatch):
+    """A torch without the engine entry points takes torch.autograd.grad: the same run."""
+    import second.newton.objective as objective
+
+    f, w = _mlp_objective()
+    res = minimize(f, w.clone(), method="newton-cg", gtol=1e-10)
+    monkeypatch.setattr(objective, "_ENGINE", None)
+    monkeypatch.setattr(objective, "_RUN_BACKWARD", None)
+    public = minimize(f, w.clone(), method="newton-cg", gtol=1e-10)
+    assert res.converged and (res.nit, res.matvecs) == (public.nit, public.matvecs)
+    torch.testing.assert_close(public.x, res.x, **EXACT_GRAD)

@@ -107,6 +107,7 @@ class ResidualBasis:
         self.capacity = min(n, budget // max(per, 1))
         self._preconditioned = preconditioned
         self._like = like
+        self._n = n
         self._R: Tensor | None = None  # [rows, n], grown by doubling
         self._Z: Tensor | None = None
         self.size = 0
@@ -116,30 +117,35 @@ class ResidualBasis:
 
         ``rz``: ``r^T z``, when the caller has it already.
         """
-        if self.size >= self.capacity:
+        size = self.size
+        if size >= self.capacity:
             return
         if rz is None:
             rz = float(torch.dot(r, r if z is None else z))
         if not (rz > 0 and math.isfinite(rz)):
             return
-        if self._R is None or self.size == self._R.shape[0]:
-            rows = min(self.capacity, max(8, 2 * self.size))
-            grown = self._like.new_empty(rows, self._like.numel())
+        if self._R is None or size == self._R.shape[0]:
+            rows = min(self.capacity, max(8, 2 * size))
+            grown = self._like.new_empty(rows, self._n)
             if self._R is not None:
-                grown[: self.size] = self._R[: self.size]
+                grown[:size] = self._R[:size]
             self._R = grown
             if self._preconditioned:
-                grown_z = self._like.new_empty(rows, self._like.numel())
+                grown_z = self._like.new_empty(rows, self._n)
                 if self._Z is not None:
-                    grown_z[: self.size] = self._Z[: self.size]
+                    grown_z[:size] = self._Z[:size]
                 self._Z = grown_z
         scale = 1.0 / math.sqrt(rz)
         # detached copies: the projection stays differentiable through the new residual
-        self._R[self.size].copy_(r.detach().reshape(-1)).mul_(scale)
+        if r.requires_grad or r.dim() != 1:
+            r = r.detach().reshape(-1)
+        torch.mul(r, scale, out=self._R[size])
         if self._preconditioned:
             assert self._Z is not None and z is not None
-            self._Z[self.size].copy_(z.detach().reshape(-1)).mul_(scale)
-        self.size += 1
+            if z.requires_grad or z.dim() != 1:
+                z = z.detach().reshape(-1)
+            torch.mul(z, scale, out=self._Z[size])
+        self.size = size + 1
 
     def advance(
         self, r: Tensor, M: Callable[[Tensor], Tensor] | None, threshold: float
@@ -159,9 +165,10 @@ class ResidualBasis:
         norm = math.sqrt(rr) if rr is not None and rr >= 0 else float(torch.linalg.vector_norm(r))
         if norm <= threshold:
             return "converged", r, r, 0.0
-        if self.spans:  # n residuals stored: this one cannot be orthogonal to them
+        if self.size >= self._n:  # spans: n residuals stored, none is orthogonal to them
             return "maxiter", r, r, 0.0
-        r = self.project(r)
+        if self.size:
+            r = self.project(r)
         z = M(r) if M is not None else r
         rz = rr if rr is not None else float(torch.dot(r, z))
         if M is not None and not rz > 0:
@@ -172,7 +179,7 @@ class ResidualBasis:
     @property
     def spans(self) -> bool:
         """Whether the stored residuals span the whole space (CG cannot go further)."""
-        return self.size >= self._like.numel()
+        return self.size >= self._n
 
     def project(self, r: Tensor) -> Tensor:
         """``r`` with its components along the stored residuals removed (twice)."""
@@ -181,8 +188,9 @@ class ResidualBasis:
         assert self._R is not None
         R = self._R[: self.size]
         Z = self._Z[: self.size] if self._Z is not None else R
+        RT = R.T
         for _ in range(2):
-            r = r - R.T @ (Z @ r)
+            r = r - RT @ (Z @ r)
         return r
 
 

@@ -19,6 +19,28 @@ from ..func.products import hvp_from_gradient
 from .result import OptimizeResult
 from .stopping import Criteria, limit_message, ray_decreases
 
+#: ``torch.autograd.grad``'s call into the autograd engine, and the engine itself (private to
+#: torch: ``None`` where this torch lacks them, and products then go through
+#: ``torch.autograd.grad``). The engine runs a CPU graph on the calling thread; the wrapper
+#: adds what its device threads need (and torch's debug logging).
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def _backward_runner(a: Tensor, b: Tensor):
+    """``run(outputs, grad_outputs, keep_graph, create_graph, inputs, allow_unused, accumulate)``.
+
+    The engine call ``torch.autograd.grad`` makes, for two plain tensors ``a`` (the output) and
+    ``b`` (the input); ``None`` for a subclass, whose ``__torch_function__``
+    ``torch.autograd.grad`` must see, or without the engine.
+    """
+    if type(a) is not Tensor or type(b) is not Tensor:
+        return None
+    if _ENGINE is not None and a.is_cpu and b.is_cpu:
+        return _ENGINE.run_backward
+    return _RUN_BACKWARD
+
+
 __all__ = [
     "Objective",
     "RayTest",
@@ -77,11 +99,11 @@ class Objective:
         self.graph: tuple[Tensor, Tensor] | None = None
 
     def _call(self, x: Tensor) -> Tensor:
-        f = self.fun(x.reshape(self.shape))
+        f = self.fun(x if x.shape == self.shape else x.reshape(self.shape))
         if not isinstance(f, Tensor) or f.numel() != 1:
             raise ValueError(f"method {self.name!r} needs fun(x) to return a scalar tensor")
         self.nfev += 1
-        return f.reshape(())
+        return f if f.dim() == 0 else f.reshape(())
 
     def value(self, x: Tensor) -> float:
         """``f(x)`` without a graph."""
@@ -100,35 +122,69 @@ class Objective:
         The forward graph is kept, so an accepted trial point costs no second forward pass
         and a rejected one no backward pass.
         """
-        xr = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
+        return self._trial(x.detach().clone().requires_grad_(True))
+
+    def _trial(self, xr: Tensor):
+        """:meth:`trial` at the fresh leaf ``xr`` (``requires_grad`` set, no history)."""
+        if torch.is_grad_enabled():
             f = self._call(xr)
+        else:
+            with torch.enable_grad():
+                f = self._call(xr)
         if not f.requires_grad:
             raise ValueError(NO_GRAPH)
+        run = _backward_runner(f, xr)
 
         def finish(graph: bool = True):
-            with torch.enable_grad():
-                g = gradient_or_raise(f, xr, create_graph=graph)
-                hvp = self._hvp(g, xr) if graph else None
-                if graph:
-                    self.graph = (g, xr)
+            if run is not None:
+                # torch.autograd.grad(f, xr, create_graph=graph, allow_unused=True) without
+                # its argument handling: the engine call with the seed it would make
+                seed = (torch.ones_like(f, memory_format=torch.preserve_format),)
+                (g,) = run((f,), seed, graph, graph, (xr,), True, False)
+                if g is None:
+                    raise ValueError(NO_GRAPH)
+            else:
+                with torch.enable_grad():
+                    g = gradient_or_raise(f, xr, create_graph=graph)
+            hvp = self._hvp(g, xr) if graph else None
+            if graph:
+                self.graph = (g, xr)
             self.ngev += 1
             return g.detach(), hvp
 
-        return float(f.detach()), finish
+        return f.item(), finish
 
     def trial_at(self, x: Tensor):
         """``p -> self.trial(x + p)``: the trial of a step from ``x``."""
-        return lambda p: self.trial(x + p)
+        x = x.detach()
+
+        def at(p: Tensor):
+            xp = x + p
+            if xp.requires_grad:  # a step with a graph: trial() detaches a copy
+                return self.trial(xp)
+            return self._trial(xp.requires_grad_(True))
+
+        return at
 
     def _hvp(self, g: Tensor, xr: Tensor):
+        if not g.requires_grad:
+            return lambda v: torch.zeros_like(v)
+        run = _backward_runner(g, xr)
+        outputs, inputs, shape = (g,), (xr,), g.shape
+
         def prod(v: Tensor) -> Tensor:
             self.matvecs += 1
+            if run is not None and v.shape == shape and type(v) is Tensor:
+                # the engine call of torch.autograd.grad(g, xr, v, retain_graph=True,
+                # allow_unused=True) without its argument handling and shape checks, which
+                # cost a tenth of a product on a small network (here the shapes are known)
+                (hv,) = run(outputs, (v,), True, False, inputs, True, False)
+                return torch.zeros_like(v) if hv is None else hv
             with torch.enable_grad():
                 (hv,) = hvp_from_gradient([g], [xr], [v])
             return hv.detach()
 
-        return prod if g.requires_grad else (lambda v: torch.zeros_like(v))
+        return prod
 
 
 def gradient_or_raise(f: Tensor, xr: Tensor, **options) -> Tensor:

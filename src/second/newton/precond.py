@@ -50,13 +50,27 @@ class LBFGSPreconditioner:
         self.memory = memory
         self.eps = eps
         self.pairs: deque[tuple[Tensor, Tensor, float]] = deque(maxlen=memory)
+        # the initial scaling of the pairs as they stand, and the newest pair it was taken from
+        self._newest: tuple[Tensor, Tensor, float] | None = None
+        self._size = 0
+        self._gamma = 1.0
 
     def update(self, s: Tensor, y: Tensor) -> bool:
         """Add a pair; returns whether it passed the curvature condition."""
+        return self._update(s, y, copy=True)
+
+    def _update(self, s: Tensor, y: Tensor, copy: bool) -> bool:
+        """:meth:`update`; ``copy=False`` keeps ``s`` and ``y`` themselves.
+
+        For tensors without a graph that no one changes afterwards (the Newton core's step
+        and gradient change).
+        """
         sy = float(torch.dot(s, y))
         if not sy > self.eps * float(torch.linalg.vector_norm(s) * torch.linalg.vector_norm(y)):
             return False
-        self.pairs.append((s.detach().clone(), y.detach().clone(), 1.0 / sy))
+        if copy or s.requires_grad or y.requires_grad:
+            s, y = s.detach().clone(), y.detach().clone()
+        self.pairs.append((s, y, 1.0 / sy))
         return True
 
     def __len__(self) -> int:
@@ -64,19 +78,28 @@ class LBFGSPreconditioner:
 
     def __call__(self, r: Tensor) -> Tensor:
         """``M r`` by the two-loop recursion (``r`` itself without pairs)."""
-        if not self.pairs:
+        pairs = self.pairs
+        if not pairs:
             return r.clone()
-        q = r.clone()
-        alphas = []
-        for s, y, rho in reversed(self.pairs):
-            a = rho * float(torch.dot(s, q))
+        newest = pairs[-1]
+        if newest is not self._newest or len(pairs) != self._size:
+            # new pairs: the initial scaling 1 / (rho y^T y) = s^T y / y^T y of the newest
+            s, y, rho = newest
+            self._newest, self._size = newest, len(pairs)
+            self._gamma = 1.0 / (rho * float(torch.dot(y, y)))
+        dot = torch.dot
+        newer = reversed(pairs)
+        s, y, rho = next(newer)
+        a = rho * float(dot(s, r))
+        q = torch.add(r, y, alpha=-a)  # r.clone().add_(y, alpha=-a) in one call
+        alphas = [a]
+        for s, y, rho in newer:
+            a = rho * float(dot(s, q))
             alphas.append(a)
             q.add_(y, alpha=-a)
-        s, y, rho = self.pairs[-1]
-        q.mul_(1.0 / (rho * float(torch.dot(y, y))))
-        for (s, y, rho), a in zip(self.pairs, reversed(alphas)):
-            b = rho * float(torch.dot(y, q))
-            q.add_(s, alpha=a - b)
+        q.mul_(self._gamma)
+        for (s, y, rho), a in zip(pairs, reversed(alphas)):
+            q.add_(s, alpha=a - rho * float(dot(y, q)))
         return q
 
 

@@ -248,34 +248,52 @@ def steihaug_cg(
     if rz <= 0:
         raise ValueError("the preconditioner M is not positive definite (r^T M r <= 0)")
     basis = ResidualBasis(grad, preconditioned=M is not None, memory=None if reorthogonalize else 0)
-    basis.add(r, z if M is not None else None)
+    basis.add(r, z if M is not None else None, rz)
     d = -z
     dPd = rz  # d^T P d with P = M^{-1}: (M r)^T M^{-1} (M r) = r^T M r
     pPd = 0.0
     pPp = 0.0
     matvecs = 0
+    radius2 = radius * radius
+    segments = path.segments
+    # the step and its residual g + H p along the path, as path.cut(radius) forms them (the
+    # same operations in the same order), so that the loop needs no second pass over the path
+    p = torch.zeros_like(grad)
+    rp = grad.clone()
+    replay = False  # a NaN norm, which cut() would read differently: let it replay the path
+    dot, isfinite, advance = torch.dot, math.isfinite, basis.advance
     for j in range(maxiter):
         Hd = hvp(d)
         matvecs += 1
-        dHd = float(torch.dot(d, Hd))
-        path.iterations = j + 1
-        if not math.isfinite(dHd):
+        dHd = float(dot(d, Hd))
+        if not isfinite(dHd):
+            path.iterations = j + 1
             raise FloatingPointError("the Hessian-vector product is not finite")
         if dHd <= 0:
-            path.add(d, Hd, None, dPd, pPd)
-            res = path.cut(radius)
+            path.iterations = j + 1
+            segments.append((d, Hd, None, dPd, pPd))
+            res = _to_boundary(p, rp, d, Hd, pPp, pPd, dPd, radius, "negative_curvature", path)
+            res = path.cut(radius) if replay else res
             res.matvecs = matvecs
             return res
         alpha = rz / dHd
         new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
-        path.add(d, Hd, alpha, dPd, pPd)
-        if new_pPp >= radius * radius:
-            res = path.cut(radius)
+        segments.append((d, Hd, alpha, dPd, pPd))
+        if new_pPp >= radius2:
+            path.iterations = j + 1
+            res = _to_boundary(p, rp, d, Hd, pPp, pPd, dPd, radius, "boundary", path)
+            res = path.cut(radius) if replay else res
             res.matvecs = matvecs
             return res
+        if new_pPp < radius2 and not replay:
+            p.add_(d, alpha=alpha)
+            rp.add_(Hd, alpha=alpha)
+        else:
+            replay = True
         pPp = new_pPp
-        end, r, z, rz_new = basis.advance(r + alpha * Hd, M, threshold)
+        end, r, z, rz_new = advance(r + alpha * Hd, M, threshold)
         if end is not None:
+            path.iterations = j + 1
             path.end_status = end
             break
         beta = rz_new / rz
@@ -283,10 +301,23 @@ def steihaug_cg(
         # P-norm recurrences (Gould et al. 1999; exact in exact arithmetic)
         pPd = beta * (pPd + alpha * dPd)
         dPd = rz + beta * beta * dPd
-        d = -z + beta * d
-    res = path.cut(radius)
+        d = (beta * d).sub_(z)  # -z + beta d, the same rounding (one vector less)
+    else:
+        path.iterations = maxiter
+    if replay:
+        res = path.cut(radius)
+    else:
+        res = _finish(p, rp, grad, math.sqrt(max(pPp, 0.0)), path.end_status, path)
     res.matvecs = matvecs
     return res
+
+
+def _to_boundary(p, r, d, Hd, pPp, pPd, dPd, radius, status, path) -> SubproblemResult:
+    """The last segment of :meth:`SteihaugPath.cut`: ``p + tau d`` on the boundary."""
+    tau = boundary_step(pPp, pPd, dPd, radius)
+    p.add_(d, alpha=tau)
+    r.add_(Hd, alpha=tau)
+    return _finish(p, r, path.grad, radius, status, path)
 
 
 def exact_trust_region(
