@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from newton_cases import DT, EXACT, NORM_TOL, indefinite, model_value, spd
-from second.newton.trust_region import RCOND, boundary_step, update_radius
+from second.newton.trust_region import RCOND, SteihaugPath, boundary_step, update_radius
 from second.optim import (
     exact_trust_region,
     steihaug_cg,
@@ -218,3 +218,33 @@ def test_exact_trust_region_with_a_small_but_resolved_hessian_is_still_exact():
 def test_exact_trust_region_zero_hessian_and_gradient_is_a_zero_step():
     res = exact_trust_region(torch.zeros(3, 3, dtype=DT), torch.zeros(3, dtype=DT), 1.0)
     assert float(res.step.norm()) == 0.0 and res.predicted_reduction == 0.0
+
+
+@pytest.mark.parametrize("H", [spd(12, cond=100.0), indefinite(12, seed=5)])
+@pytest.mark.parametrize("radius", [1e-3, 0.3, 50.0])
+def test_the_running_cut_is_the_paths_own_cut(H, radius):
+    # steihaug_cg's step is the one its path keeps while it is built; replaying the path's
+    # segments from zero (a path without a radius) gives the same bits, and a second cut at
+    # the same radius (after the running one was handed over) too
+    g = torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(7))
+    res = steihaug_cg(lambda v: H @ v, g, radius=radius, tol=1e-10)
+    replay = SteihaugPath(g)
+    for segment in res.path.segments:
+        assert replay.add(*segment) is False  # no radius: nothing is tracked
+    replay.end_status = res.path.end_status
+    for again in (replay.cut(radius), res.path.cut(radius)):
+        assert again.status == res.status
+        assert torch.equal(again.step, res.step)
+        assert again.predicted_reduction == res.predicted_reduction
+
+
+def test_steihaug_stops_at_a_non_finite_norm():
+    # a product whose curvature along d is finite but so small that alpha overflows: the
+    # running norm is not finite, CG stops on that segment instead of carrying NaNs on
+    H = torch.diag(torch.tensor([1e-310, 1.0], dtype=DT))
+    g = torch.tensor([1.0, 0.0], dtype=DT)
+    res = steihaug_cg(lambda v: H @ v, g, radius=2.0, tol=1e-12, maxiter=5)
+    assert res.iterations == 1 and res.matvecs == 1
+    assert res.status == "boundary"
+    assert torch.isfinite(res.step).all()
+    torch.testing.assert_close(res.step, torch.tensor([-2.0, 0.0], dtype=DT), **EXACT)

@@ -119,26 +119,58 @@ class SteihaugPath:
     Steihaug solution for any radius smaller than the one the path was computed for is
     the point where this path first leaves the smaller region. A rejected trust-region
     step can therefore be re-solved with :meth:`cut` without a single Hessian product.
+
+    Built with a ``radius``, the path also keeps its cut at that radius up to date as
+    segments are added (the step and its residual, updated in place as :meth:`cut` would
+    form them), so the first :meth:`cut` at that radius needs no second pass over the path.
     """
 
-    def __init__(self, grad: Tensor):
+    def __init__(self, grad: Tensor, radius: float | None = None):
         self.grad = grad
         # segments: (d, Hd, alpha or None for a negative-curvature ray, dPd, pPd before)
         self.segments: list[tuple[Tensor, Tensor, float | None, float, float]] = []
         self.end_status = "maxiter"
         self.iterations = 0
+        # the running cut at `radius`: step, residual g + H p, p^T P p and the segments taken
+        self._radius = radius
+        self._running: tuple[Tensor, Tensor, float, int] | None = None
+        self._inside = radius is not None
 
-    def add(self, d: Tensor, Hd: Tensor, alpha: float | None, dPd: float, pPd: float) -> None:
-        """Append a segment ``p -> p + alpha d`` (``alpha=None``: a ray to the boundary)."""
+    def add(self, d: Tensor, Hd: Tensor, alpha: float | None, dPd: float, pPd: float) -> bool:
+        """Append a segment ``p -> p + alpha d`` (``alpha=None``: a ray to the boundary).
+
+        Returns:
+            Whether the path, built with a radius, is still strictly inside its region
+            (``False`` from the first segment that reaches or crosses the boundary, a ray,
+            or a non-finite norm on; always ``False`` for a path built without a radius).
+        """
         self.segments.append((d, Hd, alpha, dPd, pPd))
+        if not self._inside:
+            return False
+        assert self._radius is not None
+        if self._running is None:
+            self._running = (torch.zeros_like(self.grad), self.grad.clone(), 0.0, 0)
+        p, r, pPp, taken = self._running
+        if alpha is not None:
+            new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
+            if new_pPp < self._radius * self._radius:
+                p.add_(d, alpha=alpha)
+                r.add_(Hd, alpha=alpha)
+                self._running = (p, r, new_pPp, taken + 1)
+                return True
+        self._inside = False  # a ray, a crossing or a NaN norm: cut() ends on this segment
+        return False
 
     def cut(self, radius: float) -> SubproblemResult:
         r"""The Steihaug step for ``radius`` (at most the radius the path was built with)."""
         g = self.grad
-        p = torch.zeros_like(g)
-        r = g.clone()
-        pPp = 0.0
-        for d, Hd, alpha, dPd, pPd in self.segments:
+        if radius == self._radius and self._running is not None:
+            # resume from the running cut; it is handed over once (cut() updates it in place)
+            p, r, pPp, start = self._running
+            self._running, self._radius = None, None
+        else:
+            p, r, pPp, start = torch.zeros_like(g), g.clone(), 0.0, 0
+        for d, Hd, alpha, dPd, pPd in self.segments[start:]:
             if alpha is not None:
                 new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
                 if new_pPp < radius * radius:
@@ -235,13 +267,12 @@ def steihaug_cg(
         raise ValueError(f"the trust-region radius must be > 0, got {radius}")
     n = grad.numel()
     maxiter = 2 * n if maxiter is None else int(maxiter)
-    path = SteihaugPath(grad)
+    path = SteihaugPath(grad, radius)
     gnorm = float(torch.linalg.vector_norm(grad))
     threshold = max(tol * gnorm, atol)
     if gnorm == 0.0 or gnorm <= threshold:
         path.end_status = "converged"
-        res = path.cut(radius)
-        return res
+        return path.cut(radius)
     r = grad.clone()
     z = M(r) if M is not None else r
     rz = float(torch.dot(r, z))
@@ -252,15 +283,7 @@ def steihaug_cg(
     d = -z
     dPd = rz  # d^T P d with P = M^{-1}: (M r)^T M^{-1} (M r) = r^T M r
     pPd = 0.0
-    pPp = 0.0
     matvecs = 0
-    radius2 = radius * radius
-    segments = path.segments
-    # the step and its residual g + H p along the path, as path.cut(radius) forms them (the
-    # same operations in the same order), so that the loop needs no second pass over the path
-    p = torch.zeros_like(grad)
-    rp = grad.clone()
-    replay = False  # a NaN norm, which cut() would read differently: let it replay the path
     dot, isfinite, advance = torch.dot, math.isfinite, basis.advance
     for j in range(maxiter):
         Hd = hvp(d)
@@ -269,28 +292,11 @@ def steihaug_cg(
         if not isfinite(dHd):
             path.iterations = j + 1
             raise FloatingPointError("the Hessian-vector product is not finite")
-        if dHd <= 0:
+        alpha = rz / dHd if dHd > 0 else None  # None: non-positive curvature, a ray
+        if not path.add(d, Hd, alpha, dPd, pPd):
+            # a ray or a segment that leaves the region (or a non-finite norm): cut there
             path.iterations = j + 1
-            segments.append((d, Hd, None, dPd, pPd))
-            res = _to_boundary(p, rp, d, Hd, pPp, pPd, dPd, radius, "negative_curvature", path)
-            res = path.cut(radius) if replay else res
-            res.matvecs = matvecs
-            return res
-        alpha = rz / dHd
-        new_pPp = pPp + 2 * alpha * pPd + alpha * alpha * dPd
-        segments.append((d, Hd, alpha, dPd, pPd))
-        if new_pPp >= radius2:
-            path.iterations = j + 1
-            res = _to_boundary(p, rp, d, Hd, pPp, pPd, dPd, radius, "boundary", path)
-            res = path.cut(radius) if replay else res
-            res.matvecs = matvecs
-            return res
-        if new_pPp < radius2 and not replay:
-            p.add_(d, alpha=alpha)
-            rp.add_(Hd, alpha=alpha)
-        else:
-            replay = True
-        pPp = new_pPp
+            break
         end, r, z, rz_new = advance(r + alpha * Hd, M, threshold)
         if end is not None:
             path.iterations = j + 1
@@ -304,20 +310,9 @@ def steihaug_cg(
         d = (beta * d).sub_(z)  # -z + beta d, the same rounding (one vector less)
     else:
         path.iterations = maxiter
-    if replay:
-        res = path.cut(radius)
-    else:
-        res = _finish(p, rp, grad, math.sqrt(max(pPp, 0.0)), path.end_status, path)
+    res = path.cut(radius)
     res.matvecs = matvecs
     return res
-
-
-def _to_boundary(p, r, d, Hd, pPp, pPd, dPd, radius, status, path) -> SubproblemResult:
-    """The last segment of :meth:`SteihaugPath.cut`: ``p + tau d`` on the boundary."""
-    tau = boundary_step(pPp, pPd, dPd, radius)
-    p.add_(d, alpha=tau)
-    r.add_(Hd, alpha=tau)
-    return _finish(p, r, path.grad, radius, status, path)
 
 
 def exact_trust_region(
