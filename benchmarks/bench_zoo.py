@@ -428,7 +428,13 @@ def main(argv=None):
     parser.add_argument(
         "--models", nargs="*", default=list(MODELS), choices=[*MODELS, *DROPOUT_MODELS]
     )
-    parser.add_argument("--optimizers", nargs="*", default=None, help="names to run (default all)")
+    parser.add_argument(
+        "--optimizers",
+        nargs="*",
+        default=None,
+        help="names to run, each a substring of the optimizer's name or '=NAME' for that one "
+        "(default all)",
+    )
     parser.add_argument("--epochs", type=int, default=5, help="epochs on digits (batch 128)")
     parser.add_argument("--lm-steps", type=int, default=400, help="steps of the character LM")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
@@ -445,7 +451,11 @@ def main(argv=None):
     opts = {n: m for n in SECOND if (m := second_optimizer(n)) is not None}
     opts.update(anchors())
     if args.optimizers:
-        opts = {k: v for k, v in opts.items() if any(s in k for s in args.optimizers)}
+        opts = {
+            k: v
+            for k, v in opts.items()
+            if any(k == s[1:] if s.startswith("=") else s in k for s in args.optimizers)
+        }
     train_d, test_d = digits()
     text = stdlib_text()
     split = int(0.95 * len(text))

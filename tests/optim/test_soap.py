@@ -70,6 +70,40 @@ def test_without_kronecker_layout_the_optimizer_is_adamw():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def test_precondition_1d_false_gives_vectors_adamws_step():
+    # with precondition_1d=False biases and norm scales take AdamW's step; matrices keep factors
+    g = torch.Generator().manual_seed(0)
+    b, ref = (nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64)) for _ in range(2))
+    ref.data.copy_(b.data)
+    W = nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
+    opt = so.SOAP([W, b], lr=0.01, weight_decay=0.1, precondition_1d=False)
+    adam = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(4, generator=g, dtype=torch.float64)
+        b.grad, ref.grad = grad.clone(), grad.clone()
+        W.grad = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        opt.step()
+        adam.step()
+    torch.testing.assert_close(b, ref, rtol=1e-12, atol=1e-14)
+    assert "factor_G" not in opt.state[b] and "QG" in opt.state[W]
+    assert opt.state[b]["exp_avg_sq"].shape == b.shape
+    # by default a vector [n] is the matrix [n, 1]: a full n x n factor
+    full = so.SOAP(nn.Linear(3, 4).double().parameters())
+    b = full.param_groups[0]["params"][1]
+    b.grad = torch.randn(4, dtype=torch.float64)
+    full.step()
+    assert full.state[b]["factor_G"].shape == (4, 4)
+    # a state saved before the option existed (its group lacks the key) keeps its factors
+    state = full.state_dict()
+    del state["param_groups"][0]["precondition_1d"]
+    again = so.SOAP(nn.Linear(3, 4).double().parameters(), precondition_1d=False)
+    again.load_state_dict(state)
+    b2 = again.param_groups[0]["params"][1]
+    b2.grad = torch.randn(4, dtype=torch.float64)
+    again.step()
+    assert again.state[b2]["factor_G"].shape == (4, 4)
+
+
 def test_eigenbasis_is_the_factors():
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
@@ -102,7 +136,7 @@ def test_converges_on_logistic_regression():
     y = (X @ w).argmax(1)
     net = nn.Linear(6, 3).double()
     opt = so.SOAP(net.parameters(), lr=0.05, weight_decay=0.0)
-    for _ in range(300):
+    for _ in range(500):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(net(X), y)
         loss.backward()

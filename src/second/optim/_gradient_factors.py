@@ -201,7 +201,11 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
         for group, ps in work:
             for p in ps:
                 t = int(self.state[p].get("step", 0)) + 1
-                layout = matrix_layout(p.shape, group["max_precond_dim"])
+                layout = (
+                    matrix_layout(p.shape, group["max_precond_dim"])
+                    if p.dim() > 1 or group.get("precondition_1d", True)
+                    else None
+                )
                 entries.append((group, p, layout, t))
                 if layout is not None:
                     incs.extend(factor_increments(layout.to_matrix(p.grad), layout))

@@ -1,7 +1,8 @@
 r"""``second.optim.SOAP``: Adam in the eigenbasis of Shampoo's gradient factors (Vyas et al. 2024).
 
-For a weight matrix with gradient :math:`G_t` (a convolution kernel as ``[out, in k_h k_w]``,
-a vector as a column; the larger side is the right one), the factor statistics
+For a weight matrix with gradient :math:`G_t` (a convolution kernel as ``[out, in k_h k_w]``;
+the larger side is the right one; a vector, such as a bias, as a column, or with
+``precondition_1d=False`` with AdamW's step), the factor statistics
 :math:`L \leftarrow \beta_s L + (1-\beta_s) G G^\top` and
 :math:`R \leftarrow \beta_s R + (1-\beta_s) G^\top G` are running averages and their
 eigenbases :math:`Q_L, Q_R` (an :class:`second.kfac.EigenBlock`) are computed on the first
@@ -106,12 +107,18 @@ class SOAP(KroneckerFactoredOptimizer):
         lr: learning rate :math:`\eta` (default ``1e-2``, chosen on the zoo of
             ``benchmarks/bench_zoo.py``; the paper's ``3e-3`` trains the digits models
             several times slower).
-        betas: Adam's :math:`(\beta_1, \beta_2)` (default ``(0.95, 0.95)``, the paper's).
+        betas: Adam's :math:`(\beta_1, \beta_2)` (default ``(0.9, 0.999)``, Adam's, chosen on
+            the zoo: the paper's ``(0.95, 0.95)``, tuned for large-batch language models, trains
+            every zoo model worse, the character transformer 2-3% worse at equal steps).
         eps: Adam's denominator guard (default ``1e-8``).
         weight_decay: decoupled weight decay (default ``0.01``).
         shampoo_beta: decay of the factor statistics (default ``0.95``).
         precondition_frequency: steps between eigenbasis refreshes (default ``10``).
         max_precond_dim: the longest side that gets a full factor (default ``2048``).
+        precondition_1d: give vectors (biases, norm scales) a full factor, as the matrix
+            ``[n, 1]`` (default ``True``); ``False`` gives them AdamW's step, as the reference
+            implementation does (on the zoo's character transformer, 20 of its 30 tensors:
+            2% cheaper steps, 0.8% worse validation loss at equal CPU time, seeds 0-2).
 
     Raises:
         ValueError: a hyperparameter out of range.
@@ -146,13 +153,14 @@ class SOAP(KroneckerFactoredOptimizer):
         self,
         params: Iterable,
         lr: float = 1e-2,
-        betas: tuple[float, float] = (0.95, 0.95),
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         *,
         shampoo_beta: float = 0.95,
         precondition_frequency: int = 10,
         max_precond_dim: int = 2048,
+        precondition_1d: bool = True,
     ):
         defaults = hyperparameters(locals())
         super().__init__(params, defaults)
