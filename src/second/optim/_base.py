@@ -193,6 +193,13 @@ class NewtonTypeOptimizer(Optimizer):
     (curvature-vector products), the last ``loss`` and ``grad_norm``, ``stop_reason``
     (``None`` while running) and ``history``, one record per iteration.
     Subclasses add their own entries (radius, damping, ...).
+
+    A closure that draws random numbers (dropout) draws on every call, as it would without
+    the optimizer: a point's gradient and curvature products come from one call's graph
+    (one network), while the trial points that accept a step or adapt the damping or radius
+    are evaluated with their own draws. Replaying the first call's draws for them, which
+    makes the ratio of actual to predicted reduction that of one network, trained the
+    zoo's dropout models worse with HessianFree (BENCHMARKS.md, eleventh session).
     """
 
     def __init__(self, params, defaults: dict):
