@@ -312,6 +312,39 @@ def test_adaptive_trajectory_same_with_and_without_mlp_path():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
 
 
+DROPOUT_CHAINS = {
+    "act-dropout": lambda: [nn.Linear(4, 12), nn.GELU(), nn.Dropout(0.3), nn.Linear(12, 3)],
+    "input-dropout": lambda: [nn.Dropout(0.2), nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 3)],
+    "dropout-before-act": lambda: [nn.Linear(4, 12), nn.Dropout(0.5), nn.Tanh(), nn.Linear(12, 3)],
+    "eval-dropout": lambda: [nn.Linear(4, 12), nn.SiLU(), nn.Dropout(0.5).eval(), nn.Linear(12, 3)],
+}
+
+
+@pytest.mark.parametrize("layout", DROPOUT_CHAINS)
+def test_mlp_path_with_dropout_matches_forward_mode_on_the_same_masks(layout):
+    # a Sequential MLP with nn.Dropout keeps the captured-activation path: its masks are
+    # re-drawn from the generators' state before each dropout; the trajectory is the one of
+    # forward-mode AD replaying the whole training forward
+    torch.manual_seed(0)
+    models = [nn.Sequential(*DROPOUT_CHAINS[layout]()).to(DT) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    loss_fn = nn.CrossEntropyLoss()
+    opts = [second.optim.KFAC(m, loss_fn, fisher="type2") for m in models]
+    assert opts[0]._chain is not None
+    opts[1]._chain = None  # forward-mode AD on the captured batch
+    for i in range(12):
+        X, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+        for m, o in zip(models, opts):
+            torch.manual_seed(100 + i)  # both forwards draw the same masks
+            o.step(closure_of(o, m, loss_fn, X, y))
+        assert opts[0]._fwd is not None  # the step took the chain path
+        a, b = opts[0].last_info, opts[1].last_info
+        assert a.get("refused") == b.get("refused")
+        assert a["alpha"] == pytest.approx(b["alpha"], rel=1e-9)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
 def test_damping_adaptation_reevaluates_loss_without_backward():
     """The loss after the step is a no-grad forward on the captured batch: the closure runs
     once per step, and damping and parameters follow the closure-evaluated trajectory."""

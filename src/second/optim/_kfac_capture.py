@@ -31,6 +31,7 @@ from ..kfac import (
     curvature_columns,
     nonfinite_rows,
 )
+from ._kfac_quadratic import dropout_mask
 from ._views import LossView, depends_on, loss_input, loss_on_output, loss_point, path_kind
 
 
@@ -120,6 +121,8 @@ class KFACAttributes(torch.optim.Optimizer):
     _conv: bool
     _reverse_jvp: bool
     _fwd: tuple | None
+    _masks: dict[int, Tensor | None]  # the last forward's dropout multipliers, by chain position
+    _fwd_masks: dict[int, Tensor | None]  # those of the forward kept in _fwd
 
     def _warn_once(self, kind: str, message: str, stacklevel: int = 4) -> None:
         if kind not in self._warned:
@@ -141,6 +144,22 @@ class KFACCapture(KFACAttributes):
         self._capture.clear()
         # between factor updates a plain MLP still records its activations (_chain_jvp)
         self._capture.active = active and (self._capturing_now() or self._chain is not None)
+        self._masks = {}
+
+    def _dropout_hooks(self, pos: int, module: nn.Dropout) -> list:
+        """Hooks that record the mask a dropout of the MLP chain draws (:func:`dropout_mask`)."""
+        state: list[RandomState] = []
+
+        def before(m, args):
+            state.clear()
+            if self._capture.active:
+                state.append(RandomState(args[0].device))
+
+        def after(m, args, output):
+            if state and self._capture.active:
+                self._masks[pos] = dropout_mask(m, state.pop(), args[0])
+
+        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
     def _top_hook(self, module, args, kwargs, output):
         if not (self.inner.training and torch.is_grad_enabled()) or self._in_step:
@@ -384,8 +403,12 @@ class KFACCapture(KFACAttributes):
             or not isinstance(args[0], Tensor)
             or args[0].dim() != 2
             or any(len(cap.inputs.get(j, ())) != 1 for j in range(len(self.layers)))
+            or any(
+                k == "dropout" and pos not in self._masks for pos, (k, _) in enumerate(self._chain)
+            )
         ):
             return
+        self._fwd_masks = dict(self._masks)
         dt = self.layers[0].weight.dtype  # an autocast forward's activations: in float32
         self._fwd = (
             args[0].detach().to(dt),

@@ -14,9 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from ..func.forward import RandomState
 from ..kfac import LayerRule, LinearRule, output_hessian_product
 
 _ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity, nn.GELU, nn.SiLU, nn.LeakyReLU)
@@ -28,8 +30,9 @@ def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, 
     """``[("linear", j) | ("act", module), ...]`` for a plain Sequential MLP, else ``None``.
 
     Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
-    once, and Tanh/Sigmoid/ReLU/Identity/GELU (exact)/SiLU/LeakyReLU activations; no
-    buffers, no other parameters.
+    once, Tanh/Sigmoid/ReLU/Identity/GELU (exact)/SiLU/LeakyReLU activations and
+    ``nn.Dropout`` (``("dropout", module)``: its masks are recorded by the optimizer's
+    hooks, :func:`dropout_mask`); no buffers, no other parameters.
     """
     if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
         return None
@@ -47,11 +50,25 @@ def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, 
             chain.append(("linear", j))
         elif type(m) in _ACTIVATIONS and getattr(m, "approximate", "none") == "none":
             chain.append(("act", m))
+        elif type(m) is nn.Dropout:
+            chain.append(("dropout", m))
         else:
             return None
     if len(seen) != len(layers):
         return None
     return chain
+
+
+def dropout_mask(module: nn.Dropout, rng: RandomState, x: Tensor) -> Tensor | None:
+    """The multiplier (mask over ``1 - p``) a dropout drew on ``x``; ``None`` if it drew none.
+
+    Re-draws it on a tensor of ones of ``x``'s shape, dtype and device from the generators'
+    state ``rng`` recorded just before the dropout ran: the same draws, so the same mask.
+    """
+    if not module.training or module.p == 0.0:
+        return None
+    with rng.replay():
+        return F.dropout(torch.ones_like(x), module.p, True).to(x.dtype)
 
 
 def chain_jvp(
@@ -60,6 +77,7 @@ def chain_jvp(
     index: dict[int, int],
     fwd: tuple,
     tangents: list[Tensor],
+    masks: dict[int, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Output and ``J v`` of a plain MLP from the captured forward: only tangents are computed.
 
@@ -74,6 +92,8 @@ def chain_jvp(
         index: ``id(parameter) -> position`` in ``tangents``.
         fwd: ``(x, layer inputs, layer outputs, output)`` of the training forward.
         tangents: per parameter ``[k, *p.shape]``.
+        masks: per chain position of a dropout, the multiplier it drew in that forward
+            (``None``: it drew none); required when the chain has a dropout.
     """
     x, inputs, outputs, out = fwd
     k, n = tangents[0].shape[0], x.shape[0]
@@ -93,6 +113,13 @@ def chain_jvp(
             if t is not None:
                 z.view(n * k, d_out).addmm_(t.reshape(n * k, -1), layer.weight.detach().T)
             t, cur = z.view(n, k, d_out), outputs[obj]
+            continue
+        if kind == "dropout":
+            assert masks is not None  # the optimizer records them with the forward
+            mask = masks[pos]
+            if mask is not None:
+                cur = cur * mask
+                t = None if t is None else t * mask.to(t.dtype).unsqueeze(1)
             continue
         # elementwise activation: its output is the next layer's input or the model's
         nxt = chain[pos + 1] if pos + 1 < len(chain) else None

@@ -281,7 +281,9 @@ class KFACUpdate(KFACAttributes):
         """
         tangents = columns_to_parameters(V.T, self._params)  # views of V's column blocks
         if self._fwd is not None and self._chain is not None:
-            out, Jv = chain_jvp(self._chain, self.layers, self._index, self._fwd, tangents)
+            out, Jv = chain_jvp(
+                self._chain, self.layers, self._index, self._fwd, tangents, self._fwd_masks
+            )
         else:
             if self._batch is None:
                 raise RuntimeError("KFAC's quadratic model needs a captured training forward")

@@ -17,9 +17,10 @@ included) and damping :math:`\lambda`:
    :math:`M(\delta) = \tfrac12 \delta^\top (F + (\lambda+\eta) I)\delta + \nabla h^\top\delta` over
    :math:`\delta = \alpha\Delta + \mu\delta_0`, where :math:`F` is the **exact** GGN of the
    mini-batch loss (two Jacobian-vector products, forward mode, on the captured
-   batch; for a plain ``nn.Sequential`` of linear layers and Tanh/Sigmoid/ReLU/Identity/
-   GELU/SiLU/LeakyReLU activations the tangents are pushed through the activations captured in the training
-   forward, which is not re-run). Or fixed: :math:`\delta = \mu\delta_0 + \alpha\nu\Delta`
+   batch; for a plain ``nn.Sequential`` of linear layers, Tanh/Sigmoid/ReLU/Identity/
+   GELU/SiLU/LeakyReLU activations and ``nn.Dropout`` the tangents are pushed through the
+   activations captured in the training forward, which is not re-run, and through the
+   masks its dropouts drew). Or fixed: :math:`\delta = \mu\delta_0 + \alpha\nu\Delta`
    with optional KL clipping :math:`\nu = \min(1, \sqrt{c / (\alpha^2 |\Delta^\top \nabla h|)})`.
 4. Levenberg-Marquardt (section 6.5): every ``damping_adaptation_interval`` steps
    :math:`\rho = (h(\theta + \delta) - h(\theta)) / (M_0(\delta) - M_0(0))` with the
@@ -329,9 +330,17 @@ class KFAC(KFACCapture, KFACUpdate):
         self._numel = sum(self._numels)
         self._prev_views: list[Tensor] | None = None  # state "delta"s: views of _prev_flat
         self._prev_flat: Tensor | None = None
-        # a plain Sequential of Linear layers and elementwise activations: the quadratic
+        # a plain Sequential of Linear layers, elementwise activations and dropouts: the quadratic
         # model's JVPs reuse the captured forward (see _chain_jvp)
         self._chain = None if self.fallback_params else mlp_chain(inner, self.layers)
+        self._masks: dict[int, Tensor | None] = {}
+        self._fwd_masks: dict[int, Tensor | None] = {}
+        self._mask_hooks = [
+            h
+            for pos, (kind, m) in enumerate(self._chain or [])
+            if kind == "dropout"
+            for h in self._dropout_hooks(pos, m)
+        ]
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in inner.modules())
         self._reverse_jvp = False  # set when a module has no forward-mode rule (LSTM)
         self._fwd: tuple | None = None
@@ -340,6 +349,8 @@ class KFAC(KFACCapture, KFACUpdate):
         """Remove the hooks from the model (the optimizer cannot step afterwards)."""
         self._capture.close()
         self._watch.remove()
+        for h in self._mask_hooks:
+            h.remove()
         if self._loss_hook is not None:
             self._loss_hook.remove()
         self._forwards.clear()
