@@ -139,8 +139,9 @@ class KFAC(KFACCapture, KFACUpdate):
             mode, the learning rate of the natural-gradient step (per group).
         momentum: ``None`` (default): from the quadratic model (within ``[0, 0.95]``) when
             ``lr`` is ``None``, else 0; a float: fixed.
-        damping: initial Tikhonov damping :math:`\lambda` (default 1e-3; the
-            Levenberg-Marquardt rule adapts it, in the loss' units).
+        damping: initial Tikhonov damping :math:`\lambda` (default 3e-3, chosen on the
+            zoo of ``benchmarks/bench_zoo.py``; the Levenberg-Marquardt rule adapts it, in
+            the loss' units).
         adapt_damping: Levenberg-Marquardt adaptation (default ``True``; needs a closure).
         damping_adaptation_interval: steps between adaptations (default 5).
         damping_adaptation_decay: per-step factor, :math:`\omega = \text{decay}^{\text{interval}}`
@@ -196,7 +197,7 @@ class KFAC(KFACCapture, KFACUpdate):
         params: Iterable[dict] | None = None,
         lr: float | None = None,
         momentum: float | None = None,
-        damping: float = 1e-3,
+        damping: float = 3e-3,
         adapt_damping: bool = True,
         damping_adaptation_interval: int = 5,
         damping_adaptation_decay: float = 0.95,
