@@ -286,3 +286,34 @@ def test_a_parameter_listed_twice_is_refused(name):
     with pytest.raises(ValueError, match="listed twice"):
         opt.add_param_group({"params": [net[2].weight, net[2].weight]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.slow  # compilation takes 10-20 CPU-s per optimizer
+@pytest.mark.parametrize("name", ["SOAP", "Shampoo"])
+def test_a_compiled_step_takes_the_eager_steps(name):
+    # torch.compile(opt.step) runs (Shampoo's step had a graph break whose resumed frame
+    # failed in dynamo's shape propagation) and takes the same steps, in float64
+    import torch._dynamo
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+        ).double()
+        opt = getattr(so, name)(net.parameters())
+        step = torch.compile(opt.step) if compiled else opt.step
+        X = torch.randn(64, 16, dtype=torch.float64)
+        y = torch.randn(64, 4, dtype=torch.float64)
+        for _ in range(12):  # past a refresh of the eigenbases (every 10 steps)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(X), y).backward()
+            step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    torch._dynamo.reset()
+    try:
+        eager, compiled = run(False), run(True)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

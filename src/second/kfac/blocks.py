@@ -148,10 +148,11 @@ class EigenBlock:
         out = self.unrotate(self.rotate(M) * self.eigenvalues)
         return out + damping * M if damping else out
 
-    def damped_eigenvalues(self, damping: float = 0.0, split: str = "exact") -> Tensor:
+    def damped_eigenvalues(self, damping: float | Tensor = 0.0, split: str = "exact") -> Tensor:
         r"""The eigenvalues ``[d_G, d_A]`` of the damped block.
 
-        ``"exact"``: :math:`s + \lambda`; ``"pi"``: :math:`(l_G + \sqrt\lambda/\pi)(l_A + \pi\sqrt\lambda)^\top`.
+        ``"exact"``: :math:`s + \lambda` (``damping`` a number or a 0-d tensor); ``"pi"``:
+        :math:`(l_G + \sqrt\lambda/\pi)(l_A + \pi\sqrt\lambda)^\top`.
 
         Raises:
             ValueError: ``split="pi"`` on a block whose eigenvalues are not ``l_G l_A^T``
@@ -164,7 +165,7 @@ class EigenBlock:
             raise ValueError(
                 "EK-FAC has no per-factor damping: use the exact damping (pi_damping=False)"
             )
-        dA, dG = pi_split(damping, self.pi())
+        dA, dG = pi_split(float(damping), self.pi())  # the pi split: a number
         return (self.lG + dG).unsqueeze(1) * (self.lA + dA).unsqueeze(0)
 
     def solve(self, M: Tensor, damping: float = 0.0, split: str = "exact") -> Tensor:
@@ -183,7 +184,7 @@ class EigenBlock:
         """
         if not self.kronecker:
             raise ValueError("EK-FAC has no per-factor damping: its inverse is not Kronecker")
-        dA, dG = pi_split(damping, self.pi())
+        dA, dG = pi_split(float(damping), self.pi())  # the pi split: a number
         Ginv = (self.QG / (self.lG + dG)) @ self.QG.T
         if self.QA is None:
             Ainv = 1.0 / (self.lA + dA)

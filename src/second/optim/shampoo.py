@@ -41,7 +41,7 @@ GRAFTS = (None, "adam")
 RENAMED = {"damping": "relative_damping"}  # removed in 0.3
 
 
-def shampoo_direction(M: Tensor, block: EigenBlock, damping: float = 0.0) -> Tensor:
+def shampoo_direction(M: Tensor, block: EigenBlock, damping: float | Tensor = 0.0) -> Tensor:
     r""":math:`(B + \lambda I)^{-1/4} M` for the block :math:`B` (``L`` the ``G`` factor, ``R`` the ``A`` one).
 
     With ``damping=0`` and a Kronecker block this is :math:`L^{-1/4} M R^{-1/4}`. Zero
@@ -50,7 +50,7 @@ def shampoo_direction(M: Tensor, block: EigenBlock, damping: float = 0.0) -> Ten
     Args:
         M: ``[d_G, d_A]`` (the gradient or its momentum as a matrix).
         block: the factors' eigenbasis.
-        damping: the additive (absolute) :math:`\lambda \ge 0`.
+        damping: the additive (absolute) :math:`\lambda \ge 0` (a number or a 0-d tensor).
 
     Returns:
         The preconditioned matrix.
@@ -156,8 +156,10 @@ class Shampoo(KroneckerFactoredOptimizer):
         if layout is None:
             return adam
         block = self._block(p, ns)
-        top = float(block.eigenvalues.max())
-        lam = group["relative_damping"] * top if top > 0 else 1.0
+        # on the device: no host synchronization per parameter (and no graph break for
+        # torch.compile, whose resumed frame lost the shapes' relations there)
+        top = block.eigenvalues.max()
+        lam = torch.where(top > 0, group["relative_damping"] * top, torch.ones_like(top))
         d = layout.from_matrix(shampoo_direction(layout.to_matrix(m_hat), block, lam), p)
         if group["graft"] == "adam":
             nd = d.norm()

@@ -168,6 +168,14 @@ class SOAP(KroneckerFactoredOptimizer):
     def _check_group(self, g: dict) -> None:
         super()._check_group(g)
 
+    # torch.compile(opt.step) runs this step eagerly: compiled (torch 2.13, CPU), it took other
+    # steps than eager from the first step after an eigenbasis refresh on (5e-4 after one step
+    # in float64), and on CPU compilation does not pay (BENCHMARKS.md)
+    @torch.compiler.disable
+    def step(self, closure=None):  # type: ignore[override]  # the loss is returned as a tensor
+        """One step; ``closure`` (optional) re-evaluates the loss, which is returned."""
+        return super().step(closure)
+
     def _direction(self, group: dict, p: Tensor, layout, t: int, ns: dict) -> Tensor:
         st = self.state[p]
         block = self._block(p, ns) if layout is not None else None
