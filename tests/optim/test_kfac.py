@@ -317,7 +317,13 @@ DROPOUT_CHAINS = {
     "input-dropout": lambda: [nn.Dropout(0.2), nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 3)],
     "dropout-before-act": lambda: [nn.Linear(4, 12), nn.Dropout(0.5), nn.Tanh(), nn.Linear(12, 3)],
     "eval-dropout": lambda: [nn.Linear(4, 12), nn.SiLU(), nn.Dropout(0.5).eval(), nn.Linear(12, 3)],
+    "one-dropout-twice": lambda: _twice(nn.Dropout(0.4)),
 }
+
+
+def _twice(drop):
+    """One dropout module at two places of the chain (a mask per call)."""
+    return [nn.Linear(4, 12), nn.Tanh(), drop, nn.Linear(12, 8), nn.GELU(), drop, nn.Linear(8, 3)]
 
 
 @pytest.mark.parametrize("layout", DROPOUT_CHAINS)

@@ -121,8 +121,8 @@ class KFACAttributes(torch.optim.Optimizer):
     _conv: bool
     _reverse_jvp: bool
     _fwd: tuple | None
-    _masks: dict[int, Tensor | None]  # the last forward's dropout multipliers, by chain position
-    _fwd_masks: dict[int, Tensor | None]  # those of the forward kept in _fwd
+    _masks: dict[int, list[Tensor | None]]  # the last forward's dropout multipliers, per module
+    _fwd_masks: dict[int, Tensor | None]  # those of the forward kept in _fwd, by chain position
 
     def _warn_once(self, kind: str, message: str, stacklevel: int = 4) -> None:
         if kind not in self._warned:
@@ -146,8 +146,12 @@ class KFACCapture(KFACAttributes):
         self._capture.active = active and (self._capturing_now() or self._chain is not None)
         self._masks = {}
 
-    def _dropout_hooks(self, pos: int, module: nn.Dropout) -> list:
-        """Hooks that record the mask a dropout of the MLP chain draws (:func:`dropout_mask`)."""
+    def _dropout_hooks(self, module: nn.Dropout) -> list:
+        """Hooks that record the masks a dropout of the MLP chain draws, in call order.
+
+        A module used at several places of the chain draws once per place
+        (:func:`dropout_mask`).
+        """
         state: list[RandomState] = []
 
         def before(m, args):
@@ -157,7 +161,7 @@ class KFACCapture(KFACAttributes):
 
         def after(m, args, output):
             if state and self._capture.active:
-                self._masks[pos] = dropout_mask(m, state.pop(), args[0])
+                self._masks.setdefault(id(m), []).append(dropout_mask(m, state.pop(), args[0]))
 
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
@@ -403,12 +407,21 @@ class KFACCapture(KFACAttributes):
             or not isinstance(args[0], Tensor)
             or args[0].dim() != 2
             or any(len(cap.inputs.get(j, ())) != 1 for j in range(len(self.layers)))
-            or any(
-                k == "dropout" and pos not in self._masks for pos, (k, _) in enumerate(self._chain)
-            )
         ):
             return
-        self._fwd_masks = dict(self._masks)
+        # the k-th place of a dropout module in the chain took its k-th mask of this forward
+        fwd_masks: dict[int, Tensor | None] = {}
+        taken: dict[int, int] = {}
+        for pos, (kind, m) in enumerate(self._chain):
+            if kind == "dropout":
+                k = taken[id(m)] = taken.get(id(m), -1) + 1
+                drawn = self._masks.get(id(m), [])
+                if k >= len(drawn):
+                    return
+                fwd_masks[pos] = drawn[k]
+        if any(len(self._masks.get(m, ())) != n + 1 for m, n in taken.items()):
+            return
+        self._fwd_masks = fwd_masks
         dt = self.layers[0].weight.dtype  # an autocast forward's activations: in float32
         self._fwd = (
             args[0].detach().to(dt),

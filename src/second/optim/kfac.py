@@ -334,14 +334,10 @@ class KFAC(KFACCapture, KFACUpdate):
         # a plain Sequential of Linear layers, elementwise activations and dropouts: the quadratic
         # model's JVPs reuse the captured forward (see _chain_jvp)
         self._chain = None if self.fallback_params else mlp_chain(inner, self.layers)
-        self._masks: dict[int, Tensor | None] = {}
+        self._masks: dict[int, list[Tensor | None]] = {}
         self._fwd_masks: dict[int, Tensor | None] = {}
-        self._mask_hooks = [
-            h
-            for pos, (kind, m) in enumerate(self._chain or [])
-            if kind == "dropout"
-            for h in self._dropout_hooks(pos, m)
-        ]
+        dropouts = {id(m): m for kind, m in self._chain or [] if kind == "dropout"}
+        self._mask_hooks = [h for m in dropouts.values() for h in self._dropout_hooks(m)]
         self._conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in inner.modules())
         self._reverse_jvp = False  # set when a module has no forward-mode rule (LSTM)
         self._fwd: tuple | None = None
