@@ -312,13 +312,23 @@ def test_adaptive_trajectory_same_with_and_without_mlp_path():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
 
 
-DROPOUT_CHAINS = {
+CHAIN_LAYOUTS = {
     "act-dropout": lambda: [nn.Linear(4, 12), nn.GELU(), nn.Dropout(0.3), nn.Linear(12, 3)],
     "input-dropout": lambda: [nn.Dropout(0.2), nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 3)],
     "dropout-before-act": lambda: [nn.Linear(4, 12), nn.Dropout(0.5), nn.Tanh(), nn.Linear(12, 3)],
     "eval-dropout": lambda: [nn.Linear(4, 12), nn.SiLU(), nn.Dropout(0.5).eval(), nn.Linear(12, 3)],
     "one-dropout-twice": lambda: _twice(nn.Dropout(0.4)),
+    # in-place modules overwrite the captured activations: only ReLU's keeps the chain path
+    "relu-inplace": lambda: [nn.Linear(4, 12), nn.ReLU(inplace=True), nn.Linear(12, 3)],
+    "silu-inplace": lambda: [nn.Linear(4, 12), nn.SiLU(inplace=True), nn.Linear(12, 3)],
+    "dropout-inplace-gelu": lambda: [
+        nn.Linear(4, 12),
+        nn.Dropout(0.3, inplace=True),
+        nn.GELU(),
+        nn.Linear(12, 3),
+    ],
 }
+CHAIN_PATH = {"silu-inplace": False, "dropout-inplace-gelu": False}
 
 
 def _twice(drop):
@@ -326,24 +336,26 @@ def _twice(drop):
     return [nn.Linear(4, 12), nn.Tanh(), drop, nn.Linear(12, 8), nn.GELU(), drop, nn.Linear(8, 3)]
 
 
-@pytest.mark.parametrize("layout", DROPOUT_CHAINS)
-def test_mlp_path_with_dropout_matches_forward_mode_on_the_same_masks(layout):
+@pytest.mark.parametrize("layout", CHAIN_LAYOUTS)
+def test_mlp_path_matches_forward_mode_with_dropout_and_in_place_modules(layout):
     # a Sequential MLP with nn.Dropout keeps the captured-activation path: its masks are
     # re-drawn from the generators' state before each dropout; the trajectory is the one of
-    # forward-mode AD replaying the whole training forward
+    # forward-mode AD replaying the whole training forward. In-place modules but ReLU leave
+    # the path (they overwrite captured activations: SiLU(inplace=True) gave a wrong model)
     torch.manual_seed(0)
-    models = [nn.Sequential(*DROPOUT_CHAINS[layout]()).to(DT) for _ in range(2)]
+    models = [nn.Sequential(*CHAIN_LAYOUTS[layout]()).to(DT) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     loss_fn = nn.CrossEntropyLoss()
     opts = [second.optim.KFAC(m, loss_fn, fisher="type2") for m in models]
-    assert opts[0]._chain is not None
+    chain = CHAIN_PATH.get(layout, True)
+    assert (opts[0]._chain is not None) == chain
     opts[1]._chain = None  # forward-mode AD on the captured batch
     for i in range(12):
         X, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
         for m, o in zip(models, opts):
             torch.manual_seed(100 + i)  # both forwards draw the same masks
             o.step(closure_of(o, m, loss_fn, X, y))
-        assert opts[0]._fwd is not None  # the step took the chain path
+        assert (opts[0]._fwd is not None) == chain  # the step took the chain path
         a, b = opts[0].last_info, opts[1].last_info
         assert a.get("refused") == b.get("refused")
         assert a["alpha"] == pytest.approx(b["alpha"], rel=1e-9)

@@ -32,7 +32,8 @@ def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, 
     Plain: an ``nn.Sequential`` (its own forward) of the KFAC linear layers, each used
     once, Tanh/Sigmoid/ReLU/Identity/GELU (exact)/SiLU/LeakyReLU activations and
     ``nn.Dropout`` (``("dropout", module)``: its masks are recorded by the optimizer's
-    hooks, :func:`dropout_mask`); no buffers, no other parameters.
+    hooks, :func:`dropout_mask`); no in-place module but ReLU, no buffers, no other
+    parameters.
     """
     if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential):
         return None
@@ -42,6 +43,10 @@ def mlp_chain(model: nn.Module, layers: Sequence[LayerRule]) -> list[tuple[str, 
     chain: list[tuple[str, Any]] = []
     seen: set[int] = set()
     for m in model:
+        if getattr(m, "inplace", False) and type(m) is not nn.ReLU:
+            # it overwrites a captured activation that the tangents read (ReLU's derivative is
+            # read off its output, which it leaves right)
+            return None
         j = which.get(id(m))
         if j is not None:
             if j in seen:
