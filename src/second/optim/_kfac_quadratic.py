@@ -73,7 +73,7 @@ def dropout_mask(module: nn.Dropout, rng: RandomState, x: Tensor) -> Tensor | No
     if not module.training or module.p == 0.0:
         return None
     with rng.replay():
-        return F.dropout(torch.ones_like(x), module.p, True).to(x.dtype)
+        return F.dropout(torch.ones_like(x), module.p, True)
 
 
 def chain_jvp(
