@@ -1,8 +1,9 @@
-"""Deprecated spellings: one mechanism for keywords, options and result attributes.
+"""Deprecated spellings: one mechanism for keywords, options, attributes and functions.
 
-A renamed keyword keeps working for one release with a :class:`SecondDeprecationWarning` that
-names the new spelling (``docs/glossary.md``). Shared by every layer (the Newton core, the
-solvers, the optimizers), so it lives beside the warnings in the top-level internals.
+A deprecated spelling keeps working for one release with a :class:`SecondDeprecationWarning`
+that names the new spelling and the release that removes the old one (``docs/glossary.md``).
+Shared by every layer (the Newton core, the solvers, the operators, the optimizers), so it
+lives beside the warnings in the top-level internals.
 """
 
 from __future__ import annotations
@@ -12,9 +13,42 @@ from typing import TypeVar
 
 from ._errors import SecondDeprecationWarning
 
-__all__ = ["renamed_options", "renamed_keyword", "renamed_property"]
+__all__ = ["warn_deprecated", "renamed_options", "renamed_keyword", "renamed_property"]
 
 T = TypeVar("T")
+
+#: The release in which the deprecated spellings stop working.
+REMOVAL = "0.3"
+
+
+def warn_deprecated(old: str, new: str, *, detail: str = "", stacklevel: int = 2) -> None:
+    """Warn that the spelling ``old`` is deprecated, naming ``new`` and the removal release.
+
+    The one message and category of every deprecated spelling: the helpers below call it,
+    and a shim that is not a plain rename (a keyword added to another, a renamed function)
+    calls it directly.
+
+    Args:
+        old: the deprecated spelling as the user writes it (``"f(rtol=...)"``).
+        new: what to write instead (``"tol=..."``).
+        detail: a remark appended in parentheses (default: none).
+        stacklevel: counted from the function that calls this, as for ``warnings.warn``
+            there (default 2: that function's caller).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_deprecated("old_f", "new_f", detail="the same function")
+        >>> str(caught[0].message)
+        'old_f is deprecated and stops working in 0.3: use new_f (the same function)'
+    """
+    warnings.warn(
+        f"{old} is deprecated and stops working in {REMOVAL}: use {new}"
+        + (f" ({detail})" if detail else ""),
+        SecondDeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def renamed_options(
@@ -44,11 +78,7 @@ def renamed_options(
         new = renamed.get(old)
         if new is None or new not in current:
             raise TypeError(f"{owner}() got an unexpected keyword argument {old!r}")
-        warnings.warn(
-            f"{owner}({old}=...) is deprecated and stops working in 0.3: use {new}=...",
-            SecondDeprecationWarning,
-            stacklevel=stacklevel,
-        )
+        warn_deprecated(f"{owner}({old}=...)", f"{new}=...", stacklevel=stacklevel)
         if current[new] != defaults[new]:
             raise ValueError(f"pass {new} only ({old} is its deprecated spelling)")
         current[new] = val
@@ -62,7 +92,8 @@ def renamed_keyword(
     :func:`renamed_options` for one keyword of a function (not an optimizer's). The function
     takes ``**deprecated`` and calls this only when that is not empty (or when a required
     ``new`` is missing), so the new spelling costs nothing; the warning points at the
-    function's caller.
+    function's caller. A function whose ``**kwargs`` go elsewhere keeps ``old`` as a keyword
+    of its own (default ``None``) and passes ``{old: value}`` when it is given.
 
     Args:
         owner: the function's name, for the messages.
@@ -94,7 +125,7 @@ def renamed_keyword(
 
 
 def renamed_property(old: str, new: str) -> property:
-    """The deprecated read-only attribute ``old`` of a result record: ``new``, with a warning.
+    """A read-only attribute ``old``, the deprecated spelling of ``new``: reads it, warning.
 
     Example:
         >>> import warnings
@@ -106,16 +137,12 @@ def renamed_property(old: str, new: str) -> property:
         ...     Record().products
         3
         >>> str(caught[0].message)
-        'Record.products is deprecated; use Record.matvecs'
+        'Record.products is deprecated and stops working in 0.3: use Record.matvecs'
     """
 
     def get(self):
         owner = type(self).__name__
-        warnings.warn(
-            f"{owner}.{old} is deprecated; use {owner}.{new}",
-            SecondDeprecationWarning,
-            stacklevel=2,
-        )
+        warn_deprecated(f"{owner}.{old}", f"{owner}.{new}")
         return getattr(self, new)
 
     return property(get, doc=f"Deprecated spelling of :attr:`{new}`.")

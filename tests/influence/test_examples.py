@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 from influence_cases import NEWTON_RTOL, REG, SCORE_RTOL, data, example_grads_loop, mlp, rel
 from second import Influence, Task, exact_ggn, per_example_gradients
+from second._errors import SecondDeprecationWarning
 
 
 class Keyword(nn.Module):
@@ -91,10 +92,18 @@ def test_regularization_is_a_deprecated_part_of_damping():
     train, test = data(10), data(3, seed=2)
     kw = {k: v for k, v in KW.items() if k != "damping"}
     new = Influence(model, loss_fn, train, damping=0.15, **kw)
-    with pytest.warns(DeprecationWarning, match="damping="):
+    match = (
+        r"Influence\(regularization=\.\.\.\) is deprecated and stops working in 0\.3: use damping="
+    )
+    # not a rename: both spellings may be given, and they add (the warning says so)
+    with pytest.warns(SecondDeprecationWarning, match=match + r".*added to damping") as rec:
         old = Influence(model, loss_fn, train, regularization=0.1, damping=0.05, **kw)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     assert old.damping == pytest.approx(0.15) and old.shift == pytest.approx(0.15)
     torch.testing.assert_close(old.scores(test), new.scores(test))
+    with pytest.warns(SecondDeprecationWarning, match=match):
+        alone = Influence(model, loss_fn, train, regularization=0.15, **kw)
+    assert alone.damping == pytest.approx(0.15)
     with pytest.raises(ValueError, match="regularization"):
         Influence(model, loss_fn, train, regularization=-1.0, **kw)
 

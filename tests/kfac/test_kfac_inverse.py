@@ -115,8 +115,12 @@ def test_inverse_damping_replacing_the_own_one_is_deprecated(cls):
     v = torch.randn(K.shape[0], dtype=DT)
     eye = torch.eye(K.shape[0], dtype=DT)
     undamped = K.to_dense() - 0.05 * eye
-    with pytest.warns(SecondDeprecationWarning, match="replaces the operator.s own"):
+    # not a rename (no old and new keyword): the meaning of damping= changes in 0.3
+    match = r"inverse\(damping=0\.1\) replacing the operator.s own damping 0\.05.*"
+    match += r"stops working in 0\.3: use a \w+ built with damping=0 and inverse\(damping=0\.1\)"
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
         x = K.inverse(damping=0.1) @ v
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     torch.testing.assert_close(x, torch.linalg.solve(undamped + 0.1 * eye, v), **INVERSE_TOL)
     # the spellings that mean the same now and in 0.3 do not warn
     torch.testing.assert_close(K.inverse() @ v, torch.linalg.solve(K.to_dense(), v), **INVERSE_TOL)

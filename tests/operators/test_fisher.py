@@ -20,6 +20,7 @@ from dense_reference import (
     two_batch_problem,
 )
 from second import FisherOperator
+from second._errors import SecondDeprecationWarning
 from second.solvers import lissa
 from weighted_cases import weighted_layouts, weighted_problem
 
@@ -63,12 +64,27 @@ def test_fisher_keyword_and_type2():
     assert_close(Fe.to_dense(), ref_empirical_fisher(model, loss_fn, X, y, "mean"), TOL)
     with pytest.raises(ValueError, match="fisher"):
         FisherOperator(model, loss_fn, (X, y), fisher="true")
-    with pytest.raises(ValueError, match="fisher= only"):
-        FisherOperator(model, loss_fn, (X, y), fisher="mc", kind="mc")
-    with pytest.warns(DeprecationWarning, match="fisher="):
-        Fk = FisherOperator(model, loss_fn, (X, y), kind="empirical")
-    with pytest.warns(DeprecationWarning, match=r"\.fisher"):
-        assert Fk.kind == "empirical"
+
+
+def test_kind_is_the_deprecated_spelling_of_fisher():
+    model, loss_fn, X, y, batches = two_batch_problem()
+    new = FisherOperator(model, loss_fn, (X, y), fisher="type2")
+    match = r"FisherOperator\(kind=\.\.\.\) is deprecated and stops working in 0\.3: use fisher="
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
+        old = FisherOperator(model, loss_fn, (X, y), kind="type2")
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    assert old.fisher == "type2"
+    assert_close(old.to_dense(), new.to_dense(), TOL)
+    with pytest.warns(
+        SecondDeprecationWarning, match=r"FisherOperator\.kind .*0\.3.*\.fisher"
+    ) as rec:
+        assert old.kind == "type2"
+    assert rec[0].filename == __file__
+    with pytest.raises(ValueError, match="pass fisher only"):
+        with pytest.warns(SecondDeprecationWarning):
+            FisherOperator(model, loss_fn, (X, y), fisher="mc", kind="mc")
+    with pytest.raises(TypeError, match="bogus"):
+        FisherOperator(model, loss_fn, (X, y), fisher="mc", bogus=1)
 
 
 def test_restrict_keeps_the_fisher_kind_samples_and_options():

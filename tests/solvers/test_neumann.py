@@ -7,6 +7,7 @@ import torch
 
 import second
 from second import ConvergenceWarning, NegativeCurvatureWarning, relative_error
+from second._errors import SecondDeprecationWarning
 from spectra import NEUMANN_RELERR, SPECTRA, exact, rhs, sym_matrix
 
 
@@ -63,3 +64,32 @@ def test_neumann_tolerance_is_relative_for_a_tiny_float32_b(magnitude):
     res = second.neumann_solve(A, b, tol=1e-6, maxiter=2000)
     true = float((b.double() - A.double() @ res.x.double()).norm() / b.double().norm())
     assert res.converged and true < NEUMANN_F32_RELRES
+
+
+# ------------------------------------------------------------------ deprecated spellings
+def test_solvers_neumann_is_the_deprecated_spelling_of_neumann_solve():
+    from second.solvers import neumann
+
+    A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    new = second.neumann_solve(A, b, scale=5.0, tol=1e-10)
+    match = r"second\.solvers\.neumann is deprecated and stops working in 0\.3: use second\.neumann_solve"
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
+        old = neumann(A, b, scale=5.0, tol=1e-10)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    assert old.converged and torch.equal(old.x, new.x) and old.iterations == new.iterations
+    with pytest.raises(TypeError, match="bogus"):
+        with pytest.warns(SecondDeprecationWarning):
+            neumann(A, b, bogus=1)
+
+
+def test_seed_neumann_in_the_solver_form_is_deprecated():
+    A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    new = second.neumann_solve(A, b, scale=5.0, tol=1e-10)
+    with pytest.warns(
+        SecondDeprecationWarning, match=r"solver form.*use second\.neumann_solve"
+    ) as rec:
+        old = second.neumann(A, b, scale=5.0, tol=1e-10)
+    assert rec[0].filename == __file__
+    assert torch.equal(old.x, new.x)

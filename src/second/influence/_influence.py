@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .._errors import NonFiniteError, SecondDeprecationWarning
+from .._deprecation import warn_deprecated
+from .._errors import NonFiniteError
 from .._losses import reduction_of
 from ..data import Task, as_task, refuse_stochastic
 from ..distributed import check_same_across_ranks
@@ -112,7 +112,8 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
             the training run's L2 coefficient plus any numerical damping. Any real scalar
             (a Python or NumPy number, a 0-d NumPy array or tensor).
         regularization: the deprecated spelling of (a part of) ``damping``: it is added to
-            it, with a ``DeprecationWarning`` (removal in 0.3).
+            it, with a ``SecondDeprecationWarning`` (removal in 0.3; pass the sum as
+            ``damping``).
         rank: eigenpairs for ``method="lowrank"`` (default 50).
         tol: relative tolerance of iterative solves (default 1e-10 in float64, 1e-5 in
             float32; for LiSSA, the predicted truncation bias, default 1e-6 from
@@ -229,15 +230,14 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         damping = _real(damping, "damping")
-        regularization = None if regularization is None else _real(regularization, "regularization")
-        if regularization is not None:
-            warnings.warn(
-                "Influence(regularization=...) is deprecated: it is added to damping=, the one "
-                "name for the multiple of the identity added to the curvature (removal in 0.3)",
-                SecondDeprecationWarning,
-                stacklevel=2,
+        if regularization is not None:  # not a rename: added to damping, so both may be given
+            damping = damping + _real(regularization, "regularization")
+            warn_deprecated(
+                "Influence(regularization=...)",
+                "damping=...",
+                detail="it is added to damping, the one name for the multiple of the identity "
+                "added to the curvature: pass their sum as damping",
             )
-            damping = damping + regularization
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if rank < 1:

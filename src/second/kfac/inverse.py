@@ -8,13 +8,12 @@ damping applied at every product. A (near-)singular block is refused, with the r
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning
+from .._deprecation import warn_deprecated
 from ..func.dense import eigenvalue_cutoff
 from ..operators.base import LinearOperator
 
@@ -28,15 +27,16 @@ def _inverse_damping(op: KFACOperator, damping: float | None) -> float:
     """The damping :meth:`KFACOperator.inverse` uses; warns where it replaces the own one."""
     if damping is None:
         return op.damping
-    if op.damping:
+    if op.damping:  # not a rename: the meaning changes in 0.3 (it will add, as elsewhere)
         name = type(op).__name__
-        warnings.warn(
-            f"{name}.inverse(damping={damping:g}) replaces the operator's own damping "
-            f"{op.damping:g} (it inverts B_undamped + {damping:g} I), while A.inverse(method, "
-            "damping=...) and second.solve(A, b, damping=...) add to it; from 0.3 it will add "
-            f"too. Build the {name} with damping=0 and pass damping= here, or call inverse() "
-            "for the operator's own damping: both mean the same now and in 0.3",
-            SecondDeprecationWarning,
+        warn_deprecated(
+            f"{name}.inverse(damping={damping:g}) replacing the operator's own damping "
+            f"{op.damping:g} (it inverts B_undamped + {damping:g} I)",
+            f"a {name} built with damping=0 and inverse(damping={damping:g}), or inverse() for "
+            "the operator's own damping",
+            detail="both mean the same now and in 0.3, when inverse(damping=...) adds to the "
+            "operator's own damping as A.inverse(method, damping=...) and second.solve(A, b, "
+            "damping=...) do",
             stacklevel=3,
         )
     return damping

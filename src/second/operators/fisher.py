@@ -2,11 +2,9 @@ r"""The Fisher operator: empirical, Monte-Carlo or type-2 (``FisherOperator(fish
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from .._errors import SecondDeprecationWarning
+from .._deprecation import renamed_keyword, renamed_property
 from .._losses import (
     nll_scale,
     per_sample_losses,
@@ -83,7 +81,8 @@ class FisherOperator(CurvatureOperator):
             advanced or reset. For ``"mc"`` under ``torch.distributed`` the seed is offset
             by the rank (rank 0 draws the samples of one process), so the ranks' samples
             are independent.
-        kind: the deprecated spelling of ``fisher`` (``DeprecationWarning``; removal in 0.3).
+        kind: the deprecated spelling of ``fisher`` (``SecondDeprecationWarning``; removal in
+            0.3).
         other arguments: see :class:`CurvatureOperator`.
 
     Raises:
@@ -114,15 +113,8 @@ class FisherOperator(CurvatureOperator):
         kind: str | None = None,
         **kwargs,
     ):
-        if kind is not None:
-            if fisher is not None:
-                raise ValueError("pass fisher= only (kind= is its deprecated spelling)")
-            warnings.warn(
-                "FisherOperator(kind=...) is deprecated, use fisher= (removal in 0.3)",
-                SecondDeprecationWarning,
-                stacklevel=2,
-            )
-            fisher = kind
+        if kind is not None:  # a keyword of its own: the other kwargs go to the base class
+            fisher = renamed_keyword("FisherOperator", {"kind": kind}, "kind", "fisher", fisher)
         fisher = "empirical" if fisher is None else fisher
         if fisher not in FISHERS:
             raise ValueError(f"fisher (kind) must be one of {FISHERS}, got {fisher!r}")
@@ -143,11 +135,7 @@ class FisherOperator(CurvatureOperator):
         start.set_state(self._sampler_state)
         return {"generator": start, "fisher": self.fisher, "kind": None}
 
-    @property
-    def kind(self) -> str:
-        """Deprecated: the ``fisher`` setting."""
-        warnings.warn("FisherOperator.kind is deprecated, use .fisher", SecondDeprecationWarning, 2)
-        return self.fisher
+    kind = renamed_property("kind", "fisher")
 
     def _batch_state(self, batch):
         if self.fisher == "type2":

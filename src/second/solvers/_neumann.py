@@ -10,13 +10,12 @@ An indefinite operator has :math:`q > 1`: the series diverges and no scale fixes
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning
+from .._deprecation import warn_deprecated
 from ..spectral.lanczos import extreme_eigenvalues
 from ._result import (
     Problem,
@@ -219,10 +218,9 @@ def neumann_solve(
 
 def neumann(A, b, **options) -> SolveResult:
     """Deprecated spelling of :func:`neumann_solve` (removed in 0.3)."""
-    warnings.warn(
-        "second.solvers.neumann is deprecated and will be removed in 0.3: use "
-        "second.neumann_solve (the same solver; second.neumann is the seed's functional form)",
-        SecondDeprecationWarning,
-        stacklevel=2,
+    warn_deprecated(
+        "second.solvers.neumann",
+        "second.neumann_solve",
+        detail="the same solver; second.neumann is the seed's functional form",
     )
     return neumann_solve(A, b, **options)
