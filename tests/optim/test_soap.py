@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -182,3 +184,79 @@ def test_bfloat16_parameters_run_past_the_power_iteration_refresh():
     # it follows the float64 trajectory from the same (bfloat16-rounded) start
     for p, q in zip(train(torch.bfloat16, 1e-3), train(torch.float64, 1e-3)):
         torch.testing.assert_close(p, q, atol=0.05, rtol=0)
+
+
+def test_first_moment_held_in_the_eigenbasis_is_moved_exactly_at_a_basis_change():
+    # m kept rotated (moved to the new basis at the change) gives the steps of m kept in
+    # the parameter's coordinates and rotated each step
+    g = torch.Generator().manual_seed(2)
+
+    def basis():
+        QL = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+        QR = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+        return EigenBlock(torch.ones(4, dtype=torch.float64), QR, torch.ones(3, dtype=torch.float64), QL)  # fmt: skip
+
+    E1, E2 = basis(), basis()
+    layout = matrix_layout((3, 4), 100)
+    m, v = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    mr, vr = m.clone(), v.clone()
+    for t in range(1, 7):
+        E = E1 if t <= 3 else E2
+        if t == 4:
+            mr = E2.rotate(E1.unrotate(mr))
+        grad = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        d, m, v = soap_direction(grad, m, v, E, layout, t, betas=(0.9, 0.99), eps=1e-8)
+        dr, mr, vr = soap_direction(
+            grad, mr, vr, E, layout, t, betas=(0.9, 0.99), eps=1e-8, rotated_exp_avg=True
+        )
+        torch.testing.assert_close(dr, d, **TOL)
+        torch.testing.assert_close(E.unrotate(mr), m, **TOL)
+
+
+def test_state_saved_with_the_first_moment_in_parameter_coordinates_is_migrated():
+    # a conv kernel [4, 1, 3, 3] (matrix [4, 9]), a [20, 144] matrix with a diagonal side and
+    # a [3, 20] one: an older state dict held exp_avg in the parameter's shape and
+    # coordinates; loading it moves it into the eigenbasis, and the steps go on as they
+    # would have (across the refresh at step 11). Vectors take AdamW's step here: a
+    # power-iteration refresh orients a factor's null space (the [n, 1] vectors' n x n
+    # factors have rank <= the step count) by rounding, and the runs would differ by more.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 20),
+        nn.Tanh(), nn.Linear(20, 3),
+    ).double()  # fmt: skip
+    X, y = torch.randn(32, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    noise = torch.randn(14, 32, 1, 6, 6, dtype=torch.float64)
+    kw = dict(lr=3e-3, precondition_frequency=10, max_precond_dim=100, precondition_1d=False)
+    opt = so.SOAP(net.parameters(), **kw)
+
+    def step(o, k):
+        o.zero_grad()
+        nn.functional.cross_entropy(net(X + 0.1 * noise[k]), y).backward()
+        o.step()
+
+    for k in range(6):
+        step(opt, k)
+    sd = opt.state_dict()
+    assert sd["first_moment"] == "eigenbasis"
+    old = copy.deepcopy(sd)
+    del old["first_moment"]
+    for p, pid in zip(net.parameters(), old["param_groups"][0]["params"]):
+        st = old["state"][pid]
+        if p.dim() > 1:
+            E = EigenBlock(st["lA"], st.get("QA"), st["lG"], st["QG"])
+            st["exp_avg"] = matrix_layout(p.shape, 100).from_matrix(E.unrotate(st["exp_avg"]), p)
+    assert old["state"][0]["exp_avg"].shape == (4, 1, 3, 3)
+    params = [p.detach().clone() for p in net.parameters()]
+    for k in range(6, 14):
+        step(opt, k)
+    want = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), params):
+            p.copy_(q)
+    again = so.SOAP(net.parameters(), **kw)
+    again.load_state_dict(old)
+    for k in range(6, 14):
+        step(again, k)
+    for p, q in zip(net.parameters(), want):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)

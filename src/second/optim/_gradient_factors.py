@@ -183,6 +183,13 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
         self._commit([e[1] for e in entries], updates, [new[e[1]] for e in entries])
         return loss
 
+    @staticmethod
+    def _layout(group: dict, p: Tensor) -> MatrixLayout | None:
+        """``p``'s matrix view in ``group`` (``None``: AdamW's step, no factors)."""
+        if p.dim() > 1 or group.get("precondition_1d", True):
+            return matrix_layout(p.shape, group["max_precond_dim"])
+        return None
+
     def _factor_phase(self, work, bias_correct: bool, refresh: str = "eigh"):
         r"""New factors (and eigenbases where due) for every parameter, or ``None`` if not finite.
 
@@ -201,11 +208,7 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
         for group, ps in work:
             for p in ps:
                 t = int(self.state[p].get("step", 0)) + 1
-                layout = (
-                    matrix_layout(p.shape, group["max_precond_dim"])
-                    if p.dim() > 1 or group.get("precondition_1d", True)
-                    else None
-                )
+                layout = self._layout(group, p)
                 entries.append((group, p, layout, t))
                 if layout is not None:
                     incs.extend(factor_increments(layout.to_matrix(p.grad), layout))

@@ -18,8 +18,11 @@ refresh to the next). In that basis the step is Adam's:
     \theta \leftarrow \theta(1 - \eta\lambda_{wd})
         - \frac{\eta}{1-\beta_1^t}\, Q_L \frac{Q_L^\top m Q_R}{\sqrt{v/(1-\beta_2^t)} + \epsilon} Q_R^\top .
 
-The first moment is kept in the parameter's own coordinates and :math:`v` in the rotated
-ones (its rows and columns permuted with the basis' columns at a refresh). A
+Both moments are held in the rotated coordinates: :math:`v` has its rows and columns
+permuted with the basis' columns at a refresh, and :math:`m` (the same running average of
+the rotated gradients as the rotation of the average above) is moved exactly to the new
+basis there, :math:`m \leftarrow Q_L'^\top Q_L m Q_R^\top Q_R'`, as the reference
+implementation does; that saves one rotation per step. A
 side longer than ``max_precond_dim`` keeps a diagonal factor (no rotation there); a
 parameter with both sides longer gets plain AdamW. With :math:`Q_L = Q_R = I` this is
 exactly ``torch.optim.AdamW``.
@@ -59,6 +62,7 @@ def soap_direction(
     *,
     betas: tuple[float, float],
     eps: float,
+    rotated_exp_avg: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""One SOAP direction (the functional kernel; new tensors, nothing written in place).
 
@@ -67,7 +71,8 @@ def soap_direction(
 
     Args:
         grad: the parameter's gradient.
-        exp_avg: the first moment (parameter coordinates).
+        exp_avg: the first moment (parameter coordinates; with ``rotated_exp_avg`` and a
+            ``block``, rotated ones, ``[d_G, d_A]``).
         exp_avg_sq: the second moment (rotated coordinates, ``[d_G, d_A]``; the parameter's
             shape when ``block`` is ``None``).
         block: the eigenbasis, or ``None``.
@@ -75,6 +80,9 @@ def soap_direction(
         step: the step number ``t >= 1`` (bias corrections).
         betas: :math:`(\beta_1, \beta_2)`.
         eps: the denominator guard :math:`\epsilon`.
+        rotated_exp_avg: ``exp_avg`` is held in the eigenbasis (and returned there): one
+            rotation per step fewer; the holder moves it at a refresh of the basis
+            (:meth:`SOAP` does).
 
     Returns:
         ``(direction, exp_avg, exp_avg_sq)``: the step is ``-lr * direction``.
@@ -87,16 +95,29 @@ def soap_direction(
         tensor([[ 1., -1.]])
     """
     b1, b2 = betas
-    m = torch.lerp(exp_avg, grad, 1 - b1)
     if block is None or layout is None:
-        gr, mr = grad, m
+        gr = grad
+        m = mr = torch.lerp(exp_avg, grad, 1 - b1)
+    elif rotated_exp_avg:
+        gr = block.rotate(layout.to_matrix(grad))
+        m = mr = torch.lerp(exp_avg, gr, 1 - b1)
     else:
-        gr, mr = block.rotate(layout.to_matrix(grad)), block.rotate(layout.to_matrix(m))
+        gr = block.rotate(layout.to_matrix(grad))
+        m = torch.lerp(exp_avg, grad, 1 - b1)
+        mr = block.rotate(layout.to_matrix(m))
     v = torch.lerp(exp_avg_sq, gr * gr, 1 - b2)
     denom = (v / (1 - b2**step)).sqrt_().add_(eps)
     nr = mr / denom / (1 - b1**step)
     d = nr if block is None or layout is None else layout.from_matrix(block.unrotate(nr), grad)
     return d, m, v
+
+
+_MOMENT_KEY = "first_moment"  # state_dict(): where exp_avg is held (absent: parameter coordinates)
+
+
+def _stored_block(st: dict) -> EigenBlock:
+    """The eigenbasis a parameter's state holds (before this step's refresh)."""
+    return EigenBlock(st["lA"], st.get("QA"), st["lG"], st["QG"])
 
 
 class SOAP(KroneckerFactoredOptimizer):
@@ -176,12 +197,41 @@ class SOAP(KroneckerFactoredOptimizer):
         """One step; ``closure`` (optional) re-evaluates the loss, which is returned."""
         return super().step(closure)
 
+    def state_dict(self) -> dict:
+        """The state of :class:`~second.optim.Shampoo`'s shell, and where ``exp_avg`` is held."""
+        sd = super().state_dict()
+        sd[_MOMENT_KEY] = "eigenbasis"
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`.
+
+        A state saved by a version that held the first moment in the parameter's coordinates
+        (without the ``"first_moment"`` entry) has it moved into the eigenbasis.
+
+        Raises:
+            ValueError: if it was saved for another number or shapes of parameters.
+        """
+        state_dict = dict(state_dict)
+        rotated = state_dict.pop(_MOMENT_KEY, None) == "eigenbasis"
+        super().load_state_dict(state_dict)
+        if rotated:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if "exp_avg" not in st or "QG" not in st:
+                    continue
+                layout = self._layout(group, p)
+                if layout is not None:
+                    st["exp_avg"] = _stored_block(st).rotate(layout.to_matrix(st["exp_avg"]))
+
     def _direction(self, group: dict, p: Tensor, layout, t: int, ns: dict) -> Tensor:
         st = self.state[p]
         block = self._block(p, ns) if layout is not None else None
         if "exp_avg" not in st:
             shape = (layout.d_G, layout.d_A) if layout is not None else p.shape
-            st_m, st_v = torch.zeros_like(p), p.new_zeros(shape)
+            st_m, st_v = p.new_zeros(shape), p.new_zeros(shape)
         else:
             st_m, st_v = st["exp_avg"], st["exp_avg_sq"]
             perm_G, perm_A = ns.pop("perm_G", None), ns.pop("perm_A", None)
@@ -189,9 +239,12 @@ class SOAP(KroneckerFactoredOptimizer):
                 st_v = st_v[perm_G]
             if perm_A is not None:
                 st_v = st_v[:, perm_A]
+            if block is not None and "QG" in ns:  # refreshed: m moves to the new basis
+                st_m = block.rotate(_stored_block(st).unrotate(st_m))
         assert p.grad is not None  # only parameters with a gradient are stepped (_with_grads)
         d, m, v = soap_direction(
-            p.grad, st_m, st_v, block, layout, t, betas=group["betas"], eps=group["eps"]
-        )
+            p.grad, st_m, st_v, block, layout, t, betas=group["betas"], eps=group["eps"],
+            rotated_exp_avg=True,
+        )  # fmt: skip
         ns.update(exp_avg=m, exp_avg_sq=v)
         return d
