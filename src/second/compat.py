@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._errors import ConvergenceWarning, NegativeCurvatureWarning, SecondDeprecationWarning
+from ._deprecation import warn_deprecated
+from ._errors import ConvergenceWarning, NegativeCurvatureWarning
 from .func.vectors import parameters_to_vector
 from .solvers import cg, minres, neumann_solve
 
@@ -133,12 +134,11 @@ def neumann(A, *args, **kwargs):
         or (len(args) >= 2 and _is_param_seq(args[0]))
     )
     if not seed_call:
-        warnings.warn(
-            "second.neumann(A, b, ...) in the solver form is deprecated and will be removed in "
-            "0.3: use second.neumann_solve(A, b, ...), which returns the same SolveResult; "
-            "second.neumann keeps the seed's form neumann(mvp, parameters, vector, truncate_iter)",
-            SecondDeprecationWarning,
-            stacklevel=2,
+        warn_deprecated(
+            "second.neumann(A, b, ...) in the solver form",
+            "second.neumann_solve(A, b, ...)",
+            detail="it returns the same SolveResult; second.neumann keeps the seed's form "
+            "neumann(mvp, parameters, vector, truncate_iter)",
         )
         return neumann_solve(A, *args, **kwargs)
     names = ["parameters", "vector", "truncate_iter"]

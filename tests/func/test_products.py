@@ -22,6 +22,7 @@ from dense_reference import (
     ref_jacobian,
 )
 from second import gvp, hvp, jvp, parameters_to_vector, vector_to_parameters, vjp
+from second._errors import SecondDeprecationWarning
 
 
 def _problem(model_name, loss_name, reduction, dtype, device="cpu"):
@@ -110,11 +111,25 @@ def test_jvp_several_outputs_unflattened():
     torch.testing.assert_close(jb, torch.tensor(0.0, dtype=torch.float64))
 
 
-def test_jvp_deprecated_keyword_warns():
+def test_jvp_deprecated_keyword_warns(monkeypatch):
+    import second.func.products as products
+
+    seen, real = [], products.grad_of_live  # the retain_graph of jvp's last backward pass
+
+    def spy(*args, retain_graph, **kwargs):
+        seen.append(retain_graph)
+        return real(*args, retain_graph=retain_graph, **kwargs)
+
+    monkeypatch.setattr(products, "grad_of_live", spy)
     x = torch.tensor([1.0, 2.0], requires_grad=True)
-    with pytest.warns(DeprecationWarning, match="retain_graph"):
-        out = jvp(x**2, [x], torch.ones(2), retrain_graph=True)
+    match = (
+        r"jvp\(retrain_graph=\.\.\.\) is deprecated and stops working in 0\.3: use retain_graph="
+    )
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
+        out = jvp(x**2, [x], torch.ones(2), retrain_graph=False)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     torch.testing.assert_close(out, torch.tensor([2.0, 4.0]))
+    assert seen == [False]  # the value is honoured
     with pytest.raises(TypeError, match="unexpected"):
         jvp(x**2, [x], torch.ones(2), bogus=1)
 

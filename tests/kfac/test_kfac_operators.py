@@ -7,7 +7,6 @@ test_kfac_inverse.py, what is EK-FAC's own in test_ekfac.py.
 from __future__ import annotations
 
 import copy
-import importlib
 import sys
 
 import pytest
@@ -29,6 +28,7 @@ from kfac_cases import (
     tanh_net,
 )
 from second import EKFACOperator, GGNOperator, KFACOperator, exact_fisher
+from second._errors import SecondDeprecationWarning
 
 MC_REL_TOL = 0.1  # Monte-Carlo G with 4,000 samples vs the type-2 G (sampling error ~3%)
 
@@ -189,12 +189,16 @@ def test_unsupported_loss_needs_empirical():
     assert torch.isfinite(K.to_dense()).all()
 
 
-def test_approximations_is_a_deprecated_alias():
-    sys.modules.pop("second.approximations", None)
-    sys.modules.pop("second.approximations.kfac", None)
-    with pytest.warns(DeprecationWarning, match="second.kfac"):
-        old = importlib.import_module("second.approximations")
+def test_approximations_is_a_deprecated_alias(monkeypatch):
+    monkeypatch.delitem(sys.modules, "second.approximations", raising=False)
+    monkeypatch.delitem(sys.modules, "second.approximations.kfac", raising=False)
+    match = r"second\.approximations is deprecated and stops working in 0\.3: use second\.kfac"
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
+        import second.approximations as old  # an import statement: the user's line
+    assert rec[0].filename == __file__  # the warning points at the importing line
     assert old.KFACOperator is KFACOperator and old.EKFACOperator is EKFACOperator
+    assert old.KFACInverseOperator is second.kfac.KFACInverseOperator
+    assert old.EKFACInverseOperator is second.kfac.EKFACInverseOperator
     assert second.kfac.KFACOperator is second.KFACOperator
 
 

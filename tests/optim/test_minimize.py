@@ -9,6 +9,7 @@ import torch
 
 import second
 from newton_cases import DT, SOLUTION_TOL, quadratic_problem, rosen
+from second._errors import SecondDeprecationWarning
 from second.optim import (
     NewtonCG,
     minimize,
@@ -65,6 +66,20 @@ def test_minimize_rejects_bad_input():
         minimize(lambda x: (x * x).sum(), torch.zeros(2, dtype=DT), method="lm")
     with pytest.raises(ValueError):
         minimize(rosen, torch.zeros(2, dtype=DT), gtol=-1.0)
+
+
+def test_tol_is_the_deprecated_spelling_of_gtol():
+    x0 = torch.tensor([-1.2, 1.0], dtype=DT)
+    new = minimize(rosen, x0, method="newton-cg", gtol=1e-3)
+    match = r"minimize\(tol=\.\.\.\) is deprecated and stops working in 0\.3: use gtol="
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
+        old = minimize(rosen, x0, method="newton-cg", tol=1e-3)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    assert old.converged and old.grad_norm > 1e-6  # stopped at 1e-3, not the default 1e-6
+    assert old.nit == new.nit and torch.equal(old.x, new.x)
+    with pytest.raises(ValueError, match="pass gtol only"):
+        with pytest.warns(SecondDeprecationWarning, match=match):
+            minimize(rosen, x0, tol=1e-3, gtol=1e-4)
 
 
 def test_minimize_is_exported():

@@ -28,8 +28,10 @@ def test_plot_history():
     with pytest.raises(ValueError):
         plot_history(res, x="seconds")
     new = plot_history(res, x="matvecs")
-    with pytest.warns(SecondDeprecationWarning, match=r'x="nhvp".*use x="matvecs"'):
+    match = r'plot_history\(x="nhvp"\) is deprecated and stops working in 0\.3: use x="matvecs"'
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
         old = plot_history(res, x="nhvp")
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     for a, b in zip(old.axes, new.axes, strict=True):
         assert a.get_xlabel() == b.get_xlabel() == "matvecs"
         assert [list(line.get_xydata().ravel()) for line in a.lines] == [

@@ -87,9 +87,9 @@ def test_seed_neumann_in_the_solver_form_is_deprecated():
     A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
     b = torch.ones(3, dtype=torch.float64)
     new = second.neumann_solve(A, b, scale=5.0, tol=1e-10)
-    with pytest.warns(
-        SecondDeprecationWarning, match=r"solver form.*use second\.neumann_solve"
-    ) as rec:
+    match = r"second\.neumann\(A, b, \.\.\.\) in the solver form is deprecated and stops "
+    match += r"working in 0\.3: use second\.neumann_solve\(A, b, \.\.\.\) \(it returns the same"
+    with pytest.warns(SecondDeprecationWarning, match=match) as rec:
         old = second.neumann(A, b, scale=5.0, tol=1e-10)
     assert rec[0].filename == __file__
-    assert torch.equal(old.x, new.x)
+    assert old.converged and torch.equal(old.x, new.x) and old.iterations == new.iterations

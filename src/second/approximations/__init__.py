@@ -1,19 +1,18 @@
 """Deprecated: the KFAC / EK-FAC operators moved to :mod:`second.kfac`.
 
 ``from second.approximations import KFACOperator`` keeps working for one release with a
-``DeprecationWarning`` (removal in 0.3); import from ``second`` or ``second.kfac`` instead.
+``SecondDeprecationWarning`` (removal in 0.3); import from ``second`` or ``second.kfac``
+instead.
 """
 
-import warnings
-
-from .._errors import SecondDeprecationWarning
+from .._deprecation import warn_deprecated
 from ..kfac import EKFACInverseOperator, EKFACOperator, KFACInverseOperator, KFACOperator
 
-warnings.warn(
-    "second.approximations is deprecated and will be removed in 0.3: import KFACOperator, "
-    "EKFACOperator and their inverses from second.kfac (or second)",
-    SecondDeprecationWarning,
-    stacklevel=2,
+# at the importing line (the default stacklevel: warnings skips the import machinery)
+warn_deprecated(
+    "second.approximations",
+    "second.kfac or second",
+    detail="import KFACOperator, EKFACOperator and their inverses from there",
 )
 
 __all__ = ["KFACOperator", "EKFACOperator", "KFACInverseOperator", "EKFACInverseOperator"]

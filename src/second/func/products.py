@@ -18,13 +18,12 @@ The checks live in :mod:`second.func.checks` and the graph engines in
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning
+from .._deprecation import warn_deprecated
 
 # the checks and the graph engines were defined here: every name stays importable from here
 from .checks import *  # noqa: F403
@@ -188,7 +187,7 @@ def jvp(
         retain_graph: keep the graph of ``outputs`` (default ``True``).
         flatten: return one flat vector (default) or tensors shaped like ``outputs``.
         **deprecated: only the seed's misspelt ``retrain_graph``, accepted with a
-            ``DeprecationWarning`` (removal in 0.3.0); anything else is a ``TypeError``.
+            ``SecondDeprecationWarning`` (removal in 0.3); anything else is a ``TypeError``.
 
     Returns:
         :math:`J v`.
@@ -199,10 +198,8 @@ def jvp(
         tensor([2., 4.])
     """
     if "retrain_graph" in deprecated:
-        warnings.warn(
-            "jvp(retrain_graph=...) is deprecated, use retain_graph= (removal in 0.3.0)",
-            SecondDeprecationWarning,
-            stacklevel=2,
+        warn_deprecated(
+            "jvp(retrain_graph=...)", "retain_graph=...", detail="the seed's misspelling"
         )
         retain_graph = deprecated.pop("retrain_graph")
     if deprecated:

@@ -6,7 +6,6 @@ The closure contract is in :mod:`._closure`, the hyperparameter checks in :mod:`
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 
@@ -14,8 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._deprecation import renamed_options
-from .._errors import SecondDeprecationWarning
+from .._deprecation import renamed_options, warn_deprecated
 from ..func.attention import differentiable_attention
 from ..func.products import grad_checked
 from ..func.vectors import add_vector_to_parameters, parameters_to_vector, vector_to_parameters
@@ -52,11 +50,7 @@ class CounterDict(dict):
 
     def _key(self, key):
         if key == "nhvp":
-            warnings.warn(
-                "the optimizer counter 'nhvp' is deprecated and removed in 0.3: read 'matvecs'",
-                SecondDeprecationWarning,
-                stacklevel=3,
-            )
+            warn_deprecated("the optimizer counter 'nhvp'", "'matvecs'", stacklevel=3)
             return "matvecs"
         return key
 

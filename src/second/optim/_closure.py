@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning, outside_stacklevel
+from .._deprecation import warn_deprecated
+from .._errors import outside_stacklevel
 
 __all__ = [
     "ClosureCall",
@@ -176,9 +177,10 @@ def call_closure(
 
     The contract: the closure zeroes the gradients, computes the loss, calls
     ``loss.backward()`` and returns the loss. The old forms keep working for one release
-    with a ``DeprecationWarning`` naming the contract: a loss returned without
-    ``backward()`` (NewtonCG, LiSSA, HessianFree) and, where ``pair="deprecated"``, a
-    ``(loss, output)`` pair (GaussNewton, HessianFree built from parameters).
+    with a ``SecondDeprecationWarning`` naming the contract, at the user's line (the first
+    frame outside ``second`` and ``torch``, e.g. ``opt.step(closure)``): a loss returned
+    without ``backward()`` (NewtonCG, LiSSA, HessianFree) and, where ``pair="deprecated"``,
+    a ``(loss, output)`` pair (GaussNewton, HessianFree built from parameters).
 
     Args:
         owner: the optimizer's name, for the messages.
@@ -216,12 +218,11 @@ def call_closure(
     if isinstance(out, (tuple, list)) and len(out) == 2 and pair != "refuse":
         out, output = out
         if pair == "deprecated":
-            warnings.warn(
-                f"a {owner} closure returning (loss, output) is deprecated and stops working "
-                f"in 0.3: build the optimizer from the model, {owner}(model, ...), and write "
-                f"torch.optim's closure: {CLOSURE_EXAMPLE}",
-                SecondDeprecationWarning,
-                stacklevel=4,
+            warn_deprecated(
+                f"a {owner} closure returning (loss, output)",
+                f"the optimizer built from the model, {owner}(model, ...), and torch.optim's "
+                f"closure: {CLOSURE_EXAMPLE}",
+                stacklevel=outside_stacklevel(),
             )
     if not (isinstance(out, Tensor) and out.numel() == 1):
         got = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
@@ -232,12 +233,10 @@ def call_closure(
         )
     called = bool(calls)
     if not called and graph and output is None and out.requires_grad:
-        warnings.warn(
-            f"a {owner} closure that returns the loss without calling loss.backward() is "
-            f"deprecated and stops working in 0.3: write torch.optim's closure: "
-            f"{CLOSURE_EXAMPLE}",
-            SecondDeprecationWarning,
-            stacklevel=4,
+        warn_deprecated(
+            f"a {owner} closure that returns the loss without calling loss.backward()",
+            f"torch.optim's closure: {CLOSURE_EXAMPLE}",
+            stacklevel=outside_stacklevel(),
         )
     if out.dim():
         with torch.set_grad_enabled(graph):

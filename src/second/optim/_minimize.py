@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from .._errors import SecondDeprecationWarning
+from .._deprecation import renamed_keyword
 from ..newton.least_squares import gauss_newton
 from ..newton.loop import newton_cg, newton_dense
 from ..newton.result import OptimizeResult
@@ -234,14 +233,7 @@ def minimize(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if tol is not None:
-        warnings.warn(
-            "minimize(tol=...) is deprecated; use minimize(gtol=...)",
-            SecondDeprecationWarning,
-            stacklevel=2,
-        )
-        if gtol is not None:
-            raise ValueError("pass gtol only (tol is its deprecated spelling)")
-        gtol = tol
+        gtol = renamed_keyword("minimize", {"tol": tol}, "tol", "gtol", gtol)
     gtol = 1e-6 if gtol is None else gtol
     check_nonneg("gtol", gtol)
     if not isinstance(x0, Tensor):

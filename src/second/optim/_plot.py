@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-
-from .._errors import SecondDeprecationWarning
+from .._deprecation import warn_deprecated
 from .._optional import require
 
 __all__ = ["plot_history", "history_of"]
@@ -53,11 +51,7 @@ def plot_history(runs, x: str = "cost", *, axes=None, logy: bool = True):
         2
     """
     if x == "nhvp":
-        warnings.warn(
-            'plot_history(x="nhvp") is deprecated and stops working in 0.3: use x="matvecs"',
-            SecondDeprecationWarning,
-            stacklevel=2,
-        )
+        warn_deprecated('plot_history(x="nhvp")', 'x="matvecs"')
         x = "matvecs"
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
