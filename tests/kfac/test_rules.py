@@ -134,3 +134,39 @@ def test_frozen_and_excluded_parameters_are_skipped():
     net[0].weight.requires_grad_(False)
     assert [layer.name for layer in find_layers(net)] == ["1"]
     assert find_layers(net, params=[net[1].weight]) == []
+
+
+CONV_CASES = [
+    # (dims, kernel, stride, dilation, padding, padding_mode, groups)
+    (1, 3, 1, 1, 1, "zeros", 1),
+    (1, 2, 3, 2, 0, "zeros", 2),
+    (1, 3, 1, 2, "same", "circular", 1),
+    (2, 3, 1, 1, 1, "zeros", 1),
+    (2, 3, 2, 1, 1, "reflect", 2),
+    (2, 2, 3, 2, 0, "zeros", 1),
+    (2, 2, 1, 1, "same", "zeros", 1),  # even kernel: asymmetric padding
+    (2, 1, 2, 1, 0, "zeros", 1),
+    (3, 3, 2, 1, 1, "circular", 1),
+    (3, 2, 1, 2, 0, "zeros", 2),
+]
+
+
+@pytest.mark.parametrize("dims, k, s, d, pad, mode, groups", CONV_CASES)
+def test_conv_position_average_without_patches_equals_the_patches_average(
+    dims, k, s, d, pad, mode, groups
+):
+    # "reduce" averages a convolution's patches over the output positions; the rule does
+    # it by one convolution with a kernel of ones instead of unfolding
+    conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    m = conv_type(4, 6, k, stride=s, dilation=d, padding=pad, padding_mode=mode, groups=groups)
+    x = torch.randn(3, 4, *(9,) * dims, dtype=DT)
+    m = m.to(DT)
+    for g in range(groups):
+        rule = ConvRule("c", m, group=g)
+        patches = rule.features(x)
+        mean, T = rule.mean_features(x)
+        assert T == patches.shape[1] > 1
+        torch.testing.assert_close(mean, patches.mean(1, keepdim=True), rtol=1e-12, atol=1e-14)
+        reduced = rule.input_rows(x, weight_sharing="reduce")
+        assert reduced.shape == (3, 1, rule.d_A) and rule.shared
+        torch.testing.assert_close(reduced[:, :, : rule.d_in], mean, rtol=0, atol=0)

@@ -122,12 +122,39 @@ class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         m = cast(nn.Conv2d, module)
         return m.weight[0].numel(), m.out_channels // m.groups
 
-    def features(self, inp: Tensor) -> Tensor:  # noqa: D102
+    def _group_input(self, inp: Tensor) -> Tensor:
+        """The group's input channels, padded the way the layer pads them."""
         m = cast(nn.Conv2d, self.module)
         if self.groups > 1:
             per = m.in_channels // self.groups
             inp = inp[:, self.group * per : (self.group + 1) * per]
-        inp = _pad_like(m, inp)
+        return _pad_like(m, inp)
+
+    def mean_features(self, inp: Tensor) -> tuple[Tensor, int]:
+        """The patches' average over the output positions, without forming the patches.
+
+        Patch entry ``(c, i)`` at output position ``h`` is ``x[c, h s + i d]`` (stride ``s``,
+        dilation ``d``, per spatial dimension), so its sum over the positions is the
+        correlation of ``x[c]`` with a kernel of ones the size of the output, taken with
+        stride ``d`` and dilation ``s``: one convolution of one channel, several times
+        cheaper than the unfold (digits CNN: 0.4 against 1.4 ms).
+        """
+        m = cast(nn.Conv2d, self.module)
+        x = self._group_input(inp)
+        k, d, s = m.kernel_size, m.dilation, m.stride
+        space = x.shape[2:]
+        out = [(space[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(len(k))]
+        n, C = x.shape[:2]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(k) - 1]
+        ones = x.new_ones((1, 1, *out))
+        sums = conv(x.reshape(n * C, 1, *space), ones, stride=d, dilation=s)
+        sums = sums[(..., *(slice(0, ki) for ki in k))]  # offsets past the kernel: slack
+        T = math.prod(out)
+        return (sums.reshape(n, 1, C * math.prod(k)) / T), T
+
+    def features(self, inp: Tensor) -> Tensor:  # noqa: D102
+        m = cast(nn.Conv2d, self.module)
+        inp = self._group_input(inp)
         k, d, s = m.kernel_size, m.dilation, m.stride
         if self.spatial == 3:
             return _unfold(inp, k, d, s)

@@ -225,6 +225,15 @@ class LayerRule:
         """The layer input as ``[n, T, d_in]`` rows (positions ``T``), without the bias."""
         return inp.reshape(inp.shape[0], -1, self.d_in)
 
+    def mean_features(self, inp: Tensor) -> tuple[Tensor, int]:
+        """``(rows, T)``: :meth:`features` averaged over the ``T`` positions, ``[n, 1, d_in]``.
+
+        What ``"reduce"`` needs; a rule whose rows are costly to form (a convolution's
+        patches) computes the average without them.
+        """
+        rows = self.features(inp)
+        return rows.mean(1, keepdim=True), rows.shape[1]
+
     def positions(self, g: Tensor) -> Tensor:
         """Output gradients ``[K, n, ...]`` as ``[K, n, T, d_G]`` (positions as in :meth:`features`)."""
         K, n = g.shape[:2]
@@ -251,11 +260,13 @@ class LayerRule:
         With ``"reduce"`` (the rule's own mode, or ``weight_sharing=``) the positions are
         averaged first: ``[n, 1, d_A]``.
         """
-        rows = self.features(inp)
-        if rows.shape[1] > 1:
+        if self._reduce(weight_sharing):
+            rows, positions = self.mean_features(inp)
+        else:
+            rows = self.features(inp)
+            positions = rows.shape[1]
+        if positions > 1:
             self.shared = True
-            if self._reduce(weight_sharing):
-                rows = rows.mean(1, keepdim=True)
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
         return rows
