@@ -193,8 +193,9 @@ def test_lissa_refuses_a_diverging_recursion():
     w = torch.ones(2, dtype=DT, requires_grad=True)
     opt = LiSSA([w], scale=10.0, depth=50)
     for k in range(1, 3):
-        with pytest.warns(ConvergenceWarning, match="recursion diverged"):
+        with pytest.warns(ConvergenceWarning, match="recursion diverged") as caught:
             opt.step(contract(opt, lambda: 0.5 * w @ A @ w))
+        assert caught[0].filename == __file__
         assert torch.equal(w.detach(), torch.ones(2, dtype=DT))
         st = opt.state[w]
         assert st["n_rejected"] == k and st["n_diverged"] == k and st["n_iter"] == 0

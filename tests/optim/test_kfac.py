@@ -115,11 +115,12 @@ def test_optimizer_trains_plain_loop_and_closure(fisher):
             for _ in range(15):
                 opt.step(closure_of(opt, model, loss_fn, X, y))
         else:
-            with pytest.warns(UserWarning, match="closure"):  # no Levenberg-Marquardt
+            with pytest.warns(UserWarning, match="closure") as caught:  # no Levenberg-Marquardt
                 for _ in range(15):
                     opt.zero_grad()
                     loss_fn(model(X), y).backward()
                     opt.step()
+            assert caught[0].filename == __file__
         assert loss_fn(model(X), y).item() < 0.7 * first
 
 
@@ -219,8 +220,9 @@ def test_nan_step_refused():
     opt.zero_grad()
     loss_fn(model(X), y).backward()
     model[0].weight.grad[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite"):
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
         opt.step()
+    assert caught[0].filename == __file__
     assert opt.last_info["skipped"]
     for p, b in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)

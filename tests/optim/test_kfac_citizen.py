@@ -431,8 +431,9 @@ def test_a_loss_computed_without_loss_fn_costs_one_batch_of_statistics_and_says_
 
     opt.step(closure)  # the loss call re-did the statistics: the next forward leaves them to it
     steps = opt.param_groups[0]["factor_steps"]
-    with pytest.warns(RuntimeWarning, match="adds no curvature statistics"):
+    with pytest.warns(RuntimeWarning, match="adds no curvature statistics") as caught:
         opt.step(lambda: closure(functional=True))
+    assert caught[0].filename == __file__
     assert opt.param_groups[0]["factor_steps"] == steps  # this batch added none
     opt.step(lambda: closure(functional=True))  # gathered in the forward pass again
     assert opt.param_groups[0]["factor_steps"] == steps + 1
@@ -744,6 +745,7 @@ def test_a_loss_on_a_function_of_the_output_is_reported_once():
         opt.step(closure(5.0))
     found = [w for w in seen if "re-arrangement of its elements" in str(w.message)]
     assert len(found) == 1 and issubclass(found[0].category, RuntimeWarning)
+    assert found[0].filename == __file__  # the loss line in the closure, not torch's Module
 
 
 def test_a_clipped_update_is_compared_with_the_model_of_the_step_taken():

@@ -66,8 +66,13 @@ def test_a_bad_quadratic_model_is_refused_for_its_step_without_momentum(case, mo
     theta0 = second.parameters_to_vector(model.parameters()).detach()
     monkeypatch.setattr(kfac_module, "step_coefficients", _bad_model(case))
     opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
-    with pytest.warns(RuntimeWarning, match="refused and replaced by the quadratic model's step"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         opt.step(closure_of(opt, model, loss_fn, X, y))
+    said = "refused and replaced by the quadratic model's step"
+    [refused] = [w for w in caught if said in str(w.message)]
+    assert issubclass(refused.category, RuntimeWarning)
+    assert refused.filename == __file__  # the opt.step line, not torch's step decorator
     assert opt.counters == {"n_skipped_steps": 0, "n_refused_steps": 1}
     assert opt.last_info["refused"]
     assert opt.last_info["alpha"] == pytest.approx(alpha, rel=1e-8)
@@ -148,8 +153,9 @@ def test_a_step_whose_loss_is_not_finite_is_taken_back(monkeypatch):
     damping = opt.param_groups[0]["damping"]
     # a finite, accepted model step so long that the loss after it overflows
     monkeypatch.setattr(kfac_module, "step_coefficients", lambda *a, **k: (1e300, 0.0, -1e-3))
-    with pytest.warns(RuntimeWarning, match="non-finite loss after the step"):
+    with pytest.warns(RuntimeWarning, match="non-finite loss after the step") as caught:
         opt.step(closure_of(opt, model, loss_fn, X, y))
+    assert caught[0].filename == __file__
     for p, b in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
     for k, v in state.items():  # the statistics of the taken-back step are not kept

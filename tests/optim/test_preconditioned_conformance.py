@@ -80,6 +80,7 @@ def test_nonfinite_gradient_refuses_the_step(name):
         x for x in w if issubclass(x.category, RuntimeWarning) and "refused" in str(x.message)
     ]
     assert len(refusals) == 1, [str(x.message) for x in w]
+    assert refusals[0].filename == __file__  # the opt.step line, not torch's step decorator
     assert opt.counters["n_refused"] == 2
     for p, q in zip(net.parameters(), params):
         assert torch.equal(p, q)

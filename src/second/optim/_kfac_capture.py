@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._errors import outside_stacklevel
 from .._losses import label_smoothing, target_weights
 from ..func.forward import RandomState
 from ..kfac import (
@@ -124,10 +125,11 @@ class KFACAttributes(torch.optim.Optimizer):
     _masks: dict[int, list[Tensor | None]]  # the last forward's dropout multipliers, per module
     _fwd_masks: dict[int, Tensor | None]  # those of the forward kept in _fwd, by chain position
 
-    def _warn_once(self, kind: str, message: str, stacklevel: int = 4) -> None:
+    def _warn_once(self, kind: str, message: str) -> None:
+        """A ``RuntimeWarning``, once per ``kind``, at the user's line (``opt.step``, the loss)."""
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+            warnings.warn(message, RuntimeWarning, stacklevel=outside_stacklevel())
 
 
 class KFACCapture(KFACAttributes):
@@ -232,7 +234,6 @@ class KFACCapture(KFACAttributes):
                     "KFAC: the loss was not computed with loss_fn from this forward's "
                     "output, so this batch adds no curvature statistics (the next "
                     "batches are gathered in the forward pass again). Warned once.",
-                    stacklevel=5,
                 )
             elif entry.this is not None:
                 if self._pending is None:
@@ -248,7 +249,6 @@ class KFACCapture(KFACAttributes):
                     "If the loss was computed another way (F.cross_entropy, another "
                     "CrossEntropyLoss instance, on out.reshape(-1, V)), call the loss_fn "
                     "given to KFAC instead. Warned once.",
-                    stacklevel=5,
                 )
 
     def _take_loss(self, entry: _Forward, view: LossView) -> None:
@@ -320,7 +320,6 @@ class KFACCapture(KFACAttributes):
             "the classes along one dim of the output and each position used once; not, for "
             "example, a soft-capped output or one filled by masked_fill), so the curvature "
             "is that of loss_fn on the output itself, its classes along dim 1. Warned once.",
-            stacklevel=6,
         )
         return True
 
@@ -344,7 +343,6 @@ class KFACCapture(KFACAttributes):
             "or transformed output): KFAC's statistics and quadratic model take the curvature "
             "of loss_fn on the whole output. Apply loss_fn to the output itself, or compute "
             "what the loss sees inside the model's forward. Warned once.",
-            stacklevel=6,
         )
 
     def _on_loss(self, args: tuple, kwargs: dict, output) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed as dist
+from .._errors import outside_stacklevel
 from ..func.checks import finite_flags
 from ._base import PARAM_SHAPES, check_state_dict_params, refuse_duplicates
 from ._options import check_nonneg, check_positive, hyperparameters
@@ -186,7 +187,7 @@ class PreconditionedOptimizer(Optimizer):
                 f"{type(self).__name__}: {why}; the step was refused (parameters and state "
                 "unchanged; counted in optimizer.counters['n_refused'])",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=outside_stacklevel(),
             )
             self._warned = True
 

@@ -65,6 +65,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .._errors import outside_stacklevel
 from .._losses import loss_kind, reduction_of
 from ..func.forward import RandomState
 from ..func.vectors import parameters_to_vector
@@ -513,7 +514,7 @@ class KFAC(KFACCapture, KFACUpdate):
                     warnings.warn(
                         "KFAC's Levenberg-Marquardt damping adaptation needs a closure "
                         "(opt.step(closure)); the damping stays fixed",
-                        stacklevel=2,
+                        stacklevel=outside_stacklevel(),
                     )
                     self._warned_closure = True
             elif not self._adapt_damping(closure, loss, info, group):

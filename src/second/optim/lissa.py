@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning
+from .._errors import ConvergenceWarning, outside_stacklevel
 from ..operators.base import CallableOperator
 from ..solvers import lissa_recursion
 from ..spectral.lanczos import extreme_eigenvalues
@@ -259,5 +259,5 @@ class LiSSA(NewtonTypeOptimizer):
                 else "raise scale (or damping)."
             ),
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
