@@ -148,7 +148,8 @@ class ConvRule(LayerRule, module_type=(nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         conv = (F.conv1d, F.conv2d, F.conv3d)[len(k) - 1]
         ones = x.new_ones((1, 1, *out))
         sums = conv(x.reshape(n * C, 1, *space), ones, stride=d, dilation=s)
-        sums = sums[(..., *(slice(0, ki) for ki in k))]  # offsets past the kernel: slack
+        for axis, ki in enumerate(k):  # offsets past the kernel (a stride's slack): dropped
+            sums = sums.narrow(2 + axis, 0, ki)
         T = math.prod(out)
         return (sums.reshape(n, 1, C * math.prod(k)) / T), T
 
