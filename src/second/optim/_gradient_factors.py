@@ -119,10 +119,12 @@ def _power_step(F: Tensor, Q: Tensor, side: str) -> dict:
     The QR runs in ``F``'s dtype, at least float32 (there is none in bfloat16 or float16),
     as :func:`second.kfac.sym_eigh` does; the basis is returned in ``F``'s dtype.
     """
-    est = (Q * (F @ Q)).sum(0)
-    order = torch.argsort(est, descending=True)
     work = F.dtype if F.dtype in (torch.float32, torch.float64) else torch.float32
-    Qn = torch.linalg.qr(F.to(work) @ Q[:, order].to(work)).Q.to(F.dtype)
+    Qw = Q.to(work)
+    FQ = F.to(work) @ Qw  # one product: the Rayleigh quotients' and, sorted, the QR's
+    est = (Qw * FQ).sum(0).to(F.dtype)
+    order = torch.argsort(est, descending=True)
+    Qn = torch.linalg.qr(FQ[:, order]).Q.to(F.dtype)
     return {f"l{side}": est[order].clamp_min(0.0), f"Q{side}": Qn, f"perm_{side}": order}
 
 
