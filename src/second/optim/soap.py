@@ -198,7 +198,7 @@ class SOAP(KroneckerFactoredOptimizer):
         return super().step(closure)
 
     def state_dict(self) -> dict:
-        """The state of :class:`~second.optim.Shampoo`'s shell, and where ``exp_avg`` is held."""
+        """The optimizer's state, marked with where ``exp_avg`` is held (the eigenbasis)."""
         sd = super().state_dict()
         sd[_MOMENT_KEY] = "eigenbasis"
         return sd
