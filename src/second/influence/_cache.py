@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._errors import outside_stacklevel
+
 __all__ = ["DiskCache", "fingerprint", "chunk_digest", "STALE_TMP_SECONDS", "CacheStore"]
 
 STALE_TMP_SECONDS = 3600.0
@@ -247,7 +249,7 @@ class DiskCache:
         warnings.warn(
             f"ignoring cache file {path or self.path(name)}: {why}; recomputing it",
             UserWarning,
-            stacklevel=4,
+            stacklevel=outside_stacklevel(),
         )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._errors import outside_stacklevel
 from .._losses import class_target_weights
 from ..data import SamePassCheck, Task, iterate_batches, tensor_leaves
 from ..func.per_example import ModelFunction
@@ -205,7 +206,7 @@ def warn_ignored(examples: Examples, loss_fn) -> None:
             "their loss is ignored, so their gradient and every influence score involving "
             "them are zero",
             UserWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
 
 

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._errors import NegativeCurvatureWarning
+from .._errors import NegativeCurvatureWarning, outside_stacklevel
 from ..func.dense import eigenvalue_cutoff
 from ..solvers import lowrank_inverse, solve
 
@@ -46,7 +46,7 @@ class DenseInverse:
                 f"{cut:.2e}): using the pseudo-inverse. Pass damping > 0 (the training run's "
                 "weight decay, at least).",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=outside_stacklevel(),
             )
         if bool((evals < -cut).any()):
             warnings.warn(
@@ -55,7 +55,7 @@ class DenseInverse:
                 "not a leave-one-out estimate there. Use curvature='ggn', or damping "
                 f">= {-float(evals.min()):.3e}.",
                 NegativeCurvatureWarning,
-                stacklevel=4,
+                stacklevel=outside_stacklevel(),
             )
         self.eigenvalues = evals
         self.eigenvectors = evecs

@@ -328,7 +328,7 @@ def _finish(x, converged, iterations, matvecs, history, normal_history, message,
         method="lsmr",
         info=info,
     )
-    return report(res, warn, stacklevel=4)
+    return report(res, warn)
 
 
 def _validate(A, b, x0):

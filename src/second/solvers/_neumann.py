@@ -98,7 +98,7 @@ def neumann_solve(
             X, converged=converged, iterations=iterations, residual_norms=history,
             method="neumann", info=info, message=message, **flags,
         )  # fmt: skip
-        return res if converged else report(res, warn, stacklevel=4)
+        return res if converged else report(res, warn)
 
     if scale is None:
         scale, lo, hi = _auto_scale(op, lanczos_steps, None)

@@ -10,7 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning, NegativeCurvatureWarning, NonFiniteError
+from .._errors import (
+    ConvergenceWarning,
+    NegativeCurvatureWarning,
+    NonFiniteError,
+    outside_stacklevel,
+)
 from ..func.vectors import column_norms, parameters_to_vector, vector_to_parameters, wide
 from ..operators.base import LinearOperator, aslinearoperator
 from ..operators.wrap import DenseOperator
@@ -285,12 +290,17 @@ def check_true_residual(op, b: Tensor, x: Tensor, threshold: float):
     return true_r, floor, true_r <= threshold + floor
 
 
-def report(res: SolveResult, warn: bool, stacklevel: int = 3) -> SolveResult:
+def report(res: SolveResult, warn: bool, stacklevel: int | None = None) -> SolveResult:
     """Warn about a solve that did not converge or met negative curvature; return ``res``.
 
     The one place where the solvers (and the applications that build a :class:`SolveResult`
     themselves) turn a result's flags into a ``ConvergenceWarning`` or a
     ``NegativeCurvatureWarning``.
+
+    The warning points at the first frame outside ``second`` and ``torch``: the user's
+    line, however deep in the library the solve was reached (a solver called directly,
+    through :func:`second.solve`, an inverse operator or an application). An explicit
+    ``stacklevel`` goes to ``warnings.warn`` as it is (2: the caller of ``report``).
 
     Example:
         >>> import warnings
@@ -306,6 +316,8 @@ def report(res: SolveResult, warn: bool, stacklevel: int = 3) -> SolveResult:
     """
     if not warn:
         return res
+    if stacklevel is None:
+        stacklevel = outside_stacklevel()
     if res.negative_curvature and not res.converged and res.info.get("warn_negative", True):
         warnings.warn(
             f"{res.method}: {res.message}", NegativeCurvatureWarning, stacklevel=stacklevel
@@ -434,7 +446,7 @@ def by_columns(solver, pb: Problem, warn: bool, **options) -> SolveResult:
             "warn_negative": False,
         },
     )
-    return report(res, warn, stacklevel=4)
+    return report(res, warn)
 
 
 def callbacks(callback, x: Tensor, problem: Problem) -> None:

@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .._errors import ConvergenceWarning
+from .._errors import ConvergenceWarning, outside_stacklevel
 from .._progress import progress
 from ..func.inner import gram, project_off, rows_per_chunk
 from ..operators.base import aslinearoperator
@@ -452,7 +452,7 @@ def eigsh(
         },
     )
     if warn and not result.converged:
-        warnings.warn(f"eigsh: {message}", ConvergenceWarning, stacklevel=2)
+        warnings.warn(f"eigsh: {message}", ConvergenceWarning, stacklevel=outside_stacklevel())
     if return_result:
         return result
     if not return_eigenvectors:
