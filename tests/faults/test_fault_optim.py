@@ -280,5 +280,18 @@ def test_a_state_for_another_number_of_parameters_is_refused(cls):
 def test_the_own_state_still_loads(cls):
     model = _two_layer(4, 8)
     src, _ = _trained(cls, model)
-    twin = _two_layer(4, 8)
-    _fresh(cls, twin).load_state_dict(src.state_dict())
+    twin = _fresh(cls, _two_layer(4, 8))
+    twin.load_state_dict(src.state_dict())
+    saved, loaded = src.state_dict(), twin.state_dict()
+    assert saved.keys() == loaded.keys() and saved["state"].keys() == loaded["state"].keys()
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b or (a != a and b != b)  # NaN-valued entries count as equal
+
+    assert same(saved, loaded)
