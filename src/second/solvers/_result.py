@@ -314,15 +314,15 @@ def report(res: SolveResult, warn: bool, stacklevel: int | None = None) -> Solve
         >>> caught[0].category.__name__
         'ConvergenceWarning'
     """
-    if not warn:
+    if not warn or res.converged:
         return res
-    if stacklevel is None:
+    if stacklevel is None:  # the stack is walked only for a warning
         stacklevel = outside_stacklevel()
-    if res.negative_curvature and not res.converged and res.info.get("warn_negative", True):
+    if res.negative_curvature and res.info.get("warn_negative", True):
         warnings.warn(
             f"{res.method}: {res.message}", NegativeCurvatureWarning, stacklevel=stacklevel
         )
-    elif not res.converged:
+    else:
         warnings.warn(f"{res.method}: {res.message}", ConvergenceWarning, stacklevel=stacklevel)
     return res
 
