@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._errors import outside_stacklevel
 from .._progress import progress
 from .products import (
     GGNGraph,
@@ -91,7 +92,8 @@ def dense_from_matmat(
         if matvec is None or "batch" not in str(err).lower() and "vmap" not in str(err).lower():
             raise
         warnings.warn(
-            f"batched product failed ({err}); assembling the matrix column by column", stacklevel=3
+            f"batched product failed ({err}); assembling the matrix column by column",
+            stacklevel=outside_stacklevel(),
         )
         for i in range(n):
             e = torch.zeros(n, dtype=dtype, device=device)

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .._deprecation import renamed_keyword
-from .._errors import NonFiniteError, quiet_batching_notes
+from .._errors import NonFiniteError, outside_stacklevel, quiet_batching_notes
 from ..data import Task, as_task, call_model, map_batch
 from .vectors import parameters_to_vector, vector_to_parameters
 
@@ -65,7 +65,7 @@ def map_examples(fn: Callable[..., Any], *args: Any) -> Any:
     except (RuntimeError, NotImplementedError) as err:
         warnings.warn(
             f"vmap over examples failed ({type(err).__name__}: {str(err)[:200]}); {_LOOP_HINT}",
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
     n = tree_leaves(args)[0].shape[0]
     outs = [fn(*tree_map(lambda t, i=i: t[i], args)) for i in range(n)]
@@ -294,7 +294,7 @@ class ModelFunction:
                 warnings.warn(
                     f"vmap over examples failed ({type(err).__name__}: {str(err)[:200]}); "
                     f"{_LOOP_HINT}",
-                    stacklevel=3,
+                    stacklevel=outside_stacklevel(),
                 )
         n = self.task.batch_size(batch)
         return torch.stack([fn(self.task.take(batch, i)) for i in range(n)])

@@ -214,7 +214,7 @@ def hypergradient(
         if x0 is not None:
             x0_leaves, _ = flatten(x0, "x0")
             x0_flat = parameters_to_vector([t.detach() for t in x0_leaves]).to(b.dtype)
-        res = solve_symmetric(matvec, b, **options, x0=x0_flat, stacklevel=4)
+        res = solve_symmetric(matvec, b, **options, x0=x0_flat)
         v = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
         vs = vector_to_parameters(v.detach(), ws)
         res.x = w_struct.unflatten([t.clone() for t in vs])

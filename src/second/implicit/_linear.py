@@ -102,13 +102,13 @@ def solve_symmetric(
     psd: bool = False,
     warn: bool = True,
     what: str = "the inner Hessian",
-    stacklevel: int = 4,
 ) -> SolveResult:
     """Solve ``(A + damping I) x = b`` for a symmetric ``A`` known by ``matvec``.
 
     ``method="auto"`` runs CG and, if CG meets non-positive curvature, warns
     (:class:`~second.NegativeCurvatureWarning`) and restarts with MINRES from CG's
-    last iterate. Any other method is passed to :func:`second.solve`.
+    last iterate. Any other method is passed to :func:`second.solve`. Its warnings point at
+    the first line outside ``second`` and torch (the user's call, or their ``backward()``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -131,7 +131,7 @@ def solve_symmetric(
                 "point or a flat direction; switching to MINRES (add damping, or run the "
                 "inner solver longer, if a minimum was intended)",
                 NegativeCurvatureWarning,
-                stacklevel=stacklevel,
+                stacklevel=outside_stacklevel(),
             )
         cg_matvecs = res.matvecs
         kwargs["x0"] = res.x
@@ -140,7 +140,7 @@ def solve_symmetric(
         res.info["fallback_from"] = "cg"
         res.method = "cg->minres"
     elif not res.converged and warn:
-        report(res, warn, stacklevel=stacklevel)
+        report(res, warn)
     return res
 
 

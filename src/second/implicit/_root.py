@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .._errors import outside_stacklevel
 from ..func.attention import differentiable_attention
 from ..func.dense import dense_from_matmat
 from ..func.products import check_finite, grad_checked
@@ -295,13 +294,7 @@ def _adjoint_solve(
     if spec.symmetric:
         if check:  # the Jacobian is symmetric: J^T's products are J's
             step = newton_step(vjp_w, f, damping=opts["damping"], maxiter=opts["maxiter"])
-        res = solve_symmetric(
-            vjp_w,
-            b,
-            **opts,
-            what="the Jacobian of optimality_fn",
-            stacklevel=outside_stacklevel() + 1,  # a warning in solve_symmetric
-        )
+        res = solve_symmetric(vjp_w, b, **opts, what="the Jacobian of optimality_fn")
         u = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
     else:
         res = None

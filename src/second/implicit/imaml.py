@@ -223,7 +223,7 @@ def meta_gradient(
         def matvec(v: Tensor) -> Tensor:
             return v + hvp(v) / lam
 
-        res = solve_symmetric(matvec, b, **options, what="I + H/lambda", stacklevel=4)
+        res = solve_symmetric(matvec, b, **options, what="I + H/lambda")
     x = res.x if isinstance(res.x, Tensor) else parameters_to_vector(res.x)
     grad = struct.unflatten([t.clone() for t in vector_to_parameters(x.detach(), ws)])
     res.x = grad
