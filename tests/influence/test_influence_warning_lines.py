@@ -16,12 +16,22 @@ from second import ConvergenceWarning, Influence, NegativeCurvatureWarning
 KW = dict(progressbar=False)
 
 
-def _caught(fn, category, match=""):
+def _caught(fn, category, match="", at=None):
+    """The warnings of ``category`` that ``fn()`` raised; each must point inside the body of
+    ``at`` (``fn`` unless given: the function of this file that made the library call).
+
+    The line matters, not only the file: a stacklevel one too large lands at ``fn()`` below,
+    in this file too.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fn()
     caught = [w for w in caught if issubclass(w.category, category) and match in str(w.message)]
     assert caught, f"no {category.__name__} matching {match!r}"
+    at = fn if at is None else at
+    lines = {line for _, _, line in at.__code__.co_lines() if line is not None}
+    where = [(w.filename, w.lineno) for w in caught]
+    assert all(w.filename == __file__ and w.lineno in lines for w in caught), where
     return caught
 
 
@@ -38,10 +48,7 @@ def _unconverged(method):  # a nearly undamped curvature in two iterations
 def test_an_unconverged_solve_warns_at_the_callers_line(method, entry):
     inf, test = _unconverged(method), data(2, seed=2)
     call = getattr(inf, entry)
-    caught = _caught(
-        lambda: call() if entry == "self_influence" else call(test), ConvergenceWarning
-    )
-    assert all(w.filename == __file__ for w in caught)
+    _caught(lambda: call() if entry == "self_influence" else call(test), ConvergenceWarning)
 
 
 @pytest.mark.parametrize("entry", ["scores", "self_influence", "top_k"])
@@ -49,8 +56,7 @@ def test_the_dense_inverse_of_an_indefinite_curvature_warns_at_the_callers_line(
     inf = Influence(mlp(), nn.CrossEntropyLoss(), data(24), damping=REG, **KW)
     call = getattr(inf, entry)
     run = (lambda: call()) if entry == "self_influence" else (lambda: call(data(1, seed=2)))
-    caught = _caught(run, NegativeCurvatureWarning, "negative eigenvalue")
-    assert caught[0].filename == __file__
+    _caught(run, NegativeCurvatureWarning, "negative eigenvalue")
 
 
 @pytest.mark.parametrize("entry", ["scores", "self_influence"])
@@ -66,8 +72,7 @@ def test_the_dense_pseudo_inverse_warns_at_the_callers_line(entry):
         if entry == "self_influence"
         else (lambda: inf.scores((X[:1], y[:1])))
     )
-    caught = _caught(run, UserWarning, "singular")
-    assert caught[0].filename == __file__
+    _caught(run, UserWarning, "singular")
 
 
 def test_a_lowrank_inverses_uncertified_eigenpairs_warn_at_the_callers_line():
@@ -75,8 +80,7 @@ def test_a_lowrank_inverses_uncertified_eigenpairs_warn_at_the_callers_line():
         mlp(), nn.CrossEntropyLoss(), data(12), curvature="ggn", method="lowrank", rank=3,
         damping=REG, solver_options={"eig_tol": 1e-300}, **KW,
     )  # fmt: skip
-    caught = _caught(lambda: inf.scores(data(2, seed=2)), ConvergenceWarning, "eigsh")
-    assert caught[0].filename == __file__
+    _caught(lambda: inf.scores(data(2, seed=2)), ConvergenceWarning, "eigsh")
 
 
 def _ignored(n, seed):
@@ -91,14 +95,12 @@ def test_ignored_test_examples_warn_at_the_callers_line(entry):
     curvature = "kfac" if entry == "kfac scores" else "hessian"
     inf = Influence(mlp(), nn.CrossEntropyLoss(), data(12), curvature=curvature, damping=1.0, **KW)
     call = getattr(inf, entry.split()[-1])
-    caught = _caught(lambda: call(_ignored(2, seed=3)), UserWarning, "ignore_index")
-    assert caught[0].filename == __file__
+    _caught(lambda: call(_ignored(2, seed=3)), UserWarning, "ignore_index")
 
 
 def test_ignored_training_examples_warn_at_the_callers_line():
     make = lambda: Influence(mlp(), nn.CrossEntropyLoss(), _ignored(6, seed=1), **KW)  # noqa: E731
-    caught = _caught(make, UserWarning, "ignore_index")
-    assert caught[0].filename == __file__
+    _caught(make, UserWarning, "ignore_index")
 
 
 @pytest.mark.parametrize("entry", ["scores", "self_influence"])
@@ -111,6 +113,6 @@ def test_a_rejected_cache_file_warns_at_the_callers_line(tmp_path, entry):
         if p.is_file():
             p.write_bytes(b"not a tensor file")
     again = Influence(model, loss_fn, train, **kw)
-    caught = _caught(lambda: run(again), UserWarning, "ignoring cache file")
+    # run's line, which made the library call; one frame too far is run(again), in this file
+    caught = _caught(lambda: run(again), UserWarning, "ignoring cache file", at=run)
     assert len(caught) >= 2  # the dense curvature's file and the results' files
-    assert all(w.filename == __file__ for w in caught)
