@@ -5,8 +5,6 @@ modules, and in _root.py under an implicit_root's backward)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -22,26 +20,10 @@ from second.func import (
     per_example_jacobians,
 )
 from second.spectral import ggn_diagonal
+from warning_lines import caught_at
 
 LOOP = "vmap over examples failed"
 COLUMNS = "assembling the matrix column by column"
-
-
-def _caught(fn, match, *args):
-    """The UserWarnings matching ``match`` that ``fn(*args)`` raised; each points inside ``fn``.
-
-    The line matters, not only the file: a stacklevel one too large lands at ``fn(*args)``,
-    in this file too.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn(*args)
-    caught = [w for w in caught if match in str(w.message)]
-    assert caught, f"no warning matching {match!r}"
-    lines = {line for _, _, line in fn.__code__.co_lines() if line is not None}
-    where = [(w.filename, w.lineno) for w in caught]
-    assert all(w.filename == __file__ and w.lineno in lines for w in caught), where
-    return caught
 
 
 def _gru_data():
@@ -74,7 +56,7 @@ PER_EXAMPLE = {
 @pytest.mark.parametrize("entry", list(PER_EXAMPLE))
 def test_the_loop_over_examples_warns_at_the_callers_line(entry):
     model, X, y = _gru_data()
-    _caught(PER_EXAMPLE[entry], LOOP, model, X, y)
+    caught_at(PER_EXAMPLE[entry], match=LOOP, args=(model, X, y))
 
 
 class _Cube(torch.autograd.Function):
@@ -128,12 +110,12 @@ DENSE = {
 @pytest.mark.parametrize("entry", list(DENSE))
 def test_the_column_by_column_assembly_warns_at_the_callers_line(entry):
     H, b = _hessian_operator()
-    _caught(DENSE[entry], COLUMNS, H, b)
+    caught_at(DENSE[entry], match=COLUMNS, args=(H, b))
 
 
 def test_exact_hessian_column_by_column_warns_at_the_callers_line():
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    _caught(lambda: exact_hessian(_Cube.apply(w).sum() ** 2, [w]), COLUMNS)
+    caught_at(lambda: exact_hessian(_Cube.apply(w).sum() ** 2, [w]), match=COLUMNS)
 
 
 def test_a_nonsymmetric_implicit_roots_jacobian_column_by_column_warns_at_the_callers_line():
@@ -142,4 +124,4 @@ def test_a_nonsymmetric_implicit_roots_jacobian_column_by_column_warns_at_the_ca
         return h ** (1 / 3)
 
     h = torch.tensor([1.0, 8.0], dtype=torch.float64, requires_grad=True)
-    _caught(lambda: cube_root(h).sum().backward(), COLUMNS)
+    caught_at(lambda: cube_root(h).sum().backward(), match=COLUMNS)

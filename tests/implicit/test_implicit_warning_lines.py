@@ -6,44 +6,20 @@ unconverged-CG report inside torch's autograd under an implicit_root."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from second import ConvergenceWarning, NegativeCurvatureWarning, hypergradient, imaml
 from second.implicit import implicit_root, stationary
+from warning_lines import caught_at, spectrum_matrix
 
 N = 12
 
 
-def _matrix(low: float, high: float) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
-    return Q @ torch.diag(torch.linspace(low, high, N, dtype=torch.float64)) @ Q.T
-
-
-ILL = _matrix(1.0, 1e4)  # two CG iterations do not converge
-INDEFINITE = _matrix(-1.0, 5.0)  # CG meets negative curvature: MINRES fallback
-WELL = _matrix(1.0, 2.0)
+ILL = spectrum_matrix(1.0, 1e4, N)  # two CG iterations do not converge
+INDEFINITE = spectrum_matrix(-1.0, 5.0, N)  # CG meets negative curvature: MINRES fallback
+WELL = spectrum_matrix(1.0, 2.0, N)
 H0 = torch.linspace(1.0, 2.0, N, dtype=torch.float64)
-
-
-def _caught(fn, category, match=""):
-    """The warnings of ``category`` that ``fn()`` raised; each must point inside ``fn``'s body.
-
-    The line matters, not only the file: a stacklevel one too large lands at ``fn()`` below,
-    in this file too.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn()
-    caught = [w for w in caught if issubclass(w.category, category) and match in str(w.message)]
-    assert caught, f"no {category.__name__} matching {match!r}"
-    lines = {line for _, _, line in fn.__code__.co_lines() if line is not None}
-    where = [(w.filename, w.lineno) for w in caught]
-    assert all(w.filename == __file__ and w.lineno in lines for w in caught), where
-    return caught
 
 
 def _inner(A):
@@ -76,7 +52,7 @@ CASES = {  # (matrix, options, category, match)
 def test_hypergradient_warns_at_the_callers_line(case):
     A, options, category, match = CASES[case]
     w = torch.linalg.solve(A, H0)
-    _caught(lambda: hypergradient(_inner(A), _outer, w, H0.clone(), **options), category, match)
+    caught_at(lambda: hypergradient(_inner(A), _outer, w, H0.clone(), **options), category, match)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -86,7 +62,7 @@ def test_hypergradient_of_imamls_proximal_problem_warns_at_the_callers_line(case
     inner = imaml.proximal(lambda w: 0.5 * w @ A @ w, lam)
     theta = torch.ones(N, dtype=torch.float64)
     w = torch.linalg.solve(torch.eye(N, dtype=A.dtype) + A / lam, theta)
-    _caught(lambda: hypergradient(inner, _outer, w, theta, **options), category, match)
+    caught_at(lambda: hypergradient(inner, _outer, w, theta, **options), category, match)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -94,7 +70,7 @@ def test_imaml_meta_gradient_warns_at_the_callers_line(case):
     A, options, category, match = CASES[case]
     task, test = (lambda w: 0.5 * w @ A @ w), (lambda w: w.sum())
     theta = torch.ones(N, dtype=torch.float64)
-    _caught(lambda: imaml.meta_gradient(task, test, theta, lam=0.5, **options), category, match)
+    caught_at(lambda: imaml.meta_gradient(task, test, theta, lam=0.5, **options), category, match)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -110,12 +86,12 @@ def test_an_implicit_roots_backward_warns_at_the_callers_line(case, entry):
         else:
             torch.autograd.grad(_outer(solve(h), h), h, create_graph=entry == "create_graph")
 
-    _caught(backward, category, match)
+    caught_at(backward, category, match)
 
 
 def test_an_unsolved_inner_problem_warns_at_the_callers_line():
     w = torch.zeros(N, dtype=torch.float64)  # far from A^-1 h
-    _caught(
+    caught_at(
         lambda: hypergradient(_inner(WELL), _outer, w, H0.clone()),
         ConvergenceWarning,
         "inner problem is not solved",
@@ -129,4 +105,4 @@ def test_an_implicit_roots_output_that_is_not_a_root_warns_at_the_callers_line(s
         return torch.zeros_like(h)  # not the root
 
     h = H0.clone().requires_grad_()
-    _caught(lambda: _outer(solve(h), h).backward(), ConvergenceWarning, "not a root")
+    caught_at(lambda: _outer(solve(h), h).backward(), ConvergenceWarning, "not a root")

@@ -3,7 +3,6 @@ fixed stacklevels landed in _influence.py, _curvature.py or second's solvers).""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,27 +11,9 @@ from torch import nn
 
 from influence_cases import REG, data, mlp
 from second import ConvergenceWarning, Influence, NegativeCurvatureWarning
+from warning_lines import caught_at
 
 KW = dict(progressbar=False)
-
-
-def _caught(fn, category, match="", at=None):
-    """The warnings of ``category`` that ``fn()`` raised; each must point inside the body of
-    ``at`` (``fn`` unless given: the function of this file that made the library call).
-
-    The line matters, not only the file: a stacklevel one too large lands at ``fn()`` below,
-    in this file too.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn()
-    caught = [w for w in caught if issubclass(w.category, category) and match in str(w.message)]
-    assert caught, f"no {category.__name__} matching {match!r}"
-    at = fn if at is None else at
-    lines = {line for _, _, line in at.__code__.co_lines() if line is not None}
-    where = [(w.filename, w.lineno) for w in caught]
-    assert all(w.filename == __file__ and w.lineno in lines for w in caught), where
-    return caught
 
 
 def _unconverged(method):  # a nearly undamped curvature in two iterations
@@ -48,7 +29,7 @@ def _unconverged(method):  # a nearly undamped curvature in two iterations
 def test_an_unconverged_solve_warns_at_the_callers_line(method, entry):
     inf, test = _unconverged(method), data(2, seed=2)
     call = getattr(inf, entry)
-    _caught(lambda: call() if entry == "self_influence" else call(test), ConvergenceWarning)
+    caught_at(lambda: call() if entry == "self_influence" else call(test), ConvergenceWarning)
 
 
 @pytest.mark.parametrize("entry", ["scores", "self_influence", "top_k"])
@@ -56,7 +37,7 @@ def test_the_dense_inverse_of_an_indefinite_curvature_warns_at_the_callers_line(
     inf = Influence(mlp(), nn.CrossEntropyLoss(), data(24), damping=REG, **KW)
     call = getattr(inf, entry)
     run = (lambda: call()) if entry == "self_influence" else (lambda: call(data(1, seed=2)))
-    _caught(run, NegativeCurvatureWarning, "negative eigenvalue")
+    caught_at(run, NegativeCurvatureWarning, "negative eigenvalue")
 
 
 @pytest.mark.parametrize("entry", ["scores", "self_influence"])
@@ -72,7 +53,7 @@ def test_the_dense_pseudo_inverse_warns_at_the_callers_line(entry):
         if entry == "self_influence"
         else (lambda: inf.scores((X[:1], y[:1])))
     )
-    _caught(run, UserWarning, "singular")
+    caught_at(run, UserWarning, "singular")
 
 
 def test_a_lowrank_inverses_uncertified_eigenpairs_warn_at_the_callers_line():
@@ -80,7 +61,7 @@ def test_a_lowrank_inverses_uncertified_eigenpairs_warn_at_the_callers_line():
         mlp(), nn.CrossEntropyLoss(), data(12), curvature="ggn", method="lowrank", rank=3,
         damping=REG, solver_options={"eig_tol": 1e-300}, **KW,
     )  # fmt: skip
-    _caught(lambda: inf.scores(data(2, seed=2)), ConvergenceWarning, "eigsh")
+    caught_at(lambda: inf.scores(data(2, seed=2)), ConvergenceWarning, "eigsh")
 
 
 def _ignored(n, seed):
@@ -95,12 +76,12 @@ def test_ignored_test_examples_warn_at_the_callers_line(entry):
     curvature = "kfac" if entry == "kfac scores" else "hessian"
     inf = Influence(mlp(), nn.CrossEntropyLoss(), data(12), curvature=curvature, damping=1.0, **KW)
     call = getattr(inf, entry.split()[-1])
-    _caught(lambda: call(_ignored(2, seed=3)), UserWarning, "ignore_index")
+    caught_at(lambda: call(_ignored(2, seed=3)), UserWarning, "ignore_index")
 
 
 def test_ignored_training_examples_warn_at_the_callers_line():
     make = lambda: Influence(mlp(), nn.CrossEntropyLoss(), _ignored(6, seed=1), **KW)  # noqa: E731
-    _caught(make, UserWarning, "ignore_index")
+    caught_at(make, UserWarning, "ignore_index")
 
 
 @pytest.mark.parametrize("entry", ["scores", "self_influence"])
@@ -114,5 +95,5 @@ def test_a_rejected_cache_file_warns_at_the_callers_line(tmp_path, entry):
             p.write_bytes(b"not a tensor file")
     again = Influence(model, loss_fn, train, **kw)
     # run's line, which made the library call; one frame too far is run(again), in this file
-    caught = _caught(lambda: run(again), UserWarning, "ignoring cache file", at=run)
+    caught = caught_at(lambda: run(again), UserWarning, "ignoring cache file", at=run)
     assert len(caught) >= 2  # the dense curvature's file and the results' files
