@@ -6,6 +6,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -112,6 +113,66 @@ class EigshResult:
         return float(self.matvecs)
 
 
+@overload
+def eigsh(
+    A,
+    k: int = 6,
+    which: str = "LA",
+    *,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    tol: float = 1e-6,
+    criterion: str = "residual",
+    maxiter: int | None = None,
+    v0: Tensor | None = None,
+    return_eigenvectors: Literal[True] = True,
+    return_result: Literal[False] = False,
+    generator: torch.Generator | None = None,
+    warn: bool = True,
+    progressbar: bool | None = None,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def eigsh(
+    A,
+    k: int = 6,
+    which: str = "LA",
+    *,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    tol: float = 1e-6,
+    criterion: str = "residual",
+    maxiter: int | None = None,
+    v0: Tensor | None = None,
+    return_eigenvectors: Literal[False],
+    return_result: Literal[False] = False,
+    generator: torch.Generator | None = None,
+    warn: bool = True,
+    progressbar: bool | None = None,
+) -> Tensor: ...
+
+
+@overload
+def eigsh(
+    A,
+    k: int = 6,
+    which: str = "LA",
+    *,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    tol: float = 1e-6,
+    criterion: str = "residual",
+    maxiter: int | None = None,
+    v0: Tensor | None = None,
+    return_eigenvectors: bool = True,
+    return_result: Literal[True],
+    generator: torch.Generator | None = None,
+    warn: bool = True,
+    progressbar: bool | None = None,
+) -> EigshResult: ...
+
+
 def eigsh(
     A,
     k: int = 6,
@@ -128,7 +189,7 @@ def eigsh(
     generator: torch.Generator | None = None,
     warn: bool = True,
     progressbar: bool | None = None,
-):
+) -> tuple[Tensor, Tensor] | Tensor | EigshResult:
     r"""A few eigenpairs of a symmetric operator, by block Lanczos with thick restarts.
 
     SciPy-shaped. ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic,
@@ -457,6 +518,7 @@ def eigsh(
         return result
     if not return_eigenvectors:
         return result.eigenvalues
+    assert result.eigenvectors is not None  # formed whenever they are returned
     return result.eigenvalues, result.eigenvectors
 
 
