@@ -129,6 +129,45 @@ def test_a_group_added_late_takes_its_first_step_with_an_estimate():
     assert opt.state[a]["hessian_step"] == 3 and opt.state[b]["hessian_step"] == 3
 
 
+class _Counted(torch.autograd.Function):
+    """The identity, counting the backward passes through it (a differentiable backward)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _Counted.calls += 1
+        return g * 1.0
+
+
+def test_an_off_schedule_first_estimate_differentiates_the_late_parameters_alone():
+    # b's first estimate on step 2 (off the schedule) needs b's gradient with its graph and a
+    # product through b's part of the model; a (estimated on the schedule) is not
+    # differentiated again: the only backward through a's branch is the closure's
+    a, b = _params()
+    opt = so.AdaHessian([a], update_period=2, **KW)
+
+    def closure():
+        opt.zero_grad()
+        loss = _quadratic(_Counted.apply(a), b)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.add_param_group({"params": [b]})
+    _Counted.calls = 0
+    opt.step(closure)
+    assert _Counted.calls == 1
+    ones = torch.ones(2, dtype=torch.float64)
+    torch.testing.assert_close(b.detach(), _reference(ones, CURV["b"], [2], {2}))
+    torch.testing.assert_close(a.detach(), _reference(ones, CURV["a"], [1, 2], {1}))
+    assert opt.state[a]["hessian_step"] == 1 and opt.state[b]["hessian_step"] == 1
+
+
 def test_an_unfrozen_parameter_takes_its_first_step_with_an_estimate():
     a, b = _params()
     b.requires_grad_(False)

@@ -238,7 +238,8 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
 
         ``grads`` has ``None`` for a parameter without a gradient; ``scope`` is ``None``
         (the estimate is for every parameter) or the parameters whose first estimate was
-        taken off the schedule (the estimate is for them only).
+        taken off the schedule (the estimate is for them alone, in ``params``' order: only
+        their gradient is differentiated).
         """
         params = self._trainable()
         owner = type(self).__name__
@@ -261,18 +262,21 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                 warn_closure_misuse(self, res)
                 loss = res.loss
                 scope = None
+                targets = params
                 if not due:
                     late = {p for p, k in zip(params, kept) if k is not None and p in waiting}
                     if not late:
                         return loss.detach(), params, kept, None, None
-                    # their first step: their first estimate, now (a gradient with its graph)
+                    # their first step: their first estimate, now, for them alone (a
+                    # gradient with its graph and a product through their part of the model)
+                    targets = [p for p in params if p in late]
                     grads = torch.autograd.grad(
-                        loss, params, create_graph=True, retain_graph=True, allow_unused=True
+                        loss, targets, create_graph=True, retain_graph=True, allow_unused=True
                     )
                     scope = late
                 if not self._finite(grads, params[0].device):
                     return loss.detach(), params, kept, None, None
-                est = self._estimate(loss, grads, params)
+                est = self._estimate(loss, grads, targets)
             return loss.detach(), params, kept, est, scope
         current = [p.grad for p in params]
         live = [g for g in current if g is not None]
@@ -293,8 +297,12 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                 )
             # a parameter's first estimate needs the graph too: it waits (not stepped)
             return None, params, current, None, None
+        targets, used = params, current
+        if not due:  # the late parameters' first estimates, for them alone
+            targets = [p for p in params if p in late]
+            used = [p.grad for p in targets]
         with torch.enable_grad():
-            est = self._estimate(None, current, params)
+            est = self._estimate(None, used, targets)
         detached = [None if g is None else g.detach() for g in current]
         for p, g in zip(params, detached):
             if g is not None:
@@ -325,9 +333,9 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
             if not self._finite(est, device):
                 self._refuse("the curvature estimate has NaN or Inf entries")
                 return loss
-        estimate = dict(zip(params, est)) if est is not None else {}
-        if scope is not None:  # first estimates off the schedule: for those parameters only
-            estimate = {p: e for p, e in estimate.items() if p in scope}
+        # off the schedule the estimate is for the late parameters only (``scope``)
+        targets = params if scope is None else [p for p in params if p in scope]
+        estimate = dict(zip(targets, est)) if est is not None else {}
         index = {p: i for i, p in enumerate(params)}
         ps, updates, states = [], [], []
         for group in self.param_groups:
