@@ -18,7 +18,7 @@ GOOD = """
     from typing_extensions import assert_type
 
     from second import eigsh, trace
-    from second.spectral import EigshResult, Estimate, diagonal
+    from second.spectral import Density, EigshResult, Estimate, diagonal, spectral_density
 
     A = torch.eye(4)
     assert_type(eigsh(A, k=2), tuple[Tensor, Tensor])
@@ -30,6 +30,8 @@ GOOD = """
     assert_type(trace(A, return_result=True), Estimate)
     assert_type(diagonal(A), Tensor)
     assert_type(diagonal(A, return_result=True), Estimate)
+    assert_type(spectral_density(A), tuple[Tensor, Tensor, Tensor, Tensor])
+    assert_type(spectral_density(A, return_result=True), Density)
 """
 
 BAD = """

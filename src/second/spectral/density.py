@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -41,6 +42,32 @@ class Density:
     nodes: Tensor
     weights: Tensor
     matvecs: int
+
+
+@overload
+def spectral_density(
+    A,
+    *,
+    num_probes: int = 10,
+    lanczos_steps: int = 80,
+    grid: Tensor | int = 200,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+    return_result: Literal[False] = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+
+@overload
+def spectral_density(
+    A,
+    *,
+    num_probes: int = 10,
+    lanczos_steps: int = 80,
+    grid: Tensor | int = 200,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+    return_result: Literal[True],
+) -> Density: ...
 
 
 def spectral_density(
