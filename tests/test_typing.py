@@ -17,10 +17,21 @@ GOOD = """
     from torch import Tensor
     from typing_extensions import assert_type
 
-    from second import eigsh, trace
+    from second import eigsh, gvp, hvp, jvp, trace, vjp
     from second.spectral import Density, EigshResult, Estimate, diagonal, spectral_density
 
     A = torch.eye(4)
+    w = torch.ones(3, requires_grad=True)
+    loss = (w**3).sum()
+    assert_type(hvp(loss, [w], torch.ones(3)), Tensor)
+    assert_type(hvp(loss, [w], torch.ones(3), flatten=False), tuple[Tensor, ...])
+    assert_type(hvp(loss, [w], torch.ones(3), True, False), tuple[Tensor, ...])
+    assert_type(gvp(loss, w * 2, [w], torch.ones(3)), Tensor)
+    assert_type(gvp(loss, w * 2, [w], torch.ones(3), flatten=False), tuple[Tensor, ...])
+    assert_type(jvp(w * 2, [w], torch.ones(3)), Tensor)
+    assert_type(jvp(w * 2, [w], torch.ones(3), flatten=False), tuple[Tensor, ...])
+    assert_type(vjp(w * 2, [w], torch.ones(3)), Tensor)
+    assert_type(vjp(w * 2, [w], torch.ones(3), True, False, False), tuple[Tensor, ...])
     assert_type(eigsh(A, k=2), tuple[Tensor, Tensor])
     assert_type(eigsh(A, k=2, return_eigenvectors=True), tuple[Tensor, Tensor])
     assert_type(eigsh(A, k=2, return_eigenvectors=False), Tensor)
@@ -39,11 +50,13 @@ BAD = """
     from torch import Tensor
     from typing_extensions import assert_type
 
-    from second import eigsh
+    from second import eigsh, hvp
 
     A = torch.eye(4)
     assert_type(eigsh(A, k=2), Tensor)
     assert_type(eigsh(A, k=2, return_eigenvectors=False), tuple[Tensor, Tensor])
+    w = torch.ones(3, requires_grad=True)
+    assert_type(hvp((w**3).sum(), [w], torch.ones(3)), tuple[Tensor, ...])
 """
 
 
@@ -60,5 +73,5 @@ def test_overloads_give_each_flag_combination_its_return_type(tmp_path):
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert not [e for e in errors if "good.py" in e], out
     wrong = [e for e in errors if "bad.py" in e and "[assert-type]" in e]
-    assert len(wrong) == 2, out  # both wrong expectations are caught
+    assert len(wrong) == 3, out  # every wrong expectation is caught
     assert status == 1, (out, err)

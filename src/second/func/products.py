@@ -19,6 +19,7 @@ The checks live in :mod:`second.func.checks` and the graph engines in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -50,6 +51,37 @@ def _finish(out: Sequence[Tensor], flatten: bool, what: str):
 
 
 # ----------------------------------------------------------------------------- public API
+@overload
+def hvp(
+    loss: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+    flatten: Literal[True] = True,
+) -> Tensor: ...
+
+
+@overload
+def hvp(
+    loss: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+    *,
+    flatten: Literal[False],
+) -> tuple[Tensor, ...]: ...
+
+
+@overload
+def hvp(
+    loss: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool,
+    flatten: Literal[False],
+) -> tuple[Tensor, ...]: ...
+
+
 def hvp(
     loss: Tensor,
     parameters: Tensor | Sequence[Tensor],
@@ -98,6 +130,40 @@ def hvp(
         grads = gradient_with_graph(loss, params, keep=retain_graph)
         out = hvp_from_gradient(grads, params, vs, retain_graph=retain_graph)
     return _finish(out, flatten, "Hessian-vector product")
+
+
+@overload
+def gvp(
+    loss: Tensor,
+    logit: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+    flatten: Literal[True] = True,
+) -> Tensor: ...
+
+
+@overload
+def gvp(
+    loss: Tensor,
+    logit: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool = True,
+    *,
+    flatten: Literal[False],
+) -> tuple[Tensor, ...]: ...
+
+
+@overload
+def gvp(
+    loss: Tensor,
+    logit: Tensor,
+    parameters: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    retain_graph: bool,
+    flatten: Literal[False],
+) -> tuple[Tensor, ...]: ...
 
 
 def gvp(
@@ -164,6 +230,43 @@ def gvp(
     return _finish(out, flatten, "Gauss-Newton-vector product")
 
 
+@overload
+def jvp(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    create_graph: bool = False,
+    retain_graph: bool = True,
+    flatten: Literal[True] = True,
+    **deprecated,
+) -> Tensor: ...
+
+
+@overload
+def jvp(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    create_graph: bool = False,
+    retain_graph: bool = True,
+    *,
+    flatten: Literal[False],
+    **deprecated,
+) -> tuple[Tensor, ...]: ...
+
+
+@overload
+def jvp(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor | Sequence[Tensor],
+    create_graph: bool,
+    retain_graph: bool,
+    flatten: Literal[False],
+    **deprecated,
+) -> tuple[Tensor, ...]: ...
+
+
 def jvp(
     outputs: Tensor | Sequence[Tensor],
     inputs: Tensor | Sequence[Tensor],
@@ -214,6 +317,40 @@ def jvp(
     if flatten:
         return parameters_to_vector(jv)
     return jv[0] if isinstance(outputs, Tensor) else jv
+
+
+@overload
+def vjp(
+    outputs: Tensor,
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor,
+    retain_graph: bool = True,
+    create_graph: bool = False,
+    flatten: Literal[True] = True,
+) -> Tensor: ...
+
+
+@overload
+def vjp(
+    outputs: Tensor,
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor,
+    retain_graph: bool = True,
+    create_graph: bool = False,
+    *,
+    flatten: Literal[False],
+) -> tuple[Tensor, ...]: ...
+
+
+@overload
+def vjp(
+    outputs: Tensor,
+    inputs: Tensor | Sequence[Tensor],
+    vector: Tensor,
+    retain_graph: bool,
+    create_graph: bool,
+    flatten: Literal[False],
+) -> tuple[Tensor, ...]: ...
 
 
 def vjp(
