@@ -17,7 +17,7 @@ GOOD = """
     from torch import Tensor
     from typing_extensions import assert_type
 
-    from second import eigsh, gvp, hvp, jvp, trace, vjp
+    from second import Influence, eigsh, gvp, hvp, jvp, trace, vjp
     from second.spectral import Density, EigshResult, Estimate, diagonal, spectral_density
 
     A = torch.eye(4)
@@ -32,6 +32,9 @@ GOOD = """
     assert_type(jvp(w * 2, [w], torch.ones(3), flatten=False), tuple[Tensor, ...])
     assert_type(vjp(w * 2, [w], torch.ones(3)), Tensor)
     assert_type(vjp(w * 2, [w], torch.ones(3), True, False, False), tuple[Tensor, ...])
+    inf = Influence(torch.nn.Linear(4, 1), torch.nn.MSELoss(), (A, A[:, :1]), damping=1.0)
+    assert_type(inf.scores((A, A[:, :1])), Tensor)
+    assert_type(inf.scores((A, A[:, :1]), per_module=True), dict[str, Tensor])
     assert_type(eigsh(A, k=2), tuple[Tensor, Tensor])
     assert_type(eigsh(A, k=2, return_eigenvectors=True), tuple[Tensor, Tensor])
     assert_type(eigsh(A, k=2, return_eigenvectors=False), Tensor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -413,6 +413,12 @@ class Influence(StateTracking, CurvatureInverse, KroneckerScoring, ShardedWork):
 
         self._each_chunk(self.train, desc, body)
         return self._gather(out)
+
+    @overload
+    def scores(self, test_data, *, per_module: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def scores(self, test_data, *, per_module: Literal[True]) -> dict[str, Tensor]: ...
 
     def scores(self, test_data, *, per_module: bool = False) -> Tensor | dict[str, Tensor]:
         r"""Influence of every training point on every test point.
