@@ -132,6 +132,9 @@ def test_jvp_deprecated_keyword_warns(monkeypatch):
     assert seen == [False]  # the value is honoured
     with pytest.raises(TypeError, match="unexpected"):
         jvp(x**2, [x], torch.ones(2), bogus=1)
+    # both spellings are refused, as for every renamed keyword (the old one won silently)
+    with pytest.warns(SecondDeprecationWarning), pytest.raises(ValueError, match="pass retain"):
+        jvp(x**2, [x], torch.ones(2), retain_graph=False, retrain_graph=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

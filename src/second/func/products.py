@@ -24,7 +24,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from .._deprecation import warn_deprecated
+from .._deprecation import renamed_keyword
 
 # the checks and the graph engines were defined here: every name stays importable from here
 from .checks import *  # noqa: F403
@@ -300,13 +300,10 @@ def jvp(
         >>> jvp(x ** 2, [x], torch.tensor([1.0, 1.0]))   # J = diag(2x)
         tensor([2., 4.])
     """
-    if "retrain_graph" in deprecated:
-        warn_deprecated(
-            "jvp(retrain_graph=...)", "retain_graph=...", detail="the seed's misspelling"
+    if deprecated:  # the seed's misspelling: renamed as every deprecated keyword is
+        retain_graph = renamed_keyword(
+            "jvp", deprecated, "retrain_graph", "retain_graph", retain_graph, default=True
         )
-        retain_graph = deprecated.pop("retrain_graph")
-    if deprecated:
-        raise TypeError(f"jvp() got unexpected keyword arguments {sorted(deprecated)}")
     params = as_params(inputs)
     vs = as_tensor_list(vector, params)
     outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
