@@ -234,12 +234,11 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
         return hutchinson_diagonal(grads, params, self.generator(params[0].device))
 
     def _gradients(self, closure: Callable | None, due: bool):
-        """``(loss, params, grads, estimate or None, scope)`` from the closure or ``.grad``.
+        """``(loss, params, grads, estimate or None, estimated)`` from the closure or ``.grad``.
 
-        ``grads`` has ``None`` for a parameter without a gradient; ``scope`` is ``None``
-        (the estimate is for every parameter) or the parameters whose first estimate was
-        taken off the schedule (the estimate is for them alone, in ``params``' order: only
-        their gradient is differentiated).
+        ``grads`` has ``None`` for a parameter without a gradient; ``estimated`` lists the
+        parameters the estimate is for, in its order: ``params``, or off the schedule the
+        late ones whose first estimate is taken now (only their gradient is differentiated).
         """
         params = self._trainable()
         owner = type(self).__name__
@@ -261,7 +260,6 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                 )
                 warn_closure_misuse(self, res)
                 loss = res.loss
-                scope = None
                 targets = params
                 if not due:
                     late = {p for p, k in zip(params, kept) if k is not None and p in waiting}
@@ -273,11 +271,10 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                     grads = torch.autograd.grad(
                         loss, targets, create_graph=True, retain_graph=True, allow_unused=True
                     )
-                    scope = late
                 if not self._finite(grads, params[0].device):
                     return loss.detach(), params, kept, None, None
                 est = self._estimate(loss, grads, targets)
-            return loss.detach(), params, kept, est, scope
+            return loss.detach(), params, kept, est, targets
         current = [p.grad for p in params]
         live = [g for g in current if g is not None]
         late = {p for p, g in zip(params, current) if g is not None and p in waiting}
@@ -307,7 +304,7 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
         for p, g in zip(params, detached):
             if g is not None:
                 p.grad = g
-        return None, params, detached, est, (None if due else late)
+        return None, params, detached, est, targets
 
     @torch.no_grad()
     def step(  # type: ignore[override]  # the loss is returned as a tensor
@@ -320,7 +317,7 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
                 with its graph (``loss.backward(create_graph=True)``) was given.
         """
         due = self._due()
-        loss, params, grads, est, scope = self._gradients(closure, due)
+        loss, params, grads, est, estimated = self._gradients(closure, due)
         if not params:
             return loss
         device = params[0].device
@@ -333,9 +330,7 @@ class DiagonalHessianOptimizer(PreconditionedOptimizer):
             if not self._finite(est, device):
                 self._refuse("the curvature estimate has NaN or Inf entries")
                 return loss
-        # off the schedule the estimate is for the late parameters only (``scope``)
-        targets = params if scope is None else [p for p in params if p in scope]
-        estimate = dict(zip(targets, est)) if est is not None else {}
+        estimate = dict(zip(estimated, est)) if est is not None else {}
         index = {p: i for i, p in enumerate(params)}
         ps, updates, states = [], [], []
         for group in self.param_groups:

@@ -115,11 +115,6 @@ def soap_direction(
 _MOMENT_KEY = "first_moment"  # state_dict(): where exp_avg is held (absent: parameter coordinates)
 
 
-def _stored_block(st: dict) -> EigenBlock:
-    """The eigenbasis a parameter's state holds (before this step's refresh)."""
-    return EigenBlock(st["lA"], st.get("QA"), st["lG"], st["QG"])
-
-
 class SOAP(KroneckerFactoredOptimizer):
     r"""SOAP: Adam in the eigenbasis of Shampoo's factors (:mod:`second.optim.soap`).
 
@@ -224,7 +219,7 @@ class SOAP(KroneckerFactoredOptimizer):
                     continue
                 layout = self._layout(group, p)
                 if layout is not None:
-                    st["exp_avg"] = _stored_block(st).rotate(layout.to_matrix(st["exp_avg"]))
+                    st["exp_avg"] = self._block(p, {}).rotate(layout.to_matrix(st["exp_avg"]))
 
     def _direction(self, group: dict, p: Tensor, layout, t: int, ns: dict) -> Tensor:
         st = self.state[p]
@@ -240,7 +235,7 @@ class SOAP(KroneckerFactoredOptimizer):
             if perm_A is not None:
                 st_v = st_v[:, perm_A]
             if block is not None and "QG" in ns:  # refreshed: m moves to the new basis
-                st_m = block.rotate(_stored_block(st).unrotate(st_m))
+                st_m = block.rotate(self._block(p, {}).unrotate(st_m))  # from the stored basis
         assert p.grad is not None  # only parameters with a gradient are stepped (_with_grads)
         d, m, v = soap_direction(
             p.grad, st_m, st_v, block, layout, t, betas=group["betas"], eps=group["eps"],
