@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._compile import eager_under_compile
 from .columns import backprop_columns
 from .rules import AttentionProjectionRule, DiagonalRule, LayerRule
 
@@ -317,7 +318,7 @@ def _eager(hook: Callable) -> Callable:
     The hooks keep tensors and run backward passes; traced, they would see fake tensors.
     In eager mode the wrapper costs a few microseconds a call.
     """
-    return torch.compiler.disable(hook, recursive=True)
+    return eager_under_compile(hook, recursive=True)
 
 
 def watch_forward(

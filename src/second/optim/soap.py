@@ -45,6 +45,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .._compile import eager_under_compile
 from ..kfac import EigenBlock
 from ._gradient_factors import KroneckerFactoredOptimizer, MatrixLayout
 from ._preconditioned import hyperparameters
@@ -187,7 +188,7 @@ class SOAP(KroneckerFactoredOptimizer):
     # torch.compile(opt.step) runs this step eagerly: compiled (torch 2.13, CPU), it took other
     # steps than eager from the first step after an eigenbasis refresh on (5e-4 after one step
     # in float64), and on CPU compilation does not pay (BENCHMARKS.md)
-    @torch.compiler.disable
+    @eager_under_compile
     def step(self, closure=None):  # type: ignore[override]  # the loss is returned as a tensor
         """One step; ``closure`` (optional) re-evaluates the loss, which is returned."""
         return super().step(closure)
