@@ -423,6 +423,85 @@ def plot(runs: list[Run]) -> None:
         plt.close(fig)
 
 
+class _ForwardBackward:
+    """Not an optimizer: the closure alone (the forward and backward every optimizer pays)."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self, closure):
+        return closure()
+
+
+#: what a KFAC step costs without parts of its work (``--step-floor``)
+FLOOR_VARIANTS: dict[str, Callable] = {
+    "forward + backward": lambda m, f: _ForwardBackward(m),
+    "AdamW lr=0.01": lambda m, f: torch.optim.AdamW(m.parameters(), lr=1e-2),
+    "KFAC defaults": lambda m, f: second.optim.KFAC(m, f),
+    # no quadratic model and no damping adaptation: the factor machinery alone
+    "KFAC fixed lr": lambda m, f: second.optim.KFAC(
+        m, f, lr=0.1, momentum=0.9, kl_clip=1e-3, adapt_damping=False
+    ),
+    # and no Monte-Carlo backward: the factors from the user's own backward pass
+    "KFAC fixed lr, empirical": lambda m, f: second.optim.KFAC(
+        m, f, lr=0.1, momentum=0.9, kl_clip=1e-3, adapt_damping=False, fisher="empirical"
+    ),
+}
+
+
+def _step_times(opt, model, loss_fn, kind, bs) -> list[float]:
+    """CPU seconds of each ``opt.step(closure)`` over the batches ``bs``."""
+    times = []
+    for xb, yb in bs:
+
+        def closure(xb=xb, yb=yb):
+            opt.zero_grad()
+            loss = loss_of(kind, loss_fn, model(xb), yb)
+            loss.backward()
+            return loss
+
+        t0 = time.thread_time()
+        opt.step(closure)
+        times.append(time.thread_time() - t0)
+    return times
+
+
+def step_floor(models, steps: int, data: dict, rounds: int = 2) -> str:
+    """Median CPU ms per step (closure included) of :data:`FLOOR_VARIANTS`, over AdamW's.
+
+    The variants run in turn, ``rounds`` times; each entry is the lowest of the rounds'
+    medians over steps 5 onwards (the machine is shared: the lowest is the least disturbed).
+    """
+    names = list(FLOOR_VARIANTS)
+    lines = [
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for mname in models:
+        spec = MODELS[mname] if mname in MODELS else DROPOUT_MODELS[mname]
+        kind = spec["kind"]
+        is_lm = kind in ("lm", "lm-flat")
+        bs = list(batches(kind, data["lm" if is_lm else "digits"], 0, 5, steps))[:steps]
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, make in FLOOR_VARIANTS.items():
+                torch.manual_seed(0)
+                model = spec["make"]()
+                loss_fn = nn.MSELoss() if kind == "autoencode" else nn.CrossEntropyLoss()
+                times = _step_times(make(model, loss_fn), model, loss_fn, kind, bs)
+                ms = 1e3 * statistics.median(times[5:])
+                best[name] = min(best.get(name, math.inf), ms)
+        adam = best["AdamW lr=0.01"]
+        cells = [f"{best[n]:.2f} ({best[n] / adam:.2f}x)" for n in names]
+        lines.append(f"| {mname} | " + " | ".join(cells) + " |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -445,7 +524,19 @@ def main(argv=None):
         default=None,
         help="train the character LMs for this many CPU-seconds instead of --lm-steps",
     )
+    parser.add_argument(
+        "--step-floor",
+        action="store_true",
+        help="time a step of AdamW, KFAC and KFAC without its quadratic model / Monte-Carlo "
+        "backward, and the closure alone, on --models (--floor-steps steps each)",
+    )
+    parser.add_argument("--floor-steps", type=int, default=45)
     args = parser.parse_args(argv)
+    if args.step_floor:
+        text = stdlib_text()
+        data = {"digits": digits()[0], "lm": text[: int(0.95 * len(text))]}
+        print(step_floor(args.models, args.floor_steps, data))
+        return
     if args.quick:
         args.epochs, args.lm_steps = 1, 40
     opts = {n: m for n in SECOND if (m := second_optimizer(n)) is not None}
