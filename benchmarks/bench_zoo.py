@@ -470,7 +470,7 @@ def _step_times(opt, model, loss_fn, kind, bs) -> list[float]:
     return times
 
 
-def step_floor(models, steps: int, data: dict, rounds: int = 2) -> str:
+def step_floor(models, steps: int, data: dict, rounds: int = 2, batch_size: int = 128) -> str:
     """Median CPU ms per step (closure included) of :data:`FLOOR_VARIANTS`, over AdamW's.
 
     The variants run in turn, ``rounds`` times; each entry is the lowest of the rounds'
@@ -485,7 +485,9 @@ def step_floor(models, steps: int, data: dict, rounds: int = 2) -> str:
         spec = MODELS[mname] if mname in MODELS else DROPOUT_MODELS[mname]
         kind = spec["kind"]
         is_lm = kind in ("lm", "lm-flat")
-        bs = list(batches(kind, data["lm" if is_lm else "digits"], 0, 5, steps))[:steps]
+        source = data["lm" if is_lm else "digits"]
+        epochs = 1 + steps * batch_size // len(source[0]) if not is_lm else 1
+        bs = list(batches(kind, source, 0, epochs, steps, batch_size=batch_size))[:steps]
         best: dict[str, float] = {}
         for _ in range(rounds):
             for name, make in FLOOR_VARIANTS.items():
@@ -531,11 +533,12 @@ def main(argv=None):
         "backward, and the closure alone, on --models (--floor-steps steps each)",
     )
     parser.add_argument("--floor-steps", type=int, default=45)
+    parser.add_argument("--floor-batch", type=int, default=128, help="digits batch size")
     args = parser.parse_args(argv)
     if args.step_floor:
         text = stdlib_text()
         data = {"digits": digits()[0], "lm": text[: int(0.95 * len(text))]}
-        print(step_floor(args.models, args.floor_steps, data))
+        print(step_floor(args.models, args.floor_steps, data, batch_size=args.floor_batch))
         return
     if args.quick:
         args.epochs, args.lm_steps = 1, 40
