@@ -96,6 +96,33 @@ def test_nonfinite_gradient_refuses_the_step(name):
     assert not torch.equal(next(net.parameters()), params[0])
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("SOAP", dict(precondition_1d=False)),
+        ("SOAP", dict(max_precond_dim=0)),
+        ("Shampoo", dict(max_precond_dim=0)),
+    ],
+)
+def test_a_gradient_whose_square_overflows_refuses_the_step(name, options):
+    # finite, but g * g overflows float32: the second moment would be inf and the update
+    # m / (sqrt(inf) + eps) = 0 finite; committed, lerp(inf, .) is NaN from the next step on
+    # and every later step was refused
+    b = nn.Parameter(torch.zeros(3))
+    opt = getattr(so, name)([b], weight_decay=0.0, **options)
+    b.grad = torch.tensor([1.0, 2e19, -1.0])
+    with pytest.warns(RuntimeWarning, match="moments have NaN or Inf"):
+        opt.step()
+    assert opt.counters["n_refused"] == 1 and "exp_avg_sq" not in opt.state[b]
+    assert torch.equal(b.detach(), torch.zeros(3))
+    for _ in range(3):
+        b.grad = torch.ones(3)
+        opt.step()
+    assert opt.counters["n_refused"] == 1
+    assert bool(torch.isfinite(opt.state[b]["exp_avg_sq"]).all())
+    assert bool((b.detach() < 0).all())  # it trains again
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_groups(name):
     net = model()

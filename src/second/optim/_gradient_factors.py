@@ -175,12 +175,19 @@ class KroneckerFactoredOptimizer(PreconditionedOptimizer):
             self._refuse("a gradient factor or its eigenbasis has NaN or Inf entries")
             return loss
         entries, new = phase
-        updates = []
+        updates: list[Tensor] = []
+        moments: list[Tensor] = []  # the state the directions propose (the factors are checked)
         for group, p, layout, t in entries:
-            d = self._direction(group, p, layout, t, new[p])
+            ns = new[p]
+            checked = set(ns)
+            d = self._direction(group, p, layout, t, ns)
             updates.append(decoupled_update(d, p, group["lr"], group["weight_decay"]))
-        if not self._finite(updates, params[0].device):
-            self._refuse("the update has NaN or Inf entries")
+            moments.extend(v for k, v in ns.items() if k not in checked and isinstance(v, Tensor))
+        # the moments too: a finite gradient whose square overflows gives an infinite second
+        # moment and a zero (finite) update; committed, the next lerp(inf, .) is NaN and every
+        # later step would be refused
+        if not self._finite(updates + moments, params[0].device):
+            self._refuse("the update or its moments have NaN or Inf entries")
             return loss
         self._commit([e[1] for e in entries], updates, [new[e[1]] for e in entries])
         return loss

@@ -194,26 +194,36 @@ class SOAP(KroneckerFactoredOptimizer):
         return super().step(closure)
 
     def state_dict(self) -> dict:
-        """The optimizer's state, marked with where ``exp_avg`` is held (the eigenbasis)."""
+        """The optimizer's state, marked with where ``exp_avg`` is held (the eigenbasis).
+
+        The mark is in every parameter group, where checkpoint tools that keep only
+        ``"state"`` and ``"param_groups"`` (``torch.distributed.checkpoint``) keep it, and at
+        the top level, where the previous release read it.
+        """
         sd = super().state_dict()
         sd[_MOMENT_KEY] = "eigenbasis"
+        for group in sd["param_groups"]:  # fresh dicts (torch.optim packs them per call)
+            group[_MOMENT_KEY] = "eigenbasis"
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`.
 
         A state saved by a version that held the first moment in the parameter's coordinates
-        (without the ``"first_moment"`` entry) has it moved into the eigenbasis.
+        (no ``"first_moment"`` mark, neither in its parameter groups nor at the top level) has
+        it moved into the eigenbasis.
 
         Raises:
             ValueError: if it was saved for another number or shapes of parameters.
         """
         state_dict = dict(state_dict)
-        rotated = state_dict.pop(_MOMENT_KEY, None) == "eigenbasis"
+        everywhere = state_dict.pop(_MOMENT_KEY, None) == "eigenbasis"
+        marked = [g.get(_MOMENT_KEY) == "eigenbasis" for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        if rotated:
-            return
-        for group in self.param_groups:
+        for group, rotated in zip(self.param_groups, marked):
+            group.pop(_MOMENT_KEY, None)  # a mark of the saved state, not a hyperparameter
+            if everywhere or rotated:
+                continue
             for p in group["params"]:
                 st = self.state[p]
                 if "exp_avg" not in st or "QG" not in st:
