@@ -107,6 +107,44 @@ def test_the_unbounded_report_never_fires_on_converging_problems(name, method):
     assert res.status == "converged" and res.converged, (name, method, res.message)
 
 
+def _softplus_far_minimizer():
+    """Strongly convex (Hessian >= I), minimizer at ||x*|| = 837, started at 0."""
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(50, 8, generator=g, dtype=DT), torch.randn(50, generator=g, dtype=DT)
+
+    def f(x):
+        z = A @ x
+        return 100.0 * (F.softplus(z) - b * z).sum() + 0.5 * (x**2).sum()
+
+    return f
+
+
+def _brown_residual(x):
+    """Brown's badly scaled function (More, Garbow and Hillstrom, no. 4): minimizer (1e6, 2e-6)."""
+    return torch.stack([x[0] - 1e6, x[1] - 2e-6, x[0] * x[1] - 2])
+
+
+@pytest.mark.parametrize("method", ["auto", "newton-cg", "newton-exact"])
+def test_a_trust_region_walk_to_a_far_minimizer_is_not_reported_unbounded(method):
+    # the radius doubles on the way out, so ||x|| grows geometrically while the decrease of f
+    # slows: the geometric form fired (status "unbounded" at iteration 24, f 6% above its
+    # minimum) until it asked the local model, whose minimizer is near
+    res = minimize(_softplus_far_minimizer(), torch.zeros(8, dtype=DT), method=method)
+    assert res.converged, res.message
+    assert float(res.x.norm()) > 800
+
+
+@pytest.mark.parametrize("method", ["newton-exact", "lm"])
+def test_brown_badly_scaled_is_not_reported_unbounded(method):
+    # a sum of squares, minimum 0: reported "f is unbounded below" at f = 1.6e11 before
+    def f(x):
+        return (_brown_residual(x) ** 2).sum()
+
+    fun = _brown_residual if method == "lm" else f
+    res = minimize(fun, torch.ones(2, dtype=DT), method=method, maxiter=200)
+    assert res.status != "unbounded", res.message
+
+
 def _teacher_student(seed, hidden=8, d_in=4, n=400, noise=0.05):
     """tanh 4-8-1 fitted by 0.5 MSE to a teacher of the same shape (bench_newton.py's)."""
 

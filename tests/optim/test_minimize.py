@@ -210,3 +210,70 @@ def test_options_in_range_are_accepted():
         options=dict(cg_maxiter=5, eta=0.2, forcing=0.1, xtol=0.0, max_radius=math.inf),
     )
     assert res.converged
+
+
+def _rosen_chain(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+@pytest.mark.parametrize("method", ["newton-cg", "newton-exact", "gauss-newton"])
+def test_an_acceptance_threshold_above_a_quarter_still_converges(method):
+    # a rejected step with 1/4 < rho <= eta left the radius (Moré's damping) as it was: the
+    # same step was tried again until maxiter
+    fun = _rosen_chain
+    if method == "gauss-newton":
+        fun = lambda x: torch.cat([10 * (x[1:] - x[:-1] ** 2), 1 - x[:-1]])  # noqa: E731
+    x0 = torch.full((8,), -1.0, dtype=DT)
+    for eta in (0.5, 0.9):
+        res = minimize(fun, x0, method=method, options=dict(eta=eta), maxiter=300)
+        assert res.converged, (eta, res.message)
+
+
+def test_the_line_search_reports_the_objective_itself():
+    # below f's rounding the search compares values by the trapezoidal rule; that estimate
+    # was carried as f, into the history and the result (here below the true minimum 1e8)
+    def f(x):
+        return 1e8 + ((x - 1) ** 4).sum()
+
+    res = minimize(f, torch.zeros(4, dtype=DT), method="newton-cg",
+                   options=dict(globalization="line-search"), gtol=1e-12)  # fmt: skip
+    assert res.fun == float(f(res.x)) and res.fun >= 1e8
+    assert all(h["loss"] >= 1e8 for h in res.history)
+
+
+def test_a_hessian_that_is_not_finite_ends_dense_newton_as_nonfinite():
+    # |x|^1.5 has no second derivative at 0: the dense Hessian holds NaN (it raised on a
+    # NaN trust radius)
+    def f(x):
+        return (x**2).sum() + (x.abs() ** 1.5).sum()
+
+    for method in ("newton-exact", "newton-cg"):
+        res = minimize(f, torch.tensor([0.0, 1.0], dtype=DT), method=method)
+        assert res.status == "nonfinite" and not res.converged
+        assert "not finite" in res.message
+
+
+@pytest.mark.parametrize("options", [None, dict(globalization="line-search")])
+def test_a_float32_run_stuck_at_its_rounding_stops_as_stalled(options):
+    # the default xtol (1e-14) is below float32's resolution: x stopped moving but the run
+    # spun to maxiter; the default is now 2 eps of x0's dtype
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(2000, 10, generator=g), torch.randint(0, 2, (2000,), generator=g)
+
+    def f(w):
+        z = X @ w
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            z, y.float(), reduction="sum"
+        ) + 0.5 * (w @ w)
+
+    res = minimize(f, torch.zeros(10), method="newton-cg", options=options, maxiter=500)
+    assert res.converged or res.status == "stalled", res.message
+    assert res.nit < 100 and res.x.dtype == torch.float32
+
+
+@pytest.mark.parametrize("memory", [0, -1])
+def test_memory_below_one_is_refused_with_the_rule_that_holds(memory):
+    # -1 was refused with "memory must be an integer >= 0" and 0 with ">= 1"
+    with pytest.raises(ValueError, match=r"memory must be an integer >= 1"):
+        minimize(lambda x: (x**2).sum(), torch.ones(3, dtype=DT), method="newton-cg",
+                 options=dict(memory=memory))  # fmt: skip

@@ -28,6 +28,7 @@ __all__ = [
     "forcing_term",
     "truncated_cg",
     "dense_newton_direction",
+    "model_minimizer_within",
 ]
 
 
@@ -404,3 +405,29 @@ def dense_newton_direction(
         info.negative_curvature = (s if float(s @ g.to(torch.float64)) <= 0 else -s).to(g.dtype)
     info.model_decrease = -float(c @ (-(c / mod)) + 0.5 * ((c / mod) ** 2 * lam).sum())
     return d.to(g.dtype), info
+
+
+def model_minimizer_within(
+    hvp: Callable[[Tensor], Tensor], g: Tensor, distance: float, *, maxiter: int
+) -> bool:
+    r"""Whether the quadratic model :math:`g^\top d + \tfrac12 d^\top H d` has its minimizer near.
+
+    Runs CG on :math:`H d = -g` (to a relative residual of 0.1, at most ``maxiter``
+    products): true when CG converges without meeting non-positive curvature to a step
+    :math:`\|d\| \le` ``distance``. The unbounded test's geometric form asks it before
+    reporting iterates that grow geometrically: a trust region that doubles its radius on
+    the way to a far but finite minimizer grows them so too, while its model points at the
+    minimizer; a saturating network's model has negative curvature or no minimizer near.
+
+    Example:
+        >>> H = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+        >>> g = torch.tensor([1.0, 4.0], dtype=torch.float64)   # the minimizer is d = (-1, -1)
+        >>> model_minimizer_within(lambda v: H @ v, g, 2.0, maxiter=10)
+        True
+        >>> model_minimizer_within(lambda v: H @ v, g, 1.0, maxiter=10)
+        False
+    """
+    d, info = truncated_cg(hvp, g, tol=0.1, maxiter=maxiter)
+    if info.status != "converged":
+        return False
+    return float(torch.linalg.vector_norm(d)) <= distance

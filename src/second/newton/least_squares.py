@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..func.products import GGNGraph
+from .direction import model_minimizer_within
 from .objective import NO_GRAPH, RayTest, finish, gradient_or_raise, record_and_check
 from .result import OptimizeResult
 from .steps import DAMPING_RULES, cg_subproblem, damped_solve, damped_step, trust_region_step
@@ -208,7 +209,12 @@ def gauss_newton(
     while True:
         f, g = pt.f, pt.g
         gnorm = safe_norm(g)
-        reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
+        reason = record_and_check(
+            obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray,
+            near=lambda pt=pt, g=g: model_minimizer_within(
+                lambda v: obj.gvp(pt, v), g, xnorms[-1], maxiter=min(2 * n, 200)
+            ),
+        )  # fmt: skip
         history[-1]["damping"] = lam
         if reason is not None:
             break

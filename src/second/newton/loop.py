@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..func.products import hvp_from_gradient
-from .direction import forcing_term, truncated_cg
+from .direction import forcing_term, model_minimizer_within, truncated_cg
 from .globalize import strong_wolfe
 from .objective import MESSAGES, Objective, RayTest, finish, record_and_check
 from .precond import LBFGSPreconditioner
@@ -131,6 +131,7 @@ def newton_cg(
     method = "newton-cg" if globalization == "trust-region" else "newton-cg-ls"
     obj = Objective(fun, shape, method)
     f, g, hvp = obj.value_grad(x, graph=True)
+    f_search = f_search_next = f
     history: list[dict] = []
     xnorms = [_norm(x)]
     fvals = [f]
@@ -143,7 +144,12 @@ def newton_cg(
     reason, extra = None, ""
     while True:
         gnorm = _norm(g)
-        reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
+        reason = record_and_check(
+            obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray,
+            near=lambda hvp=hvp, g=g: model_minimizer_within(
+                hvp, g, xnorms[-1], maxiter=min(2 * n, 200)
+            ),
+        )  # fmt: skip
         if reason is not None:
             break
         if isinstance(forcing, str):
@@ -209,21 +215,21 @@ def newton_cg(
             it += 1
             cache = {}
 
-            def phi(t, x=x, d=d, cache=cache, f0=f, slope0=slope):
+            def phi(t, x=x, d=d, cache=cache, f0=f_search, slope0=slope):
                 ft, gt, hv = obj.value_grad(x + t * d, graph=True)
-                cache[t] = (gt, hv)
+                cache[t] = (gt, hv, ft)  # the value itself, for the records and the result
                 dt = float(torch.dot(gt, d))
                 if math.isfinite(ft) and abs(ft - f0) <= _NOISE * max(abs(f0), abs(ft)):
                     ft = f0 + 0.5 * t * (slope0 + dt)  # below f's rounding: trapezoidal rule
                 return ft, dt, None
 
-            ls = strong_wolfe(phi, f, slope, t0=1.0)
+            ls = strong_wolfe(phi, f_search, slope, t0=1.0)
             if ls.t == 0.0:
                 reason, extra = "line_search", f"line search failed: {ls.message}"
                 break
             step = ls.t * d
-            f_try = ls.f
-            g_try, hvp_try = cache[ls.t]
+            g_try, hvp_try, f_try = cache[ls.t]
+            f_search_next = ls.f
             d_prev = step
         if isinstance(precond, LBFGSPreconditioner):
             # both are new tensors that nothing changes later: the pair keeps them uncopied
@@ -231,6 +237,11 @@ def newton_cg(
         snorm = _norm(step)
         x = x + step
         f, g, hvp = f_try, g_try, hvp_try
+        # the line search compares values below f's rounding by the trapezoidal rule and goes
+        # on from its own estimate (a chain that stays consistent with the gradients, so that
+        # gradients that contradict the values end in a failed search); the records, the
+        # unbounded test and the result take f itself
+        f_search = f_search_next if globalization == "line-search" else f
         xnorms.append(_norm(x))
         fvals.append(f)
         ray.accept(x, f)
@@ -361,17 +372,34 @@ def newton_dense(
     fvals = [f]
     ray = RayTest(obj.value, criteria, x, f)
     H, age, it, fresh = None, 0, 0, False
+    eig: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))  # H's, once formed
     reason, extra = None, ""
     while True:
         gflat = g.detach()
         gnorm = safe_norm(gflat)
-        reason = record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray)
+
+        def near(g=gflat, H=H, eig=eig) -> bool:
+            # the Newton step of the last Hessian formed (this point's, or one that still
+            # predicts its gradient), where that Hessian is positive definite
+            if H is None or not float(eig[0][0]) > 0:
+                return False
+            lam, Q = eig
+            step = Q @ ((Q.T @ g.to(torch.float64)) / lam)
+            return float(torch.linalg.vector_norm(step)) <= xnorms[-1]
+
+        reason = record_and_check(
+            obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray, near=near
+        )
         if reason is not None:
             break
         if H is None or age >= hessian_every:
             cols = dense_hessian(g, xr, eye)
             obj.matvecs += n
             H, age, fresh = cols.detach(), 0, True
+            if not bool(torch.isfinite(H).all()):  # as Newton-CG's overflowing product
+                err = FloatingPointError("the Hessian is not finite")
+                reason, extra = "nonfinite", _overflow(err, f, xnorms[-1])
+                break
             H64 = 0.5 * (H + H.T).to(torch.float64)
             eig = torch.linalg.eigh(H64)
 

@@ -248,7 +248,9 @@ def _counts(obj) -> dict[str, int]:
     return dict(nfev=obj.nfev, ngev=obj.ngev, matvecs=obj.matvecs)
 
 
-def record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray=None):
+def record_and_check(
+    obj, criteria, history, it, f, gnorm, radius, xnorms, fvals, ray=None, near=None
+):
     """Append the iteration's record to ``history`` and return the stopping reason (or None)."""
     history.append(
         dict(
@@ -271,6 +273,7 @@ def record_and_check(obj, criteria, history, it, f, gnorm, radius, xnorms, fvals
         fvals=fvals,
         gnorm0=history[0]["grad_norm"],
         ray=ray,
+        near=near,
     )
 
 

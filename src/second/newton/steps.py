@@ -154,8 +154,14 @@ def trust_region_step(
     f_try, finish = trial(sub.step)
     rho, g_try, prod = _ratio(f, g, sub.step, pred, f_try, finish)
     new_radius = update_radius(radius, rho, sub.step_norm, sub.on_boundary, max_radius=max_radius)
+    accepted = rho > eta
+    if not accepted:
+        # a rejected step shrinks the region whatever eta is: with eta above update_radius'
+        # shrink threshold a step with shrink_below < rho <= eta kept the radius and the same
+        # step was tried again until maxiter
+        new_radius = min(new_radius, 0.25 * sub.step_norm)
     return StepResult(
-        rho > eta, sub.step, rho, pred, f_try, finish, g_try, prod, radius=new_radius, sub=sub
+        accepted, sub.step, rho, pred, f_try, finish, g_try, prod, radius=new_radius, sub=sub
     )
 
 
@@ -365,9 +371,11 @@ def damped_step(
     f_try, finish = trial(p)
     rho, g_try, prod = _ratio(f, g, p, pred, f_try, finish)
     accepted = rho > eta
+    # a rejected step counts as a poor one under either rule (with eta above 1/4 a rejected
+    # step with 1/4 <= rho <= eta left Moré's damping as it was, and the step was tried again)
     if rule == "nielsen":
         lam, nu = lm_damping_update(damping, nu, rho if accepted else -1.0)
     else:
-        lam = more_damping_update(damping, rho)
+        lam = more_damping_update(damping, rho if accepted else -1.0)
     lam = min(max(lam, min_damping), max_damping)
     return StepResult(accepted, p, rho, pred, f_try, finish, g_try, prod, damping=lam, nu=nu)

@@ -42,7 +42,8 @@ class Criteria:
         maxiter: iteration limit.
         deadline: absolute ``perf_counter`` time, or ``inf``.
         xtol: smallest step / radius before the run is declared stalled (default 1e-14,
-            relative to ``1 + ||x||``).
+            relative to ``1 + ||x||``; :func:`second.minimize` raises its default to twice
+            the machine epsilon of ``x0``'s dtype, 2.4e-7 for float32).
         detect_unbounded: apply the unbounded test (default ``True``).
         unbounded_factor: growth of :math:`\|x\|` over :math:`\max(1, \|x_0\|)` it needs
             (default 10).
@@ -94,11 +95,18 @@ class Criteria:
         fvals: Sequence[float] | None = None,
         gnorm0: float | None = None,
         ray: Callable[[], bool] | None = None,
+        near: Callable[[], bool] | None = None,
     ) -> str | None:
-        """The reason to stop now, or ``None``.
+        r"""The reason to stop now, or ``None``.
 
         ``gnorm0`` is the initial gradient norm; ``ray`` (optional) confirms the
-        levelling-off form of the unbounded test (called only when the rest of it holds).
+        levelling-off and accelerating forms of the unbounded test, ``near`` (optional) vetoes
+        the geometric form: whether the local quadratic model is convex with its minimizer
+        within :math:`\|x\|` of ``x`` (both called only when the rest of their form holds).
+        A trust region whose radius doubles on the way to a far minimizer grows
+        :math:`\|x\|` geometrically too (Brown's badly scaled function, a strongly convex
+        objective with its minimizer at :math:`\|x^*\| = 837`, were reported unbounded); a
+        saturating network's model has negative curvature or no near minimizer.
         """
         if not (math.isfinite(f) and math.isfinite(gnorm)):
             return "nonfinite"
@@ -110,6 +118,8 @@ class Criteria:
             steep = gnorm0 is None or gnorm >= self.unbounded_gfloor * gnorm0
             grows = steep and diverging_iterates(xnorms, None, rate=self.unbounded_rate, **common)
             geometric = grows and _decrease_slows(fvals, self.unbounded_window)
+            if geometric and near is not None and near():
+                geometric = False
             falls = grows and not geometric and self.falls_without_bound(fvals)
             if (levels_off or falls) and ray is not None:
                 confirmed = ray()

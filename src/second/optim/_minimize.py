@@ -101,7 +101,7 @@ def _check_options(options: dict) -> None:
         if name in opts:
             check_int(name, opts[name])
     if "memory" in opts:
-        check_int("memory", opts["memory"], minimum=0)
+        check_int("memory", opts["memory"], minimum=1)  # L-BFGS pairs; preconditioner=None for none
     if "eta" in opts:
         check_unit("eta", opts["eta"])
     forcing = opts.get("forcing")
@@ -263,6 +263,11 @@ def minimize(
     # (the same objective, checks and status) and stops there
     deadline = math.inf if max_time is None else t0 + max_time
     crit_opts = {k: options.pop(k) for k in list(options) if k in _CRITERIA_OPTIONS}
+    if "xtol" not in crit_opts and x0.is_floating_point():
+        # the default step tolerance is a float64 one: below x0's resolution (float32's
+        # 1.2e-7) a run whose rounding keeps the gradient above gtol never moved x by less
+        # than it, and spun to maxiter instead of stopping as stalled
+        crit_opts["xtol"] = max(Criteria.xtol, 2 * torch.finfo(x0.dtype).eps)
     criteria = Criteria(gtol=gtol, maxiter=maxiter, deadline=deadline, **crit_opts)
     if method in _CORE_OPTIONS:
         unknown = sorted(set(options) - _CORE_OPTIONS[method])
