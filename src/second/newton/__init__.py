@@ -23,6 +23,7 @@ from .direction import (
     ResidualBasis,
     dense_newton_direction,
     forcing_term,
+    model_minimizer_within,
     truncated_cg,
 )
 from .globalize import LineSearchResult, lm_damping_update, strong_wolfe, update_radius
@@ -70,6 +71,7 @@ __all__ = [
     "StepResult",
     "Criteria",
     "diverging_iterates",
+    "model_minimizer_within",
     "newton_cg",
     "newton_dense",
     "gauss_newton",
