@@ -200,8 +200,28 @@ def test_a_model_predicting_a_negative_loss_is_refused_and_the_damping_raised(mo
 
     monkeypatch.setattr(kfac_module, "step_coefficients", overrated)
     opt = second.optim.KFAC(model, loss_fn, damping=lam, fisher="type2")
-    with pytest.warns(RuntimeWarning, match="larger than the loss"):
+    with pytest.warns(RuntimeWarning, match="larger than the loss") as caught:
         opt.step(closure_of(opt, model, loss_fn, X, y))
+    # the closure's loss is loss_fn's own: no hint about another reduction
+    assert not any("not computed by KFAC's loss_fn" in str(w.message) for w in caught)
     assert opt.counters["n_refused_steps"] == 1
     assert opt.param_groups[0]["damping"] > lam
     assert opt.last_info["alpha"] == pytest.approx(alpha, rel=1e-8)  # its step without momentum
+
+
+def test_a_refusal_from_a_closure_loss_of_another_reduction_says_so():
+    # a sum where loss_fn takes the mean: every step is refused (the gradient is the batch
+    # size times the curvature's); the warning names the likely cause
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    opt = second.optim.KFAC(model, nn.CrossEntropyLoss())
+
+    def closure(reduction):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y, reduction=reduction)
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="not computed by KFAC's loss_fn"):
+        opt.step(lambda: closure("sum"))

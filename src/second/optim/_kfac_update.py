@@ -196,7 +196,8 @@ class KFACUpdate(KFACAttributes):
         if reason is not None:
             group["n_refused_steps"] += 1
             info["refused"] = reason
-            if pred < floor:  # the model overrates its step: trust it less from now on
+            overrated = pred < floor
+            if overrated:  # the model overrates its step: trust it less from now on
                 group["damping"] = self._raised_damping(group)
             # first the model's step along Delta alone (no momentum) ...
             alpha, mu, pred = step_coefficients(Fq, nrm, gV, lam, 0.0, 0.0)
@@ -211,11 +212,21 @@ class KFACUpdate(KFACAttributes):
                 pred = alpha * b1 + (0.5 * alpha * alpha * curv if math.isfinite(curv) else 0.0)
                 group["damping"] = self._raised_damping(group)
                 replacement = "a KL-clipped natural-gradient step (and the damping raised)"
+            hint = ""
+            if overrated and not self._own_loss(loss):
+                # the usual cause when it repeats: the gradient is of another loss than the
+                # curvature (a sum where loss_fn is a mean: the batch size apart)
+                hint = (
+                    "; the closure's loss was not computed by KFAC's loss_fn: if its reduction "
+                    "differs (a sum where loss_fn takes the mean, or the reverse), the gradient "
+                    "and the curvature disagree by the batch size and every step is refused, "
+                    "so compute it with loss_fn"
+                )
             self._warn_once(
                 "refused",
                 f"KFAC step {group['step']}: the quadratic model proposed {reason}; the step "
                 f"was refused and replaced by {replacement} (counted in "
-                "param_groups[0]['n_refused_steps'], warned once)",
+                f"param_groups[0]['n_refused_steps'], warned once){hint}",
             )
         # lr: a multiplier of the model's step (a scheduler's factor), the same in every group
         s = self._adaptive_scale()
@@ -304,6 +315,12 @@ class KFACUpdate(KFACAttributes):
         if view.values is not None or view.scale != 1.0:  # a scaled or shifted output
             out, Jv = loss_point(out, view), Jv * view.scale
         return ggn_gram(self.loss_fn, self.reduction, out, Jv, self._dist(), view.target)
+
+    def _own_loss(self, loss: Tensor | None) -> bool:
+        """Whether ``loss_fn`` computed the step's loss (on the output, or a view of it)."""
+        if self._loss_view is not None:  # a cross-entropy loss_fn call on the output or a view
+            return True
+        return self._loss_batch is not None and loss is not None and self._loss_batch[2]() is loss
 
     def _raised_damping(self, group: dict) -> float:
         omega = group["damping_adaptation_decay"] ** group["damping_adaptation_interval"]
