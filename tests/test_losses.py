@@ -189,3 +189,18 @@ def test_kfac_with_ignored_examples_is_kfac_of_the_others(reduction, embedding):
         full = make(model, loss_fn, (X, y)).to_dense()
         kept = make(model, loss_fn, (X[valid], y[valid])).to_dense()
         torch.testing.assert_close(full, kept, **TOL)
+
+
+def test_a_sampled_target_of_the_ignored_class_still_counts():
+    # ignore_index=0 with 0 a real class (padding): a Monte-Carlo draw of class 0 scored 0
+    # and the Monte-Carlo Fisher lost that class's term (42% off the GGN in a test)
+    import torch.nn as nn
+
+    from second._losses import per_sample_losses
+
+    out = torch.randn(4, 3, dtype=torch.float64)
+    drawn = torch.tensor([0, 1, 0, 2])
+    loss_fn = nn.CrossEntropyLoss(ignore_index=0)
+    el = per_sample_losses(loss_fn, out, drawn, "mean", sampled=True)
+    want = nn.functional.cross_entropy(out, drawn, reduction="none")
+    torch.testing.assert_close(el, want, rtol=0, atol=0)  # the likelihood of every draw

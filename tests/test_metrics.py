@@ -75,3 +75,11 @@ def test_zero_and_nan_keep_their_documented_results():
     nan = torch.tensor([math.nan, 1.0], dtype=DT)
     assert math.isnan(relative_error(nan, torch.ones(2, dtype=DT)))
     assert math.isnan(cosine_similarity(nan, torch.ones(2, dtype=DT)))
+
+
+def test_relative_error_near_the_float64_limit():
+    # the numerator multiplied back by its scale overflowed: inf and NaN for finite inputs
+    from second.metrics import relative_error
+
+    assert relative_error([1e308, -1e308], [-1e308, 1e308]) == 2.0
+    assert abs(relative_error([1.7e308, 1.7e308], [1.7e308, -1.7e308]) - 2**0.5) < 1e-15

@@ -237,7 +237,11 @@ def per_sample_losses(
                 output, target, weight=w, pos_weight=pw, reduction="none"
             )
         else:
-            ii = getattr(loss_fn, "ignore_index", -100)
+            # a sampled target is a class the model drew, never a position to ignore (that
+            # weight comes from the observed target): with ignore_index a real class (0 for a
+            # padding class, say) every draw of it scored 0 and the Monte-Carlo Fisher lost
+            # that class's term
+            ii = -100 if sampled else getattr(loss_fn, "ignore_index", -100)
             ls = 0.0 if sampled else label_smoothing(loss_fn)
             w = None if sampled else getattr(loss_fn, "weight", None)
             el = nn.functional.cross_entropy(

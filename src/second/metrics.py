@@ -96,8 +96,10 @@ def relative_error(approx: Vectors, exact: Vectors) -> float:
     s = max(_scale(a), _scale(e))  # a - e on the scaled vectors: no overflow near 1e308
     if not math.isfinite(s):  # NaN / Inf: let them propagate
         return safe_norm(a - e) / den
-    num = safe_norm(a / s - e / s) * s
-    return num / den if num else 0.0
+    # the ratio of the scaled norms: the numerator multiplied back by s overflowed to inf
+    # (relative_error([1e308, -1e308], [-1e308, 1e308]) was inf, not 2)
+    num = safe_norm(a / s - e / s)
+    return num / safe_norm(e / s) if num else 0.0
 
 
 def cosine_similarity(a: Vectors, b: Vectors) -> float:

@@ -161,3 +161,22 @@ def test_an_undeclared_symmetric_callable_still_works_everywhere():
         torch.testing.assert_close(trace(A, 20, method="xtrace"), torch.trace(S))
         torch.testing.assert_close(diagonal(A, 20, method="xdiag"), torch.diagonal(S))
         torch.testing.assert_close(diagonal(A, method="exact"), torch.diagonal(S))
+
+
+def test_a_real_operator_takes_a_complex_vector_through_scipy():
+    # the vector was cast to the operator's real dtype: the imaginary part was dropped
+    A = torch.randn(5, 5, dtype=torch.float64)
+    S = aslinearoperator(A).to_scipy()
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(5) + 1j * rng.standard_normal(5)
+    out = S.matvec(z)
+    assert np.iscomplexobj(out)
+    np.testing.assert_allclose(out, A.numpy() @ z, rtol=1e-12, atol=1e-12)
+
+
+def test_a_complex_scipy_operator_stays_complex():
+    M = np.array([[1.0, 2j], [3.0, 4.0]])
+    op = aslinearoperator(sla.aslinearoperator(M))
+    assert op.dtype == torch.complex128
+    v = torch.tensor([0.0, 1.0], dtype=torch.complex128)
+    torch.testing.assert_close(op @ v, torch.tensor([2j, 4.0], dtype=torch.complex128))

@@ -264,6 +264,10 @@ class LinearOperator:
         def product(op: LinearOperator, flat: bool):
             def f(x):
                 x = np.asarray(x)
+                if np.iscomplexobj(x) and not self.dtype.is_complex:
+                    # a real operator on a complex vector, as SciPy's own operators take it
+                    # (cast to the operator's dtype, the imaginary part was dropped)
+                    return f(x.real) + 1j * f(x.imag)
                 t = torch.as_tensor(
                     x.reshape(-1) if flat else x, dtype=self.dtype, device=self.device
                 )

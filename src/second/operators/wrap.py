@@ -233,7 +233,10 @@ def aslinearoperator(
         return DenseOperator(A, symmetric=symmetric)
     if hasattr(A, "matvec") and isinstance(getattr(A, "dtype", None), np.dtype):
         sp = A
-        tdtype = dtype or torch.float64
+        # complex operators stay complex (a float64 default dropped their imaginary parts)
+        tdtype = dtype or (
+            torch.complex128 if np.issubdtype(sp.dtype, np.complexfloating) else torch.float64
+        )
 
         def wrap(g):
             def f(v):
