@@ -263,7 +263,7 @@ def minimize(
     # (the same objective, checks and status) and stops there
     deadline = math.inf if max_time is None else t0 + max_time
     crit_opts = {k: options.pop(k) for k in list(options) if k in _CRITERIA_OPTIONS}
-    if "xtol" not in crit_opts and x0.is_floating_point():
+    if "xtol" not in crit_opts:  # x0 is floating point (checked above)
         # the default step tolerance is a float64 one: below x0's resolution (float32's
         # 1.2e-7) a run whose rounding keeps the gradient above gtol never moved x by less
         # than it, and spun to maxiter instead of stopping as stalled
